@@ -1,0 +1,1052 @@
+//! A backend on a regular file or a block device, with positioned I/O.
+//!
+//! [`FileBackend`] is what the CLI, the NBD server and the FUSE export open. It uses only
+//! positioned system calls (`pread`, `pwrite`, `pwritev`), so one open file serves many threads
+//! without a shared file position; `flush` is `fdatasync`, which on a block device also flushes
+//! the device's volatile write cache.
+//!
+//! A volume must be served by one process at a time (two writers would interleave data and tag
+//! updates and break crash consistency), so [`FileBackend::open`] takes an advisory `flock` and
+//! fails with [`OpenError::Locked`] instead of waiting when another process holds it.
+
+use crate::{check_range, Backend};
+use rustix::fs::{FallocateFlags, FlockOperation};
+use rustix::io::Errno;
+use std::fs::{File, OpenOptions};
+use std::io::{self, IoSlice, Seek, SeekFrom};
+use std::ops::{Deref, DerefMut};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Largest number of buffers one `pwritev` call accepts on Linux (`IOV_MAX`).
+const IOV_MAX: usize = 1024;
+
+/// Largest buffer the zero-writing fallback of [`Backend::zero_range`] allocates: large enough
+/// to keep the system-call count low, small enough not to matter for memory.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// Alignment required for `O_DIRECT` on regular files. 4096 is the largest logical block size
+/// in common use, so it is valid on every Linux filesystem that supports direct I/O.
+const DIRECT_FILE_ALIGN: usize = 4096;
+
+/// Logical block size assumed for a block device that does not answer `BLKSSZGET`.
+const DEFAULT_SECTOR: u32 = 512;
+
+/// Which advisory lock [`FileBackend::open`] takes on the file or device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LockMode {
+    /// Take no lock (for tools that inspect a volume another process may be serving).
+    None,
+    /// A shared lock: several readers may hold it, no exclusive holder may coexist.
+    Shared,
+    /// An exclusive lock: the only holder. The default, because a volume must be served by one
+    /// process at a time.
+    #[default]
+    Exclusive,
+}
+
+/// How [`FileBackend::open`] and [`FileBackend::create`] open the file.
+///
+/// The default is read-write, buffered (no `O_DIRECT`), with an exclusive lock.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileOptions {
+    /// Open read-only; every write, `zero_range` included, then fails with
+    /// [`io::ErrorKind::PermissionDenied`].
+    pub read_only: bool,
+    /// Open with `O_DIRECT`, bypassing the page cache. Buffers, offsets and lengths must then be
+    /// multiples of [`Backend::alignment`] (see [`AlignedBuf`]).
+    pub direct: bool,
+    /// Which advisory lock to take.
+    pub lock: LockMode,
+}
+
+/// Why a file or device could not be opened or created. Every message names the path.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The path does not exist.
+    #[error("{}: no such file or device", path.display())]
+    NotFound {
+        /// The path that was opened.
+        path: PathBuf,
+    },
+    /// The caller may not open the path with the requested access.
+    #[error("{}: permission denied", path.display())]
+    PermissionDenied {
+        /// The path that was opened.
+        path: PathBuf,
+    },
+    /// [`FileBackend::create`] found something already at the path.
+    #[error("{}: already exists (refusing to overwrite it)", path.display())]
+    AlreadyExists {
+        /// The path that was created.
+        path: PathBuf,
+    },
+    /// The path is neither a regular file nor a block device (for example a directory).
+    #[error("{}: not a regular file or block device", path.display())]
+    NotFileOrDevice {
+        /// The path that was opened.
+        path: PathBuf,
+    },
+    /// Another open file holds a conflicting lock.
+    #[error(
+        "{}: the volume is in use by another process (it is locked; a volume can be served by \
+         only one process at a time)",
+        path.display()
+    )]
+    Locked {
+        /// The path that was opened.
+        path: PathBuf,
+    },
+    /// The filesystem or device refuses `O_DIRECT`.
+    #[error(
+        "{}: the filesystem does not support direct I/O (O_DIRECT); open it without direct I/O",
+        path.display()
+    )]
+    DirectUnsupported {
+        /// The path that was opened.
+        path: PathBuf,
+    },
+    /// Any other failure of the underlying system calls.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path that was opened.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl OpenError {
+    /// Classifies an `open`/`stat` failure into the specific variants callers act on.
+    fn from_io(path: &Path, err: io::Error) -> Self {
+        let path = path.to_path_buf();
+        match err.kind() {
+            io::ErrorKind::NotFound => OpenError::NotFound { path },
+            io::ErrorKind::PermissionDenied => OpenError::PermissionDenied { path },
+            io::ErrorKind::AlreadyExists => OpenError::AlreadyExists { path },
+            _ if err.raw_os_error() == Some(Errno::ISDIR.raw_os_error()) => {
+                OpenError::NotFileOrDevice { path }
+            }
+            _ => OpenError::Io { path, source: err },
+        }
+    }
+}
+
+/// A heap buffer whose start address is a multiple of a chosen alignment, as `O_DIRECT` needs.
+///
+/// It over-allocates a `Vec<u8>` by `align - 1` bytes and exposes the aligned sub-slice, which
+/// needs no `unsafe` and no custom allocator. The heap block never moves while the buffer lives
+/// (moving an `AlignedBuf` moves only the `Vec` header), so the alignment holds for its lifetime.
+/// The contents start zeroed.
+pub struct AlignedBuf {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+    align: usize,
+}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes starting at a multiple of `align` (0 is treated as 1).
+    ///
+    /// # Panics
+    /// Like `vec![0; n]`, panics if `len + align` overflows `usize` and aborts if the allocation
+    /// fails.
+    pub fn new(len: usize, align: usize) -> Self {
+        let align = align.max(1);
+        let cap = len
+            .checked_add(align - 1)
+            .unwrap_or_else(|| panic!("AlignedBuf of {len} bytes aligned to {align} overflows"));
+        let storage = vec![0u8; cap];
+        // Casting the pointer to an integer is safe; only its value is used.
+        let addr = storage.as_ptr() as usize;
+        let start = (align - addr % align) % align;
+        Self {
+            storage,
+            start,
+            len,
+            align,
+        }
+    }
+
+    /// The alignment the buffer was created with.
+    pub fn align(&self) -> usize {
+        self.align
+    }
+}
+
+impl Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+}
+
+impl DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
+impl Clone for AlignedBuf {
+    // A derived clone would copy `start`, which is only right for the original heap block.
+    fn clone(&self) -> Self {
+        let mut copy = AlignedBuf::new(self.len, self.align);
+        copy.copy_from_slice(self);
+        copy
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .field("align", &self.align)
+            .finish()
+    }
+}
+
+/// A [`Backend`] on a regular file or a block device.
+///
+/// The lock taken at open is held until the backend is dropped (it belongs to the open file
+/// description, which closes with it).
+#[derive(Debug)]
+pub struct FileBackend {
+    file: File,
+    path: PathBuf,
+    len: u64,
+    block_device: bool,
+    read_only: bool,
+    direct: bool,
+    /// Logical block size of a block device (`BLKSSZGET`); 512 for regular files. `fallocate`
+    /// on a block device only accepts ranges aligned to it.
+    sector: u64,
+    /// What `alignment()` reports: 1 for buffered I/O, the `O_DIRECT` requirement otherwise.
+    align: usize,
+}
+
+impl FileBackend {
+    /// Opens an existing regular file or block device.
+    ///
+    /// Fails with [`OpenError::Locked`] if `opts.lock` conflicts with a lock another open file
+    /// holds (the call never waits), and with [`OpenError::DirectUnsupported`] if `opts.direct`
+    /// is set and the filesystem refuses `O_DIRECT`.
+    pub fn open(path: &Path, opts: &FileOptions) -> Result<FileBackend, OpenError> {
+        // Refuse FIFOs, sockets and character devices before opening them: opening a FIFO can
+        // block forever, and none of them is a fixed-length store.
+        let meta = std::fs::metadata(path).map_err(|e| OpenError::from_io(path, e))?;
+        if !is_file_or_device(&meta) {
+            return Err(OpenError::NotFileOrDevice {
+                path: path.to_path_buf(),
+            });
+        }
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!opts.read_only);
+        Self::finish_open(path, opts, oo, None)
+    }
+
+    /// Creates a new sparse regular file of exactly `len` bytes and opens it (used by `format`).
+    ///
+    /// Refuses with [`OpenError::AlreadyExists`] if anything exists at `path`, so an existing
+    /// volume can never be overwritten by accident. If a later step fails (locking, sizing),
+    /// the new file is removed again. `opts.read_only` only affects the returned backend.
+    pub fn create(path: &Path, len: u64, opts: &FileOptions) -> Result<FileBackend, OpenError> {
+        let mut oo = OpenOptions::new();
+        // Opened writable even when `opts.read_only` is set: the file must be sized. The
+        // read-only flag is still enforced on every write through the returned backend.
+        oo.read(true).write(true).create_new(true);
+        Self::finish_open(path, opts, oo, Some(len))
+    }
+
+    /// Shared tail of `open` and `create`: open, check type, lock, measure, probe `O_DIRECT`.
+    fn finish_open(
+        path: &Path,
+        opts: &FileOptions,
+        mut oo: OpenOptions,
+        create_len: Option<u64>,
+    ) -> Result<FileBackend, OpenError> {
+        if opts.direct {
+            // `custom_flags` takes the raw flag bits; O_DIRECT fits in an i32 on every target.
+            oo.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+        }
+        let file = oo.open(path).map_err(|e| {
+            if opts.direct && e.raw_os_error() == Some(Errno::INVAL.raw_os_error()) {
+                // tmpfs (before Linux 6.6) and some FUSE filesystems refuse O_DIRECT at open.
+                OpenError::DirectUnsupported {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                OpenError::from_io(path, e)
+            }
+        })?;
+        // From here on a failure of `create` must remove the file it made.
+        let cleanup = |err: OpenError| {
+            if create_len.is_some() {
+                // Best effort: the error reported is the one that made `create` fail.
+                let _ = std::fs::remove_file(path);
+            }
+            err
+        };
+        let io_err = |source: io::Error| OpenError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+
+        // Check the type again on the open file: the path may have been replaced since `stat`.
+        let meta = file.metadata().map_err(io_err).map_err(cleanup)?;
+        if !is_file_or_device(&meta) {
+            return Err(cleanup(OpenError::NotFileOrDevice {
+                path: path.to_path_buf(),
+            }));
+        }
+        let block_device = meta.file_type().is_block_device();
+
+        lock(&file, path, opts.lock).map_err(cleanup)?;
+
+        let len = if let Some(len) = create_len {
+            // `set_len` extends with a hole, so the file takes no space until written: this is
+            // what makes `format` of a large volume instant. Sized before the O_DIRECT probe
+            // below, which needs a block to read.
+            file.set_len(len).map_err(io_err).map_err(cleanup)?;
+            len
+        } else if block_device {
+            // The inode of a device node has size 0; seeking to the end asks the block layer for
+            // the device size without any ioctl. The file position is irrelevant: all I/O is
+            // positioned.
+            (&file).seek(SeekFrom::End(0)).map_err(io_err).map_err(cleanup)?
+        } else {
+            meta.len()
+        };
+
+        let sector = if block_device {
+            // Loop, NVMe and SCSI devices all answer BLKSSZGET; fall back to 512 otherwise.
+            u64::from(rustix::fs::ioctl_blksszget(&file).unwrap_or(DEFAULT_SECTOR))
+        } else {
+            u64::from(DEFAULT_SECTOR)
+        };
+        let align = match (opts.direct, block_device) {
+            (false, _) => 1,
+            (true, true) => usize::try_from(sector).unwrap_or(DIRECT_FILE_ALIGN),
+            (true, false) => DIRECT_FILE_ALIGN,
+        };
+
+        let backend = FileBackend {
+            file,
+            path: path.to_path_buf(),
+            len,
+            block_device,
+            read_only: opts.read_only,
+            direct: opts.direct,
+            sector,
+            align,
+        };
+        if opts.direct {
+            backend.probe_direct().map_err(cleanup)?;
+        }
+        Ok(backend)
+    }
+
+    /// Some filesystems accept `O_DIRECT` at open and only refuse the I/O itself (EINVAL);
+    /// reading the first block now turns that into a clear open error instead of a failure
+    /// deep inside the engine.
+    fn probe_direct(&self) -> Result<(), OpenError> {
+        let probe_len = self.align as u64;
+        if self.len < probe_len {
+            return Ok(());
+        }
+        let mut buf = AlignedBuf::new(self.align, self.align);
+        match self.file.read_exact_at(&mut buf, 0) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(Errno::INVAL.raw_os_error()) => {
+                Err(OpenError::DirectUnsupported {
+                    path: self.path.clone(),
+                })
+            }
+            Err(source) => Err(OpenError::Io {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// True if the backend is a block device rather than a regular file.
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+
+    /// The path the backend was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True if the backend was opened with `O_DIRECT`.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{}: opened read-only", self.path.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Under `O_DIRECT` the kernel answers a misaligned request with a bare EINVAL; checking
+    /// first gives the caller a message that says what is wrong.
+    fn check_aligned(&self, addr: Option<usize>, offset: u64, len: u64) -> io::Result<()> {
+        if !self.direct {
+            return Ok(());
+        }
+        let a = self.align as u64;
+        let addr_ok = addr.is_none_or(|p| p % self.align == 0);
+        if offset % a != 0 || len % a != 0 || !addr_ok {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: direct I/O needs offset, length and buffer aligned to {} bytes \
+                     (got offset {offset}, length {len})",
+                    self.path.display(),
+                    self.align
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes zeros over the range with ordinary writes: the fallback when the medium cannot
+    /// deallocate or zero a range itself.
+    fn write_zeros(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        let end = offset + len;
+        let chunk = usize::try_from(len).map_or(ZERO_CHUNK, |l| l.min(ZERO_CHUNK));
+        // Aligned so that the same code serves O_DIRECT (ranges are then aligned too).
+        let zeros = AlignedBuf::new(chunk, self.align);
+        while offset < end {
+            let n = usize::try_from(end - offset).map_or(chunk, |r| r.min(chunk));
+            self.file.write_all_at(&zeros[..n], offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Makes an aligned range read as zeros, deallocating it when the medium allows.
+    fn deallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        // PUNCH_HOLE frees the space (a thin or sparse backing store shrinks); ZERO_RANGE only
+        // zeroes but is still far cheaper than writing. KEEP_SIZE is required with PUNCH_HOLE
+        // and keeps a file from growing. Block devices accept both since Linux 4.9.
+        let modes = [
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
+        ];
+        for mode in modes {
+            loop {
+                match rustix::fs::fallocate(&self.file, mode, offset, len) {
+                    Ok(()) => return Ok(()),
+                    Err(Errno::INTR) => continue,
+                    // Not supported by this filesystem or device: try the next way.
+                    Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) => break,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        self.write_zeros(offset, len)
+    }
+}
+
+/// Regular files and block devices are the only fixed-length stores we accept.
+fn is_file_or_device(meta: &std::fs::Metadata) -> bool {
+    meta.is_file() || meta.file_type().is_block_device()
+}
+
+/// Takes the advisory lock without waiting.
+fn lock(file: &File, path: &Path, mode: LockMode) -> Result<(), OpenError> {
+    let op = match mode {
+        LockMode::None => return Ok(()),
+        LockMode::Shared => FlockOperation::NonBlockingLockShared,
+        LockMode::Exclusive => FlockOperation::NonBlockingLockExclusive,
+    };
+    loop {
+        return match rustix::fs::flock(file, op) {
+            Ok(()) => Ok(()),
+            Err(Errno::INTR) => continue,
+            // EWOULDBLOCK (= EAGAIN on Linux): someone else holds a conflicting lock.
+            Err(Errno::WOULDBLOCK) => Err(OpenError::Locked {
+                path: path.to_path_buf(),
+            }),
+            Err(e) => Err(OpenError::Io {
+                path: path.to_path_buf(),
+                source: e.into(),
+            }),
+        };
+    }
+}
+
+impl Backend for FileBackend {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_range(offset, buf.len() as u64, self.len)?;
+        self.check_aligned(Some(buf.as_ptr() as usize), offset, buf.len() as u64)?;
+        // Holes in a sparse file read as zeros; that is what makes unwritten blocks of a freshly
+        // formatted volume read as zeros.
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check_writable()?;
+        check_range(offset, buf.len() as u64, self.len)?;
+        self.check_aligned(Some(buf.as_ptr() as usize), offset, buf.len() as u64)?;
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        self.check_writable()?;
+        let total = bufs
+            .iter()
+            .try_fold(0u64, |acc, b| acc.checked_add(b.len() as u64));
+        let Some(total) = total else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "vectored write length overflows",
+            ));
+        };
+        check_range(offset, total, self.len)?;
+        let mut pos = offset;
+        for b in bufs {
+            self.check_aligned(Some(b.as_ptr() as usize), pos, b.len() as u64)?;
+            pos += b.len() as u64;
+        }
+
+        // Cursor into `bufs`: index of the current buffer and bytes of it already written.
+        let (mut idx, mut done_in_buf, mut pos) = (0usize, 0usize, offset);
+        loop {
+            // Skip empty and finished buffers so no zero-length iovec is ever submitted.
+            while idx < bufs.len() && done_in_buf >= bufs[idx].len() {
+                idx += 1;
+                done_in_buf = 0;
+            }
+            if idx >= bufs.len() {
+                return Ok(());
+            }
+            // At most IOV_MAX buffers per call, else the kernel fails the whole call with
+            // EINVAL.
+            let iov: Vec<IoSlice<'_>> = std::iter::once(&bufs[idx][done_in_buf..])
+                .chain(bufs[idx + 1..].iter().copied())
+                .filter(|b| !b.is_empty())
+                .take(IOV_MAX)
+                .map(IoSlice::new)
+                .collect();
+            let mut written = match rustix::io::pwritev(&self.file, &iov, pos) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        format!("{}: pwritev wrote nothing", self.path.display()),
+                    ))
+                }
+                Ok(n) => n,
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            pos += written as u64;
+            // A short write is legal (signals, quotas near full); advance the cursor and retry
+            // with the rest.
+            while written > 0 && idx < bufs.len() {
+                let left = bufs[idx].len() - done_in_buf;
+                if written >= left {
+                    written -= left;
+                    idx += 1;
+                    done_in_buf = 0;
+                } else {
+                    done_in_buf += written;
+                    written = 0;
+                }
+            }
+        }
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.read_only {
+            // Nothing of ours can be dirty.
+            return Ok(());
+        }
+        loop {
+            // fdatasync, not fsync: the data is what must be durable; the only metadata that
+            // matters (the size) is fixed at format time.
+            match rustix::fs::fdatasync(&self.file) {
+                Err(Errno::INTR) => continue,
+                r => return r.map_err(Into::into),
+            }
+        }
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        check_range(offset, len, self.len)?;
+        self.check_aligned(None, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        if !self.block_device {
+            // Filesystems punch partial blocks themselves by zeroing them.
+            return self.deallocate(offset, len);
+        }
+        // Block devices only accept fallocate ranges aligned to the logical block size: zero the
+        // unaligned head and tail by writing, deallocate the aligned middle.
+        let s = self.sector;
+        let mid_start = offset.div_ceil(s) * s;
+        let mid_end = end / s * s;
+        if mid_start >= mid_end {
+            return self.write_zeros(offset, len);
+        }
+        if mid_start > offset {
+            self.write_zeros(offset, mid_start - offset)?;
+        }
+        self.deallocate(mid_start, mid_end - mid_start)?;
+        if end > mid_end {
+            self.write_zeros(mid_end, end - mid_end)?;
+        }
+        Ok(())
+    }
+
+    fn alignment(&self) -> usize {
+        self.align
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use std::process::Command;
+
+    /// A scratch directory on a real disk filesystem (so sparse files, hole punching and
+    /// O_DIRECT behave as in production), falling back to the system temp dir.
+    fn scratch() -> tempfile::TempDir {
+        let work = Path::new("/work");
+        if work.is_dir() {
+            if let Ok(d) = tempfile::tempdir_in(work) {
+                return d;
+            }
+        }
+        tempfile::tempdir().expect("temp dir")
+    }
+
+    fn rw() -> FileOptions {
+        FileOptions::default()
+    }
+
+    #[test]
+    fn default_options_are_read_write_buffered_exclusive() {
+        let o = FileOptions::default();
+        assert!(!o.read_only && !o.direct);
+        assert_eq!(o.lock, LockMode::Exclusive);
+    }
+
+    #[test]
+    fn create_is_sparse_and_exact_and_refuses_existing() {
+        let dir = scratch();
+        let p = dir.path().join("vol");
+        let len = 64 << 20;
+        let b = FileBackend::create(&p, len, &rw()).unwrap();
+        assert_eq!(b.len(), len);
+        assert!(!b.is_block_device());
+        assert_eq!(b.path(), p);
+        assert_eq!(b.name(), p.display().to_string());
+        let meta = std::fs::metadata(&p).unwrap();
+        assert_eq!(meta.len(), len);
+        assert!(meta.blocks() * 512 < 1 << 20, "create must not allocate");
+        let mut buf = vec![0xffu8; 8192];
+        b.read_at(&mut buf, len - 8192).unwrap();
+        assert!(buf.iter().all(|&x| x == 0), "holes read as zeros");
+        drop(b);
+
+        let err = FileBackend::create(&p, 4096, &rw()).unwrap_err();
+        assert!(matches!(err, OpenError::AlreadyExists { .. }), "{err}");
+        assert!(err.to_string().contains(&p.display().to_string()));
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), len, "untouched");
+    }
+
+    #[test]
+    fn open_errors_are_specific_and_name_the_path() {
+        let dir = scratch();
+        let missing = dir.path().join("missing");
+        let err = FileBackend::open(&missing, &rw()).unwrap_err();
+        assert!(matches!(err, OpenError::NotFound { .. }), "{err}");
+        assert!(err.to_string().contains("missing"));
+
+        let err = FileBackend::open(dir.path(), &rw()).unwrap_err();
+        assert!(matches!(err, OpenError::NotFileOrDevice { .. }), "{err}");
+        let ro = FileOptions {
+            read_only: true,
+            ..rw()
+        };
+        let err = FileBackend::open(dir.path(), &ro).unwrap_err();
+        assert!(matches!(err, OpenError::NotFileOrDevice { .. }), "{err}");
+
+        // Character devices are not fixed-length stores.
+        let err = FileBackend::open(Path::new("/dev/null"), &ro).unwrap_err();
+        assert!(matches!(err, OpenError::NotFileOrDevice { .. }), "{err}");
+    }
+
+    #[test]
+    fn permission_denied_when_not_root() {
+        if rustix::process::geteuid().is_root() {
+            println!("skipped: root bypasses file permissions");
+            return;
+        }
+        let dir = scratch();
+        let p = dir.path().join("vol");
+        std::fs::write(&p, [0u8; 4096]).unwrap();
+        let mut perm = std::fs::metadata(&p).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o400);
+        std::fs::set_permissions(&p, perm).unwrap();
+        let err = FileBackend::open(&p, &rw()).unwrap_err();
+        assert!(matches!(err, OpenError::PermissionDenied { .. }), "{err}");
+    }
+
+    #[test]
+    fn read_write_roundtrip_and_out_of_range_touches_nothing() {
+        let dir = scratch();
+        let p = dir.path().join("vol");
+        let b = FileBackend::create(&p, 1 << 20, &rw()).unwrap();
+        b.write_at(b"hello", 4095).unwrap();
+        let mut buf = [0u8; 5];
+        b.read_at(&mut buf, 4095).unwrap();
+        assert_eq!(&buf, b"hello");
+        let before = std::fs::read(&p).unwrap();
+
+        let e = b.write_at(&[1u8; 10], (1 << 20) - 5).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        let e = b.write_at(&[1u8; 1], u64::MAX).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        let e = b
+            .write_vectored_at(&[&[1u8; 4][..], &[2u8; 4][..]], (1 << 20) - 6)
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        let e = b.zero_range((1 << 20) - 1, 2).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        let e = b.read_at(&mut [0u8; 2], (1 << 20) - 1).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+
+        let after = std::fs::read(&p).unwrap();
+        assert_eq!(before, after, "refused requests must write nothing");
+        assert_eq!(after.len(), 1 << 20, "and must not grow the file");
+        b.flush().unwrap();
+    }
+
+    #[test]
+    fn vectored_write_across_more_than_iov_max_buffers() {
+        let dir = scratch();
+        let p = dir.path().join("vol");
+        let b = FileBackend::create(&p, 1 << 20, &rw()).unwrap();
+        // 3000 buffers of varying sizes (some empty) force chunking at IOV_MAX.
+        let data: Vec<Vec<u8>> = (0..3000u32)
+            .map(|i| vec![(i % 251) as u8; (i % 7) as usize])
+            .collect();
+        let bufs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+        let expected: Vec<u8> = data.concat();
+        b.write_vectored_at(&bufs, 12345).unwrap();
+        let mut got = vec![0u8; expected.len()];
+        b.read_at(&mut got, 12345).unwrap();
+        assert_eq!(got, expected);
+        // Nothing around it was touched.
+        let mut edge = [9u8; 1];
+        b.read_at(&mut edge, 12344).unwrap();
+        assert_eq!(edge, [0]);
+        b.read_at(&mut edge, 12345 + expected.len() as u64).unwrap();
+        assert_eq!(edge, [0]);
+        // An all-empty vectored write is a no-op.
+        b.write_vectored_at(&[&[][..], &[][..]], 0).unwrap();
+        b.write_vectored_at(&[], 1 << 20).unwrap();
+    }
+
+    #[test]
+    fn zero_range_zeroes_and_deallocates() {
+        let dir = scratch();
+        let p = dir.path().join("vol");
+        let b = FileBackend::create(&p, 8 << 20, &rw()).unwrap();
+        b.write_at(&vec![0xabu8; 8 << 20], 0).unwrap();
+        b.flush().unwrap();
+        let full = std::fs::metadata(&p).unwrap().blocks();
+
+        // Unaligned on both ends: the partial blocks must be zeroed, the neighbours kept.
+        let (off, len) = (100u64, (4 << 20) + 3);
+        b.zero_range(off, len).unwrap();
+        b.flush().unwrap();
+        let mut got = vec![0u8; 8 << 20];
+        b.read_at(&mut got, 0).unwrap();
+        for (i, &x) in got.iter().enumerate() {
+            let inside = (i as u64) >= off && (i as u64) < off + len;
+            assert_eq!(x, if inside { 0 } else { 0xab }, "byte {i}");
+        }
+        let after = std::fs::metadata(&p).unwrap().blocks();
+        assert!(
+            after * 512 <= full * 512 - (3 << 20),
+            "st_blocks must shrink: {full} -> {after}"
+        );
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 8 << 20, "size kept");
+        b.zero_range(0, 0).unwrap();
+    }
+
+    #[test]
+    fn write_zeros_fallback_zeroes_in_chunks() {
+        let dir = scratch();
+        let p = dir.path().join("vol");
+        let b = FileBackend::create(&p, 3 << 20, &rw()).unwrap();
+        b.write_at(&vec![7u8; 3 << 20], 0).unwrap();
+        // Larger than one chunk and unaligned, to cover the chunk loop's tail.
+        b.write_zeros(1, (2 << 20) + 10).unwrap();
+        let mut got = vec![0u8; 3 << 20];
+        b.read_at(&mut got, 0).unwrap();
+        assert_eq!(got[0], 7);
+        assert!(got[1..(2 << 20) + 11].iter().all(|&x| x == 0));
+        assert!(got[(2 << 20) + 11..].iter().all(|&x| x == 7));
+    }
+
+    #[test]
+    fn second_open_is_locked_out() {
+        let dir = scratch();
+        let p = dir.path().join("vol");
+        let first = FileBackend::create(&p, 4096, &rw()).unwrap();
+        // flock belongs to the open file description, so a second open in the same process
+        // conflicts just like another process would.
+        let err = FileBackend::open(&p, &rw()).unwrap_err();
+        assert!(matches!(err, OpenError::Locked { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("in use by another process"), "{msg}");
+        assert!(msg.contains(&p.display().to_string()), "{msg}");
+        let shared = FileOptions {
+            lock: LockMode::Shared,
+            read_only: true,
+            ..rw()
+        };
+        assert!(matches!(
+            FileBackend::open(&p, &shared),
+            Err(OpenError::Locked { .. })
+        ));
+        // Without a lock, inspection is still possible.
+        let none = FileOptions {
+            lock: LockMode::None,
+            read_only: true,
+            ..rw()
+        };
+        FileBackend::open(&p, &none).unwrap();
+        drop(first);
+
+        // Shared locks coexist with each other but not with an exclusive one.
+        let a = FileBackend::open(&p, &shared).unwrap();
+        let _b = FileBackend::open(&p, &shared).unwrap();
+        assert!(matches!(
+            FileBackend::open(&p, &rw()),
+            Err(OpenError::Locked { .. })
+        ));
+        drop(a);
+        drop(_b);
+        FileBackend::open(&p, &rw()).unwrap();
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let dir = scratch();
+        let p = dir.path().join("vol");
+        FileBackend::create(&p, 8192, &rw())
+            .unwrap()
+            .write_at(b"keep", 0)
+            .unwrap();
+        let ro = FileOptions {
+            read_only: true,
+            lock: LockMode::Shared,
+            ..rw()
+        };
+        let b = FileBackend::open(&p, &ro).unwrap();
+        assert!(b.is_read_only());
+        for e in [
+            b.write_at(b"x", 0).unwrap_err(),
+            b.write_vectored_at(&[&b"x"[..]], 0).unwrap_err(),
+            b.zero_range(0, 4096).unwrap_err(),
+        ] {
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        }
+        b.flush().unwrap();
+        let mut buf = [0u8; 4];
+        b.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"keep");
+    }
+
+    #[test]
+    fn create_with_read_only_option_yields_read_only_backend() {
+        let dir = scratch();
+        let p = dir.path().join("vol");
+        let ro = FileOptions {
+            read_only: true,
+            ..rw()
+        };
+        let b = FileBackend::create(&p, 4096, &ro).unwrap();
+        assert!(b.is_read_only());
+        assert_eq!(
+            b.write_at(b"x", 0).unwrap_err().kind(),
+            io::ErrorKind::PermissionDenied
+        );
+    }
+
+    #[test]
+    fn aligned_buf_is_aligned_and_clones_aligned() {
+        for align in [1usize, 512, 4096, 65536] {
+            for len in [0usize, 1, 4096, 10000] {
+                let mut b = AlignedBuf::new(len, align);
+                assert_eq!(b.len(), len);
+                assert_eq!(b.as_ptr() as usize % align, 0);
+                assert!(b.iter().all(|&x| x == 0));
+                b.fill(3);
+                let c = b.clone();
+                assert_eq!(c.as_ptr() as usize % align, 0);
+                assert_eq!(&c[..], &b[..]);
+                assert_eq!(c.align(), align);
+            }
+        }
+        assert_eq!(AlignedBuf::new(8, 0).len(), 8);
+    }
+
+    #[test]
+    fn direct_io_roundtrip_or_clear_refusal() {
+        let dir = scratch();
+        let p = dir.path().join("vol");
+        let opts = FileOptions { direct: true, ..rw() };
+        let b = match FileBackend::create(&p, 1 << 20, &opts) {
+            Ok(b) => b,
+            Err(OpenError::DirectUnsupported { .. }) => {
+                println!("skipped: {} refuses O_DIRECT", dir.path().display());
+                assert!(!p.exists(), "a failed create removes its file");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        assert!(b.is_direct());
+        let a = b.alignment();
+        assert_eq!(a, 4096);
+        let mut w = AlignedBuf::new(2 * a, a);
+        w.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
+        b.write_at(&w, a as u64).unwrap();
+        let w2 = AlignedBuf::new(a, a);
+        b.write_vectored_at(&[&w[..a], &w2], 4 * a as u64).unwrap();
+        b.flush().unwrap();
+        let mut r = AlignedBuf::new(2 * a, a);
+        b.read_at(&mut r, a as u64).unwrap();
+        assert_eq!(&r[..], &w[..]);
+        b.zero_range(a as u64, a as u64).unwrap();
+        b.read_at(&mut r, a as u64).unwrap();
+        assert!(r[..a].iter().all(|&x| x == 0));
+        assert_eq!(&r[a..], &w[a..]);
+
+        // Misaligned requests get a clear InvalidInput, not a bare EINVAL.
+        let e = b.read_at(&mut r[1..a + 1], 0).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("aligned"), "{e}");
+        assert!(b.write_at(&w[..a], 512).is_err());
+        assert!(b.zero_range(0, 100).is_err());
+        drop(b);
+
+        // Reopening with O_DIRECT goes through the probe.
+        FileBackend::open(&p, &opts).unwrap();
+    }
+
+    #[test]
+    fn direct_io_on_tmpfs_is_either_supported_or_clearly_refused() {
+        let shm = Path::new("/dev/shm");
+        let Ok(dir) = tempfile::tempdir_in(shm) else {
+            println!("skipped: no /dev/shm");
+            return;
+        };
+        let p = dir.path().join("vol");
+        let opts = FileOptions { direct: true, ..rw() };
+        match FileBackend::create(&p, 1 << 16, &opts) {
+            Ok(_) => println!("tmpfs supports O_DIRECT on this kernel"),
+            Err(e @ OpenError::DirectUnsupported { .. }) => {
+                assert!(e.to_string().contains("O_DIRECT"));
+                assert!(!p.exists(), "a failed create removes its file");
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+
+    /// Detaches a loop device when dropped, so a failing test does not leak it.
+    struct LoopDevice(PathBuf);
+
+    impl Drop for LoopDevice {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+
+    #[test]
+    fn loop_block_device() {
+        if !rustix::process::geteuid().is_root() {
+            println!("skipped: loop devices need root");
+            return;
+        }
+        let dir = scratch();
+        let img = dir.path().join("img");
+        std::fs::File::create(&img).unwrap().set_len(4 << 20).unwrap();
+        let out = match Command::new("losetup").args(["-f", "--show"]).arg(&img).output() {
+            Ok(o) if o.status.success() => o,
+            Ok(o) => {
+                let msg = String::from_utf8_lossy(&o.stderr);
+                println!("skipped: losetup failed: {}", msg.trim());
+                return;
+            }
+            Err(e) => {
+                println!("skipped: losetup not available: {e}");
+                return;
+            }
+        };
+        let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        let _guard = LoopDevice(dev.clone());
+
+        let b = FileBackend::open(&dev, &rw()).unwrap();
+        assert!(b.is_block_device());
+        assert_eq!(b.len(), 4 << 20);
+        assert!(matches!(
+            FileBackend::open(&dev, &rw()),
+            Err(OpenError::Locked { .. })
+        ));
+        b.write_at(&vec![0x5au8; 1 << 20], 1 << 20).unwrap();
+        b.flush().unwrap();
+        let mut got = vec![0u8; 1 << 20];
+        b.read_at(&mut got, 1 << 20).unwrap();
+        assert!(got.iter().all(|&x| x == 0x5a));
+        // Unaligned to the sector size: head and tail are written, the middle deallocated.
+        b.zero_range((1 << 20) + 100, 8192).unwrap();
+        b.flush().unwrap();
+        b.read_at(&mut got, 1 << 20).unwrap();
+        for (i, &x) in got.iter().enumerate() {
+            let inside = (100..100 + 8192).contains(&i);
+            assert_eq!(x, if inside { 0 } else { 0x5a }, "byte {i}");
+        }
+        assert!(b.write_at(b"x", 4 << 20).is_err());
+        drop(b);
+
+        // Direct I/O on the device uses its logical block size.
+        let opts = FileOptions { direct: true, ..rw() };
+        let d = FileBackend::open(&dev, &opts).unwrap();
+        let a = d.alignment();
+        assert!(a >= 512 && a.is_power_of_two());
+        let mut r = AlignedBuf::new(a, a);
+        d.read_at(&mut r, 1 << 20).unwrap();
+        assert!(r[..100].iter().all(|&x| x == 0x5a));
+        assert!(r[100..].iter().all(|&x| x == 0));
+    }
+}

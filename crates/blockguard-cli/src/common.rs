@@ -1,0 +1,121 @@
+//! Helpers shared by the subcommands: opening volumes, parsing sizes, progress bars, exit codes.
+
+use anyhow::{bail, Context, Result};
+use blockguard::blockguard_backend::{FileBackend, FileOptions, LockMode};
+use blockguard::{FormatOptions, OpenOptions, Volume};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Parses a size with binary units: "64M" = 64 MiB, "10G" = 10 GiB, plain numbers are bytes.
+pub fn parse_size(s: &str) -> Result<u64> {
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s)
+        .map_err(|e| anyhow::anyhow!("invalid size {s:?}: {e}"))
+}
+
+/// Opens the volume at `path`. Read-write opens take an exclusive lock and read-only opens a
+/// shared one, so a volume is never served or mounted by two processes at once.
+pub fn open_volume(path: &Path, read_only: bool) -> Result<Volume> {
+    let lock = if read_only {
+        LockMode::Shared
+    } else {
+        LockMode::Exclusive
+    };
+    open_with(path, read_only, lock)
+}
+
+/// Opens without taking a lock: for `info`/`dump`, which only read metadata and must work
+/// while the volume is being served.
+pub fn open_unlocked(path: &Path) -> Result<Volume> {
+    open_with(path, true, LockMode::None)
+}
+
+fn open_with(path: &Path, read_only: bool, lock: LockMode) -> Result<Volume> {
+    let opts = FileOptions {
+        read_only,
+        lock,
+        ..FileOptions::default()
+    };
+    let backend = FileBackend::open(path, &opts)?;
+    let vol = Volume::open(
+        Arc::new(backend),
+        &OpenOptions {
+            read_only,
+            ..OpenOptions::default()
+        },
+    )?;
+    for w in vol.warnings() {
+        tracing::warn!("{w}");
+        eprintln!("blockguard: warning: {w}");
+    }
+    Ok(vol)
+}
+
+/// Creates a new sparse volume file at `path` with default options (used by `serve --create`).
+pub fn create_volume(path: &Path, size: u64) -> Result<Volume> {
+    create_file_volume(path, &FormatOptions::with_size(size))
+}
+
+/// Creates a new sparse file sized for `opts` and formats it. Refuses an existing path.
+pub fn create_file_volume(path: &Path, opts: &FormatOptions) -> Result<Volume> {
+    let len = opts
+        .backing_len()
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    let backend = FileBackend::create(path, len, &FileOptions::default())?;
+    let mut opts = opts.clone();
+    opts.assume_zeroed = true;
+    let vol = Volume::format(Arc::new(backend), &opts).inspect_err(|_| {
+        let _ = std::fs::remove_file(path);
+    })?;
+    Ok(vol)
+}
+
+/// A progress bar for `total` bytes on stderr (hidden when stderr is not a terminal).
+pub fn progress(total: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg:>8} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+    {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Exit codes: 0 success, 1 corruption found, 2 usage or I/O error.
+pub fn exit_code_for(err: &anyhow::Error) -> u8 {
+    let corrupt = err.chain().any(|e| {
+        e.downcast_ref::<blockguard::Error>()
+            .is_some_and(|e| e.is_corruption())
+    });
+    if corrupt {
+        1
+    } else {
+        2
+    }
+}
+
+/// Refuses sizes that are not a positive multiple of `block_size`.
+pub fn check_size(size: u64, block_size: u32) -> Result<()> {
+    if size == 0 || size % block_size as u64 != 0 {
+        bail!("size {size} is not a positive multiple of the block size {block_size}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_use_binary_units() {
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("ten").is_err());
+        assert!(check_size(4095, 4096).is_err());
+        assert!(check_size(0, 4096).is_err());
+    }
+}

@@ -1,0 +1,158 @@
+//! `blockguard info` and `blockguard dump`: what a volume is and where its blocks live.
+
+use crate::common::open_unlocked;
+use anyhow::Result;
+use blockguard::Superblock;
+use clap::Args;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Arguments of `info` and `dump`.
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// The volume.
+    pub path: PathBuf,
+    /// Also show where these data blocks and their tags live (dump).
+    #[arg(long = "block", value_name = "N")]
+    pub blocks: Vec<u64>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The superblock and geometry, as `info --json` prints them.
+#[derive(Serialize)]
+pub struct Summary {
+    pub path: String,
+    pub version: u32,
+    pub uuid: String,
+    pub label: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub mode: blockguard::Mode,
+    pub profile: blockguard::Profile,
+    pub tag_size: u32,
+    pub created: u64,
+    pub compat: u64,
+    pub ro_compat: u64,
+    pub incompat: u64,
+    pub geometry: blockguard::Geometry,
+}
+
+pub fn uuid_string(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+pub fn summary(sb: &Superblock, path: &Path) -> Summary {
+    Summary {
+        path: path.display().to_string(),
+        version: sb.version,
+        uuid: uuid_string(&sb.uuid),
+        label: sb.label.clone(),
+        size: sb.geometry.size(),
+        block_size: sb.geometry.block_size,
+        mode: sb.mode,
+        profile: sb.profile,
+        tag_size: sb.geometry.tag_size,
+        created: sb.created,
+        compat: sb.compat,
+        ro_compat: sb.ro_compat,
+        incompat: sb.incompat,
+        geometry: sb.geometry,
+    }
+}
+
+#[derive(Serialize)]
+struct Dump {
+    #[serde(flatten)]
+    summary: Summary,
+    warnings: Vec<String>,
+    blocks: Vec<blockguard::BlockReport>,
+}
+
+pub fn run(args: InfoArgs) -> Result<()> {
+    let vol = open_unlocked(&args.path)?;
+    let mut blocks = Vec::new();
+    for &b in &args.blocks {
+        blocks.push(vol.inspect_block(b)?);
+    }
+    let dump = Dump {
+        summary: summary(vol.superblock(), &args.path),
+        warnings: vol.warnings().to_vec(),
+        blocks,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&dump)?);
+        return Ok(());
+    }
+    let s = &dump.summary;
+    let g = &s.geometry;
+    println!("volume:        {}", s.path);
+    println!("format:        blockguard v{}", s.version);
+    println!("uuid:          {}", s.uuid);
+    if !s.label.is_empty() {
+        println!("label:         {}", s.label);
+    }
+    println!(
+        "size:          {} bytes ({} blocks of {} bytes)",
+        s.size, g.data_blocks, g.block_size
+    );
+    println!("mode:          {}", s.mode.name());
+    println!(
+        "tag profile:   {} ({} bytes per block)",
+        s.profile.name(),
+        s.tag_size
+    );
+    println!(
+        "groups:        {} of {} data blocks + 2 metadata blocks, first at byte {}",
+        g.groups, g.group_blocks, g.first_group_offset
+    );
+    println!(
+        "backing:       {} bytes, backup superblock at byte {}",
+        g.backing_len, g.backup_sb_offset
+    );
+    println!(
+        "features:      compat {:#x} ro_compat {:#x} incompat {:#x}",
+        s.compat, s.ro_compat, s.incompat
+    );
+    for w in &dump.warnings {
+        println!("warning:       {w}");
+    }
+    for b in &dump.blocks {
+        let l = &b.location;
+        println!(
+            "block {}: group {} index {}, data at byte {}, tags at bytes {} and {}{}",
+            l.block,
+            l.group,
+            l.index,
+            l.data_offset,
+            l.meta_offsets[0] + l.tag_offset_in_meta as u64,
+            l.meta_offsets[1] + l.tag_offset_in_meta as u64,
+            if b.staged { " (newer version staged)" } else { "" }
+        );
+        for (i, slot) in b.slots.iter().enumerate() {
+            println!(
+                "  metadata {} at byte {}: {}{}{}",
+                ["A", "B"][i],
+                l.meta_offsets[i],
+                slot.state,
+                slot.generation
+                    .map(|g| format!(", generation {g}"))
+                    .unwrap_or_default(),
+                slot.tag
+                    .as_ref()
+                    .map(|t| format!(", tag {t}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! `blockguard`: per-block integrity for files and block devices.
+
+mod check;
+mod common;
+mod format;
+mod info;
+mod transfer;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Per-block end-to-end integrity for files and block devices.
+#[derive(Parser, Debug)]
+#[command(name = "blockguard", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a volume on a file (created sparse if missing) or a block device.
+    Format(format::FormatArgs),
+    /// Show a volume's superblock and geometry.
+    Info(info::InfoArgs),
+    /// Like info, and where given blocks and their tags live (--block N).
+    Dump(info::InfoArgs),
+    /// Copy a raw image into a volume.
+    Import(transfer::ImportArgs),
+    /// Copy a volume into a raw image, verifying every block.
+    Export(transfer::ExportArgs),
+    /// Verify every block; exit 0 clean, 1 corruption found, 2 usage or I/O error.
+    Check(check::CheckArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BLOCKGUARD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Format(a) => format::run(a),
+        Command::Info(a) | Command::Dump(a) => info::run(a),
+        Command::Import(a) => transfer::run_import(a),
+        Command::Export(a) => transfer::run_export(a),
+        Command::Check(a) => match check::run(a) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("blockguard: error: {e:#}");
+            ExitCode::from(common::exit_code_for(&e))
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! NBD server for blockguard volumes (see the crate README / docs).

@@ -1,0 +1,93 @@
+//! Typed errors of the volume engine. Every message names the volume; integrity errors name
+//! the block and what was expected.
+
+use std::io;
+
+/// What a failed verification found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CorruptionKind {
+    /// The block's content matches neither stored tag.
+    TagMismatch,
+    /// The metadata says the block holds no data, yet it is not all zeros.
+    UnwrittenNotZero,
+    /// Neither metadata copy of the block's group can be trusted.
+    MetadataDamaged,
+}
+
+/// Errors of the blockguard library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The backend failed.
+    #[error("{volume}: I/O error while {during} at byte {offset}: {source}")]
+    Io {
+        volume: String,
+        during: &'static str,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    /// A block failed verification; its data is not returned.
+    #[error("{volume}: block {block} failed verification: {detail}")]
+    Corrupt {
+        volume: String,
+        block: u64,
+        kind: CorruptionKind,
+        detail: String,
+    },
+    /// A request reaches outside the volume.
+    #[error("{volume}: request of {len} bytes at offset {offset} lies outside the volume ({size} bytes)")]
+    OutOfRange {
+        volume: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    /// A write to a read-only volume.
+    #[error("{volume}: the volume is open read-only")]
+    ReadOnly { volume: String },
+    /// The backend holds no blockguard volume.
+    #[error("{volume}: not a blockguard volume ({detail})")]
+    NotAVolume { volume: String, detail: String },
+    /// Both superblock copies are damaged.
+    #[error("{volume}: both superblock copies are damaged (primary: {primary}; backup: {backup})")]
+    SuperblockDamaged {
+        volume: String,
+        primary: String,
+        backup: String,
+    },
+    /// Written by a newer version or with features this build lacks.
+    #[error("{volume}: {detail}")]
+    Unsupported { volume: String, detail: String },
+    /// The backend is shorter than the volume's layout.
+    #[error("{volume}: truncated: the layout needs {expected} bytes but the backend has {actual}")]
+    Truncated {
+        volume: String,
+        expected: u64,
+        actual: u64,
+    },
+    /// Options or sizes that cannot work.
+    #[error("{volume}: {detail}")]
+    InvalidArgument { volume: String, detail: String },
+    /// An earlier write-back failed; durability can no longer be promised.
+    #[error("{volume}: an earlier write-back failed ({detail}); writes and flushes are refused")]
+    Failed { volume: String, detail: String },
+}
+
+impl Error {
+    /// True if the error reports corrupted data or metadata (as opposed to an I/O failure or
+    /// a bad request): a frontend answers it with `EIO` and keeps serving.
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, Error::Corrupt { .. })
+    }
+
+    /// The block number of a corruption error.
+    pub fn corrupt_block(&self) -> Option<u64> {
+        match self {
+            Error::Corrupt { block, .. } => Some(*block),
+            _ => None,
+        }
+    }
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,315 @@
+//! Where every block and tag lives: pure arithmetic over the superblock's sizes.
+
+use super::superblock::SB_REGION;
+use serde::Serialize;
+
+/// Why a requested layout cannot exist.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GeometryError {
+    /// Block size not a power of two in 512..=65536.
+    #[error("block size {0} is not a power of two between 512 and 65536")]
+    BlockSize(u32),
+    /// Size zero or not a multiple of the block size.
+    #[error("volume size {size} is not a positive multiple of the block size {block_size}")]
+    Size { size: u64, block_size: u32 },
+    /// The layout would exceed what 64-bit offsets can address.
+    #[error("volume size {0} is too large")]
+    TooLarge(u64),
+    /// Not even one data block fits in the backend.
+    #[error("{len} bytes are too small for a volume with {block_size}-byte blocks")]
+    TooSmall { len: u64, block_size: u32 },
+    /// The tag does not leave room for at least one tag per metadata block.
+    #[error("tag size {tag_size} does not fit a {block_size}-byte metadata block")]
+    TagSize { tag_size: usize, block_size: u32 },
+}
+
+/// The layout of a volume, derived from the superblock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Geometry {
+    /// Logical block size in bytes (data and metadata blocks alike).
+    pub block_size: u32,
+    /// Bytes per stored tag.
+    pub tag_size: u32,
+    /// Data blocks covered by one group's metadata block.
+    pub group_blocks: u32,
+    /// Number of data blocks in the volume.
+    pub data_blocks: u64,
+    /// Number of groups (the last one may hold fewer than `group_blocks`).
+    pub groups: u64,
+    /// Byte offset of group 0.
+    pub first_group_offset: u64,
+    /// Byte offset of the backup superblock region.
+    pub backup_sb_offset: u64,
+    /// Length of the backend the layout needs, in bytes.
+    pub backing_len: u64,
+}
+
+/// Where one data block and its tags live on the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BlockLocation {
+    /// Data block number.
+    pub block: u64,
+    /// Group holding it.
+    pub group: u64,
+    /// Index of its tag inside the group's metadata blocks.
+    pub index: u32,
+    /// Byte offset of the data block.
+    pub data_offset: u64,
+    /// Byte offsets of the two brother metadata blocks.
+    pub meta_offsets: [u64; 2],
+    /// Byte offset of its tag inside each metadata block.
+    pub tag_offset_in_meta: u32,
+}
+
+/// Metadata blocks per group: the two brothers.
+pub const META_PER_GROUP: u64 = 2;
+
+fn align_up(x: u64, a: u64) -> Option<u64> {
+    Some(x.checked_add(a - 1)? / a * a)
+}
+
+impl Geometry {
+    /// Tags that fit in one metadata block of `block_size` bytes.
+    pub fn tags_per_meta(block_size: u32, tag_size: usize) -> Result<u32, GeometryError> {
+        let room = (block_size as usize).saturating_sub(super::META_HEADER_SIZE);
+        let n = room / tag_size.max(1);
+        if tag_size == 0 || n == 0 {
+            return Err(GeometryError::TagSize { tag_size, block_size });
+        }
+        Ok(n as u32)
+    }
+
+    /// The layout for a volume of `size` logical bytes, stored in a backend whose length is
+    /// then exactly `backing_len` (used when formatting a file).
+    pub fn for_size(size: u64, block_size: u32, tag_size: usize) -> Result<Geometry, GeometryError> {
+        Self::check_block_size(block_size)?;
+        if size == 0 || size % block_size as u64 != 0 {
+            return Err(GeometryError::Size { size, block_size });
+        }
+        let group_blocks = Self::tags_per_meta(block_size, tag_size)?;
+        let data_blocks = size / block_size as u64;
+        let g = Self::build(block_size, tag_size, group_blocks, data_blocks, None)
+            .ok_or(GeometryError::TooLarge(size))?;
+        Ok(g)
+    }
+
+    /// The largest layout that fits a backend of fixed length `len` (a block device).
+    pub fn for_backing_len(len: u64, block_size: u32, tag_size: usize) -> Result<Geometry, GeometryError> {
+        Self::check_block_size(block_size)?;
+        let group_blocks = Self::tags_per_meta(block_size, tag_size)?;
+        let too_small = GeometryError::TooSmall { len, block_size };
+        let bs = block_size as u64;
+        let first = align_up(SB_REGION, bs).ok_or(too_small.clone())?;
+        let backup = (len / SB_REGION * SB_REGION)
+            .checked_sub(SB_REGION)
+            .ok_or(too_small.clone())?;
+        let avail = backup.checked_sub(first).ok_or(too_small.clone())?;
+        let group_len = (META_PER_GROUP + group_blocks as u64) * bs;
+        let full = avail / group_len;
+        let rem = avail % group_len;
+        let extra = (rem / bs)
+            .saturating_sub(META_PER_GROUP)
+            .min(group_blocks as u64 - 1);
+        let mut data_blocks = full * group_blocks as u64 + extra;
+        // The formula is exact, but the bounded walk-down keeps this obviously correct.
+        loop {
+            if data_blocks == 0 {
+                return Err(too_small);
+            }
+            if let Some(g) = Self::build(block_size, tag_size, group_blocks, data_blocks, Some(len)) {
+                return Ok(g);
+            }
+            data_blocks -= 1;
+        }
+    }
+
+    /// Rebuilds the layout recorded in a superblock; `None` if the numbers are inconsistent.
+    pub fn from_parts(
+        block_size: u32,
+        tag_size: usize,
+        group_blocks: u32,
+        data_blocks: u64,
+        backing_len: u64,
+    ) -> Option<Geometry> {
+        Self::check_block_size(block_size).ok()?;
+        if group_blocks == 0 || group_blocks > Self::tags_per_meta(block_size, tag_size).ok()? {
+            return None;
+        }
+        Self::build(block_size, tag_size, group_blocks, data_blocks, Some(backing_len))
+    }
+
+    fn check_block_size(block_size: u32) -> Result<(), GeometryError> {
+        if !block_size.is_power_of_two() || !(512..=65536).contains(&block_size) {
+            return Err(GeometryError::BlockSize(block_size));
+        }
+        Ok(())
+    }
+
+    /// Lays out `data_blocks`; with `fixed_len`, the backup superblock sits in the last 4 KiB
+    /// of that length and the data must end before it.
+    fn build(
+        block_size: u32,
+        tag_size: usize,
+        group_blocks: u32,
+        data_blocks: u64,
+        fixed_len: Option<u64>,
+    ) -> Option<Geometry> {
+        if data_blocks == 0 {
+            return None;
+        }
+        let bs = block_size as u64;
+        let n = group_blocks as u64;
+        let first = align_up(SB_REGION, bs)?;
+        let groups = data_blocks.div_ceil(n);
+        let group_len = (META_PER_GROUP + n).checked_mul(bs)?;
+        let last_blocks = data_blocks - (groups - 1) * n;
+        let data_end = first
+            .checked_add((groups - 1).checked_mul(group_len)?)?
+            .checked_add((META_PER_GROUP + last_blocks).checked_mul(bs)?)?;
+        let (backup, backing_len) = match fixed_len {
+            None => {
+                let backup = align_up(data_end, SB_REGION)?;
+                (backup, backup.checked_add(SB_REGION)?)
+            }
+            Some(len) => {
+                let backup = (len / SB_REGION * SB_REGION).checked_sub(SB_REGION)?;
+                if data_end > backup {
+                    return None;
+                }
+                (backup, len)
+            }
+        };
+        Some(Geometry {
+            block_size,
+            tag_size: tag_size as u32,
+            group_blocks,
+            data_blocks,
+            groups,
+            first_group_offset: first,
+            backup_sb_offset: backup,
+            backing_len,
+        })
+    }
+
+    /// Logical size in bytes.
+    pub fn size(&self) -> u64 {
+        self.data_blocks * self.block_size as u64
+    }
+
+    /// Bytes one group occupies (metadata and data).
+    pub fn group_len(&self) -> u64 {
+        (META_PER_GROUP + self.group_blocks as u64) * self.block_size as u64
+    }
+
+    /// Data blocks in group `group` (all but the last are full).
+    pub fn blocks_in_group(&self, group: u64) -> u32 {
+        debug_assert!(group < self.groups);
+        if group + 1 < self.groups {
+            self.group_blocks
+        } else {
+            (self.data_blocks - group * self.group_blocks as u64) as u32
+        }
+    }
+
+    /// Byte offset of brother `slot` (0 or 1) of `group`.
+    pub fn meta_offset(&self, group: u64, slot: usize) -> u64 {
+        debug_assert!(group < self.groups && slot < 2);
+        self.first_group_offset + group * self.group_len() + slot as u64 * self.block_size as u64
+    }
+
+    /// Byte offset of data block `block`.
+    pub fn data_offset(&self, block: u64) -> u64 {
+        debug_assert!(block < self.data_blocks);
+        let n = self.group_blocks as u64;
+        let (g, i) = (block / n, block % n);
+        self.first_group_offset + g * self.group_len() + (META_PER_GROUP + i) * self.block_size as u64
+    }
+
+    /// Group of data block `block` and the block's index in it.
+    pub fn group_of(&self, block: u64) -> (u64, u32) {
+        let n = self.group_blocks as u64;
+        (block / n, (block % n) as u32)
+    }
+
+    /// First data block of `group`.
+    pub fn first_block(&self, group: u64) -> u64 {
+        group * self.group_blocks as u64
+    }
+
+    /// Everything about where `block` lives, for `dump` and the tests.
+    pub fn locate(&self, block: u64) -> Option<BlockLocation> {
+        if block >= self.data_blocks {
+            return None;
+        }
+        let (group, index) = self.group_of(block);
+        Some(BlockLocation {
+            block,
+            group,
+            index,
+            data_offset: self.data_offset(block),
+            meta_offsets: [self.meta_offset(group, 0), self.meta_offset(group, 1)],
+            tag_offset_in_meta: super::META_HEADER_SIZE as u32 + index * self.tag_size,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_geometry_has_504_blocks_per_group() {
+        let g = Geometry::for_size(1 << 30, 4096, 8).unwrap();
+        assert_eq!(g.group_blocks, 504);
+        assert_eq!(g.data_blocks, 262144);
+        assert_eq!(g.groups, 262144u64.div_ceil(504));
+        assert_eq!(g.first_group_offset, 4096);
+        assert_eq!(g.data_offset(0), 4096 + 2 * 4096);
+        assert_eq!(g.data_offset(504), 4096 + 506 * 4096 + 2 * 4096);
+        assert_eq!(g.backing_len, g.backup_sb_offset + 4096);
+        assert!(g.data_offset(g.data_blocks - 1) + 4096 <= g.backup_sb_offset);
+    }
+
+    #[test]
+    fn blocks_never_overlap_metadata_or_superblocks() {
+        for bs in [512u32, 4096] {
+            let g = Geometry::for_size(bs as u64 * 1000, bs, 8).unwrap();
+            let mut regions: Vec<(u64, u64)> = vec![(0, SB_REGION), (g.backup_sb_offset, g.backing_len)];
+            for gr in 0..g.groups {
+                for s in 0..2 {
+                    regions.push((g.meta_offset(gr, s), g.meta_offset(gr, s) + bs as u64));
+                }
+            }
+            for b in 0..g.data_blocks {
+                regions.push((g.data_offset(b), g.data_offset(b) + bs as u64));
+            }
+            regions.sort();
+            for w in regions.windows(2) {
+                assert!(w[0].1 <= w[1].0, "overlap {:?}", w);
+            }
+        }
+    }
+
+    #[test]
+    fn backing_len_layout_fits_and_is_maximal() {
+        for len in [64 * 1024u64, 1 << 20, (1 << 30) + 12345, 10 * 4096 + 511] {
+            for bs in [512u32, 4096] {
+                let Ok(g) = Geometry::for_backing_len(len, bs, 8) else {
+                    continue;
+                };
+                assert!(g.backing_len == len);
+                assert!(g.data_offset(g.data_blocks - 1) + bs as u64 <= g.backup_sb_offset);
+                assert!(Geometry::build(bs, 8, g.group_blocks, g.data_blocks + 1, Some(len)).is_none());
+            }
+        }
+        assert!(Geometry::for_backing_len(8192, 4096, 8).is_err());
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(Geometry::for_size(0, 4096, 8).is_err());
+        assert!(Geometry::for_size(4097, 4096, 8).is_err());
+        assert!(Geometry::for_size(4096, 1000, 8).is_err());
+        assert!(Geometry::for_size(u64::MAX / 4096 * 4096, 4096, 8).is_err());
+    }
+}

@@ -1,0 +1,33 @@
+//! The on-disk format, version 1 (documented byte by byte in `docs/FORMAT.md`).
+//!
+//! A volume is: a superblock region at offset 0, then groups of
+//! `[brother A][brother B][data block × N]`, and a backup superblock in the backend's last
+//! 4 KiB. All integers are little-endian.
+
+mod geometry;
+mod metablock;
+mod superblock;
+
+pub use geometry::{BlockLocation, Geometry, GeometryError};
+pub use metablock::{MetaBlock, MetaParse, META_HEADER_SIZE, META_MAGIC};
+pub use superblock::{
+    Mode, Superblock, SuperblockError, FORMAT_VERSION, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE,
+    SUPPORTED_INCOMPAT, SUPPORTED_RO_COMPAT,
+};
+
+/// Reads a little-endian `u16` at `at`. Callers pass in-bounds offsets of fixed layouts.
+pub(crate) fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+/// Reads a little-endian `u32` at `at`.
+pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Reads a little-endian `u64` at `at`.
+pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}

@@ -1,0 +1,340 @@
+//! The superblock: a self-describing header kept in two places (offset 0 and the backend's
+//! last 4 KiB), each copy with its own crc32c.
+
+use super::geometry::Geometry;
+use super::{le16, le32, le64};
+use crate::tag::Profile;
+use serde::Serialize;
+
+/// Magic at byte 0 of both superblock copies.
+pub const SB_MAGIC: [u8; 8] = *b"BLKGUARD";
+/// The format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Bytes reserved for each superblock copy.
+pub const SB_REGION: u64 = 4096;
+/// Bytes of the structure covered by the checksum (the rest of the region is zero). 512 bytes
+/// so a single sector holds it: a superblock write can never be torn across sectors.
+pub const SB_STRUCT_SIZE: usize = 512;
+const CRC_AT: usize = SB_STRUCT_SIZE - 4;
+const LABEL_LEN: usize = 64;
+
+/// Incompatible features this build supports (none beyond the v1 base format). A volume
+/// with any other incompat bit set is refused.
+pub const SUPPORTED_INCOMPAT: u64 = 0;
+/// Read-only-compatible features this build supports; others force read-only opens.
+pub const SUPPORTED_RO_COMPAT: u64 = 0;
+
+/// How tags are kept consistent with data across crashes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// No crash protection: data and tags are written without ordering. For comparison only.
+    None,
+    /// Brother metadata blocks: new tags durable before data, the old tag kept until the data
+    /// is durable. The default.
+    Dual,
+}
+
+impl Mode {
+    /// The byte stored in the superblock.
+    pub fn id(self) -> u8 {
+        match self {
+            Mode::None => 0,
+            Mode::Dual => 1,
+        }
+    }
+    /// The mode with a stored byte, if this build knows it (2 = journal and 3 = rebuild are
+    /// reserved for later versions).
+    pub fn from_id(id: u8) -> Option<Mode> {
+        match id {
+            0 => Some(Mode::None),
+            1 => Some(Mode::Dual),
+            _ => None,
+        }
+    }
+    /// Command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::None => "none",
+            Mode::Dual => "dual",
+        }
+    }
+    /// Parses a command-line name.
+    pub fn from_name(s: &str) -> Option<Mode> {
+        [Mode::None, Mode::Dual].into_iter().find(|m| m.name() == s)
+    }
+}
+
+/// Why a superblock copy was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SuperblockError {
+    /// The bytes are not a blockguard superblock at all.
+    #[error("no blockguard superblock (magic {found:02x?}, expected \"BLKGUARD\")")]
+    BadMagic { found: [u8; 8] },
+    /// The checksum does not match: the copy is damaged.
+    #[error("superblock checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    BadChecksum { stored: u32, computed: u32 },
+    /// Written by a newer (or unknown) format version.
+    #[error("format version {found} is not supported (this build reads version {FORMAT_VERSION})")]
+    Version { found: u32 },
+    /// Uses features this build does not implement.
+    #[error("volume uses incompatible features {0:#x} this build does not support")]
+    Incompat(u64),
+    /// A field holds a value that cannot be valid.
+    #[error("superblock field {field} is invalid: {detail}")]
+    Field { field: &'static str, detail: String },
+}
+
+/// The decoded superblock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Superblock {
+    /// Format version (1).
+    pub version: u32,
+    /// Compatible feature flags (ignored by readers that do not know them).
+    pub compat: u64,
+    /// Read-only-compatible feature flags.
+    pub ro_compat: u64,
+    /// Incompatible feature flags.
+    pub incompat: u64,
+    /// Volume identity, bound into every tag and metadata block.
+    pub uuid: [u8; 16],
+    /// Tag profile.
+    pub profile: Profile,
+    /// Consistency mode.
+    pub mode: Mode,
+    /// Layout.
+    pub geometry: Geometry,
+    /// Unix time of format.
+    pub created: u64,
+    /// Mirror set identity (all zero: not part of a mirror set). Reserved in v1.
+    pub mirror_set: [u8; 16],
+    /// Role in the mirror set (0: standalone). Reserved in v1.
+    pub mirror_role: u8,
+    /// Identity of a separate metadata device (all zero: tags inline). Reserved in v1.
+    pub meta_device: [u8; 16],
+    /// Free-form label.
+    pub label: String,
+}
+
+impl Superblock {
+    /// Encodes copy `copy` (0 = primary, 1 = backup) into a 4 KiB region.
+    pub fn encode(&self, copy: u8) -> Vec<u8> {
+        let g = &self.geometry;
+        let mut b = vec![0u8; SB_REGION as usize];
+        b[0..8].copy_from_slice(&SB_MAGIC);
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
+        b[12..16].copy_from_slice(&(SB_STRUCT_SIZE as u32).to_le_bytes());
+        b[16..24].copy_from_slice(&self.compat.to_le_bytes());
+        b[24..32].copy_from_slice(&self.ro_compat.to_le_bytes());
+        b[32..40].copy_from_slice(&self.incompat.to_le_bytes());
+        b[40..56].copy_from_slice(&self.uuid);
+        b[56..60].copy_from_slice(&g.block_size.to_le_bytes());
+        b[60..62].copy_from_slice(&self.profile.id().to_le_bytes());
+        b[62..64].copy_from_slice(&(g.tag_size as u16).to_le_bytes());
+        b[64] = self.mode.id();
+        b[65] = copy;
+        b[66..68].copy_from_slice(&2u16.to_le_bytes());
+        b[68..72].copy_from_slice(&g.group_blocks.to_le_bytes());
+        b[72..80].copy_from_slice(&g.size().to_le_bytes());
+        b[80..88].copy_from_slice(&g.data_blocks.to_le_bytes());
+        b[88..96].copy_from_slice(&g.groups.to_le_bytes());
+        b[96..104].copy_from_slice(&g.first_group_offset.to_le_bytes());
+        b[104..112].copy_from_slice(&g.backing_len.to_le_bytes());
+        b[112..120].copy_from_slice(&g.backup_sb_offset.to_le_bytes());
+        b[120..128].copy_from_slice(&self.created.to_le_bytes());
+        b[128..144].copy_from_slice(&self.mirror_set);
+        b[144] = self.mirror_role;
+        b[148..164].copy_from_slice(&self.meta_device);
+        let label = self.label.as_bytes();
+        let n = label.len().min(LABEL_LEN);
+        b[164..164 + n].copy_from_slice(&label[..n]);
+        let crc = crc32c::crc32c(&b[..CRC_AT]);
+        b[CRC_AT..SB_STRUCT_SIZE].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes and validates one copy. `b` must hold at least [`SB_STRUCT_SIZE`] bytes.
+    /// Returns the superblock and the copy index stored in it.
+    pub fn decode(b: &[u8]) -> Result<(Superblock, u8), SuperblockError> {
+        if b.len() < SB_STRUCT_SIZE {
+            return Err(field(
+                "length",
+                format!("{} bytes, need {SB_STRUCT_SIZE}", b.len()),
+            ));
+        }
+        let mut magic = [0u8; 8];
+        magic.copy_from_slice(&b[0..8]);
+        if magic != SB_MAGIC {
+            return Err(SuperblockError::BadMagic { found: magic });
+        }
+        let stored = le32(b, CRC_AT);
+        let computed = crc32c::crc32c(&b[..CRC_AT]);
+        if stored != computed {
+            return Err(SuperblockError::BadChecksum { stored, computed });
+        }
+        let version = le32(b, 8);
+        if version != FORMAT_VERSION {
+            return Err(SuperblockError::Version { found: version });
+        }
+        if le32(b, 12) as usize != SB_STRUCT_SIZE {
+            return Err(field("struct size", le32(b, 12).to_string()));
+        }
+        let incompat = le64(b, 32);
+        if incompat & !SUPPORTED_INCOMPAT != 0 {
+            return Err(SuperblockError::Incompat(incompat & !SUPPORTED_INCOMPAT));
+        }
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&b[40..56]);
+        let block_size = le32(b, 56);
+        let profile = Profile::from_id(le16(b, 60))
+            .ok_or_else(|| field("tag profile", format!("unknown id {}", le16(b, 60))))?;
+        let tag_size = le16(b, 62) as usize;
+        if tag_size != profile.tag_size() {
+            return Err(field(
+                "tag size",
+                format!(
+                    "{tag_size}, profile {} uses {}",
+                    profile.name(),
+                    profile.tag_size()
+                ),
+            ));
+        }
+        let mode = Mode::from_id(b[64]).ok_or_else(|| field("mode", format!("unknown id {}", b[64])))?;
+        let copy = b[65];
+        if copy > 1 {
+            return Err(field("copy index", copy.to_string()));
+        }
+        if le16(b, 66) != 2 {
+            return Err(field("metadata blocks per group", le16(b, 66).to_string()));
+        }
+        let group_blocks = le32(b, 68);
+        let size = le64(b, 72);
+        let data_blocks = le64(b, 80);
+        let backing_len = le64(b, 104);
+        let geometry = Geometry::from_parts(block_size, tag_size, group_blocks, data_blocks, backing_len)
+            .ok_or_else(|| {
+                field(
+                    "geometry",
+                    format!(
+                        "block size {block_size}, {group_blocks} blocks per group, \
+                         {data_blocks} data blocks do not fit {backing_len} bytes"
+                    ),
+                )
+            })?;
+        let checks = [
+            ("volume size", size, geometry.size()),
+            ("group count", le64(b, 88), geometry.groups),
+            ("first group offset", le64(b, 96), geometry.first_group_offset),
+            (
+                "backup superblock offset",
+                le64(b, 112),
+                geometry.backup_sb_offset,
+            ),
+        ];
+        for (name, stored, derived) in checks {
+            if stored != derived {
+                return Err(field(name, format!("{stored}, geometry implies {derived}")));
+            }
+        }
+        let mut mirror_set = [0u8; 16];
+        mirror_set.copy_from_slice(&b[128..144]);
+        let mut meta_device = [0u8; 16];
+        meta_device.copy_from_slice(&b[148..164]);
+        // v1 defines these fields but no feature uses them yet: they must be zero.
+        if mirror_set != [0; 16] || b[144] != 0 || meta_device != [0; 16] {
+            return Err(field(
+                "mirror/metadata device",
+                "set without a feature flag".into(),
+            ));
+        }
+        let label_bytes = &b[164..164 + LABEL_LEN];
+        let end = label_bytes.iter().position(|&c| c == 0).unwrap_or(LABEL_LEN);
+        let label = String::from_utf8_lossy(&label_bytes[..end]).into_owned();
+        Ok((
+            Superblock {
+                version,
+                compat: le64(b, 16),
+                ro_compat: le64(b, 24),
+                incompat,
+                uuid,
+                profile,
+                mode,
+                geometry,
+                created: le64(b, 120),
+                mirror_set,
+                mirror_role: 0,
+                meta_device,
+                label,
+            },
+            copy,
+        ))
+    }
+}
+
+fn field(field: &'static str, detail: String) -> SuperblockError {
+    SuperblockError::Field { field, detail }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Superblock {
+        Superblock {
+            version: FORMAT_VERSION,
+            compat: 0,
+            ro_compat: 0,
+            incompat: 0,
+            uuid: [9; 16],
+            profile: Profile::Crc32c,
+            mode: Mode::Dual,
+            geometry: Geometry::for_size(1 << 20, 4096, 8).unwrap(),
+            created: 1,
+            mirror_set: [0; 16],
+            mirror_role: 0,
+            meta_device: [0; 16],
+            label: "test".into(),
+        }
+    }
+
+    #[test]
+    fn roundtrip() {
+        let sb = sample();
+        for copy in [0, 1] {
+            let (back, c) = Superblock::decode(&sb.encode(copy)).unwrap();
+            assert_eq!(back, sb);
+            assert_eq!(c, copy);
+        }
+    }
+
+    #[test]
+    fn every_single_byte_flip_is_rejected() {
+        let enc = sample().encode(0);
+        for i in 0..SB_STRUCT_SIZE {
+            let mut b = enc.clone();
+            b[i] ^= 0x10;
+            assert!(Superblock::decode(&b).is_err(), "flip at {i} accepted");
+        }
+    }
+
+    #[test]
+    fn newer_version_and_unknown_incompat_are_refused() {
+        let mut sb = sample();
+        sb.version = 2;
+        assert!(matches!(
+            Superblock::decode(&sb.encode(0)),
+            Err(SuperblockError::Version { found: 2 })
+        ));
+        let mut sb = sample();
+        sb.incompat = 1 << 5;
+        assert!(matches!(
+            Superblock::decode(&sb.encode(0)),
+            Err(SuperblockError::Incompat(_))
+        ));
+        assert!(matches!(
+            Superblock::decode(&[0u8; 512]),
+            Err(SuperblockError::BadMagic { .. })
+        ));
+        assert!(Superblock::decode(&[0u8; 10]).is_err());
+    }
+}

@@ -1,0 +1,103 @@
+//! A bounded cache of group metadata, sharded so that readers on different groups do not
+//! contend. Memory is bounded by the configured capacity, independent of volume size.
+
+use super::group::GroupState;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+const SHARDS: usize = 16;
+
+struct Shard {
+    map: HashMap<u64, (Arc<GroupState>, u64)>,
+    tick: u64,
+    capacity: usize,
+}
+
+/// Group number → metadata state, least recently used entries evicted first.
+pub(crate) struct MetaCache {
+    shards: Vec<Mutex<Shard>>,
+}
+
+/// A locked shard. Loading a missing group happens while it is held, so a load can never
+/// overwrite a newer state that a commit installed concurrently.
+pub(crate) struct ShardGuard<'a> {
+    shard: MutexGuard<'a, Shard>,
+}
+
+impl MetaCache {
+    /// A cache holding at most `groups` groups (at least one per shard).
+    pub fn new(groups: usize) -> MetaCache {
+        let per = groups.div_ceil(SHARDS).max(1);
+        MetaCache {
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        map: HashMap::new(),
+                        tick: 0,
+                        capacity: per,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Locks the shard of `group`.
+    pub fn lock(&self, group: u64) -> ShardGuard<'_> {
+        let shard = self.shards[(group % SHARDS as u64) as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        ShardGuard { shard }
+    }
+}
+
+impl ShardGuard<'_> {
+    /// The cached state of `group`.
+    pub fn get(&mut self, group: u64) -> Option<Arc<GroupState>> {
+        self.shard.tick += 1;
+        let tick = self.shard.tick;
+        let e = self.shard.map.get_mut(&group)?;
+        e.1 = tick;
+        Some(e.0.clone())
+    }
+
+    /// Installs `state` for `group`, evicting the least recently used entry when full.
+    pub fn put(&mut self, group: u64, state: Arc<GroupState>) {
+        self.shard.tick += 1;
+        let tick = self.shard.tick;
+        if !self.shard.map.contains_key(&group) && self.shard.map.len() >= self.shard.capacity {
+            if let Some(victim) = self.shard.map.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| *k) {
+                self.shard.map.remove(&victim);
+            }
+        }
+        self.shard.map.insert(group, (state, tick));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::MetaParse;
+
+    fn st() -> Arc<GroupState> {
+        Arc::new(GroupState {
+            slots: [MetaParse::Empty, MetaParse::Empty],
+            written_epoch: None,
+        })
+    }
+
+    #[test]
+    fn bounded_and_lru() {
+        let c = MetaCache::new(16); // one entry per shard
+        c.lock(0).put(0, st());
+        c.lock(16).put(16, st()); // same shard: evicts 0
+        assert!(c.lock(0).get(0).is_none());
+        assert!(c.lock(16).get(16).is_some());
+        let c = MetaCache::new(32); // two per shard
+        c.lock(0).put(0, st());
+        c.lock(16).put(16, st());
+        c.lock(0).get(0);
+        c.lock(32).put(32, st()); // evicts 16, the least recently used
+        assert!(c.lock(16).get(16).is_none());
+        assert!(c.lock(0).get(0).is_some());
+    }
+}

@@ -1,0 +1,235 @@
+//! Committing a batch of staged writes: the `dual` consistency protocol.
+//!
+//! For each batch (see `docs/CONSISTENCY.md` for the argument):
+//! 1. If data was written since the last completed flush, flush first: the brother about to
+//!    be overwritten may still hold the only tag of data that is not yet durable.
+//! 2. For every group the batch touches, write the *older* brother with the newest tags plus
+//!    the batch's new tags, under the next generation.
+//! 3. Flush: the new tags are durable before any data they describe is issued.
+//! 4. Write the data (neighbouring blocks coalesced into one vectored write).
+//!
+//! After a crash each block's content is its old version (matching the now-older brother),
+//! its new version (matching the newer one), or torn. Reads accept either brother's tag until
+//! a flush proves the data durable; then only the newest, so lost writes are caught.
+//!
+//! In `none` mode the flushes are skipped and data goes before metadata: the comparison case
+//! the crash simulator must catch.
+
+use super::stage::{Batch, Staged};
+use super::{aligned, group::GroupState, lock, Volume};
+use crate::error::{Error, Result};
+use crate::format::{MetaParse, Mode};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// What the protocol remembers between commits (guarded by the volume's commit mutex).
+#[derive(Default)]
+pub(crate) struct CommitState {
+    /// Epoch of the last commit.
+    epoch: u64,
+    /// Data was written to the backend since the last completed flush.
+    data_unflushed: bool,
+    /// Set when a write-back failed: acknowledged writes may be lost, so no later flush may
+    /// report success.
+    failure: Option<String>,
+}
+
+impl CommitState {
+    pub(crate) fn failed(&self, volume: &str) -> Result<()> {
+        match &self.failure {
+            Some(detail) => Err(Error::Failed {
+                volume: volume.to_string(),
+                detail: detail.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Most iovecs per vectored write (the kernel's IOV_MAX).
+const MAX_IOV: usize = 1024;
+
+impl Volume {
+    /// Commits the active batch. Caller holds the commit lock (`state`).
+    pub(crate) fn commit_locked(&self, state: &mut CommitState) -> Result<()> {
+        state.failed(&self.name)?;
+        let batch = {
+            let mut stage = lock(&self.stage);
+            if stage.active.is_empty() {
+                return Ok(());
+            }
+            debug_assert!(stage.committing.is_none(), "commits are serialized");
+            let batch = Arc::new(std::mem::take(&mut stage.active));
+            stage.active_bytes = 0;
+            stage.committing = Some(batch.clone());
+            batch
+        };
+        let result = self.commit_batch(state, &batch);
+        if let Err(e) = &result {
+            // The batch stays readable in `committing`; durability is no longer promised.
+            state.failure = Some(e.to_string());
+            tracing::error!(volume = %self.name, "write-back failed: {e}");
+        } else {
+            lock(&self.stage).committing = None;
+        }
+        result
+    }
+
+    fn commit_batch(&self, state: &mut CommitState, batch: &Batch) -> Result<()> {
+        let dual = self.sb.mode == Mode::Dual;
+        if dual && state.data_unflushed {
+            self.flush_locked(state)?;
+        }
+        state.epoch += 1;
+        let epoch = state.epoch;
+        let bs = self.geo.block_size as usize;
+        let ts = self.geo.tag_size as usize;
+
+        // Build the new metadata of every touched group.
+        let mut updates: Vec<(u64, usize, Arc<GroupState>, Vec<u8>)> = Vec::new();
+        let mut entries = batch.iter().peekable();
+        while let Some((&block, _)) = entries.peek() {
+            let (group, _) = self.geo.group_of(block);
+            let count = self.geo.blocks_in_group(group);
+            let old = self.group(group)?;
+            let Some(mut next) = old.next(count, ts) else {
+                return Err(Error::Corrupt {
+                    volume: self.name.clone(),
+                    block,
+                    kind: crate::CorruptionKind::MetadataDamaged,
+                    detail: format!(
+                        "both metadata copies of group {group} are damaged; refusing to write over tags that cannot be read"
+                    ),
+                });
+            };
+            let group_end = self.geo.first_block(group) + count as u64;
+            while let Some((&b, entry)) = entries.peek() {
+                if b >= group_end {
+                    break;
+                }
+                let tag = match entry {
+                    Staged::Data(_, tag) => *tag,
+                    Staged::Zero => crate::tag::UNWRITTEN,
+                };
+                next.base
+                    .set_tag((b - self.geo.first_block(group)) as usize, &tag);
+                entries.next();
+            }
+            if !dual {
+                // No brothers in `none` mode: always rewrite slot 0 in place.
+                next.slot = 0;
+                next.base.generation = 1;
+            }
+            let mut buf = aligned(bs, self.backend.alignment().max(1));
+            next.base
+                .encode(buf.as_mut(), &self.sb.uuid, group, next.slot, ts);
+            let mut slots = old.slots.clone();
+            slots[next.slot] = MetaParse::Valid(next.base);
+            let new_state = Arc::new(GroupState {
+                slots,
+                written_epoch: Some(epoch),
+            });
+            updates.push((group, next.slot, new_state, buf.as_ref().to_vec()));
+        }
+
+        if dual {
+            self.write_metadata(&updates)?;
+            self.backend
+                .flush()
+                .map_err(self.io_err("flushing metadata", 0))?;
+            self.install(&updates);
+            self.write_data(batch)?;
+        } else {
+            self.write_data(batch)?;
+            self.write_metadata(&updates)?;
+            self.install(&updates);
+        }
+        state.data_unflushed = true;
+        Ok(())
+    }
+
+    fn write_metadata(&self, updates: &[(u64, usize, Arc<GroupState>, Vec<u8>)]) -> Result<()> {
+        let align = self.backend.alignment().max(1);
+        for (group, slot, _, bytes) in updates {
+            let off = self.geo.meta_offset(*group, *slot);
+            let mut buf = aligned(bytes.len(), align);
+            buf.as_mut().copy_from_slice(bytes);
+            self.backend
+                .write_at(buf.as_ref(), off)
+                .map_err(self.io_err("writing metadata", off))?;
+        }
+        Ok(())
+    }
+
+    /// Publishes the new metadata to readers. Done after the metadata is on the backend and
+    /// before the data, so a reader that sees new data also sees the tag that covers it.
+    fn install(&self, updates: &[(u64, usize, Arc<GroupState>, Vec<u8>)]) {
+        for (group, _, new_state, _) in updates {
+            self.cache.lock(*group).put(*group, new_state.clone());
+        }
+    }
+
+    /// Writes the batch's data: runs of neighbouring data blocks become one vectored write,
+    /// runs of zeroed blocks one `zero_range`.
+    fn write_data(&self, batch: &Batch) -> Result<()> {
+        let bs = self.geo.block_size as u64;
+        let align = self.backend.alignment().max(1);
+        let mut iter = batch.iter().peekable();
+        while let Some((&start, entry)) = iter.next() {
+            let zero = matches!(entry, Staged::Zero);
+            let (group, _) = self.geo.group_of(start);
+            let group_end = self.geo.first_block(group) + self.geo.blocks_in_group(group) as u64;
+            let mut run: Vec<&[u8]> = Vec::new();
+            if let Staged::Data(d, _) = entry {
+                run.push(d);
+            }
+            let mut end = start + 1;
+            while let Some((&b, e)) = iter.peek() {
+                let same_kind = matches!(e, Staged::Zero) == zero;
+                if b != end || b >= group_end || !same_kind || run.len() >= MAX_IOV {
+                    break;
+                }
+                if let Staged::Data(d, _) = e {
+                    run.push(d);
+                }
+                end += 1;
+                iter.next();
+            }
+            let off = self.geo.data_offset(start);
+            if zero {
+                self.backend
+                    .zero_range(off, (end - start) * bs)
+                    .map_err(self.io_err("zeroing data", off))?;
+            } else if align > 1 {
+                let mut buf = aligned(run.len() * bs as usize, align);
+                for (i, d) in run.iter().enumerate() {
+                    buf.as_mut()[i * bs as usize..(i + 1) * bs as usize].copy_from_slice(d);
+                }
+                self.backend
+                    .write_at(buf.as_ref(), off)
+                    .map_err(self.io_err("writing data", off))?;
+            } else {
+                self.backend
+                    .write_vectored_at(&run, off)
+                    .map_err(self.io_err("writing data", off))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes the backend and marks every committed batch durable. Caller holds the commit lock.
+    pub(crate) fn flush_locked(&self, state: &mut CommitState) -> Result<()> {
+        if !state.data_unflushed {
+            return Ok(());
+        }
+        if let Err(e) = self.backend.flush() {
+            // The kernel may have dropped the dirty pages it failed to write: a later flush
+            // succeeding would not mean our data is there.
+            state.failure = Some(format!("flush failed: {e}"));
+            return Err(self.io_err("flushing", 0)(e));
+        }
+        state.data_unflushed = false;
+        self.durable_epoch.store(state.epoch, Ordering::Release);
+        Ok(())
+    }
+}

@@ -1,0 +1,78 @@
+//! The write-back stage: blocks written since the last commit, held in memory so that the
+//! metadata flush that must precede their data is paid once per batch, not once per write.
+
+use crate::tag::Tag;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// One staged block.
+#[derive(Clone, Debug)]
+pub(crate) enum Staged {
+    /// New content and its tag.
+    Data(Arc<[u8]>, Tag),
+    /// The block becomes unwritten (discard / write zeroes): reads as zeros.
+    Zero,
+}
+
+/// Blocks waiting for a commit, keyed by block number (sorted, so a commit walks groups in
+/// order and coalesces neighbours into large writes).
+pub(crate) type Batch = BTreeMap<u64, Staged>;
+
+/// The active batch being filled and the batch being committed (still readable until its
+/// data has reached the backend).
+#[derive(Default)]
+pub(crate) struct Stage {
+    pub active: Batch,
+    pub active_bytes: usize,
+    pub committing: Option<Arc<Batch>>,
+}
+
+impl Stage {
+    /// The newest staged version of `block`, if any.
+    pub fn get(&self, block: u64) -> Option<&Staged> {
+        self.active
+            .get(&block)
+            .or_else(|| self.committing.as_ref().and_then(|c| c.get(&block)))
+    }
+
+    /// True if nothing is staged (the common case for read-mostly loads: skips lookups).
+    pub fn is_empty(&self) -> bool {
+        self.active.is_empty() && self.committing.is_none()
+    }
+
+    /// Stages `entry` for `block`, replacing any older staged version (within a batch a block
+    /// has exactly one new version, which is what the two brothers can describe).
+    pub fn put(&mut self, block: u64, entry: Staged, block_size: usize) {
+        let added = match entry {
+            Staged::Data(..) => block_size,
+            Staged::Zero => 0,
+        };
+        if let Some(Staged::Data(..)) = self.active.insert(block, entry) {
+            self.active_bytes -= block_size;
+        }
+        self.active_bytes += added;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tag::UNWRITTEN;
+
+    #[test]
+    fn newest_version_wins_and_bytes_are_counted() {
+        let mut s = Stage::default();
+        assert!(s.is_empty());
+        s.put(3, Staged::Data(Arc::from(vec![1u8; 8]), UNWRITTEN), 8);
+        s.put(3, Staged::Data(Arc::from(vec![2u8; 8]), UNWRITTEN), 8);
+        assert_eq!(s.active_bytes, 8);
+        assert!(matches!(s.get(3), Some(Staged::Data(d, _)) if d[0] == 2));
+        s.put(3, Staged::Zero, 8);
+        assert_eq!(s.active_bytes, 0);
+        let batch = std::mem::take(&mut s.active);
+        s.committing = Some(Arc::new(batch));
+        assert!(matches!(s.get(3), Some(Staged::Zero)));
+        s.put(3, Staged::Data(Arc::from(vec![4u8; 8]), UNWRITTEN), 8);
+        assert!(matches!(s.get(3), Some(Staged::Data(d, _)) if d[0] == 4));
+    }
+}
