@@ -83,7 +83,7 @@ impl Geometry {
     /// then exactly `backing_len` (used when formatting a file).
     pub fn for_size(size: u64, block_size: u32, tag_size: usize) -> Result<Geometry, GeometryError> {
         Self::check_block_size(block_size)?;
-        if size == 0 || size % block_size as u64 != 0 {
+        if size == 0 || !size.is_multiple_of(block_size as u64) {
             return Err(GeometryError::Size { size, block_size });
         }
         let group_blocks = Self::tags_per_meta(block_size, tag_size)?;

@@ -81,7 +81,7 @@ impl MetaBlock {
         debug_assert_eq!(tag_size, self.tag_size);
         debug_assert!(META_HEADER_SIZE + self.raw.len() <= out.len());
         debug_assert_eq!(
-            (self.generation % 2 == 0) as usize,
+            self.generation.is_multiple_of(2) as usize,
             slot,
             "generation parity picks the slot"
         );
@@ -120,7 +120,7 @@ impl MetaBlock {
             ));
         }
         let generation = le64(b, 16);
-        if generation == 0 || (generation % 2 == 0) as usize != slot {
+        if generation == 0 || generation.is_multiple_of(2) as usize != slot {
             return MetaParse::Invalid(format!("generation {generation} does not belong in slot {slot}"));
         }
         if le64(b, 24) != group || b[32..48] != uuid[..] {

@@ -73,8 +73,9 @@ impl GroupState {
             // issued, because data follows only once its metadata is durable.
             (Invalid(_), Empty) => Accept::One(UNWRITTEN),
             // Slot 1 is only ever written after slot 0 held generation 1: an empty slot 0 next
-            // to anything in slot 1 means slot 0 was wiped.
-            (Empty, _) => Accept::Damaged("metadata slot 0 is blank but slot 1 is not"),
+            // to slot 1 means slot 0 was wiped. An intact slot 1 is then the newest copy.
+            (Empty, Valid(m)) => Accept::One(m.tag(index)),
+            (Empty, Invalid(_)) => Accept::Damaged("metadata slot 0 is blank and slot 1 is damaged"),
             (Invalid(_), Invalid(_)) => Accept::Damaged("both metadata copies fail their checksums"),
             (Valid(m), Empty) => {
                 if m.generation == 1 && !settled {
@@ -118,7 +119,7 @@ impl GroupState {
                 slot: 0,
                 base: MetaBlock::unwritten(1, count, tag_size),
             }),
-            (Empty, _) | (Invalid(_), Invalid(_)) => None,
+            (Empty, Invalid(_)) | (Invalid(_), Invalid(_)) => None,
             _ => {
                 let (slot, m) = self.newest()?;
                 let mut base = m.clone();

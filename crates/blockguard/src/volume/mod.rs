@@ -480,7 +480,7 @@ impl Volume {
     /// Reads from the backend, through an aligned bounce buffer when the backend needs one.
     fn backend_read(&self, buf: &mut [u8], offset: u64, during: &'static str) -> Result<()> {
         let align = self.backend.alignment();
-        if align <= 1 || (buf.as_ptr() as usize % align == 0 && buf.len() % align == 0) {
+        if align <= 1 || ((buf.as_ptr() as usize).is_multiple_of(align) && buf.len().is_multiple_of(align)) {
             return self
                 .backend
                 .read_at(buf, offset)

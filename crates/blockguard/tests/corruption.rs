@@ -1,0 +1,300 @@
+//! Corruption (G3, G4): damage to data, tags or superblocks is reported as a typed error
+//! naming the block, or survived through the other copy; wrong data is never returned.
+
+use blockguard::blockguard_backend::{FaultBackend, MemoryBackend};
+use blockguard::{CorruptionKind, Error, FormatOptions, OpenOptions, Volume};
+use std::sync::Arc;
+
+const BS: u64 = 512;
+const BLOCKS: u64 = 150;
+
+fn opts() -> FormatOptions {
+    let mut o = FormatOptions::with_size(BS * BLOCKS);
+    o.block_size = BS as u32;
+    o.uuid = Some([0x11; 16]);
+    o
+}
+
+fn content(b: u64, round: u8) -> Vec<u8> {
+    (0..BS)
+        .map(|i| {
+            (b as u8)
+                .wrapping_mul(7)
+                .wrapping_add(i as u8)
+                .wrapping_add(round)
+        })
+        .collect()
+}
+
+/// A volume image where: blocks 0..100 were written twice with a flush in between (so the
+/// brothers of groups 0 and 1 differ), blocks 100..120 once, 120..130 written then zeroed,
+/// the rest never written. Returns the image and the expected content of every block.
+fn image() -> (Vec<u8>, Vec<Vec<u8>>) {
+    let backend = Arc::new(MemoryBackend::new(opts().backing_len().unwrap()).unwrap());
+    let vol = Volume::format(backend.clone(), &opts()).unwrap();
+    let mut expected = vec![vec![0u8; BS as usize]; BLOCKS as usize];
+    for round in 0..2u8 {
+        for b in 0..100 {
+            vol.write_at(&content(b, round), b * BS).unwrap();
+            expected[b as usize] = content(b, round);
+        }
+        vol.flush().unwrap();
+    }
+    for b in 100..130 {
+        vol.write_at(&content(b, 9), b * BS).unwrap();
+        expected[b as usize] = content(b, 9);
+    }
+    vol.flush().unwrap();
+    vol.write_zeroes(120 * BS, 10 * BS).unwrap();
+    for e in &mut expected[120..130] {
+        e.fill(0);
+    }
+    vol.close().unwrap();
+    (backend.snapshot(), expected)
+}
+
+fn ro() -> OpenOptions {
+    OpenOptions {
+        read_only: true,
+        ..OpenOptions::default()
+    }
+}
+
+/// Every block reads back correctly or fails with a corruption error naming it.
+fn assert_never_wrong(vol: &Volume, expected: &[Vec<u8>], context: &str) -> Vec<u64> {
+    let mut failed = Vec::new();
+    let mut buf = vec![0u8; BS as usize];
+    for b in 0..BLOCKS {
+        match vol.read_at(&mut buf, b * BS) {
+            Ok(()) => assert!(
+                buf == expected[b as usize],
+                "{context}: block {b} returned wrong data"
+            ),
+            Err(e) => {
+                assert!(
+                    e.is_corruption(),
+                    "{context}: block {b}: unexpected error kind: {e}"
+                );
+                assert_eq!(
+                    e.corrupt_block(),
+                    Some(b),
+                    "{context}: error names the wrong block: {e}"
+                );
+                failed.push(b);
+            }
+        }
+    }
+    failed
+}
+
+#[test]
+fn every_single_byte_flip_is_caught_or_harmless() {
+    let (img, expected) = image();
+    let vol = Volume::open(Arc::new(MemoryBackend::from_vec(img.clone())), &ro()).unwrap();
+    assert!(assert_never_wrong(&vol, &expected, "pristine").is_empty());
+    let geo = *vol.geometry();
+    drop(vol);
+    let data_block_at =
+        |off: u64| (0..BLOCKS).find(|&b| (geo.data_offset(b)..geo.data_offset(b) + BS).contains(&off));
+    let mut detected = 0;
+    for off in 0..img.len() {
+        for mask in [0x01u8, 0x80] {
+            let mut damaged = img.clone();
+            damaged[off] ^= mask;
+            let vol = match Volume::open(Arc::new(MemoryBackend::from_vec(damaged)), &ro()) {
+                Ok(v) => v,
+                Err(e) => panic!("a single flip at byte {off} made the volume unopenable: {e}"),
+            };
+            let failed = assert_never_wrong(&vol, &expected, &format!("flip {mask:#x} at byte {off}"));
+            // A flip inside a data block must be detected on exactly that block.
+            if let Some(b) = data_block_at(off as u64) {
+                assert_eq!(
+                    failed,
+                    vec![b],
+                    "flip at byte {off} (block {b}) not pinned to its block"
+                );
+                detected += 1;
+            }
+        }
+    }
+    assert!(detected as u64 >= 2 * BLOCKS * BS);
+}
+
+#[test]
+fn damaged_metadata_never_turns_data_into_zeros() {
+    let (img, expected) = image();
+    let vol = Volume::open(Arc::new(MemoryBackend::from_vec(img.clone())), &ro()).unwrap();
+    let geo = *vol.geometry();
+    drop(vol);
+    // Wipe both brothers of group 0 (zeros look like "never written").
+    let mut wiped = img.clone();
+    for slot in 0..2 {
+        let at = geo.meta_offset(0, slot) as usize;
+        wiped[at..at + BS as usize].fill(0);
+    }
+    let vol = Volume::open(Arc::new(MemoryBackend::from_vec(wiped)), &ro()).unwrap();
+    let failed = assert_never_wrong(&vol, &expected, "both brothers wiped");
+    assert_eq!(
+        failed,
+        (0..56).collect::<Vec<_>>(),
+        "every written block of group 0 must fail"
+    );
+    let mut buf = vec![0u8; BS as usize];
+    match vol.read_at(&mut buf, 0) {
+        Err(Error::Corrupt { kind, .. }) => assert_eq!(kind, CorruptionKind::UnwrittenNotZero),
+        other => panic!("expected UnwrittenNotZero, got {other:?}"),
+    }
+    // Wipe only the newest brother: the older one holds stale tags for blocks 0..56, which
+    // the current data does not match: errors, never stale acceptance.
+    for slot in 0..2 {
+        let mut one = img.clone();
+        let at = geo.meta_offset(0, slot) as usize;
+        one[at..at + BS as usize].fill(0);
+        let vol = Volume::open(Arc::new(MemoryBackend::from_vec(one)), &ro()).unwrap();
+        assert_never_wrong(&vol, &expected, &format!("slot {slot} wiped"));
+    }
+    // check_blocks lists every bad block without stopping.
+    let mut wiped = img.clone();
+    let at = geo.data_offset(7) as usize;
+    wiped[at] ^= 0xff;
+    let at = geo.data_offset(140) as usize;
+    wiped[at] ^= 0xff; // never written: must read as zeros, so this is caught too
+    let vol = Volume::open(Arc::new(MemoryBackend::from_vec(wiped)), &ro()).unwrap();
+    let problems = vol.check_blocks(0, BLOCKS).unwrap();
+    assert_eq!(problems.iter().map(|p| p.block).collect::<Vec<_>>(), vec![7, 140]);
+}
+
+fn fault_volume() -> (Arc<FaultBackend>, Volume) {
+    let backend = Arc::new(
+        FaultBackend::new(opts().backing_len().unwrap())
+            .unwrap()
+            .with_seed(7),
+    );
+    let vol = Volume::format(backend.clone(), &opts()).unwrap();
+    for b in 0..BLOCKS {
+        vol.write_at(&content(b, 0), b * BS).unwrap();
+    }
+    vol.flush().unwrap();
+    (backend, vol)
+}
+
+#[test]
+fn misdirected_write_is_detected_at_both_addresses() {
+    let (backend, vol) = fault_volume();
+    let geo = *vol.geometry();
+    let (from, to) = (geo.data_offset(10), geo.data_offset(20));
+    backend.misdirect_writes_with(move |off, _| (off == from).then_some(to));
+    vol.write_at(&content(10, 1), 10 * BS).unwrap();
+    vol.flush().unwrap();
+    let mut buf = vec![0u8; BS as usize];
+    // Block 20 now holds block 10's data: the tag binds the address, so it fails (G4).
+    assert!(vol.read_at(&mut buf, 20 * BS).unwrap_err().is_corruption());
+    // Block 10 still holds its old data, but the flush proved the new data durable: only the
+    // new tag is accepted, so the lost update is caught too.
+    assert!(vol.read_at(&mut buf, 10 * BS).unwrap_err().is_corruption());
+    drop(vol);
+    let vol = Volume::open(backend.clone(), &ro()).unwrap();
+    assert!(vol.read_at(&mut buf, 20 * BS).unwrap_err().is_corruption());
+}
+
+#[test]
+fn lost_data_write_is_detected_after_flush() {
+    let (backend, vol) = fault_volume();
+    let geo = *vol.geometry();
+    let target = geo.data_offset(33);
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let l = lost.clone();
+    // Model a lost write as a write "misdirected" nowhere: redirect it outside the store.
+    backend.misdirect_writes_with(move |off, _| {
+        (off == target && !l.swap(true, std::sync::atomic::Ordering::SeqCst)).then_some(u64::MAX / 2)
+    });
+    vol.write_at(&content(33, 5), 33 * BS).unwrap();
+    vol.flush().unwrap();
+    assert!(lost.load(std::sync::atomic::Ordering::SeqCst));
+    let mut buf = vec![0u8; BS as usize];
+    let e = vol.read_at(&mut buf, 33 * BS).unwrap_err();
+    assert!(e.is_corruption() && e.to_string().contains("block 33"), "{e}");
+}
+
+#[test]
+fn lost_metadata_write_never_yields_wrong_data() {
+    let (backend, vol) = fault_volume();
+    let geo = *vol.geometry();
+    let meta = [geo.meta_offset(0, 0), geo.meta_offset(0, 1)];
+    backend.misdirect_writes_with(move |off, _| meta.contains(&off).then_some(u64::MAX / 2));
+    vol.write_at(&content(3, 8), 3 * BS).unwrap();
+    vol.flush().unwrap();
+    drop(vol);
+    let vol = Volume::open(backend.clone(), &ro()).unwrap();
+    let mut buf = vec![0u8; BS as usize];
+    // The data landed but its tag did not: an error, not the data unverified.
+    assert!(vol.read_at(&mut buf, 3 * BS).unwrap_err().is_corruption());
+    vol.read_at(&mut buf, 4 * BS).unwrap();
+    assert_eq!(buf, content(4, 0));
+}
+
+#[test]
+fn io_errors_are_io_errors_and_a_failed_write_back_poisons_flush() {
+    let (backend, vol) = fault_volume();
+    let geo = *vol.geometry();
+    let mut buf = vec![0u8; BS as usize];
+    backend.fail_reads_at(geo.data_offset(5)..geo.data_offset(5) + 1);
+    let e = vol.read_at(&mut buf, 5 * BS).unwrap_err();
+    assert!(matches!(e, Error::Io { .. }), "{e}");
+    backend.clear_faults();
+    vol.read_at(&mut buf, 5 * BS).unwrap();
+    backend.fail_writes_at(geo.data_offset(6)..geo.data_offset(6) + 1);
+    vol.write_at(&content(6, 3), 6 * BS).unwrap();
+    assert!(vol.flush().is_err());
+    backend.clear_faults();
+    // Durability was lost once: later flushes must not pretend otherwise.
+    assert!(matches!(vol.flush(), Err(Error::Failed { .. })));
+    assert!(vol.write_at(&content(7, 3), 7 * BS).is_err());
+    // The acknowledged write is still readable in this session.
+    vol.read_at(&mut buf, 6 * BS).unwrap();
+    assert_eq!(buf, content(6, 3));
+    backend.fail_next_flush();
+    drop(vol);
+}
+
+#[test]
+fn superblock_damage() {
+    let (img, expected) = image();
+    let len = img.len();
+    // Primary damaged: opens from the backup with a warning, and a read-write open repairs it.
+    let mut d = img.clone();
+    d[100] ^= 1;
+    let backend = Arc::new(MemoryBackend::from_vec(d));
+    let vol = Volume::open(backend.clone(), &OpenOptions::default()).unwrap();
+    assert_eq!(vol.warnings().len(), 1, "{:?}", vol.warnings());
+    assert!(vol.warnings()[0].contains("primary"));
+    assert_never_wrong(&vol, &expected, "primary damaged");
+    drop(vol);
+    assert_eq!(backend.snapshot(), img, "repair restores the exact superblock");
+    // Backup damaged.
+    let mut d = img.clone();
+    d[len - 4096 + 64] ^= 1;
+    let vol = Volume::open(Arc::new(MemoryBackend::from_vec(d)), &ro()).unwrap();
+    assert!(vol.warnings()[0].contains("backup"));
+    // Both damaged: refused.
+    let mut d = img.clone();
+    d[100] ^= 1;
+    d[len - 4096 + 64] ^= 1;
+    assert!(matches!(
+        Volume::open(Arc::new(MemoryBackend::from_vec(d)), &ro()),
+        Err(Error::SuperblockDamaged { .. })
+    ));
+    // Not a volume, truncated, too small.
+    assert!(matches!(
+        Volume::open(Arc::new(MemoryBackend::new(1 << 20).unwrap()), &ro()),
+        Err(Error::NotAVolume { .. })
+    ));
+    assert!(matches!(
+        Volume::open(Arc::new(MemoryBackend::from_vec(img[..len / 2].to_vec())), &ro()),
+        Err(Error::Truncated { .. })
+    ));
+    assert!(matches!(
+        Volume::open(Arc::new(MemoryBackend::new(100).unwrap()), &ro()),
+        Err(Error::NotAVolume { .. })
+    ));
+}
