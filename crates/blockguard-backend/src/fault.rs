@@ -910,7 +910,8 @@ impl FaultBackend {
 
     /// Misdirects writes as `f(intended_offset, len)` decides: `Some(target)` lands the write
     /// there, `None` leaves it alone. Replaces any earlier rule; takes precedence over
-    /// [`FaultBackend::set_misdirect_rate`].
+    /// [`FaultBackend::set_misdirect_rate`]. The rule runs with the backend locked, so it must
+    /// not call the backend.
     pub fn misdirect_writes_with(&self, f: impl Fn(u64, usize) -> Option<u64> + Send + Sync + 'static) {
         self.lock().misdirect_fn = Some(Box::new(f));
     }

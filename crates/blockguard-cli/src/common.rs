@@ -47,7 +47,6 @@ fn open_with(path: &Path, read_only: bool, lock: LockMode) -> Result<Volume> {
         },
     )?;
     for w in vol.warnings() {
-        tracing::warn!("{w}");
         eprintln!("blockguard: warning: {w}");
     }
     Ok(vol)
@@ -99,7 +98,7 @@ pub fn exit_code_for(err: &anyhow::Error) -> u8 {
 
 /// Refuses sizes that are not a positive multiple of `block_size`.
 pub fn check_size(size: u64, block_size: u32) -> Result<()> {
-    if size == 0 || size % block_size as u64 != 0 {
+    if size == 0 || !size.is_multiple_of(block_size as u64) {
         bail!("size {size} is not a positive multiple of the block size {block_size}");
     }
     Ok(())

@@ -42,6 +42,12 @@ pub fn run(args: FormatArgs) -> Result<()> {
         .with_context(|| format!("unknown mode {:?} (use dual or none)", args.mode))?;
     let profile = Profile::from_name(&args.profile)
         .with_context(|| format!("unknown tag profile {:?} (use crc32c)", args.profile))?;
+    if !args.block_size.is_power_of_two() || !(512..=65536).contains(&args.block_size) {
+        bail!(
+            "block size {} is not a power of two between 512 and 65536",
+            args.block_size
+        );
+    }
     let size = args.size.as_deref().map(parse_size).transpose()?;
     if let Some(size) = size {
         check_size(size, args.block_size)?;
@@ -55,9 +61,7 @@ pub fn run(args: FormatArgs) -> Result<()> {
         label: args.label.clone(),
         assume_zeroed: false,
     };
-    if args.label.len() > 64 {
-        bail!("label is {} bytes, at most 64 fit", args.label.len());
-    }
+    blockguard::format::validate_label(&args.label).map_err(anyhow::Error::msg)?;
     let path = &args.path;
     let vol = match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -122,20 +126,31 @@ pub fn run(args: FormatArgs) -> Result<()> {
     Ok(())
 }
 
-/// An existing volume or any data in the first and last MiB counts as "in use".
+/// Refuses to overwrite what may hold data: a non-empty regular file, an existing volume, or a
+/// device with any non-zero byte in its first or last MiB or in a 64 KiB sample of every GiB
+/// (scanning a whole device could take hours; `--force` is the way past a false refusal).
 fn refuse_if_in_use(backend: &FileBackend) -> Result<()> {
+    let path = backend.path().display();
     let len = backend.len();
-    let probe = (1u64 << 20).min(len);
-    for off in [0, len - probe] {
-        let mut buf = vec![0u8; probe as usize];
+    let read = |off: u64, n: u64| -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; n.min(len - off) as usize];
         backend.read_at(&mut buf, off)?;
-        if buf.iter().any(|&b| b != 0) {
-            let what = if buf.starts_with(&blockguard::format::SB_MAGIC) {
-                "holds a blockguard volume"
-            } else {
-                "is not empty"
-            };
-            bail!("{} {what}; use --force to overwrite it", backend.path().display());
+        Ok(buf)
+    };
+    if len >= 512 && read(0, 512)?.starts_with(&blockguard::format::SB_MAGIC) {
+        bail!("{path} holds a blockguard volume; use --force to overwrite it");
+    }
+    if !backend.is_block_device() {
+        if len > 0 {
+            bail!("{path} is not empty ({len} bytes); use --force to overwrite it");
+        }
+        return Ok(());
+    }
+    let mut probes = vec![(0, 1 << 20), (len.saturating_sub(1 << 20), 1 << 20)];
+    probes.extend((1..len >> 30).map(|g| (g << 30, 64 << 10)));
+    for (off, n) in probes {
+        if off < len && read(off, n)?.iter().any(|&b| b != 0) {
+            bail!("{path} is not empty (data at byte {off}); use --force to overwrite it");
         }
     }
     Ok(())

@@ -4,6 +4,8 @@ mod check;
 mod common;
 mod format;
 mod info;
+mod mount;
+mod serve;
 mod transfer;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +33,12 @@ enum Command {
     Export(transfer::ExportArgs),
     /// Verify every block; exit 0 clean, 1 corruption found, 2 usage or I/O error.
     Check(check::CheckArgs),
+    /// Serve a volume over NBD (TCP or a Unix socket).
+    Serve(serve::ServeArgs),
+    /// Expose a volume as a single file through FUSE (for losetup).
+    Mount(mount::MountArgs),
+    /// Unmount a FUSE-mounted volume, flushing it.
+    Umount(mount::UmountArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +55,9 @@ fn main() -> ExitCode {
         Command::Info(a) | Command::Dump(a) => info::run(a),
         Command::Import(a) => transfer::run_import(a),
         Command::Export(a) => transfer::run_export(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Mount(a) => mount::run(a),
+        Command::Umount(a) => mount::run_umount(a),
         Command::Check(a) => match check::run(a) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),

@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 
 use crate::file::{errno_for, BlockFile};
@@ -25,6 +25,11 @@ use crate::file::{errno_for, BlockFile};
 pub(crate) const ROOT_INO: INodeNo = INodeNo::ROOT;
 /// Inode of the one regular file.
 pub(crate) const FILE_INO: INodeNo = INodeNo(2);
+
+/// File handles: all state is in the inode, so the handle only records whether the file was
+/// opened for writing.
+const READ_ONLY_FH: FileHandle = FileHandle(0);
+const WRITABLE_FH: FileHandle = FileHandle(1);
 
 /// How long the kernel may cache names and attributes. Nothing about the tree ever changes
 /// while mounted (the file's size is fixed, and its times are those of the mount), so a long
@@ -214,8 +219,9 @@ impl<F: BlockFile> Filesystem for BlockFs<F> {
         //   asynchronously, which direct I/O turns into parallel requests.
         // - Parallel direct writes: without this flag the kernel serialises writes to one file
         //   on its inode lock; the engine is internally synchronised, so let them overlap.
+        let writable = flags.acc_mode() != OpenAccMode::O_RDONLY;
         reply.opened(
-            FileHandle(0),
+            if writable { WRITABLE_FH } else { READ_ONLY_FH },
             FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
         );
     }
@@ -283,17 +289,11 @@ impl<F: BlockFile> Filesystem for BlockFs<F> {
         }
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         // Sent on every close(2). Flushing here means a loop device that is detached (which
-        // closes the file) leaves everything it wrote durable, even without an fsync.
-        if ino != FILE_INO {
+        // closes the file) leaves everything it wrote durable, even without an fsync. A
+        // read-only handle wrote nothing, so probes such as blkid cost no engine flush.
+        if ino != FILE_INO || fh == READ_ONLY_FH {
             return reply.ok();
         }
         match self.flush_file("flush") {
@@ -384,6 +384,34 @@ impl<F: BlockFile> Filesystem for BlockFs<F> {
             ROOT_INO | FILE_INO => reply.ok(),
             _ => reply.error(Errno::ENOENT),
         }
+    }
+
+    // No extended attributes. ENOSYS (rather than ENODATA) makes the kernel remember that and
+    // answer every later xattr call itself, sparing a round trip per `ls -l` or SELinux probe.
+
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::ENOSYS);
     }
 
     // The namespace is fixed: one file, named after the volume. Refuse every change with

@@ -28,18 +28,20 @@
 //! [`Mounted::serve`] returns once the filesystem is unmounted, by [`unmount`] from any process
 //! or by SIGTERM/SIGINT in this one, after flushing.
 
+mod daemon;
 mod file;
 mod fs;
 mod memory;
 mod mounts;
 mod session;
-// TEMP-DEV mod volume;
+mod volume;
 
 use std::ffi::OsString;
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use daemon::detach_output;
 pub use file::BlockFile;
 pub use memory::{MemoryError, MemoryFile};
 pub use mounts::{find_mount, unmount, wait_released, MountEntry};

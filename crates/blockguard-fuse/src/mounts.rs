@@ -34,8 +34,11 @@ impl MountEntry {
 /// The mount currently visible at `mountpoint` (the last one mounted there), if any.
 pub fn find_mount(mountpoint: &Path) -> Result<Option<MountEntry>, FuseError> {
     let table = std::fs::read("/proc/self/mountinfo").map_err(FuseError::MountTable)?;
+    // canonicalize fails on a mount whose server died (ENOTCONN); then at least make the path
+    // absolute, as the mount table's are.
     let target = mountpoint
         .canonicalize()
+        .or_else(|_| std::path::absolute(mountpoint))
         .unwrap_or_else(|_| mountpoint.to_path_buf());
     Ok(parse_mountinfo(&table)
         .into_iter()
@@ -108,15 +111,16 @@ pub fn unmount(mountpoint: &Path) -> Result<(), FuseError> {
 /// Waits until no process holds a lock on `volume`, i.e. until the server that had it open
 /// has flushed and closed it. Returns `Ok(false)` if the volume cannot be opened to check.
 ///
-/// The server holds an exclusive `flock` for as long as the volume is open; this polls for a
-/// shared one, releasing it at once.
+/// A server holds a `flock` on the volume for as long as it has it open (exclusive when
+/// read-write, shared when read-only); this polls for an exclusive one, which conflicts with
+/// both, and releases it at once.
 pub fn wait_released(volume: &Path, timeout: Duration) -> Result<bool, FuseError> {
     let Ok(file) = File::open(volume) else {
         return Ok(false);
     };
     let deadline = Instant::now() + timeout;
     loop {
-        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockShared) {
+        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
             // Closing `file` on return drops the lock.
             Ok(()) => return Ok(true),
             Err(Errno::WOULDBLOCK) | Err(Errno::INTR) => {}

@@ -1,11 +1,15 @@
 //! Mounting, serving until unmounted, and shutting down on signals.
 
-use std::ffi::OsString;
+use std::ffi::{CString, OsString};
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use fuser::{Config, MountOption, Session};
+use fuser::{Config, MountOption, Session, SessionACL};
+use rustix::mount::{MountFlags, UnmountFlags};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::{Handle, Signals};
 
@@ -18,9 +22,10 @@ use crate::FuseError;
 /// `blockguard umount` uses it to recognise its own mounts.
 pub const SUBTYPE: &str = "blockguard";
 
-/// Default number of request-handling threads. Requests block on disk I/O rather than on the
-/// CPU, so a few more threads than cores keep the disk busy; each costs one request buffer.
-pub const DEFAULT_THREADS: usize = 4;
+/// Default number of request-handling threads. Requests wait on disk I/O rather than on the
+/// CPU, and a loop device in direct-I/O mode keeps many in flight, so several threads per
+/// core keep the disk busy; each costs about 2 MiB (a request buffer and a read buffer).
+pub const DEFAULT_THREADS: usize = 8;
 
 /// How to mount.
 #[derive(Debug, Clone)]
@@ -56,6 +61,8 @@ impl MountConfig {
 /// A mounted filesystem that is not yet serving requests (the kernel queues them meanwhile).
 pub struct Mounted<F: BlockFile> {
     session: Session<BlockFs<F>>,
+    /// Set when we made the mount ourselves (fuser then leaves unmounting to us).
+    guard: Option<MountGuard>,
     file: Arc<F>,
     mountpoint: PathBuf,
     signals: Option<Signals>,
@@ -87,43 +94,118 @@ pub fn mount<F: BlockFile>(
         None
     };
     let fs = BlockFs::new(Arc::clone(&file), config.file_name.clone(), config.read_only);
+    // Resolved before mounting: afterwards, looking at the path would be a request to this
+    // filesystem, which is not answering yet.
+    let canonical = mountpoint.canonicalize().map_err(|source| FuseError::Mount {
+        mountpoint: mountpoint.to_path_buf(),
+        source,
+    })?;
+    let mountpoint = canonical.as_path();
 
-    let mut options = vec![
-        MountOption::FSName(config.source.clone()),
-        MountOption::Subtype(SUBTYPE.to_owned()),
-        // Let the kernel check permissions against the attributes we report, so that the
-        // 0444 mode of a read-only export is enforced before a request reaches us.
-        MountOption::DefaultPermissions,
-        MountOption::NoAtime,
-        MountOption::NoExec,
-    ];
-    options.push(if config.read_only {
-        MountOption::RO
-    } else {
-        MountOption::RW
-    });
-    // No max_read option: its default is unlimited, so reads are bounded only by the
-    // max_pages negotiated in `init`, the same as writes.
     let mut fuse_config = Config::default();
-    fuse_config.mount_options = options;
     fuse_config.n_threads = Some(config.threads.max(1));
     // One /dev/fuse descriptor per worker thread: the kernel then queues requests per
     // descriptor instead of waking every thread for each request.
     fuse_config.clone_fd = true;
 
-    let session = Session::new(fs, mountpoint, &fuse_config).map_err(|source| FuseError::Mount {
+    let mount_error = |source| FuseError::Mount {
         mountpoint: mountpoint.to_path_buf(),
         source,
-    })?;
-    let mountpoint = mountpoint
-        .canonicalize()
-        .unwrap_or_else(|_| mountpoint.to_path_buf());
+    };
+    let (session, guard) = if rustix::process::geteuid().is_root() {
+        mount_direct(fs, mountpoint, config, fuse_config).map_err(mount_error)?
+    } else {
+        fuse_config.mount_options = fusermount_options(config);
+        let session = Session::new(fs, mountpoint, &fuse_config).map_err(mount_error)?;
+        (session, None)
+    };
     Ok(Mounted {
         session,
+        guard,
         file,
-        mountpoint,
+        mountpoint: canonical,
         signals,
     })
+}
+
+/// Mounts with mount(2) ourselves (root only), so that fuser holds no handle on the mount:
+/// its own unmount-on-exit would run after the user's unmount and, finding the path no longer
+/// a mount point, either fail noisily or unmount whatever was mounted there since.
+fn mount_direct<F: BlockFile>(
+    fs: BlockFs<F>,
+    mountpoint: &Path,
+    config: &MountConfig,
+    fuse_config: Config,
+) -> io::Result<(Session<BlockFs<F>>, Option<MountGuard>)> {
+    let dev = OpenOptions::new().read(true).write(true).open("/dev/fuse")?;
+    // The kernel's fuse options: the connection's descriptor, the root's file type (a
+    // directory), the owner whose requests are allowed, and — as for fusermount's
+    // default_permissions — permission checks done by the kernel against our attributes, so
+    // that the 0444 mode of a read-only export is enforced before a request reaches us.
+    // No max_read: its default is unlimited, so reads are bounded by the max_pages
+    // negotiated in `init`, like writes.
+    let data = format!(
+        "fd={},rootmode=40000,user_id={},group_id={},default_permissions,subtype={SUBTYPE}",
+        dev.as_raw_fd(),
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw(),
+    );
+    let data = CString::new(data).map_err(io::Error::other)?;
+    let mut flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC | MountFlags::NOATIME;
+    if config.read_only {
+        flags |= MountFlags::RDONLY;
+    }
+    rustix::mount::mount(config.source.as_str(), mountpoint, "fuse", flags, data.as_c_str())?;
+    let guard = MountGuard {
+        mountpoint: mountpoint.to_path_buf(),
+        armed: true,
+    };
+    // The kernel queued INIT during mount(2); a failed handshake drops `guard`, detaching
+    // the mount that would otherwise hang every access.
+    let session = Session::from_fd(fs, OwnedFd::from(dev), SessionACL::Owner, fuse_config)?;
+    Ok((session, Some(guard)))
+}
+
+/// The same mount through fuser and the fusermount3 helper, for non-root users.
+fn fusermount_options(config: &MountConfig) -> Vec<MountOption> {
+    vec![
+        MountOption::FSName(config.source.clone()),
+        // Not MountOption::Subtype, which fuser passes only to fusermount in some versions;
+        // fusermount understands `subtype=` as an ordinary option.
+        MountOption::CUSTOM(format!("subtype={SUBTYPE}")),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+        MountOption::NoExec,
+        if config.read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+    ]
+}
+
+/// Detaches a mount we made if it is abandoned (mounting failed half-way, or serving ended
+/// in an error), so that it does not linger answering "transport endpoint is not connected".
+struct MountGuard {
+    mountpoint: PathBuf,
+    armed: bool,
+}
+
+impl MountGuard {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            // Lazy: a loop device may still hold the file open; it gets I/O errors either way.
+            if let Err(e) = rustix::mount::unmount(&self.mountpoint, UnmountFlags::DETACH) {
+                tracing::error!(mountpoint = %self.mountpoint.display(), error = %e, "cannot detach abandoned mount");
+            }
+        }
+    }
 }
 
 /// Refuses names the kernel would never look up, so the mistake shows at mount time.
@@ -151,6 +233,7 @@ impl<F: BlockFile> Mounted<F> {
     pub fn serve(self) -> Result<Arc<F>, FuseError> {
         let Mounted {
             session,
+            guard,
             file,
             mountpoint,
             signals,
@@ -163,6 +246,14 @@ impl<F: BlockFile> Mounted<F> {
         if let Some(watcher) = watcher {
             watcher.stop();
         }
+        if served.is_ok() {
+            // The loop ends when the kernel drops the connection, i.e. the mount is gone;
+            // unmounting the path again could hit a filesystem mounted there since.
+            if let Some(guard) = guard {
+                guard.disarm();
+            }
+        }
+        // On error the guard detaches the mount, which no one answers any more.
         served?;
         // The kernel has already sent everything it will send; this flush covers writes that
         // were never followed by an fsync or close (for example after `umount -l`).

@@ -356,6 +356,20 @@ impl Results {
         self.0.entry((side, test)).or_default().push(s);
     }
 
+    /// Engine / raw ratio of each run (both sides of one run are measured minutes apart at
+    /// most, so this pairing cancels part of the machine's drift): (min, max).
+    fn ratio_range(&self, side: Side, test: Test) -> Option<(f64, f64)> {
+        let rate = |s: &Sample| if test.is_iops() { s.iops() } else { s.mbps() };
+        let raw = self.0.get(&(Side::Raw, test))?;
+        let eng = self.0.get(&(side, test))?;
+        raw.iter()
+            .zip(eng)
+            .map(|(r, e)| rate(e) / rate(r))
+            .fold(None, |acc: Option<(f64, f64)>, x| {
+                Some(acc.map_or((x, x), |(lo, hi)| (lo.min(x), hi.max(x))))
+            })
+    }
+
     /// The best run (highest rate) of a test.
     fn best(&self, side: Side, test: Test) -> Option<Sample> {
         let rate = |s: &Sample| if test.is_iops() { s.iops() } else { s.mbps() };
@@ -425,6 +439,7 @@ struct Bench {
     rand_r_hot: Vec<u64>,
     rand_r_cold: Vec<u64>,
     results: Results,
+    load_start: String,
 }
 
 impl Bench {
@@ -465,64 +480,58 @@ impl Bench {
 
     // --- raw file ------------------------------------------------------------------------
 
-    fn raw_suite(&mut self) -> Res<()> {
+    /// One raw test on `raw.img` (created afresh, sparse, by the sequential write).
+    fn raw_test(&self, test: Test) -> Res<Sample> {
         let path = self.cfg.dir.join("raw.img");
         let size = self.cfg.size;
-        let _ = std::fs::remove_file(&path);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        file.set_len(size)?; // sparse, like a freshly formatted volume file
-
+        let file = if test == Test::SeqWrite {
+            let _ = std::fs::remove_file(&path);
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
+            f.set_len(size)?; // sparse, like a freshly formatted volume file
+            f
+        } else {
+            std::fs::OpenOptions::new().read(true).write(true).open(&path)?
+        };
+        let stats = IoStats::default();
+        let file = RawFile { file, stats: &stats };
+        let st = Some(&stats);
+        if matches!(test, Test::SeqReadCold | Test::RandReadCold) {
+            self.make_cold(&path)?;
+        }
         let mut buf = self.data.clone();
-        let s = self.time(None, || {
-            let mut off = 0;
-            while off < size {
-                stamp(&mut buf, off / SEQ_CHUNK);
-                file.write_all_at(&buf, off)?;
-                off += SEQ_CHUNK;
-                if off % SEQ_SYNC_EVERY == 0 || off == size {
-                    file.sync_data()?;
-                }
-            }
-            Ok((size, size / SEQ_CHUNK))
-        })?;
-        self.results.add(Side::Raw, Test::SeqWrite, s);
-
-        let s = self.time(None, || raw_seq_read(&file, size, &mut buf))?;
-        self.results.add(Side::Raw, Test::SeqReadHot, s);
-        if self.cfg.cold != Cold::Off {
-            self.make_cold(&path)?;
-            let s = self.time(None, || raw_seq_read(&file, size, &mut buf))?;
-            self.results.add(Side::Raw, Test::SeqReadCold, s);
-        }
-
-        let block = &self.data[..RAND_IO as usize];
-        let s = self.time(None, || {
-            for (i, &off) in self.rand_w.iter().enumerate() {
-                file.write_all_at(block, off)?;
-                if (i + 1) % RAND_SYNC_EVERY == 0 {
-                    file.sync_data()?;
-                }
-            }
-            file.sync_data()?;
-            Ok((self.rand_w.len() as u64 * RAND_IO, self.rand_w.len() as u64))
-        })?;
-        self.results.add(Side::Raw, Test::RandWrite, s);
-
         let mut small = vec![0u8; RAND_IO as usize];
-        let s = self.time(None, || raw_rand_read(&file, &self.rand_r_hot, &mut small))?;
-        self.results.add(Side::Raw, Test::RandReadHot, s);
-        if self.cfg.cold != Cold::Off {
-            self.make_cold(&path)?;
-            let s = self.time(None, || raw_rand_read(&file, &self.rand_r_cold, &mut small))?;
-            self.results.add(Side::Raw, Test::RandReadCold, s);
+        match test {
+            Test::SeqWrite => self.time(st, || {
+                let mut off = 0;
+                while off < size {
+                    stamp(&mut buf, off / SEQ_CHUNK);
+                    file.write_at(&buf, off)?;
+                    off += SEQ_CHUNK;
+                    if off % SEQ_SYNC_EVERY == 0 || off == size {
+                        file.sync()?;
+                    }
+                }
+                Ok((size, size / SEQ_CHUNK))
+            }),
+            Test::SeqReadHot | Test::SeqReadCold => self.time(st, || raw_seq_read(&file, size, &mut buf)),
+            Test::RandWrite => self.time(st, || {
+                let block = &self.data[..RAND_IO as usize];
+                for (i, &off) in self.rand_w.iter().enumerate() {
+                    file.write_at(block, off)?;
+                    if (i + 1) % RAND_SYNC_EVERY == 0 {
+                        file.sync()?;
+                    }
+                }
+                file.sync()?;
+                Ok((self.rand_w.len() as u64 * RAND_IO, self.rand_w.len() as u64))
+            }),
+            Test::RandReadHot => self.time(st, || raw_rand_read(&file, &self.rand_r_hot, &mut small)),
+            Test::RandReadCold => self.time(st, || raw_rand_read(&file, &self.rand_r_cold, &mut small)),
         }
-        drop(file);
-        std::fs::remove_file(&path)?;
-        sync_dir(&self.cfg.dir)
     }
 
     // --- engine ----------------------------------------------------------------------------
@@ -548,113 +557,119 @@ impl Bench {
         Ok(Volume::format(backend, &opts)?)
     }
 
-    fn engine_seq_write(&self, vol: &Volume, stats: &IoStats) -> Res<Sample> {
+    /// One engine test. The sequential write formats `MODE.bgv` afresh (format is not timed);
+    /// every other test opens the volume again, so its metadata cache starts empty, as the raw
+    /// test's view of its file does.
+    fn engine_test(&self, mode: Mode, test: Test) -> Res<Sample> {
+        let name = match mode {
+            Mode::Dual => "dual.bgv",
+            _ => "none.bgv",
+        };
+        let path = self.cfg.dir.join(name);
         let size = self.cfg.size;
+        let stats = Arc::new(IoStats::default());
+        if matches!(test, Test::SeqReadCold | Test::RandReadCold) {
+            self.make_cold(&path)?;
+        }
+        let vol = if test == Test::SeqWrite {
+            self.format_volume(&path, mode, &stats)?
+        } else {
+            self.open_volume(&path, &stats)?
+        };
+        let st = Some(&*stats);
         let mut buf = self.data.clone();
-        self.time(Some(stats), || {
-            let mut off = 0;
-            while off < size {
-                stamp(&mut buf, off / SEQ_CHUNK);
-                vol.write_at(&buf, off)?;
-                off += SEQ_CHUNK;
-                if off % SEQ_SYNC_EVERY == 0 || off == size {
-                    vol.flush()?;
-                }
-            }
-            Ok((size, size / SEQ_CHUNK))
-        })
-    }
-
-    fn engine_seq_read(&self, vol: &Volume, stats: &IoStats) -> Res<Sample> {
-        let size = self.cfg.size;
-        let mut buf = vec![0u8; SEQ_CHUNK as usize];
-        self.time(Some(stats), || {
-            let mut off = 0;
-            while off < size {
-                vol.read_at(&mut buf, off)?;
-                check_stamp(&buf, off / SEQ_CHUNK, "engine sequential read")?;
-                off += SEQ_CHUNK;
-            }
-            black_box(&buf);
-            Ok((size, size / SEQ_CHUNK))
-        })
-    }
-
-    fn engine_rand_read(&self, vol: &Volume, stats: &IoStats, offsets: &[u64]) -> Res<Sample> {
         let mut small = vec![0u8; RAND_IO as usize];
-        self.time(Some(stats), || {
-            for &off in offsets {
-                vol.read_at(&mut small, off)?;
-                black_box(&small);
-            }
-            Ok((offsets.len() as u64 * RAND_IO, offsets.len() as u64))
-        })
-    }
-
-    fn dual_suite(&mut self) -> Res<()> {
-        let path = self.cfg.dir.join("dual.bgv");
-        let stats = Arc::new(IoStats::default());
-        let vol = self.format_volume(&path, Mode::Dual, &stats)?;
-        let s = self.engine_seq_write(&vol, &stats)?;
-        self.results.add(Side::Dual, Test::SeqWrite, s);
-        drop(vol);
-
-        // Reads on a freshly opened volume: its metadata cache starts empty, like the raw test's
-        // view of the file.
-        let vol = self.open_volume(&path, &stats)?;
-        let s = self.engine_seq_read(&vol, &stats)?;
-        self.results.add(Side::Dual, Test::SeqReadHot, s);
-        drop(vol);
-        if self.cfg.cold != Cold::Off {
-            self.make_cold(&path)?;
-            let vol = self.open_volume(&path, &stats)?;
-            let s = self.engine_seq_read(&vol, &stats)?;
-            self.results.add(Side::Dual, Test::SeqReadCold, s);
-        }
-
-        let vol = self.open_volume(&path, &stats)?;
-        let block = &self.data[..RAND_IO as usize];
-        let s = self.time(Some(&stats), || {
-            for (i, &off) in self.rand_w.iter().enumerate() {
-                vol.write_at(block, off)?;
-                if (i + 1) % RAND_SYNC_EVERY == 0 {
-                    vol.flush()?;
+        let sample = match test {
+            Test::SeqWrite => self.time(st, || {
+                let mut off = 0;
+                while off < size {
+                    stamp(&mut buf, off / SEQ_CHUNK);
+                    vol.write_at(&buf, off)?;
+                    off += SEQ_CHUNK;
+                    if off % SEQ_SYNC_EVERY == 0 || off == size {
+                        vol.flush()?;
+                    }
                 }
+                Ok((size, size / SEQ_CHUNK))
+            }),
+            Test::SeqReadHot | Test::SeqReadCold => self.time(st, || {
+                let mut off = 0;
+                while off < size {
+                    vol.read_at(&mut buf, off)?;
+                    check_stamp(&buf, off / SEQ_CHUNK, "engine sequential read")?;
+                    off += SEQ_CHUNK;
+                }
+                black_box(&buf);
+                Ok((size, size / SEQ_CHUNK))
+            }),
+            Test::RandWrite => self.time(st, || {
+                let block = &self.data[..RAND_IO as usize];
+                for (i, &off) in self.rand_w.iter().enumerate() {
+                    vol.write_at(block, off)?;
+                    if (i + 1) % RAND_SYNC_EVERY == 0 {
+                        vol.flush()?;
+                    }
+                }
+                vol.flush()?;
+                Ok((self.rand_w.len() as u64 * RAND_IO, self.rand_w.len() as u64))
+            }),
+            Test::RandReadHot | Test::RandReadCold => {
+                let offsets = if test == Test::RandReadHot {
+                    &self.rand_r_hot
+                } else {
+                    &self.rand_r_cold
+                };
+                self.time(st, || {
+                    for &off in offsets {
+                        vol.read_at(&mut small, off)?;
+                        black_box(&small);
+                    }
+                    Ok((offsets.len() as u64 * RAND_IO, offsets.len() as u64))
+                })
             }
-            vol.flush()?;
-            Ok((self.rand_w.len() as u64 * RAND_IO, self.rand_w.len() as u64))
-        })?;
-        self.results.add(Side::Dual, Test::RandWrite, s);
-        drop(vol);
+        }?;
+        vol.close()?;
+        Ok(sample)
+    }
 
-        let vol = self.open_volume(&path, &stats)?;
-        let s = self.engine_rand_read(&vol, &stats, &self.rand_r_hot)?;
-        self.results.add(Side::Dual, Test::RandReadHot, s);
-        drop(vol);
-        if self.cfg.cold != Cold::Off {
-            self.make_cold(&path)?;
-            let vol = self.open_volume(&path, &stats)?;
-            let s = self.engine_rand_read(&vol, &stats, &self.rand_r_cold)?;
-            self.results.add(Side::Dual, Test::RandReadCold, s);
+    /// One run: every test, each measured on the raw file and on the `dual` volume back to
+    /// back (in alternating order from run to run), so both see the same state of the shared
+    /// machine; `none` is written right after its `dual` counterpart.
+    fn run(&mut self, run: usize) -> Res<()> {
+        let order = if run % 2 == 0 {
+            [Side::Raw, Side::Dual]
+        } else {
+            [Side::Dual, Side::Raw]
+        };
+        let tests = [
+            Test::SeqWrite,
+            Test::SeqReadHot,
+            Test::SeqReadCold,
+            Test::RandWrite,
+            Test::RandReadHot,
+            Test::RandReadCold,
+        ];
+        for test in tests {
+            if matches!(test, Test::SeqReadCold | Test::RandReadCold) && self.cfg.cold == Cold::Off {
+                continue;
+            }
+            for side in order {
+                let s = match side {
+                    Side::Raw => self.raw_test(test)?,
+                    _ => self.engine_test(Mode::Dual, test)?,
+                };
+                self.results.add(side, test, s);
+            }
+            if test == Test::SeqWrite {
+                let s = self.engine_test(Mode::None, test)?;
+                self.results.add(Side::None, test, s);
+                std::fs::remove_file(self.cfg.dir.join("none.bgv"))?;
+                sync_dir(&self.cfg.dir)?;
+            }
         }
-        std::fs::remove_file(&path)?;
+        std::fs::remove_file(self.cfg.dir.join("raw.img"))?;
+        std::fs::remove_file(self.cfg.dir.join("dual.bgv"))?;
         sync_dir(&self.cfg.dir)
-    }
-
-    fn none_suite(&mut self) -> Res<()> {
-        let path = self.cfg.dir.join("none.bgv");
-        let stats = Arc::new(IoStats::default());
-        let vol = self.format_volume(&path, Mode::None, &stats)?;
-        let s = self.engine_seq_write(&vol, &stats)?;
-        self.results.add(Side::None, Test::SeqWrite, s);
-        drop(vol);
-        std::fs::remove_file(&path)?;
-        sync_dir(&self.cfg.dir)
-    }
-
-    fn engine_suites(&mut self) -> Res<()> {
-        self.dual_suite()?;
-        self.none_suite()
     }
 
     // --- report ----------------------------------------------------------------------------
@@ -686,8 +701,15 @@ impl Bench {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "{:<44} {:>14} {:>14} {:>7} {:>8}  verdict",
-            "test", "raw", "engine", "ratio", "target"
+            "load average (1/5/15 min): {} at start, {} at end",
+            self.load_start,
+            load_average()
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<38} {:>14} {:>14} {:>7} {:>13} {:>8}  verdict",
+            "test (best of runs)", "raw", "engine", "ratio", "run ratios", "target"
         );
         let rows: [(&str, Side, Test, Option<f64>); 7] = [
             (
@@ -735,7 +757,7 @@ impl Bench {
         ];
         for (name, side, test, target) in rows {
             let (Some(raw), Some(eng)) = (r.best(Side::Raw, test), r.best(side, test)) else {
-                let _ = writeln!(out, "{name:<44} {:>14} {:>14}", "skipped", "skipped");
+                let _ = writeln!(out, "{name:<38} {:>14} {:>14}", "skipped", "skipped");
                 continue;
             };
             let (rv, ev, unit) = if test.is_iops() {
@@ -756,52 +778,101 @@ impl Bench {
                     format!("{v:.1} {unit}")
                 }
             };
+            let range = r
+                .ratio_range(side, test)
+                .map_or_else(String::new, |(lo, hi)| format!("{lo:.2}-{hi:.2}"));
             let _ = writeln!(
                 out,
-                "{name:<44} {:>14} {:>14} {ratio:>7.3} {t:>8}  {verdict}",
+                "{name:<38} {:>14} {:>14} {ratio:>7.3} {range:>13} {t:>8}  {verdict}",
                 fmt(rv),
                 fmt(ev)
             );
         }
         let _ = writeln!(out);
-        let _ = writeln!(out, "engine backend calls in the best runs:");
+        let _ = writeln!(
+            out,
+            "best runs in detail (cpu: user+system time of the benchmark thread; system calls counted at the backend):"
+        );
         for (side, test) in [
             (Side::Dual, Test::SeqWrite),
             (Side::None, Test::SeqWrite),
             (Side::Dual, Test::SeqReadHot),
+            (Side::Dual, Test::SeqReadCold),
             (Side::Dual, Test::RandWrite),
+            (Side::Dual, Test::RandReadHot),
             (Side::Dual, Test::RandReadCold),
         ] {
             let (Some(s), Some(raw)) = (r.best(side, test), r.best(Side::Raw, test)) else {
                 continue;
             };
-            let Some(io) = s.io else { continue };
+            let (Some(io), Some(rio)) = (s.io, raw.io) else {
+                continue;
+            };
             let _ = writeln!(
                 out,
-                "  {:<5} {:<13} {:>7} reads {:>8.1} MB, {:>6} writes {:>8.1} MB, {:>4} fdatasync {:>6.3} s; \
-                 wall {:.3} s (raw {:.3} s), cpu {:.3} s (raw {:.3} s)",
+                "  {:<4} {:<12} wall {:>6.3} s (raw {:>6.3}), cpu {:>6.3} s (raw {:>6.3}), fdatasync {:>3} = {:>6.3} s \
+                 (raw {:>3} = {:>6.3} s); {:>6} reads {:>7.1} MB, {:>6} writes {:>7.1} MB (raw {} / {})",
                 format!("{side:?}").to_lowercase(),
                 format!("{test:?}"),
+                s.secs,
+                raw.secs,
+                s.cpu,
+                raw.cpu,
+                io.flushes,
+                io.flush_secs,
+                rio.flushes,
+                rio.flush_secs,
                 io.reads,
                 io.read_bytes as f64 / 1e6,
                 io.writes,
                 io.write_bytes as f64 / 1e6,
-                io.flushes,
-                io.flush_secs,
-                s.secs,
-                raw.secs,
-                s.cpu,
-                raw.cpu
+                rio.reads,
+                rio.writes,
             );
         }
         out
     }
 }
 
-fn raw_seq_read(file: &File, size: u64, buf: &mut [u8]) -> Res<(u64, u64)> {
+/// The 1, 5 and 15 minute load averages: how busy the shared machine was.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The raw side: a plain file, `pread`/`pwrite`/`fdatasync`, counted like the engine's backend.
+struct RawFile<'a> {
+    file: File,
+    stats: &'a IoStats,
+}
+
+impl RawFile<'_> {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.stats.reads.fetch_add(1, Relaxed);
+        self.stats.read_bytes.fetch_add(buf.len() as u64, Relaxed);
+        self.file.read_exact_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.stats.writes.fetch_add(1, Relaxed);
+        self.stats.write_bytes.fetch_add(buf.len() as u64, Relaxed);
+        self.file.write_all_at(buf, off)
+    }
+    fn sync(&self) -> io::Result<()> {
+        let t = Instant::now();
+        let r = self.file.sync_data();
+        self.stats.flushes.fetch_add(1, Relaxed);
+        self.stats
+            .flush_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+        r
+    }
+}
+
+fn raw_seq_read(file: &RawFile<'_>, size: u64, buf: &mut [u8]) -> Res<(u64, u64)> {
     let mut off = 0;
     while off < size {
-        file.read_exact_at(buf, off)?;
+        file.read_at(buf, off)?;
         check_stamp(buf, off / SEQ_CHUNK, "raw sequential read")?;
         off += SEQ_CHUNK;
     }
@@ -809,9 +880,9 @@ fn raw_seq_read(file: &File, size: u64, buf: &mut [u8]) -> Res<(u64, u64)> {
     Ok((size, size / SEQ_CHUNK))
 }
 
-fn raw_rand_read(file: &File, offsets: &[u64], buf: &mut [u8]) -> Res<(u64, u64)> {
+fn raw_rand_read(file: &RawFile<'_>, offsets: &[u64], buf: &mut [u8]) -> Res<(u64, u64)> {
     for &off in offsets {
-        file.read_exact_at(buf, off)?;
+        file.read_at(buf, off)?;
         black_box(&buf);
     }
     Ok((offsets.len() as u64 * RAND_IO, offsets.len() as u64))
@@ -864,18 +935,12 @@ fn main() -> Res<()> {
         rand_r_hot: Rng::offsets(2, cfg.hot_rand_ops, cfg.size),
         rand_r_cold: Rng::offsets(3, cfg.rand_ops, cfg.size),
         results: Results::default(),
+        load_start: load_average(),
         cfg,
     };
     for run in 0..bench.cfg.runs {
         eprintln!("run {}/{}", run + 1, bench.cfg.runs);
-        // Alternate the order so drift in the machine's load does not favour one side.
-        if run % 2 == 0 {
-            bench.raw_suite()?;
-            bench.engine_suites()?;
-        } else {
-            bench.engine_suites()?;
-            bench.raw_suite()?;
-        }
+        bench.run(run)?;
     }
     println!();
     print!("{}", bench.report());

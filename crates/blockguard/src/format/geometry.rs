@@ -166,6 +166,8 @@ impl Geometry {
         let data_end = first
             .checked_add((groups - 1).checked_mul(group_len)?)?
             .checked_add((META_PER_GROUP + last_blocks).checked_mul(bs)?)?;
+        // Files are addressed with signed 64-bit offsets.
+        let max_len = i64::MAX as u64;
         let (backup, backing_len) = match fixed_len {
             None => {
                 let backup = align_up(data_end, SB_REGION)?;
@@ -179,6 +181,9 @@ impl Geometry {
                 (backup, len)
             }
         };
+        if backing_len > max_len {
+            return None;
+        }
         Some(Geometry {
             block_size,
             tag_size: tag_size as u32,

@@ -126,7 +126,11 @@ impl MetaBlock {
         if le64(b, 24) != group || b[32..48] != uuid[..] {
             return MetaParse::Invalid("header names another group or volume".into());
         }
-        if le32(b, 48) != count || le16(b, 52) as usize != tag_size || tag_size > MAX_TAG_SIZE {
+        if le32(b, 48) != count
+            || le16(b, 52) as usize != tag_size
+            || tag_size == 0
+            || tag_size > MAX_TAG_SIZE
+        {
             return MetaParse::Invalid(format!(
                 "holds {} tags of {} bytes, expected {count} of {tag_size}",
                 le32(b, 48),

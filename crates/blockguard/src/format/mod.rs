@@ -11,8 +11,8 @@ mod superblock;
 pub use geometry::{BlockLocation, Geometry, GeometryError};
 pub use metablock::{MetaBlock, MetaParse, META_HEADER_SIZE, META_MAGIC};
 pub use superblock::{
-    Mode, Superblock, SuperblockError, FORMAT_VERSION, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE,
-    SUPPORTED_INCOMPAT, SUPPORTED_RO_COMPAT,
+    validate_label, Mode, Superblock, SuperblockError, VolumeState, FORMAT_VERSION, SB_MAGIC, SB_REGION,
+    SB_STRUCT_SIZE, SUPPORTED_INCOMPAT, SUPPORTED_RO_COMPAT,
 };
 
 /// Reads a little-endian `u16` at `at`. Callers pass in-bounds offsets of fixed layouts.

@@ -85,6 +85,18 @@ pub enum SuperblockError {
     Field { field: &'static str, detail: String },
 }
 
+/// Whether the volume was closed cleanly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeState {
+    /// Closed cleanly: every group's newest metadata block describes durable data, so readers
+    /// accept only the newest tags (stale or zeroed blocks are caught).
+    Clean,
+    /// Open for writing, or not closed cleanly: after a crash a group's older metadata block
+    /// may still describe the data on disk, so readers accept either brother's tag.
+    InUse,
+}
+
 /// The decoded superblock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Superblock {
@@ -114,6 +126,31 @@ pub struct Superblock {
     pub meta_device: [u8; 16],
     /// Free-form label.
     pub label: String,
+    /// Clean or in use (byte 145; the only field rewritten after format).
+    pub state: VolumeState,
+}
+
+/// Checks a label before it is stored: UTF-8 (guaranteed by `&str`), at most 64 bytes, no
+/// NUL bytes (NUL terminates the stored label).
+pub fn validate_label(label: &str) -> Result<(), String> {
+    if label.len() > LABEL_LEN {
+        return Err(format!("label is {} bytes, at most {LABEL_LEN} fit", label.len()));
+    }
+    if label.contains('\0') {
+        return Err("label contains a NUL byte".into());
+    }
+    Ok(())
+}
+
+impl SuperblockError {
+    /// True when the copy is intact but written by a newer version or with features this build
+    /// lacks: the volume must then be refused, never "repaired" from the other copy.
+    pub fn is_unsupported(&self) -> bool {
+        matches!(
+            self,
+            SuperblockError::Version { .. } | SuperblockError::Incompat(_)
+        )
+    }
 }
 
 impl Superblock {
@@ -144,6 +181,10 @@ impl Superblock {
         b[120..128].copy_from_slice(&self.created.to_le_bytes());
         b[128..144].copy_from_slice(&self.mirror_set);
         b[144] = self.mirror_role;
+        b[145] = match self.state {
+            VolumeState::Clean => 0,
+            VolumeState::InUse => 1,
+        };
         b[148..164].copy_from_slice(&self.meta_device);
         let label = self.label.as_bytes();
         let n = label.len().min(LABEL_LEN);
@@ -247,9 +288,18 @@ impl Superblock {
                 "set without a feature flag".into(),
             ));
         }
+        let state = match b[145] {
+            0 => VolumeState::Clean,
+            1 => VolumeState::InUse,
+            other => return Err(field("state", format!("unknown value {other}"))),
+        };
         let label_bytes = &b[164..164 + LABEL_LEN];
         let end = label_bytes.iter().position(|&c| c == 0).unwrap_or(LABEL_LEN);
-        let label = String::from_utf8_lossy(&label_bytes[..end]).into_owned();
+        if label_bytes[end..].iter().any(|&c| c != 0) {
+            return Err(field("label", "bytes after the terminating zero".into()));
+        }
+        let label = String::from_utf8(label_bytes[..end].to_vec())
+            .map_err(|_| field("label", "not valid UTF-8".into()))?;
         Ok((
             Superblock {
                 version,
@@ -265,6 +315,7 @@ impl Superblock {
                 mirror_role: 0,
                 meta_device,
                 label,
+                state,
             },
             copy,
         ))
@@ -294,6 +345,7 @@ mod tests {
             mirror_role: 0,
             meta_device: [0; 16],
             label: "test".into(),
+            state: VolumeState::InUse,
         }
     }
 

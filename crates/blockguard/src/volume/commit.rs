@@ -18,7 +18,7 @@
 use super::stage::{Batch, Staged};
 use super::{aligned, group::GroupState, lock, Volume};
 use crate::error::{Error, Result};
-use crate::format::{MetaParse, Mode};
+use crate::format::{MetaParse, Mode, VolumeState};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -29,6 +29,8 @@ pub(crate) struct CommitState {
     epoch: u64,
     /// Data was written to the backend since the last completed flush.
     data_unflushed: bool,
+    /// The superblocks say "in use" (written before the first commit of this session).
+    pub(crate) marked_in_use: bool,
     /// Set when a write-back failed: acknowledged writes may be lost, so no later flush may
     /// report success.
     failure: Option<String>,
@@ -53,6 +55,15 @@ impl Volume {
     /// Commits the active batch. Caller holds the commit lock (`state`).
     pub(crate) fn commit_locked(&self, state: &mut CommitState) -> Result<()> {
         state.failed(&self.name)?;
+        if lock(&self.stage).active.is_empty() {
+            return Ok(());
+        }
+        if !state.marked_in_use {
+            // Before anything changes: from now on a crash may leave older brothers needed.
+            self.write_superblocks(VolumeState::InUse, "marking the volume in use")
+                .inspect_err(|e| state.failure = Some(e.to_string()))?;
+            state.marked_in_use = true;
+        }
         let batch = {
             let mut stage = lock(&self.stage);
             if stage.active.is_empty() {

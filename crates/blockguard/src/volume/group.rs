@@ -161,8 +161,12 @@ mod tests {
             state(bad(), MetaParse::Empty).accept(0, false),
             Accept::One(UNWRITTEN)
         );
-        assert!(matches!(
+        assert_eq!(
             state(MetaParse::Empty, block(2, t1)).accept(0, false),
+            Accept::One(t1)
+        );
+        assert!(matches!(
+            state(MetaParse::Empty, bad()).accept(0, false),
             Accept::Damaged(_)
         ));
         assert!(matches!(state(bad(), bad()).accept(0, false), Accept::Damaged(_)));

@@ -11,8 +11,8 @@ mod stage;
 
 use crate::error::{CorruptionKind, Error, Result};
 use crate::format::{
-    Geometry, MetaBlock, MetaParse, Mode, Superblock, FORMAT_VERSION, SB_REGION, SB_STRUCT_SIZE,
-    SUPPORTED_RO_COMPAT,
+    validate_label, Geometry, MetaBlock, MetaParse, Mode, Superblock, SuperblockError, VolumeState,
+    FORMAT_VERSION, SB_REGION, SB_STRUCT_SIZE, SUPPORTED_RO_COMPAT,
 };
 use crate::tag::{Profile, Tag};
 use blockguard_backend::Backend;
@@ -64,9 +64,11 @@ impl FormatOptions {
     }
 
     fn geometry_for_size(&self) -> Result<Geometry> {
-        let size = self.size.ok_or_else(|| invalid("-", "no size given".into()))?;
+        let size = self
+            .size
+            .ok_or_else(|| invalid("new volume", "no size given".into()))?;
         Geometry::for_size(size, self.block_size, self.profile.tag_size())
-            .map_err(|e| invalid("-", e.to_string()))
+            .map_err(|e| invalid("new volume", e.to_string()))
     }
 }
 
@@ -151,6 +153,9 @@ pub struct Volume {
     commit: Mutex<commit::CommitState>,
     /// Highest commit epoch whose data is known durable.
     durable_epoch: AtomicU64,
+    /// The volume was closed cleanly before this open: groups loaded from disk are settled
+    /// (their newest metadata describes durable data).
+    opened_clean: bool,
     /// Serialize read-modify-write and staging of the same block across threads.
     stripes: Vec<Mutex<()>>,
 }
@@ -192,6 +197,7 @@ impl Volume {
     ) -> Result<Volume> {
         let name = backend.name();
         let len = backend.len();
+        validate_label(&opts.label).map_err(|e| invalid(&name, e))?;
         let tag_size = opts.profile.tag_size();
         let geo = match opts.size {
             Some(size) => {
@@ -231,6 +237,7 @@ impl Volume {
             mirror_role: 0,
             meta_device: [0; 16],
             label: opts.label.clone(),
+            state: VolumeState::Clean,
         };
         let io = |during: &'static str, offset: u64| {
             let name = name.clone();
@@ -270,7 +277,7 @@ impl Volume {
     pub fn open(backend: Arc<dyn Backend>, opts: &OpenOptions) -> Result<Volume> {
         let name = backend.name();
         let len = backend.len();
-        let read_sb = |offset: u64| -> Result<std::result::Result<Superblock, String>> {
+        let read_sb = |offset: u64| -> Result<std::result::Result<Superblock, SuperblockError>> {
             let mut b = vec![0u8; SB_STRUCT_SIZE];
             backend.read_at(&mut b, offset).map_err(|source| Error::Io {
                 volume: name.clone(),
@@ -278,9 +285,7 @@ impl Volume {
                 offset,
                 source,
             })?;
-            Ok(Superblock::decode(&b)
-                .map(|(sb, _)| sb)
-                .map_err(|e| e.to_string()))
+            Ok(Superblock::decode(&b).map(|(sb, _)| sb))
         };
         if len < 2 * SB_REGION {
             return Err(Error::NotAVolume {
@@ -288,14 +293,38 @@ impl Volume {
                 detail: format!("only {len} bytes, too small to hold a volume"),
             });
         }
-        let backup_at = len / SB_REGION * SB_REGION - SB_REGION;
         let primary = read_sb(0)?;
+        // The backup lives in the last 4 KiB of the backend as it was at format; the primary
+        // records where that is, which matters if the file or device has grown since.
+        let end_backup = len / SB_REGION * SB_REGION - SB_REGION;
+        let backup_at = match &primary {
+            Ok(p) if p.geometry.backup_sb_offset + SB_REGION <= len => p.geometry.backup_sb_offset,
+            _ => end_backup,
+        };
         let backup = read_sb(backup_at)?;
+        // A copy from a newer version is not damage: never open (or "repair") from the other.
+        for e in [&primary, &backup].into_iter().filter_map(|r| r.as_ref().err()) {
+            if e.is_unsupported() {
+                return Err(Error::Unsupported {
+                    volume: name,
+                    detail: e.to_string(),
+                });
+            }
+        }
         let mut warnings = Vec::new();
         let sb = match (primary, backup) {
             (Ok(p), Ok(b)) => {
-                if p != b {
+                let same = Superblock {
+                    state: p.state,
+                    ..b.clone()
+                } == p;
+                if !same {
                     warnings.push(format!("{name}: superblock copies differ; using the primary"));
+                }
+                // A crash between updating the two copies: either saying "in use" wins.
+                let mut p = p;
+                if b.state == VolumeState::InUse {
+                    p.state = VolumeState::InUse;
                 }
                 p
             }
@@ -312,27 +341,23 @@ impl Volume {
                 b
             }
             (Err(p), Err(b)) => {
-                let magic = |s: &str| s.starts_with("no blockguard superblock");
-                let version = |s: &str| s.contains("not supported") || s.contains("incompatible features");
+                let magic = |e: &SuperblockError| matches!(e, SuperblockError::BadMagic { .. });
                 return Err(if magic(&p) && magic(&b) {
                     Error::NotAVolume {
                         volume: name,
                         detail: "no superblock at the start or the end".into(),
                     }
-                } else if version(&p) || version(&b) {
-                    Error::Unsupported {
-                        volume: name,
-                        detail: if version(&p) { p } else { b },
-                    }
                 } else {
                     Error::SuperblockDamaged {
                         volume: name,
-                        primary: p,
-                        backup: b,
+                        primary: p.to_string(),
+                        backup: b.to_string(),
                     }
                 });
             }
         };
+        // With one copy unusable the other's state is still trustworthy: both markings write
+        // the primary first, so a readable copy saying "clean" was never followed by a commit.
         let geo = sb.geometry;
         if len < geo.backing_len {
             return Err(Error::Truncated {
@@ -360,6 +385,7 @@ impl Volume {
             stage_limit: opts.stage_bytes.max(geo.block_size as usize),
             commit: Mutex::new(commit::CommitState::default()),
             durable_epoch: AtomicU64::new(0),
+            opened_clean: sb.state == VolumeState::Clean,
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             backend,
             name,
@@ -376,23 +402,25 @@ impl Volume {
 
     /// Rewrites both superblock copies from the one in use (self-healing after damage).
     fn repair_superblocks(&self) -> Result<()> {
-        let io = |offset| {
-            let volume = self.name.clone();
-            move |source| Error::Io {
-                volume,
-                during: "repairing a superblock",
-                offset,
-                source,
-            }
-        };
-        let backup_at = self.backend.len() / SB_REGION * SB_REGION - SB_REGION;
-        self.backend
-            .write_at(&self.sb.encode(1), backup_at)
-            .map_err(io(backup_at))?;
-        self.backend.write_at(&self.sb.encode(0), 0).map_err(io(0))?;
-        self.backend.flush().map_err(io(0))?;
+        self.write_superblocks(self.sb.state, "repairing a superblock")?;
         tracing::warn!(volume = %self.name, "rewrote damaged superblock copy");
         Ok(())
+    }
+
+    /// Writes both superblock copies with `state`, then flushes.
+    pub(crate) fn write_superblocks(&self, state: VolumeState, during: &'static str) -> Result<()> {
+        let sb = Superblock {
+            state,
+            ..self.sb.clone()
+        };
+        let backup_at = self.geo.backup_sb_offset;
+        self.backend
+            .write_at(&sb.encode(0), 0)
+            .map_err(self.io_err(during, 0))?;
+        self.backend
+            .write_at(&sb.encode(1), backup_at)
+            .map_err(self.io_err(during, backup_at))?;
+        self.backend.flush().map_err(self.io_err(during, 0))
     }
 
     /// The volume's name (the backend's, usually its path).
@@ -473,7 +501,8 @@ impl Volume {
         }
         Ok(GroupState {
             slots,
-            written_epoch: None,
+            // Epoch 0 is settled from the start; `None` never is.
+            written_epoch: self.opened_clean.then_some(0),
         })
     }
 
@@ -907,18 +936,33 @@ impl Volume {
         })
     }
 
-    /// Flushes and closes the volume.
+    /// Flushes and closes the volume, marking it clean when that is safe.
     pub fn close(self) -> Result<()> {
-        self.flush()
+        self.shutdown()
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut state = lock(&self.commit);
+        state.failed(&self.name)?;
+        self.commit_locked(&mut state)?;
+        self.flush_locked(&mut state)?;
+        // Clean only if this session started clean: after a crash, groups this session never
+        // rewrote may still need their older brother's tags.
+        if state.marked_in_use && self.opened_clean {
+            self.write_superblocks(VolumeState::Clean, "marking the volume clean")?;
+            state.marked_in_use = false;
+        }
+        Ok(())
     }
 }
 
 impl Drop for Volume {
     fn drop(&mut self) {
-        if !self.read_only {
-            if let Err(e) = self.flush() {
-                tracing::error!(volume = %self.name, "flush on close failed: {e}");
-            }
+        if let Err(e) = self.shutdown() {
+            tracing::error!(volume = %self.name, "flush on close failed: {e}");
         }
     }
 }

@@ -1,0 +1,1015 @@
+//! Integration tests of the `blockguard` binary: every subcommand run for real, in a temp
+//! directory, with exit codes and messages checked (0 success, 1 corruption found, 2 usage
+//! or I/O error; never a panic).
+
+use serde_json::Value;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const SB_REGION: u64 = 4096;
+
+/// What one run of the binary produced.
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    /// Asserts the exit code; on failure shows everything the run printed.
+    #[track_caller]
+    fn code(&self, want: i32) -> &Self {
+        assert_eq!(
+            self.code, want,
+            "exit code {} (want {want})\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// Asserts stderr mentions every one of `parts`.
+    #[track_caller]
+    fn err_has(&self, parts: &[&str]) -> &Self {
+        for p in parts {
+            assert!(self.stderr.contains(p), "stderr lacks {p:?}:\n{}", self.stderr);
+        }
+        self
+    }
+
+    /// Asserts stdout mentions every one of `parts`.
+    #[track_caller]
+    fn out_has(&self, parts: &[&str]) -> &Self {
+        for p in parts {
+            assert!(self.stdout.contains(p), "stdout lacks {p:?}:\n{}", self.stdout);
+        }
+        self
+    }
+
+    #[track_caller]
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{}", self.stdout))
+    }
+}
+
+/// Runs `blockguard args…` in `dir`.
+fn run_in(dir: &Path, args: &[&str]) -> Out {
+    let out = Command::new(env!("CARGO_BIN_EXE_blockguard"))
+        .args(args)
+        .current_dir(dir)
+        .env("BLOCKGUARD_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run blockguard");
+    let o = Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert!(
+        !o.stderr.contains("panicked") && !o.stdout.contains("panicked"),
+        "blockguard {args:?} panicked:\n{}",
+        o.stderr
+    );
+    assert!(
+        o.code >= 0,
+        "blockguard {args:?} was killed by a signal:\n{}",
+        o.stderr
+    );
+    o
+}
+
+/// A temp directory and shorthands for running commands in it.
+struct T {
+    dir: tempfile::TempDir,
+}
+
+impl T {
+    fn new() -> T {
+        T {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn run(&self, args: &[&str]) -> Out {
+        run_in(self.dir.path(), args)
+    }
+    /// Formats `name` with extra arguments; must succeed.
+    fn format(&self, name: &str, extra: &[&str]) -> Value {
+        let mut args = vec!["format", name, "--json"];
+        args.extend_from_slice(extra);
+        self.run(&args).code(0).json()
+    }
+    fn info(&self, name: &str) -> Value {
+        self.run(&["info", name, "--json"]).code(0).json()
+    }
+    /// Writes `data` into a new raw file.
+    fn raw(&self, name: &str, data: &[u8]) {
+        fs::write(self.path(name), data).unwrap();
+    }
+    fn read(&self, name: &str) -> Vec<u8> {
+        fs::read(self.path(name)).unwrap()
+    }
+    fn len(&self, name: &str) -> u64 {
+        fs::metadata(self.path(name)).unwrap().len()
+    }
+    /// XORs `mask` into the byte at `offset` of file `name` (never a no-op).
+    fn flip(&self, name: &str, offset: u64, mask: u8) {
+        assert_ne!(mask, 0);
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.path(name))
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.read_exact(&mut b).unwrap();
+        b[0] ^= mask;
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.write_all(&b).unwrap();
+    }
+    fn write_at(&self, name: &str, offset: u64, data: &[u8]) {
+        let mut f = OpenOptions::new().write(true).open(self.path(name)).unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.write_all(data).unwrap();
+    }
+    fn read_at(&self, name: &str, offset: u64, len: usize) -> Vec<u8> {
+        let mut f = File::open(self.path(name)).unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        let mut b = vec![0u8; len];
+        f.read_exact(&mut b).unwrap();
+        b
+    }
+    /// Byte offset of data block `block`, as `dump` reports it.
+    fn data_offset(&self, name: &str, block: u64) -> u64 {
+        let d = self
+            .run(&["dump", name, "--block", &block.to_string(), "--json"])
+            .code(0)
+            .json();
+        d["blocks"][0]["location"]["data_offset"].as_u64().unwrap()
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), never all zero.
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+        })
+        .collect()
+}
+
+/// crc32c (Castagnoli, reflected polynomial 0x82F63B78), bitwise: the test must not trust
+/// the implementation it checks.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0x82F6_3B78
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// Offsets of the two superblock copies of a volume file.
+fn sb_offsets(len: u64) -> [u64; 2] {
+    [0, len / SB_REGION * SB_REGION - SB_REGION]
+}
+
+/// Sets the little-endian u32 at `at` in superblock copy `copy` (0 primary, 1 backup) and
+/// recomputes that copy's crc32c (bytes 0..508, stored at 508), as a newer tool would.
+fn patch_superblock_u32(t: &T, name: &str, copy: usize, at: usize, value: u32) {
+    let off = sb_offsets(t.len(name))[copy];
+    let mut sb = t.read_at(name, off, 512);
+    assert_eq!(
+        le32(&sb, 508),
+        crc32c(&sb[..508]),
+        "copy {copy} was valid before patching"
+    );
+    sb[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    let crc = crc32c(&sb[..508]);
+    sb[508..512].copy_from_slice(&crc.to_le_bytes());
+    t.write_at(name, off, &sb);
+}
+
+fn uuid_bytes(s: &str) -> [u8; 16] {
+    let hex: String = s.chars().filter(|&c| c != '-').collect();
+    assert_eq!(hex.len(), 32, "uuid {s}");
+    std::array::from_fn(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+}
+
+// ---------------------------------------------------------------------------------------
+// format
+
+#[test]
+fn format_creates_a_sparse_file_with_the_documented_layout() {
+    let t = T::new();
+    let j = t.format("v.bgv", &["--size", "64M"]);
+    assert_eq!(j["size"], 64 << 20);
+    assert_eq!(j["block_size"], 4096);
+    assert_eq!(j["mode"], "dual");
+    assert_eq!(j["profile"], "crc32c");
+    let g = &j["geometry"];
+    assert_eq!(g["group_blocks"], 504);
+    assert_eq!(g["data_blocks"], 16384);
+    assert_eq!(g["groups"], 16384u64.div_ceil(504));
+    assert_eq!(g["first_group_offset"], 4096);
+    let len = t.len("v.bgv");
+    assert_eq!(g["backing_len"], len);
+    assert_eq!(g["backup_sb_offset"], len - 4096);
+    // Data end: 32 full groups of (2 + 504) blocks, then 2 + 256 blocks, after the superblock.
+    let data_end = 4096 + 32 * 506 * 4096 + (2 + 256) * 4096;
+    assert_eq!(len, data_end + 4096);
+    assert!(
+        fs::metadata(t.path("v.bgv")).unwrap().blocks() * 512 <= 1 << 20,
+        "format wrote more than the superblocks"
+    );
+    // Both superblock copies carry the magic, their copy index and a valid crc32c.
+    for (copy, off) in sb_offsets(len).into_iter().enumerate() {
+        let sb = t.read_at("v.bgv", off, 4096);
+        assert_eq!(&sb[..8], b"BLKGUARD");
+        assert_eq!(le32(&sb, 8), 1, "version");
+        assert_eq!(sb[65] as usize, copy, "copy index");
+        assert_eq!(le32(&sb, 508), crc32c(&sb[..508]));
+        assert!(sb[512..].iter().all(|&b| b == 0));
+        assert_eq!(uuid_bytes(j["uuid"].as_str().unwrap()), sb[40..56]);
+    }
+    // The text form says the same.
+    let t2 = T::new();
+    t2.run(&["format", "w.bgv", "--size", "1M"]).code(0).out_has(&[
+        "formatted w.bgv",
+        "1048576 bytes in 256 blocks of 4096 bytes",
+        "mode dual",
+        "uuid ",
+    ]);
+}
+
+#[test]
+fn format_of_a_new_file_needs_a_size() {
+    let t = T::new();
+    t.run(&["format", "v.bgv"])
+        .code(2)
+        .err_has(&["v.bgv does not exist", "--size"]);
+    assert!(!t.path("v.bgv").exists());
+}
+
+#[test]
+fn format_refuses_an_existing_volume_unless_forced() {
+    let t = T::new();
+    let first = t.format("v.bgv", &["--size", "4M"]);
+    for extra in [
+        &[][..],
+        &["--size", "4M"][..],
+        &["--size", "8M", "--mode", "none"][..],
+    ] {
+        let mut args = vec!["format", "v.bgv"];
+        args.extend_from_slice(extra);
+        t.run(&args)
+            .code(2)
+            .err_has(&["holds a blockguard volume", "--force"]);
+        assert_eq!(
+            t.info("v.bgv")["uuid"],
+            first["uuid"],
+            "refused format changed the volume"
+        );
+    }
+    let second = t.format("v.bgv", &["--size", "8M", "--force"]);
+    assert_ne!(second["uuid"], first["uuid"]);
+    assert_eq!(t.info("v.bgv")["size"], 8 << 20);
+    // --force without --size keeps the file's length and uses as much of it as fits.
+    let len = t.len("v.bgv");
+    let third = t.format("v.bgv", &["--force"]);
+    assert_eq!(t.len("v.bgv"), len);
+    assert_eq!(third["geometry"]["backing_len"], len);
+    assert_eq!(third["size"], 8 << 20);
+}
+
+#[test]
+fn format_refuses_a_non_empty_file_unless_forced() {
+    let t = T::new();
+    let data = random_bytes(3 << 20, 1);
+    t.raw("data.img", &data);
+    t.run(&["format", "data.img"])
+        .code(2)
+        .err_has(&["data.img is not empty", "--force"]);
+    t.run(&["format", "data.img", "--size", "1M"])
+        .code(2)
+        .err_has(&["is not empty"]);
+    assert_eq!(t.read("data.img"), data, "a refused format touched the file");
+    let j = t.format("data.img", &["--force"]);
+    assert_eq!(t.len("data.img"), 3 << 20);
+    assert_eq!(j["geometry"]["backing_len"], 3 << 20);
+    t.run(&["check", "data.img"]).code(0);
+    // An empty existing file has no room for a volume unless a size is given.
+    t.raw("empty.img", b"");
+    t.run(&["format", "empty.img"])
+        .code(2)
+        .err_has(&["empty.img", "too small"]);
+    t.format("empty.img", &["--size", "1M"]);
+}
+
+/// Known bug (see the report): `refuse_if_in_use` in `crates/blockguard-cli/src/format.rs`
+/// probes only the first and the last MiB, so data elsewhere is silently destroyed.
+#[test]
+fn regression_format_refuses_a_file_with_data_only_in_the_middle() {
+    let t = T::new();
+    let mut data = vec![0u8; 8 << 20];
+    data[4 << 20..(4 << 20) + 4096].copy_from_slice(&random_bytes(4096, 2));
+    t.raw("mid.img", &data);
+    t.run(&["format", "mid.img"]).code(2).err_has(&["is not empty"]);
+    assert_eq!(t.read("mid.img"), data);
+}
+
+#[test]
+fn format_with_512_byte_blocks() {
+    let t = T::new();
+    let j = t.format("v.bgv", &["--size", "1M", "--block-size", "512"]);
+    assert_eq!(j["block_size"], 512);
+    let g = &j["geometry"];
+    assert_eq!(g["group_blocks"], (512 - 64) / 8);
+    assert_eq!(g["data_blocks"], 2048);
+    assert_eq!(g["groups"], 2048u64.div_ceil(56));
+    assert_eq!(g["first_group_offset"], 4096);
+    let d = t
+        .run(&["dump", "v.bgv", "--block", "57", "--json"])
+        .code(0)
+        .json();
+    let l = &d["blocks"][0]["location"];
+    assert_eq!((l["group"].as_u64(), l["index"].as_u64()), (Some(1), Some(1)));
+    assert_eq!(l["data_offset"], 4096 + 58 * 512 + 3 * 512);
+    assert_eq!(l["meta_offsets"][0], 4096 + 58 * 512);
+    assert_eq!(l["meta_offsets"][1], 4096 + 59 * 512);
+    assert_eq!(l["tag_offset_in_meta"], 64 + 8);
+    // Unaligned import and export work on 512-byte blocks too.
+    let raw = random_bytes(300_001, 3);
+    t.raw("raw", &raw);
+    t.run(&["import", "raw", "v.bgv"]).code(0);
+    t.run(&["export", "v.bgv", "out"]).code(0);
+    let out = t.read("out");
+    assert_eq!(out.len(), 1 << 20);
+    assert_eq!(&out[..raw.len()], &raw[..]);
+    assert!(out[raw.len()..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn format_mode_none() {
+    let t = T::new();
+    let j = t.format("v.bgv", &["--size", "2M", "--mode", "none"]);
+    assert_eq!(j["mode"], "none");
+    assert_eq!(t.info("v.bgv")["mode"], "none");
+    t.run(&["info", "v.bgv"])
+        .code(0)
+        .out_has(&["mode:          none"]);
+    let raw = random_bytes(1 << 20, 4);
+    t.raw("raw", &raw);
+    t.run(&["import", "raw", "v.bgv"]).code(0);
+    t.run(&["check", "v.bgv"]).code(0);
+    t.run(&["export", "v.bgv", "out"]).code(0);
+    assert_eq!(&t.read("out")[..raw.len()], &raw[..]);
+}
+
+#[test]
+fn format_rejects_bad_arguments_clearly() {
+    let t = T::new();
+    let long_label = "x".repeat(65);
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["--size", "10X"], &["invalid size \"10X\""]),
+        (&["--size", "ten"], &["invalid size"]),
+        (&["--size", "-1"], &[]),
+        (&["--size", ""], &[]),
+        (&["--size", "16E"], &["invalid size"]),
+        (
+            &["--size", "4095"],
+            &["not a positive multiple of the block size 4096"],
+        ),
+        (
+            &["--size", "1000", "--block-size", "512"],
+            &["not a positive multiple of the block size 512"],
+        ),
+        (&["--size", "0"], &["not a positive multiple"]),
+        (
+            &["--size", "1M", "--mode", "journal"],
+            &["unknown mode \"journal\"", "dual", "none"],
+        ),
+        (
+            &["--size", "1M", "--profile", "sha256"],
+            &["unknown tag profile \"sha256\"", "crc32c"],
+        ),
+        (
+            &["--size", "1024000", "--block-size", "1000"],
+            &["block size 1000 is not a power of two"],
+        ),
+        (
+            &["--size", "1M", "--block-size", "131072"],
+            &["block size 131072"],
+        ),
+        (&["--size", "1M", "--block-size", "abc"], &["invalid value 'abc'"]),
+        (
+            &["--size", "1M", "--label", &long_label],
+            &["label is 65 bytes, at most 64"],
+        ),
+        (&["--size", "1M", "--no-such-flag"], &["--no-such-flag"]),
+        (&["--size", "15E"], &["v.bgv"]),
+    ];
+    for &(extra, msgs) in cases {
+        let mut args = vec!["format", "v.bgv"];
+        args.extend_from_slice(extra);
+        let o = t.run(&args);
+        o.code(2);
+        assert!(
+            o.stderr.contains("error"),
+            "{args:?}: no error message:\n{}",
+            o.stderr
+        );
+        o.err_has(msgs);
+        assert!(!t.path("v.bgv").exists(), "{args:?} left a file behind");
+    }
+}
+
+#[test]
+fn format_of_a_1_tib_sparse_file_is_instant_and_tiny() {
+    let t = T::new();
+    let start = Instant::now();
+    let j = t.format("big.bgv", &["--size", "1T"]);
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(1), "format of 1 TiB took {took:?}");
+    assert_eq!(j["size"], 1u64 << 40);
+    assert_eq!(j["geometry"]["data_blocks"], 1u64 << 28);
+    let meta = fs::metadata(t.path("big.bgv")).unwrap();
+    assert_eq!(meta.len(), j["geometry"]["backing_len"].as_u64().unwrap());
+    assert!(meta.len() > 1 << 40);
+    assert!(
+        meta.blocks() * 512 <= 1 << 20,
+        "1 TiB format allocated {} bytes",
+        meta.blocks() * 512
+    );
+    // Opening it is O(1) as well: info and a dump of its last block.
+    let last = (1u64 << 28) - 1;
+    let d = t
+        .run(&["dump", "big.bgv", "--block", &last.to_string(), "--json"])
+        .code(0)
+        .json();
+    assert_eq!(d["blocks"][0]["slots"][0]["state"], "empty");
+    assert!(start.elapsed() < Duration::from_secs(3));
+}
+
+// ---------------------------------------------------------------------------------------
+// info and dump
+
+#[test]
+fn info_and_dump_report_superblock_geometry_and_tags() {
+    let t = T::new();
+    let f = t.format("v.bgv", &["--size", "8M", "--label", "test-label"]);
+    let len = t.len("v.bgv");
+    let j = t.info("v.bgv");
+    assert_eq!(j["version"], 1);
+    assert_eq!(j["uuid"], f["uuid"]);
+    assert_eq!(j["label"], "test-label");
+    assert_eq!(j["size"], 8 << 20);
+    assert_eq!(j["block_size"], 4096);
+    assert_eq!(j["mode"], "dual");
+    assert_eq!(j["profile"], "crc32c");
+    assert_eq!(j["tag_size"], 8);
+    assert_eq!(j["compat"], 0);
+    assert_eq!(j["ro_compat"], 0);
+    assert_eq!(j["incompat"], 0);
+    assert!(j["created"].as_u64().unwrap() > 1_600_000_000);
+    assert_eq!(j["warnings"], Value::Array(vec![]));
+    let g = &j["geometry"];
+    assert_eq!(g["block_size"], 4096);
+    assert_eq!(g["tag_size"], 8);
+    assert_eq!(g["group_blocks"], 504);
+    assert_eq!(g["data_blocks"], 2048);
+    assert_eq!(g["groups"], 5);
+    assert_eq!(g["first_group_offset"], 4096);
+    assert_eq!(g["backing_len"], len);
+    assert_eq!(g["backup_sb_offset"], len - 4096);
+    let uuid = f["uuid"].as_str().unwrap();
+    assert_eq!(uuid.len(), 36);
+    assert_eq!(uuid.matches('-').count(), 4);
+    t.run(&["info", "v.bgv"]).code(0).out_has(&[
+        "format:        blockguard v1",
+        &format!("uuid:          {uuid}"),
+        "label:         test-label",
+        "size:          8388608 bytes (2048 blocks of 4096 bytes)",
+        "mode:          dual",
+        "tag profile:   crc32c (8 bytes per block)",
+        "groups:        5 of 504 data blocks + 2 metadata blocks, first at byte 4096",
+        &format!("backup superblock at byte {}", len - 4096),
+        "features:      compat 0x0 ro_compat 0x0 incompat 0x0",
+    ]);
+
+    // Before any write: both brothers empty.
+    let d = t
+        .run(&["dump", "v.bgv", "--block", "0", "--block", "505", "--json"])
+        .code(0)
+        .json();
+    let b = &d["blocks"][1];
+    let l = &b["location"];
+    assert_eq!(l["block"], 505);
+    assert_eq!(l["group"], 1);
+    assert_eq!(l["index"], 1);
+    let group1 = 4096 + 506 * 4096;
+    assert_eq!(l["meta_offsets"], serde_json::json!([group1, group1 + 4096]));
+    assert_eq!(l["data_offset"], group1 + (2 + 1) * 4096);
+    assert_eq!(l["tag_offset_in_meta"], 64 + 8);
+    assert_eq!(b["slots"][0]["state"], "empty");
+    assert_eq!(b["slots"][1]["state"], "empty");
+    assert_eq!(b["staged"], false);
+
+    // After writing block 0 (and leaving block 1 all zero inside a written chunk), the tag
+    // is the documented crc32c profile: crc32c(uuid ‖ block_le64 ‖ data), "BG", block_le16.
+    let mut raw = random_bytes(4096, 5);
+    raw.extend_from_slice(&[0u8; 4096]);
+    t.raw("raw", &raw);
+    t.run(&["import", "raw", "v.bgv"]).code(0);
+    let d = t
+        .run(&[
+            "dump", "v.bgv", "--block", "0", "--block", "1", "--block", "2", "--json",
+        ])
+        .code(0)
+        .json();
+    let uuid = uuid_bytes(uuid);
+    for (block, data) in [(0u64, &raw[..4096]), (1, &raw[4096..])] {
+        let slots = &d["blocks"][block as usize]["slots"];
+        assert_eq!(slots[0]["state"], "valid");
+        assert_eq!(slots[0]["generation"], 1);
+        assert_eq!(slots[1]["state"], "empty");
+        let mut msg = uuid.to_vec();
+        msg.extend_from_slice(&block.to_le_bytes());
+        msg.extend_from_slice(data);
+        let mut want = crc32c(&msg).to_le_bytes().to_vec();
+        want.extend_from_slice(&0x4742u16.to_le_bytes());
+        want.extend_from_slice(&(block as u16).to_le_bytes());
+        let want: String = want.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(slots[0]["tag"], want.as_str(), "tag of block {block}");
+    }
+    assert_eq!(d["blocks"][2]["slots"][0]["tag"], "unwritten");
+    t.run(&["dump", "v.bgv", "--block", "0"]).code(0).out_has(&[
+        "block 0: group 0 index 0, data at byte 12288, tags at bytes 4160 and 8256",
+        "metadata A at byte 4096: valid, generation 1, tag ",
+        "metadata B at byte 8192: empty",
+    ]);
+    // The metadata block on disk: magic, checksum seeded with uuid ‖ group ‖ slot.
+    let m = t.read_at("v.bgv", 4096, 4096);
+    assert_eq!(&m[..8], b"BGMETA01");
+    let mut msg = uuid.to_vec();
+    msg.extend_from_slice(&0u64.to_le_bytes());
+    msg.push(0);
+    msg.extend_from_slice(&m[..8]);
+    msg.extend_from_slice(&[0; 4]);
+    msg.extend_from_slice(&m[12..]);
+    assert_eq!(le32(&m, 8), crc32c(&msg));
+    assert_eq!((le64(&m, 16), le64(&m, 24)), (1, 0));
+    assert_eq!(&m[32..48], &uuid);
+    assert_eq!((le32(&m, 48), u16::from_le_bytes([m[52], m[53]])), (504, 8));
+
+    // Out-of-range blocks are a clear error.
+    t.run(&["dump", "v.bgv", "--block", "2048"])
+        .code(2)
+        .err_has(&["lies outside the volume"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// import, export, check
+
+#[test]
+fn import_export_round_trip_byte_for_byte() {
+    let t = T::new();
+    t.format("v.bgv", &["--size", "12M"]);
+    // Random data, a whole zero 4 MiB chunk (becomes unwritten), and an unaligned tail.
+    let mut raw = random_bytes(4 << 20, 6);
+    raw.extend_from_slice(&vec![0u8; 4 << 20]);
+    raw.extend_from_slice(&random_bytes((2 << 20) - 1000, 7));
+    t.raw("raw", &raw);
+    t.run(&["import", "raw", "v.bgv"])
+        .code(0)
+        .out_has(&[&format!("imported {} bytes", raw.len())]);
+    t.run(&["export", "v.bgv", "out"])
+        .code(0)
+        .out_has(&["exported 12582912 verified bytes"]);
+    let out = t.read("out");
+    assert_eq!(out.len(), 12 << 20);
+    assert!(
+        out[..raw.len()] == raw[..],
+        "exported data differs from the imported"
+    );
+    assert!(out[raw.len()..].iter().all(|&b| b == 0));
+    t.run(&["check", "v.bgv"])
+        .code(0)
+        .out_has(&["3072 blocks checked, 0 bad"]);
+    // The zero chunk stayed unwritten.
+    let d = t
+        .run(&["dump", "v.bgv", "--block", "1500", "--json"])
+        .code(0)
+        .json();
+    assert_eq!(d["blocks"][0]["slots"][0]["tag"], "unwritten");
+    // A raw image larger than the volume is refused before anything is written.
+    t.raw("huge", &vec![1u8; (12 << 20) + 1]);
+    t.run(&["import", "huge", "v.bgv"])
+        .code(2)
+        .err_has(&["larger than the volume"]);
+    t.run(&["export", "v.bgv", "out2"]).code(0);
+    assert_eq!(t.read("out2"), out);
+    t.run(&["import", "missing.raw", "v.bgv"])
+        .code(2)
+        .err_has(&["missing.raw"]);
+}
+
+#[test]
+fn export_of_a_corrupted_volume_fails_naming_the_block() {
+    let t = T::new();
+    t.format("v.bgv", &["--size", "4M"]);
+    t.raw("raw", &random_bytes(4 << 20, 8));
+    t.run(&["import", "raw", "v.bgv"]).code(0);
+    let off = t.data_offset("v.bgv", 700);
+    t.flip("v.bgv", off + 123, 0x20);
+    t.run(&["export", "v.bgv", "out"])
+        .code(1)
+        .err_has(&["block 700 failed verification", "expected tag"]);
+}
+
+#[test]
+fn check_exit_codes_and_json() {
+    let t = T::new();
+    t.format("v.bgv", &["--size", "4M"]);
+    t.raw("raw", &random_bytes(4 << 20, 9));
+    t.run(&["import", "raw", "v.bgv"]).code(0);
+    t.run(&["check", "v.bgv"])
+        .code(0)
+        .out_has(&["1024 blocks checked, 0 bad"]);
+    let j = t.run(&["check", "v.bgv", "--json"]).code(0).json();
+    assert_eq!(j["blocks"], 1024);
+    assert_eq!(j["clean"], true);
+    assert_eq!(j["bad_blocks"], Value::Array(vec![]));
+
+    // A flipped data byte: that block, and only it, is reported; exit 1.
+    let off = t.data_offset("v.bgv", 42);
+    t.flip("v.bgv", off + 4095, 0x01);
+    t.run(&["check", "v.bgv"])
+        .code(1)
+        .out_has(&["bad block 42: expected tag", "1024 blocks checked, 1 bad"]);
+    let j = t.run(&["check", "v.bgv", "--json"]).code(1).json();
+    assert_eq!(j["clean"], false);
+    let bad = j["bad_blocks"].as_array().unwrap();
+    assert_eq!(bad.len(), 1);
+    assert_eq!(bad[0]["block"], 42);
+    assert!(bad[0]["detail"].as_str().unwrap().contains("expected tag"));
+
+    // A damaged metadata block never makes written blocks look unwritten: every written
+    // block of group 1 (blocks 504..1008) is reported.
+    let d = t
+        .run(&["dump", "v.bgv", "--block", "504", "--json"])
+        .code(0)
+        .json();
+    let meta = d["blocks"][0]["location"]["meta_offsets"][0].as_u64().unwrap();
+    t.flip("v.bgv", meta + 64 + 8 * 10, 0x80);
+    let j = t.run(&["check", "v.bgv", "--json"]).code(1).json();
+    let bad: Vec<u64> = j["bad_blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["block"].as_u64().unwrap())
+        .collect();
+    let mut want = vec![42];
+    want.extend(504..1008);
+    assert_eq!(bad, want);
+
+    // Usage and I/O errors are 2.
+    t.run(&["check", "missing.bgv"]).code(2).err_has(&["missing.bgv"]);
+    t.raw("junk", &random_bytes(1 << 20, 10));
+    t.run(&["check", "junk"])
+        .code(2)
+        .err_has(&["not a blockguard volume"]);
+    t.run(&["check"]).code(2);
+}
+
+/// Known gap (see the report; a case of the "lost write after a restart" limit in
+/// docs/CONSISTENCY.md, but reached without any crash): after a clean close and reopen, a group
+/// whose metadata has generation 1 accepts all-zero content for every block (`accept` returns
+/// `Either(tag, UNWRITTEN)` because nothing on disk says the data is durable), so a written
+/// block whose data is zeroed underneath passes `check` and exports as zeros.
+#[test]
+fn regression_zeroed_data_block_is_detected() {
+    let t = T::new();
+    t.format("v.bgv", &["--size", "4M"]);
+    t.raw("raw", &random_bytes(4 << 20, 11));
+    t.run(&["import", "raw", "v.bgv"]).code(0);
+    let off = t.data_offset("v.bgv", 7);
+    t.write_at("v.bgv", off, &[0u8; 4096]);
+    t.run(&["check", "v.bgv"]).code(1).out_has(&["bad block 7"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// bad input on open
+
+#[test]
+fn every_command_refuses_what_is_not_a_volume() {
+    let t = T::new();
+    t.raw("junk", &random_bytes(1 << 20, 12));
+    t.raw("empty", b"");
+    t.raw("tiny", &[0u8; 5000]);
+    fs::create_dir(t.path("dir")).unwrap();
+    t.format("v.bgv", &["--size", "4M"]);
+    t.raw("raw", &random_bytes(1 << 20, 13));
+    fs::copy(t.path("v.bgv"), t.path("trunc.bgv")).unwrap();
+    let f = OpenOptions::new().write(true).open(t.path("trunc.bgv")).unwrap();
+    f.set_len(2 << 20).unwrap();
+    drop(f);
+    let need = t.len("v.bgv").to_string();
+    let cases: &[(&str, &[&str])] = &[
+        ("junk", &["junk: not a blockguard volume", "no superblock"]),
+        ("empty", &["empty: not a blockguard volume", "too small"]),
+        ("tiny", &["tiny: not a blockguard volume"]),
+        ("missing", &["missing: no such file"]),
+        ("dir", &["not a regular file or block device"]),
+        ("trunc.bgv", &["trunc.bgv: truncated", &need, "2097152"]),
+    ];
+    for &(name, msgs) in cases {
+        let before = fs::metadata(t.path(name))
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|_| t.read(name));
+        for args in [
+            vec!["info", name],
+            vec!["dump", name, "--block", "0"],
+            vec!["check", name],
+            vec!["check", name, "--json"],
+            vec!["export", name, "out"],
+            vec!["import", "raw", name],
+        ] {
+            let o = t.run(&args);
+            o.code(2).err_has(msgs);
+            assert!(o.stdout.is_empty() || !o.stdout.contains("exported"), "{args:?}");
+        }
+        let after = fs::metadata(t.path(name))
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|_| t.read(name));
+        assert!(before == after, "{name} was modified");
+    }
+}
+
+#[test]
+fn a_superblock_from_a_newer_version_is_refused() {
+    let t = T::new();
+    t.format("v.bgv", &["--size", "4M"]);
+    for copy in 0..2 {
+        patch_superblock_u32(&t, "v.bgv", copy, 8, 2);
+    }
+    let before = t.read("v.bgv");
+    for args in [
+        &["info", "v.bgv"][..],
+        &["check", "v.bgv"],
+        &["export", "v.bgv", "out"],
+        &["import", "v.bgv", "v.bgv"],
+    ] {
+        t.run(args)
+            .code(2)
+            .err_has(&["format version 2 is not supported", "reads version 1"]);
+    }
+    assert!(t.read("v.bgv") == before, "a refused open modified the volume");
+    // An unknown incompatible feature is refused the same way.
+    let t = T::new();
+    t.format("v.bgv", &["--size", "4M"]);
+    for copy in 0..2 {
+        patch_superblock_u32(&t, "v.bgv", copy, 32, 1 << 7);
+    }
+    t.run(&["info", "v.bgv"])
+        .code(2)
+        .err_has(&["incompatible features 0x80"]);
+}
+
+/// Known bug (see the report): when only the primary copy claims a newer version, the volume
+/// opens from the backup copy, and a read-write open "repairs" the primary, rewriting the
+/// newer tool's superblock as version 1.
+#[test]
+fn regression_one_newer_copy_is_not_downgraded() {
+    let t = T::new();
+    t.format("v.bgv", &["--size", "4M"]);
+    patch_superblock_u32(&t, "v.bgv", 0, 8, 2);
+    t.raw("raw", &random_bytes(4096, 14));
+    t.run(&["import", "raw", "v.bgv"])
+        .code(2)
+        .err_has(&["format version 2 is not supported"]);
+    assert_eq!(le32(&t.read_at("v.bgv", 0, 512), 8), 2);
+}
+
+#[test]
+fn one_damaged_superblock_copy_opens_warns_and_is_repaired_by_a_writer() {
+    for (copy, which) in [(0usize, "primary"), (1, "backup")] {
+        let t = T::new();
+        t.format("v.bgv", &["--size", "4M"]);
+        let raw = random_bytes(4 << 20, 15);
+        t.raw("raw", &raw);
+        t.run(&["import", "raw", "v.bgv"]).code(0);
+        let off = sb_offsets(t.len("v.bgv"))[copy];
+        t.flip("v.bgv", off + 100, 0x04);
+        let warning = format!("{which} superblock unusable");
+
+        // Read-only commands open the volume, warn, return intact data, and repair nothing.
+        t.run(&["info", "v.bgv"])
+            .code(0)
+            .err_has(&["warning", &warning, "checksum mismatch"])
+            .out_has(&["warning:", &warning]);
+        let j = t.info("v.bgv");
+        assert!(j["warnings"][0].as_str().unwrap().contains(&warning));
+        t.run(&["export", "v.bgv", "out"]).code(0).err_has(&[&warning]);
+        assert!(t.read("out") == raw, "data changed");
+        let c = t.run(&["check", "v.bgv", "--json"]);
+        // No bad block; the exit code is 0 today (see known_bug_check_exit_code_agrees_with_clean).
+        assert!(c.code == 0 || c.code == 1, "check exited {}", c.code);
+        let cj = c.json();
+        assert_eq!(cj["clean"], false);
+        assert!(cj["warnings"][0].as_str().unwrap().contains(&warning));
+        assert_eq!(cj["bad_blocks"], Value::Array(vec![]));
+        let sb = t.read_at("v.bgv", off, 512);
+        assert_ne!(
+            le32(&sb, 508),
+            crc32c(&sb[..508]),
+            "a read-only open rewrote the superblock"
+        );
+
+        // A read-write open (import) rewrites the damaged copy from the good one.
+        t.raw("small", &raw[..4096]);
+        t.run(&["import", "small", "v.bgv"]).code(0).err_has(&[&warning]);
+        let sb = t.read_at("v.bgv", off, 4096);
+        assert_eq!(&sb[..8], b"BLKGUARD");
+        assert_eq!(le32(&sb, 508), crc32c(&sb[..508]), "{which} not repaired");
+        assert_eq!(sb[65] as usize, copy, "repaired copy has the wrong copy index");
+        let j = t.info("v.bgv");
+        assert_eq!(j["warnings"], Value::Array(vec![]));
+        t.run(&["check", "v.bgv"]).code(0);
+        assert!(!t.run(&["check", "v.bgv"]).stderr.contains("warning"));
+    }
+}
+
+/// Known bug (see the report): `check` on a volume with a damaged superblock copy prints the
+/// warning and reports `"clean": false`, but exits 0 (`check.rs` returns
+/// `bad_blocks.is_empty()` rather than `clean`).
+#[test]
+fn regression_check_exit_code_agrees_with_clean() {
+    let t = T::new();
+    t.format("v.bgv", &["--size", "4M"]);
+    t.flip("v.bgv", 100, 0x04);
+    let j = t.run(&["check", "v.bgv", "--json"]).code(1).json();
+    assert_eq!(j["clean"], false);
+}
+
+#[test]
+fn both_superblock_copies_damaged_is_refused() {
+    let t = T::new();
+    t.format("v.bgv", &["--size", "4M"]);
+    t.raw("raw", &random_bytes(1 << 20, 16));
+    t.run(&["import", "raw", "v.bgv"]).code(0);
+    for off in sb_offsets(t.len("v.bgv")) {
+        t.flip("v.bgv", off + 60, 0x01);
+    }
+    let before = t.read("v.bgv");
+    for args in [
+        &["info", "v.bgv"][..],
+        &["check", "v.bgv"],
+        &["export", "v.bgv", "out"],
+        &["import", "raw", "v.bgv"],
+    ] {
+        t.run(args).code(2).err_has(&[
+            "both superblock copies are damaged",
+            "primary: superblock checksum mismatch",
+            "backup: superblock checksum mismatch",
+        ]);
+    }
+    assert!(t.read("v.bgv") == before, "a refused open modified the volume");
+}
+
+// ---------------------------------------------------------------------------------------
+// block devices
+
+/// A loop device over a file, detached on drop.
+struct Loop {
+    dev: String,
+}
+
+impl Loop {
+    fn attach(file: &Path) -> Option<Loop> {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!("losetup failed: {}", String::from_utf8_lossy(&out.stderr));
+            return None;
+        }
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Some(Loop { dev })
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["--detach", &self.dev]).status();
+    }
+}
+
+fn is_root() -> bool {
+    fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+}
+
+#[test]
+fn loop_device_format_uses_the_device_size_and_refuses_non_empty_devices() {
+    let have_losetup = Command::new("losetup")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !is_root() || !have_losetup {
+        eprintln!("skipped: needs root and losetup");
+        return;
+    }
+    let t = T::new();
+    let dev_len: u64 = 16 << 20;
+    let img = t.path("dev.img");
+    File::create(&img).unwrap().set_len(dev_len).unwrap();
+    let Some(lo) = Loop::attach(&img) else {
+        eprintln!("skipped: no loop device available");
+        return;
+    };
+    let dev = lo.dev.as_str();
+
+    // Without --size: the whole device, the backup superblock in its last 4 KiB.
+    let j = t.format(dev, &[]);
+    let g = &j["geometry"];
+    assert_eq!(g["backing_len"], dev_len);
+    assert_eq!(g["backup_sb_offset"], dev_len - 4096);
+    let size = j["size"].as_u64().unwrap();
+    assert!(size <= dev_len && size > dev_len - dev_len / 50, "size {size}");
+    t.run(&["format", dev])
+        .code(2)
+        .err_has(&["holds a blockguard volume", "--force"]);
+    assert_eq!(t.info(dev)["uuid"], j["uuid"]);
+
+    // Data round trip through the device.
+    let raw = random_bytes(3 << 20, 17);
+    t.raw("raw", &raw);
+    t.run(&["import", "raw", dev]).code(0);
+    t.run(&["check", dev]).code(0);
+    t.run(&["export", dev, "out"]).code(0);
+    assert!(t.read("out")[..raw.len()] == raw[..]);
+
+    // With --size on a larger device: the backup still goes to the device's end.
+    let j = t.format(dev, &["--size", "4M", "--force"]);
+    assert_eq!(j["size"], 4 << 20);
+    assert_eq!(j["geometry"]["backup_sb_offset"], dev_len - 4096);
+    assert_eq!(t.info(dev)["size"], 4 << 20);
+    t.run(&["check", dev]).code(0);
+    drop(lo);
+
+    // A device holding other data is refused without --force, and left untouched.
+    let data = random_bytes(1 << 20, 18);
+    let img2 = t.path("dev2.img");
+    File::create(&img2).unwrap().set_len(dev_len).unwrap();
+    t.write_at("dev2.img", 0, &data);
+    let Some(lo) = Loop::attach(&img2) else {
+        return;
+    };
+    let dev = lo.dev.as_str();
+    t.run(&["format", dev])
+        .code(2)
+        .err_has(&["is not empty", "--force"]);
+    t.run(&["format", dev, "--size", "1M"])
+        .code(2)
+        .err_has(&["is not empty"]);
+    t.run(&["info", dev])
+        .code(2)
+        .err_has(&["not a blockguard volume"]);
+    drop(lo);
+    assert!(
+        t.read_at("dev2.img", 0, 1 << 20) == data,
+        "a refused format touched the device"
+    );
+    let lo = Loop::attach(&img2).unwrap();
+    t.format(&lo.dev, &["--force", "--block-size", "512"]);
+    assert_eq!(t.info(&lo.dev)["block_size"], 512);
+    t.run(&["check", &lo.dev]).code(0);
+}

@@ -1,0 +1,117 @@
+//! A data block corrupted on disk while the server is stopped: reads of it fail with EIO (a
+//! structured error chunk at its offset), the log names the block, every other block still
+//! reads, and the server keeps serving.
+
+mod nbd_support;
+
+use blockguard_nbd::client::{Chunk, Client, ClientOptions};
+use blockguard_nbd::proto;
+use nbd_support::*;
+use std::time::Duration;
+
+const BS: u64 = 4096;
+const BAD: u64 = 10;
+
+#[test]
+fn corrupted_block_fails_with_eio_and_others_still_read() {
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let vol = make_volume(dir.path(), "v.bgv", "16M");
+    let data = random_bytes(32 * BS as usize, 42);
+    let mut srv = Served::start(&vol, &[]);
+    {
+        let s = srv.connect();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut c = Client::handshake(s, &ClientOptions::default()).unwrap();
+        assert_eq!(c.write(0, &data, proto::CMD_FLAG_FUA).unwrap(), 0);
+    }
+    assert!(srv.signal("TERM").success());
+    flip_byte(&vol, data_block_offset(BAD) + 1234);
+    let mut srv = Served::start(&vol, &[]);
+    let uri = srv.uri();
+
+    // A real client: the bad block fails with an I/O error, its neighbours read fine.
+    let out = run_any(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            &format!("read {} {}", BAD * BS, BS),
+            "-c",
+            &format!("read {} {}", (BAD - 1) * BS, BS),
+            "-c",
+            &format!("read {} {}", (BAD + 1) * BS, BS),
+            &uri,
+        ],
+    );
+    // qemu-io exits non-zero when a command failed.
+    assert!(!out.status.success());
+    let out = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+    assert!(out.contains("read failed: Input/output error"), "{out}");
+    assert!(
+        out.contains(&format!("read 4096/4096 bytes at offset {}", (BAD - 1) * BS)),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("read 4096/4096 bytes at offset {}", (BAD + 1) * BS)),
+        "{out}"
+    );
+
+    // Structured replies: good data chunks around one ERROR_OFFSET chunk at the bad block.
+    let s = srv.connect();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut c = Client::handshake(s, &ClientOptions::default()).unwrap();
+    let r = c.call(proto::CMD_READ, 0, 8 * BS + 100, 4 * BS, &[]).unwrap();
+    assert_eq!(r.errno, proto::EIO);
+    let mut error_offsets = Vec::new();
+    for chunk in &r.chunks {
+        match chunk {
+            Chunk::Data { offset, data: d } => {
+                let o = *offset as usize;
+                assert!(*d == data[o..o + d.len()], "good data must be correct");
+                assert!(o + d.len() <= (BAD * BS) as usize || o >= ((BAD + 1) * BS) as usize);
+            }
+            Chunk::Error {
+                errno,
+                offset,
+                message,
+            } => {
+                assert_eq!(*errno, proto::EIO);
+                assert!(message.contains("block 10"), "{message}");
+                error_offsets.push(offset.expect("error chunk carries the offset"));
+            }
+            other => panic!("unexpected chunk {other:?}"),
+        }
+    }
+    assert_eq!(error_offsets, vec![BAD * BS]);
+
+    // Simple replies: plain EIO.
+    let s = srv.connect();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let opts = ClientOptions {
+        structured: false,
+        ..ClientOptions::default()
+    };
+    let mut simple = Client::handshake(s, &opts).unwrap();
+    assert_eq!(simple.read(BAD * BS, 1).unwrap(), Err(proto::EIO));
+    assert!(simple.read(0, (BAD * BS) as usize).unwrap().unwrap() == data[..(BAD * BS) as usize]);
+
+    // Still serving, and the log names the block.
+    assert!(srv.is_running());
+    assert!(c.read(20 * BS, BS as usize).unwrap().unwrap() == data[20 * BS as usize..21 * BS as usize]);
+    let log = srv.log_text();
+    assert!(log.contains("block 10"), "{log}");
+    assert!(log.contains("integrity failure"), "{log}");
+
+    // Rewriting the block repairs it.
+    assert_eq!(
+        c.write(BAD * BS, &[7u8; BS as usize], proto::CMD_FLAG_FUA)
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        c.read(BAD * BS, BS as usize).unwrap().unwrap(),
+        vec![7u8; BS as usize]
+    );
+}

@@ -1,0 +1,160 @@
+//! Life cycle of `blockguard serve`: graceful SIGTERM, SIGKILL and reopen, the volume lock,
+//! `--create`, `--read-only`.
+
+mod nbd_support;
+
+use blockguard_nbd::client::{Client, ClientOptions};
+use blockguard_nbd::proto;
+use nbd_support::*;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+fn client(srv: &Served) -> Client<UnixStream> {
+    let s = srv.connect();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    Client::handshake(s, &ClientOptions::default()).expect("handshake")
+}
+
+#[test]
+fn sigterm_answers_in_flight_writes_flushes_and_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = make_volume(dir.path(), "v.bgv", "64M");
+    let mut srv = Served::start(&vol, &[]);
+    let mut c = client(&srv);
+    // 64 pipelined 64 KiB writes, none flushed and none with FUA.
+    let mut sent = Vec::new();
+    for i in 0..64u64 {
+        let data = random_bytes(65536, i);
+        let cookie = c
+            .send_request(proto::CMD_WRITE, 0, i * 65536 * 2, 65536, &data)
+            .unwrap();
+        sent.push((cookie, i, data));
+    }
+    // Let the server read at least the first requests, then ask it to stop.
+    let first = c.read_reply().unwrap();
+    assert_eq!(first.errno, 0);
+    let status = srv.signal("TERM");
+    assert!(status.success(), "exit status {status}:\n{}", srv.log_text());
+    // Every write the server acknowledged must be durable; read whatever replies came.
+    let mut acked = vec![first.cookie];
+    while let Ok(r) = c.read_reply() {
+        assert_eq!(r.errno, 0);
+        acked.push(r.cookie);
+    }
+    let log = srv.log_text();
+    assert!(log.contains("all requests finished and flushed"), "{log}");
+    assert!(log.contains("volume closed cleanly"), "{log}");
+    assert!(!srv.socket.exists(), "socket file left behind");
+    let srv = Served::start(&vol, &[]);
+    let mut c = client(&srv);
+    for (cookie, i, data) in &sent {
+        if acked.contains(cookie) {
+            let got = c.read(i * 65536 * 2, 65536).unwrap().expect("read");
+            assert!(got == *data, "acknowledged write {i} lost");
+        }
+    }
+    assert!(!acked.is_empty());
+}
+
+#[test]
+fn sigkill_then_reopen_keeps_flushed_writes_and_checks_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = make_volume(dir.path(), "v.bgv", "64M");
+    let mut srv = Served::start(&vol, &[]);
+    let mut c = client(&srv);
+    let flushed = random_bytes(1 << 20, 7);
+    assert_eq!(c.write(1 << 20, &flushed, 0).unwrap(), 0);
+    let fua = random_bytes(8192, 8);
+    assert_eq!(c.write(3 << 20, &fua, proto::CMD_FLAG_FUA).unwrap(), 0);
+    assert_eq!(c.call(proto::CMD_FLUSH, 0, 0, 0, &[]).unwrap().errno, 0);
+    // Unflushed writes in flight when the process dies: allowed to be lost, never to
+    // corrupt anything.
+    for i in 0..32u64 {
+        let d = random_bytes(65536, 100 + i);
+        c.send_request(proto::CMD_WRITE, 0, (8 << 20) + i * 65536, 65536, &d)
+            .unwrap();
+    }
+    let status = srv.signal("KILL");
+    assert!(!status.success());
+    drop(c);
+    // Reopens without complaint; every block verifies.
+    run(BIN, &["check", vol.to_str().unwrap()]);
+    let srv = Served::start(&vol, &[]);
+    let mut c = client(&srv);
+    assert!(c.read(1 << 20, 1 << 20).unwrap().unwrap() == flushed);
+    assert!(c.read(3 << 20, 8192).unwrap().unwrap() == fua);
+    // Whatever survived of the unflushed region reads without verification errors.
+    assert!(c.read(8 << 20, 2 << 20).unwrap().is_ok());
+}
+
+#[test]
+fn a_volume_is_served_by_one_process_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = make_volume(dir.path(), "v.bgv", "8M");
+    let _srv = Served::start(&vol, &[]);
+    let other = dir.path().join("other.sock");
+    let out = run_any(
+        BIN,
+        &[
+            "serve",
+            vol.to_str().unwrap(),
+            "--socket",
+            other.to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use"), "{err}");
+}
+
+#[test]
+fn a_socket_path_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = make_volume(dir.path(), "a.bgv", "8M");
+    let b = make_volume(dir.path(), "b.bgv", "8M");
+    let srv = Served::start(&a, &[]);
+    let out = run_any(
+        BIN,
+        &[
+            "serve",
+            b.to_str().unwrap(),
+            "--socket",
+            srv.socket.to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use"), "{err}");
+}
+
+#[test]
+fn create_formats_a_missing_volume_and_keeps_an_existing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("new.bgv");
+    let mut srv = Served::start(&vol, &["--create", "32M"]);
+    let mut c = client(&srv);
+    assert_eq!(c.size, 32 << 20);
+    assert_eq!(c.write(0, b"kept", 0).unwrap(), 0);
+    drop(c);
+    assert!(srv.signal("INT").success());
+    // --create on an existing volume serves it unchanged.
+    let srv = Served::start(&vol, &["--create", "64M"]);
+    let mut c = client(&srv);
+    assert_eq!(c.size, 32 << 20);
+    assert_eq!(c.read(0, 4).unwrap().unwrap(), b"kept");
+}
+
+#[test]
+fn read_only_export_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = make_volume(dir.path(), "v.bgv", "8M");
+    let srv = Served::start(&vol, &["--read-only"]);
+    let mut c = client(&srv);
+    assert_ne!(c.flags & proto::TFLAG_READ_ONLY, 0);
+    assert_eq!(c.flags & proto::TFLAG_SEND_TRIM, 0);
+    assert_eq!(c.write(0, b"nope", 0).unwrap(), proto::EPERM);
+    for typ in [proto::CMD_TRIM, proto::CMD_WRITE_ZEROES] {
+        assert_eq!(c.call(typ, 0, 0, 4096, &[]).unwrap().errno, proto::EPERM);
+    }
+    assert_eq!(c.read(0, 4096).unwrap().unwrap(), vec![0; 4096]);
+}

@@ -1,0 +1,240 @@
+//! Shared helpers of the NBD integration tests: start the real `blockguard serve`, wait for
+//! it, find the external clients, make test data.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of the binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_blockguard");
+
+/// Fails (never skips) when an external client is missing.
+pub fn require(tool: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "`{tool}` is not installed: run scripts/install-deps.sh \
+         (Debian packages qemu-utils, libnbd-bin, nbdkit, fio)"
+    );
+}
+
+/// Runs a command, failing the test with its output if it does not succeed.
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs a command and returns its output whatever the exit status.
+pub fn run_any(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+}
+
+/// Stdout of a command as a string.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A running `blockguard serve` on a Unix socket (or TCP port) in a temporary directory.
+pub struct Served {
+    pub child: Option<Child>,
+    pub volume: PathBuf,
+    pub socket: PathBuf,
+    pub tcp: Option<u16>,
+    pub log: PathBuf,
+}
+
+impl Served {
+    /// Starts serving `volume` on a socket next to it, with `extra` arguments.
+    pub fn start(volume: &Path, extra: &[&str]) -> Served {
+        let dir = volume.parent().expect("volume in a directory");
+        let socket = dir.join(format!("{}.sock", volume.file_name().unwrap().to_string_lossy()));
+        Self::spawn(volume, socket, None, extra)
+    }
+
+    /// Starts serving `volume` on a free loopback TCP port.
+    pub fn start_tcp(volume: &Path, extra: &[&str]) -> Served {
+        let port = free_port();
+        let socket = PathBuf::new();
+        Self::spawn(volume, socket, Some(port), extra)
+    }
+
+    fn spawn(volume: &Path, socket: PathBuf, tcp: Option<u16>, extra: &[&str]) -> Served {
+        let log = volume.with_extension("log");
+        let logf = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve").arg(volume);
+        match tcp {
+            Some(port) => cmd.arg("--listen").arg(format!("127.0.0.1:{port}")),
+            None => cmd.arg("--socket").arg(&socket),
+        };
+        let child = cmd
+            .args(extra)
+            .env("BLOCKGUARD_LOG", "info,blockguard_nbd=debug")
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("start blockguard serve");
+        let mut s = Served {
+            child: Some(child),
+            volume: volume.to_path_buf(),
+            socket,
+            tcp,
+            log,
+        };
+        s.wait_ready();
+        s
+    }
+
+    /// Waits until the server sends its greeting.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("server exited early ({status}):\n{}", self.log_text());
+            }
+            let mut greeting = [0u8; 18];
+            let ok = match self.tcp {
+                Some(port) => std::net::TcpStream::connect(("127.0.0.1", port))
+                    .and_then(|mut s| s.read_exact(&mut greeting))
+                    .is_ok(),
+                None => UnixStream::connect(&self.socket)
+                    .and_then(|mut s| s.read_exact(&mut greeting))
+                    .is_ok(),
+            };
+            if ok && &greeting[..8] == b"NBDMAGIC" {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server not ready:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The NBD URI of the export.
+    pub fn uri(&self) -> String {
+        match self.tcp {
+            Some(port) => format!("nbd://127.0.0.1:{port}/"),
+            None => format!("nbd+unix:///?socket={}", self.socket.display()),
+        }
+    }
+
+    /// A raw connection to the server.
+    pub fn connect(&self) -> UnixStream {
+        UnixStream::connect(&self.socket).expect("connect to server")
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal and waits for the server to exit.
+    pub fn signal(&mut self, sig: &str) -> ExitStatus {
+        let mut child = self.child.take().expect("server running");
+        let pid = child.id().to_string();
+        run("kill", &[&format!("-{sig}"), &pid]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("server did not exit after SIG{sig}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// True while the server process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Creates a fresh volume of `size` bytes with the real binary.
+pub fn make_volume(dir: &Path, name: &str, size: &str) -> PathBuf {
+    let p = dir.join(name);
+    run(BIN, &["format", p.to_str().unwrap(), "--size", size]);
+    p
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// File offset of data block `b` in a volume with 4096-byte blocks (format v1 layout:
+/// superblock, then groups of [meta A, meta B, 504 data blocks]).
+pub fn data_block_offset(b: u64) -> u64 {
+    4096 + (b / 504) * (506 * 4096) + (2 + b % 504) * 4096
+}
+
+/// Flips the bits of one byte of the volume file.
+pub fn flip_byte(volume: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(volume)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0xff;
+    f.write_all_at(&b, offset).unwrap();
+    f.sync_all().unwrap();
+}

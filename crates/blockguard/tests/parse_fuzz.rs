@@ -1,0 +1,545 @@
+//! Property tests for the on-disk parsers, the stable-toolchain companion of the
+//! `fuzz/fuzz_targets/format_{superblock,metablock}.rs` targets: random and mutated-valid
+//! bytes go through `Superblock::decode` and `MetaBlock::decode`, which must never panic,
+//! and whatever they accept must round-trip through `encode`.
+//!
+//! The checksum formulas are recomputed here from their description in `docs/FORMAT.md`
+//! (not through the library), so these tests also pin the documented format.
+
+use blockguard::format::{
+    Geometry, MetaBlock, MetaParse, Mode, Superblock, SuperblockError, FORMAT_VERSION, META_HEADER_SIZE,
+    META_MAGIC, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE,
+};
+use blockguard::tag::{Tag, UNWRITTEN};
+use blockguard::Profile;
+use proptest::prelude::*;
+
+const CRC_AT: usize = SB_STRUCT_SIZE - 4;
+
+fn superblock(geometry: Geometry, mode: Mode, uuid: [u8; 16], label: &str) -> Superblock {
+    Superblock {
+        version: FORMAT_VERSION,
+        compat: 0,
+        ro_compat: 0,
+        incompat: 0,
+        uuid,
+        profile: Profile::Crc32c,
+        mode,
+        geometry,
+        created: 1_700_000_000,
+        mirror_set: [0; 16],
+        mirror_role: 0,
+        meta_device: [0; 16],
+        label: label.into(),
+        state: blockguard::format::VolumeState::Clean,
+    }
+}
+
+/// Recomputes the superblock checksum: crc32c over bytes 0..508, stored little-endian at 508.
+fn fix_sb_crc(b: &mut [u8]) {
+    let crc = crc32c::crc32c(&b[..CRC_AT]);
+    b[CRC_AT..SB_STRUCT_SIZE].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The metadata block checksum as documented: crc32c(uuid ‖ group_le64 ‖ slot_u8 ‖ block
+/// with bytes 8..12 read as zero).
+fn meta_checksum(b: &[u8], uuid: &[u8; 16], group: u64, slot: u8) -> u32 {
+    let mut msg = Vec::with_capacity(25 + b.len());
+    msg.extend_from_slice(uuid);
+    msg.extend_from_slice(&group.to_le_bytes());
+    msg.push(slot);
+    msg.extend_from_slice(&b[..8]);
+    msg.extend_from_slice(&[0; 4]);
+    msg.extend_from_slice(&b[12..]);
+    crc32c::crc32c(&msg)
+}
+
+fn fix_meta_crc(b: &mut [u8], uuid: &[u8; 16], group: u64, slot: u8) {
+    let crc = meta_checksum(b, uuid, group, slot);
+    b[8..12].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Invariants every accepted superblock's layout must satisfy.
+fn assert_layout_sane(g: &Geometry) {
+    let bs = g.block_size as u64;
+    assert!(g.block_size.is_power_of_two() && (512..=65536).contains(&g.block_size));
+    assert!(g.group_blocks >= 1 && g.group_blocks <= Geometry::tags_per_meta(g.block_size, 8).unwrap());
+    assert!(g.data_blocks >= 1);
+    assert_eq!(g.groups, g.data_blocks.div_ceil(g.group_blocks as u64));
+    assert!(g.first_group_offset >= SB_REGION && g.first_group_offset & (bs - 1) == 0);
+    assert!(g.data_offset(g.data_blocks - 1) + bs <= g.backup_sb_offset);
+    assert!(g.meta_offset(g.groups - 1, 1) + bs <= g.backup_sb_offset);
+    assert_eq!(g.backup_sb_offset % SB_REGION, 0);
+    assert!(g.backup_sb_offset + SB_REGION <= g.backing_len);
+}
+
+/// Decodes `b`; if it is accepted, checks the layout and that re-encoding round-trips.
+/// `strict_label`: the label bytes are valid UTF-8 (see `known_bug_non_utf8_label_does_not_round_trip`).
+fn decode_and_round_trip(b: &[u8], strict_label: bool) -> Result<(), TestCaseError> {
+    let Ok((sb, copy)) = Superblock::decode(b) else {
+        return Ok(());
+    };
+    prop_assert!(copy <= 1);
+    assert_layout_sane(&sb.geometry);
+    let enc = sb.encode(copy);
+    prop_assert_eq!(enc.len(), SB_REGION as usize);
+    prop_assert!(enc[SB_STRUCT_SIZE..].iter().all(|&x| x == 0));
+    let again = Superblock::decode(&enc);
+    prop_assert!(again.is_ok(), "re-encoded superblock rejected: {:?}", again);
+    if strict_label {
+        let again = again.unwrap();
+        prop_assert_eq!(&again, &(sb.clone(), copy));
+        prop_assert_eq!(again.0.encode(copy), enc);
+    }
+    Ok(())
+}
+
+fn label_is_utf8(b: &[u8]) -> bool {
+    let label = &b[164..228];
+    let end = label.iter().position(|&c| c == 0).unwrap_or(64);
+    std::str::from_utf8(&label[..end]).is_ok()
+}
+
+fn arb_geometry() -> impl Strategy<Value = Geometry> {
+    (0u32..8, 1u64..5_000_000, any::<bool>(), 0u64..70_000).prop_filter_map(
+        "layout must exist",
+        |(shift, blocks, fixed, slack)| {
+            let bs = 512u32 << shift;
+            if fixed {
+                Geometry::for_backing_len(blocks * bs as u64 + slack, bs, 8).ok()
+            } else {
+                Geometry::for_size(blocks * bs as u64, bs, 8).ok()
+            }
+        },
+    )
+}
+
+fn arb_superblock() -> impl Strategy<Value = Superblock> {
+    (
+        arb_geometry(),
+        any::<bool>(),
+        any::<[u8; 16]>(),
+        "[a-zA-Z0-9 ._-]{0,64}",
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+    )
+        .prop_map(|(g, dual, uuid, label, compat, ro_compat, created)| {
+            let mut sb = superblock(g, if dual { Mode::Dual } else { Mode::None }, uuid, &label);
+            sb.compat = compat;
+            sb.ro_compat = ro_compat;
+            sb.created = created;
+            sb
+        })
+}
+
+/// Offsets and widths of the superblock's fields, for whole-field mutations.
+const SB_FIELDS: &[(usize, usize)] = &[
+    (8, 4),
+    (12, 4),
+    (16, 8),
+    (24, 8),
+    (32, 8),
+    (40, 16),
+    (56, 4),
+    (60, 2),
+    (62, 2),
+    (64, 1),
+    (65, 1),
+    (66, 2),
+    (68, 4),
+    (72, 8),
+    (80, 8),
+    (88, 8),
+    (96, 8),
+    (104, 8),
+    (112, 8),
+    (120, 8),
+    (128, 16),
+    (144, 1),
+    (145, 3),
+    (148, 16),
+    (164, 64),
+    (228, 280),
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn superblock_random_bytes_never_panic(b in prop::collection::vec(any::<u8>(), 0..1100)) {
+        decode_and_round_trip(&b, label_is_utf8_or_short(&b))?;
+    }
+
+    #[test]
+    fn superblock_random_bytes_with_magic_and_crc_never_panic(
+        mut b in prop::collection::vec(any::<u8>(), SB_STRUCT_SIZE..1100)
+    ) {
+        b[..8].copy_from_slice(&SB_MAGIC);
+        fix_sb_crc(&mut b);
+        let r = Superblock::decode(&b);
+        let early = matches!(r, Err(SuperblockError::BadMagic { .. } | SuperblockError::BadChecksum { .. }));
+        prop_assert!(!early, "magic and checksum were fixed up: {:?}", r);
+        decode_and_round_trip(&b, label_is_utf8(&b))?;
+    }
+
+    #[test]
+    fn superblock_valid_round_trips(sb in arb_superblock(), copy in 0u8..2) {
+        let enc = sb.encode(copy);
+        prop_assert_eq!(enc.len(), SB_REGION as usize);
+        prop_assert_eq!(&enc[..8], &SB_MAGIC[..]);
+        prop_assert_eq!(Superblock::decode(&enc), Ok((sb.clone(), copy)));
+        // Only the first 512 bytes are read: a longer or shorter tail changes nothing.
+        prop_assert_eq!(Superblock::decode(&enc[..SB_STRUCT_SIZE]), Ok((sb.clone(), copy)));
+        prop_assert!(Superblock::decode(&enc[..SB_STRUCT_SIZE - 1]).is_err());
+    }
+
+    /// Valid superblocks with byte edits and the checksum fixed up: the field checks must
+    /// reject every inconsistent layout without panicking, and what they accept must round-trip.
+    #[test]
+    fn superblock_mutated_valid_never_panics(
+        sb in arb_superblock(),
+        copy in 0u8..2,
+        edits in prop::collection::vec((0usize..CRC_AT, any::<u8>()), 1..6),
+        field in prop::option::of((0usize..SB_FIELDS.len(), any::<u64>())),
+        fix_crc in any::<bool>(),
+    ) {
+        let mut b = sb.encode(copy);
+        for (at, v) in edits {
+            b[at] = v;
+        }
+        if let Some((f, v)) = field {
+            let (at, len) = SB_FIELDS[f];
+            let bytes = v.to_le_bytes();
+            for i in 0..len {
+                b[at + i] = bytes[i % 8];
+            }
+        }
+        if fix_crc {
+            fix_sb_crc(&mut b);
+        }
+        decode_and_round_trip(&b, label_is_utf8(&b))?;
+    }
+
+    #[test]
+    fn superblock_geometry_fields_are_cross_checked(
+        sb in arb_superblock(),
+        field in prop::sample::select(vec![68usize, 72, 80, 88, 96, 104, 112]),
+        delta in 1u64..1_000_000,
+    ) {
+        // Any change to a sizes-and-geometry field either still describes a sane layout or
+        // is refused: never an overlap between data, metadata and superblocks.
+        let mut b = sb.encode(0);
+        let width = if field == 68 { 4 } else { 8 };
+        let mut v = [0u8; 8];
+        v[..width].copy_from_slice(&b[field..field + width]);
+        let new = u64::from_le_bytes(v).wrapping_add(delta).to_le_bytes();
+        b[field..field + width].copy_from_slice(&new[..width]);
+        fix_sb_crc(&mut b);
+        decode_and_round_trip(&b, true)?;
+    }
+
+    #[test]
+    fn metablock_random_bytes_never_panic(
+        b in prop::collection::vec(any::<u8>(), 0..4200),
+        uuid in any::<[u8; 16]>(),
+        group in any::<u64>(),
+        slot in 0usize..4,
+        count in any::<u32>(),
+        tag_size in 0usize..64,
+    ) {
+        match MetaBlock::decode(&b, &uuid, group, slot, count, tag_size) {
+            MetaParse::Empty => prop_assert!(b.iter().all(|&x| x == 0)),
+            MetaParse::Invalid(why) => prop_assert!(!why.is_empty()),
+            MetaParse::Valid(_) => prop_assert!(false, "random bytes passed the checksum"),
+        }
+    }
+
+    /// Valid metadata blocks with byte edits and the checksum recomputed as documented,
+    /// decoded with the right or with perturbed parameters.
+    #[test]
+    fn metablock_mutated_valid_never_panics_and_round_trips(
+        shift in 0u32..4,
+        generation in 1u64..1000,
+        group in any::<u64>(),
+        uuid in any::<[u8; 16]>(),
+        tags in prop::collection::vec((any::<u16>(), any::<[u8; 8]>()), 0..20),
+        short in 0u32..3,
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+        fix_crc in any::<bool>(),
+        wrong in prop::option::of(0u8..6),
+    ) {
+        let bs = 512usize << shift;
+        let per_meta = Geometry::tags_per_meta(bs as u32, 8).unwrap();
+        let count = per_meta - short.min(per_meta - 1);
+        let slot = (generation % 2 == 0) as usize;
+        let mut m = MetaBlock::unwritten(generation, count, 8);
+        for (i, t) in tags {
+            m.set_tag(i as usize % count as usize, &Tag::from_bytes(&t));
+        }
+        let mut b = vec![0u8; bs];
+        m.encode(&mut b, &uuid, group, slot, 8);
+        // The stored checksum is the documented one.
+        prop_assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), meta_checksum(&b, &uuid, group, slot as u8));
+        prop_assert_eq!(MetaBlock::decode(&b, &uuid, group, slot, count, 8), MetaParse::Valid(m.clone()));
+        for (at, v) in &edits {
+            b[at.index(bs)] = *v;
+        }
+        if fix_crc && b.iter().any(|&x| x != 0) {
+            fix_meta_crc(&mut b, &uuid, group, slot as u8);
+        }
+        let (mut g, mut s, mut c, mut ts, mut u) = (group, slot, count, 8usize, uuid);
+        match wrong {
+            Some(0) => g = g.wrapping_add(1),
+            Some(1) => s = 1 - s,
+            Some(2) => c = c.wrapping_sub(1),
+            Some(3) => ts = 16,
+            Some(4) => u[0] ^= 1,
+            Some(_) => c = u32::MAX,
+            None => {}
+        }
+        let parsed = MetaBlock::decode(&b, &u, g, s, c, ts);
+        if wrong.is_some() && !fix_crc {
+            prop_assert!(!matches!(parsed, MetaParse::Valid(_)), "decoded with wrong parameters");
+        }
+        if let MetaParse::Valid(m2) = parsed {
+            prop_assert_eq!((m2.generation % 2 == 0) as usize, s);
+            prop_assert_eq!(m2.len(), c as usize);
+            let mut out = vec![0xEEu8; bs];
+            m2.encode(&mut out, &u, g, s, ts);
+            prop_assert_eq!(MetaBlock::decode(&out, &u, g, s, c, ts), MetaParse::Valid(m2.clone()));
+            // Re-encoding is canonical: header fields and tags as decoded, every other byte zero.
+            prop_assert_eq!(&out[..8], &META_MAGIC[..]);
+            prop_assert!(out[12..16].iter().chain(&out[54..64]).all(|&x| x == 0));
+            prop_assert!(out[META_HEADER_SIZE + c as usize * ts..].iter().all(|&x| x == 0));
+        }
+    }
+}
+
+fn label_is_utf8_or_short(b: &[u8]) -> bool {
+    b.len() < SB_STRUCT_SIZE || label_is_utf8(b)
+}
+
+/// CRC32C catches every error within 32 consecutive bits, so every single-byte change of
+/// the 512 covered bytes (0..508 and the checksum at 508..512) is rejected; the rest of the
+/// 4 KiB region is not read, so changes there decode identically.
+#[test]
+fn superblock_every_single_byte_mutation_is_rejected_inside_the_covered_range() {
+    let templates = [
+        superblock(
+            Geometry::for_size(1 << 30, 4096, 8).unwrap(),
+            Mode::Dual,
+            [0x5a; 16],
+            "disk",
+        ),
+        superblock(
+            Geometry::for_backing_len(10 << 20, 512, 8).unwrap(),
+            Mode::None,
+            [0; 16],
+            "",
+        ),
+    ];
+    for sb in &templates {
+        for copy in 0..2u8 {
+            let enc = sb.encode(copy);
+            assert_eq!(Superblock::decode(&enc), Ok((sb.clone(), copy)));
+            let mut b = enc.clone();
+            for i in 0..SB_STRUCT_SIZE {
+                for x in 1..=255u8 {
+                    b[i] ^= x;
+                    assert!(
+                        Superblock::decode(&b).is_err(),
+                        "byte {i} xor {x:#04x} of copy {copy} accepted"
+                    );
+                    b[i] ^= x;
+                }
+            }
+            for i in SB_STRUCT_SIZE..SB_REGION as usize {
+                b[i] ^= 0xff;
+                assert_eq!(Superblock::decode(&b), Ok((sb.clone(), copy)), "byte {i}");
+                b[i] ^= 0xff;
+            }
+        }
+    }
+}
+
+/// The metadata block is covered byte for byte as well, whatever its size.
+#[test]
+fn metablock_every_single_byte_mutation_is_rejected() {
+    for bs in [512usize, 4096] {
+        let count = Geometry::tags_per_meta(bs as u32, 8).unwrap();
+        let uuid = [3u8; 16];
+        let mut m = MetaBlock::unwritten(2, count, 8);
+        for i in 0..count as usize {
+            if i % 3 != 0 {
+                m.set_tag(i, &Profile::Crc32c.generate(&uuid, i as u64, &vec![i as u8; bs]));
+            }
+        }
+        let mut b = vec![0u8; bs];
+        m.encode(&mut b, &uuid, 9, 1, 8);
+        assert_eq!(
+            MetaBlock::decode(&b, &uuid, 9, 1, count, 8),
+            MetaParse::Valid(m.clone())
+        );
+        for i in 0..bs {
+            for x in [0x01u8, 0x80, 0xff] {
+                b[i] ^= x;
+                assert!(
+                    matches!(
+                        MetaBlock::decode(&b, &uuid, 9, 1, count, 8),
+                        MetaParse::Invalid(_)
+                    ),
+                    "block size {bs}: byte {i} xor {x:#04x} accepted"
+                );
+                b[i] ^= x;
+            }
+        }
+    }
+}
+
+/// The header layout documented in `docs/FORMAT.md`, byte for byte.
+#[test]
+fn metablock_header_layout_is_as_documented() {
+    let uuid: [u8; 16] = std::array::from_fn(|i| i as u8 + 1);
+    let mut m = MetaBlock::unwritten(3, 56, 8);
+    let t = Profile::Crc32c.generate(&uuid, 5, &[7u8; 512]);
+    m.set_tag(5, &t);
+    let mut b = vec![0xAAu8; 512];
+    m.encode(&mut b, &uuid, 0x0102_0304_0506_0708, 0, 8);
+    assert_eq!(&b[0..8], b"BGMETA01");
+    assert_eq!(&b[12..16], &[0; 4]);
+    assert_eq!(u64::from_le_bytes(b[16..24].try_into().unwrap()), 3);
+    assert_eq!(
+        u64::from_le_bytes(b[24..32].try_into().unwrap()),
+        0x0102_0304_0506_0708
+    );
+    assert_eq!(&b[32..48], &uuid);
+    assert_eq!(u32::from_le_bytes(b[48..52].try_into().unwrap()), 56);
+    assert_eq!(u16::from_le_bytes(b[52..54].try_into().unwrap()), 8);
+    assert!(b[54..64].iter().all(|&x| x == 0));
+    assert_eq!(&b[64 + 5 * 8..64 + 6 * 8], &t.to_bytes(8)[..8]);
+    assert!(
+        b[64..64 + 5 * 8].iter().all(|&x| x == 0),
+        "unwritten tags are all zero"
+    );
+    assert_eq!(
+        u32::from_le_bytes(b[8..12].try_into().unwrap()),
+        meta_checksum(&b, &uuid, 0x0102_0304_0506_0708, 0)
+    );
+    // An all-zero block is "never written", whatever the parameters.
+    assert_eq!(
+        MetaBlock::decode(&[0u8; 512], &uuid, 0, 0, 56, 8),
+        MetaParse::Empty
+    );
+    assert_eq!(MetaBlock::decode(&[], &uuid, 0, 0, 56, 8), MetaParse::Empty);
+    // Generation parity picks the slot: the same bytes are refused in the other slot even
+    // with a checksum computed for it.
+    let mut other = b.clone();
+    fix_meta_crc(&mut other, &uuid, 0x0102_0304_0506_0708, 1);
+    assert!(matches!(
+        MetaBlock::decode(&other, &uuid, 0x0102_0304_0506_0708, 1, 56, 8),
+        MetaParse::Invalid(_)
+    ));
+}
+
+/// The superblock field offsets documented in `docs/FORMAT.md`, byte for byte.
+#[test]
+fn superblock_layout_is_as_documented() {
+    let g = Geometry::for_size(1 << 30, 4096, 8).unwrap();
+    let uuid: [u8; 16] = std::array::from_fn(|i| 0xF0 | i as u8);
+    let mut sb = superblock(g, Mode::Dual, uuid, "label");
+    sb.compat = 0x11;
+    sb.ro_compat = 0x22;
+    let b = sb.encode(1);
+    let le32 = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    let le64 = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    let le16 = |at: usize| u16::from_le_bytes(b[at..at + 2].try_into().unwrap());
+    assert_eq!(&b[0..8], b"BLKGUARD");
+    assert_eq!(le32(8), 1);
+    assert_eq!(le32(12), 512);
+    assert_eq!((le64(16), le64(24), le64(32)), (0x11, 0x22, 0));
+    assert_eq!(&b[40..56], &uuid);
+    assert_eq!(le32(56), 4096);
+    assert_eq!((le16(60), le16(62)), (1, 8));
+    assert_eq!((b[64], b[65], le16(66)), (1, 1, 2));
+    assert_eq!(le32(68), 504);
+    assert_eq!(le64(72), 1 << 30);
+    assert_eq!(le64(80), 262_144);
+    assert_eq!(le64(88), 521);
+    assert_eq!(le64(96), 4096);
+    assert_eq!(le64(104), 1_078_018_048);
+    assert_eq!(le64(112), 1_078_013_952);
+    assert_eq!(le64(120), 1_700_000_000);
+    assert!(b[128..164].iter().all(|&x| x == 0));
+    assert_eq!(&b[164..169], b"label");
+    assert!(b[169..508].iter().all(|&x| x == 0));
+    assert_eq!(le32(508), crc32c::crc32c(&b[..508]));
+    assert!(b[512..].iter().all(|&x| x == 0));
+    let none = superblock(g, Mode::None, uuid, "").encode(0);
+    assert_eq!((none[64], none[65]), (0, 0));
+}
+
+/// The `crc32c` tag profile as documented: guard = crc32c(uuid ‖ block_le64 ‖ data) LE,
+/// application tag 0x4742 LE ("BG"), reference tag = low 16 bits of the block number LE.
+#[test]
+fn crc32c_tag_is_as_documented() {
+    let uuid: [u8; 16] = std::array::from_fn(|i| i as u8 * 7);
+    for (block, data) in [
+        (0u64, vec![0u8; 4096]),
+        (5, vec![0x41; 512]),
+        (0x1_2345_6789, vec![9; 4096]),
+    ] {
+        let t = Profile::Crc32c.generate(&uuid, block, &data);
+        let mut msg = uuid.to_vec();
+        msg.extend_from_slice(&block.to_le_bytes());
+        msg.extend_from_slice(&data);
+        let mut want = crc32c::crc32c(&msg).to_le_bytes().to_vec();
+        want.extend_from_slice(&[0x42, 0x47]);
+        want.extend_from_slice(&(block as u16).to_le_bytes());
+        assert_eq!(&t.to_bytes(8)[..8], &want[..]);
+        assert!(
+            !t.is_unwritten(),
+            "a written tag is never all zero, even for zero data"
+        );
+        assert!(Profile::Crc32c.verify(&uuid, block, &data, &t));
+    }
+    assert!(Profile::Crc32c.verify(&uuid, 1, &[0u8; 4096], &UNWRITTEN));
+    assert!(!Profile::Crc32c.verify(&uuid, 1, &[1u8; 4096], &UNWRITTEN));
+}
+
+/// Known bug (see the report): the label is decoded with `from_utf8_lossy`, and `encode`
+/// truncates the label to 64 *bytes*, so a label of 22 or more invalid UTF-8 bytes (each
+/// expanded to the 3-byte U+FFFD) does not survive decode → encode → decode.
+#[test]
+fn regression_non_utf8_label_does_not_round_trip() {
+    let sb = superblock(
+        Geometry::for_size(1 << 20, 4096, 8).unwrap(),
+        Mode::Dual,
+        [1; 16],
+        "",
+    );
+    let mut b = sb.encode(0);
+    b[164..164 + 30].fill(0xff);
+    fix_sb_crc(&mut b);
+    // Either refusing such a label or round-tripping it would be correct.
+    if let Ok((decoded, copy)) = Superblock::decode(&b) {
+        assert_eq!(Superblock::decode(&decoded.encode(copy)), Ok((decoded, copy)));
+    }
+}
+
+/// Known bug (see the report): `MetaBlock::decode` accepts `tag_size == 0` when the header
+/// also says 0, and the resulting block's `len()` (and so `encode`) divides by zero.
+#[test]
+fn regression_zero_tag_size_panics_after_decode() {
+    let uuid = [1u8; 16];
+    let mut b = vec![0u8; 512];
+    b[..8].copy_from_slice(&META_MAGIC);
+    b[16..24].copy_from_slice(&1u64.to_le_bytes());
+    b[32..48].copy_from_slice(&uuid);
+    b[48..52].copy_from_slice(&5u32.to_le_bytes());
+    fix_meta_crc(&mut b, &uuid, 0, 0);
+    match MetaBlock::decode(&b, &uuid, 0, 0, 5, 0) {
+        MetaParse::Valid(m) => assert_eq!(m.len(), 5),
+        other => assert!(matches!(other, MetaParse::Invalid(_))),
+    }
+}
