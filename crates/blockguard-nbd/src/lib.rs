@@ -1,1 +1,34 @@
-//! NBD server for blockguard volumes (see the crate README / docs).
+//! NBD server for blockguard volumes.
+//!
+//! `blockguard serve` uses this crate to make a volume a network block device that qemu,
+//! `nbd-client`, `nbdcopy`, `nbdinfo` and friends use unchanged, with every read verified.
+//!
+//! Layers:
+//! - [`proto`]: wire constants and byte helpers (NetworkBlockDevice/nbd `doc/proto.md`).
+//! - [`handshake`]: the fixed-newstyle negotiation as an I/O-free state machine.
+//! - [`transmission`]: request parsing, validation, execution and reply encoding, I/O-free.
+//! - [`export`]: the [`Export`] trait the protocol serves, an in-memory export, group flush.
+//! - [`server`]: sockets, per-connection reader threads, the shared worker pool, shutdown.
+//! - [`client`]: a minimal blocking client for tests and diagnostics.
+//!
+//! Supported: options `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`,
+//! `EXTENDED_HEADERS`, `LIST_META_CONTEXT`/`SET_META_CONTEXT` (`base:allocation`);
+//! `STARTTLS` is refused with `NBD_REP_ERR_UNSUP`. Commands `READ` (+`DF`), `WRITE` (+`FUA`),
+//! `FLUSH`, `TRIM`, `WRITE_ZEROES` (+`NO_HOLE`, `FAST_ZERO`), `CACHE`, `DISC`,
+//! `BLOCK_STATUS` (+`REQ_ONE`). `NBD_FLAG_CAN_MULTI_CONN` is advertised because the engine's
+//! flush covers writes completed on every connection.
+
+pub mod client;
+pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod handshake;
+pub mod proto;
+pub mod server;
+pub mod transmission;
+mod volume;
+
+pub use export::{Export, ExportError, ExportErrorKind, Extent, GroupFlush, MemoryExport};
+pub use handshake::{Negotiated, ReplyMode};
+pub use server::{shutdown_on_signals, ListenAddr, Server, ServerConfig, ServerError, ShutdownHandle};
+pub use volume::export_error;

@@ -1,0 +1,510 @@
+//! What the server serves: the [`Export`] trait, its error type, and an in-memory export.
+//!
+//! The protocol code only talks to an [`Export`], so it can be unit-tested and fuzzed against
+//! [`MemoryExport`] and served in production from a `blockguard::Volume` (see `volume.rs`).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::RwLock;
+
+/// Why an export operation failed; decides the NBD error code sent to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportErrorKind {
+    /// Stored data failed verification (→ `NBD_EIO`). The message names the block.
+    Corruption,
+    /// The range lies outside the export (→ `NBD_EINVAL`, `NBD_ENOSPC` for writes).
+    OutOfRange,
+    /// The export refuses writes (→ `NBD_EPERM`).
+    ReadOnly,
+    /// The backing store is full (→ `NBD_ENOSPC`).
+    NoSpace,
+    /// The operation is not supported (→ `NBD_ENOTSUP`).
+    Unsupported,
+    /// Any other I/O failure (→ `NBD_EIO`).
+    Io,
+}
+
+/// A failed export operation.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ExportError {
+    /// The class of failure.
+    pub kind: ExportErrorKind,
+    /// Human-readable detail (names the volume and block for corruption).
+    pub message: String,
+}
+
+impl ExportError {
+    /// An error of `kind` with `message`.
+    pub fn new(kind: ExportErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// True if stored data failed verification.
+    pub fn is_corruption(&self) -> bool {
+        self.kind == ExportErrorKind::Corruption
+    }
+}
+
+/// A run of bytes with one allocation status, as reported by [`Export::extents`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Start of the run in bytes.
+    pub offset: u64,
+    /// Length of the run in bytes.
+    pub len: u64,
+    /// False for a hole that reads as zeroes.
+    pub allocated: bool,
+}
+
+/// A byte-addressed device the NBD server can serve.
+///
+/// Implementations must be callable from many threads at once. Ranges passed in are always
+/// inside `0..size()` (the protocol layer checks them first), but implementations must still
+/// reject bad ranges rather than misbehave.
+pub trait Export: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Natural block size in bytes (advertised as the preferred block size).
+    fn block_size(&self) -> u32;
+    /// True if writes are refused.
+    fn is_read_only(&self) -> bool;
+    /// Reads `buf.len()` bytes at `offset`, verified.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ExportError>;
+    /// Writes `buf` at `offset` (durable after the next [`Export::flush`]).
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ExportError>;
+    /// Makes every write completed before the call durable, whichever connection issued it.
+    fn flush(&self) -> Result<(), ExportError>;
+    /// Discards a range; it reads as zeroes afterwards.
+    fn trim(&self, offset: u64, len: u64) -> Result<(), ExportError>;
+    /// Makes a range read as zeroes (may deallocate it).
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ExportError>;
+    /// Allocation map of a range: consecutive extents starting at `offset`.
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError>;
+    /// True if [`Export::write_zeroes`] is cheaper than writing zeroes (metadata only), so
+    /// `NBD_CMD_FLAG_FAST_ZERO` requests can be honoured.
+    fn can_fast_zero(&self) -> bool {
+        false
+    }
+    /// A prefetch hint for a range. The default does nothing.
+    fn cache(&self, _offset: u64, _len: u64) -> Result<(), ExportError> {
+        Ok(())
+    }
+    /// A description for logs and `NBD_INFO_DESCRIPTION`.
+    fn description(&self) -> String {
+        String::from("blockguard volume")
+    }
+}
+
+impl<E: Export + ?Sized> Export for std::sync::Arc<E> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn block_size(&self) -> u32 {
+        (**self).block_size()
+    }
+    fn is_read_only(&self) -> bool {
+        (**self).is_read_only()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ExportError> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ExportError> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<(), ExportError> {
+        (**self).flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        (**self).trim(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        (**self).write_zeroes(offset, len)
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
+        (**self).extents(offset, len)
+    }
+    fn can_fast_zero(&self) -> bool {
+        (**self).can_fast_zero()
+    }
+    fn cache(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        (**self).cache(offset, len)
+    }
+    fn description(&self) -> String {
+        (**self).description()
+    }
+}
+
+/// An export held in memory, with per-block allocation tracking and injectable corruption.
+///
+/// Used by the unit tests, the fuzz target and the in-process server tests. Blocks start
+/// unallocated (reading as zeroes); a block marked corrupt fails every read touching it.
+pub struct MemoryExport {
+    block_size: u32,
+    read_only: bool,
+    state: RwLock<MemState>,
+}
+
+struct MemState {
+    data: Vec<u8>,
+    allocated: Vec<bool>,
+    corrupt: BTreeSet<u64>,
+    flushes: u64,
+}
+
+impl fmt::Debug for MemoryExport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryExport")
+            .field("size", &self.size())
+            .field("block_size", &self.block_size)
+            .field("read_only", &self.read_only)
+            .finish()
+    }
+}
+
+impl MemoryExport {
+    /// A zero-filled, unallocated export of `size` bytes (rounded down to whole blocks).
+    pub fn new(size: u64, block_size: u32) -> Self {
+        let bs = u64::from(block_size.max(1));
+        let blocks = (size / bs) as usize;
+        Self {
+            block_size: block_size.max(1),
+            read_only: false,
+            state: RwLock::new(MemState {
+                data: vec![0; blocks * bs as usize],
+                allocated: vec![false; blocks],
+                corrupt: BTreeSet::new(),
+                flushes: 0,
+            }),
+        }
+    }
+
+    /// The same export, read-only.
+    pub fn read_only(mut self) -> Self {
+        self.read_only = true;
+        self
+    }
+
+    /// Makes every read touching block `block` fail verification.
+    pub fn corrupt_block(&self, block: u64) {
+        self.write_state().corrupt.insert(block);
+    }
+
+    /// A copy of the contents.
+    pub fn contents(&self) -> Vec<u8> {
+        self.read_state().data.clone()
+    }
+
+    /// How many flushes have completed.
+    pub fn flush_count(&self) -> u64 {
+        self.read_state().flushes
+    }
+
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, MemState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, MemState> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn range(&self, offset: u64, len: u64) -> Result<std::ops::Range<usize>, ExportError> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(offset as usize..end as usize),
+            _ => Err(ExportError::new(
+                ExportErrorKind::OutOfRange,
+                format!("range {offset}+{len} outside {size} bytes"),
+            )),
+        }
+    }
+
+    fn blocks(&self, r: &std::ops::Range<usize>) -> std::ops::Range<usize> {
+        let bs = self.block_size as usize;
+        if r.is_empty() {
+            return 0..0;
+        }
+        r.start / bs..(r.end - 1) / bs + 1
+    }
+
+    fn check_writable(&self) -> Result<(), ExportError> {
+        if self.read_only {
+            return Err(ExportError::new(ExportErrorKind::ReadOnly, "read-only export"));
+        }
+        Ok(())
+    }
+}
+
+impl Export for MemoryExport {
+    fn size(&self) -> u64 {
+        self.read_state().data.len() as u64
+    }
+
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ExportError> {
+        let r = self.range(offset, buf.len() as u64)?;
+        let st = self.read_state();
+        if let Some(b) = self.blocks(&r).find(|b| st.corrupt.contains(&(*b as u64))) {
+            return Err(ExportError::new(
+                ExportErrorKind::Corruption,
+                format!("memory export: block {b} failed verification"),
+            ));
+        }
+        buf.copy_from_slice(&st.data[r]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ExportError> {
+        self.check_writable()?;
+        let r = self.range(offset, buf.len() as u64)?;
+        let blocks = self.blocks(&r);
+        let mut st = self.write_state();
+        st.data[r].copy_from_slice(buf);
+        for b in blocks {
+            st.allocated[b] = true;
+            // A rewrite replaces the bad copy, as in the real engine.
+            st.corrupt.remove(&(b as u64));
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), ExportError> {
+        self.write_state().flushes += 1;
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        self.write_zeroes(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        self.check_writable()?;
+        let r = self.range(offset, len)?;
+        let bs = self.block_size as usize;
+        let mut st = self.write_state();
+        st.data[r.clone()].fill(0);
+        // Only whole blocks become holes; partial blocks stay allocated (holding zeroes).
+        let first = r.start.div_ceil(bs);
+        let end = r.end / bs;
+        for b in first..end.max(first) {
+            st.allocated[b] = false;
+            st.corrupt.remove(&(b as u64));
+        }
+        Ok(())
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
+        let r = self.range(offset, len)?;
+        let bs = self.block_size as u64;
+        let st = self.read_state();
+        let mut out: Vec<Extent> = Vec::new();
+        let (mut pos, end) = (r.start as u64, r.end as u64);
+        while pos < end {
+            let b = pos / bs;
+            let next = ((b + 1) * bs).min(end);
+            let allocated = st.allocated[b as usize];
+            match out.last_mut() {
+                Some(last) if last.allocated == allocated => last.len += next - pos,
+                _ => out.push(Extent {
+                    offset: pos,
+                    len: next - pos,
+                    allocated,
+                }),
+            }
+            pos = next;
+        }
+        Ok(out)
+    }
+
+    fn can_fast_zero(&self) -> bool {
+        true
+    }
+
+    fn description(&self) -> String {
+        String::from("in-memory export")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_export_tracks_allocation_and_corruption() {
+        let e = MemoryExport::new(16 * 512, 512);
+        assert_eq!(e.extents(0, 8192).unwrap().len(), 1);
+        e.write_at(&[1; 600], 100).unwrap();
+        let ext = e.extents(0, 8192).unwrap();
+        assert_eq!(
+            ext,
+            vec![
+                Extent {
+                    offset: 0,
+                    len: 1024,
+                    allocated: true
+                },
+                Extent {
+                    offset: 1024,
+                    len: 7168,
+                    allocated: false
+                },
+            ]
+        );
+        e.corrupt_block(1);
+        let mut buf = [0u8; 10];
+        assert!(e.read_at(&mut buf, 0).is_ok());
+        assert!(e.read_at(&mut buf, 510).unwrap_err().is_corruption());
+        e.write_zeroes(0, 8192).unwrap();
+        assert!(e.read_at(&mut buf, 510).is_ok());
+        assert!(!e.extents(0, 8192).unwrap()[0].allocated);
+        assert_eq!(
+            e.read_at(&mut buf, 8190).unwrap_err().kind,
+            ExportErrorKind::OutOfRange
+        );
+    }
+}
+
+/// Wraps an export so that concurrent flushes share one underlying flush (group commit).
+///
+/// A caller needs a flush that *started* after it arrived (only that one is sure to cover its
+/// completed writes). While one flush runs, every caller arriving meanwhile waits for it to
+/// end and then for the single next flush, which covers them all. This keeps FUA writes —
+/// `qemu-io` sets FUA on every write — from serializing one fsync per request.
+pub struct GroupFlush<E> {
+    inner: E,
+    state: std::sync::Mutex<FlushState>,
+    done: std::sync::Condvar,
+}
+
+struct FlushState {
+    /// Number of flushes started so far.
+    started: u64,
+    /// Number of the last flush that finished.
+    completed: u64,
+    running: bool,
+    /// Result of flush number `completed`.
+    last: Result<(), ExportError>,
+}
+
+impl<E> GroupFlush<E> {
+    /// Wraps `inner`.
+    pub fn new(inner: E) -> Self {
+        Self {
+            inner,
+            state: std::sync::Mutex::new(FlushState {
+                started: 0,
+                completed: 0,
+                running: false,
+                last: Ok(()),
+            }),
+            done: std::sync::Condvar::new(),
+        }
+    }
+
+    /// The wrapped export.
+    pub fn inner(&self) -> &E {
+        &self.inner
+    }
+}
+
+impl<E: Export> GroupFlush<E> {
+    fn group_flush(&self) -> Result<(), ExportError> {
+        let lock = || self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = lock();
+        let need = st.started + 1;
+        loop {
+            if st.completed >= need {
+                return st.last.clone();
+            }
+            if !st.running {
+                st.running = true;
+                st.started += 1;
+                let mine = st.started;
+                drop(st);
+                let result = self.inner.flush();
+                st = lock();
+                st.running = false;
+                st.completed = mine;
+                st.last = result;
+                self.done.notify_all();
+                continue;
+            }
+            st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+impl<E: Export> Export for GroupFlush<E> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ExportError> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ExportError> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<(), ExportError> {
+        self.group_flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        self.inner.trim(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        self.inner.write_zeroes(offset, len)
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
+        self.inner.extents(offset, len)
+    }
+    fn can_fast_zero(&self) -> bool {
+        self.inner.can_fast_zero()
+    }
+    fn cache(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        self.inner.cache(offset, len)
+    }
+    fn description(&self) -> String {
+        self.inner.description()
+    }
+}
+
+#[cfg(test)]
+mod group_flush_tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn concurrent_flushes_share_underlying_flushes() {
+        let e = Arc::new(GroupFlush::new(MemoryExport::new(4096, 512)));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let e = Arc::clone(&e);
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        e.flush().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let n = e.inner().flush_count();
+        assert!((50..=400).contains(&n), "{n} flushes");
+    }
+}

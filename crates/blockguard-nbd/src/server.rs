@@ -1,0 +1,904 @@
+//! Sockets and threads: accepts connections on TCP or a Unix socket and serves the
+//! handshake and transmission phases of each one.
+//!
+//! Per connection, one reader thread runs the handshake and then parses requests. A request
+//! arriving while nothing else of its connection is in flight and no further bytes are
+//! buffered (queue depth 1) is executed on the reader thread itself, saving two thread
+//! hand-offs of latency; otherwise it goes to a worker pool shared by all connections. Every
+//! reply is assembled whole and written with one call under the connection's write lock, so
+//! replies from different workers never interleave (they may complete out of order, which
+//! NBD allows). In-flight requests and bytes per connection are bounded.
+//!
+//! Shutdown ([`ShutdownHandle::shutdown`], e.g. from SIGINT/SIGTERM): stop accepting, stop
+//! reading new requests, let every in-flight request finish and be answered, flush the export.
+
+use crate::export::{Export, GroupFlush};
+use crate::handshake::{Event, ExportInfo, Handshake, HandshakeConfig, ReplyMode};
+use crate::proto;
+use crate::transmission::{Outcome, Request, Session};
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::Duration;
+
+/// Where the server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address (default `127.0.0.1:10809`).
+    Tcp(SocketAddr),
+    /// A Unix domain socket path.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "nbd://{a}"),
+            ListenAddr::Unix(p) => write!(f, "nbd+unix:///?socket={}", p.display()),
+        }
+    }
+}
+
+/// Server tuning and policy.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Canonical export name (the empty name selects the export too).
+    pub export_name: String,
+    /// Largest read or write payload, advertised as the maximum block size.
+    pub max_payload: u32,
+    /// Worker threads shared by all connections (0: four per core, at least 8).
+    pub workers: usize,
+    /// Connections beyond this are closed at once.
+    pub max_connections: usize,
+    /// Requests in flight per connection before the reader stops reading.
+    pub max_inflight_requests: usize,
+    /// Payload bytes in flight per connection before the reader stops reading.
+    pub max_inflight_bytes: usize,
+    /// A client must finish the handshake within this time.
+    pub handshake_timeout: Duration,
+    /// Accept `NBD_OPT_EXTENDED_HEADERS`.
+    pub extended_headers: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            export_name: String::new(),
+            max_payload: 32 << 20,
+            workers: 0,
+            max_connections: 512,
+            max_inflight_requests: 128,
+            max_inflight_bytes: 64 << 20,
+            handshake_timeout: Duration::from_secs(30),
+            extended_headers: true,
+        }
+    }
+}
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Binding the listening socket failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: ListenAddr,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Another process is serving on this Unix socket, or the path is not a socket.
+    #[error("{0} is in use (another server listens there, or it is not a socket)")]
+    SocketInUse(PathBuf),
+    /// The final flush at shutdown failed.
+    #[error("final flush failed: {0}")]
+    Flush(#[source] crate::export::ExportError),
+    /// A thread could not be created.
+    #[error("cannot start thread: {0}")]
+    Thread(#[source] io::Error),
+}
+
+/// Asks a running [`Server`] to stop; cheap to clone and usable from any thread.
+#[derive(Clone, Debug)]
+pub struct ShutdownHandle {
+    inner: Arc<ShutdownState>,
+}
+
+#[derive(Debug)]
+struct ShutdownState {
+    requested: AtomicBool,
+    wake: ListenAddr,
+}
+
+impl ShutdownHandle {
+    /// Starts a graceful shutdown: stop accepting, finish in-flight requests, flush.
+    pub fn shutdown(&self) {
+        if !self.inner.requested.swap(true, Ordering::SeqCst) {
+            // The accept loop blocks in accept(); a connection of our own wakes it up.
+            match &self.inner.wake {
+                ListenAddr::Tcp(a) => drop(TcpStream::connect_timeout(a, Duration::from_secs(1))),
+                ListenAddr::Unix(p) => drop(UnixStream::connect(p)),
+            }
+        }
+    }
+
+    /// True once [`ShutdownHandle::shutdown`] was called.
+    pub fn is_requested(&self) -> bool {
+        self.inner.requested.load(Ordering::SeqCst)
+    }
+}
+
+/// Makes SIGINT and SIGTERM start a graceful shutdown; a second signal exits at once.
+pub fn shutdown_on_signals(handle: ShutdownHandle) -> io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    thread::Builder::new().name("nbd-signals".into()).spawn(move || {
+        for sig in signals.forever() {
+            if handle.is_requested() {
+                tracing::warn!(signal = sig, "second signal: exiting without waiting");
+                std::process::exit(128 + sig);
+            }
+            tracing::info!(
+                signal = sig,
+                "shutting down: finishing in-flight requests, then flushing"
+            );
+            handle.shutdown();
+        }
+    })?;
+    Ok(())
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// A connected client socket of either kind.
+#[derive(Debug)]
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+    fn shutdown(&self, how: Shutdown) {
+        // Errors only mean the socket is already closed.
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(how),
+            Stream::Unix(s) => s.shutdown(how),
+        };
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+    fn peer(&self) -> String {
+        match self {
+            Stream::Tcp(s) => s.peer_addr().map_or_else(|_| "tcp".into(), |a| a.to_string()),
+            Stream::Unix(_) => "unix".into(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An NBD server for one export.
+pub struct Server {
+    listener: Listener,
+    addr: ListenAddr,
+    export: Arc<dyn Export>,
+    cfg: ServerConfig,
+    shutdown: ShutdownHandle,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.addr)
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+impl Server {
+    /// Binds the listening socket. A stale Unix socket file (nobody accepting) is replaced;
+    /// a live one is an error.
+    pub fn bind(
+        addr: &ListenAddr,
+        export: Arc<dyn Export>,
+        cfg: ServerConfig,
+    ) -> Result<Server, ServerError> {
+        let bind_err = |source| ServerError::Bind {
+            addr: addr.clone(),
+            source,
+        };
+        let (listener, actual) = match addr {
+            ListenAddr::Tcp(a) => {
+                let l = TcpListener::bind(a).map_err(bind_err)?;
+                let actual = l.local_addr().map_err(bind_err)?;
+                (Listener::Tcp(l), ListenAddr::Tcp(actual))
+            }
+            ListenAddr::Unix(p) => {
+                if let Ok(meta) = std::fs::symlink_metadata(p) {
+                    use std::os::unix::fs::FileTypeExt;
+                    // Only a socket nobody accepts on is stale; never delete anything else.
+                    if !meta.file_type().is_socket() || UnixStream::connect(p).is_ok() {
+                        return Err(ServerError::SocketInUse(p.clone()));
+                    }
+                    std::fs::remove_file(p).map_err(bind_err)?;
+                }
+                let l = UnixListener::bind(p).map_err(bind_err)?;
+                (Listener::Unix(l, p.clone()), ListenAddr::Unix(p.clone()))
+            }
+        };
+        let shutdown = ShutdownHandle {
+            inner: Arc::new(ShutdownState {
+                requested: AtomicBool::new(false),
+                wake: match &actual {
+                    // A wildcard address cannot be connected to; wake via loopback.
+                    ListenAddr::Tcp(a) if a.ip().is_unspecified() => {
+                        let ip: std::net::IpAddr = if a.is_ipv4() {
+                            std::net::Ipv4Addr::LOCALHOST.into()
+                        } else {
+                            std::net::Ipv6Addr::LOCALHOST.into()
+                        };
+                        ListenAddr::Tcp(SocketAddr::new(ip, a.port()))
+                    }
+                    other => other.clone(),
+                },
+            }),
+        };
+        Ok(Server {
+            listener,
+            addr: actual,
+            export: Arc::new(GroupFlush::new(export)),
+            cfg,
+            shutdown,
+        })
+    }
+
+    /// The address actually bound (with the real port when port 0 was asked for).
+    pub fn local_addr(&self) -> &ListenAddr {
+        &self.addr
+    }
+
+    /// A handle that stops [`Server::run`].
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// Serves until shut down, then waits for every connection to finish its in-flight
+    /// requests and flushes the export.
+    pub fn run(self) -> Result<(), ServerError> {
+        let workers = if self.cfg.workers == 0 {
+            thread::available_parallelism().map_or(8, |n| (n.get() * 4).max(8))
+        } else {
+            self.cfg.workers
+        };
+        let pool = Pool::new(workers)?;
+        let export = &self.export;
+        let info = ExportInfo {
+            name: self.cfg.export_name.clone(),
+            description: export.description(),
+            size: export.size(),
+            block_size: export.block_size(),
+            read_only: export.is_read_only(),
+            fast_zero: export.can_fast_zero(),
+        };
+        tracing::info!(
+            listen = %self.addr,
+            export = %info.name,
+            size = info.size,
+            block_size = info.block_size,
+            read_only = info.read_only,
+            workers,
+            "serving {} ({} bytes) on {}",
+            info.description,
+            info.size,
+            self.addr
+        );
+        let shared = Arc::new(Shared {
+            export: Arc::clone(&self.export),
+            hs_config: HandshakeConfig {
+                export: info,
+                max_payload: self.cfg.max_payload,
+                extended_headers: self.cfg.extended_headers,
+            },
+            cfg: self.cfg.clone(),
+            pool: pool.sender(),
+            conns: Mutex::new(HashMap::new()),
+            live: Mutex::new(0),
+            live_cv: Condvar::new(),
+            shutdown: self.shutdown.clone(),
+        });
+        let next_id = AtomicU64::new(1);
+        loop {
+            let accepted = match &self.listener {
+                Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                    // Replies are written whole; Nagle would only add latency.
+                    let _ = s.set_nodelay(true);
+                    Stream::Tcp(s)
+                }),
+                Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            };
+            if self.shutdown.is_requested() {
+                break;
+            }
+            let stream = match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    // Out of descriptors and the like: back off instead of spinning.
+                    thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            let id = next_id.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = shared.start_connection(id, stream) {
+                tracing::warn!(error = %e, "cannot serve new connection");
+            }
+        }
+        tracing::info!("no longer accepting connections");
+        shared.stop_connections();
+        drop(shared);
+        pool.join();
+        let flushed = self.export.flush();
+        if let Listener::Unix(_, p) = &self.listener {
+            let _ = std::fs::remove_file(p);
+        }
+        flushed.map_err(ServerError::Flush)?;
+        tracing::info!("all requests finished and flushed");
+        Ok(())
+    }
+}
+
+/// How long shutdown waits for connections to drain before cutting them off.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// A reply that cannot be sent for this long means the client stopped reading: drop it.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// State shared by the accept loop and all connections.
+struct Shared {
+    export: Arc<dyn Export>,
+    hs_config: HandshakeConfig,
+    cfg: ServerConfig,
+    pool: crossbeam_channel::Sender<Job>,
+    /// A clone of every live connection's socket, to unblock its reader at shutdown.
+    conns: Mutex<HashMap<u64, Stream>>,
+    live: Mutex<usize>,
+    live_cv: Condvar,
+    shutdown: ShutdownHandle,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking request is caught before it can poison anything, but stay usable anyway.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn start_connection(self: &Arc<Self>, id: u64, stream: Stream) -> io::Result<()> {
+        {
+            let mut live = lock(&self.live);
+            if *live >= self.cfg.max_connections {
+                tracing::warn!(
+                    peer = stream.peer(),
+                    max = self.cfg.max_connections,
+                    "too many connections; closing the new one"
+                );
+                return Ok(());
+            }
+            *live += 1;
+        }
+        let registered = stream.try_clone().map(|c| lock(&self.conns).insert(id, c));
+        let shared = Arc::clone(self);
+        let spawned = registered.and_then(|_| {
+            thread::Builder::new()
+                .name(format!("nbd-conn-{id}"))
+                .spawn(move || {
+                    let peer = stream.peer();
+                    shared.serve(id, stream, &peer);
+                    shared.finish_connection(id);
+                })
+        });
+        if let Err(e) = spawned {
+            self.finish_connection(id);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn finish_connection(&self, id: u64) {
+        lock(&self.conns).remove(&id);
+        let mut live = lock(&self.live);
+        *live -= 1;
+        self.live_cv.notify_all();
+    }
+
+    /// Unblocks every reader (they then drain their in-flight requests) and waits for all
+    /// connections to end.
+    fn stop_connections(&self) {
+        for s in lock(&self.conns).values() {
+            s.shutdown(Shutdown::Read);
+        }
+        let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
+        let mut live = lock(&self.live);
+        while *live > 0 {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            live = self
+                .live_cv
+                .wait_timeout(live, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        if *live > 0 {
+            // Clients that stopped reading their replies: cut them off so their writers
+            // fail instead of blocking shutdown forever.
+            tracing::warn!(connections = *live, "closing connections that do not drain");
+            drop(live);
+            for s in lock(&self.conns).values() {
+                s.shutdown(Shutdown::Both);
+            }
+            live = lock(&self.live);
+            while *live > 0 {
+                live = self.live_cv.wait(live).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    }
+
+    /// Runs one connection to its end.
+    fn serve(self: &Arc<Self>, id: u64, stream: Stream, peer: &str) {
+        let span = tracing::info_span!("conn", id, peer);
+        let _guard = span.enter();
+        let Ok(mut writer) = stream.try_clone() else {
+            return;
+        };
+        if let Err(e) = writer.set_write_timeout(Some(WRITE_TIMEOUT)) {
+            tracing::debug!(error = %e, "cannot set write timeout");
+        }
+        let mut reader = BufReader::with_capacity(128 * 1024, stream);
+        let negotiated = match self.handshake(&mut reader, &mut writer) {
+            Ok(Some(n)) => n,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "handshake ended");
+                writer.shutdown(Shutdown::Both);
+                return;
+            }
+        };
+        tracing::info!(
+            export = %negotiated.export_name,
+            mode = ?negotiated.mode,
+            base_allocation = negotiated.meta_context.is_some(),
+            "client connected"
+        );
+        let conn = Arc::new(Conn {
+            session: Session::new(&negotiated, self.export.size(), self.cfg.max_payload),
+            export: Arc::clone(&self.export),
+            stream: Mutex::new(writer),
+            queue: Mutex::new(OutQueue::default()),
+            queue_cv: Condvar::new(),
+            inflight: Mutex::new(Inflight::default()),
+            inflight_cv: Condvar::new(),
+            broken: AtomicBool::new(false),
+        });
+        let writer = {
+            let conn = Arc::clone(&conn);
+            let span = span.clone();
+            thread::Builder::new()
+                .name(format!("nbd-writer-{id}"))
+                .spawn(move || {
+                    let _guard = span.enter();
+                    conn.write_loop();
+                })
+        };
+        let reason = match writer {
+            Ok(writer) => {
+                let reason = self.transmission(&mut reader, &conn);
+                conn.wait_idle();
+                conn.close_queue();
+                let _ = writer.join();
+                reason
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start writer thread");
+                "no writer thread"
+            }
+        };
+        lock(&conn.stream).shutdown(Shutdown::Both);
+        tracing::info!(reason, "client disconnected");
+    }
+
+    /// Runs the handshake; `Ok(None)` when the client aborted.
+    fn handshake(
+        &self,
+        reader: &mut BufReader<Stream>,
+        w: &mut Stream,
+    ) -> io::Result<Option<crate::handshake::Negotiated>> {
+        // A client that stalls in the handshake must not hold its thread forever.
+        reader
+            .get_ref()
+            .set_read_timeout(Some(self.cfg.handshake_timeout))?;
+        let mut hs = Handshake::new(self.hs_config.clone());
+        let mut buf = Vec::new();
+        loop {
+            let out = hs.take_output();
+            if !out.is_empty() {
+                w.write_all(&out)?;
+            }
+            if self.shutdown.is_requested() {
+                hs.set_shutting_down();
+            }
+            buf.resize(hs.want(), 0);
+            reader.read_exact(&mut buf)?;
+            match hs.feed(&buf) {
+                Ok(Event::Continue) => {}
+                Ok(Event::Transmission(n)) => {
+                    w.write_all(&hs.take_output())?;
+                    reader.get_ref().set_read_timeout(None)?;
+                    return Ok(Some(n));
+                }
+                Ok(Event::Close) => {
+                    // The client may have hung up already; the ACK is best effort.
+                    let _ = w.write_all(&hs.take_output());
+                    return Ok(None);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "handshake failed; disconnecting client");
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                }
+            }
+        }
+    }
+
+    /// Reads and dispatches requests until the client leaves; returns why.
+    fn transmission(&self, reader: &mut BufReader<Stream>, conn: &Arc<Conn>) -> &'static str {
+        let mut hdr = vec![0u8; conn.session.header_len()];
+        loop {
+            if conn.broken.load(Ordering::SeqCst) {
+                return "write failed";
+            }
+            if let Err(e) = reader.read_exact(&mut hdr) {
+                return if e.kind() == io::ErrorKind::UnexpectedEof {
+                    // Includes clients that hang up without NBD_CMD_DISC, and shutdown.
+                    "connection closed"
+                } else {
+                    "read failed"
+                };
+            }
+            let req = match conn.session.parse_header(&hdr) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "protocol violation; disconnecting client");
+                    return "protocol violation";
+                }
+            };
+            let mut payload = vec![0u8; req.payload_len];
+            if let Err(e) = reader.read_exact(&mut payload) {
+                // The write was never acknowledged, so dropping it loses nothing promised.
+                tracing::warn!(error = %e, "client disconnected in the middle of a request");
+                return "disconnected mid-request";
+            }
+            if req.typ == proto::CMD_DISC {
+                return "NBD_CMD_DISC";
+            }
+            let cost = request_cost(&req, &conn.session);
+            let was_idle = conn.acquire(cost, &self.cfg);
+            if was_idle && reader.buffer().is_empty() {
+                // Queue depth 1: nothing to overlap with, so skip both hand-offs (to a
+                // worker and to the writer): execute and answer right here.
+                conn.execute_inline(req, payload, cost);
+            } else {
+                let conn = Arc::clone(conn);
+                let job: Job = Box::new(move || conn.execute(req, payload, cost));
+                if let Err(crossbeam_channel::SendError(job)) = self.pool.send(job) {
+                    job();
+                }
+            }
+        }
+    }
+}
+
+/// Memory a request holds while in flight (its payload or its read buffer).
+fn request_cost(req: &Request, s: &Session) -> usize {
+    let read = if req.typ == proto::CMD_READ {
+        req.length.min(u64::from(s.max_payload)) as usize
+    } else {
+        0
+    };
+    req.payload_len + read
+}
+
+#[derive(Default)]
+struct Inflight {
+    count: usize,
+    bytes: usize,
+}
+
+/// Replies waiting for the connection's writer thread.
+#[derive(Default)]
+struct OutQueue {
+    /// Encoded replies with the in-flight cost each one releases once written.
+    replies: VecDeque<(Vec<u8>, usize)>,
+    closed: bool,
+}
+
+/// Most replies gathered into one vectored write.
+const MAX_BATCH: usize = 64;
+
+/// One connection in the transmission phase.
+///
+/// Workers never touch the socket: they queue replies for the connection's writer thread,
+/// so a client that stops reading its replies stalls only itself, never the shared pool.
+struct Conn {
+    session: Session,
+    export: Arc<dyn Export>,
+    stream: Mutex<Stream>,
+    queue: Mutex<OutQueue>,
+    queue_cv: Condvar,
+    inflight: Mutex<Inflight>,
+    inflight_cv: Condvar,
+    broken: AtomicBool,
+}
+
+impl Conn {
+    /// Waits for room for a request of `cost` bytes; returns true if nothing was in flight.
+    ///
+    /// A request counts as in flight from here until its reply has been written, so the
+    /// bound covers queued payloads, executing requests and unsent replies alike.
+    fn acquire(&self, cost: usize, cfg: &ServerConfig) -> bool {
+        let mut f = lock(&self.inflight);
+        while f.count > 0 && (f.count >= cfg.max_inflight_requests || f.bytes + cost > cfg.max_inflight_bytes)
+        {
+            f = self.inflight_cv.wait(f).unwrap_or_else(|e| e.into_inner());
+        }
+        let idle = f.count == 0;
+        f.count += 1;
+        f.bytes += cost;
+        idle
+    }
+
+    fn release(&self, cost: usize) {
+        let mut f = lock(&self.inflight);
+        f.count -= 1;
+        f.bytes -= cost;
+        self.inflight_cv.notify_all();
+    }
+
+    fn wait_idle(&self) {
+        let mut f = lock(&self.inflight);
+        while f.count > 0 {
+            f = self.inflight_cv.wait(f).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Runs a request, turning a panic into an `EIO` reply so the connection survives.
+    fn run(&self, req: &Request, payload: Vec<u8>) -> Outcome {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.session.handle(&*self.export, req, &payload)
+        }));
+        outcome.unwrap_or_else(|_| {
+            tracing::error!(
+                command = proto::command_name(req.typ),
+                offset = req.offset,
+                "request panicked; answering EIO"
+            );
+            Outcome::Reply(panic_reply(&self.session, req))
+        })
+    }
+
+    /// Executes a request on a worker and queues its reply for the writer thread.
+    fn execute(&self, req: Request, payload: Vec<u8>, cost: usize) {
+        match self.run(&req, payload) {
+            Outcome::Reply(bytes) => {
+                let mut q = lock(&self.queue);
+                q.replies.push_back((bytes, cost));
+                self.queue_cv.notify_one();
+            }
+            Outcome::Disconnect => self.release(cost),
+        }
+    }
+
+    /// Executes a request on the reader thread and writes the reply directly. Only used
+    /// when nothing else is in flight, so the writer thread has nothing to send.
+    fn execute_inline(&self, req: Request, payload: Vec<u8>, cost: usize) {
+        if let Outcome::Reply(bytes) = self.run(&req, payload) {
+            let mut stream = lock(&self.stream);
+            self.write_batch(&mut stream, &[bytes]);
+        }
+        self.release(cost);
+    }
+
+    /// The writer thread: sends queued replies, several per system call when they pile up.
+    fn write_loop(&self) {
+        let mut batch: Vec<Vec<u8>> = Vec::with_capacity(MAX_BATCH);
+        let mut costs: Vec<usize> = Vec::with_capacity(MAX_BATCH);
+        loop {
+            {
+                let mut q = lock(&self.queue);
+                while q.replies.is_empty() && !q.closed {
+                    q = self.queue_cv.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+                if q.replies.is_empty() {
+                    return;
+                }
+                while batch.len() < MAX_BATCH {
+                    let Some((bytes, cost)) = q.replies.pop_front() else {
+                        break;
+                    };
+                    batch.push(bytes);
+                    costs.push(cost);
+                }
+            }
+            {
+                let mut stream = lock(&self.stream);
+                self.write_batch(&mut stream, &batch);
+            }
+            batch.clear();
+            for cost in costs.drain(..) {
+                self.release(cost);
+            }
+        }
+    }
+
+    /// Writes whole replies; on failure marks the connection broken and shuts the socket
+    /// so the reader stops too. Replies to a broken connection are dropped.
+    fn write_batch(&self, stream: &mut Stream, replies: &[Vec<u8>]) {
+        if self.broken.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = write_all_vectored(stream, replies) {
+            tracing::debug!(error = %e, "cannot send reply; closing connection");
+            self.broken.store(true, Ordering::SeqCst);
+            stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Lets the writer thread exit once the queue is empty.
+    fn close_queue(&self) {
+        lock(&self.queue).closed = true;
+        self.queue_cv.notify_all();
+    }
+}
+
+/// `write_all` over several buffers, with as few system calls as the socket allows.
+fn write_all_vectored(w: &mut impl Write, bufs: &[Vec<u8>]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+    let mut rest = &mut slices[..];
+    IoSlice::advance_slices(&mut rest, 0);
+    while !rest.is_empty() {
+        match w.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// An `EIO` reply for a request whose execution panicked.
+fn panic_reply(s: &Session, req: &Request) -> Vec<u8> {
+    use crate::proto::PutBe;
+    let mut out = Vec::new();
+    match s.mode {
+        ReplyMode::Simple => {
+            out.put_u32(proto::SIMPLE_REPLY_MAGIC);
+            out.put_u32(proto::EIO);
+            out.put_u64(req.cookie);
+        }
+        ReplyMode::Structured => {
+            out.put_u32(proto::STRUCTURED_REPLY_MAGIC);
+            out.put_u16(proto::REPLY_FLAG_DONE);
+            out.put_u16(proto::REPLY_TYPE_ERROR);
+            out.put_u64(req.cookie);
+            out.put_u32(6);
+            out.put_u32(proto::EIO);
+            out.put_u16(0);
+        }
+        ReplyMode::Extended => {
+            out.put_u32(proto::EXTENDED_REPLY_MAGIC);
+            out.put_u16(proto::REPLY_FLAG_DONE);
+            out.put_u16(proto::REPLY_TYPE_ERROR);
+            out.put_u64(req.cookie);
+            out.put_u64(req.offset);
+            out.put_u64(6);
+            out.put_u32(proto::EIO);
+            out.put_u16(0);
+        }
+    }
+    out
+}
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// Worker threads executing requests of all connections.
+struct Pool {
+    tx: Option<crossbeam_channel::Sender<Job>>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Pool {
+    fn new(n: usize) -> Result<Pool, ServerError> {
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let threads = (0..n.max(1))
+            .map(|i| {
+                let rx = rx.clone();
+                thread::Builder::new()
+                    .name(format!("nbd-worker-{i}"))
+                    .spawn(move || {
+                        while let Ok(job) = rx.recv() {
+                            job();
+                        }
+                    })
+                    .map_err(ServerError::Thread)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Pool {
+            tx: Some(tx),
+            threads,
+        })
+    }
+
+    fn sender(&self) -> crossbeam_channel::Sender<Job> {
+        match &self.tx {
+            Some(tx) => tx.clone(),
+            None => crossbeam_channel::unbounded().0,
+        }
+    }
+
+    /// Waits for queued jobs to finish and the workers to exit (all senders must be gone).
+    fn join(mut self) {
+        self.tx = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

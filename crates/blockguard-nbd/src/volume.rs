@@ -1,0 +1,82 @@
+//! Serving a [`blockguard::Volume`]: the [`Export`] implementation that maps engine errors to
+//! NBD error classes.
+
+use crate::export::{Export, ExportError, ExportErrorKind, Extent};
+use blockguard::Volume;
+
+/// Classifies an engine error. Verification failures become [`ExportErrorKind::Corruption`]
+/// (sent as `NBD_EIO`); a full disk anywhere in the cause chain becomes `NoSpace`.
+pub fn export_error(e: blockguard::Error) -> ExportError {
+    let kind = if e.is_corruption() {
+        ExportErrorKind::Corruption
+    } else if matches!(e, blockguard::Error::OutOfRange { .. }) {
+        ExportErrorKind::OutOfRange
+    } else if matches!(e, blockguard::Error::ReadOnly { .. }) {
+        ExportErrorKind::ReadOnly
+    } else if is_no_space(&e) {
+        ExportErrorKind::NoSpace
+    } else {
+        ExportErrorKind::Io
+    };
+    ExportError::new(kind, e.to_string())
+}
+
+fn is_no_space(e: &(dyn std::error::Error + 'static)) -> bool {
+    // ENOSPC, EFBIG and EDQUOT all mean "no room" to an NBD client.
+    const NO_ROOM: [i32; 3] = [28, 27, 122];
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.raw_os_error().is_some_and(|c| NO_ROOM.contains(&c)) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+impl Export for Volume {
+    fn size(&self) -> u64 {
+        Volume::size(self)
+    }
+    fn block_size(&self) -> u32 {
+        Volume::block_size(self)
+    }
+    fn is_read_only(&self) -> bool {
+        Volume::is_read_only(self)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ExportError> {
+        Volume::read_at(self, buf, offset).map_err(export_error)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ExportError> {
+        Volume::write_at(self, buf, offset).map_err(export_error)
+    }
+    fn flush(&self) -> Result<(), ExportError> {
+        Volume::flush(self).map_err(export_error)
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        Volume::discard(self, offset, len).map_err(export_error)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        Volume::write_zeroes(self, offset, len).map_err(export_error)
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
+        Ok(Volume::extents(self, offset, len)
+            .map_err(export_error)?
+            .into_iter()
+            .map(|e| Extent {
+                offset: e.offset,
+                len: e.len,
+                allocated: e.allocated,
+            })
+            .collect())
+    }
+    fn can_fast_zero(&self) -> bool {
+        // Zeroing marks whole blocks unwritten in metadata instead of writing data blocks.
+        true
+    }
+    fn description(&self) -> String {
+        format!("blockguard volume {}", self.name())
+    }
+}
