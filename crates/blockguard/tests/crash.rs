@@ -162,14 +162,32 @@ impl Run {
     }
 
     /// Reopens `image` and checks every block. Returns violations as text.
+    /// With `cycle`, the volume is first opened read-write, block 0 rewritten, and closed: a
+    /// second session after the crash must not settle groups it did not rewrite.
     fn check_image(
         &self,
         image: Vec<u8>,
         allowed: &[HashSet<u64>],
         all_versions: &[HashSet<u64>],
+        cycle: bool,
     ) -> Vec<String> {
         let mut bad = Vec::new();
         let backend = Arc::new(MemoryBackend::from_vec(image));
+        let mut allowed = allowed.to_vec();
+        let mut all_versions = all_versions.to_vec();
+        if cycle {
+            let marker = vec![0xA5u8; self.block_size];
+            match Volume::open(backend.clone(), &OpenOptions::default()) {
+                Ok(v) => {
+                    if let Err(e) = v.write_at(&marker, 0).and_then(|_| v.close()) {
+                        return vec![format!("second session failed: {e}")];
+                    }
+                }
+                Err(e) => return vec![format!("volume does not open read-write: {e}")],
+            }
+            allowed[0] = HashSet::from([h(&marker)]);
+            all_versions[0].insert(h(&marker));
+        }
         let vol = match Volume::open(
             backend.clone(),
             &OpenOptions {
@@ -238,7 +256,9 @@ fn simulate(
         let allowed = cache.entry(n).or_insert_with(|| run.allowed(n)).clone();
         let mut check = |image: Vec<u8>, how: &str| {
             totals.states += 1;
-            for v in run.check_image(image, &allowed, &all_versions) {
+            // Every third state also goes through a read-write session before the check.
+            let cycle = totals.states % 3 == 0;
+            for v in run.check_image(image, &allowed, &all_versions, cycle) {
                 totals
                     .violations
                     .push(format!("seed {seed}, crash after event {n} ({how}): {v}"));

@@ -113,6 +113,9 @@ impl Volume {
                     ),
                 });
             };
+            if old.written_epoch.is_none() && dual {
+                self.resolve_unsettled(group, &old, &mut next.base, batch)?;
+            }
             let group_end = self.geo.first_block(group) + count as u64;
             while let Some((&b, entry)) = entries.peek() {
                 if b >= group_end {
@@ -156,6 +159,44 @@ impl Volume {
             self.install(&updates);
         }
         state.data_unflushed = true;
+        Ok(())
+    }
+
+    /// Before the first rewrite of a group whose state after an unclean shutdown is
+    /// ambiguous, settle it against the disk: for every block whose two brothers disagree and
+    /// that this batch does not overwrite, keep the tag its on-disk data actually matches.
+    /// Otherwise the new brother (a copy of the newest) would replace the only tag describing
+    /// data whose newer version never landed.
+    fn resolve_unsettled(
+        &self,
+        group: u64,
+        state: &GroupState,
+        base: &mut crate::format::MetaBlock,
+        batch: &Batch,
+    ) -> Result<()> {
+        use super::group::Accept;
+        let first = self.geo.first_block(group);
+        let bs = self.geo.block_size as usize;
+        let mut buf = aligned(bs, self.backend.alignment().max(1));
+        for i in 0..self.geo.blocks_in_group(group) as usize {
+            let block = first + i as u64;
+            let Accept::Either(newest, older) = state.accept(i, false) else {
+                continue;
+            };
+            if newest == older || batch.contains_key(&block) {
+                continue;
+            }
+            let off = self.geo.data_offset(block);
+            self.backend
+                .read_at(buf.as_mut(), off)
+                .map_err(self.io_err("reading data to settle a group", off))?;
+            let p = self.sb.profile;
+            if !p.verify(&self.sb.uuid, block, buf.as_ref(), &newest)
+                && p.verify(&self.sb.uuid, block, buf.as_ref(), &older)
+            {
+                base.set_tag(i, &older);
+            }
+        }
         Ok(())
     }
 
