@@ -19,7 +19,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(_) => ListenAddr::Unix(target.into()),
     };
     let export = Arc::new(MemoryExport::new(mib << 20, 4096));
-    let server = Server::bind(&addr, export, ServerConfig::default())?;
+    let cfg = ServerConfig {
+        workers: std::env::var("WORKERS").ok().and_then(|w| w.parse().ok()).unwrap_or(0),
+        ..ServerConfig::default()
+    };
+    let server = Server::bind(&addr, export, cfg)?;
     blockguard_nbd::shutdown_on_signals(server.shutdown_handle())?;
     server.run()?;
     Ok(())

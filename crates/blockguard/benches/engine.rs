@@ -460,6 +460,28 @@ impl Bench {
         Ok(())
     }
 
+    /// Puts the file of a test in the state the test assumes: evicted from the page cache for
+    /// the cold tests, entirely cached for the others (a `drop_caches` for the other side's
+    /// cold test evicts this side's file too). Not timed.
+    fn prepare_cache(&self, test: Test, path: &Path) -> Res<()> {
+        match test {
+            Test::SeqWrite => Ok(()),
+            Test::SeqReadCold | Test::RandReadCold => self.make_cold(path),
+            Test::SeqReadHot | Test::RandWrite | Test::RandReadHot => {
+                let f = File::open(path)?;
+                let mut buf = vec![0u8; SEQ_CHUNK as usize];
+                let mut off = 0;
+                loop {
+                    let n = f.read_at(&mut buf, off)?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    off += n as u64;
+                }
+            }
+        }
+    }
+
     /// Times `f`, which returns (bytes, ops) moved.
     fn time(&self, stats: Option<&IoStats>, f: impl FnOnce() -> Res<(u64, u64)>) -> Res<Sample> {
         let io0 = stats.map(IoStats::snap);
@@ -499,9 +521,7 @@ impl Bench {
         let stats = IoStats::default();
         let file = RawFile { file, stats: &stats };
         let st = Some(&stats);
-        if matches!(test, Test::SeqReadCold | Test::RandReadCold) {
-            self.make_cold(&path)?;
-        }
+        self.prepare_cache(test, &path)?;
         let mut buf = self.data.clone();
         let mut small = vec![0u8; RAND_IO as usize];
         match test {
@@ -568,9 +588,7 @@ impl Bench {
         let path = self.cfg.dir.join(name);
         let size = self.cfg.size;
         let stats = Arc::new(IoStats::default());
-        if matches!(test, Test::SeqReadCold | Test::RandReadCold) {
-            self.make_cold(&path)?;
-        }
+        self.prepare_cache(test, &path)?;
         let vol = if test == Test::SeqWrite {
             self.format_volume(&path, mode, &stats)?
         } else {
@@ -636,7 +654,7 @@ impl Bench {
     /// back (in alternating order from run to run), so both see the same state of the shared
     /// machine; `none` is written right after its `dual` counterpart.
     fn run(&mut self, run: usize) -> Res<()> {
-        let order = if run % 2 == 0 {
+        let order = if run.is_multiple_of(2) {
             [Side::Raw, Side::Dual]
         } else {
             [Side::Dual, Side::Raw]

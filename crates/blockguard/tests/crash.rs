@@ -257,7 +257,7 @@ fn simulate(
         let mut check = |image: Vec<u8>, how: &str| {
             totals.states += 1;
             // Every third state also goes through a read-write session before the check.
-            let cycle = totals.states % 3 == 0;
+            let cycle = totals.states.is_multiple_of(3);
             for v in run.check_image(image, &allowed, &all_versions, cycle) {
                 totals
                     .violations
