@@ -50,6 +50,11 @@ impl Tag {
         self.bytes
     }
 
+    /// The significant bytes (empty for the unwritten tag).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+
     /// True for the reserved "no data" tag.
     pub fn is_unwritten(&self) -> bool {
         self.len == 0

@@ -183,3 +183,37 @@ fn out_of_range_and_read_only_are_refused() {
     ));
     ro.read_at(&mut buf, 0).unwrap();
 }
+
+#[test]
+fn large_reads_split_across_threads_match_the_model() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+    let size = 8u64 << 20; // 2048 blocks: five groups, so halves straddle group boundaries
+    let opts = FormatOptions::with_size(size);
+    let backend = Arc::new(MemoryBackend::new(opts.backing_len().unwrap()).unwrap());
+    let vol = Volume::format(backend, &opts).unwrap();
+    let mut model = vec![0u8; size as usize];
+    for round in 0..40 {
+        let off = rng.random_range(0..size - 1);
+        let len = rng.random_range(1..=(size - off).min(3 << 20));
+        if round % 5 == 4 {
+            vol.write_zeroes(off, len).unwrap();
+            model[off as usize..(off + len) as usize].fill(0);
+        } else {
+            let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            vol.write_at(&data, off).unwrap();
+            model[off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+        if round % 3 == 0 {
+            vol.flush().unwrap(); // some data on disk, some still staged
+        }
+        let roff = rng.random_range(0..size - 1);
+        let rlen = rng.random_range(1..=(size - roff).min(4 << 20)) as usize;
+        let mut buf = vec![0u8; rlen];
+        vol.read_at(&mut buf, roff).unwrap();
+        assert!(buf == model[roff as usize..roff as usize + rlen], "round {round}: read {roff}+{rlen}");
+    }
+    let mut all = vec![0u8; size as usize];
+    vol.read_at(&mut all, 0).unwrap();
+    assert!(all == model);
+}

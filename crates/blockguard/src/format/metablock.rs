@@ -70,6 +70,11 @@ impl MetaBlock {
         Tag::from_bytes(&self.raw[i * self.tag_size..(i + 1) * self.tag_size])
     }
 
+    /// The stored bytes of tag `i` (all zero for unwritten).
+    pub fn tag_bytes(&self, i: usize) -> &[u8] {
+        &self.raw[i * self.tag_size..(i + 1) * self.tag_size]
+    }
+
     /// Replaces tag `i`.
     pub fn set_tag(&mut self, i: usize, tag: &Tag) {
         let ts = self.tag_size;

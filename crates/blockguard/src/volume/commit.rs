@@ -48,6 +48,20 @@ impl CommitState {
     }
 }
 
+/// Appends a staged block to a run of (buffer, start, end) pieces, extending the last piece
+/// when the block directly follows it in the same buffer.
+fn push_block<'a>(run: &mut Vec<(&'a Arc<[u8]>, usize, usize)>, e: &'a Staged, bs: usize) {
+    if let Staged::Data { buf, at, .. } = e {
+        if let Some(last) = run.last_mut() {
+            if Arc::ptr_eq(last.0, buf) && last.2 == *at {
+                last.2 += bs;
+                return;
+            }
+        }
+        run.push((buf, *at, *at + bs));
+    }
+}
+
 /// Most iovecs per vectored write (the kernel's IOV_MAX).
 const MAX_IOV: usize = 1024;
 
@@ -122,7 +136,7 @@ impl Volume {
                     break;
                 }
                 let tag = match entry {
-                    Staged::Data(_, tag) => *tag,
+                    Staged::Data { tag, .. } => *tag,
                     Staged::Zero => crate::tag::UNWRITTEN,
                 };
                 next.base
@@ -143,7 +157,14 @@ impl Volume {
                 slots,
                 written_epoch: Some(epoch),
             });
-            updates.push((group, next.slot, new_state, buf.as_ref().to_vec()));
+            let mut bytes = buf.as_ref().to_vec();
+            if next.slot == 0 && old.slots[1] == MetaParse::Empty {
+                // The group's first metadata write also writes slot 1 (as zeros: still empty),
+                // so the file has no one-block hole between data extents; such holes send
+                // reads down the filesystem's slow per-block path.
+                bytes.resize(2 * bs, 0);
+            }
+            updates.push((group, next.slot, new_state, bytes));
         }
 
         if dual {
@@ -224,38 +245,41 @@ impl Volume {
     /// Writes the batch's data: runs of neighbouring data blocks become one vectored write,
     /// runs of zeroed blocks one `zero_range`.
     fn write_data(&self, batch: &Batch) -> Result<()> {
-        let bs = self.geo.block_size as u64;
+        let bs = self.geo.block_size as usize;
         let align = self.backend.alignment().max(1);
         let mut iter = batch.iter().peekable();
         while let Some((&start, entry)) = iter.next() {
             let zero = matches!(entry, Staged::Zero);
             let (group, _) = self.geo.group_of(start);
             let group_end = self.geo.first_block(group) + self.geo.blocks_in_group(group) as u64;
-            let mut run: Vec<&[u8]> = Vec::new();
-            if let Staged::Data(d, _) = entry {
-                run.push(d);
-            }
+            // Neighbouring blocks staged by one request sit side by side in one buffer: they
+            // become a single iovec.
+            let mut run: Vec<(&Arc<[u8]>, usize, usize)> = Vec::new();
+            push_block(&mut run, entry, bs);
             let mut end = start + 1;
             while let Some((&b, e)) = iter.peek() {
                 let same_kind = matches!(e, Staged::Zero) == zero;
                 if b != end || b >= group_end || !same_kind || run.len() >= MAX_IOV {
                     break;
                 }
-                if let Staged::Data(d, _) = e {
-                    run.push(d);
-                }
+                push_block(&mut run, e, bs);
                 end += 1;
                 iter.next();
             }
+            let run: Vec<&[u8]> = run.iter().map(|(b, lo, hi)| &b[*lo..*hi]).collect();
             let off = self.geo.data_offset(start);
+            let len = (end - start) as usize * bs;
+            debug_assert!(zero || run.iter().map(|r| r.len()).sum::<usize>() == len);
             if zero {
                 self.backend
-                    .zero_range(off, (end - start) * bs)
+                    .zero_range(off, len as u64)
                     .map_err(self.io_err("zeroing data", off))?;
             } else if align > 1 {
-                let mut buf = aligned(run.len() * bs as usize, align);
-                for (i, d) in run.iter().enumerate() {
-                    buf.as_mut()[i * bs as usize..(i + 1) * bs as usize].copy_from_slice(d);
+                let mut buf = aligned(len, align);
+                let mut at = 0;
+                for d in &run {
+                    buf.as_mut()[at..at + d.len()].copy_from_slice(d);
+                    at += d.len();
                 }
                 self.backend
                     .write_at(buf.as_ref(), off)

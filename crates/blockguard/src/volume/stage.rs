@@ -8,8 +8,9 @@ use std::sync::Arc;
 /// One staged block.
 #[derive(Clone, Debug)]
 pub(crate) enum Staged {
-    /// New content and its tag.
-    Data(Arc<[u8]>, Tag),
+    /// New content — one block at byte `at` of a buffer shared by all blocks of the write
+    /// request (one allocation and one copy per request, not per block) — and its tag.
+    Data { buf: Arc<[u8]>, at: usize, tag: Tag },
     /// The block becomes unwritten (discard / write zeroes): reads as zeros.
     Zero,
 }
@@ -25,6 +26,16 @@ pub(crate) struct Stage {
     pub active: Batch,
     pub active_bytes: usize,
     pub committing: Option<Arc<Batch>>,
+}
+
+impl Staged {
+    /// The block's content, or `None` for a zeroed block.
+    pub fn data(&self, block_size: usize) -> Option<&[u8]> {
+        match self {
+            Staged::Data { buf, at, .. } => Some(&buf[*at..*at + block_size]),
+            Staged::Zero => None,
+        }
+    }
 }
 
 impl Stage {
@@ -44,10 +55,10 @@ impl Stage {
     /// has exactly one new version, which is what the two brothers can describe).
     pub fn put(&mut self, block: u64, entry: Staged, block_size: usize) {
         let added = match entry {
-            Staged::Data(..) => block_size,
+            Staged::Data { .. } => block_size,
             Staged::Zero => 0,
         };
-        if let Some(Staged::Data(..)) = self.active.insert(block, entry) {
+        if let Some(Staged::Data { .. }) = self.active.insert(block, entry) {
             self.active_bytes -= block_size;
         }
         self.active_bytes += added;
@@ -59,20 +70,28 @@ mod tests {
     use super::*;
     use crate::tag::UNWRITTEN;
 
+    fn data(fill: u8) -> Staged {
+        Staged::Data {
+            buf: Arc::from(vec![fill; 8]),
+            at: 0,
+            tag: UNWRITTEN,
+        }
+    }
+
     #[test]
     fn newest_version_wins_and_bytes_are_counted() {
         let mut s = Stage::default();
         assert!(s.is_empty());
-        s.put(3, Staged::Data(Arc::from(vec![1u8; 8]), UNWRITTEN), 8);
-        s.put(3, Staged::Data(Arc::from(vec![2u8; 8]), UNWRITTEN), 8);
+        s.put(3, data(1), 8);
+        s.put(3, data(2), 8);
         assert_eq!(s.active_bytes, 8);
-        assert!(matches!(s.get(3), Some(Staged::Data(d, _)) if d[0] == 2));
+        assert!(s.get(3).and_then(|e| e.data(8)) == Some(&[2u8; 8][..]));
         s.put(3, Staged::Zero, 8);
         assert_eq!(s.active_bytes, 0);
         let batch = std::mem::take(&mut s.active);
         s.committing = Some(Arc::new(batch));
         assert!(matches!(s.get(3), Some(Staged::Zero)));
-        s.put(3, Staged::Data(Arc::from(vec![4u8; 8]), UNWRITTEN), 8);
-        assert!(matches!(s.get(3), Some(Staged::Data(d, _)) if d[0] == 4));
+        s.put(3, data(4), 8);
+        assert!(s.get(3).and_then(|e| e.data(8)) == Some(&[4u8; 8][..]));
     }
 }
