@@ -41,7 +41,9 @@ pub struct ServeArgs {
     /// (binary units: "64M", "10G").
     #[arg(long, value_name = "SIZE")]
     pub create: Option<String>,
-    /// Worker threads shared by all connections (default: 4 per core, at least 8).
+    /// Most worker threads shared by all connections (default: 16 per core, at least 32;
+    /// two per core run while requests are served from memory, more while they wait for
+    /// the disk).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,
     /// Refuse NBD extended headers (forces compact headers; for old or buggy clients).

@@ -20,7 +20,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let export = Arc::new(MemoryExport::new(mib << 20, 4096));
     let cfg = ServerConfig {
-        workers: std::env::var("WORKERS").ok().and_then(|w| w.parse().ok()).unwrap_or(0),
+        workers: std::env::var("WORKERS")
+            .ok()
+            .and_then(|w| w.parse().ok())
+            .unwrap_or(0),
         ..ServerConfig::default()
     };
     let server = Server::bind(&addr, export, cfg)?;

@@ -9,6 +9,7 @@
 //! - [`transmission`]: request parsing, validation, execution and reply encoding, I/O-free.
 //! - [`export`]: the [`Export`] trait the protocol serves, an in-memory export, group flush.
 //! - [`server`]: sockets, per-connection reader threads, the shared worker pool, shutdown.
+//! - [`buffers`]: recycled I/O buffers; [`pool`]: the adaptive worker pool.
 //! - [`client`]: a minimal blocking client for tests and diagnostics.
 //!
 //! Supported: options `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`,
@@ -18,11 +19,13 @@
 //! `BLOCK_STATUS` (+`REQ_ONE`). `NBD_FLAG_CAN_MULTI_CONN` is advertised because the engine's
 //! flush covers writes completed on every connection.
 
+pub mod buffers;
 pub mod client;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handshake;
+pub mod pool;
 pub mod proto;
 pub mod server;
 pub mod transmission;

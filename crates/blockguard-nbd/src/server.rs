@@ -1,19 +1,22 @@
 //! Sockets and threads: accepts connections on TCP or a Unix socket and serves the
 //! handshake and transmission phases of each one.
 //!
-//! Per connection, one reader thread runs the handshake and then parses requests. A request
-//! arriving while nothing else of its connection is in flight and no further bytes are
-//! buffered (queue depth 1) is executed on the reader thread itself, saving two thread
-//! hand-offs of latency; otherwise it goes to a worker pool shared by all connections. Every
-//! reply is assembled whole and written with one call under the connection's write lock, so
-//! replies from different workers never interleave (they may complete out of order, which
-//! NBD allows). In-flight requests and bytes per connection are bounded.
+//! Per connection, one reader thread runs the handshake and then parses requests. The last
+//! request of a burst (nothing more buffered: always the case at queue depth 1) runs on the
+//! reader thread itself; the others go to a worker pool shared by all connections, so both
+//! cores and the disk see parallel requests. Every reply is assembled whole; whichever thread
+//! completes a request sends it with one non-blocking vectored write that also carries the
+//! replies queued meanwhile, so replies never interleave (they may complete out of order,
+//! which NBD allows). Only a full socket hands the rest to the connection's writer thread.
+//! In-flight requests and bytes per connection are bounded.
 //!
 //! Shutdown ([`ShutdownHandle::shutdown`], e.g. from SIGINT/SIGTERM): stop accepting, stop
 //! reading new requests, let every in-flight request finish and be answered, flush the export.
 
+use crate::buffers::BufferPool;
 use crate::export::{Export, GroupFlush};
 use crate::handshake::{Event, ExportInfo, Handshake, HandshakeConfig, ReplyMode};
+use crate::pool::{Job, Pool, Submitter};
 use crate::proto;
 use crate::transmission::{Outcome, Request, Session};
 use std::collections::{HashMap, VecDeque};
@@ -52,7 +55,8 @@ pub struct ServerConfig {
     pub export_name: String,
     /// Largest read or write payload, advertised as the maximum block size.
     pub max_payload: u32,
-    /// Worker threads shared by all connections (0: four per core, at least 8).
+    /// Most worker threads shared by all connections (0: 16 per core, at least 32). Two per
+    /// core run while requests are fast (page cache); more while they wait for the disk.
     pub workers: usize,
     /// Connections beyond this are closed at once.
     pub max_connections: usize,
@@ -191,6 +195,19 @@ impl Stream {
             Stream::Unix(s) => s.set_write_timeout(t),
         }
     }
+    /// `sendmsg` with `MSG_DONTWAIT`: never blocks, even though the socket is blocking
+    /// (the reader shares the file description, so `O_NONBLOCK` is not an option).
+    fn send_vectored_nonblocking(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        use rustix::net::{sendmsg, SendAncillaryBuffer, SendFlags};
+        let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
+        let mut control = SendAncillaryBuffer::default();
+        let sent = match self {
+            Stream::Tcp(s) => sendmsg(s, bufs, &mut control, flags),
+            Stream::Unix(s) => sendmsg(s, bufs, &mut control, flags),
+        };
+        sent.map_err(io::Error::from)
+    }
+
     fn peer(&self) -> String {
         match self {
             Stream::Tcp(s) => s.peer_addr().map_or_else(|_| "tcp".into(), |a| a.to_string()),
@@ -314,12 +331,13 @@ impl Server {
     /// Serves until shut down, then waits for every connection to finish its in-flight
     /// requests and flushes the export.
     pub fn run(self) -> Result<(), ServerError> {
+        let cores = thread::available_parallelism().map_or(2, |n| n.get());
         let workers = if self.cfg.workers == 0 {
-            thread::available_parallelism().map_or(8, |n| (n.get() * 4).max(8))
+            (cores * 16).clamp(32, 256)
         } else {
             self.cfg.workers
         };
-        let pool = Pool::new(workers)?;
+        let pool = Pool::new(cores * 2, workers).map_err(ServerError::Thread)?;
         let export = &self.export;
         let info = ExportInfo {
             name: self.cfg.export_name.clone(),
@@ -343,13 +361,14 @@ impl Server {
         );
         let shared = Arc::new(Shared {
             export: Arc::clone(&self.export),
+            buffers: Arc::new(BufferPool::default()),
             hs_config: HandshakeConfig {
                 export: info,
                 max_payload: self.cfg.max_payload,
                 extended_headers: self.cfg.extended_headers,
             },
             cfg: self.cfg.clone(),
-            pool: pool.sender(),
+            pool: pool.submitter(),
             conns: Mutex::new(HashMap::new()),
             live: Mutex::new(0),
             live_cv: Condvar::new(),
@@ -405,9 +424,10 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 /// State shared by the accept loop and all connections.
 struct Shared {
     export: Arc<dyn Export>,
+    buffers: Arc<BufferPool>,
     hs_config: HandshakeConfig,
     cfg: ServerConfig,
-    pool: crossbeam_channel::Sender<Job>,
+    pool: Submitter,
     /// A clone of every live connection's socket, to unblock its reader at shutdown.
     conns: Mutex<HashMap<u64, Stream>>,
     live: Mutex<usize>,
@@ -522,6 +542,7 @@ impl Shared {
         let conn = Arc::new(Conn {
             session: Session::new(&negotiated, self.export.size(), self.cfg.max_payload),
             export: Arc::clone(&self.export),
+            buffers: Arc::clone(&self.buffers),
             stream: Mutex::new(writer),
             queue: Mutex::new(OutQueue::default()),
             queue_cv: Condvar::new(),
@@ -620,7 +641,7 @@ impl Shared {
                     return "protocol violation";
                 }
             };
-            let mut payload = vec![0u8; req.payload_len];
+            let mut payload = conn.buffers.take(req.payload_len);
             if let Err(e) = reader.read_exact(&mut payload) {
                 // The write was never acknowledged, so dropping it loses nothing promised.
                 tracing::warn!(error = %e, "client disconnected in the middle of a request");
@@ -631,20 +652,24 @@ impl Shared {
             }
             let cost = request_cost(&req, &conn.session);
             let was_idle = conn.acquire(cost, &self.cfg);
-            if was_idle && reader.buffer().is_empty() {
-                // Queue depth 1: nothing to overlap with, so skip both hand-offs (to a
-                // worker and to the writer): execute and answer right here.
-                conn.execute_inline(req, payload, cost);
+            // The last request of a burst (nothing more buffered) runs right here: at queue
+            // depth 1 there is nothing to overlap with, and under load the reader taking
+            // its share saves a hand-off per burst. Big requests that could overlap with
+            // others still go to the pool, so one connection's large writes run in parallel.
+            if reader.buffer().is_empty() && (was_idle || cost <= INLINE_MAX) {
+                conn.execute(req, payload, cost);
             } else {
                 let conn = Arc::clone(conn);
                 let job: Job = Box::new(move || conn.execute(req, payload, cost));
-                if let Err(crossbeam_channel::SendError(job)) = self.pool.send(job) {
-                    job();
-                }
+                self.pool.submit(job);
             }
         }
     }
 }
+
+/// Largest request (payload or read length) the reader runs itself while others are in
+/// flight.
+const INLINE_MAX: usize = 64 << 10;
 
 /// Memory a request holds while in flight (its payload or its read buffer).
 fn request_cost(req: &Request, s: &Session) -> usize {
@@ -660,26 +685,42 @@ fn request_cost(req: &Request, s: &Session) -> usize {
 struct Inflight {
     count: usize,
     bytes: usize,
+    /// The reader waits for room or for idleness. Condvar notifications cost a system call
+    /// even without waiters, so releases only notify when this is set.
+    waiting: bool,
 }
 
-/// Replies waiting for the connection's writer thread.
+/// Replies of one connection that are not on the wire yet.
 #[derive(Default)]
 struct OutQueue {
     /// Encoded replies with the in-flight cost each one releases once written.
     replies: VecDeque<(Vec<u8>, usize)>,
+    /// Some thread is sending (it drains `replies` before it stops).
+    writing: bool,
+    /// A batch the socket did not take without blocking, with the bytes already sent:
+    /// the writer thread finishes it with blocking writes.
+    stalled: Option<(Batch, usize)>,
+    /// The connection is ending: the writer thread exits once nothing is left.
     closed: bool,
 }
+
+/// Encoded replies, each with the in-flight cost it releases once written.
+type Batch = Vec<(Vec<u8>, usize)>;
 
 /// Most replies gathered into one vectored write.
 const MAX_BATCH: usize = 64;
 
 /// One connection in the transmission phase.
 ///
-/// Workers never touch the socket: they queue replies for the connection's writer thread,
-/// so a client that stops reading its replies stalls only itself, never the shared pool.
+/// Whoever completes a request sends its reply, with a non-blocking vectored write that also
+/// carries every other reply queued meanwhile ("combining": while one thread sends, others
+/// only queue). Only when the socket is full — a slow client, or one that stopped reading —
+/// does the rest go to the connection's writer thread, which blocks on the socket; so a
+/// client that stops reading stalls only itself, never the shared worker pool.
 struct Conn {
     session: Session,
     export: Arc<dyn Export>,
+    buffers: Arc<BufferPool>,
     stream: Mutex<Stream>,
     queue: Mutex<OutQueue>,
     queue_cv: Condvar,
@@ -697,8 +738,10 @@ impl Conn {
         let mut f = lock(&self.inflight);
         while f.count > 0 && (f.count >= cfg.max_inflight_requests || f.bytes + cost > cfg.max_inflight_bytes)
         {
+            f.waiting = true;
             f = self.inflight_cv.wait(f).unwrap_or_else(|e| e.into_inner());
         }
+        f.waiting = false;
         let idle = f.count == 0;
         f.count += 1;
         f.bytes += cost;
@@ -709,21 +752,27 @@ impl Conn {
         let mut f = lock(&self.inflight);
         f.count -= 1;
         f.bytes -= cost;
-        self.inflight_cv.notify_all();
+        if f.waiting {
+            self.inflight_cv.notify_all();
+        }
     }
 
     fn wait_idle(&self) {
         let mut f = lock(&self.inflight);
         while f.count > 0 {
+            f.waiting = true;
             f = self.inflight_cv.wait(f).unwrap_or_else(|e| e.into_inner());
         }
+        f.waiting = false;
     }
 
     /// Runs a request, turning a panic into an `EIO` reply so the connection survives.
     fn run(&self, req: &Request, payload: Vec<u8>) -> Outcome {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.session.handle(&*self.export, req, &payload)
+            self.session
+                .handle_with(&*self.export, req, &payload, &self.buffers)
         }));
+        self.buffers.give(payload);
         outcome.unwrap_or_else(|_| {
             tracing::error!(
                 command = proto::command_name(req.typ),
@@ -734,94 +783,160 @@ impl Conn {
         })
     }
 
-    /// Executes a request on a worker and queues its reply for the writer thread.
+    /// Executes a request (on a worker or the reader) and sends or queues its reply.
     fn execute(&self, req: Request, payload: Vec<u8>, cost: usize) {
         match self.run(&req, payload) {
-            Outcome::Reply(bytes) => {
-                let mut q = lock(&self.queue);
-                q.replies.push_back((bytes, cost));
-                self.queue_cv.notify_one();
-            }
+            Outcome::Reply(bytes) => self.complete(bytes, cost),
             Outcome::Disconnect => self.release(cost),
         }
     }
 
-    /// Executes a request on the reader thread and writes the reply directly. Only used
-    /// when nothing else is in flight, so the writer thread has nothing to send.
-    fn execute_inline(&self, req: Request, payload: Vec<u8>, cost: usize) {
-        if let Outcome::Reply(bytes) = self.run(&req, payload) {
-            let mut stream = lock(&self.stream);
-            self.write_batch(&mut stream, &[bytes]);
+    /// Sends `reply` now if no other thread is sending, together with whatever is queued;
+    /// otherwise queues it for the thread that is.
+    fn complete(&self, reply: Vec<u8>, cost: usize) {
+        let mut q = lock(&self.queue);
+        q.replies.push_back((reply, cost));
+        if q.writing {
+            return;
         }
-        self.release(cost);
+        q.writing = true;
+        loop {
+            let n = q.replies.len().min(MAX_BATCH);
+            let batch: Batch = q.replies.drain(..n).collect();
+            drop(q);
+            let sent = self.send_nonblocking(&batch);
+            q = lock(&self.queue);
+            let total: usize = batch.iter().map(|(b, _)| b.len()).sum();
+            if sent < total {
+                // The socket is full: the writer thread finishes this batch and drains the
+                // queue with blocking writes; `writing` stays set until it is done.
+                q.stalled = Some((batch, sent));
+                self.queue_cv.notify_all();
+                return;
+            }
+            drop(q);
+            self.recycle(batch);
+            q = lock(&self.queue);
+            if q.replies.is_empty() {
+                q.writing = false;
+                if q.closed {
+                    // The writer thread waits for the last sender to finish before exiting.
+                    self.queue_cv.notify_all();
+                }
+                return;
+            }
+        }
     }
 
-    /// The writer thread: sends queued replies, several per system call when they pile up.
+    /// Writes as much of `batch` as the socket takes without blocking; returns the bytes
+    /// written (all of them when the connection is broken: those replies are dropped).
+    fn send_nonblocking(&self, batch: &[(Vec<u8>, usize)]) -> usize {
+        let total: usize = batch.iter().map(|(b, _)| b.len()).sum();
+        if self.broken.load(Ordering::SeqCst) {
+            return total;
+        }
+        let stream = lock(&self.stream);
+        let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|(b, _)| IoSlice::new(b)).collect();
+        let mut rest = &mut slices[..];
+        let mut sent = 0;
+        while sent < total {
+            match stream.send_vectored_nonblocking(rest) {
+                Ok(0) => break,
+                Ok(n) => {
+                    sent += n;
+                    IoSlice::advance_slices(&mut rest, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    self.fail(&stream, &e);
+                    return total;
+                }
+            }
+        }
+        sent
+    }
+
+    fn fail(&self, stream: &Stream, e: &io::Error) {
+        if !self.broken.swap(true, Ordering::SeqCst) {
+            tracing::debug!(error = %e, "cannot send reply; closing connection");
+        }
+        stream.shutdown(Shutdown::Both);
+    }
+
+    /// The writer thread: finishes batches the socket would not take at once, with blocking
+    /// writes (bounded by the socket's write timeout), then drains the queue.
     fn write_loop(&self) {
-        let mut batch: Vec<Vec<u8>> = Vec::with_capacity(MAX_BATCH);
-        let mut costs: Vec<usize> = Vec::with_capacity(MAX_BATCH);
         loop {
-            {
+            let (batch, sent) = {
                 let mut q = lock(&self.queue);
-                while q.replies.is_empty() && !q.closed {
+                loop {
+                    if let Some(stalled) = q.stalled.take() {
+                        break stalled;
+                    }
+                    if q.closed && !q.writing {
+                        return;
+                    }
                     q = self.queue_cv.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
-                if q.replies.is_empty() {
-                    return;
-                }
-                while batch.len() < MAX_BATCH {
-                    let Some((bytes, cost)) = q.replies.pop_front() else {
+            };
+            self.send_blocking(&batch, sent);
+            self.recycle(batch);
+            // Keep the sender role until the queue is empty.
+            loop {
+                let batch: Batch = {
+                    let mut q = lock(&self.queue);
+                    if q.replies.is_empty() {
+                        q.writing = false;
                         break;
-                    };
-                    batch.push(bytes);
-                    costs.push(cost);
-                }
-            }
-            {
-                let mut stream = lock(&self.stream);
-                self.write_batch(&mut stream, &batch);
-            }
-            batch.clear();
-            for cost in costs.drain(..) {
-                self.release(cost);
+                    }
+                    let n = q.replies.len().min(MAX_BATCH);
+                    q.replies.drain(..n).collect()
+                };
+                self.send_blocking(&batch, 0);
+                self.recycle(batch);
             }
         }
     }
 
-    /// Writes whole replies; on failure marks the connection broken and shuts the socket
-    /// so the reader stops too. Replies to a broken connection are dropped.
-    fn write_batch(&self, stream: &mut Stream, replies: &[Vec<u8>]) {
+    /// Writes `batch` after skipping `skip` bytes already sent, blocking as needed.
+    fn send_blocking(&self, batch: &[(Vec<u8>, usize)], skip: usize) {
         if self.broken.load(Ordering::SeqCst) {
             return;
         }
-        if let Err(e) = write_all_vectored(stream, replies) {
-            tracing::debug!(error = %e, "cannot send reply; closing connection");
-            self.broken.store(true, Ordering::SeqCst);
-            stream.shutdown(Shutdown::Both);
+        let mut stream = lock(&self.stream);
+        let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|(b, _)| IoSlice::new(b)).collect();
+        let mut rest = &mut slices[..];
+        IoSlice::advance_slices(&mut rest, skip);
+        while !rest.is_empty() {
+            match stream.write_vectored(rest) {
+                Ok(0) => {
+                    self.fail(&stream, &io::ErrorKind::WriteZero.into());
+                    return;
+                }
+                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.fail(&stream, &e);
+                    return;
+                }
+            }
         }
     }
 
-    /// Lets the writer thread exit once the queue is empty.
+    /// After sending: frees the requests' in-flight budget and keeps their buffers.
+    fn recycle(&self, batch: Batch) {
+        for (bytes, cost) in batch {
+            self.buffers.give(bytes);
+            self.release(cost);
+        }
+    }
+
+    /// Lets the writer thread exit once nothing is left to send.
     fn close_queue(&self) {
         lock(&self.queue).closed = true;
         self.queue_cv.notify_all();
     }
-}
-
-/// `write_all` over several buffers, with as few system calls as the socket allows.
-fn write_all_vectored(w: &mut impl Write, bufs: &[Vec<u8>]) -> io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
-    let mut rest = &mut slices[..];
-    IoSlice::advance_slices(&mut rest, 0);
-    while !rest.is_empty() {
-        match w.write_vectored(rest) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut rest, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// An `EIO` reply for a request whose execution panicked.
@@ -855,50 +970,4 @@ fn panic_reply(s: &Session, req: &Request) -> Vec<u8> {
         }
     }
     out
-}
-
-type Job = Box<dyn FnOnce() + Send + 'static>;
-
-/// Worker threads executing requests of all connections.
-struct Pool {
-    tx: Option<crossbeam_channel::Sender<Job>>,
-    threads: Vec<thread::JoinHandle<()>>,
-}
-
-impl Pool {
-    fn new(n: usize) -> Result<Pool, ServerError> {
-        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
-        let threads = (0..n.max(1))
-            .map(|i| {
-                let rx = rx.clone();
-                thread::Builder::new()
-                    .name(format!("nbd-worker-{i}"))
-                    .spawn(move || {
-                        while let Ok(job) = rx.recv() {
-                            job();
-                        }
-                    })
-                    .map_err(ServerError::Thread)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Pool {
-            tx: Some(tx),
-            threads,
-        })
-    }
-
-    fn sender(&self) -> crossbeam_channel::Sender<Job> {
-        match &self.tx {
-            Some(tx) => tx.clone(),
-            None => crossbeam_channel::unbounded().0,
-        }
-    }
-
-    /// Waits for queued jobs to finish and the workers to exit (all senders must be gone).
-    fn join(mut self) {
-        self.tx = None;
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
 }

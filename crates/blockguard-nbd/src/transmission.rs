@@ -7,6 +7,7 @@
 //! returns the complete reply — header and payload in one buffer, so it can be written with a
 //! single call under the connection's write lock.
 
+use crate::buffers::BufferPool;
 use crate::export::{Export, ExportError, ExportErrorKind, Extent};
 use crate::handshake::{Negotiated, ReplyMode};
 use crate::proto::{self, PutBe, Reader};
@@ -157,6 +158,17 @@ impl Session {
 
     /// Validates and executes one request, returning its complete reply.
     pub fn handle(&self, export: &dyn Export, req: &Request, payload: &[u8]) -> Outcome {
+        self.handle_with(export, req, payload, &BufferPool::new(0, 0))
+    }
+
+    /// [`Session::handle`] taking the read reply buffer from `buffers`.
+    pub fn handle_with(
+        &self,
+        export: &dyn Export,
+        req: &Request,
+        payload: &[u8],
+        buffers: &BufferPool,
+    ) -> Outcome {
         let rep = Replier {
             mode: self.mode,
             cookie: req.cookie,
@@ -165,7 +177,7 @@ impl Session {
         if req.typ == proto::CMD_DISC {
             return Outcome::Disconnect;
         }
-        match self.execute(export, req, payload, &rep) {
+        match self.execute(export, req, payload, &rep, buffers) {
             Ok(reply) => Outcome::Reply(reply),
             Err(e) => {
                 if e.errno == proto::EIO {
@@ -197,6 +209,7 @@ impl Session {
         req: &Request,
         payload: &[u8],
         rep: &Replier,
+        buffers: &BufferPool,
     ) -> Result<Vec<u8>, Failure> {
         let fua = req.flags & proto::CMD_FLAG_FUA != 0;
         let extended = self.mode == ReplyMode::Extended;
@@ -237,7 +250,7 @@ impl Session {
                         format!("read of {} bytes exceeds the maximum", req.length),
                     ));
                 }
-                Ok(read(export, req, rep))
+                Ok(read(export, req, rep, buffers))
             }
             proto::CMD_WRITE => {
                 if read_only {
@@ -459,12 +472,13 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 }
 
 /// `NBD_CMD_READ`: one buffer holding the reply header followed by the data read in place.
-fn read(export: &dyn Export, req: &Request, rep: &Replier) -> Vec<u8> {
+fn read(export: &dyn Export, req: &Request, rep: &Replier, buffers: &BufferPool) -> Vec<u8> {
     let len = req.length as usize;
     if rep.mode == ReplyMode::Simple {
-        let mut out = Vec::with_capacity(proto::SIMPLE_REPLY_LEN + len);
-        rep.simple(&mut out, 0);
-        out.resize(proto::SIMPLE_REPLY_LEN + len, 0);
+        let mut out = buffers.take(proto::SIMPLE_REPLY_LEN + len);
+        let mut h = Vec::with_capacity(proto::SIMPLE_REPLY_LEN);
+        rep.simple(&mut h, 0);
+        out[..h.len()].copy_from_slice(&h);
         return match export.read_at(&mut out[proto::SIMPLE_REPLY_LEN..], req.offset) {
             Ok(()) => out,
             Err(e) => {
@@ -482,15 +496,17 @@ fn read(export: &dyn Export, req: &Request, rep: &Replier) -> Vec<u8> {
         return out;
     }
     let hdr = rep.chunk_header_len() + 8;
-    let mut out = Vec::with_capacity(hdr + len);
+    // The buffer's old contents are all overwritten: header here, data by the read.
+    let mut out = buffers.take(hdr + len);
+    let mut h = Vec::with_capacity(hdr);
     rep.chunk(
-        &mut out,
+        &mut h,
         proto::REPLY_FLAG_DONE,
         proto::REPLY_TYPE_OFFSET_DATA,
         len as u64 + 8,
     );
-    out.put_u64(req.offset);
-    out.resize(hdr + len, 0);
+    h.put_u64(req.offset);
+    out[..hdr].copy_from_slice(&h);
     match export.read_at(&mut out[hdr..], req.offset) {
         Ok(()) => out,
         Err(e) if e.is_corruption() => salvage_read(export, req, rep),

@@ -211,7 +211,10 @@ fn large_reads_split_across_threads_match_the_model() {
         let rlen = rng.random_range(1..=(size - roff).min(4 << 20)) as usize;
         let mut buf = vec![0u8; rlen];
         vol.read_at(&mut buf, roff).unwrap();
-        assert!(buf == model[roff as usize..roff as usize + rlen], "round {round}: read {roff}+{rlen}");
+        assert!(
+            buf == model[roff as usize..roff as usize + rlen],
+            "round {round}: read {roff}+{rlen}"
+        );
     }
     let mut all = vec![0u8; size as usize];
     vol.read_at(&mut all, 0).unwrap();
