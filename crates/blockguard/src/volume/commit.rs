@@ -16,7 +16,7 @@
 //! the crash simulator must catch.
 
 use super::stage::{Batch, Staged};
-use super::{aligned, group::GroupState, lock, Volume};
+use super::{aligned, group::GroupState, lock, Inner};
 use crate::error::{Error, Result};
 use crate::format::{MetaParse, Mode, VolumeState};
 use std::sync::atomic::Ordering;
@@ -65,7 +65,7 @@ fn push_block<'a>(run: &mut Vec<(&'a Arc<[u8]>, usize, usize)>, e: &'a Staged, b
 /// Most iovecs per vectored write (the kernel's IOV_MAX).
 const MAX_IOV: usize = 1024;
 
-impl Volume {
+impl Inner {
     /// Commits the active batch. Caller holds the commit lock (`state`).
     pub(crate) fn commit_locked(&self, state: &mut CommitState) -> Result<()> {
         state.failed(&self.name)?;

@@ -19,8 +19,8 @@ use blockguard_backend::Backend;
 use cache::MetaCache;
 use group::{Accept, GroupState};
 use stage::{Stage, Staged};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// How to format a volume.
 #[derive(Clone, Debug)]
@@ -79,8 +79,11 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Bytes of metadata to cache (bounded; independent of volume size).
     pub cache_bytes: usize,
-    /// Bytes of written data staged before a commit is forced.
+    /// Bytes of written data staged before a commit is started.
     pub stage_bytes: usize,
+    /// Commit full stages on a background thread, so writers keep going while the commit's
+    /// writes and flushes run. Off makes the order of backend I/O deterministic (tests).
+    pub background_commit: bool,
 }
 
 impl Default for OpenOptions {
@@ -89,6 +92,7 @@ impl Default for OpenOptions {
             read_only: false,
             cache_bytes: 64 << 20,
             stage_bytes: 32 << 20,
+            background_commit: true,
         }
     }
 }
@@ -141,8 +145,8 @@ const LOCK_STRIPES: usize = 64;
 /// Reads of at least this many whole-block bytes are verified on two threads.
 const PARALLEL_READ_MIN: usize = 256 << 10;
 
-/// An open blockguard volume.
-pub struct Volume {
+/// The engine's state, shared by the [`Volume`] handle and its background committer.
+pub(crate) struct Inner {
     backend: Arc<dyn Backend>,
     name: String,
     sb: Superblock,
@@ -159,6 +163,12 @@ pub struct Volume {
     /// The volume was closed cleanly before this open: groups loaded from disk are settled
     /// (their newest metadata describes durable data).
     opened_clean: bool,
+    /// Set by writers when the stage is full, to wake the committer thread.
+    kick: Mutex<bool>,
+    kick_cv: Condvar,
+    stopping: AtomicBool,
+    /// A committer thread runs (read-write volumes with `background_commit`).
+    background: bool,
     /// Serialize read-modify-write and staging of the same block across threads.
     stripes: Vec<Mutex<()>>,
 }
@@ -166,8 +176,8 @@ pub struct Volume {
 impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Volume")
-            .field("name", &self.name)
-            .field("geometry", &self.geo)
+            .field("name", &self.inner.name)
+            .field("geometry", &self.inner.geo)
             .finish()
     }
 }
@@ -382,7 +392,11 @@ impl Volume {
         // Unknown read-only-compatible features: reading is safe, writing could break them.
         let read_only = opts.read_only || backend.is_read_only() || sb.ro_compat & !SUPPORTED_RO_COMPAT != 0;
         let group_bytes = 2 * geo.block_size as usize + 256;
-        let vol = Volume {
+        let vol = Inner {
+            kick: Mutex::new(false),
+            kick_cv: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            background: opts.background_commit && !read_only,
             cache: MetaCache::new((opts.cache_bytes / group_bytes).max(16)),
             stage: Mutex::new(Stage::default()),
             stage_limit: opts.stage_bytes.max(geo.block_size as usize),
@@ -400,9 +414,11 @@ impl Volume {
         if !vol.read_only && !vol.warnings.is_empty() {
             vol.repair_superblocks()?;
         }
-        Ok(vol)
+        Ok(Volume::start(vol))
     }
+}
 
+impl Inner {
     /// Rewrites both superblock copies from the one in use (self-healing after damage).
     fn repair_superblocks(&self) -> Result<()> {
         self.write_superblocks(self.sb.state, "repairing a superblock")?;
@@ -426,33 +442,8 @@ impl Volume {
         self.backend.flush().map_err(self.io_err(during, 0))
     }
 
-    /// The volume's name (the backend's, usually its path).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-    /// Logical size in bytes.
-    pub fn size(&self) -> u64 {
+    fn size(&self) -> u64 {
         self.geo.size()
-    }
-    /// Logical block size in bytes.
-    pub fn block_size(&self) -> u32 {
-        self.geo.block_size
-    }
-    /// True if writes are refused.
-    pub fn is_read_only(&self) -> bool {
-        self.read_only
-    }
-    /// The superblock in use.
-    pub fn superblock(&self) -> &Superblock {
-        &self.sb
-    }
-    /// The layout.
-    pub fn geometry(&self) -> &Geometry {
-        &self.geo
-    }
-    /// Problems found while opening that did not prevent it (e.g. a damaged superblock copy).
-    pub fn warnings(&self) -> &[String] {
-        &self.warnings
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -819,7 +810,16 @@ impl Volume {
     }
 
     fn commit_if_full(&self) -> Result<()> {
-        if lock(&self.stage).active_bytes >= self.stage_limit {
+        let staged = lock(&self.stage).active_bytes;
+        if staged >= self.stage_limit && self.background && staged < 2 * self.stage_limit {
+            // Hand the batch to the committer thread and keep going: its writes and flushes
+            // overlap with this thread's copying and checksumming. Past twice the limit the
+            // writer commits itself, which bounds memory.
+            *lock(&self.kick) = true;
+            self.kick_cv.notify_one();
+            return Ok(());
+        }
+        if staged >= self.stage_limit {
             let mut state = lock(&self.commit);
             // Another writer may have committed while this one waited for the lock.
             if lock(&self.stage).active_bytes >= self.stage_limit {
@@ -865,12 +865,6 @@ impl Volume {
             }
         }
         self.commit_if_full()
-    }
-
-    /// Discards the range: afterwards it reads as zeros (the same as [`Volume::write_zeroes`],
-    /// which already releases the space of whole blocks).
-    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.write_zeroes(offset, len)
     }
 
     /// Makes every write that completed before this call durable.
@@ -1011,9 +1005,26 @@ impl Volume {
         })
     }
 
-    /// Flushes and closes the volume, marking it clean when that is safe.
-    pub fn close(self) -> Result<()> {
-        self.shutdown()
+    /// The background committer: commits whenever a writer reports a full stage.
+    fn run_committer(&self) {
+        loop {
+            {
+                let mut kick = lock(&self.kick);
+                while !*kick {
+                    kick = self.kick_cv.wait(kick).unwrap_or_else(|e| e.into_inner());
+                }
+                *kick = false;
+            }
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let mut state = lock(&self.commit);
+            if lock(&self.stage).active_bytes >= self.stage_limit {
+                // A failure is recorded in the commit state and reported by the next write
+                // or flush.
+                let _ = self.commit_locked(&mut state);
+            }
+        }
     }
 
     fn shutdown(&self) -> Result<()> {
@@ -1034,10 +1045,123 @@ impl Volume {
     }
 }
 
+/// An open blockguard volume: verified reads, crash-consistent writes. Share it between
+/// threads with `Arc`; every method takes `&self`.
+pub struct Volume {
+    inner: Arc<Inner>,
+    committer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Volume {
+    fn start(inner: Inner) -> Volume {
+        let inner = Arc::new(inner);
+        let committer = if inner.background {
+            let i = inner.clone();
+            std::thread::Builder::new()
+                .name("blockguard-commit".into())
+                .spawn(move || i.run_committer())
+                .ok()
+        } else {
+            None
+        };
+        Volume { inner, committer }
+    }
+
+    /// The volume's name (the backend's, usually its path).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+    /// Logical size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.geo.size()
+    }
+    /// Logical block size in bytes.
+    pub fn block_size(&self) -> u32 {
+        self.inner.geo.block_size
+    }
+    /// True if writes are refused.
+    pub fn is_read_only(&self) -> bool {
+        self.inner.read_only
+    }
+    /// The superblock in use (as read at open).
+    pub fn superblock(&self) -> &Superblock {
+        &self.inner.sb
+    }
+    /// The layout.
+    pub fn geometry(&self) -> &Geometry {
+        &self.inner.geo
+    }
+    /// Problems found while opening that did not prevent it (e.g. a damaged superblock copy).
+    pub fn warnings(&self) -> &[String] {
+        &self.inner.warnings
+    }
+
+    /// Reads `buf.len()` bytes at `offset`. Every block touched is verified first; a block
+    /// that fails returns [`Error::Corrupt`] and no data.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+
+    /// Writes `buf` at `offset` (any alignment: partial blocks are read, verified, merged).
+    /// The write is visible to reads at once and durable after the next [`Volume::flush`].
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+
+    /// Makes the range read as zeros. Whole blocks become unwritten (their space is
+    /// released); partial blocks at the edges are zero-filled.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+
+    /// Discards the range: afterwards it reads as zeros (like [`Volume::write_zeroes`], which
+    /// already releases the space of whole blocks).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+
+    /// Makes every write that completed before this call durable.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+
+    /// Allocation status of a byte range, as runs of allocated and unwritten blocks.
+    pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.inner.extents(offset, len)
+    }
+
+    /// Verifies `count` blocks from `first` without stopping at the first failure: the
+    /// engine of `check` and scrubbing. I/O errors still abort.
+    pub fn check_blocks(&self, first: u64, count: u64) -> Result<Vec<BlockProblem>> {
+        self.inner.check_blocks(first, count)
+    }
+
+    /// Where `block` lives and what both metadata copies say about it.
+    pub fn inspect_block(&self, block: u64) -> Result<BlockReport> {
+        self.inner.inspect_block(block)
+    }
+
+    /// Flushes and closes the volume, marking it clean when that is safe.
+    pub fn close(mut self) -> Result<()> {
+        self.stop_committer();
+        self.inner.shutdown()
+    }
+
+    fn stop_committer(&mut self) {
+        if let Some(handle) = self.committer.take() {
+            self.inner.stopping.store(true, Ordering::Release);
+            *lock(&self.inner.kick) = true;
+            self.inner.kick_cv.notify_one();
+            let _ = handle.join();
+        }
+    }
+}
+
 impl Drop for Volume {
     fn drop(&mut self) {
-        if let Err(e) = self.shutdown() {
-            tracing::error!(volume = %self.name, "flush on close failed: {e}");
+        self.stop_committer();
+        if let Err(e) = self.inner.shutdown() {
+            tracing::error!(volume = %self.inner.name, "flush on close failed: {e}");
         }
     }
 }
