@@ -41,9 +41,9 @@ pub struct ServeArgs {
     /// (binary units: "64M", "10G").
     #[arg(long, value_name = "SIZE")]
     pub create: Option<String>,
-    /// Most worker threads shared by all connections (default: 16 per core, at least 32;
-    /// two per core run while requests are served from memory, more while they wait for
-    /// the disk).
+    /// Most worker threads shared by all connections (default: two per core, at least 4).
+    /// Two per core run while requests are served from memory; raise this for disk-bound
+    /// random I/O, where more reads in flight help.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,
     /// Refuse NBD extended headers (forces compact headers; for old or buggy clients).

@@ -55,8 +55,9 @@ pub struct ServerConfig {
     pub export_name: String,
     /// Largest read or write payload, advertised as the maximum block size.
     pub max_payload: u32,
-    /// Most worker threads shared by all connections (0: 16 per core, at least 32). Two per
-    /// core run while requests are fast (page cache); more while they wait for the disk.
+    /// Most worker threads shared by all connections (0: two per core, at least 4). Two per
+    /// core run while requests are fast (page cache); up to this many while most requests
+    /// wait for the disk.
     pub workers: usize,
     /// Connections beyond this are closed at once.
     pub max_connections: usize,
@@ -333,7 +334,7 @@ impl Server {
     pub fn run(self) -> Result<(), ServerError> {
         let cores = thread::available_parallelism().map_or(2, |n| n.get());
         let workers = if self.cfg.workers == 0 {
-            (cores * 16).clamp(32, 256)
+            (cores * 2).max(4)
         } else {
             self.cfg.workers
         };
