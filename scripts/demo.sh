@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
-exec target/release/blockguard serve demo.bgv --create 256M --listen 127.0.0.1:10809 "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/blockguard" serve demo.bgv --create 256M --listen 127.0.0.1:10809 "$@"
