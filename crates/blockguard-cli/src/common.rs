@@ -18,34 +18,41 @@ pub fn parse_size(s: &str) -> Result<u64> {
 /// Opens the volume at `path`. Read-write opens take an exclusive lock and read-only opens a
 /// shared one, so a volume is never served or mounted by two processes at once.
 pub fn open_volume(path: &Path, read_only: bool) -> Result<Volume> {
+    open_volume_staged(path, read_only, None)
+}
+
+/// [`open_volume`] with a write-back stage of `stage_bytes` (default 32 MiB): the servers'
+/// `--stage-size`.
+pub fn open_volume_staged(path: &Path, read_only: bool, stage_bytes: Option<u64>) -> Result<Volume> {
     let lock = if read_only {
         LockMode::Shared
     } else {
         LockMode::Exclusive
     };
-    open_with(path, read_only, lock)
+    open_with(path, read_only, lock, stage_bytes)
 }
 
 /// Opens without taking a lock: for `info`/`dump`, which only read metadata and must work
 /// while the volume is being served.
 pub fn open_unlocked(path: &Path) -> Result<Volume> {
-    open_with(path, true, LockMode::None)
+    open_with(path, true, LockMode::None, None)
 }
 
-fn open_with(path: &Path, read_only: bool, lock: LockMode) -> Result<Volume> {
+fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u64>) -> Result<Volume> {
     let opts = FileOptions {
         read_only,
         lock,
         ..FileOptions::default()
     };
     let backend = FileBackend::open(path, &opts)?;
-    let vol = Volume::open(
-        Arc::new(backend),
-        &OpenOptions {
-            read_only,
-            ..OpenOptions::default()
-        },
-    )?;
+    let mut open_opts = OpenOptions {
+        read_only,
+        ..OpenOptions::default()
+    };
+    if let Some(stage) = stage_bytes {
+        open_opts.stage_bytes = usize::try_from(stage).context("stage size does not fit in memory")?;
+    }
+    let vol = Volume::open(Arc::new(backend), &open_opts)?;
     for w in vol.warnings() {
         eprintln!("blockguard: warning: {w}");
     }

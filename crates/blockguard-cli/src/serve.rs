@@ -46,6 +46,11 @@ pub struct ServeArgs {
     /// random I/O, where more reads in flight help.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,
+    /// Bytes of written data the engine stages in memory before committing them (binary
+    /// units). Each commit orders a metadata flush before its data; up to three stages'
+    /// worth of memory may be in use at once.
+    #[arg(long, value_name = "SIZE", default_value = "32M")]
+    pub stage_size: String,
     /// Refuse NBD extended headers (forces compact headers; for old or buggy clients).
     #[arg(long)]
     pub no_extended_headers: bool,
@@ -54,26 +59,24 @@ pub struct ServeArgs {
 /// Runs the server until SIGINT/SIGTERM, then flushes and closes the volume.
 pub fn run(args: ServeArgs) -> Result<()> {
     let path = &args.volume;
+    let stage = crate::common::parse_size(&args.stage_size)?;
     let volume = match &args.create {
         Some(size) if !path.exists() => {
             let size = crate::common::parse_size(size)?;
             let vol = crate::common::create_volume(path, size)
                 .with_context(|| format!("cannot create volume {}", path.display()))?;
             tracing::info!(volume = %path.display(), size, "created a new volume");
-            if args.read_only {
-                // Formatting needs write access; serve the new volume with the requested mode.
-                vol.close()
-                    .with_context(|| format!("cannot close new volume {}", path.display()))?;
-                crate::common::open_volume(path, true)?
-            } else {
-                vol
-            }
+            // Formatting opened it read-write with defaults: reopen with the requested mode
+            // and stage size.
+            vol.close()
+                .with_context(|| format!("cannot close new volume {}", path.display()))?;
+            crate::common::open_volume_staged(path, args.read_only, Some(stage))?
         }
         _ => {
             if args.create.is_some() {
                 tracing::info!(volume = %path.display(), "volume exists; serving it as it is");
             }
-            crate::common::open_volume(path, args.read_only)
+            crate::common::open_volume_staged(path, args.read_only, Some(stage))
                 .with_context(|| format!("cannot serve {}", path.display()))?
         }
     };
