@@ -31,21 +31,6 @@ pub(crate) struct CommitState {
     data_unflushed: bool,
     /// The superblocks say "in use" (written before the first commit of this session).
     pub(crate) marked_in_use: bool,
-    /// Set when a write-back failed: acknowledged writes may be lost, so no later flush may
-    /// report success.
-    failure: Option<String>,
-}
-
-impl CommitState {
-    pub(crate) fn failed(&self, volume: &str) -> Result<()> {
-        match &self.failure {
-            Some(detail) => Err(Error::Failed {
-                volume: volume.to_string(),
-                detail: detail.clone(),
-            }),
-            None => Ok(()),
-        }
-    }
 }
 
 /// Appends a staged block to a run of (buffer, start, end) pieces, extending the last piece
@@ -66,16 +51,34 @@ fn push_block<'a>(run: &mut Vec<(&'a Arc<[u8]>, usize, usize)>, e: &'a Staged, b
 const MAX_IOV: usize = 1024;
 
 impl Inner {
+    /// Records that a write-back failed: acknowledged writes may be lost, so no later write or
+    /// flush may report success. Kept outside the commit lock so writers can check it without
+    /// waiting for a commit in progress.
+    pub(crate) fn fail(&self, detail: String) {
+        let _ = self.failure.set(detail);
+    }
+
+    /// The error to return once a write-back has failed.
+    pub(crate) fn failed(&self) -> Result<()> {
+        match self.failure.get() {
+            Some(detail) => Err(Error::Failed {
+                volume: self.name.clone(),
+                detail: detail.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Commits the active batch. Caller holds the commit lock (`state`).
     pub(crate) fn commit_locked(&self, state: &mut CommitState) -> Result<()> {
-        state.failed(&self.name)?;
+        self.failed()?;
         if lock(&self.stage).active.is_empty() {
             return Ok(());
         }
         if !state.marked_in_use {
             // Before anything changes: from now on a crash may leave older brothers needed.
             self.write_superblocks(VolumeState::InUse, "marking the volume in use")
-                .inspect_err(|e| state.failure = Some(e.to_string()))?;
+                .inspect_err(|e| self.fail(e.to_string()))?;
             state.marked_in_use = true;
         }
         let batch = {
@@ -92,7 +95,7 @@ impl Inner {
         let result = self.commit_batch(state, &batch);
         if let Err(e) = &result {
             // The batch stays readable in `committing`; durability is no longer promised.
-            state.failure = Some(e.to_string());
+            self.fail(e.to_string());
             tracing::error!(volume = %self.name, "write-back failed: {e}");
         } else {
             lock(&self.stage).committing = None;
@@ -301,7 +304,7 @@ impl Inner {
         if let Err(e) = self.backend.flush() {
             // The kernel may have dropped the dirty pages it failed to write: a later flush
             // succeeding would not mean our data is there.
-            state.failure = Some(format!("flush failed: {e}"));
+            self.fail(format!("flush failed: {e}"));
             return Err(self.io_err("flushing", 0)(e));
         }
         state.data_unflushed = false;

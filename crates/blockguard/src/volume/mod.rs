@@ -163,6 +163,8 @@ pub(crate) struct Inner {
     /// The volume was closed cleanly before this open: groups loaded from disk are settled
     /// (their newest metadata describes durable data).
     opened_clean: bool,
+    /// Set once when a write-back fails (see `Inner::fail`).
+    failure: std::sync::OnceLock<String>,
     /// Set by writers when the stage is full, to wake the committer thread.
     kick: Mutex<bool>,
     kick_cv: Condvar,
@@ -393,6 +395,7 @@ impl Volume {
         let read_only = opts.read_only || backend.is_read_only() || sb.ro_compat & !SUPPORTED_RO_COMPAT != 0;
         let group_bytes = 2 * geo.block_size as usize + 256;
         let vol = Inner {
+            failure: std::sync::OnceLock::new(),
             kick: Mutex::new(false),
             kick_cv: Condvar::new(),
             stopping: AtomicBool::new(false),
@@ -739,7 +742,7 @@ impl Inner {
                 volume: self.name.clone(),
             });
         }
-        lock(&self.commit).failed(&self.name)
+        self.failed()
     }
 
     /// Locks the stripes covering blocks `first..first+count`, in ascending order so two
@@ -873,7 +876,7 @@ impl Inner {
             return Ok(());
         }
         let mut state = lock(&self.commit);
-        state.failed(&self.name)?;
+        self.failed()?;
         self.commit_locked(&mut state)?;
         self.flush_locked(&mut state)
     }
@@ -1032,7 +1035,7 @@ impl Inner {
             return Ok(());
         }
         let mut state = lock(&self.commit);
-        state.failed(&self.name)?;
+        self.failed()?;
         self.commit_locked(&mut state)?;
         self.flush_locked(&mut state)?;
         // Clean only if this session started clean: after a crash, groups this session never
