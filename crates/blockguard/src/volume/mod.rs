@@ -140,7 +140,8 @@ pub struct BlockProblem {
     pub detail: String,
 }
 
-const LOCK_STRIPES: usize = 64;
+/// Enough stripes that concurrent 1 MiB writes to different places rarely share one.
+const LOCK_STRIPES: usize = 1024;
 
 /// Reads of at least this many whole-block bytes are verified on two threads.
 const PARALLEL_READ_MIN: usize = 256 << 10;
