@@ -14,36 +14,8 @@
 #![no_main]
 
 use blockguard::format::{MetaBlock, MetaParse, META_HEADER_SIZE, META_MAGIC};
+use crc32c::crc32c_append;
 use libfuzzer_sys::fuzz_target;
-
-/// crc32c (Castagnoli, reflected 0x82F63B78), table driven: `crc32c_append(0, x)` is the
-/// usual crc32c of `x`, and `crc32c_append(crc32c_append(0, a), b)` that of `a ‖ b`.
-fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut t = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    (c >> 1) ^ 0x82F6_3B78
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            t[i] = c;
-            i += 1;
-        }
-        t
-    };
-    let mut c = !crc;
-    for &b in data {
-        c = TABLE[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
-    }
-    !c
-}
 
 /// The metadata block checksum as `docs/FORMAT.md` specifies it.
 fn checksum(b: &[u8], uuid: &[u8; 16], group: u64, slot: u8) -> u32 {

@@ -13,38 +13,12 @@
 //!   checksum and reaches the field checks.
 #![no_main]
 
-use blockguard::format::{Geometry, Mode, Superblock, FORMAT_VERSION, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE};
+use blockguard::format::{
+    Geometry, Mode, Superblock, VolumeState, FORMAT_VERSION, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE,
+};
 use blockguard::Profile;
+use crc32c::crc32c_append;
 use libfuzzer_sys::fuzz_target;
-
-/// crc32c (Castagnoli, reflected 0x82F63B78), table driven: `crc32c_append(0, x)` is the
-/// usual crc32c of `x`.
-fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut t = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    (c >> 1) ^ 0x82F6_3B78
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            t[i] = c;
-            i += 1;
-        }
-        t
-    };
-    let mut c = !crc;
-    for &b in data {
-        c = TABLE[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
-    }
-    !c
-}
 
 fn template(p: &[u8]) -> Option<Vec<u8>> {
     let get = |i: usize| p.get(i).copied().unwrap_or(0);
@@ -74,6 +48,11 @@ fn template(p: &[u8]) -> Option<Vec<u8>> {
         mirror_role: 0,
         meta_device: [0; 16],
         label: "fuzz".into(),
+        state: if get(4) & 4 == 0 {
+            VolumeState::Clean
+        } else {
+            VolumeState::InUse
+        },
     };
     Some(sb.encode(get(4) >> 7))
 }
