@@ -220,3 +220,44 @@ fn large_reads_split_across_threads_match_the_model() {
     vol.read_at(&mut all, 0).unwrap();
     assert!(all == model);
 }
+
+#[test]
+fn extents_never_report_a_completed_write_as_a_hole_during_commits() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let opts = FormatOptions::with_size(4096 * 2048);
+    let backend = Arc::new(MemoryBackend::new(opts.backing_len().unwrap()).unwrap());
+    drop(Volume::format(backend.clone(), &opts).unwrap());
+    let vol = Arc::new(
+        Volume::open(
+            backend,
+            &OpenOptions {
+                stage_bytes: 8 * 4096, // commits every few writes, on the committer thread
+                cache_bytes: 0,
+                ..OpenOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let done = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (vol, done) = (vol.clone(), done.clone());
+        std::thread::spawn(move || {
+            for b in 0..2048u64 {
+                vol.write_at(&[0xAB; 4096], b * 4096).unwrap();
+                done.store(b + 1, Ordering::Release);
+            }
+        })
+    };
+    while done.load(Ordering::Acquire) < 2048 {
+        let n = done.load(Ordering::Acquire);
+        let extents = vol.extents(0, 4096 * 2048).unwrap();
+        for e in extents.iter().filter(|e| !e.allocated) {
+            assert!(
+                e.offset >= n * 4096,
+                "block {} completed but reported as a hole",
+                e.offset / 4096
+            );
+        }
+    }
+    writer.join().unwrap();
+}

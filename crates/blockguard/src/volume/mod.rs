@@ -892,18 +892,25 @@ impl Inner {
         let bs = self.geo.block_size as u64;
         let first = offset / bs;
         let last = (offset + len - 1) / bs;
-        let stage = lock(&self.stage);
         let mut block = first;
         while block <= last {
             let (group, _) = self.geo.group_of(block);
-            let state = self.group(group)?;
-            let settled = self.settled(&state);
             let group_last =
                 (self.geo.first_block(group) + self.geo.blocks_in_group(group) as u64 - 1).min(last);
-            for b in block..=group_last {
-                let allocated = match stage.get(b) {
-                    Some(Staged::Data { .. }) => true,
-                    Some(Staged::Zero) => false,
+            // The stage first, then the metadata: a block that leaves the stage has had its new
+            // tags installed already, so it can never be missed by both look-ups. The stage lock
+            // is not held while metadata may be loaded from disk.
+            let staged: Vec<Option<bool>> = {
+                let stage = lock(&self.stage);
+                (block..=group_last)
+                    .map(|b| stage.get(b).map(|e| matches!(e, Staged::Data { .. })))
+                    .collect()
+            };
+            let state = self.group(group)?;
+            let settled = self.settled(&state);
+            for (b, staged) in (block..=group_last).zip(staged) {
+                let allocated = match staged {
+                    Some(data) => data,
                     None => {
                         let idx = self.geo.group_of(b).1 as usize;
                         // Damaged metadata reports allocated: the client must read (and see the error).
