@@ -54,6 +54,13 @@ pub struct ServeArgs {
     /// Refuse NBD extended headers (forces compact headers; for old or buggy clients).
     #[arg(long)]
     pub no_extended_headers: bool,
+    /// Microseconds a connection's reader busy-polls for the next request before sleeping
+    /// (0: never). Polling cuts latency at low queue depth (4 KiB QD1 reads: about 2x the
+    /// IOPS) at the price of CPU time while requests keep coming; at most one reader per two
+    /// cores polls, and connections whose requests come later than this stop polling.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub poll_us: u32,
 }
 
 /// Runs the server until SIGINT/SIGTERM, then flushes and closes the volume.
@@ -101,6 +108,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         export_name,
         workers: args.workers.map_or(0, usize::from),
         extended_headers: !args.no_extended_headers,
+        poll_window: std::time::Duration::from_micros(args.poll_us.into()),
         ..ServerConfig::default()
     };
     let volume = Arc::new(volume);

@@ -90,14 +90,26 @@ fn unescape(field: &[u8]) -> Vec<u8> {
     out
 }
 
+/// How long [`unmount`] waits for releases of just-closed files.
+const RELEASE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Unmounts `mountpoint` with umount(2).
 ///
 /// The serving process notices and ends [`crate::Mounted::serve`]. A mount whose file is
 /// still open — typically by a loop device — is [`FuseError::Busy`]; it is deliberately not
 /// detached lazily, which would leave the loop device writing to a filesystem no one can
 /// reach any more.
+///
+/// A file closed just before is released asynchronously by FUSE, and the kernel reports the
+/// mount busy until the release is answered; so `EBUSY` is retried for a short while.
 pub fn unmount(mountpoint: &Path) -> Result<(), FuseError> {
-    match rustix::mount::unmount(mountpoint, UnmountFlags::empty()) {
+    let deadline = std::time::Instant::now() + RELEASE_GRACE;
+    let mut result = rustix::mount::unmount(mountpoint, UnmountFlags::empty());
+    while result == Err(Errno::BUSY) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        result = rustix::mount::unmount(mountpoint, UnmountFlags::empty());
+    }
+    match result {
         Ok(()) => Ok(()),
         Err(Errno::BUSY) => Err(FuseError::Busy(mountpoint.to_path_buf())),
         Err(Errno::INVAL) | Err(Errno::NOENT) => Err(FuseError::NotMounted(mountpoint.to_path_buf())),

@@ -7,7 +7,7 @@
 //! reused; their old contents are always fully overwritten (a read fills the whole buffer or
 //! its reply is not sent; a payload is read in full or the connection ends).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Buffers with at most this capacity go to the small list; larger ones to the large list.
 const SMALL: usize = 64 * 1024 + 64;
@@ -24,8 +24,11 @@ pub struct BufferPool {
 }
 
 impl Default for BufferPool {
+    /// 256 small buffers and 192 MiB of large ones: enough for the engine's write-back stage
+    /// (which keeps write payloads until their data is on disk: up to three times its 32 MiB
+    /// default) plus the requests of a few busy connections.
     fn default() -> Self {
-        Self::new(256, 64 << 20)
+        Self::new(256, 192 << 20)
     }
 }
 
@@ -90,6 +93,62 @@ impl BufferPool {
     }
 }
 
+/// A request payload that goes back to its pool when dropped — wherever that happens: an
+/// export that keeps write data until it reaches the disk (the engine's write-back stage)
+/// drops it later, on another thread, and the buffer is still reused.
+pub struct Payload {
+    buf: Vec<u8>,
+    pool: Option<Arc<BufferPool>>,
+}
+
+impl Payload {
+    /// A payload of `len` bytes from `pool` (contents unspecified: the caller overwrites them).
+    pub fn take(pool: &Arc<BufferPool>, len: usize) -> Self {
+        Self {
+            buf: pool.take(len),
+            pool: Some(Arc::clone(pool)),
+        }
+    }
+
+    /// A payload owning `buf`, not returned to any pool.
+    pub fn from_vec(buf: Vec<u8>) -> Self {
+        Self { buf, pool: None }
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl std::ops::DerefMut for Payload {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+}
+
+impl AsRef<[u8]> for Payload {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Payload({} bytes)", self.buf.len())
+    }
+}
+
+impl Drop for Payload {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            pool.give(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +174,20 @@ mod tests {
         p.give(vec![0; 1 << 20]);
         assert_eq!(p.large.lock().unwrap().0.len(), 1, "bounded by bytes");
         assert!(p.take(0).is_empty());
+    }
+
+    #[test]
+    fn payloads_return_to_their_pool_when_dropped_on_any_thread() {
+        let p = Arc::new(BufferPool::new(4, 1 << 20));
+        let mut a = Payload::take(&p, 4096);
+        a.fill(3);
+        let ptr = a.as_ptr();
+        std::thread::spawn(move || drop(a)).join().unwrap();
+        let again = p.take(4096);
+        assert_eq!(again.as_ptr(), ptr, "the buffer came back");
+        let free = Payload::from_vec(vec![1, 2, 3]);
+        assert_eq!(&*free, &[1, 2, 3]);
+        drop(free);
+        assert!(p.small.lock().unwrap().is_empty(), "unpooled payloads stay out");
     }
 }

@@ -3,6 +3,7 @@
 //! The protocol code only talks to an [`Export`], so it can be unit-tested and fuzzed against
 //! [`MemoryExport`] and served in production from a `blockguard::Volume` (see `volume.rs`).
 
+use crate::buffers::Payload;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::RwLock;
@@ -76,6 +77,11 @@ pub trait Export: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ExportError>;
     /// Writes `buf` at `offset` (durable after the next [`Export::flush`]).
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ExportError>;
+    /// [`Export::write_at`] handing over the request's buffer, for exports that can keep it
+    /// instead of copying (the engine's write-back stage). The default copies.
+    fn write_owned(&self, buf: Payload, offset: u64) -> Result<(), ExportError> {
+        self.write_at(&buf, offset)
+    }
     /// Makes every write completed before the call durable, whichever connection issued it.
     fn flush(&self) -> Result<(), ExportError>;
     /// Discards a range; it reads as zeroes afterwards.
@@ -114,6 +120,9 @@ impl<E: Export + ?Sized> Export for std::sync::Arc<E> {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ExportError> {
         (**self).write_at(buf, offset)
+    }
+    fn write_owned(&self, buf: Payload, offset: u64) -> Result<(), ExportError> {
+        (**self).write_owned(buf, offset)
     }
     fn flush(&self) -> Result<(), ExportError> {
         (**self).flush()
@@ -459,6 +468,9 @@ impl<E: Export> Export for GroupFlush<E> {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ExportError> {
         self.inner.write_at(buf, offset)
+    }
+    fn write_owned(&self, buf: Payload, offset: u64) -> Result<(), ExportError> {
+        self.inner.write_owned(buf, offset)
     }
     fn flush(&self) -> Result<(), ExportError> {
         self.group_flush()

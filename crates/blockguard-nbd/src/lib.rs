@@ -28,6 +28,7 @@ pub mod handshake;
 pub mod pool;
 pub mod proto;
 pub mod server;
+pub mod spin;
 pub mod transmission;
 mod volume;
 

@@ -13,11 +13,12 @@
 //! Shutdown ([`ShutdownHandle::shutdown`], e.g. from SIGINT/SIGTERM): stop accepting, stop
 //! reading new requests, let every in-flight request finish and be answered, flush the export.
 
-use crate::buffers::BufferPool;
+use crate::buffers::{BufferPool, Payload};
 use crate::export::{Export, GroupFlush};
 use crate::handshake::{Event, ExportInfo, Handshake, HandshakeConfig, ReplyMode};
 use crate::pool::{Job, Pool, Submitter};
 use crate::proto;
+use crate::spin::{SpinConfig, SpinState, Spinners};
 use crate::transmission::{Outcome, Request, Session};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -69,6 +70,9 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Accept `NBD_OPT_EXTENDED_HEADERS`.
     pub extended_headers: bool,
+    /// How long a reader busy-polls an empty socket before blocking (zero: never). See
+    /// [`crate::spin`]: it trades CPU time for latency at low queue depths.
+    pub poll_window: Duration,
 }
 
 impl Default for ServerConfig {
@@ -82,6 +86,7 @@ impl Default for ServerConfig {
             max_inflight_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(30),
             extended_headers: true,
+            poll_window: SpinConfig::for_cores(1).window,
         }
     }
 }
@@ -207,6 +212,18 @@ impl Stream {
             Stream::Unix(s) => sendmsg(s, bufs, &mut control, flags),
         };
         sent.map_err(io::Error::from)
+    }
+
+    /// True if a read would not block: data (or end of file, or an error) is waiting.
+    fn readable_now(&self) -> bool {
+        use rustix::net::{recv, RecvFlags};
+        let mut byte = [0u8; 1];
+        let flags = RecvFlags::PEEK | RecvFlags::DONTWAIT;
+        let r = match self {
+            Stream::Tcp(s) => recv(s, &mut byte[..], flags),
+            Stream::Unix(s) => recv(s, &mut byte[..], flags),
+        };
+        !matches!(r, Err(rustix::io::Errno::AGAIN))
     }
 
     fn peer(&self) -> String {
@@ -370,6 +387,11 @@ impl Server {
             },
             cfg: self.cfg.clone(),
             pool: pool.submitter(),
+            spin: SpinConfig {
+                window: self.cfg.poll_window,
+                ..SpinConfig::for_cores(cores)
+            },
+            spinners: Spinners::default(),
             conns: Mutex::new(HashMap::new()),
             live: Mutex::new(0),
             live_cv: Condvar::new(),
@@ -383,7 +405,13 @@ impl Server {
                     let _ = s.set_nodelay(true);
                     Stream::Tcp(s)
                 }),
-                Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+                Listener::Unix(l, _) => l.accept().map(|(s, _)| {
+                    // A Unix socket's default send buffer (~200 KiB) takes only part of a
+                    // 1 MiB read reply without blocking, and the rest then costs a hand-off
+                    // to the writer thread. The kernel caps this at net.core.wmem_max.
+                    let _ = rustix::net::sockopt::set_socket_send_buffer_size(&s, UNIX_SEND_BUFFER);
+                    Stream::Unix(s)
+                }),
             };
             if self.shutdown.is_requested() {
                 break;
@@ -416,6 +444,9 @@ impl Server {
     }
 }
 
+/// Send buffer asked for on Unix-socket connections (TCP tunes its own).
+const UNIX_SEND_BUFFER: usize = 4 << 20;
+
 /// How long shutdown waits for connections to drain before cutting them off.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -429,6 +460,8 @@ struct Shared {
     hs_config: HandshakeConfig,
     cfg: ServerConfig,
     pool: Submitter,
+    spin: SpinConfig,
+    spinners: Spinners,
     /// A clone of every live connection's socket, to unblock its reader at shutdown.
     conns: Mutex<HashMap<u64, Stream>>,
     live: Mutex<usize>,
@@ -623,9 +656,14 @@ impl Shared {
     /// Reads and dispatches requests until the client leaves; returns why.
     fn transmission(&self, reader: &mut BufReader<Stream>, conn: &Arc<Conn>) -> &'static str {
         let mut hdr = vec![0u8; conn.session.header_len()];
+        let mut spin = SpinState::default();
         loop {
             if conn.broken.load(Ordering::SeqCst) {
                 return "write failed";
+            }
+            if reader.buffer().is_empty() {
+                let stream = reader.get_ref();
+                spin.wait(&self.spin, &self.spinners, || stream.readable_now());
             }
             if let Err(e) = reader.read_exact(&mut hdr) {
                 return if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -642,7 +680,7 @@ impl Shared {
                     return "protocol violation";
                 }
             };
-            let mut payload = conn.buffers.take(req.payload_len);
+            let mut payload = Payload::take(&conn.buffers, req.payload_len);
             if let Err(e) = reader.read_exact(&mut payload) {
                 // The write was never acknowledged, so dropping it loses nothing promised.
                 tracing::warn!(error = %e, "client disconnected in the middle of a request");
@@ -768,12 +806,13 @@ impl Conn {
     }
 
     /// Runs a request, turning a panic into an `EIO` reply so the connection survives.
-    fn run(&self, req: &Request, payload: Vec<u8>) -> Outcome {
+    fn run(&self, req: &Request, payload: Payload) -> Outcome {
+        // The payload goes back to the pool when dropped: at once, or once a write's data
+        // has left the engine's write-back stage.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.session
-                .handle_with(&*self.export, req, &payload, &self.buffers)
+                .handle_with(&*self.export, req, payload, &self.buffers)
         }));
-        self.buffers.give(payload);
         outcome.unwrap_or_else(|_| {
             tracing::error!(
                 command = proto::command_name(req.typ),
@@ -785,7 +824,7 @@ impl Conn {
     }
 
     /// Executes a request (on a worker or the reader) and sends or queues its reply.
-    fn execute(&self, req: Request, payload: Vec<u8>, cost: usize) {
+    fn execute(&self, req: Request, payload: Payload, cost: usize) {
         match self.run(&req, payload) {
             Outcome::Reply(bytes) => self.complete(bytes, cost),
             Outcome::Disconnect => self.release(cost),

@@ -7,7 +7,7 @@
 //! returns the complete reply — header and payload in one buffer, so it can be written with a
 //! single call under the connection's write lock.
 
-use crate::buffers::BufferPool;
+use crate::buffers::{BufferPool, Payload};
 use crate::export::{Export, ExportError, ExportErrorKind, Extent};
 use crate::handshake::{Negotiated, ReplyMode};
 use crate::proto::{self, PutBe, Reader};
@@ -158,15 +158,21 @@ impl Session {
 
     /// Validates and executes one request, returning its complete reply.
     pub fn handle(&self, export: &dyn Export, req: &Request, payload: &[u8]) -> Outcome {
-        self.handle_with(export, req, payload, &BufferPool::new(0, 0))
+        self.handle_with(
+            export,
+            req,
+            Payload::from_vec(payload.to_vec()),
+            &BufferPool::new(0, 0),
+        )
     }
 
-    /// [`Session::handle`] taking the read reply buffer from `buffers`.
+    /// [`Session::handle`] taking the read reply buffer from `buffers` and handing a write's
+    /// payload over to the export.
     pub fn handle_with(
         &self,
         export: &dyn Export,
         req: &Request,
-        payload: &[u8],
+        payload: Payload,
         buffers: &BufferPool,
     ) -> Outcome {
         let rep = Replier {
@@ -207,7 +213,7 @@ impl Session {
         &self,
         export: &dyn Export,
         req: &Request,
-        payload: &[u8],
+        payload: Payload,
         rep: &Replier,
         buffers: &BufferPool,
     ) -> Result<Vec<u8>, Failure> {
@@ -258,7 +264,7 @@ impl Session {
                 }
                 self.check_range(req, proto::ENOSPC)?;
                 if !payload.is_empty() {
-                    export.write_at(payload, req.offset).map_err(Failure::from)?;
+                    export.write_owned(payload, req.offset).map_err(Failure::from)?;
                     if fua {
                         export.flush().map_err(Failure::from)?;
                     }

@@ -1,6 +1,7 @@
 //! Serving a [`blockguard::Volume`]: the [`Export`] implementation that maps engine errors to
 //! NBD error classes.
 
+use crate::buffers::Payload;
 use crate::export::{Export, ExportError, ExportErrorKind, Extent};
 use blockguard::Volume;
 
@@ -51,6 +52,9 @@ impl Export for Volume {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ExportError> {
         Volume::write_at(self, buf, offset).map_err(export_error)
+    }
+    fn write_owned(&self, buf: Payload, offset: u64) -> Result<(), ExportError> {
+        Volume::write_owned(self, buf, offset).map_err(export_error)
     }
     fn flush(&self) -> Result<(), ExportError> {
         Volume::flush(self).map_err(export_error)

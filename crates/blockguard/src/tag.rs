@@ -142,7 +142,7 @@ impl Profile {
                 let mut seed = [0u8; 24];
                 seed[..16].copy_from_slice(uuid);
                 seed[16..].copy_from_slice(&block.to_le_bytes());
-                let guard = crc32c::crc32c_append(crc32c::crc32c(&seed), data);
+                let guard = crc32c_seeded(&seed, data);
                 let mut b = [0u8; 8];
                 b[0..4].copy_from_slice(&guard.to_le_bytes());
                 b[4..6].copy_from_slice(&CRC32C_APP_TAG.to_le_bytes());
@@ -158,6 +158,45 @@ impl Profile {
             return is_zero(data);
         }
         self.generate(uuid, block, data) == *tag
+    }
+}
+
+/// CRC-32C (Castagnoli) of `seed` followed by `data`, by whichever of two implementations
+/// of the same function is faster on this CPU: `crc-fast` where AVX-512 with VPCLMULQDQ is
+/// available (it folds 64 bytes per instruction), `crc32c` (SSE 4.2 `crc32` in three
+/// streams, or portable code) everywhere else. Both give identical results (tested), so
+/// volumes move freely between machines.
+pub fn crc32c_seeded(seed: &[u8], data: &[u8]) -> u32 {
+    if wide_clmul() {
+        crc32c_wide(seed, data)
+    } else {
+        crc32c_narrow(seed, data)
+    }
+}
+
+fn crc32c_narrow(seed: &[u8], data: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(seed), data)
+}
+
+fn crc32c_wide(seed: &[u8], data: &[u8]) -> u32 {
+    let mut d = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
+    d.update(seed);
+    d.update(data);
+    // CRC-32 results fit in the low 32 bits.
+    d.finalize() as u32
+}
+
+/// True if the CPU folds CRCs with 512-bit carry-less multiplies (std caches the detection).
+fn wide_clmul() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("vpclmulqdq")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -179,6 +218,24 @@ mod tests {
     fn crc32c_check_value() {
         assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
         assert_eq!(crc32c::crc32c(&[0u8; 4096]), 0x98F9_4189);
+        for f in [crc32c_narrow, crc32c_wide, crc32c_seeded] {
+            assert_eq!(f(b"1234", b"56789"), 0xE306_9283);
+            assert_eq!(f(&[], &[0u8; 4096]), 0x98F9_4189);
+        }
+    }
+
+    proptest::proptest! {
+        /// The two implementations are the same function, whatever the lengths and
+        /// alignment, so the choice between them can never change a tag.
+        #[test]
+        fn both_crc32c_implementations_agree(
+            seed in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..9000),
+            skip in 0usize..64,
+        ) {
+            let d = &data[skip.min(data.len())..];
+            proptest::prop_assert_eq!(crc32c_narrow(&seed, d), crc32c_wide(&seed, d));
+        }
     }
 
     #[test]

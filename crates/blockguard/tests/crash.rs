@@ -100,7 +100,11 @@ fn workload_with(seed: u64, block_size: u32, blocks: u64, mode: Mode, ops: usize
                 (off, rng.random_range(1..=(size - off).min(2 * bs)))
             };
             let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
-            vol.write_at(&data, off).unwrap();
+            if rng.random_bool(0.5) {
+                vol.write_owned(data.clone(), off).unwrap();
+            } else {
+                vol.write_at(&data, off).unwrap();
+            }
             model[off as usize..(off + len) as usize].copy_from_slice(&data);
             (false, Some((off, len)))
         };

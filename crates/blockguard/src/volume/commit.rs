@@ -15,7 +15,7 @@
 //! In `none` mode the flushes are skipped and data goes before metadata: the comparison case
 //! the crash simulator must catch.
 
-use super::stage::{Batch, Staged};
+use super::stage::{bytes, Batch, SharedBuf, Staged};
 use super::{aligned, group::GroupState, lock, Inner};
 use crate::error::{Error, Result};
 use crate::format::{MetaParse, Mode, VolumeState};
@@ -35,7 +35,7 @@ pub(crate) struct CommitState {
 
 /// Appends a staged block to a run of (buffer, start, end) pieces, extending the last piece
 /// when the block directly follows it in the same buffer.
-fn push_block<'a>(run: &mut Vec<(&'a Arc<[u8]>, usize, usize)>, e: &'a Staged, bs: usize) {
+fn push_block<'a>(run: &mut Vec<(&'a SharedBuf, usize, usize)>, e: &'a Staged, bs: usize) {
     if let Staged::Data { buf, at, .. } = e {
         if let Some(last) = run.last_mut() {
             if Arc::ptr_eq(last.0, buf) && last.2 == *at {
@@ -257,7 +257,7 @@ impl Inner {
             let group_end = self.geo.first_block(group) + self.geo.blocks_in_group(group) as u64;
             // Neighbouring blocks staged by one request sit side by side in one buffer: they
             // become a single iovec.
-            let mut run: Vec<(&Arc<[u8]>, usize, usize)> = Vec::new();
+            let mut run: Vec<(&SharedBuf, usize, usize)> = Vec::new();
             push_block(&mut run, entry, bs);
             let mut end = start + 1;
             while let Some((&b, e)) = iter.peek() {
@@ -269,7 +269,7 @@ impl Inner {
                 end += 1;
                 iter.next();
             }
-            let run: Vec<&[u8]> = run.iter().map(|(b, lo, hi)| &b[*lo..*hi]).collect();
+            let run: Vec<&[u8]> = run.iter().map(|(b, lo, hi)| &bytes(b)[*lo..*hi]).collect();
             let off = self.geo.data_offset(start);
             let len = (end - start) as usize * bs;
             debug_assert!(zero || run.iter().map(|r| r.len()).sum::<usize>() == len);

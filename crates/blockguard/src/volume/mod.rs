@@ -18,8 +18,8 @@ use crate::tag::{Profile, Tag};
 use blockguard_backend::Backend;
 use cache::MetaCache;
 use group::{Accept, GroupState};
-use stage::{Stage, Staged};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use stage::{SharedBuf, Stage, Staged};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// How to format a volume.
@@ -174,6 +174,25 @@ pub(crate) struct Inner {
     background: bool,
     /// Serialize read-modify-write and staging of the same block across threads.
     stripes: Vec<Mutex<()>>,
+    /// Reads in progress: a large read is split over two threads only when it runs alone.
+    reads_active: AtomicUsize,
+}
+
+/// Counts a read in progress for as long as it lives.
+struct ActiveRead<'a>(&'a AtomicUsize);
+
+impl<'a> ActiveRead<'a> {
+    /// Enters; returns the guard and whether no other read was in progress.
+    fn enter(count: &'a AtomicUsize) -> (Self, bool) {
+        let before = count.fetch_add(1, Ordering::Relaxed);
+        (Self(count), before == 0)
+    }
+}
+
+impl Drop for ActiveRead<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Volume {
@@ -408,6 +427,7 @@ impl Volume {
             durable_epoch: AtomicU64::new(0),
             opened_clean: sb.state == VolumeState::Clean,
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            reads_active: AtomicUsize::new(0),
             backend,
             name,
             sb,
@@ -583,9 +603,12 @@ impl Inner {
         if tail > 0 {
             self.read_partial(tail_buf, full_end * bs)?;
         }
-        // Large reads are split in two halves verified on two cores: checksumming runs at about
-        // the speed of the page-cache copy, so one thread alone would halve hot-read throughput.
-        let parallel = mid_len >= PARALLEL_READ_MIN && rayon::current_num_threads() > 1;
+        // A large read running alone is split in two halves verified on two cores:
+        // checksumming runs at about the speed of the page-cache copy, so one thread alone
+        // would halve hot-read throughput. Concurrent reads already keep the cores busy; for
+        // them the hand-off would only add context switches.
+        let (_active, alone) = ActiveRead::enter(&self.reads_active);
+        let parallel = alone && mid_len >= PARALLEL_READ_MIN && rayon::current_num_threads() > 1;
         let total = full_end - full_first;
         let max_piece = if parallel { total.div_ceil(2) } else { total };
         let mut pieces: Vec<(u64, &mut [u8])> = Vec::new();
@@ -763,6 +786,12 @@ impl Inner {
     /// Writes `buf` at `offset` (any alignment: partial blocks are read, verified, merged).
     /// The write is visible to reads at once and durable after the next [`Volume::flush`].
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_impl(buf, None, offset)
+    }
+
+    /// [`Inner::write_at`] keeping `owned` (whose bytes are `buf`) for the whole blocks
+    /// instead of copying them.
+    fn write_impl(&self, buf: &[u8], owned: Option<SharedBuf>, offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         self.writable()?;
         if buf.is_empty() {
@@ -771,18 +800,27 @@ impl Inner {
         let bs = self.geo.block_size as u64;
         let first = offset / bs;
         let last = (offset + buf.len() as u64 - 1) / bs;
-        let guards = self.lock_stripes(first, last - first + 1);
         let end = offset + buf.len() as u64;
-        // Whole blocks share one buffer; partial edge blocks are read, merged and get their own.
         let full_first = offset.div_ceil(bs);
         let full_end = end / bs;
-        let shared: Option<Arc<[u8]>> = (full_first < full_end)
-            .then(|| Arc::from(&buf[(full_first * bs - offset) as usize..(full_end * bs - offset) as usize]));
+        // Whole blocks share one buffer: the caller's own when handed over, else one copy;
+        // `base` is the volume offset of that buffer's first byte. Partial edge blocks are
+        // read, merged and get their own.
+        let shared: Option<(SharedBuf, u64)> = match owned {
+            _ if full_first >= full_end => None,
+            Some(o) => Some((o, offset)),
+            None => {
+                let whole =
+                    buf[(full_first * bs - offset) as usize..(full_end * bs - offset) as usize].to_vec();
+                Some((Arc::new(whole), full_first * bs))
+            }
+        };
+        let guards = self.lock_stripes(first, last - first + 1);
         let mut entries = Vec::with_capacity((last - first + 1) as usize);
         for block in first..=last {
             let (data, at) = match &shared {
-                Some(s) if (full_first..full_end).contains(&block) => {
-                    (s.clone(), ((block - full_first) * bs) as usize)
+                Some((s, base)) if (full_first..full_end).contains(&block) => {
+                    (s.clone(), (block * bs - base) as usize)
                 }
                 _ => {
                     let start = block * bs;
@@ -791,13 +829,13 @@ impl Inner {
                     self.read_block(block, &mut cur)?;
                     cur[(lo - start) as usize..(hi - start) as usize]
                         .copy_from_slice(&buf[(lo - offset) as usize..(hi - offset) as usize]);
-                    (Arc::from(cur), 0)
+                    (Arc::new(cur) as SharedBuf, 0)
                 }
             };
-            let tag = self
-                .sb
-                .profile
-                .generate(&self.sb.uuid, block, &data[at..at + bs as usize]);
+            let tag =
+                self.sb
+                    .profile
+                    .generate(&self.sb.uuid, block, &stage::bytes(&data)[at..at + bs as usize]);
             entries.push((block, Staged::Data { buf: data, at, tag }));
         }
         self.stage_entries(entries);
@@ -1117,6 +1155,30 @@ impl Volume {
     /// The write is visible to reads at once and durable after the next [`Volume::flush`].
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.inner.write_at(buf, offset)
+    }
+
+    /// [`Volume::write_at`] that takes ownership of the bytes instead of copying them: the
+    /// whole blocks of the write stay in `data` until they reach the backend, then `data`
+    /// is dropped (a buffer pool can take it back in its `Drop`). Saves one copy per write
+    /// for callers that already own their buffer, such as a network server.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use blockguard::{Volume, FormatOptions, OpenOptions};
+    /// # use blockguard::blockguard_backend::MemoryBackend;
+    /// # let backend = Arc::new(MemoryBackend::new(8 << 20).unwrap());
+    /// # Volume::format(backend.clone(), &FormatOptions::with_size(4 << 20)).unwrap();
+    /// # let volume = Volume::open(backend, &OpenOptions::default()).unwrap();
+    /// volume.write_owned(vec![7u8; 8192], 4096)?;
+    /// let mut back = vec![0u8; 8192];
+    /// volume.read_at(&mut back, 4096)?;
+    /// assert_eq!(back, vec![7u8; 8192]);
+    /// # Ok::<(), blockguard::Error>(())
+    /// ```
+    pub fn write_owned<B: AsRef<[u8]> + Send + Sync + 'static>(&self, data: B, offset: u64) -> Result<()> {
+        let data: SharedBuf = Arc::new(data);
+        self.inner
+            .write_impl(stage::bytes(&data), Some(data.clone()), offset)
     }
 
     /// Makes the range read as zeros. Whole blocks become unwritten (their space is

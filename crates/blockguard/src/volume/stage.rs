@@ -5,12 +5,23 @@ use crate::tag::Tag;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+/// A write request's bytes, shared by all of its staged blocks. Buffers handed over with
+/// `Volume::write_owned` are kept as they are (no copy); the engine drops its reference once
+/// the blocks' data has reached the backend.
+pub(crate) type SharedBuf = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// The bytes of a shared buffer.
+pub(crate) fn bytes(buf: &SharedBuf) -> &[u8] {
+    (**buf).as_ref()
+}
+
 /// One staged block.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub(crate) enum Staged {
     /// New content — one block at byte `at` of a buffer shared by all blocks of the write
-    /// request (one allocation and one copy per request, not per block) — and its tag.
-    Data { buf: Arc<[u8]>, at: usize, tag: Tag },
+    /// request (at most one allocation and one copy per request, none for owned buffers) —
+    /// and its tag.
+    Data { buf: SharedBuf, at: usize, tag: Tag },
     /// The block becomes unwritten (discard / write zeroes): reads as zeros.
     Zero,
 }
@@ -32,7 +43,7 @@ impl Staged {
     /// The block's content, or `None` for a zeroed block.
     pub fn data(&self, block_size: usize) -> Option<&[u8]> {
         match self {
-            Staged::Data { buf, at, .. } => Some(&buf[*at..*at + block_size]),
+            Staged::Data { buf, at, .. } => Some(&bytes(buf)[*at..*at + block_size]),
             Staged::Zero => None,
         }
     }
@@ -72,7 +83,7 @@ mod tests {
 
     fn data(fill: u8) -> Staged {
         Staged::Data {
-            buf: Arc::from(vec![fill; 8]),
+            buf: Arc::new(vec![fill; 8]),
             at: 0,
             tag: UNWRITTEN,
         }
