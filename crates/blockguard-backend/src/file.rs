@@ -484,6 +484,30 @@ fn lock(file: &File, path: &Path, mode: LockMode) -> Result<(), OpenError> {
     }
 }
 
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: starts writeback of the dirty pages in the range
+/// without waiting for it. Neither rustix nor std offer it; measured need: in a sequential
+/// write the commit's next flush otherwise waits for the whole previous batch to reach the
+/// disk (10–25 ms per 32 MiB here) instead of overlapping that with the next batch.
+#[allow(unsafe_code)]
+fn sync_file_range_write(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "range beyond i64"));
+    };
+    loop {
+        // SAFETY: the call takes only integers; the descriptor belongs to `file`, which is
+        // borrowed (so open) for the whole call. No memory is passed to the kernel.
+        let r = unsafe { libc::sync_file_range(file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 impl Backend for FileBackend {
     fn len(&self) -> u64 {
         self.len
@@ -582,6 +606,15 @@ impl Backend for FileBackend {
                 r => return r.map_err(Into::into),
             }
         }
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.read_only || self.direct || len == 0 {
+            // Direct I/O leaves nothing dirty in the page cache.
+            return Ok(());
+        }
+        check_range(offset, len, self.len)?;
+        sync_file_range_write(&self.file, offset, len)
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -772,6 +805,22 @@ mod tests {
         // An all-empty vectored write is a no-op.
         b.write_vectored_at(&[&[][..], &[][..]], 0).unwrap();
         b.write_vectored_at(&[], 1 << 20).unwrap();
+    }
+
+    #[test]
+    fn writeback_hint_checks_its_range_and_changes_nothing_visible() {
+        let dir = scratch();
+        let p = dir.path().join("vol");
+        let b = FileBackend::create(&p, 4 << 20, &rw()).unwrap();
+        b.write_at(&vec![0x5a; 1 << 20], 1 << 20).unwrap();
+        b.start_writeback(1 << 20, 1 << 20).unwrap();
+        b.start_writeback(0, 0).unwrap();
+        let e = b.start_writeback(3 << 20, 2 << 20).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "past the end");
+        let mut got = vec![0u8; 1 << 20];
+        b.read_at(&mut got, 1 << 20).unwrap();
+        assert!(got.iter().all(|&x| x == 0x5a));
+        b.flush().unwrap();
     }
 
     #[test]

@@ -58,6 +58,14 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Makes every write that completed before this call durable.
     fn flush(&self) -> io::Result<()>;
 
+    /// Hints that `len` bytes at `offset`, just written, should start on their way to the
+    /// medium now instead of at the next [`Backend::flush`], so that flush finds less to do.
+    /// Guarantees nothing: durability still takes a flush. The default does nothing.
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+
     /// Makes `len` bytes at `offset` read as zeros.
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()>;
 

@@ -252,6 +252,9 @@ impl Backend for Counting {
         self.stats.write_bytes.fetch_add(buf.len() as u64, Relaxed);
         self.inner.write_at(buf, offset)
     }
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.start_writeback(offset, len)
+    }
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         let bytes: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.stats.writes.fetch_add(1, Relaxed);
