@@ -64,7 +64,10 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Requests in flight per connection before the reader stops reading.
     pub max_inflight_requests: usize,
-    /// Payload bytes in flight per connection before the reader stops reading.
+    /// Payload bytes in flight per connection before the reader stops reading (a single
+    /// larger request is still accepted when nothing else is in flight). Kept small on
+    /// purpose: buffers that cycle quickly stay in the CPU cache; with a 64 MiB bound a
+    /// multi-connection `nbdcopy` out cost ~20 % more CPU per GiB than with 4 MiB.
     pub max_inflight_bytes: usize,
     /// A client must finish the handshake within this time.
     pub handshake_timeout: Duration,
@@ -83,7 +86,7 @@ impl Default for ServerConfig {
             workers: 0,
             max_connections: 512,
             max_inflight_requests: 128,
-            max_inflight_bytes: 64 << 20,
+            max_inflight_bytes: 4 << 20,
             handshake_timeout: Duration::from_secs(30),
             extended_headers: true,
             poll_window: SpinConfig::for_cores(1).window,
