@@ -6,7 +6,8 @@
 #   bench/nbd.sh [WORKDIR]
 #
 # Lines, each run against the three servers back to back (so they share the machine's
-# conditions: other load, page cache):
+# conditions: other load, page cache), in an order rotated every round, each run after a
+# `sync` so no server's writeback spills into another's run:
 #   seq write 1 GiB, 1 MiB blocks, QD 8, then fsync         fio (nbd engine)
 #   seq read  1 GiB, 1 MiB blocks, QD 8                     fio (nbd engine)
 #   nbdcopy in / out 1 GiB (random data; multi-conn)        nbdcopy
@@ -161,34 +162,48 @@ for s in "${servers[@]}"; do
     start_server "$s"
 done
 
+# Before a write run: no dirty pages of an earlier run (any server's) still being written
+# back, so no server pays for another's writes.
+prepare_write() {
+    sync
+}
+
 for round in $(seq "$REPEAT"); do
-    echo "== round $round"
-    for s in "${servers[@]}"; do
+    # Rotate the order every round so no server always runs first (right after another
+    # server's test) or last.
+    shift_by=$(((round - 1) % ${#servers[@]}))
+    order=("${servers[@]:shift_by}" "${servers[@]:0:shift_by}")
+    echo "== round $round (order: ${order[*]})"
+    for s in "${order[@]}"; do
+        prepare_write
         fio_run "$s" "seq write 1M QD8" write 1m 8 1 --end_fsync=1
     done
-    for s in "${servers[@]}"; do
+    for s in "${order[@]}"; do
         prepare_read "$s"
         fio_run "$s" "seq read 1M QD8" read 1m 8 1
     done
-    for s in "${servers[@]}"; do
+    for s in "${order[@]}"; do
+        prepare_write
         timed_mibs "$s" "nbdcopy in" nbdcopy --flush "$src" "$(uri_of "$s")"
     done
-    for s in "${servers[@]}"; do
+    for s in "${order[@]}"; do
         prepare_read "$s"
         timed_mibs "$s" "nbdcopy out" nbdcopy "$(uri_of "$s")" null:
     done
-    for s in "${servers[@]}"; do
+    for s in "${order[@]}"; do
         prepare_read "$s"
         fio_run "$s" "4k randread QD32x4" randread 4k 32 4 --time_based --runtime="$RUNTIME"
     done
-    for s in "${servers[@]}"; do
+    for s in "${order[@]}"; do
+        prepare_write
         fio_run "$s" "4k randwrite QD32x4" randwrite 4k 32 4 --time_based --runtime="$RUNTIME"
     done
-    for s in "${servers[@]}"; do
+    for s in "${order[@]}"; do
         prepare_read "$s"
         fio_run "$s" "4k randread QD1" randread 4k 1 1 --time_based --runtime="$RUNTIME"
     done
-    for s in "${servers[@]}"; do
+    for s in "${order[@]}"; do
+        prepare_write
         fio_run "$s" "4k randwrite QD1" randwrite 4k 1 1 --time_based --runtime="$RUNTIME"
     done
 done
