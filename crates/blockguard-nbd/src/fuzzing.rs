@@ -118,7 +118,7 @@ pub fn handshake_and_requests(data: &[u8]) -> usize {
         match session.handle(&export, &req, payload) {
             Outcome::Disconnect => return handled,
             Outcome::Reply(bytes) => {
-                let mut c = Client::for_replies(Cursor::new(bytes), negotiated.mode);
+                let mut c = Client::for_replies(Cursor::new(bytes.to_vec()), negotiated.mode);
                 c.expect(req.cookie, req.typ, req.length);
                 let reply = c.read_reply().expect("reply must decode");
                 assert_eq!(reply.cookie, req.cookie, "reply to the wrong cookie");

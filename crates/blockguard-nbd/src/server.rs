@@ -19,7 +19,7 @@ use crate::handshake::{Event, ExportInfo, Handshake, HandshakeConfig, ReplyMode}
 use crate::pool::{Job, Pool, Submitter};
 use crate::proto;
 use crate::spin::{SpinConfig, SpinState, Spinners};
-use crate::transmission::{Outcome, Request, Session};
+use crate::transmission::{Outcome, ReplyBytes, Request, Session};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, BufReader, IoSlice, Read, Write};
@@ -736,7 +736,7 @@ struct Inflight {
 #[derive(Default)]
 struct OutQueue {
     /// Encoded replies with the in-flight cost each one releases once written.
-    replies: VecDeque<(Vec<u8>, usize)>,
+    replies: VecDeque<(ReplyBytes, usize)>,
     /// Some thread is sending (it drains `replies` before it stops).
     writing: bool,
     /// A batch the socket did not take without blocking, with the bytes already sent:
@@ -747,7 +747,7 @@ struct OutQueue {
 }
 
 /// Encoded replies, each with the in-flight cost it releases once written.
-type Batch = Vec<(Vec<u8>, usize)>;
+type Batch = Vec<(ReplyBytes, usize)>;
 
 /// Most replies gathered into one vectored write.
 const MAX_BATCH: usize = 64;
@@ -822,7 +822,7 @@ impl Conn {
                 offset = req.offset,
                 "request panicked; answering EIO"
             );
-            Outcome::Reply(panic_reply(&self.session, req))
+            Outcome::Reply(panic_reply(&self.session, req).into())
         })
     }
 
@@ -836,7 +836,7 @@ impl Conn {
 
     /// Sends `reply` now if no other thread is sending, together with whatever is queued;
     /// otherwise queues it for the thread that is.
-    fn complete(&self, reply: Vec<u8>, cost: usize) {
+    fn complete(&self, reply: ReplyBytes, cost: usize) {
         let mut q = lock(&self.queue);
         q.replies.push_back((reply, cost));
         if q.writing {
@@ -873,7 +873,7 @@ impl Conn {
 
     /// Writes as much of `batch` as the socket takes without blocking; returns the bytes
     /// written (all of them when the connection is broken: those replies are dropped).
-    fn send_nonblocking(&self, batch: &[(Vec<u8>, usize)]) -> usize {
+    fn send_nonblocking(&self, batch: &[(ReplyBytes, usize)]) -> usize {
         let total: usize = batch.iter().map(|(b, _)| b.len()).sum();
         if self.broken.load(Ordering::SeqCst) {
             return total;
@@ -943,7 +943,7 @@ impl Conn {
     }
 
     /// Writes `batch` after skipping `skip` bytes already sent, blocking as needed.
-    fn send_blocking(&self, batch: &[(Vec<u8>, usize)], skip: usize) {
+    fn send_blocking(&self, batch: &[(ReplyBytes, usize)], skip: usize) {
         if self.broken.load(Ordering::SeqCst) {
             return;
         }
@@ -970,7 +970,7 @@ impl Conn {
     /// After sending: frees the requests' in-flight budget and keeps their buffers.
     fn recycle(&self, batch: Batch) {
         for (bytes, cost) in batch {
-            self.buffers.give(bytes);
+            self.buffers.give(bytes.into_buffer());
             self.release(cost);
         }
     }

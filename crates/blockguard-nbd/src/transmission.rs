@@ -82,7 +82,7 @@ pub struct Session {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Write these bytes.
-    Reply(Vec<u8>),
+    Reply(ReplyBytes),
     /// `NBD_CMD_DISC`: no reply; finish in-flight requests and close.
     Disconnect,
 }
@@ -204,7 +204,7 @@ impl Session {
                         "request refused"
                     );
                 }
-                Outcome::Reply(rep.error(e.errno, &e.message))
+                Outcome::Reply(rep.error(e.errno, &e.message).into())
             }
         }
     }
@@ -216,7 +216,7 @@ impl Session {
         payload: Payload,
         rep: &Replier,
         buffers: &BufferPool,
-    ) -> Result<Vec<u8>, Failure> {
+    ) -> Result<ReplyBytes, Failure> {
         let fua = req.flags & proto::CMD_FLAG_FUA != 0;
         let extended = self.mode == ReplyMode::Extended;
         let mut allowed = proto::CMD_FLAG_FUA;
@@ -269,14 +269,14 @@ impl Session {
                         export.flush().map_err(Failure::from)?;
                     }
                 }
-                Ok(rep.ok())
+                Ok(rep.ok().into())
             }
             proto::CMD_FLUSH => {
                 if req.offset != 0 || req.length != 0 {
                     return Err(Failure::new(proto::EINVAL, "flush with offset or length"));
                 }
                 export.flush().map_err(Failure::from)?;
-                Ok(rep.ok())
+                Ok(rep.ok().into())
             }
             proto::CMD_TRIM => {
                 if read_only {
@@ -289,7 +289,7 @@ impl Session {
                         export.flush().map_err(Failure::from)?;
                     }
                 }
-                Ok(rep.ok())
+                Ok(rep.ok().into())
             }
             proto::CMD_WRITE_ZEROES => {
                 if read_only {
@@ -314,12 +314,12 @@ impl Session {
                         export.flush().map_err(Failure::from)?;
                     }
                 }
-                Ok(rep.ok())
+                Ok(rep.ok().into())
             }
             proto::CMD_CACHE => {
                 self.check_range(req, proto::EINVAL)?;
                 export.cache(req.offset, req.length).map_err(Failure::from)?;
-                Ok(rep.ok())
+                Ok(rep.ok().into())
             }
             proto::CMD_BLOCK_STATUS => {
                 let Some(ctx) = self.meta_context else {
@@ -329,7 +329,7 @@ impl Session {
                 if req.length == 0 {
                     return Err(Failure::new(proto::EINVAL, "block status of 0 bytes"));
                 }
-                block_status(export, req, ctx, rep)
+                block_status(export, req, ctx, rep).map(Into::into)
             }
             other => Err(Failure::new(proto::EINVAL, format!("unknown command {other}"))),
         }
@@ -395,14 +395,6 @@ struct Replier {
 }
 
 impl Replier {
-    /// Length of a chunk header (structured or extended).
-    fn chunk_header_len(&self) -> usize {
-        match self.mode {
-            ReplyMode::Extended => proto::EXTENDED_REPLY_LEN,
-            _ => proto::STRUCTURED_REPLY_LEN,
-        }
-    }
-
     fn simple(&self, out: &mut Vec<u8>, errno: u32) {
         out.put_u32(proto::SIMPLE_REPLY_MAGIC);
         out.put_u32(errno);
@@ -477,49 +469,103 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// `NBD_CMD_READ`: one buffer holding the reply header followed by the data read in place.
-fn read(export: &dyn Export, req: &Request, rep: &Replier, buffers: &BufferPool) -> Vec<u8> {
+/// Where read data starts in a reply buffer: on a page boundary, not at the odd offset behind
+/// the reply header, so a volume opened with `O_DIRECT` reads straight into it (no bounce
+/// buffer and extra copy) and the kernel's copies work on whole, aligned pages.
+const DATA_ALIGN: usize = 4096;
+
+/// `NBD_CMD_READ`: one buffer holding the reply header followed by the data read in place,
+/// the data page-aligned.
+fn read(export: &dyn Export, req: &Request, rep: &Replier, buffers: &BufferPool) -> ReplyBytes {
     let len = req.length as usize;
+    let mut h = Vec::with_capacity(proto::EXTENDED_REPLY_LEN + 8);
     if rep.mode == ReplyMode::Simple {
-        let mut out = buffers.take(proto::SIMPLE_REPLY_LEN + len);
-        let mut h = Vec::with_capacity(proto::SIMPLE_REPLY_LEN);
         rep.simple(&mut h, 0);
-        out[..h.len()].copy_from_slice(&h);
-        return match export.read_at(&mut out[proto::SIMPLE_REPLY_LEN..], req.offset) {
-            Ok(()) => out,
-            Err(e) => {
-                log_read_failure(&e, req);
+    } else if len == 0 {
+        rep.chunk(&mut h, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, 0);
+        return h.into();
+    } else {
+        rep.chunk(
+            &mut h,
+            proto::REPLY_FLAG_DONE,
+            proto::REPLY_TYPE_OFFSET_DATA,
+            len as u64 + 8,
+        );
+        h.put_u64(req.offset);
+    }
+    let hdr = h.len();
+    // The buffer's old contents are all overwritten: header here, data by the read; the
+    // padding before the header is never sent.
+    let mut out = buffers.take(DATA_ALIGN + hdr + len);
+    let base = out.as_ptr() as usize;
+    let data_at = (base + hdr).next_multiple_of(DATA_ALIGN) - base;
+    debug_assert!(data_at >= hdr && data_at + len <= out.len());
+    let start = data_at - hdr;
+    out[start..data_at].copy_from_slice(&h);
+    out.truncate(data_at + len);
+    match export.read_at(&mut out[data_at..], req.offset) {
+        Ok(()) => ReplyBytes { buf: out, start },
+        Err(e) if e.is_corruption() && rep.mode != ReplyMode::Simple => salvage_read(export, req, rep).into(),
+        Err(e) => {
+            log_read_failure(&e, req);
+            buffers.give(out);
+            if rep.mode == ReplyMode::Simple {
                 // A simple reply carries no payload after an error.
                 let mut out = Vec::with_capacity(proto::SIMPLE_REPLY_LEN);
                 rep.simple(&mut out, errno_of(&e));
-                out
+                out.into()
+            } else {
+                rep.error(errno_of(&e), &e.message).into()
             }
-        };
-    }
-    if len == 0 {
-        let mut out = Vec::new();
-        rep.chunk(&mut out, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, 0);
-        return out;
-    }
-    let hdr = rep.chunk_header_len() + 8;
-    // The buffer's old contents are all overwritten: header here, data by the read.
-    let mut out = buffers.take(hdr + len);
-    let mut h = Vec::with_capacity(hdr);
-    rep.chunk(
-        &mut h,
-        proto::REPLY_FLAG_DONE,
-        proto::REPLY_TYPE_OFFSET_DATA,
-        len as u64 + 8,
-    );
-    h.put_u64(req.offset);
-    out[..hdr].copy_from_slice(&h);
-    match export.read_at(&mut out[hdr..], req.offset) {
-        Ok(()) => out,
-        Err(e) if e.is_corruption() => salvage_read(export, req, rep),
-        Err(e) => {
-            log_read_failure(&e, req);
-            rep.error(errno_of(&e), &e.message)
         }
+    }
+}
+
+/// An encoded reply: the bytes from `start` on are sent (a read reply keeps padding in
+/// front of its header so its data is page-aligned).
+#[derive(Clone)]
+pub struct ReplyBytes {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl ReplyBytes {
+    /// The whole underlying buffer, for reuse.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+impl From<Vec<u8>> for ReplyBytes {
+    fn from(buf: Vec<u8>) -> Self {
+        Self { buf, start: 0 }
+    }
+}
+
+impl std::ops::Deref for ReplyBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+impl PartialEq for ReplyBytes {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for ReplyBytes {}
+
+impl AsRef<[u8]> for ReplyBytes {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl std::fmt::Debug for ReplyBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReplyBytes({} bytes)", self.len())
     }
 }
 
@@ -793,7 +839,7 @@ mod tests {
         let Outcome::Reply(bytes) = s.handle(e, &req, payload) else {
             panic!("no reply")
         };
-        let mut c = Client::for_replies(Cursor::new(bytes), s.mode);
+        let mut c = Client::for_replies(Cursor::new(bytes.to_vec()), s.mode);
         c.expect(req.cookie, req.typ, req.length);
         let r = c.read_reply().expect("reply decodes");
         assert!(c.at_end(), "trailing bytes");
@@ -909,6 +955,31 @@ mod tests {
         let s = session(ReplyMode::Structured, false);
         let r = read(&s, &export(), 1000, 3000);
         assert!(matches!(&r.chunks[..], [Chunk::Data { offset: 1000, data }] if data.len() == 3000));
+    }
+
+    #[test]
+    fn read_data_is_page_aligned_behind_its_header_in_every_mode() {
+        for (mode, hdr) in [
+            (ReplyMode::Simple, proto::SIMPLE_REPLY_LEN),
+            (ReplyMode::Structured, proto::STRUCTURED_REPLY_LEN + 8),
+            (ReplyMode::Extended, proto::EXTENDED_REPLY_LEN + 8),
+        ] {
+            let s = session(mode, false);
+            let e = export();
+            let pool = BufferPool::new(4, 1 << 20);
+            let req = request(&s, proto::CMD_READ, 0, 4096, 8192);
+            let Outcome::Reply(b) = s.handle_with(&e, &req, Payload::from_vec(Vec::new()), &pool) else {
+                panic!("no reply")
+            };
+            assert_eq!(b.len(), hdr + 8192, "{mode:?}");
+            assert_eq!((b.as_ptr() as usize + hdr) % DATA_ALIGN, 0, "{mode:?}");
+            // Reused buffers (at another address) are aligned too.
+            pool.give(b.into_buffer());
+            let Outcome::Reply(b) = s.handle_with(&e, &req, Payload::from_vec(Vec::new()), &pool) else {
+                panic!("no reply")
+            };
+            assert_eq!((b.as_ptr() as usize + hdr) % DATA_ALIGN, 0, "{mode:?}");
+        }
     }
 
     #[test]
