@@ -560,7 +560,10 @@ impl Shared {
         if let Err(e) = writer.set_write_timeout(Some(WRITE_TIMEOUT)) {
             tracing::debug!(error = %e, "cannot set write timeout");
         }
-        let mut reader = BufReader::with_capacity(128 * 1024, stream);
+        // Room for hundreds of request headers per read(2), but small: whatever part of a
+        // write payload the buffer pre-reads costs an extra copy (large payloads are read
+        // straight into their own buffer past that).
+        let mut reader = BufReader::with_capacity(16 * 1024, stream);
         let negotiated = match self.handshake(&mut reader, &mut writer) {
             Ok(Some(n)) => n,
             Ok(None) => return,
