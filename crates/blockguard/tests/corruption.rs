@@ -298,3 +298,45 @@ fn superblock_damage() {
         Err(Error::NotAVolume { .. })
     ));
 }
+
+#[test]
+fn large_batches_written_by_two_threads_land_whole_and_fail_whole() {
+    // 24 MiB in one batch (over the 8 MiB at which a commit writes data on two threads), with
+    // zeroed ranges among the data; then the same with a write error in each half.
+    let mut opts = FormatOptions::with_size(32 << 20);
+    opts.uuid = Some([9; 16]);
+    for fail_at in [None, Some(1u64 << 20), Some(22u64 << 20)] {
+        let backend = Arc::new(FaultBackend::new(opts.backing_len().unwrap()).unwrap());
+        drop(Volume::format(backend.clone(), &opts).unwrap());
+        let vol = Volume::open(backend.clone(), &OpenOptions::default()).unwrap();
+        let mut model = vec![0u8; 24 << 20];
+        for (i, chunk) in model.chunks_mut(1 << 20).enumerate() {
+            for (j, b) in chunk.iter_mut().enumerate() {
+                *b = (i * 7 + j / 4096) as u8 | 1;
+            }
+        }
+        for i in 0..24u64 {
+            let c = &model[(i << 20) as usize..((i + 1) << 20) as usize];
+            vol.write_owned(c.to_vec(), i << 20).unwrap();
+        }
+        for z in [3u64, 12, 20] {
+            vol.write_zeroes(z << 20, 256 << 10).unwrap();
+            model[(z << 20) as usize..((z << 20) + (256 << 10)) as usize].fill(0);
+        }
+        let geo = *vol.geometry();
+        if let Some(at) = fail_at {
+            let off = geo.data_offset(at / u64::from(geo.block_size));
+            backend.fail_writes_at(off..off + 1);
+            assert!(vol.flush().is_err(), "a failed run fails the commit");
+            assert!(matches!(vol.flush(), Err(Error::Failed { .. })));
+            backend.clear_faults();
+            continue;
+        }
+        vol.flush().unwrap();
+        drop(vol);
+        let vol = Volume::open(backend, &OpenOptions::default()).unwrap();
+        let mut back = vec![0xEEu8; 24 << 20];
+        vol.read_at(&mut back, 0).unwrap();
+        assert!(back == model, "large batch read back differs");
+    }
+}

@@ -57,6 +57,16 @@ fn push_block<'a>(run: &mut Vec<(&'a SharedBuf, usize, usize)>, e: &'a Staged, b
 /// next flush: hinting every 4 KiB block of a random batch would cost more than it saves).
 const WRITEBACK_MIN: usize = 256 << 10;
 
+/// Batches with at least this much data are written by two threads.
+const PARALLEL_WRITE_MIN: usize = 8 << 20;
+
+/// A run of neighbouring blocks of one group to write: their bytes, or `None` to zero them.
+struct Run<'a> {
+    off: u64,
+    len: usize,
+    data: Option<Vec<&'a [u8]>>,
+}
+
 /// Most iovecs per vectored write (the kernel's IOV_MAX).
 const MAX_IOV: usize = 1024;
 
@@ -286,7 +296,7 @@ impl Inner {
     /// runs of zeroed blocks one `zero_range`.
     fn write_data(&self, batch: &Batch) -> Result<()> {
         let bs = self.geo.block_size as usize;
-        let align = self.backend.alignment().max(1);
+        let mut runs: Vec<Run<'_>> = Vec::new();
         let mut iter = batch.iter().peekable();
         while let Some((&start, entry)) = iter.next() {
             let zero = matches!(entry, Staged::Zero);
@@ -294,48 +304,81 @@ impl Inner {
             let group_end = self.geo.first_block(group) + self.geo.blocks_in_group(group) as u64;
             // Neighbouring blocks staged by one request sit side by side in one buffer: they
             // become a single iovec.
-            let mut run: Vec<(&SharedBuf, usize, usize)> = Vec::new();
-            push_block(&mut run, entry, bs);
+            let mut pieces: Vec<(&SharedBuf, usize, usize)> = Vec::new();
+            push_block(&mut pieces, entry, bs);
             let mut end = start + 1;
             while let Some((&b, e)) = iter.peek() {
                 let same_kind = matches!(e, Staged::Zero) == zero;
-                if b != end || b >= group_end || !same_kind || run.len() >= MAX_IOV {
+                if b != end || b >= group_end || !same_kind || pieces.len() >= MAX_IOV {
                     break;
                 }
-                push_block(&mut run, e, bs);
+                push_block(&mut pieces, e, bs);
                 end += 1;
                 iter.next();
             }
-            let run: Vec<&[u8]> = run.iter().map(|(b, lo, hi)| &bytes(b)[*lo..*hi]).collect();
-            let off = self.geo.data_offset(start);
             let len = (end - start) as usize * bs;
-            debug_assert!(zero || run.iter().map(|r| r.len()).sum::<usize>() == len);
-            if zero {
-                self.backend
-                    .zero_range(off, len as u64)
-                    .map_err(self.io_err("zeroing data", off))?;
-            } else if align > 1 {
-                let mut buf = aligned(len, align);
-                let mut at = 0;
-                for d in &run {
-                    buf.as_mut()[at..at + d.len()].copy_from_slice(d);
-                    at += d.len();
-                }
-                self.backend
-                    .write_at(buf.as_ref(), off)
-                    .map_err(self.io_err("writing data", off))?;
-            } else {
-                self.backend
-                    .write_vectored_at(&run, off)
-                    .map_err(self.io_err("writing data", off))?;
+            let data: Vec<&[u8]> = pieces.iter().map(|(b, lo, hi)| &bytes(b)[*lo..*hi]).collect();
+            debug_assert!(zero || data.iter().map(|r| r.len()).sum::<usize>() == len);
+            runs.push(Run {
+                off: self.geo.data_offset(start),
+                len,
+                data: (!zero).then_some(data),
+            });
+        }
+        let total: usize = runs.iter().filter(|r| r.data.is_some()).map(|r| r.len).sum();
+        if total < PARALLEL_WRITE_MIN || runs.len() < 2 || rayon::current_num_threads() < 2 {
+            return runs.iter().try_for_each(|r| self.write_run(r));
+        }
+        // Copying a large batch into the page cache is the longest step of a commit and runs
+        // while writers wait for room in the stage: two threads halve it.
+        let mut half = 0;
+        let split = runs
+            .iter()
+            .position(|r| {
+                half += r.data.as_ref().map_or(0, |_| r.len);
+                half >= total / 2
+            })
+            .map_or(runs.len(), |p| p + 1)
+            .min(runs.len() - 1);
+        let (first, second) = runs.split_at(split);
+        let (a, b) = rayon::join(
+            || first.iter().try_for_each(|r| self.write_run(r)),
+            || second.iter().try_for_each(|r| self.write_run(r)),
+        );
+        a.and(b)
+    }
+
+    /// Writes one run of neighbouring blocks (or zeroes it) and hints its writeback.
+    fn write_run(&self, run: &Run<'_>) -> Result<()> {
+        let (off, len) = (run.off, run.len);
+        let Some(data) = &run.data else {
+            return self
+                .backend
+                .zero_range(off, len as u64)
+                .map_err(self.io_err("zeroing data", off));
+        };
+        let align = self.backend.alignment().max(1);
+        if align > 1 {
+            let mut buf = aligned(len, align);
+            let mut at = 0;
+            for d in data {
+                buf.as_mut()[at..at + d.len()].copy_from_slice(d);
+                at += d.len();
             }
-            if !zero && len >= WRITEBACK_MIN {
-                // Let the disk start on this run while the next batch is staged, so the
-                // flush that must precede the next metadata write finds it mostly done. A
-                // failure here also shows at that flush, which is where it counts.
-                if let Err(e) = self.backend.start_writeback(off, len as u64) {
-                    tracing::debug!(volume = %self.name, offset = off, "writeback hint failed: {e}");
-                }
+            self.backend
+                .write_at(buf.as_ref(), off)
+                .map_err(self.io_err("writing data", off))?;
+        } else {
+            self.backend
+                .write_vectored_at(data, off)
+                .map_err(self.io_err("writing data", off))?;
+        }
+        if len >= WRITEBACK_MIN {
+            // Let the disk start on this run while the next batch is staged, so the flush
+            // that must precede the next metadata write finds it mostly done. A failure here
+            // also shows at that flush, which is where it counts.
+            if let Err(e) = self.backend.start_writeback(off, len as u64) {
+                tracing::debug!(volume = %self.name, offset = off, "writeback hint failed: {e}");
             }
         }
         Ok(())
