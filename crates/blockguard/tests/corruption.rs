@@ -300,9 +300,9 @@ fn superblock_damage() {
 }
 
 #[test]
-fn large_batches_written_by_two_threads_land_whole_and_fail_whole() {
-    // 24 MiB in one batch (over the 8 MiB at which a commit writes data on two threads), with
-    // zeroed ranges among the data; then the same with a write error in each half.
+fn large_batches_land_whole_and_fail_whole() {
+    // 24 MiB in one batch of many runs, with zeroed ranges among the data; then the same with
+    // a write error near its start and near its end.
     let mut opts = FormatOptions::with_size(32 << 20);
     opts.uuid = Some([9; 16]);
     for fail_at in [None, Some(1u64 << 20), Some(22u64 << 20)] {

@@ -57,9 +57,6 @@ fn push_block<'a>(run: &mut Vec<(&'a SharedBuf, usize, usize)>, e: &'a Staged, b
 /// next flush: hinting every 4 KiB block of a random batch would cost more than it saves).
 const WRITEBACK_MIN: usize = 256 << 10;
 
-/// Batches with at least this much data are written by two threads.
-const PARALLEL_WRITE_MIN: usize = 8 << 20;
-
 /// A run of neighbouring blocks of one group to write: their bytes, or `None` to zero them.
 struct Run<'a> {
     off: u64,
@@ -325,27 +322,9 @@ impl Inner {
                 data: (!zero).then_some(data),
             });
         }
-        let total: usize = runs.iter().filter(|r| r.data.is_some()).map(|r| r.len).sum();
-        if total < PARALLEL_WRITE_MIN || runs.len() < 2 || rayon::current_num_threads() < 2 {
-            return runs.iter().try_for_each(|r| self.write_run(r));
-        }
-        // Copying a large batch into the page cache is the longest step of a commit and runs
-        // while writers wait for room in the stage: two threads halve it.
-        let mut half = 0;
-        let split = runs
-            .iter()
-            .position(|r| {
-                half += r.data.as_ref().map_or(0, |_| r.len);
-                half >= total / 2
-            })
-            .map_or(runs.len(), |p| p + 1)
-            .min(runs.len() - 1);
-        let (first, second) = runs.split_at(split);
-        let (a, b) = rayon::join(
-            || first.iter().try_for_each(|r| self.write_run(r)),
-            || second.iter().try_for_each(|r| self.write_run(r)),
-        );
-        a.and(b)
+        // One thread: buffered writes to one file serialize on its inode lock, so a second
+        // writer thread only spins on that lock (tried: more CPU, no gain).
+        runs.iter().try_for_each(|r| self.write_run(r))
     }
 
     /// Writes one run of neighbouring blocks (or zeroes it) and hints its writeback.
