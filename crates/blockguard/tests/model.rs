@@ -335,3 +335,35 @@ fn owned_buffers_are_kept_until_their_data_is_written_then_released() {
     vol.read_at(&mut again, 0).unwrap();
     assert_eq!(again, back, "the owned bytes are what reached the disk");
 }
+
+#[test]
+fn memory_pinned_by_partly_overwritten_buffers_counts_against_the_stage() {
+    // Each round stages a 1 MiB buffer and then zeroes all but its first block: only one 4 KiB
+    // block stays staged, but it keeps the whole 1 MiB alive. If the stage counted blocks
+    // instead of buffers, 64 rounds would pin 64 MiB behind a 4 MiB stage.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let opts = FormatOptions::with_size(80 << 20);
+    let backend = Arc::new(MemoryBackend::new(opts.backing_len().unwrap()).unwrap());
+    drop(Volume::format(backend.clone(), &opts).unwrap());
+    let open = OpenOptions {
+        stage_bytes: 4 << 20,
+        background_commit: false,
+        ..OpenOptions::default()
+    };
+    let vol = Volume::open(backend, &open).unwrap();
+    let drops = Arc::new(AtomicUsize::new(0));
+    let mut most_alive = 0;
+    for i in 0..64u64 {
+        vol.write_owned(Tracked(vec![i as u8 | 1; 1 << 20], drops.clone()), i << 20)
+            .unwrap();
+        vol.write_zeroes((i << 20) + 4096, (1 << 20) - 4096).unwrap();
+        most_alive = most_alive.max(i as usize + 1 - drops.load(Ordering::SeqCst));
+    }
+    assert!(
+        most_alive <= 5,
+        "{most_alive} MiB of buffers pinned behind a 4 MiB stage"
+    );
+    let mut b = vec![0u8; 8192];
+    vol.read_at(&mut b, 63 << 20).unwrap();
+    assert!(b[..4096].iter().all(|&x| x == 63 | 1) && b[4096..].iter().all(|&x| x == 0));
+}

@@ -104,8 +104,7 @@ impl Inner {
                 return Ok(());
             }
             debug_assert!(stage.committing.is_none(), "commits are serialized");
-            let batch = Arc::new(std::mem::take(&mut stage.active));
-            stage.active_bytes = 0;
+            let batch = Arc::new(stage.take_active());
             stage.committing = Some(batch.clone());
             batch
         };

@@ -844,10 +844,9 @@ impl Inner {
     }
 
     fn stage_entries(&self, entries: Vec<(u64, Staged)>) {
-        let bs = self.geo.block_size as usize;
         let mut stage = lock(&self.stage);
         for (block, entry) in entries {
-            stage.put(block, entry, bs);
+            stage.put(block, entry);
         }
     }
 

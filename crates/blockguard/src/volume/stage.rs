@@ -2,7 +2,7 @@
 //! metadata flush that must precede their data is paid once per batch, not once per write.
 
 use crate::tag::Tag;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// A write request's bytes, shared by all of its staged blocks. Buffers handed over with
@@ -35,8 +35,19 @@ pub(crate) type Batch = BTreeMap<u64, Staged>;
 #[derive(Default)]
 pub(crate) struct Stage {
     pub active: Batch,
+    /// Memory the active batch keeps alive: the whole length of every distinct buffer its
+    /// entries point into. A request's buffer counts once for all its blocks, and in full for
+    /// as long as any one of them is staged — so rewriting all but one block of a large write
+    /// cannot pin far more memory than the stage limit allows.
     pub active_bytes: usize,
+    /// The active batch's buffers, by address: (length, entries pointing into it).
+    buffers: HashMap<usize, (usize, usize)>,
     pub committing: Option<Arc<Batch>>,
+}
+
+/// Identifies a buffer while any entry holds it (its address cannot be reused meanwhile).
+fn key(buf: &SharedBuf) -> usize {
+    Arc::as_ptr(buf) as *const () as usize
 }
 
 impl Staged {
@@ -64,15 +75,33 @@ impl Stage {
 
     /// Stages `entry` for `block`, replacing any older staged version (within a batch a block
     /// has exactly one new version, which is what the two brothers can describe).
-    pub fn put(&mut self, block: u64, entry: Staged, block_size: usize) {
-        let added = match entry {
-            Staged::Data { .. } => block_size,
-            Staged::Zero => 0,
-        };
-        if let Some(Staged::Data { .. }) = self.active.insert(block, entry) {
-            self.active_bytes -= block_size;
+    pub fn put(&mut self, block: u64, entry: Staged) {
+        if let Staged::Data { buf, .. } = &entry {
+            let (len, refs) = self.buffers.entry(key(buf)).or_insert((bytes(buf).len(), 0));
+            if *refs == 0 {
+                self.active_bytes += *len;
+            }
+            *refs += 1;
         }
-        self.active_bytes += added;
+        if let Some(Staged::Data { buf, .. }) = self.active.insert(block, entry) {
+            let k = key(&buf);
+            if let Some((len, refs)) = self.buffers.get_mut(&k) {
+                *refs -= 1;
+                if *refs == 0 {
+                    self.active_bytes -= *len;
+                    self.buffers.remove(&k);
+                }
+            } else {
+                debug_assert!(false, "a staged buffer was not counted");
+            }
+        }
+    }
+
+    /// Takes the active batch (to commit it), leaving an empty one.
+    pub fn take_active(&mut self) -> Batch {
+        self.buffers.clear();
+        self.active_bytes = 0;
+        std::mem::take(&mut self.active)
     }
 }
 
@@ -93,16 +122,47 @@ mod tests {
     fn newest_version_wins_and_bytes_are_counted() {
         let mut s = Stage::default();
         assert!(s.is_empty());
-        s.put(3, data(1), 8);
-        s.put(3, data(2), 8);
+        s.put(3, data(1));
+        s.put(3, data(2));
         assert_eq!(s.active_bytes, 8);
         assert!(s.get(3).and_then(|e| e.data(8)) == Some(&[2u8; 8][..]));
-        s.put(3, Staged::Zero, 8);
+        s.put(3, Staged::Zero);
         assert_eq!(s.active_bytes, 0);
-        let batch = std::mem::take(&mut s.active);
+        let batch = s.take_active();
         s.committing = Some(Arc::new(batch));
         assert!(matches!(s.get(3), Some(Staged::Zero)));
-        s.put(3, data(4), 8);
+        s.put(3, data(4));
         assert!(s.get(3).and_then(|e| e.data(8)) == Some(&[4u8; 8][..]));
+    }
+
+    #[test]
+    fn a_shared_buffer_counts_once_and_whole_until_its_last_block_leaves() {
+        let mut s = Stage::default();
+        let big: SharedBuf = Arc::new(vec![7u8; 4 * 8]);
+        for (i, b) in (10..14).enumerate() {
+            s.put(
+                b,
+                Staged::Data {
+                    buf: big.clone(),
+                    at: i * 8,
+                    tag: UNWRITTEN,
+                },
+            );
+        }
+        assert_eq!(s.active_bytes, 32, "four blocks of one buffer: counted once");
+        for b in 10..13 {
+            s.put(b, data(1));
+        }
+        assert_eq!(
+            s.active_bytes,
+            32 + 3 * 8,
+            "one block still pins the whole buffer"
+        );
+        s.put(13, Staged::Zero);
+        assert_eq!(s.active_bytes, 3 * 8, "released with its last block");
+        assert_eq!(s.take_active().len(), 4);
+        assert_eq!(s.active_bytes, 0);
+        s.put(1, data(2));
+        assert_eq!(s.active_bytes, 8);
     }
 }
