@@ -36,6 +36,8 @@ pub struct Summary {
     pub compat: u64,
     pub ro_compat: u64,
     pub incompat: u64,
+    /// `clean`, or `in-use` (open for writing, or not closed cleanly).
+    pub state: &'static str,
     pub geometry: blockguard::Geometry,
 }
 
@@ -66,6 +68,10 @@ pub fn summary(sb: &Superblock, path: &Path) -> Summary {
         compat: sb.compat,
         ro_compat: sb.ro_compat,
         incompat: sb.incompat,
+        state: match sb.state {
+            blockguard::format::VolumeState::Clean => "clean",
+            blockguard::format::VolumeState::InUse => "in-use",
+        },
         geometry: sb.geometry,
     }
 }
@@ -122,6 +128,14 @@ pub fn run(args: InfoArgs) -> Result<()> {
     println!(
         "features:      compat {:#x} ro_compat {:#x} incompat {:#x}",
         s.compat, s.ro_compat, s.incompat
+    );
+    println!(
+        "state:         {}",
+        if s.state == "clean" {
+            "clean"
+        } else {
+            "in use (open for writing, or not closed cleanly: `blockguard recover` settles it)"
+        }
     );
     for w in &dump.warnings {
         println!("warning:       {w}");

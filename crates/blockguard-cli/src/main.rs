@@ -5,6 +5,7 @@ mod common;
 mod format;
 mod info;
 mod mount;
+mod recover;
 mod serve;
 mod transfer;
 
@@ -33,6 +34,9 @@ enum Command {
     Export(transfer::ExportArgs),
     /// Verify every block; exit 0 clean, 1 corruption found, 2 usage or I/O error.
     Check(check::CheckArgs),
+    /// After an unclean shutdown: settle every group against the disk and mark the volume
+    /// clean, so later sessions accept only the newest tags again.
+    Recover(recover::RecoverArgs),
     /// Serve a volume over NBD (TCP or a Unix socket).
     Serve(serve::ServeArgs),
     /// Expose a volume as a single file through FUSE (for losetup).
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Command::Import(a) => transfer::run_import(a),
         Command::Export(a) => transfer::run_export(a),
         Command::Serve(a) => serve::run(a),
+        Command::Recover(a) => recover::run(a),
         Command::Mount(a) => mount::run(a),
         Command::Umount(a) => mount::run_umount(a),
         Command::Check(a) => match check::run(a) {

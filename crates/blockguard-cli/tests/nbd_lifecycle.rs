@@ -79,6 +79,17 @@ fn sigkill_then_reopen_keeps_flushed_writes_and_checks_clean() {
     drop(c);
     // Reopens without complaint; every block verifies.
     run(BIN, &["check", vol.to_str().unwrap()]);
+    // Not closed cleanly; recovery settles it and marks it clean, once.
+    let v = vol.to_str().unwrap();
+    let info = String::from_utf8_lossy(&run(BIN, &["info", v]).stdout).into_owned();
+    assert!(info.contains("state:         in use"), "{info}");
+    let out = String::from_utf8_lossy(&run(BIN, &["recover", v]).stdout).into_owned();
+    assert!(out.contains("recovered and marked clean"), "{out}");
+    let info = String::from_utf8_lossy(&run(BIN, &["info", v]).stdout).into_owned();
+    assert!(info.contains("state:         clean"), "{info}");
+    let again = String::from_utf8_lossy(&run(BIN, &["recover", v, "--json"]).stdout).into_owned();
+    assert!(again.contains("\"already_clean\": true"), "{again}");
+    run(BIN, &["check", v]);
     let srv = Served::start(&vol, &[]);
     let mut c = client(&srv);
     assert!(c.read(1 << 20, 1 << 20).unwrap().unwrap() == flushed);

@@ -30,4 +30,6 @@ pub use blockguard_backend;
 pub use error::{CorruptionKind, Error, Result};
 pub use format::{Geometry, Mode, Superblock};
 pub use tag::Profile;
-pub use volume::{BlockProblem, BlockReport, Extent, FormatOptions, OpenOptions, SlotReport, Volume};
+pub use volume::{
+    BlockProblem, BlockReport, Extent, FormatOptions, OpenOptions, RecoveryReport, SlotReport, Volume,
+};

@@ -12,6 +12,7 @@
 //! A failing case prints its seed; replay with `BLOCKGUARD_SEED=<seed>`.
 
 use blockguard::blockguard_backend::{Backend, FaultBackend, MemoryBackend};
+use blockguard::format::VolumeState;
 use blockguard::{FormatOptions, Mode, OpenOptions, Volume};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -172,20 +173,32 @@ impl Run {
     }
 
     /// Reopens `image` and checks every block. Returns violations as text.
-    /// With `cycle`, the volume is first opened read-write, block 0 rewritten, and closed: a
-    /// second session after the crash must not settle groups it did not rewrite.
+    /// With `Session::Cycle`, the volume is first opened read-write, block 0 rewritten, and
+    /// closed: a second session after the crash must not settle groups it did not rewrite.
+    /// With `Session::Recover`, it is first recovered and closed: it must then be clean, and
+    /// (now accepting only the newest tags) still read every intact block.
     fn check_image(
         &self,
         image: Vec<u8>,
         allowed: &[HashSet<u64>],
         all_versions: &[HashSet<u64>],
-        cycle: bool,
+        session: Session,
     ) -> Vec<String> {
         let mut bad = Vec::new();
         let backend = Arc::new(MemoryBackend::from_vec(image));
         let mut allowed = allowed.to_vec();
         let mut all_versions = all_versions.to_vec();
-        if cycle {
+        if session == Session::Recover {
+            match Volume::open(backend.clone(), &OpenOptions::default()) {
+                Ok(v) => {
+                    if let Err(e) = v.recover(|_| {}).and_then(|_| v.close()) {
+                        return vec![format!("recovery failed: {e}")];
+                    }
+                }
+                Err(e) => return vec![format!("volume does not open read-write: {e}")],
+            }
+        }
+        if session == Session::Cycle {
             let marker = vec![0xA5u8; self.block_size];
             match Volume::open(backend.clone(), &OpenOptions::default()) {
                 Ok(v) => {
@@ -208,6 +221,9 @@ impl Run {
             Ok(v) => v,
             Err(e) => return vec![format!("volume does not open: {e}")],
         };
+        if session == Session::Recover && vol.superblock().state != VolumeState::Clean {
+            bad.push("not marked clean after recovery".to_string());
+        }
         let bs = self.block_size;
         let geo = *vol.geometry();
         let mut buf = vec![0u8; bs];
@@ -230,6 +246,17 @@ impl Run {
         }
         bad
     }
+}
+
+/// What happens to a crash image between the crash and the check.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Session {
+    /// Nothing: checked as found.
+    None,
+    /// A read-write session rewrites block 0 and closes.
+    Cycle,
+    /// `Volume::recover`, then close.
+    Recover,
 }
 
 struct Totals {
@@ -266,9 +293,14 @@ fn simulate(
         let allowed = cache.entry(n).or_insert_with(|| run.allowed(n)).clone();
         let mut check = |image: Vec<u8>, how: &str| {
             totals.states += 1;
-            // Every third state also goes through a read-write session before the check.
-            let cycle = totals.states.is_multiple_of(3);
-            for v in run.check_image(image, &allowed, &all_versions, cycle) {
+            // A third of the states go through a read-write session before the check, a
+            // third through recovery.
+            let session = match totals.states % 3 {
+                0 => Session::Cycle,
+                1 => Session::Recover,
+                _ => Session::None,
+            };
+            for v in run.check_image(image, &allowed, &all_versions, session) {
                 totals
                     .violations
                     .push(format!("seed {seed}, crash after event {n} ({how}): {v}"));

@@ -41,6 +41,13 @@ impl MetaCache {
         }
     }
 
+    /// Forgets every cached group (they are reloaded from disk when next needed).
+    pub fn clear(&self) {
+        for shard in &self.shards {
+            shard.lock().unwrap_or_else(|e| e.into_inner()).map.clear();
+        }
+    }
+
     /// Locks the shard of `group`.
     pub fn lock(&self, group: u64) -> ShardGuard<'_> {
         let shard = self.shards[(group % SHARDS as u64) as usize]

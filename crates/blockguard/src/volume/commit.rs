@@ -29,7 +29,7 @@ use std::sync::Arc;
 #[derive(Default)]
 pub(crate) struct CommitState {
     /// Epoch of the last commit.
-    epoch: u64,
+    pub(crate) epoch: u64,
     /// Data was written to the backend since the last completed flush.
     data_unflushed: bool,
     /// The groups that data was written to since the last completed flush (a subset of the
@@ -234,7 +234,7 @@ impl Inner {
     /// that this batch does not overwrite, keep the tag its on-disk data actually matches.
     /// Otherwise the new brother (a copy of the newest) would replace the only tag describing
     /// data whose newer version never landed.
-    fn resolve_unsettled(
+    pub(crate) fn resolve_unsettled(
         &self,
         group: u64,
         state: &GroupState,
@@ -378,7 +378,7 @@ impl Inner {
     }
 
     /// Records a completed flush that covered the data of every batch up to `epoch`.
-    fn flushed(&self, state: &mut CommitState, epoch: u64) {
+    pub(crate) fn flushed(&self, state: &mut CommitState, epoch: u64) {
         debug_assert!(epoch <= state.epoch);
         state.data_unflushed = false;
         state.unflushed_groups.clear();

@@ -7,7 +7,10 @@
 mod cache;
 mod commit;
 mod group;
+mod recover;
 mod stage;
+
+pub use recover::RecoveryReport;
 
 use crate::error::{CorruptionKind, Error, Result};
 use crate::format::{
@@ -161,9 +164,9 @@ pub(crate) struct Inner {
     commit: Mutex<commit::CommitState>,
     /// Highest commit epoch whose data is known durable.
     durable_epoch: AtomicU64,
-    /// The volume was closed cleanly before this open: groups loaded from disk are settled
-    /// (their newest metadata describes durable data).
-    opened_clean: bool,
+    /// Groups loaded from disk are settled (their newest metadata describes durable data):
+    /// the volume was closed cleanly before this open, or has been recovered since.
+    trusted: AtomicBool,
     /// Set once when a write-back fails (see `Inner::fail`).
     failure: std::sync::OnceLock<String>,
     /// Set by writers when the stage is full, to wake the committer thread.
@@ -425,7 +428,7 @@ impl Volume {
             stage_limit: opts.stage_bytes.max(geo.block_size as usize),
             commit: Mutex::new(commit::CommitState::default()),
             durable_epoch: AtomicU64::new(0),
-            opened_clean: sb.state == VolumeState::Clean,
+            trusted: AtomicBool::new(sb.state == VolumeState::Clean),
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             reads_active: AtomicUsize::new(0),
             backend,
@@ -520,7 +523,7 @@ impl Inner {
         Ok(GroupState {
             slots,
             // Epoch 0 is settled from the start; `None` never is.
-            written_epoch: self.opened_clean.then_some(0),
+            written_epoch: self.trusted.load(Ordering::Acquire).then_some(0),
         })
     }
 
@@ -1083,9 +1086,9 @@ impl Inner {
         self.failed()?;
         self.commit_locked(&mut state)?;
         self.flush_locked(&mut state)?;
-        // Clean only if this session started clean: after a crash, groups this session never
-        // rewrote may still need their older brother's tags.
-        if state.marked_in_use && self.opened_clean {
+        // Clean only if this session started clean or recovered: after a crash, groups this
+        // session never rewrote may still need their older brother's tags.
+        if state.marked_in_use && self.trusted.load(Ordering::Acquire) {
             self.write_superblocks(VolumeState::Clean, "marking the volume clean")?;
             state.marked_in_use = false;
         }
@@ -1211,6 +1214,17 @@ impl Volume {
     /// Where `block` lives and what both metadata copies say about it.
     pub fn inspect_block(&self, block: u64) -> Result<BlockReport> {
         self.inner.inspect_block(block)
+    }
+
+    /// After an unclean shutdown: settles every group against the disk (one read of each
+    /// block whose two metadata copies disagree, a new metadata copy where the newest one
+    /// describes a version that never landed) and marks the volume clean, so only the newest
+    /// tags are accepted from then on and lost or misdirected writes of the last batch
+    /// before the crash are caught. Does nothing on a volume that was closed cleanly. Safe to
+    /// interrupt (a crash during recovery leaves the volume as recoverable as before).
+    /// `progress` is called with the number of groups done.
+    pub fn recover(&self, progress: impl FnMut(u64)) -> Result<RecoveryReport> {
+        self.inner.recover(progress)
     }
 
     /// Flushes and closes the volume, marking it clean when that is safe.
