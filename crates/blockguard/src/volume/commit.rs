@@ -53,6 +53,9 @@ fn push_block<'a>(run: &mut Vec<(&'a SharedBuf, usize, usize)>, e: &'a Staged, b
     }
 }
 
+/// A group's new metadata: (group, slot, the state to install, the encoded block).
+pub(crate) type MetaUpdate = (u64, usize, Arc<GroupState>, Vec<u8>);
+
 /// Data runs at least this long get an early writeback hint (smaller ones are left to the
 /// next flush: hinting every 4 KiB block of a random batch would cost more than it saves).
 const WRITEBACK_MIN: usize = 256 << 10;
@@ -137,7 +140,7 @@ impl Inner {
         let ts = self.geo.tag_size as usize;
 
         // Build the new metadata of every touched group.
-        let mut updates: Vec<(u64, usize, Arc<GroupState>, Vec<u8>)> = Vec::new();
+        let mut updates: Vec<MetaUpdate> = Vec::new();
         let mut entries = batch.iter().peekable();
         while let Some((&block, _)) = entries.peek() {
             let (group, _) = self.geo.group_of(block);
@@ -267,7 +270,7 @@ impl Inner {
         Ok(())
     }
 
-    fn write_metadata(&self, updates: &[(u64, usize, Arc<GroupState>, Vec<u8>)]) -> Result<()> {
+    pub(crate) fn write_metadata(&self, updates: &[MetaUpdate]) -> Result<()> {
         let align = self.backend.alignment().max(1);
         for (group, slot, _, bytes) in updates {
             let off = self.geo.meta_offset(*group, *slot);
@@ -282,7 +285,7 @@ impl Inner {
 
     /// Publishes the new metadata to readers. Done after the metadata is on the backend and
     /// before the data, so a reader that sees new data also sees the tag that covers it.
-    fn install(&self, updates: &[(u64, usize, Arc<GroupState>, Vec<u8>)]) {
+    pub(crate) fn install(&self, updates: &[MetaUpdate]) {
         for (group, _, new_state, _) in updates {
             self.cache.lock(*group).put(*group, new_state.clone());
         }
@@ -367,14 +370,18 @@ impl Inner {
         if !state.data_unflushed {
             return Ok(());
         }
-        if let Err(e) = self.backend.flush() {
-            // The kernel may have dropped the dirty pages it failed to write: a later flush
-            // succeeding would not mean our data is there.
-            self.fail(format!("flush failed: {e}"));
-            return Err(self.io_err("flushing", 0)(e));
-        }
+        self.flush_or_fail("flushing")?;
         self.flushed(state, state.epoch);
         Ok(())
+    }
+
+    /// Flushes the backend; a failure fails the volume: the kernel may have dropped the dirty
+    /// pages it could not write, so a later flush succeeding would not mean our data is there.
+    pub(crate) fn flush_or_fail(&self, during: &'static str) -> Result<()> {
+        self.backend.flush().map_err(|e| {
+            self.fail(format!("flush failed: {e}"));
+            self.io_err(during, 0)(e)
+        })
     }
 
     /// Records a completed flush that covered the data of every batch up to `epoch`.

@@ -15,8 +15,9 @@
 //! pair or (old newest, new) with consecutive generations — both accepted exactly as before.
 //! The volume is marked clean only after the final flush.
 
+use super::commit::MetaUpdate;
 use super::stage::Batch;
-use super::{aligned, group::GroupState, lock, Inner};
+use super::{group::GroupState, lock, Inner};
 use crate::error::{Error, Result};
 use crate::format::{MetaParse, Mode, VolumeState};
 use std::sync::atomic::Ordering;
@@ -53,10 +54,7 @@ impl Inner {
         // What recovery reads must be what the disk holds, not pages the kernel has yet to
         // write (a killed process leaves those behind): stage out, then flush unconditionally.
         self.commit_locked(&mut state)?;
-        if let Err(e) = self.backend.flush() {
-            self.fail(format!("flush failed: {e}"));
-            return Err(self.io_err("flushing before recovery", 0)(e));
-        }
+        self.flush_or_fail("flushing before recovery")?;
         let epoch = state.epoch;
         self.flushed(&mut state, epoch);
         let mut report = RecoveryReport::default();
@@ -67,7 +65,7 @@ impl Inner {
         let ts = self.geo.tag_size as usize;
         let bs = self.geo.block_size as usize;
         let none = Batch::new();
-        let mut rewritten: Vec<(u64, Arc<GroupState>)> = Vec::new();
+        let mut rewritten: Vec<MetaUpdate> = Vec::new();
         for group in 0..self.geo.groups {
             report.groups_examined += 1;
             let old = self.group(group)?;
@@ -94,22 +92,18 @@ impl Inner {
             if reverted == 0 {
                 continue;
             }
-            let mut buf = aligned(bs, self.backend.alignment().max(1));
-            next.base
-                .encode(buf.as_mut(), &self.sb.uuid, group, next.slot, ts);
-            let off = self.geo.meta_offset(group, next.slot);
-            self.backend
-                .write_at(buf.as_ref(), off)
-                .map_err(self.io_err("writing recovered metadata", off))?;
+            let mut bytes = vec![0u8; bs];
+            next.base.encode(&mut bytes, &self.sb.uuid, group, next.slot, ts);
             let mut slots = old.slots.clone();
             slots[next.slot] = MetaParse::Valid(next.base);
-            rewritten.push((
-                group,
-                Arc::new(GroupState {
-                    slots,
-                    written_epoch: Some(0),
-                }),
-            ));
+            let state = Arc::new(GroupState {
+                slots,
+                written_epoch: Some(0),
+            });
+            let update = (group, next.slot, state, bytes);
+            self.write_metadata(std::slice::from_ref(&update))?;
+            // Only the state is kept, to install after the flush; not the encoded block.
+            rewritten.push((update.0, update.1, update.2, Vec::new()));
             report.groups_rewritten += 1;
             report.blocks_reverted += reverted;
             if group % 64 == 0 {
@@ -117,17 +111,12 @@ impl Inner {
             }
         }
         progress(self.geo.groups);
-        if let Err(e) = self.backend.flush() {
-            self.fail(format!("flush failed: {e}"));
-            return Err(self.io_err("flushing recovered metadata", 0)(e));
-        }
+        self.flush_or_fail("flushing recovered metadata")?;
         // Every group now describes what the disk holds: trust the newest tags from here on,
         // for groups loaded later too.
         self.trusted.store(true, Ordering::Release);
         self.cache.clear();
-        for (group, st) in rewritten {
-            self.cache.lock(group).put(group, st);
-        }
+        self.install(&rewritten);
         self.write_superblocks(VolumeState::Clean, "marking the volume clean after recovery")?;
         state.marked_in_use = false;
         tracing::info!(volume = %self.name, ?report, "recovered");
