@@ -22,18 +22,44 @@
 //! image on a [`MemoryBackend`](crate::MemoryBackend).
 //!
 //! # Injected faults
-//! Bit rot ([`FaultBackend::flip_bit`]), misdirected writes, lost writes, I/O errors on reads,
-//! writes and flushes, and a crash that freezes the backend ([`FaultBackend::crash_now`]).
+//! On the medium (persistent, recorded in the history):
+//! - bit rot ([`FaultBackend::flip_bit`]);
+//! - misdirected writes ([`FaultBackend::misdirect_next_write`], a rule, a rate);
+//! - lost writes ([`FaultBackend::lose_next_write`], a rate);
+//! - torn writes without a crash ([`FaultBackend::tear_next_write`],
+//!   [`FaultBackend::tear_writes_with`]): only the flagged 512-byte sectors of the write are
+//!   stored, and the crash accounting holds exactly those (one unflushed write per run of
+//!   stored sectors, after an [`Event::TornWrite`]);
+//! - I/O errors on reads, writes and flushes, and a crash that freezes the backend
+//!   ([`FaultBackend::crash_now`]).
+//!
+//! Transient read faults ([`ReadFault`]), which corrupt what one read returns but leave the
+//! medium, the crash states and the history untouched, so the next read is correct:
+//! - zeros ([`FaultBackend::zero_next_read`]);
+//! - a misdirected read returning another range's bytes
+//!   ([`FaultBackend::misdirect_next_read`]);
+//! - a stale read returning the range as it was before its most recent write(s)
+//!   ([`FaultBackend::stale_next_read`]; see [`ReadFault::Stale`] for the exact definition);
+//! - each of them by rule ([`FaultBackend::read_faults_with`]) or at random
+//!   ([`FaultBackend::set_read_fault_rate`]).
+//!
+//! [`Backend::zero_ranges`] answers from the live image (whole 512-byte sectors of zeros) and
+//! is subject to no fault except a crash.
+//!
 //! Probabilistic faults draw from a `ChaCha8Rng` seeded by [`FaultBackend::with_seed`], so a
-//! given seed and a given sequence of calls always produce the same faults. (Calls racing from
-//! several threads reach the generator in an unspecified order, so determinism needs a
-//! single-threaded workload.) An injected error is an [`io::Error`] of kind
-//! [`io::ErrorKind::Other`] carrying an [`InjectedFault`]; its message is `"injected fault"`.
+//! given seed and a given sequence of calls always produce the same faults. A fault whose rate
+//! is zero draws nothing, so a workload that leaves a fault off (read faults, say) gets the
+//! same faults from a seed as before that fault existed. (Calls racing from several threads
+//! reach the generator in an unspecified order, so determinism needs a single-threaded
+//! workload.) An injected error is an [`io::Error`] of kind [`io::ErrorKind::Other`] carrying
+//! an [`InjectedFault`]; its message is `"injected fault"`.
 
+use crate::memory::zero_sectors;
 use crate::{check_range, Backend};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::ops::Range;
@@ -62,13 +88,10 @@ impl PendingWrite {
     }
 
     /// Number of 512-byte sectors the write touches; a partial first or last sector counts.
-    /// This is the length of the mask [`CrashState::crash_image_torn`] expects.
+    /// This is the length of the mask [`CrashState::crash_image_torn`] and
+    /// [`FaultBackend::tear_next_write`] expect.
     pub fn sector_count(&self) -> usize {
-        if self.data.is_empty() {
-            return 0;
-        }
-        let s = SECTOR_SIZE as u64;
-        ((self.end() - 1) / s - self.offset / s + 1) as usize
+        sector_count(self.offset, self.data.len())
     }
 
     fn overlaps(&self, other: &PendingWrite) -> bool {
@@ -91,6 +114,34 @@ impl PendingWrite {
             image[lo as usize..hi as usize].copy_from_slice(&self.data[d]);
         }
     }
+}
+
+/// Number of 512-byte sectors `len` bytes at `offset` touch (see [`PendingWrite::sector_count`]).
+fn sector_count(offset: u64, len: usize) -> usize {
+    if len == 0 {
+        return 0;
+    }
+    let s = SECTOR_SIZE as u64;
+    ((offset + len as u64 - 1) / s - offset / s + 1) as usize
+}
+
+/// The byte ranges, relative to the start of a write of `len` bytes issued at `offset`, of the
+/// sectors whose flag in `mask` is true, adjacent sectors merged. `mask` has one flag per
+/// sector the write touches (checked by the caller).
+fn kept_runs(offset: u64, len: usize, mask: &[bool]) -> Vec<Range<usize>> {
+    let s = SECTOR_SIZE as u64;
+    let first = offset / s;
+    let mut runs: Vec<Range<usize>> = Vec::new();
+    for (k, _) in mask.iter().enumerate().filter(|(_, &keep)| keep) {
+        let lo = ((first + k as u64) * s).max(offset) - offset;
+        let hi = ((first + k as u64 + 1) * s - offset).min(len as u64);
+        let (lo, hi) = (lo as usize, hi as usize);
+        match runs.last_mut() {
+            Some(last) if last.end == lo => last.end = hi,
+            _ => runs.push(lo..hi),
+        }
+    }
+    runs
 }
 
 impl fmt::Debug for PendingWrite {
@@ -122,6 +173,18 @@ pub enum Event {
         offset: u64,
         /// Its length.
         len: u64,
+    },
+    /// A write torn by [`FaultBackend::tear_next_write`] or [`FaultBackend::tear_writes_with`]:
+    /// only the sectors flagged in `mask` were stored. The [`Event::Write`]s that follow it
+    /// right away, one per run of adjacent stored sectors, are what landed (none if no flag is
+    /// set).
+    TornWrite {
+        /// The address the caller asked for.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// One flag per sector of the write as issued (see [`PendingWrite::sector_count`]).
+        mask: Vec<bool>,
     },
     /// A write refused with an injected error; nothing was stored.
     WriteFailed {
@@ -196,6 +259,25 @@ pub struct TooManyCrashStates {
     pub pending_writes: usize,
 }
 
+/// What a faulty read returns instead of the data (see [`FaultBackend::read_faults_with`]).
+///
+/// Read faults are transient: they affect only the read they hit; the medium is unchanged and
+/// the next read of the same range is correct (unless it is hit too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFault {
+    /// All zeros.
+    Zeros,
+    /// The bytes at this other offset (same length): a misdirected read. The part of it that
+    /// lies outside the store reads as zeros.
+    From(u64),
+    /// Old data: the range as it was before its most recent write(s). If an unflushed write
+    /// overlaps the range, the range's content in the durable image (the disk as of the last
+    /// completed flush); otherwise the range as it reads now, with the bytes stored by the last
+    /// write overlapping it replaced by what that write overwrote. A range never written since
+    /// the backend was made reads as it is.
+    Stale,
+}
+
 /// A fault probability outside `0.0..=1.0` (or NaN).
 #[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
 #[error("fault probability {0} is not between 0 and 1")]
@@ -222,7 +304,8 @@ pub struct FaultStats {
     pub flushes: u64,
     /// Total faults injected (the sum of the counters below).
     pub injected_faults: u64,
-    /// Reads failed with an injected error (crash included).
+    /// Reads failed with an injected error (crash included), and
+    /// [`zero_ranges`](Backend::zero_ranges) queries refused after a crash.
     pub failed_reads: u64,
     /// Writes and zero ranges failed with an injected error (crash included).
     pub failed_writes: u64,
@@ -234,6 +317,15 @@ pub struct FaultStats {
     pub misdirected_writes: u64,
     /// Bits flipped.
     pub bit_flips: u64,
+    /// Reads that returned zeros instead of the data ([`ReadFault::Zeros`]).
+    pub zeroed_reads: u64,
+    /// Reads that returned another range's bytes ([`ReadFault::From`]).
+    pub misdirected_reads: u64,
+    /// Reads that returned old data ([`ReadFault::Stale`]).
+    pub stale_reads: u64,
+    /// Writes and zero ranges that landed only partly (an all-false mask, storing nothing,
+    /// included); see [`FaultBackend::tear_next_write`].
+    pub torn_writes: u64,
 }
 
 /// The possible disk contents after a power loss at one point in time: the durable image and
@@ -498,7 +590,11 @@ impl CrashState {
                 }
             }
             Event::BitFlip { offset, bit } => flip(&mut self.durable, &mut self.pending, *offset, *bit),
-            Event::LostWrite { .. } | Event::WriteFailed { .. } | Event::FlushFailed | Event::Crash => {}
+            Event::LostWrite { .. }
+            | Event::TornWrite { .. }
+            | Event::WriteFailed { .. }
+            | Event::FlushFailed
+            | Event::Crash => {}
         }
     }
 }
@@ -542,6 +638,23 @@ fn subtract(ranges: &[(u64, u64)], lo: u64, hi: u64) -> Ranges {
 /// Chooses where a misdirected write lands, if anywhere.
 type MisdirectFn = dyn Fn(u64, usize) -> Option<u64> + Send + Sync;
 
+/// Chooses the fault a read suffers, if any.
+type ReadFaultFn = dyn Fn(u64, usize) -> Option<ReadFault> + Send + Sync;
+
+/// Chooses the sectors a torn write stores, if it is torn.
+type TearFn = dyn Fn(u64, usize) -> Option<Vec<bool>> + Send + Sync;
+
+/// What some bytes of the live image held before the write that last stored them (for
+/// [`ReadFault::Stale`]).
+struct Overwritten {
+    /// One past the last byte (the first is the map key).
+    end: u64,
+    /// Which write stored them: the write counter at that write.
+    seq: u64,
+    /// The bytes before that write.
+    old: Vec<u8>,
+}
+
 /// Everything behind the lock.
 struct Inner {
     live: Vec<u8>,
@@ -566,6 +679,18 @@ struct Inner {
     misdirect_next: Option<u64>,
     misdirect_fn: Option<Box<MisdirectFn>>,
     misdirect_p: f64,
+    read_fault_next: Option<ReadFault>,
+    read_fault_fn: Option<Box<ReadFaultFn>>,
+    read_fault_p: f64,
+    tear_next: Option<Vec<bool>>,
+    tear_fn: Option<Box<TearFn>>,
+    /// Writes that stored something, counted; identifies the writes in `overwritten`.
+    write_seq: u64,
+    /// For every byte ever written, what it held before the last write that stored it, keyed
+    /// by the first byte of each piece; pieces are disjoint. Bounded by the image size: a write
+    /// drops what it overwrites from earlier pieces, since only the last write overlapping a
+    /// range matters for a stale read.
+    overwritten: BTreeMap<u64, Overwritten>,
 }
 
 impl Inner {
@@ -600,6 +725,120 @@ impl Inner {
         slot * granule
     }
 
+    /// Remembers what `lo..hi` holds in the live image, as overwritten by write `seq` (called
+    /// just before that write stores its bytes there).
+    fn record_overwrite(&mut self, lo: u64, hi: u64, seq: u64) {
+        // Pieces overlapping lo..hi: possibly one starting before `lo`, and those inside.
+        let before = self
+            .overwritten
+            .range(..lo)
+            .next_back()
+            .filter(|(_, p)| p.end > lo)
+            .map(|(&start, _)| start);
+        let inside: Vec<u64> = self.overwritten.range(lo..hi).map(|(&start, _)| start).collect();
+        for start in before.into_iter().chain(inside) {
+            let Some(p) = self.overwritten.remove(&start) else {
+                continue;
+            };
+            if start < lo {
+                let old = p.old[..(lo - start) as usize].to_vec();
+                let head = Overwritten {
+                    end: lo,
+                    seq: p.seq,
+                    old,
+                };
+                self.overwritten.insert(start, head);
+            }
+            if p.end > hi {
+                let old = p.old[(hi - start) as usize..].to_vec();
+                let tail = Overwritten {
+                    end: p.end,
+                    seq: p.seq,
+                    old,
+                };
+                self.overwritten.insert(hi, tail);
+            }
+        }
+        let old = self.live[lo as usize..hi as usize].to_vec();
+        self.overwritten.insert(lo, Overwritten { end: hi, seq, old });
+    }
+
+    /// Stores `write` (write number `seq`) in the live image and the crash accounting, and
+    /// records it in the history.
+    fn land(&mut self, write: PendingWrite, seq: u64, intended_offset: u64, zero_range: bool) {
+        self.record_overwrite(write.offset, write.end(), seq);
+        write.apply(&mut self.live);
+        self.state.pending.push(write.clone());
+        self.events.push(Event::Write {
+            write,
+            intended_offset,
+            zero_range,
+        });
+    }
+
+    /// Fills `buf` with what a stale read at `offset` returns (see [`ReadFault::Stale`]).
+    fn stale_into(&self, buf: &mut [u8], offset: u64) {
+        let (lo, hi) = (offset, offset + buf.len() as u64);
+        let (start, end) = (lo as usize, hi as usize);
+        if self.state.pending.iter().any(|w| w.offset < hi && lo < w.end()) {
+            buf.copy_from_slice(&self.state.durable[start..end]);
+            return;
+        }
+        buf.copy_from_slice(&self.live[start..end]);
+        let before = self
+            .overwritten
+            .range(..lo)
+            .next_back()
+            .filter(|(_, p)| p.end > lo);
+        let pieces: Vec<(u64, &Overwritten)> = before
+            .into_iter()
+            .chain(self.overwritten.range(lo..hi))
+            .map(|(&s, p)| (s, p))
+            .collect();
+        // The last write overlapping the range has the largest number among the pieces
+        // overlapping it, and its pieces cover all it stored there: any later write to those
+        // bytes would overlap the range too.
+        let Some(last) = pieces.iter().map(|(_, p)| p.seq).max() else {
+            return;
+        };
+        for (s, p) in pieces.into_iter().filter(|(_, p)| p.seq == last) {
+            let (a, b) = (s.max(lo), p.end.min(hi));
+            let src = &p.old[(a - s) as usize..(b - s) as usize];
+            buf[(a - lo) as usize..(b - lo) as usize].copy_from_slice(src);
+        }
+    }
+
+    /// Fills `buf` with the bytes at `from` in the live image, zeros where that lies outside.
+    fn misdirected_into(&self, buf: &mut [u8], from: u64) {
+        buf.fill(0);
+        let size = self.live.len() as u64;
+        if from >= size {
+            return;
+        }
+        let n = (size - from).min(buf.len() as u64) as usize;
+        buf[..n].copy_from_slice(&self.live[from as usize..from as usize + n]);
+    }
+
+    /// The read fault for a read of `len` bytes at `offset`, if any: the one-shot fault, else
+    /// the rule, else the probabilistic fault.
+    fn read_fault(&mut self, offset: u64, len: usize) -> Option<ReadFault> {
+        if let Some(f) = self.read_fault_next.take() {
+            return Some(f);
+        }
+        if let Some(f) = &self.read_fault_fn {
+            return f(offset, len);
+        }
+        let p = self.read_fault_p;
+        if !self.chance(p) {
+            return None;
+        }
+        Some(match self.rng.random_range(0..3u8) {
+            0 => ReadFault::Zeros,
+            1 => ReadFault::From(self.random_target(offset, len)),
+            _ => ReadFault::Stale,
+        })
+    }
+
     /// The write path shared by `write_at`, `write_vectored_at` and `zero_range`.
     fn write(&mut self, data: Arc<[u8]>, offset: u64, zero_range: bool) -> io::Result<()> {
         if zero_range {
@@ -628,6 +867,26 @@ impl Inner {
             self.stats.injected_faults += 1;
             self.events.push(Event::LostWrite { offset, len });
             return Ok(());
+        }
+        let tear = if let Some(mask) = self.tear_next.take() {
+            Some(mask)
+        } else if let Some(f) = &self.tear_fn {
+            f(offset, data.len())
+        } else {
+            None
+        };
+        if let Some(mask) = &tear {
+            let want = sector_count(offset, data.len());
+            if mask.len() != want {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "torn-write mask of {} flags for a write of {len} bytes at {offset}, \
+                         which touches {want} sectors",
+                        mask.len()
+                    ),
+                ));
+            }
         }
         let p = self.misdirect_p;
         let target = if let Some(t) = self.misdirect_next.take() {
@@ -660,14 +919,29 @@ impl Inner {
                 (t, data)
             }
         };
-        let write = PendingWrite { offset: landed, data };
-        write.apply(&mut self.live);
-        self.state.pending.push(write.clone());
-        self.events.push(Event::Write {
-            write,
-            intended_offset: offset,
-            zero_range,
-        });
+        self.write_seq += 1;
+        let seq = self.write_seq;
+        let Some(mask) = tear else {
+            self.land(PendingWrite { offset: landed, data }, seq, offset, zero_range);
+            return Ok(());
+        };
+        self.stats.torn_writes += 1;
+        self.stats.injected_faults += 1;
+        // The flags follow the data: flag k keeps the bytes of the write's k-th sector as
+        // issued, wherever the write landed (and as far as it fit).
+        let runs = kept_runs(offset, len as usize, &mask);
+        self.events.push(Event::TornWrite { offset, len, mask });
+        for run in runs {
+            let run = run.start..run.end.min(data.len());
+            if run.is_empty() {
+                continue;
+            }
+            let piece = PendingWrite {
+                offset: landed + run.start as u64,
+                data: Arc::from(&data[run.clone()]),
+            };
+            self.land(piece, seq, offset + run.start as u64, zero_range);
+        }
         Ok(())
     }
 }
@@ -723,6 +997,13 @@ impl FaultBackend {
             misdirect_next: None,
             misdirect_fn: None,
             misdirect_p: 0.0,
+            read_fault_next: None,
+            read_fault_fn: None,
+            read_fault_p: 0.0,
+            tear_next: None,
+            tear_fn: None,
+            write_seq: 0,
+            overwritten: BTreeMap::new(),
         };
         Self {
             inner: Mutex::new(inner),
@@ -956,8 +1237,72 @@ impl FaultBackend {
         Ok(())
     }
 
-    /// Removes every configured fault (rates, ranges, one-shot faults, misdirection rule). Does
-    /// not undo a crash or a flipped bit.
+    /// Makes the next read return zeros instead of the data (once; the medium is unchanged).
+    /// Replaces any other one-shot read fault not yet used. See
+    /// [`FaultBackend::read_faults_with`] for which read counts as the next one.
+    pub fn zero_next_read(&self) {
+        self.lock().read_fault_next = Some(ReadFault::Zeros);
+    }
+
+    /// Makes the next read return the bytes at `from_offset` instead (same length; zeros for the
+    /// part outside the store), once. Replaces any other one-shot read fault not yet used.
+    pub fn misdirect_next_read(&self, from_offset: u64) {
+        self.lock().read_fault_next = Some(ReadFault::From(from_offset));
+    }
+
+    /// Makes the next read return old data (see [`ReadFault::Stale`]), once. Replaces any other
+    /// one-shot read fault not yet used.
+    pub fn stale_next_read(&self) {
+        self.lock().read_fault_next = Some(ReadFault::Stale);
+    }
+
+    /// Corrupts reads as `f(offset, len)` decides: `Some(fault)` returns the faulty data
+    /// instead of the real one, for that read only; `None` reads correctly. Replaces any
+    /// earlier rule; takes precedence over [`FaultBackend::set_read_fault_rate`], while a
+    /// one-shot read fault (`*_next_read`) takes precedence over the rule. The rule runs with
+    /// the backend locked, so it must not call the backend.
+    ///
+    /// Read faults apply only to reads that would otherwise succeed: a read failing with an
+    /// injected error, or of zero bytes, neither suffers nor consumes one. They change nothing
+    /// on the medium and record nothing in the history (crash states do not depend on reads).
+    pub fn read_faults_with(&self, f: impl Fn(u64, usize) -> Option<ReadFault> + Send + Sync + 'static) {
+        self.lock().read_fault_fn = Some(Box::new(f));
+    }
+
+    /// Corrupts each read with probability `p`, with one of the three [`ReadFault`]s chosen
+    /// uniformly: zeros, old data, or the bytes at a random other offset with the read's
+    /// alignment (up to 4 KiB, like [`FaultBackend::set_misdirect_rate`] for writes).
+    pub fn set_read_fault_rate(&self, p: f64) -> Result<(), InvalidProbability> {
+        self.lock().read_fault_p = check_p(p)?;
+        Ok(())
+    }
+
+    /// Tears the next write (or zero range): it stores only the 512-byte sectors whose flag in
+    /// `mask` is true, in the live image and in the crash accounting alike, and is acknowledged
+    /// as if whole (a torn write without a crash).
+    ///
+    /// `mask` needs one flag per sector the write touches (its
+    /// [`sector_count`](PendingWrite::sector_count); a partial first or last sector counts);
+    /// otherwise that write fails with [`io::ErrorKind::InvalidInput`] and stores nothing (the
+    /// mask is used up all the same). Each run of adjacent stored sectors becomes one unflushed
+    /// write and one [`Event::Write`], after an [`Event::TornWrite`] naming the whole write, so
+    /// every crash image agrees with what reads show. A write that is also misdirected keeps
+    /// the sectors of its data the flags select, wherever it lands. The mask is used by the
+    /// next write that is neither refused with an injected error nor lost.
+    pub fn tear_next_write(&self, mask: Vec<bool>) {
+        self.lock().tear_next = Some(mask);
+    }
+
+    /// Tears writes as `f(offset, len)` decides: `Some(mask)` stores only the sectors flagged
+    /// true (see [`FaultBackend::tear_next_write`], which takes precedence), `None` stores the
+    /// whole write. Replaces any earlier rule. The rule runs with the backend locked, so it
+    /// must not call the backend.
+    pub fn tear_writes_with(&self, f: impl Fn(u64, usize) -> Option<Vec<bool>> + Send + Sync + 'static) {
+        self.lock().tear_fn = Some(Box::new(f));
+    }
+
+    /// Removes every configured fault (rates, ranges, one-shot faults, misdirection, read-fault
+    /// and tearing rules). Does not undo a crash or a flipped bit.
     pub fn clear_faults(&self) {
         let mut inner = self.lock();
         inner.read_fail_ranges.clear();
@@ -971,6 +1316,11 @@ impl FaultBackend {
         inner.misdirect_next = None;
         inner.misdirect_fn = None;
         inner.misdirect_p = 0.0;
+        inner.read_fault_next = None;
+        inner.read_fault_fn = None;
+        inner.read_fault_p = 0.0;
+        inner.tear_next = None;
+        inner.tear_fn = None;
     }
 
     /// Simulates power loss now: every later operation fails with [`InjectedFault::Crashed`],
@@ -1012,8 +1362,30 @@ impl Backend for FaultBackend {
         if inner.read_fail_ranges.iter().any(hits) || inner.chance(p) {
             return Err(inner.inject(|s| &mut s.failed_reads, InjectedFault::Error));
         }
-        let start = offset as usize;
-        buf.copy_from_slice(&inner.live[start..start + buf.len()]);
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match inner.read_fault(offset, buf.len()) {
+            None => {
+                let start = offset as usize;
+                buf.copy_from_slice(&inner.live[start..start + buf.len()]);
+            }
+            Some(ReadFault::Zeros) => {
+                buf.fill(0);
+                inner.stats.zeroed_reads += 1;
+                inner.stats.injected_faults += 1;
+            }
+            Some(ReadFault::From(from)) => {
+                inner.misdirected_into(buf, from);
+                inner.stats.misdirected_reads += 1;
+                inner.stats.injected_faults += 1;
+            }
+            Some(ReadFault::Stale) => {
+                inner.stale_into(buf, offset);
+                inner.stats.stale_reads += 1;
+                inner.stats.injected_faults += 1;
+            }
+        }
         Ok(())
     }
 
@@ -1048,6 +1420,28 @@ impl Backend for FaultBackend {
         Ok(())
     }
 
+    /// Does nothing (the simulated disk has no writeback to start), but refuses a range outside
+    /// the store like [`FileBackend`](crate::FileBackend) does. Not a fault target, and
+    /// accepted after a crash too: a hint guarantees nothing.
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        check_range(offset, len, self.len())
+    }
+
+    /// The all-zero 512-byte-aligned sectors wholly inside the range in the live image (what
+    /// reads see), merged. No fault applies to it, but after
+    /// [`crash_now`](FaultBackend::crash_now) it fails like everything else.
+    fn zero_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>> {
+        let mut inner = self.lock();
+        if inner.crashed {
+            return Err(inner.inject(|s| &mut s.failed_reads, InjectedFault::Crashed));
+        }
+        check_range(offset, len, inner.live.len() as u64)?;
+        Ok(zero_sectors(&inner.live, offset, len))
+    }
+
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut inner = self.lock();
         // Check before allocating the zeros, so an absurd length is an error, not an abort.
@@ -1064,9 +1458,13 @@ impl Backend for FaultBackend {
 }
 
 #[cfg(test)]
+// Expected answers of `zero_ranges` are often a single range.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    // Named, so it wins over the older `Rng` the proptest prelude brings in.
+    use rand::Rng;
     use std::collections::BTreeSet;
 
     fn assert_send_sync<T: Send + Sync>() {}
@@ -1587,6 +1985,588 @@ mod tests {
     #[should_panic(expected = "past the")]
     fn state_past_the_history_panics() {
         abc().state_at(4);
+    }
+
+    #[test]
+    fn zero_ranges_reflect_the_live_image_and_suffer_no_faults() {
+        let b = FaultBackend::new(8 * 512).unwrap().with_seed(9);
+        assert_eq!(b.zero_ranges(0, 4096).unwrap(), [0..4096]);
+        b.write_at(&[1; 10], 600).unwrap();
+        assert_eq!(
+            b.zero_ranges(0, 4096).unwrap(),
+            [0..512, 1024..4096],
+            "unflushed counts"
+        );
+        b.flush().unwrap();
+        b.write_at(&[2; 512], 3072).unwrap();
+        assert_eq!(b.zero_ranges(0, 4096).unwrap(), [0..512, 1024..3072, 3584..4096]);
+        // Only sectors wholly inside the range.
+        assert_eq!(b.zero_ranges(100, 1500).unwrap(), [1024..1536]);
+        assert_eq!(b.zero_ranges(1100, 400).unwrap(), []);
+        b.zero_range(600, 10).unwrap();
+        assert_eq!(b.zero_ranges(0, 4096).unwrap(), [0..3072, 3584..4096]);
+        for (off, len) in [(4096, 1), (1, 4096), (u64::MAX, 1)] {
+            let e = b.zero_ranges(off, len).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+            assert_eq!(InjectedFault::of(&e), None);
+        }
+
+        // No fault applies: errors, read faults and the generator are left alone.
+        let twin = FaultBackend::from_image(b.live_image()).with_seed(9);
+        for x in [&b, &twin] {
+            x.set_read_fault_rate(0.5).unwrap();
+            x.set_error_rate(0.5, 0.0, 0.0).unwrap();
+        }
+        b.fail_reads_at(0..4096);
+        b.zero_next_read();
+        let (events, stats) = (b.events(), b.stats());
+        for _ in 0..20 {
+            assert_eq!(b.zero_ranges(0, 4096).unwrap(), [0..3072, 3584..4096]);
+        }
+        assert_eq!((b.events(), b.stats()), (events, stats));
+        b.clear_faults();
+        b.set_read_fault_rate(0.5).unwrap();
+        b.set_error_rate(0.5, 0.0, 0.0).unwrap();
+        let outcome = |x: &FaultBackend| {
+            (0..20)
+                .map(|i| {
+                    let mut buf = [0u8; 512];
+                    x.read_at(&mut buf, (i % 8) * 512).map(|()| buf.to_vec()).ok()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            outcome(&b),
+            outcome(&twin),
+            "zero_ranges drew nothing from the generator"
+        );
+
+        b.crash_now();
+        let e = b.zero_ranges(0, 512).unwrap_err();
+        assert_eq!(InjectedFault::of(&e), Some(InjectedFault::Crashed));
+    }
+
+    #[test]
+    fn start_writeback_checks_its_range_only() {
+        let b = FaultBackend::new(4096).unwrap();
+        b.write_at(&[1; 4096], 0).unwrap();
+        b.start_writeback(0, 4096).unwrap();
+        b.start_writeback(9999, 0).unwrap();
+        let e = b.start_writeback(4000, 97).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(b.unflushed().len(), 1, "a hint makes nothing durable");
+        assert_eq!(b.events().len(), 1);
+    }
+
+    /// Blocks of 4 KiB, block `i` filled with `i + 1`, all flushed.
+    fn numbered_blocks(n: u64) -> FaultBackend {
+        let b = FaultBackend::new(n * 4096).unwrap();
+        for i in 0..n {
+            b.write_at(&[i as u8 + 1; 4096], i * 4096).unwrap();
+        }
+        b.flush().unwrap();
+        b
+    }
+
+    #[test]
+    fn one_shot_read_faults_hit_one_read_and_change_nothing() {
+        let b = numbered_blocks(4);
+        b.write_at(&[9; 100], 4 * 4096 - 100).unwrap();
+        let (events, live, state) = (b.events(), b.live_image(), b.crash_state());
+
+        b.zero_next_read();
+        assert_eq!(read(&b, 0, 4096), [0; 4096]);
+        assert_eq!(read(&b, 0, 4096), [1; 4096], "transient");
+
+        b.misdirect_next_read(4096);
+        assert_eq!(read(&b, 0, 4096), [2; 4096]);
+        assert_eq!(read(&b, 0, 4096), [1; 4096]);
+
+        // Partly outside the store: zeros for that part; wholly outside: zeros.
+        b.misdirect_next_read(4 * 4096 - 100);
+        let got = read(&b, 0, 200);
+        assert_eq!((&got[..100], &got[100..]), (&[9; 100][..], &[0; 100][..]));
+        b.misdirect_next_read(u64::MAX);
+        assert_eq!(read(&b, 4096, 10), [0; 10]);
+        assert_eq!(read(&b, 4096, 10), [2; 10]);
+
+        // A stale read of a range an unflushed write overlaps returns the durable data.
+        b.stale_next_read();
+        assert_eq!(read(&b, 4 * 4096 - 200, 200), [4; 200]);
+        assert_eq!(read(&b, 4 * 4096 - 200, 200)[150..], [9; 50]);
+
+        // Another one-shot replaces the one not yet used.
+        b.zero_next_read();
+        b.misdirect_next_read(8192);
+        assert_eq!(read(&b, 0, 8), [3; 8]);
+        assert_eq!(read(&b, 0, 8), [1; 8]);
+
+        // Failing and empty reads neither suffer nor use it.
+        b.fail_reads_at(8192..8193);
+        b.zero_next_read();
+        assert!(b.read_at(&mut [0; 8], 8190).is_err());
+        b.read_at(&mut [], 0).unwrap();
+        assert_eq!(read(&b, 8193, 8), [0; 8]);
+        assert_eq!(read(&b, 8193, 8), [3; 8]);
+
+        assert_eq!(b.events(), events, "reads record nothing");
+        assert_eq!(b.live_image(), live, "the medium is unchanged");
+        assert_eq!(b.crash_state(), state);
+        let s = b.stats();
+        assert_eq!((s.zeroed_reads, s.misdirected_reads, s.stale_reads), (2, 4, 1));
+        assert_eq!(s.failed_reads, 1);
+        assert_eq!(s.injected_faults, 8);
+    }
+
+    #[test]
+    fn stale_reads_return_the_data_before_the_last_write() {
+        let b = FaultBackend::new(4 * 512).unwrap();
+        let stale = |off: u64, len: usize| {
+            b.stale_next_read();
+            read(&b, off, len)
+        };
+        assert_eq!(stale(0, 512), [0; 512], "never written: as it is");
+        b.write_at(&[b'a'; 1024], 0).unwrap();
+        assert_eq!(stale(0, 1024), [0; 1024], "unflushed: the durable image");
+        b.flush().unwrap();
+        assert_eq!(stale(0, 1024), [0; 1024], "flushed: before the write");
+        assert_eq!(stale(1024, 1024), [0; 1024]);
+        b.write_at(&[b'b'; 512], 512).unwrap();
+        b.flush().unwrap();
+        // 512..1024 was last written by the b's; before them it held a's. 0..512 was last
+        // written by the a's.
+        assert_eq!(stale(0, 1024), [b'a'; 1024]);
+        assert_eq!(stale(256, 512), [b'a'; 512]);
+        assert_eq!(stale(512, 512), [b'a'; 512]);
+        assert_eq!(stale(0, 512), [0; 512]);
+        assert_eq!(
+            read(&b, 0, 1024)[512..],
+            [b'b'; 512],
+            "and the medium is unchanged"
+        );
+
+        // Only the range's own writes matter: an unflushed write elsewhere changes nothing.
+        b.write_at(&[b'c'; 512], 1536).unwrap();
+        assert_eq!(stale(0, 1024), [b'a'; 1024]);
+        let mut durable = vec![b'a'; 512];
+        durable.extend([b'b'; 512]);
+        durable.extend([0; 1024]);
+        assert_eq!(
+            stale(0, 2048),
+            durable,
+            "an unflushed write overlaps: durable image"
+        );
+        // Two unflushed writes: the durable image, not the state between them.
+        b.write_at(&[b'x'; 100], 1600).unwrap();
+        assert_eq!(stale(1536, 512), [0; 512]);
+        assert_eq!(
+            stale(1500, 100),
+            [0; 100],
+            "overlaps only the first unflushed write"
+        );
+
+        // A misdirected write is remembered where it landed.
+        b.flush().unwrap();
+        b.misdirect_next_write(1024);
+        b.write_at(&[b'd'; 512], 0).unwrap();
+        b.flush().unwrap();
+        assert_eq!(stale(1024, 512), [0; 512]);
+        assert_eq!(
+            stale(0, 512),
+            [0; 512],
+            "0..512 untouched by the misdirected write"
+        );
+
+        // Several writes, several flushes: always the state before the last one.
+        for i in 1..=5u8 {
+            b.write_at(&[i; 100], 1100).unwrap();
+            b.flush().unwrap();
+            let before = if i == 1 { b'd' } else { i - 1 };
+            assert_eq!(stale(1100, 100), [before; 100]);
+            let got = stale(1050, 200);
+            assert_eq!(got[..50], [b'd'; 50]);
+            assert_eq!(got[50..150], [before; 100]);
+            assert_eq!(got[150..], [b'd'; 50]);
+        }
+        assert_eq!(b.stats().stale_reads, 24);
+    }
+
+    /// The answers of stale reads of `queries`, from the history alone: the replayed durable
+    /// image if an unflushed write overlaps the range, else the image before the last write
+    /// (all landed pieces of a torn write count as one) overlapping the range, else the image
+    /// itself.
+    fn stale_reference(initial: &[u8], events: &[Event], queries: &[Range<u64>]) -> Vec<Vec<u8>> {
+        let mut cur = initial.to_vec();
+        let mut durable = cur.clone();
+        let mut pending: Vec<(u64, u64)> = Vec::new();
+        /// The pieces a write landed, and the image before it.
+        type Landed = (Vec<(u64, u64)>, Vec<u8>);
+        let mut writes: Vec<Landed> = Vec::new();
+        let mut torn_pieces_left = 0usize;
+        for e in events {
+            match e {
+                Event::TornWrite { offset, len, mask } => {
+                    torn_pieces_left = kept_runs(*offset, *len as usize, mask).len();
+                    writes.push((Vec::new(), cur.clone()));
+                }
+                Event::Write { write, .. } => {
+                    let piece = (write.offset, write.end());
+                    if torn_pieces_left > 0 {
+                        torn_pieces_left -= 1;
+                        if let Some(last) = writes.last_mut() {
+                            last.0.push(piece);
+                        }
+                    } else {
+                        writes.push((vec![piece], cur.clone()));
+                    }
+                    write.apply(&mut cur);
+                    pending.push(piece);
+                }
+                Event::Flush { .. } => {
+                    durable = cur.clone();
+                    pending.clear();
+                }
+                _ => {}
+            }
+        }
+        queries
+            .iter()
+            .map(|q| {
+                let hits = |&(lo, hi): &(u64, u64)| lo < q.end && q.start < hi;
+                let (a, b) = (q.start as usize, q.end as usize);
+                if pending.iter().any(hits) {
+                    return durable[a..b].to_vec();
+                }
+                match writes.iter().rev().find(|(pieces, _)| pieces.iter().any(hits)) {
+                    Some((_, before)) => before[a..b].to_vec(),
+                    None => cur[a..b].to_vec(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stale_reads_match_a_replay_of_the_history() {
+        let seed: u64 = rand::random();
+        println!("seed {seed}");
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let size = 4096u64;
+        let b = FaultBackend::from_image((0..size).map(|i| (i % 251) as u8).collect());
+        let initial = b.live_image();
+        for step in 0..400 {
+            let off = rng.random_range(0..size);
+            let len = rng.random_range(1..=1500u64).min(size - off);
+            let fill = rng.random_range(1..=255u8);
+            match rng.random_range(0..10) {
+                0 | 1 => b.flush().unwrap(),
+                2 => b.zero_range(off, len).unwrap(),
+                3 => {
+                    b.misdirect_next_write(rng.random_range(0..size));
+                    b.write_at(&vec![fill; len as usize], off).unwrap();
+                }
+                4 => {
+                    b.lose_next_write();
+                    b.write_at(&vec![fill; len as usize], off).unwrap();
+                }
+                5 => {
+                    let n = sector_count(off, len as usize);
+                    b.tear_next_write((0..n).map(|_| rng.random_bool(0.5)).collect());
+                    let half = (len / 2) as usize;
+                    let data = vec![fill; len as usize];
+                    b.write_vectored_at(&[&data[..half], &data[half..]], off).unwrap();
+                }
+                _ => b.write_at(&vec![fill; len as usize], off).unwrap(),
+            }
+            let queries: Vec<Range<u64>> = (0..4)
+                .map(|_| {
+                    let qo = rng.random_range(0..size);
+                    qo..qo + rng.random_range(1..=2000u64).min(size - qo)
+                })
+                .collect();
+            let expected = stale_reference(&initial, &b.events(), &queries);
+            let live = b.live_image();
+            for (q, expect) in queries.into_iter().zip(expected) {
+                let (qo, ql) = (q.start, (q.end - q.start) as usize);
+                b.stale_next_read();
+                assert_eq!(read(&b, qo, ql), expect, "seed {seed} step {step} {q:?}");
+                assert_eq!(read(&b, qo, ql), live[q.start as usize..q.end as usize]);
+            }
+        }
+        let st = b.stats();
+        assert_eq!(st.stale_reads, 1600);
+        assert!(st.torn_writes > 0 && st.misdirected_writes > 0 && st.lost_writes > 0);
+    }
+
+    #[test]
+    fn read_fault_rules_and_precedence() {
+        let b = numbered_blocks(4);
+        b.write_at(&[7; 4096], 8192).unwrap();
+        b.flush().unwrap();
+        b.read_faults_with(|off, len| match (off, len) {
+            (0, _) => Some(ReadFault::Zeros),
+            (4096, 4096) => Some(ReadFault::From(3 * 4096)),
+            (8192, _) => Some(ReadFault::Stale),
+            _ => None,
+        });
+        for _ in 0..3 {
+            assert_eq!(read(&b, 0, 4096), [0; 4096]);
+            assert_eq!(read(&b, 4096, 4096), [4; 4096]);
+            assert_eq!(read(&b, 4096, 100), [2; 100], "the rule sees the length");
+            assert_eq!(read(&b, 8192, 4096), [3; 4096]);
+            assert_eq!(read(&b, 12288, 4096), [4; 4096]);
+        }
+        // A one-shot fault comes first; the rule takes precedence over the rate.
+        b.misdirect_next_read(4096);
+        assert_eq!(read(&b, 0, 4), [2; 4]);
+        b.set_read_fault_rate(1.0).unwrap();
+        assert_eq!(read(&b, 12288, 4), [4; 4]);
+        let s = b.stats();
+        assert_eq!((s.zeroed_reads, s.misdirected_reads, s.stale_reads), (3, 4, 3));
+
+        b.clear_faults();
+        b.zero_next_read();
+        b.stale_next_read();
+        b.clear_faults();
+        for off in [0, 4096, 8192] {
+            assert_eq!(read(&b, off, 4)[0], [1, 2, 7][(off / 4096) as usize]);
+        }
+        assert_eq!(b.stats().injected_faults, 10);
+    }
+
+    /// `n` reads of 4 KiB blocks of a backend with distinct block contents and read faults at
+    /// rate `p`, as (block read, bytes returned).
+    fn read_fault_workload(seed: u64, p: f64) -> (Vec<(u64, Vec<u8>)>, FaultStats) {
+        let b = numbered_blocks(16).with_seed(seed);
+        b.write_at(&[0xee; 4096], 0).unwrap(); // unflushed: block 0 reads stale as 1s
+        b.set_read_fault_rate(p).unwrap();
+        let out = (0..300u64)
+            .map(|i| {
+                let blk = (i * 7) % 16;
+                (blk, read(&b, blk * 4096, 4096))
+            })
+            .collect();
+        (out, b.stats())
+    }
+
+    #[test]
+    fn random_read_faults_are_reproducible_and_of_every_kind() {
+        let (a, sa) = read_fault_workload(11, 1.0);
+        assert_eq!((a.clone(), sa), read_fault_workload(11, 1.0));
+        assert_ne!(read_fault_workload(12, 1.0).0, a, "another seed, other faults");
+        // Block 0 reads stale as its durable 1s; the other blocks read stale as the zeros they
+        // held before being written, indistinguishable from zeroed reads; a misdirected read
+        // returns another block (every block is non-zero and unique).
+        let (mut zeros, mut moved, mut stale_block0) = (0u64, 0u64, 0u64);
+        for (blk, data) in &a {
+            let own = if *blk == 0 { 0xee } else { *blk as u8 + 1 };
+            assert!(
+                data.iter().all(|&x| x == data[0]),
+                "whole blocks: aligned misdirection"
+            );
+            match data[0] {
+                x if x == own => panic!("block {blk} read correctly at rate 1"),
+                0 => zeros += 1,
+                1 if *blk == 0 => stale_block0 += 1,
+                _ => moved += 1,
+            }
+        }
+        assert_eq!(moved, sa.misdirected_reads);
+        assert_eq!(zeros + stale_block0, sa.zeroed_reads + sa.stale_reads);
+        assert!(stale_block0 > 0);
+        assert_eq!(sa.zeroed_reads + sa.misdirected_reads + sa.stale_reads, 300);
+        assert_eq!(sa.injected_faults, 300);
+        assert!(
+            sa.zeroed_reads > 60 && sa.misdirected_reads > 60 && sa.stale_reads > 60,
+            "{sa:?}"
+        );
+
+        let (half, sh) = read_fault_workload(11, 0.3);
+        let faulty = sh.zeroed_reads + sh.misdirected_reads + sh.stale_reads;
+        assert!((40..140).contains(&faulty), "{faulty} of 300 at rate 0.3");
+        let correct = half
+            .iter()
+            .filter(|(blk, d)| d[0] == if *blk == 0 { 0xee } else { *blk as u8 + 1 })
+            .count();
+        assert!(correct >= 300 - faulty as usize);
+
+        let b = FaultBackend::new(4096).unwrap();
+        assert_eq!(b.set_read_fault_rate(1.5), Err(InvalidProbability(1.5)));
+        assert!(b.set_read_fault_rate(f64::NAN).is_err());
+    }
+
+    #[test]
+    fn read_faults_at_rate_zero_leave_seeded_faults_unchanged() {
+        let (a, b) = (faulty(42), faulty(42));
+        b.set_read_fault_rate(0.0).unwrap();
+        assert_eq!(workload(&a), workload(&b));
+        assert_eq!(a.events(), b.events());
+        assert_eq!(a.stats(), b.stats());
+        let s = b.stats();
+        assert_eq!(
+            s.zeroed_reads + s.misdirected_reads + s.stale_reads + s.torn_writes,
+            0
+        );
+    }
+
+    #[test]
+    fn reads_draw_nothing_when_read_faults_are_off() {
+        // Write faults only: interleaving reads must not shift the write faults a seed gives,
+        // with the read-fault rate never set or set to zero.
+        let run = |reads: bool, read_rate: Option<f64>| {
+            let b = FaultBackend::new(64 * 4096).unwrap().with_seed(5);
+            b.set_error_rate(0.0, 0.1, 0.1).unwrap();
+            b.set_lost_write_rate(0.1).unwrap();
+            b.set_misdirect_rate(0.1).unwrap();
+            if let Some(p) = read_rate {
+                b.set_read_fault_rate(p).unwrap();
+            }
+            for i in 0..200u64 {
+                let _ = b.write_at(&[i as u8; 4096], (i % 64) * 4096);
+                if reads {
+                    b.read_at(&mut [0; 4096], (i * 3 % 64) * 4096).unwrap();
+                }
+                if i % 10 == 0 {
+                    let _ = b.flush();
+                }
+            }
+            b.events()
+        };
+        let quiet = run(false, None);
+        assert_eq!(run(true, None), quiet);
+        assert_eq!(run(true, Some(0.0)), quiet);
+        assert_ne!(run(true, Some(0.1)), quiet, "a non-zero rate does draw");
+    }
+
+    #[test]
+    fn torn_write_stores_only_flagged_sectors() {
+        let b = FaultBackend::from_image(vec![9; 4 * 512]);
+        b.tear_next_write(vec![true, false, true]);
+        // Bytes 100..1300: a partial sector 0, full sector 1, partial sector 2.
+        b.write_at(&[7; 1200], 100).unwrap();
+        let live = b.live_image();
+        for (i, &x) in live.iter().enumerate() {
+            let landed = (100..512).contains(&i) || (1024..1300).contains(&i);
+            assert_eq!(x, if landed { 7 } else { 9 }, "byte {i}");
+        }
+        let pending = b.unflushed();
+        assert_eq!(
+            pending.iter().map(|w| (w.offset, w.end())).collect::<Vec<_>>(),
+            [(100, 512), (1024, 1300)]
+        );
+        let events = b.events();
+        assert_eq!(
+            events[0],
+            Event::TornWrite {
+                offset: 100,
+                len: 1200,
+                mask: vec![true, false, true]
+            }
+        );
+        assert!(matches!(
+            events[2],
+            Event::Write {
+                intended_offset: 1024,
+                write: PendingWrite { offset: 1024, .. },
+                zero_range: false
+            }
+        ));
+        assert_eq!(events.len(), 3);
+        // Crash images agree with the live image: the skipped sector is old in all of them.
+        assert_eq!(b.crash_image(&[0, 1]), live);
+        assert_eq!(b.crash_image(&[]), vec![9; 2048]);
+        let n = b
+            .for_each_crash_image(100, |img| assert_eq!(img[512..1024], [9; 512]))
+            .unwrap();
+        assert_eq!(n, 4);
+        let s = b.stats();
+        assert_eq!((s.writes, s.torn_writes, s.injected_faults), (1, 1, 1));
+
+        // Only the next write; then whole again.
+        b.write_at(&[6; 1200], 100).unwrap();
+        assert_eq!(read(&b, 100, 1200), [6; 1200]);
+        b.flush().unwrap();
+        assert_eq!(b.durable_image(), b.live_image());
+
+        // History points replay the torn write like any other.
+        b.for_each_history_point(|n, st| assert_eq!(st, &b.state_at(n), "point {n}"));
+        assert_eq!(b.state_at(3).unflushed().len(), 2);
+    }
+
+    #[test]
+    fn torn_write_with_a_mask_of_the_wrong_length_stores_nothing() {
+        let b = FaultBackend::new(2048).unwrap();
+        b.tear_next_write(vec![true; 2]);
+        let e = b.write_at(&[1; 1200], 100).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(InjectedFault::of(&e), None);
+        assert!(e.to_string().contains("3 sectors"), "{e}");
+        assert_eq!(b.live_image(), vec![0; 2048]);
+        assert!(b.events().is_empty() && b.unflushed().is_empty());
+        assert_eq!(b.stats().torn_writes, 0);
+        b.write_at(&[1; 1200], 100).unwrap();
+        assert_eq!(read(&b, 100, 1200), [1; 1200], "the mask was used up");
+
+        // A rule answering with a wrong length fails every write it tears.
+        b.tear_writes_with(|_, _| Some(vec![true]));
+        assert!(b.zero_range(0, 1024).is_err());
+        assert!(b.write_at(&[2; 10], 510).is_err(), "two sectors");
+        b.write_at(&[2; 10], 0).unwrap();
+        assert_eq!(read(&b, 0, 11), [2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 0]);
+        // Out-of-range and empty writes are refused or ignored before any tearing.
+        b.tear_next_write(vec![]);
+        assert_eq!(
+            b.write_at(&[1], 2048).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        b.write_at(&[], 0).unwrap();
+        b.clear_faults();
+        b.write_at(&[3; 1024], 0).unwrap();
+        assert_eq!(read(&b, 0, 1024), [3; 1024], "cleared: mask and rule");
+    }
+
+    #[test]
+    fn torn_writes_by_rule_with_zero_ranges_misdirection_and_all_false_masks() {
+        let b = FaultBackend::from_image(vec![1; 8 * 512]);
+        b.tear_writes_with(|off, len| (off == 0 && len == 2048).then(|| vec![true, false, true, false]));
+        b.zero_range(0, 2048).unwrap();
+        assert_eq!(sectors(&b.live_image()), "0\u{1}0\u{1}\u{1}\u{1}\u{1}\u{1}");
+        assert!(b.unflushed().iter().all(|w| w.data.iter().all(|&x| x == 0)));
+        assert!(matches!(b.events()[1], Event::Write { zero_range: true, .. }));
+        b.write_at(&[5; 2048], 2048).unwrap();
+        assert_eq!(
+            read(&b, 2048, 2048),
+            [5; 2048],
+            "the rule tears only what it selects"
+        );
+
+        // All false: acknowledged, nothing stored, nothing pending.
+        b.flush().unwrap();
+        b.tear_next_write(vec![false; 2]);
+        b.write_at(&[8; 600], 0).unwrap();
+        assert_eq!(read(&b, 0, 600), b.durable_image()[..600]);
+        assert!(b.unflushed().is_empty());
+        assert!(matches!(
+            b.events().last(),
+            Some(Event::TornWrite { len: 600, .. })
+        ));
+
+        // Torn and misdirected: the flags pick the data's sectors, which land elsewhere.
+        b.misdirect_next_write(3072);
+        b.tear_next_write(vec![false, true]);
+        b.write_vectored_at(&[&[6; 512][..], &[7; 512][..]], 0).unwrap();
+        assert_eq!(read(&b, 3072, 1024)[..512], [5; 512]);
+        assert_eq!(read(&b, 3584, 512), [7; 512]);
+        assert_eq!(b.unflushed()[0].offset, 3584);
+        let s = b.stats();
+        assert_eq!(
+            (s.torn_writes, s.misdirected_writes, s.injected_faults),
+            (3, 1, 4)
+        );
+
+        // A stale read of a torn write's range sees the old data only where it landed.
+        b.flush().unwrap();
+        b.stale_next_read();
+        assert_eq!(read(&b, 3072, 1024)[512..], [5; 512]);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! [`FileBackend`] is what the CLI, the NBD server and the FUSE export open. It uses only
 //! positioned system calls (`pread`, `pwrite`, `pwritev`), so one open file serves many threads
 //! without a shared file position; `flush` is `fdatasync`, which on a block device also flushes
-//! the device's volatile write cache.
+//! the device's volatile write cache. [`Backend::zero_ranges`] asks a regular file for its
+//! holes with `lseek(SEEK_DATA / SEEK_HOLE)`: that does move the (shared) file position, but
+//! nothing here reads or relies on it, and each `lseek` starts from an absolute offset.
 //!
 //! A volume must be served by one process at a time (two writers would interleave data and tag
 //! updates and break crash consistency), so [`FileBackend::open`] takes an advisory `flock` and
@@ -14,7 +16,7 @@ use rustix::fs::{FallocateFlags, FlockOperation};
 use rustix::io::Errno;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Seek, SeekFrom};
-use std::ops::{Deref, DerefMut};
+use std::ops::{Deref, DerefMut, Range};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -432,6 +434,57 @@ impl FileBackend {
         Ok(())
     }
 
+    /// The holes of a regular file inside `offset..end` (which lies inside the file), clipped
+    /// to it, ascending and merged, found with `lseek(SEEK_DATA)` / `lseek(SEEK_HOLE)`.
+    ///
+    /// `lseek` sets the position of the open file description, which all clones of the
+    /// descriptor share; no dup'd descriptor is needed because nothing depends on that position:
+    /// every read and write of this backend is positioned (`pread`, `pwrite`, `pwritev`,
+    /// `fallocate`), the descriptor is never handed out, and each `lseek` here starts from an
+    /// absolute offset and returns its answer directly, so calls racing from several threads
+    /// cannot disturb one another either.
+    ///
+    /// A filesystem without hole support reports the whole file as data, so the answer is then
+    /// empty, which is correct ("nothing known").
+    fn holes(&self, offset: u64, end: u64) -> io::Result<Vec<Range<u64>>> {
+        use rustix::fs::{seek, SeekFrom as Whence};
+        let mut out: Vec<Range<u64>> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let data = match seek(&self.file, Whence::Data(pos)) {
+                Ok(d) => d,
+                // No data at or after `pos`: a hole up to the end of the file (whose length is
+                // fixed for the backend's lifetime, like for every other method).
+                Err(Errno::NXIO) => end,
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let hole_end = data.min(end);
+            if hole_end > pos {
+                match out.last_mut() {
+                    Some(last) if last.end == pos => last.end = hole_end,
+                    _ => out.push(pos..hole_end),
+                }
+            }
+            if data >= end {
+                break;
+            }
+            let next_hole = match seek(&self.file, Whence::Hole(data)) {
+                Ok(h) => h,
+                // Only possible if the file shrank under us; report nothing more.
+                Err(Errno::NXIO) => break,
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if next_hole <= data {
+                // Cannot happen (SEEK_HOLE never goes backwards); stop rather than loop.
+                break;
+            }
+            pos = next_hole;
+        }
+        Ok(out)
+    }
+
     /// Makes an aligned range read as zeros, deallocating it when the medium allows.
     fn deallocate(&self, offset: u64, len: u64) -> io::Result<()> {
         // PUNCH_HOLE frees the space (a thin or sparse backing store shrinks); ZERO_RANGE only
@@ -647,6 +700,16 @@ impl Backend for FileBackend {
         Ok(())
     }
 
+    /// On a regular file, its holes inside the range (`lseek(SEEK_DATA / SEEK_HOLE)`), at the
+    /// filesystem's allocation granularity; on a block device nothing (unknown).
+    fn zero_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>> {
+        check_range(offset, len, self.len)?;
+        if self.block_device || len == 0 {
+            return Ok(Vec::new());
+        }
+        self.holes(offset, offset + len)
+    }
+
     fn alignment(&self) -> usize {
         self.align
     }
@@ -661,6 +724,8 @@ impl Backend for FileBackend {
 }
 
 #[cfg(test)]
+// Expected answers of `zero_ranges` are often a single range.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
@@ -1032,6 +1097,230 @@ mod tests {
         }
     }
 
+    /// Whether files in `dir` report holes: a file with data only in its second MiB must show a
+    /// hole before it. (Filesystems without SEEK_HOLE support report everything as data.)
+    fn supports_holes(dir: &Path) -> bool {
+        let p = dir.join("probe");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(2 << 20).unwrap();
+        f.write_all_at(&[1u8; 4096], 1 << 20).unwrap();
+        let data = rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(0));
+        drop(f);
+        std::fs::remove_file(&p).unwrap();
+        matches!(data, Ok(d) if d > 0)
+    }
+
+    /// Temporary directories on the filesystems the tests care about: the scratch disk, the
+    /// one /var/tmp lives on, and tmpfs.
+    fn hole_dirs() -> Vec<tempfile::TempDir> {
+        let mut dirs = vec![scratch()];
+        for base in ["/var/tmp", "/dev/shm"] {
+            if let Ok(d) = tempfile::tempdir_in(base) {
+                dirs.push(d);
+            }
+        }
+        dirs
+    }
+
+    /// `holes` clipped to `range`, dropping empty pieces.
+    fn clip(holes: &[Range<u64>], range: Range<u64>) -> Vec<Range<u64>> {
+        holes
+            .iter()
+            .map(|h| h.start.max(range.start)..h.end.min(range.end))
+            .filter(|h| h.start < h.end)
+            .collect()
+    }
+
+    /// Checks the shape promised by `Backend::zero_ranges` and that every listed byte reads as
+    /// zero.
+    fn check_zero_ranges_shape(b: &FileBackend, off: u64, len: u64, got: &[Range<u64>]) {
+        let mut prev_end = None;
+        for r in got {
+            assert!(r.start < r.end, "{got:?}");
+            assert!(
+                r.start >= off && r.end <= off + len,
+                "{got:?} outside {off}+{len}"
+            );
+            if let Some(p) = prev_end {
+                assert!(r.start > p, "ascending, disjoint and merged: {got:?}");
+            }
+            prev_end = Some(r.end);
+            let mut buf = vec![0xffu8; (r.end - r.start) as usize];
+            b.read_at(&mut buf, r.start).unwrap();
+            assert!(
+                buf.iter().all(|&x| x == 0),
+                "{r:?} is listed but does not read as zeros"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_ranges_reports_the_holes_of_a_sparse_file() {
+        for dir in hole_dirs() {
+            let holes = supports_holes(dir.path());
+            let p = dir.path().join("vol");
+            let mib = 1u64 << 20;
+            let b = FileBackend::create(&p, 4 * mib, &rw()).unwrap();
+            let g = std::fs::metadata(&p).unwrap().blksize().max(4096);
+            println!(
+                "{}: holes supported: {holes}, block size {g}",
+                dir.path().display()
+            );
+            assert_eq!(b.zero_ranges(0, 0).unwrap(), []);
+            assert_eq!(b.zero_ranges(4 * mib, 0).unwrap(), []);
+            for (off, len) in [(4 * mib, 1), (0, 4 * mib + 1), (u64::MAX, 1), (1, u64::MAX)] {
+                let e = b.zero_ranges(off, len).unwrap_err();
+                assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{off}+{len}");
+            }
+            let all = b.zero_ranges(0, 4 * mib).unwrap();
+            if holes {
+                assert_eq!(all, [0..4 * mib], "a new file is one hole");
+            } else {
+                assert_eq!(all, []);
+            }
+
+            // Data: a whole 64 KiB at 64 KiB, 10 bytes at 320 KiB (one filesystem block), 256 KiB
+            // at 1 MiB with 64 KiB punched out of its middle, and the last byte of the file.
+            let k = 1024u64;
+            b.write_at(&[1u8; 64 * 1024], 64 * k).unwrap();
+            b.write_at(&[2u8; 10], 320 * k).unwrap();
+            b.write_at(&vec![3u8; 256 * 1024], mib).unwrap();
+            b.zero_range(mib + 64 * k, 64 * k).unwrap();
+            b.write_at(&[4u8], 4 * mib - 1).unwrap();
+            let expected = [
+                0..64 * k,
+                128 * k..320 * k,
+                320 * k + g..mib,
+                mib + 64 * k..mib + 128 * k,
+                mib + 256 * k..4 * mib - g,
+            ];
+            for flushed in [false, true] {
+                // Dirty pages in the page cache count as data before and after writeback.
+                if flushed {
+                    b.flush().unwrap();
+                }
+                let got = b.zero_ranges(0, 4 * mib).unwrap();
+                check_zero_ranges_shape(&b, 0, 4 * mib, &got);
+                if !holes {
+                    assert_eq!(got, [], "without hole support nothing is known");
+                    continue;
+                }
+                assert_eq!(got, expected, "flushed: {flushed}");
+                // Sub-ranges, aligned or not, are the holes clipped to them.
+                for (off, len) in [
+                    (0, 4 * mib),
+                    (1, 100),
+                    (64 * k - 1, 2),
+                    (100 * k + 3, 900 * k),
+                    (mib + 100 * k, 10 * k),
+                    (mib + 200 * k, 2 * mib),
+                    (3 * mib, mib),
+                    (4 * mib - 1, 1),
+                ] {
+                    let got = b.zero_ranges(off, len).unwrap();
+                    check_zero_ranges_shape(&b, off, len, &got);
+                    assert_eq!(got, clip(&expected, off..off + len), "{off}+{len}");
+                }
+            }
+            // Data only before the range: SEEK_DATA answers ENXIO, the rest is one hole.
+            let tail = FileBackend::create(&dir.path().join("tail"), mib, &rw()).unwrap();
+            tail.write_at(&[9u8; 4096], 0).unwrap();
+            if holes {
+                assert_eq!(tail.zero_ranges(8192, mib - 8192).unwrap(), [8192..mib]);
+                assert_eq!(tail.zero_ranges(0, mib).unwrap(), [g..mib]);
+            }
+        }
+    }
+
+    #[test]
+    fn zero_ranges_leaves_reads_and_writes_unaffected_and_is_thread_safe() {
+        let dir = scratch();
+        let holes = supports_holes(dir.path());
+        let p = dir.path().join("vol");
+        let len = 8u64 << 20;
+        let b = FileBackend::create(&p, len, &rw()).unwrap();
+        for i in 0..8u64 {
+            b.write_at(&[i as u8 + 1; 4096], i * (1 << 20) + 65536).unwrap();
+        }
+        let whole = b.zero_ranges(0, len).unwrap();
+        if holes {
+            assert_eq!(whole.len(), 9);
+        }
+        // Queries from several threads at once, interleaved with positioned reads and writes,
+        // agree with the sequential answer: nothing depends on the shared file position.
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (b, whole) = (&b, &whole);
+                s.spawn(move || {
+                    for round in 0..200u64 {
+                        let off = (t * 7919 + round * 104_729) % len;
+                        let n = (len - off).min(3 << 20);
+                        let got = b.zero_ranges(off, n).unwrap();
+                        assert_eq!(got, clip(whole, off..off + n), "{off}+{n}");
+                        let mut buf = [0u8; 4096];
+                        let blk = (t + round) % 8;
+                        b.read_at(&mut buf, blk * (1 << 20) + 65536).unwrap();
+                        assert_eq!(buf, [blk as u8 + 1; 4096]);
+                        b.write_at(&buf, blk * (1 << 20) + 65536).unwrap();
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn zero_ranges_randomized_against_written_blocks() {
+        use rand::{Rng, SeedableRng};
+        let seed: u64 = rand::random();
+        println!("seed {seed}");
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let dir = scratch();
+        let holes = supports_holes(dir.path());
+        let p = dir.path().join("vol");
+        let bs = 4096u64;
+        let blocks = 256u64;
+        let b = FileBackend::create(&p, blocks * bs, &rw()).unwrap();
+        // Blocks written with non-zero data and not punched since.
+        let mut data = vec![false; blocks as usize];
+        for step in 0..300 {
+            let at = rng.random_range(0..blocks);
+            let n = rng.random_range(1..=8u64).min(blocks - at);
+            match rng.random_range(0..4) {
+                0 => {
+                    b.zero_range(at * bs, n * bs).unwrap();
+                    data[at as usize..(at + n) as usize].fill(false);
+                }
+                1 => b.flush().unwrap(),
+                _ => {
+                    b.write_at(&vec![0x5a; (n * bs) as usize], at * bs).unwrap();
+                    data[at as usize..(at + n) as usize].fill(true);
+                }
+            }
+            let off = rng.random_range(0..blocks * bs);
+            let len = rng.random_range(0..=blocks * bs - off);
+            let got = b.zero_ranges(off, len).unwrap();
+            check_zero_ranges_shape(&b, off, len, &got);
+            if !holes {
+                continue;
+            }
+            // Every byte of a block never written (or punched since) is in a hole.
+            for (i, _) in data.iter().enumerate().filter(|(_, &d)| !d) {
+                let (lo, hi) = ((i as u64 * bs).max(off), ((i as u64 + 1) * bs).min(off + len));
+                if lo < hi {
+                    assert!(
+                        got.iter().any(|r| r.start <= lo && hi <= r.end),
+                        "seed {seed} step {step}: block {i} missing from {got:?}"
+                    );
+                }
+            }
+        }
+    }
+
     /// Detaches a loop device when dropped, so a failing test does not leak it.
     struct LoopDevice(PathBuf);
 
@@ -1067,6 +1356,9 @@ mod tests {
 
         let b = FileBackend::open(&dev, &rw()).unwrap();
         assert!(b.is_block_device());
+        // The backing file is all holes, but a block device does not say so: unknown.
+        assert_eq!(b.zero_ranges(0, 4 << 20).unwrap(), []);
+        assert!(b.zero_ranges(4 << 20, 1).is_err());
         assert_eq!(b.len(), 4 << 20);
         assert!(matches!(
             FileBackend::open(&dev, &rw()),

@@ -11,7 +11,7 @@ pub mod file;
 mod memory;
 
 pub use fault::{
-    CrashState, Event, FaultBackend, FaultStats, InjectedFault, InvalidProbability, PendingWrite,
+    CrashState, Event, FaultBackend, FaultStats, InjectedFault, InvalidProbability, PendingWrite, ReadFault,
     TooManyCrashStates, SECTOR_SIZE,
 };
 pub use file::{AlignedBuf, FileBackend, FileOptions, LockMode, OpenError};
@@ -19,6 +19,7 @@ pub use memory::MemoryBackend;
 
 use std::fmt;
 use std::io;
+use std::ops::Range;
 
 /// Positioned, fixed-length storage.
 ///
@@ -69,6 +70,19 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Makes `len` bytes at `offset` read as zeros.
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()>;
 
+    /// Sub-ranges of `offset..offset + len` that the medium knows read as all zeros without
+    /// reading them (holes of a sparse file, ...): ascending, non-overlapping, inside the range,
+    /// adjacent ones merged. A range not listed may still read as zeros; the default knows
+    /// nothing.
+    ///
+    /// A range that does not lie inside `0..len()` fails with [`io::ErrorKind::InvalidInput`].
+    /// The answer describes one moment: a write racing with the call may or may not be
+    /// reflected in it.
+    fn zero_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>> {
+        check_range(offset, len, self.len())?;
+        Ok(Vec::new())
+    }
+
     /// Buffer address and length alignment the backend needs for I/O (1 when any is fine).
     fn alignment(&self) -> usize {
         1
@@ -113,8 +127,14 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     fn flush(&self) -> io::Result<()> {
         (**self).flush()
     }
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).start_writeback(offset, len)
+    }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).zero_range(offset, len)
+    }
+    fn zero_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>> {
+        (**self).zero_ranges(offset, len)
     }
     fn alignment(&self) -> usize {
         (**self).alignment()
@@ -128,8 +148,72 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
 }
 
 #[cfg(test)]
+// Expected answers of `zero_ranges` are often a single range.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
+
+    /// A backend that overrides nothing optional, to check the defaults.
+    #[derive(Debug)]
+    struct Minimal;
+
+    impl Backend for Minimal {
+        fn len(&self) -> u64 {
+            4096
+        }
+        fn read_at(&self, buf: &mut [u8], _: u64) -> io::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn zero_range(&self, _: u64, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn name(&self) -> String {
+            "minimal".to_string()
+        }
+    }
+
+    #[test]
+    fn default_zero_ranges_knows_nothing_but_checks_the_range() {
+        assert_eq!(Minimal.zero_ranges(0, 4096).unwrap(), []);
+        let e = Minimal.zero_ranges(4000, 100).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn arc_forwards_zero_ranges_and_start_writeback() {
+        use std::sync::Arc;
+        let f = Arc::new(FaultBackend::new(4096).unwrap());
+        f.write_at(&[1; 512], 1024).unwrap();
+        // The default would answer nothing and accept any hint.
+        assert_eq!(f.zero_ranges(0, 4096).unwrap(), [0..1024, 1536..4096]);
+        assert_eq!(Arc::clone(&f).zero_ranges(512, 1024).unwrap(), [512..1024]);
+        f.start_writeback(0, 4096).unwrap();
+        let e = f.start_writeback(4000, 100).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            io::ErrorKind::InvalidInput,
+            "forwarded to the range check"
+        );
+
+        let m = Arc::new(MemoryBackend::new(2048).unwrap());
+        m.write_at(&[1], 0).unwrap();
+        assert_eq!(m.zero_ranges(0, 2048).unwrap(), [512..2048]);
+        m.start_writeback(0, 2048).unwrap();
+        let e = m.start_writeback(2048, 1).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+
+        // Through a trait object too.
+        let d: Arc<dyn Backend> = f;
+        assert_eq!(d.zero_ranges(0, 1024).unwrap(), [0..1024]);
+        assert!(d.start_writeback(4096, 1).is_err());
+    }
 
     #[test]
     fn check_range_rejects_overflow_and_past_end() {

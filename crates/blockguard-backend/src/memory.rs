@@ -1,8 +1,31 @@
 //! An in-memory backend: the reference store for unit and property tests.
 
-use crate::{check_range, Backend};
+use crate::{check_range, Backend, SECTOR_SIZE};
 use std::io;
+use std::ops::Range;
 use std::sync::RwLock;
+
+/// The 512-byte-aligned sectors lying wholly inside `offset..offset + len` whose bytes in
+/// `image` are all zero, adjacent ones merged into one range: the answer of
+/// [`Backend::zero_ranges`] for the in-memory stores. The range must lie inside `image`
+/// (checked by the caller with [`check_range`]).
+pub(crate) fn zero_sectors(image: &[u8], offset: u64, len: u64) -> Vec<Range<u64>> {
+    let s = SECTOR_SIZE as u64;
+    let end = offset.saturating_add(len).min(image.len() as u64);
+    let mut out: Vec<Range<u64>> = Vec::new();
+    let mut at = offset.div_ceil(s).saturating_mul(s);
+    while at.saturating_add(s) <= end {
+        let sector = &image[at as usize..(at + s) as usize];
+        if sector.iter().all(|&b| b == 0) {
+            match out.last_mut() {
+                Some(last) if last.end == at => last.end = at + s,
+                _ => out.push(at..at + s),
+            }
+        }
+        at += s;
+    }
+    out
+}
 
 /// A fixed-size store held in memory. `flush` is a no-op: nothing here survives the process.
 #[derive(Debug)]
@@ -58,6 +81,22 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
+    /// Does nothing (memory has no writeback), but refuses a range outside the store like
+    /// [`FileBackend`](crate::FileBackend) does.
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        check_range(offset, len, self.len())
+    }
+
+    /// The all-zero 512-byte-aligned sectors wholly inside the range, merged.
+    fn zero_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>> {
+        let data = self.data.read().unwrap_or_else(|e| e.into_inner());
+        check_range(offset, len, data.len() as u64)?;
+        Ok(zero_sectors(&data, offset, len))
+    }
+
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
         check_range(offset, len, data.len() as u64)?;
@@ -71,8 +110,79 @@ impl Backend for MemoryBackend {
 }
 
 #[cfg(test)]
+// Expected answers of `zero_ranges` are often a single range.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Brute force: every aligned sector inside the range, tested byte by byte, then merged.
+    fn zero_sectors_reference(image: &[u8], offset: u64, len: u64) -> Vec<Range<u64>> {
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for sector in 0..image.len() as u64 / 512 {
+            let (lo, hi) = (sector * 512, sector * 512 + 512);
+            if lo < offset || hi > offset + len {
+                continue;
+            }
+            if (lo..hi).all(|i| image[i as usize] == 0) {
+                if let Some(last) = out.last_mut().filter(|l| l.end == lo) {
+                    last.end = hi;
+                } else {
+                    out.push(lo..hi);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn zero_ranges_lists_whole_zero_sectors_merged() {
+        let m = MemoryBackend::new(8 * 512).unwrap();
+        assert_eq!(m.zero_ranges(0, 4096).unwrap(), [0..4096]);
+        m.write_at(&[1], 1000).unwrap(); // sector 1
+        m.write_at(&[1], 5 * 512).unwrap(); // sector 5
+        assert_eq!(m.zero_ranges(0, 4096).unwrap(), [0..512, 1024..2560, 3072..4096]);
+        // Only sectors wholly inside the range count; a partial one is left out.
+        assert_eq!(m.zero_ranges(100, 2000).unwrap(), [1024..2048]);
+        assert_eq!(m.zero_ranges(1024, 511).unwrap(), []);
+        assert_eq!(m.zero_ranges(4096, 0).unwrap(), []);
+        // Zeroing makes a sector count again.
+        m.zero_range(1000, 1).unwrap();
+        assert_eq!(m.zero_ranges(0, 4096).unwrap(), [0..2560, 3072..4096]);
+        for (off, len) in [(4096, 1), (0, 4097), (u64::MAX, 2)] {
+            let e = m.zero_ranges(off, len).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        }
+        // A store whose length is not a multiple of 512: its partial last sector never counts.
+        let odd = MemoryBackend::new(1000).unwrap();
+        assert_eq!(odd.zero_ranges(0, 1000).unwrap(), [0..512]);
+    }
+
+    #[test]
+    fn start_writeback_checks_its_range() {
+        let m = MemoryBackend::new(1024).unwrap();
+        m.start_writeback(0, 1024).unwrap();
+        m.start_writeback(5000, 0).unwrap();
+        let e = m.start_writeback(1000, 25).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    proptest! {
+        #[test]
+        fn zero_sectors_match_brute_force(
+            writes in prop::collection::vec((0usize..4096, 1u8..=255), 0..12),
+            offset in 0u64..4096,
+            len in 0u64..4096,
+        ) {
+            let mut image = vec![0u8; 4096];
+            for (at, v) in writes {
+                image[at] = v;
+            }
+            let len = len.min(4096 - offset);
+            let got = zero_sectors(&image, offset, len);
+            prop_assert_eq!(&got, &zero_sectors_reference(&image, offset, len));
+        }
+    }
 
     #[test]
     fn reads_back_writes_and_refuses_out_of_range() {
