@@ -2,7 +2,7 @@
 
 use crate::common::{open_volume, progress};
 use anyhow::Result;
-use blockguard::BlockProblem;
+use blockguard::{BlockProblem, MetadataProblem};
 use clap::Args;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -22,6 +22,7 @@ struct Report {
     volume: String,
     blocks: u64,
     bad_blocks: Vec<BlockProblem>,
+    damaged_metadata: Vec<MetadataProblem>,
     warnings: Vec<String>,
     clean: bool,
 }
@@ -42,12 +43,14 @@ pub fn run(args: CheckArgs) -> Result<bool> {
         pb.set_position(block * g.block_size as u64);
     }
     pb.finish_and_clear();
+    let damaged = vol.check_metadata(0, g.groups)?;
     let report = Report {
         volume: args.path.display().to_string(),
         blocks: g.data_blocks,
-        clean: bad.is_empty() && vol.warnings().is_empty(),
+        clean: bad.is_empty() && damaged.is_empty() && vol.warnings().is_empty(),
         warnings: vol.warnings().to_vec(),
         bad_blocks: bad,
+        damaged_metadata: damaged,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -55,14 +58,25 @@ pub fn run(args: CheckArgs) -> Result<bool> {
         for p in &report.bad_blocks {
             println!("bad block {}: {}", p.block, p.detail);
         }
+        for p in &report.damaged_metadata {
+            println!(
+                "damaged metadata: group {} sector {} (blocks {}..{}): {}",
+                p.group,
+                p.sector,
+                p.first_block,
+                p.first_block + p.blocks as u64,
+                p.detail
+            );
+        }
         for w in &report.warnings {
             println!("warning: {w}");
         }
         println!(
-            "{}: {} blocks checked, {} bad",
+            "{}: {} blocks checked, {} bad, {} damaged metadata sectors",
             report.volume,
             report.blocks,
-            report.bad_blocks.len()
+            report.bad_blocks.len(),
+            report.damaged_metadata.len()
         );
     }
     // A damaged superblock copy is corruption found, too.

@@ -52,9 +52,48 @@ fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u
     if let Some(stage) = stage_bytes {
         open_opts.stage_bytes = usize::try_from(stage).context("stage size does not fit in memory")?;
     }
-    let vol = Volume::open(Arc::new(backend), &open_opts)?;
+    // A read-write open of a volume left in use recovers it first: show that it is working.
+    let mut bar: Option<ProgressBar> = None;
+    let mut show = |done: u64, total: u64| {
+        let pb = bar.get_or_insert_with(|| {
+            let pb = ProgressBar::new(total);
+            if let Ok(style) =
+                ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos}/{len} groups eta {eta}")
+            {
+                pb.set_style(style.progress_chars("=> "));
+            }
+            pb.set_message("recover");
+            pb
+        });
+        pb.set_position(done);
+    };
+    let vol = Volume::open_with_progress(Arc::new(backend), &open_opts, &mut show)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if let Some(pb) = bar {
+        pb.finish_and_clear();
+    }
     for w in vol.warnings() {
         eprintln!("blockguard: warning: {w}");
+    }
+    if let Some(r) = vol.recovery_at_open() {
+        eprintln!(
+            "blockguard: {} was not closed cleanly: recovered ({} groups examined, {} rewritten, {} blocks back to the version on disk, {} first writes completed)",
+            path.display(),
+            r.groups_examined - r.groups_skipped,
+            r.groups_rewritten,
+            r.blocks_reverted,
+            r.pairs_completed
+        );
+        for p in &r.damaged {
+            eprintln!(
+                "blockguard: warning: damaged metadata in group {} sector {} (blocks {}..{}): {}; reads of these blocks fail until `blockguard recover` rebuilds it",
+                p.group,
+                p.sector,
+                p.first_block,
+                p.first_block + p.blocks as u64,
+                p.detail
+            );
+        }
     }
     Ok(vol)
 }

@@ -134,7 +134,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
         if s.state == "clean" {
             "clean"
         } else {
-            "in use (open for writing, or not closed cleanly: `blockguard recover` settles it)"
+            "in use (open for writing, or not closed cleanly: the next read-write open, or `blockguard recover`, settles it)"
         }
     );
     for w in &dump.warnings {
@@ -143,20 +143,20 @@ pub fn run(args: InfoArgs) -> Result<()> {
     for b in &dump.blocks {
         let l = &b.location;
         println!(
-            "block {}: group {} index {}, data at byte {}, tags at bytes {} and {}{}",
+            "block {}: group {} index {}, data at byte {}, tags at bytes {} and {} (metadata sector {}){}",
             l.block,
             l.group,
             l.index,
             l.data_offset,
             l.meta_offsets[0] + l.tag_offset_in_meta as u64,
             l.meta_offsets[1] + l.tag_offset_in_meta as u64,
+            b.sector,
             if b.staged { " (newer version staged)" } else { "" }
         );
         for (i, slot) in b.slots.iter().enumerate() {
             println!(
-                "  metadata {} at byte {}: {}{}{}",
-                ["A", "B"][i],
-                l.meta_offsets[i],
+                "  slot {i}, sector at byte {}: {}{}{}",
+                l.meta_offsets[i] + b.sector as u64 * 512,
                 slot.state,
                 slot.generation
                     .map(|g| format!(", generation {g}"))
@@ -167,6 +167,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
                     .unwrap_or_default()
             );
         }
+        println!("  a read accepts: {}", b.accepted.join(" or "));
     }
     Ok(())
 }

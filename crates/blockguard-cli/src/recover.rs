@@ -1,8 +1,11 @@
-//! `blockguard recover`: settle a volume after an unclean shutdown and mark it clean.
+//! `blockguard recover`: settle a volume after an unclean shutdown, rebuild damaged metadata
+//! from its valid brother, and mark the volume clean.
 
 use crate::common::{open_volume, progress};
 use anyhow::{Context, Result};
+use blockguard::{RecoverOptions, RecoveryReport};
 use clap::Args;
+use serde::Serialize;
 use std::path::PathBuf;
 
 /// Arguments of `recover`.
@@ -15,32 +18,62 @@ pub struct RecoverArgs {
     pub json: bool,
 }
 
+#[derive(Serialize)]
+struct Report<'a> {
+    volume: String,
+    /// What settling after an unclean shutdown did (null if the volume was closed cleanly).
+    after_crash: Option<&'a RecoveryReport>,
+    /// The scan for damaged metadata and what it rebuilt.
+    rebuild: &'a RecoveryReport,
+}
+
 /// Runs recovery and prints what it did.
 pub fn run(args: RecoverArgs) -> Result<()> {
+    // Opening read-write settles a volume left in use (with its own progress bar).
     let vol = open_volume(&args.path, false)?;
-    let groups = vol.geometry().groups;
-    // The bar counts groups; shown in "bytes" of volume covered, like `check`.
-    let group_len = vol.size() / groups.max(1);
-    let pb = progress(vol.size(), "recover");
+    let pb = progress(vol.geometry().groups, "rebuild");
     let report = vol
-        .recover(|done| pb.set_position(done * group_len))
+        .recover(RecoverOptions::rebuild(), |done, _| pb.set_position(done))
         .with_context(|| format!("recovering {}", args.path.display()))?;
     pb.finish_and_clear();
+    let at_open = vol.recovery_at_open().cloned();
     vol.close()
         .with_context(|| format!("closing {}", args.path.display()))?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else if report.already_clean {
-        println!("{}: closed cleanly; nothing to recover", args.path.display());
-    } else {
-        println!(
-            "{}: recovered and marked clean: {} groups examined, {} rewritten, {} blocks back to the version on disk, {} with unreadable metadata",
-            args.path.display(),
-            report.groups_examined,
-            report.groups_rewritten,
-            report.blocks_reverted,
-            report.groups_damaged
-        );
+        let r = Report {
+            volume: args.path.display().to_string(),
+            after_crash: at_open.as_ref(),
+            rebuild: &report,
+        };
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
     }
+    let name = args.path.display();
+    match &at_open {
+        None => println!("{name}: was closed cleanly; no crash state to settle"),
+        Some(r) => println!(
+            "{name}: settled after an unclean shutdown: {} groups examined, {} rewritten, {} blocks back to the version on disk, {} first writes completed",
+            r.groups_examined - r.groups_skipped,
+            r.groups_rewritten,
+            r.blocks_reverted,
+            r.pairs_completed
+        ),
+    }
+    for p in &report.damaged {
+        let end = p.first_block + p.blocks as u64;
+        if p.rebuilt {
+            println!(
+                "{name}: rebuilt damaged metadata of blocks {}..{end} (group {} sector {}: {}) from its valid brother; \
+                 those blocks now verify against it, and any of them whose newer version the damaged copy described reads as that older version",
+                p.first_block, p.group, p.sector, p.detail
+            );
+        } else {
+            println!(
+                "{name}: cannot rebuild the metadata of blocks {}..{end} (group {} sector {}: {}): no valid brother; reads of them keep failing",
+                p.first_block, p.group, p.sector, p.detail
+            );
+        }
+    }
+    println!("{name}: marked clean");
     Ok(())
 }

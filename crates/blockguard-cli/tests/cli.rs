@@ -232,15 +232,15 @@ fn format_creates_a_sparse_file_with_the_documented_layout() {
     assert_eq!(j["mode"], "dual");
     assert_eq!(j["profile"], "crc32c");
     let g = &j["geometry"];
-    assert_eq!(g["group_blocks"], 504);
+    assert_eq!(g["group_blocks"], 496);
     assert_eq!(g["data_blocks"], 16384);
-    assert_eq!(g["groups"], 16384u64.div_ceil(504));
+    assert_eq!(g["groups"], 16384u64.div_ceil(496));
     assert_eq!(g["first_group_offset"], 4096);
     let len = t.len("v.bgv");
     assert_eq!(g["backing_len"], len);
     assert_eq!(g["backup_sb_offset"], len - 4096);
-    // Data end: 32 full groups of (2 + 504) blocks, then 2 + 256 blocks, after the superblock.
-    let data_end = 4096 + 32 * 506 * 4096 + (2 + 256) * 4096;
+    // Data end: 33 full groups of (2 + 496) blocks, then 2 + 16 blocks, after the superblock.
+    let data_end = 4096 + 33 * 498 * 4096 + (2 + 16) * 4096;
     assert_eq!(len, data_end + 4096);
     assert!(
         fs::metadata(t.path("v.bgv")).unwrap().blocks() * 512 <= 1 << 20,
@@ -250,7 +250,7 @@ fn format_creates_a_sparse_file_with_the_documented_layout() {
     for (copy, off) in sb_offsets(len).into_iter().enumerate() {
         let sb = t.read_at("v.bgv", off, 4096);
         assert_eq!(&sb[..8], b"BLKGUARD");
-        assert_eq!(le32(&sb, 8), 1, "version");
+        assert_eq!(le32(&sb, 8), 2, "version");
         assert_eq!(sb[65] as usize, copy, "copy index");
         assert_eq!(le32(&sb, 508), crc32c(&sb[..508]));
         assert!(sb[512..].iter().all(|&b| b == 0));
@@ -348,20 +348,20 @@ fn format_with_512_byte_blocks() {
     let j = t.format("v.bgv", &["--size", "1M", "--block-size", "512"]);
     assert_eq!(j["block_size"], 512);
     let g = &j["geometry"];
-    assert_eq!(g["group_blocks"], (512 - 64) / 8);
+    assert_eq!(g["group_blocks"], (512 - 16) / 8);
     assert_eq!(g["data_blocks"], 2048);
-    assert_eq!(g["groups"], 2048u64.div_ceil(56));
+    assert_eq!(g["groups"], 2048u64.div_ceil(62));
     assert_eq!(g["first_group_offset"], 4096);
     let d = t
-        .run(&["dump", "v.bgv", "--block", "57", "--json"])
+        .run(&["dump", "v.bgv", "--block", "63", "--json"])
         .code(0)
         .json();
     let l = &d["blocks"][0]["location"];
     assert_eq!((l["group"].as_u64(), l["index"].as_u64()), (Some(1), Some(1)));
-    assert_eq!(l["data_offset"], 4096 + 58 * 512 + 3 * 512);
-    assert_eq!(l["meta_offsets"][0], 4096 + 58 * 512);
-    assert_eq!(l["meta_offsets"][1], 4096 + 59 * 512);
-    assert_eq!(l["tag_offset_in_meta"], 64 + 8);
+    assert_eq!(l["data_offset"], 4096 + 64 * 512 + 3 * 512);
+    assert_eq!(l["meta_offsets"][0], 4096 + 64 * 512);
+    assert_eq!(l["meta_offsets"][1], 4096 + 65 * 512);
+    assert_eq!(l["tag_offset_in_meta"], 16 + 8);
     // Unaligned import and export work on 512-byte blocks too.
     let raw = random_bytes(300_001, 3);
     t.raw("raw", &raw);
@@ -484,7 +484,7 @@ fn info_and_dump_report_superblock_geometry_and_tags() {
     let f = t.format("v.bgv", &["--size", "8M", "--label", "test-label"]);
     let len = t.len("v.bgv");
     let j = t.info("v.bgv");
-    assert_eq!(j["version"], 1);
+    assert_eq!(j["version"], 2);
     assert_eq!(j["uuid"], f["uuid"]);
     assert_eq!(j["label"], "test-label");
     assert_eq!(j["size"], 8 << 20);
@@ -500,7 +500,7 @@ fn info_and_dump_report_superblock_geometry_and_tags() {
     let g = &j["geometry"];
     assert_eq!(g["block_size"], 4096);
     assert_eq!(g["tag_size"], 8);
-    assert_eq!(g["group_blocks"], 504);
+    assert_eq!(g["group_blocks"], 496);
     assert_eq!(g["data_blocks"], 2048);
     assert_eq!(g["groups"], 5);
     assert_eq!(g["first_group_offset"], 4096);
@@ -510,31 +510,32 @@ fn info_and_dump_report_superblock_geometry_and_tags() {
     assert_eq!(uuid.len(), 36);
     assert_eq!(uuid.matches('-').count(), 4);
     t.run(&["info", "v.bgv"]).code(0).out_has(&[
-        "format:        blockguard v1",
+        "format:        blockguard v2",
         &format!("uuid:          {uuid}"),
         "label:         test-label",
         "size:          8388608 bytes (2048 blocks of 4096 bytes)",
         "mode:          dual",
         "tag profile:   crc32c (8 bytes per block)",
-        "groups:        5 of 504 data blocks + 2 metadata blocks, first at byte 4096",
+        "groups:        5 of 496 data blocks + 2 metadata blocks, first at byte 4096",
         &format!("backup superblock at byte {}", len - 4096),
         "features:      compat 0x0 ro_compat 0x0 incompat 0x0",
     ]);
 
     // Before any write: both brothers empty.
     let d = t
-        .run(&["dump", "v.bgv", "--block", "0", "--block", "505", "--json"])
+        .run(&["dump", "v.bgv", "--block", "0", "--block", "497", "--json"])
         .code(0)
         .json();
     let b = &d["blocks"][1];
     let l = &b["location"];
-    assert_eq!(l["block"], 505);
+    assert_eq!(l["block"], 497);
     assert_eq!(l["group"], 1);
     assert_eq!(l["index"], 1);
-    let group1 = 4096 + 506 * 4096;
+    let group1 = 4096 + 498 * 4096;
     assert_eq!(l["meta_offsets"], serde_json::json!([group1, group1 + 4096]));
     assert_eq!(l["data_offset"], group1 + (2 + 1) * 4096);
-    assert_eq!(l["tag_offset_in_meta"], 64 + 8);
+    assert_eq!(l["tag_offset_in_meta"], 16 + 8);
+    assert_eq!(b["sector"], 0);
     assert_eq!(b["slots"][0]["state"], "empty");
     assert_eq!(b["slots"][1]["state"], "empty");
     assert_eq!(b["staged"], false);
@@ -556,7 +557,10 @@ fn info_and_dump_report_superblock_geometry_and_tags() {
         let slots = &d["blocks"][block as usize]["slots"];
         assert_eq!(slots[0]["state"], "valid");
         assert_eq!(slots[0]["generation"], 1);
-        assert_eq!(slots[1]["state"], "empty");
+        // The first write also writes slot 1: generation 0, every tag unwritten.
+        assert_eq!(slots[1]["state"], "valid");
+        assert_eq!(slots[1]["generation"], 0);
+        assert_eq!(slots[1]["tag"], "unwritten");
         let mut msg = uuid.to_vec();
         msg.extend_from_slice(&block.to_le_bytes());
         msg.extend_from_slice(data);
@@ -568,23 +572,29 @@ fn info_and_dump_report_superblock_geometry_and_tags() {
     }
     assert_eq!(d["blocks"][2]["slots"][0]["tag"], "unwritten");
     t.run(&["dump", "v.bgv", "--block", "0"]).code(0).out_has(&[
-        "block 0: group 0 index 0, data at byte 12288, tags at bytes 4160 and 8256",
-        "metadata A at byte 4096: valid, generation 1, tag ",
-        "metadata B at byte 8192: empty",
+        "block 0: group 0 index 0, data at byte 12288, tags at bytes 4112 and 8208 (metadata sector 0)",
+        "slot 0, sector at byte 4096: valid, generation 1, tag ",
+        "slot 1, sector at byte 8192: valid, generation 0, tag unwritten",
+        "a read accepts: ",
     ]);
-    // The metadata block on disk: magic, checksum seeded with uuid ‖ group ‖ slot.
-    let m = t.read_at("v.bgv", 4096, 4096);
-    assert_eq!(&m[..8], b"BGMETA01");
-    let mut msg = uuid.to_vec();
-    msg.extend_from_slice(&0u64.to_le_bytes());
-    msg.push(0);
-    msg.extend_from_slice(&m[..8]);
-    msg.extend_from_slice(&[0; 4]);
-    msg.extend_from_slice(&m[12..]);
-    assert_eq!(le32(&m, 8), crc32c(&msg));
-    assert_eq!((le64(&m, 16), le64(&m, 24)), (1, 0));
-    assert_eq!(&m[32..48], &uuid);
-    assert_eq!((le32(&m, 48), u16::from_le_bytes([m[52], m[53]])), (504, 8));
+    // Each 512-byte metadata sector on disk: magic, checksum seeded with
+    // uuid ‖ group ‖ sector index ‖ slot, generation.
+    for (slot, at, generation) in [(0u8, 4096, 1u64), (1, 8192, 0)] {
+        let m = t.read_at("v.bgv", at, 4096);
+        for k in 0..8u32 {
+            let s = &m[k as usize * 512..(k as usize + 1) * 512];
+            assert_eq!(&s[..4], b"BGTS");
+            let mut msg = uuid.to_vec();
+            msg.extend_from_slice(&0u64.to_le_bytes());
+            msg.extend_from_slice(&k.to_le_bytes());
+            msg.push(slot);
+            msg.extend_from_slice(&s[..4]);
+            msg.extend_from_slice(&[0; 4]);
+            msg.extend_from_slice(&s[8..]);
+            assert_eq!(le32(s, 4), crc32c(&msg), "slot {slot} sector {k}");
+            assert_eq!(le64(s, 8), generation);
+        }
+    }
 
     // Out-of-range blocks are a clear error.
     t.run(&["dump", "v.bgv", "--block", "2048"])
@@ -678,14 +688,14 @@ fn check_exit_codes_and_json() {
     assert_eq!(bad[0]["block"], 42);
     assert!(bad[0]["detail"].as_str().unwrap().contains("expected tag"));
 
-    // A damaged metadata block never makes written blocks look unwritten: every written
-    // block of group 1 (blocks 504..1008) is reported.
+    // A damaged metadata sector never makes written blocks look unwritten: every block it
+    // covers (blocks 496..558 of group 1) is reported, and so is the sector.
     let d = t
-        .run(&["dump", "v.bgv", "--block", "504", "--json"])
+        .run(&["dump", "v.bgv", "--block", "496", "--json"])
         .code(0)
         .json();
     let meta = d["blocks"][0]["location"]["meta_offsets"][0].as_u64().unwrap();
-    t.flip("v.bgv", meta + 64 + 8 * 10, 0x80);
+    t.flip("v.bgv", meta + 16 + 8 * 10, 0x80);
     let j = t.run(&["check", "v.bgv", "--json"]).code(1).json();
     let bad: Vec<u64> = j["bad_blocks"]
         .as_array()
@@ -694,8 +704,18 @@ fn check_exit_codes_and_json() {
         .map(|b| b["block"].as_u64().unwrap())
         .collect();
     let mut want = vec![42];
-    want.extend(504..1008);
+    want.extend(496..558);
     assert_eq!(bad, want);
+    let damaged = j["damaged_metadata"].as_array().unwrap();
+    assert_eq!(damaged.len(), 1);
+    assert_eq!(
+        (damaged[0]["group"].as_u64(), damaged[0]["sector"].as_u64()),
+        (Some(1), Some(0))
+    );
+    assert!(damaged[0]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("slot 0 is damaged"));
 
     // Usage and I/O errors are 2.
     t.run(&["check", "missing.bgv"]).code(2).err_has(&["missing.bgv"]);
@@ -777,7 +797,7 @@ fn a_superblock_from_a_newer_version_is_refused() {
     let t = T::new();
     t.format("v.bgv", &["--size", "4M"]);
     for copy in 0..2 {
-        patch_superblock_u32(&t, "v.bgv", copy, 8, 2);
+        patch_superblock_u32(&t, "v.bgv", copy, 8, 3);
     }
     let before = t.read("v.bgv");
     for args in [
@@ -788,7 +808,7 @@ fn a_superblock_from_a_newer_version_is_refused() {
     ] {
         t.run(args)
             .code(2)
-            .err_has(&["format version 2 is not supported", "reads version 1"]);
+            .err_has(&["format version 3 is not supported", "reads version 2"]);
     }
     assert!(t.read("v.bgv") == before, "a refused open modified the volume");
     // An unknown incompatible feature is refused the same way.
@@ -804,17 +824,17 @@ fn a_superblock_from_a_newer_version_is_refused() {
 
 /// Known bug (see the report): when only the primary copy claims a newer version, the volume
 /// opens from the backup copy, and a read-write open "repairs" the primary, rewriting the
-/// newer tool's superblock as version 1.
+/// newer tool's superblock as this version.
 #[test]
 fn regression_one_newer_copy_is_not_downgraded() {
     let t = T::new();
     t.format("v.bgv", &["--size", "4M"]);
-    patch_superblock_u32(&t, "v.bgv", 0, 8, 2);
+    patch_superblock_u32(&t, "v.bgv", 0, 8, 3);
     t.raw("raw", &random_bytes(4096, 14));
     t.run(&["import", "raw", "v.bgv"])
         .code(2)
-        .err_has(&["format version 2 is not supported"]);
-    assert_eq!(le32(&t.read_at("v.bgv", 0, 512), 8), 2);
+        .err_has(&["format version 3 is not supported"]);
+    assert_eq!(le32(&t.read_at("v.bgv", 0, 512), 8), 3);
 }
 
 #[test]

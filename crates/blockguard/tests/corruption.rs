@@ -136,7 +136,7 @@ fn damaged_metadata_never_turns_data_into_zeros() {
     let failed = assert_never_wrong(&vol, &expected, "both brothers wiped");
     assert_eq!(
         failed,
-        (0..56).collect::<Vec<_>>(),
+        (0..geo.group_blocks as u64).collect::<Vec<_>>(),
         "every written block of group 0 must fail"
     );
     let mut buf = vec![0u8; BS as usize];
@@ -144,7 +144,7 @@ fn damaged_metadata_never_turns_data_into_zeros() {
         Err(Error::Corrupt { kind, .. }) => assert_eq!(kind, CorruptionKind::UnwrittenNotZero),
         other => panic!("expected UnwrittenNotZero, got {other:?}"),
     }
-    // Wipe only the newest brother: the older one holds stale tags for blocks 0..56, which
+    // Wipe only the newest brother: the older one holds stale tags for group 0, which
     // the current data does not match: errors, never stale acceptance.
     for slot in 0..2 {
         let mut one = img.clone();

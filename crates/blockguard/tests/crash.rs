@@ -191,7 +191,7 @@ impl Run {
         if session == Session::Recover {
             match Volume::open(backend.clone(), &OpenOptions::default()) {
                 Ok(v) => {
-                    if let Err(e) = v.recover(|_| {}).and_then(|_| v.close()) {
+                    if let Err(e) = v.recover(Default::default(), |_, _| {}).and_then(|_| v.close()) {
                         return vec![format!("recovery failed: {e}")];
                     }
                 }

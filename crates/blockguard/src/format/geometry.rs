@@ -69,14 +69,18 @@ fn align_up(x: u64, a: u64) -> Option<u64> {
 }
 
 impl Geometry {
-    /// Tags that fit in one metadata block of `block_size` bytes.
+    /// Tags that fit in one metadata block of `block_size` bytes: a row of 512-byte sectors,
+    /// each holding [`super::tags_per_sector`] tags after its own header.
     pub fn tags_per_meta(block_size: u32, tag_size: usize) -> Result<u32, GeometryError> {
-        let room = (block_size as usize).saturating_sub(super::META_HEADER_SIZE);
-        let n = room / tag_size.max(1);
-        if tag_size == 0 || n == 0 {
+        if tag_size == 0 || tag_size > crate::tag::MAX_TAG_SIZE {
             return Err(GeometryError::TagSize { tag_size, block_size });
         }
-        Ok(n as u32)
+        let sectors = block_size as usize / super::SECTOR_SIZE;
+        let n = sectors * super::tags_per_sector(tag_size);
+        if n == 0 {
+            return Err(GeometryError::TagSize { tag_size, block_size });
+        }
+        u32::try_from(n).map_err(|_| GeometryError::TagSize { tag_size, block_size })
     }
 
     /// The layout for a volume of `size` logical bytes, stored in a backend whose length is
@@ -253,8 +257,34 @@ impl Geometry {
             index,
             data_offset: self.data_offset(block),
             meta_offsets: [self.meta_offset(group, 0), self.meta_offset(group, 1)],
-            tag_offset_in_meta: super::META_HEADER_SIZE as u32 + index * self.tag_size,
+            tag_offset_in_meta: self.tag_offset(index),
         })
+    }
+
+    /// Tags per 512-byte metadata sector.
+    pub fn tags_per_sector(&self) -> u32 {
+        super::tags_per_sector(self.tag_size as usize) as u32
+    }
+
+    /// 512-byte sectors per metadata block: the number of brother pairs of a group.
+    pub fn sectors_per_meta(&self) -> u32 {
+        self.block_size / super::SECTOR_SIZE as u32
+    }
+
+    /// Tags held by sector `sector` of `group`'s metadata blocks (0 for sectors past the
+    /// group's last block).
+    pub fn tags_in_sector(&self, group: u64, sector: u32) -> usize {
+        let per = self.tags_per_sector() as u64;
+        let blocks = self.blocks_in_group(group) as u64;
+        blocks.saturating_sub(sector as u64 * per).min(per) as usize
+    }
+
+    /// Byte offset of the tag of the block with `index` in its group, inside a metadata block.
+    pub fn tag_offset(&self, index: u32) -> u32 {
+        let per = self.tags_per_sector();
+        (index / per) * super::SECTOR_SIZE as u32
+            + super::SECTOR_HEADER_SIZE as u32
+            + (index % per) * self.tag_size
     }
 }
 
@@ -263,14 +293,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_geometry_has_504_blocks_per_group() {
+    fn default_geometry_has_496_blocks_per_group() {
         let g = Geometry::for_size(1 << 30, 4096, 8).unwrap();
-        assert_eq!(g.group_blocks, 504);
+        assert_eq!(g.group_blocks, 496, "8 sectors of 62 tags");
         assert_eq!(g.data_blocks, 262144);
-        assert_eq!(g.groups, 262144u64.div_ceil(504));
+        assert_eq!(g.groups, 262144u64.div_ceil(496));
         assert_eq!(g.first_group_offset, 4096);
         assert_eq!(g.data_offset(0), 4096 + 2 * 4096);
-        assert_eq!(g.data_offset(504), 4096 + 506 * 4096 + 2 * 4096);
+        assert_eq!(g.data_offset(496), 4096 + 498 * 4096 + 2 * 4096);
+        assert_eq!(g.tag_offset(0), 16);
+        assert_eq!(g.tag_offset(61), 16 + 61 * 8);
+        assert_eq!(g.tag_offset(62), 512 + 16);
+        assert_eq!(g.tag_offset(495), 7 * 512 + 16 + 61 * 8);
+        assert_eq!(g.tags_in_sector(0, 7), 62);
+        let last = g.groups - 1;
+        let in_last = g.blocks_in_group(last) as usize;
+        let total: usize = (0..8).map(|k| g.tags_in_sector(last, k)).sum();
+        assert_eq!(total, in_last);
+        let small = Geometry::for_size(512 * 100, 512, 8).unwrap();
+        assert_eq!(small.group_blocks, 62);
         assert_eq!(g.backing_len, g.backup_sb_offset + 4096);
         assert!(g.data_offset(g.data_blocks - 1) + 4096 <= g.backup_sb_offset);
     }

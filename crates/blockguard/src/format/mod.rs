@@ -1,15 +1,19 @@
-//! The on-disk format, version 1 (documented byte by byte in `docs/FORMAT.md`).
+//! The on-disk format, version 2 (documented byte by byte in `docs/FORMAT.md`).
 //!
 //! A volume is: a superblock region at offset 0, then groups of
-//! `[brother A][brother B][data block × N]`, and a backup superblock in the backend's last
-//! 4 KiB. All integers are little-endian.
+//! `[brother 0][brother 1][data block × N]`, and a backup superblock in the backend's last
+//! 4 KiB. Each brother is a row of 512-byte metadata sectors that validate on their own
+//! (`meta.rs`). All integers are little-endian.
 
 mod geometry;
-mod metablock;
+mod meta;
 mod superblock;
 
 pub use geometry::{BlockLocation, Geometry, GeometryError};
-pub use metablock::{MetaBlock, MetaParse, META_HEADER_SIZE, META_MAGIC};
+pub use meta::{
+    decode_sector, encode_sector, sector_checksum, sector_tag, slot_of_generation, tags_per_sector,
+    SectorDamage, SectorId, SectorParse, SECTOR_HEADER_SIZE, SECTOR_MAGIC, SECTOR_SIZE,
+};
 pub use superblock::{
     validate_label, Mode, Superblock, SuperblockError, VolumeState, FORMAT_VERSION, SB_MAGIC, SB_REGION,
     SB_STRUCT_SIZE, SUPPORTED_INCOMPAT, SUPPORTED_RO_COMPAT,

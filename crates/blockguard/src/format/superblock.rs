@@ -8,8 +8,10 @@ use serde::Serialize;
 
 /// Magic at byte 0 of both superblock copies.
 pub const SB_MAGIC: [u8; 8] = *b"BLKGUARD";
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes and reads. Version 1 (blockguard 0.1) kept one
+/// checksum per metadata block, so a torn metadata write could lose the only tag of data on
+/// disk; version 2 checksums every 512-byte metadata sector on its own.
+pub const FORMAT_VERSION: u32 = 2;
 /// Bytes reserved for each superblock copy.
 pub const SB_REGION: u64 = 4096;
 /// Bytes of the structure covered by the checksum (the rest of the region is zero). 512 bytes
@@ -74,8 +76,8 @@ pub enum SuperblockError {
     /// The checksum does not match: the copy is damaged.
     #[error("superblock checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
     BadChecksum { stored: u32, computed: u32 },
-    /// Written by a newer (or unknown) format version.
-    #[error("format version {found} is not supported (this build reads version {FORMAT_VERSION})")]
+    /// Written by a newer (or unknown, or retired) format version.
+    #[error("format version {found} is not supported (this build reads version {FORMAT_VERSION}){}", version_hint(*found))]
     Version { found: u32 },
     /// Uses features this build does not implement.
     #[error("volume uses incompatible features {0:#x} this build does not support")]
@@ -322,6 +324,18 @@ impl Superblock {
     }
 }
 
+/// What a user can do about a volume of another format version.
+fn version_hint(found: u32) -> &'static str {
+    if found == 1 {
+        "; version 1 volumes were written by blockguard 0.1: copy the data out with that \
+         release's `blockguard export VOLUME IMAGE` and `blockguard import IMAGE NEW-VOLUME` with this one"
+    } else if found > FORMAT_VERSION {
+        "; it was written by a newer blockguard"
+    } else {
+        ""
+    }
+}
+
 fn field(field: &'static str, detail: String) -> SuperblockError {
     SuperblockError::Field { field, detail }
 }
@@ -372,11 +386,23 @@ mod tests {
     #[test]
     fn newer_version_and_unknown_incompat_are_refused() {
         let mut sb = sample();
-        sb.version = 2;
-        assert!(matches!(
-            Superblock::decode(&sb.encode(0)),
-            Err(SuperblockError::Version { found: 2 })
-        ));
+        sb.version = FORMAT_VERSION + 1;
+        let err = Superblock::decode(&sb.encode(0)).unwrap_err();
+        assert_eq!(
+            err,
+            SuperblockError::Version {
+                found: FORMAT_VERSION + 1
+            }
+        );
+        assert!(err.to_string().contains("newer blockguard"), "{err}");
+        let mut sb = sample();
+        sb.version = 1;
+        let err = Superblock::decode(&sb.encode(0)).unwrap_err();
+        assert!(err.is_unsupported());
+        assert!(
+            err.to_string().contains("blockguard 0.1") && err.to_string().contains("import"),
+            "a v1 volume gets the way out: {err}"
+        );
         let mut sb = sample();
         sb.incompat = 1 << 5;
         assert!(matches!(

@@ -25,11 +25,13 @@ pub(crate) struct ShardGuard<'a> {
 }
 
 impl MetaCache {
-    /// A cache holding at most `groups` groups (at least one per shard).
+    /// A cache holding at most `groups` groups (at least one). Tiny caches (tests force
+    /// eviction with them) get fewer shards, so the bound holds exactly.
     pub fn new(groups: usize) -> MetaCache {
-        let per = groups.div_ceil(SHARDS).max(1);
+        let shards = SHARDS.min(groups).max(1);
+        let per = groups.div_ceil(shards).max(1);
         MetaCache {
-            shards: (0..SHARDS)
+            shards: (0..shards)
                 .map(|_| {
                     Mutex::new(Shard {
                         map: HashMap::new(),
@@ -50,7 +52,7 @@ impl MetaCache {
 
     /// Locks the shard of `group`.
     pub fn lock(&self, group: u64) -> ShardGuard<'_> {
-        let shard = self.shards[(group % SHARDS as u64) as usize]
+        let shard = self.shards[(group % self.shards.len() as u64) as usize]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         ShardGuard { shard }
@@ -83,17 +85,31 @@ impl ShardGuard<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::MetaParse;
+    use crate::format::{Geometry, Mode};
+    use crate::volume::group::Origin;
 
     fn st() -> Arc<GroupState> {
-        Arc::new(GroupState {
-            slots: [MetaParse::Empty, MetaParse::Empty],
-            written_epoch: None,
-        })
+        let geo = Geometry::for_size(512 * 62, 512, 8).unwrap();
+        let origin = Origin::Loaded {
+            after_crash: false,
+            confirmed: true,
+        };
+        Arc::new(GroupState::parse(
+            &geo,
+            Mode::Dual,
+            &[0; 16],
+            0,
+            vec![0; 1024].into(),
+            origin,
+        ))
     }
 
     #[test]
     fn bounded_and_lru() {
+        let c = MetaCache::new(1);
+        c.lock(0).put(0, st());
+        c.lock(1).put(1, st()); // one entry in all: evicts 0
+        assert!(c.lock(0).get(0).is_none());
         let c = MetaCache::new(16); // one entry per shard
         c.lock(0).put(0, st());
         c.lock(16).put(16, st()); // same shard: evicts 0

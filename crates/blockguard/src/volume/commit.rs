@@ -17,10 +17,13 @@
 //! In `none` mode the flushes are skipped and data goes before metadata: the comparison case
 //! the crash simulator must catch.
 
+use super::group::{GroupState, Origin};
+use super::meta_io::MetaUpdate;
 use super::stage::{bytes, Batch, SharedBuf, Staged};
-use super::{aligned, group::GroupState, lock, Inner};
+use super::{aligned, lock, Inner};
 use crate::error::{Error, Result};
-use crate::format::{MetaParse, Mode, VolumeState};
+use crate::format::{Mode, VolumeState};
+use crate::tag::{Tag, UNWRITTEN};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -52,9 +55,6 @@ fn push_block<'a>(run: &mut Vec<(&'a SharedBuf, usize, usize)>, e: &'a Staged, b
         run.push((buf, *at, *at + bs));
     }
 }
-
-/// A group's new metadata: (group, slot, the state to install, the encoded block).
-pub(crate) type MetaUpdate = (u64, usize, Arc<GroupState>, Vec<u8>);
 
 /// Data runs at least this long get an early writeback hint (smaller ones are left to the
 /// next flush: hinting every 4 KiB block of a random batch would cost more than it saves).
@@ -136,65 +136,7 @@ impl Inner {
         let t_flush = t0.elapsed();
         state.epoch += 1;
         let epoch = state.epoch;
-        let bs = self.geo.block_size as usize;
-        let ts = self.geo.tag_size as usize;
-
-        // Build the new metadata of every touched group.
-        let mut updates: Vec<MetaUpdate> = Vec::new();
-        let mut entries = batch.iter().peekable();
-        while let Some((&block, _)) = entries.peek() {
-            let (group, _) = self.geo.group_of(block);
-            let count = self.geo.blocks_in_group(group);
-            let old = self.group(group)?;
-            let Some(mut next) = old.next(count, ts) else {
-                return Err(Error::Corrupt {
-                    volume: self.name.clone(),
-                    block,
-                    kind: crate::CorruptionKind::MetadataDamaged,
-                    detail: format!(
-                        "both metadata copies of group {group} are damaged; refusing to write over tags that cannot be read"
-                    ),
-                });
-            };
-            if old.written_epoch.is_none() && dual {
-                self.resolve_unsettled(group, &old, &mut next.base, batch)?;
-            }
-            let group_end = self.geo.first_block(group) + count as u64;
-            while let Some((&b, entry)) = entries.peek() {
-                if b >= group_end {
-                    break;
-                }
-                let tag = match entry {
-                    Staged::Data { tag, .. } => *tag,
-                    Staged::Zero => crate::tag::UNWRITTEN,
-                };
-                next.base
-                    .set_tag((b - self.geo.first_block(group)) as usize, &tag);
-                entries.next();
-            }
-            if !dual {
-                // No brothers in `none` mode: always rewrite slot 0 in place.
-                next.slot = 0;
-                next.base.generation = 1;
-            }
-            let mut buf = aligned(bs, self.backend.alignment().max(1));
-            next.base
-                .encode(buf.as_mut(), &self.sb.uuid, group, next.slot, ts);
-            let mut slots = old.slots.clone();
-            slots[next.slot] = MetaParse::Valid(next.base);
-            let new_state = Arc::new(GroupState {
-                slots,
-                written_epoch: Some(epoch),
-            });
-            let mut bytes = buf.as_ref().to_vec();
-            if next.slot == 0 && old.slots[1] == MetaParse::Empty {
-                // The group's first metadata write also writes slot 1 (as zeros: still empty),
-                // so the file has no one-block hole between data extents; such holes send
-                // reads down the filesystem's slow per-block path.
-                bytes.resize(2 * bs, 0);
-            }
-            updates.push((group, next.slot, new_state, bytes));
-        }
+        let updates = self.plan_batch(batch, epoch)?;
 
         if dual {
             self.write_metadata(&updates)?;
@@ -208,9 +150,7 @@ impl Inner {
             let t_meta_flush = t0.elapsed();
             self.install(&updates);
             self.write_data(batch)?;
-            state
-                .unflushed_groups
-                .extend(updates.iter().map(|(group, ..)| *group));
+            state.unflushed_groups.extend(updates.iter().map(|u| u.group));
             tracing::debug!(
                 volume = %self.name,
                 epoch,
@@ -232,62 +172,153 @@ impl Inner {
         Ok(())
     }
 
-    /// Before the first rewrite of a group whose state after an unclean shutdown is
-    /// ambiguous, settle it against the disk: for every block whose two brothers disagree and
-    /// that this batch does not overwrite, keep the tag its on-disk data actually matches.
-    /// Otherwise the new brother (a copy of the newest) would replace the only tag describing
-    /// data whose newer version never landed.
-    pub(crate) fn resolve_unsettled(
+    /// The new metadata of every group the batch touches.
+    fn plan_batch(&self, batch: &Batch, epoch: u64) -> Result<Vec<MetaUpdate>> {
+        let mut updates = Vec::new();
+        let mut entries = batch.iter().peekable();
+        while let Some((&block, _)) = entries.peek() {
+            let (group, _) = self.geo.group_of(block);
+            let first = self.geo.first_block(group);
+            let end = first + self.geo.blocks_in_group(group) as u64;
+            let mut tags: Vec<(usize, Tag)> = Vec::new();
+            while let Some((&b, entry)) = entries.next_if(|(&b, _)| b < end) {
+                let tag = match entry {
+                    Staged::Data { tag, .. } => *tag,
+                    Staged::Zero => UNWRITTEN,
+                };
+                tags.push(((b - first) as usize, tag));
+            }
+            // Never build on a single read: a transient bad one would be written back.
+            let old = self.confirmed_group(group)?;
+            let (new, slots) = match self.sb.mode {
+                Mode::Dual => self.plan_dual(group, &old, &tags, epoch)?,
+                Mode::None => self.plan_none(group, &old, &tags, epoch),
+            };
+            updates.push(self.meta_update(group, new, slots));
+        }
+        Ok(updates)
+    }
+
+    /// `dual`: every pair's older brother gets the newest tags plus the batch's, one
+    /// generation up; a group's first write fills both slots (the new tags under generation
+    /// 1, all unwritten under generation 0), so no written group ever has a blank sector.
+    fn plan_dual(
         &self,
         group: u64,
-        state: &GroupState,
-        base: &mut crate::format::MetaBlock,
-        batch: &Batch,
-    ) -> Result<()> {
-        use super::group::Accept;
-        let first = self.geo.first_block(group);
-        let bs = self.geo.block_size as usize;
-        let mut buf = aligned(bs, self.backend.alignment().max(1));
-        for i in 0..self.geo.blocks_in_group(group) as usize {
-            let block = first + i as u64;
-            let Accept::Either(newest, older) = state.accept(i, false) else {
-                continue;
+        old: &GroupState,
+        tags: &[(usize, Tag)],
+        epoch: u64,
+    ) -> Result<(GroupState, [bool; 2])> {
+        // Commits only follow recovery: a state that may hide a crash's older brothers would
+        // make the copy-forward below overwrite the only tag of data on disk.
+        assert!(
+            !matches!(
+                old.origin,
+                Origin::Loaded {
+                    after_crash: true,
+                    ..
+                }
+            ),
+            "{}: group {group} committed before the volume was recovered",
+            self.name
+        );
+        let ts = self.geo.tag_size as usize;
+        let per = self.geo.tags_per_sector() as usize;
+        let mut w = old.writer(&self.sb.uuid, group);
+        let mut rest = tags;
+        for k in 0..old.pairs() {
+            let count = self.geo.tags_in_sector(group, k as u32);
+            let end = k * per + count;
+            let split = rest.partition_point(|(i, _)| *i < end);
+            let (mine, after) = rest.split_at(split);
+            rest = after;
+            let with_batch = |mut base: Vec<u8>| {
+                for (i, t) in mine {
+                    let at = (i - k * per) * ts;
+                    base[at..at + ts].copy_from_slice(&t.to_bytes(ts)[..ts]);
+                }
+                base
             };
-            if newest == older || batch.contains_key(&block) {
-                continue;
+            if !old.any_written() {
+                let new = with_batch(w.tags_of(None, k, count));
+                w.put(0, k, 1, &new);
+                let unwritten = w.tags_of(None, k, count);
+                w.put(1, k, 0, &unwritten);
+                w.set_known(k, 0);
+            } else if let Some((newest, generation)) = old.newest_for_write(k) {
+                let older = 1 - newest;
+                let new = with_batch(w.tags_of(Some(newest), k, count));
+                w.put(older, k, generation + 1, &new);
+                w.set_known(k, older);
+            } else if mine.len() == count {
+                // A damaged pair the batch overwrites whole: its old tags are not needed, so
+                // it starts over with both brothers describing the new data.
+                let top = old
+                    .pair(k)
+                    .iter()
+                    .filter_map(|s| s.generation())
+                    .max()
+                    .unwrap_or(0);
+                let g0 = (top.saturating_add(1) | 1).max(3);
+                if g0 == u64::MAX {
+                    return Err(self.damaged_write(group, k * per, old));
+                }
+                let new = with_batch(w.tags_of(None, k, count));
+                w.put(0, k, g0, &new);
+                w.put(1, k, g0 - 1, &new);
+                w.set_known(k, 0);
+                tracing::warn!(volume = %self.name, group, sector = k, "damaged metadata re-established by a write covering all its blocks");
+            } else if let Some((i, _)) = mine.first() {
+                return Err(self.damaged_write(group, *i, old));
             }
-            let off = self.geo.data_offset(block);
-            self.backend
-                .read_at(buf.as_mut(), off)
-                .map_err(self.io_err("reading data to settle a group", off))?;
-            let p = self.sb.profile;
-            if !p.verify(&self.sb.uuid, block, buf.as_ref(), &newest)
-                && p.verify(&self.sb.uuid, block, buf.as_ref(), &older)
+            // Otherwise a damaged pair the batch does not touch stays as it is.
+        }
+        Ok(w.finish(&self.geo, epoch))
+    }
+
+    /// `none`: slot 0 only, rewritten in place.
+    fn plan_none(
+        &self,
+        group: u64,
+        old: &GroupState,
+        tags: &[(usize, Tag)],
+        epoch: u64,
+    ) -> (GroupState, [bool; 2]) {
+        let ts = self.geo.tag_size as usize;
+        let per = self.geo.tags_per_sector() as usize;
+        let mut w = old.writer(&self.sb.uuid, group);
+        for k in 0..old.pairs() {
+            let count = self.geo.tags_in_sector(group, k as u32);
+            let valid = matches!(old.pair(k)[0], crate::format::SectorParse::Valid { .. });
+            let mut base = w.tags_of(valid.then_some(0), k, count);
+            for (i, t) in tags
+                .iter()
+                .filter(|(i, _)| (k * per..k * per + count).contains(i))
             {
-                base.set_tag(i, &older);
+                let at = (i - k * per) * ts;
+                base[at..at + ts].copy_from_slice(&t.to_bytes(ts)[..ts]);
             }
+            w.put(0, k, 1, &base);
+            w.set_known(k, 0);
         }
-        Ok(())
+        w.finish(&self.geo, epoch)
     }
 
-    pub(crate) fn write_metadata(&self, updates: &[MetaUpdate]) -> Result<()> {
-        let align = self.backend.alignment().max(1);
-        for (group, slot, _, bytes) in updates {
-            let off = self.geo.meta_offset(*group, *slot);
-            let mut buf = aligned(bytes.len(), align);
-            buf.as_mut().copy_from_slice(bytes);
-            self.backend
-                .write_at(buf.as_ref(), off)
-                .map_err(self.io_err("writing metadata", off))?;
-        }
-        Ok(())
-    }
-
-    /// Publishes the new metadata to readers. Done after the metadata is on the backend and
-    /// before the data, so a reader that sees new data also sees the tag that covers it.
-    pub(crate) fn install(&self, updates: &[MetaUpdate]) {
-        for (group, _, new_state, _) in updates {
-            self.cache.lock(*group).put(*group, new_state.clone());
+    /// The error for a write into a pair whose tags cannot be trusted.
+    pub(crate) fn damaged_write(&self, group: u64, index: usize, state: &GroupState) -> Error {
+        let block = self.geo.first_block(group) + index as u64;
+        let why = match state.accept(index, true) {
+            super::group::Accept::Damaged(d) => d.to_string(),
+            _ => "metadata damaged".to_string(),
+        };
+        Error::Corrupt {
+            volume: self.name.clone(),
+            block,
+            kind: crate::CorruptionKind::MetadataDamaged,
+            detail: format!(
+                "refusing to write: {why}; a write covering all {} blocks of this metadata sector, or `blockguard recover`, re-establishes it",
+                self.geo.tags_per_sector()
+            ),
         }
     }
 

@@ -1,16 +1,72 @@
-//! The state of one group's brother metadata blocks, and which tags a read may accept.
+//! One group's metadata as the engine sees it: two brother blocks, each a row of 512-byte
+//! sectors that validate on their own, and the rules for which tags a read may accept.
+//!
+//! Sector `k` of slot 0 and sector `k` of slot 1 form *pair* `k`, the two brothers of the
+//! tags of blocks `k·P .. k·P + P` (P tags per sector). Every rule below is per pair.
+//!
+//! What can explain a pair's state (see `docs/CONSISTENCY.md` for the argument):
+//! - a crash never makes a sector invalid (sectors are written atomically) and never blanks a
+//!   written one; the only blank sectors a crash leaves are those of a group's first write;
+//! - so an invalid sector, or a blank one once the group's first write is known complete, is
+//!   *damage*, and a read of the pair's blocks fails unless this process itself wrote the
+//!   pair's newest brother (then it knows which one is the newest).
 
-use crate::format::{MetaBlock, MetaParse};
+use crate::format::{
+    decode_sector, encode_sector, sector_tag, Geometry, Mode, SectorDamage, SectorId, SectorParse,
+    SECTOR_SIZE,
+};
 use crate::tag::{Tag, UNWRITTEN};
+use std::fmt;
 
-/// A group's two metadata slots as last read or written, plus what the engine knows about
-/// the durability of the data they cover.
-#[derive(Clone, Debug)]
-pub(crate) struct GroupState {
-    pub slots: [MetaParse; 2],
-    /// Commit epoch that last wrote this group's metadata; `None` when loaded from disk
-    /// (after open nothing is known about the durability of the newest brother's data).
-    pub written_epoch: Option<u64>,
+/// Where a group's state came from, which decides what a pair's state can mean.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// Read from disk.
+    Loaded {
+        /// The volume was not closed cleanly and has not been recovered since: a crash may
+        /// have left a pair whose older brother still describes the data on disk.
+        after_crash: bool,
+        /// A second read returned the same bytes, so no transient bad read is in them.
+        confirmed: bool,
+    },
+    /// Written by this process in commit `epoch`: `known[k]` is the slot it made the newest of
+    /// pair `k` (`None` for a damaged pair it left alone).
+    Written { epoch: u64, known: Box<[Option<u8>]> },
+}
+
+/// Why a pair's tags cannot be trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Damage {
+    /// One sector fails its checks and the other cannot be proven to be the newest.
+    Invalid { slot: u8, why: SectorDamage },
+    /// Both sectors fail their checks.
+    BothInvalid { why: SectorDamage },
+    /// A blank sector beside a written one, where no crash can explain it.
+    Blank { slot: u8 },
+    /// Both sectors blank although the group has been written.
+    BothBlank,
+    /// A generation too large to ever be followed (only a forged sector holds one).
+    Exhausted,
+}
+
+impl fmt::Display for Damage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Damage::Invalid { slot, why } => write!(
+                f,
+                "metadata slot {slot} is damaged ({why}); slot {} cannot be proven to hold the newest tags",
+                1 - slot
+            ),
+            Damage::BothInvalid { why } => write!(f, "both metadata copies are damaged ({why})"),
+            Damage::Blank { slot } => write!(
+                f,
+                "metadata slot {slot} is blank although the group was written; slot {} cannot be proven to hold the newest tags",
+                1 - slot
+            ),
+            Damage::BothBlank => f.write_str("both metadata copies are blank although the group was written"),
+            Damage::Exhausted => f.write_str("metadata generation counter exhausted (forged metadata)"),
+        }
+    }
 }
 
 /// The tags a block's data may match.
@@ -21,7 +77,7 @@ pub(crate) enum Accept {
     /// Either tag: the newest brother's, or the older one kept until the data is durable.
     Either(Tag, Tag),
     /// No trustworthy metadata: the reason is reported, the data never returned.
-    Damaged(&'static str),
+    Damaged(Damage),
 }
 
 impl Accept {
@@ -34,179 +90,515 @@ impl Accept {
         }
     }
 
-    /// The newest tag, if any.
-    pub fn newest(&self) -> Option<Tag> {
+    /// True when the only accepted state is "never written" (reads as zeros).
+    pub fn only_unwritten(&self) -> bool {
         match self {
-            Accept::One(t) | Accept::Either(t, _) => Some(*t),
-            Accept::Damaged(_) => None,
+            Accept::One(t) => t.is_unwritten(),
+            Accept::Either(a, b) => a.is_unwritten() && b.is_unwritten(),
+            Accept::Damaged(_) => false,
         }
     }
 }
 
-/// Where the next metadata write of a group goes, and what it starts from.
-pub(crate) struct NextMeta {
-    pub slot: usize,
-    pub base: MetaBlock,
+/// How one pair reads, before a block index picks a tag out of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PairView {
+    /// Both brothers valid; `newest` is the slot with the higher generation. `older_ok`: the
+    /// older brother may still describe the data (a crash may have cut the last commit short).
+    Brothers { newest: u8, older_ok: bool },
+    /// Only one brother is trusted: this process wrote it, the other is damaged or gone.
+    Known { newest: u8 },
+    /// A group's first write cut short by a crash: slot 0 (generation 1, the new tags) may
+    /// have landed, slot 1 (generation 0, all unwritten) may have; either describes the disk.
+    TornFirst { slot0: bool },
+    /// Never written: every block reads as zeros.
+    Unwritten,
+    /// Not trustworthy.
+    Damaged(Damage),
+}
+
+/// A group's metadata: both slots' bytes as on disk, their parsed sectors, and what this
+/// process knows about them.
+#[derive(Clone, Debug)]
+pub(crate) struct GroupState {
+    /// Both slots' bytes, slot 0 then slot 1 (`2·B`), exactly as read or written.
+    raw: Box<[u8]>,
+    /// Per pair: the parsed sector of slot 0 and of slot 1.
+    sectors: Box<[[SectorParse; 2]]>,
+    /// Some sector is not blank: the group has been written (its first write at least began).
+    any_written: bool,
+    /// Some valid sector has generation ≥ 2: the group's first write completed (a second
+    /// write happened, which only follows a completed first one), so no sector of it may
+    /// be blank any more.
+    initialized: bool,
+    pub origin: Origin,
+    /// Per pair, a slot whose tag every state of the pair accepts (the read fast path).
+    fast: Box<[Option<u8>]>,
+    mode: Mode,
+    block_size: usize,
+    tag_size: usize,
+    per: usize,
+}
+
+/// A group's new metadata being built by a commit or by recovery.
+pub(crate) struct GroupWriter<'a> {
+    base: &'a GroupState,
+    uuid: &'a [u8; 16],
+    group: u64,
+    raw: Box<[u8]>,
+    sectors: Box<[[SectorParse; 2]]>,
+    known: Box<[Option<u8>]>,
+    slots_written: [bool; 2],
 }
 
 impl GroupState {
-    /// The newest valid slot and its block.
-    pub fn newest(&self) -> Option<(usize, &MetaBlock)> {
-        let valid = |s: usize| match &self.slots[s] {
-            MetaParse::Valid(m) => Some((s, m)),
-            _ => None,
+    /// Parses both slots of `group` from `raw` (`2·B` bytes, slot 0 then slot 1).
+    pub fn parse(
+        geo: &Geometry,
+        mode: Mode,
+        uuid: &[u8; 16],
+        group: u64,
+        raw: Box<[u8]>,
+        origin: Origin,
+    ) -> Self {
+        let bs = geo.block_size as usize;
+        debug_assert_eq!(raw.len(), 2 * bs);
+        let ts = geo.tag_size as usize;
+        let pairs = geo.sectors_per_meta();
+        let sectors: Box<[[SectorParse; 2]]> = (0..pairs)
+            .map(|k| {
+                let count = geo.tags_in_sector(group, k);
+                [0u8, 1].map(|slot| {
+                    let at = slot as usize * bs + k as usize * SECTOR_SIZE;
+                    let id = SectorId {
+                        group,
+                        index: k,
+                        slot,
+                    };
+                    decode_sector(&raw[at..at + SECTOR_SIZE], uuid, id, count, ts)
+                })
+            })
+            .collect();
+        Self::assemble(geo, mode, raw, sectors, origin)
+    }
+
+    fn assemble(
+        geo: &Geometry,
+        mode: Mode,
+        raw: Box<[u8]>,
+        sectors: Box<[[SectorParse; 2]]>,
+        origin: Origin,
+    ) -> Self {
+        let any_written = sectors.iter().flatten().any(|s| *s != SectorParse::Empty);
+        let initialized = sectors
+            .iter()
+            .flatten()
+            .any(|s| s.generation().is_some_and(|g| g >= 2));
+        let mut state = GroupState {
+            raw,
+            fast: vec![None; sectors.len()].into(),
+            sectors,
+            any_written,
+            initialized,
+            origin,
+            mode,
+            block_size: geo.block_size as usize,
+            tag_size: geo.tag_size as usize,
+            per: geo.tags_per_sector() as usize,
         };
-        match (valid(0), valid(1)) {
-            (Some(a), Some(b)) => Some(if a.1.generation >= b.1.generation { a } else { b }),
-            (a, b) => a.or(b),
+        state.fast = (0..state.sectors.len()).map(|k| state.fast_slot(k)).collect();
+        state
+    }
+
+    /// The bytes of both slots, as on disk.
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+
+    /// Number of pairs (sectors per metadata block).
+    pub fn pairs(&self) -> usize {
+        self.sectors.len()
+    }
+
+    /// The parsed sectors of pair `k`.
+    pub fn pair(&self, k: usize) -> [SectorParse; 2] {
+        self.sectors[k]
+    }
+
+    /// True if any sector of the group is not blank.
+    pub fn any_written(&self) -> bool {
+        self.any_written
+    }
+
+    /// True when the state came from a disk read not yet confirmed by a second one.
+    pub fn unconfirmed(&self) -> bool {
+        matches!(self.origin, Origin::Loaded { confirmed: false, .. })
+    }
+
+    /// The bytes of tag `j` in sector `k` of `slot`.
+    pub fn tag_bytes(&self, slot: u8, k: usize, j: usize) -> &[u8] {
+        let at = slot as usize * self.block_size + k * SECTOR_SIZE;
+        sector_tag(&self.raw[at..at + SECTOR_SIZE], j, self.tag_size)
+    }
+
+    fn tag(&self, slot: u8, k: usize, j: usize) -> Tag {
+        Tag::from_bytes(self.tag_bytes(slot, k, j))
+    }
+
+    /// Pair and position inside it of the block with `index` in the group.
+    pub fn locate(&self, index: usize) -> (usize, usize) {
+        (index / self.per, index % self.per)
+    }
+
+    /// Whether the state is settled: only the newest brother describes the data. Loaded
+    /// states are settled unless a crash may lie behind them; states this process wrote once
+    /// a flush has made their commit durable.
+    pub fn settled(&self, durable_epoch: u64) -> bool {
+        match &self.origin {
+            Origin::Loaded { after_crash, .. } => !after_crash,
+            Origin::Written { epoch, .. } => *epoch <= durable_epoch,
         }
     }
 
-    /// Which tags data block `index` of this group may match. `settled` is true when the
-    /// data covered by the newest brother is known durable (then the older tag is no longer
-    /// a legitimate state and accepting it would hide a lost write).
-    pub fn accept(&self, index: usize, settled: bool) -> Accept {
-        use MetaParse::*;
-        match (&self.slots[0], &self.slots[1]) {
-            (Empty, Empty) => Accept::One(UNWRITTEN),
-            // A first write (generation 1, always slot 0) torn by a crash: its data was never
-            // issued, because data follows only once its metadata is durable.
-            (Invalid(_), Empty) => Accept::One(UNWRITTEN),
-            // Slot 1 is only ever written after slot 0 held generation 1: an empty slot 0 next
-            // to slot 1 means slot 0 was wiped. An intact slot 1 is then the newest copy.
-            (Empty, Valid(m)) => Accept::One(m.tag(index)),
-            (Empty, Invalid(_)) => Accept::Damaged("metadata slot 0 is blank and slot 1 is damaged"),
-            (Invalid(_), Invalid(_)) => Accept::Damaged("both metadata copies fail their checksums"),
-            (Valid(m), Empty) => {
-                if m.generation == 1 && !settled {
-                    Accept::Either(m.tag(index), UNWRITTEN)
-                } else if m.generation == 1 {
-                    Accept::One(m.tag(index))
-                } else {
-                    // Generation >= 3 in slot 0 implies slot 1 held generation 2: it was wiped.
-                    // The newest copy is intact and covers all durable data.
-                    Accept::One(m.tag(index))
-                }
+    /// Lenient rules (a crash may explain blanks and older brothers) apply to states loaded
+    /// from a volume that was not closed cleanly and not recovered since.
+    fn after_crash(&self) -> bool {
+        matches!(
+            self.origin,
+            Origin::Loaded {
+                after_crash: true,
+                ..
             }
-            (Valid(m), Invalid(_)) | (Invalid(_), Valid(m)) => {
-                // The invalid brother is either torn by a crash while being rewritten (then
-                // its data was never issued and the valid one describes the disk) or damaged.
-                Accept::One(m.tag(index))
-            }
-            (Valid(a), Valid(b)) => {
-                let (new, old) = if a.generation >= b.generation {
-                    (a, b)
+        )
+    }
+
+    /// How pair `k` reads. `settled` (see [`GroupState::settled`]) refuses older brothers.
+    pub fn view(&self, k: usize, settled: bool) -> PairView {
+        use SectorParse::*;
+        let [s0, s1] = self.sectors[k];
+        if self.mode == Mode::None {
+            // One copy, rewritten in place: no brothers, no crash promises.
+            return match s0 {
+                Valid { .. } => PairView::Known { newest: 0 },
+                Empty => PairView::Unwritten,
+                Invalid(why) => PairView::Damaged(Damage::Invalid { slot: 0, why }),
+            };
+        }
+        if let Origin::Written { known, .. } = &self.origin {
+            if let Some(newest) = known[k] {
+                let older = self.sectors[k][1 - newest as usize];
+                let newest_gen = self.sectors[k][newest as usize].generation();
+                let consecutive =
+                    matches!((older.generation(), newest_gen), (Some(o), Some(n)) if o + 1 == n);
+                return if consecutive {
+                    PairView::Brothers {
+                        newest,
+                        older_ok: !settled,
+                    }
                 } else {
-                    (b, a)
+                    PairView::Known { newest }
                 };
-                if settled || new.generation != old.generation + 1 {
-                    // Non-consecutive generations mean the older copy is stale beyond what
-                    // the protocol ever leaves behind: trust only the newest.
-                    Accept::One(new.tag(index))
-                } else {
-                    Accept::Either(new.tag(index), old.tag(index))
+            }
+        }
+        let lenient = self.after_crash();
+        match (s0, s1) {
+            (Valid { generation: g0 }, Valid { generation: g1 }) => {
+                let (newest, n, o) = if g0 > g1 { (0, g0, g1) } else { (1, g1, g0) };
+                if n == u64::MAX {
+                    return PairView::Damaged(Damage::Exhausted);
+                }
+                PairView::Brothers {
+                    newest,
+                    older_ok: lenient && o + 1 == n,
                 }
             }
+            (Valid { .. }, Empty) | (Empty, Valid { .. }) => {
+                if lenient && !self.initialized {
+                    // Without a generation ≥ 2 the valid one is slot 0's generation 1 or
+                    // slot 1's generation 0 (parity): the first write's two halves.
+                    PairView::TornFirst { slot0: s0 != Empty }
+                } else {
+                    let blank = if s0 == Empty { 0 } else { 1 };
+                    PairView::Damaged(Damage::Blank { slot: blank })
+                }
+            }
+            (Empty, Empty) => {
+                if !self.any_written {
+                    PairView::Unwritten
+                } else if lenient && !self.initialized {
+                    PairView::TornFirst { slot0: false }
+                } else {
+                    PairView::Damaged(Damage::BothBlank)
+                }
+            }
+            (Invalid(a), Invalid(_)) => PairView::Damaged(Damage::BothInvalid { why: a }),
+            (Invalid(why), _) => PairView::Damaged(Damage::Invalid { slot: 0, why }),
+            (_, Invalid(why)) => PairView::Damaged(Damage::Invalid { slot: 1, why }),
         }
     }
 
-    /// The slot and starting content for the next metadata write, or `None` when the
-    /// group's tags are unknown (both copies damaged).
-    pub fn next(&self, count: u32, tag_size: usize) -> Option<NextMeta> {
-        use MetaParse::*;
-        match (&self.slots[0], &self.slots[1]) {
-            (Empty, Empty) | (Invalid(_), Empty) => Some(NextMeta {
-                slot: 0,
-                base: MetaBlock::unwritten(1, count, tag_size),
-            }),
-            (Empty, Invalid(_)) | (Invalid(_), Invalid(_)) => None,
-            _ => {
-                let (slot, m) = self.newest()?;
-                let mut base = m.clone();
-                base.generation = m.generation + 1;
-                Some(NextMeta { slot: 1 - slot, base })
+    /// Which tags data block `index` of this group may match; `settled` as for
+    /// [`GroupState::view`].
+    pub fn accept(&self, index: usize, settled: bool) -> Accept {
+        let (k, j) = self.locate(index);
+        match self.view(k, settled) {
+            PairView::Brothers { newest, older_ok } => {
+                let n = self.tag(newest, k, j);
+                if older_ok {
+                    Accept::Either(n, self.tag(1 - newest, k, j))
+                } else {
+                    Accept::One(n)
+                }
+            }
+            PairView::Known { newest } => Accept::One(self.tag(newest, k, j)),
+            PairView::TornFirst { slot0: true } => Accept::Either(self.tag(0, k, j), UNWRITTEN),
+            PairView::TornFirst { slot0: false } | PairView::Unwritten => Accept::One(UNWRITTEN),
+            PairView::Damaged(d) => Accept::Damaged(d),
+        }
+    }
+
+    /// A slot whose tag for any block of pair `k` is accepted in every state (settled or
+    /// not), so a match needs no further look-up.
+    fn fast_slot(&self, k: usize) -> Option<u8> {
+        // Unsettled views accept a superset of settled ones, so the settled view decides.
+        match self.view(k, true) {
+            PairView::Brothers { newest, .. } | PairView::Known { newest } => Some(newest),
+            PairView::TornFirst { slot0: true } => Some(0),
+            _ => None,
+        }
+    }
+
+    /// The stored bytes of block `index`'s tag in a brother that every state accepts, if any.
+    pub fn fast_tag(&self, index: usize) -> Option<&[u8]> {
+        let (k, j) = self.locate(index);
+        self.fast[k].map(|slot| self.tag_bytes(slot, k, j))
+    }
+
+    /// The slot and generation the next write of pair `k` starts from: the newest brother,
+    /// when it can be told. Only for settled groups of read-write sessions.
+    pub fn newest_for_write(&self, k: usize) -> Option<(u8, u64)> {
+        let newest = match self.view(k, true) {
+            PairView::Brothers { newest, .. } | PairView::Known { newest } => newest,
+            _ => return None,
+        };
+        let generation = self.sectors[k][newest as usize].generation()?;
+        (generation < u64::MAX - 2).then_some((newest, generation))
+    }
+
+    /// Starts building this group's next metadata.
+    pub fn writer<'a>(&'a self, uuid: &'a [u8; 16], group: u64) -> GroupWriter<'a> {
+        GroupWriter {
+            base: self,
+            uuid,
+            group,
+            raw: self.raw.clone(),
+            sectors: self.sectors.clone(),
+            known: vec![None; self.sectors.len()].into(),
+            slots_written: [false; 2],
+        }
+    }
+}
+
+impl GroupWriter<'_> {
+    /// The tags pair `k` starts from in its next version: those of `slot`, or all unwritten.
+    pub fn tags_of(&self, slot: Option<u8>, k: usize, count: usize) -> Vec<u8> {
+        let ts = self.base.tag_size;
+        match slot {
+            Some(s) => (0..count)
+                .flat_map(|j| self.base.tag_bytes(s, k, j).to_vec())
+                .collect(),
+            None => vec![0; count * ts],
+        }
+    }
+
+    /// Puts a new sector `k` into `slot` with `generation` and `tags`.
+    pub fn put(&mut self, slot: u8, k: usize, generation: u64, tags: &[u8]) {
+        let bs = self.base.block_size;
+        let at = slot as usize * bs + k * SECTOR_SIZE;
+        let id = SectorId {
+            group: self.group,
+            index: k as u32,
+            slot,
+        };
+        encode_sector(
+            &mut self.raw[at..at + SECTOR_SIZE],
+            self.uuid,
+            id,
+            generation,
+            tags,
+        );
+        self.sectors[k][slot as usize] = SectorParse::Valid { generation };
+        self.slots_written[slot as usize] = true;
+    }
+
+    /// Records that this process made `slot` the newest brother of pair `k`.
+    pub fn set_known(&mut self, k: usize, slot: u8) {
+        self.known[k] = Some(slot);
+    }
+
+    /// The finished state (origin `Written` at `epoch`), and which slots changed.
+    pub fn finish(self, geo: &Geometry, epoch: u64) -> (GroupState, [bool; 2]) {
+        for (k, known) in self.known.iter().enumerate() {
+            if let Some(slot) = known {
+                // Whatever this process calls the newest brother must be one it can read back.
+                assert!(
+                    matches!(self.sectors[k][*slot as usize], SectorParse::Valid { .. }),
+                    "pair {k} of group {}: the newest brother is not valid",
+                    self.group
+                );
             }
         }
+        let origin = Origin::Written {
+            epoch,
+            known: self.known,
+        };
+        let state = GroupState::assemble(geo, self.base.mode, self.raw, self.sectors, origin);
+        (state, self.slots_written)
+    }
+
+    /// Like [`GroupWriter::finish`], for recovery: the result is a settled loaded state.
+    pub fn finish_loaded(self, geo: &Geometry) -> (GroupState, [bool; 2]) {
+        let origin = Origin::Loaded {
+            after_crash: false,
+            confirmed: true,
+        };
+        let state = GroupState::assemble(geo, self.base.mode, self.raw, self.sectors, origin);
+        (state, self.slots_written)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::{encode_sector, SECTOR_SIZE};
     use crate::tag::Profile;
 
-    fn block(generation: u64, tag: Tag) -> MetaParse {
-        let mut m = MetaBlock::unwritten(generation, 4, 8);
-        m.set_tag(0, &tag);
-        MetaParse::Valid(m)
+    const U: [u8; 16] = [3; 16];
+
+    fn geo() -> Geometry {
+        // 512-byte blocks: one pair per group, 62 blocks.
+        Geometry::for_size(512 * 62 * 2, 512, 8).unwrap()
     }
 
-    fn state(a: MetaParse, b: MetaParse) -> GroupState {
-        GroupState {
-            slots: [a, b],
-            written_epoch: None,
+    fn t(fill: u8) -> Tag {
+        Profile::Crc32c.generate(&U, 0, &[fill; 512])
+    }
+
+    /// A sector for pair 0 of group 0 holding `tag` for block 0.
+    fn sector(slot: u8, generation: u64, tag: Tag) -> Vec<u8> {
+        let mut tags = vec![0u8; 62 * 8];
+        if generation != 0 {
+            tags[..8].copy_from_slice(&tag.to_bytes(8)[..8]);
         }
+        let mut s = vec![0u8; SECTOR_SIZE];
+        let id = SectorId {
+            group: 0,
+            index: 0,
+            slot,
+        };
+        encode_sector(&mut s, &U, id, generation, &tags);
+        s
+    }
+
+    fn state(s0: Option<Vec<u8>>, s1: Option<Vec<u8>>, after_crash: bool) -> GroupState {
+        let mut raw = vec![0u8; 1024];
+        if let Some(s) = s0 {
+            raw[..512].copy_from_slice(&s);
+        }
+        if let Some(s) = s1 {
+            raw[512..].copy_from_slice(&s);
+        }
+        let origin = Origin::Loaded {
+            after_crash,
+            confirmed: true,
+        };
+        GroupState::parse(&geo(), Mode::Dual, &U, 0, raw.into(), origin)
+    }
+
+    fn garbage() -> Vec<u8> {
+        let mut s = sector(0, 1, t(1));
+        s[100] ^= 1;
+        s
     }
 
     #[test]
-    fn acceptance_rules() {
-        let t1 = Profile::Crc32c.generate(&[0; 16], 0, &[1; 512]);
-        let t2 = Profile::Crc32c.generate(&[0; 16], 0, &[2; 512]);
-        let bad = || MetaParse::Invalid("x".into());
-        assert_eq!(
-            state(MetaParse::Empty, MetaParse::Empty).accept(0, false),
-            Accept::One(UNWRITTEN)
-        );
-        assert_eq!(
-            state(bad(), MetaParse::Empty).accept(0, false),
-            Accept::One(UNWRITTEN)
-        );
-        assert_eq!(
-            state(MetaParse::Empty, block(2, t1)).accept(0, false),
-            Accept::One(t1)
-        );
+    fn settled_volumes_accept_only_the_newest_and_call_blanks_damage() {
+        let (a, b) = (t(1), t(2));
+        let s = state(Some(sector(0, 3, b)), Some(sector(1, 2, a)), false);
+        assert_eq!(s.accept(0, true), Accept::One(b));
+        assert_eq!(s.accept(1, true), Accept::One(UNWRITTEN));
+        // The first write leaves (1, 0): settled, only generation 1's tags.
+        let s = state(Some(sector(0, 1, a)), Some(sector(1, 0, a)), false);
+        assert_eq!(s.accept(0, true), Accept::One(a));
+        // A blank or damaged brother next to a valid one: the valid one may be the older.
+        let s = state(Some(sector(0, 3, a)), None, false);
+        assert_eq!(s.accept(0, true), Accept::Damaged(Damage::Blank { slot: 1 }));
+        let s = state(Some(sector(0, 1, a)), None, false);
         assert!(matches!(
-            state(MetaParse::Empty, bad()).accept(0, false),
-            Accept::Damaged(_)
+            s.accept(0, true),
+            Accept::Damaged(Damage::Blank { slot: 1 })
         ));
-        assert!(matches!(state(bad(), bad()).accept(0, false), Accept::Damaged(_)));
-        assert_eq!(
-            state(block(1, t1), MetaParse::Empty).accept(0, false),
-            Accept::Either(t1, UNWRITTEN)
-        );
-        assert_eq!(
-            state(block(1, t1), MetaParse::Empty).accept(0, true),
-            Accept::One(t1)
-        );
-        assert_eq!(
-            state(block(3, t1), MetaParse::Empty).accept(0, false),
-            Accept::One(t1)
-        );
-        assert_eq!(
-            state(block(3, t2), block(2, t1)).accept(0, false),
-            Accept::Either(t2, t1)
-        );
-        assert_eq!(state(block(3, t2), block(2, t1)).accept(0, true), Accept::One(t2));
-        assert_eq!(
-            state(block(5, t2), block(2, t1)).accept(0, false),
-            Accept::One(t2)
-        );
-        assert_eq!(state(bad(), block(2, t1)).accept(0, false), Accept::One(t1));
+        let s = state(Some(garbage()), Some(sector(1, 2, a)), false);
+        assert!(matches!(
+            s.accept(0, true),
+            Accept::Damaged(Damage::Invalid { slot: 0, .. })
+        ));
+        let s = state(Some(garbage()), Some(garbage()), false);
+        assert!(matches!(
+            s.accept(0, true),
+            Accept::Damaged(Damage::BothInvalid { .. })
+        ));
+        assert_eq!(state(None, None, false).accept(0, true), Accept::One(UNWRITTEN));
     }
 
     #[test]
-    fn next_write_alternates_slots() {
-        let t = Profile::Crc32c.generate(&[0; 16], 0, &[1; 512]);
-        let n = state(MetaParse::Empty, MetaParse::Empty).next(4, 8).unwrap();
-        assert_eq!((n.slot, n.base.generation), (0, 1));
-        let n = state(block(1, t), MetaParse::Empty).next(4, 8).unwrap();
-        assert_eq!((n.slot, n.base.generation, n.base.tag(0)), (1, 2, t));
-        let n = state(block(3, t), block(2, UNWRITTEN)).next(4, 8).unwrap();
-        assert_eq!((n.slot, n.base.generation, n.base.tag(0)), (1, 4, t));
-        assert!(
-            state(MetaParse::Invalid("x".into()), MetaParse::Invalid("y".into()))
-                .next(4, 8)
-                .is_none()
-        );
+    fn after_a_crash_older_brothers_and_torn_first_writes_are_accepted() {
+        let (a, b) = (t(1), t(2));
+        let s = state(Some(sector(0, 3, b)), Some(sector(1, 2, a)), true);
+        assert_eq!(s.accept(0, false), Accept::Either(b, a));
+        // Generations further apart: only the newest ever describes the disk.
+        let s = state(Some(sector(0, 5, b)), Some(sector(1, 2, a)), true);
+        assert_eq!(s.accept(0, false), Accept::One(b));
+        // The first write's halves: slot 0 landed, slot 1 not, and the other way round.
+        let s = state(Some(sector(0, 1, a)), None, true);
+        assert_eq!(s.accept(0, false), Accept::Either(a, UNWRITTEN));
+        let s = state(None, Some(sector(1, 0, a)), true);
+        assert_eq!(s.accept(0, false), Accept::One(UNWRITTEN));
+        // Generation 3 proves the first write completed: a blank is damage even now.
+        let s = state(Some(sector(0, 3, a)), None, true);
+        assert!(matches!(
+            s.accept(0, false),
+            Accept::Damaged(Damage::Blank { slot: 1 })
+        ));
+        // An invalid sector is never a crash's doing.
+        let s = state(Some(garbage()), None, true);
+        assert!(matches!(
+            s.accept(0, false),
+            Accept::Damaged(Damage::Invalid { slot: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn this_process_knows_its_newest_brother() {
+        let a = t(1);
+        let g = geo();
+        let base = state(Some(sector(0, 3, a)), Some(sector(1, 2, a)), false);
+        let mut w = base.writer(&U, 0);
+        let tags = w.tags_of(Some(0), 0, 62);
+        w.put(1, 0, 4, &tags);
+        w.set_known(0, 1);
+        let (s, written) = w.finish(&g, 7);
+        assert_eq!(written, [false, true]);
+        assert_eq!(s.accept(0, false), Accept::Either(a, a));
+        assert_eq!(s.accept(0, s.settled(7)), Accept::One(a));
+        assert_eq!(s.newest_for_write(0), Some((1, 4)));
+        assert_eq!(s.fast_tag(0), Some(&a.to_bytes(8)[..8]));
+    }
+
+    #[test]
+    fn only_unwritten() {
+        assert!(Accept::One(UNWRITTEN).only_unwritten());
+        assert!(!Accept::Either(t(1), UNWRITTEN).only_unwritten());
+        assert!(!Accept::Damaged(Damage::BothBlank).only_unwritten());
     }
 }

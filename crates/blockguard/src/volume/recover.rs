@@ -1,49 +1,100 @@
-//! Recovery after an unclean shutdown: settle every group against the disk, then mark the
-//! volume clean.
+//! Recovery: settling a volume after an unclean shutdown, and rebuilding damaged metadata on
+//! request.
 //!
-//! After a crash every group is *unsettled*: where its two brothers disagree, reads accept
-//! either tag, because either version of the block may be the one that reached the disk. That
-//! keeps G1 but weakens G4: a lost or misdirected write of a group's last batch before the
-//! crash goes unnoticed as long as the older version is still on disk. Recovery reads every
-//! such block once, rewrites the group's metadata where the newest brother does not describe
-//! what the disk holds (a new brother, one generation up, with the tags the data actually
-//! matches), flushes, and marks the volume clean — from then on only the newest tags are
-//! accepted, in this session and after every clean reopen.
+//! After a crash a pair of brothers may be *unsettled*: its older brother may still describe
+//! the data on disk (the last commit's data had not all landed), or a group's first write may
+//! have left a blank sector. Reads of such a volume must accept either tag, which hides a lost
+//! write of the last batch. Recovery ends that: for every pair whose brothers disagree it reads
+//! the blocks in question once, and where the newest brother describes a version that never
+//! reached the disk it writes a new brother — the tags the data actually matches, one
+//! generation up — into the *older* slot; blanks of a torn first write are filled in. Then it
+//! flushes and marks the volume clean: from then on only the newest tags are accepted.
 //!
-//! Crash safety of recovery itself: it changes no data, and a group's new brother goes to the
-//! slot of the older one, so a crash during recovery leaves, for each group, either the old
-//! pair or (old newest, new) with consecutive generations — both accepted exactly as before.
-//! The volume is marked clean only after the final flush.
+//! Crash safety: recovery writes no data, and every sector it writes is written atomically
+//! (512 bytes) over a sector no accepted state needs any more — the older brother, whose tags
+//! for the blocks it must still describe are copied into the new one — so a crash during
+//! recovery leaves pairs the lenient rules accept, and the next open recovers again.
+//!
+//! Damage (an invalid sector, or a blank one where no crash explains it) is reported and,
+//! unless asked, left alone: a read-write open never turns damage into silently accepted
+//! tags. [`RecoverOptions::rebuild_damaged`] (the `recover` command) rebuilds a damaged
+//! brother from its valid partner: that re-establishes the group, but blocks whose data matches
+//! the partner may be a version older than the lost brother described; the report lists them.
 
-use super::commit::MetaUpdate;
-use super::stage::Batch;
-use super::{group::GroupState, lock, Inner};
+use super::group::{GroupState, PairView};
+use super::{lock, Inner};
 use crate::error::{Error, Result};
-use crate::format::{MetaParse, Mode, VolumeState};
+use crate::format::{SectorParse, VolumeState};
+use crate::tag::UNWRITTEN;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
-/// What [`crate::Volume::recover`] did.
+/// What recovery should do besides settling crash state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecoverOptions {
+    /// Rewrite every damaged brother from its valid partner (when it has one). Blocks whose
+    /// data matches the partner are accepted from then on, even if the damaged brother held a
+    /// newer version of them: an explicit decision to accept what the disk holds.
+    pub rebuild_damaged: bool,
+}
+
+impl RecoverOptions {
+    /// Settle crash state and rebuild damaged brothers.
+    pub fn rebuild() -> RecoverOptions {
+        RecoverOptions {
+            rebuild_damaged: true,
+        }
+    }
+}
+
+/// A metadata sector whose tags cannot be trusted, as found by recovery or `check`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MetadataProblem {
+    /// Group number.
+    pub group: u64,
+    /// Sector (pair) number inside the group's metadata blocks.
+    pub sector: u32,
+    /// First data block the sector covers.
+    pub first_block: u64,
+    /// Number of data blocks it covers.
+    pub blocks: u32,
+    /// What is wrong.
+    pub detail: String,
+    /// True if recovery rebuilt it from its valid brother.
+    pub rebuilt: bool,
+}
+
+/// What recovery did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RecoveryReport {
-    /// The volume was closed cleanly (or already recovered): nothing to do.
+    /// The volume was closed cleanly (or already recovered): no crash state to settle.
     pub already_clean: bool,
     /// Groups whose metadata was examined.
     pub groups_examined: u64,
-    /// Groups given a new metadata brother.
+    /// Groups the backend proved never written (their metadata is a hole), not read at all.
+    pub groups_skipped: u64,
+    /// Groups given new metadata.
     pub groups_rewritten: u64,
     /// Blocks whose newest tag described a version that never reached the disk: their tag
     /// now describes the version that did.
     pub blocks_reverted: u64,
-    /// Groups whose two metadata copies are both unreadable (left as they are; `check`
-    /// reports their blocks).
-    pub groups_damaged: u64,
+    /// Brother pairs of a group's first write cut short by the crash, completed.
+    pub pairs_completed: u64,
+    /// Damaged metadata sectors found (rebuilt or left as they are).
+    pub damaged: Vec<MetadataProblem>,
 }
 
+/// Groups whose metadata is examined per call of the backend's hole query.
+const HOLE_QUERY_GROUPS: u64 = 4096;
+
 impl Inner {
-    /// Settles every group against the disk and marks the volume clean; see the module docs.
-    /// `progress` is called with the number of groups done so far.
-    pub(crate) fn recover(&self, mut progress: impl FnMut(u64)) -> Result<RecoveryReport> {
+    /// Settles every group (after a crash) and, if asked, rebuilds damaged brothers; then
+    /// flushes and marks the volume clean. `progress(done, total)` reports groups.
+    pub(crate) fn recover(
+        &self,
+        opts: RecoverOptions,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<RecoveryReport> {
         if self.read_only {
             return Err(Error::ReadOnly {
                 volume: self.name.clone(),
@@ -57,69 +108,226 @@ impl Inner {
         self.flush_or_fail("flushing before recovery")?;
         let epoch = state.epoch;
         self.flushed(&mut state, epoch);
-        let mut report = RecoveryReport::default();
-        if self.trusted.load(Ordering::Acquire) {
-            report.already_clean = true;
+        let after_crash = !self.trusted.load(Ordering::Acquire);
+        let mut report = RecoveryReport {
+            already_clean: !after_crash,
+            ..RecoveryReport::default()
+        };
+        if !after_crash && !opts.rebuild_damaged {
             return Ok(report);
         }
-        let ts = self.geo.tag_size as usize;
-        let bs = self.geo.block_size as usize;
-        let none = Batch::new();
-        let mut rewritten: Vec<MetaUpdate> = Vec::new();
-        for group in 0..self.geo.groups {
-            report.groups_examined += 1;
-            let old = self.group(group)?;
-            // Groups rewritten in this session were resolved before their rewrite, and the
-            // flush above made their data durable.
-            if old.written_epoch.is_some() || self.sb.mode != Mode::Dual {
-                continue;
-            }
-            let Some((_, newest)) = old.newest() else {
-                if old.slots.iter().all(|s| matches!(s, MetaParse::Invalid(_))) {
-                    report.groups_damaged += 1;
+        // Everything is durable now: work from the disk, not from what this session cached.
+        self.cache.clear();
+        let total = self.geo.groups;
+        let mut group = 0;
+        while group < total {
+            let end = (group + HOLE_QUERY_GROUPS).min(total);
+            let holes = self.meta_holes(group, end)?;
+            for g in group..end {
+                report.groups_examined += 1;
+                if holes[(g - group) as usize] {
+                    report.groups_skipped += 1;
+                } else {
+                    self.recover_group(g, opts, &mut report)?;
                 }
-                continue;
-            };
-            let count = self.geo.blocks_in_group(group);
-            let Some(mut next) = old.next(count, ts) else {
-                report.groups_damaged += 1;
-                continue;
-            };
-            self.resolve_unsettled(group, &old, &mut next.base, &none)?;
-            let reverted = (0..count as usize)
-                .filter(|&i| next.base.tag_bytes(i) != newest.tag_bytes(i))
-                .count() as u64;
-            if reverted == 0 {
-                continue;
+                if g % 64 == 0 {
+                    progress(g, total);
+                }
             }
-            let mut bytes = vec![0u8; bs];
-            next.base.encode(&mut bytes, &self.sb.uuid, group, next.slot, ts);
-            let mut slots = old.slots.clone();
-            slots[next.slot] = MetaParse::Valid(next.base);
-            let state = Arc::new(GroupState {
-                slots,
-                written_epoch: Some(0),
-            });
-            let update = (group, next.slot, state, bytes);
-            self.write_metadata(std::slice::from_ref(&update))?;
-            // Only the state is kept, to install after the flush; not the encoded block.
-            rewritten.push((update.0, update.1, update.2, Vec::new()));
-            report.groups_rewritten += 1;
-            report.blocks_reverted += reverted;
-            if group % 64 == 0 {
-                progress(group);
-            }
+            group = end;
         }
-        progress(self.geo.groups);
         self.flush_or_fail("flushing recovered metadata")?;
         // Every group now describes what the disk holds: trust the newest tags from here on,
         // for groups loaded later too.
         self.trusted.store(true, Ordering::Release);
         self.cache.clear();
-        self.install(&rewritten);
-        self.write_superblocks(VolumeState::Clean, "marking the volume clean after recovery")?;
-        state.marked_in_use = false;
-        tracing::info!(volume = %self.name, ?report, "recovered");
+        if after_crash {
+            self.write_superblocks(VolumeState::Clean, "marking the volume clean after recovery")?;
+            state.marked_in_use = false;
+        }
+        progress(total, total);
+        if report.damaged.is_empty() {
+            tracing::info!(volume = %self.name, ?report, "recovered");
+        } else {
+            tracing::warn!(volume = %self.name, ?report, "recovered; damaged metadata found");
+        }
         Ok(report)
     }
+
+    /// For groups `first..end`, whether the backend proves their metadata blank (a hole):
+    /// such a group was never written and needs nothing.
+    fn meta_holes(&self, first: u64, end: u64) -> Result<Vec<bool>> {
+        let lo = self.geo.meta_offset(first, 0);
+        let hi = self.geo.meta_offset(end - 1, 1) + self.geo.block_size as u64;
+        let zeros = self
+            .backend
+            .zero_ranges(lo, hi - lo)
+            .map_err(self.io_err("looking for unwritten regions", lo))?;
+        Ok((first..end)
+            .map(|g| {
+                let at = self.geo.meta_offset(g, 0);
+                covered(&zeros, at, at + 2 * self.geo.block_size as u64)
+            })
+            .collect())
+    }
+
+    /// Settles one group: see the module documentation.
+    fn recover_group(&self, group: u64, opts: RecoverOptions, report: &mut RecoveryReport) -> Result<()> {
+        let old = self.confirmed_group(group)?;
+        if !old.any_written() {
+            return Ok(());
+        }
+        let per = self.geo.tags_per_sector() as usize;
+        let mut w = old.writer(&self.sb.uuid, group);
+        let mut changed = false;
+        for k in 0..old.pairs() {
+            let count = self.geo.tags_in_sector(group, k as u32);
+            match old.view(k, false) {
+                PairView::Brothers {
+                    newest,
+                    older_ok: true,
+                } => {
+                    let older = 1 - newest;
+                    let mut tags = w.tags_of(Some(newest), k, count);
+                    let mut reverted = 0;
+                    for j in 0..count {
+                        if old.tag_bytes(newest, k, j) == old.tag_bytes(older, k, j) {
+                            continue;
+                        }
+                        if self.on_disk_is_older(group, &old, k, j, newest)? {
+                            let ts = self.geo.tag_size as usize;
+                            tags[j * ts..(j + 1) * ts].copy_from_slice(old.tag_bytes(older, k, j));
+                            reverted += 1;
+                        }
+                    }
+                    if reverted > 0 {
+                        let generation = generation_of(&old, k, newest);
+                        w.put(older, k, generation + 1, &tags);
+                        w.set_known(k, older);
+                        report.blocks_reverted += reverted;
+                        changed = true;
+                    }
+                }
+                PairView::TornFirst { slot0 } => {
+                    // The first write's data was never issued (it follows the metadata's
+                    // flush), so the blocks hold what format left: resolve anyway, it costs
+                    // one read per block the slot-0 half names.
+                    if slot0 {
+                        let mut tags = w.tags_of(Some(0), k, count);
+                        let ts = self.geo.tag_size as usize;
+                        for j in 0..count {
+                            if !crate::tag::is_zero(old.tag_bytes(0, k, j))
+                                && self.on_disk_is_older(group, &old, k, j, 0)?
+                            {
+                                tags[j * ts..(j + 1) * ts].fill(0);
+                            }
+                        }
+                        w.put(1, k, 2, &tags);
+                        w.set_known(k, 1);
+                    } else {
+                        let unwritten = w.tags_of(None, k, count);
+                        w.put(0, k, 1, &unwritten);
+                        if old.pair(k)[1] == SectorParse::Empty {
+                            w.put(1, k, 0, &unwritten);
+                        }
+                        w.set_known(k, 0);
+                    }
+                    report.pairs_completed += 1;
+                    changed = true;
+                }
+                PairView::Damaged(damage) => {
+                    let mut problem = MetadataProblem {
+                        group,
+                        sector: k as u32,
+                        first_block: self.geo.first_block(group) + (k * per) as u64,
+                        blocks: count as u32,
+                        detail: damage.to_string(),
+                        rebuilt: false,
+                    };
+                    if opts.rebuild_damaged {
+                        if let Some(valid) = rebuildable(&old, k) {
+                            let generation = generation_of(&old, k, valid);
+                            let tags = w.tags_of(Some(valid), k, count);
+                            w.put(1 - valid, k, generation + 1, &tags);
+                            w.set_known(k, 1 - valid);
+                            problem.rebuilt = true;
+                            changed = true;
+                            tracing::warn!(
+                                volume = %self.name, group, sector = k,
+                                "rebuilt a damaged metadata sector from its brother ({damage}); \
+                                 blocks {}..{} now read as that brother describes them, which may be older",
+                                problem.first_block, problem.first_block + count as u64
+                            );
+                        }
+                    }
+                    report.damaged.push(problem);
+                }
+                PairView::Brothers { older_ok: false, .. } | PairView::Known { .. } | PairView::Unwritten => {
+                }
+            }
+        }
+        if changed {
+            let (new, slots) = w.finish_loaded(&self.geo);
+            let update = self.meta_update(group, new, slots);
+            self.write_metadata(std::slice::from_ref(&update))?;
+            report.groups_rewritten += 1;
+        }
+        Ok(())
+    }
+
+    /// True if block `j` of pair `k` holds the version the older brother describes, not the
+    /// one slot `newest` (or, for a torn first write, generation 1) describes.
+    fn on_disk_is_older(
+        &self,
+        group: u64,
+        state: &GroupState,
+        k: usize,
+        j: usize,
+        newest: u8,
+    ) -> Result<bool> {
+        let per = self.geo.tags_per_sector() as usize;
+        let block = self.geo.first_block(group) + (k * per + j) as u64;
+        let mut buf = vec![0u8; self.geo.block_size as usize];
+        self.backend_read(
+            &mut buf,
+            self.geo.data_offset(block),
+            "reading data to settle a group",
+        )?;
+        let newest_tag = crate::tag::Tag::from_bytes(state.tag_bytes(newest, k, j));
+        let older_tag = match state.view(k, false) {
+            PairView::Brothers { .. } => crate::tag::Tag::from_bytes(state.tag_bytes(1 - newest, k, j)),
+            _ => UNWRITTEN,
+        };
+        let p = self.sb.profile;
+        Ok(!p.verify(&self.sb.uuid, block, &buf, &newest_tag)
+            && p.verify(&self.sb.uuid, block, &buf, &older_tag))
+    }
+}
+
+/// The generation of slot `slot` of pair `k`, known valid.
+fn generation_of(state: &GroupState, k: usize, slot: u8) -> u64 {
+    let g = state.pair(k)[slot as usize].generation();
+    assert!(g.is_some(), "pair {k}: slot {slot} is not valid");
+    g.unwrap_or_default()
+}
+
+/// The valid slot a damaged pair can be rebuilt from: exactly one valid brother, whose
+/// generation can still be followed.
+fn rebuildable(state: &GroupState, k: usize) -> Option<u8> {
+    let [a, b] = state.pair(k);
+    let slot = match (a.generation(), b.generation()) {
+        (Some(_), None) => 0,
+        (None, Some(_)) => 1,
+        _ => return None,
+    };
+    let g = state.pair(k)[slot as usize].generation()?;
+    // The rebuilt brother takes generation g + 1, which must belong in the other slot (it
+    // does, by parity) and must not be the all-unwritten generation 0.
+    (g < u64::MAX - 2).then_some(slot)
+}
+
+/// True if `lo..hi` lies inside one of the sorted, merged `ranges`.
+pub(crate) fn covered(ranges: &[std::ops::Range<u64>], lo: u64, hi: u64) -> bool {
+    let i = ranges.partition_point(|r| r.end <= lo);
+    ranges.get(i).is_some_and(|r| r.start <= lo && hi <= r.end)
 }

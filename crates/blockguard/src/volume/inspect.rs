@@ -1,0 +1,234 @@
+//! Looking at a volume without changing it: allocation status (`extents`, NBD block status),
+//! verification of every block (`check`), metadata damage, and where a block lives (`dump`).
+
+use super::group::{Accept, PairView};
+use super::recover::{covered, MetadataProblem};
+use super::stage::Staged;
+use super::{lock, BlockProblem, BlockReport, Extent, Inner, SlotReport};
+use crate::error::{Error, Result};
+use crate::format::SectorParse;
+
+impl Inner {
+    /// Allocation status of a byte range, as runs of allocated and unwritten blocks.
+    ///
+    /// A block is reported unwritten (a hole that reads as zeros) only when that is proven:
+    /// its metadata accepts nothing but "never written" (confirmed by a second read if it
+    /// came from one), **and** the backend knows its data reads as zeros (a hole of a sparse
+    /// file). Damaged metadata, ambiguous states and data the backend cannot vouch for are
+    /// reported allocated, so a client copying the volume reads them — and sees an error where
+    /// there is one — instead of copying zeros. A group whose whole region is a hole is
+    /// reported unwritten without reading its metadata.
+    pub(crate) fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_range(offset, len)?;
+        let mut out: Vec<Extent> = Vec::new();
+        if len == 0 {
+            return Ok(out);
+        }
+        let bs = self.geo.block_size as u64;
+        let first = offset / bs;
+        let last = (offset + len - 1) / bs;
+        let span_lo = self.geo.meta_offset(self.geo.group_of(first).0, 0);
+        let span_hi = self.geo.data_offset(last) + bs;
+        let zeros = self
+            .backend
+            .zero_ranges(span_lo, span_hi - span_lo)
+            .map_err(self.io_err("looking for unwritten regions", span_lo))?;
+        let mut push = |b: u64, allocated: bool| {
+            let start = (b * bs).max(offset);
+            let end = ((b + 1) * bs).min(offset + len);
+            match out.last_mut() {
+                Some(e) if e.allocated == allocated => e.len += end - start,
+                _ => out.push(Extent {
+                    offset: start,
+                    len: end - start,
+                    allocated,
+                }),
+            }
+        };
+        let mut block = first;
+        while block <= last {
+            let (group, _) = self.geo.group_of(block);
+            let group_first = self.geo.first_block(group);
+            let group_last = (group_first + self.geo.blocks_in_group(group) as u64 - 1).min(last);
+            // The stage first, then the metadata: a block that leaves the stage has had its new
+            // tags installed already, so it can never be missed by both look-ups. The stage lock
+            // is not held while metadata may be loaded from disk.
+            let staged: Vec<Option<bool>> = {
+                let stage = lock(&self.stage);
+                (block..=group_last)
+                    .map(|b| stage.get(b).map(|e| matches!(e, Staged::Data { .. })))
+                    .collect()
+            };
+            let region = self.geo.meta_offset(group, 0)..self.geo.data_offset(group_last) + bs;
+            if staged.iter().all(Option::is_none)
+                && self.cached_group(group).is_none()
+                && covered(&zeros, region.start, region.end)
+            {
+                // Metadata and data are holes: never written, and every read returns zeros.
+                (block..=group_last).for_each(|b| push(b, false));
+                block = group_last + 1;
+                continue;
+            }
+            let mut state = self.group(group)?;
+            let data_zero = |b: u64| {
+                let at = self.geo.data_offset(b);
+                covered(&zeros, at, at + bs)
+            };
+            let candidate = |state: &super::group::GroupState, b: u64| {
+                let idx = (b - group_first) as usize;
+                state.accept(idx, self.settled(state)).only_unwritten() && data_zero(b)
+            };
+            if state.unconfirmed()
+                && (block..=group_last)
+                    .zip(&staged)
+                    .any(|(b, s)| s.is_none() && candidate(&state, b))
+            {
+                // A hole is claimed on the metadata's word: never on a single read's.
+                state = self.confirm(group, state)?;
+            }
+            for (b, staged) in (block..=group_last).zip(staged) {
+                let allocated = match staged {
+                    Some(data) => data,
+                    None => !candidate(&state, b),
+                };
+                push(b, allocated);
+            }
+            block = group_last + 1;
+        }
+        Ok(out)
+    }
+
+    /// Verifies `count` blocks from `first` without stopping at the first failure: the
+    /// engine of `check` and scrubbing. I/O errors still abort.
+    pub(crate) fn check_blocks(&self, first: u64, count: u64) -> Result<Vec<BlockProblem>> {
+        let end = first
+            .checked_add(count)
+            .filter(|&e| e <= self.geo.data_blocks)
+            .ok_or_else(|| Error::OutOfRange {
+                volume: self.name.clone(),
+                offset: first.saturating_mul(self.geo.block_size as u64),
+                len: count.saturating_mul(self.geo.block_size as u64),
+                size: self.size(),
+            })?;
+        let bs = self.geo.block_size as usize;
+        let mut problems = Vec::new();
+        let mut block = first;
+        let mut buf = Vec::new();
+        while block < end {
+            let (group, _) = self.geo.group_of(block);
+            let n = (self.geo.first_block(group) + self.geo.blocks_in_group(group) as u64).min(end) - block;
+            buf.resize(n as usize * bs, 0);
+            match self.read_blocks(block, &mut buf) {
+                Ok(()) => {}
+                Err(e) if e.is_corruption() => {
+                    // Narrow down block by block so every bad block is listed.
+                    for b in block..block + n {
+                        if let Err(e) = self.read_blocks(b, &mut buf[..bs]) {
+                            match e {
+                                Error::Corrupt { block, detail, .. } => {
+                                    problems.push(BlockProblem { block, detail })
+                                }
+                                other => return Err(other),
+                            }
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            block += n;
+        }
+        Ok(problems)
+    }
+
+    /// Every metadata sector of groups `first..first+count` whose tags cannot be trusted
+    /// (confirmed by a second read). Groups whose metadata the backend proves blank are not
+    /// read.
+    pub(crate) fn check_metadata(&self, first: u64, count: u64) -> Result<Vec<MetadataProblem>> {
+        let end = first
+            .checked_add(count)
+            .filter(|&e| e <= self.geo.groups)
+            .ok_or_else(|| Error::InvalidArgument {
+                volume: self.name.clone(),
+                detail: format!(
+                    "groups {first}..{} lie outside the volume's {} groups",
+                    first.saturating_add(count),
+                    self.geo.groups
+                ),
+            })?;
+        let per = self.geo.tags_per_sector() as u64;
+        let mut problems = Vec::new();
+        for group in first..end {
+            let region = self.geo.meta_offset(group, 0);
+            let two = 2 * self.geo.block_size as u64;
+            let zeros = self
+                .backend
+                .zero_ranges(region, two)
+                .map_err(self.io_err("looking for unwritten regions", region))?;
+            if self.cached_group(group).is_none() && covered(&zeros, region, region + two) {
+                continue;
+            }
+            let state = self.confirmed_group(group)?;
+            let settled = self.settled(&state);
+            for k in 0..state.pairs() {
+                if let PairView::Damaged(d) = state.view(k, settled) {
+                    problems.push(MetadataProblem {
+                        group,
+                        sector: k as u32,
+                        first_block: self.geo.first_block(group) + k as u64 * per,
+                        blocks: self.geo.tags_in_sector(group, k as u32) as u32,
+                        detail: d.to_string(),
+                        rebuilt: false,
+                    });
+                }
+            }
+        }
+        Ok(problems)
+    }
+
+    /// Where `block` lives and what both metadata copies say about it.
+    pub(crate) fn inspect_block(&self, block: u64) -> Result<BlockReport> {
+        let location = self.geo.locate(block).ok_or_else(|| Error::OutOfRange {
+            volume: self.name.clone(),
+            offset: block.saturating_mul(self.geo.block_size as u64),
+            len: self.geo.block_size as u64,
+            size: self.size(),
+        })?;
+        let state = self.group(location.group)?;
+        let (k, j) = state.locate(location.index as usize);
+        let slots = state
+            .pair(k)
+            .iter()
+            .enumerate()
+            .map(|(slot, s)| match s {
+                SectorParse::Empty => SlotReport {
+                    state: "empty".into(),
+                    generation: None,
+                    tag: None,
+                },
+                SectorParse::Valid { generation } => SlotReport {
+                    state: "valid".into(),
+                    generation: Some(*generation),
+                    tag: Some(crate::tag::Tag::from_bytes(state.tag_bytes(slot as u8, k, j)).to_string()),
+                },
+                SectorParse::Invalid(why) => SlotReport {
+                    state: format!("invalid: {why}"),
+                    generation: None,
+                    tag: None,
+                },
+            })
+            .collect();
+        let accepted = match state.accept(location.index as usize, self.settled(&state)) {
+            Accept::One(t) => vec![t.to_string()],
+            Accept::Either(a, b) => vec![a.to_string(), b.to_string()],
+            Accept::Damaged(d) => vec![format!("none: {d}")],
+        };
+        let staged = lock(&self.stage).get(block).is_some();
+        Ok(BlockReport {
+            location,
+            sector: k as u32,
+            slots,
+            accepted,
+            staged,
+        })
+    }
+}

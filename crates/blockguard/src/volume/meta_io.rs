@@ -1,0 +1,172 @@
+//! Reading and writing group metadata: loading into the cache, confirming a load by reading
+//! again, and writing a group's new brothers.
+//!
+//! A metadata read that returned wrong bytes once (zeros, another place's bytes, an older
+//! version) must never be written back: a group's new brothers are built from its cached
+//! state, unchanged sectors included. So before a group is rewritten, or a hole is reported
+//! on its word, or a read that failed against it is reported as corruption, a state that came
+//! from a single read is *confirmed*: read until two reads in a row agree.
+
+use super::group::{GroupState, Origin};
+use super::{aligned, Inner};
+use crate::error::{Error, Result};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Reads of a group's metadata tried before its bytes are declared unstable.
+const CONFIRM_READS: usize = 4;
+
+/// A group's new metadata, ready to write: where, what, and the state to install.
+pub(crate) struct MetaUpdate {
+    pub group: u64,
+    pub offset: u64,
+    pub bytes: Vec<u8>,
+    pub state: Arc<GroupState>,
+}
+
+impl Inner {
+    /// The metadata state of `group`, loading it from disk on a miss.
+    pub(crate) fn group(&self, group: u64) -> Result<Arc<GroupState>> {
+        let mut shard = self.cache.lock(group);
+        if let Some(s) = shard.get(group) {
+            return Ok(s);
+        }
+        // Loaded while the shard is locked, so a load can never overwrite a newer state that
+        // a commit installed concurrently.
+        let raw = self.read_meta(group)?;
+        let state = Arc::new(self.parse_loaded(group, raw, false));
+        shard.put(group, state.clone());
+        Ok(state)
+    }
+
+    /// The cached state of `group`, if any, without loading it.
+    pub(crate) fn cached_group(&self, group: u64) -> Option<Arc<GroupState>> {
+        self.cache.lock(group).get(group)
+    }
+
+    /// `state` (the current state of `group`) confirmed: if it came from a single read, the
+    /// metadata is read again until two reads agree, and the agreed bytes replace it.
+    pub(crate) fn confirm(&self, group: u64, state: Arc<GroupState>) -> Result<Arc<GroupState>> {
+        if !state.unconfirmed() {
+            return Ok(state);
+        }
+        let mut shard = self.cache.lock(group);
+        if let Some(current) = shard.get(group) {
+            if !current.unconfirmed() {
+                // A commit or another confirmation got there first.
+                return Ok(current);
+            }
+        }
+        let mut previous = state.raw().to_vec();
+        for _ in 0..CONFIRM_READS {
+            let raw = self.read_meta(group)?;
+            if *raw == previous[..] {
+                let fresh = Arc::new(self.parse_loaded(group, raw, true));
+                shard.put(group, fresh.clone());
+                return Ok(fresh);
+            }
+            tracing::warn!(
+                volume = %self.name,
+                group,
+                "metadata read back differently than before (a transient read fault?); reading again"
+            );
+            self.stats.metadata_rereads.fetch_add(1, Ordering::Relaxed);
+            previous = raw.into_vec();
+        }
+        Err(Error::Io {
+            volume: self.name.clone(),
+            during: "confirming metadata",
+            offset: self.geo.meta_offset(group, 0),
+            source: std::io::Error::other(format!(
+                "the metadata of group {group} read differently {CONFIRM_READS} times in a row"
+            )),
+        })
+    }
+
+    /// The confirmed state of `group` (loaded if needed).
+    pub(crate) fn confirmed_group(&self, group: u64) -> Result<Arc<GroupState>> {
+        let state = self.group(group)?;
+        self.confirm(group, state)
+    }
+
+    fn parse_loaded(&self, group: u64, raw: Box<[u8]>, confirmed: bool) -> GroupState {
+        let origin = Origin::Loaded {
+            after_crash: !self.trusted.load(Ordering::Acquire),
+            confirmed,
+        };
+        let state = GroupState::parse(&self.geo, self.sb.mode, &self.sb.uuid, group, raw, origin);
+        for k in 0..state.pairs() {
+            for (slot, s) in state.pair(k).iter().enumerate() {
+                if let crate::format::SectorParse::Invalid(why) = s {
+                    tracing::warn!(volume = %self.name, group, sector = k, slot, "metadata sector unusable: {why}");
+                }
+            }
+        }
+        state
+    }
+
+    /// Both brothers of `group`, as the backend returns them now.
+    fn read_meta(&self, group: u64) -> Result<Box<[u8]>> {
+        let bs = self.geo.block_size as usize;
+        let mut buf = vec![0u8; 2 * bs];
+        let off = self.geo.meta_offset(group, 0);
+        self.backend_read(&mut buf, off, "reading metadata")?;
+        Ok(buf.into_boxed_slice())
+    }
+
+    /// Reads from the backend, through an aligned bounce buffer when the backend needs one.
+    pub(crate) fn backend_read(&self, buf: &mut [u8], offset: u64, during: &'static str) -> Result<()> {
+        let align = self.backend.alignment();
+        if align <= 1 || ((buf.as_ptr() as usize).is_multiple_of(align) && buf.len().is_multiple_of(align)) {
+            return self
+                .backend
+                .read_at(buf, offset)
+                .map_err(self.io_err(during, offset));
+        }
+        let mut bounce = aligned(buf.len(), align);
+        self.backend
+            .read_at(bounce.as_mut(), offset)
+            .map_err(self.io_err(during, offset))?;
+        buf.copy_from_slice(bounce.as_ref());
+        Ok(())
+    }
+
+    /// The write that stores `state`'s changed slots of `group`: the changed slot alone, or
+    /// both slots at once (one request) when both changed.
+    pub(crate) fn meta_update(&self, group: u64, state: GroupState, slots: [bool; 2]) -> MetaUpdate {
+        let bs = self.geo.block_size as usize;
+        let (offset, bytes) = match slots {
+            [true, true] => (self.geo.meta_offset(group, 0), state.raw().to_vec()),
+            [false, true] => (self.geo.meta_offset(group, 1), state.raw()[bs..].to_vec()),
+            _ => (self.geo.meta_offset(group, 0), state.raw()[..bs].to_vec()),
+        };
+        debug_assert!(slots != [false, false], "an update writes at least one slot");
+        MetaUpdate {
+            group,
+            offset,
+            bytes,
+            state: Arc::new(state),
+        }
+    }
+
+    /// Writes the metadata of `updates` (not flushed).
+    pub(crate) fn write_metadata(&self, updates: &[MetaUpdate]) -> Result<()> {
+        let align = self.backend.alignment().max(1);
+        for u in updates {
+            let mut buf = aligned(u.bytes.len(), align);
+            buf.as_mut().copy_from_slice(&u.bytes);
+            self.backend
+                .write_at(buf.as_ref(), u.offset)
+                .map_err(self.io_err("writing metadata", u.offset))?;
+        }
+        Ok(())
+    }
+
+    /// Publishes new metadata to readers. Done after the metadata is on the backend and
+    /// before the data, so a reader that sees new data also sees the tag that covers it.
+    pub(crate) fn install(&self, updates: &[MetaUpdate]) {
+        for u in updates {
+            self.cache.lock(u.group).put(u.group, u.state.clone());
+        }
+    }
+}

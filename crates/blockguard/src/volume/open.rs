@@ -1,0 +1,302 @@
+//! Making and opening volumes: format, superblock selection and repair, and the recovery a
+//! read-write open of a volume left in use runs before it accepts writes.
+
+use super::cache::MetaCache;
+use super::recover::RecoverOptions;
+use super::stage::Stage;
+use super::{commit, Stats, LOCK_STRIPES};
+use super::{invalid, relabel, FormatOptions, Inner, OpenOptions, Volume};
+use crate::error::{Error, Result};
+use crate::format::{
+    validate_label, Geometry, Mode, Superblock, SuperblockError, VolumeState, FORMAT_VERSION, SB_REGION,
+    SB_STRUCT_SIZE, SUPPORTED_RO_COMPAT,
+};
+use blockguard_backend::Backend;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::{Arc, Condvar, Mutex};
+
+impl Volume {
+    /// Formats `backend` as a new volume and opens it read-write.
+    ///
+    /// Writes the two superblock copies (and, unless `assume_zeroed`, zeroes the backend
+    /// first): O(1) on a fresh sparse file whatever its size.
+    pub fn format(backend: Arc<dyn Backend>, opts: &FormatOptions) -> Result<Volume> {
+        Self::format_with_progress(backend, opts, &mut |_, _| {})
+    }
+
+    /// [`Volume::format`] reporting `(bytes_done, bytes_total)` while zeroing.
+    pub fn format_with_progress(
+        backend: Arc<dyn Backend>,
+        opts: &FormatOptions,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Volume> {
+        let name = backend.name();
+        let len = backend.len();
+        validate_label(&opts.label).map_err(|e| invalid(&name, e))?;
+        let tag_size = opts.profile.tag_size();
+        let geo = match opts.size {
+            Some(size) => {
+                let g = opts.geometry_for_size().map_err(|e| relabel(e, &name))?;
+                if g.backing_len > len {
+                    return Err(invalid(
+                        &name,
+                        format!(
+                            "a {size}-byte volume needs {} bytes of backend, it has {len}",
+                            g.backing_len
+                        ),
+                    ));
+                }
+                // On a larger backend (a device) the backup superblock goes to its end.
+                Geometry::from_parts(opts.block_size, tag_size, g.group_blocks, g.data_blocks, len)
+                    .ok_or_else(|| invalid(&name, format!("a {size}-byte volume does not fit {len} bytes")))?
+            }
+            None => Geometry::for_backing_len(len, opts.block_size, tag_size)
+                .map_err(|e| invalid(&name, e.to_string()))?,
+        };
+        let uuid = opts.uuid.unwrap_or_else(rand::random);
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let sb = Superblock {
+            version: FORMAT_VERSION,
+            compat: 0,
+            ro_compat: 0,
+            incompat: 0,
+            uuid,
+            profile: opts.profile,
+            mode: opts.mode,
+            geometry: geo,
+            created,
+            mirror_set: [0; 16],
+            mirror_role: 0,
+            meta_device: [0; 16],
+            label: opts.label.clone(),
+            state: VolumeState::Clean,
+        };
+        let io = |during: &'static str, offset: u64| {
+            let name = name.clone();
+            move |source| Error::Io {
+                volume: name,
+                during,
+                offset,
+                source,
+            }
+        };
+        if !opts.assume_zeroed {
+            const CHUNK: u64 = 1 << 30;
+            let mut off = 0;
+            while off < len {
+                let n = CHUNK.min(len - off);
+                backend
+                    .zero_range(off, n)
+                    .map_err(io("zeroing the backend", off))?;
+                off += n;
+                progress(off, len);
+            }
+        }
+        // Backup first: a crash before the primary lands leaves no volume rather than half of one.
+        backend
+            .write_at(&sb.encode(1), geo.backup_sb_offset)
+            .map_err(io("writing the backup superblock", geo.backup_sb_offset))?;
+        backend.flush().map_err(io("flushing", 0))?;
+        backend
+            .write_at(&sb.encode(0), 0)
+            .map_err(io("writing the primary superblock", 0))?;
+        backend.flush().map_err(io("flushing", 0))?;
+        Self::open(backend, &OpenOptions::default())
+    }
+
+    /// Opens an existing volume. A damaged superblock copy is reported in
+    /// [`Volume::warnings`] (and rewritten from the good copy when opened read-write).
+    ///
+    /// A read-write open of a volume left *in use* (not closed cleanly) recovers it before it
+    /// accepts writes: see [`Volume::open_with_progress`].
+    pub fn open(backend: Arc<dyn Backend>, opts: &OpenOptions) -> Result<Volume> {
+        Self::open_with_progress(backend, opts, &mut |_, _| {})
+    }
+
+    /// [`Volume::open`], reporting the progress of recovery as `(groups_done, groups_total)`.
+    ///
+    /// After a crash the newest metadata of a group may describe data that never reached the
+    /// disk. Before a read-write session may write, every such group is settled against the
+    /// disk (see [`Volume::recover`]): writing on top of an unsettled group could overwrite
+    /// the only tag of the data a crash left behind. The groups the backend proves never
+    /// written are skipped without a read; the rest cost one metadata read each, plus one
+    /// data read per block whose brothers disagree. [`Volume::recovery_at_open`] reports
+    /// what was done. A read-only open changes nothing: it accepts either brother where a
+    /// crash may have left both meaningful.
+    pub fn open_with_progress(
+        backend: Arc<dyn Backend>,
+        opts: &OpenOptions,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Volume> {
+        let name = backend.name();
+        let len = backend.len();
+        let read_sb = |offset: u64| -> Result<std::result::Result<Superblock, SuperblockError>> {
+            let mut b = vec![0u8; SB_STRUCT_SIZE];
+            backend.read_at(&mut b, offset).map_err(|source| Error::Io {
+                volume: name.clone(),
+                during: "reading a superblock",
+                offset,
+                source,
+            })?;
+            Ok(Superblock::decode(&b).map(|(sb, _)| sb))
+        };
+        if len < 2 * SB_REGION {
+            return Err(Error::NotAVolume {
+                volume: name,
+                detail: format!("only {len} bytes, too small to hold a volume"),
+            });
+        }
+        let primary = read_sb(0)?;
+        // The backup lives in the last 4 KiB of the backend as it was at format; the primary
+        // records where that is, which matters if the file or device has grown since.
+        let end_backup = len / SB_REGION * SB_REGION - SB_REGION;
+        let backup_at = match &primary {
+            Ok(p) if p.geometry.backup_sb_offset + SB_REGION <= len => p.geometry.backup_sb_offset,
+            _ => end_backup,
+        };
+        let backup = read_sb(backup_at)?;
+        // A copy from a newer version is not damage: never open (or "repair") from the other.
+        for e in [&primary, &backup].into_iter().filter_map(|r| r.as_ref().err()) {
+            if e.is_unsupported() {
+                return Err(Error::Unsupported {
+                    volume: name,
+                    detail: e.to_string(),
+                });
+            }
+        }
+        let mut warnings = Vec::new();
+        let sb = match (primary, backup) {
+            (Ok(p), Ok(b)) => {
+                let same = Superblock {
+                    state: p.state,
+                    ..b.clone()
+                } == p;
+                if !same {
+                    warnings.push(format!("{name}: superblock copies differ; using the primary"));
+                }
+                // A crash between updating the two copies: either saying "in use" wins.
+                let mut p = p;
+                if b.state == VolumeState::InUse {
+                    p.state = VolumeState::InUse;
+                }
+                p
+            }
+            (Ok(p), Err(e)) => {
+                warnings.push(format!(
+                    "{name}: backup superblock unusable ({e}); opened from the primary"
+                ));
+                p
+            }
+            (Err(e), Ok(b)) => {
+                warnings.push(format!(
+                    "{name}: primary superblock unusable ({e}); opened from the backup"
+                ));
+                b
+            }
+            (Err(p), Err(b)) => {
+                let magic = |e: &SuperblockError| matches!(e, SuperblockError::BadMagic { .. });
+                return Err(if magic(&p) && magic(&b) {
+                    Error::NotAVolume {
+                        volume: name,
+                        detail: "no superblock at the start or the end".into(),
+                    }
+                } else {
+                    Error::SuperblockDamaged {
+                        volume: name,
+                        primary: p.to_string(),
+                        backup: b.to_string(),
+                    }
+                });
+            }
+        };
+        // With one copy unusable the other's state is still trustworthy: both markings write
+        // the primary first, so a readable copy saying "clean" was never followed by a commit.
+        let geo = sb.geometry;
+        if len < geo.backing_len {
+            return Err(Error::Truncated {
+                volume: name,
+                expected: geo.backing_len,
+                actual: len,
+            });
+        }
+        if backend.alignment() > geo.block_size as usize {
+            return Err(invalid(
+                &name,
+                format!(
+                    "the backend needs {}-byte aligned I/O, larger than the volume's {}-byte blocks",
+                    backend.alignment(),
+                    geo.block_size
+                ),
+            ));
+        }
+        // Unknown read-only-compatible features: reading is safe, writing could break them.
+        let read_only = opts.read_only || backend.is_read_only() || sb.ro_compat & !SUPPORTED_RO_COMPAT != 0;
+        let group_bytes = 2 * geo.block_size as usize + 256;
+        let mut vol = Inner {
+            failure: std::sync::OnceLock::new(),
+            kick: Mutex::new(false),
+            kick_cv: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            background: opts.background_commit && !read_only,
+            cache: MetaCache::new((opts.cache_bytes / group_bytes).max(1)),
+            stage: Mutex::new(Stage::default()),
+            stage_limit: opts.stage_bytes.max(geo.block_size as usize),
+            commit: Mutex::new(commit::CommitState::default()),
+            durable_epoch: AtomicU64::new(0),
+            trusted: AtomicBool::new(sb.state == VolumeState::Clean),
+            stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            reads_active: AtomicUsize::new(0),
+            recovered_at_open: None,
+            stats: Stats::default(),
+            backend,
+            name,
+            sb,
+            geo,
+            read_only,
+            warnings,
+        };
+        if !vol.read_only && !vol.warnings.is_empty() {
+            vol.repair_superblocks()?;
+        }
+        if !vol.read_only && vol.sb.state == VolumeState::InUse {
+            if vol.sb.mode == Mode::Dual {
+                tracing::info!(volume = %vol.name, "the volume was not closed cleanly: recovering");
+                let report = vol.recover(RecoverOptions::default(), progress)?;
+                vol.recovered_at_open = Some(report);
+            } else {
+                // No brothers, nothing to settle: `none` mode promises nothing after a crash.
+                vol.trusted.store(true, std::sync::atomic::Ordering::Release);
+                vol.write_superblocks(VolumeState::Clean, "marking the volume clean")?;
+            }
+        }
+        Ok(Volume::start(vol))
+    }
+}
+
+impl Inner {
+    /// Rewrites both superblock copies from the one in use (self-healing after damage).
+    fn repair_superblocks(&self) -> Result<()> {
+        self.write_superblocks(self.sb.state, "repairing a superblock")?;
+        tracing::warn!(volume = %self.name, "rewrote damaged superblock copy");
+        Ok(())
+    }
+
+    /// Writes both superblock copies with `state`, then flushes.
+    pub(crate) fn write_superblocks(&self, state: VolumeState, during: &'static str) -> Result<()> {
+        let sb = Superblock {
+            state,
+            ..self.sb.clone()
+        };
+        let backup_at = self.geo.backup_sb_offset;
+        self.backend
+            .write_at(&sb.encode(0), 0)
+            .map_err(self.io_err(during, 0))?;
+        self.backend
+            .write_at(&sb.encode(1), backup_at)
+            .map_err(self.io_err(during, backup_at))?;
+        self.backend.flush().map_err(self.io_err(during, 0))
+    }
+}

@@ -1,0 +1,205 @@
+//! Writes: staging (with read-modify-write of partial blocks), zeroing, and handing full
+//! stages to the committer.
+
+use super::stage::{self, SharedBuf, Staged};
+use super::{lock, Inner, LOCK_STRIPES};
+use crate::error::{Error, Result};
+use crate::format::Mode;
+use std::sync::{Arc, MutexGuard};
+
+impl Inner {
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                volume: self.name.clone(),
+            });
+        }
+        self.failed()
+    }
+
+    /// Locks the stripes covering blocks `first..first+count`, in ascending order so two
+    /// writers can never deadlock.
+    fn lock_stripes(&self, first: u64, count: u64) -> Vec<MutexGuard<'_, ()>> {
+        let n = LOCK_STRIPES as u64;
+        let mut idx: Vec<usize> = if count >= n {
+            (0..LOCK_STRIPES).collect()
+        } else {
+            (first..first + count).map(|b| (b % n) as usize).collect()
+        };
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter().map(|i| lock(&self.stripes[i])).collect()
+    }
+
+    /// Refuses a write of blocks `first..=last`, of which `whole` are overwritten entirely,
+    /// when it lands in a metadata sector whose tags cannot be trusted (the commit would have
+    /// to copy tags it cannot read) — unless it overwrites every block that sector covers.
+    /// Checked when the write arrives, so a write that cannot be kept is refused, not
+    /// acknowledged and lost.
+    fn check_metadata_writable(&self, first: u64, last: u64, whole: std::ops::Range<u64>) -> Result<()> {
+        if self.sb.mode != Mode::Dual {
+            return Ok(());
+        }
+        let per = self.geo.tags_per_sector() as u64;
+        let mut block = first;
+        while block <= last {
+            let (group, index) = self.geo.group_of(block);
+            let group_first = self.geo.first_block(group);
+            let group_end = group_first + self.geo.blocks_in_group(group) as u64;
+            let state = self.group(group)?;
+            let k = index as u64 / per;
+            let pair_first = group_first + k * per;
+            let pair_end = (pair_first + per).min(group_end);
+            if state.any_written() && state.newest_for_write(k as usize).is_none() {
+                let covered = whole.start <= pair_first && pair_end <= whole.end;
+                if !covered {
+                    // Damage seen in a single read may be a transient fault: look again.
+                    let state = self.confirm(group, state)?;
+                    if state.newest_for_write(k as usize).is_none() {
+                        return Err(self.damaged_write(group, (block - group_first) as usize, &state));
+                    }
+                }
+            }
+            block = pair_end.min(last + 1).max(block + 1);
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset` (any alignment: partial blocks are read, verified, merged).
+    /// The write is visible to reads at once and durable after the next flush.
+    pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_impl(buf, None, offset)
+    }
+
+    /// [`Inner::write_at`] keeping `owned` (whose bytes are `buf`) for the whole blocks
+    /// instead of copying them.
+    pub(crate) fn write_impl(&self, buf: &[u8], owned: Option<SharedBuf>, offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.writable()?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let bs = self.geo.block_size as u64;
+        let first = offset / bs;
+        let last = (offset + buf.len() as u64 - 1) / bs;
+        let end = offset + buf.len() as u64;
+        let full_first = offset.div_ceil(bs);
+        let full_end = end / bs;
+        self.check_metadata_writable(first, last, full_first..full_end.max(full_first))?;
+        // Whole blocks share one buffer: the caller's own when handed over, else one copy;
+        // `base` is the volume offset of that buffer's first byte. Partial edge blocks are
+        // read, merged and get their own.
+        let shared: Option<(SharedBuf, u64)> = match owned {
+            _ if full_first >= full_end => None,
+            Some(o) => Some((o, offset)),
+            None => {
+                let whole =
+                    buf[(full_first * bs - offset) as usize..(full_end * bs - offset) as usize].to_vec();
+                Some((Arc::new(whole), full_first * bs))
+            }
+        };
+        let guards = self.lock_stripes(first, last - first + 1);
+        let mut entries = Vec::with_capacity((last - first + 1) as usize);
+        for block in first..=last {
+            let (data, at) = match &shared {
+                Some((s, base)) if (full_first..full_end).contains(&block) => {
+                    (s.clone(), (block * bs - base) as usize)
+                }
+                _ => {
+                    let start = block * bs;
+                    let (lo, hi) = (offset.max(start), end.min(start + bs));
+                    let mut cur = vec![0u8; bs as usize];
+                    self.read_blocks(block, &mut cur)?;
+                    cur[(lo - start) as usize..(hi - start) as usize]
+                        .copy_from_slice(&buf[(lo - offset) as usize..(hi - offset) as usize]);
+                    (Arc::new(cur) as SharedBuf, 0)
+                }
+            };
+            let tag =
+                self.sb
+                    .profile
+                    .generate(&self.sb.uuid, block, &stage::bytes(&data)[at..at + bs as usize]);
+            entries.push((block, Staged::Data { buf: data, at, tag }));
+        }
+        self.stage_entries(entries);
+        drop(guards);
+        self.commit_if_full()
+    }
+
+    fn stage_entries(&self, entries: Vec<(u64, Staged)>) {
+        let mut stage = lock(&self.stage);
+        for (block, entry) in entries {
+            stage.put(block, entry);
+        }
+    }
+
+    fn commit_if_full(&self) -> Result<()> {
+        let staged = lock(&self.stage).active_bytes;
+        if staged >= self.stage_limit && self.background && staged < 2 * self.stage_limit {
+            // Hand the batch to the committer thread and keep going: its writes and flushes
+            // overlap with this thread's copying and checksumming. Past twice the limit the
+            // writer commits itself, which bounds memory.
+            *lock(&self.kick) = true;
+            self.kick_cv.notify_one();
+            return Ok(());
+        }
+        if staged >= self.stage_limit {
+            let mut state = lock(&self.commit);
+            // Another writer may have committed while this one waited for the lock.
+            if lock(&self.stage).active_bytes >= self.stage_limit {
+                self.commit_locked(&mut state)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the range read as zeros. Whole blocks become unwritten (their space is
+    /// released); partial blocks at the edges are zero-filled.
+    pub(crate) fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = self.geo.block_size as u64;
+        let end = offset + len;
+        let first_full = offset.div_ceil(bs);
+        let end_full = end / bs;
+        if first_full >= end_full {
+            return self.write_at(&vec![0u8; len as usize], offset);
+        }
+        if offset < first_full * bs {
+            self.write_at(&vec![0u8; (first_full * bs - offset) as usize], offset)?;
+        }
+        if end > end_full * bs {
+            self.write_at(&vec![0u8; (end - end_full * bs) as usize], end_full * bs)?;
+        }
+        // Staged in bounded slices so a huge zeroing cannot hold the stripes for long.
+        let mut b = first_full;
+        while b < end_full {
+            let n = (end_full - b).min(1 << 16);
+            self.check_metadata_writable(b, b + n - 1, first_full..end_full)?;
+            let guards = self.lock_stripes(b, n);
+            self.stage_entries((b..b + n).map(|x| (x, Staged::Zero)).collect());
+            drop(guards);
+            b += n;
+            let pending = lock(&self.stage).active.len();
+            if pending >= 1 << 18 {
+                let mut state = lock(&self.commit);
+                self.commit_locked(&mut state)?;
+            }
+        }
+        self.commit_if_full()
+    }
+
+    /// Makes every write that completed before this call durable.
+    pub(crate) fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut state = lock(&self.commit);
+        self.failed()?;
+        self.commit_locked(&mut state)?;
+        self.flush_locked(&mut state)
+    }
+}
