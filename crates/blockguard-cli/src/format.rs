@@ -59,6 +59,7 @@ pub fn run(args: FormatArgs) -> Result<()> {
         profile,
         uuid: None,
         label: args.label.clone(),
+        group_blocks: None,
         assume_zeroed: false,
     };
     blockguard::format::validate_label(&args.label).map_err(anyhow::Error::msg)?;

@@ -18,6 +18,9 @@ pub enum GeometryError {
     /// Not even one data block fits in the backend.
     #[error("{len} bytes are too small for a volume with {block_size}-byte blocks")]
     TooSmall { len: u64, block_size: u32 },
+    /// A requested group size outside 1 ..= the tags a metadata block holds.
+    #[error("{group_blocks} blocks per group: a metadata block holds 1 to {max} tags")]
+    GroupBlocks { group_blocks: u32, max: u32 },
     /// The tag does not leave room for at least one tag per metadata block.
     #[error("tag size {tag_size} does not fit a {block_size}-byte metadata block")]
     TagSize { tag_size: usize, block_size: u32 },
@@ -86,11 +89,27 @@ impl Geometry {
     /// The layout for a volume of `size` logical bytes, stored in a backend whose length is
     /// then exactly `backing_len` (used when formatting a file).
     pub fn for_size(size: u64, block_size: u32, tag_size: usize) -> Result<Geometry, GeometryError> {
+        Self::for_size_with_groups(size, block_size, tag_size, None)
+    }
+
+    /// [`Geometry::for_size`] with `group_blocks` data blocks per group instead of as many as
+    /// a metadata block holds (smaller groups: more metadata, more groups).
+    pub fn for_size_with_groups(
+        size: u64,
+        block_size: u32,
+        tag_size: usize,
+        group_blocks: Option<u32>,
+    ) -> Result<Geometry, GeometryError> {
         Self::check_block_size(block_size)?;
         if size == 0 || !size.is_multiple_of(block_size as u64) {
             return Err(GeometryError::Size { size, block_size });
         }
-        let group_blocks = Self::tags_per_meta(block_size, tag_size)?;
+        let max = Self::tags_per_meta(block_size, tag_size)?;
+        let group_blocks = match group_blocks {
+            None => max,
+            Some(n) if (1..=max).contains(&n) => n,
+            Some(n) => return Err(GeometryError::GroupBlocks { group_blocks: n, max }),
+        };
         let data_blocks = size / block_size as u64;
         let g = Self::build(block_size, tag_size, group_blocks, data_blocks, None)
             .ok_or(GeometryError::TooLarge(size))?;

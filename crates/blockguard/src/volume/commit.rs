@@ -2,17 +2,19 @@
 //!
 //! For each batch (see `docs/CONSISTENCY.md` for the argument):
 //! 1. If a group of this batch had data written since the last completed flush, flush
-//!    first: the brother about to be overwritten may still hold the only tag of data that is
+//!    first: the sector about to be overwritten may still hold the only tag of data that is
 //!    not yet durable. (Groups without such data need no flush: a sequential writer's
 //!    batches touch different groups, so it pays one flush per batch, not two.)
-//! 2. For every group the batch touches, write the *older* brother with the newest tags plus
-//!    the batch's new tags, under the next generation.
+//! 2. For every group the batch touches (its metadata confirmed by a second read if it came
+//!    from one), give every brother pair a new sector in its *older* slot: the newest tags plus
+//!    the batch's, one generation up. A group's first write fills both slots.
 //! 3. Flush: the new tags are durable before any data they describe is issued.
 //! 4. Write the data (neighbouring blocks coalesced into one vectored write).
 //!
-//! After a crash each block's content is its old version (matching the now-older brother),
-//! its new version (matching the newer one), or torn. Reads accept either brother's tag until
-//! a flush proves the data durable; then only the newest, so lost writes are caught.
+//! After a crash each block's content is its old version (matching the now-older sector), its
+//! new version (matching the newer one), or torn. Reads accept either tag until recovery or a
+//! flush proves the data durable; then only the newest, so lost writes are caught. Commits run
+//! only on settled groups: a read-write open recovers a volume left in use first.
 //!
 //! In `none` mode the flushes are skipped and data goes before metadata: the comparison case
 //! the crash simulator must catch.

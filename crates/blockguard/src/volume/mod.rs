@@ -45,6 +45,10 @@ pub struct FormatOptions {
     pub uuid: Option<[u8; 16]>,
     /// Free-form label (up to 64 bytes are kept).
     pub label: String,
+    /// Data blocks per group; `None` for as many as a metadata block holds (496 with 4 KiB
+    /// blocks). Smaller groups cost more metadata space; the tests use them to get volumes of
+    /// many groups.
+    pub group_blocks: Option<u32>,
     /// The backend is known to read as all zeros (a freshly created sparse file), so format
     /// writes only the superblocks. Otherwise the whole backend is zeroed first, because
     /// unwritten blocks must read as zeros.
@@ -62,6 +66,7 @@ impl FormatOptions {
             profile: Profile::Crc32c,
             uuid: None,
             label: String::new(),
+            group_blocks: None,
             assume_zeroed: true,
         }
     }
@@ -75,7 +80,7 @@ impl FormatOptions {
         let size = self
             .size
             .ok_or_else(|| invalid("new volume", "no size given".into()))?;
-        Geometry::for_size(size, self.block_size, self.profile.tag_size())
+        Geometry::for_size_with_groups(size, self.block_size, self.profile.tag_size(), self.group_blocks)
             .map_err(|e| invalid("new volume", e.to_string()))
     }
 }
