@@ -107,9 +107,14 @@ fn run(ops: &[Op], block_size: u32, mode: Mode, stage_bytes: usize) {
     // Allocation map agrees with the model: a hole always reads as zeros.
     for e in vol.extents(0, size).unwrap() {
         if !e.allocated {
-            assert!(model[e.offset as usize..(e.offset + e.len) as usize]
+            let bad = model[e.offset as usize..(e.offset + e.len) as usize]
                 .iter()
-                .all(|&b| b == 0));
+                .position(|&b| b != 0);
+            assert!(
+                bad.is_none(),
+                "extent {e:?} reported as a hole holds data at byte {}",
+                e.offset + bad.unwrap_or(0) as u64
+            );
         }
     }
     assert!(vol

@@ -27,7 +27,6 @@ use crate::error::{Error, Result};
 use crate::format::{Mode, VolumeState};
 use crate::tag::{Tag, UNWRITTEN};
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// What the protocol remembers between commits (guarded by the volume's commit mutex).
@@ -309,7 +308,7 @@ impl Inner {
     /// The error for a write into a pair whose tags cannot be trusted.
     pub(crate) fn damaged_write(&self, group: u64, index: usize, state: &GroupState) -> Error {
         let block = self.geo.first_block(group) + index as u64;
-        let why = match state.accept(index, true) {
+        let why = match state.accept(index) {
             super::group::Accept::Damaged(d) => d.to_string(),
             _ => "metadata damaged".to_string(),
         };
@@ -422,6 +421,5 @@ impl Inner {
         debug_assert!(epoch <= state.epoch);
         state.data_unflushed = false;
         state.unflushed_groups.clear();
-        self.durable_epoch.fetch_max(epoch, Ordering::AcqRel);
     }
 }

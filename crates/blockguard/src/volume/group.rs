@@ -106,7 +106,8 @@ pub(crate) enum PairView {
     /// Both brothers valid; `newest` is the slot with the higher generation. `older_ok`: the
     /// older brother may still describe the data (a crash may have cut the last commit short).
     Brothers { newest: u8, older_ok: bool },
-    /// Only one brother is trusted: this process wrote it, the other is damaged or gone.
+    /// Only the newest brother is trusted: this process wrote it (whatever the other holds), or
+    /// the mode keeps one copy.
     Known { newest: u8 },
     /// A group's first write cut short by a crash: slot 0 (generation 1, the new tags) may
     /// have landed, slot 1 (generation 0, all unwritten) may have; either describes the disk.
@@ -250,16 +251,6 @@ impl GroupState {
         (index / self.per, index % self.per)
     }
 
-    /// Whether the state is settled: only the newest brother describes the data. Loaded
-    /// states are settled unless a crash may lie behind them; states this process wrote once
-    /// a flush has made their commit durable.
-    pub fn settled(&self, durable_epoch: u64) -> bool {
-        match &self.origin {
-            Origin::Loaded { after_crash, .. } => !after_crash,
-            Origin::Written { epoch, .. } => *epoch <= durable_epoch,
-        }
-    }
-
     /// Lenient rules (a crash may explain blanks and older brothers) apply to states loaded
     /// from a volume that was not closed cleanly and not recovered since.
     fn after_crash(&self) -> bool {
@@ -272,8 +263,8 @@ impl GroupState {
         )
     }
 
-    /// How pair `k` reads. `settled` (see [`GroupState::settled`]) refuses older brothers.
-    pub fn view(&self, k: usize, settled: bool) -> PairView {
+    /// How pair `k` reads.
+    pub fn view(&self, k: usize) -> PairView {
         use SectorParse::*;
         let [s0, s1] = self.sectors[k];
         if self.mode == Mode::None {
@@ -286,18 +277,11 @@ impl GroupState {
         }
         if let Origin::Written { known, .. } = &self.origin {
             if let Some(newest) = known[k] {
-                let older = self.sectors[k][1 - newest as usize];
-                let newest_gen = self.sectors[k][newest as usize].generation();
-                let consecutive =
-                    matches!((older.generation(), newest_gen), (Some(o), Some(n)) if o + 1 == n);
-                return if consecutive {
-                    PairView::Brothers {
-                        newest,
-                        older_ok: !settled,
-                    }
-                } else {
-                    PairView::Known { newest }
-                };
+                // This process wrote the newest sector and serves every block of its batch from
+                // the stage until the block's data is written: no state of this session ever
+                // needs the older tag. Accepting it would let a lost, misdirected or torn data
+                // write — or one stale read — return the previous version without an error.
+                return PairView::Known { newest };
             }
         }
         let lenient = self.after_crash();
@@ -337,11 +321,10 @@ impl GroupState {
         }
     }
 
-    /// Which tags data block `index` of this group may match; `settled` as for
-    /// [`GroupState::view`].
-    pub fn accept(&self, index: usize, settled: bool) -> Accept {
+    /// Which tags data block `index` of this group may match.
+    pub fn accept(&self, index: usize) -> Accept {
         let (k, j) = self.locate(index);
-        match self.view(k, settled) {
+        match self.view(k) {
             PairView::Brothers { newest, older_ok } => {
                 let n = self.tag(newest, k, j);
                 if older_ok {
@@ -360,8 +343,7 @@ impl GroupState {
     /// A slot whose tag for any block of pair `k` is accepted in every state (settled or
     /// not), so a match needs no further look-up.
     fn fast_slot(&self, k: usize) -> Option<u8> {
-        // Unsettled views accept a superset of settled ones, so the settled view decides.
-        match self.view(k, true) {
+        match self.view(k) {
             PairView::Brothers { newest, .. } | PairView::Known { newest } => Some(newest),
             PairView::TornFirst { slot0: true } => Some(0),
             _ => None,
@@ -377,7 +359,7 @@ impl GroupState {
     /// The slot and generation the next write of pair `k` starts from: the newest brother,
     /// when it can be told. Only for settled groups of read-write sessions.
     pub fn newest_for_write(&self, k: usize) -> Option<(u8, u64)> {
-        let newest = match self.view(k, true) {
+        let newest = match self.view(k) {
             PairView::Brothers { newest, .. } | PairView::Known { newest } => newest,
             _ => return None,
         };
@@ -525,55 +507,46 @@ mod tests {
     fn settled_volumes_accept_only_the_newest_and_call_blanks_damage() {
         let (a, b) = (t(1), t(2));
         let s = state(Some(sector(0, 3, b)), Some(sector(1, 2, a)), false);
-        assert_eq!(s.accept(0, true), Accept::One(b));
-        assert_eq!(s.accept(1, true), Accept::One(UNWRITTEN));
+        assert_eq!(s.accept(0), Accept::One(b));
+        assert_eq!(s.accept(1), Accept::One(UNWRITTEN));
         // The first write leaves (1, 0): settled, only generation 1's tags.
         let s = state(Some(sector(0, 1, a)), Some(sector(1, 0, a)), false);
-        assert_eq!(s.accept(0, true), Accept::One(a));
+        assert_eq!(s.accept(0), Accept::One(a));
         // A blank or damaged brother next to a valid one: the valid one may be the older.
         let s = state(Some(sector(0, 3, a)), None, false);
-        assert_eq!(s.accept(0, true), Accept::Damaged(Damage::Blank { slot: 1 }));
+        assert_eq!(s.accept(0), Accept::Damaged(Damage::Blank { slot: 1 }));
         let s = state(Some(sector(0, 1, a)), None, false);
-        assert!(matches!(
-            s.accept(0, true),
-            Accept::Damaged(Damage::Blank { slot: 1 })
-        ));
+        assert!(matches!(s.accept(0), Accept::Damaged(Damage::Blank { slot: 1 })));
         let s = state(Some(garbage()), Some(sector(1, 2, a)), false);
         assert!(matches!(
-            s.accept(0, true),
+            s.accept(0),
             Accept::Damaged(Damage::Invalid { slot: 0, .. })
         ));
         let s = state(Some(garbage()), Some(garbage()), false);
-        assert!(matches!(
-            s.accept(0, true),
-            Accept::Damaged(Damage::BothInvalid { .. })
-        ));
-        assert_eq!(state(None, None, false).accept(0, true), Accept::One(UNWRITTEN));
+        assert!(matches!(s.accept(0), Accept::Damaged(Damage::BothInvalid { .. })));
+        assert_eq!(state(None, None, false).accept(0), Accept::One(UNWRITTEN));
     }
 
     #[test]
     fn after_a_crash_older_brothers_and_torn_first_writes_are_accepted() {
         let (a, b) = (t(1), t(2));
         let s = state(Some(sector(0, 3, b)), Some(sector(1, 2, a)), true);
-        assert_eq!(s.accept(0, false), Accept::Either(b, a));
+        assert_eq!(s.accept(0), Accept::Either(b, a));
         // Generations further apart: only the newest ever describes the disk.
         let s = state(Some(sector(0, 5, b)), Some(sector(1, 2, a)), true);
-        assert_eq!(s.accept(0, false), Accept::One(b));
+        assert_eq!(s.accept(0), Accept::One(b));
         // The first write's halves: slot 0 landed, slot 1 not, and the other way round.
         let s = state(Some(sector(0, 1, a)), None, true);
-        assert_eq!(s.accept(0, false), Accept::Either(a, UNWRITTEN));
+        assert_eq!(s.accept(0), Accept::Either(a, UNWRITTEN));
         let s = state(None, Some(sector(1, 0, a)), true);
-        assert_eq!(s.accept(0, false), Accept::One(UNWRITTEN));
+        assert_eq!(s.accept(0), Accept::One(UNWRITTEN));
         // Generation 3 proves the first write completed: a blank is damage even now.
         let s = state(Some(sector(0, 3, a)), None, true);
-        assert!(matches!(
-            s.accept(0, false),
-            Accept::Damaged(Damage::Blank { slot: 1 })
-        ));
+        assert!(matches!(s.accept(0), Accept::Damaged(Damage::Blank { slot: 1 })));
         // An invalid sector is never a crash's doing.
         let s = state(Some(garbage()), None, true);
         assert!(matches!(
-            s.accept(0, false),
+            s.accept(0),
             Accept::Damaged(Damage::Invalid { slot: 0, .. })
         ));
     }
@@ -589,8 +562,9 @@ mod tests {
         w.set_known(0, 1);
         let (s, written) = w.finish(&g, 7);
         assert_eq!(written, [false, true]);
-        assert_eq!(s.accept(0, false), Accept::Either(a, a));
-        assert_eq!(s.accept(0, s.settled(7)), Accept::One(a));
+        // Before and after the flush alike: only the tag this process wrote.
+        assert_eq!(s.accept(0), Accept::One(a));
+        assert_eq!(s.accept(0), Accept::One(a));
         assert_eq!(s.newest_for_write(0), Some((1, 4)));
         assert_eq!(s.fast_tag(0), Some(&a.to_bytes(8)[..8]));
     }

@@ -8,6 +8,10 @@ use super::{lock, BlockProblem, BlockReport, Extent, Inner, SlotReport};
 use crate::error::{Error, Result};
 use crate::format::SectorParse;
 
+/// Groups whose allocation `extents` works out from one look at the stage and one query of
+/// the backend's holes.
+const EXTENT_CHUNK_GROUPS: u64 = 256;
+
 impl Inner {
     /// Allocation status of a byte range, as runs of allocated and unwritten blocks.
     ///
@@ -27,12 +31,6 @@ impl Inner {
         let bs = self.geo.block_size as u64;
         let first = offset / bs;
         let last = (offset + len - 1) / bs;
-        let span_lo = self.geo.meta_offset(self.geo.group_of(first).0, 0);
-        let span_hi = self.geo.data_offset(last) + bs;
-        let zeros = self
-            .backend
-            .zero_ranges(span_lo, span_hi - span_lo)
-            .map_err(self.io_err("looking for unwritten regions", span_lo))?;
         let mut push = |b: u64, allocated: bool| {
             let start = (b * bs).max(offset);
             let end = ((b + 1) * bs).min(offset + len);
@@ -48,54 +46,85 @@ impl Inner {
         let mut block = first;
         while block <= last {
             let (group, _) = self.geo.group_of(block);
-            let group_first = self.geo.first_block(group);
-            let group_last = (group_first + self.geo.blocks_in_group(group) as u64 - 1).min(last);
-            // The stage first, then the metadata: a block that leaves the stage has had its new
-            // tags installed already, so it can never be missed by both look-ups. The stage lock
-            // is not held while metadata may be loaded from disk.
+            let chunk_end = (group + EXTENT_CHUNK_GROUPS).min(self.geo.groups);
+            let chunk_last =
+                (self.geo.first_block(chunk_end - 1) + self.geo.blocks_in_group(chunk_end - 1) as u64 - 1)
+                    .min(last);
+            // In this order: the stage, then the backend's holes, then the metadata. A block
+            // leaves the stage only once its data is written, so a block not staged at the first
+            // look either had its data on disk before the second (no hole) or was not written
+            // at all then; the answer is true at the moment of the first look.
+            let chunk_first = block;
             let staged: Vec<Option<bool>> = {
                 let stage = lock(&self.stage);
-                (block..=group_last)
+                (block..=chunk_last)
                     .map(|b| stage.get(b).map(|e| matches!(e, Staged::Data { .. })))
                     .collect()
             };
-            let region = self.geo.meta_offset(group, 0)..self.geo.data_offset(group_last) + bs;
-            if staged.iter().all(Option::is_none)
-                && self.cached_group(group).is_none()
-                && covered(&zeros, region.start, region.end)
-            {
-                // Metadata and data are holes: never written, and every read returns zeros.
-                (block..=group_last).for_each(|b| push(b, false));
+            let span_lo = self.geo.meta_offset(group, 0);
+            let span_hi = self.geo.data_offset(chunk_last) + bs;
+            let zeros = self
+                .backend
+                .zero_ranges(span_lo, span_hi - span_lo)
+                .map_err(self.io_err("looking for unwritten regions", span_lo))?;
+            while block <= chunk_last {
+                let (group, _) = self.geo.group_of(block);
+                let group_first = self.geo.first_block(group);
+                let group_last = (group_first + self.geo.blocks_in_group(group) as u64 - 1).min(last);
+                let mine = &staged[(block - chunk_first) as usize..=(group_last - chunk_first) as usize];
+                self.group_extents(group, block, group_last, mine, &zeros, &mut push)?;
                 block = group_last + 1;
-                continue;
             }
-            let mut state = self.group(group)?;
-            let data_zero = |b: u64| {
-                let at = self.geo.data_offset(b);
-                covered(&zeros, at, at + bs)
-            };
-            let candidate = |state: &super::group::GroupState, b: u64| {
-                let idx = (b - group_first) as usize;
-                state.accept(idx, self.settled(state)).only_unwritten() && data_zero(b)
-            };
-            if state.unconfirmed()
-                && (block..=group_last)
-                    .zip(&staged)
-                    .any(|(b, s)| s.is_none() && candidate(&state, b))
-            {
-                // A hole is claimed on the metadata's word: never on a single read's.
-                state = self.confirm(group, state)?;
-            }
-            for (b, staged) in (block..=group_last).zip(staged) {
-                let allocated = match staged {
-                    Some(data) => data,
-                    None => !candidate(&state, b),
-                };
-                push(b, allocated);
-            }
-            block = group_last + 1;
         }
         Ok(out)
+    }
+
+    /// The allocation of blocks `block..=group_last` of `group`, given what the stage held and
+    /// the backend's holes (both looked at before the metadata).
+    fn group_extents(
+        &self,
+        group: u64,
+        block: u64,
+        group_last: u64,
+        staged: &[Option<bool>],
+        zeros: &[std::ops::Range<u64>],
+        push: &mut impl FnMut(u64, bool),
+    ) -> Result<()> {
+        let bs = self.geo.block_size as u64;
+        let group_first = self.geo.first_block(group);
+        let region = self.geo.meta_offset(group, 0)..self.geo.data_offset(group_last) + bs;
+        if staged.iter().all(Option::is_none)
+            && self.cached_group(group).is_none()
+            && covered(zeros, region.start, region.end)
+        {
+            // Metadata and data are holes: never written, and every read returns zeros.
+            (block..=group_last).for_each(|b| push(b, false));
+            return Ok(());
+        }
+        let mut state = self.group(group)?;
+        let data_zero = |b: u64| {
+            let at = self.geo.data_offset(b);
+            covered(zeros, at, at + bs)
+        };
+        let candidate = |state: &super::group::GroupState, b: u64| {
+            state.accept((b - group_first) as usize).only_unwritten() && data_zero(b)
+        };
+        if state.unconfirmed()
+            && (block..=group_last)
+                .zip(staged)
+                .any(|(b, s)| s.is_none() && candidate(&state, b))
+        {
+            // A hole is claimed on the metadata's word: never on a single read's.
+            state = self.confirm(group, state)?;
+        }
+        for (b, staged) in (block..=group_last).zip(staged) {
+            let allocated = match staged {
+                Some(data) => *data,
+                None => !candidate(&state, b),
+            };
+            push(b, allocated);
+        }
+        Ok(())
     }
 
     /// Verifies `count` blocks from `first` without stopping at the first failure: the
@@ -168,9 +197,8 @@ impl Inner {
                 continue;
             }
             let state = self.confirmed_group(group)?;
-            let settled = self.settled(&state);
             for k in 0..state.pairs() {
-                if let PairView::Damaged(d) = state.view(k, settled) {
+                if let PairView::Damaged(d) = state.view(k) {
                     problems.push(MetadataProblem {
                         group,
                         sector: k as u32,
@@ -217,7 +245,7 @@ impl Inner {
                 },
             })
             .collect();
-        let accepted = match state.accept(location.index as usize, self.settled(&state)) {
+        let accepted = match state.accept(location.index as usize) {
             Accept::One(t) => vec![t.to_string()],
             Accept::Either(a, b) => vec![a.to_string(), b.to_string()],
             Accept::Damaged(d) => vec![format!("none: {d}")],

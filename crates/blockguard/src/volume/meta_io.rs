@@ -114,6 +114,31 @@ impl Inner {
         Ok(buf.into_boxed_slice())
     }
 
+    /// Reads `buf.len()` bytes at `offset` until two reads in a row agree: for decisions that
+    /// are written down (recovery keeps the tag the data matches), where one bad read must not
+    /// become permanent.
+    pub(crate) fn read_confirmed(&self, buf: &mut [u8], offset: u64, during: &'static str) -> Result<()> {
+        self.backend_read(buf, offset, during)?;
+        let mut again = vec![0u8; buf.len()];
+        for _ in 0..CONFIRM_READS {
+            self.backend_read(&mut again, offset, during)?;
+            if again[..] == buf[..] {
+                return Ok(());
+            }
+            tracing::warn!(volume = %self.name, offset, "data read back differently than before; reading again");
+            buf.copy_from_slice(&again);
+        }
+        Err(Error::Io {
+            volume: self.name.clone(),
+            during,
+            offset,
+            source: std::io::Error::other(format!(
+                "{} bytes at offset {offset} read differently {CONFIRM_READS} times in a row",
+                buf.len()
+            )),
+        })
+    }
+
     /// Reads from the backend, through an aligned bounce buffer when the backend needs one.
     pub(crate) fn backend_read(&self, buf: &mut [u8], offset: u64, during: &'static str) -> Result<()> {
         let align = self.backend.alignment();

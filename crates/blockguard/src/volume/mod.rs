@@ -173,8 +173,6 @@ pub(crate) struct Inner {
     stage_limit: usize,
     /// Serializes commits and flushes; holds what the commit protocol must remember.
     commit: Mutex<commit::CommitState>,
-    /// Highest commit epoch whose data is known durable.
-    durable_epoch: AtomicU64,
     /// Groups loaded from disk are settled (their newest metadata describes durable data):
     /// the volume was closed cleanly before this open, or has been recovered since.
     trusted: AtomicBool,

@@ -12,7 +12,7 @@ use crate::format::{
     SB_STRUCT_SIZE, SUPPORTED_RO_COMPAT,
 };
 use blockguard_backend::Backend;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
 
 impl Volume {
@@ -245,7 +245,6 @@ impl Volume {
             stage: Mutex::new(Stage::default()),
             stage_limit: opts.stage_bytes.max(geo.block_size as usize),
             commit: Mutex::new(commit::CommitState::default()),
-            durable_epoch: AtomicU64::new(0),
             trusted: AtomicBool::new(sb.state == VolumeState::Clean),
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             reads_active: AtomicUsize::new(0),

@@ -7,7 +7,7 @@
 //! into a corruption report, nor a bad read of the data). Only a failure that survives both is
 //! real.
 
-use super::group::{Accept, GroupState};
+use super::group::Accept;
 use super::stage::Staged;
 use super::{lock, Inner};
 use crate::error::{CorruptionKind, Error, Result};
@@ -42,11 +42,6 @@ pub(crate) fn copy_staged(entry: &Staged, out: &mut [u8]) {
 }
 
 impl Inner {
-    /// Whether `state` is settled now (only its newest tags are accepted).
-    pub(crate) fn settled(&self, state: &GroupState) -> bool {
-        state.settled(self.durable_epoch.load(Ordering::Acquire))
-    }
-
     /// Verifies `data` as the content of `block`.
     pub(crate) fn verify(&self, block: u64, data: &[u8], accept: &Accept) -> Result<()> {
         let profile = self.sb.profile;
@@ -217,7 +212,6 @@ impl Inner {
         let bs = self.geo.block_size as usize;
         let (group, index) = self.geo.group_of(first);
         let state = self.group(group)?;
-        let settled = self.settled(&state);
         let profile = self.sb.profile;
         for (k, chunk) in data.chunks_exact(bs).enumerate() {
             let block = first + k as u64;
@@ -230,7 +224,7 @@ impl Inner {
                     continue;
                 }
             }
-            self.verify(block, chunk, &state.accept(i, settled))?;
+            self.verify(block, chunk, &state.accept(i))?;
         }
         Ok(())
     }
@@ -251,7 +245,7 @@ impl Inner {
             self.backend_read(chunk, self.geo.data_offset(block), "reading data")?;
             let (group, index) = self.geo.group_of(block);
             let state = self.confirmed_group(group)?;
-            let accept = state.accept(index as usize, self.settled(&state));
+            let accept = state.accept(index as usize);
             if let Err(e) = self.verify(block, chunk, &accept) {
                 tracing::error!(volume = %self.name, block, "{e}");
                 return Err(e);

@@ -182,7 +182,7 @@ impl Inner {
         let mut changed = false;
         for k in 0..old.pairs() {
             let count = self.geo.tags_in_sector(group, k as u32);
-            match old.view(k, false) {
+            match old.view(k) {
                 PairView::Brothers {
                     newest,
                     older_ok: true,
@@ -288,13 +288,14 @@ impl Inner {
         let per = self.geo.tags_per_sector() as usize;
         let block = self.geo.first_block(group) + (k * per + j) as u64;
         let mut buf = vec![0u8; self.geo.block_size as usize];
-        self.backend_read(
+        // What this read decides is written down: one bad read must not become permanent.
+        self.read_confirmed(
             &mut buf,
             self.geo.data_offset(block),
             "reading data to settle a group",
         )?;
         let newest_tag = crate::tag::Tag::from_bytes(state.tag_bytes(newest, k, j));
-        let older_tag = match state.view(k, false) {
+        let older_tag = match state.view(k) {
             PairView::Brothers { .. } => crate::tag::Tag::from_bytes(state.tag_bytes(1 - newest, k, j)),
             _ => UNWRITTEN,
         };
