@@ -169,3 +169,18 @@ fn read_only_export_refuses_writes() {
     }
     assert_eq!(c.read(0, 4096).unwrap().unwrap(), vec![0; 4096]);
 }
+
+/// Regression: error types displayed their cause and chained it too, so the CLI printed
+/// "Address already in use (os error 98): Address already in use (os error 98)".
+#[test]
+fn a_bind_error_shows_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = make_volume(dir.path(), "v.bgv", "8M");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run_any(BIN, &["serve", vol.to_str().unwrap(), "--listen", &addr]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot listen on nbd://{addr}")), "{err}");
+    assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
+}

@@ -98,21 +98,21 @@ impl Default for ServerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// Binding the listening socket failed.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         /// The address.
         addr: ListenAddr,
-        /// The cause.
+        /// The cause (shown by the error chain, not in this message).
         source: io::Error,
     },
     /// Another process is serving on this Unix socket, or the path is not a socket.
     #[error("{0} is in use (another server listens there, or it is not a socket)")]
     SocketInUse(PathBuf),
     /// The final flush at shutdown failed.
-    #[error("final flush failed: {0}")]
+    #[error("final flush failed")]
     Flush(#[source] crate::export::ExportError),
     /// A thread could not be created.
-    #[error("cannot start thread: {0}")]
+    #[error("cannot start thread")]
     Thread(#[source] io::Error),
 }
 

@@ -252,3 +252,17 @@ fn tcp_listener_reports_its_port_and_shuts_down() {
     handle.shutdown();
     t.join().unwrap().unwrap();
 }
+
+/// Regression: `ServerError` displayed its cause and chained it too.
+#[test]
+fn a_bind_error_chains_its_cause_without_repeating_it() {
+    use std::error::Error as _;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = ListenAddr::Tcp(taken.local_addr().unwrap());
+    let export = Arc::new(MemoryExport::new(1 << 20, 4096));
+    let err = Server::bind(&addr, export, ServerConfig::default()).unwrap_err();
+    let shown = err.to_string();
+    let cause = err.source().expect("cause chained").to_string();
+    assert!(shown.starts_with("cannot listen on nbd://127.0.0.1:"), "{shown}");
+    assert!(!shown.contains(&cause), "{shown:?} repeats {cause:?}");
+}
