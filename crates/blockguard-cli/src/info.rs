@@ -1,7 +1,7 @@
 //! `blockguard info` and `blockguard dump`: what a volume is and where its blocks live.
 
 use crate::common::open_unlocked;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use blockguard::Superblock;
 use clap::Args;
 use serde::Serialize;
@@ -86,8 +86,17 @@ struct Dump {
 
 pub fn run(args: InfoArgs) -> Result<()> {
     let vol = open_unlocked(&args.path)?;
+    let count = vol.geometry().data_blocks;
     let mut blocks = Vec::new();
     for &b in &args.blocks {
+        // Answered in blocks, as asked: the engine's range error speaks in bytes.
+        if b >= count {
+            bail!(
+                "{}: there is no block {b}: the volume has {count} blocks, numbered 0 to {}",
+                args.path.display(),
+                count.saturating_sub(1)
+            );
+        }
         blocks.push(vol.inspect_block(b)?);
     }
     let dump = Dump {

@@ -395,11 +395,16 @@ fn format_rejects_bad_arguments_clearly() {
     let t = T::new();
     let long_label = "x".repeat(65);
     let cases: &[(&[&str], &[&str])] = &[
-        (&["--size", "10X"], &["invalid size \"10X\""]),
-        (&["--size", "ten"], &["invalid size"]),
-        (&["--size", "-1"], &[]),
-        (&["--size", ""], &[]),
-        (&["--size", "16E"], &["invalid size"]),
+        (&["--size", "10X"], &["invalid value '10X' for '--size <SIZE>'"]),
+        // Regression: "ten" and "-1G" used to get bare parser or clap messages.
+        (
+            &["--size", "ten"],
+            &["invalid value 'ten'", "4096, 512K, 64M, 10G"],
+        ),
+        (&["--size", "-1"], &["cannot be negative"]),
+        (&["--size", "-1G"], &["invalid value '-1G'", "cannot be negative"]),
+        (&["--size", ""], &["invalid value ''"]),
+        (&["--size", "16E"], &["invalid value '16E'"]),
         (
             &["--size", "4095"],
             &["not a positive multiple of the block size 4096"],
@@ -411,11 +416,11 @@ fn format_rejects_bad_arguments_clearly() {
         (&["--size", "0"], &["not a positive multiple"]),
         (
             &["--size", "1M", "--mode", "journal"],
-            &["unknown mode \"journal\"", "dual", "none"],
+            &["invalid value 'journal'", "[possible values: none, dual]"],
         ),
         (
             &["--size", "1M", "--profile", "sha256"],
-            &["unknown tag profile \"sha256\"", "crc32c"],
+            &["invalid value 'sha256'", "[possible values: crc32c]"],
         ),
         (
             &["--size", "1024000", "--block-size", "1000"],
@@ -425,13 +430,21 @@ fn format_rejects_bad_arguments_clearly() {
             &["--size", "1M", "--block-size", "131072"],
             &["block size 131072"],
         ),
-        (&["--size", "1M", "--block-size", "abc"], &["invalid value 'abc'"]),
+        (
+            &["--size", "1M", "--block-size", "3K"],
+            &["block size 3072", "4K"],
+        ),
+        (
+            &["--size", "1M", "--block-size", "abc"],
+            &["invalid value 'abc'", "512K"],
+        ),
         (
             &["--size", "1M", "--label", &long_label],
             &["label is 65 bytes, at most 64"],
         ),
         (&["--size", "1M", "--no-such-flag"], &["--no-such-flag"]),
-        (&["--size", "15E"], &["v.bgv"]),
+        // Regression: the engine's "new volume" placeholder instead of the path.
+        (&["--size", "15E"], &["v.bgv: volume size", "too large"]),
     ];
     for &(extra, msgs) in cases {
         let mut args = vec!["format", "v.bgv"];
@@ -444,8 +457,32 @@ fn format_rejects_bad_arguments_clearly() {
             o.stderr
         );
         o.err_has(msgs);
+        assert!(!o.stderr.contains("new volume"), "{args:?}: {}", o.stderr);
         assert!(!t.path("v.bgv").exists(), "{args:?} left a file behind");
     }
+}
+
+/// Regression: `--block-size 4K` was refused (only plain numbers), and `--help` did not list
+/// the values `--mode` and `--profile` take.
+#[test]
+fn sizes_take_units_everywhere_and_help_lists_modes_and_profiles() {
+    let t = T::new();
+    let j = t.format("v.bgv", &["--size", "1M", "--block-size", "4K"]);
+    assert_eq!(j["block_size"], 4096);
+    let j = t.format("w.bgv", &["--size", "512K", "--block-size", "0.5K"]);
+    assert_eq!(j["block_size"], 512);
+    let help = t.run(&["format", "--help"]).code(0).stdout.clone();
+    assert!(help.contains("[possible values: none, dual]"), "{help}");
+    assert!(help.contains("[possible values: crc32c]"), "{help}");
+    let help = t.run(&["serve", "--help"]).code(0).stdout.clone();
+    assert!(help.contains("localhost:10809"), "{help}");
+    t.run(&["serve", "v.bgv", "--stage-size", "lots"])
+        .code(2)
+        .err_has(&["invalid value 'lots' for '--stage-size <SIZE>'", "64M"]);
+    t.run(&["serve", "x.bgv", "--create", "-1G"])
+        .code(2)
+        .err_has(&["--create <SIZE>", "cannot be negative"]);
+    assert!(!t.path("x.bgv").exists());
 }
 
 #[test]
@@ -586,10 +623,11 @@ fn info_and_dump_report_superblock_geometry_and_tags() {
     assert_eq!(&m[32..48], &uuid);
     assert_eq!((le32(&m, 48), u16::from_le_bytes([m[52], m[53]])), (504, 8));
 
-    // Out-of-range blocks are a clear error.
-    t.run(&["dump", "v.bgv", "--block", "2048"])
-        .code(2)
-        .err_has(&["lies outside the volume"]);
+    // Out-of-range blocks are a clear error, in blocks (it used to answer in bytes).
+    let o = t.run(&["dump", "v.bgv", "--block", "2048"]);
+    o.code(2)
+        .err_has(&["no block 2048", "has 2048 blocks, numbered 0 to 2047"]);
+    assert!(!o.stderr.contains("offset"), "{}", o.stderr);
 }
 
 // ---------------------------------------------------------------------------------------

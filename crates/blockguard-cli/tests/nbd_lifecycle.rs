@@ -148,11 +148,47 @@ fn create_formats_a_missing_volume_and_keeps_an_existing_one() {
     assert_eq!(c.write(0, b"kept", 0).unwrap(), 0);
     drop(c);
     assert!(srv.signal("INT").success());
-    // --create on an existing volume serves it unchanged.
+    // --create on an existing volume serves it unchanged, and (regression: it used to say
+    // nothing) warns that the size differs from the one asked for.
     let srv = Served::start(&vol, &["--create", "64M"]);
     let mut c = client(&srv);
     assert_eq!(c.size, 32 << 20);
     assert_eq!(c.read(0, 4).unwrap().unwrap(), b"kept");
+    let log = srv.log_text();
+    assert!(log.contains("WARN"), "{log}");
+    assert!(
+        log.contains("exists with 33554432 bytes, not the 67108864 bytes --create asked for"),
+        "{log}"
+    );
+}
+
+/// Regression: `--listen localhost:PORT` was refused ("invalid socket address syntax").
+#[test]
+fn listen_takes_a_host_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = make_volume(dir.path(), "v.bgv", "8M");
+    let srv = Served::start_tcp_host(&vol, "localhost", &[]);
+    let s = std::net::TcpStream::connect(("127.0.0.1", srv.tcp.unwrap())).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut c = Client::handshake(s, &ClientOptions::default()).expect("handshake");
+    assert_eq!(c.size, 8 << 20);
+    assert_eq!(c.read(0, 512).unwrap().unwrap(), vec![0; 512]);
+    let out = run_any(
+        BIN,
+        &[
+            "serve",
+            vol.to_str().unwrap(),
+            "--listen",
+            "no-such-host.invalid:1",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot resolve --listen \"no-such-host.invalid:1\""),
+        "{err}"
+    );
+    assert!(err.contains("127.0.0.1:10809"), "{err}");
 }
 
 #[test]
