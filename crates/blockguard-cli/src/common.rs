@@ -91,7 +91,7 @@ fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u
     }
     let vol = Volume::open(Arc::new(backend), &open_opts)?;
     for w in vol.warnings() {
-        eprintln!("blockguard: warning: {w}");
+        crate::log::line(&format!("blockguard: warning: {w}"));
     }
     Ok(vol)
 }

@@ -26,7 +26,7 @@ use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
@@ -124,7 +124,10 @@ pub struct ShutdownHandle {
 
 #[derive(Debug)]
 struct ShutdownState {
-    requested: AtomicBool,
+    /// Set by [`ShutdownHandle::shutdown`] or, from inside a signal handler, by the signal.
+    requested: Arc<AtomicBool>,
+    /// The signal that asked for the shutdown (0: none, or not a signal).
+    signal: Arc<AtomicUsize>,
     wake: ListenAddr,
 }
 
@@ -132,7 +135,8 @@ impl ShutdownHandle {
     /// Starts a graceful shutdown: stop accepting, finish in-flight requests, flush.
     pub fn shutdown(&self) {
         if !self.inner.requested.swap(true, Ordering::SeqCst) {
-            // The accept loop blocks in accept(); a connection of our own wakes it up.
+            // The accept loop notices the flag within a tick anyway; a connection of our
+            // own wakes it at once.
             match &self.inner.wake {
                 ListenAddr::Tcp(a) => drop(TcpStream::connect_timeout(a, Duration::from_secs(1))),
                 ListenAddr::Unix(p) => drop(UnixStream::connect(p)),
@@ -140,35 +144,55 @@ impl ShutdownHandle {
         }
     }
 
-    /// True once [`ShutdownHandle::shutdown`] was called.
+    /// True once [`ShutdownHandle::shutdown`] was called or a stop signal arrived.
     pub fn is_requested(&self) -> bool {
         self.inner.requested.load(Ordering::SeqCst)
     }
 }
 
-/// Makes SIGINT and SIGTERM start a graceful shutdown; a second signal exits at once.
+/// Makes SIGINT and SIGTERM start a graceful shutdown; a second signal exits at once (status
+/// 128 + signal).
+///
+/// The handlers only set flags, which the accept loop polls: no thread of ours runs on a
+/// signal, so nothing on the way — logging to a stderr that is full or closed included — can
+/// block or kill the shutdown.
 pub fn shutdown_on_signals(handle: ShutdownHandle) -> io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
-    thread::Builder::new().name("nbd-signals".into()).spawn(move || {
-        for sig in signals.forever() {
-            if handle.is_requested() {
-                tracing::warn!(signal = sig, "second signal: exiting without waiting");
-                std::process::exit(128 + sig);
-            }
-            tracing::info!(
-                signal = sig,
-                "shutting down: finishing in-flight requests, then flushing"
-            );
-            handle.shutdown();
-        }
-    })?;
+    use signal_hook::flag;
+    for sig in [SIGINT, SIGTERM] {
+        // Registered first, so it sees the flag as it was before this signal: it exits only
+        // when an earlier signal had already set it.
+        flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&handle.inner.requested))?;
+        flag::register_usize(sig, Arc::clone(&handle.inner.signal), sig as usize)?;
+        flag::register(sig, Arc::clone(&handle.inner.requested))?;
+    }
     Ok(())
 }
 
 enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Waits up to `timeout` for a connection to accept; false when none came (or a signal
+    /// interrupted the wait).
+    fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let timeout = Timespec {
+            tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        let ready = match self {
+            Listener::Tcp(l) => poll(&mut [PollFd::new(l, PollFlags::IN)], Some(&timeout)),
+            Listener::Unix(l, _) => poll(&mut [PollFd::new(l, PollFlags::IN)], Some(&timeout)),
+        };
+        match ready {
+            Ok(n) => Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 /// A connected client socket of either kind.
@@ -315,7 +339,8 @@ impl Server {
         };
         let shutdown = ShutdownHandle {
             inner: Arc::new(ShutdownState {
-                requested: AtomicBool::new(false),
+                requested: Arc::new(AtomicBool::new(false)),
+                signal: Arc::new(AtomicUsize::new(0)),
                 wake: match &actual {
                     // A wildcard address cannot be connected to; wake via loopback.
                     ListenAddr::Tcp(a) if a.ip().is_unspecified() => {
@@ -402,6 +427,18 @@ impl Server {
         });
         let next_id = AtomicU64::new(1);
         loop {
+            if self.shutdown.is_requested() {
+                break;
+            }
+            match self.listener.wait_readable(ACCEPT_TICK) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot wait for connections");
+                    thread::sleep(ACCEPT_TICK);
+                    continue;
+                }
+            }
             let accepted = match &self.listener {
                 Listener::Tcp(l) => l.accept().map(|(s, _)| {
                     // Replies are written whole; Nagle would only add latency.
@@ -433,7 +470,13 @@ impl Server {
                 tracing::warn!(error = %e, "cannot serve new connection");
             }
         }
-        tracing::info!("no longer accepting connections");
+        match self.shutdown.inner.signal.load(Ordering::SeqCst) {
+            0 => tracing::info!("shutting down: finishing in-flight requests, then flushing"),
+            signal => tracing::info!(
+                signal,
+                "shutting down on a signal: finishing in-flight requests, then flushing"
+            ),
+        }
         shared.stop_connections();
         drop(shared);
         pool.join();
@@ -452,6 +495,10 @@ impl Server {
 /// (~200 KiB) hands most replies to the writer thread; 4 MiB keeps so much in flight that
 /// the copies into the socket run cache-cold; 1 MiB was fastest for both, in every round.
 const UNIX_SEND_BUFFER: usize = 1 << 20;
+
+/// Longest the accept loop sleeps before looking at the shutdown flag (which a signal handler
+/// sets without waking anybody).
+const ACCEPT_TICK: Duration = Duration::from_millis(100);
 
 /// How long shutdown waits for connections to drain before cutting them off.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
