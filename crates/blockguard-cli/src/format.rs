@@ -64,22 +64,15 @@ pub fn run(args: FormatArgs) -> Result<()> {
         Ok(meta) => {
             let backend = FileBackend::open(path, &FileOptions::default())?;
             if !args.force {
-                refuse_if_in_use(&backend)?;
+                crate::target::refuse_if_in_use(&backend)?;
             }
             if meta.is_file() {
-                // Truncating to zero and back zeroes the file instantly and keeps it sparse.
                 let len = match size {
                     Some(_) => crate::common::backing_len(&opts, path)?,
                     None => meta.len(),
                 };
                 drop(backend);
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .with_context(|| format!("cannot open {}", path.display()))?;
-                f.set_len(0)?;
-                f.set_len(len)?;
-                drop(f);
+                crate::target::empty_file(path, len)?;
                 opts.assume_zeroed = true;
                 let backend = FileBackend::open(path, &FileOptions::default())?;
                 Volume::format(Arc::new(backend), &opts)?
@@ -112,36 +105,6 @@ pub fn run(args: FormatArgs) -> Result<()> {
             sb.profile.name(),
             crate::info::uuid_string(&sb.uuid)
         );
-    }
-    Ok(())
-}
-
-/// Refuses to overwrite what may hold data: a non-empty regular file, an existing volume, or a
-/// device with any non-zero byte in its first or last MiB or in a 64 KiB sample of every GiB
-/// (scanning a whole device could take hours; `--force` is the way past a false refusal).
-fn refuse_if_in_use(backend: &FileBackend) -> Result<()> {
-    let path = backend.path().display();
-    let len = backend.len();
-    let read = |off: u64, n: u64| -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; n.min(len - off) as usize];
-        backend.read_at(&mut buf, off)?;
-        Ok(buf)
-    };
-    if len >= 512 && read(0, 512)?.starts_with(&blockguard::format::SB_MAGIC) {
-        bail!("{path} holds a blockguard volume; use --force to overwrite it");
-    }
-    if !backend.is_block_device() {
-        if len > 0 {
-            bail!("{path} is not empty ({len} bytes); use --force to overwrite it");
-        }
-        return Ok(());
-    }
-    let mut probes = vec![(0, 1 << 20), (len.saturating_sub(1 << 20), 1 << 20)];
-    probes.extend((1..len >> 30).map(|g| (g << 30, 64 << 10)));
-    for (off, n) in probes {
-        if off < len && read(off, n)?.iter().any(|&b| b != 0) {
-            bail!("{path} is not empty (data at byte {off}); use --force to overwrite it");
-        }
     }
     Ok(())
 }

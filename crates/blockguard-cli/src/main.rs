@@ -8,6 +8,7 @@ mod log;
 mod mount;
 mod recover;
 mod serve;
+mod target;
 mod transfer;
 
 use clap::{Parser, Subcommand};
