@@ -7,10 +7,14 @@
 //!
 //! SIGINT/SIGTERM stop accepting connections, let in-flight requests finish, flush, and close
 //! the volume. The volume is locked while served, so a second server fails with a clear error.
+//!
+//! Fail-stop: if a request handler panics, an invariant may be broken. From then on writes and
+//! flushes are refused (reads go on), and at shutdown the volume is left unflushed and marked
+//! in use, as a crash would leave it, and `serve` exits with an error.
 
 use crate::common::parse_size;
 use anyhow::{anyhow, Context, Result};
-use blockguard_nbd::{Export, ListenAddr, Server, ServerConfig};
+use blockguard_nbd::{Export, ListenAddr, Server, ServerConfig, ServerError};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -121,6 +125,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
     blockguard_nbd::shutdown_on_signals(server.shutdown_handle())
         .context("cannot install signal handlers")?;
     let served = server.run();
+    if let Err(e @ ServerError::Panicked { .. }) = served {
+        // Fail-stop: an invariant may be broken, so the volume is neither flushed nor marked
+        // clean — left as a crash would leave it, for `recover` to settle. Dropping it would
+        // do both, so it is leaked; the process exits right after.
+        std::mem::forget(volume);
+        return Err(anyhow::Error::new(e).context(format!(
+            "{} was left unflushed and marked in use: run `blockguard check` and `blockguard \
+             recover` on it before using it again",
+            path.display()
+        )));
+    }
     // The server and every connection have ended, so this is the last reference.
     match Arc::try_unwrap(volume) {
         Ok(vol) => vol

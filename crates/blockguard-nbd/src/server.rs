@@ -15,7 +15,7 @@
 
 use crate::buffers::{BufferPool, Payload};
 use crate::export::{Export, GroupFlush};
-use crate::handshake::{Event, ExportInfo, Handshake, HandshakeConfig, ReplyMode};
+use crate::handshake::{Event, ExportInfo, Handshake, HandshakeConfig};
 use crate::pool::{Job, Pool, Submitter};
 use crate::proto;
 use crate::spin::{SpinConfig, SpinState, Spinners};
@@ -114,6 +114,16 @@ pub enum ServerError {
     /// A thread could not be created.
     #[error("cannot start thread")]
     Thread(#[source] io::Error),
+    /// Request handlers panicked: writes and flushes were refused from the first panic on,
+    /// and the export was not flushed at shutdown.
+    #[error(
+        "internal error: {panics} request handler(s) panicked; writes and flushes were refused \
+         from the first panic on and the export was not flushed"
+    )]
+    Panicked {
+        /// How many panics were caught.
+        panics: u64,
+    },
 }
 
 /// Asks a running [`Server`] to stop; cheap to clone and usable from any thread.
@@ -424,6 +434,7 @@ impl Server {
             live: Mutex::new(0),
             live_cv: Condvar::new(),
             shutdown: self.shutdown.clone(),
+            failed: Arc::new(Failed::default()),
         });
         let next_id = AtomicU64::new(1);
         loop {
@@ -478,8 +489,18 @@ impl Server {
             ),
         }
         shared.stop_connections();
+        let failed = Arc::clone(&shared.failed);
         drop(shared);
         pool.join();
+        let panics = failed.panics.load(Ordering::SeqCst);
+        if panics > 0 {
+            // Fail-stop: after a broken invariant nothing is made durable that was not
+            // already; the volume is left as a crash would leave it.
+            if let Listener::Unix(_, p) = &self.listener {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(ServerError::Panicked { panics });
+        }
         let flushed = self.export.flush();
         if let Listener::Unix(_, p) = &self.listener {
             let _ = std::fs::remove_file(p);
@@ -520,10 +541,13 @@ struct Shared {
     live: Mutex<usize>,
     live_cv: Condvar,
     shutdown: ShutdownHandle,
+    failed: Arc<Failed>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panicking request is caught before it can poison anything, but stay usable anyway.
+    // These locks guard only the server's own bookkeeping (queues, counters, the connection
+    // table), which must keep working to refuse requests and shut down after a panic has
+    // latched the export failed (see `Failed`).
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -548,7 +572,14 @@ impl Shared {
                 .name(format!("nbd-conn-{id}"))
                 .spawn(move || {
                     let peer = stream.peer();
-                    shared.serve(id, stream, &peer);
+                    // A panic outside a request handler (those catch their own) fails the
+                    // export the same way; the connection's bookkeeping ends either way.
+                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        shared.serve(id, stream, &peer);
+                    }));
+                    if served.is_err() {
+                        shared.failed.record("serving a connection", 0);
+                    }
                     shared.finish_connection(id);
                 })
         });
@@ -631,6 +662,7 @@ impl Shared {
         );
         let conn = Arc::new(Conn {
             session: Session::new(&negotiated, self.export.size(), self.cfg.max_payload),
+            failed: Arc::clone(&self.failed),
             export: Arc::clone(&self.export),
             buffers: Arc::clone(&self.buffers),
             stream: Mutex::new(writer),
@@ -652,9 +684,12 @@ impl Shared {
         };
         let reason = match writer {
             Ok(writer) => {
+                // Closed however the reader ends, a panic included, so the writer thread
+                // always exits.
+                let closing = CloseQueue(&conn);
                 let reason = self.transmission(&mut reader, &conn);
                 conn.wait_idle();
-                conn.close_queue();
+                drop(closing);
                 let _ = writer.join();
                 reason
             }
@@ -762,6 +797,53 @@ impl Shared {
     }
 }
 
+/// Closes a connection's reply queue when dropped (see [`Conn::close_queue`]).
+struct CloseQueue<'a>(&'a Conn);
+
+impl Drop for CloseQueue<'_> {
+    fn drop(&mut self) {
+        self.0.close_queue();
+    }
+}
+
+/// What a client is told when a request is refused after a panic.
+const FAILED_MESSAGE: &str =
+    "the server refuses writes and flushes after an internal error (a request handler panicked)";
+
+/// True for the commands a failed server refuses: those that change data or promise
+/// durability.
+fn changes_data(typ: u16) -> bool {
+    matches!(
+        typ,
+        proto::CMD_WRITE | proto::CMD_FLUSH | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES
+    )
+}
+
+/// Panics caught in request handlers or connection threads. The first latches the export
+/// failed for good: it is logged (once), writes and flushes are refused from then on, the
+/// export is not flushed at shutdown, and [`Server::run`] returns [`ServerError::Panicked`].
+#[derive(Debug, Default)]
+struct Failed {
+    panics: AtomicU64,
+}
+
+impl Failed {
+    fn record(&self, during: &str, offset: u64) {
+        if self.panics.fetch_add(1, Ordering::SeqCst) == 0 {
+            tracing::error!(
+                during,
+                offset,
+                "internal error: a request handler panicked; refusing writes and flushes from \
+                 now on (reads go on); the server will exit with an error at shutdown"
+            );
+        }
+    }
+
+    fn is_set(&self) -> bool {
+        self.panics.load(Ordering::Relaxed) > 0
+    }
+}
+
 /// Largest request (payload or read length) the reader runs itself while others are in
 /// flight.
 const INLINE_MAX: usize = 64 << 10;
@@ -814,6 +896,7 @@ const MAX_BATCH: usize = 64;
 /// client that stops reading stalls only itself, never the shared worker pool.
 struct Conn {
     session: Session,
+    failed: Arc<Failed>,
     export: Arc<dyn Export>,
     buffers: Arc<BufferPool>,
     stream: Mutex<Stream>,
@@ -861,8 +944,13 @@ impl Conn {
         f.waiting = false;
     }
 
-    /// Runs a request, turning a panic into an `EIO` reply so the connection survives.
+    /// Runs a request. After a panic anywhere in the server an invariant may be broken, so
+    /// nothing more may be promised durable: the panic is answered `EIO` and latches the
+    /// export failed, and from then on writes and flushes are refused (reads go on).
     fn run(&self, req: &Request, payload: Payload) -> Outcome {
+        if self.failed.is_set() && changes_data(req.typ) {
+            return Outcome::Reply(self.session.error_reply(req, proto::EIO, FAILED_MESSAGE));
+        }
         // The payload goes back to the pool when dropped: at once, or once a write's data
         // has left the engine's write-back stage.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -870,12 +958,8 @@ impl Conn {
                 .handle_with(&*self.export, req, payload, &self.buffers)
         }));
         outcome.unwrap_or_else(|_| {
-            tracing::error!(
-                command = proto::command_name(req.typ),
-                offset = req.offset,
-                "request panicked; answering EIO"
-            );
-            Outcome::Reply(panic_reply(&self.session, req).into())
+            self.failed.record(proto::command_name(req.typ), req.offset);
+            Outcome::Reply(self.session.error_reply(req, proto::EIO, FAILED_MESSAGE))
         })
     }
 
@@ -1033,37 +1117,4 @@ impl Conn {
         lock(&self.queue).closed = true;
         self.queue_cv.notify_all();
     }
-}
-
-/// An `EIO` reply for a request whose execution panicked.
-fn panic_reply(s: &Session, req: &Request) -> Vec<u8> {
-    use crate::proto::PutBe;
-    let mut out = Vec::new();
-    match s.mode {
-        ReplyMode::Simple => {
-            out.put_u32(proto::SIMPLE_REPLY_MAGIC);
-            out.put_u32(proto::EIO);
-            out.put_u64(req.cookie);
-        }
-        ReplyMode::Structured => {
-            out.put_u32(proto::STRUCTURED_REPLY_MAGIC);
-            out.put_u16(proto::REPLY_FLAG_DONE);
-            out.put_u16(proto::REPLY_TYPE_ERROR);
-            out.put_u64(req.cookie);
-            out.put_u32(6);
-            out.put_u32(proto::EIO);
-            out.put_u16(0);
-        }
-        ReplyMode::Extended => {
-            out.put_u32(proto::EXTENDED_REPLY_MAGIC);
-            out.put_u16(proto::REPLY_FLAG_DONE);
-            out.put_u16(proto::REPLY_TYPE_ERROR);
-            out.put_u64(req.cookie);
-            out.put_u64(req.offset);
-            out.put_u64(6);
-            out.put_u32(proto::EIO);
-            out.put_u16(0);
-        }
-    }
-    out
 }
