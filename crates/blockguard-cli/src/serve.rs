@@ -18,6 +18,7 @@ use blockguard_nbd::{Export, ListenAddr, Server, ServerConfig, ServerError};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Arguments of `blockguard serve`.
 #[derive(clap::Args, Debug)]
@@ -58,6 +59,21 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_size,
           allow_hyphen_values = true)]
     pub stage_size: u64,
+    /// Most client connections at once. At the limit a new client takes the place of the
+    /// quietest idle connection (one still in its handshake, or one without a request for a
+    /// second or more); it is refused only when every connection is busy.
+    #[arg(long, value_name = "N", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
+    /// Seconds a client has to finish the whole NBD handshake, counted from connecting.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub handshake_timeout: u32,
+    /// Close a connection after this many seconds without a request in flight (0: never;
+    /// the kernel's nbd client, for one, keeps idle connections for as long as it is
+    /// attached).
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    pub idle_timeout: u32,
     /// Refuse NBD extended headers (forces compact headers; for old or buggy clients).
     #[arg(long)]
     pub no_extended_headers: bool,
@@ -116,7 +132,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         export_name,
         workers: args.workers.map_or(0, usize::from),
         extended_headers: !args.no_extended_headers,
-        poll_window: std::time::Duration::from_micros(args.poll_us.into()),
+        poll_window: Duration::from_micros(args.poll_us.into()),
+        max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+        handshake_timeout: Duration::from_secs(args.handshake_timeout.into()),
+        idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout.into())),
         ..ServerConfig::default()
     };
     let volume = Arc::new(volume);

@@ -10,9 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 fn client(srv: &Served) -> Client<UnixStream> {
-    let s = srv.connect();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    Client::handshake(s, &ClientOptions::default()).expect("handshake")
+    srv.client()
 }
 
 #[test]

@@ -21,6 +21,7 @@
 
 pub mod buffers;
 pub mod client;
+mod conns;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -29,6 +30,7 @@ pub mod pool;
 pub mod proto;
 pub mod server;
 pub mod spin;
+mod stream;
 pub mod transmission;
 mod volume;
 

@@ -14,13 +14,15 @@
 //! reading new requests, let every in-flight request finish and be answered, flush the export.
 
 use crate::buffers::{BufferPool, Payload};
+use crate::conns::{Activity, Clock, ConnTable, Limits};
 use crate::export::{Export, GroupFlush};
 use crate::handshake::{Event, ExportInfo, Handshake, HandshakeConfig};
 use crate::pool::{Job, Pool, Submitter};
 use crate::proto;
 use crate::spin::{SpinConfig, SpinState, Spinners};
+use crate::stream::{Listener, Stream};
 use crate::transmission::{Outcome, ReplyBytes, Request, Session};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -60,7 +62,8 @@ pub struct ServerConfig {
     /// core run while requests are fast (page cache); up to this many while most requests
     /// wait for the disk.
     pub workers: usize,
-    /// Connections beyond this are closed at once.
+    /// Most connections at once. At the limit a new client gets the place of the quietest
+    /// idle connection (see `conns.rs`); it is refused only when every connection is busy.
     pub max_connections: usize,
     /// Requests in flight per connection before the reader stops reading.
     pub max_inflight_requests: usize,
@@ -69,8 +72,13 @@ pub struct ServerConfig {
     /// purpose: buffers that cycle quickly stay in the CPU cache; with a 64 MiB bound a
     /// multi-connection `nbdcopy` out cost ~20 % more CPU per GiB than with 4 MiB.
     pub max_inflight_bytes: usize,
-    /// A client must finish the handshake within this time.
+    /// A client must finish the whole handshake within this time of connecting (one
+    /// deadline, not a timeout per read: trickling bytes does not extend it).
     pub handshake_timeout: Duration,
+    /// Close connections that have had no request in flight for this long (`None`: never).
+    /// Idle connections are also closed, quietest first, when a new client comes while the
+    /// server is at `max_connections`.
+    pub idle_timeout: Option<Duration>,
     /// Accept `NBD_OPT_EXTENDED_HEADERS`.
     pub extended_headers: bool,
     /// How long a reader busy-polls an empty socket before blocking (zero: never). See
@@ -87,7 +95,8 @@ impl Default for ServerConfig {
             max_connections: 512,
             max_inflight_requests: 128,
             max_inflight_bytes: 4 << 20,
-            handshake_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: None,
             extended_headers: true,
             poll_window: SpinConfig::for_cores(1).window,
         }
@@ -177,125 +186,6 @@ pub fn shutdown_on_signals(handle: ShutdownHandle) -> io::Result<()> {
         flag::register(sig, Arc::clone(&handle.inner.requested))?;
     }
     Ok(())
-}
-
-enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
-}
-
-impl Listener {
-    /// Waits up to `timeout` for a connection to accept; false when none came (or a signal
-    /// interrupted the wait).
-    fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        let timeout = Timespec {
-            tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
-            tv_nsec: i64::from(timeout.subsec_nanos()),
-        };
-        let ready = match self {
-            Listener::Tcp(l) => poll(&mut [PollFd::new(l, PollFlags::IN)], Some(&timeout)),
-            Listener::Unix(l, _) => poll(&mut [PollFd::new(l, PollFlags::IN)], Some(&timeout)),
-        };
-        match ready {
-            Ok(n) => Ok(n > 0),
-            Err(rustix::io::Errno::INTR) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
-    }
-}
-
-/// A connected client socket of either kind.
-#[derive(Debug)]
-enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Stream {
-    fn try_clone(&self) -> io::Result<Stream> {
-        Ok(match self {
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-        })
-    }
-    fn shutdown(&self, how: Shutdown) {
-        // Errors only mean the socket is already closed.
-        let _ = match self {
-            Stream::Tcp(s) => s.shutdown(how),
-            Stream::Unix(s) => s.shutdown(how),
-        };
-    }
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_read_timeout(t),
-            Stream::Unix(s) => s.set_read_timeout(t),
-        }
-    }
-    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_write_timeout(t),
-            Stream::Unix(s) => s.set_write_timeout(t),
-        }
-    }
-    /// `sendmsg` with `MSG_DONTWAIT`: never blocks, even though the socket is blocking
-    /// (the reader shares the file description, so `O_NONBLOCK` is not an option).
-    fn send_vectored_nonblocking(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        use rustix::net::{sendmsg, SendAncillaryBuffer, SendFlags};
-        let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
-        let mut control = SendAncillaryBuffer::default();
-        let sent = match self {
-            Stream::Tcp(s) => sendmsg(s, bufs, &mut control, flags),
-            Stream::Unix(s) => sendmsg(s, bufs, &mut control, flags),
-        };
-        sent.map_err(io::Error::from)
-    }
-
-    /// True if a read would not block: data (or end of file, or an error) is waiting.
-    fn readable_now(&self) -> bool {
-        use rustix::net::{recv, RecvFlags};
-        let mut byte = [0u8; 1];
-        let flags = RecvFlags::PEEK | RecvFlags::DONTWAIT;
-        let r = match self {
-            Stream::Tcp(s) => recv(s, &mut byte[..], flags),
-            Stream::Unix(s) => recv(s, &mut byte[..], flags),
-        };
-        !matches!(r, Err(rustix::io::Errno::AGAIN))
-    }
-
-    fn peer(&self) -> String {
-        match self {
-            Stream::Tcp(s) => s.peer_addr().map_or_else(|_| "tcp".into(), |a| a.to_string()),
-            Stream::Unix(_) => "unix".into(),
-        }
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
-        }
-    }
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write_vectored(bufs),
-            Stream::Unix(s) => s.write_vectored(bufs),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// An NBD server for one export.
@@ -430,14 +320,20 @@ impl Server {
                 ..SpinConfig::for_cores(cores)
             },
             spinners: Spinners::default(),
-            conns: Mutex::new(HashMap::new()),
-            live: Mutex::new(0),
-            live_cv: Condvar::new(),
+            conns: ConnTable::new(
+                Limits {
+                    max: self.cfg.max_connections,
+                    handshake: self.cfg.handshake_timeout,
+                    idle: self.cfg.idle_timeout,
+                },
+                Arc::new(Clock::new()),
+            ),
             shutdown: self.shutdown.clone(),
             failed: Arc::new(Failed::default()),
         });
         let next_id = AtomicU64::new(1);
         loop {
+            shared.conns.reap();
             if self.shutdown.is_requested() {
                 break;
             }
@@ -536,10 +432,8 @@ struct Shared {
     pool: Submitter,
     spin: SpinConfig,
     spinners: Spinners,
-    /// A clone of every live connection's socket, to unblock its reader at shutdown.
-    conns: Mutex<HashMap<u64, Stream>>,
-    live: Mutex<usize>,
-    live_cv: Condvar,
+    /// Every live connection, with the limits on them.
+    conns: ConnTable,
     shutdown: ShutdownHandle,
     failed: Arc<Failed>,
 }
@@ -553,86 +447,51 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     fn start_connection(self: &Arc<Self>, id: u64, stream: Stream) -> io::Result<()> {
-        {
-            let mut live = lock(&self.live);
-            if *live >= self.cfg.max_connections {
-                tracing::warn!(
-                    peer = stream.peer(),
-                    max = self.cfg.max_connections,
-                    "too many connections; closing the new one"
-                );
-                return Ok(());
-            }
-            *live += 1;
-        }
-        let registered = stream.try_clone().map(|c| lock(&self.conns).insert(id, c));
+        let peer = stream.peer();
+        let Some(activity) = self.conns.admit(id, &stream, peer.clone())? else {
+            // Refused (and logged by the table); dropping the stream closes it.
+            return Ok(());
+        };
         let shared = Arc::clone(self);
-        let spawned = registered.and_then(|_| {
-            thread::Builder::new()
-                .name(format!("nbd-conn-{id}"))
-                .spawn(move || {
-                    let peer = stream.peer();
-                    // A panic outside a request handler (those catch their own) fails the
-                    // export the same way; the connection's bookkeeping ends either way.
-                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        shared.serve(id, stream, &peer);
-                    }));
-                    if served.is_err() {
-                        shared.failed.record("serving a connection", 0);
-                    }
-                    shared.finish_connection(id);
-                })
-        });
+        let spawned = thread::Builder::new()
+            .name(format!("nbd-conn-{id}"))
+            .spawn(move || {
+                // A panic outside a request handler (those catch their own) fails the
+                // export the same way; the connection's bookkeeping ends either way.
+                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    shared.serve(id, stream, &peer.detail, &activity);
+                }));
+                if served.is_err() {
+                    shared.failed.record("serving a connection", 0);
+                }
+                shared.conns.remove(id);
+            });
         if let Err(e) = spawned {
-            self.finish_connection(id);
+            self.conns.remove(id);
             return Err(e);
         }
         Ok(())
     }
 
-    fn finish_connection(&self, id: u64) {
-        lock(&self.conns).remove(&id);
-        let mut live = lock(&self.live);
-        *live -= 1;
-        self.live_cv.notify_all();
-    }
-
     /// Unblocks every reader (they then drain their in-flight requests) and waits for all
     /// connections to end.
     fn stop_connections(&self) {
-        for s in lock(&self.conns).values() {
-            s.shutdown(Shutdown::Read);
-        }
-        let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
-        let mut live = lock(&self.live);
-        while *live > 0 {
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                break;
-            }
-            live = self
-                .live_cv
-                .wait_timeout(live, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        if *live > 0 {
+        self.conns.shutdown_all(Shutdown::Read);
+        let left = self
+            .conns
+            .wait_empty(Some(std::time::Instant::now() + SHUTDOWN_GRACE));
+        if left > 0 {
             // Clients that stopped reading their replies: cut them off so their writers
             // fail instead of blocking shutdown forever.
-            tracing::warn!(connections = *live, "closing connections that do not drain");
-            drop(live);
-            for s in lock(&self.conns).values() {
-                s.shutdown(Shutdown::Both);
-            }
-            live = lock(&self.live);
-            while *live > 0 {
-                live = self.live_cv.wait(live).unwrap_or_else(|e| e.into_inner());
-            }
+            tracing::warn!(connections = left, "closing connections that do not drain");
+            self.conns.shutdown_all(Shutdown::Both);
+            self.conns.wait_empty(None);
         }
+        self.conns.flush_log();
     }
 
     /// Runs one connection to its end.
-    fn serve(self: &Arc<Self>, id: u64, stream: Stream, peer: &str) {
+    fn serve(self: &Arc<Self>, id: u64, stream: Stream, peer: &str, activity: &Arc<Activity>) {
         let span = tracing::info_span!("conn", id, peer);
         let _guard = span.enter();
         let Ok(mut writer) = stream.try_clone() else {
@@ -645,7 +504,7 @@ impl Shared {
         // write payload the buffer pre-reads costs an extra copy (large payloads are read
         // straight into their own buffer past that).
         let mut reader = BufReader::with_capacity(16 * 1024, stream);
-        let negotiated = match self.handshake(&mut reader, &mut writer) {
+        let negotiated = match self.handshake(&mut reader, &mut writer, activity) {
             Ok(Some(n)) => n,
             Ok(None) => return,
             Err(e) => {
@@ -671,6 +530,8 @@ impl Shared {
             inflight: Mutex::new(Inflight::default()),
             inflight_cv: Condvar::new(),
             broken: AtomicBool::new(false),
+            activity: Arc::clone(activity),
+            clock: Arc::clone(self.conns.clock()),
         });
         let writer = {
             let conn = Arc::clone(&conn);
@@ -707,8 +568,10 @@ impl Shared {
         &self,
         reader: &mut BufReader<Stream>,
         w: &mut Stream,
+        activity: &Activity,
     ) -> io::Result<Option<crate::handshake::Negotiated>> {
-        // A client that stalls in the handshake must not hold its thread forever.
+        // The connection table closes the socket at the handshake deadline; the per-read
+        // timeout is only a backstop.
         reader
             .get_ref()
             .set_read_timeout(Some(self.cfg.handshake_timeout))?;
@@ -724,11 +587,13 @@ impl Shared {
             }
             buf.resize(hs.want(), 0);
             reader.read_exact(&mut buf)?;
+            activity.touch(self.conns.clock());
             match hs.feed(&buf) {
                 Ok(Event::Continue) => {}
                 Ok(Event::Transmission(n)) => {
                     w.write_all(&hs.take_output())?;
                     reader.get_ref().set_read_timeout(None)?;
+                    activity.start_transmission(self.conns.clock());
                     return Ok(Some(n));
                 }
                 Ok(Event::Close) => {
@@ -905,6 +770,9 @@ struct Conn {
     inflight: Mutex<Inflight>,
     inflight_cv: Condvar,
     broken: AtomicBool,
+    /// What the connection table reads to tell idle connections from busy ones.
+    activity: Arc<Activity>,
+    clock: Arc<Clock>,
 }
 
 impl Conn {
@@ -923,6 +791,7 @@ impl Conn {
         let idle = f.count == 0;
         f.count += 1;
         f.bytes += cost;
+        self.activity.request_started(&self.clock);
         idle
     }
 
@@ -930,6 +799,7 @@ impl Conn {
         let mut f = lock(&self.inflight);
         f.count -= 1;
         f.bytes -= cost;
+        self.activity.request_done(&self.clock);
         if f.waiting {
             self.inflight_cv.notify_all();
         }

@@ -155,6 +155,14 @@ impl Served {
         UnixStream::connect(&self.socket).expect("connect to server")
     }
 
+    /// A client past the handshake (default options), whose reads time out after 20 s.
+    pub fn client(&self) -> blockguard_nbd::client::Client<UnixStream> {
+        let s = self.connect();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let opts = blockguard_nbd::client::ClientOptions::default();
+        blockguard_nbd::client::Client::handshake(s, &opts).expect("handshake")
+    }
+
     /// The server's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

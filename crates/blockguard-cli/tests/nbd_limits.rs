@@ -1,0 +1,181 @@
+//! Clients that hold on to the server's resources must not keep others out: connections that
+//! trickle through the handshake or sit idle, and (see the reply-memory tests) clients that
+//! never read their replies.
+
+mod nbd_support;
+
+use nbd_support::*;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Runs `nbdinfo --size URI` until it succeeds; returns how long that took. Each attempt is
+/// bounded, so a server that lets the client in but never answers fails the test too.
+fn time_to_get_in(uri: &str, give_up: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let mut child = Command::new("nbdinfo")
+            .args(["--size", uri])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run nbdinfo");
+        let attempt = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if attempt.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        if status.is_some_and(|s| s.success()) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < give_up,
+            "a real client was kept out for {:?}",
+            start.elapsed()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `n` connections that each send one byte of a valid handshake every `every`, and reconnect
+/// whenever the server closes them; counts the reconnections.
+struct Tricklers {
+    stop: Arc<AtomicBool>,
+    reconnects: Arc<AtomicUsize>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Tricklers {
+    fn start(socket: &Path, n: usize, every: Duration) -> Tricklers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let reconnects = Arc::new(AtomicUsize::new(0));
+        let socket: PathBuf = socket.to_path_buf();
+        let (stop2, reconnects2) = (Arc::clone(&stop), Arc::clone(&reconnects));
+        // Client flags, then an option header: what a slow client would send.
+        let mut script = vec![0, 0, 0, 3];
+        script.extend_from_slice(&blockguard_nbd::proto::IHAVEOPT.to_be_bytes());
+        script.extend_from_slice(&[0, 0, 0, 7, 0, 0, 0, 0]);
+        let thread = thread::spawn(move || {
+            let connect = || {
+                UnixStream::connect(&socket).ok().inspect(|s| {
+                    let _ = s.set_nonblocking(true);
+                })
+            };
+            // (socket, bytes sent, next send), first sends spread over the period.
+            let start = Instant::now();
+            let mut slots: Vec<(Option<UnixStream>, usize, Instant)> = (0..n)
+                .map(|i| (connect(), 0, start + every.mul_f64(i as f64 / n as f64)))
+                .collect();
+            while !stop2.load(Ordering::Relaxed) {
+                let now = Instant::now();
+                for (sock, sent, next) in &mut slots {
+                    let closed = match sock {
+                        None => true,
+                        Some(s) if now >= *next => {
+                            *next = now + every;
+                            let byte = script[*sent % script.len()];
+                            *sent += 1;
+                            s.write(&[byte]).is_err()
+                        }
+                        Some(_) => false,
+                    };
+                    if closed {
+                        *sock = connect();
+                        *sent = 0;
+                        reconnects2.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Tricklers {
+            stop,
+            reconnects,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Tricklers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Regression: the server took at most 512 connections with a timeout per handshake read, so
+/// 520 connections sending one byte every few seconds kept real clients out for minutes.
+/// Now the handshake has one deadline, and at the limit the quietest connection still in its
+/// handshake makes room for the new one.
+#[test]
+fn trickling_connections_do_not_keep_real_clients_out() {
+    require("nbdinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let vol = make_volume(dir.path(), "v.bgv", "8M");
+    let srv = Served::start(&vol, &["--handshake-timeout", "3", "--max-connections", "512"]);
+    let attack = Tricklers::start(&srv.socket, 520, Duration::from_secs(2));
+    thread::sleep(Duration::from_millis(1500));
+    let mut worst = Duration::ZERO;
+    for _ in 0..4 {
+        worst = worst.max(time_to_get_in(&srv.uri(), Duration::from_secs(5)));
+        thread::sleep(Duration::from_millis(1500));
+    }
+    let reconnects = attack.reconnects.load(Ordering::Relaxed);
+    drop(attack);
+    eprintln!("worst wait of a real client: {worst:?}; tricklers reconnected {reconnects} times");
+    assert!(
+        reconnects >= 500,
+        "only {reconnects} trickling connections were closed"
+    );
+    let log = srv.log_text();
+    let me = format!("pid {}", std::process::id());
+    assert!(
+        log.contains("handshake not finished within the deadline"),
+        "{log}"
+    );
+    assert!(log.contains(&me), "the log does not name the peer:\n{log}");
+}
+
+/// Regression: 512 connections idling after the handshake kept every new client out. Now a
+/// new client takes the place of the quietest one, and `--idle-timeout` closes idle ones.
+#[test]
+fn idle_connections_make_room_and_are_closed_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = make_volume(dir.path(), "v.bgv", "8M");
+    let srv = Served::start(&vol, &["--max-connections", "64", "--idle-timeout", "3"]);
+    let mut idle: Vec<_> = (0..63).map(|_| srv.client()).collect();
+    let mut busy = srv.client();
+    thread::sleep(Duration::from_millis(1200));
+    // Full: the newcomer gets in at once, in place of one idle connection.
+    let start = Instant::now();
+    let mut newcomer = srv.client();
+    assert_eq!(newcomer.read(0, 512).unwrap().unwrap(), vec![0; 512]);
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    // A busy client (a request every half second) is never idle long enough to be closed.
+    let deadline = Instant::now() + Duration::from_millis(3500);
+    while Instant::now() < deadline {
+        assert!(busy.read(4096, 512).unwrap().is_ok());
+        thread::sleep(Duration::from_millis(500));
+    }
+    assert!(busy.read(4096, 512).unwrap().is_ok(), "a busy client was closed");
+    // Every idle one is gone by now.
+    let open = idle.iter_mut().filter_map(|c| c.read(0, 1).ok()).count();
+    assert_eq!(open, 0, "{open} idle connections outlived the idle timeout");
+    let log = srv.log_text();
+    assert!(log.contains("closed to make room for new clients"), "{log}");
+    assert!(log.contains("idle past the idle timeout"), "{log}");
+}
