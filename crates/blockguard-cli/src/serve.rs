@@ -74,6 +74,12 @@ pub struct ServeArgs {
     /// attached).
     #[arg(long, value_name = "SECONDS", default_value_t = 0)]
     pub idle_timeout: u32,
+    /// Memory for requests in flight on all connections together: write payloads being read
+    /// and read replies not yet sent (binary units). Beyond it requests wait, and connections
+    /// that leave their replies unread are closed to free memory for the others.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size,
+          allow_hyphen_values = true)]
+    pub inflight_memory: u64,
     /// Refuse NBD extended headers (forces compact headers; for old or buggy clients).
     #[arg(long)]
     pub no_extended_headers: bool,
@@ -134,6 +140,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         extended_headers: !args.no_extended_headers,
         poll_window: Duration::from_micros(args.poll_us.into()),
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+        max_total_inflight_bytes: usize::try_from(args.inflight_memory).unwrap_or(usize::MAX),
         handshake_timeout: Duration::from_secs(args.handshake_timeout.into()),
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout.into())),
         ..ServerConfig::default()

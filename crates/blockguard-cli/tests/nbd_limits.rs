@@ -179,3 +179,87 @@ fn idle_connections_make_room_and_are_closed_after_the_idle_timeout() {
     assert!(log.contains("closed to make room for new clients"), "{log}");
     assert!(log.contains("idle past the idle timeout"), "{log}");
 }
+
+/// The server's resident memory, from /proc.
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kib >> 10
+}
+
+/// Regression: a client that sends read requests and never reads the replies pinned about
+/// 32 MiB of server memory (100 of them: 3.3 GB), and the memory stayed taken after they left.
+///
+/// The bound: requests in flight may hold at most `--inflight-memory` (64 MiB here), and
+/// buffers that came back within the last trim interval (1 s; evicted connections return at
+/// most the budget's worth) may still be kept: 2 × 64 MiB over the idle server, plus 16 MiB
+/// for threads and allocator slack. Without the bound, 24 such clients took ~775 MiB.
+#[test]
+fn clients_that_never_read_replies_pin_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = make_volume(dir.path(), "v.bgv", "64M");
+    let srv = Served::start(&vol, &["--inflight-memory", "64M"]);
+    let pid = srv.child.as_ref().expect("running").id();
+    let mut warm = srv.client();
+    assert_eq!(warm.write(0, &random_bytes(1 << 20, 1), 0).unwrap(), 0);
+    assert!(warm.read(0, 1 << 20).unwrap().is_ok());
+    drop(warm);
+    thread::sleep(Duration::from_millis(2500));
+    let idle = rss_mib(pid);
+
+    // 24 clients, each asking for 8 reads of 32 MiB (the largest allowed), reading nothing.
+    let mut bad = Vec::new();
+    for _ in 0..24 {
+        let mut c = srv.client();
+        for _ in 0..8 {
+            c.send_request(blockguard_nbd::proto::CMD_READ, 0, 0, 32 << 20, &[])
+                .unwrap();
+        }
+        bad.push(c);
+    }
+    thread::sleep(Duration::from_secs(3));
+    let attacked = rss_mib(pid);
+
+    // A well-behaved client is served meanwhile.
+    let start = Instant::now();
+    let mut good = srv.client();
+    let data = random_bytes(1 << 20, 2);
+    assert_eq!(good.write(8 << 20, &data, 0).unwrap(), 0);
+    assert!(good.read(8 << 20, 1 << 20).unwrap().unwrap() == data);
+    let served_in = start.elapsed();
+    let during = attacked.max(rss_mib(pid));
+
+    drop(bad);
+    let closed = Instant::now();
+    let after = loop {
+        let rss = rss_mib(pid);
+        if rss <= idle + 16 || closed.elapsed() > Duration::from_secs(5) {
+            break rss;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!(
+        "server RSS: {idle} MiB idle, {during} MiB with 24 clients not reading 8 x 32 MiB \
+         reads, {after} MiB {:?} after they closed; a good client was served in {served_in:?}",
+        closed.elapsed()
+    );
+    assert!(
+        served_in < Duration::from_secs(5),
+        "the good client waited {served_in:?}"
+    );
+    assert!(during <= idle + 2 * 64 + 16, "{during} MiB with a 64 MiB budget");
+    assert!(
+        after <= idle + 16,
+        "{after} MiB after the clients left ({idle} before)"
+    );
+    let log = srv.log_text();
+    assert!(
+        log.contains("replies left unread while other requests waited for memory"),
+        "{log}"
+    );
+    drop(good);
+}

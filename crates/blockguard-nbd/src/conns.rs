@@ -73,8 +73,14 @@ pub(crate) struct Activity {
     last: AtomicU64,
     /// The handshake is done.
     transmitting: AtomicBool,
-    /// Requests in flight: a connection with any is busy, never idle.
+    /// Requests in flight: a connection with any is busy, never idle — unless its replies
+    /// are stuck.
     inflight: AtomicUsize,
+    /// Clock time + 1 of the last progress of replies that did not fit the socket at once
+    /// (0: none waiting). A client that does not read its replies stays stalled.
+    stalled_since: AtomicU64,
+    /// The table closed the socket: the connection's threads are on their way out.
+    closing: AtomicBool,
 }
 
 impl Activity {
@@ -83,7 +89,39 @@ impl Activity {
             last: AtomicU64::new(now),
             transmitting: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
+            stalled_since: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
         }
+    }
+
+    /// Replies did not fit the socket; they wait for the client to read.
+    pub(crate) fn stalled(&self, clock: &Clock) {
+        let _ = self
+            .stalled_since
+            .compare_exchange(0, clock.now() + 1, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Some waiting reply bytes reached the socket.
+    pub(crate) fn progressed(&self, clock: &Clock) {
+        self.stalled_since.store(clock.now() + 1, Ordering::Relaxed);
+    }
+
+    /// No reply waits any more.
+    pub(crate) fn unstalled(&self) {
+        self.stalled_since.store(0, Ordering::Relaxed);
+    }
+
+    /// Milliseconds the waiting replies have made no progress (`None`: nothing waits).
+    fn stalled_for(&self, now: u64) -> Option<u64> {
+        match self.stalled_since.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(now.saturating_sub(since - 1)),
+        }
+    }
+
+    /// True once the table has closed the connection.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
     }
 
     /// A handshake message arrived.
@@ -109,10 +147,14 @@ impl Activity {
         self.touch(clock);
     }
 
-    /// Milliseconds without a message, or `None` while a request is in flight.
+    /// Milliseconds without progress: without a message while nothing is in flight, or
+    /// since waiting replies last moved; `None` while requests are in flight and moving.
     fn idle_for(&self, now: u64) -> Option<u64> {
-        (self.inflight.load(Ordering::Relaxed) == 0)
-            .then(|| now.saturating_sub(self.last.load(Ordering::Relaxed)))
+        if self.inflight.load(Ordering::Relaxed) == 0 {
+            Some(now.saturating_sub(self.last.load(Ordering::Relaxed)))
+        } else {
+            self.stalled_for(now)
+        }
     }
 }
 
@@ -134,6 +176,7 @@ enum Reason {
     Idle,
     MadeRoom,
     Refused,
+    Unread,
 }
 
 impl Reason {
@@ -145,6 +188,7 @@ impl Reason {
                 "closed to make room for new clients (connection limit reached; quietest first)"
             }
             Reason::Refused => "refused: connection limit reached and every connection busy",
+            Reason::Unread => "closed: replies left unread while other requests waited for memory",
         }
     }
 }
@@ -158,6 +202,15 @@ struct Entry {
     started: u64,
     /// Set once the table closed the socket (its threads are on their way out).
     closing: bool,
+}
+
+impl Entry {
+    /// Closes the socket; the connection's threads see it and end.
+    fn close(&mut self) {
+        self.closing = true;
+        self.activity.closing.store(true, Ordering::Relaxed);
+        self.stream.shutdown(Shutdown::Both);
+    }
 }
 
 /// Closings of one kind since its last log line.
@@ -242,10 +295,31 @@ impl ConnTable {
         let Some(entry) = victim.and_then(|id| table.get_mut(&id)) else {
             return false;
         };
-        entry.closing = true;
-        entry.stream.shutdown(Shutdown::Both);
+        entry.close();
         self.note(Reason::MadeRoom, &entry.peer);
         true
+    }
+
+    /// Closes the connection whose replies have waited unread the longest, if it has for
+    /// at least [`crate::budget::PRESSURE_GRACE`]: called when requests wait for memory, which
+    /// such a connection holds without any use.
+    pub(crate) fn relieve(&self) {
+        let now = self.clock.now();
+        let grace = duration_ms(crate::budget::PRESSURE_GRACE);
+        let mut table = lock(&self.table);
+        let victim = table
+            .iter()
+            .filter(|(_, e)| !e.closing)
+            .filter_map(|(id, e)| Some((e.activity.stalled_for(now)?, *id)))
+            .filter(|(stalled, _)| *stalled >= grace)
+            .max()
+            .map(|(_, id)| id);
+        if let Some(entry) = victim.and_then(|id| table.get_mut(&id)) {
+            entry.close();
+            let peer = entry.peer.clone();
+            drop(table);
+            self.note(Reason::Unread, &peer);
+        }
     }
 
     /// Forgets a connection whose threads have ended.
@@ -281,8 +355,7 @@ impl ConnTable {
                         .then_some(Reason::Idle)
                 };
                 if let Some(reason) = reason {
-                    e.closing = true;
-                    e.stream.shutdown(Shutdown::Both);
+                    e.close();
                     closed.push((reason, e.peer.clone()));
                 }
             }

@@ -19,6 +19,7 @@
 //! `BLOCK_STATUS` (+`REQ_ONE`). `NBD_FLAG_CAN_MULTI_CONN` is advertised because the engine's
 //! flush covers writes completed on every connection.
 
+mod budget;
 pub mod buffers;
 pub mod client;
 mod conns;

@@ -13,6 +13,7 @@
 //! Shutdown ([`ShutdownHandle::shutdown`], e.g. from SIGINT/SIGTERM): stop accepting, stop
 //! reading new requests, let every in-flight request finish and be answered, flush the export.
 
+use crate::budget::Budget;
 use crate::buffers::{BufferPool, Payload};
 use crate::conns::{Activity, Clock, ConnTable, Limits};
 use crate::export::{Export, GroupFlush};
@@ -72,6 +73,10 @@ pub struct ServerConfig {
     /// purpose: buffers that cycle quickly stay in the CPU cache; with a 64 MiB bound a
     /// multi-connection `nbdcopy` out cost ~20 % more CPU per GiB than with 4 MiB.
     pub max_inflight_bytes: usize,
+    /// Payload and reply bytes in flight on all connections together; requests beyond wait
+    /// (see `budget.rs`). Keeps clients that never read their replies from pinning memory
+    /// without bound.
+    pub max_total_inflight_bytes: usize,
     /// A client must finish the whole handshake within this time of connecting (one
     /// deadline, not a timeout per read: trickling bytes does not extend it).
     pub handshake_timeout: Duration,
@@ -95,6 +100,7 @@ impl Default for ServerConfig {
             max_connections: 512,
             max_inflight_requests: 128,
             max_inflight_bytes: 4 << 20,
+            max_total_inflight_bytes: 256 << 20,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: None,
             extended_headers: true,
@@ -328,12 +334,18 @@ impl Server {
                 },
                 Arc::new(Clock::new()),
             ),
+            budget: Arc::new(Budget::new(self.cfg.max_total_inflight_bytes)),
             shutdown: self.shutdown.clone(),
             failed: Arc::new(Failed::default()),
         });
         let next_id = AtomicU64::new(1);
+        let mut trimmed = std::time::Instant::now();
         loop {
             shared.conns.reap();
+            if trimmed.elapsed() >= TRIM_EVERY {
+                shared.buffers.trim();
+                trimmed = std::time::Instant::now();
+            }
             if self.shutdown.is_requested() {
                 break;
             }
@@ -417,11 +429,18 @@ const UNIX_SEND_BUFFER: usize = 1 << 20;
 /// sets without waking anybody).
 const ACCEPT_TICK: Duration = Duration::from_millis(100);
 
+/// How often buffers nobody needed are freed (see [`BufferPool::trim`]).
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+
 /// How long shutdown waits for connections to drain before cutting them off.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// A reply that cannot be sent for this long means the client stopped reading: drop it.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The write timeout of a connection's socket in the transmission phase: how often a blocked
+/// writer looks up to record progress (see `Activity::progressed`).
+const WRITE_PROBE: Duration = Duration::from_millis(100);
 
 /// State shared by the accept loop and all connections.
 struct Shared {
@@ -434,6 +453,8 @@ struct Shared {
     spinners: Spinners,
     /// Every live connection, with the limits on them.
     conns: ConnTable,
+    /// Memory for requests in flight, all connections together.
+    budget: Arc<Budget>,
     shutdown: ShutdownHandle,
     failed: Arc<Failed>,
 }
@@ -519,6 +540,9 @@ impl Shared {
             base_allocation = negotiated.meta_context.is_some(),
             "client connected"
         );
+        if let Err(e) = writer.set_write_timeout(Some(WRITE_PROBE)) {
+            tracing::debug!(error = %e, "cannot set write timeout");
+        }
         let conn = Arc::new(Conn {
             session: Session::new(&negotiated, self.export.size(), self.cfg.max_payload),
             failed: Arc::clone(&self.failed),
@@ -532,6 +556,7 @@ impl Shared {
             broken: AtomicBool::new(false),
             activity: Arc::clone(activity),
             clock: Arc::clone(self.conns.clock()),
+            budget: Arc::clone(&self.budget),
         });
         let writer = {
             let conn = Arc::clone(&conn);
@@ -636,17 +661,23 @@ impl Shared {
                     return "protocol violation";
                 }
             };
+            if req.typ == proto::CMD_DISC {
+                return "NBD_CMD_DISC";
+            }
+            // Memory is granted before the payload is read or the reply built: a client
+            // that does not read its replies stops being read here.
+            let cost = request_cost(&req, &conn.session);
+            let Some(was_idle) = conn.acquire(cost, &self.cfg, &|| self.conns.relieve()) else {
+                return "closed while waiting for memory";
+            };
             let mut payload = Payload::take(&conn.buffers, req.payload_len);
             if let Err(e) = reader.read_exact(&mut payload) {
                 // The write was never acknowledged, so dropping it loses nothing promised.
                 tracing::warn!(error = %e, "client disconnected in the middle of a request");
+                drop(payload);
+                conn.release(cost);
                 return "disconnected mid-request";
             }
-            if req.typ == proto::CMD_DISC {
-                return "NBD_CMD_DISC";
-            }
-            let cost = request_cost(&req, &conn.session);
-            let was_idle = conn.acquire(cost, &self.cfg);
             // The last request of a burst (nothing more buffered) runs right here: at queue
             // depth 1 there is nothing to overlap with, and under load the reader taking
             // its share saves a hand-off per burst. Big requests that could overlap with
@@ -772,30 +803,44 @@ struct Conn {
     broken: AtomicBool,
     /// What the connection table reads to tell idle connections from busy ones.
     activity: Arc<Activity>,
+    /// The server's memory budget for requests in flight.
+    budget: Arc<Budget>,
     clock: Arc<Clock>,
 }
 
 impl Conn {
-    /// Waits for room for a request of `cost` bytes; returns true if nothing was in flight.
+    /// Waits for room for a request of `cost` bytes, on this connection and in the server's
+    /// whole budget (asking `relieve` for memory held by unread replies when that takes long);
+    /// returns whether nothing was in flight, or `None` if the connection was closed meanwhile.
     ///
     /// A request counts as in flight from here until its reply has been written, so the
-    /// bound covers queued payloads, executing requests and unsent replies alike.
-    fn acquire(&self, cost: usize, cfg: &ServerConfig) -> bool {
-        let mut f = lock(&self.inflight);
-        while f.count > 0 && (f.count >= cfg.max_inflight_requests || f.bytes + cost > cfg.max_inflight_bytes)
+    /// bounds cover payloads being read, executing requests and unsent replies alike.
+    fn acquire(&self, cost: usize, cfg: &ServerConfig, relieve: &dyn Fn()) -> Option<bool> {
         {
-            f.waiting = true;
-            f = self.inflight_cv.wait(f).unwrap_or_else(|e| e.into_inner());
+            let mut f = lock(&self.inflight);
+            while f.count > 0
+                && (f.count >= cfg.max_inflight_requests || f.bytes + cost > cfg.max_inflight_bytes)
+            {
+                f.waiting = true;
+                f = self.inflight_cv.wait(f).unwrap_or_else(|e| e.into_inner());
+            }
+            f.waiting = false;
         }
-        f.waiting = false;
+        // Meanwhile only this connection's releases change its counts: the room stays.
+        let gone = || self.broken.load(Ordering::Relaxed) || self.activity.is_closing();
+        if !self.budget.take(cost, &gone, relieve) {
+            return None;
+        }
+        let mut f = lock(&self.inflight);
         let idle = f.count == 0;
         f.count += 1;
         f.bytes += cost;
         self.activity.request_started(&self.clock);
-        idle
+        Some(idle)
     }
 
     fn release(&self, cost: usize) {
+        self.budget.give(cost);
         let mut f = lock(&self.inflight);
         f.count -= 1;
         f.bytes -= cost;
@@ -860,6 +905,7 @@ impl Conn {
             if sent < total {
                 // The socket is full: the writer thread finishes this batch and drains the
                 // queue with blocking writes; `writing` stays set until it is done.
+                self.activity.stalled(&self.clock);
                 q.stalled = Some((batch, sent));
                 self.queue_cv.notify_all();
                 return;
@@ -938,6 +984,7 @@ impl Conn {
                     let mut q = lock(&self.queue);
                     if q.replies.is_empty() {
                         q.writing = false;
+                        self.activity.unstalled();
                         break;
                     }
                     let n = q.replies.len().min(MAX_BATCH);
@@ -949,7 +996,8 @@ impl Conn {
         }
     }
 
-    /// Writes `batch` after skipping `skip` bytes already sent, blocking as needed.
+    /// Writes `batch` after skipping `skip` bytes already sent, blocking as needed; gives up
+    /// (and closes the connection) after [`WRITE_TIMEOUT`] without progress.
     fn send_blocking(&self, batch: &[(ReplyBytes, usize)], skip: usize) {
         if self.broken.load(Ordering::SeqCst) {
             return;
@@ -958,14 +1006,24 @@ impl Conn {
         let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|(b, _)| IoSlice::new(b)).collect();
         let mut rest = &mut slices[..];
         IoSlice::advance_slices(&mut rest, skip);
+        let mut moved = std::time::Instant::now();
         while !rest.is_empty() {
+            // The socket's write timeout (WRITE_PROBE) returns control now and then, so
+            // progress is seen (and a client that reads nothing is told from a slow one).
             match stream.write_vectored(rest) {
                 Ok(0) => {
                     self.fail(&stream, &io::ErrorKind::WriteZero.into());
                     return;
                 }
-                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Ok(n) => {
+                    IoSlice::advance_slices(&mut rest, n);
+                    moved = std::time::Instant::now();
+                    self.activity.progressed(&self.clock);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+                        && moved.elapsed() < WRITE_TIMEOUT => {}
                 Err(e) => {
                     self.fail(&stream, &e);
                     return;
