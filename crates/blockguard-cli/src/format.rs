@@ -37,6 +37,7 @@ pub struct FormatArgs {
     pub json: bool,
 }
 
+/// `blockguard format`.
 pub fn run(args: FormatArgs) -> Result<()> {
     let size = args.size;
     if let Some(size) = size {

@@ -41,6 +41,7 @@ pub struct Summary {
     pub geometry: blockguard::Geometry,
 }
 
+/// A UUID in its usual text form (8-4-4-4-12 hex digits).
 pub fn uuid_string(u: &[u8; 16]) -> String {
     let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
     format!(
@@ -53,6 +54,7 @@ pub fn uuid_string(u: &[u8; 16]) -> String {
     )
 }
 
+/// What `info --json` (and `format --json`) prints about a volume.
 pub fn summary(sb: &Superblock, path: &Path) -> Summary {
     Summary {
         path: path.display().to_string(),
@@ -84,6 +86,7 @@ struct Dump {
     blocks: Vec<blockguard::BlockReport>,
 }
 
+/// `blockguard info` and `blockguard dump`.
 pub fn run(args: InfoArgs) -> Result<()> {
     let vol = open_unlocked(&args.path)?;
     let count = vol.geometry().data_blocks;
