@@ -304,7 +304,8 @@ impl ConnTable {
     /// at least [`crate::budget::PRESSURE_GRACE`]: called when requests wait for memory, which
     /// such a connection holds without any use.
     pub(crate) fn relieve(&self) {
-        let now = self.clock.now();
+        // Reads the clock itself: at shutdown the accept loop no longer advances it.
+        let now = self.clock.tick();
         let grace = duration_ms(crate::budget::PRESSURE_GRACE);
         let mut table = lock(&self.table);
         let victim = table
