@@ -110,11 +110,13 @@ pub enum OpenError {
         path: PathBuf,
     },
     /// Any other failure of the underlying system calls.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: cannot {operation}", path.display())]
     Io {
         /// The path that was opened.
         path: PathBuf,
-        /// The underlying error.
+        /// What failed, as a verb phrase ("open it", "read its size").
+        operation: &'static str,
+        /// The underlying error (shown by the error chain, not in this message).
         #[source]
         source: io::Error,
     },
@@ -131,7 +133,11 @@ impl OpenError {
             _ if err.raw_os_error() == Some(Errno::ISDIR.raw_os_error()) => {
                 OpenError::NotFileOrDevice { path }
             }
-            _ => OpenError::Io { path, source: err },
+            _ => OpenError::Io {
+                path,
+                operation: "open it",
+                source: err,
+            },
         }
     }
 }
@@ -290,13 +296,19 @@ impl FileBackend {
             }
             err
         };
-        let io_err = |source: io::Error| OpenError::Io {
-            path: path.to_path_buf(),
-            source,
+        let io_err = |operation: &'static str| {
+            move |source: io::Error| OpenError::Io {
+                path: path.to_path_buf(),
+                operation,
+                source,
+            }
         };
 
         // Check the type again on the open file: the path may have been replaced since `stat`.
-        let meta = file.metadata().map_err(io_err).map_err(cleanup)?;
+        let meta = file
+            .metadata()
+            .map_err(io_err("read its metadata"))
+            .map_err(cleanup)?;
         if !is_file_or_device(&meta) {
             return Err(cleanup(OpenError::NotFileOrDevice {
                 path: path.to_path_buf(),
@@ -310,13 +322,18 @@ impl FileBackend {
             // `set_len` extends with a hole, so the file takes no space until written: this is
             // what makes `format` of a large volume instant. Sized before the O_DIRECT probe
             // below, which needs a block to read.
-            file.set_len(len).map_err(io_err).map_err(cleanup)?;
+            file.set_len(len)
+                .map_err(io_err("set its length"))
+                .map_err(cleanup)?;
             len
         } else if block_device {
             // The inode of a device node has size 0; seeking to the end asks the block layer for
             // the device size without any ioctl. The file position is irrelevant: all I/O is
             // positioned.
-            (&file).seek(SeekFrom::End(0)).map_err(io_err).map_err(cleanup)?
+            (&file)
+                .seek(SeekFrom::End(0))
+                .map_err(io_err("measure the device (seek to its end)"))
+                .map_err(cleanup)?
         } else {
             meta.len()
         };
@@ -367,6 +384,7 @@ impl FileBackend {
             }
             Err(source) => Err(OpenError::Io {
                 path: self.path.clone(),
+                operation: "read its first block (direct I/O probe)",
                 source,
             }),
         }
@@ -531,6 +549,7 @@ fn lock(file: &File, path: &Path, mode: LockMode) -> Result<(), OpenError> {
             }),
             Err(e) => Err(OpenError::Io {
                 path: path.to_path_buf(),
+                operation: "lock it",
                 source: e.into(),
             }),
         };
@@ -798,6 +817,22 @@ mod tests {
         // Character devices are not fixed-length stores.
         let err = FileBackend::open(Path::new("/dev/null"), &ro).unwrap_err();
         assert!(matches!(err, OpenError::NotFileOrDevice { .. }), "{err}");
+    }
+
+    /// Regression: the message used to end with the cause while also chaining it, so every
+    /// printer of the chain showed the cause twice.
+    #[test]
+    fn an_io_error_names_path_and_operation_and_chains_its_cause_once() {
+        use std::error::Error as _;
+        let dir = scratch();
+        let looped = dir.path().join("loop");
+        std::os::unix::fs::symlink(&looped, &looped).unwrap();
+        let err = FileBackend::open(&looped, &rw()).unwrap_err();
+        assert!(matches!(err, OpenError::Io { .. }), "{err}");
+        let shown = err.to_string();
+        assert!(shown.contains("loop") && shown.contains("cannot open"), "{shown}");
+        let cause = err.source().expect("the cause is chained").to_string();
+        assert!(!shown.contains(&cause), "{shown:?} repeats its cause {cause:?}");
     }
 
     #[test]

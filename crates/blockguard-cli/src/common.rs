@@ -2,17 +2,54 @@
 
 use anyhow::{bail, Context, Result};
 use blockguard::blockguard_backend::{FileBackend, FileOptions, LockMode};
-use blockguard::{FormatOptions, OpenOptions, Volume};
+use blockguard::{FormatOptions, Mode, OpenOptions, Profile, Volume};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 use std::sync::Arc;
 
-/// Parses a size with binary units: "64M" = 64 MiB, "10G" = 10 GiB, plain numbers are bytes.
-pub fn parse_size(s: &str) -> Result<u64> {
+/// The forms every size option accepts, for help and error messages.
+pub const SIZE_FORMS: &str = "a number of bytes with an optional binary unit: 4096, 512K, 64M, \
+                              10G, 2T (K, M, G, T, P, E are powers of 1024; KiB, MiB, … too)";
+
+/// Parses a size with binary units ("64M" = 64 MiB, "10G" = 10 GiB, plain numbers are bytes):
+/// the clap value parser of every size option, so its message names the option.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if t.starts_with('-') {
+        return Err(format!("a size cannot be negative; use {SIZE_FORMS}"));
+    }
     parse_size::Config::new()
         .with_binary()
-        .parse_size(s)
-        .map_err(|e| anyhow::anyhow!("invalid size {s:?}: {e}"))
+        .parse_size(t)
+        .map_err(|e| format!("not a size ({e}); use {SIZE_FORMS}"))
+}
+
+/// Smallest and largest logical block size a volume may have.
+const BLOCK_SIZES: std::ops::RangeInclusive<u64> = 512..=65536;
+
+/// Parses `--block-size`: a size (units allowed, "4K") that is a power of two from 512 to 64K.
+pub fn parse_block_size(s: &str) -> Result<u32, String> {
+    let n = parse_size(s)?;
+    u32::try_from(n)
+        .ok()
+        .filter(|b| b.is_power_of_two() && BLOCK_SIZES.contains(&u64::from(*b)))
+        .ok_or_else(|| {
+            format!("block size {n} is not a power of two from 512 to 64K (512, 1K, 2K, 4K, …, 64K)")
+        })
+}
+
+/// The value parser of `--mode`: the mode names this build knows, listed in `--help`.
+pub fn mode_parser() -> impl TypedValueParser<Value = Mode> {
+    let names: Vec<&'static str> = (0..=u8::MAX).filter_map(Mode::from_id).map(Mode::name).collect();
+    PossibleValuesParser::new(names)
+        .try_map(|s| Mode::from_name(&s).ok_or_else(|| format!("unknown mode {s:?}")))
+}
+
+/// The value parser of `--profile`: the tag profiles this build knows, listed in `--help`.
+pub fn profile_parser() -> impl TypedValueParser<Value = Profile> {
+    PossibleValuesParser::new(Profile::ALL.map(Profile::name))
+        .try_map(|s| Profile::from_name(&s).ok_or_else(|| format!("unknown tag profile {s:?}")))
 }
 
 /// Opens the volume at `path`. Read-write opens take an exclusive lock and read-only opens a
@@ -73,7 +110,7 @@ fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u
         pb.finish_and_clear();
     }
     for w in vol.warnings() {
-        eprintln!("blockguard: warning: {w}");
+        crate::log::line(&format!("blockguard: warning: {w}"));
     }
     if let Some(r) = vol.recovery_at_open() {
         eprintln!(
@@ -105,9 +142,7 @@ pub fn create_volume(path: &Path, size: u64) -> Result<Volume> {
 
 /// Creates a new sparse file sized for `opts` and formats it. Refuses an existing path.
 pub fn create_file_volume(path: &Path, opts: &FormatOptions) -> Result<Volume> {
-    let len = opts
-        .backing_len()
-        .with_context(|| format!("cannot create {}", path.display()))?;
+    let len = backing_len(opts, path)?;
     let backend = FileBackend::create(path, len, &FileOptions::default())?;
     let mut opts = opts.clone();
     opts.assume_zeroed = true;
@@ -115,6 +150,19 @@ pub fn create_file_volume(path: &Path, opts: &FormatOptions) -> Result<Volume> {
         let _ = std::fs::remove_file(path);
     })?;
     Ok(vol)
+}
+
+/// Bytes of backing store a volume with `opts` needs at `path`. The engine names a volume
+/// that does not exist yet "new volume"; the user knows it by its path.
+pub fn backing_len(opts: &FormatOptions, path: &Path) -> Result<u64> {
+    opts.backing_len().map_err(|e| match e {
+        blockguard::Error::InvalidArgument { detail, .. } => blockguard::Error::InvalidArgument {
+            volume: path.display().to_string(),
+            detail,
+        }
+        .into(),
+        other => anyhow::Error::new(other).context(format!("cannot size {}", path.display())),
+    })
 }
 
 /// A progress bar for `total` bytes on stderr (hidden when stderr is not a terminal).
@@ -159,7 +207,13 @@ mod tests {
         assert_eq!(parse_size("64M").unwrap(), 64 << 20);
         assert_eq!(parse_size("10G").unwrap(), 10 << 30);
         assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("ten").is_err());
+        assert!(parse_size("ten").unwrap_err().contains("512K, 64M"));
+        assert!(parse_size("-1G").unwrap_err().contains("negative"));
+        assert_eq!(parse_block_size("4K").unwrap(), 4096);
+        assert_eq!(parse_block_size("512").unwrap(), 512);
+        assert!(parse_block_size("3K").is_err());
+        assert!(parse_block_size("128K").is_err());
+        assert!(parse_block_size("16E").is_err());
         assert!(check_size(4095, 4096).is_err());
         assert!(check_size(0, 4096).is_err());
     }

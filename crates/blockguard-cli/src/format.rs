@@ -1,6 +1,6 @@
 //! `blockguard format`: create a volume on a file or block device.
 
-use crate::common::{check_size, parse_size, progress};
+use crate::common::{check_size, mode_parser, parse_block_size, parse_size, profile_parser, progress};
 use anyhow::{bail, Context, Result};
 use blockguard::blockguard_backend::{Backend, FileBackend, FileOptions};
 use blockguard::{FormatOptions, Mode, Profile, Volume};
@@ -15,17 +15,17 @@ pub struct FormatArgs {
     pub path: PathBuf,
     /// Usable size of the volume, binary units ("10G" = 10 GiB). Defaults to the whole
     /// device, or the current length of an existing file.
-    #[arg(long)]
-    pub size: Option<String>,
-    /// Logical block size in bytes (4096 or 512).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
+    pub size: Option<u64>,
+    /// Logical block size: a power of two from 512 to 64K (units allowed: "4K").
+    #[arg(long, default_value = "4096", value_parser = parse_block_size, allow_hyphen_values = true)]
     pub block_size: u32,
-    /// Consistency mode: dual (crash-consistent, default) or none (no crash protection).
-    #[arg(long, default_value = "dual")]
-    pub mode: String,
-    /// Tag profile.
-    #[arg(long, default_value = "crc32c")]
-    pub profile: String,
+    /// Consistency mode: dual (crash-consistent) or none (no crash protection).
+    #[arg(long, default_value = "dual", value_parser = mode_parser())]
+    pub mode: Mode,
+    /// Tag profile: how each block's checksum tag is computed.
+    #[arg(long, default_value = "crc32c", value_parser = profile_parser())]
+    pub profile: Profile,
     /// A label stored in the superblock.
     #[arg(long, default_value = "")]
     pub label: String,
@@ -37,26 +37,17 @@ pub struct FormatArgs {
     pub json: bool,
 }
 
+/// `blockguard format`.
 pub fn run(args: FormatArgs) -> Result<()> {
-    let mode = Mode::from_name(&args.mode)
-        .with_context(|| format!("unknown mode {:?} (use dual or none)", args.mode))?;
-    let profile = Profile::from_name(&args.profile)
-        .with_context(|| format!("unknown tag profile {:?} (use crc32c)", args.profile))?;
-    if !args.block_size.is_power_of_two() || !(512..=65536).contains(&args.block_size) {
-        bail!(
-            "block size {} is not a power of two between 512 and 65536",
-            args.block_size
-        );
-    }
-    let size = args.size.as_deref().map(parse_size).transpose()?;
+    let size = args.size;
     if let Some(size) = size {
         check_size(size, args.block_size)?;
     }
     let mut opts = FormatOptions {
         size,
         block_size: args.block_size,
-        mode,
-        profile,
+        mode: args.mode,
+        profile: args.profile,
         uuid: None,
         label: args.label.clone(),
         group_blocks: None,
@@ -75,22 +66,15 @@ pub fn run(args: FormatArgs) -> Result<()> {
         Ok(meta) => {
             let backend = FileBackend::open(path, &FileOptions::default())?;
             if !args.force {
-                refuse_if_in_use(&backend)?;
+                crate::target::refuse_if_in_use(&backend)?;
             }
             if meta.is_file() {
-                // Truncating to zero and back zeroes the file instantly and keeps it sparse.
                 let len = match size {
-                    Some(_) => opts.backing_len()?,
+                    Some(_) => crate::common::backing_len(&opts, path)?,
                     None => meta.len(),
                 };
                 drop(backend);
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .with_context(|| format!("cannot open {}", path.display()))?;
-                f.set_len(0)?;
-                f.set_len(len)?;
-                drop(f);
+                crate::target::empty_file(path, len)?;
                 opts.assume_zeroed = true;
                 let backend = FileBackend::open(path, &FileOptions::default())?;
                 Volume::format(Arc::new(backend), &opts)?
@@ -123,36 +107,6 @@ pub fn run(args: FormatArgs) -> Result<()> {
             sb.profile.name(),
             crate::info::uuid_string(&sb.uuid)
         );
-    }
-    Ok(())
-}
-
-/// Refuses to overwrite what may hold data: a non-empty regular file, an existing volume, or a
-/// device with any non-zero byte in its first or last MiB or in a 64 KiB sample of every GiB
-/// (scanning a whole device could take hours; `--force` is the way past a false refusal).
-fn refuse_if_in_use(backend: &FileBackend) -> Result<()> {
-    let path = backend.path().display();
-    let len = backend.len();
-    let read = |off: u64, n: u64| -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; n.min(len - off) as usize];
-        backend.read_at(&mut buf, off)?;
-        Ok(buf)
-    };
-    if len >= 512 && read(0, 512)?.starts_with(&blockguard::format::SB_MAGIC) {
-        bail!("{path} holds a blockguard volume; use --force to overwrite it");
-    }
-    if !backend.is_block_device() {
-        if len > 0 {
-            bail!("{path} is not empty ({len} bytes); use --force to overwrite it");
-        }
-        return Ok(());
-    }
-    let mut probes = vec![(0, 1 << 20), (len.saturating_sub(1 << 20), 1 << 20)];
-    probes.extend((1..len >> 30).map(|g| (g << 30, 64 << 10)));
-    for (off, n) in probes {
-        if off < len && read(off, n)?.iter().any(|&b| b != 0) {
-            bail!("{path} is not empty (data at byte {off}); use --force to overwrite it");
-        }
     }
     Ok(())
 }

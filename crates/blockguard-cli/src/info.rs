@@ -1,7 +1,7 @@
 //! `blockguard info` and `blockguard dump`: what a volume is and where its blocks live.
 
 use crate::common::open_unlocked;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use blockguard::Superblock;
 use clap::Args;
 use serde::Serialize;
@@ -41,6 +41,7 @@ pub struct Summary {
     pub geometry: blockguard::Geometry,
 }
 
+/// A UUID in its usual text form (8-4-4-4-12 hex digits).
 pub fn uuid_string(u: &[u8; 16]) -> String {
     let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
     format!(
@@ -53,6 +54,7 @@ pub fn uuid_string(u: &[u8; 16]) -> String {
     )
 }
 
+/// What `info --json` (and `format --json`) prints about a volume.
 pub fn summary(sb: &Superblock, path: &Path) -> Summary {
     Summary {
         path: path.display().to_string(),
@@ -84,10 +86,20 @@ struct Dump {
     blocks: Vec<blockguard::BlockReport>,
 }
 
+/// `blockguard info` and `blockguard dump`.
 pub fn run(args: InfoArgs) -> Result<()> {
     let vol = open_unlocked(&args.path)?;
+    let count = vol.geometry().data_blocks;
     let mut blocks = Vec::new();
     for &b in &args.blocks {
+        // Answered in blocks, as asked: the engine's range error speaks in bytes.
+        if b >= count {
+            bail!(
+                "{}: there is no block {b}: the volume has {count} blocks, numbered 0 to {}",
+                args.path.display(),
+                count.saturating_sub(1)
+            );
+        }
         blocks.push(vol.inspect_block(b)?);
     }
     let dump = Dump {

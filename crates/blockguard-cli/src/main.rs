@@ -4,9 +4,11 @@ mod check;
 mod common;
 mod format;
 mod info;
+mod log;
 mod mount;
 mod recover;
 mod serve;
+mod target;
 mod transfer;
 
 use clap::{Parser, Subcommand};
@@ -45,17 +47,28 @@ enum Command {
     Umount(mount::UmountArgs),
 }
 
+/// How long the program waits at exit for its last diagnostics to reach stderr.
+const FINAL_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn main() -> ExitCode {
+    log::init();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BLOCKGUARD_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        // Queued, and never reported with eprintln! (which panics when stderr is gone).
+        .with_writer(log::Queued)
+        .log_internal_errors(false)
         // Colour codes only for a terminal, not for log files and journald.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let code = run(Cli::parse());
+    log::flush(FINAL_FLUSH);
+    code
+}
+
+fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Format(a) => format::run(a),
         Command::Info(a) | Command::Dump(a) => info::run(a),
@@ -74,7 +87,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("blockguard: error: {e:#}");
+            log::line(&format!("blockguard: error: {e:#}"));
             ExitCode::from(common::exit_code_for(&e))
         }
     }

@@ -98,8 +98,9 @@ fn serve(args: &MountArgs) -> Result<()> {
     stdout.flush().context("cannot write to stdout")?;
     drop(stdout);
     if args.detached {
-        // Immediately: the parent exits once it has read that line, and from then on a
-        // write to its pipes fails — which the log subscriber turns into a panic.
+        // Immediately: the parent exits once it has read that line, and from then on
+        // whatever goes to its pipes is lost. What was logged so far goes to the parent.
+        crate::log::flush(Duration::from_secs(2));
         blockguard_fuse::detach_output(args.log_file.as_deref())
             .context("cannot redirect output after detaching")?;
     }
@@ -170,7 +171,7 @@ fn spawn_detached(args: &MountArgs) -> Result<()> {
         let status = child.wait().context("cannot wait for the mount server")?;
         let text = collector.join().unwrap_or_default();
         let (before, error) = split_error(&text);
-        eprint!("{before}");
+        crate::log::raw(before);
         match error {
             Some(error) => bail!("{error}"),
             None => bail!("the mount server exited before mounting ({status})"),
@@ -178,7 +179,7 @@ fn spawn_detached(args: &MountArgs) -> Result<()> {
     }
     // Mounted. The server now points its output elsewhere, which ends the stderr pipe: relay
     // what it said while starting (volume warnings, for instance).
-    eprint!("{}", collector.join().unwrap_or_default());
+    crate::log::raw(&collector.join().unwrap_or_default());
     print!("{line}");
     std::io::stdout().flush().context("cannot write to stdout")?;
     Ok(())
@@ -218,10 +219,10 @@ pub fn run_umount(args: UmountArgs) -> Result<()> {
 
 fn wait_for_server(volume: &Path, timeout: Duration) -> Result<()> {
     if !blockguard_fuse::wait_released(volume, timeout)? {
-        eprintln!(
+        crate::log::line(&format!(
             "blockguard: warning: cannot open {} to wait for its server to close it",
             volume.display()
-        );
+        ));
     }
     Ok(())
 }

@@ -7,26 +7,33 @@
 //!
 //! SIGINT/SIGTERM stop accepting connections, let in-flight requests finish, flush, and close
 //! the volume. The volume is locked while served, so a second server fails with a clear error.
+//!
+//! Fail-stop: if a request handler panics, an invariant may be broken. From then on writes and
+//! flushes are refused (reads go on), and at shutdown the volume is left unflushed and marked
+//! in use, as a crash would leave it, and `serve` exits with an error.
 
-use anyhow::{Context, Result};
-use blockguard_nbd::{Export, ListenAddr, Server, ServerConfig};
-use std::net::SocketAddr;
+use crate::common::parse_size;
+use anyhow::{anyhow, Context, Result};
+use blockguard_nbd::{Export, ListenAddr, Server, ServerConfig, ServerError};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Arguments of `blockguard serve`.
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
     /// Volume file or block device to serve.
     pub volume: PathBuf,
-    /// TCP address to listen on. Loopback by default: NBD has no authentication.
+    /// TCP address to listen on, HOST:PORT (an IP address or a host name such as
+    /// localhost:10809). Loopback by default: NBD has no authentication.
     #[arg(
         long,
         value_name = "ADDR",
         default_value = "127.0.0.1:10809",
         conflicts_with = "socket"
     )]
-    pub listen: SocketAddr,
+    pub listen: String,
     /// Listen on this Unix domain socket instead of TCP.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -39,8 +46,8 @@ pub struct ServeArgs {
     pub read_only: bool,
     /// If VOLUME does not exist, format a new sparse volume of this size there first
     /// (binary units: "64M", "10G").
-    #[arg(long, value_name = "SIZE")]
-    pub create: Option<String>,
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
+    pub create: Option<u64>,
     /// Most worker threads shared by all connections (default: two per core, at least 4).
     /// Two per core run while requests are served from memory; raise this for disk-bound
     /// random I/O, where more reads in flight help.
@@ -49,8 +56,30 @@ pub struct ServeArgs {
     /// Bytes of written data the engine stages in memory before committing them (binary
     /// units). Each commit orders a metadata flush before its data; up to three stages'
     /// worth of memory may be in use at once.
-    #[arg(long, value_name = "SIZE", default_value = "32M")]
-    pub stage_size: String,
+    #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_size,
+          allow_hyphen_values = true)]
+    pub stage_size: u64,
+    /// Most client connections at once. At the limit a new client takes the place of the
+    /// quietest idle connection (one still in its handshake, or one without a request for a
+    /// second or more); it is refused only when every connection is busy.
+    #[arg(long, value_name = "N", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
+    /// Seconds a client has to finish the whole NBD handshake, counted from connecting.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub handshake_timeout: u32,
+    /// Close a connection after this many seconds without a request in flight (0: never;
+    /// the kernel's nbd client, for one, keeps idle connections for as long as it is
+    /// attached).
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    pub idle_timeout: u32,
+    /// Memory for requests in flight on all connections together: write payloads being read
+    /// and read replies not yet sent (binary units). Beyond it requests wait, and connections
+    /// that leave their replies unread are closed to free memory for the others.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size,
+          allow_hyphen_values = true)]
+    pub inflight_memory: u64,
     /// Refuse NBD extended headers (forces compact headers; for old or buggy clients).
     #[arg(long)]
     pub no_extended_headers: bool,
@@ -66,12 +95,24 @@ pub struct ServeArgs {
 /// Runs the server until SIGINT/SIGTERM, then flushes and closes the volume.
 pub fn run(args: ServeArgs) -> Result<()> {
     let path = &args.volume;
-    let stage = crate::common::parse_size(&args.stage_size)?;
-    let volume = match &args.create {
+    // Arguments first: a bad address must not cost a volume creation or open.
+    let addr = match &args.socket {
+        Some(p) => ListenAddr::Unix(p.clone()),
+        None => {
+            let addr = resolve_listen(&args.listen)?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    listen = %addr,
+                    "listening beyond loopback: NBD has no authentication or encryption"
+                );
+            }
+            ListenAddr::Tcp(addr)
+        }
+    };
+    let stage = args.stage_size;
+    let volume = match args.create {
         Some(size) if !path.exists() => {
-            let size = crate::common::parse_size(size)?;
-            let vol = crate::common::create_volume(path, size)
-                .with_context(|| format!("cannot create volume {}", path.display()))?;
+            let vol = crate::common::create_volume(path, size)?;
             tracing::info!(volume = %path.display(), size, "created a new volume");
             // Formatting opened it read-write with defaults: reopen with the requested mode
             // and stage size.
@@ -80,11 +121,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
             crate::common::open_volume_staged(path, args.read_only, Some(stage))?
         }
         _ => {
-            if args.create.is_some() {
-                tracing::info!(volume = %path.display(), "volume exists; serving it as it is");
+            let vol = crate::common::open_volume_staged(path, args.read_only, Some(stage))
+                .with_context(|| format!("cannot serve {}", path.display()))?;
+            if let Some(asked) = args.create {
+                warn_if_other_size(path, vol.size(), asked);
             }
-            crate::common::open_volume_staged(path, args.read_only, Some(stage))
-                .with_context(|| format!("cannot serve {}", path.display()))?
+            vol
         }
     };
     let export_name = args.export_name.clone().unwrap_or_else(|| {
@@ -92,23 +134,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     });
-    let addr = match &args.socket {
-        Some(p) => ListenAddr::Unix(p.clone()),
-        None => {
-            if !args.listen.ip().is_loopback() {
-                tracing::warn!(
-                    listen = %args.listen,
-                    "listening beyond loopback: NBD has no authentication or encryption"
-                );
-            }
-            ListenAddr::Tcp(args.listen)
-        }
-    };
     let cfg = ServerConfig {
         export_name,
         workers: args.workers.map_or(0, usize::from),
         extended_headers: !args.no_extended_headers,
-        poll_window: std::time::Duration::from_micros(args.poll_us.into()),
+        poll_window: Duration::from_micros(args.poll_us.into()),
+        max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+        max_total_inflight_bytes: usize::try_from(args.inflight_memory).unwrap_or(usize::MAX),
+        handshake_timeout: Duration::from_secs(args.handshake_timeout.into()),
+        idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout.into())),
         ..ServerConfig::default()
     };
     let volume = Arc::new(volume);
@@ -117,6 +151,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
     blockguard_nbd::shutdown_on_signals(server.shutdown_handle())
         .context("cannot install signal handlers")?;
     let served = server.run();
+    if let Err(e @ ServerError::Panicked { .. }) = served {
+        // Fail-stop: an invariant may be broken, so the volume is neither flushed nor marked
+        // clean — left as a crash would leave it, for `recover` to settle. Dropping it would
+        // do both, so it is leaked; the process exits right after.
+        std::mem::forget(volume);
+        return Err(anyhow::Error::new(e).context(format!(
+            "{} was left unflushed and marked in use: run `blockguard check` and `blockguard \
+             recover` on it before using it again",
+            path.display()
+        )));
+    }
     // The server and every connection have ended, so this is the last reference.
     match Arc::try_unwrap(volume) {
         Ok(vol) => vol
@@ -127,4 +172,39 @@ pub fn run(args: ServeArgs) -> Result<()> {
     served?;
     tracing::info!(volume = %path.display(), "volume closed cleanly");
     Ok(())
+}
+
+/// `--create SIZE` on an existing volume serves it unchanged; say so when the sizes differ,
+/// since the client sees the existing size, not the one asked for.
+fn warn_if_other_size(path: &std::path::Path, size: u64, asked: u64) {
+    if size != asked {
+        tracing::warn!(
+            volume = %path.display(),
+            size,
+            asked,
+            "the volume exists with {size} bytes, not the {asked} bytes --create asked for: \
+             serving it as it is (--create never resizes or reformats)"
+        );
+    }
+}
+
+/// Resolves `--listen HOST:PORT`. A host name may resolve to several addresses (localhost:
+/// 127.0.0.1 and ::1); the server listens on one, IPv4 first, since clients try every address
+/// the name resolves to.
+fn resolve_listen(listen: &str) -> Result<SocketAddr> {
+    let hint = "give HOST:PORT with an IP address or a host name, e.g. 127.0.0.1:10809 or localhost:10809";
+    let addrs: Vec<SocketAddr> = listen
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve --listen {listen:?} ({hint})"))?
+        .collect();
+    let chosen = addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| anyhow!("--listen {listen:?} resolves to no address ({hint})"))?;
+    if addrs.len() > 1 {
+        tracing::info!(listen, address = %chosen, "host name resolves to several addresses; listening on one");
+    }
+    Ok(chosen)
 }

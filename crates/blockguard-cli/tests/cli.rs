@@ -395,11 +395,16 @@ fn format_rejects_bad_arguments_clearly() {
     let t = T::new();
     let long_label = "x".repeat(65);
     let cases: &[(&[&str], &[&str])] = &[
-        (&["--size", "10X"], &["invalid size \"10X\""]),
-        (&["--size", "ten"], &["invalid size"]),
-        (&["--size", "-1"], &[]),
-        (&["--size", ""], &[]),
-        (&["--size", "16E"], &["invalid size"]),
+        (&["--size", "10X"], &["invalid value '10X' for '--size <SIZE>'"]),
+        // Regression: "ten" and "-1G" used to get bare parser or clap messages.
+        (
+            &["--size", "ten"],
+            &["invalid value 'ten'", "4096, 512K, 64M, 10G"],
+        ),
+        (&["--size", "-1"], &["cannot be negative"]),
+        (&["--size", "-1G"], &["invalid value '-1G'", "cannot be negative"]),
+        (&["--size", ""], &["invalid value ''"]),
+        (&["--size", "16E"], &["invalid value '16E'"]),
         (
             &["--size", "4095"],
             &["not a positive multiple of the block size 4096"],
@@ -411,11 +416,11 @@ fn format_rejects_bad_arguments_clearly() {
         (&["--size", "0"], &["not a positive multiple"]),
         (
             &["--size", "1M", "--mode", "journal"],
-            &["unknown mode \"journal\"", "dual", "none"],
+            &["invalid value 'journal'", "[possible values: none, dual]"],
         ),
         (
             &["--size", "1M", "--profile", "sha256"],
-            &["unknown tag profile \"sha256\"", "crc32c"],
+            &["invalid value 'sha256'", "[possible values: crc32c]"],
         ),
         (
             &["--size", "1024000", "--block-size", "1000"],
@@ -425,13 +430,21 @@ fn format_rejects_bad_arguments_clearly() {
             &["--size", "1M", "--block-size", "131072"],
             &["block size 131072"],
         ),
-        (&["--size", "1M", "--block-size", "abc"], &["invalid value 'abc'"]),
+        (
+            &["--size", "1M", "--block-size", "3K"],
+            &["block size 3072", "4K"],
+        ),
+        (
+            &["--size", "1M", "--block-size", "abc"],
+            &["invalid value 'abc'", "512K"],
+        ),
         (
             &["--size", "1M", "--label", &long_label],
             &["label is 65 bytes, at most 64"],
         ),
         (&["--size", "1M", "--no-such-flag"], &["--no-such-flag"]),
-        (&["--size", "15E"], &["v.bgv"]),
+        // Regression: the engine's "new volume" placeholder instead of the path.
+        (&["--size", "15E"], &["v.bgv: volume size", "too large"]),
     ];
     for &(extra, msgs) in cases {
         let mut args = vec!["format", "v.bgv"];
@@ -444,8 +457,32 @@ fn format_rejects_bad_arguments_clearly() {
             o.stderr
         );
         o.err_has(msgs);
+        assert!(!o.stderr.contains("new volume"), "{args:?}: {}", o.stderr);
         assert!(!t.path("v.bgv").exists(), "{args:?} left a file behind");
     }
+}
+
+/// Regression: `--block-size 4K` was refused (only plain numbers), and `--help` did not list
+/// the values `--mode` and `--profile` take.
+#[test]
+fn sizes_take_units_everywhere_and_help_lists_modes_and_profiles() {
+    let t = T::new();
+    let j = t.format("v.bgv", &["--size", "1M", "--block-size", "4K"]);
+    assert_eq!(j["block_size"], 4096);
+    let j = t.format("w.bgv", &["--size", "512K", "--block-size", "0.5K"]);
+    assert_eq!(j["block_size"], 512);
+    let help = t.run(&["format", "--help"]).code(0).stdout.clone();
+    assert!(help.contains("[possible values: none, dual]"), "{help}");
+    assert!(help.contains("[possible values: crc32c]"), "{help}");
+    let help = t.run(&["serve", "--help"]).code(0).stdout.clone();
+    assert!(help.contains("localhost:10809"), "{help}");
+    t.run(&["serve", "v.bgv", "--stage-size", "lots"])
+        .code(2)
+        .err_has(&["invalid value 'lots' for '--stage-size <SIZE>'", "64M"]);
+    t.run(&["serve", "x.bgv", "--create", "-1G"])
+        .code(2)
+        .err_has(&["--create <SIZE>", "cannot be negative"]);
+    assert!(!t.path("x.bgv").exists());
 }
 
 #[test]
@@ -596,10 +633,11 @@ fn info_and_dump_report_superblock_geometry_and_tags() {
         }
     }
 
-    // Out-of-range blocks are a clear error.
-    t.run(&["dump", "v.bgv", "--block", "2048"])
-        .code(2)
-        .err_has(&["lies outside the volume"]);
+    // Out-of-range blocks are a clear error, in blocks (it used to answer in bytes).
+    let o = t.run(&["dump", "v.bgv", "--block", "2048"]);
+    o.code(2)
+        .err_has(&["no block 2048", "has 2048 blocks, numbered 0 to 2047"]);
+    assert!(!o.stderr.contains("offset"), "{}", o.stderr);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -659,6 +697,103 @@ fn export_of_a_corrupted_volume_fails_naming_the_block() {
     t.run(&["export", "v.bgv", "out"])
         .code(1)
         .err_has(&["block 700 failed verification", "expected tag"]);
+}
+
+/// Regression: `export VOL VOL` (or through another name) truncated the volume to 0 bytes
+/// before failing; `export VOL OTHER.bgv` overwrote another volume and `export VOL FILE` a
+/// non-empty file, without --force.
+#[test]
+fn export_never_writes_its_source_and_asks_before_overwriting_data() {
+    let t = T::new();
+    t.format("v.bgv", &["--size", "4M"]);
+    let raw = random_bytes(1 << 20, 30);
+    t.raw("raw", &raw);
+    t.run(&["import", "raw", "v.bgv"]).code(0);
+    fs::hard_link(t.path("v.bgv"), t.path("link.bgv")).unwrap();
+    std::os::unix::fs::symlink(t.path("v.bgv"), t.path("sym.bgv")).unwrap();
+    let vol = t.read("v.bgv");
+    for target in ["v.bgv", "./v.bgv", "link.bgv", "sym.bgv"] {
+        for force in [&[][..], &["--force"]] {
+            let mut args = vec!["export", "v.bgv", target];
+            args.extend_from_slice(force);
+            t.run(&args)
+                .code(2)
+                .err_has(&["same file or device", "would overwrite what it reads"]);
+            args[0] = "import";
+            t.run(&args).code(2).err_has(&["same file or device"]);
+        }
+    }
+    assert!(t.read("v.bgv") == vol, "the volume was modified");
+    t.run(&["check", "v.bgv"]).code(0);
+
+    // Another volume and a non-empty file: refused and untouched; --force overwrites them
+    // with exactly the volume's bytes.
+    t.format("other.bgv", &["--size", "4M"]);
+    let other = t.read("other.bgv");
+    t.run(&["export", "v.bgv", "other.bgv"])
+        .code(2)
+        .err_has(&["other.bgv holds a blockguard volume", "--force"]);
+    assert!(t.read("other.bgv") == other, "the other volume was modified");
+    t.raw("data.raw", &random_bytes(8 << 20, 31));
+    t.run(&["export", "v.bgv", "data.raw"])
+        .code(2)
+        .err_has(&["data.raw is not empty (8388608 bytes)", "--force"]);
+    assert_eq!(t.len("data.raw"), 8 << 20);
+    for target in ["other.bgv", "data.raw"] {
+        t.run(&["export", "v.bgv", target, "--force"]).code(0);
+        let out = t.read(target);
+        assert_eq!(out.len(), 4 << 20, "{target}");
+        assert!(out[..raw.len()] == raw[..], "{target}");
+        assert!(out[raw.len()..].iter().all(|&b| b == 0), "{target}");
+    }
+    // An existing empty file is not in use.
+    t.raw("empty.raw", b"");
+    t.run(&["export", "v.bgv", "empty.raw"]).code(0);
+    assert_eq!(t.len("empty.raw"), 4 << 20);
+    assert!(t.read("v.bgv") == vol, "the volume was modified");
+}
+
+/// Regression: `import /dev/null VOL` said "imported 0 bytes" and exited 0 (the length of a
+/// device was taken from its inode), and import overwrote a volume holding data without
+/// --force.
+#[test]
+fn import_refuses_sources_without_data_and_volumes_holding_data() {
+    let t = T::new();
+    t.format("v.bgv", &["--size", "4M"]);
+    let before = t.read("v.bgv");
+    t.raw("empty", b"");
+    fs::create_dir(t.path("dir")).unwrap();
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "/dev/null",
+            &["/dev/null is a character device", "no size to import"],
+        ),
+        ("empty", &["empty is empty", "nothing to import"]),
+        ("dir", &["dir is a directory"]),
+    ];
+    for &(source, msgs) in cases {
+        let o = t.run(&["import", source, "v.bgv"]);
+        o.code(2).err_has(msgs);
+        assert!(!o.stdout.contains("imported"), "{source}: {}", o.stdout);
+    }
+    assert!(t.read("v.bgv") == before, "a refused import modified the volume");
+
+    let a = random_bytes(1 << 20, 32);
+    t.raw("a", &a);
+    t.run(&["import", "a", "v.bgv"]).code(0);
+    let b = random_bytes(4096, 33);
+    t.raw("b", &b);
+    t.run(&["import", "b", "v.bgv"])
+        .code(2)
+        .err_has(&["v.bgv already holds data (byte 0 is written)", "--force"]);
+    t.run(&["export", "v.bgv", "out"]).code(0);
+    assert!(t.read("out")[..a.len()] == a[..], "a refused import changed data");
+    t.run(&["import", "b", "v.bgv", "--force"])
+        .code(0)
+        .out_has(&["imported 4096 bytes"]);
+    t.run(&["export", "v.bgv", "out2"]).code(0);
+    let out = t.read("out2");
+    assert!(out[..4096] == b[..] && out[4096..a.len()] == a[4096..]);
 }
 
 #[test]
@@ -799,12 +934,13 @@ fn a_superblock_from_a_newer_version_is_refused() {
     for copy in 0..2 {
         patch_superblock_u32(&t, "v.bgv", copy, 8, 3);
     }
+    t.raw("raw", &random_bytes(4096, 20));
     let before = t.read("v.bgv");
     for args in [
         &["info", "v.bgv"][..],
         &["check", "v.bgv"],
         &["export", "v.bgv", "out"],
-        &["import", "v.bgv", "v.bgv"],
+        &["import", "raw", "v.bgv"],
     ] {
         t.run(args)
             .code(2)
@@ -872,9 +1008,12 @@ fn one_damaged_superblock_copy_opens_warns_and_is_repaired_by_a_writer() {
             "a read-only open rewrote the superblock"
         );
 
-        // A read-write open (import) rewrites the damaged copy from the good one.
+        // A read-write open (import) rewrites the damaged copy from the good one. The volume
+        // holds data, so the import needs --force.
         t.raw("small", &raw[..4096]);
-        t.run(&["import", "small", "v.bgv"]).code(0).err_has(&[&warning]);
+        t.run(&["import", "small", "v.bgv", "--force"])
+            .code(0)
+            .err_has(&[&warning]);
         let sb = t.read_at("v.bgv", off, 4096);
         assert_eq!(&sb[..8], b"BLKGUARD");
         assert_eq!(le32(&sb, 508), crc32c(&sb[..508]), "{which} not repaired");
@@ -957,14 +1096,30 @@ fn is_root() -> bool {
     fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
-#[test]
-fn loop_device_format_uses_the_device_size_and_refuses_non_empty_devices() {
+/// True if the test may attach loop devices; says why not otherwise.
+fn loop_devices_usable() -> bool {
     let have_losetup = Command::new("losetup")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
     if !is_root() || !have_losetup {
         eprintln!("skipped: needs root and losetup");
+        return false;
+    }
+    true
+}
+
+/// Reads `len` bytes at `offset` of a device (or any file) by path.
+fn read_dev(dev: &str, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut b = vec![0u8; len];
+    File::open(dev).unwrap().read_exact_at(&mut b, offset).unwrap();
+    b
+}
+
+#[test]
+fn loop_device_format_uses_the_device_size_and_refuses_non_empty_devices() {
+    if !loop_devices_usable() {
         return;
     }
     let t = T::new();
@@ -1032,4 +1187,96 @@ fn loop_device_format_uses_the_device_size_and_refuses_non_empty_devices() {
     t.format(&lo.dev, &["--force", "--block-size", "512"]);
     assert_eq!(t.info(&lo.dev)["block_size"], 512);
     t.run(&["check", &lo.dev]).code(0);
+}
+
+/// Regression: `export VOL /dev/loopN` wrote the first 48 MiB of a device holding a volume,
+/// then failed with a bare "Invalid argument (os error 22)" (a set_len on the device), without
+/// syncing; `import /dev/loopN VOL` imported 0 bytes (the device's inode length).
+#[test]
+fn import_from_and_export_to_loop_devices() {
+    if !loop_devices_usable() {
+        return;
+    }
+    let t = T::new();
+    let size: usize = 8 << 20;
+    // A source device: random data with a zero MiB in the middle.
+    let mut data = random_bytes(size, 34);
+    data[2 << 20..3 << 20].fill(0);
+    t.raw("src.img", &data);
+    let Some(src) = Loop::attach(&t.path("src.img")) else {
+        eprintln!("skipped: no loop device available");
+        return;
+    };
+    t.format("v.bgv", &["--size", "8M"]);
+    t.run(&["import", &src.dev, "v.bgv"])
+        .code(0)
+        .out_has(&["imported 8388608 bytes"]);
+    t.run(&["export", "v.bgv", "out"]).code(0);
+    assert!(t.read("out") == data, "device data did not round-trip");
+    drop(src);
+
+    // A target device one MiB larger than the volume, full of other data.
+    let junk = random_bytes(size + (1 << 20), 35);
+    t.raw("dst.img", &junk);
+    let Some(dst) = Loop::attach(&t.path("dst.img")) else {
+        return;
+    };
+    let dev = dst.dev.as_str();
+    let o = t.run(&["export", "v.bgv", dev]);
+    o.code(2).err_has(&["is not empty (data at byte 0)", "--force"]);
+    assert!(!o.stderr.contains("os error 22"), "{}", o.stderr);
+    assert!(
+        read_dev(dev, 0, junk.len()) == junk,
+        "a refused export touched the device"
+    );
+    // Holding a volume: refused too.
+    t.format(dev, &["--size", "4M", "--force"]);
+    let held = read_dev(dev, 0, junk.len());
+    t.run(&["export", "v.bgv", dev])
+        .code(2)
+        .err_has(&["holds a blockguard volume", "--force"]);
+    assert!(
+        read_dev(dev, 0, junk.len()) == held,
+        "a refused export touched the device"
+    );
+    // Forced: the volume's bytes, zero runs written as zeros, the device's tail untouched.
+    t.run(&["export", "v.bgv", dev, "--force"]).code(0).out_has(&[
+        "exported 8388608 verified bytes",
+        "its last 1048576 bytes were left as they were",
+    ]);
+    assert!(
+        read_dev(dev, 0, size) == data,
+        "the device does not hold the volume's bytes"
+    );
+    assert!(
+        read_dev(dev, size as u64, 1 << 20) == held[size..],
+        "the device's tail changed"
+    );
+    drop(dst);
+
+    // A device smaller than the volume: refused before anything is written, --force or not.
+    let small = random_bytes(4 << 20, 36);
+    t.raw("small.img", &small);
+    let Some(lo) = Loop::attach(&t.path("small.img")) else {
+        return;
+    };
+    t.run(&["export", "v.bgv", &lo.dev, "--force"])
+        .code(2)
+        .err_has(&["holds 4194304 bytes, less than the 8388608 bytes to write"]);
+    assert!(read_dev(&lo.dev, 0, small.len()) == small);
+    drop(lo);
+
+    // The loop device over the volume file itself is the volume: never a target.
+    let before = t.read("v.bgv");
+    let Some(lo) = Loop::attach(&t.path("v.bgv")) else {
+        return;
+    };
+    t.run(&["export", "v.bgv", &lo.dev, "--force"])
+        .code(2)
+        .err_has(&["same file or device"]);
+    t.run(&["import", &lo.dev, "v.bgv", "--force"])
+        .code(2)
+        .err_has(&["same file or device"]);
+    drop(lo);
+    assert!(t.read("v.bgv") == before, "the volume was modified");
 }

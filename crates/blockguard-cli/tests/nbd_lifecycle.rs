@@ -10,9 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 fn client(srv: &Served) -> Client<UnixStream> {
-    let s = srv.connect();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    Client::handshake(s, &ClientOptions::default()).expect("handshake")
+    srv.client()
 }
 
 #[test]
@@ -149,11 +147,47 @@ fn create_formats_a_missing_volume_and_keeps_an_existing_one() {
     assert_eq!(c.write(0, b"kept", 0).unwrap(), 0);
     drop(c);
     assert!(srv.signal("INT").success());
-    // --create on an existing volume serves it unchanged.
+    // --create on an existing volume serves it unchanged, and (regression: it used to say
+    // nothing) warns that the size differs from the one asked for.
     let srv = Served::start(&vol, &["--create", "64M"]);
     let mut c = client(&srv);
     assert_eq!(c.size, 32 << 20);
     assert_eq!(c.read(0, 4).unwrap().unwrap(), b"kept");
+    let log = srv.log_text();
+    assert!(log.contains("WARN"), "{log}");
+    assert!(
+        log.contains("exists with 33554432 bytes, not the 67108864 bytes --create asked for"),
+        "{log}"
+    );
+}
+
+/// Regression: `--listen localhost:PORT` was refused ("invalid socket address syntax").
+#[test]
+fn listen_takes_a_host_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = make_volume(dir.path(), "v.bgv", "8M");
+    let srv = Served::start_tcp_host(&vol, "localhost", &[]);
+    let s = std::net::TcpStream::connect(("127.0.0.1", srv.tcp.unwrap())).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut c = Client::handshake(s, &ClientOptions::default()).expect("handshake");
+    assert_eq!(c.size, 8 << 20);
+    assert_eq!(c.read(0, 512).unwrap().unwrap(), vec![0; 512]);
+    let out = run_any(
+        BIN,
+        &[
+            "serve",
+            vol.to_str().unwrap(),
+            "--listen",
+            "no-such-host.invalid:1",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot resolve --listen \"no-such-host.invalid:1\""),
+        "{err}"
+    );
+    assert!(err.contains("127.0.0.1:10809"), "{err}");
 }
 
 #[test]
@@ -169,4 +203,129 @@ fn read_only_export_refuses_writes() {
         assert_eq!(c.call(typ, 0, 0, 4096, &[]).unwrap().errno, proto::EPERM);
     }
     assert_eq!(c.read(0, 4096).unwrap().unwrap(), vec![0; 4096]);
+}
+
+/// Regression: error types displayed their cause and chained it too, so the CLI printed
+/// "Address already in use (os error 98): Address already in use (os error 98)".
+#[test]
+fn a_bind_error_shows_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = make_volume(dir.path(), "v.bgv", "8M");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run_any(BIN, &["serve", vol.to_str().unwrap(), "--listen", &addr]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot listen on nbd://{addr}")), "{err}");
+    assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
+}
+
+/// A `blockguard serve VOL --socket SOCK` whose stderr is a pipe; killed if still running
+/// when dropped.
+struct PipedServer {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+}
+
+impl PipedServer {
+    /// Starts the server and waits for its greeting.
+    fn start(vol: &std::path::Path, log_level: &str) -> PipedServer {
+        let socket = vol.with_extension("sock");
+        let child = std::process::Command::new(BIN)
+            .arg("serve")
+            .arg(vol)
+            .arg("--socket")
+            .arg(&socket)
+            .env("BLOCKGUARD_LOG", log_level)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start blockguard serve");
+        let server = PipedServer { child, socket };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut greeting = [0u8; 18];
+            let ready = UnixStream::connect(&server.socket)
+                .and_then(|mut s| std::io::Read::read_exact(&mut s, &mut greeting));
+            if ready.is_ok() {
+                return server;
+            }
+            assert!(std::time::Instant::now() < deadline, "server not ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for PipedServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends `sig` and waits (bounded) for the exit status.
+fn stop_within(child: &mut std::process::Child, sig: &str, limit: Duration) -> std::process::ExitStatus {
+    run("kill", &[&format!("-{sig}"), &child.id().to_string()]);
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("server did not stop within {limit:?} of SIG{sig}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn one_client_round_trip(socket: &std::path::Path, at: u64) {
+    let s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut c = Client::handshake(s, &ClientOptions::default()).expect("handshake");
+    let data = random_bytes(4096, at);
+    assert_eq!(c.write(at, &data, proto::CMD_FLAG_FUA).unwrap(), 0);
+    assert_eq!(c.read(at, 4096).unwrap().unwrap(), data);
+    c.disconnect().unwrap();
+}
+
+/// Regression: with stderr's reader gone, a failed log write panicked the signal thread
+/// (which logged before starting the shutdown), so SIGINT and SIGTERM no longer stopped the
+/// server, and connections hung.
+#[test]
+fn signals_stop_the_server_when_its_stderr_is_closed() {
+    for sig in ["TERM", "INT"] {
+        let dir = tempfile::tempdir().unwrap();
+        let vol = make_volume(dir.path(), "v.bgv", "8M");
+        let mut srv = PipedServer::start(&vol, "debug");
+        drop(srv.child.stderr.take());
+        for i in 0..20 {
+            one_client_round_trip(&srv.socket, i * 4096);
+        }
+        let status = stop_within(&mut srv.child, sig, Duration::from_secs(10));
+        assert!(status.success(), "SIG{sig}: exit status {status}");
+        let info = String::from_utf8_lossy(&run(BIN, &["info", vol.to_str().unwrap()]).stdout).into_owned();
+        assert!(info.contains("state:         clean"), "SIG{sig}: {info}");
+    }
+}
+
+/// With stderr a pipe nobody reads (full after 64 KiB), logging must not block anything:
+/// clients keep being served and a signal still stops the server at once.
+#[test]
+fn signals_stop_the_server_when_its_stderr_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = make_volume(dir.path(), "v.bgv", "8M");
+    let mut srv = PipedServer::start(&vol, "debug");
+    let start = std::time::Instant::now();
+    // Each client logs a few lines of ~150 bytes: far more than the pipe holds.
+    for i in 0..600 {
+        one_client_round_trip(&srv.socket, (i % 2048) * 4096);
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "clients were slowed down"
+    );
+    let status = stop_within(&mut srv.child, "TERM", Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
 }

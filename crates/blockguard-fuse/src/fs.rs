@@ -119,11 +119,20 @@ impl<F: BlockFile> BlockFs<F> {
 
     /// Logs a failed operation and returns the errno for the kernel.
     fn fail(&self, op: &str, offset: u64, len: u64, error: &F::Error) -> Errno {
+        // Recorded as an error value, so the log shows its causes too (messages hold only
+        // their own level; the chain carries the rest).
+        let shown: &(dyn std::error::Error + 'static) = error;
         if F::is_corruption(error) {
             // The error's own message names the block; offset and length locate the request.
-            tracing::error!(op, offset, len, error = %error, "verification failed, returning EIO");
+            tracing::error!(
+                op,
+                offset,
+                len,
+                error = shown,
+                "verification failed, returning EIO"
+            );
         } else {
-            tracing::error!(op, offset, len, error = %error, "I/O error");
+            tracing::error!(op, offset, len, error = shown, "I/O error");
         }
         errno_for::<F>(error)
     }

@@ -308,7 +308,7 @@ fn on_stop_signal<F: BlockFile>(signal: i32, file: &F, mountpoint: &Path) {
     tracing::info!(signal, "stop signal received: flushing and unmounting");
     if !file.is_read_only() {
         if let Err(e) = file.flush() {
-            tracing::error!(error = %e, "flush on signal failed");
+            tracing::error!(error = &e as &dyn std::error::Error, "flush on signal failed");
         }
     }
     match mounts::unmount(mountpoint) {
@@ -317,7 +317,10 @@ fn on_stop_signal<F: BlockFile>(signal: i32, file: &F, mountpoint: &Path) {
             mountpoint = %mountpoint.display(),
             "cannot unmount: the file is in use (detach its loop device first); still serving"
         ),
-        Err(e) => tracing::error!(error = %e, "unmount on signal failed; still serving"),
+        Err(e) => tracing::error!(
+            error = &e as &dyn std::error::Error,
+            "unmount on signal failed; still serving"
+        ),
     }
 }
 

@@ -12,11 +12,62 @@ use std::sync::{Arc, Mutex};
 /// Buffers with at most this capacity go to the small list; larger ones to the large list.
 const SMALL: usize = 64 * 1024 + 64;
 
-/// A bounded pool of byte buffers.
+/// Buffers kept for reuse, with the fewest that sat unused since the last trim.
+#[derive(Debug, Default)]
+struct Shelf {
+    bufs: Vec<Vec<u8>>,
+    /// Capacity of `bufs`, in bytes.
+    bytes: usize,
+    /// The fewest buffers on the shelf since the last [`BufferPool::trim`]: that many were
+    /// not needed during the whole interval.
+    low: usize,
+}
+
+/// How many of the most recently returned buffers `take` looks at for one that fits.
+const FIT_SEARCH: usize = 16;
+
+impl Shelf {
+    /// A buffer for `len` bytes: the most recent one among the last [`FIT_SEARCH`] whose
+    /// capacity is at least `len` and at most twice that. A much larger one would pin its
+    /// whole capacity behind a small request (a 1 MiB write payload held in a 32 MiB buffer
+    /// by the engine's write-back stage, say), a smaller one would be reallocated anyway.
+    fn pop_fitting(&mut self, len: usize) -> Option<Vec<u8>> {
+        let fits = |v: &Vec<u8>| v.capacity() >= len && v.capacity() / 2 <= len;
+        let at = self
+            .bufs
+            .iter()
+            .rev()
+            .take(FIT_SEARCH)
+            .position(fits)
+            .map(|from_top| self.bufs.len() - 1 - from_top)?;
+        let v = self.bufs.remove(at);
+        self.bytes -= v.capacity();
+        self.low = self.low.min(self.bufs.len());
+        Some(v)
+    }
+
+    fn push(&mut self, v: Vec<u8>) {
+        self.bytes += v.capacity();
+        self.bufs.push(v);
+    }
+
+    /// Frees the buffers unused since the last trim: the oldest, at the bottom.
+    fn trim(&mut self) {
+        let unused = self.low.min(self.bufs.len());
+        for v in self.bufs.drain(..unused) {
+            self.bytes -= v.capacity();
+        }
+        self.low = self.bufs.len();
+    }
+}
+
+/// A bounded pool of byte buffers. Buffers nobody needed for a whole interval between two
+/// [`BufferPool::trim`] calls are freed, so memory taken in a burst (or by clients that have
+/// gone) goes back to the system.
 #[derive(Debug)]
 pub struct BufferPool {
-    small: Mutex<Vec<Vec<u8>>>,
-    large: Mutex<(Vec<Vec<u8>>, usize)>,
+    small: Mutex<Shelf>,
+    large: Mutex<Shelf>,
     /// Most small buffers kept.
     max_small: usize,
     /// Most bytes of capacity kept in large buffers.
@@ -32,12 +83,17 @@ impl Default for BufferPool {
     }
 }
 
+fn lock(m: &Mutex<Shelf>) -> std::sync::MutexGuard<'_, Shelf> {
+    // A shelf is a plain list of spare buffers: nothing to be inconsistent after a panic.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl BufferPool {
     /// A pool keeping at most `max_small` small buffers and `max_large_bytes` of large ones.
     pub fn new(max_small: usize, max_large_bytes: usize) -> Self {
         Self {
-            small: Mutex::new(Vec::new()),
-            large: Mutex::new((Vec::new(), 0)),
+            small: Mutex::new(Shelf::default()),
+            large: Mutex::new(Shelf::default()),
             max_small,
             max_large_bytes,
         }
@@ -49,21 +105,16 @@ impl BufferPool {
             return Vec::new();
         }
         let recycled = if len <= SMALL {
-            self.small.lock().unwrap_or_else(|e| e.into_inner()).pop()
+            lock(&self.small).pop_fitting(len)
         } else {
-            let mut l = self.large.lock().unwrap_or_else(|e| e.into_inner());
-            let v = l.0.pop();
-            if let Some(v) = &v {
-                l.1 -= v.capacity();
-            }
-            v
+            lock(&self.large).pop_fitting(len)
         };
         match recycled {
             Some(mut v) => {
                 if v.len() >= len {
                     v.truncate(len);
                 } else {
-                    // Only the growth is zero-filled.
+                    // Only the growth (within the capacity) is zero-filled.
                     v.resize(len, 0);
                 }
                 v
@@ -79,17 +130,28 @@ impl BufferPool {
             return;
         }
         if v.capacity() <= SMALL {
-            let mut l = self.small.lock().unwrap_or_else(|e| e.into_inner());
-            if l.len() < self.max_small {
+            let mut l = lock(&self.small);
+            if l.bufs.len() < self.max_small {
                 l.push(v);
             }
         } else {
-            let mut l = self.large.lock().unwrap_or_else(|e| e.into_inner());
-            if l.1 + v.capacity() <= self.max_large_bytes {
-                l.1 += v.capacity();
-                l.0.push(v);
+            let mut l = lock(&self.large);
+            if l.bytes + v.capacity() <= self.max_large_bytes {
+                l.push(v);
             }
         }
+    }
+
+    /// Frees the buffers that no `take` needed since the previous call (call it every second
+    /// or so): a steady load keeps what it uses, memory of a past burst is returned.
+    pub fn trim(&self) {
+        lock(&self.small).trim();
+        lock(&self.large).trim();
+    }
+
+    /// Bytes of capacity kept for reuse.
+    pub fn kept_bytes(&self) -> usize {
+        lock(&self.small).bytes + lock(&self.large).bytes
     }
 }
 
@@ -172,8 +234,44 @@ mod tests {
         let big = p.take(1 << 20);
         p.give(big);
         p.give(vec![0; 1 << 20]);
-        assert_eq!(p.large.lock().unwrap().0.len(), 1, "bounded by bytes");
+        assert_eq!(p.large.lock().unwrap().bufs.len(), 1, "bounded by bytes");
         assert!(p.take(0).is_empty());
+    }
+
+    /// Regression: a 32 MiB read reply buffer came back as a 1 MiB write payload, and the
+    /// engine's write-back stage held all 32 MiB of it.
+    #[test]
+    fn a_buffer_is_only_reused_for_a_request_of_at_least_half_its_size() {
+        let p = BufferPool::new(8, 64 << 20);
+        p.give(vec![0; 32 << 20]);
+        let small = p.take(1 << 20);
+        assert!(small.capacity() < 2 << 20, "a 32 MiB buffer served 1 MiB");
+        p.give(small);
+        let big = p.take(20 << 20);
+        assert_eq!(
+            big.capacity(),
+            32 << 20,
+            "the big buffer is still there for big requests"
+        );
+    }
+
+    #[test]
+    fn trim_frees_what_sat_unused_for_a_whole_interval() {
+        let p = BufferPool::new(8, 64 << 20);
+        for _ in 0..4 {
+            p.give(vec![0; 1 << 20]);
+        }
+        p.trim();
+        assert_eq!(p.kept_bytes(), 4 << 20, "just given back: kept");
+        // One interval in which at most two were taken at once: two sat unused throughout.
+        let (a, b) = (p.take(1 << 20), p.take(1 << 20));
+        p.give(a);
+        p.give(b);
+        p.trim();
+        assert_eq!(p.kept_bytes(), 2 << 20);
+        // An interval without use frees the rest.
+        p.trim();
+        assert_eq!(p.kept_bytes(), 0);
     }
 
     #[test]
@@ -188,6 +286,9 @@ mod tests {
         let free = Payload::from_vec(vec![1, 2, 3]);
         assert_eq!(&*free, &[1, 2, 3]);
         drop(free);
-        assert!(p.small.lock().unwrap().is_empty(), "unpooled payloads stay out");
+        assert!(
+            p.small.lock().unwrap().bufs.is_empty(),
+            "unpooled payloads stay out"
+        );
     }
 }

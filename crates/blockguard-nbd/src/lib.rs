@@ -19,8 +19,10 @@
 //! `BLOCK_STATUS` (+`REQ_ONE`). `NBD_FLAG_CAN_MULTI_CONN` is advertised because the engine's
 //! flush covers writes completed on every connection.
 
+mod budget;
 pub mod buffers;
 pub mod client;
+mod conns;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -29,6 +31,7 @@ pub mod pool;
 pub mod proto;
 pub mod server;
 pub mod spin;
+mod stream;
 pub mod transmission;
 mod volume;
 

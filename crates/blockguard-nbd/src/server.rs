@@ -13,20 +13,23 @@
 //! Shutdown ([`ShutdownHandle::shutdown`], e.g. from SIGINT/SIGTERM): stop accepting, stop
 //! reading new requests, let every in-flight request finish and be answered, flush the export.
 
+use crate::budget::Budget;
 use crate::buffers::{BufferPool, Payload};
+use crate::conns::{Activity, Clock, ConnTable, Limits};
 use crate::export::{Export, GroupFlush};
-use crate::handshake::{Event, ExportInfo, Handshake, HandshakeConfig, ReplyMode};
+use crate::handshake::{Event, ExportInfo, Handshake, HandshakeConfig};
 use crate::pool::{Job, Pool, Submitter};
 use crate::proto;
 use crate::spin::{SpinConfig, SpinState, Spinners};
+use crate::stream::{Listener, Stream};
 use crate::transmission::{Outcome, ReplyBytes, Request, Session};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
@@ -60,7 +63,8 @@ pub struct ServerConfig {
     /// core run while requests are fast (page cache); up to this many while most requests
     /// wait for the disk.
     pub workers: usize,
-    /// Connections beyond this are closed at once.
+    /// Most connections at once. At the limit a new client gets the place of the quietest
+    /// idle connection (see `conns.rs`); it is refused only when every connection is busy.
     pub max_connections: usize,
     /// Requests in flight per connection before the reader stops reading.
     pub max_inflight_requests: usize,
@@ -69,8 +73,17 @@ pub struct ServerConfig {
     /// purpose: buffers that cycle quickly stay in the CPU cache; with a 64 MiB bound a
     /// multi-connection `nbdcopy` out cost ~20 % more CPU per GiB than with 4 MiB.
     pub max_inflight_bytes: usize,
-    /// A client must finish the handshake within this time.
+    /// Payload and reply bytes in flight on all connections together; requests beyond wait
+    /// (see `budget.rs`). Keeps clients that never read their replies from pinning memory
+    /// without bound.
+    pub max_total_inflight_bytes: usize,
+    /// A client must finish the whole handshake within this time of connecting (one
+    /// deadline, not a timeout per read: trickling bytes does not extend it).
     pub handshake_timeout: Duration,
+    /// Close connections that have had no request in flight for this long (`None`: never).
+    /// Idle connections are also closed, quietest first, when a new client comes while the
+    /// server is at `max_connections`.
+    pub idle_timeout: Option<Duration>,
     /// Accept `NBD_OPT_EXTENDED_HEADERS`.
     pub extended_headers: bool,
     /// How long a reader busy-polls an empty socket before blocking (zero: never). See
@@ -87,7 +100,9 @@ impl Default for ServerConfig {
             max_connections: 512,
             max_inflight_requests: 128,
             max_inflight_bytes: 4 << 20,
-            handshake_timeout: Duration::from_secs(30),
+            max_total_inflight_bytes: 256 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: None,
             extended_headers: true,
             poll_window: SpinConfig::for_cores(1).window,
         }
@@ -98,22 +113,32 @@ impl Default for ServerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// Binding the listening socket failed.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         /// The address.
         addr: ListenAddr,
-        /// The cause.
+        /// The cause (shown by the error chain, not in this message).
         source: io::Error,
     },
     /// Another process is serving on this Unix socket, or the path is not a socket.
     #[error("{0} is in use (another server listens there, or it is not a socket)")]
     SocketInUse(PathBuf),
     /// The final flush at shutdown failed.
-    #[error("final flush failed: {0}")]
+    #[error("final flush failed")]
     Flush(#[source] crate::export::ExportError),
     /// A thread could not be created.
-    #[error("cannot start thread: {0}")]
+    #[error("cannot start thread")]
     Thread(#[source] io::Error),
+    /// Request handlers panicked: writes and flushes were refused from the first panic on,
+    /// and the export was not flushed at shutdown.
+    #[error(
+        "internal error: {panics} request handler(s) panicked; writes and flushes were refused \
+         from the first panic on and the export was not flushed"
+    )]
+    Panicked {
+        /// How many panics were caught.
+        panics: u64,
+    },
 }
 
 /// Asks a running [`Server`] to stop; cheap to clone and usable from any thread.
@@ -124,7 +149,10 @@ pub struct ShutdownHandle {
 
 #[derive(Debug)]
 struct ShutdownState {
-    requested: AtomicBool,
+    /// Set by [`ShutdownHandle::shutdown`] or, from inside a signal handler, by the signal.
+    requested: Arc<AtomicBool>,
+    /// The signal that asked for the shutdown (0: none, or not a signal).
+    signal: Arc<AtomicUsize>,
     wake: ListenAddr,
 }
 
@@ -132,7 +160,8 @@ impl ShutdownHandle {
     /// Starts a graceful shutdown: stop accepting, finish in-flight requests, flush.
     pub fn shutdown(&self) {
         if !self.inner.requested.swap(true, Ordering::SeqCst) {
-            // The accept loop blocks in accept(); a connection of our own wakes it up.
+            // The accept loop notices the flag within a tick anyway; a connection of our
+            // own wakes it at once.
             match &self.inner.wake {
                 ListenAddr::Tcp(a) => drop(TcpStream::connect_timeout(a, Duration::from_secs(1))),
                 ListenAddr::Unix(p) => drop(UnixStream::connect(p)),
@@ -140,128 +169,29 @@ impl ShutdownHandle {
         }
     }
 
-    /// True once [`ShutdownHandle::shutdown`] was called.
+    /// True once [`ShutdownHandle::shutdown`] was called or a stop signal arrived.
     pub fn is_requested(&self) -> bool {
         self.inner.requested.load(Ordering::SeqCst)
     }
 }
 
-/// Makes SIGINT and SIGTERM start a graceful shutdown; a second signal exits at once.
+/// Makes SIGINT and SIGTERM start a graceful shutdown; a second signal exits at once (status
+/// 128 + signal).
+///
+/// The handlers only set flags, which the accept loop polls: no thread of ours runs on a
+/// signal, so nothing on the way — logging to a stderr that is full or closed included — can
+/// block or kill the shutdown.
 pub fn shutdown_on_signals(handle: ShutdownHandle) -> io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
-    thread::Builder::new().name("nbd-signals".into()).spawn(move || {
-        for sig in signals.forever() {
-            if handle.is_requested() {
-                tracing::warn!(signal = sig, "second signal: exiting without waiting");
-                std::process::exit(128 + sig);
-            }
-            tracing::info!(
-                signal = sig,
-                "shutting down: finishing in-flight requests, then flushing"
-            );
-            handle.shutdown();
-        }
-    })?;
+    use signal_hook::flag;
+    for sig in [SIGINT, SIGTERM] {
+        // Registered first, so it sees the flag as it was before this signal: it exits only
+        // when an earlier signal had already set it.
+        flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&handle.inner.requested))?;
+        flag::register_usize(sig, Arc::clone(&handle.inner.signal), sig as usize)?;
+        flag::register(sig, Arc::clone(&handle.inner.requested))?;
+    }
     Ok(())
-}
-
-enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
-}
-
-/// A connected client socket of either kind.
-#[derive(Debug)]
-enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Stream {
-    fn try_clone(&self) -> io::Result<Stream> {
-        Ok(match self {
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-        })
-    }
-    fn shutdown(&self, how: Shutdown) {
-        // Errors only mean the socket is already closed.
-        let _ = match self {
-            Stream::Tcp(s) => s.shutdown(how),
-            Stream::Unix(s) => s.shutdown(how),
-        };
-    }
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_read_timeout(t),
-            Stream::Unix(s) => s.set_read_timeout(t),
-        }
-    }
-    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_write_timeout(t),
-            Stream::Unix(s) => s.set_write_timeout(t),
-        }
-    }
-    /// `sendmsg` with `MSG_DONTWAIT`: never blocks, even though the socket is blocking
-    /// (the reader shares the file description, so `O_NONBLOCK` is not an option).
-    fn send_vectored_nonblocking(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        use rustix::net::{sendmsg, SendAncillaryBuffer, SendFlags};
-        let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
-        let mut control = SendAncillaryBuffer::default();
-        let sent = match self {
-            Stream::Tcp(s) => sendmsg(s, bufs, &mut control, flags),
-            Stream::Unix(s) => sendmsg(s, bufs, &mut control, flags),
-        };
-        sent.map_err(io::Error::from)
-    }
-
-    /// True if a read would not block: data (or end of file, or an error) is waiting.
-    fn readable_now(&self) -> bool {
-        use rustix::net::{recv, RecvFlags};
-        let mut byte = [0u8; 1];
-        let flags = RecvFlags::PEEK | RecvFlags::DONTWAIT;
-        let r = match self {
-            Stream::Tcp(s) => recv(s, &mut byte[..], flags),
-            Stream::Unix(s) => recv(s, &mut byte[..], flags),
-        };
-        !matches!(r, Err(rustix::io::Errno::AGAIN))
-    }
-
-    fn peer(&self) -> String {
-        match self {
-            Stream::Tcp(s) => s.peer_addr().map_or_else(|_| "tcp".into(), |a| a.to_string()),
-            Stream::Unix(_) => "unix".into(),
-        }
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
-        }
-    }
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write_vectored(bufs),
-            Stream::Unix(s) => s.write_vectored(bufs),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// An NBD server for one export.
@@ -315,7 +245,8 @@ impl Server {
         };
         let shutdown = ShutdownHandle {
             inner: Arc::new(ShutdownState {
-                requested: AtomicBool::new(false),
+                requested: Arc::new(AtomicBool::new(false)),
+                signal: Arc::new(AtomicUsize::new(0)),
                 wake: match &actual {
                     // A wildcard address cannot be connected to; wake via loopback.
                     ListenAddr::Tcp(a) if a.ip().is_unspecified() => {
@@ -395,13 +326,38 @@ impl Server {
                 ..SpinConfig::for_cores(cores)
             },
             spinners: Spinners::default(),
-            conns: Mutex::new(HashMap::new()),
-            live: Mutex::new(0),
-            live_cv: Condvar::new(),
+            conns: ConnTable::new(
+                Limits {
+                    max: self.cfg.max_connections,
+                    handshake: self.cfg.handshake_timeout,
+                    idle: self.cfg.idle_timeout,
+                },
+                Arc::new(Clock::new()),
+            ),
+            budget: Arc::new(Budget::new(self.cfg.max_total_inflight_bytes)),
             shutdown: self.shutdown.clone(),
+            failed: Arc::new(Failed::default()),
         });
         let next_id = AtomicU64::new(1);
+        let mut trimmed = std::time::Instant::now();
         loop {
+            shared.conns.reap();
+            if trimmed.elapsed() >= TRIM_EVERY {
+                shared.buffers.trim();
+                trimmed = std::time::Instant::now();
+            }
+            if self.shutdown.is_requested() {
+                break;
+            }
+            match self.listener.wait_readable(ACCEPT_TICK) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot wait for connections");
+                    thread::sleep(ACCEPT_TICK);
+                    continue;
+                }
+            }
             let accepted = match &self.listener {
                 Listener::Tcp(l) => l.accept().map(|(s, _)| {
                     // Replies are written whole; Nagle would only add latency.
@@ -433,10 +389,26 @@ impl Server {
                 tracing::warn!(error = %e, "cannot serve new connection");
             }
         }
-        tracing::info!("no longer accepting connections");
+        match self.shutdown.inner.signal.load(Ordering::SeqCst) {
+            0 => tracing::info!("shutting down: finishing in-flight requests, then flushing"),
+            signal => tracing::info!(
+                signal,
+                "shutting down on a signal: finishing in-flight requests, then flushing"
+            ),
+        }
         shared.stop_connections();
+        let failed = Arc::clone(&shared.failed);
         drop(shared);
         pool.join();
+        let panics = failed.panics.load(Ordering::SeqCst);
+        if panics > 0 {
+            // Fail-stop: after a broken invariant nothing is made durable that was not
+            // already; the volume is left as a crash would leave it.
+            if let Listener::Unix(_, p) = &self.listener {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(ServerError::Panicked { panics });
+        }
         let flushed = self.export.flush();
         if let Listener::Unix(_, p) = &self.listener {
             let _ = std::fs::remove_file(p);
@@ -453,11 +425,22 @@ impl Server {
 /// the copies into the socket run cache-cold; 1 MiB was fastest for both, in every round.
 const UNIX_SEND_BUFFER: usize = 1 << 20;
 
+/// Longest the accept loop sleeps before looking at the shutdown flag (which a signal handler
+/// sets without waking anybody).
+const ACCEPT_TICK: Duration = Duration::from_millis(100);
+
+/// How often buffers nobody needed are freed (see [`BufferPool::trim`]).
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+
 /// How long shutdown waits for connections to drain before cutting them off.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// A reply that cannot be sent for this long means the client stopped reading: drop it.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The write timeout of a connection's socket in the transmission phase: how often a blocked
+/// writer looks up to record progress (see `Activity::progressed`).
+const WRITE_PROBE: Duration = Duration::from_millis(100);
 
 /// State shared by the accept loop and all connections.
 struct Shared {
@@ -468,93 +451,68 @@ struct Shared {
     pool: Submitter,
     spin: SpinConfig,
     spinners: Spinners,
-    /// A clone of every live connection's socket, to unblock its reader at shutdown.
-    conns: Mutex<HashMap<u64, Stream>>,
-    live: Mutex<usize>,
-    live_cv: Condvar,
+    /// Every live connection, with the limits on them.
+    conns: ConnTable,
+    /// Memory for requests in flight, all connections together.
+    budget: Arc<Budget>,
     shutdown: ShutdownHandle,
+    failed: Arc<Failed>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panicking request is caught before it can poison anything, but stay usable anyway.
+    // These locks guard only the server's own bookkeeping (queues, counters, the connection
+    // table), which must keep working to refuse requests and shut down after a panic has
+    // latched the export failed (see `Failed`).
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {
     fn start_connection(self: &Arc<Self>, id: u64, stream: Stream) -> io::Result<()> {
-        {
-            let mut live = lock(&self.live);
-            if *live >= self.cfg.max_connections {
-                tracing::warn!(
-                    peer = stream.peer(),
-                    max = self.cfg.max_connections,
-                    "too many connections; closing the new one"
-                );
-                return Ok(());
-            }
-            *live += 1;
-        }
-        let registered = stream.try_clone().map(|c| lock(&self.conns).insert(id, c));
+        let peer = stream.peer();
+        let Some(activity) = self.conns.admit(id, &stream, peer.clone())? else {
+            // Refused (and logged by the table); dropping the stream closes it.
+            return Ok(());
+        };
         let shared = Arc::clone(self);
-        let spawned = registered.and_then(|_| {
-            thread::Builder::new()
-                .name(format!("nbd-conn-{id}"))
-                .spawn(move || {
-                    let peer = stream.peer();
-                    shared.serve(id, stream, &peer);
-                    shared.finish_connection(id);
-                })
-        });
+        let spawned = thread::Builder::new()
+            .name(format!("nbd-conn-{id}"))
+            .spawn(move || {
+                // A panic outside a request handler (those catch their own) fails the
+                // export the same way; the connection's bookkeeping ends either way.
+                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    shared.serve(id, stream, &peer.detail, &activity);
+                }));
+                if served.is_err() {
+                    shared.failed.record("serving a connection", 0);
+                }
+                shared.conns.remove(id);
+            });
         if let Err(e) = spawned {
-            self.finish_connection(id);
+            self.conns.remove(id);
             return Err(e);
         }
         Ok(())
     }
 
-    fn finish_connection(&self, id: u64) {
-        lock(&self.conns).remove(&id);
-        let mut live = lock(&self.live);
-        *live -= 1;
-        self.live_cv.notify_all();
-    }
-
     /// Unblocks every reader (they then drain their in-flight requests) and waits for all
     /// connections to end.
     fn stop_connections(&self) {
-        for s in lock(&self.conns).values() {
-            s.shutdown(Shutdown::Read);
-        }
-        let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
-        let mut live = lock(&self.live);
-        while *live > 0 {
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                break;
-            }
-            live = self
-                .live_cv
-                .wait_timeout(live, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        if *live > 0 {
+        self.conns.shutdown_all(Shutdown::Read);
+        let left = self
+            .conns
+            .wait_empty(Some(std::time::Instant::now() + SHUTDOWN_GRACE));
+        if left > 0 {
             // Clients that stopped reading their replies: cut them off so their writers
             // fail instead of blocking shutdown forever.
-            tracing::warn!(connections = *live, "closing connections that do not drain");
-            drop(live);
-            for s in lock(&self.conns).values() {
-                s.shutdown(Shutdown::Both);
-            }
-            live = lock(&self.live);
-            while *live > 0 {
-                live = self.live_cv.wait(live).unwrap_or_else(|e| e.into_inner());
-            }
+            tracing::warn!(connections = left, "closing connections that do not drain");
+            self.conns.shutdown_all(Shutdown::Both);
+            self.conns.wait_empty(None);
         }
+        self.conns.flush_log();
     }
 
     /// Runs one connection to its end.
-    fn serve(self: &Arc<Self>, id: u64, stream: Stream, peer: &str) {
+    fn serve(self: &Arc<Self>, id: u64, stream: Stream, peer: &str, activity: &Arc<Activity>) {
         let span = tracing::info_span!("conn", id, peer);
         let _guard = span.enter();
         let Ok(mut writer) = stream.try_clone() else {
@@ -567,7 +525,7 @@ impl Shared {
         // write payload the buffer pre-reads costs an extra copy (large payloads are read
         // straight into their own buffer past that).
         let mut reader = BufReader::with_capacity(16 * 1024, stream);
-        let negotiated = match self.handshake(&mut reader, &mut writer) {
+        let negotiated = match self.handshake(&mut reader, &mut writer, activity) {
             Ok(Some(n)) => n,
             Ok(None) => return,
             Err(e) => {
@@ -582,8 +540,12 @@ impl Shared {
             base_allocation = negotiated.meta_context.is_some(),
             "client connected"
         );
+        if let Err(e) = writer.set_write_timeout(Some(WRITE_PROBE)) {
+            tracing::debug!(error = %e, "cannot set write timeout");
+        }
         let conn = Arc::new(Conn {
             session: Session::new(&negotiated, self.export.size(), self.cfg.max_payload),
+            failed: Arc::clone(&self.failed),
             export: Arc::clone(&self.export),
             buffers: Arc::clone(&self.buffers),
             stream: Mutex::new(writer),
@@ -592,6 +554,9 @@ impl Shared {
             inflight: Mutex::new(Inflight::default()),
             inflight_cv: Condvar::new(),
             broken: AtomicBool::new(false),
+            activity: Arc::clone(activity),
+            clock: Arc::clone(self.conns.clock()),
+            budget: Arc::clone(&self.budget),
         });
         let writer = {
             let conn = Arc::clone(&conn);
@@ -605,9 +570,12 @@ impl Shared {
         };
         let reason = match writer {
             Ok(writer) => {
+                // Closed however the reader ends, a panic included, so the writer thread
+                // always exits.
+                let closing = CloseQueue(&conn);
                 let reason = self.transmission(&mut reader, &conn);
                 conn.wait_idle();
-                conn.close_queue();
+                drop(closing);
                 let _ = writer.join();
                 reason
             }
@@ -625,8 +593,10 @@ impl Shared {
         &self,
         reader: &mut BufReader<Stream>,
         w: &mut Stream,
+        activity: &Activity,
     ) -> io::Result<Option<crate::handshake::Negotiated>> {
-        // A client that stalls in the handshake must not hold its thread forever.
+        // The connection table closes the socket at the handshake deadline; the per-read
+        // timeout is only a backstop.
         reader
             .get_ref()
             .set_read_timeout(Some(self.cfg.handshake_timeout))?;
@@ -642,11 +612,13 @@ impl Shared {
             }
             buf.resize(hs.want(), 0);
             reader.read_exact(&mut buf)?;
+            activity.touch(self.conns.clock());
             match hs.feed(&buf) {
                 Ok(Event::Continue) => {}
                 Ok(Event::Transmission(n)) => {
                     w.write_all(&hs.take_output())?;
                     reader.get_ref().set_read_timeout(None)?;
+                    activity.start_transmission(self.conns.clock());
                     return Ok(Some(n));
                 }
                 Ok(Event::Close) => {
@@ -689,17 +661,23 @@ impl Shared {
                     return "protocol violation";
                 }
             };
+            if req.typ == proto::CMD_DISC {
+                return "NBD_CMD_DISC";
+            }
+            // Memory is granted before the payload is read or the reply built: a client
+            // that does not read its replies stops being read here.
+            let cost = request_cost(&req, &conn.session);
+            let Some(was_idle) = conn.acquire(cost, &self.cfg, &|| self.conns.relieve()) else {
+                return "closed while waiting for memory";
+            };
             let mut payload = Payload::take(&conn.buffers, req.payload_len);
             if let Err(e) = reader.read_exact(&mut payload) {
                 // The write was never acknowledged, so dropping it loses nothing promised.
                 tracing::warn!(error = %e, "client disconnected in the middle of a request");
+                drop(payload);
+                conn.release(cost);
                 return "disconnected mid-request";
             }
-            if req.typ == proto::CMD_DISC {
-                return "NBD_CMD_DISC";
-            }
-            let cost = request_cost(&req, &conn.session);
-            let was_idle = conn.acquire(cost, &self.cfg);
             // The last request of a burst (nothing more buffered) runs right here: at queue
             // depth 1 there is nothing to overlap with, and under load the reader taking
             // its share saves a hand-off per burst. Big requests that could overlap with
@@ -712,6 +690,53 @@ impl Shared {
                 self.pool.submit(job);
             }
         }
+    }
+}
+
+/// Closes a connection's reply queue when dropped (see [`Conn::close_queue`]).
+struct CloseQueue<'a>(&'a Conn);
+
+impl Drop for CloseQueue<'_> {
+    fn drop(&mut self) {
+        self.0.close_queue();
+    }
+}
+
+/// What a client is told when a request is refused after a panic.
+const FAILED_MESSAGE: &str =
+    "the server refuses writes and flushes after an internal error (a request handler panicked)";
+
+/// True for the commands a failed server refuses: those that change data or promise
+/// durability.
+fn changes_data(typ: u16) -> bool {
+    matches!(
+        typ,
+        proto::CMD_WRITE | proto::CMD_FLUSH | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES
+    )
+}
+
+/// Panics caught in request handlers or connection threads. The first latches the export
+/// failed for good: it is logged (once), writes and flushes are refused from then on, the
+/// export is not flushed at shutdown, and [`Server::run`] returns [`ServerError::Panicked`].
+#[derive(Debug, Default)]
+struct Failed {
+    panics: AtomicU64,
+}
+
+impl Failed {
+    fn record(&self, during: &str, offset: u64) {
+        if self.panics.fetch_add(1, Ordering::SeqCst) == 0 {
+            tracing::error!(
+                during,
+                offset,
+                "internal error: a request handler panicked; refusing writes and flushes from \
+                 now on (reads go on); the server will exit with an error at shutdown"
+            );
+        }
+    }
+
+    fn is_set(&self) -> bool {
+        self.panics.load(Ordering::Relaxed) > 0
     }
 }
 
@@ -767,6 +792,7 @@ const MAX_BATCH: usize = 64;
 /// client that stops reading stalls only itself, never the shared worker pool.
 struct Conn {
     session: Session,
+    failed: Arc<Failed>,
     export: Arc<dyn Export>,
     buffers: Arc<BufferPool>,
     stream: Mutex<Stream>,
@@ -775,31 +801,50 @@ struct Conn {
     inflight: Mutex<Inflight>,
     inflight_cv: Condvar,
     broken: AtomicBool,
+    /// What the connection table reads to tell idle connections from busy ones.
+    activity: Arc<Activity>,
+    /// The server's memory budget for requests in flight.
+    budget: Arc<Budget>,
+    clock: Arc<Clock>,
 }
 
 impl Conn {
-    /// Waits for room for a request of `cost` bytes; returns true if nothing was in flight.
+    /// Waits for room for a request of `cost` bytes, on this connection and in the server's
+    /// whole budget (asking `relieve` for memory held by unread replies when that takes long);
+    /// returns whether nothing was in flight, or `None` if the connection was closed meanwhile.
     ///
     /// A request counts as in flight from here until its reply has been written, so the
-    /// bound covers queued payloads, executing requests and unsent replies alike.
-    fn acquire(&self, cost: usize, cfg: &ServerConfig) -> bool {
-        let mut f = lock(&self.inflight);
-        while f.count > 0 && (f.count >= cfg.max_inflight_requests || f.bytes + cost > cfg.max_inflight_bytes)
+    /// bounds cover payloads being read, executing requests and unsent replies alike.
+    fn acquire(&self, cost: usize, cfg: &ServerConfig, relieve: &dyn Fn()) -> Option<bool> {
         {
-            f.waiting = true;
-            f = self.inflight_cv.wait(f).unwrap_or_else(|e| e.into_inner());
+            let mut f = lock(&self.inflight);
+            while f.count > 0
+                && (f.count >= cfg.max_inflight_requests || f.bytes + cost > cfg.max_inflight_bytes)
+            {
+                f.waiting = true;
+                f = self.inflight_cv.wait(f).unwrap_or_else(|e| e.into_inner());
+            }
+            f.waiting = false;
         }
-        f.waiting = false;
+        // Meanwhile only this connection's releases change its counts: the room stays.
+        let gone = || self.broken.load(Ordering::Relaxed) || self.activity.is_closing();
+        if !self.budget.take(cost, &gone, relieve) {
+            return None;
+        }
+        let mut f = lock(&self.inflight);
         let idle = f.count == 0;
         f.count += 1;
         f.bytes += cost;
-        idle
+        self.activity.request_started(&self.clock);
+        Some(idle)
     }
 
     fn release(&self, cost: usize) {
+        self.budget.give(cost);
         let mut f = lock(&self.inflight);
         f.count -= 1;
         f.bytes -= cost;
+        self.activity.request_done(&self.clock);
         if f.waiting {
             self.inflight_cv.notify_all();
         }
@@ -814,8 +859,13 @@ impl Conn {
         f.waiting = false;
     }
 
-    /// Runs a request, turning a panic into an `EIO` reply so the connection survives.
+    /// Runs a request. After a panic anywhere in the server an invariant may be broken, so
+    /// nothing more may be promised durable: the panic is answered `EIO` and latches the
+    /// export failed, and from then on writes and flushes are refused (reads go on).
     fn run(&self, req: &Request, payload: Payload) -> Outcome {
+        if self.failed.is_set() && changes_data(req.typ) {
+            return Outcome::Reply(self.session.error_reply(req, proto::EIO, FAILED_MESSAGE));
+        }
         // The payload goes back to the pool when dropped: at once, or once a write's data
         // has left the engine's write-back stage.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -823,12 +873,8 @@ impl Conn {
                 .handle_with(&*self.export, req, payload, &self.buffers)
         }));
         outcome.unwrap_or_else(|_| {
-            tracing::error!(
-                command = proto::command_name(req.typ),
-                offset = req.offset,
-                "request panicked; answering EIO"
-            );
-            Outcome::Reply(panic_reply(&self.session, req).into())
+            self.failed.record(proto::command_name(req.typ), req.offset);
+            Outcome::Reply(self.session.error_reply(req, proto::EIO, FAILED_MESSAGE))
         })
     }
 
@@ -859,6 +905,7 @@ impl Conn {
             if sent < total {
                 // The socket is full: the writer thread finishes this batch and drains the
                 // queue with blocking writes; `writing` stays set until it is done.
+                self.activity.stalled(&self.clock);
                 q.stalled = Some((batch, sent));
                 self.queue_cv.notify_all();
                 return;
@@ -937,6 +984,7 @@ impl Conn {
                     let mut q = lock(&self.queue);
                     if q.replies.is_empty() {
                         q.writing = false;
+                        self.activity.unstalled();
                         break;
                     }
                     let n = q.replies.len().min(MAX_BATCH);
@@ -948,7 +996,8 @@ impl Conn {
         }
     }
 
-    /// Writes `batch` after skipping `skip` bytes already sent, blocking as needed.
+    /// Writes `batch` after skipping `skip` bytes already sent, blocking as needed; gives up
+    /// (and closes the connection) after [`WRITE_TIMEOUT`] without progress.
     fn send_blocking(&self, batch: &[(ReplyBytes, usize)], skip: usize) {
         if self.broken.load(Ordering::SeqCst) {
             return;
@@ -957,14 +1006,24 @@ impl Conn {
         let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|(b, _)| IoSlice::new(b)).collect();
         let mut rest = &mut slices[..];
         IoSlice::advance_slices(&mut rest, skip);
+        let mut moved = std::time::Instant::now();
         while !rest.is_empty() {
+            // The socket's write timeout (WRITE_PROBE) returns control now and then, so
+            // progress is seen (and a client that reads nothing is told from a slow one).
             match stream.write_vectored(rest) {
                 Ok(0) => {
                     self.fail(&stream, &io::ErrorKind::WriteZero.into());
                     return;
                 }
-                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Ok(n) => {
+                    IoSlice::advance_slices(&mut rest, n);
+                    moved = std::time::Instant::now();
+                    self.activity.progressed(&self.clock);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+                        && moved.elapsed() < WRITE_TIMEOUT => {}
                 Err(e) => {
                     self.fail(&stream, &e);
                     return;
@@ -986,37 +1045,4 @@ impl Conn {
         lock(&self.queue).closed = true;
         self.queue_cv.notify_all();
     }
-}
-
-/// An `EIO` reply for a request whose execution panicked.
-fn panic_reply(s: &Session, req: &Request) -> Vec<u8> {
-    use crate::proto::PutBe;
-    let mut out = Vec::new();
-    match s.mode {
-        ReplyMode::Simple => {
-            out.put_u32(proto::SIMPLE_REPLY_MAGIC);
-            out.put_u32(proto::EIO);
-            out.put_u64(req.cookie);
-        }
-        ReplyMode::Structured => {
-            out.put_u32(proto::STRUCTURED_REPLY_MAGIC);
-            out.put_u16(proto::REPLY_FLAG_DONE);
-            out.put_u16(proto::REPLY_TYPE_ERROR);
-            out.put_u64(req.cookie);
-            out.put_u32(6);
-            out.put_u32(proto::EIO);
-            out.put_u16(0);
-        }
-        ReplyMode::Extended => {
-            out.put_u32(proto::EXTENDED_REPLY_MAGIC);
-            out.put_u16(proto::REPLY_FLAG_DONE);
-            out.put_u16(proto::REPLY_TYPE_ERROR);
-            out.put_u64(req.cookie);
-            out.put_u64(req.offset);
-            out.put_u64(6);
-            out.put_u32(proto::EIO);
-            out.put_u16(0);
-        }
-    }
-    out
 }

@@ -166,6 +166,17 @@ impl Session {
         )
     }
 
+    /// A complete error reply to `req` (for requests the server refuses before they reach
+    /// [`Session::handle`]); the message is sent where the reply format carries one.
+    pub fn error_reply(&self, req: &Request, errno: u32, message: &str) -> ReplyBytes {
+        let rep = Replier {
+            mode: self.mode,
+            cookie: req.cookie,
+            offset: req.offset,
+        };
+        rep.error(errno, message).into()
+    }
+
     /// [`Session::handle`] taking the read reply buffer from `buffers` and handing a write's
     /// payload over to the export.
     pub fn handle_with(

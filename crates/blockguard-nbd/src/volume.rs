@@ -19,7 +19,20 @@ pub fn export_error(e: blockguard::Error) -> ExportError {
     } else {
         ExportErrorKind::Io
     };
-    ExportError::new(kind, e.to_string())
+    ExportError::new(kind, with_causes(&e))
+}
+
+/// The error's message followed by each cause's, `: `-separated (what `anyhow`'s `{:#}` shows):
+/// the client gets one string, and error types show their own level only.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(cause) = cur {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        cur = cause.source();
+    }
+    out
 }
 
 fn is_no_space(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -82,5 +95,29 @@ impl Export for Volume {
     }
     fn description(&self) -> String {
         format!("blockguard volume {}", self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: engine I/O errors used to end with their cause while also chaining it.
+    #[test]
+    fn an_engine_io_error_reaches_the_client_with_its_cause_once() {
+        let cause = std::io::Error::from_raw_os_error(5);
+        let shown_cause = cause.to_string();
+        let e = blockguard::Error::Io {
+            volume: "v.bgv".into(),
+            during: "reading data",
+            offset: 4096,
+            source: cause,
+        };
+        let msg = export_error(e).message;
+        assert!(
+            msg.starts_with("v.bgv: I/O error while reading data at byte 4096"),
+            "{msg}"
+        );
+        assert_eq!(msg.matches(&shown_cause).count(), 1, "{msg}");
     }
 }

@@ -11,10 +11,16 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-/// An export whose reads at offset 0 take a while, to force overlap.
-struct Slow(MemoryExport);
+/// A memory export with injected misbehaviour: reads at offset 0 take a while (to force
+/// overlap), and writes at `panic_write_at` panic (a stand-in for a broken invariant).
+struct Quirky(MemoryExport, Option<u64>);
 
-impl Export for Slow {
+/// Slow reads at offset 0, no panics.
+fn slow(size: u64) -> Quirky {
+    Quirky(MemoryExport::new(size, 4096), None)
+}
+
+impl Export for Quirky {
     fn size(&self) -> u64 {
         self.0.size()
     }
@@ -31,6 +37,7 @@ impl Export for Slow {
         self.0.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ExportError> {
+        assert_ne!(Some(offset), self.1, "injected panic");
         self.0.write_at(buf, offset)
     }
     fn flush(&self) -> Result<(), ExportError> {
@@ -96,10 +103,7 @@ impl Drop for Running {
 
 #[test]
 fn replies_complete_out_of_order() {
-    let srv = Running::start(
-        Arc::new(Slow(MemoryExport::new(1 << 20, 4096))),
-        ServerConfig::default(),
-    );
+    let srv = Running::start(Arc::new(slow(1 << 20)), ServerConfig::default());
     let mut c = srv.client();
     let slow = c.send_request(proto::CMD_READ, 0, 0, 4096, &[]).unwrap();
     let fast = c.send_request(proto::CMD_READ, 0, 8192, 4096, &[]).unwrap();
@@ -175,7 +179,7 @@ fn a_client_that_stops_reading_replies_stalls_only_itself() {
 
 #[test]
 fn shutdown_answers_in_flight_requests_then_flushes() {
-    let export = Arc::new(Slow(MemoryExport::new(1 << 20, 4096)));
+    let export = Arc::new(slow(1 << 20));
     let srv = Running::start(export.clone(), ServerConfig::default());
     let mut c = srv.client();
     assert_eq!(c.write(0, &[5; 4096], 0).unwrap(), 0);
@@ -251,4 +255,55 @@ fn tcp_listener_reports_its_port_and_shuts_down() {
     assert_eq!(c.write(0, b"tcp", 0).unwrap(), 0);
     handle.shutdown();
     t.join().unwrap().unwrap();
+}
+
+/// Regression: `ServerError` displayed its cause and chained it too.
+#[test]
+fn a_bind_error_chains_its_cause_without_repeating_it() {
+    use std::error::Error as _;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = ListenAddr::Tcp(taken.local_addr().unwrap());
+    let export = Arc::new(MemoryExport::new(1 << 20, 4096));
+    let err = Server::bind(&addr, export, ServerConfig::default()).unwrap_err();
+    let shown = err.to_string();
+    let cause = err.source().expect("cause chained").to_string();
+    assert!(shown.starts_with("cannot listen on nbd://127.0.0.1:"), "{shown}");
+    assert!(!shown.contains(&cause), "{shown:?} repeats {cause:?}");
+}
+
+/// Regression: a panicking request was answered EIO and the server carried on as if nothing
+/// had happened. Now the panic latches the export failed: writes and flushes are refused on
+/// every connection (reads go on), nothing is flushed at shutdown, and `run` fails.
+#[test]
+fn a_panicking_request_fails_the_export_for_writes_and_flushes() {
+    let export = Arc::new(Quirky(MemoryExport::new(1 << 20, 4096), Some(8192)));
+    let srv = Running::start(export.clone(), ServerConfig::default());
+    let mut c = srv.client();
+    assert_eq!(c.write(0, &[1; 4096], 0).unwrap(), 0);
+    assert_eq!(c.call(proto::CMD_FLUSH, 0, 0, 0, &[]).unwrap().errno, 0);
+    let flushes = export.0.flush_count();
+    assert_eq!(
+        c.write(8192, &[2; 4096], 0).unwrap(),
+        proto::EIO,
+        "the panic is answered"
+    );
+    // From now on, on this connection and on new ones: writes, trims, zeroing and flushes
+    // fail, reads still work.
+    let mut fresh = srv.client();
+    for c in [&mut c, &mut fresh] {
+        assert_eq!(c.write(4096, &[3; 4096], 0).unwrap(), proto::EIO);
+        for typ in [proto::CMD_FLUSH, proto::CMD_TRIM, proto::CMD_WRITE_ZEROES] {
+            let len = if typ == proto::CMD_FLUSH { 0 } else { 4096 };
+            assert_eq!(c.call(typ, 0, 0, len, &[]).unwrap().errno, proto::EIO, "{typ}");
+        }
+        assert_eq!(c.read(0, 4096).unwrap().unwrap(), vec![1; 4096]);
+        assert_eq!(c.read(4096, 4096).unwrap().unwrap(), vec![0; 4096]);
+    }
+    drop((c, fresh));
+    let err = srv.stop().unwrap_err();
+    assert!(
+        matches!(err, blockguard_nbd::ServerError::Panicked { panics: 1 }),
+        "{err}"
+    );
+    assert_eq!(export.0.flush_count(), flushes, "flushed after the panic");
 }

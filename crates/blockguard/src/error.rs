@@ -18,7 +18,7 @@ pub enum CorruptionKind {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The backend failed.
-    #[error("{volume}: I/O error while {during} at byte {offset}: {source}")]
+    #[error("{volume}: I/O error while {during} at byte {offset}")]
     Io {
         volume: String,
         during: &'static str,

@@ -76,18 +76,24 @@ impl Served {
 
     /// Starts serving `volume` on a free loopback TCP port.
     pub fn start_tcp(volume: &Path, extra: &[&str]) -> Served {
-        let port = free_port();
-        let socket = PathBuf::new();
-        Self::spawn(volume, socket, Some(port), extra)
+        Self::start_tcp_host(volume, "127.0.0.1", extra)
     }
 
-    fn spawn(volume: &Path, socket: PathBuf, tcp: Option<u16>, extra: &[&str]) -> Served {
+    /// Starts serving `volume` with `--listen HOST:PORT` on a free port; `host` must resolve
+    /// to 127.0.0.1 (among others), where readiness is checked.
+    pub fn start_tcp_host(volume: &Path, host: &str, extra: &[&str]) -> Served {
+        let port = free_port();
+        let socket = PathBuf::new();
+        Self::spawn(volume, socket, Some((host, port)), extra)
+    }
+
+    fn spawn(volume: &Path, socket: PathBuf, tcp: Option<(&str, u16)>, extra: &[&str]) -> Served {
         let log = volume.with_extension("log");
         let logf = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(BIN);
         cmd.arg("serve").arg(volume);
         match tcp {
-            Some(port) => cmd.arg("--listen").arg(format!("127.0.0.1:{port}")),
+            Some((host, port)) => cmd.arg("--listen").arg(format!("{host}:{port}")),
             None => cmd.arg("--socket").arg(&socket),
         };
         let child = cmd
@@ -101,7 +107,7 @@ impl Served {
             child: Some(child),
             volume: volume.to_path_buf(),
             socket,
-            tcp,
+            tcp: tcp.map(|(_, port)| port),
             log,
         };
         s.wait_ready();
@@ -147,6 +153,14 @@ impl Served {
     /// A raw connection to the server.
     pub fn connect(&self) -> UnixStream {
         UnixStream::connect(&self.socket).expect("connect to server")
+    }
+
+    /// A client past the handshake (default options), whose reads time out after 20 s.
+    pub fn client(&self) -> blockguard_nbd::client::Client<UnixStream> {
+        let s = self.connect();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let opts = blockguard_nbd::client::ClientOptions::default();
+        blockguard_nbd::client::Client::handshake(s, &opts).expect("handshake")
     }
 
     /// The server's log so far.
