@@ -113,23 +113,23 @@ fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u
         crate::log::line(&format!("blockguard: warning: {w}"));
     }
     if let Some(r) = vol.recovery_at_open() {
-        eprintln!(
+        crate::log::line(&format!(
             "blockguard: {} was not closed cleanly: recovered ({} groups examined, {} rewritten, {} blocks back to the version on disk, {} first writes completed)",
             path.display(),
             r.groups_examined - r.groups_skipped,
             r.groups_rewritten,
             r.blocks_reverted,
             r.pairs_completed
-        );
+        ));
         for p in &r.damaged {
-            eprintln!(
+            crate::log::line(&format!(
                 "blockguard: warning: damaged metadata in group {} sector {} (blocks {}..{}): {}; reads of these blocks fail until `blockguard recover` rebuilds it",
                 p.group,
                 p.sector,
                 p.first_block,
                 p.first_block + p.blocks as u64,
                 p.detail
-            );
+            ));
         }
     }
     Ok(vol)

@@ -84,23 +84,15 @@ fn open_source(path: &Path) -> Result<(File, u64)> {
 
 /// Refuses a volume that holds written data: importing over it replaces that data.
 fn refuse_if_written(vol: &Volume, path: &Path) -> Result<()> {
-    let size = vol.size();
-    // A window of many groups per look-up; stops at the first written block.
-    let window = vol.geometry().group_blocks as u64 * vol.block_size() as u64 * 64;
-    let mut off = 0;
-    while off < size {
-        let len = window.min(size - off);
-        let extents = vol
-            .extents(off, len)
-            .with_context(|| format!("cannot read the allocation map of {}", path.display()))?;
-        if let Some(e) = extents.iter().find(|e| e.allocated) {
-            bail!(
-                "{} already holds data (byte {} is written); use --force to overwrite it",
-                path.display(),
-                e.offset
-            );
-        }
-        off += len;
+    let written = vol
+        .first_written_block(0)
+        .with_context(|| format!("cannot read the metadata of {}", path.display()))?;
+    if let Some(block) = written {
+        bail!(
+            "{} already holds data (block {block}, byte {}, is written); use --force to overwrite it",
+            path.display(),
+            block * vol.block_size() as u64
+        );
     }
     Ok(())
 }

@@ -783,9 +783,10 @@ fn import_refuses_sources_without_data_and_volumes_holding_data() {
     t.run(&["import", "a", "v.bgv"]).code(0);
     let b = random_bytes(4096, 33);
     t.raw("b", &b);
-    t.run(&["import", "b", "v.bgv"])
-        .code(2)
-        .err_has(&["v.bgv already holds data (byte 0 is written)", "--force"]);
+    t.run(&["import", "b", "v.bgv"]).code(2).err_has(&[
+        "v.bgv already holds data (block 0, byte 0, is written)",
+        "--force",
+    ]);
     t.run(&["export", "v.bgv", "out"]).code(0);
     assert!(t.read("out")[..a.len()] == a[..], "a refused import changed data");
     t.run(&["import", "b", "v.bgv", "--force"])

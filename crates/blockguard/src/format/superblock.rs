@@ -71,7 +71,10 @@ impl Mode {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SuperblockError {
     /// The bytes are not a blockguard superblock at all.
-    #[error("no blockguard superblock (magic {found:02x?}, expected \"BLKGUARD\")")]
+    #[error(
+        "no blockguard superblock (magic {}, expected \"BLKGUARD\")",
+        show_magic(found)
+    )]
     BadMagic { found: [u8; 8] },
     /// The checksum does not match: the copy is damaged.
     #[error("superblock checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
@@ -322,6 +325,16 @@ impl Superblock {
             copy,
         ))
     }
+}
+
+/// Eight magic bytes as text where printable, and in hex.
+fn show_magic(found: &[u8; 8]) -> String {
+    let text: String = found
+        .iter()
+        .map(|&b| if b.is_ascii_graphic() { b as char } else { '.' })
+        .collect();
+    let hex: String = found.iter().map(|b| format!("{b:02x}")).collect();
+    format!("\"{text}\" = 0x{hex}")
 }
 
 /// What a user can do about a volume of another format version.

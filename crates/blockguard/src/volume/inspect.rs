@@ -127,6 +127,58 @@ impl Inner {
         Ok(())
     }
 
+    /// The first block at or after `from` that the metadata says was written (and not
+    /// discarded since), or whose metadata cannot be trusted; `None` if there is none. Reads
+    /// metadata only (no data), skipping groups the backend proves never written.
+    pub(crate) fn first_written_block(&self, from: u64) -> Result<Option<u64>> {
+        if from >= self.geo.data_blocks {
+            return Ok(None);
+        }
+        let staged = {
+            let stage = lock(&self.stage);
+            stage
+                .active
+                .range(from..)
+                .chain(stage.committing.iter().flat_map(|c| c.range(from..)))
+                .filter(|(_, e)| matches!(e, Staged::Data { .. }))
+                .map(|(b, _)| *b)
+                .min()
+        };
+        let mut group = self.geo.group_of(from).0;
+        while group < self.geo.groups {
+            let end = (group + EXTENT_CHUNK_GROUPS).min(self.geo.groups);
+            let lo = self.geo.meta_offset(group, 0);
+            let hi = self.geo.meta_offset(end - 1, 1) + self.geo.block_size as u64;
+            let zeros = self
+                .backend
+                .zero_ranges(lo, hi - lo)
+                .map_err(self.io_err("looking for unwritten regions", lo))?;
+            for g in group..end {
+                let at = self.geo.meta_offset(g, 0);
+                let first = self.geo.first_block(g).max(from);
+                if staged.is_some_and(|s| s < first + self.geo.blocks_in_group(g) as u64) {
+                    return Ok(staged);
+                }
+                if self.cached_group(g).is_none() && covered(&zeros, at, at + 2 * self.geo.block_size as u64)
+                {
+                    continue;
+                }
+                let state = self.confirmed_group(g)?;
+                let written =
+                    (first..self.geo.first_block(g) + self.geo.blocks_in_group(g) as u64).find(|&b| {
+                        !state
+                            .accept((b - self.geo.first_block(g)) as usize)
+                            .only_unwritten()
+                    });
+                if written.is_some() {
+                    return Ok(written);
+                }
+            }
+            group = end;
+        }
+        Ok(staged)
+    }
+
     /// Verifies `count` blocks from `first` without stopping at the first failure: the
     /// engine of `check` and scrubbing. I/O errors still abort.
     pub(crate) fn check_blocks(&self, first: u64, count: u64) -> Result<Vec<BlockProblem>> {

@@ -446,6 +446,14 @@ impl Volume {
         self.inner.recover(opts, &mut progress)
     }
 
+    /// The first block at or after `from` that the metadata says was written (and not
+    /// discarded since), or whose metadata cannot be trusted; `None` if every block from
+    /// `from` on is unwritten. Reads metadata only, skipping regions the backend proves never
+    /// written: what `import` asks before it overwrites a volume.
+    pub fn first_written_block(&self, from: u64) -> Result<Option<u64>> {
+        self.inner.first_written_block(from)
+    }
+
     /// Every metadata sector of groups `first..first + count` whose tags cannot be trusted:
     /// the metadata half of `check`.
     pub fn check_metadata(&self, first: u64, count: u64) -> Result<Vec<MetadataProblem>> {
@@ -486,7 +494,15 @@ impl Drop for Volume {
     fn drop(&mut self) {
         self.stop_committer();
         if let Err(e) = self.inner.shutdown() {
-            tracing::error!(volume = %self.inner.name, "flush on close failed: {e}");
+            // The whole chain: an I/O error's message leaves its cause to `source()`.
+            let mut msg = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                msg.push_str(": ");
+                msg.push_str(&c.to_string());
+                cause = c.source();
+            }
+            tracing::error!(volume = %self.inner.name, "flush on close failed: {msg}");
         }
     }
 }
