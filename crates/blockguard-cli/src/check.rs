@@ -2,7 +2,7 @@
 
 use crate::common::{open_volume, progress};
 use anyhow::Result;
-use blockguard::{BlockProblem, MetadataProblem};
+use blockguard::{BlockProblem, MapProblem, MetadataProblem};
 use clap::Args;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -23,6 +23,7 @@ struct Report {
     blocks: u64,
     bad_blocks: Vec<BlockProblem>,
     damaged_metadata: Vec<MetadataProblem>,
+    map_problems: Vec<MapProblem>,
     warnings: Vec<String>,
     clean: bool,
 }
@@ -44,13 +45,15 @@ pub fn run(args: CheckArgs) -> Result<bool> {
     }
     pb.finish_and_clear();
     let damaged = vol.check_metadata(0, g.groups)?;
+    let map = vol.check_map()?;
     let report = Report {
         volume: args.path.display().to_string(),
         blocks: g.data_blocks,
-        clean: bad.is_empty() && damaged.is_empty() && vol.warnings().is_empty(),
+        clean: bad.is_empty() && damaged.is_empty() && map.is_empty() && vol.warnings().is_empty(),
         warnings: vol.warnings().to_vec(),
         bad_blocks: bad,
         damaged_metadata: damaged,
+        map_problems: map,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -65,6 +68,15 @@ pub fn run(args: CheckArgs) -> Result<bool> {
                 p.sector,
                 p.first_block,
                 p.first_block + p.blocks as u64,
+                p.detail
+            );
+        }
+        for p in &report.map_problems {
+            println!(
+                "written-groups map sector {} (groups {}..{}): {}",
+                p.sector,
+                p.first_group,
+                p.first_group + p.groups,
                 p.detail
             );
         }

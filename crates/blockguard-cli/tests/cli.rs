@@ -235,12 +235,15 @@ fn format_creates_a_sparse_file_with_the_documented_layout() {
     assert_eq!(g["group_blocks"], 496);
     assert_eq!(g["data_blocks"], 16384);
     assert_eq!(g["groups"], 16384u64.div_ceil(496));
-    assert_eq!(g["first_group_offset"], 4096);
+    assert_eq!(
+        g["first_group_offset"], 8192,
+        "the superblock region, then the written-groups map"
+    );
     let len = t.len("v.bgv");
     assert_eq!(g["backing_len"], len);
     assert_eq!(g["backup_sb_offset"], len - 4096);
-    // Data end: 33 full groups of (2 + 496) blocks, then 2 + 16 blocks, after the superblock.
-    let data_end = 4096 + 33 * 498 * 4096 + (2 + 16) * 4096;
+    // Data end: 33 full groups of (2 + 496) blocks, then 2 + 16 blocks, after the superblock region and the map.
+    let data_end = 8192 + 33 * 498 * 4096 + (2 + 16) * 4096;
     assert_eq!(len, data_end + 4096);
     assert!(
         fs::metadata(t.path("v.bgv")).unwrap().blocks() * 512 <= 1 << 20,
@@ -351,16 +354,20 @@ fn format_with_512_byte_blocks() {
     assert_eq!(g["group_blocks"], (512 - 16) / 8);
     assert_eq!(g["data_blocks"], 2048);
     assert_eq!(g["groups"], 2048u64.div_ceil(62));
-    assert_eq!(g["first_group_offset"], 4096);
+    assert_eq!(
+        g["first_group_offset"],
+        4096 + 512,
+        "the superblock region, then one map sector"
+    );
     let d = t
         .run(&["dump", "v.bgv", "--block", "63", "--json"])
         .code(0)
         .json();
     let l = &d["blocks"][0]["location"];
     assert_eq!((l["group"].as_u64(), l["index"].as_u64()), (Some(1), Some(1)));
-    assert_eq!(l["data_offset"], 4096 + 64 * 512 + 3 * 512);
-    assert_eq!(l["meta_offsets"][0], 4096 + 64 * 512);
-    assert_eq!(l["meta_offsets"][1], 4096 + 65 * 512);
+    assert_eq!(l["data_offset"], 4608 + 64 * 512 + 3 * 512);
+    assert_eq!(l["meta_offsets"][0], 4608 + 64 * 512);
+    assert_eq!(l["meta_offsets"][1], 4608 + 65 * 512);
     assert_eq!(l["tag_offset_in_meta"], 16 + 8);
     // Unaligned import and export work on 512-byte blocks too.
     let raw = random_bytes(300_001, 3);
@@ -540,7 +547,7 @@ fn info_and_dump_report_superblock_geometry_and_tags() {
     assert_eq!(g["group_blocks"], 496);
     assert_eq!(g["data_blocks"], 2048);
     assert_eq!(g["groups"], 5);
-    assert_eq!(g["first_group_offset"], 4096);
+    assert_eq!(g["first_group_offset"], 8192);
     assert_eq!(g["backing_len"], len);
     assert_eq!(g["backup_sb_offset"], len - 4096);
     let uuid = f["uuid"].as_str().unwrap();
@@ -553,7 +560,7 @@ fn info_and_dump_report_superblock_geometry_and_tags() {
         "size:          8388608 bytes (2048 blocks of 4096 bytes)",
         "mode:          dual",
         "tag profile:   crc32c (8 bytes per block)",
-        "groups:        5 of 496 data blocks + 2 metadata blocks, first at byte 4096",
+        "groups:        5 of 496 data blocks + 2 metadata blocks, first at byte 8192",
         &format!("backup superblock at byte {}", len - 4096),
         "features:      compat 0x0 ro_compat 0x0 incompat 0x0",
     ]);
@@ -568,7 +575,7 @@ fn info_and_dump_report_superblock_geometry_and_tags() {
     assert_eq!(l["block"], 497);
     assert_eq!(l["group"], 1);
     assert_eq!(l["index"], 1);
-    let group1 = 4096 + 498 * 4096;
+    let group1 = 8192 + 498 * 4096;
     assert_eq!(l["meta_offsets"], serde_json::json!([group1, group1 + 4096]));
     assert_eq!(l["data_offset"], group1 + (2 + 1) * 4096);
     assert_eq!(l["tag_offset_in_meta"], 16 + 8);
@@ -609,14 +616,14 @@ fn info_and_dump_report_superblock_geometry_and_tags() {
     }
     assert_eq!(d["blocks"][2]["slots"][0]["tag"], "unwritten");
     t.run(&["dump", "v.bgv", "--block", "0"]).code(0).out_has(&[
-        "block 0: group 0 index 0, data at byte 12288, tags at bytes 4112 and 8208 (metadata sector 0)",
-        "slot 0, sector at byte 4096: valid, generation 1, tag ",
-        "slot 1, sector at byte 8192: valid, generation 0, tag unwritten",
+        "block 0: group 0 index 0, data at byte 16384, tags at bytes 8208 and 12304 (metadata sector 0)",
+        "slot 0, sector at byte 8192: valid, generation 1, tag ",
+        "slot 1, sector at byte 12288: valid, generation 0, tag unwritten",
         "a read accepts: ",
     ]);
     // Each 512-byte metadata sector on disk: magic, checksum seeded with
     // uuid ‖ group ‖ sector index ‖ slot, generation.
-    for (slot, at, generation) in [(0u8, 4096, 1u64), (1, 8192, 0)] {
+    for (slot, at, generation) in [(0u8, 8192, 1u64), (1, 12288, 0)] {
         let m = t.read_at("v.bgv", at, 4096);
         for k in 0..8u32 {
             let s = &m[k as usize * 512..(k as usize + 1) * 512];

@@ -26,7 +26,7 @@ fn corrupted_block_fails_with_eio_and_others_still_read() {
         assert_eq!(c.write(0, &data, proto::CMD_FLAG_FUA).unwrap(), 0);
     }
     assert!(srv.signal("TERM").success());
-    flip_byte(&vol, data_block_offset(BAD) + 1234);
+    flip_byte(&vol, data_block_offset(&vol, BAD) + 1234);
     let mut srv = Served::start(&vol, &[]);
     let uri = srv.uri();
 

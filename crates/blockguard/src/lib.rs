@@ -31,6 +31,6 @@ pub use error::{CorruptionKind, Error, Result};
 pub use format::{Geometry, Mode, Superblock};
 pub use tag::Profile;
 pub use volume::{
-    BlockProblem, BlockReport, Extent, FormatOptions, MetadataProblem, OpenOptions, RecoverOptions,
-    RecoveryReport, SlotReport, Volume, VolumeStats,
+    BlockProblem, BlockReport, Extent, FormatOptions, MapProblem, MetadataProblem, OpenOptions,
+    RecoverOptions, RecoveryReport, SlotReport, Volume, VolumeStats,
 };

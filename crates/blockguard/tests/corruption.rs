@@ -126,7 +126,8 @@ fn damaged_metadata_never_turns_data_into_zeros() {
     let vol = Volume::open(Arc::new(MemoryBackend::from_vec(img.clone())), &ro()).unwrap();
     let geo = *vol.geometry();
     drop(vol);
-    // Wipe both brothers of group 0 (zeros look like "never written").
+    // Wipe both brothers of group 0 (zeros look like "never written", but the written-groups
+    // map remembers the group was written).
     let mut wiped = img.clone();
     for slot in 0..2 {
         let at = geo.meta_offset(0, slot) as usize;
@@ -141,8 +142,8 @@ fn damaged_metadata_never_turns_data_into_zeros() {
     );
     let mut buf = vec![0u8; BS as usize];
     match vol.read_at(&mut buf, 0) {
-        Err(Error::Corrupt { kind, .. }) => assert_eq!(kind, CorruptionKind::UnwrittenNotZero),
-        other => panic!("expected UnwrittenNotZero, got {other:?}"),
+        Err(Error::Corrupt { kind, .. }) => assert_eq!(kind, CorruptionKind::MetadataDamaged),
+        other => panic!("expected MetadataDamaged, got {other:?}"),
     }
     // Wipe only the newest brother: the older one holds stale tags for group 0, which
     // the current data does not match: errors, never stale acceptance.

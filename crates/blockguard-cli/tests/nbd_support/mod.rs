@@ -232,10 +232,25 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// File offset of data block `b` in a volume with 4096-byte blocks (format v1 layout:
-/// superblock, then groups of [meta A, meta B, 504 data blocks]).
-pub fn data_block_offset(b: u64) -> u64 {
-    4096 + (b / 504) * (506 * 4096) + (2 + b % 504) * 4096
+/// Byte offset of data block `b` in the volume file (closed, not served), as the volume's own
+/// superblock lays it out.
+pub fn data_block_offset(volume: &Path, b: u64) -> u64 {
+    use blockguard::blockguard_backend::{FileBackend, FileOptions, LockMode};
+    let opts = FileOptions {
+        read_only: true,
+        lock: LockMode::None,
+        ..FileOptions::default()
+    };
+    let backend = FileBackend::open(volume, &opts).expect("open the volume file");
+    let vol = blockguard::Volume::open(
+        std::sync::Arc::new(backend),
+        &blockguard::OpenOptions {
+            read_only: true,
+            ..blockguard::OpenOptions::default()
+        },
+    )
+    .expect("open the volume");
+    vol.geometry().data_offset(b)
 }
 
 /// Flips the bits of one byte of the volume file.

@@ -67,6 +67,11 @@ pub struct BlockLocation {
 /// Metadata blocks per group: the two brothers.
 pub const META_PER_GROUP: u64 = 2;
 
+/// Sectors of the written-groups map for `groups` groups.
+fn map_sectors(groups: u64) -> u64 {
+    groups.div_ceil(super::GROUPS_PER_MAP_SECTOR)
+}
+
 fn align_up(x: u64, a: u64) -> Option<u64> {
     Some(x.checked_add(a - 1)? / a * a)
 }
@@ -121,29 +126,24 @@ impl Geometry {
         Self::check_block_size(block_size)?;
         let group_blocks = Self::tags_per_meta(block_size, tag_size)?;
         let too_small = GeometryError::TooSmall { len, block_size };
-        let bs = block_size as u64;
-        let first = align_up(SB_REGION, bs).ok_or(too_small.clone())?;
-        let backup = (len / SB_REGION * SB_REGION)
-            .checked_sub(SB_REGION)
-            .ok_or(too_small.clone())?;
-        let avail = backup.checked_sub(first).ok_or(too_small.clone())?;
-        let group_len = (META_PER_GROUP + group_blocks as u64) * bs;
-        let full = avail / group_len;
-        let rem = avail % group_len;
-        let extra = (rem / bs)
-            .saturating_sub(META_PER_GROUP)
-            .min(group_blocks as u64 - 1);
-        let mut data_blocks = full * group_blocks as u64 + extra;
-        // The formula is exact, but the bounded walk-down keeps this obviously correct.
-        loop {
-            if data_blocks == 0 {
-                return Err(too_small);
-            }
-            if let Some(g) = Self::build(block_size, tag_size, group_blocks, data_blocks, Some(len)) {
-                return Ok(g);
-            }
-            data_blocks -= 1;
+        // The layout's end grows with the number of blocks (the written-groups map before group
+        // 0 grows with the groups), so the largest count that fits is found by bisection:
+        // `build` is monotone in it.
+        let fits = |d: u64| Self::build(block_size, tag_size, group_blocks, d, Some(len));
+        let (mut lo, mut hi) = (0u64, len / block_size as u64 + 1);
+        if fits(1).is_none() {
+            return Err(too_small);
         }
+        // Invariant: fits(lo) or lo == 0; !fits(hi).
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fits(mid).is_some() {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        fits(lo).ok_or(too_small)
     }
 
     /// Rebuilds the layout recorded in a superblock; `None` if the numbers are inconsistent.
@@ -182,8 +182,10 @@ impl Geometry {
         }
         let bs = block_size as u64;
         let n = group_blocks as u64;
-        let first = align_up(SB_REGION, bs)?;
         let groups = data_blocks.div_ceil(n);
+        // The written-groups map lies between the primary superblock and group 0.
+        let map_len = map_sectors(groups).checked_mul(super::SECTOR_SIZE as u64)?;
+        let first = align_up(SB_REGION.checked_add(map_len)?, bs)?;
         let group_len = (META_PER_GROUP + n).checked_mul(bs)?;
         let last_blocks = data_blocks - (groups - 1) * n;
         let data_end = first
@@ -217,6 +219,22 @@ impl Geometry {
             backup_sb_offset: backup,
             backing_len,
         })
+    }
+
+    /// Byte offset of the written-groups map (right after the primary superblock region).
+    pub fn map_offset(&self) -> u64 {
+        SB_REGION
+    }
+
+    /// 512-byte sectors of the written-groups map.
+    pub fn map_sectors(&self) -> u64 {
+        map_sectors(self.groups)
+    }
+
+    /// Map sector holding `group`'s bit, and the bit's position in it.
+    pub fn map_position(&self, group: u64) -> (u32, u64) {
+        let per = super::GROUPS_PER_MAP_SECTOR;
+        ((group / per) as u32, group % per)
     }
 
     /// Logical size in bytes.
@@ -317,9 +335,11 @@ mod tests {
         assert_eq!(g.group_blocks, 496, "8 sectors of 62 tags");
         assert_eq!(g.data_blocks, 262144);
         assert_eq!(g.groups, 262144u64.div_ceil(496));
-        assert_eq!(g.first_group_offset, 4096);
-        assert_eq!(g.data_offset(0), 4096 + 2 * 4096);
-        assert_eq!(g.data_offset(496), 4096 + 498 * 4096 + 2 * 4096);
+        // The superblock region, then one map sector, rounded up to a block.
+        assert_eq!(g.map_sectors(), 1);
+        assert_eq!(g.first_group_offset, 8192);
+        assert_eq!(g.data_offset(0), 8192 + 2 * 4096);
+        assert_eq!(g.data_offset(496), 8192 + 498 * 4096 + 2 * 4096);
         assert_eq!(g.tag_offset(0), 16);
         assert_eq!(g.tag_offset(61), 16 + 61 * 8);
         assert_eq!(g.tag_offset(62), 512 + 16);
@@ -339,7 +359,11 @@ mod tests {
     fn blocks_never_overlap_metadata_or_superblocks() {
         for bs in [512u32, 4096] {
             let g = Geometry::for_size(bs as u64 * 1000, bs, 8).unwrap();
-            let mut regions: Vec<(u64, u64)> = vec![(0, SB_REGION), (g.backup_sb_offset, g.backing_len)];
+            let mut regions: Vec<(u64, u64)> = vec![
+                (0, SB_REGION),
+                (g.map_offset(), g.map_offset() + g.map_sectors() * 512),
+                (g.backup_sb_offset, g.backing_len),
+            ];
             for gr in 0..g.groups {
                 for s in 0..2 {
                     regions.push((g.meta_offset(gr, s), g.meta_offset(gr, s) + bs as u64));

@@ -6,10 +6,15 @@
 //! (`meta.rs`). All integers are little-endian.
 
 mod geometry;
+mod map;
 mod meta;
 mod superblock;
 
 pub use geometry::{BlockLocation, Geometry, GeometryError};
+pub use map::{
+    decode_map_sector, groups_in_map_sector, map_bit, map_checksum, seal_map_sector, MapDamage, MapParse,
+    GROUPS_PER_MAP_SECTOR, MAP_MAGIC,
+};
 pub use meta::{
     decode_sector, encode_sector, sector_checksum, sector_tag, slot_of_generation, tags_per_sector,
     SectorDamage, SectorId, SectorParse, SECTOR_HEADER_SIZE, SECTOR_MAGIC, SECTOR_SIZE,

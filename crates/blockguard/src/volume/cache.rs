@@ -101,6 +101,7 @@ mod tests {
             0,
             vec![0; 1024].into(),
             origin,
+            crate::volume::written_map::MapBit::Clear,
         ))
     }
 

@@ -41,6 +41,11 @@ pub(crate) struct CommitState {
     unflushed_groups: HashSet<u64>,
     /// The superblocks say "in use" (written before the first commit of this session).
     pub(crate) marked_in_use: bool,
+    /// Acknowledged block writes that could not be kept (their metadata turned out damaged
+    /// after they were accepted), with the first reason. Flushes fail while any is left; a
+    /// later write of the block that is kept takes it off.
+    lost: std::collections::BTreeSet<u64>,
+    lost_why: String,
 }
 
 /// Appends a staged block to a run of (buffer, start, end) pieces, extending the last piece
@@ -112,18 +117,54 @@ impl Inner {
             stage.committing = Some(batch.clone());
             batch
         };
-        let result = self.commit_batch(state, &batch);
-        if let Err(e) = &result {
-            // The batch stays readable in `committing`; durability is no longer promised.
-            self.fail(e.to_string());
-            tracing::error!(volume = %self.name, "write-back failed: {e}");
-        } else {
-            lock(&self.stage).committing = None;
+        match self.commit_batch(state, &batch) {
+            Err(e) => {
+                // The batch stays readable in `committing`; durability is no longer promised.
+                self.fail(e.to_string());
+                tracing::error!(volume = %self.name, "write-back failed: {e}");
+                Err(e)
+            }
+            Ok(None) => {
+                lock(&self.stage).committing = None;
+                Ok(())
+            }
+            Ok(Some(lost)) => {
+                // Blocks of damaged metadata sectors could not be kept; everything else was.
+                // The volume goes on; flushes report the loss until the blocks are rewritten.
+                lock(&self.stage).committing = None;
+                tracing::error!(volume = %self.name, "{lost}");
+                Ok(())
+            }
         }
-        result
     }
 
-    fn commit_batch(&self, state: &mut CommitState, batch: &Batch) -> Result<()> {
+    /// The error flushes return while acknowledged writes are known lost.
+    pub(crate) fn lost_writes(&self, state: &CommitState) -> Result<()> {
+        let Some(&first) = state.lost.iter().next() else {
+            return Ok(());
+        };
+        let list: Vec<String> = state.lost.iter().take(16).map(|b| b.to_string()).collect();
+        let more = if state.lost.len() > 16 { ", …" } else { "" };
+        Err(Error::Corrupt {
+            volume: self.name.clone(),
+            block: first,
+            kind: crate::CorruptionKind::MetadataDamaged,
+            detail: format!(
+                "{} acknowledged block writes could not be kept (blocks {}{more}): {}; they keep their previous \
+                 contents. Flushes fail until they are written again (a write must cover each damaged metadata \
+                 sector whole) or `blockguard recover` rebuilds the metadata",
+                state.lost.len(),
+                list.join(", "),
+                state.lost_why
+            ),
+        })
+    }
+
+    /// Commits `batch`. `Ok(Some(e))`: committed except blocks whose metadata turned out
+    /// damaged after they were accepted (the cached state they were checked against was
+    /// evicted and the disk no longer agrees); `e` names them, and they are remembered as
+    /// lost.
+    fn commit_batch(&self, state: &mut CommitState, batch: &Batch) -> Result<Option<Error>> {
         let dual = self.sb.mode == Mode::Dual;
         let t0 = std::time::Instant::now();
         let overlap = dual
@@ -137,10 +178,25 @@ impl Inner {
         let t_flush = t0.elapsed();
         state.epoch += 1;
         let epoch = state.epoch;
-        let updates = self.plan_batch(batch, epoch)?;
+        let (updates, first_writes, dropped) = self.plan_batch(batch, epoch)?;
+        let kept: Batch;
+        let batch = if dropped.is_empty() {
+            batch
+        } else {
+            kept = batch
+                .iter()
+                .filter(|(b, _)| !dropped.iter().any(|(d, _)| d == *b))
+                .map(|(b, e)| (*b, e.clone()))
+                .collect();
+            &kept
+        };
+        // Groups written for the first time are marked in the written-groups map, durable by
+        // the same barrier as their metadata (so before any of their data).
+        let map = self.map_updates(&first_writes)?;
 
         if dual {
             self.write_metadata(&updates)?;
+            self.write_map(&map)?;
             let t_meta = t0.elapsed();
             self.backend
                 .flush()
@@ -150,6 +206,7 @@ impl Inner {
             self.flushed(state, epoch - 1);
             let t_meta_flush = t0.elapsed();
             self.install(&updates);
+            self.install_map(map);
             self.write_data(batch)?;
             state.unflushed_groups.extend(updates.iter().map(|u| u.group));
             tracing::debug!(
@@ -167,15 +224,47 @@ impl Inner {
         } else {
             self.write_data(batch)?;
             self.write_metadata(&updates)?;
+            self.write_map(&map)?;
             self.install(&updates);
+            self.install_map(map);
         }
         state.data_unflushed = true;
-        Ok(())
+        for b in batch.keys() {
+            state.lost.remove(b);
+        }
+        if let Some((_, why)) = dropped.first() {
+            if state.lost.is_empty() {
+                state.lost_why = why.clone();
+            }
+        }
+        state.lost.extend(dropped.iter().map(|(b, _)| *b));
+        Ok(dropped.first().map(|(block, why)| Error::Corrupt {
+            volume: self.name.clone(),
+            block: *block,
+            kind: crate::CorruptionKind::MetadataDamaged,
+            detail: format!(
+                "{} acknowledged block writes could not be kept (blocks {}): {why}",
+                dropped.len(),
+                dropped
+                    .iter()
+                    .map(|(b, _)| b.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }))
     }
 
-    /// The new metadata of every group the batch touches.
-    fn plan_batch(&self, batch: &Batch, epoch: u64) -> Result<Vec<MetaUpdate>> {
+    /// The new metadata of every group the batch touches, the groups written for the first
+    /// time, and the blocks that cannot be kept (with why).
+    #[allow(clippy::type_complexity)]
+    fn plan_batch(
+        &self,
+        batch: &Batch,
+        epoch: u64,
+    ) -> Result<(Vec<MetaUpdate>, Vec<u64>, Vec<(u64, String)>)> {
         let mut updates = Vec::new();
+        let mut first_writes = Vec::new();
+        let mut dropped = Vec::new();
         let mut entries = batch.iter().peekable();
         while let Some((&block, _)) = entries.peek() {
             let (group, _) = self.geo.group_of(block);
@@ -191,13 +280,18 @@ impl Inner {
             }
             // Never build on a single read: a transient bad one would be written back.
             let old = self.confirmed_group(group)?;
+            if old.never_written() {
+                first_writes.push(group);
+            }
             let (new, slots) = match self.sb.mode {
-                Mode::Dual => self.plan_dual(group, &old, &tags, epoch)?,
+                Mode::Dual => self.plan_dual(group, &old, &tags, epoch, &mut dropped)?,
                 Mode::None => self.plan_none(group, &old, &tags, epoch),
             };
-            updates.push(self.meta_update(group, new, slots));
+            if slots != [false, false] {
+                updates.push(self.meta_update(group, new, slots));
+            }
         }
-        Ok(updates)
+        Ok((updates, first_writes, dropped))
     }
 
     /// `dual`: every pair's older brother gets the newest tags plus the batch's, one
@@ -209,6 +303,7 @@ impl Inner {
         old: &GroupState,
         tags: &[(usize, Tag)],
         epoch: u64,
+        dropped: &mut Vec<(u64, String)>,
     ) -> Result<(GroupState, [bool; 2])> {
         // Commits only follow recovery: a state that may hide a crash's older brothers would
         // make the copy-forward below overwrite the only tag of data on disk.
@@ -240,7 +335,7 @@ impl Inner {
                 }
                 base
             };
-            if !old.any_written() {
+            if old.never_written() {
                 let new = with_batch(w.tags_of(None, k, count));
                 w.put(0, k, 1, &new);
                 let unwritten = w.tags_of(None, k, count);
@@ -269,8 +364,16 @@ impl Inner {
                 w.put(1, k, g0 - 1, &new);
                 w.set_known(k, 0);
                 tracing::warn!(volume = %self.name, group, sector = k, "damaged metadata re-established by a write covering all its blocks");
-            } else if let Some((i, _)) = mine.first() {
-                return Err(self.damaged_write(group, *i, old));
+            } else if !mine.is_empty() {
+                // Accepted against a cached state that has since been evicted, and the disk no
+                // longer agrees: these blocks cannot be given tags. Their data is not written
+                // either; the pair stays as it is, and reads of it keep failing.
+                let why = match old.view(k) {
+                    super::group::PairView::Damaged(d) => d.to_string(),
+                    _ => "metadata damaged".to_string(),
+                };
+                let first = self.geo.first_block(group);
+                dropped.extend(mine.iter().map(|(i, _)| (first + *i as u64, why.clone())));
             }
             // Otherwise a damaged pair the batch does not touch stays as it is.
         }

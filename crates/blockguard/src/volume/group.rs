@@ -11,6 +11,7 @@
 //!   *damage*, and a read of the pair's blocks fails unless this process itself wrote the
 //!   pair's newest brother (then it knows which one is the newest).
 
+use super::written_map::MapBit;
 use crate::format::{
     decode_sector, encode_sector, sector_tag, Geometry, Mode, SectorDamage, SectorId, SectorParse,
     SECTOR_SIZE,
@@ -45,6 +46,9 @@ pub(crate) enum Damage {
     Blank { slot: u8 },
     /// Both sectors blank although the group has been written.
     BothBlank,
+    /// Every metadata sector of the group blank, although the written-groups map says the
+    /// group was written (wiped metadata: its data may be gone with it).
+    WrittenGroupBlank,
     /// A generation too large to ever be followed (only a forged sector holds one).
     Exhausted,
 }
@@ -64,6 +68,9 @@ impl fmt::Display for Damage {
                 1 - slot
             ),
             Damage::BothBlank => f.write_str("both metadata copies are blank although the group was written"),
+            Damage::WrittenGroupBlank => f.write_str(
+                "the group's metadata is blank although the written-groups map says it was written (wiped?)",
+            ),
             Damage::Exhausted => f.write_str("metadata generation counter exhausted (forged metadata)"),
         }
     }
@@ -132,6 +139,8 @@ pub(crate) struct GroupState {
     /// write happened, which only follows a completed first one), so no sector of it may
     /// be blank any more.
     initialized: bool,
+    /// What the written-groups map says, for a group whose metadata is all blank.
+    map: MapBit,
     pub origin: Origin,
     /// Per pair, a slot whose tag every state of the pair accepts (the read fast path).
     fast: Box<[Option<u8>]>,
@@ -153,7 +162,9 @@ pub(crate) struct GroupWriter<'a> {
 }
 
 impl GroupState {
-    /// Parses both slots of `group` from `raw` (`2·B` bytes, slot 0 then slot 1).
+    /// Parses both slots of `group` from `raw` (`2·B` bytes, slot 0 then slot 1); `map` is
+    /// what the written-groups map says about the group (consulted only when every sector is
+    /// blank).
     pub fn parse(
         geo: &Geometry,
         mode: Mode,
@@ -161,6 +172,7 @@ impl GroupState {
         group: u64,
         raw: Box<[u8]>,
         origin: Origin,
+        map: MapBit,
     ) -> Self {
         let bs = geo.block_size as usize;
         debug_assert_eq!(raw.len(), 2 * bs);
@@ -180,7 +192,7 @@ impl GroupState {
                 })
             })
             .collect();
-        Self::assemble(geo, mode, raw, sectors, origin)
+        Self::assemble(geo, mode, raw, sectors, origin, map)
     }
 
     fn assemble(
@@ -189,6 +201,7 @@ impl GroupState {
         raw: Box<[u8]>,
         sectors: Box<[[SectorParse; 2]]>,
         origin: Origin,
+        map: MapBit,
     ) -> Self {
         let any_written = sectors.iter().flatten().any(|s| *s != SectorParse::Empty);
         let initialized = sectors
@@ -201,6 +214,7 @@ impl GroupState {
             sectors,
             any_written,
             initialized,
+            map,
             origin,
             mode,
             block_size: geo.block_size as usize,
@@ -229,6 +243,13 @@ impl GroupState {
     /// True if any sector of the group is not blank.
     pub fn any_written(&self) -> bool {
         self.any_written
+    }
+
+    /// True if the group was never written: every sector blank, and the written-groups map
+    /// does not say otherwise. (A damaged map sector does not: a written group's own metadata
+    /// is not blank unless it is damaged too, and one fault alone must not fail reads.)
+    pub fn never_written(&self) -> bool {
+        !self.any_written && self.map != MapBit::Set
     }
 
     /// True when the state came from a disk read not yet confirmed by a second one.
@@ -307,10 +328,13 @@ impl GroupState {
                 }
             }
             (Empty, Empty) => {
-                if !self.any_written {
+                if self.never_written() {
                     PairView::Unwritten
                 } else if lenient && !self.initialized {
+                    // A first write cut short: the map (or another pair) landed, this pair not.
                     PairView::TornFirst { slot0: false }
+                } else if !self.any_written {
+                    PairView::Damaged(Damage::WrittenGroupBlank)
                 } else {
                     PairView::Damaged(Damage::BothBlank)
                 }
@@ -434,17 +458,18 @@ impl GroupWriter<'_> {
             epoch,
             known: self.known,
         };
-        let state = GroupState::assemble(geo, self.base.mode, self.raw, self.sectors, origin);
+        let state = GroupState::assemble(geo, self.base.mode, self.raw, self.sectors, origin, MapBit::Set);
         (state, self.slots_written)
     }
 
-    /// Like [`GroupWriter::finish`], for recovery: the result is a settled loaded state.
-    pub fn finish_loaded(self, geo: &Geometry) -> (GroupState, [bool; 2]) {
+    /// Like [`GroupWriter::finish`], for recovery: the result is a loaded state, read with the
+    /// after-crash rules while recovery is still going (`after_crash`).
+    pub fn finish_loaded(self, geo: &Geometry, after_crash: bool) -> (GroupState, [bool; 2]) {
         let origin = Origin::Loaded {
-            after_crash: false,
+            after_crash,
             confirmed: true,
         };
-        let state = GroupState::assemble(geo, self.base.mode, self.raw, self.sectors, origin);
+        let state = GroupState::assemble(geo, self.base.mode, self.raw, self.sectors, origin, MapBit::Set);
         (state, self.slots_written)
     }
 }
@@ -494,7 +519,12 @@ mod tests {
             after_crash,
             confirmed: true,
         };
-        GroupState::parse(&geo(), Mode::Dual, &U, 0, raw.into(), origin)
+        let map = if raw.iter().all(|&b| b == 0) {
+            MapBit::Clear
+        } else {
+            MapBit::Set
+        };
+        GroupState::parse(&geo(), Mode::Dual, &U, 0, raw.into(), origin, map)
     }
 
     fn garbage() -> Vec<u8> {

@@ -2,8 +2,9 @@
 //! verification of every block (`check`), metadata damage, and where a block lives (`dump`).
 
 use super::group::{Accept, PairView};
-use super::recover::{covered, MetadataProblem};
+use super::recover::{covered, MapProblem, MetadataProblem};
 use super::stage::Staged;
+use super::written_map::MapBit;
 use super::{lock, BlockProblem, BlockReport, Extent, Inner, SlotReport};
 use crate::error::{Error, Result};
 use crate::format::SectorParse;
@@ -96,8 +97,10 @@ impl Inner {
         if staged.iter().all(Option::is_none)
             && self.cached_group(group).is_none()
             && covered(zeros, region.start, region.end)
+            && self.map_bit(group, true)? != MapBit::Set
         {
-            // Metadata and data are holes: never written, and every read returns zeros.
+            // Metadata and data are holes and the map does not remember a write: never
+            // written, and every read returns zeros.
             (block..=group_last).for_each(|b| push(b, false));
             return Ok(());
         }
@@ -245,7 +248,10 @@ impl Inner {
                 .backend
                 .zero_ranges(region, two)
                 .map_err(self.io_err("looking for unwritten regions", region))?;
-            if self.cached_group(group).is_none() && covered(&zeros, region, region + two) {
+            if self.cached_group(group).is_none()
+                && covered(&zeros, region, region + two)
+                && self.map_bit(group, true)? != MapBit::Set
+            {
                 continue;
             }
             let state = self.confirmed_group(group)?;
@@ -261,6 +267,55 @@ impl Inner {
                     });
                 }
             }
+        }
+        Ok(problems)
+    }
+
+    /// Problems of the written-groups map: damaged sectors, and (on a volume that is settled)
+    /// written groups it does not mark — either way the map could no longer tell a wiped group
+    /// from a never-written one. `recover` repairs both.
+    pub(crate) fn check_map(&self) -> Result<Vec<MapProblem>> {
+        let per = crate::format::GROUPS_PER_MAP_SECTOR;
+        let mut problems: Vec<MapProblem> = self
+            .damaged_map_sectors()?
+            .into_iter()
+            .map(|(sector, why)| MapProblem {
+                sector,
+                first_group: sector as u64 * per,
+                groups: crate::format::groups_in_map_sector(sector, self.geo.groups),
+                detail: format!("written-groups map sector damaged: {why}"),
+            })
+            .collect();
+        if !self.trusted.load(std::sync::atomic::Ordering::Acquire) {
+            // After a crash the map may legitimately lag behind; recovery catches it up.
+            return Ok(problems);
+        }
+        let mut group = 0;
+        while group < self.geo.groups {
+            let end = (group + EXTENT_CHUNK_GROUPS).min(self.geo.groups);
+            let lo = self.geo.meta_offset(group, 0);
+            let hi = self.geo.meta_offset(end - 1, 1) + self.geo.block_size as u64;
+            let zeros = self
+                .backend
+                .zero_ranges(lo, hi - lo)
+                .map_err(self.io_err("looking for unwritten regions", lo))?;
+            for g in group..end {
+                let at = self.geo.meta_offset(g, 0);
+                if self.cached_group(g).is_none() && covered(&zeros, at, at + 2 * self.geo.block_size as u64)
+                {
+                    continue;
+                }
+                if self.confirmed_group(g)?.any_written() && self.map_bit(g, true)? == MapBit::Clear {
+                    let (sector, _) = self.geo.map_position(g);
+                    problems.push(MapProblem {
+                        sector,
+                        first_group: g,
+                        groups: 1,
+                        detail: format!("group {g} is written but the written-groups map does not mark it"),
+                    });
+                }
+            }
+            group = end;
         }
         Ok(problems)
     }

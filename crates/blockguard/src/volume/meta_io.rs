@@ -8,13 +8,18 @@
 //! from a single read is *confirmed*: read until two reads in a row agree.
 
 use super::group::{GroupState, Origin};
+use super::written_map::MapBit;
 use super::{aligned, Inner};
 use crate::error::{Error, Result};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// Reads of a group's metadata tried before its bytes are declared unstable.
+/// Disagreeing reads of a group's metadata tolerated before its bytes are declared unstable.
 const CONFIRM_READS: usize = 4;
+
+/// Further agreeing reads required before blank metadata of a group the written-groups map
+/// says was written is believed (a read fault's favourite content is zeros).
+const BLANK_CONFIRM_READS: usize = 4;
 
 /// A group's new metadata, ready to write: where, what, and the state to install.
 pub(crate) struct MetaUpdate {
@@ -34,7 +39,7 @@ impl Inner {
         // Loaded while the shard is locked, so a load can never overwrite a newer state that
         // a commit installed concurrently.
         let raw = self.read_meta(group)?;
-        let state = Arc::new(self.parse_loaded(group, raw, false));
+        let state = Arc::new(self.parse_loaded(group, raw, false)?);
         shard.put(group, state.clone());
         Ok(state)
     }
@@ -58,10 +63,20 @@ impl Inner {
             }
         }
         let mut previous = state.raw().to_vec();
-        for _ in 0..CONFIRM_READS {
+        let (mut disagreements, mut blank_agreements) = (0, 0);
+        while disagreements < CONFIRM_READS {
             let raw = self.read_meta(group)?;
             if *raw == previous[..] {
-                let fresh = Arc::new(self.parse_loaded(group, raw, true));
+                // Blank metadata of a group the map says was written is also what zero or
+                // misdirected read faults look like: look harder before believing it.
+                if crate::tag::is_zero(&raw)
+                    && blank_agreements < BLANK_CONFIRM_READS
+                    && self.map_bit(group, true)? == MapBit::Set
+                {
+                    blank_agreements += 1;
+                    continue;
+                }
+                let fresh = Arc::new(self.parse_loaded(group, raw, true)?);
                 shard.put(group, fresh.clone());
                 return Ok(fresh);
             }
@@ -71,6 +86,7 @@ impl Inner {
                 "metadata read back differently than before (a transient read fault?); reading again"
             );
             self.stats.metadata_rereads.fetch_add(1, Ordering::Relaxed);
+            disagreements += 1;
             previous = raw.into_vec();
         }
         Err(Error::Io {
@@ -89,12 +105,18 @@ impl Inner {
         self.confirm(group, state)
     }
 
-    fn parse_loaded(&self, group: u64, raw: Box<[u8]>, confirmed: bool) -> GroupState {
+    fn parse_loaded(&self, group: u64, raw: Box<[u8]>, confirmed: bool) -> Result<GroupState> {
         let origin = Origin::Loaded {
             after_crash: !self.trusted.load(Ordering::Acquire),
             confirmed,
         };
-        let state = GroupState::parse(&self.geo, self.sb.mode, &self.sb.uuid, group, raw, origin);
+        // Blank metadata means "never written" only if the written-groups map agrees.
+        let map = if crate::tag::is_zero(&raw) {
+            self.map_bit(group, confirmed)?
+        } else {
+            MapBit::Set
+        };
+        let state = GroupState::parse(&self.geo, self.sb.mode, &self.sb.uuid, group, raw, origin, map);
         for k in 0..state.pairs() {
             for (slot, s) in state.pair(k).iter().enumerate() {
                 if let crate::format::SectorParse::Invalid(why) = s {
@@ -102,7 +124,7 @@ impl Inner {
                 }
             }
         }
-        state
+        Ok(state)
     }
 
     /// Both brothers of `group`, as the backend returns them now.

@@ -18,8 +18,9 @@ mod read;
 mod recover;
 mod stage;
 mod write;
+mod written_map;
 
-pub use recover::{MetadataProblem, RecoverOptions, RecoveryReport};
+pub use recover::{MapProblem, MetadataProblem, RecoverOptions, RecoveryReport};
 
 use crate::error::{Error, Result};
 use crate::format::{Geometry, Mode, Superblock, VolumeState};
@@ -169,6 +170,8 @@ pub(crate) struct Inner {
     read_only: bool,
     warnings: Vec<String>,
     cache: MetaCache,
+    /// The written-groups map, cached.
+    map: written_map::WrittenMap,
     stage: Mutex<Stage>,
     stage_limit: usize,
     /// Serializes commits and flushes; holds what the commit protocol must remember.
@@ -290,13 +293,14 @@ impl Inner {
         self.failed()?;
         self.commit_locked(&mut state)?;
         self.flush_locked(&mut state)?;
-        // Clean only if this session started clean or recovered: after a crash, groups this
-        // session never rewrote may still need their older brother's tags.
+        // Clean: every pair's newest sector describes durable data. Blocks that could not be
+        // kept do not change that (neither their data nor their tags were written), so their
+        // loss is reported after the marking.
         if state.marked_in_use && self.trusted.load(Ordering::Acquire) {
             self.write_superblocks(VolumeState::Clean, "marking the volume clean")?;
             state.marked_in_use = false;
         }
-        Ok(())
+        self.lost_writes(&state)
     }
 }
 
@@ -458,6 +462,12 @@ impl Volume {
     /// the metadata half of `check`.
     pub fn check_metadata(&self, first: u64, count: u64) -> Result<Vec<MetadataProblem>> {
         self.inner.check_metadata(first, count)
+    }
+
+    /// Problems of the written-groups map (the record of which groups were ever written, which
+    /// lets a wiped group be told from a never-written one): the map half of `check`.
+    pub fn check_map(&self) -> Result<Vec<MapProblem>> {
+        self.inner.check_map()
     }
 
     /// What the recovery run by this open did, if the volume was left in use and opened

@@ -242,6 +242,7 @@ impl Volume {
             stopping: AtomicBool::new(false),
             background: opts.background_commit && !read_only,
             cache: MetaCache::new((opts.cache_bytes / group_bytes).max(1)),
+            map: Default::default(),
             stage: Mutex::new(Stage::default()),
             stage_limit: opts.stage_bytes.max(geo.block_size as usize),
             commit: Mutex::new(commit::CommitState::default()),

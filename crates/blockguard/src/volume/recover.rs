@@ -22,6 +22,7 @@
 //! the partner may be a version older than the lost brother described; the report lists them.
 
 use super::group::{GroupState, PairView};
+use super::written_map::MapBit;
 use super::{lock, Inner};
 use crate::error::{Error, Result};
 use crate::format::{SectorParse, VolumeState};
@@ -64,6 +65,19 @@ pub struct MetadataProblem {
     pub rebuilt: bool,
 }
 
+/// A problem of the written-groups map, as found by `check`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MapProblem {
+    /// Map sector number.
+    pub sector: u32,
+    /// First group it covers.
+    pub first_group: u64,
+    /// Groups it covers.
+    pub groups: u64,
+    /// What is wrong.
+    pub detail: String,
+}
+
 /// What recovery did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RecoveryReport {
@@ -82,6 +96,11 @@ pub struct RecoveryReport {
     pub pairs_completed: u64,
     /// Damaged metadata sectors found (rebuilt or left as they are).
     pub damaged: Vec<MetadataProblem>,
+    /// Groups marked written in the written-groups map where it had missed them (a crash
+    /// between the map's write and the group's metadata, or map damage).
+    pub map_bits_set: u64,
+    /// Damaged sectors of the written-groups map rebuilt from the groups' metadata.
+    pub map_sectors_rebuilt: u64,
 }
 
 /// Groups whose metadata is examined per call of the backend's hole query.
@@ -118,6 +137,15 @@ impl Inner {
         }
         // Everything is durable now: work from the disk, not from what this session cached.
         self.cache.clear();
+        self.clear_map();
+        let damaged_map: Vec<u32> = if opts.rebuild_damaged {
+            self.damaged_map_sectors()?.into_iter().map(|(i, _)| i).collect()
+        } else {
+            Vec::new()
+        };
+        let mut missing_bits = Vec::new();
+        let mut rebuilt_bits: std::collections::HashMap<u32, Vec<u64>> =
+            damaged_map.iter().map(|&i| (i, Vec::new())).collect();
         let total = self.geo.groups;
         let mut group = 0;
         while group < total {
@@ -125,10 +153,22 @@ impl Inner {
             let holes = self.meta_holes(group, end)?;
             for g in group..end {
                 report.groups_examined += 1;
-                if holes[(g - group) as usize] {
+                let map = self.map_bit(g, true)?;
+                let written = if holes[(g - group) as usize] && map != MapBit::Set {
                     report.groups_skipped += 1;
+                    false
                 } else {
-                    self.recover_group(g, opts, &mut report)?;
+                    // A bit once set is never cleared, not even when the group's metadata
+                    // reads blank: that is the damage the map exists to report.
+                    self.recover_group(g, opts, &mut report)? || map == MapBit::Set
+                };
+                let (index, i) = self.geo.map_position(g);
+                if let Some(bits) = rebuilt_bits.get_mut(&index) {
+                    if written {
+                        bits.push(i);
+                    }
+                } else if written && map == MapBit::Clear {
+                    missing_bits.push(g);
                 }
                 if g % 64 == 0 {
                     progress(g, total);
@@ -136,11 +176,20 @@ impl Inner {
             }
             group = end;
         }
+        let mut map = self.map_updates(&missing_bits)?;
+        report.map_bits_set = missing_bits.len() as u64;
+        for (index, bits) in rebuilt_bits {
+            tracing::warn!(volume = %self.name, sector = index, groups = bits.len(), "rebuilt a damaged written-groups map sector from the groups' metadata");
+            map.push(self.map_rebuild(index, &bits));
+            report.map_sectors_rebuilt += 1;
+        }
+        self.write_map(&map)?;
         self.flush_or_fail("flushing recovered metadata")?;
         // Every group now describes what the disk holds: trust the newest tags from here on,
         // for groups loaded later too.
         self.trusted.store(true, Ordering::Release);
         self.cache.clear();
+        self.clear_map();
         if after_crash {
             self.write_superblocks(VolumeState::Clean, "marking the volume clean after recovery")?;
             state.marked_in_use = false;
@@ -171,11 +220,15 @@ impl Inner {
             .collect())
     }
 
-    /// Settles one group: see the module documentation.
-    fn recover_group(&self, group: u64, opts: RecoverOptions, report: &mut RecoveryReport) -> Result<()> {
-        let old = self.confirmed_group(group)?;
-        if !old.any_written() {
-            return Ok(());
+    /// Settles one group (see the module documentation); returns whether it holds written
+    /// metadata afterwards.
+    fn recover_group(&self, group: u64, opts: RecoverOptions, report: &mut RecoveryReport) -> Result<bool> {
+        let mut old = self.confirmed_group(group)?;
+        if old.never_written() {
+            return Ok(false);
+        }
+        if let Some(completed) = self.complete_first_write(group, &old, report)? {
+            old = completed;
         }
         let per = self.geo.tags_per_sector() as usize;
         let mut w = old.writer(&self.sb.uuid, group);
@@ -208,32 +261,11 @@ impl Inner {
                         changed = true;
                     }
                 }
-                PairView::TornFirst { slot0 } => {
-                    // The first write's data was never issued (it follows the metadata's
-                    // flush), so the blocks hold what format left: resolve anyway, it costs
-                    // one read per block the slot-0 half names.
-                    if slot0 {
-                        let mut tags = w.tags_of(Some(0), k, count);
-                        let ts = self.geo.tag_size as usize;
-                        for j in 0..count {
-                            if !crate::tag::is_zero(old.tag_bytes(0, k, j))
-                                && self.on_disk_is_older(group, &old, k, j, 0)?
-                            {
-                                tags[j * ts..(j + 1) * ts].fill(0);
-                            }
-                        }
-                        w.put(1, k, 2, &tags);
-                        w.set_known(k, 1);
-                    } else {
-                        let unwritten = w.tags_of(None, k, count);
-                        w.put(0, k, 1, &unwritten);
-                        if old.pair(k)[1] == SectorParse::Empty {
-                            w.put(1, k, 0, &unwritten);
-                        }
-                        w.set_known(k, 0);
-                    }
-                    report.pairs_completed += 1;
-                    changed = true;
+                PairView::TornFirst { .. } => {
+                    debug_assert!(
+                        false,
+                        "pair {k} of group {group}: the first write was completed above"
+                    );
                 }
                 PairView::Damaged(damage) => {
                     let mut problem = MetadataProblem {
@@ -267,12 +299,52 @@ impl Inner {
             }
         }
         if changed {
-            let (new, slots) = w.finish_loaded(&self.geo);
+            let (new, slots) = w.finish_loaded(&self.geo, false);
             let update = self.meta_update(group, new, slots);
             self.write_metadata(std::slice::from_ref(&update))?;
             report.groups_rewritten += 1;
+            return Ok(true);
         }
-        Ok(())
+        Ok(old.any_written())
+    }
+
+    /// First stage of settling a group whose first write a crash cut short: fill its blank
+    /// sectors with what the first write would have put there (slot 0: generation 1; slot 1:
+    /// generation 0; every tag unwritten where the slot had none), then flush. No generation
+    /// ≥ 2 is written before every blank is gone — such a generation would mark the first
+    /// write complete, and a crash in the middle would leave blanks that then read as damage.
+    /// The pairs this fills are resolved against the data by the second stage like any other.
+    /// Returns the group's state afterwards, if anything was written.
+    fn complete_first_write(
+        &self,
+        group: u64,
+        old: &GroupState,
+        report: &mut RecoveryReport,
+    ) -> Result<Option<std::sync::Arc<GroupState>>> {
+        let torn: Vec<usize> = (0..old.pairs())
+            .filter(|&k| matches!(old.view(k), PairView::TornFirst { .. }))
+            .collect();
+        if torn.is_empty() {
+            return Ok(None);
+        }
+        let mut w = old.writer(&self.sb.uuid, group);
+        for &k in &torn {
+            let count = self.geo.tags_in_sector(group, k as u32);
+            let unwritten = w.tags_of(None, k, count);
+            let [s0, s1] = old.pair(k);
+            if s0 == SectorParse::Empty {
+                w.put(0, k, 1, &unwritten);
+            }
+            if s1 == SectorParse::Empty {
+                w.put(1, k, 0, &unwritten);
+            }
+        }
+        let (new, slots) = w.finish_loaded(&self.geo, true);
+        let update = self.meta_update(group, new, slots);
+        self.write_metadata(std::slice::from_ref(&update))?;
+        self.flush_or_fail("flushing a completed first write")?;
+        report.pairs_completed += torn.len() as u64;
+        Ok(Some(update.state))
     }
 
     /// True if block `j` of pair `k` holds the version the older brother describes, not the

@@ -50,7 +50,7 @@ impl Inner {
             let k = index as u64 / per;
             let pair_first = group_first + k * per;
             let pair_end = (pair_first + per).min(group_end);
-            if state.any_written() && state.newest_for_write(k as usize).is_none() {
+            if !state.never_written() && state.newest_for_write(k as usize).is_none() {
                 let covered = whole.start <= pair_first && pair_end <= whole.end;
                 if !covered {
                     // Damage seen in a single read may be a transient fault: look again.
@@ -200,6 +200,8 @@ impl Inner {
         let mut state = lock(&self.commit);
         self.failed()?;
         self.commit_locked(&mut state)?;
-        self.flush_locked(&mut state)
+        self.flush_locked(&mut state)?;
+        // Acknowledged writes that could not be kept: this flush cannot promise them.
+        self.lost_writes(&state)
     }
 }
