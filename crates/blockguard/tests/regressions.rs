@@ -1,0 +1,336 @@
+//! The four ways an adversarial review broke format v1's `dual` mode with ordinary faults, each
+//! replayed step by step. Every test here failed on v1 (issue 8); they pin the fixes.
+
+use blockguard::blockguard_backend::{Backend, CrashState, Event, FaultBackend, MemoryBackend};
+use blockguard::{CorruptionKind, Error, FormatOptions, Geometry, OpenOptions, Volume};
+use std::sync::Arc;
+
+fn options() -> OpenOptions {
+    OpenOptions {
+        background_commit: false,
+        cache_bytes: 0,
+        ..OpenOptions::default()
+    }
+}
+
+fn read_only() -> OpenOptions {
+    OpenOptions {
+        read_only: true,
+        ..options()
+    }
+}
+
+fn format(block_size: u32, blocks: u64) -> (Arc<FaultBackend>, Geometry) {
+    let mut opts = FormatOptions::with_size(block_size as u64 * blocks);
+    opts.block_size = block_size;
+    opts.uuid = Some([0x42; 16]);
+    let backend = Arc::new(FaultBackend::new(opts.backing_len().unwrap()).unwrap());
+    let vol = Volume::format(backend.clone(), &opts).unwrap();
+    let geo = *vol.geometry();
+    vol.close().unwrap();
+    (backend, geo)
+}
+
+fn block(fill: u8, bs: u32) -> Vec<u8> {
+    (0..bs).map(|i| fill ^ (i as u8)).collect()
+}
+
+fn read(vol: &Volume, b: u64) -> Result<Vec<u8>, Error> {
+    let mut buf = vec![0u8; vol.block_size() as usize];
+    vol.read_at(&mut buf, b * vol.block_size() as u64).map(|()| buf)
+}
+
+fn is_meta(geo: &Geometry, off: u64) -> bool {
+    off >= geo.first_group_offset
+        && off < geo.backup_sb_offset
+        && (off - geo.first_group_offset) % geo.group_len() < 2 * geo.block_size as u64
+}
+
+/// The crash state right after the barrier that follows the first metadata write of the
+/// history: the new tags are durable, none of the batch's data has been issued.
+fn after_metadata_barrier(backend: &FaultBackend, geo: &Geometry) -> CrashState {
+    let events = backend.events();
+    let meta = events
+        .iter()
+        .position(|e| matches!(e, Event::Write { write, .. } if is_meta(geo, write.offset)))
+        .expect("a metadata write");
+    let barrier = meta
+        + events[meta..]
+            .iter()
+            .position(|e| matches!(e, Event::Flush { .. }))
+            .expect("the barrier after it");
+    let state = backend.state_at(barrier + 1);
+    assert!(
+        state.unflushed().is_empty(),
+        "nothing is issued between the barrier and the data"
+    );
+    state
+}
+
+/// v1: block 1 holds A, flushed; B is written and the crash lands after B's metadata barrier,
+/// before B's data. The next session rewrites block 1 with C and a second crash hits before
+/// C's data lands. Block 1 still holds A, but v1's brothers accepted only B or C, for good.
+/// Now the second session recovers before it writes, so the brothers keep describing A.
+#[test]
+fn regression_1_a_crash_in_the_session_after_a_crash_keeps_a_flushed_block() {
+    for bs in [512u32, 4096] {
+        let (backend, geo) = format(bs, 200);
+        let (a, b, c) = (block(0xA, bs), block(0xB, bs), block(0xC, bs));
+        let vol = Volume::open(backend.clone(), &options()).unwrap();
+        vol.write_at(&a, bs as u64).unwrap();
+        vol.flush().unwrap();
+        backend.forget_history();
+        vol.write_at(&b, bs as u64).unwrap();
+        vol.flush().unwrap();
+        drop(vol);
+        let first = after_metadata_barrier(&backend, &geo).crash_image(&[]);
+
+        // The session after the crash: open read-write (recovery), rewrite block 1, crash
+        // again after C's metadata barrier.
+        let again = Arc::new(FaultBackend::from_image(first));
+        let vol = Volume::open(again.clone(), &options()).unwrap();
+        assert_eq!(read(&vol, 1).unwrap(), a, "{bs}: block 1 after the first crash");
+        again.forget_history();
+        vol.write_at(&c, bs as u64).unwrap();
+        vol.flush().unwrap();
+        drop(vol);
+        let second = after_metadata_barrier(&again, &geo).crash_image(&[]);
+
+        for opts in [read_only(), options()] {
+            let vol = Volume::open(Arc::new(MemoryBackend::from_vec(second.clone())), &opts).unwrap();
+            assert_eq!(
+                read(&vol, 1).expect("block 1 holds A on disk and must verify"),
+                a,
+                "{bs}-byte blocks, read_only {}",
+                opts.read_only
+            );
+        }
+    }
+}
+
+/// v1: recovery wrote a resolved brother over the older slot in one 4 KiB write; torn at
+/// 512 bytes, the slot was invalid, the table accepted only the newest brother's tag, and every
+/// block whose disk held the older version failed. Now every 512-byte sector validates on its
+/// own: every one of the 256 tears of the resolution write leaves every block readable.
+#[test]
+fn regression_2_a_torn_resolution_brother_loses_nothing() {
+    let bs = 4096u32;
+    let (backend, geo) = format(bs, 1000);
+    let vol = Volume::open(backend.clone(), &options()).unwrap();
+    // Blocks in four different sectors of group 0's brothers; first versions flushed.
+    let blocks = [3u64, 70, 200, 400];
+    for (i, &b) in blocks.iter().enumerate() {
+        vol.write_at(&block(i as u8, bs), b * bs as u64).unwrap();
+    }
+    vol.flush().unwrap();
+    backend.forget_history();
+    // Second versions in one batch: the crash keeps the data of two of them, not the others,
+    // so the brothers disagree and both are needed.
+    for (i, &b) in blocks.iter().enumerate() {
+        vol.write_at(&block(0x80 | i as u8, bs), b * bs as u64).unwrap();
+    }
+    vol.flush().unwrap();
+    drop(vol);
+    let state = after_metadata_barrier(&backend, &geo);
+    let events = backend.events();
+    let barrier_at = events
+        .iter()
+        .position(|e| matches!(e, Event::Flush { .. }))
+        .unwrap();
+    // The data writes issued after the barrier; keep those of blocks 3 and 200.
+    let mut image = state.crash_image(&[]);
+    for e in &events[barrier_at + 1..] {
+        if let Event::Write { write, .. } = e {
+            for &b in &[3u64, 200] {
+                if write.offset == geo.data_offset(b) {
+                    let at = write.offset as usize;
+                    image[at..at + write.data.len()].copy_from_slice(&write.data);
+                }
+            }
+        }
+    }
+    let expected: Vec<(u64, Vec<u8>)> = vec![
+        (3, block(0x80, bs)),
+        (70, block(1, bs)),
+        (200, block(0x82, bs)),
+        (400, block(3, bs)),
+    ];
+
+    // Recovery at open writes the resolved brother: crash it with every tear.
+    let recovering = Arc::new(FaultBackend::from_image(image));
+    drop(Volume::open(recovering.clone(), &options()).unwrap());
+    let history = recovering.events();
+    let mut tried = 0;
+    recovering.for_each_history_point(|n, st| {
+        for (i, w) in st.unflushed().iter().enumerate() {
+            if !is_meta(&geo, w.offset) {
+                continue;
+            }
+            let sectors = w.sector_count();
+            for mask in 0..1u32 << sectors.min(8) {
+                let bits: Vec<bool> = (0..sectors).map(|s| mask >> (s % 32) & 1 == 1).collect();
+                let img = st.crash_image_torn(&[(i, bits)]);
+                tried += 1;
+                let vol = Volume::open(Arc::new(MemoryBackend::from_vec(img)), &read_only()).unwrap();
+                for (b, want) in &expected {
+                    let got = read(&vol, *b).unwrap_or_else(|e| {
+                        panic!(
+                            "crash after event {n} of {}, tear {mask:#b}: block {b}: {e}",
+                            history.len()
+                        )
+                    });
+                    assert_eq!(&got, want, "crash after event {n}, tear {mask:#b}: block {b}");
+                }
+            }
+        }
+    });
+    assert!(
+        tried >= 256,
+        "the resolution write was torn every way ({tried} images)"
+    );
+}
+
+/// v1: a block's data write landing on its own group's newest brother left, after a flush and
+/// a clean close, (valid older, invalid newest); the table fell back to the older brother,
+/// whose tag matches the stale data: the read returned the previous version, `check` said
+/// clean. Now a pair whose valid brother cannot be proven the newest is damaged.
+#[test]
+fn regression_3_a_write_misdirected_onto_the_newest_brother_is_not_silent() {
+    for discard in [false, true] {
+        let bs = 4096u32;
+        let (backend, geo) = format(bs, 1000);
+        let vol = Volume::open(backend.clone(), &options()).unwrap();
+        let b = 5u64;
+        let old = block(0x11, bs);
+        vol.write_at(&old, b * bs as u64).unwrap();
+        vol.flush().unwrap();
+        // The next commit writes slot 1 (generation 2): the newest brother. Its data write
+        // (or the discard's zeroing) lands there instead of on block 5.
+        let (from, to) = (geo.data_offset(b), geo.meta_offset(0, 1));
+        backend.misdirect_writes_with(move |off, _| (off == from).then_some(to));
+        if discard {
+            vol.discard(b * bs as u64, bs as u64).unwrap();
+        } else {
+            vol.write_at(&block(0x22, bs), b * bs as u64).unwrap();
+        }
+        vol.flush().unwrap();
+        backend.clear_faults();
+        vol.close().unwrap();
+
+        let vol = Volume::open(backend.clone(), &read_only()).unwrap();
+        match read(&vol, b) {
+            Ok(data) => panic!(
+                "discard {discard}: block {b} returned {} instead of an error",
+                if data == old {
+                    "the previous version"
+                } else {
+                    "data"
+                }
+            ),
+            Err(Error::Corrupt { block, kind, .. }) => {
+                assert_eq!(block, b);
+                assert_eq!(kind, CorruptionKind::MetadataDamaged);
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+        // The 4 KiB write wiped all eight sectors of slot 1.
+        let damaged = vol.check_metadata(0, geo.groups).unwrap();
+        assert_eq!(
+            damaged.len() as u32,
+            geo.sectors_per_meta(),
+            "discard {discard}: {damaged:?}"
+        );
+        assert!(damaged.iter().all(|d| d.group == 0));
+        let problems = vol.check_blocks(0, geo.data_blocks).unwrap();
+        assert!(problems.iter().any(|p| p.block == b), "check lists block {b}");
+        assert!(
+            vol.extents(0, vol.size())
+                .unwrap()
+                .iter()
+                .filter(|e| !e.allocated)
+                .all(|e| e.offset >= geo.group_blocks as u64 * bs as u64),
+            "no block of the damaged group is reported as a hole"
+        );
+    }
+}
+
+/// v1: one flipped bit in slot 0 of a group written once (slot 1 blank) made `extents` report
+/// the whole group as a hole, the next write started the group over and forgot every other
+/// tag, and a single transient all-zero read of the metadata was cached and written back over
+/// both valid brothers. Now: allocated, refused unless re-established, confirmed first.
+#[test]
+fn regression_4_damaged_metadata_never_turns_written_blocks_into_holes() {
+    let bs = 4096u32;
+    let (backend, geo) = format(bs, 1000);
+    let vol = Volume::open(backend.clone(), &options()).unwrap();
+    let n = geo.group_blocks as u64;
+    let data: Vec<Vec<u8>> = (0..n).map(|b| block(b as u8 ^ 0x5c, bs)).collect();
+    for (b, d) in data.iter().enumerate() {
+        vol.write_at(d, b as u64 * bs as u64).unwrap();
+    }
+    vol.close().unwrap();
+
+    // One bit of slot 0's first sector.
+    backend.flip_bit(geo.meta_offset(0, 0) + 100, 3).unwrap();
+    let vol = Volume::open(backend.clone(), &options()).unwrap();
+    let per = geo.tags_per_sector() as u64;
+    assert!(read(&vol, 0).is_err(), "a block of the damaged sector fails");
+    assert_eq!(
+        read(&vol, per).unwrap(),
+        data[per as usize],
+        "other sectors still read"
+    );
+    let extents = vol.extents(0, n * bs as u64).unwrap();
+    assert!(
+        extents.iter().all(|e| e.allocated),
+        "every written block is reported allocated: {extents:?}"
+    );
+    // A write into the damaged sector that does not cover it is refused...
+    let err = vol.write_at(&block(1, bs), bs as u64).unwrap_err();
+    assert!(matches!(
+        err,
+        Error::Corrupt {
+            kind: CorruptionKind::MetadataDamaged,
+            ..
+        }
+    ));
+    // ...a write elsewhere in the group forgets nothing...
+    vol.write_at(&block(2, bs), (per + 1) * bs as u64).unwrap();
+    vol.flush().unwrap();
+    // ...and a write covering the whole sector re-establishes it.
+    let fresh: Vec<u8> = (0..per * bs as u64).map(|i| (i % 251) as u8).collect();
+    vol.write_at(&fresh, 0).unwrap();
+    vol.close().unwrap();
+    let vol = Volume::open(backend.clone(), &read_only()).unwrap();
+    for b in 0..n {
+        let want = if b < per {
+            fresh[(b * bs as u64) as usize..((b + 1) * bs as u64) as usize].to_vec()
+        } else if b == per + 1 {
+            block(2, bs)
+        } else {
+            data[b as usize].clone()
+        };
+        assert_eq!(read(&vol, b).unwrap(), want, "block {b}");
+    }
+    assert!(vol.check_metadata(0, geo.groups).unwrap().is_empty());
+    drop(vol);
+
+    // A single transient all-zero read of the group's metadata is never written back.
+    let vol = Volume::open(backend.clone(), &options()).unwrap();
+    let meta = geo.meta_offset(0, 0);
+    let hit = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let once = hit.clone();
+    backend.read_faults_with(move |off, _| {
+        (off == meta && !once.swap(true, std::sync::atomic::Ordering::SeqCst))
+            .then_some(blockguard::blockguard_backend::ReadFault::Zeros)
+    });
+    vol.write_at(&block(3, bs), 300 * bs as u64).unwrap();
+    vol.flush().unwrap();
+    assert!(hit.load(std::sync::atomic::Ordering::SeqCst), "the fault was hit");
+    backend.clear_faults();
+    vol.close().unwrap();
+    let vol = Volume::open(backend.clone(), &read_only()).unwrap();
+    assert_eq!(read(&vol, 300).unwrap(), block(3, bs));
+    assert!(vol.check_blocks(0, geo.data_blocks).unwrap().is_empty());
+    assert!(vol.check_metadata(0, geo.groups).unwrap().is_empty());
+}
