@@ -1,7 +1,7 @@
 //! The four ways an adversarial review broke format v1's `dual` mode with ordinary faults, each
 //! replayed step by step. Every test here failed on v1 (issue 8); they pin the fixes.
 
-use blockguard::blockguard_backend::{Backend, CrashState, Event, FaultBackend, MemoryBackend};
+use blockguard::blockguard_backend::{CrashState, Event, FaultBackend, MemoryBackend};
 use blockguard::{CorruptionKind, Error, FormatOptions, Geometry, OpenOptions, Volume};
 use std::sync::Arc;
 
