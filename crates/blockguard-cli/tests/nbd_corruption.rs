@@ -115,3 +115,66 @@ fn corrupted_block_fails_with_eio_and_others_still_read() {
         vec![7u8; BS as usize]
     );
 }
+
+/// Issue 8, case 4, with real clients: one flipped bit in a metadata sector of a group written
+/// once. Block status must not report any written block as a hole (v1 said `hole,zero` for the
+/// whole group, and `qemu-img convert` copied zeros and exited 0); the copy must fail.
+#[test]
+fn damaged_metadata_is_never_a_hole_and_a_copy_fails() {
+    require("qemu-img");
+    require("nbdinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let vol = make_volume(dir.path(), "v.bgv", "16M");
+    // Every block of the first 4 MiB written once (what `import` leaves).
+    let raw = dir.path().join("raw");
+    let data = random_bytes(4 << 20, 77);
+    std::fs::write(&raw, &data).unwrap();
+    run(
+        BIN,
+        &["import", raw.to_str().unwrap(), vol.to_str().unwrap(), "--force"],
+    );
+    // A bit of slot 0's first metadata sector of group 0.
+    let meta = data_block_offset(&vol, 0) - 2 * BS;
+    flip_byte(&vol, meta + 40);
+    let check = run_any(BIN, &["check", vol.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(1), "check finds the damage");
+    assert!(
+        stdout(&check).contains("damaged metadata: group 0 sector 0"),
+        "{}",
+        stdout(&check)
+    );
+
+    let mut srv = Served::start(&vol, &["--read-only"]);
+    let uri = srv.uri();
+    let map = run("nbdinfo", &["--map", &uri]);
+    let map = stdout(&map);
+    assert!(
+        map.lines()
+            .next()
+            .is_some_and(|l| l.split_whitespace().next() == Some("0")),
+        "a map from offset 0: {map}"
+    );
+    // Every line of the map: offset, length, type, description.
+    for line in map.lines() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let (off, len): (u64, u64) = (cols[0].parse().unwrap(), cols[1].parse().unwrap());
+        if line.contains("hole") {
+            assert!(
+                off >= data.len() as u64,
+                "written bytes {off}..{} reported as a hole: {map}",
+                off + len
+            );
+        }
+    }
+    let out = dir.path().join("out.raw");
+    let copy = run_any(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &uri, out.to_str().unwrap()],
+    );
+    assert!(
+        !copy.status.success(),
+        "qemu-img convert of a damaged volume must fail, not copy zeros"
+    );
+    assert!(srv.is_running());
+    drop(srv);
+}

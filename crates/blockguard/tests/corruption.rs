@@ -341,3 +341,137 @@ fn large_batches_land_whole_and_fail_whole() {
         assert!(back == model, "large batch read back differs");
     }
 }
+
+/// One brother of one group damaged (a flipped bit, or wiped to zeros where no crash explains a
+/// blank), on a cleanly closed volume, for each slot of each group: the group's blocks fail as
+/// `MetadataDamaged` (the other brother cannot be proven the newest), none is reported as a
+/// hole, `check` lists the sector, writes that would need the lost tags are refused while a
+/// write covering the whole sector re-establishes it, and `recover` rebuilds it on request.
+#[test]
+fn one_damaged_brother_is_reported_never_hidden() {
+    let (img, expected) = image();
+    let geo = *Volume::open(Arc::new(MemoryBackend::from_vec(img.clone())), &ro())
+        .unwrap()
+        .geometry();
+    for group in 0..geo.groups {
+        let first = geo.first_block(group);
+        let blocks: Vec<u64> = (first..first + geo.blocks_in_group(group) as u64).collect();
+        for slot in 0..2 {
+            for wipe in [false, true] {
+                let what = format!(
+                    "group {group} slot {slot} {}",
+                    if wipe { "wiped" } else { "bit-flipped" }
+                );
+                let mut d = img.clone();
+                let at = geo.meta_offset(group, slot) as usize;
+                if wipe {
+                    d[at..at + BS as usize].fill(0);
+                } else {
+                    d[at + 37] ^= 0x10;
+                }
+                let backend = Arc::new(MemoryBackend::from_vec(d));
+                let vol = Volume::open(backend.clone(), &ro()).unwrap();
+                let failed = assert_never_wrong(&vol, &expected, &what);
+                assert_eq!(failed, blocks, "{what}: every block of the sector fails");
+                let mut buf = vec![0u8; BS as usize];
+                match vol.read_at(&mut buf, first * BS) {
+                    Err(Error::Corrupt { kind, .. }) => {
+                        assert_eq!(kind, CorruptionKind::MetadataDamaged, "{what}")
+                    }
+                    other => panic!("{what}: {other:?}"),
+                }
+                let holes: Vec<_> = vol
+                    .extents(0, BS * BLOCKS)
+                    .unwrap()
+                    .into_iter()
+                    .filter(|e| !e.allocated)
+                    .collect();
+                for e in &holes {
+                    let (lo, hi) = (e.offset / BS, (e.offset + e.len).div_ceil(BS));
+                    assert!(
+                        hi <= first || lo >= first + blocks.len() as u64,
+                        "{what}: a block of the damaged group reported as a hole: {e:?}"
+                    );
+                }
+                let damaged = vol.check_metadata(0, geo.groups).unwrap();
+                assert_eq!(damaged.len(), 1, "{what}: {damaged:?}");
+                assert_eq!((damaged[0].group, damaged[0].sector), (group, 0), "{what}");
+                assert_eq!(
+                    vol.check_blocks(0, BLOCKS)
+                        .unwrap()
+                        .iter()
+                        .map(|p| p.block)
+                        .collect::<Vec<_>>(),
+                    blocks,
+                    "{what}"
+                );
+                drop(vol);
+
+                // Writes after the damage.
+                let vol = Volume::open(backend.clone(), &OpenOptions::default()).unwrap();
+                let e = vol.write_at(&content(first, 40), first * BS).unwrap_err();
+                assert!(
+                    matches!(
+                        e,
+                        Error::Corrupt {
+                            kind: CorruptionKind::MetadataDamaged,
+                            ..
+                        }
+                    ),
+                    "{what}: a partial write into the damaged sector is refused: {e}"
+                );
+                let other = (first + blocks.len() as u64) % BLOCKS;
+                vol.write_at(&content(other, 41), other * BS).unwrap();
+                vol.flush().unwrap();
+                vol.close().unwrap();
+                let vol = Volume::open(backend.clone(), &ro()).unwrap();
+                let mut now = expected.clone();
+                now[other as usize] = content(other, 41);
+                let failed = assert_never_wrong(&vol, &now, &format!("{what}, then a write elsewhere"));
+                assert_eq!(failed, blocks, "{what}: nothing else was forgotten");
+                drop(vol);
+
+                // `recover` rebuilds the damaged brother from the other: the blocks that match it
+                // read again (here all of them: the damaged copy was the older, or equal).
+                let vol = Volume::open(backend.clone(), &OpenOptions::default()).unwrap();
+                let report = vol
+                    .recover(blockguard::RecoverOptions::rebuild(), |_, _| {})
+                    .unwrap();
+                assert_eq!(report.damaged.len(), 1, "{what}: {report:?}");
+                assert!(report.damaged[0].rebuilt, "{what}");
+                vol.close().unwrap();
+                let vol = Volume::open(backend.clone(), &ro()).unwrap();
+                assert!(vol.check_metadata(0, geo.groups).unwrap().is_empty(), "{what}");
+                let failed = assert_never_wrong(&vol, &now, &format!("{what}, rebuilt"));
+                // A block rewritten by the newest brother's batch fails when the newest was lost.
+                for b in &failed {
+                    assert!(blocks.contains(b), "{what}: block {b} outside the group fails");
+                }
+                drop(vol);
+
+                // A write covering every block of the damaged sector re-establishes it.
+                let mut d = img.clone();
+                if wipe {
+                    d[at..at + BS as usize].fill(0);
+                } else {
+                    d[at + 37] ^= 0x10;
+                }
+                let backend = Arc::new(MemoryBackend::from_vec(d));
+                let vol = Volume::open(backend.clone(), &OpenOptions::default()).unwrap();
+                let fresh: Vec<u8> = blocks.iter().flat_map(|&b| content(b, 42)).collect();
+                vol.write_at(&fresh, first * BS).unwrap();
+                vol.close().unwrap();
+                let vol = Volume::open(backend, &ro()).unwrap();
+                let mut now = expected.clone();
+                for &b in &blocks {
+                    now[b as usize] = content(b, 42);
+                }
+                assert!(
+                    assert_never_wrong(&vol, &now, &format!("{what}, overwritten whole")).is_empty(),
+                    "{what}"
+                );
+                assert!(vol.check_metadata(0, geo.groups).unwrap().is_empty(), "{what}");
+            }
+        }
+    }
+}
