@@ -273,6 +273,9 @@ impl Backend for Counting {
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         self.inner.zero_range(offset, len)
     }
+    fn zero_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
+        self.inner.zero_ranges(offset, len)
+    }
     fn alignment(&self) -> usize {
         self.inner.alignment()
     }
