@@ -410,9 +410,12 @@ impl GroupWriter<'_> {
     pub fn tags_of(&self, slot: Option<u8>, k: usize, count: usize) -> Vec<u8> {
         let ts = self.base.tag_size;
         match slot {
-            Some(s) => (0..count)
-                .flat_map(|j| self.base.tag_bytes(s, k, j).to_vec())
-                .collect(),
+            Some(s) => {
+                // The tags of a sector lie side by side after its header.
+                let at =
+                    s as usize * self.base.block_size + k * SECTOR_SIZE + crate::format::SECTOR_HEADER_SIZE;
+                self.base.raw[at..at + count * ts].to_vec()
+            }
             None => vec![0; count * ts],
         }
     }
