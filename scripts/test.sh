@@ -6,9 +6,9 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-# Release mode: the crash simulator and the NBD/FUSE tests move real amounts of data.
+# The `ci` profile (Cargo.toml): optimized, with debug assertions and overflow checks on.
 set +e
-cargo test --workspace --release "$@" 2>&1 | tee "$log"
+cargo test --workspace --profile ci "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole run (cargo prints one per test binary).

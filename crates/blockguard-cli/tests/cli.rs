@@ -237,14 +237,15 @@ fn format_creates_a_sparse_file_with_the_documented_layout() {
     assert_eq!(g["groups"], 16384u64.div_ceil(496));
     assert_eq!(
         g["first_group_offset"], 8192,
-        "the superblock region, then the written-groups map"
+        "the superblock region, then the group bitmaps"
     );
     let len = t.len("v.bgv");
     assert_eq!(g["backing_len"], len);
     assert_eq!(g["backup_sb_offset"], len - 4096);
-    // Data end: 33 full groups of (2 + 496) blocks, then 2 + 16 blocks, after the superblock region and the map.
-    let data_end = 8192 + 33 * 498 * 4096 + (2 + 16) * 4096;
-    assert_eq!(len, data_end + 4096);
+    // Data end: 33 full groups of (2 + 496) blocks, then 2 + 16 blocks, after the superblock
+    // region and the bitmaps; then the written map's second copy (one sector), the backup.
+    let data_end: u64 = 8192 + 33 * 498 * 4096 + (2 + 16) * 4096;
+    assert_eq!(len, (data_end + 512).next_multiple_of(4096) + 4096);
     assert!(
         fs::metadata(t.path("v.bgv")).unwrap().blocks() * 512 <= 1 << 20,
         "format wrote more than the superblocks"
@@ -356,8 +357,8 @@ fn format_with_512_byte_blocks() {
     assert_eq!(g["groups"], 2048u64.div_ceil(62));
     assert_eq!(
         g["first_group_offset"],
-        4096 + 512,
-        "the superblock region, then one map sector"
+        4096 + 3 * 512,
+        "the superblock region, then one sector of each of the three group bitmaps"
     );
     let d = t
         .run(&["dump", "v.bgv", "--block", "63", "--json"])
@@ -365,9 +366,9 @@ fn format_with_512_byte_blocks() {
         .json();
     let l = &d["blocks"][0]["location"];
     assert_eq!((l["group"].as_u64(), l["index"].as_u64()), (Some(1), Some(1)));
-    assert_eq!(l["data_offset"], 4608 + 64 * 512 + 3 * 512);
-    assert_eq!(l["meta_offsets"][0], 4608 + 64 * 512);
-    assert_eq!(l["meta_offsets"][1], 4608 + 65 * 512);
+    assert_eq!(l["data_offset"], 5632 + 64 * 512 + 3 * 512);
+    assert_eq!(l["meta_offsets"][0], 5632 + 64 * 512);
+    assert_eq!(l["meta_offsets"][1], 5632 + 65 * 512);
     assert_eq!(l["tag_offset_in_meta"], 16 + 8);
     // Unaligned import and export work on 512-byte blocks too.
     let raw = random_bytes(300_001, 3);

@@ -77,6 +77,8 @@ fn open_options(rng: &mut ChaCha8Rng, cfg: &Config) -> OpenOptions {
         cache_bytes: 0,
         // Deterministic I/O order, so a printed seed replays exactly.
         background_commit: cfg.background,
+        // Dirty bits cleared at every flush: deterministic, and the clearing is exercised.
+        dirty_clear_interval: std::time::Duration::ZERO,
         ..OpenOptions::default()
     }
 }

@@ -482,10 +482,11 @@ fn superblock_layout_is_as_documented() {
     assert_eq!(le64(72), 1 << 30);
     assert_eq!(le64(80), 262_144);
     assert_eq!(le64(88), 529);
-    // Group 0 follows the superblock region and the one-sector written-groups map.
+    // Group 0 follows the superblock region and one sector of each group bitmap; the second
+    // copy of the written-groups map precedes the backup superblock.
     assert_eq!(le64(96), 8192);
-    assert_eq!(le64(104), 1_078_087_680);
-    assert_eq!(le64(112), 1_078_083_584);
+    assert_eq!(le64(104), 1_078_091_776);
+    assert_eq!(le64(112), 1_078_087_680);
     assert_eq!(le64(120), 1_700_000_000);
     assert!(b[128..164].iter().all(|&x| x == 0));
     assert_eq!(&b[164..169], b"label");

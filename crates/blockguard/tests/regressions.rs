@@ -9,6 +9,7 @@ fn options() -> OpenOptions {
     OpenOptions {
         background_commit: false,
         cache_bytes: 0,
+        dirty_clear_interval: std::time::Duration::ZERO,
         ..OpenOptions::default()
     }
 }

@@ -183,9 +183,11 @@ impl Geometry {
         let bs = block_size as u64;
         let n = group_blocks as u64;
         let groups = data_blocks.div_ceil(n);
-        // The written-groups map lies between the primary superblock and group 0.
+        // The written-groups map's first copy, the dirty-groups map and the first-write map lie
+        // between the primary superblock and group 0; the written map's second copy just
+        // before the backup superblock.
         let map_len = map_sectors(groups).checked_mul(super::SECTOR_SIZE as u64)?;
-        let first = align_up(SB_REGION.checked_add(map_len)?, bs)?;
+        let first = align_up(SB_REGION.checked_add(map_len.checked_mul(3)?)?, bs)?;
         let group_len = (META_PER_GROUP + n).checked_mul(bs)?;
         let last_blocks = data_blocks - (groups - 1) * n;
         let data_end = first
@@ -195,12 +197,12 @@ impl Geometry {
         let max_len = i64::MAX as u64;
         let (backup, backing_len) = match fixed_len {
             None => {
-                let backup = align_up(data_end, SB_REGION)?;
+                let backup = align_up(data_end.checked_add(map_len)?, SB_REGION)?;
                 (backup, backup.checked_add(SB_REGION)?)
             }
             Some(len) => {
                 let backup = (len / SB_REGION * SB_REGION).checked_sub(SB_REGION)?;
-                if data_end > backup {
+                if data_end.checked_add(map_len)? > backup {
                     return None;
                 }
                 (backup, len)
@@ -221,12 +223,28 @@ impl Geometry {
         })
     }
 
-    /// Byte offset of the written-groups map (right after the primary superblock region).
-    pub fn map_offset(&self) -> u64 {
-        SB_REGION
+    /// Byte offset of copy `copy` (0 or 1) of the written-groups map: right after the primary
+    /// superblock region, and right before the backup superblock.
+    pub fn written_map_offset(&self, copy: usize) -> u64 {
+        debug_assert!(copy < 2);
+        if copy == 0 {
+            SB_REGION
+        } else {
+            self.backup_sb_offset - self.map_sectors() * super::SECTOR_SIZE as u64
+        }
     }
 
-    /// 512-byte sectors of the written-groups map.
+    /// Byte offset of the dirty-groups map (after the written map's first copy).
+    pub fn dirty_map_offset(&self) -> u64 {
+        SB_REGION + self.map_sectors() * super::SECTOR_SIZE as u64
+    }
+
+    /// Byte offset of the first-write map (after the dirty map).
+    pub fn first_write_map_offset(&self) -> u64 {
+        SB_REGION + 2 * self.map_sectors() * super::SECTOR_SIZE as u64
+    }
+
+    /// 512-byte sectors of each group bitmap.
     pub fn map_sectors(&self) -> u64 {
         map_sectors(self.groups)
     }
@@ -335,8 +353,10 @@ mod tests {
         assert_eq!(g.group_blocks, 496, "8 sectors of 62 tags");
         assert_eq!(g.data_blocks, 262144);
         assert_eq!(g.groups, 262144u64.div_ceil(496));
-        // The superblock region, then one map sector, rounded up to a block.
+        // The superblock region, then one sector of each map, rounded up to a block.
         assert_eq!(g.map_sectors(), 1);
+        assert_eq!(g.written_map_offset(1), g.backup_sb_offset - 512);
+        assert!(g.data_offset(g.data_blocks - 1) + 4096 <= g.written_map_offset(1));
         assert_eq!(g.first_group_offset, 8192);
         assert_eq!(g.data_offset(0), 8192 + 2 * 4096);
         assert_eq!(g.data_offset(496), 8192 + 498 * 4096 + 2 * 4096);
@@ -361,7 +381,19 @@ mod tests {
             let g = Geometry::for_size(bs as u64 * 1000, bs, 8).unwrap();
             let mut regions: Vec<(u64, u64)> = vec![
                 (0, SB_REGION),
-                (g.map_offset(), g.map_offset() + g.map_sectors() * 512),
+                (
+                    g.written_map_offset(0),
+                    g.written_map_offset(0) + g.map_sectors() * 512,
+                ),
+                (g.dirty_map_offset(), g.dirty_map_offset() + g.map_sectors() * 512),
+                (
+                    g.first_write_map_offset(),
+                    g.first_write_map_offset() + g.map_sectors() * 512,
+                ),
+                (
+                    g.written_map_offset(1),
+                    g.written_map_offset(1) + g.map_sectors() * 512,
+                ),
                 (g.backup_sb_offset, g.backing_len),
             ];
             for gr in 0..g.groups {
@@ -387,7 +419,7 @@ mod tests {
                     continue;
                 };
                 assert!(g.backing_len == len);
-                assert!(g.data_offset(g.data_blocks - 1) + bs as u64 <= g.backup_sb_offset);
+                assert!(g.data_offset(g.data_blocks - 1) + bs as u64 <= g.written_map_offset(1));
                 assert!(Geometry::build(bs, 8, g.group_blocks, g.data_blocks + 1, Some(len)).is_none());
             }
         }

@@ -1,19 +1,58 @@
-//! The written-groups map: one bit per group, set (durably, before the group's first data) when
-//! the group is first written and never cleared.
+//! The two group bitmaps, one bit per group each, kept in 512-byte sectors that validate on
+//! their own and are rewritten in place (a sector is written atomically):
 //!
-//! Why: a group that was never written has all-zero metadata and reads as zeros. A single write
-//! of zeros misdirected onto a group's two metadata blocks (and the data blocks after them)
-//! would make a written group look exactly like that — its data silently gone. The map, kept
-//! apart from the groups, remembers that the group was written, so such a group is reported
-//! damaged instead. The map is kept in 512-byte sectors that validate on their own, rewritten
-//! in place (a sector is written atomically; bits only ever go from 0 to 1).
+//! - the **written-groups map** (two copies): a group's bit is set, durably before any of its
+//!   data, when the group is first written, and never cleared. A group that was never written
+//!   has all-zero metadata; a write of zeros misdirected onto a written group's metadata (and
+//!   its data) would make it look exactly like that. The map, kept apart from the groups,
+//!   remembers, so such a group is reported damaged instead.
+//! - the **dirty-groups map** (one copy): a group's bit is set, and flushed, before a commit
+//!   first writes the group's metadata, and cleared once everything written to it is durable.
+//!   After a crash only the groups it marks may hold a brother describing data that never
+//!   landed; every other group is read with the strict rules, and recovery visits only them.
+//! - the **first-write map** (one copy): like the dirty map, for the groups whose *first* write
+//!   happened since the last clearing. Only they may have blank sectors a crash explains; a
+//!   blank sector anywhere else is damage, even in a dirty group.
+//!
+//! Format writes every sector of both maps (all bits clear), so an all-zero sector is damage.
 
 use super::le32;
 use super::meta::{SECTOR_HEADER_SIZE, SECTOR_SIZE};
 use std::fmt;
 
-/// Magic at byte 0 of every map sector: `"BGWM"` (blockguard written map).
-pub const MAP_MAGIC: [u8; 4] = *b"BGWM";
+/// Which bitmap a sector belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    /// The written-groups map.
+    Written,
+    /// The dirty-groups map.
+    Dirty,
+    /// The first-write map.
+    FirstWrite,
+}
+
+impl MapKind {
+    /// Magic at byte 0 of the map's sectors: `"BGWM"` or `"BGDM"`.
+    pub const fn magic(self) -> [u8; 4] {
+        match self {
+            MapKind::Written => *b"BGWM",
+            MapKind::Dirty => *b"BGDM",
+            MapKind::FirstWrite => *b"BGFM",
+        }
+    }
+
+    /// The four bytes that name the map in its sectors' checksum seed.
+    const fn seed(self) -> [u8; 4] {
+        match self {
+            MapKind::Written => *b"WMAP",
+            MapKind::Dirty => *b"DMAP",
+            MapKind::FirstWrite => *b"FMAP",
+        }
+    }
+}
+
+/// Magic of the written-groups map's sectors.
+pub const MAP_MAGIC: [u8; 4] = MapKind::Written.magic();
 /// Groups one map sector covers: one bit each after the 16-byte header.
 pub const GROUPS_PER_MAP_SECTOR: u64 = ((SECTOR_SIZE - SECTOR_HEADER_SIZE) * 8) as u64;
 const CRC_AT: usize = 4;
@@ -32,6 +71,8 @@ pub enum MapDamage {
     },
     /// Reserved header bytes, or bits past the volume's last group, are set.
     StrayBits,
+    /// All zero: format writes every map sector, so a blank one was wiped.
+    Wiped,
 }
 
 impl fmt::Display for MapDamage {
@@ -43,6 +84,7 @@ impl fmt::Display for MapDamage {
                 "checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
             ),
             MapDamage::StrayBits => f.write_str("bits set outside the volume's groups"),
+            MapDamage::Wiped => f.write_str("blank (wiped)"),
         }
     }
 }
@@ -50,7 +92,7 @@ impl fmt::Display for MapDamage {
 /// What a map sector on disk turned out to be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapParse {
-    /// All zero: no group it covers was ever written (format does not write the map).
+    /// All zero. Format writes every map sector, so this is damage (wiped), not "nothing set".
     Empty,
     /// Valid; its bits are at bytes 16.. of the sector.
     Valid,
@@ -58,13 +100,13 @@ pub enum MapParse {
     Invalid(MapDamage),
 }
 
-/// The checksum of map sector `index`: crc32c seeded with `uuid ‖ "WMAP" ‖ u32le(index)`, over
-/// the sector with its checksum field read as zero.
-pub fn map_checksum(s: &[u8], uuid: &[u8; 16], index: u32) -> u32 {
+/// The checksum of sector `index` of map `kind`: crc32c seeded with
+/// `uuid ‖ "WMAP" or "DMAP" ‖ u32le(index)`, over the sector with its checksum field read as zero.
+pub fn map_checksum(s: &[u8], uuid: &[u8; 16], kind: MapKind, index: u32) -> u32 {
     debug_assert_eq!(s.len(), SECTOR_SIZE);
     let mut seed = [0u8; 24];
     seed[..16].copy_from_slice(uuid);
-    seed[16..20].copy_from_slice(b"WMAP");
+    seed[16..20].copy_from_slice(&kind.seed());
     seed[20..24].copy_from_slice(&index.to_le_bytes());
     let c = crc32c::crc32c_append(crc32c::crc32c(&seed), &s[..CRC_AT]);
     let c = crc32c::crc32c_append(c, &[0u8; 4]);
@@ -78,19 +120,19 @@ pub fn groups_in_map_sector(index: u32, groups: u64) -> u64 {
         .min(GROUPS_PER_MAP_SECTOR)
 }
 
-/// Parses map sector `index` of a volume of `groups` groups. Never panics.
-pub fn decode_map_sector(s: &[u8], uuid: &[u8; 16], index: u32, groups: u64) -> MapParse {
+/// Parses sector `index` of map `kind` of a volume of `groups` groups. Never panics.
+pub fn decode_map_sector(s: &[u8], uuid: &[u8; 16], kind: MapKind, index: u32, groups: u64) -> MapParse {
     if s.len() != SECTOR_SIZE {
         return MapParse::Invalid(MapDamage::BadMagic);
     }
     if crate::tag::is_zero(s) {
         return MapParse::Empty;
     }
-    if s[..CRC_AT] != MAP_MAGIC {
+    if s[..CRC_AT] != kind.magic() {
         return MapParse::Invalid(MapDamage::BadMagic);
     }
     let stored = le32(s, CRC_AT);
-    let computed = map_checksum(s, uuid, index);
+    let computed = map_checksum(s, uuid, kind, index);
     if stored != computed {
         return MapParse::Invalid(MapDamage::Checksum { stored, computed });
     }
@@ -103,27 +145,34 @@ pub fn decode_map_sector(s: &[u8], uuid: &[u8; 16], index: u32, groups: u64) -> 
     MapParse::Valid
 }
 
+/// A sealed sector of map `kind` with no bit set (what format writes).
+pub fn empty_map_sector(uuid: &[u8; 16], kind: MapKind, index: u32) -> Vec<u8> {
+    let mut s = vec![0u8; SECTOR_SIZE];
+    seal_map_sector(&mut s, uuid, kind, index, &[]);
+    s
+}
+
 /// Bit `i` (the `i`-th group the sector covers) of a map sector.
 pub fn map_bit(s: &[u8], i: u64) -> bool {
     let byte = SECTOR_HEADER_SIZE + (i / 8) as usize;
     s[byte] & (1 << (i % 8)) != 0
 }
 
-/// Encodes map sector `index` in place: sets the bits `set` (group positions inside the
-/// sector), keeps the bits already in `s` (which must be a valid or empty sector), and seals it.
+/// Encodes sector `index` of map `kind` in place: sets the bits `set` (group positions inside
+/// the sector), keeps the bits already in `s` (a valid or zeroed sector), and seals it.
 ///
 /// # Panics
 /// If `s` is not one sector or a position lies outside the sector: writing such a sector would
 /// corrupt the map.
-pub fn seal_map_sector(s: &mut [u8], uuid: &[u8; 16], index: u32, set: &[u64]) {
+pub fn seal_map_sector(s: &mut [u8], uuid: &[u8; 16], kind: MapKind, index: u32, set: &[u64]) {
     assert_eq!(s.len(), SECTOR_SIZE, "a map sector is {SECTOR_SIZE} bytes");
     for &i in set {
         assert!(i < GROUPS_PER_MAP_SECTOR, "map bit {i} outside the sector");
         s[SECTOR_HEADER_SIZE + (i / 8) as usize] |= 1 << (i % 8);
     }
-    s[..CRC_AT].copy_from_slice(&MAP_MAGIC);
+    s[..CRC_AT].copy_from_slice(&kind.magic());
     s[8..SECTOR_HEADER_SIZE].fill(0);
-    let crc = map_checksum(s, uuid, index);
+    let crc = map_checksum(s, uuid, kind, index);
     s[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -135,30 +184,36 @@ mod tests {
 
     #[test]
     fn roundtrip_bits_and_binding() {
+        let w = MapKind::Written;
         let mut s = vec![0u8; SECTOR_SIZE];
-        assert_eq!(decode_map_sector(&s, &U, 0, 100), MapParse::Empty);
-        seal_map_sector(&mut s, &U, 2, &[0, 7, 99]);
+        assert_eq!(decode_map_sector(&s, &U, w, 0, 100), MapParse::Empty);
+        seal_map_sector(&mut s, &U, w, 2, &[0, 7, 99]);
         assert_eq!(
-            decode_map_sector(&s, &U, 2, 2 * GROUPS_PER_MAP_SECTOR + 100),
+            decode_map_sector(&s, &U, w, 2, 2 * GROUPS_PER_MAP_SECTOR + 100),
             MapParse::Valid
         );
+        // The other map's sector with the same bits is not this one's.
+        assert!(matches!(
+            decode_map_sector(&s, &U, MapKind::Dirty, 2, 3 * GROUPS_PER_MAP_SECTOR),
+            MapParse::Invalid(MapDamage::BadMagic)
+        ));
         assert!(map_bit(&s, 0) && map_bit(&s, 7) && map_bit(&s, 99) && !map_bit(&s, 1));
         // Another index or volume: refused.
         assert!(matches!(
-            decode_map_sector(&s, &U, 3, 4 * GROUPS_PER_MAP_SECTOR),
+            decode_map_sector(&s, &U, w, 3, 4 * GROUPS_PER_MAP_SECTOR),
             MapParse::Invalid(MapDamage::Checksum { .. })
         ));
         assert!(matches!(
-            decode_map_sector(&s, &[1; 16], 2, 3 * GROUPS_PER_MAP_SECTOR),
+            decode_map_sector(&s, &[1; 16], w, 2, 3 * GROUPS_PER_MAP_SECTOR),
             MapParse::Invalid(_)
         ));
         // A bit for a group the volume does not have.
         assert_eq!(
-            decode_map_sector(&s, &U, 2, 2 * GROUPS_PER_MAP_SECTOR + 50),
+            decode_map_sector(&s, &U, w, 2, 2 * GROUPS_PER_MAP_SECTOR + 50),
             MapParse::Invalid(MapDamage::StrayBits)
         );
         // Setting more keeps the old bits.
-        seal_map_sector(&mut s, &U, 2, &[1]);
+        seal_map_sector(&mut s, &U, w, 2, &[1]);
         assert!(map_bit(&s, 0) && map_bit(&s, 1) && map_bit(&s, 99));
         assert_eq!(GROUPS_PER_MAP_SECTOR, 3968);
     }
@@ -166,14 +221,14 @@ mod tests {
     #[test]
     fn every_bit_flip_is_detected() {
         let mut s = vec![0u8; SECTOR_SIZE];
-        seal_map_sector(&mut s, &U, 0, &[3, 4, 5]);
+        seal_map_sector(&mut s, &U, MapKind::Dirty, 0, &[3, 4, 5]);
         for byte in 0..SECTOR_SIZE {
             for bit in 0..8 {
                 let mut c = s.clone();
                 c[byte] ^= 1 << bit;
                 assert!(
                     matches!(
-                        decode_map_sector(&c, &U, 0, GROUPS_PER_MAP_SECTOR),
+                        decode_map_sector(&c, &U, MapKind::Dirty, 0, GROUPS_PER_MAP_SECTOR),
                         MapParse::Invalid(_)
                     ),
                     "flip of byte {byte} bit {bit} accepted"

@@ -12,8 +12,8 @@ mod superblock;
 
 pub use geometry::{BlockLocation, Geometry, GeometryError};
 pub use map::{
-    decode_map_sector, groups_in_map_sector, map_bit, map_checksum, seal_map_sector, MapDamage, MapParse,
-    GROUPS_PER_MAP_SECTOR, MAP_MAGIC,
+    decode_map_sector, empty_map_sector, groups_in_map_sector, map_bit, map_checksum, seal_map_sector,
+    MapDamage, MapKind, MapParse, GROUPS_PER_MAP_SECTOR, MAP_MAGIC,
 };
 pub use meta::{
     decode_sector, encode_sector, sector_checksum, sector_tag, slot_of_generation, tags_per_sector,

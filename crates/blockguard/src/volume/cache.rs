@@ -92,6 +92,7 @@ mod tests {
         let geo = Geometry::for_size(512 * 62, 512, 8).unwrap();
         let origin = Origin::Loaded {
             after_crash: false,
+            first_write: false,
             confirmed: true,
         };
         Arc::new(GroupState::parse(
@@ -101,7 +102,7 @@ mod tests {
             0,
             vec![0; 1024].into(),
             origin,
-            crate::volume::written_map::MapBit::Clear,
+            crate::volume::bitmaps::MapBit::Clear,
         ))
     }
 

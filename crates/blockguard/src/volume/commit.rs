@@ -24,7 +24,7 @@ use super::meta_io::MetaUpdate;
 use super::stage::{bytes, Batch, SharedBuf, Staged};
 use super::{aligned, lock, Inner};
 use crate::error::{Error, Result};
-use crate::format::{Mode, VolumeState};
+use crate::format::{MapKind, Mode, VolumeState};
 use crate::tag::{Tag, UNWRITTEN};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -172,13 +172,29 @@ impl Inner {
             && batch
                 .keys()
                 .any(|&b| state.unflushed_groups.contains(&self.geo.group_of(b).0));
-        if overlap {
-            self.flush_locked(state)?;
-        }
-        let t_flush = t0.elapsed();
         state.epoch += 1;
         let epoch = state.epoch;
         let (updates, first_writes, dropped) = self.plan_batch(batch, epoch)?;
+        // Step 1: the groups about to get new brothers are marked dirty, durably, before any of
+        // their metadata is written (after a crash only dirty groups are read leniently); the
+        // same flush settles earlier batches' data in these groups.
+        // Groups written for the first time are also marked in the first-write map: only they
+        // may show blank sectors after a crash.
+        let mut session = Vec::new();
+        if dual {
+            session = self.session_updates(
+                MapKind::Dirty,
+                &updates.iter().map(|u| u.group).collect::<Vec<_>>(),
+            );
+            session.extend(self.session_updates(MapKind::FirstWrite, &first_writes));
+        }
+        if overlap || !session.is_empty() {
+            self.write_map(&session)?;
+            self.flush_or_fail("flushing before new metadata")?;
+            self.flushed(state, epoch - 1);
+            self.adopt_session(&session);
+        }
+        let t_flush = t0.elapsed();
         let kept: Batch;
         let batch = if dropped.is_empty() {
             batch

@@ -11,7 +11,7 @@
 //!   *damage*, and a read of the pair's blocks fails unless this process itself wrote the
 //!   pair's newest brother (then it knows which one is the newest).
 
-use super::written_map::MapBit;
+use super::bitmaps::MapBit;
 use crate::format::{
     decode_sector, encode_sector, sector_tag, Geometry, Mode, SectorDamage, SectorId, SectorParse,
     SECTOR_SIZE,
@@ -24,9 +24,13 @@ use std::fmt;
 pub(crate) enum Origin {
     /// Read from disk.
     Loaded {
-        /// The volume was not closed cleanly and has not been recovered since: a crash may
-        /// have left a pair whose older brother still describes the data on disk.
+        /// The volume was not closed cleanly and has not been recovered since, and the
+        /// dirty-groups map marks this group: a crash may have left a pair whose older
+        /// brother still describes the data on disk.
         after_crash: bool,
+        /// Also the first-write map marks it: the group's first write happened in the window
+        /// the crash cut, so blank sectors may be that write's halves that never landed.
+        first_write: bool,
         /// A second read returned the same bytes, so no transient bad read is in them.
         confirmed: bool,
     },
@@ -203,6 +207,12 @@ impl GroupState {
         origin: Origin,
         map: MapBit,
     ) -> Self {
+        debug_assert!(
+            sectors.iter().all(|pair| (0..2u8).all(|slot| pair[slot as usize]
+                .generation()
+                .is_none_or(|g| crate::format::slot_of_generation(g) == slot))),
+            "a valid sector's generation belongs in its slot"
+        );
         let any_written = sectors.iter().flatten().any(|s| *s != SectorParse::Empty);
         let initialized = sectors
             .iter()
@@ -284,6 +294,20 @@ impl GroupState {
         )
     }
 
+    /// Blank sectors may be a first write cut short by a crash: after a crash, in a group whose
+    /// first write was in the crash's window and not yet followed by a second one.
+    fn torn_first_possible(&self) -> bool {
+        !self.initialized
+            && matches!(
+                self.origin,
+                Origin::Loaded {
+                    after_crash: true,
+                    first_write: true,
+                    ..
+                }
+            )
+    }
+
     /// How pair `k` reads.
     pub fn view(&self, k: usize) -> PairView {
         use SectorParse::*;
@@ -318,7 +342,7 @@ impl GroupState {
                 }
             }
             (Valid { .. }, Empty) | (Empty, Valid { .. }) => {
-                if lenient && !self.initialized {
+                if self.torn_first_possible() {
                     // Without a generation ≥ 2 the valid one is slot 0's generation 1 or
                     // slot 1's generation 0 (parity): the first write's two halves.
                     PairView::TornFirst { slot0: s0 != Empty }
@@ -330,7 +354,7 @@ impl GroupState {
             (Empty, Empty) => {
                 if self.never_written() {
                     PairView::Unwritten
-                } else if lenient && !self.initialized {
+                } else if self.torn_first_possible() {
                     // A first write cut short: the map (or another pair) landed, this pair not.
                     PairView::TornFirst { slot0: false }
                 } else if !self.any_written {
@@ -429,12 +453,16 @@ impl GroupWriter<'_> {
             index: k as u32,
             slot,
         };
-        encode_sector(
-            &mut self.raw[at..at + SECTOR_SIZE],
-            self.uuid,
-            id,
-            generation,
-            tags,
+        let sector = &mut self.raw[at..at + SECTOR_SIZE];
+        encode_sector(sector, self.uuid, id, generation, tags);
+        // What is about to be written must read back as written: a sector that did not would
+        // be damage this process made itself.
+        let count = tags.len() / self.base.tag_size;
+        assert_eq!(
+            decode_sector(sector, self.uuid, id, count, self.base.tag_size),
+            SectorParse::Valid { generation },
+            "group {} sector {k} slot {slot}: an encoded metadata sector does not decode",
+            self.group
         );
         self.sectors[k][slot as usize] = SectorParse::Valid { generation };
         self.slots_written[slot as usize] = true;
@@ -470,6 +498,7 @@ impl GroupWriter<'_> {
     pub fn finish_loaded(self, geo: &Geometry, after_crash: bool) -> (GroupState, [bool; 2]) {
         let origin = Origin::Loaded {
             after_crash,
+            first_write: after_crash,
             confirmed: true,
         };
         let state = GroupState::assemble(geo, self.base.mode, self.raw, self.sectors, origin, MapBit::Set);
@@ -520,6 +549,7 @@ mod tests {
         }
         let origin = Origin::Loaded {
             after_crash,
+            first_write: after_crash,
             confirmed: true,
         };
         let map = if raw.iter().all(|&b| b == 0) {

@@ -1,10 +1,10 @@
 //! Looking at a volume without changing it: allocation status (`extents`, NBD block status),
 //! verification of every block (`check`), metadata damage, and where a block lives (`dump`).
 
+use super::bitmaps::MapBit;
 use super::group::{Accept, PairView};
 use super::recover::{covered, MapProblem, MetadataProblem};
 use super::stage::Staged;
-use super::written_map::MapBit;
 use super::{lock, BlockProblem, BlockReport, Extent, Inner, SlotReport};
 use crate::error::{Error, Result};
 use crate::format::SectorParse;
@@ -279,11 +279,18 @@ impl Inner {
         let mut problems: Vec<MapProblem> = self
             .damaged_map_sectors()?
             .into_iter()
-            .map(|(sector, why)| MapProblem {
+            .map(|(sector, copy, why)| MapProblem {
                 sector,
                 first_group: sector as u64 * per,
                 groups: crate::format::groups_in_map_sector(sector, self.geo.groups),
-                detail: format!("written-groups map sector damaged: {why}"),
+                detail: format!(
+                    "written-groups map sector, copy {copy} ({}), damaged: {why}",
+                    if copy == 0 {
+                        "after the superblock"
+                    } else {
+                        "before the backup superblock"
+                    }
+                ),
             })
             .collect();
         if !self.trusted.load(std::sync::atomic::Ordering::Acquire) {

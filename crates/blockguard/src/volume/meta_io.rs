@@ -7,8 +7,8 @@
 //! on its word, or a read that failed against it is reported as corruption, a state that came
 //! from a single read is *confirmed*: read until two reads in a row agree.
 
+use super::bitmaps::MapBit;
 use super::group::{GroupState, Origin};
-use super::written_map::MapBit;
 use super::{aligned, Inner};
 use crate::error::{Error, Result};
 use std::sync::atomic::Ordering;
@@ -106,8 +106,14 @@ impl Inner {
     }
 
     fn parse_loaded(&self, group: u64, raw: Box<[u8]>, confirmed: bool) -> Result<GroupState> {
+        // After a crash only the groups the dirty map marks may hide an older brother that still
+        // describes the data: every other group was settled before it.
+        let after_crash = !self.trusted.load(Ordering::Acquire) && self.dirty_after_crash(group)?;
+        let first_write =
+            after_crash && self.marked_after_crash(crate::format::MapKind::FirstWrite, group)?;
         let origin = Origin::Loaded {
-            after_crash: !self.trusted.load(Ordering::Acquire),
+            after_crash,
+            first_write,
             confirmed,
         };
         // Blank metadata means "never written" only if the written-groups map agrees.
@@ -161,20 +167,28 @@ impl Inner {
         })
     }
 
-    /// Reads from the backend, through an aligned bounce buffer when the backend needs one.
+    /// Reads from the backend, through an aligned bounce buffer covering the enclosing aligned
+    /// range when the backend needs aligned I/O and the request is not.
     pub(crate) fn backend_read(&self, buf: &mut [u8], offset: u64, during: &'static str) -> Result<()> {
         let align = self.backend.alignment();
-        if align <= 1 || ((buf.as_ptr() as usize).is_multiple_of(align) && buf.len().is_multiple_of(align)) {
+        if align <= 1
+            || ((buf.as_ptr() as usize).is_multiple_of(align)
+                && buf.len().is_multiple_of(align)
+                && offset.is_multiple_of(align as u64))
+        {
             return self
                 .backend
                 .read_at(buf, offset)
                 .map_err(self.io_err(during, offset));
         }
-        let mut bounce = aligned(buf.len(), align);
+        let start = offset / align as u64 * align as u64;
+        let end = (offset + buf.len() as u64).div_ceil(align as u64) * align as u64;
+        let mut bounce = aligned((end - start) as usize, align);
         self.backend
-            .read_at(bounce.as_mut(), offset)
+            .read_at(bounce.as_mut(), start)
             .map_err(self.io_err(during, offset))?;
-        buf.copy_from_slice(bounce.as_ref());
+        let at = (offset - start) as usize;
+        buf.copy_from_slice(&bounce.as_ref()[at..at + buf.len()]);
         Ok(())
     }
 

@@ -8,6 +8,7 @@
 //! (extents, check, dump), `group` (what a group's metadata accepts), `meta_io` (loading,
 //! confirming and writing metadata), `cache` and `stage`.
 
+mod bitmaps;
 mod cache;
 mod commit;
 mod group;
@@ -18,7 +19,6 @@ mod read;
 mod recover;
 mod stage;
 mod write;
-mod written_map;
 
 pub use recover::{MapProblem, MetadataProblem, RecoverOptions, RecoveryReport};
 
@@ -98,6 +98,11 @@ pub struct OpenOptions {
     /// Commit full stages on a background thread, so writers keep going while the commit's
     /// writes and flushes run. Off makes the order of backend I/O deterministic (tests).
     pub background_commit: bool,
+    /// How long the groups written since the last clearing stay marked dirty at the most
+    /// (cleared at the first flush after that): after a crash only groups written in about
+    /// this window before it are read leniently and recovered. Shorter costs one more flush
+    /// whenever a commit first touches a clean group again.
+    pub dirty_clear_interval: std::time::Duration,
 }
 
 impl Default for OpenOptions {
@@ -107,6 +112,7 @@ impl Default for OpenOptions {
             cache_bytes: 64 << 20,
             stage_bytes: 32 << 20,
             background_commit: true,
+            dirty_clear_interval: std::time::Duration::from_secs(2),
         }
     }
 }
@@ -170,8 +176,9 @@ pub(crate) struct Inner {
     read_only: bool,
     warnings: Vec<String>,
     cache: MetaCache,
-    /// The written-groups map, cached.
-    map: written_map::WrittenMap,
+    /// The group bitmaps: the written-groups map, cached, and this session's dirty groups.
+    maps: bitmaps::Bitmaps,
+    dirty_clear_interval: std::time::Duration,
     stage: Mutex<Stage>,
     stage_limit: usize,
     /// Serializes commits and flushes; holds what the commit protocol must remember.
@@ -293,6 +300,10 @@ impl Inner {
         self.failed()?;
         self.commit_locked(&mut state)?;
         self.flush_locked(&mut state)?;
+        // Nothing is unsettled: the dirty map is cleared (it does not need to be durable before
+        // the clean marking — a clean volume ignores it — nor after: a stale dirty bit only
+        // makes a group read leniently after a crash).
+        self.clear_session_if_due(std::time::Duration::ZERO, true)?;
         // Clean: every pair's newest sector describes durable data. Blocks that could not be
         // kept do not change that (neither their data nor their tags were written), so their
         // loss is reported after the marking.

@@ -4,12 +4,12 @@
 use super::cache::MetaCache;
 use super::recover::RecoverOptions;
 use super::stage::Stage;
+use super::{aligned, invalid, relabel, FormatOptions, Inner, OpenOptions, Volume};
 use super::{commit, Stats, LOCK_STRIPES};
-use super::{invalid, relabel, FormatOptions, Inner, OpenOptions, Volume};
 use crate::error::{Error, Result};
 use crate::format::{
-    validate_label, Geometry, Mode, Superblock, SuperblockError, VolumeState, FORMAT_VERSION, SB_REGION,
-    SB_STRUCT_SIZE, SUPPORTED_RO_COMPAT,
+    empty_map_sector, validate_label, Geometry, MapKind, Mode, Superblock, SuperblockError, VolumeState,
+    FORMAT_VERSION, SB_REGION, SB_STRUCT_SIZE, SECTOR_SIZE, SUPPORTED_RO_COMPAT,
 };
 use blockguard_backend::Backend;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -95,14 +95,43 @@ impl Volume {
                 progress(off, len);
             }
         }
+        let align = backend.alignment().max(1);
+        if align > geo.block_size as usize {
+            return Err(invalid(
+                &name,
+                format!(
+                    "the backend needs {align}-byte aligned I/O, larger than the volume's {}-byte blocks",
+                    geo.block_size
+                ),
+            ));
+        }
+        // Both group bitmaps, every sector written with no bit set: a blank sector found later
+        // is damage, not an empty map. Then the superblocks.
+        let sectors = geo.map_sectors() as u32;
+        let mut head = Vec::with_capacity(2 * sectors as usize * SECTOR_SIZE);
+        for kind in [MapKind::Written, MapKind::Dirty, MapKind::FirstWrite] {
+            for i in 0..sectors {
+                head.extend_from_slice(&empty_map_sector(&uuid, kind, i));
+            }
+        }
+        // The padding around the maps is unused: rounding the writes out to the backend's
+        // alignment (at most a block) never reaches a group.
+        head.resize(head.len().next_multiple_of(align), 0);
+        write_aligned(&*backend, &head, geo.written_map_offset(0), align)
+            .map_err(io("writing the group bitmaps", geo.written_map_offset(0)))?;
+        let tail_at = geo.written_map_offset(1);
+        let start = tail_at / align as u64 * align as u64;
+        let mut tail = vec![0u8; (tail_at - start) as usize];
+        for i in 0..sectors {
+            tail.extend_from_slice(&empty_map_sector(&uuid, MapKind::Written, i));
+        }
+        write_aligned(&*backend, &tail, start, align).map_err(io("writing the group bitmaps", start))?;
+        backend.flush().map_err(io("flushing", 0))?;
         // Backup first: a crash before the primary lands leaves no volume rather than half of one.
-        backend
-            .write_at(&sb.encode(1), geo.backup_sb_offset)
+        write_aligned(&*backend, &sb.encode(1), geo.backup_sb_offset, align)
             .map_err(io("writing the backup superblock", geo.backup_sb_offset))?;
         backend.flush().map_err(io("flushing", 0))?;
-        backend
-            .write_at(&sb.encode(0), 0)
-            .map_err(io("writing the primary superblock", 0))?;
+        write_aligned(&*backend, &sb.encode(0), 0, align).map_err(io("writing the primary superblock", 0))?;
         backend.flush().map_err(io("flushing", 0))?;
         Self::open(backend, &OpenOptions::default())
     }
@@ -134,14 +163,16 @@ impl Volume {
         let name = backend.name();
         let len = backend.len();
         let read_sb = |offset: u64| -> Result<std::result::Result<Superblock, SuperblockError>> {
-            let mut b = vec![0u8; SB_STRUCT_SIZE];
-            backend.read_at(&mut b, offset).map_err(|source| Error::Io {
+            // The whole region, through an aligned buffer: direct-I/O backends need both.
+            let mut region = aligned(SB_REGION as usize, backend.alignment().max(1));
+            let b = region.as_mut();
+            backend.read_at(b, offset).map_err(|source| Error::Io {
                 volume: name.clone(),
                 during: "reading a superblock",
                 offset,
                 source,
             })?;
-            Ok(Superblock::decode(&b).map(|(sb, _)| sb))
+            Ok(Superblock::decode(&b[..SB_STRUCT_SIZE]).map(|(sb, _)| sb))
         };
         if len < 2 * SB_REGION {
             return Err(Error::NotAVolume {
@@ -242,7 +273,8 @@ impl Volume {
             stopping: AtomicBool::new(false),
             background: opts.background_commit && !read_only,
             cache: MetaCache::new((opts.cache_bytes / group_bytes).max(1)),
-            map: Default::default(),
+            maps: Default::default(),
+            dirty_clear_interval: opts.dirty_clear_interval,
             stage: Mutex::new(Stage::default()),
             stage_limit: opts.stage_bytes.max(geo.block_size as usize),
             commit: Mutex::new(commit::CommitState::default()),
@@ -291,12 +323,32 @@ impl Inner {
             ..self.sb.clone()
         };
         let backup_at = self.geo.backup_sb_offset;
-        self.backend
-            .write_at(&sb.encode(0), 0)
-            .map_err(self.io_err(during, 0))?;
-        self.backend
-            .write_at(&sb.encode(1), backup_at)
+        for copy in 0..2 {
+            // Both copies read back as exactly what is meant: a superblock that did not would
+            // make the volume unopenable, or open it with another geometry.
+            assert_eq!(
+                Superblock::decode(&sb.encode(copy)),
+                Ok((sb.clone(), copy)),
+                "{}: an encoded superblock does not decode",
+                self.name
+            );
+        }
+        let align = self.backend.alignment().max(1);
+        write_aligned(&*self.backend, &sb.encode(0), 0, align).map_err(self.io_err(during, 0))?;
+        write_aligned(&*self.backend, &sb.encode(1), backup_at, align)
             .map_err(self.io_err(during, backup_at))?;
         self.backend.flush().map_err(self.io_err(during, 0))
     }
+}
+
+/// Writes `bytes` (a multiple of `align` long) at `offset` (a multiple of `align`) through a
+/// buffer aligned in memory: direct-I/O backends need both.
+fn write_aligned(backend: &dyn Backend, bytes: &[u8], offset: u64, align: usize) -> std::io::Result<()> {
+    debug_assert!(bytes.len().is_multiple_of(align) && offset.is_multiple_of(align as u64));
+    if align <= 1 {
+        return backend.write_at(bytes, offset);
+    }
+    let mut buf = aligned(bytes.len(), align);
+    buf.as_mut().copy_from_slice(bytes);
+    backend.write_at(buf.as_ref(), offset)
 }

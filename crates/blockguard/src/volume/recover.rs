@@ -21,8 +21,8 @@
 //! brother from its valid partner: that re-establishes the group, but blocks whose data matches
 //! the partner may be a version older than the lost brother described; the report lists them.
 
+use super::bitmaps::MapBit;
 use super::group::{GroupState, PairView};
-use super::written_map::MapBit;
 use super::{lock, Inner};
 use crate::error::{Error, Result};
 use crate::format::{SectorParse, VolumeState};
@@ -87,6 +87,9 @@ pub struct RecoveryReport {
     pub groups_examined: u64,
     /// Groups the backend proved never written (their metadata is a hole), not read at all.
     pub groups_skipped: u64,
+    /// After a crash: groups the dirty-groups map marked (the only ones a crash may have left
+    /// unsettled, and the only ones visited).
+    pub groups_dirty: u64,
     /// Groups given new metadata.
     pub groups_rewritten: u64,
     /// Blocks whose newest tag described a version that never reached the disk: their tag
@@ -137,24 +140,41 @@ impl Inner {
         }
         // Everything is durable now: work from the disk, not from what this session cached.
         self.cache.clear();
-        self.clear_map();
-        let damaged_map: Vec<u32> = if opts.rebuild_damaged {
-            self.damaged_map_sectors()?.into_iter().map(|(i, _)| i).collect()
+        self.clear_map_cache();
+        // Which groups to visit: after a crash, those the dirty-groups map marks (every other
+        // group was settled before the crash); for a damage scan, all of them.
+        let visit: Vec<u64> = if opts.rebuild_damaged {
+            (0..self.geo.groups).collect()
         } else {
-            Vec::new()
+            self.dirty_groups_after_crash()?
         };
+        report.groups_dirty = if after_crash && !opts.rebuild_damaged {
+            visit.len() as u64
+        } else {
+            0
+        };
+        // Written-map sectors with no valid copy are rebuilt from the groups' metadata.
+        let mut rebuilt_bits: std::collections::BTreeMap<u32, Vec<u64>> = std::collections::BTreeMap::new();
+        let mut repaired_copies = Vec::new();
+        if opts.rebuild_damaged {
+            for (index, _, _) in self.damaged_map_sectors()? {
+                match self.map_bit(index as u64 * crate::format::GROUPS_PER_MAP_SECTOR, true)? {
+                    MapBit::Damaged(_) => {
+                        rebuilt_bits.entry(index).or_default();
+                    }
+                    // One copy is intact: the other is rewritten from it.
+                    _ => repaired_copies.push(index),
+                }
+            }
+        }
         let mut missing_bits = Vec::new();
-        let mut rebuilt_bits: std::collections::HashMap<u32, Vec<u64>> =
-            damaged_map.iter().map(|&i| (i, Vec::new())).collect();
-        let total = self.geo.groups;
-        let mut group = 0;
-        while group < total {
-            let end = (group + HOLE_QUERY_GROUPS).min(total);
-            let holes = self.meta_holes(group, end)?;
-            for g in group..end {
+        let total = visit.len() as u64;
+        for (n, chunk) in visit.chunks(HOLE_QUERY_GROUPS as usize).enumerate() {
+            let holes = self.meta_holes(chunk)?;
+            for (k, &g) in chunk.iter().enumerate() {
                 report.groups_examined += 1;
                 let map = self.map_bit(g, true)?;
-                let written = if holes[(g - group) as usize] && map != MapBit::Set {
+                let written = if holes[k] && map != MapBit::Set {
                     report.groups_skipped += 1;
                     false
                 } else {
@@ -170,14 +190,21 @@ impl Inner {
                 } else if written && map == MapBit::Clear {
                     missing_bits.push(g);
                 }
-                if g % 64 == 0 {
-                    progress(g, total);
+                let done = (n * HOLE_QUERY_GROUPS as usize + k) as u64;
+                if done.is_multiple_of(64) {
+                    progress(done, total);
                 }
             }
-            group = end;
         }
         let mut map = self.map_updates(&missing_bits)?;
         report.map_bits_set = missing_bits.len() as u64;
+        for index in repaired_copies {
+            // A sector map_updates already rewrites (both copies) needs nothing more.
+            if !map.iter().any(|u| u.index == index) {
+                map.extend(self.map_repair(index)?);
+            }
+            report.map_sectors_rebuilt += 1;
+        }
         for (index, bits) in rebuilt_bits {
             tracing::warn!(volume = %self.name, sector = index, groups = bits.len(), "rebuilt a damaged written-groups map sector from the groups' metadata");
             map.push(self.map_rebuild(index, &bits));
@@ -185,16 +212,21 @@ impl Inner {
         }
         self.write_map(&map)?;
         self.flush_or_fail("flushing recovered metadata")?;
+        if after_crash {
+            // Nothing is unsettled any more — but only once the resolutions above are durable:
+            // cleared first, a crash could leave a group read strictly before it was settled.
+            self.clear_all_session()?;
+        }
         // Every group now describes what the disk holds: trust the newest tags from here on,
         // for groups loaded later too.
         self.trusted.store(true, Ordering::Release);
         self.cache.clear();
-        self.clear_map();
+        self.clear_map_cache();
         if after_crash {
             self.write_superblocks(VolumeState::Clean, "marking the volume clean after recovery")?;
             state.marked_in_use = false;
         }
-        progress(total, total);
+        progress(total.max(1), total.max(1));
         if report.damaged.is_empty() {
             tracing::info!(volume = %self.name, ?report, "recovered");
         } else {
@@ -203,17 +235,21 @@ impl Inner {
         Ok(report)
     }
 
-    /// For groups `first..end`, whether the backend proves their metadata blank (a hole):
-    /// such a group was never written and needs nothing.
-    fn meta_holes(&self, first: u64, end: u64) -> Result<Vec<bool>> {
+    /// For each group of `groups` (ascending), whether the backend proves its metadata blank
+    /// (a hole): such a group was never written, unless the written map says otherwise.
+    fn meta_holes(&self, groups: &[u64]) -> Result<Vec<bool>> {
+        let (Some(&first), Some(&last)) = (groups.first(), groups.last()) else {
+            return Ok(Vec::new());
+        };
         let lo = self.geo.meta_offset(first, 0);
-        let hi = self.geo.meta_offset(end - 1, 1) + self.geo.block_size as u64;
+        let hi = self.geo.meta_offset(last, 1) + self.geo.block_size as u64;
         let zeros = self
             .backend
             .zero_ranges(lo, hi - lo)
             .map_err(self.io_err("looking for unwritten regions", lo))?;
-        Ok((first..end)
-            .map(|g| {
+        Ok(groups
+            .iter()
+            .map(|&g| {
                 let at = self.geo.meta_offset(g, 0);
                 covered(&zeros, at, at + 2 * self.geo.block_size as u64)
             })

@@ -201,6 +201,8 @@ impl Inner {
         self.failed()?;
         self.commit_locked(&mut state)?;
         self.flush_locked(&mut state)?;
+        // Everything committed is durable now: no group is unsettled any more.
+        self.clear_session_if_due(self.dirty_clear_interval, false)?;
         // Acknowledged writes that could not be kept: this flush cannot promise them.
         self.lost_writes(&state)
     }
