@@ -222,6 +222,8 @@ impl std::fmt::Debug for AlignedBuf {
 #[derive(Debug)]
 pub struct FileBackend {
     file: File,
+    /// For a loop device: its backing file, held open only for the lock on it.
+    _backing_lock: Option<File>,
     path: PathBuf,
     len: u64,
     block_device: bool,
@@ -317,6 +319,13 @@ impl FileBackend {
         let block_device = meta.file_type().is_block_device();
 
         lock(&file, path, opts.lock).map_err(cleanup)?;
+        // A loop device is another name for its backing file: lock that too, so the volume
+        // cannot be opened for writing through both names at once (each lock is per inode).
+        let backing_lock = if block_device {
+            lock_loop_backing_file(&meta, path, opts.lock).map_err(cleanup)?
+        } else {
+            None
+        };
 
         let len = if let Some(len) = create_len {
             // `set_len` extends with a hole, so the file takes no space until written: this is
@@ -352,6 +361,7 @@ impl FileBackend {
 
         let backend = FileBackend {
             file,
+            _backing_lock: backing_lock,
             path: path.to_path_buf(),
             len,
             block_device,
@@ -533,6 +543,42 @@ fn is_file_or_device(meta: &std::fs::Metadata) -> bool {
 }
 
 /// Takes the advisory lock without waiting.
+/// The backing file of the loop device `meta` describes, locked like the device itself.
+/// `None` for other devices, for a loop device without a file, or with `LockMode::None`.
+fn lock_loop_backing_file(
+    meta: &std::fs::Metadata,
+    path: &Path,
+    mode: LockMode,
+) -> Result<Option<File>, OpenError> {
+    use std::os::unix::fs::MetadataExt;
+    if mode == LockMode::None {
+        return Ok(None);
+    }
+    let dev = meta.rdev();
+    let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+    let sys = format!("/sys/dev/block/{major}:{minor}/loop/backing_file");
+    let Ok(backing) = std::fs::read_to_string(&sys) else {
+        return Ok(None);
+    };
+    let backing = PathBuf::from(backing.trim_end_matches('\n'));
+    let Ok(file) = File::open(&backing) else {
+        // The backing file was deleted (the loop device keeps it alive): nothing else can
+        // open it by name either.
+        return Ok(None);
+    };
+    lock(&file, &backing, mode).map_err(|e| match e {
+        OpenError::Locked { .. } => OpenError::Locked {
+            path: PathBuf::from(format!(
+                "{} (a loop device over {}, which is in use)",
+                path.display(),
+                backing.display()
+            )),
+        },
+        other => other,
+    })?;
+    Ok(Some(file))
+}
+
 fn lock(file: &File, path: &Path, mode: LockMode) -> Result<(), OpenError> {
     let op = match mode {
         LockMode::None => return Ok(()),
@@ -1399,6 +1445,19 @@ mod tests {
             FileBackend::open(&dev, &rw()),
             Err(OpenError::Locked { .. })
         ));
+        // The backing file is the same storage under another name: locked out too, and the
+        // other way round (two writers on one volume through both names corrupt it).
+        assert!(matches!(
+            FileBackend::open(&img, &rw()),
+            Err(OpenError::Locked { .. })
+        ));
+        drop(b);
+        let f = FileBackend::open(&img, &rw()).unwrap();
+        let err = FileBackend::open(&dev, &rw()).unwrap_err();
+        assert!(matches!(err, OpenError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("loop device over"), "{err}");
+        drop(f);
+        let b = FileBackend::open(&dev, &rw()).unwrap();
         b.write_at(&vec![0x5au8; 1 << 20], 1 << 20).unwrap();
         b.flush().unwrap();
         let mut got = vec![0u8; 1 << 20];

@@ -1,7 +1,7 @@
 //! The four ways an adversarial review broke format v1's `dual` mode with ordinary faults, each
 //! replayed step by step. Every test here failed on v1 (issue 8); they pin the fixes.
 
-use blockguard::blockguard_backend::{CrashState, Event, FaultBackend, MemoryBackend};
+use blockguard::blockguard_backend::{Backend, CrashState, Event, FaultBackend, MemoryBackend};
 use blockguard::{CorruptionKind, Error, FormatOptions, Geometry, OpenOptions, Volume};
 use std::sync::Arc;
 
@@ -334,4 +334,197 @@ fn regression_4_damaged_metadata_never_turns_written_blocks_into_holes() {
     assert_eq!(read(&vol, 300).unwrap(), block(3, bs));
     assert!(vol.check_blocks(0, geo.data_blocks).unwrap().is_empty());
     assert!(vol.check_metadata(0, geo.groups).unwrap().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Found by the adversarial review of format v2 (before the dirty-groups and first-write maps,
+// and the second copy of the written map).
+// ---------------------------------------------------------------------------------------------
+
+/// Options of a production session: the default dirty-map interval (2 s), so groups written
+/// in a short session stay marked until it ends.
+fn production() -> OpenOptions {
+    OpenOptions {
+        background_commit: false,
+        ..OpenOptions::default()
+    }
+}
+
+/// A session that writes `block` (in another group than the damaged one), flushes, and is
+/// killed: the volume is left in use with every write on disk.
+fn unrelated_session_then_kill(backend: &Arc<FaultBackend>, block: u64, bs: u32) {
+    let vol = Volume::open(backend.clone(), &production()).unwrap();
+    vol.write_at(&block_data(block, 9, bs), block * bs as u64)
+        .unwrap();
+    vol.flush().unwrap();
+    std::mem::forget(vol);
+}
+
+fn block_data(b: u64, v: u8, bs: u32) -> Vec<u8> {
+    (0..bs)
+        .map(|i| (b as u8).wrapping_mul(31) ^ v ^ (i as u8) | 1)
+        .collect()
+}
+
+/// F1: a block zeroed (or rolled back) while the volume was closed cleanly must not become
+/// acceptable because a later, unrelated session crashed: only groups written in the crash's
+/// window are read leniently.
+#[test]
+fn regression_5_old_damage_is_not_accepted_after_an_unrelated_crash() {
+    let bs = 4096u32;
+    for rollback in [false, true] {
+        let (backend, geo) = format(bs, 2000);
+        let vol = Volume::open(backend.clone(), &production()).unwrap();
+        let old = block_data(5, 1, bs);
+        let new = block_data(5, 2, bs);
+        vol.write_at(&old, 5 * bs as u64).unwrap();
+        vol.flush().unwrap();
+        if rollback {
+            // The second version's data write is lost: the disk keeps the first.
+            let at = geo.data_offset(5);
+            backend.misdirect_writes_with(move |off, _| (off == at).then_some(u64::MAX / 2));
+            vol.write_at(&new, 5 * bs as u64).unwrap();
+        }
+        vol.close().unwrap();
+        backend.clear_faults();
+        if !rollback {
+            let at = geo.data_offset(5);
+            backend.zero_range(at, bs as u64).unwrap();
+        }
+        // Detected on the clean volume...
+        let vol = Volume::open(backend.clone(), &read_only()).unwrap();
+        assert!(read(&vol, 5).is_err(), "rollback {rollback}: clean volume");
+        drop(vol);
+        // ...and still after a crash of a session that never touched that group.
+        unrelated_session_then_kill(&backend, 3 * geo.group_blocks as u64, bs);
+        let vol = Volume::open(backend.clone(), &read_only()).unwrap();
+        assert!(
+            read(&vol, 5).is_err(),
+            "rollback {rollback}: read-only after the crash accepted the old version"
+        );
+        drop(vol);
+        let vol = Volume::open(backend.clone(), &production()).unwrap();
+        let report = vol.recovery_at_open().cloned().unwrap();
+        assert_eq!(report.blocks_reverted, 0, "rollback {rollback}: {report:?}");
+        assert!(
+            report.groups_examined < geo.groups,
+            "recovery visits only the dirty groups: {report:?}"
+        );
+        assert!(read(&vol, 5).is_err(), "rollback {rollback}: after recovery");
+        assert!(vol
+            .check_blocks(0, geo.data_blocks)
+            .unwrap()
+            .iter()
+            .any(|p| p.block == 5));
+    }
+}
+
+/// F2: a group written once (generations 1 and 0, what `import` leaves) and then wiped, before
+/// a later unrelated crash, must be reported — not taken for a first write the crash cut short.
+#[test]
+fn regression_6_a_wiped_group_is_not_a_torn_first_write_after_an_unrelated_crash() {
+    let bs = 4096u32;
+    let (backend, geo) = format(bs, 2000);
+    let vol = Volume::open(backend.clone(), &production()).unwrap();
+    let n = geo.group_blocks as u64;
+    for b in n..2 * n {
+        vol.write_at(&block_data(b, 1, bs), b * bs as u64).unwrap();
+    }
+    vol.close().unwrap();
+    // Group 1 wiped, metadata and data (a misdirected discard).
+    let start = geo.meta_offset(1, 0);
+    let end = geo.data_offset(2 * n - 1) + bs as u64;
+    backend.zero_range(start, end - start).unwrap();
+    unrelated_session_then_kill(&backend, 3 * n, bs);
+    for opts in [read_only(), production()] {
+        let vol = Volume::open(backend.clone(), &opts).unwrap();
+        for b in [n, n + 7, 2 * n - 1] {
+            match read(&vol, b) {
+                Err(Error::Corrupt {
+                    kind: CorruptionKind::MetadataDamaged,
+                    ..
+                }) => {}
+                other => panic!("read_only {}: block {b}: {other:?}", opts.read_only),
+            }
+        }
+        assert!(vol
+            .extents(n * bs as u64, n * bs as u64)
+            .unwrap()
+            .iter()
+            .all(|e| e.allocated));
+        assert!(!vol.check_metadata(0, geo.groups).unwrap().is_empty());
+    }
+}
+
+/// F3: one misdirected discard landing on the start of the volume zeroes the written map's
+/// first copy, the other maps, and group 0's metadata and first blocks. The second copy of the
+/// written map still says group 0 was written.
+#[test]
+fn regression_7_a_discard_over_the_map_and_group_0_is_reported() {
+    for bs in [512u32, 4096] {
+        let (backend, geo) = format(bs, 2000);
+        let vol = Volume::open(backend.clone(), &production()).unwrap();
+        for b in 0..4 {
+            vol.write_at(&block_data(b, 1, bs), b * bs as u64).unwrap();
+        }
+        vol.flush().unwrap();
+        let far = 1000u64;
+        let (from, to) = (geo.data_offset(far), geo.written_map_offset(0));
+        backend.misdirect_writes_with(move |off, _| (off == from).then_some(to));
+        // Long enough to cover the maps, both slots of group 0 and its first data blocks.
+        let len = geo.data_offset(3) + bs as u64 - to;
+        vol.discard(far * bs as u64, len.div_ceil(bs as u64) * bs as u64)
+            .unwrap();
+        vol.flush().unwrap();
+        backend.clear_faults();
+        drop(vol);
+        let vol = Volume::open(backend.clone(), &read_only()).unwrap();
+        for b in 0..4 {
+            assert!(
+                read(&vol, b).is_err(),
+                "{bs}: block {b} of the wiped group 0 reads"
+            );
+        }
+        assert!(vol.extents(0, 4 * bs as u64).unwrap().iter().all(|e| e.allocated));
+        assert!(
+            !vol.check_map().unwrap().is_empty(),
+            "{bs}: the wiped map copy is reported"
+        );
+        assert!(!vol.check_metadata(0, geo.groups).unwrap().is_empty());
+    }
+}
+
+/// F5: a direct-I/O file backend (4 KiB aligned I/O) formats, opens, writes and reads a volume.
+#[test]
+fn regression_8_direct_io_volumes_work() {
+    use blockguard::blockguard_backend::{FileBackend, FileOptions};
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("direct.bgv");
+    let opts = FormatOptions::with_size(64 << 20);
+    let file = FileOptions {
+        direct: true,
+        ..FileOptions::default()
+    };
+    let backend = match FileBackend::create(&path, opts.backing_len().unwrap(), &file) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("skipped: direct I/O not available here ({e})");
+            return;
+        }
+    };
+    let vol = Volume::format(Arc::new(backend), &opts).unwrap();
+    let data = block_data(7, 3, 4096);
+    vol.write_at(&data, 7 * 4096).unwrap();
+    vol.write_at(b"unaligned", 100_000).unwrap();
+    vol.close().unwrap();
+    let backend = FileBackend::open(&path, &file).unwrap();
+    let vol = Volume::open(Arc::new(backend), &OpenOptions::default()).unwrap();
+    assert_eq!(read(&vol, 7).unwrap(), data);
+    let mut buf = [0u8; 9];
+    vol.read_at(&mut buf, 100_000).unwrap();
+    assert_eq!(&buf, b"unaligned");
+    assert!(vol
+        .check_blocks(0, vol.geometry().data_blocks)
+        .unwrap()
+        .is_empty());
 }
