@@ -5,6 +5,7 @@ use std::io;
 
 /// What a failed verification found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CorruptionKind {
     /// The block's content matches neither stored tag.
     TagMismatch,
@@ -16,6 +17,7 @@ pub enum CorruptionKind {
 
 /// Errors of the blockguard library.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The backend failed.
     #[error("{volume}: I/O error while {during} at byte {offset}")]
@@ -68,8 +70,10 @@ pub enum Error {
     /// Options or sizes that cannot work.
     #[error("{volume}: {detail}")]
     InvalidArgument { volume: String, detail: String },
-    /// An earlier write-back failed; durability can no longer be promised.
-    #[error("{volume}: an earlier write-back failed ({detail}); writes and flushes are refused")]
+    /// The volume failed: an earlier write-back failed (durability can no longer be
+    /// promised), or a thread panicked inside the engine (its state may be inconsistent).
+    /// Reads go on; writes and flushes are refused until the volume is reopened.
+    #[error("{volume}: the volume has failed ({detail}); writes and flushes are refused")]
     Failed { volume: String, detail: String },
 }
 

@@ -5,6 +5,7 @@ use serde::Serialize;
 
 /// Why a requested layout cannot exist.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum GeometryError {
     /// Block size not a power of two in 512..=65536.
     #[error("block size {0} is not a power of two between 512 and 65536")]

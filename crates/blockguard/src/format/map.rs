@@ -59,6 +59,7 @@ const CRC_AT: usize = 4;
 
 /// Why a map sector is not valid (never a crash's doing: sectors are written whole).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MapDamage {
     /// Not zero, and no map magic.
     BadMagic,

@@ -48,6 +48,7 @@ pub struct SectorId {
 /// Why a metadata sector is not valid. Never explainable by a crash (sectors are written
 /// atomically): always damage, a misplaced write, or bytes from another volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SectorDamage {
     /// Not zero, and no sector magic.
     BadMagic,

@@ -17,8 +17,75 @@ pub const SB_REGION: u64 = 4096;
 /// Bytes of the structure covered by the checksum (the rest of the region is zero). 512 bytes
 /// so a single sector holds it: a superblock write can never be torn across sectors.
 pub const SB_STRUCT_SIZE: usize = 512;
-const CRC_AT: usize = SB_STRUCT_SIZE - 4;
+const CRC_AT: usize = at::CHECKSUM;
 const LABEL_LEN: usize = 64;
+/// Byte offsets of the superblock's fields (`docs/FORMAT.md`, "Superblock"), each derived from
+/// the one before, so encode, decode and the layout test cannot disagree.
+pub mod at {
+    /// `magic`, 8 bytes.
+    pub const MAGIC: usize = 0;
+    /// `version`, u32.
+    pub const VERSION: usize = MAGIC + 8;
+    /// `struct_size`, u32.
+    pub const STRUCT_SIZE: usize = VERSION + 4;
+    /// `compat`, u64.
+    pub const COMPAT: usize = STRUCT_SIZE + 4;
+    /// `ro_compat`, u64.
+    pub const RO_COMPAT: usize = COMPAT + 8;
+    /// `incompat`, u64.
+    pub const INCOMPAT: usize = RO_COMPAT + 8;
+    /// `uuid`, 16 bytes.
+    pub const UUID: usize = INCOMPAT + 8;
+    /// `block_size`, u32.
+    pub const BLOCK_SIZE: usize = UUID + 16;
+    /// `profile`, u16.
+    pub const PROFILE: usize = BLOCK_SIZE + 4;
+    /// `tag_size`, u16.
+    pub const TAG_SIZE: usize = PROFILE + 2;
+    /// `mode`, u8.
+    pub const MODE: usize = TAG_SIZE + 2;
+    /// `copy`, u8.
+    pub const COPY: usize = MODE + 1;
+    /// `meta_per_group`, u16.
+    pub const META_PER_GROUP: usize = COPY + 1;
+    /// `group_blocks`, u32.
+    pub const GROUP_BLOCKS: usize = META_PER_GROUP + 2;
+    /// `size`, u64.
+    pub const SIZE: usize = GROUP_BLOCKS + 4;
+    /// `data_blocks`, u64.
+    pub const DATA_BLOCKS: usize = SIZE + 8;
+    /// `groups`, u64.
+    pub const GROUPS: usize = DATA_BLOCKS + 8;
+    /// `first_group_offset`, u64.
+    pub const FIRST_GROUP: usize = GROUPS + 8;
+    /// `backing_len`, u64.
+    pub const BACKING_LEN: usize = FIRST_GROUP + 8;
+    /// `backup_sb_offset`, u64.
+    pub const BACKUP_SB: usize = BACKING_LEN + 8;
+    /// `created`, u64.
+    pub const CREATED: usize = BACKUP_SB + 8;
+    /// `mirror_set`, 16 bytes.
+    pub const MIRROR_SET: usize = CREATED + 8;
+    /// `mirror_role`, u8.
+    pub const MIRROR_ROLE: usize = MIRROR_SET + 16;
+    /// `state`, u8.
+    pub const STATE: usize = MIRROR_ROLE + 1;
+    /// Two bytes of padding.
+    pub const PADDING: usize = STATE + 1;
+    /// `meta_device`, 16 bytes.
+    pub const META_DEVICE: usize = PADDING + 2;
+    /// `label`, 64 bytes.
+    pub const LABEL: usize = META_DEVICE + 16;
+    /// Reserved up to the checksum.
+    pub const RESERVED: usize = LABEL + super::LABEL_LEN;
+    /// `checksum`, u32: the last four bytes of the structure.
+    pub const CHECKSUM: usize = super::SB_STRUCT_SIZE - 4;
+}
+
+// The fields fit the structure without overlapping the checksum, and sit where every version
+// of FORMAT.md has said they do.
+const _: () = assert!(at::RESERVED <= at::CHECKSUM);
+const _: () = assert!(at::MODE == 64 && at::STATE == 145 && at::LABEL == 164 && at::CHECKSUM == 508);
 
 /// Incompatible features this build supports (none beyond the v1 base format). A volume
 /// with any other incompat bit set is refused.
@@ -69,6 +136,7 @@ impl Mode {
 
 /// Why a superblock copy was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SuperblockError {
     /// The bytes are not a blockguard superblock at all.
     #[error(
@@ -163,37 +231,37 @@ impl Superblock {
     pub fn encode(&self, copy: u8) -> Vec<u8> {
         let g = &self.geometry;
         let mut b = vec![0u8; SB_REGION as usize];
-        b[0..8].copy_from_slice(&SB_MAGIC);
-        b[8..12].copy_from_slice(&self.version.to_le_bytes());
-        b[12..16].copy_from_slice(&(SB_STRUCT_SIZE as u32).to_le_bytes());
-        b[16..24].copy_from_slice(&self.compat.to_le_bytes());
-        b[24..32].copy_from_slice(&self.ro_compat.to_le_bytes());
-        b[32..40].copy_from_slice(&self.incompat.to_le_bytes());
-        b[40..56].copy_from_slice(&self.uuid);
-        b[56..60].copy_from_slice(&g.block_size.to_le_bytes());
-        b[60..62].copy_from_slice(&self.profile.id().to_le_bytes());
-        b[62..64].copy_from_slice(&(g.tag_size as u16).to_le_bytes());
-        b[64] = self.mode.id();
-        b[65] = copy;
-        b[66..68].copy_from_slice(&2u16.to_le_bytes());
-        b[68..72].copy_from_slice(&g.group_blocks.to_le_bytes());
-        b[72..80].copy_from_slice(&g.size().to_le_bytes());
-        b[80..88].copy_from_slice(&g.data_blocks.to_le_bytes());
-        b[88..96].copy_from_slice(&g.groups.to_le_bytes());
-        b[96..104].copy_from_slice(&g.first_group_offset.to_le_bytes());
-        b[104..112].copy_from_slice(&g.backing_len.to_le_bytes());
-        b[112..120].copy_from_slice(&g.backup_sb_offset.to_le_bytes());
-        b[120..128].copy_from_slice(&self.created.to_le_bytes());
-        b[128..144].copy_from_slice(&self.mirror_set);
-        b[144] = self.mirror_role;
-        b[145] = match self.state {
+        b[at::MAGIC..at::VERSION].copy_from_slice(&SB_MAGIC);
+        b[at::VERSION..at::STRUCT_SIZE].copy_from_slice(&self.version.to_le_bytes());
+        b[at::STRUCT_SIZE..at::COMPAT].copy_from_slice(&(SB_STRUCT_SIZE as u32).to_le_bytes());
+        b[at::COMPAT..at::RO_COMPAT].copy_from_slice(&self.compat.to_le_bytes());
+        b[at::RO_COMPAT..at::INCOMPAT].copy_from_slice(&self.ro_compat.to_le_bytes());
+        b[at::INCOMPAT..at::UUID].copy_from_slice(&self.incompat.to_le_bytes());
+        b[at::UUID..at::BLOCK_SIZE].copy_from_slice(&self.uuid);
+        b[at::BLOCK_SIZE..at::PROFILE].copy_from_slice(&g.block_size.to_le_bytes());
+        b[at::PROFILE..at::TAG_SIZE].copy_from_slice(&self.profile.id().to_le_bytes());
+        b[at::TAG_SIZE..at::MODE].copy_from_slice(&(g.tag_size as u16).to_le_bytes());
+        b[at::MODE] = self.mode.id();
+        b[at::COPY] = copy;
+        b[at::META_PER_GROUP..at::GROUP_BLOCKS].copy_from_slice(&2u16.to_le_bytes());
+        b[at::GROUP_BLOCKS..at::SIZE].copy_from_slice(&g.group_blocks.to_le_bytes());
+        b[at::SIZE..at::DATA_BLOCKS].copy_from_slice(&g.size().to_le_bytes());
+        b[at::DATA_BLOCKS..at::GROUPS].copy_from_slice(&g.data_blocks.to_le_bytes());
+        b[at::GROUPS..at::FIRST_GROUP].copy_from_slice(&g.groups.to_le_bytes());
+        b[at::FIRST_GROUP..at::BACKING_LEN].copy_from_slice(&g.first_group_offset.to_le_bytes());
+        b[at::BACKING_LEN..at::BACKUP_SB].copy_from_slice(&g.backing_len.to_le_bytes());
+        b[at::BACKUP_SB..at::CREATED].copy_from_slice(&g.backup_sb_offset.to_le_bytes());
+        b[at::CREATED..at::MIRROR_SET].copy_from_slice(&self.created.to_le_bytes());
+        b[at::MIRROR_SET..at::MIRROR_ROLE].copy_from_slice(&self.mirror_set);
+        b[at::MIRROR_ROLE] = self.mirror_role;
+        b[at::STATE] = match self.state {
             VolumeState::Clean => 0,
             VolumeState::InUse => 1,
         };
-        b[148..164].copy_from_slice(&self.meta_device);
+        b[at::META_DEVICE..at::LABEL].copy_from_slice(&self.meta_device);
         let label = self.label.as_bytes();
         let n = label.len().min(LABEL_LEN);
-        b[164..164 + n].copy_from_slice(&label[..n]);
+        b[at::LABEL..at::LABEL + n].copy_from_slice(&label[..n]);
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         b[CRC_AT..SB_STRUCT_SIZE].copy_from_slice(&crc.to_le_bytes());
         b
@@ -209,7 +277,7 @@ impl Superblock {
             ));
         }
         let mut magic = [0u8; 8];
-        magic.copy_from_slice(&b[0..8]);
+        magic.copy_from_slice(&b[at::MAGIC..at::VERSION]);
         if magic != SB_MAGIC {
             return Err(SuperblockError::BadMagic { found: magic });
         }
@@ -218,23 +286,23 @@ impl Superblock {
         if stored != computed {
             return Err(SuperblockError::BadChecksum { stored, computed });
         }
-        let version = le32(b, 8);
+        let version = le32(b, at::VERSION);
         if version != FORMAT_VERSION {
             return Err(SuperblockError::Version { found: version });
         }
-        if le32(b, 12) as usize != SB_STRUCT_SIZE {
-            return Err(field("struct size", le32(b, 12).to_string()));
+        if le32(b, at::STRUCT_SIZE) as usize != SB_STRUCT_SIZE {
+            return Err(field("struct size", le32(b, at::STRUCT_SIZE).to_string()));
         }
-        let incompat = le64(b, 32);
+        let incompat = le64(b, at::INCOMPAT);
         if incompat & !SUPPORTED_INCOMPAT != 0 {
             return Err(SuperblockError::Incompat(incompat & !SUPPORTED_INCOMPAT));
         }
         let mut uuid = [0u8; 16];
-        uuid.copy_from_slice(&b[40..56]);
-        let block_size = le32(b, 56);
-        let profile = Profile::from_id(le16(b, 60))
-            .ok_or_else(|| field("tag profile", format!("unknown id {}", le16(b, 60))))?;
-        let tag_size = le16(b, 62) as usize;
+        uuid.copy_from_slice(&b[at::UUID..at::BLOCK_SIZE]);
+        let block_size = le32(b, at::BLOCK_SIZE);
+        let profile = Profile::from_id(le16(b, at::PROFILE))
+            .ok_or_else(|| field("tag profile", format!("unknown id {}", le16(b, at::PROFILE))))?;
+        let tag_size = le16(b, at::TAG_SIZE) as usize;
         if tag_size != profile.tag_size() {
             return Err(field(
                 "tag size",
@@ -245,18 +313,22 @@ impl Superblock {
                 ),
             ));
         }
-        let mode = Mode::from_id(b[64]).ok_or_else(|| field("mode", format!("unknown id {}", b[64])))?;
-        let copy = b[65];
+        let mode =
+            Mode::from_id(b[at::MODE]).ok_or_else(|| field("mode", format!("unknown id {}", b[at::MODE])))?;
+        let copy = b[at::COPY];
         if copy > 1 {
             return Err(field("copy index", copy.to_string()));
         }
-        if le16(b, 66) != 2 {
-            return Err(field("metadata blocks per group", le16(b, 66).to_string()));
+        if le16(b, at::META_PER_GROUP) != 2 {
+            return Err(field(
+                "metadata blocks per group",
+                le16(b, at::META_PER_GROUP).to_string(),
+            ));
         }
-        let group_blocks = le32(b, 68);
-        let size = le64(b, 72);
-        let data_blocks = le64(b, 80);
-        let backing_len = le64(b, 104);
+        let group_blocks = le32(b, at::GROUP_BLOCKS);
+        let size = le64(b, at::SIZE);
+        let data_blocks = le64(b, at::DATA_BLOCKS);
+        let backing_len = le64(b, at::BACKING_LEN);
         let geometry = Geometry::from_parts(block_size, tag_size, group_blocks, data_blocks, backing_len)
             .ok_or_else(|| {
                 field(
@@ -269,11 +341,15 @@ impl Superblock {
             })?;
         let checks = [
             ("volume size", size, geometry.size()),
-            ("group count", le64(b, 88), geometry.groups),
-            ("first group offset", le64(b, 96), geometry.first_group_offset),
+            ("group count", le64(b, at::GROUPS), geometry.groups),
+            (
+                "first group offset",
+                le64(b, at::FIRST_GROUP),
+                geometry.first_group_offset,
+            ),
             (
                 "backup superblock offset",
-                le64(b, 112),
+                le64(b, at::BACKUP_SB),
                 geometry.backup_sb_offset,
             ),
         ];
@@ -283,22 +359,22 @@ impl Superblock {
             }
         }
         let mut mirror_set = [0u8; 16];
-        mirror_set.copy_from_slice(&b[128..144]);
+        mirror_set.copy_from_slice(&b[at::MIRROR_SET..at::MIRROR_ROLE]);
         let mut meta_device = [0u8; 16];
-        meta_device.copy_from_slice(&b[148..164]);
+        meta_device.copy_from_slice(&b[at::META_DEVICE..at::LABEL]);
         // v1 defines these fields but no feature uses them yet: they must be zero.
-        if mirror_set != [0; 16] || b[144] != 0 || meta_device != [0; 16] {
+        if mirror_set != [0; 16] || b[at::MIRROR_ROLE] != 0 || meta_device != [0; 16] {
             return Err(field(
                 "mirror/metadata device",
                 "set without a feature flag".into(),
             ));
         }
-        let state = match b[145] {
+        let state = match b[at::STATE] {
             0 => VolumeState::Clean,
             1 => VolumeState::InUse,
             other => return Err(field("state", format!("unknown value {other}"))),
         };
-        let label_bytes = &b[164..164 + LABEL_LEN];
+        let label_bytes = &b[at::LABEL..at::LABEL + LABEL_LEN];
         let end = label_bytes.iter().position(|&c| c == 0).unwrap_or(LABEL_LEN);
         if label_bytes[end..].iter().any(|&c| c != 0) {
             return Err(field("label", "bytes after the terminating zero".into()));
@@ -308,14 +384,14 @@ impl Superblock {
         Ok((
             Superblock {
                 version,
-                compat: le64(b, 16),
-                ro_compat: le64(b, 24),
+                compat: le64(b, at::COMPAT),
+                ro_compat: le64(b, at::RO_COMPAT),
                 incompat,
                 uuid,
                 profile,
                 mode,
                 geometry,
-                created: le64(b, 120),
+                created: le64(b, at::CREATED),
                 mirror_set,
                 mirror_role: 0,
                 meta_device,
@@ -393,6 +469,45 @@ mod tests {
             let mut b = enc.clone();
             b[i] ^= 0x10;
             assert!(Superblock::decode(&b).is_err(), "flip at {i} accepted");
+        }
+    }
+
+    #[test]
+    fn field_offsets_are_as_documented() {
+        // The table of docs/FORMAT.md, "Superblock".
+        let documented = [
+            (at::MAGIC, 0),
+            (at::VERSION, 8),
+            (at::STRUCT_SIZE, 12),
+            (at::COMPAT, 16),
+            (at::RO_COMPAT, 24),
+            (at::INCOMPAT, 32),
+            (at::UUID, 40),
+            (at::BLOCK_SIZE, 56),
+            (at::PROFILE, 60),
+            (at::TAG_SIZE, 62),
+            (at::MODE, 64),
+            (at::COPY, 65),
+            (at::META_PER_GROUP, 66),
+            (at::GROUP_BLOCKS, 68),
+            (at::SIZE, 72),
+            (at::DATA_BLOCKS, 80),
+            (at::GROUPS, 88),
+            (at::FIRST_GROUP, 96),
+            (at::BACKING_LEN, 104),
+            (at::BACKUP_SB, 112),
+            (at::CREATED, 120),
+            (at::MIRROR_SET, 128),
+            (at::MIRROR_ROLE, 144),
+            (at::STATE, 145),
+            (at::PADDING, 146),
+            (at::META_DEVICE, 148),
+            (at::LABEL, 164),
+            (at::RESERVED, 228),
+            (at::CHECKSUM, 508),
+        ];
+        for (i, (got, want)) in documented.iter().enumerate() {
+            assert_eq!(got, want, "field {i} of the table");
         }
     }
 

@@ -130,7 +130,7 @@ impl Inner {
 
     /// Sector `index` of the written map, from the first copy that is valid.
     fn written_sector(&self, index: u32, confirmed: bool) -> Result<Arc<MapSector>> {
-        let mut cache = super::lock(&self.maps.written);
+        let mut cache = self.lock(&self.maps.written);
         if let Some(s) = cache.get(&index) {
             if s.confirmed || !confirmed {
                 return Ok(s.clone());
@@ -295,7 +295,7 @@ impl Inner {
 
     /// Publishes written-map sectors this process wrote.
     pub(crate) fn install_map(&self, updates: Vec<MapUpdate>) {
-        let mut cache = super::lock(&self.maps.written);
+        let mut cache = self.lock(&self.maps.written);
         for u in updates.into_iter().filter(|u| u.kind == MapKind::Written) {
             let sector = MapSector {
                 raw: u.bytes,
@@ -312,9 +312,9 @@ impl Inner {
 
     /// Forgets the cached maps (recovery works from the disk).
     pub(crate) fn clear_map_cache(&self) {
-        super::lock(&self.maps.written).clear();
-        super::lock(&self.maps.dirty.found).clear();
-        super::lock(&self.maps.first_write.found).clear();
+        self.lock(&self.maps.written).clear();
+        self.lock(&self.maps.dirty.found).clear();
+        self.lock(&self.maps.first_write.found).clear();
     }
 
     /// Written-map sectors with a damaged copy, and what is wrong (for `check`).
@@ -335,7 +335,7 @@ impl Inner {
         let (index, i) = self.geo.map_position(group);
         let found = &self.maps.session(kind).found;
         let s = {
-            let mut cache = super::lock(found);
+            let mut cache = self.lock(found);
             match cache.get(&index) {
                 Some(s) => s.clone(),
                 None => {
@@ -383,7 +383,7 @@ impl Inner {
     /// The sectors of session map `kind` to write so that `groups` are marked (bits this
     /// session already set are not written again); adopt them once they are durable.
     pub(crate) fn session_updates(&self, kind: MapKind, groups: &[u64]) -> Vec<MapUpdate> {
-        let state = super::lock(&self.maps.session(kind).bits);
+        let state = self.lock(&self.maps.session(kind).bits);
         let mut by_sector: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         for &g in groups {
             let (index, i) = self.geo.map_position(g);
@@ -409,7 +409,7 @@ impl Inner {
     pub(crate) fn adopt_session(&self, updates: &[MapUpdate]) {
         for u in updates {
             if u.kind != MapKind::Written {
-                super::lock(&self.maps.session(u.kind).bits)
+                self.lock(&self.maps.session(u.kind).bits)
                     .sectors
                     .insert(u.index, u.bytes.clone());
             }
@@ -422,7 +422,7 @@ impl Inner {
     /// crash, which is safe, and a later setting is flushed before it matters.
     pub(crate) fn clear_session_if_due(&self, interval: std::time::Duration, force: bool) -> Result<()> {
         let due = {
-            let mut dirty = super::lock(&self.maps.dirty.bits);
+            let mut dirty = self.lock(&self.maps.dirty.bits);
             let now = Instant::now();
             let last = *dirty.last_clear.get_or_insert(now);
             let due = !dirty.sectors.is_empty()
@@ -436,7 +436,7 @@ impl Inner {
             return Ok(());
         }
         for kind in [MapKind::Dirty, MapKind::FirstWrite] {
-            let sectors = std::mem::take(&mut super::lock(&self.maps.session(kind).bits).sectors);
+            let sectors = std::mem::take(&mut self.lock(&self.maps.session(kind).bits).sectors);
             for index in sectors.keys() {
                 let bytes = empty_map_sector(&self.sb.uuid, kind, *index);
                 self.write_sector(self.map_offset(kind, 0, *index), &bytes)?;
@@ -453,8 +453,8 @@ impl Inner {
                 self.write_sector(self.map_offset(kind, 0, index), &bytes)?;
             }
             let map = self.maps.session(kind);
-            super::lock(&map.bits).sectors.clear();
-            super::lock(&map.found).clear();
+            self.lock(&map.bits).sectors.clear();
+            self.lock(&map.found).clear();
         }
         Ok(())
     }

@@ -24,6 +24,20 @@ pub(crate) struct ShardGuard<'a> {
     shard: MutexGuard<'a, Shard>,
 }
 
+/// Locks a shard. A shard poisoned by a panic may hold a half-installed entry: it is emptied
+/// (every group in it is read from disk again), which is always safe for a cache.
+fn lock_shard(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    match shard.lock() {
+        Ok(g) => g,
+        Err(poisoned) => {
+            let mut g = poisoned.into_inner();
+            g.map.clear();
+            shard.clear_poison();
+            g
+        }
+    }
+}
+
 impl MetaCache {
     /// A cache holding at most `groups` groups (at least one). Tiny caches (tests force
     /// eviction with them) get fewer shards, so the bound holds exactly.
@@ -46,15 +60,13 @@ impl MetaCache {
     /// Forgets every cached group (they are reloaded from disk when next needed).
     pub fn clear(&self) {
         for shard in &self.shards {
-            shard.lock().unwrap_or_else(|e| e.into_inner()).map.clear();
+            lock_shard(shard).map.clear();
         }
     }
 
     /// Locks the shard of `group`.
     pub fn lock(&self, group: u64) -> ShardGuard<'_> {
-        let shard = self.shards[(group % self.shards.len() as u64) as usize]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let shard = lock_shard(&self.shards[(group % self.shards.len() as u64) as usize]);
         ShardGuard { shard }
     }
 }

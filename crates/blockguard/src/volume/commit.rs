@@ -22,7 +22,7 @@
 use super::group::{GroupState, Origin};
 use super::meta_io::MetaUpdate;
 use super::stage::{bytes, Batch, SharedBuf, Staged};
-use super::{aligned, lock, Inner};
+use super::{aligned, Inner};
 use crate::error::{Error, Result};
 use crate::format::{MapKind, Mode, VolumeState};
 use crate::tag::{Tag, UNWRITTEN};
@@ -84,8 +84,15 @@ impl Inner {
         let _ = self.failure.set(detail);
     }
 
-    /// The error to return once a write-back has failed.
+    /// The error to return once a write-back has failed (or a thread panicked holding the
+    /// commit or stage lock: seen here without waiting for someone to take the lock).
     pub(crate) fn failed(&self) -> Result<()> {
+        if self.failure.get().is_none() && (self.commit.is_poisoned() || self.stage.is_poisoned()) {
+            tracing::error!(volume = %self.name, "a thread panicked while holding a lock of the engine: failing the volume");
+            self.fail(
+                "a thread panicked while holding a lock of the engine: its state may be inconsistent".into(),
+            );
+        }
         match self.failure.get() {
             Some(detail) => Err(Error::Failed {
                 volume: self.name.clone(),
@@ -98,7 +105,7 @@ impl Inner {
     /// Commits the active batch. Caller holds the commit lock (`state`).
     pub(crate) fn commit_locked(&self, state: &mut CommitState) -> Result<()> {
         self.failed()?;
-        if lock(&self.stage).active.is_empty() {
+        if self.lock(&self.stage).active.is_empty() {
             return Ok(());
         }
         if !state.marked_in_use {
@@ -108,7 +115,7 @@ impl Inner {
             state.marked_in_use = true;
         }
         let batch = {
-            let mut stage = lock(&self.stage);
+            let mut stage = self.lock(&self.stage);
             if stage.active.is_empty() {
                 return Ok(());
             }
@@ -125,13 +132,13 @@ impl Inner {
                 Err(e)
             }
             Ok(None) => {
-                lock(&self.stage).committing = None;
+                self.lock(&self.stage).committing = None;
                 Ok(())
             }
             Ok(Some(lost)) => {
                 // Blocks of damaged metadata sectors could not be kept; everything else was.
                 // The volume goes on; flushes report the loss until the blocks are rewritten.
-                lock(&self.stage).committing = None;
+                self.lock(&self.stage).committing = None;
                 tracing::error!(volume = %self.name, "{lost}");
                 Ok(())
             }

@@ -5,7 +5,7 @@ use super::bitmaps::MapBit;
 use super::group::{Accept, PairView};
 use super::recover::{covered, MapProblem, MetadataProblem};
 use super::stage::Staged;
-use super::{lock, BlockProblem, BlockReport, Extent, Inner, SlotReport};
+use super::{BlockProblem, BlockReport, Extent, Inner, SlotReport};
 use crate::error::{Error, Result};
 use crate::format::SectorParse;
 
@@ -57,7 +57,7 @@ impl Inner {
             // at all then; the answer is true at the moment of the first look.
             let chunk_first = block;
             let staged: Vec<Option<bool>> = {
-                let stage = lock(&self.stage);
+                let stage = self.lock(&self.stage);
                 (block..=chunk_last)
                     .map(|b| stage.get(b).map(|e| matches!(e, Staged::Data { .. })))
                     .collect()
@@ -138,7 +138,7 @@ impl Inner {
             return Ok(None);
         }
         let staged = {
-            let stage = lock(&self.stage);
+            let stage = self.lock(&self.stage);
             stage
                 .active
                 .range(from..)
@@ -364,7 +364,7 @@ impl Inner {
             Accept::Either(a, b) => vec![a.to_string(), b.to_string()],
             Accept::Damaged(d) => vec![format!("none: {d}")],
         };
-        let staged = lock(&self.stage).get(block).is_some();
+        let staged = self.lock(&self.stage).get(block).is_some();
         Ok(BlockReport {
             location,
             sector: k as u32,

@@ -240,8 +240,22 @@ fn invalid(volume: &str, detail: String) -> Error {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+impl Inner {
+    /// Locks `m`. A poisoned lock means a thread panicked while holding it: an invariant of
+    /// the engine may be broken, so the volume is failed (writes and flushes refuse, reads go
+    /// on) instead of carrying on as if nothing happened.
+    pub(crate) fn lock<'a, T>(&self, m: &'a Mutex<T>) -> MutexGuard<'a, T> {
+        m.lock().unwrap_or_else(|poisoned| {
+            let what = std::any::type_name::<T>();
+            if self.failure.get().is_none() {
+                tracing::error!(volume = %self.name, lock = what, "a thread panicked while holding a lock of the engine: failing the volume");
+            }
+            self.fail(format!(
+                "a thread panicked while holding a lock of the engine ({what}): its state may be inconsistent"
+            ));
+            poisoned.into_inner()
+        })
+    }
 }
 
 impl Inner {
@@ -274,7 +288,7 @@ impl Inner {
     fn run_committer(&self) {
         loop {
             {
-                let mut kick = lock(&self.kick);
+                let mut kick = self.lock(&self.kick);
                 while !*kick {
                     kick = self.kick_cv.wait(kick).unwrap_or_else(|e| e.into_inner());
                 }
@@ -283,8 +297,8 @@ impl Inner {
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }
-            let mut state = lock(&self.commit);
-            if lock(&self.stage).active_bytes >= self.stage_limit {
+            let mut state = self.lock(&self.commit);
+            if self.lock(&self.stage).active_bytes >= self.stage_limit {
                 // A failure is recorded in the commit state and reported by the next write
                 // or flush.
                 let _ = self.commit_locked(&mut state);
@@ -296,7 +310,7 @@ impl Inner {
         if self.read_only {
             return Ok(());
         }
-        let mut state = lock(&self.commit);
+        let mut state = self.lock(&self.commit);
         self.failed()?;
         self.commit_locked(&mut state)?;
         self.flush_locked(&mut state)?;
@@ -504,9 +518,12 @@ impl Volume {
     fn stop_committer(&mut self) {
         if let Some(handle) = self.committer.take() {
             self.inner.stopping.store(true, Ordering::Release);
-            *lock(&self.inner.kick) = true;
+            *self.inner.lock(&self.inner.kick) = true;
             self.inner.kick_cv.notify_one();
-            let _ = handle.join();
+            if handle.join().is_err() {
+                // The committer panicked: whatever it was doing may be half done.
+                self.inner.fail("the background committer thread panicked".into());
+            }
         }
     }
 }

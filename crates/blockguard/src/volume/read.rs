@@ -9,7 +9,7 @@
 
 use super::group::Accept;
 use super::stage::Staged;
-use super::{lock, Inner};
+use super::Inner;
 use crate::error::{CorruptionKind, Error, Result};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -163,7 +163,7 @@ impl Inner {
         // Staged blocks are served from memory; the rest in runs from the backend.
         let mut staged = Vec::new();
         {
-            let stage = lock(&self.stage);
+            let stage = self.lock(&self.stage);
             if stage.is_empty() {
                 drop(stage);
                 return self.read_run(first, out);
@@ -234,11 +234,11 @@ impl Inner {
     /// metadata may come from a single bad read. With commits excluded, confirm the metadata,
     /// read the data again and verify once more; only a failure now is real.
     fn reread_settled(&self, first: u64, out: &mut [u8]) -> Result<()> {
-        let _commit = lock(&self.commit);
+        let _commit = self.lock(&self.commit);
         let bs = self.geo.block_size as usize;
         for (k, chunk) in out.chunks_exact_mut(bs).enumerate() {
             let block = first + k as u64;
-            if let Some(entry) = lock(&self.stage).get(block) {
+            if let Some(entry) = self.lock(&self.stage).get(block) {
                 copy_staged(entry, chunk);
                 continue;
             }

@@ -23,7 +23,7 @@
 
 use super::bitmaps::MapBit;
 use super::group::{GroupState, PairView};
-use super::{lock, Inner};
+use super::Inner;
 use crate::error::{Error, Result};
 use crate::format::{SectorParse, VolumeState};
 use crate::tag::UNWRITTEN;
@@ -122,7 +122,7 @@ impl Inner {
                 volume: self.name.clone(),
             });
         }
-        let mut state = lock(&self.commit);
+        let mut state = self.lock(&self.commit);
         self.failed()?;
         // What recovery reads must be what the disk holds, not pages the kernel has yet to
         // write (a killed process leaves those behind): stage out, then flush unconditionally.

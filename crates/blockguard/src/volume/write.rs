@@ -2,7 +2,7 @@
 //! stages to the committer.
 
 use super::stage::{self, SharedBuf, Staged};
-use super::{lock, Inner, LOCK_STRIPES};
+use super::{Inner, LOCK_STRIPES};
 use crate::error::{Error, Result};
 use crate::format::Mode;
 use std::sync::{Arc, MutexGuard};
@@ -28,7 +28,7 @@ impl Inner {
         };
         idx.sort_unstable();
         idx.dedup();
-        idx.into_iter().map(|i| lock(&self.stripes[i])).collect()
+        idx.into_iter().map(|i| self.lock(&self.stripes[i])).collect()
     }
 
     /// Refuses a write of blocks `first..=last`, of which `whole` are overwritten entirely,
@@ -127,26 +127,26 @@ impl Inner {
     }
 
     fn stage_entries(&self, entries: Vec<(u64, Staged)>) {
-        let mut stage = lock(&self.stage);
+        let mut stage = self.lock(&self.stage);
         for (block, entry) in entries {
             stage.put(block, entry);
         }
     }
 
     fn commit_if_full(&self) -> Result<()> {
-        let staged = lock(&self.stage).active_bytes;
+        let staged = self.lock(&self.stage).active_bytes;
         if staged >= self.stage_limit && self.background && staged < 2 * self.stage_limit {
             // Hand the batch to the committer thread and keep going: its writes and flushes
             // overlap with this thread's copying and checksumming. Past twice the limit the
             // writer commits itself, which bounds memory.
-            *lock(&self.kick) = true;
+            *self.lock(&self.kick) = true;
             self.kick_cv.notify_one();
             return Ok(());
         }
         if staged >= self.stage_limit {
-            let mut state = lock(&self.commit);
+            let mut state = self.lock(&self.commit);
             // Another writer may have committed while this one waited for the lock.
-            if lock(&self.stage).active_bytes >= self.stage_limit {
+            if self.lock(&self.stage).active_bytes >= self.stage_limit {
                 self.commit_locked(&mut state)?;
             }
         }
@@ -183,9 +183,9 @@ impl Inner {
             self.stage_entries((b..b + n).map(|x| (x, Staged::Zero)).collect());
             drop(guards);
             b += n;
-            let pending = lock(&self.stage).active.len();
+            let pending = self.lock(&self.stage).active.len();
             if pending >= 1 << 18 {
-                let mut state = lock(&self.commit);
+                let mut state = self.lock(&self.commit);
                 self.commit_locked(&mut state)?;
             }
         }
@@ -197,7 +197,7 @@ impl Inner {
         if self.read_only {
             return Ok(());
         }
-        let mut state = lock(&self.commit);
+        let mut state = self.lock(&self.commit);
         self.failed()?;
         self.commit_locked(&mut state)?;
         self.flush_locked(&mut state)?;
