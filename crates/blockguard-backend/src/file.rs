@@ -19,6 +19,7 @@ use std::io::{self, IoSlice, Seek, SeekFrom};
 use std::ops::{Deref, DerefMut, Range};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Largest number of buffers one `pwritev` call accepts on Linux (`IOV_MAX`).
 const IOV_MAX: usize = 1024;
@@ -234,6 +235,9 @@ pub struct FileBackend {
     sector: u64,
     /// What `alignment()` reports: 1 for buffered I/O, the `O_DIRECT` requirement otherwise.
     align: usize,
+    /// Writeback hints handed to the kernel, so a test can see that a layer above forwards
+    /// them (a wrapper that silently dropped them would only show as slower flushes).
+    hints: AtomicU64,
 }
 
 impl FileBackend {
@@ -369,6 +373,7 @@ impl FileBackend {
             direct: opts.direct,
             sector,
             align,
+            hints: AtomicU64::new(0),
         };
         if opts.direct {
             backend.probe_direct().map_err(cleanup)?;
@@ -408,6 +413,11 @@ impl FileBackend {
     /// The path the backend was opened with.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How many writeback hints ([`Backend::start_writeback`]) reached the kernel so far.
+    pub fn writeback_hints(&self) -> u64 {
+        self.hints.load(Ordering::Relaxed)
     }
 
     /// True if the backend was opened with `O_DIRECT`.
@@ -732,6 +742,7 @@ impl Backend for FileBackend {
             return Ok(());
         }
         check_range(offset, len, self.len)?;
+        self.hints.fetch_add(1, Ordering::Relaxed);
         sync_file_range_write(&self.file, offset, len)
     }
 

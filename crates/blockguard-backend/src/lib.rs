@@ -111,42 +111,6 @@ pub fn check_range(offset: u64, len: u64, size: u64) -> io::Result<()> {
     }
 }
 
-impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
-    fn len(&self) -> u64 {
-        (**self).len()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        (**self).read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        (**self).write_at(buf, offset)
-    }
-    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
-        (**self).write_vectored_at(bufs, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        (**self).flush()
-    }
-    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
-        (**self).start_writeback(offset, len)
-    }
-    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        (**self).zero_range(offset, len)
-    }
-    fn zero_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>> {
-        (**self).zero_ranges(offset, len)
-    }
-    fn alignment(&self) -> usize {
-        (**self).alignment()
-    }
-    fn is_read_only(&self) -> bool {
-        (**self).is_read_only()
-    }
-    fn name(&self) -> String {
-        (**self).name()
-    }
-}
-
 #[cfg(test)]
 // Expected answers of `zero_ranges` are often a single range.
 #[allow(clippy::single_range_in_vec_init)]
@@ -184,35 +148,6 @@ mod tests {
         assert_eq!(Minimal.zero_ranges(0, 4096).unwrap(), []);
         let e = Minimal.zero_ranges(4000, 100).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
-    }
-
-    #[test]
-    fn arc_forwards_zero_ranges_and_start_writeback() {
-        use std::sync::Arc;
-        let f = Arc::new(FaultBackend::new(4096).unwrap());
-        f.write_at(&[1; 512], 1024).unwrap();
-        // The default would answer nothing and accept any hint.
-        assert_eq!(f.zero_ranges(0, 4096).unwrap(), [0..1024, 1536..4096]);
-        assert_eq!(Arc::clone(&f).zero_ranges(512, 1024).unwrap(), [512..1024]);
-        f.start_writeback(0, 4096).unwrap();
-        let e = f.start_writeback(4000, 100).unwrap_err();
-        assert_eq!(
-            e.kind(),
-            io::ErrorKind::InvalidInput,
-            "forwarded to the range check"
-        );
-
-        let m = Arc::new(MemoryBackend::new(2048).unwrap());
-        m.write_at(&[1], 0).unwrap();
-        assert_eq!(m.zero_ranges(0, 2048).unwrap(), [512..2048]);
-        m.start_writeback(0, 2048).unwrap();
-        let e = m.start_writeback(2048, 1).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
-
-        // Through a trait object too.
-        let d: Arc<dyn Backend> = f;
-        assert_eq!(d.zero_ranges(0, 1024).unwrap(), [0..1024]);
-        assert!(d.start_writeback(4096, 1).is_err());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use blockguard_fuse::{FuseError, MountConfig, DEFAULT_THREADS};
+use blockguard_fuse::{DeviceFile, FuseError, MountConfig, DEFAULT_THREADS};
 use clap::Args;
 
 use crate::common::open_volume;
@@ -87,7 +87,9 @@ fn serve(args: &MountArgs) -> Result<()> {
     let mut config = MountConfig::new(file_name.clone(), source.to_string_lossy());
     config.read_only = args.read_only;
     config.threads = usize::from(args.threads);
-    let mounted = blockguard_fuse::mount(Arc::new(volume), &args.mountpoint, &config)
+    let volume = Arc::new(volume);
+    let file = Arc::new(DeviceFile::new(volume.clone()));
+    let mounted = blockguard_fuse::mount(file, &args.mountpoint, &config)
         .with_context(|| format!("cannot mount {}", args.volume.display()))?;
 
     let exported = mounted.mountpoint().join(&file_name);
@@ -105,8 +107,9 @@ fn serve(args: &MountArgs) -> Result<()> {
             .context("cannot redirect output after detaching")?;
     }
 
-    let volume = mounted.serve().context("serving the FUSE mount failed")?;
-    // serve() returns after every worker has stopped, so this is the last reference.
+    drop(mounted.serve().context("serving the FUSE mount failed")?);
+    // serve() returns after every worker has stopped and the file is dropped, so this is the
+    // last reference.
     let volume = Arc::try_unwrap(volume)
         .map_err(|_| anyhow!("internal error: the volume is still shared after unmounting"))?;
     volume.close().context("closing the volume failed")?;

@@ -14,7 +14,7 @@
 
 use crate::common::parse_size;
 use anyhow::{anyhow, Context, Result};
-use blockguard_nbd::{Export, ListenAddr, Server, ServerConfig, ServerError};
+use blockguard_nbd::{DeviceExport, Export, ListenAddr, Server, ServerConfig, ServerError};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -146,7 +146,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ..ServerConfig::default()
     };
     let volume = Arc::new(volume);
-    let export: Arc<dyn Export> = volume.clone();
+    let export: Arc<dyn Export> = Arc::new(DeviceExport::new(volume.clone()));
     let server = Server::bind(&addr, export, cfg)?;
     blockguard_nbd::shutdown_on_signals(server.shutdown_handle())
         .context("cannot install signal handlers")?;
@@ -167,7 +167,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
         Ok(vol) => vol
             .close()
             .with_context(|| format!("cannot close {}", path.display()))?,
-        Err(vol) => Export::flush(&*vol).with_context(|| format!("cannot flush {}", path.display()))?,
+        Err(vol) => {
+            // Only a bug leaves another reference behind; the data is made durable, but the
+            // volume stays marked in use, so the next open checks the groups last written.
+            tracing::warn!(volume = %path.display(), "the volume is still referenced after shutdown: flushed, left marked in use");
+            vol.flush()
+                .with_context(|| format!("cannot flush {}", path.display()))?;
+        }
     }
     served?;
     tracing::info!(volume = %path.display(), "volume closed cleanly");

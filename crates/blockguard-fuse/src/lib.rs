@@ -1,6 +1,7 @@
 //! FUSE export of a blockguard volume as a single file.
 //!
-//! [`mount`] shows a [`BlockFile`] — in production a [`blockguard::Volume`] — as a directory
+//! [`mount`] shows a [`BlockFile`] — in production a [`DeviceFile`] over a
+//! [`blockguard::Volume`] — as a directory
 //! holding exactly one regular file, named after the volume and as large as it. `losetup`
 //! turns that file into a block device, so any filesystem can live on a verified volume
 //! without a kernel module:
@@ -29,12 +30,12 @@
 //! or by SIGTERM/SIGINT in this one, after flushing.
 
 mod daemon;
+mod device;
 mod file;
 mod fs;
 mod memory;
 mod mounts;
 mod session;
-mod volume;
 
 use std::ffi::OsString;
 use std::io;
@@ -42,6 +43,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use daemon::detach_output;
+pub use device::DeviceFile;
 pub use file::BlockFile;
 pub use memory::{MemoryError, MemoryFile};
 pub use mounts::{find_mount, unmount, wait_released, MountEntry};

@@ -1,23 +1,21 @@
-//! Serving a [`blockguard::Volume`]: the [`Export`] implementation that maps engine errors to
-//! NBD error classes.
+//! Serving a [`BlockDevice`] (a [`blockguard::Volume`], or any other device of the engine):
+//! [`DeviceExport`] is the thin view the server needs, mapping engine errors to NBD error
+//! classes.
 
 use crate::buffers::Payload;
 use crate::export::{Export, ExportError, ExportErrorKind, Extent};
-use blockguard::Volume;
+use blockguard::{BlockDevice, ErrorClass};
+use std::sync::Arc;
 
 /// Classifies an engine error. Verification failures become [`ExportErrorKind::Corruption`]
 /// (sent as `NBD_EIO`); a full disk anywhere in the cause chain becomes `NoSpace`.
 pub fn export_error(e: blockguard::Error) -> ExportError {
-    let kind = if e.is_corruption() {
-        ExportErrorKind::Corruption
-    } else if matches!(e, blockguard::Error::OutOfRange { .. }) {
-        ExportErrorKind::OutOfRange
-    } else if matches!(e, blockguard::Error::ReadOnly { .. }) {
-        ExportErrorKind::ReadOnly
-    } else if is_no_space(&e) {
-        ExportErrorKind::NoSpace
-    } else {
-        ExportErrorKind::Io
+    let kind = match e.class() {
+        ErrorClass::Corruption => ExportErrorKind::Corruption,
+        ErrorClass::OutOfRange => ExportErrorKind::OutOfRange,
+        ErrorClass::ReadOnly => ExportErrorKind::ReadOnly,
+        ErrorClass::NoSpace => ExportErrorKind::NoSpace,
+        _ => ExportErrorKind::Io,
     };
     ExportError::new(kind, with_causes(&e))
 }
@@ -35,51 +33,56 @@ fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-fn is_no_space(e: &(dyn std::error::Error + 'static)) -> bool {
-    // ENOSPC, EFBIG and EDQUOT all mean "no room" to an NBD client.
-    const NO_ROOM: [i32; 3] = [28, 27, 122];
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io.raw_os_error().is_some_and(|c| NO_ROOM.contains(&c)) {
-                return true;
-            }
-        }
-        cur = err.source();
-    }
-    false
+/// A [`BlockDevice`] as the server sees it.
+///
+/// The engine already does what NBD asks beyond plain I/O: its flush covers writes completed
+/// on every connection and is shared by concurrent callers (so `NBD_FLAG_CAN_MULTI_CONN` and
+/// FUA on every write are cheap).
+pub struct DeviceExport {
+    device: Arc<dyn BlockDevice>,
 }
 
-impl Export for Volume {
+impl DeviceExport {
+    /// Serves `device`.
+    pub fn new(device: Arc<dyn BlockDevice>) -> DeviceExport {
+        DeviceExport { device }
+    }
+}
+
+impl Export for DeviceExport {
     fn size(&self) -> u64 {
-        Volume::size(self)
+        self.device.size()
     }
     fn block_size(&self) -> u32 {
-        Volume::block_size(self)
+        self.device.block_size()
     }
     fn is_read_only(&self) -> bool {
-        Volume::is_read_only(self)
+        self.device.is_read_only()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ExportError> {
-        Volume::read_at(self, buf, offset).map_err(export_error)
+        self.device.read_at(buf, offset).map_err(export_error)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ExportError> {
-        Volume::write_at(self, buf, offset).map_err(export_error)
+        self.device.write_at(buf, offset).map_err(export_error)
     }
     fn write_owned(&self, buf: Payload, offset: u64) -> Result<(), ExportError> {
-        Volume::write_owned(self, buf, offset).map_err(export_error)
+        self.device
+            .write_owned(Arc::new(buf), offset)
+            .map_err(export_error)
     }
     fn flush(&self) -> Result<(), ExportError> {
-        Volume::flush(self).map_err(export_error)
+        self.device.flush().map_err(export_error)
     }
     fn trim(&self, offset: u64, len: u64) -> Result<(), ExportError> {
-        Volume::discard(self, offset, len).map_err(export_error)
+        self.device.discard(offset, len).map_err(export_error)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ExportError> {
-        Volume::write_zeroes(self, offset, len).map_err(export_error)
+        self.device.write_zeroes(offset, len).map_err(export_error)
     }
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
-        Ok(Volume::extents(self, offset, len)
+        Ok(self
+            .device
+            .extents(offset, len)
             .map_err(export_error)?
             .into_iter()
             .map(|e| Extent {
@@ -90,11 +93,10 @@ impl Export for Volume {
             .collect())
     }
     fn can_fast_zero(&self) -> bool {
-        // Zeroing marks whole blocks unwritten in metadata instead of writing data blocks.
-        true
+        self.device.zeroing_is_cheap()
     }
     fn description(&self) -> String {
-        format!("blockguard volume {}", self.name())
+        format!("blockguard volume {}", self.device.name())
     }
 }
 
@@ -119,5 +121,16 @@ mod tests {
             "{msg}"
         );
         assert_eq!(msg.matches(&shown_cause).count(), 1, "{msg}");
+    }
+
+    #[test]
+    fn a_full_disk_is_no_space_for_the_client() {
+        let e = blockguard::Error::Io {
+            volume: "v.bgv".into(),
+            during: "writing data",
+            offset: 0,
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        assert_eq!(export_error(e).kind, ExportErrorKind::NoSpace);
     }
 }

@@ -7,7 +7,8 @@
 //! - [`proto`]: wire constants and byte helpers (NetworkBlockDevice/nbd `doc/proto.md`).
 //! - [`handshake`]: the fixed-newstyle negotiation as an I/O-free state machine.
 //! - [`transmission`]: request parsing, validation, execution and reply encoding, I/O-free.
-//! - [`export`]: the [`Export`] trait the protocol serves, an in-memory export, group flush.
+//! - [`export`]: the [`Export`] trait the protocol serves and an in-memory export for tests;
+//!   [`DeviceExport`] serves any engine [`blockguard::BlockDevice`] through it.
 //! - [`server`]: sockets, per-connection reader threads, the shared worker pool, shutdown.
 //! - [`buffers`]: recycled I/O buffers; [`pool`]: the adaptive worker pool.
 //! - [`client`]: a minimal blocking client for tests and diagnostics.
@@ -23,6 +24,7 @@ mod budget;
 pub mod buffers;
 pub mod client;
 mod conns;
+mod device;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -33,9 +35,8 @@ pub mod server;
 pub mod spin;
 mod stream;
 pub mod transmission;
-mod volume;
 
-pub use export::{Export, ExportError, ExportErrorKind, Extent, GroupFlush, MemoryExport};
+pub use device::{export_error, DeviceExport};
+pub use export::{Export, ExportError, ExportErrorKind, Extent, MemoryExport};
 pub use handshake::{Negotiated, ReplyMode};
 pub use server::{shutdown_on_signals, ListenAddr, Server, ServerConfig, ServerError, ShutdownHandle};
-pub use volume::export_error;

@@ -16,7 +16,7 @@
 use crate::budget::Budget;
 use crate::buffers::{BufferPool, Payload};
 use crate::conns::{Activity, Clock, ConnTable, Limits};
-use crate::export::{Export, GroupFlush};
+use crate::export::Export;
 use crate::handshake::{Event, ExportInfo, Handshake, HandshakeConfig};
 use crate::pool::{Job, Pool, Submitter};
 use crate::proto;
@@ -264,7 +264,7 @@ impl Server {
         Ok(Server {
             listener,
             addr: actual,
-            export: Arc::new(GroupFlush::new(export)),
+            export,
             cfg,
             shutdown,
         })
@@ -326,14 +326,14 @@ impl Server {
                 ..SpinConfig::for_cores(cores)
             },
             spinners: Spinners::default(),
-            conns: ConnTable::new(
+            conns: Arc::new(ConnTable::new(
                 Limits {
                     max: self.cfg.max_connections,
                     handshake: self.cfg.handshake_timeout,
                     idle: self.cfg.idle_timeout,
                 },
                 Arc::new(Clock::new()),
-            ),
+            )),
             budget: Arc::new(Budget::new(self.cfg.max_total_inflight_bytes)),
             shutdown: self.shutdown.clone(),
             failed: Arc::new(Failed::default()),
@@ -452,7 +452,7 @@ struct Shared {
     spin: SpinConfig,
     spinners: Spinners,
     /// Every live connection, with the limits on them.
-    conns: ConnTable,
+    conns: Arc<ConnTable>,
     /// Memory for requests in flight, all connections together.
     budget: Arc<Budget>,
     shutdown: ShutdownHandle,
@@ -485,7 +485,12 @@ impl Shared {
                 if served.is_err() {
                     shared.failed.record("serving a connection", 0);
                 }
-                shared.conns.remove(id);
+                // Let go of the export before the table says this connection ended: shutdown
+                // waits for an empty table and then expects to hold the last reference, to
+                // close the volume cleanly.
+                let table = Arc::clone(&shared.conns);
+                drop(shared);
+                table.remove(id);
             });
         if let Err(e) = spawned {
             self.conns.remove(id);
@@ -616,9 +621,11 @@ impl Shared {
             match hs.feed(&buf) {
                 Ok(Event::Continue) => {}
                 Ok(Event::Transmission(n)) => {
+                    // Before the client can see the handshake end: from then on it is a
+                    // client in transmission, never evicted as a stalled handshake.
+                    activity.start_transmission(self.conns.clock());
                     w.write_all(&hs.take_output())?;
                     reader.get_ref().set_read_timeout(None)?;
-                    activity.start_transmission(self.conns.clock());
                     return Ok(Some(n));
                 }
                 Ok(Event::Close) => {

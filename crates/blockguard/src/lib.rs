@@ -4,7 +4,8 @@
 //! - [`blockguard_backend`]: where bytes live (file, block device, memory, fault simulator);
 //! - [`tag`]: tag profiles that generate and verify a block's tag;
 //! - [`format`]: the on-disk layout (superblocks, geometry, metadata blocks);
-//! - [`Volume`]: the engine — verified reads, crash-consistent writes, flush, discard.
+//! - [`Volume`]: the engine — verified reads, crash-consistent writes, flush, discard;
+//! - [`BlockDevice`]: what the frontends (NBD server, FUSE file) serve.
 //!
 //! ```
 //! use blockguard::{FormatOptions, Volume};
@@ -21,12 +22,14 @@
 //! assert_eq!(&buf, b"hello");
 //! ```
 
+pub mod device;
 pub mod error;
 pub mod format;
 pub mod tag;
 mod volume;
 
 pub use blockguard_backend;
+pub use device::{BlockDevice, ErrorClass, OwnedBuf};
 pub use error::{CorruptionKind, Error, Result};
 pub use format::{Geometry, Mode, Superblock};
 pub use tag::Profile;

@@ -11,7 +11,9 @@
 mod bitmaps;
 mod cache;
 mod commit;
+mod device;
 mod group;
+mod group_commit;
 mod inspect;
 mod meta_io;
 mod open;
@@ -191,6 +193,8 @@ pub(crate) struct Inner {
     /// Set by writers when the stage is full, to wake the committer thread.
     kick: Mutex<bool>,
     kick_cv: Condvar,
+    /// Concurrent flushes share one commit and backend flush.
+    flushes: group_commit::FlushSequence,
     stopping: AtomicBool,
     /// A committer thread runs (read-write volumes with `background_commit`).
     background: bool,
@@ -210,6 +214,10 @@ pub(crate) struct Stats {
     metadata_rereads: AtomicU64,
     /// Reads whose first verification failed but a careful second look passed.
     reads_retried: AtomicU64,
+    /// Calls of `flush` on a writable volume.
+    flush_calls: AtomicU64,
+    /// Commit-and-flush rounds run for them.
+    flush_rounds: AtomicU64,
 }
 
 /// A snapshot of the engine's counters.
@@ -222,6 +230,11 @@ pub struct VolumeStats {
     /// Reads whose first verification failed but passed when looked at again with commits
     /// excluded (a commit racing the read, or a transient read fault).
     pub reads_retried: u64,
+    /// Calls of [`Volume::flush`] on a writable volume.
+    pub flush_calls: u64,
+    /// Commit-and-flush rounds run for those calls: fewer when concurrent callers shared one
+    /// (group commit).
+    pub flush_rounds: u64,
 }
 
 impl std::fmt::Debug for Volume {
@@ -246,15 +259,27 @@ impl Inner {
     /// on) instead of carrying on as if nothing happened.
     pub(crate) fn lock<'a, T>(&self, m: &'a Mutex<T>) -> MutexGuard<'a, T> {
         m.lock().unwrap_or_else(|poisoned| {
-            let what = std::any::type_name::<T>();
-            if self.failure.get().is_none() {
-                tracing::error!(volume = %self.name, lock = what, "a thread panicked while holding a lock of the engine: failing the volume");
-            }
-            self.fail(format!(
-                "a thread panicked while holding a lock of the engine ({what}): its state may be inconsistent"
-            ));
+            self.fail_poisoned::<T>();
             poisoned.into_inner()
         })
+    }
+
+    /// Waits on `cv`, failing the volume like [`Inner::lock`] if the lock comes back poisoned.
+    pub(crate) fn wait<'a, T>(&self, cv: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+        cv.wait(guard).unwrap_or_else(|poisoned| {
+            self.fail_poisoned::<T>();
+            poisoned.into_inner()
+        })
+    }
+
+    fn fail_poisoned<T>(&self) {
+        let what = std::any::type_name::<T>();
+        if self.failure.get().is_none() {
+            tracing::error!(volume = %self.name, lock = what, "a thread panicked while holding a lock of the engine: failing the volume");
+        }
+        self.fail(format!(
+            "a thread panicked while holding a lock of the engine ({what}): its state may be inconsistent"
+        ));
     }
 }
 
@@ -290,7 +315,7 @@ impl Inner {
             {
                 let mut kick = self.lock(&self.kick);
                 while !*kick {
-                    kick = self.kick_cv.wait(kick).unwrap_or_else(|e| e.into_inner());
+                    kick = self.wait(&self.kick_cv, kick);
                 }
                 *kick = false;
             }
@@ -506,6 +531,8 @@ impl Volume {
         VolumeStats {
             metadata_rereads: self.inner.stats.metadata_rereads.load(Ordering::Relaxed),
             reads_retried: self.inner.stats.reads_retried.load(Ordering::Relaxed),
+            flush_calls: self.inner.stats.flush_calls.load(Ordering::Relaxed),
+            flush_rounds: self.inner.stats.flush_rounds.load(Ordering::Relaxed),
         }
     }
 

@@ -270,6 +270,7 @@ impl Volume {
             failure: std::sync::OnceLock::new(),
             kick: Mutex::new(false),
             kick_cv: Condvar::new(),
+            flushes: Default::default(),
             stopping: AtomicBool::new(false),
             background: opts.background_commit && !read_only,
             cache: MetaCache::new((opts.cache_bytes / group_bytes).max(1)),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 /// A write request's bytes, shared by all of its staged blocks. Buffers handed over with
 /// `Volume::write_owned` are kept as they are (no copy); the engine drops its reference once
 /// the blocks' data has reached the backend.
-pub(crate) type SharedBuf = Arc<dyn AsRef<[u8]> + Send + Sync>;
+pub(crate) type SharedBuf = crate::device::OwnedBuf;
 
 /// The bytes of a shared buffer.
 pub(crate) fn bytes(buf: &SharedBuf) -> &[u8] {

@@ -191,19 +191,4 @@ impl Inner {
         }
         self.commit_if_full()
     }
-
-    /// Makes every write that completed before this call durable.
-    pub(crate) fn flush(&self) -> Result<()> {
-        if self.read_only {
-            return Ok(());
-        }
-        let mut state = self.lock(&self.commit);
-        self.failed()?;
-        self.commit_locked(&mut state)?;
-        self.flush_locked(&mut state)?;
-        // Everything committed is durable now: no group is unsettled any more.
-        self.clear_session_if_due(self.dirty_clear_interval, false)?;
-        // Acknowledged writes that could not be kept: this flush cannot promise them.
-        self.lost_writes(&state)
-    }
 }
