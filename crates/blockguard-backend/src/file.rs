@@ -218,13 +218,16 @@ impl std::fmt::Debug for AlignedBuf {
 
 /// A [`Backend`] on a regular file or a block device.
 ///
-/// The lock taken at open is held until the backend is dropped (it belongs to the open file
-/// description, which closes with it).
+/// The lock taken at open is held until the backend is dropped, which releases it explicitly:
+/// a lock belongs to the open file description, which a process forked by this one (any
+/// `Command`) shares until its `exec`, so closing the file alone could leave it held a moment
+/// longer.
 #[derive(Debug)]
 pub struct FileBackend {
     file: File,
-    /// For a loop device: its backing file, held open only for the lock on it.
-    _backing_lock: Option<File>,
+    /// For a loop device: the files under it (its backing file, and theirs when loop devices
+    /// are stacked), held open only for the locks on them.
+    _backing_locks: Vec<File>,
     path: PathBuf,
     len: u64,
     block_device: bool,
@@ -325,10 +328,10 @@ impl FileBackend {
         lock(&file, path, opts.lock).map_err(cleanup)?;
         // A loop device is another name for its backing file: lock that too, so the volume
         // cannot be opened for writing through both names at once (each lock is per inode).
-        let backing_lock = if block_device {
-            lock_loop_backing_file(&meta, path, opts.lock).map_err(cleanup)?
+        let backing_locks = if block_device {
+            lock_loop_backing_files(&meta, path, opts.lock).map_err(cleanup)?
         } else {
-            None
+            Vec::new()
         };
 
         let len = if let Some(len) = create_len {
@@ -365,7 +368,7 @@ impl FileBackend {
 
         let backend = FileBackend {
             file,
-            _backing_lock: backing_lock,
+            _backing_locks: backing_locks,
             path: path.to_path_buf(),
             len,
             block_device,
@@ -547,46 +550,69 @@ impl FileBackend {
     }
 }
 
+impl Drop for FileBackend {
+    fn drop(&mut self) {
+        // Best effort: the close that follows releases the locks anyway, only maybe later.
+        for f in std::iter::once(&self.file).chain(&self._backing_locks) {
+            let _ = rustix::fs::flock(f, FlockOperation::Unlock);
+        }
+    }
+}
+
 /// Regular files and block devices are the only fixed-length stores we accept.
 fn is_file_or_device(meta: &std::fs::Metadata) -> bool {
     meta.is_file() || meta.file_type().is_block_device()
 }
 
 /// Takes the advisory lock without waiting.
-/// The backing file of the loop device `meta` describes, locked like the device itself.
-/// `None` for other devices, for a loop device without a file, or with `LockMode::None`.
-fn lock_loop_backing_file(
+/// Loop devices stacked on loop devices are followed at most this deep (the kernel refuses
+/// cycles; this bounds a pathological stack).
+const MAX_LOOP_CHAIN: usize = 16;
+
+/// The files a loop device `meta` describes stands on — its backing file, and if that is a
+/// loop device itself, that one's, and so on — each locked like the device itself and held
+/// open for the lock. Empty for other devices, or with `LockMode::None`.
+fn lock_loop_backing_files(
     meta: &std::fs::Metadata,
     path: &Path,
     mode: LockMode,
-) -> Result<Option<File>, OpenError> {
+) -> Result<Vec<File>, OpenError> {
     use std::os::unix::fs::MetadataExt;
+    let mut held = Vec::new();
     if mode == LockMode::None {
-        return Ok(None);
+        return Ok(held);
     }
-    let dev = meta.rdev();
-    let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
-    let sys = format!("/sys/dev/block/{major}:{minor}/loop/backing_file");
-    let Ok(backing) = std::fs::read_to_string(&sys) else {
-        return Ok(None);
-    };
-    let backing = PathBuf::from(backing.trim_end_matches('\n'));
-    let Ok(file) = File::open(&backing) else {
-        // The backing file was deleted (the loop device keeps it alive): nothing else can
-        // open it by name either.
-        return Ok(None);
-    };
-    lock(&file, &backing, mode).map_err(|e| match e {
-        OpenError::Locked { .. } => OpenError::Locked {
-            path: PathBuf::from(format!(
-                "{} (a loop device over {}, which is in use)",
-                path.display(),
-                backing.display()
-            )),
-        },
-        other => other,
-    })?;
-    Ok(Some(file))
+    let mut dev = meta.rdev();
+    while held.len() < MAX_LOOP_CHAIN {
+        let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+        let sys = format!("/sys/dev/block/{major}:{minor}/loop/backing_file");
+        let Ok(backing) = std::fs::read_to_string(&sys) else {
+            break;
+        };
+        let backing = PathBuf::from(backing.trim_end_matches('\n'));
+        let Ok(file) = File::open(&backing) else {
+            // The backing file was deleted (the loop device keeps it alive): nothing else can
+            // open it by name either.
+            break;
+        };
+        lock(&file, &backing, mode).map_err(|e| match e {
+            OpenError::Locked { .. } => OpenError::Locked {
+                path: PathBuf::from(format!(
+                    "{} (a loop device over {}, which is in use)",
+                    path.display(),
+                    backing.display()
+                )),
+            },
+            other => other,
+        })?;
+        let next = file.metadata().ok().filter(|m| m.file_type().is_block_device());
+        held.push(file);
+        match next {
+            Some(m) => dev = m.rdev(),
+            None => break,
+        }
+    }
+    Ok(held)
 }
 
 fn lock(file: &File, path: &Path, mode: LockMode) -> Result<(), OpenError> {
@@ -1494,5 +1520,61 @@ mod tests {
         d.read_at(&mut r, 1 << 20).unwrap();
         assert!(r[..100].iter().all(|&x| x == 0x5a));
         assert!(r[100..].iter().all(|&x| x == 0));
+    }
+
+    /// Attaches `target` to a free loop device; `None` (test skipped) where that is impossible.
+    fn attach_loop(target: &Path) -> Option<LoopDevice> {
+        if !rustix::process::geteuid().is_root() {
+            println!("skipped: loop devices need root");
+            return None;
+        }
+        match Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(target)
+            .output()
+        {
+            Ok(o) if o.status.success() => Some(LoopDevice(PathBuf::from(
+                String::from_utf8_lossy(&o.stdout).trim(),
+            ))),
+            Ok(o) => {
+                println!(
+                    "skipped: losetup failed: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                println!("skipped: losetup not available: {e}");
+                None
+            }
+        }
+    }
+
+    /// A loop device over a loop device over a file is a third name for the same storage:
+    /// every name locks every other out, whichever is opened first.
+    #[test]
+    fn stacked_loop_devices_lock_the_whole_chain() {
+        let dir = scratch();
+        let img = dir.path().join("img");
+        std::fs::File::create(&img).unwrap().set_len(4 << 20).unwrap();
+        let Some(lower) = attach_loop(&img) else { return };
+        let Some(upper) = attach_loop(&lower.0) else {
+            return;
+        };
+        let names = [img.as_path(), lower.0.as_path(), upper.0.as_path()];
+        for first in names {
+            let held = FileBackend::open(first, &rw()).unwrap();
+            for other in names.into_iter().filter(|&p| p != first) {
+                let err = FileBackend::open(other, &rw()).map(|_| ()).unwrap_err();
+                assert!(
+                    matches!(err, OpenError::Locked { .. }),
+                    "{} opened while {} was: {err}",
+                    other.display(),
+                    first.display()
+                );
+            }
+            drop(held);
+        }
+        drop(upper);
     }
 }

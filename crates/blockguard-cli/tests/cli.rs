@@ -236,16 +236,16 @@ fn format_creates_a_sparse_file_with_the_documented_layout() {
     assert_eq!(g["data_blocks"], 16384);
     assert_eq!(g["groups"], 16384u64.div_ceil(496));
     assert_eq!(
-        g["first_group_offset"], 8192,
-        "the superblock region, then the group bitmaps"
+        g["first_group_offset"], 16384,
+        "the superblock region, then a 4 KiB region per group bitmap"
     );
     let len = t.len("v.bgv");
     assert_eq!(g["backing_len"], len);
     assert_eq!(g["backup_sb_offset"], len - 4096);
     // Data end: 33 full groups of (2 + 496) blocks, then 2 + 16 blocks, after the superblock
-    // region and the bitmaps; then the written map's second copy (one sector), the backup.
-    let data_end: u64 = 8192 + 33 * 498 * 4096 + (2 + 16) * 4096;
-    assert_eq!(len, (data_end + 512).next_multiple_of(4096) + 4096);
+    // region and the bitmaps; then the bitmaps' second copies (4 KiB each), the backup.
+    let data_end: u64 = 16384 + 33 * 498 * 4096 + (2 + 16) * 4096;
+    assert_eq!(len, data_end.next_multiple_of(4096) + 3 * 4096 + 4096);
     assert!(
         fs::metadata(t.path("v.bgv")).unwrap().blocks() * 512 <= 1 << 20,
         "format wrote more than the superblocks"
@@ -254,7 +254,7 @@ fn format_creates_a_sparse_file_with_the_documented_layout() {
     for (copy, off) in sb_offsets(len).into_iter().enumerate() {
         let sb = t.read_at("v.bgv", off, 4096);
         assert_eq!(&sb[..8], b"BLKGUARD");
-        assert_eq!(le32(&sb, 8), 2, "version");
+        assert_eq!(le32(&sb, 8), 3, "version");
         assert_eq!(sb[65] as usize, copy, "copy index");
         assert_eq!(le32(&sb, 508), crc32c(&sb[..508]));
         assert!(sb[512..].iter().all(|&b| b == 0));
@@ -357,8 +357,8 @@ fn format_with_512_byte_blocks() {
     assert_eq!(g["groups"], 2048u64.div_ceil(62));
     assert_eq!(
         g["first_group_offset"],
-        4096 + 3 * 512,
-        "the superblock region, then one sector of each of the three group bitmaps"
+        4096 + 3 * 4096,
+        "the superblock region, then a 4 KiB region for each of the three group bitmaps"
     );
     let d = t
         .run(&["dump", "v.bgv", "--block", "63", "--json"])
@@ -366,9 +366,9 @@ fn format_with_512_byte_blocks() {
         .json();
     let l = &d["blocks"][0]["location"];
     assert_eq!((l["group"].as_u64(), l["index"].as_u64()), (Some(1), Some(1)));
-    assert_eq!(l["data_offset"], 5632 + 64 * 512 + 3 * 512);
-    assert_eq!(l["meta_offsets"][0], 5632 + 64 * 512);
-    assert_eq!(l["meta_offsets"][1], 5632 + 65 * 512);
+    assert_eq!(l["data_offset"], 16384 + 64 * 512 + 3 * 512);
+    assert_eq!(l["meta_offsets"][0], 16384 + 64 * 512);
+    assert_eq!(l["meta_offsets"][1], 16384 + 65 * 512);
     assert_eq!(l["tag_offset_in_meta"], 16 + 8);
     // Unaligned import and export work on 512-byte blocks too.
     let raw = random_bytes(300_001, 3);
@@ -529,7 +529,7 @@ fn info_and_dump_report_superblock_geometry_and_tags() {
     let f = t.format("v.bgv", &["--size", "8M", "--label", "test-label"]);
     let len = t.len("v.bgv");
     let j = t.info("v.bgv");
-    assert_eq!(j["version"], 2);
+    assert_eq!(j["version"], 3);
     assert_eq!(j["uuid"], f["uuid"]);
     assert_eq!(j["label"], "test-label");
     assert_eq!(j["size"], 8 << 20);
@@ -548,20 +548,20 @@ fn info_and_dump_report_superblock_geometry_and_tags() {
     assert_eq!(g["group_blocks"], 496);
     assert_eq!(g["data_blocks"], 2048);
     assert_eq!(g["groups"], 5);
-    assert_eq!(g["first_group_offset"], 8192);
+    assert_eq!(g["first_group_offset"], 16384);
     assert_eq!(g["backing_len"], len);
     assert_eq!(g["backup_sb_offset"], len - 4096);
     let uuid = f["uuid"].as_str().unwrap();
     assert_eq!(uuid.len(), 36);
     assert_eq!(uuid.matches('-').count(), 4);
     t.run(&["info", "v.bgv"]).code(0).out_has(&[
-        "format:        blockguard v2",
+        "format:        blockguard v3",
         &format!("uuid:          {uuid}"),
         "label:         test-label",
         "size:          8388608 bytes (2048 blocks of 4096 bytes)",
         "mode:          dual",
         "tag profile:   crc32c (8 bytes per block)",
-        "groups:        5 of 496 data blocks + 2 metadata blocks, first at byte 8192",
+        "groups:        5 of 496 data blocks + 2 metadata blocks, first at byte 16384",
         &format!("backup superblock at byte {}", len - 4096),
         "features:      compat 0x0 ro_compat 0x0 incompat 0x0",
     ]);
@@ -576,7 +576,7 @@ fn info_and_dump_report_superblock_geometry_and_tags() {
     assert_eq!(l["block"], 497);
     assert_eq!(l["group"], 1);
     assert_eq!(l["index"], 1);
-    let group1 = 8192 + 498 * 4096;
+    let group1 = 16384 + 498 * 4096;
     assert_eq!(l["meta_offsets"], serde_json::json!([group1, group1 + 4096]));
     assert_eq!(l["data_offset"], group1 + (2 + 1) * 4096);
     assert_eq!(l["tag_offset_in_meta"], 16 + 8);
@@ -617,14 +617,14 @@ fn info_and_dump_report_superblock_geometry_and_tags() {
     }
     assert_eq!(d["blocks"][2]["slots"][0]["tag"], "unwritten");
     t.run(&["dump", "v.bgv", "--block", "0"]).code(0).out_has(&[
-        "block 0: group 0 index 0, data at byte 16384, tags at bytes 8208 and 12304 (metadata sector 0)",
-        "slot 0, sector at byte 8192: valid, generation 1, tag ",
-        "slot 1, sector at byte 12288: valid, generation 0, tag unwritten",
+        "block 0: group 0 index 0, data at byte 24576, tags at bytes 16400 and 20496 (metadata sector 0)",
+        "slot 0, sector at byte 16384: valid, generation 1, tag ",
+        "slot 1, sector at byte 20480: valid, generation 0, tag unwritten",
         "a read accepts: ",
     ]);
     // Each 512-byte metadata sector on disk: magic, checksum seeded with
     // uuid ‖ group ‖ sector index ‖ slot, generation.
-    for (slot, at, generation) in [(0u8, 8192, 1u64), (1, 12288, 0)] {
+    for (slot, at, generation) in [(0u8, 16384, 1u64), (1, 20480, 0)] {
         let m = t.read_at("v.bgv", at, 4096);
         for k in 0..8u32 {
             let s = &m[k as usize * 512..(k as usize + 1) * 512];
@@ -941,7 +941,7 @@ fn a_superblock_from_a_newer_version_is_refused() {
     let t = T::new();
     t.format("v.bgv", &["--size", "4M"]);
     for copy in 0..2 {
-        patch_superblock_u32(&t, "v.bgv", copy, 8, 3);
+        patch_superblock_u32(&t, "v.bgv", copy, 8, 4);
     }
     t.raw("raw", &random_bytes(4096, 20));
     let before = t.read("v.bgv");
@@ -953,7 +953,7 @@ fn a_superblock_from_a_newer_version_is_refused() {
     ] {
         t.run(args)
             .code(2)
-            .err_has(&["format version 3 is not supported", "reads version 2"]);
+            .err_has(&["format version 4 is not supported", "reads version 3"]);
     }
     assert!(t.read("v.bgv") == before, "a refused open modified the volume");
     // An unknown incompatible feature is refused the same way.
@@ -974,12 +974,12 @@ fn a_superblock_from_a_newer_version_is_refused() {
 fn regression_one_newer_copy_is_not_downgraded() {
     let t = T::new();
     t.format("v.bgv", &["--size", "4M"]);
-    patch_superblock_u32(&t, "v.bgv", 0, 8, 3);
+    patch_superblock_u32(&t, "v.bgv", 0, 8, 4);
     t.raw("raw", &random_bytes(4096, 14));
     t.run(&["import", "raw", "v.bgv"])
         .code(2)
-        .err_has(&["format version 3 is not supported"]);
-    assert_eq!(le32(&t.read_at("v.bgv", 0, 512), 8), 3);
+        .err_has(&["format version 4 is not supported"]);
+    assert_eq!(le32(&t.read_at("v.bgv", 0, 512), 8), 4);
 }
 
 #[test]

@@ -329,3 +329,65 @@ fn signals_stop_the_server_when_its_stderr_is_full() {
     let status = stop_within(&mut srv.child, "TERM", Duration::from_secs(10));
     assert!(status.success(), "exit status {status}");
 }
+
+/// Detaches a loop device on drop.
+struct LoopDev(String);
+
+impl LoopDev {
+    fn attach(target: &std::path::Path) -> Option<LoopDev> {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(target)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "skipped: losetup: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(LoopDev(String::from_utf8_lossy(&out.stdout).trim().to_string()))
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["--detach", &self.0])
+            .status();
+    }
+}
+
+/// A loop device over a loop device over the volume's file is the same storage under a third
+/// name: while the file is served, serving either device is refused (two writers corrupt it).
+#[test]
+fn a_volume_served_is_locked_through_stacked_loop_devices() {
+    if !nix_is_root() {
+        eprintln!("skipped: loop devices need root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vol = make_volume(dir.path(), "v.bgv", "8M");
+    let Some(lower) = LoopDev::attach(&vol) else {
+        return;
+    };
+    let Some(upper) = LoopDev::attach(std::path::Path::new(&lower.0)) else {
+        return;
+    };
+    let srv = Served::start(&vol, &[]);
+    for dev in [&upper.0, &lower.0] {
+        let sock = dir.path().join("other.sock");
+        let out = run_any(BIN, &["serve", dev, "--socket", sock.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{dev} served alongside {}", vol.display());
+        assert!(err.contains("in use"), "{dev}: {err}");
+    }
+    drop(srv);
+    drop(upper);
+}
+
+fn nix_is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}

@@ -51,19 +51,19 @@ struct Golden {
     written: usize,
 }
 
-const V2: [Golden; 2] = [
+const V3: [Golden; 2] = [
     Golden {
-        file: "v2-512.bgv",
-        label: "golden-v2-512",
-        uuid: "16746552-1d7e-2273-6c30-d317543044ff",
+        file: "v3-512.bgv",
+        label: "golden-v3-512",
+        uuid: "7eef59a5-2195-2c5c-17fb-252c69e7374f",
         block_size: 512,
         size: 64 << 10,
         written: 40 * 512,
     },
     Golden {
-        file: "v2-4096.bgv",
-        label: "golden-v2-4096",
-        uuid: "b70d2150-aa27-657e-6c3a-46768dbc7e7d",
+        file: "v3-4096.bgv",
+        label: "golden-v3-4096",
+        uuid: "cae5d6ae-717c-2b3f-03e8-ce95b9ace3bd",
         block_size: 4096,
         size: 256 << 10,
         written: 20 * 4096,
@@ -71,13 +71,13 @@ const V2: [Golden; 2] = [
 ];
 
 #[test]
-fn version_2_images_open_verify_and_read_byte_for_byte() {
-    for g in &V2 {
+fn version_3_images_open_verify_and_read_byte_for_byte() {
+    for g in &V3 {
         let img = image(g.file);
         let vol = Volume::open(Arc::new(MemoryBackend::from_vec(img.clone())), &read_only())
             .unwrap_or_else(|e| panic!("{}: {e}", g.file));
         let sb = vol.superblock();
-        assert_eq!(sb.version, 2, "{}", g.file);
+        assert_eq!(sb.version, 3, "{}", g.file);
         assert_eq!(sb.label, g.label);
         assert_eq!(sb.uuid, uuid(g.uuid));
         assert_eq!((sb.mode, sb.profile), (Mode::Dual, Profile::Crc32c));
@@ -110,19 +110,25 @@ fn version_2_images_open_verify_and_read_byte_for_byte() {
 }
 
 #[test]
-fn a_version_1_image_is_refused_with_the_way_out() {
-    let img = image("v1-512.bgv");
-    let before = img.clone();
-    let backend = Arc::new(MemoryBackend::from_vec(img));
-    for opts in [read_only(), OpenOptions::default()] {
-        match Volume::open(backend.clone(), &opts) {
-            Err(Error::Unsupported { detail, .. }) => {
-                assert!(detail.contains("format version 1 is not supported"), "{detail}");
-                assert!(detail.contains("export") && detail.contains("import"), "{detail}");
+fn version_1_and_2_images_are_refused_with_the_way_out() {
+    for (file, version) in [("v1-512.bgv", 1), ("v2-512.bgv", 2), ("v2-4096.bgv", 2)] {
+        let img = image(file);
+        let before = img.clone();
+        let backend = Arc::new(MemoryBackend::from_vec(img));
+        for opts in [read_only(), OpenOptions::default()] {
+            match Volume::open(backend.clone(), &opts) {
+                Err(Error::Unsupported { detail, .. }) => {
+                    let says = format!("format version {version} is not supported");
+                    assert!(detail.contains(&says), "{file}: {detail}");
+                    assert!(
+                        detail.contains("export") && detail.contains("import"),
+                        "{file}: {detail}"
+                    );
+                }
+                Err(e) => panic!("{file}: {e}"),
+                Ok(_) => panic!("{file} opened"),
             }
-            Err(e) => panic!("a v1 volume: {e}"),
-            Ok(_) => panic!("a v1 volume opened"),
         }
+        assert!(backend.snapshot() == before, "refusing {file} changed it");
     }
-    assert!(backend.snapshot() == before, "refusing a v1 volume changed it");
 }

@@ -471,7 +471,7 @@ fn superblock_layout_is_as_documented() {
     let le64 = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
     let le16 = |at: usize| u16::from_le_bytes(b[at..at + 2].try_into().unwrap());
     assert_eq!(&b[0..8], b"BLKGUARD");
-    assert_eq!(le32(8), 2);
+    assert_eq!(le32(8), 3);
     assert_eq!(le32(12), 512);
     assert_eq!((le64(16), le64(24), le64(32)), (0x11, 0x22, 0));
     assert_eq!(&b[40..56], &uuid);
@@ -482,11 +482,11 @@ fn superblock_layout_is_as_documented() {
     assert_eq!(le64(72), 1 << 30);
     assert_eq!(le64(80), 262_144);
     assert_eq!(le64(88), 529);
-    // Group 0 follows the superblock region and one sector of each group bitmap; the second
-    // copy of the written-groups map precedes the backup superblock.
-    assert_eq!(le64(96), 8192);
-    assert_eq!(le64(104), 1_078_091_776);
-    assert_eq!(le64(112), 1_078_087_680);
+    // Group 0 follows the superblock region and the head copies of the three group bitmaps
+    // (4 KiB each); their tail copies precede the backup superblock.
+    assert_eq!(le64(96), 16384);
+    assert_eq!(le64(104), 1_078_108_160);
+    assert_eq!(le64(112), 1_078_104_064);
     assert_eq!(le64(120), 1_700_000_000);
     assert!(b[128..164].iter().all(|&x| x == 0));
     assert_eq!(&b[164..169], b"label");

@@ -469,7 +469,10 @@ fn regression_7_a_discard_over_the_map_and_group_0_is_reported() {
         }
         vol.flush().unwrap();
         let far = 1000u64;
-        let (from, to) = (geo.data_offset(far), geo.written_map_offset(0));
+        let (from, to) = (
+            geo.data_offset(far),
+            geo.map_offset(blockguard::format::MapKind::Written, 0),
+        );
         backend.misdirect_writes_with(move |off, _| (off == from).then_some(to));
         // Long enough to cover the maps, both slots of group 0 and its first data blocks.
         let len = geo.data_offset(3) + bs as u64 - to;

@@ -1,5 +1,6 @@
 //! Where every block and tag lives: pure arithmetic over the superblock's sizes.
 
+use super::map::MapKind;
 use super::superblock::SB_REGION;
 use serde::Serialize;
 
@@ -68,9 +69,20 @@ pub struct BlockLocation {
 /// Metadata blocks per group: the two brothers.
 pub const META_PER_GROUP: u64 = 2;
 
-/// Sectors of the written-groups map for `groups` groups.
+/// Sectors of each group bitmap for `groups` groups.
 fn map_sectors(groups: u64) -> u64 {
     groups.div_ceil(super::GROUPS_PER_MAP_SECTOR)
+}
+
+/// The group bitmaps (written, dirty, first-write).
+const MAP_KINDS: u64 = 3;
+
+/// Bytes of one copy's region of one bitmap: its sectors rounded up to 4 KiB.
+fn map_region_len(groups: u64) -> Option<u64> {
+    align_up(
+        map_sectors(groups).checked_mul(super::SECTOR_SIZE as u64)?,
+        SB_REGION,
+    )
 }
 
 fn align_up(x: u64, a: u64) -> Option<u64> {
@@ -184,11 +196,13 @@ impl Geometry {
         let bs = block_size as u64;
         let n = group_blocks as u64;
         let groups = data_blocks.div_ceil(n);
-        // The written-groups map's first copy, the dirty-groups map and the first-write map lie
-        // between the primary superblock and group 0; the written map's second copy just
-        // before the backup superblock.
-        let map_len = map_sectors(groups).checked_mul(super::SECTOR_SIZE as u64)?;
-        let first = align_up(SB_REGION.checked_add(map_len.checked_mul(3)?)?, bs)?;
+        // Each of the three group bitmaps has two copies, one in the head (after the primary
+        // superblock) and one in the tail (before the backup superblock); every copy has a
+        // 4 KiB-aligned region of its own, so no single 4 KiB write, torn or misdirected, can
+        // reach two copies of one map or two maps' copies at once.
+        let region = map_region_len(groups)?;
+        let maps = region.checked_mul(MAP_KINDS)?;
+        let first = align_up(SB_REGION.checked_add(maps)?, bs)?;
         let group_len = (META_PER_GROUP + n).checked_mul(bs)?;
         let last_blocks = data_blocks - (groups - 1) * n;
         let data_end = first
@@ -198,12 +212,12 @@ impl Geometry {
         let max_len = i64::MAX as u64;
         let (backup, backing_len) = match fixed_len {
             None => {
-                let backup = align_up(data_end.checked_add(map_len)?, SB_REGION)?;
+                let backup = align_up(data_end, SB_REGION)?.checked_add(maps)?;
                 (backup, backup.checked_add(SB_REGION)?)
             }
             Some(len) => {
                 let backup = (len / SB_REGION * SB_REGION).checked_sub(SB_REGION)?;
-                if data_end.checked_add(map_len)? > backup {
+                if data_end.checked_add(maps)? > backup {
                     return None;
                 }
                 (backup, len)
@@ -224,25 +238,24 @@ impl Geometry {
         })
     }
 
-    /// Byte offset of copy `copy` (0 or 1) of the written-groups map: right after the primary
-    /// superblock region, and right before the backup superblock.
-    pub fn written_map_offset(&self, copy: usize) -> u64 {
+    /// Byte offset of copy `copy` (0 or 1) of group bitmap `kind`. The head copies follow the
+    /// primary superblock in the order written, dirty, first-write; the tail copies end right
+    /// before the backup superblock in the same order. Each copy starts on a 4 KiB boundary
+    /// and owns [`Geometry::map_region_len`] bytes.
+    pub fn map_offset(&self, kind: MapKind, copy: usize) -> u64 {
         debug_assert!(copy < 2);
+        let region = self.map_region_len();
+        let k = kind.ordinal();
         if copy == 0 {
-            SB_REGION
+            SB_REGION + k * region
         } else {
-            self.backup_sb_offset - self.map_sectors() * super::SECTOR_SIZE as u64
+            self.backup_sb_offset - (MAP_KINDS - k) * region
         }
     }
 
-    /// Byte offset of the dirty-groups map (after the written map's first copy).
-    pub fn dirty_map_offset(&self) -> u64 {
-        SB_REGION + self.map_sectors() * super::SECTOR_SIZE as u64
-    }
-
-    /// Byte offset of the first-write map (after the dirty map).
-    pub fn first_write_map_offset(&self) -> u64 {
-        SB_REGION + 2 * self.map_sectors() * super::SECTOR_SIZE as u64
+    /// Bytes reserved for one copy of one group bitmap: its sectors, rounded up to 4 KiB.
+    pub fn map_region_len(&self) -> u64 {
+        (map_sectors(self.groups) * super::SECTOR_SIZE as u64).next_multiple_of(SB_REGION)
     }
 
     /// 512-byte sectors of each group bitmap.
@@ -354,13 +367,18 @@ mod tests {
         assert_eq!(g.group_blocks, 496, "8 sectors of 62 tags");
         assert_eq!(g.data_blocks, 262144);
         assert_eq!(g.groups, 262144u64.div_ceil(496));
-        // The superblock region, then one sector of each map, rounded up to a block.
+        // The superblock region, then a 4 KiB region per map (one sector used in each).
         assert_eq!(g.map_sectors(), 1);
-        assert_eq!(g.written_map_offset(1), g.backup_sb_offset - 512);
-        assert!(g.data_offset(g.data_blocks - 1) + 4096 <= g.written_map_offset(1));
-        assert_eq!(g.first_group_offset, 8192);
-        assert_eq!(g.data_offset(0), 8192 + 2 * 4096);
-        assert_eq!(g.data_offset(496), 8192 + 498 * 4096 + 2 * 4096);
+        assert_eq!(g.map_region_len(), 4096);
+        assert_eq!(g.map_offset(MapKind::Written, 0), 4096);
+        assert_eq!(g.map_offset(MapKind::Dirty, 0), 8192);
+        assert_eq!(g.map_offset(MapKind::FirstWrite, 0), 12288);
+        assert_eq!(g.map_offset(MapKind::FirstWrite, 1), g.backup_sb_offset - 4096);
+        assert_eq!(g.map_offset(MapKind::Written, 1), g.backup_sb_offset - 3 * 4096);
+        assert!(g.data_offset(g.data_blocks - 1) + 4096 <= g.map_offset(MapKind::Written, 1));
+        assert_eq!(g.first_group_offset, 16384);
+        assert_eq!(g.data_offset(0), 16384 + 2 * 4096);
+        assert_eq!(g.data_offset(496), 16384 + 498 * 4096 + 2 * 4096);
         assert_eq!(g.tag_offset(0), 16);
         assert_eq!(g.tag_offset(61), 16 + 61 * 8);
         assert_eq!(g.tag_offset(62), 512 + 16);
@@ -380,23 +398,15 @@ mod tests {
     fn blocks_never_overlap_metadata_or_superblocks() {
         for bs in [512u32, 4096] {
             let g = Geometry::for_size(bs as u64 * 1000, bs, 8).unwrap();
-            let mut regions: Vec<(u64, u64)> = vec![
-                (0, SB_REGION),
-                (
-                    g.written_map_offset(0),
-                    g.written_map_offset(0) + g.map_sectors() * 512,
-                ),
-                (g.dirty_map_offset(), g.dirty_map_offset() + g.map_sectors() * 512),
-                (
-                    g.first_write_map_offset(),
-                    g.first_write_map_offset() + g.map_sectors() * 512,
-                ),
-                (
-                    g.written_map_offset(1),
-                    g.written_map_offset(1) + g.map_sectors() * 512,
-                ),
-                (g.backup_sb_offset, g.backing_len),
-            ];
+            let mut regions: Vec<(u64, u64)> = vec![(0, SB_REGION), (g.backup_sb_offset, g.backing_len)];
+            for kind in [MapKind::Written, MapKind::Dirty, MapKind::FirstWrite] {
+                for copy in 0..2 {
+                    let at = g.map_offset(kind, copy);
+                    assert_eq!(at % 4096, 0, "{kind:?} copy {copy} is not 4 KiB-aligned");
+                    assert!(g.map_sectors() * 512 <= g.map_region_len());
+                    regions.push((at, at + g.map_region_len()));
+                }
+            }
             for gr in 0..g.groups {
                 for s in 0..2 {
                     regions.push((g.meta_offset(gr, s), g.meta_offset(gr, s) + bs as u64));
@@ -420,7 +430,7 @@ mod tests {
                     continue;
                 };
                 assert!(g.backing_len == len);
-                assert!(g.data_offset(g.data_blocks - 1) + bs as u64 <= g.written_map_offset(1));
+                assert!(g.data_offset(g.data_blocks - 1) + bs as u64 <= g.map_offset(MapKind::Written, 1));
                 assert!(Geometry::build(bs, 8, g.group_blocks, g.data_blocks + 1, Some(len)).is_none());
             }
         }

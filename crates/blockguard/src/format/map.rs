@@ -1,20 +1,23 @@
-//! The two group bitmaps, one bit per group each, kept in 512-byte sectors that validate on
-//! their own and are rewritten in place (a sector is written atomically):
+//! The three group bitmaps, one bit per group each, kept in 512-byte sectors that validate on
+//! their own and are rewritten in place (a sector is written atomically). Each map has two
+//! copies, one after the primary superblock and one before the backup, each in a 4 KiB-aligned
+//! region of its own (see [`super::Geometry::map_offset`]); a reader merges the bits of the
+//! valid copies.
 //!
-//! - the **written-groups map** (two copies): a group's bit is set, durably before any of its
-//!   data, when the group is first written, and never cleared. A group that was never written
-//!   has all-zero metadata; a write of zeros misdirected onto a written group's metadata (and
-//!   its data) would make it look exactly like that. The map, kept apart from the groups,
+//! - the **written-groups map**: a group's bit is set, durably before any of its data, when
+//!   the group is first written, and never cleared. A group that was never written has
+//!   all-zero metadata; a write of zeros misdirected onto a written group's metadata (and its
+//!   data) would make it look exactly like that. The map, kept apart from the groups,
 //!   remembers, so such a group is reported damaged instead.
-//! - the **dirty-groups map** (one copy): a group's bit is set, and flushed, before a commit
-//!   first writes the group's metadata, and cleared once everything written to it is durable.
-//!   After a crash only the groups it marks may hold a brother describing data that never
-//!   landed; every other group is read with the strict rules, and recovery visits only them.
-//! - the **first-write map** (one copy): like the dirty map, for the groups whose *first* write
-//!   happened since the last clearing. Only they may have blank sectors a crash explains; a
-//!   blank sector anywhere else is damage, even in a dirty group.
+//! - the **dirty-groups map**: a group's bit is set, and flushed, before a commit first writes
+//!   the group's metadata, and cleared once everything written to it is durable. After a crash
+//!   only the groups it marks may hold a brother describing data that never landed; every
+//!   other group is read with the strict rules, and recovery visits only them.
+//! - the **first-write map**: like the dirty map, for the groups whose *first* write happened
+//!   since the last clearing. Only they may have blank sectors a crash explains; a blank sector
+//!   anywhere else is damage, even in a dirty group.
 //!
-//! Format writes every sector of both maps (all bits clear), so an all-zero sector is damage.
+//! Format writes every sector of every copy (all bits clear), so an all-zero sector is damage.
 
 use super::le32;
 use super::meta::{SECTOR_HEADER_SIZE, SECTOR_SIZE};
@@ -38,6 +41,15 @@ impl MapKind {
             MapKind::Written => *b"BGWM",
             MapKind::Dirty => *b"BGDM",
             MapKind::FirstWrite => *b"BGFM",
+        }
+    }
+
+    /// The map's place in the layout's order (written, dirty, first-write).
+    pub const fn ordinal(self) -> u64 {
+        match self {
+            MapKind::Written => 0,
+            MapKind::Dirty => 1,
+            MapKind::FirstWrite => 2,
         }
     }
 
@@ -74,6 +86,9 @@ pub enum MapDamage {
     StrayBits,
     /// All zero: format writes every map sector, so a blank one was wiped.
     Wiped,
+    /// Valid, but lacks groups the other copy marks (both copies get every bit before anything
+    /// depends on it, so this copy missed a write).
+    Behind,
 }
 
 impl fmt::Display for MapDamage {
@@ -86,6 +101,7 @@ impl fmt::Display for MapDamage {
             ),
             MapDamage::StrayBits => f.write_str("bits set outside the volume's groups"),
             MapDamage::Wiped => f.write_str("blank (wiped)"),
+            MapDamage::Behind => f.write_str("valid, but lacks groups the other copy marks"),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Metadata sectors: the unit in which tags are stored (format version 2).
+//! Metadata sectors: the unit in which tags are stored (since format version 2).
 //!
 //! Each group has two metadata blocks, the *brothers* (slot 0 and slot 1), each `B` bytes. A
 //! metadata block is a row of 512-byte **sectors**, and every sector validates on its own: a

@@ -1,4 +1,4 @@
-//! The on-disk format, version 2 (documented byte by byte in `docs/FORMAT.md`).
+//! The on-disk format, version 3 (documented byte by byte in `docs/FORMAT.md`).
 //!
 //! A volume is: a superblock region at offset 0, then groups of
 //! `[brother 0][brother 1][data block × N]`, and a backup superblock in the backend's last

@@ -1,22 +1,30 @@
 //! The group bitmaps as the engine uses them (format in `format/map.rs`).
 //!
-//! **Written-groups map** (two copies): which groups were ever written, so a group whose
-//! metadata reads blank is called never written only when the map agrees. Sectors are cached
-//! (bounded) and confirmed by a second read before anything is written on their word or a hole
-//! is claimed on it; a damaged sector is read from the other copy.
+//! Every map has two copies, far apart (head and tail of the volume), and every sector is
+//! read from both: the bits of the valid copies are merged (a bit is set if any valid copy sets
+//! it). Bits are only ever set by writes that reach both copies before the flush that lets
+//! anything depend on them, so a valid copy never has a bit the truth lacks — except for a
+//! session map's clearing a crash cut short, which only leaves a group marked, the safe side.
 //!
-//! **Dirty-groups map** and **first-write map** (one copy each): which groups may have a commit
-//! whose data is not durable, and which of them had their *first* write in that window. During
-//! a session their truth is in memory — only this session sets bits, after recovery at open
-//! cleared them all — so they are written, never read; they are read only after a crash, to
-//! know which groups a crash may have left unsettled (read leniently and recovered) and which
-//! may be a first write cut short (blank sectors explained).
+//! **Written-groups map**: which groups were ever written, so a group whose metadata reads
+//! blank is called never written only when the map agrees. Sectors are cached (bounded) and
+//! confirmed by a second read before anything is written on their word or a hole is claimed
+//! on it. A copy that is damaged or lacks bits the other has is reported by `check` and
+//! rewritten by recovery and by the next update of the sector.
+//!
+//! **Dirty-groups map** and **first-write map**: which groups may have a commit whose data is
+//! not durable, and which of them had their *first* write in that window. During a session
+//! their truth is in memory — only this session sets bits, after recovery at open cleared them
+//! all — so they are written, never read; they are read only after a crash, to know which
+//! groups a crash may have left unsettled (read leniently and recovered) and which may be a
+//! first write cut short (blank sectors explained). A sector with no valid copy marks nothing:
+//! leniency needs evidence, and damage to both copies is not a crash's doing.
 
 use super::Inner;
 use crate::error::Result;
 use crate::format::{
     decode_map_sector, empty_map_sector, map_bit, seal_map_sector, MapDamage, MapKind, MapParse,
-    GROUPS_PER_MAP_SECTOR, SECTOR_SIZE,
+    GROUPS_PER_MAP_SECTOR, SECTOR_HEADER_SIZE, SECTOR_SIZE,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -42,11 +50,11 @@ pub(crate) enum MapBit {
 
 #[derive(Debug)]
 struct MapSector {
-    /// The valid content (from either copy), or the first copy's bytes if none is valid.
+    /// The bits of every valid copy merged, sealed; all zero if no copy is valid.
     raw: Box<[u8]>,
     parse: MapParse,
     confirmed: bool,
-    /// Copies found damaged (for `check`).
+    /// Copies found damaged or behind the other (for `check` and repair).
     damaged_copies: Vec<(usize, MapDamage)>,
 }
 
@@ -102,12 +110,7 @@ fn damage_of(p: MapParse) -> Option<MapDamage> {
 
 impl Inner {
     fn map_offset(&self, kind: MapKind, copy: usize, index: u32) -> u64 {
-        let base = match kind {
-            MapKind::Written => self.geo.written_map_offset(copy),
-            MapKind::Dirty => self.geo.dirty_map_offset(),
-            MapKind::FirstWrite => self.geo.first_write_map_offset(),
-        };
-        base + index as u64 * SECTOR_SIZE as u64
+        self.geo.map_offset(kind, copy) + index as u64 * SECTOR_SIZE as u64
     }
 
     fn read_map_copy(
@@ -128,7 +131,52 @@ impl Inner {
         Ok((raw, parse))
     }
 
-    /// Sector `index` of the written map, from the first copy that is valid.
+    /// Sector `index` of map `kind`, from both copies: the valid copies' bits merged.
+    fn read_map_sector(&self, kind: MapKind, index: u32, confirmed: bool) -> Result<MapSector> {
+        let mut damaged = Vec::new();
+        let mut valid: Vec<(usize, Box<[u8]>)> = Vec::with_capacity(2);
+        for copy in 0..2 {
+            let (raw, parse) = self.read_map_copy(kind, copy, index, confirmed)?;
+            match damage_of(parse) {
+                None => valid.push((copy, raw)),
+                Some(why) => {
+                    tracing::warn!(volume = %self.name, map = ?kind, sector = index, copy, "group bitmap sector unusable: {why}");
+                    damaged.push((copy, why));
+                }
+            }
+        }
+        let Some(first) = valid.first() else {
+            return Ok(MapSector {
+                raw: vec![0u8; SECTOR_SIZE].into_boxed_slice(),
+                parse: MapParse::Invalid(damaged[0].1),
+                confirmed,
+                damaged_copies: damaged,
+            });
+        };
+        let mut merged = first.1.clone();
+        for (_, raw) in &valid[1..] {
+            for (m, b) in merged[SECTOR_HEADER_SIZE..]
+                .iter_mut()
+                .zip(&raw[SECTOR_HEADER_SIZE..])
+            {
+                *m |= b;
+            }
+        }
+        seal_map_sector(&mut merged, &self.sb.uuid, kind, index, &[]);
+        for (copy, raw) in &valid {
+            if raw[SECTOR_HEADER_SIZE..] != merged[SECTOR_HEADER_SIZE..] {
+                damaged.push((*copy, MapDamage::Behind));
+            }
+        }
+        Ok(MapSector {
+            raw: merged,
+            parse: MapParse::Valid,
+            confirmed,
+            damaged_copies: damaged,
+        })
+    }
+
+    /// Sector `index` of the written map (cached).
     fn written_sector(&self, index: u32, confirmed: bool) -> Result<Arc<MapSector>> {
         let mut cache = self.lock(&self.maps.written);
         if let Some(s) = cache.get(&index) {
@@ -136,36 +184,7 @@ impl Inner {
                 return Ok(s.clone());
             }
         }
-        let mut damaged = Vec::new();
-        let mut found = None;
-        for copy in 0..2 {
-            let (raw, parse) = self.read_map_copy(MapKind::Written, copy, index, confirmed)?;
-            match damage_of(parse) {
-                None => {
-                    found = Some(raw);
-                    break;
-                }
-                Some(why) => {
-                    tracing::warn!(volume = %self.name, sector = index, copy, "written-groups map sector unusable: {why}");
-                    damaged.push((copy, why));
-                }
-            }
-        }
-        let sector = match found {
-            Some(raw) => MapSector {
-                raw,
-                parse: MapParse::Valid,
-                confirmed,
-                damaged_copies: damaged,
-            },
-            None => MapSector {
-                raw: vec![0u8; SECTOR_SIZE].into_boxed_slice(),
-                parse: MapParse::Invalid(damaged[0].1),
-                confirmed,
-                damaged_copies: damaged,
-            },
-        };
-        let sector = Arc::new(sector);
+        let sector = Arc::new(self.read_map_sector(MapKind::Written, index, confirmed)?);
         if cache.len() >= CACHED_SECTORS {
             cache.clear();
         }
@@ -259,14 +278,10 @@ impl Inner {
         );
     }
 
-    /// Writes map sectors (not flushed): both copies of written-map sectors.
+    /// Writes map sectors, both copies of each (not flushed).
     pub(crate) fn write_map(&self, updates: &[MapUpdate]) -> Result<()> {
         for u in updates {
-            let copies = match u.kind {
-                MapKind::Written => 2,
-                MapKind::Dirty | MapKind::FirstWrite => 1,
-            };
-            for copy in 0..copies {
+            for copy in 0..2 {
                 self.write_sector(self.map_offset(u.kind, copy, u.index), &u.bytes)?;
             }
         }
@@ -317,7 +332,7 @@ impl Inner {
         self.lock(&self.maps.first_write.found).clear();
     }
 
-    /// Written-map sectors with a damaged copy, and what is wrong (for `check`).
+    /// Written-map sectors with a damaged copy or one behind the other, and what is wrong.
     pub(crate) fn damaged_map_sectors(&self) -> Result<Vec<(u32, usize, MapDamage)>> {
         let mut out = Vec::new();
         for index in 0..self.geo.map_sectors() as u32 {
@@ -327,10 +342,29 @@ impl Inner {
         Ok(out)
     }
 
+    /// Session-map (dirty, first-write) sectors with a damaged copy, read from the disk now
+    /// (for `check`). A copy behind the other is what a crash during a clearing leaves, and
+    /// not reported.
+    pub(crate) fn damaged_session_sectors(&self) -> Result<Vec<(MapKind, u32, usize, MapDamage)>> {
+        let mut out = Vec::new();
+        for kind in [MapKind::Dirty, MapKind::FirstWrite] {
+            for index in 0..self.geo.map_sectors() as u32 {
+                let s = self.read_map_sector(kind, index, true)?;
+                out.extend(
+                    s.damaged_copies
+                        .iter()
+                        .filter(|(_, why)| *why != MapDamage::Behind)
+                        .map(|&(copy, why)| (kind, index, copy, why)),
+                );
+            }
+        }
+        Ok(out)
+    }
+
     // ---- The session maps: dirty groups, and groups whose first write is pending ----------
 
-    /// After a crash: whether map `kind` (a session map) marks `group` — or cannot say (its
-    /// sector is damaged: then every group it covers counts as marked).
+    /// After a crash: whether map `kind` (a session map) marks `group`. A sector with no valid
+    /// copy marks nothing (see the module documentation).
     pub(crate) fn marked_after_crash(&self, kind: MapKind, group: u64) -> Result<bool> {
         let (index, i) = self.geo.map_position(group);
         let found = &self.maps.session(kind).found;
@@ -339,16 +373,10 @@ impl Inner {
             match cache.get(&index) {
                 Some(s) => s.clone(),
                 None => {
-                    let (raw, parse) = self.read_map_copy(kind, 0, index, true)?;
-                    if let Some(why) = damage_of(parse) {
-                        tracing::warn!(volume = %self.name, sector = index, "{kind:?} map sector unusable ({why}): every group it covers counts as marked");
+                    let s = Arc::new(self.read_map_sector(kind, index, true)?);
+                    if s.parse != MapParse::Valid {
+                        tracing::warn!(volume = %self.name, map = ?kind, sector = index, "no valid copy of a group bitmap sector: the groups it covers are read by the strict rules");
                     }
-                    let s = Arc::new(MapSector {
-                        raw,
-                        parse,
-                        confirmed: true,
-                        damaged_copies: Vec::new(),
-                    });
                     if cache.len() >= CACHED_SECTORS {
                         cache.clear();
                     }
@@ -357,7 +385,7 @@ impl Inner {
                 }
             }
         };
-        Ok(s.parse != MapParse::Valid || map_bit(&s.raw, i))
+        Ok(s.parse == MapParse::Valid && map_bit(&s.raw, i))
     }
 
     /// After a crash: whether `group` may have been left unsettled.
@@ -439,7 +467,9 @@ impl Inner {
             let sectors = std::mem::take(&mut self.lock(&self.maps.session(kind).bits).sectors);
             for index in sectors.keys() {
                 let bytes = empty_map_sector(&self.sb.uuid, kind, *index);
-                self.write_sector(self.map_offset(kind, 0, *index), &bytes)?;
+                for copy in 0..2 {
+                    self.write_sector(self.map_offset(kind, copy, *index), &bytes)?;
+                }
             }
         }
         Ok(())
@@ -450,7 +480,9 @@ impl Inner {
         for kind in [MapKind::Dirty, MapKind::FirstWrite] {
             for index in 0..self.geo.map_sectors() as u32 {
                 let bytes = empty_map_sector(&self.sb.uuid, kind, index);
-                self.write_sector(self.map_offset(kind, 0, index), &bytes)?;
+                for copy in 0..2 {
+                    self.write_sector(self.map_offset(kind, copy, index), &bytes)?;
+                }
             }
             let map = self.maps.session(kind);
             self.lock(&map.bits).sectors.clear();

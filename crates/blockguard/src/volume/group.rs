@@ -53,6 +53,9 @@ pub(crate) enum Damage {
     /// Every metadata sector of the group blank, although the written-groups map says the
     /// group was written (wiped metadata: its data may be gone with it).
     WrittenGroupBlank,
+    /// Every metadata sector of the group blank, and both copies of the written-groups map
+    /// sector that would say whether it was written are damaged: unknown, so not zeros.
+    BlankMapUnknown,
     /// A generation too large to ever be followed (only a forged sector holds one).
     Exhausted,
 }
@@ -74,6 +77,11 @@ impl fmt::Display for Damage {
             Damage::BothBlank => f.write_str("both metadata copies are blank although the group was written"),
             Damage::WrittenGroupBlank => f.write_str(
                 "the group's metadata is blank although the written-groups map says it was written (wiped?)",
+            ),
+            Damage::BlankMapUnknown => f.write_str(
+                "the group's metadata is blank and both copies of its written-groups map sector are \
+                 damaged, so whether it was ever written is unknown (`blockguard recover --rebuild` \
+                 rebuilds the map)",
             ),
             Damage::Exhausted => f.write_str("metadata generation counter exhausted (forged metadata)"),
         }
@@ -256,10 +264,11 @@ impl GroupState {
     }
 
     /// True if the group was never written: every sector blank, and the written-groups map
-    /// does not say otherwise. (A damaged map sector does not: a written group's own metadata
-    /// is not blank unless it is damaged too, and one fault alone must not fail reads.)
+    /// says so. A map sector with no valid copy cannot: both of its copies and the group
+    /// would have to be damaged, but returning zeros for a wiped group would be wrong data
+    /// returned silently, so such a group is reported instead (until `recover --rebuild`).
     pub fn never_written(&self) -> bool {
-        !self.any_written && self.map != MapBit::Set
+        !self.any_written && self.map == MapBit::Clear
     }
 
     /// True when the state came from a disk read not yet confirmed by a second one.
@@ -357,6 +366,8 @@ impl GroupState {
                 } else if self.torn_first_possible() {
                     // A first write cut short: the map (or another pair) landed, this pair not.
                     PairView::TornFirst { slot0: false }
+                } else if !self.any_written && matches!(self.map, MapBit::Damaged(_)) {
+                    PairView::Damaged(Damage::BlankMapUnknown)
                 } else if !self.any_written {
                     PairView::Damaged(Damage::WrittenGroupBlank)
                 } else {

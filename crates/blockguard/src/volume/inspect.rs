@@ -8,6 +8,7 @@ use super::stage::Staged;
 use super::{BlockProblem, BlockReport, Extent, Inner, SlotReport};
 use crate::error::{Error, Result};
 use crate::format::SectorParse;
+use crate::format::{MapDamage, MapKind};
 
 /// Groups whose allocation `extents` works out from one look at the stage and one query of
 /// the backend's holes.
@@ -97,7 +98,7 @@ impl Inner {
         if staged.iter().all(Option::is_none)
             && self.cached_group(group).is_none()
             && covered(zeros, region.start, region.end)
-            && self.map_bit(group, true)? != MapBit::Set
+            && self.map_bit(group, true)? == MapBit::Clear
         {
             // Metadata and data are holes and the map does not remember a write: never
             // written, and every read returns zeros.
@@ -250,7 +251,7 @@ impl Inner {
                 .map_err(self.io_err("looking for unwritten regions", region))?;
             if self.cached_group(group).is_none()
                 && covered(&zeros, region, region + two)
-                && self.map_bit(group, true)? != MapBit::Set
+                && self.map_bit(group, true)? == MapBit::Clear
             {
                 continue;
             }
@@ -271,29 +272,41 @@ impl Inner {
         Ok(problems)
     }
 
-    /// Problems of the written-groups map: damaged sectors, and (on a volume that is settled)
-    /// written groups it does not mark — either way the map could no longer tell a wiped group
-    /// from a never-written one. `recover` repairs both.
+    /// Problems of the group bitmaps: damaged copies of any map's sectors, written-map copies
+    /// behind the other, and (on a volume that is settled) written groups the written map does
+    /// not mark — the map could then no longer tell a wiped group from a never-written one.
+    /// `recover` repairs them.
     pub(crate) fn check_map(&self) -> Result<Vec<MapProblem>> {
         let per = crate::format::GROUPS_PER_MAP_SECTOR;
-        let mut problems: Vec<MapProblem> = self
+        let trusted = self.trusted.load(std::sync::atomic::Ordering::Acquire);
+        let where_ = |copy: usize| {
+            if copy == 0 {
+                "after the superblock"
+            } else {
+                "before the backup superblock"
+            }
+        };
+        let written = self
             .damaged_map_sectors()?
             .into_iter()
-            .map(|(sector, copy, why)| MapProblem {
+            // After a crash a copy may legitimately lag behind; recovery catches it up.
+            .filter(|&(_, _, why)| trusted || why != MapDamage::Behind)
+            .map(|(sector, copy, why)| (MapKind::Written, sector, copy, why));
+        let session = self.damaged_session_sectors()?;
+        let mut problems: Vec<MapProblem> = written
+            .chain(session)
+            .map(|(kind, sector, copy, why)| MapProblem {
                 sector,
                 first_group: sector as u64 * per,
                 groups: crate::format::groups_in_map_sector(sector, self.geo.groups),
                 detail: format!(
-                    "written-groups map sector, copy {copy} ({}), damaged: {why}",
-                    if copy == 0 {
-                        "after the superblock"
-                    } else {
-                        "before the backup superblock"
-                    }
+                    "{} map sector, copy {copy} ({}), damaged: {why}",
+                    map_name(kind),
+                    where_(copy)
                 ),
             })
             .collect();
-        if !self.trusted.load(std::sync::atomic::Ordering::Acquire) {
+        if !trusted {
             // After a crash the map may legitimately lag behind; recovery catches it up.
             return Ok(problems);
         }
@@ -372,5 +385,14 @@ impl Inner {
             accepted,
             staged,
         })
+    }
+}
+
+/// How `check` names a group bitmap.
+fn map_name(kind: MapKind) -> &'static str {
+    match kind {
+        MapKind::Written => "written-groups",
+        MapKind::Dirty => "dirty-groups",
+        MapKind::FirstWrite => "first-write",
     }
 }

@@ -105,27 +105,27 @@ impl Volume {
                 ),
             ));
         }
-        // Both group bitmaps, every sector written with no bit set: a blank sector found later
-        // is damage, not an empty map. Then the superblocks.
+        // Both copies of the three group bitmaps, every sector written with no bit set: a blank
+        // sector found later is damage, not an empty map. Then the superblocks. The head and
+        // tail copies each fill a contiguous, 4 KiB-aligned run of regions.
         let sectors = geo.map_sectors() as u32;
-        let mut head = Vec::with_capacity(2 * sectors as usize * SECTOR_SIZE);
-        for kind in [MapKind::Written, MapKind::Dirty, MapKind::FirstWrite] {
+        let region = geo.map_region_len() as usize;
+        let mut maps = vec![0u8; 3 * region];
+        for (k, kind) in [MapKind::Written, MapKind::Dirty, MapKind::FirstWrite]
+            .into_iter()
+            .enumerate()
+        {
+            debug_assert_eq!(kind.ordinal() as usize, k);
             for i in 0..sectors {
-                head.extend_from_slice(&empty_map_sector(&uuid, kind, i));
+                let at = k * region + i as usize * SECTOR_SIZE;
+                maps[at..at + SECTOR_SIZE].copy_from_slice(&empty_map_sector(&uuid, kind, i));
             }
         }
-        // The padding around the maps is unused: rounding the writes out to the backend's
-        // alignment (at most a block) never reaches a group.
-        head.resize(head.len().next_multiple_of(align), 0);
-        write_aligned(&*backend, &head, geo.written_map_offset(0), align)
-            .map_err(io("writing the group bitmaps", geo.written_map_offset(0)))?;
-        let tail_at = geo.written_map_offset(1);
-        let start = tail_at / align as u64 * align as u64;
-        let mut tail = vec![0u8; (tail_at - start) as usize];
-        for i in 0..sectors {
-            tail.extend_from_slice(&empty_map_sector(&uuid, MapKind::Written, i));
+        for copy in 0..2 {
+            let at = geo.map_offset(MapKind::Written, copy);
+            debug_assert_eq!(geo.map_offset(MapKind::FirstWrite, copy), at + 2 * region as u64);
+            write_aligned(&*backend, &maps, at, align).map_err(io("writing the group bitmaps", at))?;
         }
-        write_aligned(&*backend, &tail, start, align).map_err(io("writing the group bitmaps", start))?;
         backend.flush().map_err(io("flushing", 0))?;
         // Backup first: a crash before the primary lands leaves no volume rather than half of one.
         write_aligned(&*backend, &sb.encode(1), geo.backup_sb_offset, align)

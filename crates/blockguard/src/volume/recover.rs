@@ -156,14 +156,19 @@ impl Inner {
         // Written-map sectors with no valid copy are rebuilt from the groups' metadata.
         let mut rebuilt_bits: std::collections::BTreeMap<u32, Vec<u64>> = std::collections::BTreeMap::new();
         let mut repaired_copies = Vec::new();
-        if opts.rebuild_damaged {
-            for (index, _, _) in self.damaged_map_sectors()? {
-                match self.map_bit(index as u64 * crate::format::GROUPS_PER_MAP_SECTOR, true)? {
-                    MapBit::Damaged(_) => {
-                        rebuilt_bits.entry(index).or_default();
+        for (index, _, _) in self.damaged_map_sectors()? {
+            match self.map_bit(index as u64 * crate::format::GROUPS_PER_MAP_SECTOR, true)? {
+                // Only a scan of every group can say what such a sector must hold.
+                MapBit::Damaged(_) if opts.rebuild_damaged => {
+                    rebuilt_bits.entry(index).or_default();
+                }
+                MapBit::Damaged(_) => {}
+                // A copy is valid: both are rewritten with the merged bits (a crash between
+                // the two copies' writes leaves one behind, and it must not stay so).
+                _ => {
+                    if !repaired_copies.contains(&index) {
+                        repaired_copies.push(index);
                     }
-                    // One copy is intact: the other is rewritten from it.
-                    _ => repaired_copies.push(index),
                 }
             }
         }
@@ -174,7 +179,13 @@ impl Inner {
             for (k, &g) in chunk.iter().enumerate() {
                 report.groups_examined += 1;
                 let map = self.map_bit(g, true)?;
-                let written = if holes[k] && map != MapBit::Set {
+                let (index, i) = self.geo.map_position(g);
+                // Rebuilding a map sector no copy of which is valid: a blank group in it is
+                // taken as never written (that is what the user asked `--rebuild` for).
+                let rebuilding = rebuilt_bits.contains_key(&index);
+                let written = if (holes[k] && map == MapBit::Clear)
+                    || (rebuilding && !self.confirmed_group(g)?.any_written())
+                {
                     report.groups_skipped += 1;
                     false
                 } else {
@@ -182,7 +193,6 @@ impl Inner {
                     // reads blank: that is the damage the map exists to report.
                     self.recover_group(g, opts, &mut report)? || map == MapBit::Set
                 };
-                let (index, i) = self.geo.map_position(g);
                 if let Some(bits) = rebuilt_bits.get_mut(&index) {
                     if written {
                         bits.push(i);
