@@ -242,7 +242,7 @@ impl std::fmt::Debug for Volume {
         f.debug_struct("Volume")
             .field("name", &self.inner.name)
             .field("geometry", &self.inner.geo)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
