@@ -14,7 +14,7 @@
 //! Layers, each depending only on those below it:
 //! - [`blockguard_backend`]: where bytes live (file, block device, memory, fault simulator);
 //! - [`tag`]: tag profiles that generate and verify a block's tag;
-//! - [`format`]: the on-disk layout (superblocks, geometry, metadata blocks);
+//! - [`mod@format`]: the on-disk layout (superblocks, geometry, metadata blocks);
 //! - [`Volume`]: the engine — verified reads, crash-consistent writes, flush, discard;
 //! - [`BlockDevice`]: what the frontends (NBD server, FUSE file) serve.
 //!

@@ -302,7 +302,7 @@ impl Inner {
 
     /// The new metadata of every group the batch touches, the groups written for the first
     /// time, and the blocks that cannot be kept (with why).
-    #[allow(clippy::type_complexity)]
+    #[allow(clippy::type_complexity)] // Three results of one walk, each named in the doc above.
     fn plan_batch(
         &self,
         batch: &Batch,
