@@ -1,5 +1,5 @@
 //! A deterministic fault-injecting backend: the storage simulator behind the crash and
-//! corruption tests (in the spirit of TigerBeetle's and redb's simulated disks).
+//! corruption tests (in the spirit of `TigerBeetle`'s and redb's simulated disks).
 //!
 //! [`FaultBackend`] keeps two images of an in-memory disk:
 //! - the **live image**, what reads see (the page cache, in effect), and
@@ -55,7 +55,7 @@
 //! an [`InjectedFault`]; its message is `"injected fault"`.
 
 use crate::memory::zero_sectors;
-use crate::{check_range, Backend};
+use crate::{check_range, usize_of, Backend};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -63,7 +63,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::ops::Range;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// Granularity of torn writes: a write may reach the disk partially, but each 512-byte sector it
 /// touches is either entirely old or entirely new (what disks guarantee for a sector).
@@ -99,7 +99,7 @@ impl PendingWrite {
     }
 
     fn apply(&self, image: &mut [u8]) {
-        let start = self.offset as usize;
+        let start = usize_of(self.offset);
         image[start..start + self.data.len()].copy_from_slice(&self.data);
     }
 
@@ -110,8 +110,8 @@ impl PendingWrite {
         for (i, _) in mask.iter().enumerate().filter(|(_, &keep)| keep) {
             let lo = ((first + i as u64) * s).max(self.offset);
             let hi = ((first + i as u64 + 1) * s).min(self.end());
-            let d = (lo - self.offset) as usize..(hi - self.offset) as usize;
-            image[lo as usize..hi as usize].copy_from_slice(&self.data[d]);
+            let d = usize_of(lo - self.offset)..usize_of(hi - self.offset);
+            image[usize_of(lo)..usize_of(hi)].copy_from_slice(&self.data[d]);
         }
     }
 }
@@ -122,7 +122,7 @@ fn sector_count(offset: u64, len: usize) -> usize {
         return 0;
     }
     let s = SECTOR_SIZE as u64;
-    ((offset + len as u64 - 1) / s - offset / s + 1) as usize
+    usize_of((offset + len as u64 - 1) / s - offset / s + 1)
 }
 
 /// The byte ranges, relative to the start of a write of `len` bytes issued at `offset`, of the
@@ -135,7 +135,7 @@ fn kept_runs(offset: u64, len: usize, mask: &[bool]) -> Vec<Range<usize>> {
     for (k, _) in mask.iter().enumerate().filter(|(_, &keep)| keep) {
         let lo = ((first + k as u64) * s).max(offset) - offset;
         let hi = ((first + k as u64 + 1) * s - offset).min(len as u64);
-        let (lo, hi) = (lo as usize, hi as usize);
+        let (lo, hi) = (usize_of(lo), usize_of(hi));
         match runs.last_mut() {
             Some(last) if last.end == lo => last.end = hi,
             _ => runs.push(lo..hi),
@@ -603,12 +603,12 @@ impl CrashState {
 /// flipped in the live image and in every crash image alike.
 fn flip(image: &mut [u8], pending: &mut [PendingWrite], offset: u64, bit: u8) {
     let mask = 1u8 << bit;
-    image[offset as usize] ^= mask;
+    image[usize_of(offset)] ^= mask;
     for w in pending.iter_mut() {
         if w.offset <= offset && offset < w.end() {
             // Copy on write: the history shares this data and must keep what was issued.
             let mut data = w.data.to_vec();
-            data[(offset - w.offset) as usize] ^= mask;
+            data[usize_of(offset - w.offset)] ^= mask;
             w.data = data.into();
         }
     }
@@ -741,7 +741,7 @@ impl Inner {
                 continue;
             };
             if start < lo {
-                let old = p.old[..(lo - start) as usize].to_vec();
+                let old = p.old[..usize_of(lo - start)].to_vec();
                 let head = Overwritten {
                     end: lo,
                     seq: p.seq,
@@ -750,7 +750,7 @@ impl Inner {
                 self.overwritten.insert(start, head);
             }
             if p.end > hi {
-                let old = p.old[(hi - start) as usize..].to_vec();
+                let old = p.old[usize_of(hi - start)..].to_vec();
                 let tail = Overwritten {
                     end: p.end,
                     seq: p.seq,
@@ -759,7 +759,7 @@ impl Inner {
                 self.overwritten.insert(hi, tail);
             }
         }
-        let old = self.live[lo as usize..hi as usize].to_vec();
+        let old = self.live[usize_of(lo)..usize_of(hi)].to_vec();
         self.overwritten.insert(lo, Overwritten { end: hi, seq, old });
     }
 
@@ -779,7 +779,7 @@ impl Inner {
     /// Fills `buf` with what a stale read at `offset` returns (see [`ReadFault::Stale`]).
     fn stale_into(&self, buf: &mut [u8], offset: u64) {
         let (lo, hi) = (offset, offset + buf.len() as u64);
-        let (start, end) = (lo as usize, hi as usize);
+        let (start, end) = (usize_of(lo), usize_of(hi));
         if self.state.pending.iter().any(|w| w.offset < hi && lo < w.end()) {
             buf.copy_from_slice(&self.state.durable[start..end]);
             return;
@@ -803,8 +803,8 @@ impl Inner {
         };
         for (s, p) in pieces.into_iter().filter(|(_, p)| p.seq == last) {
             let (a, b) = (s.max(lo), p.end.min(hi));
-            let src = &p.old[(a - s) as usize..(b - s) as usize];
-            buf[(a - lo) as usize..(b - lo) as usize].copy_from_slice(src);
+            let src = &p.old[usize_of(a - s)..usize_of(b - s)];
+            buf[usize_of(a - lo)..usize_of(b - lo)].copy_from_slice(src);
         }
     }
 
@@ -815,8 +815,8 @@ impl Inner {
         if from >= size {
             return;
         }
-        let n = (size - from).min(buf.len() as u64) as usize;
-        buf[..n].copy_from_slice(&self.live[from as usize..from as usize + n]);
+        let n = usize_of((size - from).min(buf.len() as u64));
+        buf[..n].copy_from_slice(&self.live[usize_of(from)..usize_of(from) + n]);
     }
 
     /// The read fault for a read of `len` bytes at `offset`, if any: the one-shot fault, else
@@ -855,69 +855,12 @@ impl Inner {
             // Nothing to store, and an empty pending write would only add crash states.
             return Ok(());
         }
-        let hits = |r: &Range<u64>| r.start < offset + len && offset < r.end;
-        let p = self.write_error_p;
-        if self.write_fail_ranges.iter().any(hits) || self.chance(p) {
-            self.events.push(Event::WriteFailed { offset, len });
-            return Err(self.inject(|s| &mut s.failed_writes, InjectedFault::Error));
+        if let Some(outcome) = self.fail_or_lose(offset, len) {
+            return outcome;
         }
-        let p = self.lost_p;
-        if std::mem::take(&mut self.lose_next) || self.chance(p) {
-            self.stats.lost_writes += 1;
-            self.stats.injected_faults += 1;
-            self.events.push(Event::LostWrite { offset, len });
+        let tear = self.tear_mask(offset, data.len())?;
+        let Some((landed, data)) = self.misdirect(offset, data) else {
             return Ok(());
-        }
-        let tear = if let Some(mask) = self.tear_next.take() {
-            Some(mask)
-        } else if let Some(f) = &self.tear_fn {
-            f(offset, data.len())
-        } else {
-            None
-        };
-        if let Some(mask) = &tear {
-            let want = sector_count(offset, data.len());
-            if mask.len() != want {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "torn-write mask of {} flags for a write of {len} bytes at {offset}, \
-                         which touches {want} sectors",
-                        mask.len()
-                    ),
-                ));
-            }
-        }
-        let p = self.misdirect_p;
-        let target = if let Some(t) = self.misdirect_next.take() {
-            Some(t)
-        } else if let Some(f) = &self.misdirect_fn {
-            f(offset, data.len())
-        } else if self.chance(p) {
-            Some(self.random_target(offset, data.len()))
-        } else {
-            None
-        };
-        let (landed, data) = match target {
-            None => (offset, data),
-            Some(t) => {
-                self.stats.misdirected_writes += 1;
-                self.stats.injected_faults += 1;
-                let size = self.live.len() as u64;
-                if t >= size {
-                    self.events.push(Event::LostWrite { offset, len });
-                    return Ok(());
-                }
-                // Truncated at the end of the store, as a drive writing past its last sector
-                // would be.
-                let fit = (size - t).min(len) as usize;
-                let data = if fit == data.len() {
-                    data
-                } else {
-                    Arc::from(&data[..fit])
-                };
-                (t, data)
-            }
         };
         self.write_seq += 1;
         let seq = self.write_seq;
@@ -929,7 +872,7 @@ impl Inner {
         self.stats.injected_faults += 1;
         // The flags follow the data: flag k keeps the bytes of the write's k-th sector as
         // issued, wherever the write landed (and as far as it fit).
-        let runs = kept_runs(offset, len as usize, &mask);
+        let runs = kept_runs(offset, usize_of(len), &mask);
         self.events.push(Event::TornWrite { offset, len, mask });
         for run in runs {
             let run = run.start..run.end.min(data.len());
@@ -943,6 +886,87 @@ impl Inner {
             self.land(piece, seq, offset + run.start as u64, zero_range);
         }
         Ok(())
+    }
+
+    /// The write faults that store nothing: an injected error (by range or rate), or a lost
+    /// write (one-shot or rate). `Some` with the outcome of the write if one of them strikes,
+    /// recorded in the history and the counters; `None` if the write goes ahead.
+    fn fail_or_lose(&mut self, offset: u64, len: u64) -> Option<io::Result<()>> {
+        let hits = |r: &Range<u64>| r.start < offset + len && offset < r.end;
+        let p = self.write_error_p;
+        if self.write_fail_ranges.iter().any(hits) || self.chance(p) {
+            self.events.push(Event::WriteFailed { offset, len });
+            return Some(Err(self.inject(|s| &mut s.failed_writes, InjectedFault::Error)));
+        }
+        let p = self.lost_p;
+        if std::mem::take(&mut self.lose_next) || self.chance(p) {
+            self.stats.lost_writes += 1;
+            self.stats.injected_faults += 1;
+            self.events.push(Event::LostWrite { offset, len });
+            return Some(Ok(()));
+        }
+        None
+    }
+
+    /// The torn-write mask for a write of `len` bytes at `offset`, if it is torn: the one-shot
+    /// mask, else the rule's. A mask whose length is not the write's sector count is refused.
+    fn tear_mask(&mut self, offset: u64, len: usize) -> io::Result<Option<Vec<bool>>> {
+        let tear = if let Some(mask) = self.tear_next.take() {
+            Some(mask)
+        } else if let Some(f) = &self.tear_fn {
+            f(offset, len)
+        } else {
+            None
+        };
+        if let Some(mask) = &tear {
+            let want = sector_count(offset, len);
+            if mask.len() != want {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "torn-write mask of {} flags for a write of {len} bytes at {offset}, \
+                         which touches {want} sectors",
+                        mask.len()
+                    ),
+                ));
+            }
+        }
+        Ok(tear)
+    }
+
+    /// Where a write of `data` issued at `offset` lands, and what of it: at `offset` whole,
+    /// or, misdirected (one-shot, rule or rate), at the target and truncated at the end of the
+    /// store. `None` if the target lies past the end, which loses the write (recorded).
+    fn misdirect(&mut self, offset: u64, data: Arc<[u8]>) -> Option<(u64, Arc<[u8]>)> {
+        let p = self.misdirect_p;
+        let target = if let Some(t) = self.misdirect_next.take() {
+            Some(t)
+        } else if let Some(f) = &self.misdirect_fn {
+            f(offset, data.len())
+        } else if self.chance(p) {
+            Some(self.random_target(offset, data.len()))
+        } else {
+            None
+        };
+        let Some(t) = target else {
+            return Some((offset, data));
+        };
+        self.stats.misdirected_writes += 1;
+        self.stats.injected_faults += 1;
+        let size = self.live.len() as u64;
+        let len = data.len() as u64;
+        if t >= size {
+            self.events.push(Event::LostWrite { offset, len });
+            return None;
+        }
+        // Truncated at the end of the store, as a drive writing past its last sector would be.
+        let fit = usize_of((size - t).min(len));
+        let data = if fit == data.len() {
+            data
+        } else {
+            Arc::from(&data[..fit])
+        };
+        Some((t, data))
     }
 }
 
@@ -1011,6 +1035,7 @@ impl FaultBackend {
     }
 
     /// Reseeds the generator behind the probabilistic faults.
+    #[must_use]
     pub fn with_seed(self, seed: u64) -> Self {
         self.lock().rng = ChaCha8Rng::seed_from_u64(seed);
         self
@@ -1019,7 +1044,7 @@ impl FaultBackend {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A test that panicked while holding the lock leaves consistent data behind (every
         // mutation completes before the guard drops), so poisoning is ignored.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     // ---- Crash images -------------------------------------------------------------------
@@ -1367,7 +1392,7 @@ impl Backend for FaultBackend {
         }
         match inner.read_fault(offset, buf.len()) {
             None => {
-                let start = offset as usize;
+                let start = usize_of(offset);
                 buf.copy_from_slice(&inner.live[start..start + buf.len()]);
             }
             Some(ReadFault::Zeros) => {
@@ -1448,7 +1473,7 @@ impl Backend for FaultBackend {
         if !inner.crashed {
             check_range(offset, len, inner.live.len() as u64)?;
         }
-        let zeros: Arc<[u8]> = vec![0u8; len.min(inner.live.len() as u64) as usize].into();
+        let zeros: Arc<[u8]> = vec![0u8; usize_of(len.min(inner.live.len() as u64))].into();
         inner.write(zeros, offset, true)
     }
 
@@ -1646,7 +1671,7 @@ mod tests {
         let n = 3000u64;
         let b = FaultBackend::new(2 * n).unwrap();
         for i in 0..n {
-            b.write_at(&vec![1; (2 * (n - i)) as usize], i).unwrap();
+            b.write_at(&vec![1; usize_of(2 * (n - i))], i).unwrap();
         }
         assert!(b.crash_state().for_each_crash_order(3500, |_| {}).is_err());
     }
@@ -1667,7 +1692,7 @@ mod tests {
         ) {
             let b = FaultBackend::new(2048).unwrap();
             for (off, len, fill) in writes {
-                let len = len.min(2048 - off as usize);
+                let len = len.min(2048 - usize_of(off));
                 b.write_at(&vec![fill; len], off).unwrap();
             }
             let state = b.crash_state();
@@ -1745,7 +1770,7 @@ mod tests {
         let mut results = Vec::new();
         for i in 0..200u64 {
             let off = (i * 4096) % (64 * 4096);
-            results.push(b.write_at(&[i as u8; 4096], off).is_ok());
+            results.push(b.write_at(&[u8::try_from(i).unwrap(); 4096], off).is_ok());
             results.push(b.read_at(&mut [0; 4096], off).is_ok());
             if i % 10 == 0 {
                 results.push(b.flush().is_ok());
@@ -2062,7 +2087,8 @@ mod tests {
     fn numbered_blocks(n: u64) -> FaultBackend {
         let b = FaultBackend::new(n * 4096).unwrap();
         for i in 0..n {
-            b.write_at(&[i as u8 + 1; 4096], i * 4096).unwrap();
+            b.write_at(&[u8::try_from(i + 1).unwrap(); 4096], i * 4096)
+                .unwrap();
         }
         b.flush().unwrap();
         b
@@ -2196,17 +2222,17 @@ mod tests {
     /// (all landed pieces of a torn write count as one) overlapping the range, else the image
     /// itself.
     fn stale_reference(initial: &[u8], events: &[Event], queries: &[Range<u64>]) -> Vec<Vec<u8>> {
+        /// The pieces a write landed, and the image before it.
+        type Landed = (Vec<(u64, u64)>, Vec<u8>);
         let mut cur = initial.to_vec();
         let mut durable = cur.clone();
         let mut pending: Vec<(u64, u64)> = Vec::new();
-        /// The pieces a write landed, and the image before it.
-        type Landed = (Vec<(u64, u64)>, Vec<u8>);
         let mut writes: Vec<Landed> = Vec::new();
         let mut torn_pieces_left = 0usize;
         for e in events {
             match e {
                 Event::TornWrite { offset, len, mask } => {
-                    torn_pieces_left = kept_runs(*offset, *len as usize, mask).len();
+                    torn_pieces_left = kept_runs(*offset, usize_of(*len), mask).len();
                     writes.push((Vec::new(), cur.clone()));
                 }
                 Event::Write { write, .. } => {
@@ -2233,7 +2259,7 @@ mod tests {
             .iter()
             .map(|q| {
                 let hits = |&(lo, hi): &(u64, u64)| lo < q.end && q.start < hi;
-                let (a, b) = (q.start as usize, q.end as usize);
+                let (a, b) = (usize_of(q.start), usize_of(q.end));
                 if pending.iter().any(hits) {
                     return durable[a..b].to_vec();
                 }
@@ -2262,20 +2288,20 @@ mod tests {
                 2 => b.zero_range(off, len).unwrap(),
                 3 => {
                     b.misdirect_next_write(rng.random_range(0..size));
-                    b.write_at(&vec![fill; len as usize], off).unwrap();
+                    b.write_at(&vec![fill; usize_of(len)], off).unwrap();
                 }
                 4 => {
                     b.lose_next_write();
-                    b.write_at(&vec![fill; len as usize], off).unwrap();
+                    b.write_at(&vec![fill; usize_of(len)], off).unwrap();
                 }
                 5 => {
-                    let n = sector_count(off, len as usize);
+                    let n = sector_count(off, usize_of(len));
                     b.tear_next_write((0..n).map(|_| rng.random_bool(0.5)).collect());
-                    let half = (len / 2) as usize;
-                    let data = vec![fill; len as usize];
+                    let half = usize_of(len / 2);
+                    let data = vec![fill; usize_of(len)];
                     b.write_vectored_at(&[&data[..half], &data[half..]], off).unwrap();
                 }
-                _ => b.write_at(&vec![fill; len as usize], off).unwrap(),
+                _ => b.write_at(&vec![fill; usize_of(len)], off).unwrap(),
             }
             let queries: Vec<Range<u64>> = (0..4)
                 .map(|_| {
@@ -2286,10 +2312,10 @@ mod tests {
             let expected = stale_reference(&initial, &b.events(), &queries);
             let live = b.live_image();
             for (q, expect) in queries.into_iter().zip(expected) {
-                let (qo, ql) = (q.start, (q.end - q.start) as usize);
+                let (qo, ql) = (q.start, usize_of(q.end - q.start));
                 b.stale_next_read();
                 assert_eq!(read(&b, qo, ql), expect, "seed {seed} step {step} {q:?}");
-                assert_eq!(read(&b, qo, ql), live[q.start as usize..q.end as usize]);
+                assert_eq!(read(&b, qo, ql), live[usize_of(q.start)..usize_of(q.end)]);
             }
         }
         let st = b.stats();
@@ -2328,7 +2354,7 @@ mod tests {
         b.stale_next_read();
         b.clear_faults();
         for off in [0, 4096, 8192] {
-            assert_eq!(read(&b, off, 4)[0], [1, 2, 7][(off / 4096) as usize]);
+            assert_eq!(read(&b, off, 4)[0], [1, 2, 7][usize_of(off / 4096)]);
         }
         assert_eq!(b.stats().injected_faults, 10);
     }
@@ -2358,7 +2384,11 @@ mod tests {
         // returns another block (every block is non-zero and unique).
         let (mut zeros, mut moved, mut stale_block0) = (0u64, 0u64, 0u64);
         for (blk, data) in &a {
-            let own = if *blk == 0 { 0xee } else { *blk as u8 + 1 };
+            let own = if *blk == 0 {
+                0xee
+            } else {
+                u8::try_from(*blk + 1).unwrap()
+            };
             assert!(
                 data.iter().all(|&x| x == data[0]),
                 "whole blocks: aligned misdirection"
@@ -2385,9 +2415,15 @@ mod tests {
         assert!((40..140).contains(&faulty), "{faulty} of 300 at rate 0.3");
         let correct = half
             .iter()
-            .filter(|(blk, d)| d[0] == if *blk == 0 { 0xee } else { *blk as u8 + 1 })
+            .filter(|(blk, d)| {
+                d[0] == if *blk == 0 {
+                    0xee
+                } else {
+                    u8::try_from(*blk + 1).unwrap()
+                }
+            })
             .count();
-        assert!(correct >= 300 - faulty as usize);
+        assert!(correct >= 300 - usize_of(faulty));
 
         let b = FaultBackend::new(4096).unwrap();
         assert_eq!(b.set_read_fault_rate(1.5), Err(InvalidProbability(1.5)));
@@ -2421,7 +2457,7 @@ mod tests {
                 b.set_read_fault_rate(p).unwrap();
             }
             for i in 0..200u64 {
-                let _ = b.write_at(&[i as u8; 4096], (i % 64) * 4096);
+                let _ = b.write_at(&[u8::try_from(i).unwrap(); 4096], (i % 64) * 4096);
                 if reads {
                     b.read_at(&mut [0; 4096], (i * 3 % 64) * 4096).unwrap();
                 }

@@ -212,7 +212,7 @@ impl std::fmt::Debug for AlignedBuf {
         f.debug_struct("AlignedBuf")
             .field("len", &self.len)
             .field("align", &self.align)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -227,7 +227,7 @@ pub struct FileBackend {
     file: File,
     /// For a loop device: the files under it (its backing file, and theirs when loop devices
     /// are stacked), held open only for the locks on them.
-    _backing_locks: Vec<File>,
+    backing_locks: Vec<File>,
     path: PathBuf,
     len: u64,
     block_device: bool,
@@ -284,8 +284,8 @@ impl FileBackend {
         create_len: Option<u64>,
     ) -> Result<FileBackend, OpenError> {
         if opts.direct {
-            // `custom_flags` takes the raw flag bits; O_DIRECT fits in an i32 on every target.
-            oo.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+            // `custom_flags` takes the raw flags as a C `int`, which is what libc's `O_DIRECT` is.
+            oo.custom_flags(libc::O_DIRECT);
         }
         let file = oo.open(path).map_err(|e| {
             if opts.direct && e.raw_os_error() == Some(Errno::INVAL.raw_os_error()) {
@@ -368,7 +368,7 @@ impl FileBackend {
 
         let backend = FileBackend {
             file,
-            _backing_locks: backing_locks,
+            backing_locks,
             path: path.to_path_buf(),
             len,
             block_device,
@@ -539,9 +539,10 @@ impl FileBackend {
             loop {
                 match rustix::fs::fallocate(&self.file, mode, offset, len) {
                     Ok(()) => return Ok(()),
-                    Err(Errno::INTR) => continue,
+                    // Interrupted by a signal: go round again.
+                    Err(Errno::INTR) => {}
                     // Not supported by this filesystem or device: try the next way.
-                    Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) => break,
+                    Err(Errno::OPNOTSUPP | Errno::NOSYS) => break,
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -553,7 +554,7 @@ impl FileBackend {
 impl Drop for FileBackend {
     fn drop(&mut self) {
         // Best effort: the close that follows releases the locks anyway, only maybe later.
-        for f in std::iter::once(&self.file).chain(&self._backing_locks) {
+        for f in std::iter::once(&self.file).chain(&self.backing_locks) {
             let _ = rustix::fs::flock(f, FlockOperation::Unlock);
         }
     }
@@ -756,7 +757,8 @@ impl Backend for FileBackend {
             // fdatasync, not fsync: the data is what must be durable; the only metadata that
             // matters (the size) is fixed at format time.
             match rustix::fs::fdatasync(&self.file) {
-                Err(Errno::INTR) => continue,
+                // Interrupted by a signal: go round again.
+                Err(Errno::INTR) => {}
                 r => return r.map_err(Into::into),
             }
         }
@@ -830,11 +832,12 @@ impl Backend for FileBackend {
 #[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
+    use crate::usize_of;
     use std::os::unix::fs::MetadataExt;
     use std::process::Command;
 
     /// A scratch directory on a real disk filesystem (so sparse files, hole punching and
-    /// O_DIRECT behave as in production), falling back to the system temp dir.
+    /// `O_DIRECT` behave as in production), falling back to the system temp dir.
     fn scratch() -> tempfile::TempDir {
         let work = Path::new("/work");
         if work.is_dir() {
@@ -1081,13 +1084,13 @@ mod tests {
 
         // Shared locks coexist with each other but not with an exclusive one.
         let a = FileBackend::open(&p, &shared).unwrap();
-        let _b = FileBackend::open(&p, &shared).unwrap();
+        let b = FileBackend::open(&p, &shared).unwrap();
         assert!(matches!(
             FileBackend::open(&p, &rw()),
             Err(OpenError::Locked { .. })
         ));
         drop(a);
-        drop(_b);
+        drop(b);
         FileBackend::open(&p, &rw()).unwrap();
     }
 
@@ -1154,6 +1157,15 @@ mod tests {
     }
 
     #[test]
+    fn libc_o_direct_is_the_flag_rustix_names() {
+        // `finish_open` hands libc's `O_DIRECT` to `custom_flags`; it must be the same bit.
+        assert_eq!(
+            u32::try_from(libc::O_DIRECT).unwrap(),
+            rustix::fs::OFlags::DIRECT.bits()
+        );
+    }
+
+    #[test]
     fn direct_io_roundtrip_or_clear_refusal() {
         let dir = scratch();
         let p = dir.path().join("vol");
@@ -1168,27 +1180,28 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         assert!(b.is_direct());
-        let a = b.alignment();
-        assert_eq!(a, 4096);
-        let mut w = AlignedBuf::new(2 * a, a);
-        w.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
-        b.write_at(&w, a as u64).unwrap();
-        let w2 = AlignedBuf::new(a, a);
-        b.write_vectored_at(&[&w[..a], &w2], 4 * a as u64).unwrap();
+        let align = b.alignment();
+        assert_eq!(align, 4096);
+        let mut w = AlignedBuf::new(2 * align, align);
+        w.iter_mut().zip((0..=255u8).cycle()).for_each(|(x, v)| *x = v);
+        b.write_at(&w, align as u64).unwrap();
+        let w2 = AlignedBuf::new(align, align);
+        b.write_vectored_at(&[&w[..align], &w2], 4 * align as u64)
+            .unwrap();
         b.flush().unwrap();
-        let mut r = AlignedBuf::new(2 * a, a);
-        b.read_at(&mut r, a as u64).unwrap();
+        let mut r = AlignedBuf::new(2 * align, align);
+        b.read_at(&mut r, align as u64).unwrap();
         assert_eq!(&r[..], &w[..]);
-        b.zero_range(a as u64, a as u64).unwrap();
-        b.read_at(&mut r, a as u64).unwrap();
-        assert!(r[..a].iter().all(|&x| x == 0));
-        assert_eq!(&r[a..], &w[a..]);
+        b.zero_range(align as u64, align as u64).unwrap();
+        b.read_at(&mut r, align as u64).unwrap();
+        assert!(r[..align].iter().all(|&x| x == 0));
+        assert_eq!(&r[align..], &w[align..]);
 
         // Misaligned requests get a clear InvalidInput, not a bare EINVAL.
-        let e = b.read_at(&mut r[1..a + 1], 0).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
-        assert!(e.to_string().contains("aligned"), "{e}");
-        assert!(b.write_at(&w[..a], 512).is_err());
+        let err = b.read_at(&mut r[1..=align], 0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("aligned"), "{err}");
+        assert!(b.write_at(&w[..align], 512).is_err());
         assert!(b.zero_range(0, 100).is_err());
         drop(b);
 
@@ -1216,7 +1229,7 @@ mod tests {
     }
 
     /// Whether files in `dir` report holes: a file with data only in its second MiB must show a
-    /// hole before it. (Filesystems without SEEK_HOLE support report everything as data.)
+    /// hole before it. (Filesystems without `SEEK_HOLE` support report everything as data.)
     fn supports_holes(dir: &Path) -> bool {
         let p = dir.join("probe");
         let f = File::options()
@@ -1268,7 +1281,7 @@ mod tests {
                 assert!(r.start > p, "ascending, disjoint and merged: {got:?}");
             }
             prev_end = Some(r.end);
-            let mut buf = vec![0xffu8; (r.end - r.start) as usize];
+            let mut buf = vec![0xffu8; usize_of(r.end - r.start)];
             b.read_at(&mut buf, r.start).unwrap();
             assert!(
                 buf.iter().all(|&x| x == 0),
@@ -1305,7 +1318,7 @@ mod tests {
             // Data: a whole 64 KiB at 64 KiB, 10 bytes at 320 KiB (one filesystem block), 256 KiB
             // at 1 MiB with 64 KiB punched out of its middle, and the last byte of the file.
             let k = 1024u64;
-            b.write_at(&[1u8; 64 * 1024], 64 * k).unwrap();
+            b.write_at(&vec![1u8; 64 * 1024], 64 * k).unwrap();
             b.write_at(&[2u8; 10], 320 * k).unwrap();
             b.write_at(&vec![3u8; 256 * 1024], mib).unwrap();
             b.zero_range(mib + 64 * k, 64 * k).unwrap();
@@ -1363,7 +1376,8 @@ mod tests {
         let len = 8u64 << 20;
         let b = FileBackend::create(&p, len, &rw()).unwrap();
         for i in 0..8u64 {
-            b.write_at(&[i as u8 + 1; 4096], i * (1 << 20) + 65536).unwrap();
+            b.write_at(&[u8::try_from(i + 1).unwrap(); 4096], i * (1 << 20) + 65536)
+                .unwrap();
         }
         let whole = b.zero_ranges(0, len).unwrap();
         if holes {
@@ -1383,7 +1397,7 @@ mod tests {
                         let mut buf = [0u8; 4096];
                         let blk = (t + round) % 8;
                         b.read_at(&mut buf, blk * (1 << 20) + 65536).unwrap();
-                        assert_eq!(buf, [blk as u8 + 1; 4096]);
+                        assert_eq!(buf, [u8::try_from(blk + 1).unwrap(); 4096]);
                         b.write_at(&buf, blk * (1 << 20) + 65536).unwrap();
                     }
                 });
@@ -1404,19 +1418,19 @@ mod tests {
         let blocks = 256u64;
         let b = FileBackend::create(&p, blocks * bs, &rw()).unwrap();
         // Blocks written with non-zero data and not punched since.
-        let mut data = vec![false; blocks as usize];
+        let mut data = vec![false; usize_of(blocks)];
         for step in 0..300 {
             let at = rng.random_range(0..blocks);
             let n = rng.random_range(1..=8u64).min(blocks - at);
             match rng.random_range(0..4) {
                 0 => {
                     b.zero_range(at * bs, n * bs).unwrap();
-                    data[at as usize..(at + n) as usize].fill(false);
+                    data[usize_of(at)..usize_of(at + n)].fill(false);
                 }
                 1 => b.flush().unwrap(),
                 _ => {
-                    b.write_at(&vec![0x5a; (n * bs) as usize], at * bs).unwrap();
-                    data[at as usize..(at + n) as usize].fill(true);
+                    b.write_at(&vec![0x5a; usize_of(n * bs)], at * bs).unwrap();
+                    data[usize_of(at)..usize_of(at + n)].fill(true);
                 }
             }
             let off = rng.random_range(0..blocks * bs);
@@ -1513,13 +1527,13 @@ mod tests {
 
         // Direct I/O on the device uses its logical block size.
         let opts = FileOptions { direct: true, ..rw() };
-        let d = FileBackend::open(&dev, &opts).unwrap();
-        let a = d.alignment();
-        assert!(a >= 512 && a.is_power_of_two());
-        let mut r = AlignedBuf::new(a, a);
-        d.read_at(&mut r, 1 << 20).unwrap();
-        assert!(r[..100].iter().all(|&x| x == 0x5a));
-        assert!(r[100..].iter().all(|&x| x == 0));
+        let direct = FileBackend::open(&dev, &opts).unwrap();
+        let align = direct.alignment();
+        assert!(align >= 512 && align.is_power_of_two());
+        let mut sector = AlignedBuf::new(align, align);
+        direct.read_at(&mut sector, 1 << 20).unwrap();
+        assert!(sector[..100].iter().all(|&x| x == 0x5a));
+        assert!(sector[100..].iter().all(|&x| x == 0));
     }
 
     /// Attaches `target` to a free loop device; `None` (test skipped) where that is impossible.

@@ -1,3 +1,15 @@
+// Lint policy, the same in every crate of the workspace: clippy's pedantic group on, minus a
+// short list that would add noise without catching bugs here.
+#![warn(missing_docs, unreachable_pub, clippy::pedantic)]
+#![allow(
+    // Pure getters are obvious; what must not be ignored is already a `Result` or `#[must_use]` type.
+    clippy::must_use_candidate,
+    // Errors are typed enums whose variants document themselves.
+    clippy::missing_errors_doc,
+    // `volume::VolumeStats` and the like read better at use sites outside the module.
+    clippy::module_name_repetitions,
+)]
+
 //! Block storage backends: the lowest layer of blockguard.
 //!
 //! A [`Backend`] is a byte-addressed, fixed-length store with positioned reads and writes,
@@ -109,6 +121,16 @@ pub fn check_range(offset: u64, len: u64, size: u64) -> io::Result<()> {
             format!("range {offset}+{len} lies outside the backend's {size} bytes"),
         )),
     }
+}
+
+// The workspace builds for 64-bit targets only, where a `usize` holds every `u64`.
+const _: () = assert!(usize::BITS == 64);
+
+/// `x` as a `usize`: an offset or length inside an in-memory image or buffer, which the caller
+/// has already checked against that image's length (a `usize`).
+#[allow(clippy::cast_possible_truncation)] // Lossless: `usize` is 64 bits wide (asserted above).
+pub(crate) const fn usize_of(x: u64) -> usize {
+    x as usize
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
 //! An in-memory backend: the reference store for unit and property tests.
 
-use crate::{check_range, Backend, SECTOR_SIZE};
+use crate::{check_range, usize_of, Backend, SECTOR_SIZE};
 use std::io;
 use std::ops::Range;
-use std::sync::RwLock;
+use std::sync::{PoisonError, RwLock};
 
 /// The 512-byte-aligned sectors lying wholly inside `offset..offset + len` whose bytes in
 /// `image` are all zero, adjacent ones merged into one range: the answer of
@@ -25,7 +25,7 @@ pub(crate) fn zero_sectors(image: &[u8], offset: u64, len: u64) -> Vec<Range<u64
     let mut out: Vec<Range<u64>> = Vec::new();
     let mut at = offset.div_ceil(s).saturating_mul(s);
     while at.saturating_add(s) <= end {
-        let sector = &image[at as usize..(at + s) as usize];
+        let sector = &image[usize_of(at)..usize_of(at + s)];
         if is_zero(sector) {
             match out.last_mut() {
                 Some(last) if last.end == at => last.end = at + s,
@@ -62,27 +62,27 @@ impl MemoryBackend {
 
     /// A copy of the whole store.
     pub fn snapshot(&self) -> Vec<u8> {
-        self.data.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.data.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 }
 
 impl Backend for MemoryBackend {
     fn len(&self) -> u64 {
-        self.data.read().unwrap_or_else(|e| e.into_inner()).len() as u64
+        self.data.read().unwrap_or_else(PoisonError::into_inner).len() as u64
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let data = self.data.read().unwrap_or_else(|e| e.into_inner());
+        let data = self.data.read().unwrap_or_else(PoisonError::into_inner);
         check_range(offset, buf.len() as u64, data.len() as u64)?;
-        let start = offset as usize;
+        let start = usize_of(offset);
         buf.copy_from_slice(&data[start..start + buf.len()]);
         Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+        let mut data = self.data.write().unwrap_or_else(PoisonError::into_inner);
         check_range(offset, buf.len() as u64, data.len() as u64)?;
-        let start = offset as usize;
+        let start = usize_of(offset);
         data[start..start + buf.len()].copy_from_slice(buf);
         Ok(())
     }
@@ -102,15 +102,15 @@ impl Backend for MemoryBackend {
 
     /// The all-zero 512-byte-aligned sectors wholly inside the range, merged.
     fn zero_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>> {
-        let data = self.data.read().unwrap_or_else(|e| e.into_inner());
+        let data = self.data.read().unwrap_or_else(PoisonError::into_inner);
         check_range(offset, len, data.len() as u64)?;
         Ok(zero_sectors(&data, offset, len))
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+        let mut data = self.data.write().unwrap_or_else(PoisonError::into_inner);
         check_range(offset, len, data.len() as u64)?;
-        data[offset as usize..(offset + len) as usize].fill(0);
+        data[usize_of(offset)..usize_of(offset + len)].fill(0);
         Ok(())
     }
 
@@ -134,7 +134,7 @@ mod tests {
             if lo < offset || hi > offset + len {
                 continue;
             }
-            if (lo..hi).all(|i| image[i as usize] == 0) {
+            if (lo..hi).all(|i| image[usize_of(i)] == 0) {
                 if let Some(last) = out.last_mut().filter(|l| l.end == lo) {
                     last.end = hi;
                 } else {

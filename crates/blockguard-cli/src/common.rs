@@ -123,7 +123,7 @@ fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u
         ));
         for p in &r.damaged {
             crate::log::line(&format!(
-                "blockguard: warning: damaged metadata in group {} sector {} (blocks {}..{}): {}; reads of these blocks fail until `blockguard recover` rebuilds it",
+                "blockguard: warning: damaged metadata in group {} sector {} (blocks {}..{}): {}; reads of these blocks fail until `blockguard recover --rebuild` rebuilds it",
                 p.group,
                 p.sector,
                 p.first_block,

@@ -1,5 +1,7 @@
-//! `blockguard recover`: settle a volume after an unclean shutdown, rebuild damaged metadata
-//! from its valid brother, and mark the volume clean.
+//! `blockguard recover`: settle a volume after an unclean shutdown and mark it clean; with
+//! `--rebuild`, also rebuild damaged metadata from what the disk holds (an explicit decision:
+//! it may make blocks read as an older version, and blank groups under a written-groups map
+//! sector no copy of which is valid read as never written).
 
 use crate::common::{open_volume, progress};
 use anyhow::{Context, Result};
@@ -16,6 +18,12 @@ pub struct RecoverArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also scan every group and rebuild damaged metadata: a damaged metadata sector from its
+    /// valid brother (its blocks may then read as an older version), and a written-groups map
+    /// sector with no valid copy from the groups' metadata (blank groups under it then count
+    /// as never written, even if they were wiped). Without it, damage is only reported.
+    #[arg(long)]
+    pub rebuild: bool,
 }
 
 #[derive(Serialize)]
@@ -23,19 +31,24 @@ struct Report<'a> {
     volume: String,
     /// What settling after an unclean shutdown did (null if the volume was closed cleanly).
     after_crash: Option<&'a RecoveryReport>,
-    /// The scan for damaged metadata and what it rebuilt.
-    rebuild: &'a RecoveryReport,
+    /// The scan for damaged metadata and what it rebuilt (null without `--rebuild`).
+    rebuild: Option<&'a RecoveryReport>,
 }
 
 /// Runs recovery and prints what it did.
 pub fn run(args: RecoverArgs) -> Result<()> {
     // Opening read-write settles a volume left in use (with its own progress bar).
     let vol = open_volume(&args.path, false)?;
-    let pb = progress(vol.geometry().groups, "rebuild");
-    let report = vol
-        .recover(RecoverOptions::rebuild(), |done, _| pb.set_position(done))
-        .with_context(|| format!("recovering {}", args.path.display()))?;
-    pb.finish_and_clear();
+    let report = if args.rebuild {
+        let pb = progress(vol.geometry().groups, "rebuild");
+        let report = vol
+            .recover(RecoverOptions::rebuild(), |done, _| pb.set_position(done))
+            .with_context(|| format!("recovering {}", args.path.display()))?;
+        pb.finish_and_clear();
+        Some(report)
+    } else {
+        None
+    };
     let at_open = vol.recovery_at_open().cloned();
     vol.close()
         .with_context(|| format!("closing {}", args.path.display()))?;
@@ -43,7 +56,7 @@ pub fn run(args: RecoverArgs) -> Result<()> {
         let r = Report {
             volume: args.path.display().to_string(),
             after_crash: at_open.as_ref(),
-            rebuild: &report,
+            rebuild: report.as_ref(),
         };
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -59,7 +72,11 @@ pub fn run(args: RecoverArgs) -> Result<()> {
             r.pairs_completed
         ),
     }
-    for p in &report.damaged {
+    let damaged = report
+        .as_ref()
+        .or(at_open.as_ref())
+        .map_or(&[][..], |r| &r.damaged[..]);
+    for p in damaged {
         let end = p.first_block + p.blocks as u64;
         if p.rebuilt {
             println!(
@@ -67,13 +84,25 @@ pub fn run(args: RecoverArgs) -> Result<()> {
                  those blocks now verify against it, and any of them whose newer version the damaged copy described reads as that older version",
                 p.first_block, p.group, p.sector, p.detail
             );
-        } else {
+        } else if args.rebuild {
             println!(
                 "{name}: cannot rebuild the metadata of blocks {}..{end} (group {} sector {}: {}): no valid brother; reads of them keep failing",
                 p.first_block, p.group, p.sector, p.detail
             );
+        } else {
+            println!(
+                "{name}: damaged metadata of blocks {}..{end} (group {} sector {}: {}); reads of them fail; \
+                 `blockguard recover --rebuild` rebuilds it from what the disk holds",
+                p.first_block, p.group, p.sector, p.detail
+            );
         }
     }
-    println!("{name}: marked clean");
+    if report.is_none() {
+        println!(
+            "{name}: marked clean (damage is found by `blockguard check` and rebuilt by `recover --rebuild`)"
+        );
+    } else {
+        println!("{name}: marked clean");
+    }
     Ok(())
 }

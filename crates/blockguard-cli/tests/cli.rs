@@ -707,6 +707,36 @@ fn export_of_a_corrupted_volume_fails_naming_the_block() {
         .err_has(&["block 700 failed verification", "expected tag"]);
 }
 
+/// A wiped group under a written-groups map sector both copies of which are damaged: plain
+/// `recover` settles and reports, and the group keeps failing (it may have held data); only
+/// an explicit `recover --rebuild` takes blank groups as never written. (`recover` used to
+/// rebuild unasked, turning the wiped group into zeros that `export` copied without error.)
+#[test]
+fn recover_rebuilds_only_when_asked() {
+    let t = T::new();
+    let j = t.format("v.bgv", &["--size", "8M"]);
+    t.raw("raw", &random_bytes(8 << 20, 40));
+    t.run(&["import", "raw", "v.bgv"]).code(0);
+    let g = &j["geometry"];
+    let len = t.len("v.bgv");
+    let backup = g["backup_sb_offset"].as_u64().unwrap();
+    // Both copies of the written map's sector 0 (head at 4096, tail at backup - 3 regions).
+    t.write_at("v.bgv", 4096, &[0u8; 512]);
+    t.write_at("v.bgv", backup - 3 * 4096, &[0u8; 512]);
+    // Group 1: both metadata blocks and its data.
+    let group1 = g["first_group_offset"].as_u64().unwrap() + 498 * 4096;
+    t.write_at("v.bgv", group1, &vec![0u8; 498 * 4096]);
+    assert_eq!(t.len("v.bgv"), len);
+    t.run(&["check", "v.bgv"]).code(1);
+    let out = t.run(&["recover", "v.bgv"]).code(0).stdout.clone();
+    assert!(out.contains("recover --rebuild"), "{out}");
+    t.run(&["check", "v.bgv"]).code(1);
+    t.run(&["export", "v.bgv", "out"]).code(1);
+    t.run(&["recover", "v.bgv", "--rebuild"]).code(0);
+    // The user asked: group 1 now reads as never written, everything else as imported.
+    t.run(&["check", "v.bgv"]).code(0);
+}
+
 /// Regression: `export VOL VOL` (or through another name) truncated the volume to 0 bytes
 /// before failing; `export VOL OTHER.bgv` overwrote another volume and `export VOL FILE` a
 /// non-empty file, without --force.

@@ -34,6 +34,8 @@ const WRITABLE_FH: FileHandle = FileHandle(1);
 /// How long the kernel may cache names and attributes. Nothing about the tree ever changes
 /// while mounted (the file's size is fixed, and its times are those of the mount), so a long
 /// validity saves a `getattr` round trip on every `stat` without any risk of staleness.
+// An hour in seconds: `Duration::from_hours` needs Rust 1.91, the workspace targets 1.85.
+#[allow(clippy::duration_suboptimal_units)]
 const TTL: Duration = Duration::from_secs(3600);
 
 /// The largest request the kernel sends when `/proc/sys/fs/fuse/max_pages_limit` is absent
@@ -118,7 +120,7 @@ impl<F: BlockFile> BlockFs<F> {
     }
 
     /// Logs a failed operation and returns the errno for the kernel.
-    fn fail(&self, op: &str, offset: u64, len: u64, error: &F::Error) -> Errno {
+    fn fail(op: &str, offset: u64, len: u64, error: &F::Error) -> Errno {
         // Recorded as an error value, so the log shows its causes too (messages hold only
         // their own level; the chain carries the rest).
         let shown: &(dyn std::error::Error + 'static) = error;
@@ -142,7 +144,7 @@ impl<F: BlockFile> BlockFs<F> {
         if self.read_only {
             return Ok(());
         }
-        self.file.flush().map_err(|e| self.fail(op, 0, self.size, &e))
+        self.file.flush().map_err(|e| Self::fail(op, 0, self.size, &e))
     }
 }
 
@@ -166,8 +168,8 @@ impl<F: BlockFile> Filesystem for BlockFs<F> {
             (ROOT_INO, Some(attr)) if name == self.name.as_os_str() => {
                 reply.entry(&TTL, &attr, Generation(0));
             }
-            (ROOT_INO, _) => reply.error(Errno::ENOENT),
             (FILE_INO, _) => reply.error(Errno::ENOTDIR),
+            // Another name in the root, or an inode that does not exist.
             _ => reply.error(Errno::ENOENT),
         }
     }
@@ -261,7 +263,7 @@ impl<F: BlockFile> Filesystem for BlockFs<F> {
             let buf = &mut buf[..len];
             match self.file.read_at(buf, offset) {
                 Ok(()) => reply.data(buf),
-                Err(e) => reply.error(self.fail("read", offset, len as u64, &e)),
+                Err(e) => reply.error(Self::fail("read", offset, len as u64, &e)),
             }
         });
     }
@@ -294,7 +296,7 @@ impl<F: BlockFile> Filesystem for BlockFs<F> {
         };
         match self.file.write_at(&data[..len], offset) {
             Ok(()) => reply.written(written),
-            Err(e) => reply.error(self.fail("write", offset, len as u64, &e)),
+            Err(e) => reply.error(Self::fail("write", offset, len as u64, &e)),
         }
     }
 
@@ -349,7 +351,7 @@ impl<F: BlockFile> Filesystem for BlockFs<F> {
         };
         match result {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(self.fail("fallocate", op.offset, op.len, &e)),
+            Err(e) => reply.error(Self::fail("fallocate", op.offset, op.len, &e)),
         }
     }
 
@@ -547,9 +549,9 @@ pub(crate) struct Fallocate {
 /// The two supported `fallocate` operations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FallocKind {
-    /// `PUNCH_HOLE | KEEP_SIZE`: discard (the loop driver's REQ_OP_DISCARD).
+    /// `PUNCH_HOLE | KEEP_SIZE`: discard (the loop driver's `REQ_OP_DISCARD`).
     PunchHole,
-    /// `ZERO_RANGE`: write zeroes (the loop driver's REQ_OP_WRITE_ZEROES with NOUNMAP).
+    /// `ZERO_RANGE`: write zeroes (the loop driver's `REQ_OP_WRITE_ZEROES` with `NOUNMAP`).
     ZeroRange,
 }
 
@@ -727,7 +729,7 @@ mod tests {
         // The file-type bits of mode are not part of the comparison.
         assert_eq!(
             ok(AttrChange {
-                mode: Some(0o100644),
+                mode: Some(0o100_644),
                 ..Default::default()
             }),
             Ok(())

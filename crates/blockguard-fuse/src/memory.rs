@@ -86,7 +86,7 @@ impl MemoryFile {
     }
 
     /// The byte range as `usize` indices, or `OutOfRange`.
-    fn range(&self, offset: u64, len: u64, size: usize) -> Result<(usize, usize), MemoryError> {
+    fn range(offset: u64, len: u64, size: usize) -> Result<(usize, usize), MemoryError> {
         let err = || MemoryError::OutOfRange {
             offset,
             len,
@@ -106,7 +106,7 @@ impl MemoryFile {
             return Err(MemoryError::ReadOnly);
         }
         let mut data = self.data.write().unwrap_or_else(PoisonError::into_inner);
-        let (start, end) = self.range(offset, len, data.len())?;
+        let (start, end) = Self::range(offset, len, data.len())?;
         data[start..end].fill(byte);
         Ok(())
     }
@@ -136,7 +136,7 @@ impl BlockFile for MemoryFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), MemoryError> {
         self.largest_request.fetch_max(buf.len() as u64, Ordering::SeqCst);
         let data = self.data.read().unwrap_or_else(PoisonError::into_inner);
-        let (start, end) = self.range(offset, buf.len() as u64, data.len())?;
+        let (start, end) = Self::range(offset, buf.len() as u64, data.len())?;
         if end > start {
             let bs = u64::from(self.block_size);
             let first = start as u64 / bs;
@@ -155,7 +155,7 @@ impl BlockFile for MemoryFile {
             return Err(MemoryError::ReadOnly);
         }
         let mut data = self.data.write().unwrap_or_else(PoisonError::into_inner);
-        let (start, end) = self.range(offset, buf.len() as u64, data.len())?;
+        let (start, end) = Self::range(offset, buf.len() as u64, data.len())?;
         data[start..end].copy_from_slice(buf);
         Ok(())
     }

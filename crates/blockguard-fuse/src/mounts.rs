@@ -74,17 +74,13 @@ fn unescape(field: &[u8]) -> Vec<u8> {
         let octal = field
             .get(i + 1..i + 4)
             .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)) && field[i] == b'\\');
-        match octal {
-            Some(d) => {
-                let v =
-                    (u32::from(d[0] - b'0') << 6) | (u32::from(d[1] - b'0') << 3) | u32::from(d[2] - b'0');
-                out.push(u8::try_from(v).unwrap_or(b'?'));
-                i += 4;
-            }
-            None => {
-                out.push(field[i]);
-                i += 1;
-            }
+        if let Some(d) = octal {
+            let v = (u32::from(d[0] - b'0') << 6) | (u32::from(d[1] - b'0') << 3) | u32::from(d[2] - b'0');
+            out.push(u8::try_from(v).unwrap_or(b'?'));
+            i += 4;
+        } else {
+            out.push(field[i]);
+            i += 1;
         }
     }
     out
@@ -112,7 +108,7 @@ pub fn unmount(mountpoint: &Path) -> Result<(), FuseError> {
     match result {
         Ok(()) => Ok(()),
         Err(Errno::BUSY) => Err(FuseError::Busy(mountpoint.to_path_buf())),
-        Err(Errno::INVAL) | Err(Errno::NOENT) => Err(FuseError::NotMounted(mountpoint.to_path_buf())),
+        Err(Errno::INVAL | Errno::NOENT) => Err(FuseError::NotMounted(mountpoint.to_path_buf())),
         Err(e) => Err(FuseError::Unmount {
             mountpoint: mountpoint.to_path_buf(),
             source: e.into(),
@@ -135,7 +131,7 @@ pub fn wait_released(volume: &Path, timeout: Duration) -> Result<bool, FuseError
         match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
             // Closing `file` on return drops the lock.
             Ok(()) => return Ok(true),
-            Err(Errno::WOULDBLOCK) | Err(Errno::INTR) => {}
+            Err(Errno::WOULDBLOCK | Errno::INTR) => {}
             Err(e) => {
                 return Err(FuseError::Wait {
                     volume: volume.to_path_buf(),
@@ -188,7 +184,7 @@ garbage line
         let dir = tempfile::tempdir().expect("tempdir");
         match unmount(dir.path()) {
             // EPERM when not root.
-            Err(FuseError::NotMounted(_)) | Err(FuseError::Unmount { .. }) => {}
+            Err(FuseError::NotMounted(_) | FuseError::Unmount { .. }) => {}
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -531,3 +531,102 @@ fn regression_8_direct_io_volumes_work() {
         .unwrap()
         .is_empty());
 }
+
+// ---- Third review (format v3) ---------------------------------------------------------------
+
+/// Block 3 written (twice when `twice`), flushed, then the power fails with nothing
+/// unflushed, inside the dirty map's window: a read-only open reads group 0 by the lenient
+/// after-crash rules. Returns the backend (its history knows every version) and the volume.
+fn flushed_then_crash(twice: bool) -> (Arc<FaultBackend>, Volume, Vec<u8>) {
+    let (backend, _) = format(4096, 64);
+    let opts = OpenOptions {
+        dirty_clear_interval: std::time::Duration::from_secs(3600),
+        ..options()
+    };
+    let vol = Volume::open(backend.clone(), &opts).unwrap();
+    if twice {
+        vol.write_at(&block_data(3, 1, 4096), 3 * 4096).unwrap();
+        vol.flush().unwrap();
+    }
+    let newest = block_data(3, 2, 4096);
+    vol.write_at(&newest, 3 * 4096).unwrap();
+    vol.flush().unwrap();
+    std::mem::forget(vol);
+    let vol = Volume::open(backend.clone(), &read_only()).unwrap();
+    // Metadata loaded: the next backend read of the block is its data.
+    vol.inspect_block(3).unwrap();
+    (backend, vol, newest)
+}
+
+/// Review 3, F1: after a crash, a read-only open accepted a block's older tag (or "never
+/// written") on a single data read, so one transient zero or stale read returned flushed
+/// data's previous version — or zeros — without an error. Data that matches only the older
+/// tag is now read again, and returned only if the disk says so twice.
+#[test]
+fn regression_9_one_bad_read_after_a_crash_never_returns_an_older_version() {
+    for (twice, fault) in [(false, "zero"), (true, "zero"), (true, "stale")] {
+        let (backend, vol, newest) = flushed_then_crash(twice);
+        match fault {
+            "zero" => backend.zero_next_read(),
+            _ => backend.stale_next_read(),
+        }
+        let got = read(&vol, 3);
+        assert!(
+            got.as_ref().is_ok_and(|d| *d == newest),
+            "{fault} read of a block written {} time(s) and flushed: {:?}",
+            if twice { 2 } else { 1 },
+            got.map(|d| d[..8].to_vec())
+        );
+    }
+}
+
+/// Review 3, F2: `first_written_block` skipped a group whose metadata reads as a hole without
+/// asking the written map, so `import` without `--force` took a volume whose only data was a
+/// wiped group for an empty one.
+#[test]
+fn regression_10_first_written_block_sees_a_wiped_group() {
+    let mut f = FormatOptions::with_size(64 * 4096);
+    f.uuid = Some([0x42; 16]);
+    f.group_blocks = Some(16);
+    let backend = Arc::new(MemoryBackend::new(f.backing_len().unwrap()).unwrap());
+    let vol = Volume::format(backend.clone(), &f).unwrap();
+    let geo = *vol.geometry();
+    let g1 = geo.first_block(1);
+    vol.write_at(&block_data(g1, 1, 4096), g1 * 4096).unwrap();
+    vol.close().unwrap();
+    backend
+        .zero_range(geo.meta_offset(1, 0), 2 * u64::from(geo.block_size))
+        .unwrap();
+    let vol = Volume::open(backend, &options()).unwrap();
+    assert_eq!(vol.first_written_block(0).unwrap(), Some(g1));
+    assert!(read(&vol, g1).is_err());
+}
+
+/// Review 3, F3: in the session that last wrote a written-map sector, `check_map` answered
+/// from the cache, so a copy damaged since (a write of the last data block misdirected one
+/// block further lands on the tail copy) went unreported until the volume was reopened.
+#[test]
+fn regression_11_check_map_reads_the_disk_not_its_cache() {
+    let (backend, geo) = format(4096, 64);
+    let vol = Volume::open(backend.clone(), &options()).unwrap();
+    vol.write_at(&block_data(0, 1, 4096), 0).unwrap();
+    vol.flush().unwrap();
+    let last = geo.data_blocks - 1;
+    let (from, to) = (geo.data_offset(last), geo.data_offset(last) + 4096);
+    assert_eq!(
+        to,
+        geo.map_offset(blockguard::format::MapKind::Written, 1),
+        "the tail copy follows the last block"
+    );
+    backend.misdirect_writes_with(move |off, len| (off == from && len == 4096).then_some(to));
+    vol.write_at(&block_data(last, 1, 4096), last * 4096).unwrap();
+    vol.flush().unwrap();
+    backend.clear_faults();
+    let problems = vol.check_map().unwrap();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.detail.contains("written-groups map sector, copy 1")),
+        "{problems:?}"
+    );
+}

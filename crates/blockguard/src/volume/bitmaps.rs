@@ -219,7 +219,7 @@ impl Inner {
             // Built on confirmed bytes only: a bad read written back would clear other bits.
             let s = self.written_sector(index, true)?;
             if s.parse != MapParse::Valid {
-                tracing::warn!(volume = %self.name, sector = index, "not marking groups written in a map sector with no valid copy; `blockguard recover` rebuilds it");
+                tracing::warn!(volume = %self.name, sector = index, "not marking groups written in a map sector with no valid copy; `blockguard recover --rebuild` rebuilds it");
                 continue;
             }
             if bits.iter().all(|&i| map_bit(&s.raw, i)) && s.damaged_copies.is_empty() {
@@ -334,10 +334,12 @@ impl Inner {
     }
 
     /// Written-map sectors with a damaged copy or one behind the other, and what is wrong.
+    /// Read from the disk now, not the cache: a sector this session wrote is cached as it
+    /// was meant, and a copy damaged since (a misdirected write, say) must still show.
     pub(crate) fn damaged_map_sectors(&self) -> Result<Vec<(u32, usize, MapDamage)>> {
         let mut out = Vec::new();
         for index in 0..u32_of(self.geo.map_sectors()) {
-            let s = self.written_sector(index, true)?;
+            let s = self.read_map_sector(MapKind::Written, index, true)?;
             out.extend(s.damaged_copies.iter().map(|&(copy, why)| (index, copy, why)));
         }
         Ok(out)

@@ -160,7 +160,7 @@ impl Inner {
             detail: format!(
                 "{} acknowledged block writes could not be kept (blocks {}{more}): {}; they keep their previous \
                  contents. Flushes fail until they are written again (a write must cover each damaged metadata \
-                 sector whole) or `blockguard recover` rebuilds the metadata",
+                 sector whole) or `blockguard recover --rebuild` rebuilds the metadata",
                 state.lost.len(),
                 list.join(", "),
                 state.lost_why
@@ -466,7 +466,7 @@ impl Inner {
             block,
             kind: crate::CorruptionKind::MetadataDamaged,
             detail: format!(
-                "refusing to write: {why}; a write covering all {} blocks of this metadata sector, or `blockguard recover`, re-establishes it",
+                "refusing to write: {why}; a write covering all {} blocks of this metadata sector, or `blockguard recover --rebuild`, re-establishes it",
                 self.geo.tags_per_sector()
             ),
         }

@@ -101,15 +101,6 @@ pub(crate) enum Accept {
 }
 
 impl Accept {
-    /// True if `matches` accepts one of the tags.
-    pub(crate) fn any(&self, mut matches: impl FnMut(&Tag) -> bool) -> bool {
-        match self {
-            Accept::One(t) => matches(t),
-            Accept::Either(a, b) => matches(a) || (a != b && matches(b)),
-            Accept::Damaged(_) => false,
-        }
-    }
-
     /// True when the only accepted state is "never written" (reads as zeros).
     pub(crate) fn only_unwritten(&self) -> bool {
         match self {

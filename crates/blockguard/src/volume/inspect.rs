@@ -165,8 +165,11 @@ impl Inner {
                 if staged.is_some_and(|s| s < first + u64::from(self.geo.blocks_in_group(g))) {
                     return Ok(staged);
                 }
+                // A hole is a never-written group only where the written map agrees: a wiped
+                // group holds data that could not be trusted, not nothing.
                 if self.cached_group(g).is_none()
                     && covered(&zeros, at, at + 2 * u64::from(self.geo.block_size))
+                    && self.map_bit(g, true)? == MapBit::Clear
                 {
                     continue;
                 }
@@ -282,6 +285,8 @@ impl Inner {
     /// `recover` repairs them.
     pub(crate) fn check_map(&self) -> Result<Vec<MapProblem>> {
         let per = crate::format::GROUPS_PER_MAP_SECTOR;
+        // Commits write both copies of a sector one after the other: read none in between.
+        let commit = self.lock(&self.commit);
         let trusted = self.trusted.load(std::sync::atomic::Ordering::Acquire);
         let where_ = |copy: usize| {
             if copy == 0 {
@@ -297,6 +302,7 @@ impl Inner {
             .filter(|&(_, _, why)| trusted || why != MapDamage::Behind)
             .map(|(sector, copy, why)| (MapKind::Written, sector, copy, why));
         let session = self.damaged_session_sectors()?;
+        drop(commit);
         let mut problems: Vec<MapProblem> = written
             .chain(session)
             .map(|(kind, sector, copy, why)| MapProblem {

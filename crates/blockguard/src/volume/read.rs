@@ -43,11 +43,18 @@ pub(crate) fn copy_staged(entry: &Staged, out: &mut [u8]) {
 }
 
 impl Inner {
-    /// Verifies `data` as the content of `block`.
-    pub(crate) fn verify(&self, block: u64, data: &[u8], accept: &Accept) -> Result<()> {
+    /// Verifies `data` as the content of `block`, telling which tag matched: [`Match::Fallback`] when only the older
+    /// (or "never written") tag of a pair read with the after-crash rules did. Such data must be
+    /// read again before it is returned: a bad read that returns zeros or an older version
+    /// looks exactly like it.
+    fn verify_match(&self, block: u64, data: &[u8], accept: &Accept) -> Result<Match> {
         let profile = self.sb.profile;
-        if accept.any(|t| profile.verify(&self.sb.uuid, block, data, t)) {
-            return Ok(());
+        let matches = |t: &crate::tag::Tag| profile.verify(&self.sb.uuid, block, data, t);
+        match accept {
+            Accept::One(t) if matches(t) => return Ok(Match::Newest),
+            Accept::Either(newest, _) if matches(newest) => return Ok(Match::Newest),
+            Accept::Either(_, older) if matches(older) => return Ok(Match::Fallback),
+            _ => {}
         }
         let (kind, detail) = match accept {
             Accept::Damaged(why) => (
@@ -196,20 +203,25 @@ impl Inner {
     /// Reads unstaged consecutive blocks of one group from the backend and verifies them.
     fn read_run(&self, first: u64, dst: &mut [u8]) -> Result<()> {
         self.backend_read(dst, self.geo.data_offset(first), "reading data")?;
-        if let Err(e) = self.verify_run(first, dst) {
-            self.reread_settled(first, dst).map_err(|again| match again {
-                // Report what the careful second look found; it names the real reason.
-                Error::Corrupt { .. } => again,
-                other => {
-                    tracing::debug!(volume = %self.name, block = first, "re-read failed after {e}: {other}");
-                    other
-                }
-            })?;
-        }
-        Ok(())
+        let why = match self.verify_run(first, dst) {
+            Ok(Match::Newest) => return Ok(()),
+            Ok(Match::Fallback) => "matched only an older tag".to_string(),
+            Err(e) => e.to_string(),
+        };
+        self.reread_settled(first, dst).map_err(|again| match again {
+            // Report what the careful second look found; it names the real reason.
+            Error::Corrupt { .. } => again,
+            other => {
+                tracing::debug!(volume = %self.name, block = first, "re-read failed after {why}: {other}");
+                other
+            }
+        })
     }
 
-    fn verify_run(&self, first: u64, data: &[u8]) -> Result<()> {
+    /// Verifies a run read from the backend; [`Match::Fallback`] if any block of it matched
+    /// only an older tag.
+    fn verify_run(&self, first: u64, data: &[u8]) -> Result<Match> {
+        let mut found = Match::Newest;
         let bs = self.geo.block_size as usize;
         let (group, index) = self.geo.group_of(first);
         let state = self.group(group)?;
@@ -225,9 +237,11 @@ impl Inner {
                     continue;
                 }
             }
-            self.verify(block, chunk, &state.accept(i))?;
+            if self.verify_match(block, chunk, &state.accept(i))? == Match::Fallback {
+                found = Match::Fallback;
+            }
         }
-        Ok(())
+        Ok(found)
     }
 
     /// Slow path after a failed verification: a commit may have moved data and tags under
@@ -247,7 +261,13 @@ impl Inner {
             let (group, index) = self.geo.group_of(block);
             let state = self.confirmed_group(group)?;
             let accept = state.accept(index as usize);
-            if let Err(e) = self.verify(block, chunk, &accept) {
+            let mut found = self.verify_match(block, chunk, &accept);
+            if matches!(found, Ok(Match::Fallback)) {
+                // The older version is returned only if the disk says so twice in a row.
+                self.read_confirmed(chunk, self.geo.data_offset(block), "confirming data")?;
+                found = self.verify_match(block, chunk, &accept);
+            }
+            if let Err(e) = found {
                 tracing::error!(volume = %self.name, block, "{e}");
                 return Err(e);
             }
@@ -255,4 +275,14 @@ impl Inner {
         self.stats.reads_retried.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Which of the tags a block's data matched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Match {
+    /// The newest tag (or the only one accepted).
+    Newest,
+    /// Only the older tag of a pair read with the after-crash rules (or "never written" for a
+    /// first write a crash may have cut short).
+    Fallback,
 }
