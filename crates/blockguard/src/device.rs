@@ -115,9 +115,9 @@ fn no_space(e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// The Linux errno values that mean "no room" (stable ABI numbers).
 mod libc_errno {
-    pub const EFBIG: i32 = 27;
-    pub const ENOSPC: i32 = 28;
-    pub const EDQUOT: i32 = 122;
+    pub(crate) const EFBIG: i32 = 27;
+    pub(crate) const ENOSPC: i32 = 28;
+    pub(crate) const EDQUOT: i32 = 122;
 }
 
 #[cfg(test)]

@@ -22,59 +22,100 @@ pub enum Error {
     /// The backend failed.
     #[error("{volume}: I/O error while {during} at byte {offset}")]
     Io {
+        /// The volume's name.
         volume: String,
+        /// What the engine was doing ("writing data", "flushing metadata", ...).
         during: &'static str,
+        /// Byte offset on the backend where it failed.
         offset: u64,
+        /// The backend's error.
         #[source]
         source: io::Error,
     },
     /// A block failed verification; its data is not returned.
     #[error("{volume}: block {block} failed verification: {detail}")]
     Corrupt {
+        /// The volume's name.
         volume: String,
+        /// The data block that failed.
         block: u64,
+        /// What the verification found.
         kind: CorruptionKind,
+        /// What was expected and what was found, for the log.
         detail: String,
     },
     /// A request reaches outside the volume.
     #[error("{volume}: request of {len} bytes at offset {offset} lies outside the volume ({size} bytes)")]
     OutOfRange {
+        /// The volume's name.
         volume: String,
+        /// Start of the request in bytes.
         offset: u64,
+        /// Length of the request in bytes.
         len: u64,
+        /// The volume's logical size in bytes.
         size: u64,
     },
     /// A write to a read-only volume.
     #[error("{volume}: the volume is open read-only")]
-    ReadOnly { volume: String },
+    ReadOnly {
+        /// The volume's name.
+        volume: String,
+    },
     /// The backend holds no blockguard volume.
     #[error("{volume}: not a blockguard volume ({detail})")]
-    NotAVolume { volume: String, detail: String },
+    NotAVolume {
+        /// The volume's name.
+        volume: String,
+        /// Why neither superblock copy was recognized.
+        detail: String,
+    },
     /// Both superblock copies are damaged.
     #[error("{volume}: both superblock copies are damaged (primary: {primary}; backup: {backup})")]
     SuperblockDamaged {
+        /// The volume's name.
         volume: String,
+        /// What is wrong with the primary copy.
         primary: String,
+        /// What is wrong with the backup copy.
         backup: String,
     },
     /// Written by a newer version or with features this build lacks.
     #[error("{volume}: {detail}")]
-    Unsupported { volume: String, detail: String },
+    Unsupported {
+        /// The volume's name.
+        volume: String,
+        /// The version or features, and what the user can do.
+        detail: String,
+    },
     /// The backend is shorter than the volume's layout.
     #[error("{volume}: truncated: the layout needs {expected} bytes but the backend has {actual}")]
     Truncated {
+        /// The volume's name.
         volume: String,
+        /// Bytes the layout needs.
         expected: u64,
+        /// Bytes the backend has.
         actual: u64,
     },
     /// Options or sizes that cannot work.
     #[error("{volume}: {detail}")]
-    InvalidArgument { volume: String, detail: String },
+    InvalidArgument {
+        /// The volume's name (or what was being created).
+        volume: String,
+        /// What is wrong with the request.
+        detail: String,
+    },
     /// The volume failed: an earlier write-back failed (durability can no longer be
     /// promised), or a thread panicked inside the engine (its state may be inconsistent).
     /// Reads go on; writes and flushes are refused until the volume is reopened.
     #[error("{volume}: the volume has failed ({detail}); writes and flushes are refused")]
-    Failed { volume: String, detail: String },
+    Failed {
+        /// The volume's name.
+        volume: String,
+        /// The failure that stopped it.
+        detail: String,
+    },
 }
 
 impl Error {

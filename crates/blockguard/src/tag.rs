@@ -38,10 +38,9 @@ impl Tag {
         }
         let mut bytes = [0; MAX_TAG_SIZE];
         bytes[..b.len()].copy_from_slice(b);
-        Tag {
-            bytes,
-            len: b.len() as u8,
-        }
+        #[allow(clippy::cast_possible_truncation)] // At most `MAX_TAG_SIZE`: the copy above checked.
+        let len = b.len() as u8;
+        Tag { bytes, len }
     }
 
     /// The stored bytes of the tag (`size` bytes; the unwritten tag is all zeros).
@@ -146,7 +145,8 @@ impl Profile {
                 let mut b = [0u8; 8];
                 b[0..4].copy_from_slice(&guard.to_le_bytes());
                 b[4..6].copy_from_slice(&CRC32C_APP_TAG.to_le_bytes());
-                b[6..8].copy_from_slice(&(block as u16).to_le_bytes());
+                // The low 16 bits of the block number.
+                b[6..8].copy_from_slice(&block.to_le_bytes()[..2]);
                 Tag::from_bytes(&b)
             }
         }
@@ -183,7 +183,9 @@ fn crc32c_wide(seed: &[u8], data: &[u8]) -> u32 {
     d.update(seed);
     d.update(data);
     // CRC-32 results fit in the low 32 bits.
-    d.finalize() as u32
+    #[allow(clippy::cast_possible_truncation)] // The high 32 bits are zero (see above).
+    let crc = d.finalize() as u32;
+    crc
 }
 
 /// True if the CPU folds CRCs with 512-bit carry-less multiplies (std caches the detection).

@@ -2,6 +2,7 @@
 
 use super::map::MapKind;
 use super::superblock::SB_REGION;
+use crate::cast::{u32_of, u32_of_small, usize_of};
 use serde::Serialize;
 
 /// Why a requested layout cannot exist.
@@ -13,19 +14,39 @@ pub enum GeometryError {
     BlockSize(u32),
     /// Size zero or not a multiple of the block size.
     #[error("volume size {size} is not a positive multiple of the block size {block_size}")]
-    Size { size: u64, block_size: u32 },
+    Size {
+        /// The requested size in bytes.
+        size: u64,
+        /// The block size it must be a multiple of.
+        block_size: u32,
+    },
     /// The layout would exceed what 64-bit offsets can address.
     #[error("volume size {0} is too large")]
     TooLarge(u64),
     /// Not even one data block fits in the backend.
     #[error("{len} bytes are too small for a volume with {block_size}-byte blocks")]
-    TooSmall { len: u64, block_size: u32 },
+    TooSmall {
+        /// The backend's length in bytes.
+        len: u64,
+        /// The requested block size.
+        block_size: u32,
+    },
     /// A requested group size outside 1 ..= the tags a metadata block holds.
     #[error("{group_blocks} blocks per group: a metadata block holds 1 to {max} tags")]
-    GroupBlocks { group_blocks: u32, max: u32 },
+    GroupBlocks {
+        /// The requested blocks per group.
+        group_blocks: u32,
+        /// The most a metadata block can cover.
+        max: u32,
+    },
     /// The tag does not leave room for at least one tag per metadata block.
     #[error("tag size {tag_size} does not fit a {block_size}-byte metadata block")]
-    TagSize { tag_size: usize, block_size: u32 },
+    TagSize {
+        /// The profile's tag size in bytes.
+        tag_size: usize,
+        /// The block size, which is also the metadata block's.
+        block_size: u32,
+    },
 }
 
 /// The layout of a volume, derived from the superblock.
@@ -67,7 +88,7 @@ pub struct BlockLocation {
 }
 
 /// Metadata blocks per group: the two brothers.
-pub const META_PER_GROUP: u64 = 2;
+pub(crate) const META_PER_GROUP: u64 = 2;
 
 /// Sectors of each group bitmap for `groups` groups.
 fn map_sectors(groups: u64) -> u64 {
@@ -119,7 +140,7 @@ impl Geometry {
         group_blocks: Option<u32>,
     ) -> Result<Geometry, GeometryError> {
         Self::check_block_size(block_size)?;
-        if size == 0 || !size.is_multiple_of(block_size as u64) {
+        if size == 0 || !size.is_multiple_of(u64::from(block_size)) {
             return Err(GeometryError::Size { size, block_size });
         }
         let max = Self::tags_per_meta(block_size, tag_size)?;
@@ -128,7 +149,7 @@ impl Geometry {
             Some(n) if (1..=max).contains(&n) => n,
             Some(n) => return Err(GeometryError::GroupBlocks { group_blocks: n, max }),
         };
-        let data_blocks = size / block_size as u64;
+        let data_blocks = size / u64::from(block_size);
         let g = Self::build(block_size, tag_size, group_blocks, data_blocks, None)
             .ok_or(GeometryError::TooLarge(size))?;
         Ok(g)
@@ -143,7 +164,7 @@ impl Geometry {
         // 0 grows with the groups), so the largest count that fits is found by bisection:
         // `build` is monotone in it.
         let fits = |d: u64| Self::build(block_size, tag_size, group_blocks, d, Some(len));
-        let (mut lo, mut hi) = (0u64, len / block_size as u64 + 1);
+        let (mut lo, mut hi) = (0u64, len / u64::from(block_size) + 1);
         if fits(1).is_none() {
             return Err(too_small);
         }
@@ -193,9 +214,11 @@ impl Geometry {
         if data_blocks == 0 {
             return None;
         }
-        let bs = block_size as u64;
-        let n = group_blocks as u64;
+        let bs = u64::from(block_size);
+        let n = u64::from(group_blocks);
         let groups = data_blocks.div_ceil(n);
+        // Map sectors are numbered with a `u32` (it seeds their checksums).
+        u32::try_from(map_sectors(groups)).ok()?;
         // Each of the three group bitmaps has two copies, one in the head (after the primary
         // superblock) and one in the tail (before the backup superblock); every copy has a
         // 4 KiB-aligned region of its own, so no single 4 KiB write, torn or misdirected, can
@@ -228,7 +251,7 @@ impl Geometry {
         }
         Some(Geometry {
             block_size,
-            tag_size: tag_size as u32,
+            tag_size: u32_of_small(tag_size),
             group_blocks,
             data_blocks,
             groups,
@@ -266,17 +289,17 @@ impl Geometry {
     /// Map sector holding `group`'s bit, and the bit's position in it.
     pub fn map_position(&self, group: u64) -> (u32, u64) {
         let per = super::GROUPS_PER_MAP_SECTOR;
-        ((group / per) as u32, group % per)
+        (u32_of(group / per), group % per)
     }
 
     /// Logical size in bytes.
     pub fn size(&self) -> u64 {
-        self.data_blocks * self.block_size as u64
+        self.data_blocks * u64::from(self.block_size)
     }
 
     /// Bytes one group occupies (metadata and data).
     pub fn group_len(&self) -> u64 {
-        (META_PER_GROUP + self.group_blocks as u64) * self.block_size as u64
+        (META_PER_GROUP + u64::from(self.group_blocks)) * u64::from(self.block_size)
     }
 
     /// Data blocks in group `group` (all but the last are full).
@@ -285,33 +308,33 @@ impl Geometry {
         if group + 1 < self.groups {
             self.group_blocks
         } else {
-            (self.data_blocks - group * self.group_blocks as u64) as u32
+            u32_of(self.data_blocks - group * u64::from(self.group_blocks))
         }
     }
 
     /// Byte offset of brother `slot` (0 or 1) of `group`.
     pub fn meta_offset(&self, group: u64, slot: usize) -> u64 {
         debug_assert!(group < self.groups && slot < 2);
-        self.first_group_offset + group * self.group_len() + slot as u64 * self.block_size as u64
+        self.first_group_offset + group * self.group_len() + slot as u64 * u64::from(self.block_size)
     }
 
     /// Byte offset of data block `block`.
     pub fn data_offset(&self, block: u64) -> u64 {
         debug_assert!(block < self.data_blocks);
-        let n = self.group_blocks as u64;
+        let n = u64::from(self.group_blocks);
         let (g, i) = (block / n, block % n);
-        self.first_group_offset + g * self.group_len() + (META_PER_GROUP + i) * self.block_size as u64
+        self.first_group_offset + g * self.group_len() + (META_PER_GROUP + i) * u64::from(self.block_size)
     }
 
     /// Group of data block `block` and the block's index in it.
     pub fn group_of(&self, block: u64) -> (u64, u32) {
-        let n = self.group_blocks as u64;
-        (block / n, (block % n) as u32)
+        let n = u64::from(self.group_blocks);
+        (block / n, u32_of(block % n))
     }
 
     /// First data block of `group`.
     pub fn first_block(&self, group: u64) -> u64 {
-        group * self.group_blocks as u64
+        group * u64::from(self.group_blocks)
     }
 
     /// Everything about where `block` lives, for `dump` and the tests.
@@ -332,27 +355,27 @@ impl Geometry {
 
     /// Tags per 512-byte metadata sector.
     pub fn tags_per_sector(&self) -> u32 {
-        super::tags_per_sector(self.tag_size as usize) as u32
+        u32_of_small(super::tags_per_sector(self.tag_size as usize))
     }
 
     /// 512-byte sectors per metadata block: the number of brother pairs of a group.
     pub fn sectors_per_meta(&self) -> u32 {
-        self.block_size / super::SECTOR_SIZE as u32
+        self.block_size / u32_of_small(super::SECTOR_SIZE)
     }
 
     /// Tags held by sector `sector` of `group`'s metadata blocks (0 for sectors past the
     /// group's last block).
     pub fn tags_in_sector(&self, group: u64, sector: u32) -> usize {
-        let per = self.tags_per_sector() as u64;
-        let blocks = self.blocks_in_group(group) as u64;
-        blocks.saturating_sub(sector as u64 * per).min(per) as usize
+        let per = u64::from(self.tags_per_sector());
+        let blocks = u64::from(self.blocks_in_group(group));
+        usize_of(blocks.saturating_sub(u64::from(sector) * per).min(per))
     }
 
     /// Byte offset of the tag of the block with `index` in its group, inside a metadata block.
     pub fn tag_offset(&self, index: u32) -> u32 {
         let per = self.tags_per_sector();
-        (index / per) * super::SECTOR_SIZE as u32
-            + super::SECTOR_HEADER_SIZE as u32
+        (index / per) * u32_of_small(super::SECTOR_SIZE)
+            + u32_of_small(super::SECTOR_HEADER_SIZE)
             + (index % per) * self.tag_size
     }
 }
@@ -365,8 +388,8 @@ mod tests {
     fn default_geometry_has_496_blocks_per_group() {
         let g = Geometry::for_size(1 << 30, 4096, 8).unwrap();
         assert_eq!(g.group_blocks, 496, "8 sectors of 62 tags");
-        assert_eq!(g.data_blocks, 262144);
-        assert_eq!(g.groups, 262144u64.div_ceil(496));
+        assert_eq!(g.data_blocks, 262_144);
+        assert_eq!(g.groups, 262_144u64.div_ceil(496));
         // The superblock region, then a 4 KiB region per map (one sector used in each).
         assert_eq!(g.map_sectors(), 1);
         assert_eq!(g.map_region_len(), 4096);
@@ -397,7 +420,7 @@ mod tests {
     #[test]
     fn blocks_never_overlap_metadata_or_superblocks() {
         for bs in [512u32, 4096] {
-            let g = Geometry::for_size(bs as u64 * 1000, bs, 8).unwrap();
+            let g = Geometry::for_size(u64::from(bs) * 1000, bs, 8).unwrap();
             let mut regions: Vec<(u64, u64)> = vec![(0, SB_REGION), (g.backup_sb_offset, g.backing_len)];
             for kind in [MapKind::Written, MapKind::Dirty, MapKind::FirstWrite] {
                 for copy in 0..2 {
@@ -409,15 +432,15 @@ mod tests {
             }
             for gr in 0..g.groups {
                 for s in 0..2 {
-                    regions.push((g.meta_offset(gr, s), g.meta_offset(gr, s) + bs as u64));
+                    regions.push((g.meta_offset(gr, s), g.meta_offset(gr, s) + u64::from(bs)));
                 }
             }
             for b in 0..g.data_blocks {
-                regions.push((g.data_offset(b), g.data_offset(b) + bs as u64));
+                regions.push((g.data_offset(b), g.data_offset(b) + u64::from(bs)));
             }
-            regions.sort();
+            regions.sort_unstable();
             for w in regions.windows(2) {
-                assert!(w[0].1 <= w[1].0, "overlap {:?}", w);
+                assert!(w[0].1 <= w[1].0, "overlap {w:?}");
             }
         }
     }
@@ -430,11 +453,29 @@ mod tests {
                     continue;
                 };
                 assert!(g.backing_len == len);
-                assert!(g.data_offset(g.data_blocks - 1) + bs as u64 <= g.map_offset(MapKind::Written, 1));
+                assert!(
+                    g.data_offset(g.data_blocks - 1) + u64::from(bs) <= g.map_offset(MapKind::Written, 1)
+                );
                 assert!(Geometry::build(bs, 8, g.group_blocks, g.data_blocks + 1, Some(len)).is_none());
             }
         }
         assert!(Geometry::for_backing_len(8192, 4096, 8).is_err());
+    }
+
+    #[test]
+    fn map_sector_numbers_fit_a_u32() {
+        // One 512-byte block per group: a map sector covers that many blocks.
+        let per = crate::format::GROUPS_PER_MAP_SECTOR;
+        let fits = u64::from(u32::MAX) * per * 512;
+        assert_eq!(
+            Geometry::for_size_with_groups(fits, 512, 8, Some(1)).map(|g| g.map_sectors()),
+            Ok(u64::from(u32::MAX))
+        );
+        let size = fits + 512;
+        assert_eq!(
+            Geometry::for_size_with_groups(size, 512, 8, Some(1)),
+            Err(GeometryError::TooLarge(size))
+        );
     }
 
     #[test]

@@ -133,7 +133,7 @@ pub fn map_checksum(s: &[u8], uuid: &[u8; 16], kind: MapKind, index: u32) -> u32
 /// Groups covered by map sector `index` of a volume of `groups` groups.
 pub fn groups_in_map_sector(index: u32, groups: u64) -> u64 {
     groups
-        .saturating_sub(index as u64 * GROUPS_PER_MAP_SECTOR)
+        .saturating_sub(u64::from(index) * GROUPS_PER_MAP_SECTOR)
         .min(GROUPS_PER_MAP_SECTOR)
 }
 

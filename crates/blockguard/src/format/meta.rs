@@ -222,6 +222,7 @@ mod tests {
         SectorId { group, index, slot }
     }
 
+    #[allow(clippy::cast_possible_truncation)] // Wrapping is the point: any byte pattern will do.
     fn tags(n: usize, fill: u8) -> Vec<u8> {
         (0..n * 8).map(|i| fill.wrapping_add(i as u8) | 1).collect()
     }

@@ -3,8 +3,10 @@
 
 use super::geometry::Geometry;
 use super::{le16, le32, le64};
+use crate::cast::{u32_of_small, usize_of};
 use crate::tag::Profile;
 use serde::Serialize;
+use std::fmt::Write as _;
 
 /// Magic at byte 0 of both superblock copies.
 pub const SB_MAGIC: [u8; 8] = *b"BLKGUARD";
@@ -22,65 +24,65 @@ const CRC_AT: usize = at::CHECKSUM;
 const LABEL_LEN: usize = 64;
 /// Byte offsets of the superblock's fields (`docs/FORMAT.md`, "Superblock"), each derived from
 /// the one before, so encode, decode and the layout test cannot disagree.
-pub mod at {
+pub(crate) mod at {
     /// `magic`, 8 bytes.
-    pub const MAGIC: usize = 0;
+    pub(crate) const MAGIC: usize = 0;
     /// `version`, u32.
-    pub const VERSION: usize = MAGIC + 8;
+    pub(crate) const VERSION: usize = MAGIC + 8;
     /// `struct_size`, u32.
-    pub const STRUCT_SIZE: usize = VERSION + 4;
+    pub(crate) const STRUCT_SIZE: usize = VERSION + 4;
     /// `compat`, u64.
-    pub const COMPAT: usize = STRUCT_SIZE + 4;
+    pub(crate) const COMPAT: usize = STRUCT_SIZE + 4;
     /// `ro_compat`, u64.
-    pub const RO_COMPAT: usize = COMPAT + 8;
+    pub(crate) const RO_COMPAT: usize = COMPAT + 8;
     /// `incompat`, u64.
-    pub const INCOMPAT: usize = RO_COMPAT + 8;
+    pub(crate) const INCOMPAT: usize = RO_COMPAT + 8;
     /// `uuid`, 16 bytes.
-    pub const UUID: usize = INCOMPAT + 8;
+    pub(crate) const UUID: usize = INCOMPAT + 8;
     /// `block_size`, u32.
-    pub const BLOCK_SIZE: usize = UUID + 16;
+    pub(crate) const BLOCK_SIZE: usize = UUID + 16;
     /// `profile`, u16.
-    pub const PROFILE: usize = BLOCK_SIZE + 4;
+    pub(crate) const PROFILE: usize = BLOCK_SIZE + 4;
     /// `tag_size`, u16.
-    pub const TAG_SIZE: usize = PROFILE + 2;
+    pub(crate) const TAG_SIZE: usize = PROFILE + 2;
     /// `mode`, u8.
-    pub const MODE: usize = TAG_SIZE + 2;
+    pub(crate) const MODE: usize = TAG_SIZE + 2;
     /// `copy`, u8.
-    pub const COPY: usize = MODE + 1;
+    pub(crate) const COPY: usize = MODE + 1;
     /// `meta_per_group`, u16.
-    pub const META_PER_GROUP: usize = COPY + 1;
+    pub(crate) const META_PER_GROUP: usize = COPY + 1;
     /// `group_blocks`, u32.
-    pub const GROUP_BLOCKS: usize = META_PER_GROUP + 2;
+    pub(crate) const GROUP_BLOCKS: usize = META_PER_GROUP + 2;
     /// `size`, u64.
-    pub const SIZE: usize = GROUP_BLOCKS + 4;
+    pub(crate) const SIZE: usize = GROUP_BLOCKS + 4;
     /// `data_blocks`, u64.
-    pub const DATA_BLOCKS: usize = SIZE + 8;
+    pub(crate) const DATA_BLOCKS: usize = SIZE + 8;
     /// `groups`, u64.
-    pub const GROUPS: usize = DATA_BLOCKS + 8;
+    pub(crate) const GROUPS: usize = DATA_BLOCKS + 8;
     /// `first_group_offset`, u64.
-    pub const FIRST_GROUP: usize = GROUPS + 8;
+    pub(crate) const FIRST_GROUP: usize = GROUPS + 8;
     /// `backing_len`, u64.
-    pub const BACKING_LEN: usize = FIRST_GROUP + 8;
+    pub(crate) const BACKING_LEN: usize = FIRST_GROUP + 8;
     /// `backup_sb_offset`, u64.
-    pub const BACKUP_SB: usize = BACKING_LEN + 8;
+    pub(crate) const BACKUP_SB: usize = BACKING_LEN + 8;
     /// `created`, u64.
-    pub const CREATED: usize = BACKUP_SB + 8;
+    pub(crate) const CREATED: usize = BACKUP_SB + 8;
     /// `mirror_set`, 16 bytes.
-    pub const MIRROR_SET: usize = CREATED + 8;
+    pub(crate) const MIRROR_SET: usize = CREATED + 8;
     /// `mirror_role`, u8.
-    pub const MIRROR_ROLE: usize = MIRROR_SET + 16;
+    pub(crate) const MIRROR_ROLE: usize = MIRROR_SET + 16;
     /// `state`, u8.
-    pub const STATE: usize = MIRROR_ROLE + 1;
+    pub(crate) const STATE: usize = MIRROR_ROLE + 1;
     /// Two bytes of padding.
-    pub const PADDING: usize = STATE + 1;
+    pub(crate) const PADDING: usize = STATE + 1;
     /// `meta_device`, 16 bytes.
-    pub const META_DEVICE: usize = PADDING + 2;
+    pub(crate) const META_DEVICE: usize = PADDING + 2;
     /// `label`, 64 bytes.
-    pub const LABEL: usize = META_DEVICE + 16;
+    pub(crate) const LABEL: usize = META_DEVICE + 16;
     /// Reserved up to the checksum.
-    pub const RESERVED: usize = LABEL + super::LABEL_LEN;
+    pub(crate) const RESERVED: usize = LABEL + super::LABEL_LEN;
     /// `checksum`, u32: the last four bytes of the structure.
-    pub const CHECKSUM: usize = super::SB_STRUCT_SIZE - 4;
+    pub(crate) const CHECKSUM: usize = super::SB_STRUCT_SIZE - 4;
 }
 
 // The fields fit the structure without overlapping the checksum, and sit where every version
@@ -142,21 +144,37 @@ pub enum SuperblockError {
     /// The bytes are not a blockguard superblock at all.
     #[error(
         "no blockguard superblock (magic {}, expected \"BLKGUARD\")",
-        show_magic(found)
+        show_magic(*found)
     )]
-    BadMagic { found: [u8; 8] },
+    BadMagic {
+        /// The first eight bytes of the copy.
+        found: [u8; 8],
+    },
     /// The checksum does not match: the copy is damaged.
     #[error("superblock checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
-    BadChecksum { stored: u32, computed: u32 },
+    BadChecksum {
+        /// The checksum stored in the copy.
+        stored: u32,
+        /// The checksum of the bytes it covers.
+        computed: u32,
+    },
     /// Written by a newer (or unknown, or retired) format version.
     #[error("format version {found} is not supported (this build reads version {FORMAT_VERSION}){}", version_hint(*found))]
-    Version { found: u32 },
+    Version {
+        /// The version the copy states.
+        found: u32,
+    },
     /// Uses features this build does not implement.
     #[error("volume uses incompatible features {0:#x} this build does not support")]
     Incompat(u64),
     /// A field holds a value that cannot be valid.
     #[error("superblock field {field} is invalid: {detail}")]
-    Field { field: &'static str, detail: String },
+    Field {
+        /// Which field (or consistency check across fields).
+        field: &'static str,
+        /// Its value and why it cannot be valid.
+        detail: String,
+    },
 }
 
 /// Whether the volume was closed cleanly.
@@ -231,17 +249,18 @@ impl Superblock {
     /// Encodes copy `copy` (0 = primary, 1 = backup) into a 4 KiB region.
     pub fn encode(&self, copy: u8) -> Vec<u8> {
         let g = &self.geometry;
-        let mut b = vec![0u8; SB_REGION as usize];
+        let mut b = vec![0u8; usize_of(SB_REGION)];
         b[at::MAGIC..at::VERSION].copy_from_slice(&SB_MAGIC);
         b[at::VERSION..at::STRUCT_SIZE].copy_from_slice(&self.version.to_le_bytes());
-        b[at::STRUCT_SIZE..at::COMPAT].copy_from_slice(&(SB_STRUCT_SIZE as u32).to_le_bytes());
+        b[at::STRUCT_SIZE..at::COMPAT].copy_from_slice(&u32_of_small(SB_STRUCT_SIZE).to_le_bytes());
         b[at::COMPAT..at::RO_COMPAT].copy_from_slice(&self.compat.to_le_bytes());
         b[at::RO_COMPAT..at::INCOMPAT].copy_from_slice(&self.ro_compat.to_le_bytes());
         b[at::INCOMPAT..at::UUID].copy_from_slice(&self.incompat.to_le_bytes());
         b[at::UUID..at::BLOCK_SIZE].copy_from_slice(&self.uuid);
         b[at::BLOCK_SIZE..at::PROFILE].copy_from_slice(&g.block_size.to_le_bytes());
         b[at::PROFILE..at::TAG_SIZE].copy_from_slice(&self.profile.id().to_le_bytes());
-        b[at::TAG_SIZE..at::MODE].copy_from_slice(&(g.tag_size as u16).to_le_bytes());
+        // The low 16 bits, the field's width: tag sizes are at most `MAX_TAG_SIZE`.
+        b[at::TAG_SIZE..at::MODE].copy_from_slice(&g.tag_size.to_le_bytes()[..2]);
         b[at::MODE] = self.mode.id();
         b[at::COPY] = copy;
         b[at::META_PER_GROUP..at::GROUP_BLOCKS].copy_from_slice(&2u16.to_le_bytes());
@@ -271,117 +290,18 @@ impl Superblock {
     /// Decodes and validates one copy. `b` must hold at least [`SB_STRUCT_SIZE`] bytes.
     /// Returns the superblock and the copy index stored in it.
     pub fn decode(b: &[u8]) -> Result<(Superblock, u8), SuperblockError> {
-        if b.len() < SB_STRUCT_SIZE {
-            return Err(field(
-                "length",
-                format!("{} bytes, need {SB_STRUCT_SIZE}", b.len()),
-            ));
-        }
-        let mut magic = [0u8; 8];
-        magic.copy_from_slice(&b[at::MAGIC..at::VERSION]);
-        if magic != SB_MAGIC {
-            return Err(SuperblockError::BadMagic { found: magic });
-        }
-        let stored = le32(b, CRC_AT);
-        let computed = crc32c::crc32c(&b[..CRC_AT]);
-        if stored != computed {
-            return Err(SuperblockError::BadChecksum { stored, computed });
-        }
-        let version = le32(b, at::VERSION);
-        if version != FORMAT_VERSION {
-            return Err(SuperblockError::Version { found: version });
-        }
-        if le32(b, at::STRUCT_SIZE) as usize != SB_STRUCT_SIZE {
-            return Err(field("struct size", le32(b, at::STRUCT_SIZE).to_string()));
-        }
-        let incompat = le64(b, at::INCOMPAT);
-        if incompat & !SUPPORTED_INCOMPAT != 0 {
-            return Err(SuperblockError::Incompat(incompat & !SUPPORTED_INCOMPAT));
-        }
+        let (version, incompat) = decode_header(b)?;
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[at::UUID..at::BLOCK_SIZE]);
-        let block_size = le32(b, at::BLOCK_SIZE);
-        let profile = Profile::from_id(le16(b, at::PROFILE))
-            .ok_or_else(|| field("tag profile", format!("unknown id {}", le16(b, at::PROFILE))))?;
-        let tag_size = le16(b, at::TAG_SIZE) as usize;
-        if tag_size != profile.tag_size() {
-            return Err(field(
-                "tag size",
-                format!(
-                    "{tag_size}, profile {} uses {}",
-                    profile.name(),
-                    profile.tag_size()
-                ),
-            ));
-        }
-        let mode =
-            Mode::from_id(b[at::MODE]).ok_or_else(|| field("mode", format!("unknown id {}", b[at::MODE])))?;
-        let copy = b[at::COPY];
-        if copy > 1 {
-            return Err(field("copy index", copy.to_string()));
-        }
-        if le16(b, at::META_PER_GROUP) != 2 {
-            return Err(field(
-                "metadata blocks per group",
-                le16(b, at::META_PER_GROUP).to_string(),
-            ));
-        }
-        let group_blocks = le32(b, at::GROUP_BLOCKS);
-        let size = le64(b, at::SIZE);
-        let data_blocks = le64(b, at::DATA_BLOCKS);
-        let backing_len = le64(b, at::BACKING_LEN);
-        let geometry = Geometry::from_parts(block_size, tag_size, group_blocks, data_blocks, backing_len)
-            .ok_or_else(|| {
-                field(
-                    "geometry",
-                    format!(
-                        "block size {block_size}, {group_blocks} blocks per group, \
-                         {data_blocks} data blocks do not fit {backing_len} bytes"
-                    ),
-                )
-            })?;
-        let checks = [
-            ("volume size", size, geometry.size()),
-            ("group count", le64(b, at::GROUPS), geometry.groups),
-            (
-                "first group offset",
-                le64(b, at::FIRST_GROUP),
-                geometry.first_group_offset,
-            ),
-            (
-                "backup superblock offset",
-                le64(b, at::BACKUP_SB),
-                geometry.backup_sb_offset,
-            ),
-        ];
-        for (name, stored, derived) in checks {
-            if stored != derived {
-                return Err(field(name, format!("{stored}, geometry implies {derived}")));
-            }
-        }
-        let mut mirror_set = [0u8; 16];
-        mirror_set.copy_from_slice(&b[at::MIRROR_SET..at::MIRROR_ROLE]);
-        let mut meta_device = [0u8; 16];
-        meta_device.copy_from_slice(&b[at::META_DEVICE..at::LABEL]);
-        // v1 defines these fields but no feature uses them yet: they must be zero.
-        if mirror_set != [0; 16] || b[at::MIRROR_ROLE] != 0 || meta_device != [0; 16] {
-            return Err(field(
-                "mirror/metadata device",
-                "set without a feature flag".into(),
-            ));
-        }
+        let (profile, mode, copy) = decode_profile_mode_copy(b)?;
+        let geometry = decode_geometry(b, profile)?;
+        let (mirror_set, meta_device) = decode_reserved_ids(b)?;
         let state = match b[at::STATE] {
             0 => VolumeState::Clean,
             1 => VolumeState::InUse,
             other => return Err(field("state", format!("unknown value {other}"))),
         };
-        let label_bytes = &b[at::LABEL..at::LABEL + LABEL_LEN];
-        let end = label_bytes.iter().position(|&c| c == 0).unwrap_or(LABEL_LEN);
-        if label_bytes[end..].iter().any(|&c| c != 0) {
-            return Err(field("label", "bytes after the terminating zero".into()));
-        }
-        let label = String::from_utf8(label_bytes[..end].to_vec())
-            .map_err(|_| field("label", "not valid UTF-8".into()))?;
+        let label = decode_label(b)?;
         Ok((
             Superblock {
                 version,
@@ -404,13 +324,147 @@ impl Superblock {
     }
 }
 
+/// The checks that tell whether `b` is a superblock this build can read at all: length,
+/// magic, checksum, version, structure size and incompatible features. Returns the version
+/// and the incompat flags.
+fn decode_header(b: &[u8]) -> Result<(u32, u64), SuperblockError> {
+    if b.len() < SB_STRUCT_SIZE {
+        return Err(field(
+            "length",
+            format!("{} bytes, need {SB_STRUCT_SIZE}", b.len()),
+        ));
+    }
+    let mut magic = [0u8; 8];
+    magic.copy_from_slice(&b[at::MAGIC..at::VERSION]);
+    if magic != SB_MAGIC {
+        return Err(SuperblockError::BadMagic { found: magic });
+    }
+    let stored = le32(b, CRC_AT);
+    let computed = crc32c::crc32c(&b[..CRC_AT]);
+    if stored != computed {
+        return Err(SuperblockError::BadChecksum { stored, computed });
+    }
+    let version = le32(b, at::VERSION);
+    if version != FORMAT_VERSION {
+        return Err(SuperblockError::Version { found: version });
+    }
+    if le32(b, at::STRUCT_SIZE) as usize != SB_STRUCT_SIZE {
+        return Err(field("struct size", le32(b, at::STRUCT_SIZE).to_string()));
+    }
+    let incompat = le64(b, at::INCOMPAT);
+    if incompat & !SUPPORTED_INCOMPAT != 0 {
+        return Err(SuperblockError::Incompat(incompat & !SUPPORTED_INCOMPAT));
+    }
+    Ok((version, incompat))
+}
+
+/// The tag profile (with its tag size checked), the consistency mode and the copy index.
+fn decode_profile_mode_copy(b: &[u8]) -> Result<(Profile, Mode, u8), SuperblockError> {
+    let profile = Profile::from_id(le16(b, at::PROFILE))
+        .ok_or_else(|| field("tag profile", format!("unknown id {}", le16(b, at::PROFILE))))?;
+    let tag_size = usize::from(le16(b, at::TAG_SIZE));
+    if tag_size != profile.tag_size() {
+        return Err(field(
+            "tag size",
+            format!(
+                "{tag_size}, profile {} uses {}",
+                profile.name(),
+                profile.tag_size()
+            ),
+        ));
+    }
+    let mode =
+        Mode::from_id(b[at::MODE]).ok_or_else(|| field("mode", format!("unknown id {}", b[at::MODE])))?;
+    let copy = b[at::COPY];
+    if copy > 1 {
+        return Err(field("copy index", copy.to_string()));
+    }
+    Ok((profile, mode, copy))
+}
+
+/// The layout, rebuilt from the stored sizes and checked against the stored offsets.
+fn decode_geometry(b: &[u8], profile: Profile) -> Result<Geometry, SuperblockError> {
+    if le16(b, at::META_PER_GROUP) != 2 {
+        return Err(field(
+            "metadata blocks per group",
+            le16(b, at::META_PER_GROUP).to_string(),
+        ));
+    }
+    let block_size = le32(b, at::BLOCK_SIZE);
+    let tag_size = profile.tag_size();
+    let group_blocks = le32(b, at::GROUP_BLOCKS);
+    let size = le64(b, at::SIZE);
+    let data_blocks = le64(b, at::DATA_BLOCKS);
+    let backing_len = le64(b, at::BACKING_LEN);
+    let geometry = Geometry::from_parts(block_size, tag_size, group_blocks, data_blocks, backing_len)
+        .ok_or_else(|| {
+            field(
+                "geometry",
+                format!(
+                    "block size {block_size}, {group_blocks} blocks per group, \
+                     {data_blocks} data blocks do not fit {backing_len} bytes"
+                ),
+            )
+        })?;
+    let checks = [
+        ("volume size", size, geometry.size()),
+        ("group count", le64(b, at::GROUPS), geometry.groups),
+        (
+            "first group offset",
+            le64(b, at::FIRST_GROUP),
+            geometry.first_group_offset,
+        ),
+        (
+            "backup superblock offset",
+            le64(b, at::BACKUP_SB),
+            geometry.backup_sb_offset,
+        ),
+    ];
+    for (name, stored, derived) in checks {
+        if stored != derived {
+            return Err(field(name, format!("{stored}, geometry implies {derived}")));
+        }
+    }
+    Ok(geometry)
+}
+
+/// The mirror set and metadata device identities, which no feature uses yet.
+fn decode_reserved_ids(b: &[u8]) -> Result<([u8; 16], [u8; 16]), SuperblockError> {
+    let mut mirror_set = [0u8; 16];
+    mirror_set.copy_from_slice(&b[at::MIRROR_SET..at::MIRROR_ROLE]);
+    let mut meta_device = [0u8; 16];
+    meta_device.copy_from_slice(&b[at::META_DEVICE..at::LABEL]);
+    // v1 defines these fields but no feature uses them yet: they must be zero.
+    if mirror_set != [0; 16] || b[at::MIRROR_ROLE] != 0 || meta_device != [0; 16] {
+        return Err(field(
+            "mirror/metadata device",
+            "set without a feature flag".into(),
+        ));
+    }
+    Ok((mirror_set, meta_device))
+}
+
+/// The label: UTF-8 up to the first zero byte, and only zeros after it.
+fn decode_label(b: &[u8]) -> Result<String, SuperblockError> {
+    let label_bytes = &b[at::LABEL..at::LABEL + LABEL_LEN];
+    let end = label_bytes.iter().position(|&c| c == 0).unwrap_or(LABEL_LEN);
+    if label_bytes[end..].iter().any(|&c| c != 0) {
+        return Err(field("label", "bytes after the terminating zero".into()));
+    }
+    String::from_utf8(label_bytes[..end].to_vec()).map_err(|_| field("label", "not valid UTF-8".into()))
+}
+
 /// Eight magic bytes as text where printable, and in hex.
-fn show_magic(found: &[u8; 8]) -> String {
+fn show_magic(found: [u8; 8]) -> String {
     let text: String = found
         .iter()
         .map(|&b| if b.is_ascii_graphic() { b as char } else { '.' })
         .collect();
-    let hex: String = found.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = found.iter().fold(String::new(), |mut hex, b| {
+        // Writing to a `String` cannot fail.
+        let _ = write!(hex, "{b:02x}");
+        hex
+    });
     format!("\"{text}\" = 0x{hex}")
 }
 

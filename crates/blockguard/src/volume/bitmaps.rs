@@ -21,6 +21,7 @@
 //! leniency needs evidence, and damage to both copies is not a crash's doing.
 
 use super::Inner;
+use crate::cast::{u32_of, usize_of};
 use crate::error::Result;
 use crate::format::{
     decode_map_sector, empty_map_sector, map_bit, seal_map_sector, MapDamage, MapKind, MapParse,
@@ -110,7 +111,7 @@ fn damage_of(p: MapParse) -> Option<MapDamage> {
 
 impl Inner {
     fn map_offset(&self, kind: MapKind, copy: usize, index: u32) -> u64 {
-        self.geo.map_offset(kind, copy) + index as u64 * SECTOR_SIZE as u64
+        self.geo.map_offset(kind, copy) + u64::from(index) * SECTOR_SIZE as u64
     }
 
     fn read_map_copy(
@@ -301,7 +302,7 @@ impl Inner {
         let block = offset / align as u64 * align as u64;
         let mut buf = super::aligned(align, align);
         self.read_confirmed(buf.as_mut(), block, "reading a group bitmap")?;
-        let at = (offset - block) as usize;
+        let at = usize_of(offset - block);
         buf.as_mut()[at..at + SECTOR_SIZE].copy_from_slice(bytes);
         self.backend
             .write_at(buf.as_ref(), block)
@@ -337,7 +338,7 @@ impl Inner {
     /// was meant, and a copy damaged since (a misdirected write, say) must still show.
     pub(crate) fn damaged_map_sectors(&self) -> Result<Vec<(u32, usize, MapDamage)>> {
         let mut out = Vec::new();
-        for index in 0..self.geo.map_sectors() as u32 {
+        for index in 0..u32_of(self.geo.map_sectors()) {
             let s = self.read_map_sector(MapKind::Written, index, true)?;
             out.extend(s.damaged_copies.iter().map(|&(copy, why)| (index, copy, why)));
         }
@@ -350,7 +351,7 @@ impl Inner {
     pub(crate) fn damaged_session_sectors(&self) -> Result<Vec<(MapKind, u32, usize, MapDamage)>> {
         let mut out = Vec::new();
         for kind in [MapKind::Dirty, MapKind::FirstWrite] {
-            for index in 0..self.geo.map_sectors() as u32 {
+            for index in 0..u32_of(self.geo.map_sectors()) {
                 let s = self.read_map_sector(kind, index, true)?;
                 out.extend(
                     s.damaged_copies
@@ -372,19 +373,18 @@ impl Inner {
         let found = &self.maps.session(kind).found;
         let s = {
             let mut cache = self.lock(found);
-            match cache.get(&index) {
-                Some(s) => s.clone(),
-                None => {
-                    let s = Arc::new(self.read_map_sector(kind, index, true)?);
-                    if s.parse != MapParse::Valid {
-                        tracing::warn!(volume = %self.name, map = ?kind, sector = index, "no valid copy of a group bitmap sector: the groups it covers are read by the strict rules");
-                    }
-                    if cache.len() >= CACHED_SECTORS {
-                        cache.clear();
-                    }
-                    cache.insert(index, s.clone());
-                    s
+            if let Some(s) = cache.get(&index) {
+                s.clone()
+            } else {
+                let s = Arc::new(self.read_map_sector(kind, index, true)?);
+                if s.parse != MapParse::Valid {
+                    tracing::warn!(volume = %self.name, map = ?kind, sector = index, "no valid copy of a group bitmap sector: the groups it covers are read by the strict rules");
                 }
+                if cache.len() >= CACHED_SECTORS {
+                    cache.clear();
+                }
+                cache.insert(index, s.clone());
+                s
             }
         };
         Ok(s.parse == MapParse::Valid && map_bit(&s.raw, i))
@@ -398,8 +398,8 @@ impl Inner {
     /// After a crash: every group the dirty map may mark, in order.
     pub(crate) fn dirty_groups_after_crash(&self) -> Result<Vec<u64>> {
         let mut out = Vec::new();
-        for index in 0..self.geo.map_sectors() as u32 {
-            let first = index as u64 * GROUPS_PER_MAP_SECTOR;
+        for index in 0..u32_of(self.geo.map_sectors()) {
+            let first = u64::from(index) * GROUPS_PER_MAP_SECTOR;
             let n = crate::format::groups_in_map_sector(index, self.geo.groups);
             for g in first..first + n {
                 if self.dirty_after_crash(g)? {
@@ -480,7 +480,7 @@ impl Inner {
     /// Clears both session maps whole on disk (after recovery: nothing is unsettled any more).
     pub(crate) fn clear_all_session(&self) -> Result<()> {
         for kind in [MapKind::Dirty, MapKind::FirstWrite] {
-            for index in 0..self.geo.map_sectors() as u32 {
+            for index in 0..u32_of(self.geo.map_sectors()) {
                 let bytes = empty_map_sector(&self.sb.uuid, kind, index);
                 for copy in 0..2 {
                     self.write_sector(self.map_offset(kind, copy, index), &bytes)?;

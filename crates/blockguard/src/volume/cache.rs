@@ -2,6 +2,7 @@
 //! contend. Memory is bounded by the configured capacity, independent of volume size.
 
 use super::group::GroupState;
+use crate::cast::usize_of;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -41,7 +42,7 @@ fn lock_shard(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
 impl MetaCache {
     /// A cache holding at most `groups` groups (at least one). Tiny caches (tests force
     /// eviction with them) get fewer shards, so the bound holds exactly.
-    pub fn new(groups: usize) -> MetaCache {
+    pub(crate) fn new(groups: usize) -> MetaCache {
         let shards = SHARDS.min(groups).max(1);
         let per = groups.div_ceil(shards).max(1);
         MetaCache {
@@ -58,22 +59,22 @@ impl MetaCache {
     }
 
     /// Forgets every cached group (they are reloaded from disk when next needed).
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         for shard in &self.shards {
             lock_shard(shard).map.clear();
         }
     }
 
     /// Locks the shard of `group`.
-    pub fn lock(&self, group: u64) -> ShardGuard<'_> {
-        let shard = lock_shard(&self.shards[(group % self.shards.len() as u64) as usize]);
+    pub(crate) fn lock(&self, group: u64) -> ShardGuard<'_> {
+        let shard = lock_shard(&self.shards[usize_of(group % self.shards.len() as u64)]);
         ShardGuard { shard }
     }
 }
 
 impl ShardGuard<'_> {
     /// The cached state of `group`.
-    pub fn get(&mut self, group: u64) -> Option<Arc<GroupState>> {
+    pub(crate) fn get(&mut self, group: u64) -> Option<Arc<GroupState>> {
         self.shard.tick += 1;
         let tick = self.shard.tick;
         let e = self.shard.map.get_mut(&group)?;
@@ -82,7 +83,7 @@ impl ShardGuard<'_> {
     }
 
     /// Installs `state` for `group`, evicting the least recently used entry when full.
-    pub fn put(&mut self, group: u64, state: Arc<GroupState>) {
+    pub(crate) fn put(&mut self, group: u64, state: Arc<GroupState>) {
         self.shard.tick += 1;
         let tick = self.shard.tick;
         if !self.shard.map.contains_key(&group) && self.shard.map.len() >= self.shard.capacity {

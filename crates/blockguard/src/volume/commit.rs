@@ -23,6 +23,7 @@ use super::group::{GroupState, Origin};
 use super::meta_io::MetaUpdate;
 use super::stage::{bytes, Batch, SharedBuf, Staged};
 use super::{aligned, Inner};
+use crate::cast::{u32_of_small, usize_of};
 use crate::error::{Error, Result};
 use crate::format::{MapKind, Mode, VolumeState};
 use crate::tag::{Tag, UNWRITTEN};
@@ -73,7 +74,7 @@ struct Run<'a> {
     data: Option<Vec<&'a [u8]>>,
 }
 
-/// Most iovecs per vectored write (the kernel's IOV_MAX).
+/// Most iovecs per vectored write (the kernel's `IOV_MAX`).
 const MAX_IOV: usize = 1024;
 
 impl Inner {
@@ -115,13 +116,13 @@ impl Inner {
             state.marked_in_use = true;
         }
         let batch = {
-            let mut stage = self.lock(&self.stage);
-            if stage.active.is_empty() {
+            let mut staging = self.lock(&self.stage);
+            if staging.active.is_empty() {
                 return Ok(());
             }
-            debug_assert!(stage.committing.is_none(), "commits are serialized");
-            let batch = Arc::new(stage.take_active());
-            stage.committing = Some(batch.clone());
+            debug_assert!(staging.committing.is_none(), "commits are serialized");
+            let batch = Arc::new(staging.take_active());
+            staging.committing = Some(batch.clone());
             batch
         };
         match self.commit_batch(state, &batch) {
@@ -150,7 +151,7 @@ impl Inner {
         let Some(&first) = state.lost.iter().next() else {
             return Ok(());
         };
-        let list: Vec<String> = state.lost.iter().take(16).map(|b| b.to_string()).collect();
+        let list: Vec<String> = state.lost.iter().take(16).map(ToString::to_string).collect();
         let more = if state.lost.len() > 16 { ", …" } else { "" };
         Err(Error::Corrupt {
             volume: self.name.clone(),
@@ -182,24 +183,8 @@ impl Inner {
         state.epoch += 1;
         let epoch = state.epoch;
         let (updates, first_writes, dropped) = self.plan_batch(batch, epoch)?;
-        // Step 1: the groups about to get new brothers are marked dirty, durably, before any of
-        // their metadata is written (after a crash only dirty groups are read leniently); the
-        // same flush settles earlier batches' data in these groups.
-        // Groups written for the first time are also marked in the first-write map: only they
-        // may show blank sectors after a crash.
-        let mut session = Vec::new();
         if dual {
-            session = self.session_updates(
-                MapKind::Dirty,
-                &updates.iter().map(|u| u.group).collect::<Vec<_>>(),
-            );
-            session.extend(self.session_updates(MapKind::FirstWrite, &first_writes));
-        }
-        if overlap || !session.is_empty() {
-            self.write_map(&session)?;
-            self.flush_or_fail("flushing before new metadata")?;
-            self.flushed(state, epoch - 1);
-            self.adopt_session(&session);
+            self.mark_session(state, &updates, &first_writes, overlap)?;
         }
         let t_flush = t0.elapsed();
         let kept: Batch;
@@ -226,7 +211,7 @@ impl Inner {
                 .map_err(self.io_err("flushing metadata", 0))?;
             // That flush also made durable every data write that completed before it: those
             // of all earlier batches.
-            self.flushed(state, epoch - 1);
+            state.flushed(epoch - 1);
             let t_meta_flush = t0.elapsed();
             self.install(&updates);
             self.install_map(map);
@@ -240,9 +225,9 @@ impl Inner {
                 flushed_first = overlap,
                 "committed: flush {:?}, metadata {:?}, metadata flush {:?}, data {:?}",
                 t_flush,
-                t_meta - t_flush,
-                t_meta_flush - t_meta,
-                t0.elapsed() - t_meta_flush,
+                t_meta.saturating_sub(t_flush),
+                t_meta_flush.saturating_sub(t_meta),
+                t0.elapsed().saturating_sub(t_meta_flush),
             );
         } else {
             self.write_data(batch)?;
@@ -252,16 +237,54 @@ impl Inner {
             self.install_map(map);
         }
         state.data_unflushed = true;
+        Ok(self.record_lost(state, batch, &dropped))
+    }
+
+    /// Step 1 of a commit (`dual` mode): the groups about to get new brothers are marked dirty,
+    /// durably, before any of their metadata is written (after a crash only dirty groups are
+    /// read leniently); the same flush settles earlier batches' data in these groups, and is
+    /// paid even without new marks when the batch `overlap`s groups with unflushed data.
+    /// Groups written for the first time are also marked in the first-write map: only they
+    /// may show blank sectors after a crash.
+    fn mark_session(
+        &self,
+        state: &mut CommitState,
+        updates: &[MetaUpdate],
+        first_writes: &[u64],
+        overlap: bool,
+    ) -> Result<()> {
+        let mut session = self.session_updates(
+            MapKind::Dirty,
+            &updates.iter().map(|u| u.group).collect::<Vec<_>>(),
+        );
+        session.extend(self.session_updates(MapKind::FirstWrite, first_writes));
+        if overlap || !session.is_empty() {
+            self.write_map(&session)?;
+            self.flush_or_fail("flushing before new metadata")?;
+            state.flushed(state.epoch - 1);
+            self.adopt_session(&session);
+        }
+        Ok(())
+    }
+
+    /// After a commit: the blocks of `batch` are kept (no longer lost), those of `dropped` are
+    /// lost from now on, with the first reason; returns the error that names the dropped ones.
+    fn record_lost(
+        &self,
+        state: &mut CommitState,
+        batch: &Batch,
+        dropped: &[(u64, String)],
+    ) -> Option<Error> {
         for b in batch.keys() {
             state.lost.remove(b);
         }
         if let Some((_, why)) = dropped.first() {
             if state.lost.is_empty() {
-                state.lost_why = why.clone();
+                state.lost_why.clone_from(why);
             }
         }
         state.lost.extend(dropped.iter().map(|(b, _)| *b));
-        Ok(dropped.first().map(|(block, why)| Error::Corrupt {
+        dropped.first().map(|(block, why)| Error::Corrupt {
             volume: self.name.clone(),
             block: *block,
             kind: crate::CorruptionKind::MetadataDamaged,
@@ -274,12 +297,12 @@ impl Inner {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-        }))
+        })
     }
 
     /// The new metadata of every group the batch touches, the groups written for the first
     /// time, and the blocks that cannot be kept (with why).
-    #[allow(clippy::type_complexity)]
+    #[allow(clippy::type_complexity)] // Three results of one walk, each named in the doc above.
     fn plan_batch(
         &self,
         batch: &Batch,
@@ -292,14 +315,14 @@ impl Inner {
         while let Some((&block, _)) = entries.peek() {
             let (group, _) = self.geo.group_of(block);
             let first = self.geo.first_block(group);
-            let end = first + self.geo.blocks_in_group(group) as u64;
+            let end = first + u64::from(self.geo.blocks_in_group(group));
             let mut tags: Vec<(usize, Tag)> = Vec::new();
             while let Some((&b, entry)) = entries.next_if(|(&b, _)| b < end) {
                 let tag = match entry {
                     Staged::Data { tag, .. } => *tag,
                     Staged::Zero => UNWRITTEN,
                 };
-                tags.push(((b - first) as usize, tag));
+                tags.push((usize_of(b - first), tag));
             }
             // Never build on a single read: a transient bad one would be written back.
             let old = self.confirmed_group(group)?;
@@ -346,7 +369,7 @@ impl Inner {
         let mut w = old.writer(&self.sb.uuid, group);
         let mut rest = tags;
         for k in 0..old.pairs() {
-            let count = self.geo.tags_in_sector(group, k as u32);
+            let count = self.geo.tags_in_sector(group, u32_of_small(k));
             let end = k * per + count;
             let split = rest.partition_point(|(i, _)| *i < end);
             let (mine, after) = rest.split_at(split);
@@ -375,7 +398,7 @@ impl Inner {
                 let top = old
                     .pair(k)
                     .iter()
-                    .filter_map(|s| s.generation())
+                    .filter_map(crate::format::SectorParse::generation)
                     .max()
                     .unwrap_or(0);
                 let g0 = (top.saturating_add(1) | 1).max(3);
@@ -415,7 +438,7 @@ impl Inner {
         let per = self.geo.tags_per_sector() as usize;
         let mut w = old.writer(&self.sb.uuid, group);
         for k in 0..old.pairs() {
-            let count = self.geo.tags_in_sector(group, k as u32);
+            let count = self.geo.tags_in_sector(group, u32_of_small(k));
             let valid = matches!(old.pair(k)[0], crate::format::SectorParse::Valid { .. });
             let mut base = w.tags_of(valid.then_some(0), k, count);
             for (i, t) in tags
@@ -458,7 +481,7 @@ impl Inner {
         while let Some((&start, entry)) = iter.next() {
             let zero = matches!(entry, Staged::Zero);
             let (group, _) = self.geo.group_of(start);
-            let group_end = self.geo.first_block(group) + self.geo.blocks_in_group(group) as u64;
+            let group_end = self.geo.first_block(group) + u64::from(self.geo.blocks_in_group(group));
             // Neighbouring blocks staged by one request sit side by side in one buffer: they
             // become a single iovec.
             let mut pieces: Vec<(&SharedBuf, usize, usize)> = Vec::new();
@@ -473,7 +496,7 @@ impl Inner {
                 end += 1;
                 iter.next();
             }
-            let len = (end - start) as usize * bs;
+            let len = usize_of(end - start) * bs;
             let data: Vec<&[u8]> = pieces.iter().map(|(b, lo, hi)| &bytes(b)[*lo..*hi]).collect();
             debug_assert!(zero || data.iter().map(|r| r.len()).sum::<usize>() == len);
             runs.push(Run {
@@ -529,7 +552,7 @@ impl Inner {
             return Ok(());
         }
         self.flush_or_fail("flushing")?;
-        self.flushed(state, state.epoch);
+        state.flushed(state.epoch);
         Ok(())
     }
 
@@ -541,11 +564,13 @@ impl Inner {
             self.io_err(during, 0)(e)
         })
     }
+}
 
+impl CommitState {
     /// Records a completed flush that covered the data of every batch up to `epoch`.
-    pub(crate) fn flushed(&self, state: &mut CommitState, epoch: u64) {
-        debug_assert!(epoch <= state.epoch);
-        state.data_unflushed = false;
-        state.unflushed_groups.clear();
+    pub(crate) fn flushed(&mut self, epoch: u64) {
+        debug_assert!(epoch <= self.epoch);
+        self.data_unflushed = false;
+        self.unflushed_groups.clear();
     }
 }

@@ -12,6 +12,7 @@
 //!   pair's newest brother (then it knows which one is the newest).
 
 use super::bitmaps::MapBit;
+use crate::cast::u32_of_small;
 use crate::format::{
     decode_sector, encode_sector, sector_tag, Geometry, Mode, SectorDamage, SectorId, SectorParse,
     SECTOR_SIZE,
@@ -101,7 +102,7 @@ pub(crate) enum Accept {
 
 impl Accept {
     /// True when the only accepted state is "never written" (reads as zeros).
-    pub fn only_unwritten(&self) -> bool {
+    pub(crate) fn only_unwritten(&self) -> bool {
         match self {
             Accept::One(t) => t.is_unwritten(),
             Accept::Either(a, b) => a.is_unwritten() && b.is_unwritten(),
@@ -168,7 +169,7 @@ impl GroupState {
     /// Parses both slots of `group` from `raw` (`2·B` bytes, slot 0 then slot 1); `map` is
     /// what the written-groups map says about the group (consulted only when every sector is
     /// blank).
-    pub fn parse(
+    pub(crate) fn parse(
         geo: &Geometry,
         mode: Mode,
         uuid: &[u8; 16],
@@ -235,22 +236,22 @@ impl GroupState {
     }
 
     /// The bytes of both slots, as on disk.
-    pub fn raw(&self) -> &[u8] {
+    pub(crate) fn raw(&self) -> &[u8] {
         &self.raw
     }
 
     /// Number of pairs (sectors per metadata block).
-    pub fn pairs(&self) -> usize {
+    pub(crate) fn pairs(&self) -> usize {
         self.sectors.len()
     }
 
     /// The parsed sectors of pair `k`.
-    pub fn pair(&self, k: usize) -> [SectorParse; 2] {
+    pub(crate) fn pair(&self, k: usize) -> [SectorParse; 2] {
         self.sectors[k]
     }
 
     /// True if any sector of the group is not blank.
-    pub fn any_written(&self) -> bool {
+    pub(crate) fn any_written(&self) -> bool {
         self.any_written
     }
 
@@ -258,17 +259,17 @@ impl GroupState {
     /// says so. A map sector with no valid copy cannot: both of its copies and the group
     /// would have to be damaged, but returning zeros for a wiped group would be wrong data
     /// returned silently, so such a group is reported instead (until `recover --rebuild`).
-    pub fn never_written(&self) -> bool {
+    pub(crate) fn never_written(&self) -> bool {
         !self.any_written && self.map == MapBit::Clear
     }
 
     /// True when the state came from a disk read not yet confirmed by a second one.
-    pub fn unconfirmed(&self) -> bool {
+    pub(crate) fn unconfirmed(&self) -> bool {
         matches!(self.origin, Origin::Loaded { confirmed: false, .. })
     }
 
     /// The bytes of tag `j` in sector `k` of `slot`.
-    pub fn tag_bytes(&self, slot: u8, k: usize, j: usize) -> &[u8] {
+    pub(crate) fn tag_bytes(&self, slot: u8, k: usize, j: usize) -> &[u8] {
         let at = slot as usize * self.block_size + k * SECTOR_SIZE;
         sector_tag(&self.raw[at..at + SECTOR_SIZE], j, self.tag_size)
     }
@@ -278,7 +279,7 @@ impl GroupState {
     }
 
     /// Pair and position inside it of the block with `index` in the group.
-    pub fn locate(&self, index: usize) -> (usize, usize) {
+    pub(crate) fn locate(&self, index: usize) -> (usize, usize) {
         (index / self.per, index % self.per)
     }
 
@@ -309,8 +310,8 @@ impl GroupState {
     }
 
     /// How pair `k` reads.
-    pub fn view(&self, k: usize) -> PairView {
-        use SectorParse::*;
+    pub(crate) fn view(&self, k: usize) -> PairView {
+        use SectorParse::{Empty, Invalid, Valid};
         let [s0, s1] = self.sectors[k];
         if self.mode == Mode::None {
             // One copy, rewritten in place: no brothers, no crash promises.
@@ -347,7 +348,7 @@ impl GroupState {
                     // slot 1's generation 0 (parity): the first write's two halves.
                     PairView::TornFirst { slot0: s0 != Empty }
                 } else {
-                    let blank = if s0 == Empty { 0 } else { 1 };
+                    let blank = u8::from(s0 != Empty);
                     PairView::Damaged(Damage::Blank { slot: blank })
                 }
             }
@@ -372,7 +373,7 @@ impl GroupState {
     }
 
     /// Which tags data block `index` of this group may match.
-    pub fn accept(&self, index: usize) -> Accept {
+    pub(crate) fn accept(&self, index: usize) -> Accept {
         let (k, j) = self.locate(index);
         match self.view(k) {
             PairView::Brothers { newest, older_ok } => {
@@ -401,24 +402,23 @@ impl GroupState {
     }
 
     /// The stored bytes of block `index`'s tag in a brother that every state accepts, if any.
-    pub fn fast_tag(&self, index: usize) -> Option<&[u8]> {
+    pub(crate) fn fast_tag(&self, index: usize) -> Option<&[u8]> {
         let (k, j) = self.locate(index);
         self.fast[k].map(|slot| self.tag_bytes(slot, k, j))
     }
 
     /// The slot and generation the next write of pair `k` starts from: the newest brother,
     /// when it can be told. Only for settled groups of read-write sessions.
-    pub fn newest_for_write(&self, k: usize) -> Option<(u8, u64)> {
-        let newest = match self.view(k) {
-            PairView::Brothers { newest, .. } | PairView::Known { newest } => newest,
-            _ => return None,
+    pub(crate) fn newest_for_write(&self, k: usize) -> Option<(u8, u64)> {
+        let (PairView::Brothers { newest, .. } | PairView::Known { newest }) = self.view(k) else {
+            return None;
         };
         let generation = self.sectors[k][newest as usize].generation()?;
         (generation < u64::MAX - 2).then_some((newest, generation))
     }
 
     /// Starts building this group's next metadata.
-    pub fn writer<'a>(&'a self, uuid: &'a [u8; 16], group: u64) -> GroupWriter<'a> {
+    pub(crate) fn writer<'a>(&'a self, uuid: &'a [u8; 16], group: u64) -> GroupWriter<'a> {
         GroupWriter {
             base: self,
             uuid,
@@ -433,7 +433,7 @@ impl GroupState {
 
 impl GroupWriter<'_> {
     /// The tags pair `k` starts from in its next version: those of `slot`, or all unwritten.
-    pub fn tags_of(&self, slot: Option<u8>, k: usize, count: usize) -> Vec<u8> {
+    pub(crate) fn tags_of(&self, slot: Option<u8>, k: usize, count: usize) -> Vec<u8> {
         let ts = self.base.tag_size;
         match slot {
             Some(s) => {
@@ -447,12 +447,12 @@ impl GroupWriter<'_> {
     }
 
     /// Puts a new sector `k` into `slot` with `generation` and `tags`.
-    pub fn put(&mut self, slot: u8, k: usize, generation: u64, tags: &[u8]) {
+    pub(crate) fn put(&mut self, slot: u8, k: usize, generation: u64, tags: &[u8]) {
         let bs = self.base.block_size;
         let at = slot as usize * bs + k * SECTOR_SIZE;
         let id = SectorId {
             group: self.group,
-            index: k as u32,
+            index: u32_of_small(k),
             slot,
         };
         let sector = &mut self.raw[at..at + SECTOR_SIZE];
@@ -471,12 +471,12 @@ impl GroupWriter<'_> {
     }
 
     /// Records that this process made `slot` the newest brother of pair `k`.
-    pub fn set_known(&mut self, k: usize, slot: u8) {
+    pub(crate) fn set_known(&mut self, k: usize, slot: u8) {
         self.known[k] = Some(slot);
     }
 
     /// The finished state (origin `Written` at `epoch`), and which slots changed.
-    pub fn finish(self, geo: &Geometry, epoch: u64) -> (GroupState, [bool; 2]) {
+    pub(crate) fn finish(self, geo: &Geometry, epoch: u64) -> (GroupState, [bool; 2]) {
         for (k, known) in self.known.iter().enumerate() {
             if let Some(slot) = known {
                 // Whatever this process calls the newest brother must be one it can read back.
@@ -497,7 +497,7 @@ impl GroupWriter<'_> {
 
     /// Like [`GroupWriter::finish`], for recovery: the result is a loaded state, read with the
     /// after-crash rules while recovery is still going (`after_crash`).
-    pub fn finish_loaded(self, geo: &Geometry, after_crash: bool) -> (GroupState, [bool; 2]) {
+    pub(crate) fn finish_loaded(self, geo: &Geometry, after_crash: bool) -> (GroupState, [bool; 2]) {
         let origin = Origin::Loaded {
             after_crash,
             first_write: after_crash,

@@ -190,10 +190,10 @@ mod tests {
         gated.wait_held(1);
         let before = vol.stats();
         // Three writers write, then flush while the first round is held at the gate.
-        let late: Vec<_> = (1..4u64)
+        let late: Vec<_> = (1..4u8)
             .map(|i| {
                 let vol = vol.clone();
-                vol.write_at(&[i as u8; 4096], i * 4096).unwrap();
+                vol.write_at(&[i; 4096], u64::from(i) * 4096).unwrap();
                 std::thread::spawn(move || vol.flush())
             })
             .collect();
@@ -219,10 +219,10 @@ mod tests {
             },
         )
         .unwrap();
-        for i in 0..4u64 {
+        for i in 0..4u8 {
             let mut b = [0u8; 4096];
-            reopened.read_at(&mut b, i * 4096).unwrap();
-            assert_eq!(b, [i as u8 + u8::from(i == 0); 4096]);
+            reopened.read_at(&mut b, u64::from(i) * 4096).unwrap();
+            assert_eq!(b, [i + u8::from(i == 0); 4096]);
         }
     }
 

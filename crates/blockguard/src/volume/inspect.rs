@@ -6,6 +6,7 @@ use super::group::{Accept, PairView};
 use super::recover::{covered, MapProblem, MetadataProblem};
 use super::stage::Staged;
 use super::{BlockProblem, BlockReport, Extent, Inner, SlotReport};
+use crate::cast::{u32_of_small, usize_of};
 use crate::error::{Error, Result};
 use crate::format::SectorParse;
 use crate::format::{MapDamage, MapKind};
@@ -30,7 +31,7 @@ impl Inner {
         if len == 0 {
             return Ok(out);
         }
-        let bs = self.geo.block_size as u64;
+        let bs = u64::from(self.geo.block_size);
         let first = offset / bs;
         let last = (offset + len - 1) / bs;
         let mut push = |b: u64, allocated: bool| {
@@ -49,9 +50,10 @@ impl Inner {
         while block <= last {
             let (group, _) = self.geo.group_of(block);
             let chunk_end = (group + EXTENT_CHUNK_GROUPS).min(self.geo.groups);
-            let chunk_last =
-                (self.geo.first_block(chunk_end - 1) + self.geo.blocks_in_group(chunk_end - 1) as u64 - 1)
-                    .min(last);
+            let chunk_last = (self.geo.first_block(chunk_end - 1)
+                + u64::from(self.geo.blocks_in_group(chunk_end - 1))
+                - 1)
+            .min(last);
             // In this order: the stage, then the backend's holes, then the metadata. A block
             // leaves the stage only once its data is written, so a block not staged at the first
             // look either had its data on disk before the second (no hole) or was not written
@@ -72,8 +74,8 @@ impl Inner {
             while block <= chunk_last {
                 let (group, _) = self.geo.group_of(block);
                 let group_first = self.geo.first_block(group);
-                let group_last = (group_first + self.geo.blocks_in_group(group) as u64 - 1).min(last);
-                let mine = &staged[(block - chunk_first) as usize..=(group_last - chunk_first) as usize];
+                let group_last = (group_first + u64::from(self.geo.blocks_in_group(group)) - 1).min(last);
+                let mine = &staged[usize_of(block - chunk_first)..=usize_of(group_last - chunk_first)];
                 self.group_extents(group, block, group_last, mine, &zeros, &mut push)?;
                 block = group_last + 1;
             }
@@ -92,7 +94,7 @@ impl Inner {
         zeros: &[std::ops::Range<u64>],
         push: &mut impl FnMut(u64, bool),
     ) -> Result<()> {
-        let bs = self.geo.block_size as u64;
+        let bs = u64::from(self.geo.block_size);
         let group_first = self.geo.first_block(group);
         let region = self.geo.meta_offset(group, 0)..self.geo.data_offset(group_last) + bs;
         if staged.iter().all(Option::is_none)
@@ -111,7 +113,7 @@ impl Inner {
             covered(zeros, at, at + bs)
         };
         let candidate = |state: &super::group::GroupState, b: u64| {
-            state.accept((b - group_first) as usize).only_unwritten() && data_zero(b)
+            state.accept(usize_of(b - group_first)).only_unwritten() && data_zero(b)
         };
         if state.unconfirmed()
             && (block..=group_last)
@@ -152,7 +154,7 @@ impl Inner {
         while group < self.geo.groups {
             let end = (group + EXTENT_CHUNK_GROUPS).min(self.geo.groups);
             let lo = self.geo.meta_offset(group, 0);
-            let hi = self.geo.meta_offset(end - 1, 1) + self.geo.block_size as u64;
+            let hi = self.geo.meta_offset(end - 1, 1) + u64::from(self.geo.block_size);
             let zeros = self
                 .backend
                 .zero_ranges(lo, hi - lo)
@@ -160,22 +162,22 @@ impl Inner {
             for g in group..end {
                 let at = self.geo.meta_offset(g, 0);
                 let first = self.geo.first_block(g).max(from);
-                if staged.is_some_and(|s| s < first + self.geo.blocks_in_group(g) as u64) {
+                if staged.is_some_and(|s| s < first + u64::from(self.geo.blocks_in_group(g))) {
                     return Ok(staged);
                 }
                 // A hole is a never-written group only where the written map agrees: a wiped
                 // group holds data that could not be trusted, not nothing.
                 if self.cached_group(g).is_none()
-                    && covered(&zeros, at, at + 2 * self.geo.block_size as u64)
+                    && covered(&zeros, at, at + 2 * u64::from(self.geo.block_size))
                     && self.map_bit(g, true)? == MapBit::Clear
                 {
                     continue;
                 }
                 let state = self.confirmed_group(g)?;
                 let written =
-                    (first..self.geo.first_block(g) + self.geo.blocks_in_group(g) as u64).find(|&b| {
+                    (first..self.geo.first_block(g) + u64::from(self.geo.blocks_in_group(g))).find(|&b| {
                         !state
-                            .accept((b - self.geo.first_block(g)) as usize)
+                            .accept(usize_of(b - self.geo.first_block(g)))
                             .only_unwritten()
                     });
                 if written.is_some() {
@@ -195,8 +197,8 @@ impl Inner {
             .filter(|&e| e <= self.geo.data_blocks)
             .ok_or_else(|| Error::OutOfRange {
                 volume: self.name.clone(),
-                offset: first.saturating_mul(self.geo.block_size as u64),
-                len: count.saturating_mul(self.geo.block_size as u64),
+                offset: first.saturating_mul(u64::from(self.geo.block_size)),
+                len: count.saturating_mul(u64::from(self.geo.block_size)),
                 size: self.size(),
             })?;
         let bs = self.geo.block_size as usize;
@@ -205,8 +207,9 @@ impl Inner {
         let mut buf = Vec::new();
         while block < end {
             let (group, _) = self.geo.group_of(block);
-            let n = (self.geo.first_block(group) + self.geo.blocks_in_group(group) as u64).min(end) - block;
-            buf.resize(n as usize * bs, 0);
+            let n =
+                (self.geo.first_block(group) + u64::from(self.geo.blocks_in_group(group))).min(end) - block;
+            buf.resize(usize_of(n) * bs, 0);
             match self.read_blocks(block, &mut buf) {
                 Ok(()) => {}
                 Err(e) if e.is_corruption() => {
@@ -215,7 +218,7 @@ impl Inner {
                         if let Err(e) = self.read_blocks(b, &mut buf[..bs]) {
                             match e {
                                 Error::Corrupt { block, detail, .. } => {
-                                    problems.push(BlockProblem { block, detail })
+                                    problems.push(BlockProblem { block, detail });
                                 }
                                 other => return Err(other),
                             }
@@ -244,11 +247,11 @@ impl Inner {
                     self.geo.groups
                 ),
             })?;
-        let per = self.geo.tags_per_sector() as u64;
+        let per = u64::from(self.geo.tags_per_sector());
         let mut problems = Vec::new();
         for group in first..end {
             let region = self.geo.meta_offset(group, 0);
-            let two = 2 * self.geo.block_size as u64;
+            let two = 2 * u64::from(self.geo.block_size);
             let zeros = self
                 .backend
                 .zero_ranges(region, two)
@@ -264,9 +267,9 @@ impl Inner {
                 if let PairView::Damaged(d) = state.view(k) {
                     problems.push(MetadataProblem {
                         group,
-                        sector: k as u32,
+                        sector: u32_of_small(k),
                         first_block: self.geo.first_block(group) + k as u64 * per,
-                        blocks: self.geo.tags_in_sector(group, k as u32) as u32,
+                        blocks: u32_of_small(self.geo.tags_in_sector(group, u32_of_small(k))),
                         detail: d.to_string(),
                         rebuilt: false,
                     });
@@ -304,7 +307,7 @@ impl Inner {
             .chain(session)
             .map(|(kind, sector, copy, why)| MapProblem {
                 sector,
-                first_group: sector as u64 * per,
+                first_group: u64::from(sector) * per,
                 groups: crate::format::groups_in_map_sector(sector, self.geo.groups),
                 detail: format!(
                     "{} map sector, copy {copy} ({}), damaged: {why}",
@@ -321,14 +324,15 @@ impl Inner {
         while group < self.geo.groups {
             let end = (group + EXTENT_CHUNK_GROUPS).min(self.geo.groups);
             let lo = self.geo.meta_offset(group, 0);
-            let hi = self.geo.meta_offset(end - 1, 1) + self.geo.block_size as u64;
+            let hi = self.geo.meta_offset(end - 1, 1) + u64::from(self.geo.block_size);
             let zeros = self
                 .backend
                 .zero_ranges(lo, hi - lo)
                 .map_err(self.io_err("looking for unwritten regions", lo))?;
             for g in group..end {
                 let at = self.geo.meta_offset(g, 0);
-                if self.cached_group(g).is_none() && covered(&zeros, at, at + 2 * self.geo.block_size as u64)
+                if self.cached_group(g).is_none()
+                    && covered(&zeros, at, at + 2 * u64::from(self.geo.block_size))
                 {
                     continue;
                 }
@@ -351,8 +355,8 @@ impl Inner {
     pub(crate) fn inspect_block(&self, block: u64) -> Result<BlockReport> {
         let location = self.geo.locate(block).ok_or_else(|| Error::OutOfRange {
             volume: self.name.clone(),
-            offset: block.saturating_mul(self.geo.block_size as u64),
-            len: self.geo.block_size as u64,
+            offset: block.saturating_mul(u64::from(self.geo.block_size)),
+            len: u64::from(self.geo.block_size),
             size: self.size(),
         })?;
         let state = self.group(location.group)?;
@@ -360,8 +364,8 @@ impl Inner {
         let slots = state
             .pair(k)
             .iter()
-            .enumerate()
-            .map(|(slot, s)| match s {
+            .zip(0u8..)
+            .map(|(s, slot)| match s {
                 SectorParse::Empty => SlotReport {
                     state: "empty".into(),
                     generation: None,
@@ -370,7 +374,7 @@ impl Inner {
                 SectorParse::Valid { generation } => SlotReport {
                     state: "valid".into(),
                     generation: Some(*generation),
-                    tag: Some(crate::tag::Tag::from_bytes(state.tag_bytes(slot as u8, k, j)).to_string()),
+                    tag: Some(crate::tag::Tag::from_bytes(state.tag_bytes(slot, k, j)).to_string()),
                 },
                 SectorParse::Invalid(why) => SlotReport {
                     state: format!("invalid: {why}"),
@@ -387,7 +391,7 @@ impl Inner {
         let staged = self.lock(&self.stage).get(block).is_some();
         Ok(BlockReport {
             location,
-            sector: k as u32,
+            sector: u32_of_small(k),
             slots,
             accepted,
             staged,

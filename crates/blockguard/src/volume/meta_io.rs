@@ -183,11 +183,11 @@ impl Inner {
         }
         let start = offset / align as u64 * align as u64;
         let end = (offset + buf.len() as u64).div_ceil(align as u64) * align as u64;
-        let mut bounce = aligned((end - start) as usize, align);
+        let mut bounce = aligned(crate::cast::usize_of(end - start), align);
         self.backend
             .read_at(bounce.as_mut(), start)
             .map_err(self.io_err(during, offset))?;
-        let at = (offset - start) as usize;
+        let at = crate::cast::usize_of(offset - start);
         buf.copy_from_slice(&bounce.as_ref()[at..at + buf.len()]);
         Ok(())
     }

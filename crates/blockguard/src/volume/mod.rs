@@ -242,7 +242,7 @@ impl std::fmt::Debug for Volume {
         f.debug_struct("Volume")
             .field("name", &self.inner.name)
             .field("geometry", &self.inner.geo)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -605,7 +605,7 @@ impl AsMut<[u8]> for Aligned {
     }
 }
 
-#[allow(dead_code)]
+#[allow(dead_code)] // A compile-time check: it only has to type-check, never to run.
 fn _assert_send_sync() {
     fn is<T: Send + Sync>() {}
     is::<Volume>();

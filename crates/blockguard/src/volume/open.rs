@@ -1,11 +1,14 @@
 //! Making and opening volumes: format, superblock selection and repair, and the recovery a
 //! read-write open of a volume left in use runs before it accepts writes.
 
+use super::bitmaps::Bitmaps;
 use super::cache::MetaCache;
+use super::group_commit::FlushSequence;
 use super::recover::RecoverOptions;
 use super::stage::Stage;
 use super::{aligned, invalid, relabel, FormatOptions, Inner, OpenOptions, Volume};
 use super::{commit, Stats, LOCK_STRIPES};
+use crate::cast::{u32_of, usize_of};
 use crate::error::{Error, Result};
 use crate::format::{
     empty_map_sector, validate_label, Geometry, MapKind, Mode, Superblock, SuperblockError, VolumeState,
@@ -33,67 +36,10 @@ impl Volume {
         let name = backend.name();
         let len = backend.len();
         validate_label(&opts.label).map_err(|e| invalid(&name, e))?;
-        let tag_size = opts.profile.tag_size();
-        let geo = match opts.size {
-            Some(size) => {
-                let g = opts.geometry_for_size().map_err(|e| relabel(e, &name))?;
-                if g.backing_len > len {
-                    return Err(invalid(
-                        &name,
-                        format!(
-                            "a {size}-byte volume needs {} bytes of backend, it has {len}",
-                            g.backing_len
-                        ),
-                    ));
-                }
-                // On a larger backend (a device) the backup superblock goes to its end.
-                Geometry::from_parts(opts.block_size, tag_size, g.group_blocks, g.data_blocks, len)
-                    .ok_or_else(|| invalid(&name, format!("a {size}-byte volume does not fit {len} bytes")))?
-            }
-            None => Geometry::for_backing_len(len, opts.block_size, tag_size)
-                .map_err(|e| invalid(&name, e.to_string()))?,
-        };
-        let uuid = opts.uuid.unwrap_or_else(rand::random);
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let sb = Superblock {
-            version: FORMAT_VERSION,
-            compat: 0,
-            ro_compat: 0,
-            incompat: 0,
-            uuid,
-            profile: opts.profile,
-            mode: opts.mode,
-            geometry: geo,
-            created,
-            mirror_set: [0; 16],
-            mirror_role: 0,
-            meta_device: [0; 16],
-            label: opts.label.clone(),
-            state: VolumeState::Clean,
-        };
-        let io = |during: &'static str, offset: u64| {
-            let name = name.clone();
-            move |source| Error::Io {
-                volume: name,
-                during,
-                offset,
-                source,
-            }
-        };
+        let geo = format_geometry(opts, &name, len)?;
+        let sb = new_superblock(opts, geo);
         if !opts.assume_zeroed {
-            const CHUNK: u64 = 1 << 30;
-            let mut off = 0;
-            while off < len {
-                let n = CHUNK.min(len - off);
-                backend
-                    .zero_range(off, n)
-                    .map_err(io("zeroing the backend", off))?;
-                off += n;
-                progress(off, len);
-            }
+            zero_backend(&*backend, &name, len, progress)?;
         }
         let align = backend.alignment().max(1);
         if align > geo.block_size as usize {
@@ -105,28 +51,8 @@ impl Volume {
                 ),
             ));
         }
-        // Both copies of the three group bitmaps, every sector written with no bit set: a blank
-        // sector found later is damage, not an empty map. Then the superblocks. The head and
-        // tail copies each fill a contiguous, 4 KiB-aligned run of regions.
-        let sectors = geo.map_sectors() as u32;
-        let region = geo.map_region_len() as usize;
-        let mut maps = vec![0u8; 3 * region];
-        for (k, kind) in [MapKind::Written, MapKind::Dirty, MapKind::FirstWrite]
-            .into_iter()
-            .enumerate()
-        {
-            debug_assert_eq!(kind.ordinal() as usize, k);
-            for i in 0..sectors {
-                let at = k * region + i as usize * SECTOR_SIZE;
-                maps[at..at + SECTOR_SIZE].copy_from_slice(&empty_map_sector(&uuid, kind, i));
-            }
-        }
-        for copy in 0..2 {
-            let at = geo.map_offset(MapKind::Written, copy);
-            debug_assert_eq!(geo.map_offset(MapKind::FirstWrite, copy), at + 2 * region as u64);
-            write_aligned(&*backend, &maps, at, align).map_err(io("writing the group bitmaps", at))?;
-        }
-        backend.flush().map_err(io("flushing", 0))?;
+        write_empty_maps(&*backend, &name, &geo, &sb.uuid, align)?;
+        let io = |during, offset| io_error(&name, during, offset);
         // Backup first: a crash before the primary lands leaves no volume rather than half of one.
         write_aligned(&*backend, &sb.encode(1), geo.backup_sb_offset, align)
             .map_err(io("writing the backup superblock", geo.backup_sb_offset))?;
@@ -162,107 +88,13 @@ impl Volume {
     ) -> Result<Volume> {
         let name = backend.name();
         let len = backend.len();
-        let read_sb = |offset: u64| -> Result<std::result::Result<Superblock, SuperblockError>> {
-            // The whole region, through an aligned buffer: direct-I/O backends need both.
-            let mut region = aligned(SB_REGION as usize, backend.alignment().max(1));
-            let b = region.as_mut();
-            backend.read_at(b, offset).map_err(|source| Error::Io {
-                volume: name.clone(),
-                during: "reading a superblock",
-                offset,
-                source,
-            })?;
-            Ok(Superblock::decode(&b[..SB_STRUCT_SIZE]).map(|(sb, _)| sb))
-        };
-        if len < 2 * SB_REGION {
-            return Err(Error::NotAVolume {
-                volume: name,
-                detail: format!("only {len} bytes, too small to hold a volume"),
-            });
-        }
-        let primary = read_sb(0)?;
-        // The backup lives in the last 4 KiB of the backend as it was at format; the primary
-        // records where that is, which matters if the file or device has grown since.
-        let end_backup = len / SB_REGION * SB_REGION - SB_REGION;
-        let backup_at = match &primary {
-            Ok(p) if p.geometry.backup_sb_offset + SB_REGION <= len => p.geometry.backup_sb_offset,
-            _ => end_backup,
-        };
-        let backup = read_sb(backup_at)?;
-        // A copy from a newer version is not damage: never open (or "repair") from the other.
-        for e in [&primary, &backup].into_iter().filter_map(|r| r.as_ref().err()) {
-            if e.is_unsupported() {
-                return Err(Error::Unsupported {
-                    volume: name,
-                    detail: e.to_string(),
-                });
-            }
-        }
+        let (primary, backup) = read_superblocks(&*backend, &name, len)?;
         let mut warnings = Vec::new();
-        let sb = match (primary, backup) {
-            (Ok(p), Ok(b)) => {
-                let same = Superblock {
-                    state: p.state,
-                    ..b.clone()
-                } == p;
-                if !same {
-                    warnings.push(format!("{name}: superblock copies differ; using the primary"));
-                }
-                // A crash between updating the two copies: either saying "in use" wins.
-                let mut p = p;
-                if b.state == VolumeState::InUse {
-                    p.state = VolumeState::InUse;
-                }
-                p
-            }
-            (Ok(p), Err(e)) => {
-                warnings.push(format!(
-                    "{name}: backup superblock unusable ({e}); opened from the primary"
-                ));
-                p
-            }
-            (Err(e), Ok(b)) => {
-                warnings.push(format!(
-                    "{name}: primary superblock unusable ({e}); opened from the backup"
-                ));
-                b
-            }
-            (Err(p), Err(b)) => {
-                let magic = |e: &SuperblockError| matches!(e, SuperblockError::BadMagic { .. });
-                return Err(if magic(&p) && magic(&b) {
-                    Error::NotAVolume {
-                        volume: name,
-                        detail: "no superblock at the start or the end".into(),
-                    }
-                } else {
-                    Error::SuperblockDamaged {
-                        volume: name,
-                        primary: p.to_string(),
-                        backup: b.to_string(),
-                    }
-                });
-            }
-        };
+        let sb = choose_superblock(&name, primary, backup, &mut warnings)?;
         // With one copy unusable the other's state is still trustworthy: both markings write
         // the primary first, so a readable copy saying "clean" was never followed by a commit.
         let geo = sb.geometry;
-        if len < geo.backing_len {
-            return Err(Error::Truncated {
-                volume: name,
-                expected: geo.backing_len,
-                actual: len,
-            });
-        }
-        if backend.alignment() > geo.block_size as usize {
-            return Err(invalid(
-                &name,
-                format!(
-                    "the backend needs {}-byte aligned I/O, larger than the volume's {}-byte blocks",
-                    backend.alignment(),
-                    geo.block_size
-                ),
-            ));
-        }
+        check_backend_fits(&*backend, &name, &geo, len)?;
         // Unknown read-only-compatible features: reading is safe, writing could break them.
         let read_only = opts.read_only || backend.is_read_only() || sb.ro_compat & !SUPPORTED_RO_COMPAT != 0;
         let group_bytes = 2 * geo.block_size as usize + 256;
@@ -270,11 +102,11 @@ impl Volume {
             failure: std::sync::OnceLock::new(),
             kick: Mutex::new(false),
             kick_cv: Condvar::new(),
-            flushes: Default::default(),
+            flushes: FlushSequence::default(),
             stopping: AtomicBool::new(false),
             background: opts.background_commit && !read_only,
             cache: MetaCache::new((opts.cache_bytes / group_bytes).max(1)),
-            maps: Default::default(),
+            maps: Bitmaps::default(),
             dirty_clear_interval: opts.dirty_clear_interval,
             stage: Mutex::new(Stage::default()),
             stage_limit: opts.stage_bytes.max(geo.block_size as usize),
@@ -307,6 +139,243 @@ impl Volume {
         }
         Ok(Volume::start(vol))
     }
+}
+
+/// The layout of a volume formatted with `opts` on a backend of `len` bytes: `opts.size`
+/// bytes with the backup superblock at the backend's end, or as much as fits.
+fn format_geometry(opts: &FormatOptions, name: &str, len: u64) -> Result<Geometry> {
+    let tag_size = opts.profile.tag_size();
+    Ok(match opts.size {
+        Some(size) => {
+            let g = opts.geometry_for_size().map_err(|e| relabel(e, name))?;
+            if g.backing_len > len {
+                return Err(invalid(
+                    name,
+                    format!(
+                        "a {size}-byte volume needs {} bytes of backend, it has {len}",
+                        g.backing_len
+                    ),
+                ));
+            }
+            // On a larger backend (a device) the backup superblock goes to its end.
+            Geometry::from_parts(opts.block_size, tag_size, g.group_blocks, g.data_blocks, len)
+                .ok_or_else(|| invalid(name, format!("a {size}-byte volume does not fit {len} bytes")))?
+        }
+        None => Geometry::for_backing_len(len, opts.block_size, tag_size)
+            .map_err(|e| invalid(name, e.to_string()))?,
+    })
+}
+
+/// The superblock of a new volume with layout `geo`, clean, created now.
+fn new_superblock(opts: &FormatOptions, geo: Geometry) -> Superblock {
+    let uuid = opts.uuid.unwrap_or_else(rand::random);
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Superblock {
+        version: FORMAT_VERSION,
+        compat: 0,
+        ro_compat: 0,
+        incompat: 0,
+        uuid,
+        profile: opts.profile,
+        mode: opts.mode,
+        geometry: geo,
+        created,
+        mirror_set: [0; 16],
+        mirror_role: 0,
+        meta_device: [0; 16],
+        label: opts.label.clone(),
+        state: VolumeState::Clean,
+    }
+}
+
+/// An [`Error::Io`] of volume `name` for a backend failure while `during` at `offset`.
+fn io_error(name: &str, during: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> Error {
+    let name = name.to_string();
+    move |source| Error::Io {
+        volume: name,
+        during,
+        offset,
+        source,
+    }
+}
+
+/// Zeroes the backend's `len` bytes, a gigabyte at a time, reporting `(bytes_done, bytes_total)`.
+fn zero_backend(
+    backend: &dyn Backend,
+    name: &str,
+    len: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    const CHUNK: u64 = 1 << 30;
+    let mut off = 0;
+    while off < len {
+        let n = CHUNK.min(len - off);
+        backend
+            .zero_range(off, n)
+            .map_err(io_error(name, "zeroing the backend", off))?;
+        off += n;
+        progress(off, len);
+    }
+    Ok(())
+}
+
+/// Writes both copies of the three group bitmaps, every sector with no bit set (a blank
+/// sector found later is damage, not an empty map), and flushes. The head and tail copies
+/// each fill a contiguous, 4 KiB-aligned run of regions.
+fn write_empty_maps(
+    backend: &dyn Backend,
+    name: &str,
+    geo: &Geometry,
+    uuid: &[u8; 16],
+    align: usize,
+) -> Result<()> {
+    let sectors = u32_of(geo.map_sectors());
+    let region = usize_of(geo.map_region_len());
+    let mut maps = vec![0u8; 3 * region];
+    for (k, kind) in [MapKind::Written, MapKind::Dirty, MapKind::FirstWrite]
+        .into_iter()
+        .enumerate()
+    {
+        debug_assert_eq!(usize_of(kind.ordinal()), k);
+        for i in 0..sectors {
+            let at = k * region + i as usize * SECTOR_SIZE;
+            maps[at..at + SECTOR_SIZE].copy_from_slice(&empty_map_sector(uuid, kind, i));
+        }
+    }
+    for copy in 0..2 {
+        let at = geo.map_offset(MapKind::Written, copy);
+        debug_assert_eq!(geo.map_offset(MapKind::FirstWrite, copy), at + 2 * region as u64);
+        write_aligned(backend, &maps, at, align).map_err(io_error(name, "writing the group bitmaps", at))?;
+    }
+    backend.flush().map_err(io_error(name, "flushing", 0))
+}
+
+/// Reads both superblock copies of a backend of `len` bytes: the primary at offset 0, the backup where the primary says
+/// it is (or in the backend's last 4 KiB). Fails only if the backend cannot be read or is
+/// too small to hold a volume; each copy's own verdict is returned.
+#[allow(clippy::type_complexity)] // Two verdicts, one per copy: naming the type would hide that.
+fn read_superblocks(
+    backend: &dyn Backend,
+    name: &str,
+    len: u64,
+) -> Result<(
+    std::result::Result<Superblock, SuperblockError>,
+    std::result::Result<Superblock, SuperblockError>,
+)> {
+    let read_sb = |offset: u64| -> Result<std::result::Result<Superblock, SuperblockError>> {
+        // The whole region, through an aligned buffer: direct-I/O backends need both.
+        let mut region = aligned(usize_of(SB_REGION), backend.alignment().max(1));
+        let b = region.as_mut();
+        backend
+            .read_at(b, offset)
+            .map_err(io_error(name, "reading a superblock", offset))?;
+        Ok(Superblock::decode(&b[..SB_STRUCT_SIZE]).map(|(sb, _)| sb))
+    };
+    if len < 2 * SB_REGION {
+        return Err(Error::NotAVolume {
+            volume: name.to_string(),
+            detail: format!("only {len} bytes, too small to hold a volume"),
+        });
+    }
+    let primary = read_sb(0)?;
+    // The backup lives in the last 4 KiB of the backend as it was at format; the primary
+    // records where that is, which matters if the file or device has grown since.
+    let end_backup = len / SB_REGION * SB_REGION - SB_REGION;
+    let backup_at = match &primary {
+        Ok(p) if p.geometry.backup_sb_offset + SB_REGION <= len => p.geometry.backup_sb_offset,
+        _ => end_backup,
+    };
+    let backup = read_sb(backup_at)?;
+    Ok((primary, backup))
+}
+
+/// The superblock to open with, from the two copies' verdicts: the primary if it is usable,
+/// else the backup; "in use" if either says so. A copy unusable or different from the other
+/// adds a warning.
+fn choose_superblock(
+    name: &str,
+    primary: std::result::Result<Superblock, SuperblockError>,
+    backup: std::result::Result<Superblock, SuperblockError>,
+    warnings: &mut Vec<String>,
+) -> Result<Superblock> {
+    // A copy from a newer version is not damage: never open (or "repair") from the other.
+    for e in [&primary, &backup].into_iter().filter_map(|r| r.as_ref().err()) {
+        if e.is_unsupported() {
+            return Err(Error::Unsupported {
+                volume: name.to_string(),
+                detail: e.to_string(),
+            });
+        }
+    }
+    Ok(match (primary, backup) {
+        (Ok(p), Ok(b)) => {
+            let same = Superblock {
+                state: p.state,
+                ..b.clone()
+            } == p;
+            if !same {
+                warnings.push(format!("{name}: superblock copies differ; using the primary"));
+            }
+            // A crash between updating the two copies: either saying "in use" wins.
+            let mut p = p;
+            if b.state == VolumeState::InUse {
+                p.state = VolumeState::InUse;
+            }
+            p
+        }
+        (Ok(p), Err(e)) => {
+            warnings.push(format!(
+                "{name}: backup superblock unusable ({e}); opened from the primary"
+            ));
+            p
+        }
+        (Err(e), Ok(b)) => {
+            warnings.push(format!(
+                "{name}: primary superblock unusable ({e}); opened from the backup"
+            ));
+            b
+        }
+        (Err(p), Err(b)) => {
+            let magic = |e: &SuperblockError| matches!(e, SuperblockError::BadMagic { .. });
+            return Err(if magic(&p) && magic(&b) {
+                Error::NotAVolume {
+                    volume: name.to_string(),
+                    detail: "no superblock at the start or the end".into(),
+                }
+            } else {
+                Error::SuperblockDamaged {
+                    volume: name.to_string(),
+                    primary: p.to_string(),
+                    backup: b.to_string(),
+                }
+            });
+        }
+    })
+}
+
+/// Checks that the backend (`len` bytes) holds the whole layout and needs no alignment larger
+/// than a block.
+fn check_backend_fits(backend: &dyn Backend, name: &str, geo: &Geometry, len: u64) -> Result<()> {
+    if len < geo.backing_len {
+        return Err(Error::Truncated {
+            volume: name.to_string(),
+            expected: geo.backing_len,
+            actual: len,
+        });
+    }
+    if backend.alignment() > geo.block_size as usize {
+        return Err(invalid(
+            name,
+            format!(
+                "the backend needs {}-byte aligned I/O, larger than the volume's {}-byte blocks",
+                backend.alignment(),
+                geo.block_size
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl Inner {

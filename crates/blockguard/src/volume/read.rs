@@ -10,6 +10,7 @@
 use super::group::Accept;
 use super::stage::Staged;
 use super::Inner;
+use crate::cast::usize_of;
 use crate::error::{CorruptionKind, Error, Result};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -88,14 +89,14 @@ impl Inner {
     /// that fails returns [`Error::Corrupt`] and no data.
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
-        let bs = self.geo.block_size as u64;
+        let bs = u64::from(self.geo.block_size);
         let end = offset + buf.len() as u64;
         let (full_first, full_end) = (offset.div_ceil(bs), end / bs);
         if full_first >= full_end {
             return self.read_partial(buf, offset);
         }
-        let head = (full_first * bs - offset) as usize;
-        let tail = (end - full_end * bs) as usize;
+        let head = usize_of(full_first * bs - offset);
+        let tail = usize_of(end - full_end * bs);
         let (head_buf, rest) = buf.split_at_mut(head);
         let mid_len = rest.len() - tail;
         let (mid, tail_buf) = rest.split_at_mut(mid_len);
@@ -117,9 +118,9 @@ impl Inner {
         let (mut block, mut rest) = (full_first, mid);
         while !rest.is_empty() {
             let (group, _) = self.geo.group_of(block);
-            let group_end = self.geo.first_block(group) + self.geo.blocks_in_group(group) as u64;
+            let group_end = self.geo.first_block(group) + u64::from(self.geo.blocks_in_group(group));
             let n = (group_end - block).min(max_piece).min(rest.len() as u64 / bs);
-            let (piece, r) = std::mem::take(&mut rest).split_at_mut((n * bs) as usize);
+            let (piece, r) = std::mem::take(&mut rest).split_at_mut(usize_of(n * bs));
             pieces.push((block, piece));
             rest = r;
             block += n;
@@ -144,13 +145,13 @@ impl Inner {
 
     /// Reads a range inside one block, or straddling two, through a block-sized buffer.
     fn read_partial(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let bs = self.geo.block_size as u64;
-        let mut tmp = vec![0u8; bs as usize];
+        let bs = u64::from(self.geo.block_size);
+        let mut tmp = vec![0u8; usize_of(bs)];
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let in_block = (pos % bs) as usize;
-            let n = (bs as usize - in_block).min(buf.len() - done);
+            let in_block = usize_of(pos % bs);
+            let n = (usize_of(bs) - in_block).min(buf.len() - done);
             self.read_blocks(pos / bs, &mut tmp)?;
             buf[done..done + n].copy_from_slice(&tmp[in_block..in_block + n]);
             done += n;

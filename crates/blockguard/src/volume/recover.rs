@@ -22,11 +22,14 @@
 //! the partner may be a version older than the lost brother described; the report lists them.
 
 use super::bitmaps::MapBit;
-use super::group::{GroupState, PairView};
+use super::commit::CommitState;
+use super::group::{GroupState, GroupWriter, PairView};
 use super::Inner;
+use crate::cast::u32_of_small;
 use crate::error::{Error, Result};
 use crate::format::{SectorParse, VolumeState};
 use crate::tag::UNWRITTEN;
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 /// What recovery should do besides settling crash state.
@@ -106,8 +109,11 @@ pub struct RecoveryReport {
     pub map_sectors_rebuilt: u64,
 }
 
+/// Sectors of the written-groups map to rebuild, each with the groups found written in it.
+type RebuiltBits = BTreeMap<u32, Vec<u64>>;
+
 /// Groups whose metadata is examined per call of the backend's hole query.
-const HOLE_QUERY_GROUPS: u64 = 4096;
+const HOLE_QUERY_GROUPS: usize = 4096;
 
 impl Inner {
     /// Settles every group (after a crash) and, if asked, rebuilds damaged brothers; then
@@ -129,7 +135,7 @@ impl Inner {
         self.commit_locked(&mut state)?;
         self.flush_or_fail("flushing before recovery")?;
         let epoch = state.epoch;
-        self.flushed(&mut state, epoch);
+        state.flushed(epoch);
         let after_crash = !self.trusted.load(Ordering::Acquire);
         let mut report = RecoveryReport {
             already_clean: !after_crash,
@@ -154,27 +160,10 @@ impl Inner {
             0
         };
         // Written-map sectors with no valid copy are rebuilt from the groups' metadata.
-        let mut rebuilt_bits: std::collections::BTreeMap<u32, Vec<u64>> = std::collections::BTreeMap::new();
-        let mut repaired_copies = Vec::new();
-        for (index, _, _) in self.damaged_map_sectors()? {
-            match self.map_bit(index as u64 * crate::format::GROUPS_PER_MAP_SECTOR, true)? {
-                // Only a scan of every group can say what such a sector must hold.
-                MapBit::Damaged(_) if opts.rebuild_damaged => {
-                    rebuilt_bits.entry(index).or_default();
-                }
-                MapBit::Damaged(_) => {}
-                // A copy is valid: both are rewritten with the merged bits (a crash between
-                // the two copies' writes leaves one behind, and it must not stay so).
-                _ => {
-                    if !repaired_copies.contains(&index) {
-                        repaired_copies.push(index);
-                    }
-                }
-            }
-        }
+        let (mut rebuilt_bits, repaired_copies) = self.plan_map_repairs(opts)?;
         let mut missing_bits = Vec::new();
         let total = visit.len() as u64;
-        for (n, chunk) in visit.chunks(HOLE_QUERY_GROUPS as usize).enumerate() {
+        for (n, chunk) in visit.chunks(HOLE_QUERY_GROUPS).enumerate() {
             let holes = self.meta_holes(chunk)?;
             for (k, &g) in chunk.iter().enumerate() {
                 report.groups_examined += 1;
@@ -200,28 +189,28 @@ impl Inner {
                 } else if written && map == MapBit::Clear {
                     missing_bits.push(g);
                 }
-                let done = (n * HOLE_QUERY_GROUPS as usize + k) as u64;
+                let done = (n * HOLE_QUERY_GROUPS + k) as u64;
                 if done.is_multiple_of(64) {
                     progress(done, total);
                 }
             }
         }
-        let mut map = self.map_updates(&missing_bits)?;
-        report.map_bits_set = missing_bits.len() as u64;
-        for index in repaired_copies {
-            // A sector map_updates already rewrites (both copies) needs nothing more.
-            if !map.iter().any(|u| u.index == index) {
-                map.extend(self.map_repair(index)?);
-            }
-            report.map_sectors_rebuilt += 1;
-        }
-        for (index, bits) in rebuilt_bits {
-            tracing::warn!(volume = %self.name, sector = index, groups = bits.len(), "rebuilt a damaged written-groups map sector from the groups' metadata");
-            map.push(self.map_rebuild(index, &bits));
-            report.map_sectors_rebuilt += 1;
-        }
-        self.write_map(&map)?;
+        self.write_recovered_map(&missing_bits, repaired_copies, rebuilt_bits, &mut report)?;
         self.flush_or_fail("flushing recovered metadata")?;
+        self.settled(&mut state, after_crash)?;
+        progress(total.max(1), total.max(1));
+        if report.damaged.is_empty() {
+            tracing::info!(volume = %self.name, ?report, "recovered");
+        } else {
+            tracing::warn!(volume = %self.name, ?report, "recovered; damaged metadata found");
+        }
+        Ok(report)
+    }
+
+    /// The end of a recovery whose resolutions are durable: nothing is unsettled any more, so
+    /// the newest tags are trusted from now on and, `after_crash`, the session maps are
+    /// cleared and the volume is marked clean.
+    fn settled(&self, state: &mut CommitState, after_crash: bool) -> Result<()> {
         if after_crash {
             // Nothing is unsettled any more — but only once the resolutions above are durable:
             // cleared first, a crash could leave a group read strictly before it was settled.
@@ -236,13 +225,60 @@ impl Inner {
             self.write_superblocks(VolumeState::Clean, "marking the volume clean after recovery")?;
             state.marked_in_use = false;
         }
-        progress(total.max(1), total.max(1));
-        if report.damaged.is_empty() {
-            tracing::info!(volume = %self.name, ?report, "recovered");
-        } else {
-            tracing::warn!(volume = %self.name, ?report, "recovered; damaged metadata found");
+        Ok(())
+    }
+
+    /// The damaged sectors of the written-groups map and what recovery does with them: those
+    /// with no valid copy get rebuilt from the groups' metadata (keys of the first result, to
+    /// be filled with the written groups while visiting) when asked to rebuild; those with a
+    /// valid copy get both copies rewritten (the second result).
+    fn plan_map_repairs(&self, opts: RecoverOptions) -> Result<(RebuiltBits, Vec<u32>)> {
+        let mut rebuilt_bits = RebuiltBits::new();
+        let mut repaired_copies = Vec::new();
+        for (index, _, _) in self.damaged_map_sectors()? {
+            match self.map_bit(u64::from(index) * crate::format::GROUPS_PER_MAP_SECTOR, true)? {
+                // Only a scan of every group can say what such a sector must hold.
+                MapBit::Damaged(_) if opts.rebuild_damaged => {
+                    rebuilt_bits.entry(index).or_default();
+                }
+                MapBit::Damaged(_) => {}
+                // A copy is valid: both are rewritten with the merged bits (a crash between
+                // the two copies' writes leaves one behind, and it must not stay so).
+                _ => {
+                    if !repaired_copies.contains(&index) {
+                        repaired_copies.push(index);
+                    }
+                }
+            }
         }
-        Ok(report)
+        Ok((rebuilt_bits, repaired_copies))
+    }
+
+    /// Writes what recovery changes in the written-groups map: the bits of `missing_bits` set,
+    /// the `repaired_copies` sectors rewritten from their valid copy, the `rebuilt_bits`
+    /// sectors rebuilt with the groups found written. Not flushed.
+    fn write_recovered_map(
+        &self,
+        missing_bits: &[u64],
+        repaired_copies: Vec<u32>,
+        rebuilt_bits: RebuiltBits,
+        report: &mut RecoveryReport,
+    ) -> Result<()> {
+        let mut map = self.map_updates(missing_bits)?;
+        report.map_bits_set = missing_bits.len() as u64;
+        for index in repaired_copies {
+            // A sector map_updates already rewrites (both copies) needs nothing more.
+            if !map.iter().any(|u| u.index == index) {
+                map.extend(self.map_repair(index)?);
+            }
+            report.map_sectors_rebuilt += 1;
+        }
+        for (index, bits) in rebuilt_bits {
+            tracing::warn!(volume = %self.name, sector = index, groups = bits.len(), "rebuilt a damaged written-groups map sector from the groups' metadata");
+            map.push(self.map_rebuild(index, &bits));
+            report.map_sectors_rebuilt += 1;
+        }
+        self.write_map(&map)
     }
 
     /// For each group of `groups` (ascending), whether the backend proves its metadata blank
@@ -252,7 +288,7 @@ impl Inner {
             return Ok(Vec::new());
         };
         let lo = self.geo.meta_offset(first, 0);
-        let hi = self.geo.meta_offset(last, 1) + self.geo.block_size as u64;
+        let hi = self.geo.meta_offset(last, 1) + u64::from(self.geo.block_size);
         let zeros = self
             .backend
             .zero_ranges(lo, hi - lo)
@@ -261,7 +297,7 @@ impl Inner {
             .iter()
             .map(|&g| {
                 let at = self.geo.meta_offset(g, 0);
-                covered(&zeros, at, at + 2 * self.geo.block_size as u64)
+                covered(&zeros, at, at + 2 * u64::from(self.geo.block_size))
             })
             .collect())
     }
@@ -280,29 +316,14 @@ impl Inner {
         let mut w = old.writer(&self.sb.uuid, group);
         let mut changed = false;
         for k in 0..old.pairs() {
-            let count = self.geo.tags_in_sector(group, k as u32);
+            let count = self.geo.tags_in_sector(group, u32_of_small(k));
             match old.view(k) {
                 PairView::Brothers {
                     newest,
                     older_ok: true,
                 } => {
-                    let older = 1 - newest;
-                    let mut tags = w.tags_of(Some(newest), k, count);
-                    let mut reverted = 0;
-                    for j in 0..count {
-                        if old.tag_bytes(newest, k, j) == old.tag_bytes(older, k, j) {
-                            continue;
-                        }
-                        if self.on_disk_is_older(group, &old, k, j, newest)? {
-                            let ts = self.geo.tag_size as usize;
-                            tags[j * ts..(j + 1) * ts].copy_from_slice(old.tag_bytes(older, k, j));
-                            reverted += 1;
-                        }
-                    }
+                    let reverted = self.revert_pair(&mut w, &old, group, k, newest, count)?;
                     if reverted > 0 {
-                        let generation = generation_of(&old, k, newest);
-                        w.put(older, k, generation + 1, &tags);
-                        w.set_known(k, older);
                         report.blocks_reverted += reverted;
                         changed = true;
                     }
@@ -316,9 +337,9 @@ impl Inner {
                 PairView::Damaged(damage) => {
                     let mut problem = MetadataProblem {
                         group,
-                        sector: k as u32,
+                        sector: u32_of_small(k),
                         first_block: self.geo.first_block(group) + (k * per) as u64,
-                        blocks: count as u32,
+                        blocks: u32_of_small(count),
                         detail: damage.to_string(),
                         rebuilt: false,
                     };
@@ -354,6 +375,40 @@ impl Inner {
         Ok(old.any_written())
     }
 
+    /// Settles pair `k` (of `count` blocks) of `group`, whose older brother may still describe
+    /// the disk: every block whose data is the older brother's version gets its older tag
+    /// back, in a new sector one generation up written over the older brother. Returns the
+    /// number of blocks reverted (none: nothing is written).
+    fn revert_pair(
+        &self,
+        w: &mut GroupWriter<'_>,
+        old: &GroupState,
+        group: u64,
+        k: usize,
+        newest: u8,
+        count: usize,
+    ) -> Result<u64> {
+        let older = 1 - newest;
+        let mut tags = w.tags_of(Some(newest), k, count);
+        let mut reverted = 0;
+        for j in 0..count {
+            if old.tag_bytes(newest, k, j) == old.tag_bytes(older, k, j) {
+                continue;
+            }
+            if self.on_disk_is_older(group, old, k, j, newest)? {
+                let ts = self.geo.tag_size as usize;
+                tags[j * ts..(j + 1) * ts].copy_from_slice(old.tag_bytes(older, k, j));
+                reverted += 1;
+            }
+        }
+        if reverted > 0 {
+            let generation = generation_of(old, k, newest);
+            w.put(older, k, generation + 1, &tags);
+            w.set_known(k, older);
+        }
+        Ok(reverted)
+    }
+
     /// First stage of settling a group whose first write a crash cut short: fill its blank
     /// sectors with what the first write would have put there (slot 0: generation 1; slot 1:
     /// generation 0; every tag unwritten where the slot had none), then flush. No generation
@@ -375,7 +430,7 @@ impl Inner {
         }
         let mut w = old.writer(&self.sb.uuid, group);
         for &k in &torn {
-            let count = self.geo.tags_in_sector(group, k as u32);
+            let count = self.geo.tags_in_sector(group, u32_of_small(k));
             let unwritten = w.tags_of(None, k, count);
             let [s0, s1] = old.pair(k);
             if s0 == SectorParse::Empty {

@@ -47,12 +47,12 @@ pub(crate) struct Stage {
 
 /// Identifies a buffer while any entry holds it (its address cannot be reused meanwhile).
 fn key(buf: &SharedBuf) -> usize {
-    Arc::as_ptr(buf) as *const () as usize
+    Arc::as_ptr(buf).cast::<()>() as usize
 }
 
 impl Staged {
     /// The block's content, or `None` for a zeroed block.
-    pub fn data(&self, block_size: usize) -> Option<&[u8]> {
+    pub(crate) fn data(&self, block_size: usize) -> Option<&[u8]> {
         match self {
             Staged::Data { buf, at, .. } => Some(&bytes(buf)[*at..*at + block_size]),
             Staged::Zero => None,
@@ -62,20 +62,20 @@ impl Staged {
 
 impl Stage {
     /// The newest staged version of `block`, if any.
-    pub fn get(&self, block: u64) -> Option<&Staged> {
+    pub(crate) fn get(&self, block: u64) -> Option<&Staged> {
         self.active
             .get(&block)
             .or_else(|| self.committing.as_ref().and_then(|c| c.get(&block)))
     }
 
     /// True if nothing is staged (the common case for read-mostly loads: skips lookups).
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.active.is_empty() && self.committing.is_none()
     }
 
     /// Stages `entry` for `block`, replacing any older staged version (within a batch a block
     /// has exactly one new version, which is what the two brothers can describe).
-    pub fn put(&mut self, block: u64, entry: Staged) {
+    pub(crate) fn put(&mut self, block: u64, entry: Staged) {
         if let Staged::Data { buf, .. } = &entry {
             let (len, refs) = self.buffers.entry(key(buf)).or_insert((bytes(buf).len(), 0));
             if *refs == 0 {
@@ -98,7 +98,7 @@ impl Stage {
     }
 
     /// Takes the active batch (to commit it), leaving an empty one.
-    pub fn take_active(&mut self) -> Batch {
+    pub(crate) fn take_active(&mut self) -> Batch {
         self.buffers.clear();
         self.active_bytes = 0;
         std::mem::take(&mut self.active)

@@ -3,6 +3,7 @@
 
 use super::stage::{self, SharedBuf, Staged};
 use super::{Inner, LOCK_STRIPES};
+use crate::cast::usize_of;
 use crate::error::{Error, Result};
 use crate::format::Mode;
 use std::sync::{Arc, MutexGuard};
@@ -24,7 +25,7 @@ impl Inner {
         let mut idx: Vec<usize> = if count >= n {
             (0..LOCK_STRIPES).collect()
         } else {
-            (first..first + count).map(|b| (b % n) as usize).collect()
+            (first..first + count).map(|b| usize_of(b % n)).collect()
         };
         idx.sort_unstable();
         idx.dedup();
@@ -40,23 +41,23 @@ impl Inner {
         if self.sb.mode != Mode::Dual {
             return Ok(());
         }
-        let per = self.geo.tags_per_sector() as u64;
+        let per = u64::from(self.geo.tags_per_sector());
         let mut block = first;
         while block <= last {
             let (group, index) = self.geo.group_of(block);
             let group_first = self.geo.first_block(group);
-            let group_end = group_first + self.geo.blocks_in_group(group) as u64;
+            let group_end = group_first + u64::from(self.geo.blocks_in_group(group));
             let state = self.group(group)?;
-            let k = index as u64 / per;
+            let k = u64::from(index) / per;
             let pair_first = group_first + k * per;
             let pair_end = (pair_first + per).min(group_end);
-            if !state.never_written() && state.newest_for_write(k as usize).is_none() {
+            if !state.never_written() && state.newest_for_write(usize_of(k)).is_none() {
                 let covered = whole.start <= pair_first && pair_end <= whole.end;
                 if !covered {
                     // Damage seen in a single read may be a transient fault: look again.
                     let state = self.confirm(group, state)?;
-                    if state.newest_for_write(k as usize).is_none() {
-                        return Err(self.damaged_write(group, (block - group_first) as usize, &state));
+                    if state.newest_for_write(usize_of(k)).is_none() {
+                        return Err(self.damaged_write(group, usize_of(block - group_first), &state));
                     }
                 }
             }
@@ -79,7 +80,7 @@ impl Inner {
         if buf.is_empty() {
             return Ok(());
         }
-        let bs = self.geo.block_size as u64;
+        let bs = u64::from(self.geo.block_size);
         let first = offset / bs;
         let last = (offset + buf.len() as u64 - 1) / bs;
         let end = offset + buf.len() as u64;
@@ -94,31 +95,31 @@ impl Inner {
             Some(o) => Some((o, offset)),
             None => {
                 let whole =
-                    buf[(full_first * bs - offset) as usize..(full_end * bs - offset) as usize].to_vec();
+                    buf[usize_of(full_first * bs - offset)..usize_of(full_end * bs - offset)].to_vec();
                 Some((Arc::new(whole), full_first * bs))
             }
         };
         let guards = self.lock_stripes(first, last - first + 1);
-        let mut entries = Vec::with_capacity((last - first + 1) as usize);
+        let mut entries = Vec::with_capacity(usize_of(last - first + 1));
         for block in first..=last {
             let (data, at) = match &shared {
                 Some((s, base)) if (full_first..full_end).contains(&block) => {
-                    (s.clone(), (block * bs - base) as usize)
+                    (s.clone(), usize_of(block * bs - base))
                 }
                 _ => {
                     let start = block * bs;
                     let (lo, hi) = (offset.max(start), end.min(start + bs));
-                    let mut cur = vec![0u8; bs as usize];
+                    let mut cur = vec![0u8; usize_of(bs)];
                     self.read_blocks(block, &mut cur)?;
-                    cur[(lo - start) as usize..(hi - start) as usize]
-                        .copy_from_slice(&buf[(lo - offset) as usize..(hi - offset) as usize]);
+                    cur[usize_of(lo - start)..usize_of(hi - start)]
+                        .copy_from_slice(&buf[usize_of(lo - offset)..usize_of(hi - offset)]);
                     (Arc::new(cur) as SharedBuf, 0)
                 }
             };
             let tag =
                 self.sb
                     .profile
-                    .generate(&self.sb.uuid, block, &stage::bytes(&data)[at..at + bs as usize]);
+                    .generate(&self.sb.uuid, block, &stage::bytes(&data)[at..at + usize_of(bs)]);
             entries.push((block, Staged::Data { buf: data, at, tag }));
         }
         self.stage_entries(entries);
@@ -161,18 +162,18 @@ impl Inner {
         if len == 0 {
             return Ok(());
         }
-        let bs = self.geo.block_size as u64;
+        let bs = u64::from(self.geo.block_size);
         let end = offset + len;
         let first_full = offset.div_ceil(bs);
         let end_full = end / bs;
         if first_full >= end_full {
-            return self.write_at(&vec![0u8; len as usize], offset);
+            return self.write_at(&vec![0u8; usize_of(len)], offset);
         }
         if offset < first_full * bs {
-            self.write_at(&vec![0u8; (first_full * bs - offset) as usize], offset)?;
+            self.write_at(&vec![0u8; usize_of(first_full * bs - offset)], offset)?;
         }
         if end > end_full * bs {
-            self.write_at(&vec![0u8; (end - end_full * bs) as usize], end_full * bs)?;
+            self.write_at(&vec![0u8; usize_of(end - end_full * bs)], end_full * bs)?;
         }
         // Staged in bounded slices so a huge zeroing cannot hold the stripes for long.
         let mut b = first_full;
