@@ -2,7 +2,7 @@
 
 use crate::common::open_unlocked;
 use anyhow::{bail, Result};
-use blockguard::Superblock;
+use blockguard::{BlockReport, Superblock, Volume};
 use clap::Args;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -83,12 +83,34 @@ struct Dump {
     #[serde(flatten)]
     summary: Summary,
     warnings: Vec<String>,
-    blocks: Vec<blockguard::BlockReport>,
+    blocks: Vec<BlockReport>,
 }
 
 /// `blockguard info` and `blockguard dump`.
 pub fn run(args: InfoArgs) -> Result<()> {
     let vol = open_unlocked(&args.path)?;
+    let blocks = inspect_blocks(&vol, &args)?;
+    let dump = Dump {
+        summary: summary(vol.superblock(), &args.path),
+        warnings: vol.warnings().to_vec(),
+        blocks,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&dump)?);
+        return Ok(());
+    }
+    print_summary(&dump.summary);
+    for w in &dump.warnings {
+        println!("warning:       {w}");
+    }
+    for b in &dump.blocks {
+        print_block(b);
+    }
+    Ok(())
+}
+
+/// Where each block asked for with `--block` and its tags live; refuses a block past the end.
+fn inspect_blocks(vol: &Volume, args: &InfoArgs) -> Result<Vec<BlockReport>> {
     let count = vol.geometry().data_blocks;
     let mut blocks = Vec::new();
     for &b in &args.blocks {
@@ -102,16 +124,11 @@ pub fn run(args: InfoArgs) -> Result<()> {
         }
         blocks.push(vol.inspect_block(b)?);
     }
-    let dump = Dump {
-        summary: summary(vol.superblock(), &args.path),
-        warnings: vol.warnings().to_vec(),
-        blocks,
-    };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&dump)?);
-        return Ok(());
-    }
-    let s = &dump.summary;
+    Ok(blocks)
+}
+
+/// Prints the superblock and geometry as `info` shows them.
+fn print_summary(s: &Summary) {
     let g = &s.geometry;
     println!("volume:        {}", s.path);
     println!("format:        blockguard v{}", s.version);
@@ -149,37 +166,35 @@ pub fn run(args: InfoArgs) -> Result<()> {
             "in use (open for writing, or not closed cleanly: the next read-write open, or `blockguard recover`, settles it)"
         }
     );
-    for w in &dump.warnings {
-        println!("warning:       {w}");
-    }
-    for b in &dump.blocks {
-        let l = &b.location;
+}
+
+/// Prints where one block and its tags live, and what each tag slot holds (`dump --block`).
+fn print_block(b: &BlockReport) {
+    let l = &b.location;
+    println!(
+        "block {}: group {} index {}, data at byte {}, tags at bytes {} and {} (metadata sector {}){}",
+        l.block,
+        l.group,
+        l.index,
+        l.data_offset,
+        l.meta_offsets[0] + l.tag_offset_in_meta as u64,
+        l.meta_offsets[1] + l.tag_offset_in_meta as u64,
+        b.sector,
+        if b.staged { " (newer version staged)" } else { "" }
+    );
+    for (i, slot) in b.slots.iter().enumerate() {
         println!(
-            "block {}: group {} index {}, data at byte {}, tags at bytes {} and {} (metadata sector {}){}",
-            l.block,
-            l.group,
-            l.index,
-            l.data_offset,
-            l.meta_offsets[0] + l.tag_offset_in_meta as u64,
-            l.meta_offsets[1] + l.tag_offset_in_meta as u64,
-            b.sector,
-            if b.staged { " (newer version staged)" } else { "" }
+            "  slot {i}, sector at byte {}: {}{}{}",
+            l.meta_offsets[i] + b.sector as u64 * 512,
+            slot.state,
+            slot.generation
+                .map(|g| format!(", generation {g}"))
+                .unwrap_or_default(),
+            slot.tag
+                .as_ref()
+                .map(|t| format!(", tag {t}"))
+                .unwrap_or_default()
         );
-        for (i, slot) in b.slots.iter().enumerate() {
-            println!(
-                "  slot {i}, sector at byte {}: {}{}{}",
-                l.meta_offsets[i] + b.sector as u64 * 512,
-                slot.state,
-                slot.generation
-                    .map(|g| format!(", generation {g}"))
-                    .unwrap_or_default(),
-                slot.tag
-                    .as_ref()
-                    .map(|t| format!(", tag {t}"))
-                    .unwrap_or_default()
-            );
-        }
-        println!("  a read accepts: {}", b.accepted.join(" or "));
     }
-    Ok(())
+    println!("  a read accepts: {}", b.accepted.join(" or "));
 }
