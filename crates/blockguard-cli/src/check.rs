@@ -29,7 +29,7 @@ struct Report {
 }
 
 /// Returns true if the volume is clean.
-pub fn run(args: CheckArgs) -> Result<bool> {
+pub fn run(args: &CheckArgs) -> Result<bool> {
     let vol = open_volume(&args.path, true)?;
     let g = *vol.geometry();
     let pb = progress(vol.size(), "check");

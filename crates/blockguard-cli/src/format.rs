@@ -38,7 +38,7 @@ pub struct FormatArgs {
 }
 
 /// `blockguard format`.
-pub fn run(args: FormatArgs) -> Result<()> {
+pub fn run(args: &FormatArgs) -> Result<()> {
     let size = args.size;
     if let Some(size) = size {
         check_size(size, args.block_size)?;

@@ -87,9 +87,9 @@ struct Dump {
 }
 
 /// `blockguard info` and `blockguard dump`.
-pub fn run(args: InfoArgs) -> Result<()> {
+pub fn run(args: &InfoArgs) -> Result<()> {
     let vol = open_unlocked(&args.path)?;
-    let blocks = inspect_blocks(&vol, &args)?;
+    let blocks = inspect_blocks(&vol, args)?;
     let dump = Dump {
         summary: summary(vol.superblock(), &args.path),
         warnings: vol.warnings().to_vec(),

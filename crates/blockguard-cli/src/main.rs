@@ -70,15 +70,15 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Format(a) => format::run(a),
-        Command::Info(a) | Command::Dump(a) => info::run(a),
-        Command::Import(a) => transfer::run_import(a),
-        Command::Export(a) => transfer::run_export(a),
-        Command::Serve(a) => serve::run(a),
-        Command::Recover(a) => recover::run(a),
-        Command::Mount(a) => mount::run(a),
-        Command::Umount(a) => mount::run_umount(a),
-        Command::Check(a) => match check::run(a) {
+        Command::Format(a) => format::run(&a),
+        Command::Info(a) | Command::Dump(a) => info::run(&a),
+        Command::Import(a) => transfer::run_import(&a),
+        Command::Export(a) => transfer::run_export(&a),
+        Command::Serve(a) => serve::run(&a),
+        Command::Recover(a) => recover::run(&a),
+        Command::Mount(a) => mount::run(&a),
+        Command::Umount(a) => mount::run_umount(&a),
+        Command::Check(a) => match check::run(&a) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),
             Err(e) => Err(e),

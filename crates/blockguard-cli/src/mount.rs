@@ -59,11 +59,11 @@ pub struct UmountArgs {
 }
 
 /// `blockguard mount`.
-pub fn run(args: MountArgs) -> Result<()> {
+pub fn run(args: &MountArgs) -> Result<()> {
     if args.foreground || args.detached {
-        serve(&args)
+        serve(args)
     } else {
-        spawn_detached(&args)
+        spawn_detached(args)
     }
 }
 
@@ -201,7 +201,7 @@ fn split_error(stderr: &str) -> (&str, Option<&str>) {
 }
 
 /// `blockguard umount`.
-pub fn run_umount(args: UmountArgs) -> Result<()> {
+pub fn run_umount(args: &UmountArgs) -> Result<()> {
     let entry = blockguard_fuse::find_mount(&args.mountpoint)?
         .ok_or_else(|| FuseError::NotMounted(args.mountpoint.clone()))?;
     if !entry.is_blockguard() {

@@ -36,7 +36,7 @@ struct Report<'a> {
 }
 
 /// Runs recovery and prints what it did.
-pub fn run(args: RecoverArgs) -> Result<()> {
+pub fn run(args: &RecoverArgs) -> Result<()> {
     // Opening read-write settles a volume left in use (with its own progress bar).
     let vol = open_volume(&args.path, false)?;
     let report = if args.rebuild {

@@ -93,7 +93,7 @@ pub struct ServeArgs {
 }
 
 /// Runs the server until SIGINT/SIGTERM, then flushes and closes the volume.
-pub fn run(args: ServeArgs) -> Result<()> {
+pub fn run(args: &ServeArgs) -> Result<()> {
     let path = &args.volume;
     // Arguments first: a bad address must not cost a volume creation or open.
     let addr = match &args.socket {

@@ -98,7 +98,7 @@ fn refuse_if_written(vol: &Volume, path: &Path) -> Result<()> {
 }
 
 /// `blockguard import`.
-pub fn run_import(args: ImportArgs) -> Result<()> {
+pub fn run_import(args: &ImportArgs) -> Result<()> {
     refuse_same(&args.raw, &args.volume, "importing")?;
     let (raw, len) = open_source(&args.raw)?;
     let vol = open_volume(&args.volume, false)?;
@@ -144,12 +144,12 @@ pub fn run_import(args: ImportArgs) -> Result<()> {
 }
 
 /// `blockguard export`.
-pub fn run_export(args: ExportArgs) -> Result<()> {
+pub fn run_export(args: &ExportArgs) -> Result<()> {
     refuse_same(&args.volume, &args.raw, "exporting")?;
     let vol = open_volume(&args.volume, true)?;
     let len = vol.size();
     let target = open_image_target(&args.raw, len, args.force)?;
-    let result = copy_out(&vol, &args, &target.backend, target.must_zero);
+    let result = copy_out(&vol, args, &target.backend, target.must_zero);
     if result.is_err() && target.created {
         // A half-written new image must not pass for an export; it held nothing before.
         let _ = std::fs::remove_file(&args.raw);
