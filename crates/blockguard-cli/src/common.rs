@@ -127,7 +127,7 @@ fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u
                 p.group,
                 p.sector,
                 p.first_block,
-                p.first_block + p.blocks as u64,
+                p.first_block + u64::from(p.blocks),
                 p.detail
             ));
         }
@@ -177,6 +177,16 @@ pub fn progress(total: u64, what: &str) -> ProgressBar {
     pb
 }
 
+// The workspace builds for 64-bit targets only, where a `usize` holds every `u64`.
+const _: () = assert!(usize::BITS == 64);
+
+/// `x` as a `usize`: a length or offset inside an in-memory buffer, which the caller has
+/// already bounded by that buffer's length.
+#[allow(clippy::cast_possible_truncation)] // Lossless: `usize` is 64 bits wide (asserted above).
+pub(crate) const fn usize_of(x: u64) -> usize {
+    x as usize
+}
+
 /// Exit codes: 0 success, 1 corruption found, 2 usage or I/O error.
 pub fn exit_code_for(err: &anyhow::Error) -> u8 {
     let corrupt = err.chain().any(|e| {
@@ -192,7 +202,7 @@ pub fn exit_code_for(err: &anyhow::Error) -> u8 {
 
 /// Refuses sizes that are not a positive multiple of `block_size`.
 pub fn check_size(size: u64, block_size: u32) -> Result<()> {
-    if size == 0 || !size.is_multiple_of(block_size as u64) {
+    if size == 0 || !size.is_multiple_of(u64::from(block_size)) {
         bail!("size {size} is not a positive multiple of the block size {block_size}");
     }
     Ok(())

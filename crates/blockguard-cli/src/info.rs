@@ -177,15 +177,15 @@ fn print_block(b: &BlockReport) {
         l.group,
         l.index,
         l.data_offset,
-        l.meta_offsets[0] + l.tag_offset_in_meta as u64,
-        l.meta_offsets[1] + l.tag_offset_in_meta as u64,
+        l.meta_offsets[0] + u64::from(l.tag_offset_in_meta),
+        l.meta_offsets[1] + u64::from(l.tag_offset_in_meta),
         b.sector,
         if b.staged { " (newer version staged)" } else { "" }
     );
     for (i, slot) in b.slots.iter().enumerate() {
         println!(
             "  slot {i}, sector at byte {}: {}{}{}",
-            l.meta_offsets[i] + b.sector as u64 * 512,
+            l.meta_offsets[i] + u64::from(b.sector) * 512,
             slot.state,
             slot.generation
                 .map(|g| format!(", generation {g}"))

@@ -19,6 +19,10 @@ use clap::Args;
 
 use crate::common::open_volume;
 
+// `--threads` defaults to the FUSE crate's `DEFAULT_THREADS`, narrowed to `u16` in the
+// attribute below: lossless, and inside the option's range, as long as this holds.
+const _: () = assert!(DEFAULT_THREADS >= 1 && DEFAULT_THREADS <= 256);
+
 /// Arguments of `mount`.
 #[derive(Args, Debug)]
 pub struct MountArgs {

@@ -77,7 +77,7 @@ pub fn run(args: &RecoverArgs) -> Result<()> {
         .or(at_open.as_ref())
         .map_or(&[][..], |r| &r.damaged[..]);
     for p in damaged {
-        let end = p.first_block + p.blocks as u64;
+        let end = p.first_block + u64::from(p.blocks);
         if p.rebuilt {
             println!(
                 "{name}: rebuilt damaged metadata of blocks {}..{end} (group {} sector {}: {}) from its valid brother; \

@@ -6,6 +6,7 @@
 //! source itself, `--force` or not; measure devices by seeking to their end (a device node's
 //! own length is 0) and never resize them; sync what was written before reporting success.
 
+use crate::common::usize_of;
 use anyhow::{bail, Context, Result};
 use blockguard::blockguard_backend::{Backend, FileBackend, FileOptions};
 use std::fs::Metadata;
@@ -61,8 +62,9 @@ pub fn refuse_same(source: &Path, target: &Path, what: &str) -> Result<()> {
 pub fn refuse_if_in_use(backend: &FileBackend) -> Result<()> {
     let path = backend.path().display();
     let len = backend.len();
+    // Reads at most `n` bytes at `off`; every `n` below is at most 1 MiB.
     let read = |off: u64, n: u64| -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; usize::try_from(n.min(len - off)).unwrap_or(usize::MAX)];
+        let mut buf = vec![0u8; usize_of(n.min(len - off))];
         backend
             .read_at(&mut buf, off)
             .with_context(|| format!("cannot read {path} at byte {off} to see whether it is in use"))?;

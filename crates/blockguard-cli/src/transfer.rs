@@ -4,7 +4,7 @@
 //! refused without `--force` when it may hold data, devices are measured by seeking to their
 //! end, and what was written is synced before success is reported.
 
-use crate::common::{open_volume, progress};
+use crate::common::{open_volume, progress, usize_of};
 use crate::target::{open_image_target, refuse_same, sync_parent_dir};
 use anyhow::{bail, Context, Result};
 use blockguard::blockguard_backend::Backend;
@@ -16,7 +16,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
 /// Bytes copied per step: large enough for sequential speed, small enough for memory.
-const CHUNK: usize = 4 << 20;
+const CHUNK: u64 = 4 << 20;
 
 /// Arguments of `import`.
 #[derive(Args, Debug)]
@@ -91,7 +91,7 @@ fn refuse_if_written(vol: &Volume, path: &Path) -> Result<()> {
         bail!(
             "{} already holds data (block {block}, byte {}, is written); use --force to overwrite it",
             path.display(),
-            block * vol.block_size() as u64
+            block * u64::from(vol.block_size())
         );
     }
     Ok(())
@@ -114,21 +114,21 @@ pub fn run_import(args: &ImportArgs) -> Result<()> {
         refuse_if_written(&vol, &args.volume)?;
     }
     let pb = progress(len, "import");
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; usize_of(CHUNK)];
     let mut off = 0u64;
     while off < len {
-        let n = usize::try_from(len - off).map_or(CHUNK, |left| left.min(CHUNK));
-        let chunk = &mut buf[..n];
+        let n = CHUNK.min(len - off);
+        let chunk = &mut buf[..usize_of(n)];
         raw.read_exact_at(chunk, off)
             .with_context(|| format!("cannot read {} at byte {off}", args.raw.display()))?;
         if is_zero(chunk) {
             // Zero runs become unwritten blocks: no data written, and they stay holes.
-            vol.write_zeroes(off, n as u64)
+            vol.write_zeroes(off, n)
         } else {
             vol.write_at(chunk, off)
         }
         .with_context(|| format!("cannot write {} at byte {off}", args.volume.display()))?;
-        off += n as u64;
+        off += n;
         pb.set_position(off);
     }
     // Closing flushes: the data is durable before success is reported.
@@ -177,22 +177,22 @@ fn copy_out(vol: &Volume, args: &ExportArgs, out: &dyn Backend, must_zero: bool)
     let len = vol.size();
     let raw = args.raw.display();
     let pb = progress(len, "export");
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; usize_of(CHUNK)];
     let mut off = 0u64;
     while off < len {
-        let n = usize::try_from(len - off).map_or(CHUNK, |left| left.min(CHUNK));
-        let chunk = &mut buf[..n];
+        let n = CHUNK.min(len - off);
+        let chunk = &mut buf[..usize_of(n)];
         vol.read_at(chunk, off)?;
         let written = if !is_zero(chunk) {
             out.write_at(chunk, off)
         } else if must_zero {
-            out.zero_range(off, n as u64)
+            out.zero_range(off, n)
         } else {
             // A new or truncated file reads zeros here already, and stays sparse.
             Ok(())
         };
         written.with_context(|| format!("cannot write {raw} at byte {off}"))?;
-        off += n as u64;
+        off += n;
         pb.set_position(off);
     }
     out.flush().with_context(|| format!("cannot sync {raw}"))?;
