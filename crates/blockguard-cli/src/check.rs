@@ -9,12 +9,12 @@ use std::path::PathBuf;
 
 /// Arguments of `check`.
 #[derive(Args, Debug)]
-pub struct CheckArgs {
+pub(crate) struct CheckArgs {
     /// The volume.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Print JSON.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Serialize)]
@@ -29,7 +29,7 @@ struct Report {
 }
 
 /// Returns true if the volume is clean.
-pub fn run(args: &CheckArgs) -> Result<bool> {
+pub(crate) fn run(args: &CheckArgs) -> Result<bool> {
     let vol = open_volume(&args.path, true)?;
     let g = *vol.geometry();
     let pb = progress(vol.size(), "check");

@@ -5,45 +5,50 @@ use anyhow::{bail, Result};
 use blockguard::{BlockReport, Superblock, Volume};
 use clap::Args;
 use serde::Serialize;
+use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
 /// Arguments of `info` and `dump`.
 #[derive(Args, Debug)]
-pub struct InfoArgs {
+pub(crate) struct InfoArgs {
     /// The volume.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Also show where these data blocks and their tags live (dump).
     #[arg(long = "block", value_name = "N")]
-    pub blocks: Vec<u64>,
+    pub(crate) blocks: Vec<u64>,
     /// Print JSON.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 /// The superblock and geometry, as `info --json` prints them.
 #[derive(Serialize)]
-pub struct Summary {
-    pub path: String,
-    pub version: u32,
-    pub uuid: String,
-    pub label: String,
-    pub size: u64,
-    pub block_size: u32,
-    pub mode: blockguard::Mode,
-    pub profile: blockguard::Profile,
-    pub tag_size: u32,
-    pub created: u64,
-    pub compat: u64,
-    pub ro_compat: u64,
-    pub incompat: u64,
+pub(crate) struct Summary {
+    pub(crate) path: String,
+    pub(crate) version: u32,
+    pub(crate) uuid: String,
+    pub(crate) label: String,
+    pub(crate) size: u64,
+    pub(crate) block_size: u32,
+    pub(crate) mode: blockguard::Mode,
+    pub(crate) profile: blockguard::Profile,
+    pub(crate) tag_size: u32,
+    pub(crate) created: u64,
+    pub(crate) compat: u64,
+    pub(crate) ro_compat: u64,
+    pub(crate) incompat: u64,
     /// `clean`, or `in-use` (open for writing, or not closed cleanly).
-    pub state: &'static str,
-    pub geometry: blockguard::Geometry,
+    pub(crate) state: &'static str,
+    pub(crate) geometry: blockguard::Geometry,
 }
 
 /// A UUID in its usual text form (8-4-4-4-12 hex digits).
-pub fn uuid_string(u: &[u8; 16]) -> String {
-    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+pub(crate) fn uuid_string(u: &[u8; 16]) -> String {
+    let mut h = String::with_capacity(32);
+    for b in u {
+        // Writing to a `String` cannot fail.
+        let _ = write!(h, "{b:02x}");
+    }
     format!(
         "{}-{}-{}-{}-{}",
         &h[0..8],
@@ -55,7 +60,7 @@ pub fn uuid_string(u: &[u8; 16]) -> String {
 }
 
 /// What `info --json` (and `format --json`) prints about a volume.
-pub fn summary(sb: &Superblock, path: &Path) -> Summary {
+pub(crate) fn summary(sb: &Superblock, path: &Path) -> Summary {
     Summary {
         path: path.display().to_string(),
         version: sb.version,
@@ -87,7 +92,7 @@ struct Dump {
 }
 
 /// `blockguard info` and `blockguard dump`.
-pub fn run(args: &InfoArgs) -> Result<()> {
+pub(crate) fn run(args: &InfoArgs) -> Result<()> {
     let vol = open_unlocked(&args.path)?;
     let blocks = inspect_blocks(&vol, args)?;
     let dump = Dump {

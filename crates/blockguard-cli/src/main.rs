@@ -1,3 +1,15 @@
+// Lint policy, the same in every crate of the workspace: clippy's pedantic group on, minus a
+// short list that would add noise without catching bugs here.
+#![warn(missing_docs, unreachable_pub, clippy::pedantic)]
+#![allow(
+    // Pure getters are obvious; what must not be ignored is already a `Result` or `#[must_use]` type.
+    clippy::must_use_candidate,
+    // Errors are typed enums whose variants document themselves.
+    clippy::missing_errors_doc,
+    // `volume::VolumeStats` and the like read better at use sites outside the module.
+    clippy::module_name_repetitions,
+)]
+
 //! `blockguard`: per-block integrity for files and block devices.
 
 mod check;

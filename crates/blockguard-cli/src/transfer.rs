@@ -20,27 +20,27 @@ const CHUNK: u64 = 4 << 20;
 
 /// Arguments of `import`.
 #[derive(Args, Debug)]
-pub struct ImportArgs {
+pub(crate) struct ImportArgs {
     /// Raw image to read: a regular file or a block device.
-    pub raw: PathBuf,
+    pub(crate) raw: PathBuf,
     /// Volume to write it into (from byte 0).
-    pub volume: PathBuf,
+    pub(crate) volume: PathBuf,
     /// Overwrite a volume that already holds data.
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
 }
 
 /// Arguments of `export`.
 #[derive(Args, Debug)]
-pub struct ExportArgs {
+pub(crate) struct ExportArgs {
     /// Volume to read (every block is verified).
-    pub volume: PathBuf,
+    pub(crate) volume: PathBuf,
     /// Raw image to write: a new file (created sparse), an empty file, or a block device at
     /// least as large as the volume.
-    pub raw: PathBuf,
+    pub(crate) raw: PathBuf,
     /// Overwrite a non-empty file or device, or one holding a blockguard volume.
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -98,7 +98,7 @@ fn refuse_if_written(vol: &Volume, path: &Path) -> Result<()> {
 }
 
 /// `blockguard import`.
-pub fn run_import(args: &ImportArgs) -> Result<()> {
+pub(crate) fn run_import(args: &ImportArgs) -> Result<()> {
     refuse_same(&args.raw, &args.volume, "importing")?;
     let (raw, len) = open_source(&args.raw)?;
     let vol = open_volume(&args.volume, false)?;
@@ -144,7 +144,7 @@ pub fn run_import(args: &ImportArgs) -> Result<()> {
 }
 
 /// `blockguard export`.
-pub fn run_export(args: &ExportArgs) -> Result<()> {
+pub(crate) fn run_export(args: &ExportArgs) -> Result<()> {
     refuse_same(&args.volume, &args.raw, "exporting")?;
     let vol = open_volume(&args.volume, true)?;
     let len = vol.size();
