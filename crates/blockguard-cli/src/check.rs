@@ -9,12 +9,12 @@ use std::path::PathBuf;
 
 /// Arguments of `check`.
 #[derive(Args, Debug)]
-pub struct CheckArgs {
+pub(crate) struct CheckArgs {
     /// The volume.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Print JSON.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Serialize)]
@@ -29,19 +29,19 @@ struct Report {
 }
 
 /// Returns true if the volume is clean.
-pub fn run(args: CheckArgs) -> Result<bool> {
+pub(crate) fn run(args: &CheckArgs) -> Result<bool> {
     let vol = open_volume(&args.path, true)?;
     let g = *vol.geometry();
     let pb = progress(vol.size(), "check");
     let mut bad = Vec::new();
     // A group at a time: one large read per group, bounded memory.
-    let step = g.group_blocks as u64 * 16;
+    let step = u64::from(g.group_blocks) * 16;
     let mut block = 0;
     while block < g.data_blocks {
         let n = step.min(g.data_blocks - block);
         bad.extend(vol.check_blocks(block, n)?);
         block += n;
-        pb.set_position(block * g.block_size as u64);
+        pb.set_position(block * u64::from(g.block_size));
     }
     pb.finish_and_clear();
     let damaged = vol.check_metadata(0, g.groups)?;
@@ -67,7 +67,7 @@ pub fn run(args: CheckArgs) -> Result<bool> {
                 p.group,
                 p.sector,
                 p.first_block,
-                p.first_block + p.blocks as u64,
+                p.first_block + u64::from(p.blocks),
                 p.detail
             );
         }

@@ -9,12 +9,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// The forms every size option accepts, for help and error messages.
-pub const SIZE_FORMS: &str = "a number of bytes with an optional binary unit: 4096, 512K, 64M, \
+pub(crate) const SIZE_FORMS: &str = "a number of bytes with an optional binary unit: 4096, 512K, 64M, \
                               10G, 2T (K, M, G, T, P, E are powers of 1024; KiB, MiB, … too)";
 
 /// Parses a size with binary units ("64M" = 64 MiB, "10G" = 10 GiB, plain numbers are bytes):
 /// the clap value parser of every size option, so its message names the option.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     if t.starts_with('-') {
         return Err(format!("a size cannot be negative; use {SIZE_FORMS}"));
@@ -29,7 +29,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 const BLOCK_SIZES: std::ops::RangeInclusive<u64> = 512..=65536;
 
 /// Parses `--block-size`: a size (units allowed, "4K") that is a power of two from 512 to 64K.
-pub fn parse_block_size(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_block_size(s: &str) -> Result<u32, String> {
     let n = parse_size(s)?;
     u32::try_from(n)
         .ok()
@@ -40,27 +40,27 @@ pub fn parse_block_size(s: &str) -> Result<u32, String> {
 }
 
 /// The value parser of `--mode`: the mode names this build knows, listed in `--help`.
-pub fn mode_parser() -> impl TypedValueParser<Value = Mode> {
+pub(crate) fn mode_parser() -> impl TypedValueParser<Value = Mode> {
     let names: Vec<&'static str> = (0..=u8::MAX).filter_map(Mode::from_id).map(Mode::name).collect();
     PossibleValuesParser::new(names)
         .try_map(|s| Mode::from_name(&s).ok_or_else(|| format!("unknown mode {s:?}")))
 }
 
 /// The value parser of `--profile`: the tag profiles this build knows, listed in `--help`.
-pub fn profile_parser() -> impl TypedValueParser<Value = Profile> {
+pub(crate) fn profile_parser() -> impl TypedValueParser<Value = Profile> {
     PossibleValuesParser::new(Profile::ALL.map(Profile::name))
         .try_map(|s| Profile::from_name(&s).ok_or_else(|| format!("unknown tag profile {s:?}")))
 }
 
 /// Opens the volume at `path`. Read-write opens take an exclusive lock and read-only opens a
 /// shared one, so a volume is never served or mounted by two processes at once.
-pub fn open_volume(path: &Path, read_only: bool) -> Result<Volume> {
+pub(crate) fn open_volume(path: &Path, read_only: bool) -> Result<Volume> {
     open_volume_staged(path, read_only, None)
 }
 
 /// [`open_volume`] with a write-back stage of `stage_bytes` (default 32 MiB): the servers'
 /// `--stage-size`.
-pub fn open_volume_staged(path: &Path, read_only: bool, stage_bytes: Option<u64>) -> Result<Volume> {
+pub(crate) fn open_volume_staged(path: &Path, read_only: bool, stage_bytes: Option<u64>) -> Result<Volume> {
     let lock = if read_only {
         LockMode::Shared
     } else {
@@ -71,7 +71,7 @@ pub fn open_volume_staged(path: &Path, read_only: bool, stage_bytes: Option<u64>
 
 /// Opens without taking a lock: for `info`/`dump`, which only read metadata and must work
 /// while the volume is being served.
-pub fn open_unlocked(path: &Path) -> Result<Volume> {
+pub(crate) fn open_unlocked(path: &Path) -> Result<Volume> {
     open_with(path, true, LockMode::None, None)
 }
 
@@ -127,7 +127,7 @@ fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u
                 p.group,
                 p.sector,
                 p.first_block,
-                p.first_block + p.blocks as u64,
+                p.first_block + u64::from(p.blocks),
                 p.detail
             ));
         }
@@ -136,12 +136,12 @@ fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u
 }
 
 /// Creates a new sparse volume file at `path` with default options (used by `serve --create`).
-pub fn create_volume(path: &Path, size: u64) -> Result<Volume> {
+pub(crate) fn create_volume(path: &Path, size: u64) -> Result<Volume> {
     create_file_volume(path, &FormatOptions::with_size(size))
 }
 
 /// Creates a new sparse file sized for `opts` and formats it. Refuses an existing path.
-pub fn create_file_volume(path: &Path, opts: &FormatOptions) -> Result<Volume> {
+pub(crate) fn create_file_volume(path: &Path, opts: &FormatOptions) -> Result<Volume> {
     let len = backing_len(opts, path)?;
     let backend = FileBackend::create(path, len, &FileOptions::default())?;
     let mut opts = opts.clone();
@@ -154,7 +154,7 @@ pub fn create_file_volume(path: &Path, opts: &FormatOptions) -> Result<Volume> {
 
 /// Bytes of backing store a volume with `opts` needs at `path`. The engine names a volume
 /// that does not exist yet "new volume"; the user knows it by its path.
-pub fn backing_len(opts: &FormatOptions, path: &Path) -> Result<u64> {
+pub(crate) fn backing_len(opts: &FormatOptions, path: &Path) -> Result<u64> {
     opts.backing_len().map_err(|e| match e {
         blockguard::Error::InvalidArgument { detail, .. } => blockguard::Error::InvalidArgument {
             volume: path.display().to_string(),
@@ -166,7 +166,7 @@ pub fn backing_len(opts: &FormatOptions, path: &Path) -> Result<u64> {
 }
 
 /// A progress bar for `total` bytes on stderr (hidden when stderr is not a terminal).
-pub fn progress(total: u64, what: &str) -> ProgressBar {
+pub(crate) fn progress(total: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(total);
     if let Ok(style) =
         ProgressStyle::with_template("{msg:>8} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
@@ -177,11 +177,21 @@ pub fn progress(total: u64, what: &str) -> ProgressBar {
     pb
 }
 
+// The workspace builds for 64-bit targets only, where a `usize` holds every `u64`.
+const _: () = assert!(usize::BITS == 64);
+
+/// `x` as a `usize`: a length or offset inside an in-memory buffer, which the caller has
+/// already bounded by that buffer's length.
+#[allow(clippy::cast_possible_truncation)] // Lossless: `usize` is 64 bits wide (asserted above).
+pub(crate) const fn usize_of(x: u64) -> usize {
+    x as usize
+}
+
 /// Exit codes: 0 success, 1 corruption found, 2 usage or I/O error.
-pub fn exit_code_for(err: &anyhow::Error) -> u8 {
+pub(crate) fn exit_code_for(err: &anyhow::Error) -> u8 {
     let corrupt = err.chain().any(|e| {
         e.downcast_ref::<blockguard::Error>()
-            .is_some_and(|e| e.is_corruption())
+            .is_some_and(blockguard::Error::is_corruption)
     });
     if corrupt {
         1
@@ -191,8 +201,8 @@ pub fn exit_code_for(err: &anyhow::Error) -> u8 {
 }
 
 /// Refuses sizes that are not a positive multiple of `block_size`.
-pub fn check_size(size: u64, block_size: u32) -> Result<()> {
-    if size == 0 || !size.is_multiple_of(block_size as u64) {
+pub(crate) fn check_size(size: u64, block_size: u32) -> Result<()> {
+    if size == 0 || !size.is_multiple_of(u64::from(block_size)) {
         bail!("size {size} is not a positive multiple of the block size {block_size}");
     }
     Ok(())

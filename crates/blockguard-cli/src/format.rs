@@ -10,35 +10,35 @@ use std::sync::Arc;
 
 /// Arguments of `format`.
 #[derive(Args, Debug)]
-pub struct FormatArgs {
+pub(crate) struct FormatArgs {
     /// File or block device to format (a missing file is created sparse).
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Usable size of the volume, binary units ("10G" = 10 GiB). Defaults to the whole
     /// device, or the current length of an existing file.
     #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
-    pub size: Option<u64>,
+    pub(crate) size: Option<u64>,
     /// Logical block size: a power of two from 512 to 64K (units allowed: "4K").
     #[arg(long, default_value = "4096", value_parser = parse_block_size, allow_hyphen_values = true)]
-    pub block_size: u32,
+    pub(crate) block_size: u32,
     /// Consistency mode: dual (crash-consistent) or none (no crash protection).
     #[arg(long, default_value = "dual", value_parser = mode_parser())]
-    pub mode: Mode,
+    pub(crate) mode: Mode,
     /// Tag profile: how each block's checksum tag is computed.
     #[arg(long, default_value = "crc32c", value_parser = profile_parser())]
-    pub profile: Profile,
+    pub(crate) profile: Profile,
     /// A label stored in the superblock.
     #[arg(long, default_value = "")]
-    pub label: String,
+    pub(crate) label: String,
     /// Overwrite an existing volume, a non-empty file or a non-empty device.
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
     /// Print the result as JSON.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 /// `blockguard format`.
-pub fn run(args: FormatArgs) -> Result<()> {
+pub(crate) fn run(args: &FormatArgs) -> Result<()> {
     let size = args.size;
     if let Some(size) = size {
         check_size(size, args.block_size)?;
@@ -82,7 +82,7 @@ pub fn run(args: FormatArgs) -> Result<()> {
                 let len = backend.len();
                 let pb = progress(len, "zeroing");
                 let vol = Volume::format_with_progress(Arc::new(backend), &opts, &mut |done, _| {
-                    pb.set_position(done)
+                    pb.set_position(done);
                 })?;
                 pb.finish_and_clear();
                 vol

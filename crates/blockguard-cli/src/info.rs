@@ -2,48 +2,53 @@
 
 use crate::common::open_unlocked;
 use anyhow::{bail, Result};
-use blockguard::Superblock;
+use blockguard::{BlockReport, Superblock, Volume};
 use clap::Args;
 use serde::Serialize;
+use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
 /// Arguments of `info` and `dump`.
 #[derive(Args, Debug)]
-pub struct InfoArgs {
+pub(crate) struct InfoArgs {
     /// The volume.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Also show where these data blocks and their tags live (dump).
     #[arg(long = "block", value_name = "N")]
-    pub blocks: Vec<u64>,
+    pub(crate) blocks: Vec<u64>,
     /// Print JSON.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 /// The superblock and geometry, as `info --json` prints them.
 #[derive(Serialize)]
-pub struct Summary {
-    pub path: String,
-    pub version: u32,
-    pub uuid: String,
-    pub label: String,
-    pub size: u64,
-    pub block_size: u32,
-    pub mode: blockguard::Mode,
-    pub profile: blockguard::Profile,
-    pub tag_size: u32,
-    pub created: u64,
-    pub compat: u64,
-    pub ro_compat: u64,
-    pub incompat: u64,
+pub(crate) struct Summary {
+    pub(crate) path: String,
+    pub(crate) version: u32,
+    pub(crate) uuid: String,
+    pub(crate) label: String,
+    pub(crate) size: u64,
+    pub(crate) block_size: u32,
+    pub(crate) mode: blockguard::Mode,
+    pub(crate) profile: blockguard::Profile,
+    pub(crate) tag_size: u32,
+    pub(crate) created: u64,
+    pub(crate) compat: u64,
+    pub(crate) ro_compat: u64,
+    pub(crate) incompat: u64,
     /// `clean`, or `in-use` (open for writing, or not closed cleanly).
-    pub state: &'static str,
-    pub geometry: blockguard::Geometry,
+    pub(crate) state: &'static str,
+    pub(crate) geometry: blockguard::Geometry,
 }
 
 /// A UUID in its usual text form (8-4-4-4-12 hex digits).
-pub fn uuid_string(u: &[u8; 16]) -> String {
-    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+pub(crate) fn uuid_string(u: &[u8; 16]) -> String {
+    let mut h = String::with_capacity(32);
+    for b in u {
+        // Writing to a `String` cannot fail.
+        let _ = write!(h, "{b:02x}");
+    }
     format!(
         "{}-{}-{}-{}-{}",
         &h[0..8],
@@ -55,7 +60,7 @@ pub fn uuid_string(u: &[u8; 16]) -> String {
 }
 
 /// What `info --json` (and `format --json`) prints about a volume.
-pub fn summary(sb: &Superblock, path: &Path) -> Summary {
+pub(crate) fn summary(sb: &Superblock, path: &Path) -> Summary {
     Summary {
         path: path.display().to_string(),
         version: sb.version,
@@ -83,12 +88,34 @@ struct Dump {
     #[serde(flatten)]
     summary: Summary,
     warnings: Vec<String>,
-    blocks: Vec<blockguard::BlockReport>,
+    blocks: Vec<BlockReport>,
 }
 
 /// `blockguard info` and `blockguard dump`.
-pub fn run(args: InfoArgs) -> Result<()> {
+pub(crate) fn run(args: &InfoArgs) -> Result<()> {
     let vol = open_unlocked(&args.path)?;
+    let blocks = inspect_blocks(&vol, args)?;
+    let dump = Dump {
+        summary: summary(vol.superblock(), &args.path),
+        warnings: vol.warnings().to_vec(),
+        blocks,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&dump)?);
+        return Ok(());
+    }
+    print_summary(&dump.summary);
+    for w in &dump.warnings {
+        println!("warning:       {w}");
+    }
+    for b in &dump.blocks {
+        print_block(b);
+    }
+    Ok(())
+}
+
+/// Where each block asked for with `--block` and its tags live; refuses a block past the end.
+fn inspect_blocks(vol: &Volume, args: &InfoArgs) -> Result<Vec<BlockReport>> {
     let count = vol.geometry().data_blocks;
     let mut blocks = Vec::new();
     for &b in &args.blocks {
@@ -102,16 +129,11 @@ pub fn run(args: InfoArgs) -> Result<()> {
         }
         blocks.push(vol.inspect_block(b)?);
     }
-    let dump = Dump {
-        summary: summary(vol.superblock(), &args.path),
-        warnings: vol.warnings().to_vec(),
-        blocks,
-    };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&dump)?);
-        return Ok(());
-    }
-    let s = &dump.summary;
+    Ok(blocks)
+}
+
+/// Prints the superblock and geometry as `info` shows them.
+fn print_summary(s: &Summary) {
     let g = &s.geometry;
     println!("volume:        {}", s.path);
     println!("format:        blockguard v{}", s.version);
@@ -149,37 +171,35 @@ pub fn run(args: InfoArgs) -> Result<()> {
             "in use (open for writing, or not closed cleanly: the next read-write open, or `blockguard recover`, settles it)"
         }
     );
-    for w in &dump.warnings {
-        println!("warning:       {w}");
-    }
-    for b in &dump.blocks {
-        let l = &b.location;
+}
+
+/// Prints where one block and its tags live, and what each tag slot holds (`dump --block`).
+fn print_block(b: &BlockReport) {
+    let l = &b.location;
+    println!(
+        "block {}: group {} index {}, data at byte {}, tags at bytes {} and {} (metadata sector {}){}",
+        l.block,
+        l.group,
+        l.index,
+        l.data_offset,
+        l.meta_offsets[0] + u64::from(l.tag_offset_in_meta),
+        l.meta_offsets[1] + u64::from(l.tag_offset_in_meta),
+        b.sector,
+        if b.staged { " (newer version staged)" } else { "" }
+    );
+    for (i, slot) in b.slots.iter().enumerate() {
         println!(
-            "block {}: group {} index {}, data at byte {}, tags at bytes {} and {} (metadata sector {}){}",
-            l.block,
-            l.group,
-            l.index,
-            l.data_offset,
-            l.meta_offsets[0] + l.tag_offset_in_meta as u64,
-            l.meta_offsets[1] + l.tag_offset_in_meta as u64,
-            b.sector,
-            if b.staged { " (newer version staged)" } else { "" }
+            "  slot {i}, sector at byte {}: {}{}{}",
+            l.meta_offsets[i] + u64::from(b.sector) * 512,
+            slot.state,
+            slot.generation
+                .map(|g| format!(", generation {g}"))
+                .unwrap_or_default(),
+            slot.tag
+                .as_ref()
+                .map(|t| format!(", tag {t}"))
+                .unwrap_or_default()
         );
-        for (i, slot) in b.slots.iter().enumerate() {
-            println!(
-                "  slot {i}, sector at byte {}: {}{}{}",
-                l.meta_offsets[i] + b.sector as u64 * 512,
-                slot.state,
-                slot.generation
-                    .map(|g| format!(", generation {g}"))
-                    .unwrap_or_default(),
-                slot.tag
-                    .as_ref()
-                    .map(|t| format!(", tag {t}"))
-                    .unwrap_or_default()
-            );
-        }
-        println!("  a read accepts: {}", b.accepted.join(" or "));
     }
-    Ok(())
+    println!("  a read accepts: {}", b.accepted.join(" or "));
 }

@@ -33,7 +33,7 @@ static SINK: OnceLock<Sink> = OnceLock::new();
 
 /// Starts the writer thread. Without it (it could not start), lines are written directly,
 /// errors ignored: output may then block, but still never panics.
-pub fn init() {
+pub(crate) fn init() {
     let (tx, rx) = sync_channel(QUEUE_LINES);
     let started = std::thread::Builder::new()
         .name("log-writer".into())
@@ -72,14 +72,14 @@ fn enqueue(bytes: Vec<u8>) {
 }
 
 /// Writes `text` to stderr as it is (relayed output of another process).
-pub fn raw(text: &str) {
+pub(crate) fn raw(text: &str) {
     if !text.is_empty() {
         enqueue(text.as_bytes().to_vec());
     }
 }
 
 /// Writes one line to stderr (a newline is added).
-pub fn line(text: &str) {
+pub(crate) fn line(text: &str) {
     let mut bytes = Vec::with_capacity(text.len() + 1);
     bytes.extend_from_slice(text.as_bytes());
     bytes.push(b'\n');
@@ -88,7 +88,7 @@ pub fn line(text: &str) {
 
 /// Waits up to `timeout` for everything queued so far to be written (before exiting, so the
 /// final error is not lost); gives up when stderr does not take it.
-pub fn flush(timeout: Duration) {
+pub(crate) fn flush(timeout: Duration) {
     let Some(sink) = SINK.get() else {
         return;
     };
@@ -117,7 +117,7 @@ pub fn flush(timeout: Duration) {
 /// The writer tracing-subscriber formats each event into; the event is queued whole when the
 /// writer is dropped, so lines of different threads never interleave.
 #[derive(Default)]
-pub struct EventWriter(Vec<u8>);
+pub(crate) struct EventWriter(Vec<u8>);
 
 impl Write for EventWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -139,7 +139,7 @@ impl Drop for EventWriter {
 
 /// Makes an [`EventWriter`] per event: `with_writer(log::Queued)`.
 #[derive(Clone, Copy, Debug)]
-pub struct Queued;
+pub(crate) struct Queued;
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Queued {
     type Writer = EventWriter;

@@ -19,51 +19,55 @@ use clap::Args;
 
 use crate::common::open_volume;
 
+// `--threads` defaults to the FUSE crate's `DEFAULT_THREADS`, narrowed to `u16` in the
+// attribute below: lossless, and inside the option's range, as long as this holds.
+const _: () = assert!(DEFAULT_THREADS >= 1 && DEFAULT_THREADS <= 256);
+
 /// Arguments of `mount`.
 #[derive(Args, Debug)]
-pub struct MountArgs {
+pub(crate) struct MountArgs {
     /// The volume (file or block device).
-    pub volume: PathBuf,
+    pub(crate) volume: PathBuf,
     /// An existing directory; the volume appears in it as one file with the volume's file name,
     /// whose path is printed once mounted (`losetup -f --show "$(blockguard mount …)"`).
-    pub mountpoint: PathBuf,
+    pub(crate) mountpoint: PathBuf,
     /// Export read-only (the volume is opened read-only too).
     #[arg(long)]
-    pub read_only: bool,
+    pub(crate) read_only: bool,
     /// Stay attached and serve until unmounted or interrupted (SIGINT/SIGTERM unmount cleanly).
     #[arg(long, short = 'f')]
-    pub foreground: bool,
+    pub(crate) foreground: bool,
     /// Threads answering FUSE requests.
     #[arg(long, default_value_t = DEFAULT_THREADS as u16,
           value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub threads: u16,
+    pub(crate) threads: u16,
     /// Where a detached server appends its log (verification failures are logged there with
     /// the block number). Without it, a detached server's messages are discarded; in the
     /// foreground they go to stderr.
     #[arg(long, value_name = "FILE")]
-    pub log_file: Option<PathBuf>,
+    pub(crate) log_file: Option<PathBuf>,
     /// Internal: set on the re-executed server; detach output once mounted.
     #[arg(long, hide = true)]
-    pub detached: bool,
+    pub(crate) detached: bool,
 }
 
 /// Arguments of `umount`.
 #[derive(Args, Debug)]
-pub struct UmountArgs {
+pub(crate) struct UmountArgs {
     /// Where the volume is mounted.
-    pub mountpoint: PathBuf,
+    pub(crate) mountpoint: PathBuf,
     /// Seconds to wait for the server to flush and close the volume after unmounting
     /// (0: do not wait).
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
-    pub timeout: u64,
+    pub(crate) timeout: u64,
 }
 
 /// `blockguard mount`.
-pub fn run(args: MountArgs) -> Result<()> {
+pub(crate) fn run(args: &MountArgs) -> Result<()> {
     if args.foreground || args.detached {
-        serve(&args)
+        serve(args)
     } else {
-        spawn_detached(&args)
+        spawn_detached(args)
     }
 }
 
@@ -201,7 +205,7 @@ fn split_error(stderr: &str) -> (&str, Option<&str>) {
 }
 
 /// `blockguard umount`.
-pub fn run_umount(args: UmountArgs) -> Result<()> {
+pub(crate) fn run_umount(args: &UmountArgs) -> Result<()> {
     let entry = blockguard_fuse::find_mount(&args.mountpoint)?
         .ok_or_else(|| FuseError::NotMounted(args.mountpoint.clone()))?;
     if !entry.is_blockguard() {

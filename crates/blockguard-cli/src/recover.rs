@@ -12,18 +12,18 @@ use std::path::PathBuf;
 
 /// Arguments of `recover`.
 #[derive(Args, Debug)]
-pub struct RecoverArgs {
+pub(crate) struct RecoverArgs {
     /// The volume (not in use by another process).
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Print JSON.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
     /// Also scan every group and rebuild damaged metadata: a damaged metadata sector from its
     /// valid brother (its blocks may then read as an older version), and a written-groups map
     /// sector with no valid copy from the groups' metadata (blank groups under it then count
     /// as never written, even if they were wiped). Without it, damage is only reported.
     #[arg(long)]
-    pub rebuild: bool,
+    pub(crate) rebuild: bool,
 }
 
 #[derive(Serialize)]
@@ -36,7 +36,7 @@ struct Report<'a> {
 }
 
 /// Runs recovery and prints what it did.
-pub fn run(args: RecoverArgs) -> Result<()> {
+pub(crate) fn run(args: &RecoverArgs) -> Result<()> {
     // Opening read-write settles a volume left in use (with its own progress bar).
     let vol = open_volume(&args.path, false)?;
     let report = if args.rebuild {
@@ -77,7 +77,7 @@ pub fn run(args: RecoverArgs) -> Result<()> {
         .or(at_open.as_ref())
         .map_or(&[][..], |r| &r.damaged[..]);
     for p in damaged {
-        let end = p.first_block + p.blocks as u64;
+        let end = p.first_block + u64::from(p.blocks);
         if p.rebuilt {
             println!(
                 "{name}: rebuilt damaged metadata of blocks {}..{end} (group {} sector {}: {}) from its valid brother; \

@@ -22,9 +22,9 @@ use std::time::Duration;
 
 /// Arguments of `blockguard serve`.
 #[derive(clap::Args, Debug)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// Volume file or block device to serve.
-    pub volume: PathBuf,
+    pub(crate) volume: PathBuf,
     /// TCP address to listen on, HOST:PORT (an IP address or a host name such as
     /// localhost:10809). Loopback by default: NBD has no authentication.
     #[arg(
@@ -33,82 +33,70 @@ pub struct ServeArgs {
         default_value = "127.0.0.1:10809",
         conflicts_with = "socket"
     )]
-    pub listen: String,
+    pub(crate) listen: String,
     /// Listen on this Unix domain socket instead of TCP.
     #[arg(long, value_name = "PATH")]
-    pub socket: Option<PathBuf>,
+    pub(crate) socket: Option<PathBuf>,
     /// Export name clients may ask for (default: the volume's file name; the empty name
     /// always selects the export too).
     #[arg(long, value_name = "NAME")]
-    pub export_name: Option<String>,
+    pub(crate) export_name: Option<String>,
     /// Serve read-only: writes, trims and zeroing are refused.
     #[arg(long)]
-    pub read_only: bool,
+    pub(crate) read_only: bool,
     /// If VOLUME does not exist, format a new sparse volume of this size there first
     /// (binary units: "64M", "10G").
     #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
-    pub create: Option<u64>,
+    pub(crate) create: Option<u64>,
     /// Most worker threads shared by all connections (default: two per core, at least 4).
     /// Two per core run while requests are served from memory; raise this for disk-bound
     /// random I/O, where more reads in flight help.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
-    pub workers: Option<u16>,
+    pub(crate) workers: Option<u16>,
     /// Bytes of written data the engine stages in memory before committing them (binary
     /// units). Each commit orders a metadata flush before its data; up to three stages'
     /// worth of memory may be in use at once.
     #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_size,
           allow_hyphen_values = true)]
-    pub stage_size: u64,
+    pub(crate) stage_size: u64,
     /// Most client connections at once. At the limit a new client takes the place of the
     /// quietest idle connection (one still in its handshake, or one without a request for a
     /// second or more); it is refused only when every connection is busy.
     #[arg(long, value_name = "N", default_value_t = 512,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
-    pub max_connections: u32,
+    pub(crate) max_connections: u32,
     /// Seconds a client has to finish the whole NBD handshake, counted from connecting.
     #[arg(long, value_name = "SECONDS", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(1..))]
-    pub handshake_timeout: u32,
+    pub(crate) handshake_timeout: u32,
     /// Close a connection after this many seconds without a request in flight (0: never;
     /// the kernel's nbd client, for one, keeps idle connections for as long as it is
     /// attached).
     #[arg(long, value_name = "SECONDS", default_value_t = 0)]
-    pub idle_timeout: u32,
+    pub(crate) idle_timeout: u32,
     /// Memory for requests in flight on all connections together: write payloads being read
     /// and read replies not yet sent (binary units). Beyond it requests wait, and connections
     /// that leave their replies unread are closed to free memory for the others.
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size,
           allow_hyphen_values = true)]
-    pub inflight_memory: u64,
+    pub(crate) inflight_memory: u64,
     /// Refuse NBD extended headers (forces compact headers; for old or buggy clients).
     #[arg(long)]
-    pub no_extended_headers: bool,
+    pub(crate) no_extended_headers: bool,
     /// Microseconds a connection's reader busy-polls for the next request before sleeping
     /// (0: never). Polling cuts latency at low queue depth (4 KiB QD1 reads: about 2x the
     /// IOPS) at the price of CPU time while requests keep coming; at most one reader per two
     /// cores polls, and connections whose requests come later than this stop polling.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 50,
           value_parser = clap::value_parser!(u32).range(0..=10_000))]
-    pub poll_us: u32,
+    pub(crate) poll_us: u32,
 }
 
 /// Runs the server until SIGINT/SIGTERM, then flushes and closes the volume.
-pub fn run(args: ServeArgs) -> Result<()> {
+pub(crate) fn run(args: &ServeArgs) -> Result<()> {
     let path = &args.volume;
     // Arguments first: a bad address must not cost a volume creation or open.
-    let addr = match &args.socket {
-        Some(p) => ListenAddr::Unix(p.clone()),
-        None => {
-            let addr = resolve_listen(&args.listen)?;
-            if !addr.ip().is_loopback() {
-                tracing::warn!(
-                    listen = %addr,
-                    "listening beyond loopback: NBD has no authentication or encryption"
-                );
-            }
-            ListenAddr::Tcp(addr)
-        }
-    };
+    let addr = listen_addr(args)?;
     let stage = args.stage_size;
     let volume = match args.create {
         Some(size) if !path.exists() => {
@@ -150,8 +138,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let server = Server::bind(&addr, export, cfg)?;
     blockguard_nbd::shutdown_on_signals(server.shutdown_handle())
         .context("cannot install signal handlers")?;
-    let served = server.run();
-    if let Err(e @ ServerError::Panicked { .. }) = served {
+    let outcome = server.run();
+    if let Err(e @ ServerError::Panicked { .. }) = outcome {
         // Fail-stop: an invariant may be broken, so the volume is neither flushed nor marked
         // clean — left as a crash would leave it, for `recover` to settle. Dropping it would
         // do both, so it is leaked; the process exits right after.
@@ -175,9 +163,25 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 .with_context(|| format!("cannot flush {}", path.display()))?;
         }
     }
-    served?;
+    outcome?;
     tracing::info!(volume = %path.display(), "volume closed cleanly");
     Ok(())
+}
+
+/// Where to listen: `--socket` if given, else `--listen` (with a warning when that is not a
+/// loopback address).
+fn listen_addr(args: &ServeArgs) -> Result<ListenAddr> {
+    if let Some(p) = &args.socket {
+        return Ok(ListenAddr::Unix(p.clone()));
+    }
+    let addr = resolve_listen(&args.listen)?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            listen = %addr,
+            "listening beyond loopback: NBD has no authentication or encryption"
+        );
+    }
+    Ok(ListenAddr::Tcp(addr))
 }
 
 /// `--create SIZE` on an existing volume serves it unchanged; say so when the sizes differ,
@@ -194,8 +198,8 @@ fn warn_if_other_size(path: &std::path::Path, size: u64, asked: u64) {
     }
 }
 
-/// Resolves `--listen HOST:PORT`. A host name may resolve to several addresses (localhost:
-/// 127.0.0.1 and ::1); the server listens on one, IPv4 first, since clients try every address
+/// Resolves `--listen HOST:PORT`. A host name may resolve to several addresses (`localhost`:
+/// `127.0.0.1` and `::1`); the server listens on one, IPv4 first, since clients try every address
 /// the name resolves to.
 fn resolve_listen(listen: &str) -> Result<SocketAddr> {
     let hint = "give HOST:PORT with an IP address or a host name, e.g. 127.0.0.1:10809 or localhost:10809";

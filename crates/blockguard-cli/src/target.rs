@@ -6,6 +6,7 @@
 //! source itself, `--force` or not; measure devices by seeking to their end (a device node's
 //! own length is 0) and never resize them; sync what was written before reporting success.
 
+use crate::common::usize_of;
 use anyhow::{bail, Context, Result};
 use blockguard::blockguard_backend::{Backend, FileBackend, FileOptions};
 use std::fs::Metadata;
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 /// True if `a` and `b` name the same data: the same file (through any name or link), the same
 /// block device (through any device node), or a loop device and the file behind it.
-pub fn same_data(a: &Path, b: &Path) -> bool {
+pub(crate) fn same_data(a: &Path, b: &Path) -> bool {
     let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) else {
         // One of them does not exist (yet): they cannot be the same.
         return false;
@@ -44,7 +45,7 @@ fn loop_backing_file(rdev: u64) -> Option<PathBuf> {
 
 /// Refuses `target` when it is `source` itself: no `--force` makes that work, since the copy
 /// would overwrite what it is still reading.
-pub fn refuse_same(source: &Path, target: &Path, what: &str) -> Result<()> {
+pub(crate) fn refuse_same(source: &Path, target: &Path, what: &str) -> Result<()> {
     if same_data(source, target) {
         bail!(
             "{} and {} are the same file or device: {what} would overwrite what it reads",
@@ -58,11 +59,12 @@ pub fn refuse_same(source: &Path, target: &Path, what: &str) -> Result<()> {
 /// Refuses to overwrite what may hold data: a non-empty regular file, an existing volume, or a
 /// device with any non-zero byte in its first or last MiB or in a 64 KiB sample of every GiB
 /// (scanning a whole device could take hours; `--force` is the way past a false refusal).
-pub fn refuse_if_in_use(backend: &FileBackend) -> Result<()> {
+pub(crate) fn refuse_if_in_use(backend: &FileBackend) -> Result<()> {
     let path = backend.path().display();
     let len = backend.len();
+    // Reads at most `n` bytes at `off`; every `n` below is at most 1 MiB.
     let read = |off: u64, n: u64| -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; usize::try_from(n.min(len - off)).unwrap_or(usize::MAX)];
+        let mut buf = vec![0u8; usize_of(n.min(len - off))];
         backend
             .read_at(&mut buf, off)
             .with_context(|| format!("cannot read {path} at byte {off} to see whether it is in use"))?;
@@ -88,20 +90,20 @@ pub fn refuse_if_in_use(backend: &FileBackend) -> Result<()> {
 }
 
 /// A raw-image target opened for `export`, sized and checked.
-pub struct ImageTarget {
+pub(crate) struct ImageTarget {
     /// The open file or device (exclusively locked).
-    pub backend: FileBackend,
+    pub(crate) backend: FileBackend,
     /// True for a file this run created (removed again if the export fails).
-    pub created: bool,
+    pub(crate) created: bool,
     /// True when zero runs must be written: a device keeps old data where nothing is written,
     /// a freshly created or truncated file reads zeros there already.
-    pub must_zero: bool,
+    pub(crate) must_zero: bool,
 }
 
 /// Opens `path` to receive a `len`-byte image: creates a missing file sparse, refuses (without
 /// `force`) a volume or a non-empty file or device, truncates a file and measures a device,
 /// which must hold at least `len` bytes.
-pub fn open_image_target(path: &Path, len: u64, force: bool) -> Result<ImageTarget> {
+pub(crate) fn open_image_target(path: &Path, len: u64, force: bool) -> Result<ImageTarget> {
     let exclusive = FileOptions::default();
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -147,7 +149,7 @@ pub fn open_image_target(path: &Path, len: u64, force: bool) -> Result<ImageTarg
 
 /// Makes the regular file at `path` `len` bytes of zeros: truncating to zero and back zeroes it
 /// instantly and keeps it sparse.
-pub fn empty_file(path: &Path, len: u64) -> Result<()> {
+pub(crate) fn empty_file(path: &Path, len: u64) -> Result<()> {
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(path)
@@ -158,7 +160,7 @@ pub fn empty_file(path: &Path, len: u64) -> Result<()> {
 }
 
 /// Makes a new file's directory entry durable (the file's own data is synced separately).
-pub fn sync_parent_dir(path: &Path) -> Result<()> {
+pub(crate) fn sync_parent_dir(path: &Path) -> Result<()> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

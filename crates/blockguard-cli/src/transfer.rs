@@ -4,7 +4,7 @@
 //! refused without `--force` when it may hold data, devices are measured by seeking to their
 //! end, and what was written is synced before success is reported.
 
-use crate::common::{open_volume, progress};
+use crate::common::{open_volume, progress, usize_of};
 use crate::target::{open_image_target, refuse_same, sync_parent_dir};
 use anyhow::{bail, Context, Result};
 use blockguard::blockguard_backend::Backend;
@@ -16,31 +16,31 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
 /// Bytes copied per step: large enough for sequential speed, small enough for memory.
-const CHUNK: usize = 4 << 20;
+const CHUNK: u64 = 4 << 20;
 
 /// Arguments of `import`.
 #[derive(Args, Debug)]
-pub struct ImportArgs {
+pub(crate) struct ImportArgs {
     /// Raw image to read: a regular file or a block device.
-    pub raw: PathBuf,
+    pub(crate) raw: PathBuf,
     /// Volume to write it into (from byte 0).
-    pub volume: PathBuf,
+    pub(crate) volume: PathBuf,
     /// Overwrite a volume that already holds data.
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
 }
 
 /// Arguments of `export`.
 #[derive(Args, Debug)]
-pub struct ExportArgs {
+pub(crate) struct ExportArgs {
     /// Volume to read (every block is verified).
-    pub volume: PathBuf,
+    pub(crate) volume: PathBuf,
     /// Raw image to write: a new file (created sparse), an empty file, or a block device at
     /// least as large as the volume.
-    pub raw: PathBuf,
+    pub(crate) raw: PathBuf,
     /// Overwrite a non-empty file or device, or one holding a blockguard volume.
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -91,14 +91,14 @@ fn refuse_if_written(vol: &Volume, path: &Path) -> Result<()> {
         bail!(
             "{} already holds data (block {block}, byte {}, is written); use --force to overwrite it",
             path.display(),
-            block * vol.block_size() as u64
+            block * u64::from(vol.block_size())
         );
     }
     Ok(())
 }
 
 /// `blockguard import`.
-pub fn run_import(args: ImportArgs) -> Result<()> {
+pub(crate) fn run_import(args: &ImportArgs) -> Result<()> {
     refuse_same(&args.raw, &args.volume, "importing")?;
     let (raw, len) = open_source(&args.raw)?;
     let vol = open_volume(&args.volume, false)?;
@@ -114,21 +114,21 @@ pub fn run_import(args: ImportArgs) -> Result<()> {
         refuse_if_written(&vol, &args.volume)?;
     }
     let pb = progress(len, "import");
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; usize_of(CHUNK)];
     let mut off = 0u64;
     while off < len {
-        let n = usize::try_from(len - off).map_or(CHUNK, |left| left.min(CHUNK));
-        let chunk = &mut buf[..n];
+        let n = CHUNK.min(len - off);
+        let chunk = &mut buf[..usize_of(n)];
         raw.read_exact_at(chunk, off)
             .with_context(|| format!("cannot read {} at byte {off}", args.raw.display()))?;
         if is_zero(chunk) {
             // Zero runs become unwritten blocks: no data written, and they stay holes.
-            vol.write_zeroes(off, n as u64)
+            vol.write_zeroes(off, n)
         } else {
             vol.write_at(chunk, off)
         }
         .with_context(|| format!("cannot write {} at byte {off}", args.volume.display()))?;
-        off += n as u64;
+        off += n;
         pb.set_position(off);
     }
     // Closing flushes: the data is durable before success is reported.
@@ -144,12 +144,12 @@ pub fn run_import(args: ImportArgs) -> Result<()> {
 }
 
 /// `blockguard export`.
-pub fn run_export(args: ExportArgs) -> Result<()> {
+pub(crate) fn run_export(args: &ExportArgs) -> Result<()> {
     refuse_same(&args.volume, &args.raw, "exporting")?;
     let vol = open_volume(&args.volume, true)?;
     let len = vol.size();
     let target = open_image_target(&args.raw, len, args.force)?;
-    let result = copy_out(&vol, &args, &target.backend, target.must_zero);
+    let result = copy_out(&vol, args, &target.backend, target.must_zero);
     if result.is_err() && target.created {
         // A half-written new image must not pass for an export; it held nothing before.
         let _ = std::fs::remove_file(&args.raw);
@@ -177,22 +177,22 @@ fn copy_out(vol: &Volume, args: &ExportArgs, out: &dyn Backend, must_zero: bool)
     let len = vol.size();
     let raw = args.raw.display();
     let pb = progress(len, "export");
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; usize_of(CHUNK)];
     let mut off = 0u64;
     while off < len {
-        let n = usize::try_from(len - off).map_or(CHUNK, |left| left.min(CHUNK));
-        let chunk = &mut buf[..n];
+        let n = CHUNK.min(len - off);
+        let chunk = &mut buf[..usize_of(n)];
         vol.read_at(chunk, off)?;
         let written = if !is_zero(chunk) {
             out.write_at(chunk, off)
         } else if must_zero {
-            out.zero_range(off, n as u64)
+            out.zero_range(off, n)
         } else {
             // A new or truncated file reads zeros here already, and stays sparse.
             Ok(())
         };
         written.with_context(|| format!("cannot write {raw} at byte {off}"))?;
-        off += n as u64;
+        off += n;
         pb.set_position(off);
     }
     out.flush().with_context(|| format!("cannot sync {raw}"))?;
