@@ -78,7 +78,13 @@ impl Budget {
 
     /// Takes `cost` bytes, waiting for them if need be; calls `relieve` each time it has
     /// waited [`PRESSURE_GRACE`]. Returns false, without taking anything, once `gone()` says
-    /// the request no longer matters (its connection was closed).
+    /// the request no longer matters (its connection was closed, or its client left).
+    ///
+    /// A waiter asks `gone()` before it is granted memory, not only after: when clients that
+    /// queued many large reads hang up, their requests must leave the queue, not take the
+    /// memory one after the other to build replies nobody will read (which kept the memory
+    /// taken for seconds after they left). `gone` is called with the queue locked and must
+    /// not block.
     pub(crate) fn take(&self, cost: usize, gone: &dyn Fn() -> bool, relieve: &dyn Fn()) -> bool {
         // Without waiters, a request that fits goes first: no lock on the common path.
         if self.waiters.load(Ordering::SeqCst) == 0 && self.try_add(cost) {
@@ -91,11 +97,11 @@ impl Budget {
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let mut since = Instant::now();
         let taken = loop {
-            if q.waiting.first() == Some(&me) && self.try_add(cost) {
-                break true;
-            }
             if gone() {
                 break false;
+            }
+            if q.waiting.first() == Some(&me) && self.try_add(cost) {
+                break true;
             }
             q = self
                 .freed
@@ -171,5 +177,31 @@ mod tests {
         assert!(b.take(100, &never, &nothing));
         assert!(!b.take(1, &|| true, &nothing));
         assert_eq!(b.used(), 100);
+    }
+
+    /// Regression: a waiter whose client had left was still granted the memory when its turn
+    /// came (it was asked whether it was gone only when it could not have the memory), so
+    /// clients that queued large reads and hung up were served one after the other, holding
+    /// the memory for seconds after they left.
+    #[test]
+    fn a_waiter_whose_client_left_never_takes_memory() {
+        let b = Arc::new(Budget::new(100));
+        assert!(b.take(100, &|| false, &|| {}));
+        let left = Arc::new(AtomicBool::new(false));
+        let waiter = {
+            let (b, left) = (Arc::clone(&b), Arc::clone(&left));
+            thread::spawn(move || b.take(60, &|| left.load(Ordering::SeqCst), &|| {}))
+        };
+        while b.waiters.load(Ordering::SeqCst) == 0 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        // The client leaves while the waiter is first in line, and then memory is freed.
+        left.store(true, Ordering::SeqCst);
+        b.give(100);
+        assert!(
+            !waiter.join().unwrap(),
+            "the memory went to a client that had left"
+        );
+        assert_eq!(b.used(), 0);
     }
 }

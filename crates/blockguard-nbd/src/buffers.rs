@@ -8,19 +8,19 @@
 //! its reply is not sent; a payload is read in full or the connection ends).
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Buffers with at most this capacity go to the small list; larger ones to the large list.
 const SMALL: usize = 64 * 1024 + 64;
 
-/// Buffers kept for reuse, with the fewest that sat unused since the last trim.
+/// Buffers kept for reuse, each with the time it came back, oldest first (buffers are
+/// pushed on top and taken from anywhere, so the order stays): a buffer's time is when it
+/// was last needed.
 #[derive(Debug, Default)]
 struct Shelf {
-    bufs: Vec<Vec<u8>>,
+    bufs: Vec<(Vec<u8>, Instant)>,
     /// Capacity of `bufs`, in bytes.
     bytes: usize,
-    /// The fewest buffers on the shelf since the last [`BufferPool::trim`]: that many were
-    /// not needed during the whole interval.
-    low: usize,
 }
 
 /// How many of the most recently returned buffers `take` looks at for one that fits.
@@ -32,7 +32,7 @@ impl Shelf {
     /// whole capacity behind a small request (a 1 MiB write payload held in a 32 MiB buffer
     /// by the engine's write-back stage, say), a smaller one would be reallocated anyway.
     fn pop_fitting(&mut self, len: usize) -> Option<Vec<u8>> {
-        let fits = |v: &Vec<u8>| v.capacity() >= len && v.capacity() / 2 <= len;
+        let fits = |(v, _): &(Vec<u8>, Instant)| v.capacity() >= len && v.capacity() / 2 <= len;
         let at = self
             .bufs
             .iter()
@@ -40,30 +40,29 @@ impl Shelf {
             .take(FIT_SEARCH)
             .position(fits)
             .map(|from_top| self.bufs.len() - 1 - from_top)?;
-        let v = self.bufs.remove(at);
+        let (v, _) = self.bufs.remove(at);
         self.bytes -= v.capacity();
-        self.low = self.low.min(self.bufs.len());
         Some(v)
     }
 
     fn push(&mut self, v: Vec<u8>) {
         self.bytes += v.capacity();
-        self.bufs.push(v);
+        // Read under the lock, so the times stay in order.
+        self.bufs.push((v, Instant::now()));
     }
 
-    /// Frees the buffers unused since the last trim: the oldest, at the bottom.
-    fn trim(&mut self) {
-        let unused = self.low.min(self.bufs.len());
-        for v in self.bufs.drain(..unused) {
+    /// Frees the buffers back since `before` and not needed since: the oldest, at the bottom.
+    fn trim(&mut self, before: Instant) {
+        let unused = self.bufs.partition_point(|(_, back)| *back <= before);
+        for (v, _) in self.bufs.drain(..unused) {
             self.bytes -= v.capacity();
         }
-        self.low = self.bufs.len();
     }
 }
 
-/// A bounded pool of byte buffers. Buffers nobody needed for a whole interval between two
-/// [`BufferPool::trim`] calls are freed, so memory taken in a burst (or by clients that have
-/// gone) goes back to the system.
+/// A bounded pool of byte buffers. Buffers nobody needed for a while are freed by
+/// [`BufferPool::trim`], so memory taken in a burst (or by clients that have gone) goes back
+/// to the system.
 #[derive(Debug)]
 pub struct BufferPool {
     small: Mutex<Shelf>,
@@ -142,11 +141,20 @@ impl BufferPool {
         }
     }
 
-    /// Frees the buffers that no `take` needed since the previous call (call it every second
-    /// or so): a steady load keeps what it uses, memory of a past burst is returned.
-    pub fn trim(&self) {
-        lock(&self.small).trim();
-        lock(&self.large).trim();
+    /// Frees the buffers that came back at least `unused_for` ago and that no `take` needed
+    /// since: a steady load keeps what it uses, memory of a past burst (or of clients that
+    /// left) is returned once `unused_for` has passed. Cheap: call it often (a buffer then
+    /// goes little later than `unused_for` after its last use, however the calls fall).
+    pub fn trim(&self, unused_for: Duration) {
+        self.trim_at(Instant::now(), unused_for);
+    }
+
+    fn trim_at(&self, now: Instant, unused_for: Duration) {
+        let Some(before) = now.checked_sub(unused_for) else {
+            return;
+        };
+        lock(&self.small).trim(before);
+        lock(&self.large).trim(before);
     }
 
     /// Bytes of capacity kept for reuse.
@@ -256,21 +264,28 @@ mod tests {
     }
 
     #[test]
-    fn trim_frees_what_sat_unused_for_a_whole_interval() {
+    fn trim_frees_what_sat_unused_for_the_given_time() {
         let p = BufferPool::new(8, 64 << 20);
+        let second = Duration::from_secs(1);
         for _ in 0..4 {
             p.give(vec![0; 1 << 20]);
         }
-        p.trim();
+        let start = Instant::now();
+        p.trim_at(start, second);
         assert_eq!(p.kept_bytes(), 4 << 20, "just given back: kept");
-        // One interval in which at most two were taken at once: two sat unused throughout.
+        // Two were needed again (at most two at once): those stay.
         let (a, b) = (p.take(1 << 20), p.take(1 << 20));
         p.give(a);
         p.give(b);
-        p.trim();
+        let reused = Instant::now();
+        p.trim_at(start + second, second);
+        assert_eq!(p.kept_bytes(), 2 << 20, "the two not needed are freed");
+        p.trim_at(reused + second / 2, second);
         assert_eq!(p.kept_bytes(), 2 << 20);
-        // An interval without use frees the rest.
-        p.trim();
+        // Regression: a trim freed only what sat unused since the previous trim, so a buffer
+        // that came back just after a trim was kept for two intervals. Now it goes once it
+        // has been unused for the given time, whenever the previous trim was.
+        p.trim_at(reused + second, second);
         assert_eq!(p.kept_bytes(), 0);
     }
 

@@ -339,13 +339,9 @@ impl Server {
             failed: Arc::new(Failed::default()),
         });
         let next_id = AtomicU64::new(1);
-        let mut trimmed = std::time::Instant::now();
         loop {
             shared.conns.reap();
-            if trimmed.elapsed() >= TRIM_EVERY {
-                shared.buffers.trim();
-                trimmed = std::time::Instant::now();
-            }
+            shared.buffers.trim(KEEP_UNUSED_BUFFERS);
             if self.shutdown.is_requested() {
                 break;
             }
@@ -429,8 +425,9 @@ const UNIX_SEND_BUFFER: usize = 1 << 20;
 /// sets without waking anybody).
 const ACCEPT_TICK: Duration = Duration::from_millis(100);
 
-/// How often buffers nobody needed are freed (see [`BufferPool::trim`]).
-const TRIM_EVERY: Duration = Duration::from_secs(1);
+/// How long a buffer nobody needs is kept for reuse (see [`BufferPool::trim`], called every
+/// [`ACCEPT_TICK`] or sooner).
+const KEEP_UNUSED_BUFFERS: Duration = Duration::from_secs(1);
 
 /// How long shutdown waits for connections to drain before cutting them off.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -674,8 +671,13 @@ impl Shared {
             // Memory is granted before the payload is read or the reply built: a client
             // that does not read its replies stops being read here.
             let cost = request_cost(&req, &conn.session);
-            let Some(was_idle) = conn.acquire(cost, &self.cfg, &|| self.conns.relieve()) else {
-                return "closed while waiting for memory";
+            let acquired = conn.acquire(cost, &self.cfg, reader.get_ref(), &|| self.conns.relieve());
+            let Some(was_idle) = acquired else {
+                return if conn.broken.load(Ordering::SeqCst) {
+                    "write failed"
+                } else {
+                    "closed while waiting for memory"
+                };
             };
             let mut payload = Payload::take(&conn.buffers, req.payload_len);
             if let Err(e) = reader.read_exact(&mut payload) {
@@ -818,11 +820,12 @@ struct Conn {
 impl Conn {
     /// Waits for room for a request of `cost` bytes, on this connection and in the server's
     /// whole budget (asking `relieve` for memory held by unread replies when that takes long);
-    /// returns whether nothing was in flight, or `None` if the connection was closed meanwhile.
+    /// returns whether nothing was in flight, or `None` if the connection was closed, or the
+    /// client hung up `socket` (the reader's end of the connection), before it got room.
     ///
     /// A request counts as in flight from here until its reply has been written, so the
     /// bounds cover payloads being read, executing requests and unsent replies alike.
-    fn acquire(&self, cost: usize, cfg: &ServerConfig, relieve: &dyn Fn()) -> Option<bool> {
+    fn acquire(&self, cost: usize, cfg: &ServerConfig, socket: &Stream, relieve: &dyn Fn()) -> Option<bool> {
         {
             let mut f = lock(&self.inflight);
             while f.count > 0
@@ -834,7 +837,17 @@ impl Conn {
             f.waiting = false;
         }
         // Meanwhile only this connection's releases change its counts: the room stays.
-        let gone = || self.broken.load(Ordering::Relaxed) || self.activity.is_closing();
+        let closed = || self.broken.load(Ordering::Relaxed) || self.activity.is_closing();
+        // The previous request's reply may just have failed (the client left): then this one
+        // takes no memory either, even when there is plenty.
+        if closed() {
+            return None;
+        }
+        // While it waits for memory, a request also gives up when its client hangs up: the
+        // reply could never be sent, and clients that queue large reads and leave would
+        // otherwise be served one by one, holding the memory long after they left. (Only
+        // asked while waiting: it costs a system call.)
+        let gone = || closed() || socket.hung_up();
         if !self.budget.take(cost, &gone, relieve) {
             return None;
         }

@@ -110,6 +110,31 @@ impl Stream {
         !matches!(r, Err(rustix::io::Errno::AGAIN))
     }
 
+    /// True once nothing sent on this connection can reach the client any more: the peer
+    /// closed its end (a Unix socket whose peer is gone) or reset the connection (TCP: a
+    /// client that closes with replies unread in its receive queue). Never blocks.
+    ///
+    /// A peer that only shut down its sending side is not hung up: a client may do that after
+    /// `NBD_CMD_DISC` and still read the replies to its earlier requests. (So a TCP client
+    /// that closes with nothing unread, which sends just a FIN, is only noticed by the first
+    /// reply written to it.)
+    pub(crate) fn hung_up(&self) -> bool {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // POLLHUP and POLLERR are reported whatever events are asked for.
+        let mut fd = [match self {
+            Stream::Tcp(s) => PollFd::new(s, PollFlags::empty()),
+            Stream::Unix(s) => PollFd::new(s, PollFlags::empty()),
+        }];
+        match poll(&mut fd, Some(&zero)) {
+            Ok(_) => fd[0].revents().intersects(PollFlags::HUP | PollFlags::ERR),
+            Err(_) => false,
+        }
+    }
+
     /// Who is at the other end, for logs: the address of a TCP peer; the process and user of
     /// a Unix socket peer (the kernel's record of who connected).
     pub(crate) fn peer(&self) -> Peer {
@@ -159,5 +184,39 @@ impl Write for Stream {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hung_up_means_the_peer_closed_not_that_it_stopped_sending() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let ours = Stream::Unix(ours);
+        assert!(!ours.hung_up());
+        // A client may half-close after NBD_CMD_DISC and still read its replies.
+        theirs.shutdown(Shutdown::Write).unwrap();
+        assert!(!ours.hung_up(), "a half-closed peer still reads");
+        drop(theirs);
+        assert!(ours.hung_up());
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let mut ours = Stream::Tcp(listener.accept().unwrap().0);
+        assert!(!ours.hung_up());
+        client.shutdown(Shutdown::Write).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!ours.hung_up(), "a half-closed peer still reads");
+        // Closing with data unread resets the connection.
+        ours.write_all(b"unread reply").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        drop(client);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !ours.hung_up() {
+            assert!(std::time::Instant::now() < deadline, "a reset was not seen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
