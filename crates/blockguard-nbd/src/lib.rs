@@ -3,15 +3,20 @@
 //! `blockguard serve` uses this crate to make a volume a network block device that qemu,
 //! `nbd-client`, `nbdcopy`, `nbdinfo` and friends use unchanged, with every read verified.
 //!
-//! Layers:
-//! - [`proto`]: wire constants and byte helpers (NetworkBlockDevice/nbd `doc/proto.md`).
-//! - [`handshake`]: the fixed-newstyle negotiation as an I/O-free state machine.
-//! - [`transmission`]: request parsing, validation, execution and reply encoding, I/O-free.
-//! - [`export`]: the [`Export`] trait the protocol serves and an in-memory export for tests;
-//!   [`DeviceExport`] serves any engine [`blockguard::BlockDevice`] through it.
-//! - [`server`]: sockets, per-connection reader threads, the shared worker pool, shutdown.
-//! - [`buffers`]: recycled I/O buffers; [`pool`]: the adaptive worker pool.
-//! - [`client`]: a minimal blocking client for tests and diagnostics.
+//! The public API is small: a [`Server`] configured by [`ServerConfig`] serves one
+//! [`Export`] — usually a [`DeviceExport`] over any engine [`blockguard::BlockDevice`], or a
+//! [`MemoryExport`] in tests — until [`ShutdownHandle::shutdown`] or a signal
+//! ([`shutdown_on_signals`]) stops it. [`proto`] holds the wire constants
+//! (NetworkBlockDevice/nbd `doc/proto.md`) for clients and tests.
+//!
+//! Inside: `handshake` (the fixed-newstyle negotiation as an I/O-free state machine),
+//! `transmission` (request parsing, validation, execution and reply encoding, I/O-free),
+//! `server` (sockets, per-connection reader threads, the shared worker pool, shutdown),
+//! `buffers` (recycled I/O buffers), `pool` (the adaptive worker pool), `budget` (the bound
+//! on reply memory) and `conns` (the connection table and its limits).
+//!
+//! With the `testing` feature (for this workspace's tests and fuzz targets only): `client`, a
+//! minimal blocking client, and `fuzzing`, the request-parser fuzz body.
 //!
 //! Supported: options `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`,
 //! `EXTENDED_HEADERS`, `LIST_META_CONTEXT`/`SET_META_CONTEXT` (`base:allocation`);
@@ -21,21 +26,24 @@
 //! flush covers writes completed on every connection.
 
 mod budget;
-pub mod buffers;
+mod buffers;
+#[cfg(feature = "testing")]
 pub mod client;
 mod conns;
 mod device;
-pub mod export;
+mod export;
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod handshake;
-pub mod pool;
+mod handshake;
+mod pool;
 pub mod proto;
-pub mod server;
-pub mod spin;
+mod server;
+mod spin;
 mod stream;
-pub mod transmission;
+mod transmission;
 
+pub use buffers::Payload;
 pub use device::{export_error, DeviceExport};
 pub use export::{Export, ExportError, ExportErrorKind, Extent, MemoryExport};
 pub use handshake::{Negotiated, ReplyMode};

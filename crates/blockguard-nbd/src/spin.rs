@@ -34,6 +34,7 @@ impl SpinConfig {
     }
 
     /// No polling.
+    #[cfg(test)]
     pub fn off() -> Self {
         Self {
             window: Duration::ZERO,

@@ -157,6 +157,7 @@ impl Session {
     }
 
     /// Validates and executes one request, returning its complete reply.
+    #[cfg(any(test, feature = "testing"))]
     pub fn handle(&self, export: &dyn Export, req: &Request, payload: &[u8]) -> Outcome {
         self.handle_with(
             export,
