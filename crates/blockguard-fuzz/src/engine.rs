@@ -301,7 +301,7 @@ pub fn simulate(data: &[u8], mode: Mode) -> Result<&'static str, String> {
             ops.get(i)
         )
     };
-    let mut sim = Sim::new(&setup, mode).map_err(|e| context(0, e))?;
+    let mut sim = Sim::new(&setup, mode).map_err(|e| format!("{e}\n  setting up {setup:?}"))?;
     for (i, op) in ops.iter().enumerate() {
         let seen = sim.events();
         if sim.trace {

@@ -18,6 +18,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 fn main() -> ExitCode {
+    // A failure's report carries the panic message; the hook only says where it was raised.
+    std::panic::set_hook(Box::new(|info| {
+        if let Some(at) = info.location() {
+            eprintln!("panicked at {at}");
+        }
+    }));
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
