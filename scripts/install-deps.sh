@@ -18,6 +18,8 @@ declare -A need=(
   [fsck.ext4]=e2fsprogs
   [debugfs]=e2fsprogs
   [losetup]=mount
+  # libFuzzer (scripts/fuzz.sh) is C++, built by libfuzzer-sys's build script.
+  [g++]=g++
 )
 missing=()
 for cmd in "${!need[@]}"; do

@@ -56,6 +56,26 @@ pub fn valid_prefix(mode: u8) -> Vec<u8> {
     p
 }
 
+/// One request as a client sends it: command, flags, offset, length, payload.
+pub type Request<'a> = (u16, u16, u64, u64, &'a [u8]);
+
+/// The bytes the test client sends for `requests` in the transmission phase of a session
+/// negotiated by [`valid_prefix`]`(mode)` (cookies count from 1): the real encoder, for the
+/// fuzz target's seed inputs.
+pub fn encode_requests(mode: u8, requests: &[Request<'_>]) -> Vec<u8> {
+    let reply_mode = match mode {
+        3 => crate::handshake::ReplyMode::Extended,
+        2 => crate::handshake::ReplyMode::Structured,
+        _ => crate::handshake::ReplyMode::Simple,
+    };
+    let mut c = Client::for_replies(Cursor::new(Vec::new()), reply_mode);
+    for &(typ, flags, offset, length, payload) in requests {
+        c.send_request(typ, flags, offset, length, payload)
+            .expect("writing to memory cannot fail");
+    }
+    c.stream_owned().into_inner()
+}
+
 /// Feeds arbitrary client bytes through the handshake state machine and then, if the
 /// handshake reaches transmission, through request parsing and execution against a small
 /// in-memory export with one corrupt block. Panics if the server misbehaves: any panic, an

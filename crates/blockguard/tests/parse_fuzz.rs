@@ -1,5 +1,5 @@
 //! Property tests for the on-disk parsers, the stable-toolchain companion of the
-//! `fuzz/fuzz_targets/format_{superblock,metablock}.rs` targets: random and mutated-valid
+//! `format_superblock` and `format_metablock` fuzz targets (`crates/blockguard-fuzz`): random and mutated-valid
 //! bytes go through `Superblock::decode` and `decode_sector`, which must never panic,
 //! and whatever they accept must round-trip through `encode`.
 //!

@@ -1,0 +1,195 @@
+//! Target `format_superblock`: `Superblock::decode` (see `docs/FORMAT.md`, "Superblock").
+//!
+//! Properties: decoding arbitrary bytes never panics; whatever decodes re-encodes to a region
+//! that decodes to the same superblock and copy index, and that re-encoding is canonical
+//! (encoding it again gives the same bytes); an accepted geometry never overlaps the
+//! superblock regions.
+//!
+//! Input layout: byte 0 selects how the rest is used.
+//! - bit 1 clear: the rest is the superblock region, used as is;
+//! - bit 1 set: a valid superblock is built from the next bytes (block size, block count,
+//!   mode, copy) and the remaining bytes are applied as `(offset, value)` edits;
+//! - bit 0 set: magic and crc32c are fixed up before decoding, so the fuzzer gets past the
+//!   checksum and reaches the field checks.
+
+use blockguard::format::{
+    Geometry, Mode, Superblock, SuperblockError, VolumeState, FORMAT_VERSION, SB_MAGIC, SB_REGION,
+    SB_STRUCT_SIZE,
+};
+use blockguard::Profile;
+
+/// A superblock region and the selector byte.
+pub const MAX_LEN: usize = 1 + SB_REGION as usize;
+
+/// Bytes of the template parameters (block size, block count ×3, flags, slack, uuid, created).
+const PARAMS: usize = 8;
+
+fn superblock(geometry: Geometry, mode: Mode, state: VolumeState, uuid: u8, label: &str) -> Superblock {
+    Superblock {
+        version: FORMAT_VERSION,
+        compat: 0,
+        ro_compat: 0,
+        incompat: 0,
+        uuid: [uuid; 16],
+        profile: Profile::Crc32c,
+        mode,
+        geometry,
+        created: 1_700_000_000,
+        mirror_set: [0; 16],
+        mirror_role: 0,
+        meta_device: [0; 16],
+        label: label.into(),
+        state,
+    }
+}
+
+fn template(p: &[u8]) -> Option<Vec<u8>> {
+    let get = |i: usize| p.get(i).copied().unwrap_or(0);
+    let block_size = 512u32 << (get(0) % 8);
+    let blocks = u32::from_le_bytes([get(1), get(2), get(3), 0]) as u64 + 1;
+    let geometry = if get(4) & 1 == 0 {
+        Geometry::for_size(blocks * block_size as u64, block_size, 8).ok()?
+    } else {
+        Geometry::for_backing_len(
+            blocks * block_size as u64 + 3 * SB_REGION + get(5) as u64,
+            block_size,
+            8,
+        )
+        .ok()?
+    };
+    let mode = if get(4) & 2 == 0 { Mode::Dual } else { Mode::None };
+    let state = if get(4) & 4 == 0 {
+        VolumeState::Clean
+    } else {
+        VolumeState::InUse
+    };
+    let mut sb = superblock(geometry, mode, state, get(6), "fuzz");
+    sb.created = get(7) as u64;
+    Some(sb.encode(get(4) >> 7))
+}
+
+/// Rewrites magic and checksum so that the field checks are reached.
+fn fix_up(b: &mut [u8]) {
+    if b.len() >= SB_STRUCT_SIZE {
+        b[..8].copy_from_slice(&SB_MAGIC);
+        let crc = crc32c::crc32c(&b[..SB_STRUCT_SIZE - 4]);
+        b[SB_STRUCT_SIZE - 4..SB_STRUCT_SIZE].copy_from_slice(&crc.to_le_bytes());
+    }
+}
+
+/// The target.
+pub fn run(data: &[u8]) -> &'static str {
+    let Some((&how, rest)) = data.split_first() else {
+        return "empty";
+    };
+    let mut b = if how & 2 == 0 {
+        rest.to_vec()
+    } else {
+        let (params, edits) = rest.split_at(rest.len().min(PARAMS));
+        let Some(mut b) = template(params) else {
+            return "template: no geometry";
+        };
+        for e in edits.chunks_exact(3) {
+            let at = u16::from_le_bytes([e[0], e[1]]) as usize % b.len();
+            b[at] = e[2];
+        }
+        b
+    };
+    if how & 1 == 1 {
+        fix_up(&mut b);
+    }
+    let (sb, copy) = match Superblock::decode(&b) {
+        Ok(d) => d,
+        Err(e) => return rejected(&e),
+    };
+    assert!(copy <= 1);
+    // The layout an accepted superblock describes fits its backend and never overlaps the
+    // superblock regions.
+    let g = sb.geometry;
+    let bs = g.block_size as u64;
+    assert!(g.first_group_offset >= SB_REGION);
+    assert_eq!(g.groups, g.data_blocks.div_ceil(g.group_blocks as u64));
+    let last = g.data_offset(g.data_blocks - 1);
+    assert!(last + bs <= g.backup_sb_offset);
+    assert!(g.meta_offset(g.groups - 1, 1) + bs <= g.backup_sb_offset);
+    assert_eq!(g.backup_sb_offset % SB_REGION, 0);
+    assert!(g.backup_sb_offset + SB_REGION <= g.backing_len);
+    // Round trip.
+    let enc = sb.encode(copy);
+    assert_eq!(enc.len(), SB_REGION as usize);
+    let again = Superblock::decode(&enc).expect("a re-encoded superblock must decode");
+    assert_eq!(again, (sb, copy), "decode(encode(sb)) != sb");
+    assert_eq!(again.0.encode(copy), enc, "encoding is not canonical");
+    "accepted"
+}
+
+fn rejected(e: &SuperblockError) -> &'static str {
+    match e {
+        SuperblockError::BadMagic { .. } => "rejected: magic",
+        SuperblockError::BadChecksum { .. } => "rejected: checksum",
+        SuperblockError::Version { .. } => "rejected: version",
+        SuperblockError::Incompat(_) => "rejected: incompat",
+        SuperblockError::Field { .. } => "rejected: field",
+        _ => "rejected: other",
+    }
+}
+
+/// Valid superblocks of assorted layouts from the real encoder, as raw regions and through
+/// the template; then each with one byte of its first 256 changed and the checksum fixed, so
+/// every field check has an input that reaches it.
+pub fn seeds() -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let layouts = [
+        (512u32, 1u64, None, Mode::Dual, VolumeState::Clean, ""),
+        (512, 150, Some(12), Mode::Dual, VolumeState::InUse, "small groups"),
+        (4096, 256, None, Mode::Dual, VolumeState::Clean, "vol"),
+        (4096, 2000, Some(70), Mode::None, VolumeState::InUse, "none"),
+        (65536, 3, None, Mode::Dual, VolumeState::Clean, "big blocks"),
+    ];
+    let mut regions = Vec::new();
+    for (i, &(bs, blocks, groups, mode, state, label)) in layouts.iter().enumerate() {
+        let g = Geometry::for_size_with_groups(blocks * bs as u64, bs, 8, groups).expect("seed layout");
+        let sb = superblock(g, mode, state, 0x11 * i as u8, label);
+        for copy in 0..2u8 {
+            let mut input = vec![0u8];
+            input.extend(sb.encode(copy));
+            out.push((format!("gen-valid-{bs}-{blocks}-copy{copy}"), input.clone()));
+            regions.push(input);
+        }
+    }
+    // A backend of fixed length (a block device) rather than a size.
+    let g = Geometry::for_backing_len(1 << 20, 4096, 8).expect("seed layout");
+    let mut input = vec![0u8];
+    input.extend(superblock(g, Mode::Dual, VolumeState::Clean, 7, "device").encode(0));
+    out.push(("gen-valid-device-1m".into(), input));
+    // Templates, plain and with edits.
+    for (name, params) in [
+        ("512-dual", [0u8, 10, 0, 0, 0, 0, 1, 2]),
+        ("4096-backing-none-inuse-copy1", [3, 200, 1, 0, 0x87, 9, 2, 3]),
+        ("64k", [7, 2, 0, 0, 0, 0, 3, 4]),
+    ] {
+        let mut input = vec![2u8];
+        input.extend(params);
+        out.push((format!("gen-template-{name}"), input.clone()));
+        input[0] = 3;
+        input.extend([8, 0, 2, 144, 0, 5]); // version byte and a state byte
+        out.push((format!("gen-template-{name}-edited"), input));
+    }
+    // One byte changed, checksum fixed: reaches each field's check.
+    let base = &regions[2];
+    for at in (8..256).step_by(4) {
+        let mut input = base.clone();
+        input[0] = 1;
+        input[1 + at] ^= 0x81;
+        out.push((format!("gen-field-{at:03}"), input));
+    }
+    // Damaged: checksum, magic, truncated.
+    let mut bad = base.clone();
+    bad[100] ^= 1;
+    out.push(("gen-bad-checksum".into(), bad));
+    let mut bad = base.clone();
+    bad[1] = b'X';
+    out.push(("gen-bad-magic".into(), bad));
+    out.push(("gen-truncated".into(), base[..300].to_vec()));
+    out
+}
