@@ -136,7 +136,7 @@ pub(crate) fn run(args: &ServeArgs) -> Result<()> {
     let volume = Arc::new(volume);
     let export: Arc<dyn Export> = Arc::new(DeviceExport::new(volume.clone()));
     let server = Server::bind(&addr, export, cfg)?;
-    blockguard_nbd::shutdown_on_signals(server.shutdown_handle())
+    blockguard_nbd::shutdown_on_signals(&server.shutdown_handle())
         .context("cannot install signal handlers")?;
     let outcome = server.run();
     if let Err(e @ ServerError::Panicked { .. }) = outcome {

@@ -27,7 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..ServerConfig::default()
     };
     let server = Server::bind(&addr, export, cfg)?;
-    blockguard_nbd::shutdown_on_signals(server.shutdown_handle())?;
+    blockguard_nbd::shutdown_on_signals(&server.shutdown_handle())?;
     server.run()?;
     Ok(())
 }

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// How long a request waits for memory before the server closes a connection that does not
@@ -46,7 +46,7 @@ pub(crate) struct Budget {
 
 fn lock(m: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
     // The queue is bookkeeping only; it must keep working for the server to shut down.
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Budget {
@@ -106,7 +106,7 @@ impl Budget {
             q = self
                 .freed
                 .wait_timeout(q, RECHECK)
-                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(PoisonError::into_inner)
                 .0;
             if since.elapsed() >= PRESSURE_GRACE {
                 drop(q);

@@ -7,7 +7,7 @@
 //! reused; their old contents are always fully overwritten (a read fills the whole buffer or
 //! its reply is not sent; a payload is read in full or the connection ends).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Buffers with at most this capacity go to the small list; larger ones to the large list.
@@ -84,7 +84,7 @@ impl Default for BufferPool {
 
 fn lock(m: &Mutex<Shelf>) -> std::sync::MutexGuard<'_, Shelf> {
     // A shelf is a plain list of spare buffers: nothing to be inconsistent after a panic.
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl BufferPool {

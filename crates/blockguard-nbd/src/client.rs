@@ -8,11 +8,15 @@
 
 use crate::handshake::ReplyMode;
 use crate::proto::{self, PutBe, Reader};
+use crate::usize_of;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 
 /// What to negotiate.
 #[derive(Debug, Clone)]
+// Independent switches, one per protocol feature a test may ask for or leave out in any
+// combination (malformed negotiations included): no state machine or enum to fold them into.
+#[allow(clippy::struct_excessive_bools)]
 pub struct ClientOptions {
     /// Export name to ask for.
     pub export_name: String,
@@ -129,6 +133,14 @@ fn bad(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
+/// A request the caller asked for that the wire format cannot carry.
+fn too_long(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{what} too long for its length field"),
+    )
+}
+
 fn read_u16(s: &mut impl Read) -> io::Result<u16> {
     let mut b = [0u8; 2];
     s.read_exact(&mut b)?;
@@ -155,10 +167,11 @@ pub fn read_greeting(s: &mut impl Read) -> io::Result<u16> {
 
 /// Sends one option.
 pub fn send_option(s: &mut impl Write, opt: u32, data: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(data.len()).map_err(|_| too_long("option data"))?;
     let mut b = Vec::with_capacity(16 + data.len());
     b.put_u64(proto::IHAVEOPT);
     b.put_u32(opt);
-    b.put_u32(data.len() as u32);
+    b.put_u32(len);
     b.extend_from_slice(data);
     s.write_all(&b)
 }
@@ -174,17 +187,21 @@ pub fn read_option_reply(s: &mut impl Read) -> io::Result<OptionReply> {
     if len > 16 << 20 {
         return Err(bad("option reply too long"));
     }
-    let mut data = vec![0u8; len as usize];
+    let mut data = vec![0u8; usize::try_from(len).map_err(|_| bad("option reply too long"))?];
     s.read_exact(&mut data)?;
     Ok(OptionReply { opt, typ, data })
 }
 
 /// Encodes `NBD_OPT_GO`/`INFO` data.
+///
+/// # Panics
+///
+/// If `name` has 4 GiB or more, or `infos` 64 Ki items or more (the fields cannot hold them).
 pub fn info_request(name: &str, infos: &[u16]) -> Vec<u8> {
     let mut d = Vec::new();
-    d.put_u32(name.len() as u32);
+    d.put_u32(u32::try_from(name.len()).expect("export name under 4 GiB"));
     d.extend_from_slice(name.as_bytes());
-    d.put_u16(infos.len() as u16);
+    d.put_u16(u16::try_from(infos.len()).expect("fewer than 64 Ki info requests"));
     for i in infos {
         d.put_u16(*i);
     }
@@ -192,13 +209,18 @@ pub fn info_request(name: &str, infos: &[u16]) -> Vec<u8> {
 }
 
 /// Encodes `NBD_OPT_SET/LIST_META_CONTEXT` data.
+///
+/// # Panics
+///
+/// If a string has 4 GiB or more, or there are 4 Gi queries or more.
 pub fn meta_request(name: &str, queries: &[&str]) -> Vec<u8> {
+    let len = |n: usize| u32::try_from(n).expect("meta context request field under 4 Gi");
     let mut d = Vec::new();
-    d.put_u32(name.len() as u32);
+    d.put_u32(len(name.len()));
     d.extend_from_slice(name.as_bytes());
-    d.put_u32(queries.len() as u32);
+    d.put_u32(len(queries.len()));
     for q in queries {
-        d.put_u32(q.len() as u32);
+        d.put_u32(len(q.len()));
         d.extend_from_slice(q.as_bytes());
     }
     d
@@ -223,6 +245,43 @@ pub struct Client<S> {
     pending: HashMap<u64, (u16, u64)>,
 }
 
+/// Asks for extended headers and/or structured replies, as `opts` says; returns the reply
+/// format the server agreed to.
+fn negotiate_reply_mode(stream: &mut (impl Read + Write), opts: &ClientOptions) -> io::Result<ReplyMode> {
+    let mut mode = ReplyMode::Simple;
+    if opts.extended {
+        send_option(stream, proto::OPT_EXTENDED_HEADERS, &[])?;
+        if read_option_reply(stream)?.typ == proto::REP_ACK {
+            mode = ReplyMode::Extended;
+        }
+    }
+    if opts.structured && mode == ReplyMode::Simple {
+        send_option(stream, proto::OPT_STRUCTURED_REPLY, &[])?;
+        if read_option_reply(stream)?.typ == proto::REP_ACK {
+            mode = ReplyMode::Structured;
+        }
+    }
+    Ok(mode)
+}
+
+/// Selects `base:allocation` with `NBD_OPT_SET_META_CONTEXT`; returns the context id the
+/// server gave it, if any.
+fn select_base_allocation(stream: &mut (impl Read + Write), export_name: &str) -> io::Result<Option<u32>> {
+    let d = meta_request(export_name, &[proto::META_BASE_ALLOCATION]);
+    send_option(stream, proto::OPT_SET_META_CONTEXT, &d)?;
+    let mut meta_context = None;
+    loop {
+        let r = read_option_reply(stream)?;
+        match r.typ {
+            proto::REP_META_CONTEXT => {
+                meta_context = Reader::new(&r.data).u32();
+            }
+            proto::REP_ACK => return Ok(meta_context),
+            t => return Err(bad(format!("SET_META_CONTEXT failed: {t:#x}"))),
+        }
+    }
+}
+
 impl<S: Read + Write> Client<S> {
     /// Performs the handshake on `stream`.
     pub fn handshake(mut stream: S, opts: &ClientOptions) -> io::Result<Self> {
@@ -232,34 +291,12 @@ impl<S: Read + Write> Client<S> {
             cflags |= proto::FLAG_C_NO_ZEROES;
         }
         stream.write_all(&cflags.to_be_bytes())?;
-        let mut mode = ReplyMode::Simple;
-        if opts.extended {
-            send_option(&mut stream, proto::OPT_EXTENDED_HEADERS, &[])?;
-            if read_option_reply(&mut stream)?.typ == proto::REP_ACK {
-                mode = ReplyMode::Extended;
-            }
-        }
-        if opts.structured && mode == ReplyMode::Simple {
-            send_option(&mut stream, proto::OPT_STRUCTURED_REPLY, &[])?;
-            if read_option_reply(&mut stream)?.typ == proto::REP_ACK {
-                mode = ReplyMode::Structured;
-            }
-        }
-        let mut meta_context = None;
-        if opts.base_allocation && mode != ReplyMode::Simple {
-            let d = meta_request(&opts.export_name, &[proto::META_BASE_ALLOCATION]);
-            send_option(&mut stream, proto::OPT_SET_META_CONTEXT, &d)?;
-            loop {
-                let r = read_option_reply(&mut stream)?;
-                match r.typ {
-                    proto::REP_META_CONTEXT => {
-                        meta_context = Reader::new(&r.data).u32();
-                    }
-                    proto::REP_ACK => break,
-                    t => return Err(bad(format!("SET_META_CONTEXT failed: {t:#x}"))),
-                }
-            }
-        }
+        let mode = negotiate_reply_mode(&mut stream, opts)?;
+        let meta_context = if opts.base_allocation && mode != ReplyMode::Simple {
+            select_base_allocation(&mut stream, &opts.export_name)?
+        } else {
+            None
+        };
         let mut client = Client {
             stream,
             mode,
@@ -284,25 +321,31 @@ impl<S: Read + Write> Client<S> {
             }
             return Ok(client);
         }
-        let d = info_request(&opts.export_name, &[proto::INFO_BLOCK_SIZE]);
-        send_option(&mut client.stream, proto::OPT_GO, &d)?;
+        client.go(&opts.export_name)?;
+        Ok(client)
+    }
+
+    /// Ends the negotiation with `NBD_OPT_GO`, recording the size, flags and block sizes.
+    fn go(&mut self, export_name: &str) -> io::Result<()> {
+        let d = info_request(export_name, &[proto::INFO_BLOCK_SIZE]);
+        send_option(&mut self.stream, proto::OPT_GO, &d)?;
         loop {
-            let r = read_option_reply(&mut client.stream)?;
+            let r = read_option_reply(&mut self.stream)?;
             match r.typ {
                 proto::REP_INFO => {
                     let mut rd = Reader::new(&r.data);
                     match rd.u16() {
                         Some(proto::INFO_EXPORT) => {
-                            client.size = rd.u64().ok_or_else(|| bad("short INFO_EXPORT"))?;
-                            client.flags = rd.u16().ok_or_else(|| bad("short INFO_EXPORT"))?;
+                            self.size = rd.u64().ok_or_else(|| bad("short INFO_EXPORT"))?;
+                            self.flags = rd.u16().ok_or_else(|| bad("short INFO_EXPORT"))?;
                         }
                         Some(proto::INFO_BLOCK_SIZE) => {
-                            client.block_sizes = (|| Some((rd.u32()?, rd.u32()?, rd.u32()?)))();
+                            self.block_sizes = (|| Some((rd.u32()?, rd.u32()?, rd.u32()?)))();
                         }
                         _ => {}
                     }
                 }
-                proto::REP_ACK => return Ok(client),
+                proto::REP_ACK => return Ok(()),
                 t => {
                     return Err(bad(format!(
                         "GO failed: {t:#x} {}",
@@ -343,7 +386,7 @@ impl<S: Read + Write> Client<S> {
             b.put_u16(typ);
             b.put_u64(cookie);
             b.put_u64(offset);
-            b.put_u32(length as u32);
+            b.put_u32(u32::try_from(length).map_err(|_| too_long("compact request length"))?);
         }
         b.extend_from_slice(payload);
         self.stream.write_all(&b)?;
@@ -370,7 +413,7 @@ impl<S: Read + Write> Client<S> {
                     if self.mode != ReplyMode::Simple {
                         return Err(bad("simple reply to a read in structured mode"));
                     }
-                    let mut data = vec![0u8; len as usize];
+                    let mut data = vec![0u8; usize_of(len)];
                     self.stream.read_exact(&mut data)?;
                     reply.chunks.push(Chunk::Data { offset: 0, data });
                 }
@@ -398,7 +441,7 @@ impl<S: Read + Write> Client<S> {
                 return Err(bad("reply chunk too long"));
             }
             reply.cookie = cookie;
-            let mut payload = vec![0u8; len as usize];
+            let mut payload = vec![0u8; usize_of(len)];
             self.stream.read_exact(&mut payload)?;
             let chunk = parse_chunk(typ, &payload, self.mode)?;
             if let Some(Chunk::Error { errno, .. }) = &chunk {
@@ -548,7 +591,7 @@ impl<S: Read + Write> Client<S> {
 impl Client<io::Cursor<Vec<u8>>> {
     /// True when every byte of the reply buffer was consumed.
     pub(crate) fn at_end(&self) -> bool {
-        self.stream.position() as usize == self.stream.get_ref().len()
+        usize_of(self.stream.position()) == self.stream.get_ref().len()
     }
 }
 

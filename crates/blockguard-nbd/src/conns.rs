@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// A connection in the transmission phase is closed to make room only after this long
@@ -233,7 +233,7 @@ pub(crate) struct ConnTable {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Bookkeeping only (no invariant of the data can break here), and it must keep working
     // for the server to shut down.
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl ConnTable {
@@ -347,13 +347,13 @@ impl ConnTable {
         {
             let mut table = lock(&self.table);
             for e in table.values_mut().filter(|e| !e.closing) {
-                let reason = if !e.activity.transmitting.load(Ordering::Relaxed) {
-                    (now.saturating_sub(e.started) >= handshake).then_some(Reason::HandshakeDeadline)
-                } else {
+                let reason = if e.activity.transmitting.load(Ordering::Relaxed) {
                     let idle = e.activity.idle_for(now);
                     idle.zip(idle_limit)
                         .is_some_and(|(idle, limit)| idle >= limit)
                         .then_some(Reason::Idle)
+                } else {
+                    (now.saturating_sub(e.started) >= handshake).then_some(Reason::HandshakeDeadline)
                 };
                 if let Some(reason) = reason {
                     e.close();
@@ -380,7 +380,7 @@ impl ConnTable {
         let mut table = lock(&self.table);
         while !table.is_empty() {
             match deadline {
-                None => table = self.emptied.wait(table).unwrap_or_else(|e| e.into_inner()),
+                None => table = self.emptied.wait(table).unwrap_or_else(PoisonError::into_inner),
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
@@ -389,7 +389,7 @@ impl ConnTable {
                     table = self
                         .emptied
                         .wait_timeout(table, d - now)
-                        .unwrap_or_else(|e| e.into_inner())
+                        .unwrap_or_else(PoisonError::into_inner)
                         .0;
                 }
             }

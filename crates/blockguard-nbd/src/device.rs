@@ -9,6 +9,9 @@ use std::sync::Arc;
 
 /// Classifies an engine error. Verification failures become [`ExportErrorKind::Corruption`]
 /// (sent as `NBD_EIO`); a full disk anywhere in the cause chain becomes `NoSpace`.
+// By value: made for `map_err(export_error)`, which hands the error over; a reference would
+// put a closure at every call site.
+#[allow(clippy::needless_pass_by_value)]
 pub fn export_error(e: blockguard::Error) -> ExportError {
     let kind = match e.class() {
         ErrorClass::Corruption => ExportErrorKind::Corruption,

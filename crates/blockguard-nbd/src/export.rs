@@ -4,9 +4,10 @@
 //! [`MemoryExport`] and served in production from a `blockguard::Volume` (see `volume.rs`).
 
 use crate::buffers::Payload;
+use crate::usize_of;
 use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::RwLock;
+use std::sync::{PoisonError, RwLock};
 
 /// Why an export operation failed; decides the NBD error code sent to the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,7 +129,7 @@ impl fmt::Debug for MemoryExport {
             .field("size", &self.size())
             .field("block_size", &self.block_size)
             .field("read_only", &self.read_only)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -136,12 +137,12 @@ impl MemoryExport {
     /// A zero-filled, unallocated export of `size` bytes (rounded down to whole blocks).
     pub fn new(size: u64, block_size: u32) -> Self {
         let bs = u64::from(block_size.max(1));
-        let blocks = (size / bs) as usize;
+        let blocks = usize_of(size / bs);
         Self {
             block_size: block_size.max(1),
             read_only: false,
             state: RwLock::new(MemState {
-                data: vec![0; blocks * bs as usize],
+                data: vec![0; blocks * usize_of(bs)],
                 allocated: vec![false; blocks],
                 corrupt: BTreeSet::new(),
                 flushes: 0,
@@ -150,6 +151,7 @@ impl MemoryExport {
     }
 
     /// The same export, read-only.
+    #[must_use]
     pub fn read_only(mut self) -> Self {
         self.read_only = true;
         self
@@ -171,17 +173,17 @@ impl MemoryExport {
     }
 
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, MemState> {
-        self.state.read().unwrap_or_else(|e| e.into_inner())
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, MemState> {
-        self.state.write().unwrap_or_else(|e| e.into_inner())
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn range(&self, offset: u64, len: u64) -> Result<std::ops::Range<usize>, ExportError> {
         let size = self.size();
         match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(offset as usize..end as usize),
+            Some(end) if end <= size => Ok(usize_of(offset)..usize_of(end)),
             _ => Err(ExportError::new(
                 ExportErrorKind::OutOfRange,
                 format!("range {offset}+{len} outside {size} bytes"),
@@ -272,14 +274,14 @@ impl Export for MemoryExport {
 
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
         let r = self.range(offset, len)?;
-        let bs = self.block_size as u64;
+        let bs = u64::from(self.block_size);
         let st = self.read_state();
         let mut out: Vec<Extent> = Vec::new();
         let (mut pos, end) = (r.start as u64, r.end as u64);
         while pos < end {
             let b = pos / bs;
             let next = ((b + 1) * bs).min(end);
-            let allocated = st.allocated[b as usize];
+            let allocated = st.allocated[usize_of(b)];
             match out.last_mut() {
                 Some(last) if last.allocated == allocated => last.len += next - pos,
                 _ => out.push(Extent {

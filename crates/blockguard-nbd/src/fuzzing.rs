@@ -5,6 +5,7 @@ use crate::export::{Export, MemoryExport};
 use crate::handshake::{Event, ExportInfo, Handshake, HandshakeConfig};
 use crate::proto;
 use crate::transmission::{Outcome, Session};
+use crate::usize_of;
 use std::io::Cursor;
 
 const SIZE: u64 = 64 * 1024;
@@ -38,7 +39,7 @@ pub fn valid_prefix(mode: u8) -> Vec<u8> {
     let mut option = |opt: u32, data: &[u8]| {
         p.put_u64(proto::IHAVEOPT);
         p.put_u32(opt);
-        p.put_u32(data.len() as u32);
+        p.put_u32(u32::try_from(data.len()).expect("option data of the fuzz input, under 4 GiB"));
         p.extend_from_slice(data);
     };
     match mode {
@@ -108,7 +109,7 @@ pub fn handshake_and_requests(data: &[u8]) -> usize {
         input = rest;
         let event = hs.feed(chunk);
         let out = hs.take_output();
-        if matches!(event, Ok(Event::Continue) | Ok(Event::Close)) {
+        if matches!(event, Ok(Event::Continue | Event::Close)) {
             check_option_replies(&out);
         }
         match event {
@@ -148,7 +149,7 @@ pub fn handshake_and_requests(data: &[u8]) -> usize {
                     && negotiated.mode != crate::handshake::ReplyMode::Simple
                 {
                     assert!(
-                        reply.read_data(req.offset, req.length as usize).is_some(),
+                        reply.read_data(req.offset, usize_of(req.length)).is_some(),
                         "successful read does not cover its range"
                     );
                 }
@@ -159,7 +160,7 @@ pub fn handshake_and_requests(data: &[u8]) -> usize {
 
 fn check_option_replies(out: &[u8]) {
     let mut cur = Cursor::new(out);
-    while (cur.position() as usize) < out.len() {
+    while usize_of(cur.position()) < out.len() {
         read_option_reply(&mut cur).expect("option reply must decode");
     }
 }

@@ -24,20 +24,20 @@ use crate::proto::{self, PutBe, Reader};
 ///
 /// The biggest legitimate option (`SET_META_CONTEXT` with a few 4 KiB queries) fits easily;
 /// the cap keeps a hostile client from making the server buffer gigabytes.
-pub const MAX_OPTION_LEN: u32 = 64 * 1024;
+pub(crate) const MAX_OPTION_LEN: u32 = 64 * 1024;
 
 /// After this many options a client is considered abusive and disconnected.
-pub const MAX_OPTIONS: u32 = 4096;
+pub(crate) const MAX_OPTIONS: u32 = 4096;
 
 /// Chunk size used to discard an oversized option.
 const SKIP_CHUNK: u32 = 64 * 1024;
 
 /// Context id given to `base:allocation`.
-pub const BASE_ALLOCATION_ID: u32 = 1;
+pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 
 /// What the handshake needs to know about the export it offers.
 #[derive(Debug, Clone)]
-pub struct ExportInfo {
+pub(crate) struct ExportInfo {
     /// Canonical export name (the empty name always selects it as well).
     pub name: String,
     /// Human-readable description.
@@ -54,7 +54,7 @@ pub struct ExportInfo {
 
 /// Server-side negotiation policy.
 #[derive(Debug, Clone)]
-pub struct HandshakeConfig {
+pub(crate) struct HandshakeConfig {
     /// The export offered.
     pub export: ExportInfo,
     /// Largest request payload accepted (advertised in `NBD_INFO_BLOCK_SIZE`).
@@ -89,7 +89,7 @@ pub struct Negotiated {
 
 /// What [`Handshake::feed`] concluded.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// Keep negotiating: write the output, then read [`Handshake::want`] bytes.
     Continue,
     /// Write the output, then enter the transmission phase.
@@ -100,7 +100,7 @@ pub enum Event {
 
 /// A violation that ends the session (a hard disconnect).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HandshakeError {
+pub(crate) enum HandshakeError {
     /// The client set flags the server does not know or did not offer.
     #[error("client sent unknown flags {0:#x}")]
     BadClientFlags(u32),
@@ -140,13 +140,13 @@ enum State {
 
 /// The server side of the NBD handshake.
 #[derive(Debug)]
-pub struct Handshake {
+pub(crate) struct Handshake {
     cfg: HandshakeConfig,
     state: State,
     out: Vec<u8>,
     no_zeroes: bool,
-    structured: bool,
-    extended: bool,
+    /// The reply format negotiated so far: structured replies, then possibly extended headers.
+    mode: ReplyMode,
     meta_context: Option<u32>,
     options: u32,
     shutting_down: bool,
@@ -154,7 +154,7 @@ pub struct Handshake {
 
 impl Handshake {
     /// A new handshake; its output already holds the server greeting.
-    pub fn new(cfg: HandshakeConfig) -> Self {
+    pub(crate) fn new(cfg: HandshakeConfig) -> Self {
         let mut out = Vec::with_capacity(18);
         out.put_u64(proto::NBDMAGIC);
         out.put_u64(proto::IHAVEOPT);
@@ -164,8 +164,7 @@ impl Handshake {
             state: State::ClientFlags,
             out,
             no_zeroes: false,
-            structured: false,
-            extended: false,
+            mode: ReplyMode::Simple,
             meta_context: None,
             options: 0,
             shutting_down: false,
@@ -173,12 +172,12 @@ impl Handshake {
     }
 
     /// From now on refuse options with `NBD_REP_ERR_SHUTDOWN` (the server is stopping).
-    pub fn set_shutting_down(&mut self) {
+    pub(crate) fn set_shutting_down(&mut self) {
         self.shutting_down = true;
     }
 
     /// Number of bytes the next [`Handshake::feed`] expects (0 once finished).
-    pub fn want(&self) -> usize {
+    pub(crate) fn want(&self) -> usize {
         match self.state {
             State::ClientFlags => 4,
             State::OptionHeader => 16,
@@ -189,12 +188,12 @@ impl Handshake {
     }
 
     /// Bytes to send to the client, draining them.
-    pub fn take_output(&mut self) -> Vec<u8> {
+    pub(crate) fn take_output(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.out)
     }
 
     /// Consumes exactly [`Handshake::want`] bytes from the client.
-    pub fn feed(&mut self, input: &[u8]) -> Result<Event, HandshakeError> {
+    pub(crate) fn feed(&mut self, input: &[u8]) -> Result<Event, HandshakeError> {
         let want = self.want();
         if self.state == State::Finished {
             return Err(HandshakeError::Finished);
@@ -258,7 +257,8 @@ impl Handshake {
                 self.option(opt, input)
             }
             State::SkipOption { opt, remaining } => {
-                let remaining = remaining - input.len() as u32;
+                // `feed` checked that `input` is the `want()` bytes asked for.
+                let remaining = remaining - remaining.min(SKIP_CHUNK);
                 if remaining > 0 {
                     self.state = State::SkipOption { opt, remaining };
                 } else {
@@ -288,39 +288,39 @@ impl Handshake {
                 Ok(Event::Close)
             }
             proto::OPT_LIST => {
-                if !data.is_empty() {
-                    self.reply_error(opt, proto::REP_ERR_INVALID, "LIST takes no data");
-                } else {
+                if data.is_empty() {
                     let mut payload = Vec::new();
-                    payload.put_u32(self.cfg.export.name.len() as u32);
+                    payload.put_u32(wire_len(self.cfg.export.name.len()));
                     payload.extend_from_slice(self.cfg.export.name.as_bytes());
                     payload.extend_from_slice(self.cfg.export.description.as_bytes());
                     self.reply(opt, proto::REP_SERVER, &payload);
                     self.reply(opt, proto::REP_ACK, &[]);
+                } else {
+                    self.reply_error(opt, proto::REP_ERR_INVALID, "LIST takes no data");
                 }
                 Ok(Event::Continue)
             }
             proto::OPT_STARTTLS => {
-                if !data.is_empty() {
-                    self.reply_error(opt, proto::REP_ERR_INVALID, "STARTTLS takes no data");
-                } else {
+                if data.is_empty() {
                     // NOTLS mode: the spec allows ERR_UNSUP (no TLS support at all).
                     self.reply_error(opt, proto::REP_ERR_UNSUP, "TLS is not supported");
+                } else {
+                    self.reply_error(opt, proto::REP_ERR_INVALID, "STARTTLS takes no data");
                 }
                 Ok(Event::Continue)
             }
-            proto::OPT_INFO | proto::OPT_GO => self.opt_info_go(opt, data),
+            proto::OPT_INFO | proto::OPT_GO => Ok(self.opt_info_go(opt, data)),
             proto::OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
                     self.reply_error(opt, proto::REP_ERR_INVALID, "option takes no data");
-                } else if self.extended {
+                } else if self.mode == ReplyMode::Extended {
                     self.reply_error(
                         opt,
                         proto::REP_ERR_EXT_HEADER_REQD,
                         "extended headers already negotiated",
                     );
                 } else {
-                    self.structured = true;
+                    self.mode = ReplyMode::Structured;
                     self.reply(opt, proto::REP_ACK, &[]);
                 }
                 Ok(Event::Continue)
@@ -331,7 +331,7 @@ impl Handshake {
                 } else if !self.cfg.extended_headers {
                     self.reply_error(opt, proto::REP_ERR_UNSUP, "extended headers disabled");
                 } else {
-                    self.extended = true;
+                    self.mode = ReplyMode::Extended;
                     self.reply(opt, proto::REP_ACK, &[]);
                 }
                 Ok(Event::Continue)
@@ -352,13 +352,7 @@ impl Handshake {
     }
 
     fn mode(&self) -> ReplyMode {
-        if self.extended {
-            ReplyMode::Extended
-        } else if self.structured {
-            ReplyMode::Structured
-        } else {
-            ReplyMode::Simple
-        }
+        self.mode
     }
 
     /// Transmission flags for the current negotiation state.
@@ -382,7 +376,7 @@ impl Handshake {
     }
 
     fn opt_export_name(&mut self, data: &[u8]) -> Result<Event, HandshakeError> {
-        if self.extended {
+        if self.mode == ReplyMode::Extended {
             return Err(HandshakeError::ExportNameRefused(
                 "not allowed after extended headers",
             ));
@@ -400,7 +394,7 @@ impl Handshake {
         Ok(Event::Transmission(self.negotiated(data)))
     }
 
-    fn opt_info_go(&mut self, opt: u32, data: &[u8]) -> Result<Event, HandshakeError> {
+    fn opt_info_go(&mut self, opt: u32, data: &[u8]) -> Event {
         let mut r = Reader::new(data);
         let parsed = (|| {
             let name_len = r.u32()? as usize;
@@ -414,11 +408,11 @@ impl Handshake {
         })();
         let Some((name, requests)) = parsed else {
             self.reply_error(opt, proto::REP_ERR_INVALID, "malformed INFO/GO request");
-            return Ok(Event::Continue);
+            return Event::Continue;
         };
         if !self.knows_export(name) {
             self.reply_error(opt, proto::REP_ERR_UNKNOWN, "no such export");
-            return Ok(Event::Continue);
+            return Event::Continue;
         }
         let e = self.cfg.export.clone();
         let mut info = Vec::with_capacity(14);
@@ -448,9 +442,9 @@ impl Handshake {
         }
         self.reply(opt, proto::REP_ACK, &[]);
         if opt == proto::OPT_GO {
-            Ok(Event::Transmission(self.negotiated(name)))
+            Event::Transmission(self.negotiated(name))
         } else {
-            Ok(Event::Continue)
+            Event::Continue
         }
     }
 
@@ -460,7 +454,7 @@ impl Handshake {
             // SET replaces the selection even when it fails.
             self.meta_context = None;
         }
-        if !self.structured && !self.extended {
+        if self.mode == ReplyMode::Simple {
             self.reply_error(
                 opt,
                 proto::REP_ERR_INVALID,
@@ -513,7 +507,7 @@ impl Handshake {
         self.out.put_u64(proto::REPLY_MAGIC_OPT);
         self.out.put_u32(opt);
         self.out.put_u32(typ);
-        self.out.put_u32(data.len() as u32);
+        self.out.put_u32(wire_len(data.len()));
         self.out.extend_from_slice(data);
     }
 
@@ -529,8 +523,15 @@ impl Handshake {
     }
 }
 
+/// `len` as the `u32` length of an option reply or of a string in one. Replies hold the
+/// export's name and description from the server's configuration and short messages: far
+/// below 4 GiB.
+fn wire_len(len: usize) -> u32 {
+    u32::try_from(len).expect("option reply data under 4 GiB")
+}
+
 /// Transmission flags the server advertises for `export` under `mode`.
-pub fn transmission_flags(export: &ExportInfo, mode: ReplyMode) -> u16 {
+pub(crate) fn transmission_flags(export: &ExportInfo, mode: ReplyMode) -> u16 {
     let mut flags = proto::TFLAG_HAS_FLAGS
         | proto::TFLAG_SEND_FLUSH
         | proto::TFLAG_SEND_CACHE
@@ -554,6 +555,7 @@ pub fn transmission_flags(export: &ExportInfo, mode: ReplyMode) -> u16 {
 mod tests {
     use super::*;
     use crate::client::{info_request, meta_request, read_option_reply, OptionReply};
+    use crate::usize_of;
     use std::io::Cursor;
 
     fn config() -> HandshakeConfig {
@@ -584,7 +586,7 @@ mod tests {
         let mut b = Vec::new();
         b.put_u64(proto::IHAVEOPT);
         b.put_u32(opt);
-        b.put_u32(data.len() as u32);
+        b.put_u32(u32::try_from(data.len()).unwrap());
         b.extend_from_slice(data);
         b
     }
@@ -606,7 +608,7 @@ mod tests {
         let out = hs.take_output();
         let mut cur = Cursor::new(&out[..]);
         let mut v = Vec::new();
-        while (cur.position() as usize) < out.len() {
+        while usize_of(cur.position()) < out.len() {
             v.push(read_option_reply(&mut cur).unwrap());
         }
         v

@@ -25,6 +25,18 @@
 //! `BLOCK_STATUS` (+`REQ_ONE`). `NBD_FLAG_CAN_MULTI_CONN` is advertised because the engine's
 //! flush covers writes completed on every connection.
 
+// Lint policy, the same in every crate of the workspace: clippy's pedantic group on, minus a
+// short list that would add noise without catching bugs here.
+#![warn(missing_docs, unreachable_pub, clippy::pedantic)]
+#![allow(
+    // Pure getters are obvious; what must not be ignored is already a `Result` or `#[must_use]` type.
+    clippy::must_use_candidate,
+    // Errors are typed enums whose variants document themselves.
+    clippy::missing_errors_doc,
+    // `volume::VolumeStats` and the like read better at use sites outside the module.
+    clippy::module_name_repetitions,
+)]
+
 mod budget;
 mod buffers;
 #[cfg(feature = "testing")]
@@ -48,3 +60,14 @@ pub use device::{export_error, DeviceExport};
 pub use export::{Export, ExportError, ExportErrorKind, Extent, MemoryExport};
 pub use handshake::{Negotiated, ReplyMode};
 pub use server::{shutdown_on_signals, ListenAddr, Server, ServerConfig, ServerError, ShutdownHandle};
+
+// The workspace builds for 64-bit targets only, where a `usize` holds every `u64`.
+const _: () = assert!(usize::BITS == 64);
+
+/// `x` as a `usize`: a length or offset of memory the crate holds or is about to allocate,
+/// which the caller has already bounded (lengths from the network are converted where they
+/// are checked, with `try_from`).
+#[allow(clippy::cast_possible_truncation)] // Lossless: `usize` is 64 bits wide (asserted above).
+pub(crate) const fn usize_of(x: u64) -> usize {
+    x as usize
+}

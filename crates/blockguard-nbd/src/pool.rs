@@ -12,12 +12,12 @@
 //! must not switch the pool to disk mode.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::Instant;
 
 /// A unit of work.
-pub type Job = Box<dyn FnOnce() + Send + 'static>;
+pub(crate) type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// A job slower than this probably waited for the disk.
 const SLOW_JOB_NANOS: u128 = 100_000;
@@ -50,7 +50,7 @@ struct Inner {
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// How many workers should run at once given recent job durations.
@@ -64,20 +64,20 @@ impl Inner {
 }
 
 /// Worker threads; dropping the [`Pool`] (after [`Pool::join`]) stops them.
-pub struct Pool {
+pub(crate) struct Pool {
     inner: Arc<Inner>,
     threads: Vec<thread::JoinHandle<()>>,
 }
 
 /// Submits jobs to a [`Pool`]; cheap to clone.
 #[derive(Clone)]
-pub struct Submitter {
+pub(crate) struct Submitter {
     inner: Arc<Inner>,
 }
 
 impl Pool {
     /// A pool of `max` threads running `base` at a time while jobs are fast.
-    pub fn new(base: usize, max: usize) -> std::io::Result<Pool> {
+    pub(crate) fn new(base: usize, max: usize) -> std::io::Result<Pool> {
         let max = max.max(1);
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
@@ -103,14 +103,14 @@ impl Pool {
     }
 
     /// A handle to submit jobs.
-    pub fn submitter(&self) -> Submitter {
+    pub(crate) fn submitter(&self) -> Submitter {
         Submitter {
             inner: Arc::clone(&self.inner),
         }
     }
 
     /// Runs every queued job, then stops the workers.
-    pub fn join(mut self) {
+    pub(crate) fn join(mut self) {
         self.inner.lock().closed = true;
         self.inner.wake.notify_all();
         for t in self.threads.drain(..) {
@@ -121,7 +121,7 @@ impl Pool {
 
 impl Submitter {
     /// Queues a job; runs it on the calling thread if the pool has stopped.
-    pub fn submit(&self, job: Job) {
+    pub(crate) fn submit(&self, job: Job) {
         let mut st = self.inner.lock();
         if st.closed {
             drop(st);
@@ -181,7 +181,7 @@ fn work(inner: &Inner) {
             }
         }
         st.sleeping += 1;
-        st = inner.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+        st = inner.wake.wait(st).unwrap_or_else(PoisonError::into_inner);
         st.sleeping -= 1;
     }
 }

@@ -52,27 +52,28 @@ pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
 /// Option reply: one metadata context.
 pub const REP_META_CONTEXT: u32 = 4;
+// Error replies are numbered 2^31 + n, as in the spec.
 const REP_ERR: u32 = 1 << 31;
 /// Option error: unknown option.
-pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
+pub const REP_ERR_UNSUP: u32 = REP_ERR + 1;
 /// Option error: forbidden by policy.
-pub const REP_ERR_POLICY: u32 = REP_ERR | 2;
+pub const REP_ERR_POLICY: u32 = REP_ERR + 2;
 /// Option error: malformed option.
-pub const REP_ERR_INVALID: u32 = REP_ERR | 3;
+pub const REP_ERR_INVALID: u32 = REP_ERR + 3;
 /// Option error: not supported on this platform.
-pub const REP_ERR_PLATFORM: u32 = REP_ERR | 4;
+pub const REP_ERR_PLATFORM: u32 = REP_ERR + 4;
 /// Option error: TLS required.
-pub const REP_ERR_TLS_REQD: u32 = REP_ERR | 5;
+pub const REP_ERR_TLS_REQD: u32 = REP_ERR + 5;
 /// Option error: no such export.
-pub const REP_ERR_UNKNOWN: u32 = REP_ERR | 6;
+pub const REP_ERR_UNKNOWN: u32 = REP_ERR + 6;
 /// Option error: the server is shutting down.
-pub const REP_ERR_SHUTDOWN: u32 = REP_ERR | 7;
+pub const REP_ERR_SHUTDOWN: u32 = REP_ERR + 7;
 /// Option error: block size information must be requested.
-pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_ERR | 8;
+pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_ERR + 8;
 /// Option error: request or reply too large.
-pub const REP_ERR_TOO_BIG: u32 = REP_ERR | 9;
+pub const REP_ERR_TOO_BIG: u32 = REP_ERR + 9;
 /// Option error: extended headers required (or already negotiated).
-pub const REP_ERR_EXT_HEADER_REQD: u32 = REP_ERR | 10;
+pub const REP_ERR_EXT_HEADER_REQD: u32 = REP_ERR + 10;
 
 /// `NBD_REP_INFO` item: size and transmission flags.
 pub const INFO_EXPORT: u16 = 0;

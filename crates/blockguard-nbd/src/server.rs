@@ -23,14 +23,16 @@ use crate::proto;
 use crate::spin::{SpinConfig, SpinState, Spinners};
 use crate::stream::{Listener, Stream};
 use crate::transmission::{Outcome, ReplyBytes, Request, Session};
+use crate::usize_of;
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::num::NonZeroUsize;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::Duration;
 
@@ -181,14 +183,16 @@ impl ShutdownHandle {
 /// The handlers only set flags, which the accept loop polls: no thread of ours runs on a
 /// signal, so nothing on the way — logging to a stderr that is full or closed included — can
 /// block or kill the shutdown.
-pub fn shutdown_on_signals(handle: ShutdownHandle) -> io::Result<()> {
+pub fn shutdown_on_signals(handle: &ShutdownHandle) -> io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     use signal_hook::flag;
     for sig in [SIGINT, SIGTERM] {
         // Registered first, so it sees the flag as it was before this signal: it exits only
         // when an earlier signal had already set it.
         flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&handle.inner.requested))?;
-        flag::register_usize(sig, Arc::clone(&handle.inner.signal), sig as usize)?;
+        // Signal numbers are positive; 0 would only read as "not a signal".
+        let number = usize::try_from(sig).unwrap_or_default();
+        flag::register_usize(sig, Arc::clone(&handle.inner.signal), number)?;
         flag::register(sig, Arc::clone(&handle.inner.requested))?;
     }
     Ok(())
@@ -208,7 +212,7 @@ impl fmt::Debug for Server {
         f.debug_struct("Server")
             .field("addr", &self.addr)
             .field("cfg", &self.cfg)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -283,13 +287,20 @@ impl Server {
     /// Serves until shut down, then waits for every connection to finish its in-flight
     /// requests and flushes the export.
     pub fn run(self) -> Result<(), ServerError> {
-        let cores = thread::available_parallelism().map_or(2, |n| n.get());
+        let cores = thread::available_parallelism().map_or(2, NonZeroUsize::get);
         let workers = if self.cfg.workers == 0 {
             (cores * 2).max(4)
         } else {
             self.cfg.workers
         };
         let pool = Pool::new(cores * 2, workers).map_err(ServerError::Thread)?;
+        let shared = self.shared_state(&pool, cores, workers);
+        self.accept_until_shutdown(&shared);
+        self.finish(shared, pool)
+    }
+
+    /// The state every connection shares; logs what is served.
+    fn shared_state(&self, pool: &Pool, cores: usize, workers: usize) -> Arc<Shared> {
         let export = &self.export;
         let info = ExportInfo {
             name: self.cfg.export_name.clone(),
@@ -311,7 +322,7 @@ impl Server {
             info.size,
             self.addr
         );
-        let shared = Arc::new(Shared {
+        Arc::new(Shared {
             export: Arc::clone(&self.export),
             buffers: Arc::new(BufferPool::default()),
             hs_config: HandshakeConfig {
@@ -337,7 +348,11 @@ impl Server {
             budget: Arc::new(Budget::new(self.cfg.max_total_inflight_bytes)),
             shutdown: self.shutdown.clone(),
             failed: Arc::new(Failed::default()),
-        });
+        })
+    }
+
+    /// Accepts connections and starts serving each, until a shutdown is requested.
+    fn accept_until_shutdown(&self, shared: &Arc<Shared>) {
         let next_id = AtomicU64::new(1);
         loop {
             shared.conns.reap();
@@ -354,20 +369,7 @@ impl Server {
                     continue;
                 }
             }
-            let accepted = match &self.listener {
-                Listener::Tcp(l) => l.accept().map(|(s, _)| {
-                    // Replies are written whole; Nagle would only add latency.
-                    let _ = s.set_nodelay(true);
-                    Stream::Tcp(s)
-                }),
-                Listener::Unix(l, _) => l.accept().map(|(s, _)| {
-                    // A Unix socket's default send buffer (~200 KiB) takes only part of a
-                    // 1 MiB read reply without blocking, and the rest then costs a hand-off
-                    // to the writer thread. The kernel caps this at net.core.wmem_max.
-                    let _ = rustix::net::sockopt::set_socket_send_buffer_size(&s, UNIX_SEND_BUFFER);
-                    Stream::Unix(s)
-                }),
-            };
+            let accepted = self.accept();
             if self.shutdown.is_requested() {
                 break;
             }
@@ -385,6 +387,29 @@ impl Server {
                 tracing::warn!(error = %e, "cannot serve new connection");
             }
         }
+    }
+
+    /// Accepts one connection (the listener is readable) and tunes its socket.
+    fn accept(&self) -> io::Result<Stream> {
+        match &self.listener {
+            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                // Replies are written whole; Nagle would only add latency.
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }),
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| {
+                // A Unix socket's default send buffer (~200 KiB) takes only part of a
+                // 1 MiB read reply without blocking, and the rest then costs a hand-off
+                // to the writer thread. The kernel caps this at net.core.wmem_max.
+                let _ = rustix::net::sockopt::set_socket_send_buffer_size(&s, UNIX_SEND_BUFFER);
+                Stream::Unix(s)
+            }),
+        }
+    }
+
+    /// After the accept loop: stops the connections, waits for their requests, then flushes
+    /// the export (unless a worker panicked).
+    fn finish(self, shared: Arc<Shared>, pool: Pool) -> Result<(), ServerError> {
         match self.shutdown.inner.signal.load(Ordering::SeqCst) {
             0 => tracing::info!("shutting down: finishing in-flight requests, then flushing"),
             signal => tracing::info!(
@@ -433,6 +458,8 @@ const KEEP_UNUSED_BUFFERS: Duration = Duration::from_secs(1);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// A reply that cannot be sent for this long means the client stopped reading: drop it.
+// Two minutes in seconds: `Duration::from_mins` needs Rust 1.91, the workspace targets 1.85.
+#[allow(clippy::duration_suboptimal_units)]
 const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The write timeout of a connection's socket in the transmission phase: how often a blocked
@@ -460,7 +487,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // These locks guard only the server's own bookkeeping (queues, counters, the connection
     // table), which must keep working to refuse requests and shut down after a panic has
     // latched the export failed (see `Failed`).
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Shared {
@@ -756,7 +783,7 @@ const INLINE_MAX: usize = 64 << 10;
 /// Memory a request holds while in flight (its payload or its read buffer).
 fn request_cost(req: &Request, s: &Session) -> usize {
     let read = if req.typ == proto::CMD_READ {
-        req.length.min(u64::from(s.max_payload)) as usize
+        usize_of(req.length.min(u64::from(s.max_payload)))
     } else {
         0
     };
@@ -832,7 +859,7 @@ impl Conn {
                 && (f.count >= cfg.max_inflight_requests || f.bytes + cost > cfg.max_inflight_bytes)
             {
                 f.waiting = true;
-                f = self.inflight_cv.wait(f).unwrap_or_else(|e| e.into_inner());
+                f = self.inflight_cv.wait(f).unwrap_or_else(PoisonError::into_inner);
             }
             f.waiting = false;
         }
@@ -874,7 +901,7 @@ impl Conn {
         let mut f = lock(&self.inflight);
         while f.count > 0 {
             f.waiting = true;
-            f = self.inflight_cv.wait(f).unwrap_or_else(|e| e.into_inner());
+            f = self.inflight_cv.wait(f).unwrap_or_else(PoisonError::into_inner);
         }
         f.waiting = false;
     }
@@ -993,7 +1020,7 @@ impl Conn {
                     if q.closed && !q.writing {
                         return;
                     }
-                    q = self.queue_cv.wait(q).unwrap_or_else(|e| e.into_inner());
+                    q = self.queue_cv.wait(q).unwrap_or_else(PoisonError::into_inner);
                 }
             };
             self.send_blocking(&batch, sent);

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 /// How readers poll.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SpinConfig {
+pub(crate) struct SpinConfig {
     /// Longest poll before blocking; zero disables polling.
     pub window: Duration,
     /// Most readers polling at the same time, server-wide.
@@ -26,7 +26,7 @@ pub struct SpinConfig {
 
 impl SpinConfig {
     /// 50 µs, and one poller per two cores (at least one).
-    pub fn for_cores(cores: usize) -> Self {
+    pub(crate) fn for_cores(cores: usize) -> Self {
         Self {
             window: Duration::from_micros(50),
             max_spinners: (cores / 2).max(1),
@@ -35,7 +35,7 @@ impl SpinConfig {
 
     /// No polling.
     #[cfg(test)]
-    pub fn off() -> Self {
+    pub(crate) fn off() -> Self {
         Self {
             window: Duration::ZERO,
             max_spinners: 0,
@@ -45,7 +45,7 @@ impl SpinConfig {
 
 /// Server-wide count of polling readers.
 #[derive(Debug, Default)]
-pub struct Spinners(AtomicUsize);
+pub(crate) struct Spinners(AtomicUsize);
 
 /// Score above which a connection polls; each poll that sees data raises it, each that
 /// times out lowers it more.
@@ -57,7 +57,7 @@ const RETRY_EVERY: u32 = 64;
 
 /// One connection's polling history.
 #[derive(Debug)]
-pub struct SpinState {
+pub(crate) struct SpinState {
     score: u32,
     waits_since_poll: u32,
 }
@@ -75,7 +75,12 @@ impl SpinState {
     /// Before blocking on an empty socket: polls `ready` (true once there is something to
     /// read) until it says so or the window ends, if this connection's history and the
     /// server-wide limit allow. Returns true if data arrived while polling.
-    pub fn wait(&mut self, cfg: &SpinConfig, spinners: &Spinners, mut ready: impl FnMut() -> bool) -> bool {
+    pub(crate) fn wait(
+        &mut self,
+        cfg: &SpinConfig,
+        spinners: &Spinners,
+        mut ready: impl FnMut() -> bool,
+    ) -> bool {
         if cfg.window.is_zero() {
             return false;
         }

@@ -11,17 +11,18 @@ use crate::buffers::{BufferPool, Payload};
 use crate::export::{Export, ExportError, ExportErrorKind, Extent};
 use crate::handshake::{Negotiated, ReplyMode};
 use crate::proto::{self, PutBe, Reader};
+use crate::usize_of;
 
 /// Largest span one `NBD_CMD_BLOCK_STATUS` reply describes. Clients ask again for the rest;
 /// the cap bounds the work (the engine scans block metadata) and the reply size.
-pub const MAX_STATUS_SPAN: u64 = 256 << 20;
+pub(crate) const MAX_STATUS_SPAN: u64 = 256 << 20;
 
 /// First window looked at for a `REQ_ONE` block status; it grows while the status stays the
 /// same, so a small answer costs a small scan.
 const REQ_ONE_WINDOW: u64 = 256 << 10;
 
 /// Most descriptors in one block status chunk (the limit the specification recommends).
-pub const MAX_STATUS_DESCRIPTORS: usize = 1 << 20;
+pub(crate) const MAX_STATUS_DESCRIPTORS: usize = 1 << 20;
 
 /// Size of the zero buffer used for `NBD_CMD_FLAG_NO_HOLE` write zeroes.
 const ZERO_CHUNK: usize = 1 << 20;
@@ -29,7 +30,7 @@ const ZERO_CHUNK: usize = 1 << 20;
 /// A protocol violation in a request header: the connection must be dropped, because the
 /// byte stream can no longer be framed reliably.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ProtocolViolation {
+pub(crate) enum ProtocolViolation {
     /// The header did not start with the negotiated request magic.
     #[error("request has wrong magic {0:#010x}")]
     BadMagic(u32),
@@ -48,7 +49,7 @@ pub enum ProtocolViolation {
 
 /// A parsed request header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Request {
+pub(crate) struct Request {
     /// Command flags.
     pub flags: u16,
     /// Command type.
@@ -65,7 +66,7 @@ pub struct Request {
 
 /// Per-connection transmission state fixed by the handshake.
 #[derive(Debug, Clone)]
-pub struct Session {
+pub(crate) struct Session {
     /// Reply format.
     pub mode: ReplyMode,
     /// Transmission flags advertised.
@@ -80,7 +81,7 @@ pub struct Session {
 
 /// The reply to one request, ready to be written.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Write these bytes.
     Reply(ReplyBytes),
     /// `NBD_CMD_DISC`: no reply; finish in-flight requests and close.
@@ -89,7 +90,7 @@ pub enum Outcome {
 
 impl Session {
     /// The session for a finished negotiation.
-    pub fn new(neg: &Negotiated, size: u64, max_payload: u32) -> Self {
+    pub(crate) fn new(neg: &Negotiated, size: u64, max_payload: u32) -> Self {
         Self {
             mode: neg.mode,
             flags: neg.flags,
@@ -100,7 +101,7 @@ impl Session {
     }
 
     /// Size of a request header in this session.
-    pub fn header_len(&self) -> usize {
+    pub(crate) fn header_len(&self) -> usize {
         match self.mode {
             ReplyMode::Extended => proto::EXTENDED_REQUEST_LEN,
             _ => proto::REQUEST_LEN,
@@ -108,7 +109,7 @@ impl Session {
     }
 
     /// Parses a request header of exactly [`Session::header_len`] bytes.
-    pub fn parse_header(&self, hdr: &[u8]) -> Result<Request, ProtocolViolation> {
+    pub(crate) fn parse_header(&self, hdr: &[u8]) -> Result<Request, ProtocolViolation> {
         if hdr.len() != self.header_len() {
             return Err(ProtocolViolation::WrongHeaderLength(hdr.len()));
         }
@@ -136,13 +137,15 @@ impl Session {
         // writes set PAYLOAD_LEN too, but qemu 10 does not; like qemu-nbd, accept both.
         let has_payload = typ == proto::CMD_WRITE || (extended && flags & proto::CMD_FLAG_PAYLOAD_LEN != 0);
         let payload_len = if has_payload {
-            if length > u64::from(self.max_payload) {
-                return Err(ProtocolViolation::PayloadTooLarge {
-                    len: length,
-                    max: self.max_payload,
-                });
+            match usize::try_from(length) {
+                Ok(len) if length <= u64::from(self.max_payload) => len,
+                _ => {
+                    return Err(ProtocolViolation::PayloadTooLarge {
+                        len: length,
+                        max: self.max_payload,
+                    })
+                }
             }
-            length as usize
         } else {
             0
         };
@@ -158,7 +161,7 @@ impl Session {
 
     /// Validates and executes one request, returning its complete reply.
     #[cfg(any(test, feature = "testing"))]
-    pub fn handle(&self, export: &dyn Export, req: &Request, payload: &[u8]) -> Outcome {
+    pub(crate) fn handle(&self, export: &dyn Export, req: &Request, payload: &[u8]) -> Outcome {
         self.handle_with(
             export,
             req,
@@ -169,7 +172,7 @@ impl Session {
 
     /// A complete error reply to `req` (for requests the server refuses before they reach
     /// [`Session::handle`]); the message is sent where the reply format carries one.
-    pub fn error_reply(&self, req: &Request, errno: u32, message: &str) -> ReplyBytes {
+    pub(crate) fn error_reply(&self, req: &Request, errno: u32, message: &str) -> ReplyBytes {
         let rep = Replier {
             mode: self.mode,
             cookie: req.cookie,
@@ -180,7 +183,7 @@ impl Session {
 
     /// [`Session::handle`] taking the read reply buffer from `buffers` and handing a write's
     /// payload over to the export.
-    pub fn handle_with(
+    pub(crate) fn handle_with(
         &self,
         export: &dyn Export,
         req: &Request,
@@ -229,31 +232,8 @@ impl Session {
         rep: &Replier,
         buffers: &BufferPool,
     ) -> Result<ReplyBytes, Failure> {
+        self.check_flags(req)?;
         let fua = req.flags & proto::CMD_FLAG_FUA != 0;
-        let extended = self.mode == ReplyMode::Extended;
-        let mut allowed = proto::CMD_FLAG_FUA;
-        match req.typ {
-            proto::CMD_READ if self.mode != ReplyMode::Simple => allowed |= proto::CMD_FLAG_DF,
-            proto::CMD_WRITE if extended => allowed |= proto::CMD_FLAG_PAYLOAD_LEN,
-            proto::CMD_WRITE_ZEROES => {
-                allowed |= proto::CMD_FLAG_NO_HOLE;
-                if self.flags & proto::TFLAG_SEND_FAST_ZERO != 0 {
-                    allowed |= proto::CMD_FLAG_FAST_ZERO;
-                }
-            }
-            proto::CMD_BLOCK_STATUS => allowed |= proto::CMD_FLAG_REQ_ONE,
-            _ => {}
-        }
-        if req.flags & !allowed != 0 {
-            return Err(Failure::new(
-                proto::EINVAL,
-                format!(
-                    "flags {:#x} not valid for {}",
-                    req.flags & !allowed,
-                    proto::command_name(req.typ)
-                ),
-            ));
-        }
         // The payload was consumed; a write must have one exactly as long as announced.
         if req.typ == proto::CMD_WRITE && payload.len() as u64 != req.length {
             return Err(Failure::new(proto::EINVAL, "write without payload"));
@@ -262,13 +242,16 @@ impl Session {
         match req.typ {
             proto::CMD_READ => {
                 self.check_range(req, proto::EINVAL)?;
-                if req.length > u64::from(self.max_payload) {
-                    return Err(Failure::new(
-                        proto::EOVERFLOW,
-                        format!("read of {} bytes exceeds the maximum", req.length),
-                    ));
-                }
-                Ok(read(export, req, rep, buffers))
+                let len = match usize::try_from(req.length) {
+                    Ok(len) if req.length <= u64::from(self.max_payload) => len,
+                    _ => {
+                        return Err(Failure::new(
+                            proto::EOVERFLOW,
+                            format!("read of {} bytes exceeds the maximum", req.length),
+                        ))
+                    }
+                };
+                Ok(read(export, req, len, rep, buffers))
             }
             proto::CMD_WRITE => {
                 if read_only {
@@ -307,25 +290,7 @@ impl Session {
                 if read_only {
                     return Err(Failure::new(proto::EPERM, "export is read-only"));
                 }
-                self.check_range(req, proto::ENOSPC)?;
-                let no_hole = req.flags & proto::CMD_FLAG_NO_HOLE != 0;
-                if req.flags & proto::CMD_FLAG_FAST_ZERO != 0 && (no_hole || !export.can_fast_zero()) {
-                    // Writing real zero blocks is no faster than a write: fail fast,
-                    // touching nothing, as FAST_ZERO requires.
-                    return Err(Failure::new(proto::ENOTSUP, "zeroing would not be fast"));
-                }
-                if req.length > 0 {
-                    if no_hole {
-                        write_zero_blocks(export, req.offset, req.length)?;
-                    } else {
-                        export
-                            .write_zeroes(req.offset, req.length)
-                            .map_err(Failure::from)?;
-                    }
-                    if fua {
-                        export.flush().map_err(Failure::from)?;
-                    }
-                }
+                self.write_zeroes(export, req, fua)?;
                 Ok(rep.ok().into())
             }
             proto::CMD_CACHE => {
@@ -345,6 +310,59 @@ impl Session {
             }
             other => Err(Failure::new(proto::EINVAL, format!("unknown command {other}"))),
         }
+    }
+
+    /// Refuses flags the command does not take (or this session did not negotiate).
+    fn check_flags(&self, req: &Request) -> Result<(), Failure> {
+        let mut allowed = proto::CMD_FLAG_FUA;
+        match req.typ {
+            proto::CMD_READ if self.mode != ReplyMode::Simple => allowed |= proto::CMD_FLAG_DF,
+            proto::CMD_WRITE if self.mode == ReplyMode::Extended => allowed |= proto::CMD_FLAG_PAYLOAD_LEN,
+            proto::CMD_WRITE_ZEROES => {
+                allowed |= proto::CMD_FLAG_NO_HOLE;
+                if self.flags & proto::TFLAG_SEND_FAST_ZERO != 0 {
+                    allowed |= proto::CMD_FLAG_FAST_ZERO;
+                }
+            }
+            proto::CMD_BLOCK_STATUS => allowed |= proto::CMD_FLAG_REQ_ONE,
+            _ => {}
+        }
+        if req.flags & !allowed != 0 {
+            return Err(Failure::new(
+                proto::EINVAL,
+                format!(
+                    "flags {:#x} not valid for {}",
+                    req.flags & !allowed,
+                    proto::command_name(req.typ)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `NBD_CMD_WRITE_ZEROES` on a writable export: real zero blocks with `NO_HOLE`; refuses
+    /// `FAST_ZERO` when zeroing would not be fast.
+    fn write_zeroes(&self, export: &dyn Export, req: &Request, fua: bool) -> Result<(), Failure> {
+        self.check_range(req, proto::ENOSPC)?;
+        let no_hole = req.flags & proto::CMD_FLAG_NO_HOLE != 0;
+        if req.flags & proto::CMD_FLAG_FAST_ZERO != 0 && (no_hole || !export.can_fast_zero()) {
+            // Writing real zero blocks is no faster than a write: fail fast,
+            // touching nothing, as FAST_ZERO requires.
+            return Err(Failure::new(proto::ENOTSUP, "zeroing would not be fast"));
+        }
+        if req.length > 0 {
+            if no_hole {
+                write_zero_blocks(export, req.offset, req.length)?;
+            } else {
+                export
+                    .write_zeroes(req.offset, req.length)
+                    .map_err(Failure::from)?;
+            }
+            if fua {
+                export.flush().map_err(Failure::from)?;
+            }
+        }
+        Ok(())
     }
 
     fn check_range(&self, req: &Request, errno: u32) -> Result<(), Failure> {
@@ -387,7 +405,7 @@ impl From<ExportError> for Failure {
 }
 
 /// The NBD error code for an export failure.
-pub fn errno_of(e: &ExportError) -> u32 {
+pub(crate) fn errno_of(e: &ExportError) -> u32 {
     match e.kind {
         ExportErrorKind::Corruption | ExportErrorKind::Io => proto::EIO,
         ExportErrorKind::OutOfRange => proto::EINVAL,
@@ -426,7 +444,10 @@ impl Replier {
             out.put_u16(flags);
             out.put_u16(typ);
             out.put_u64(self.cookie);
-            out.put_u32(len as u32);
+            // Compact chunks carry at most a read of `max_payload` (a `u32`) plus its offset,
+            // a block status reply or an error message.
+            debug_assert!(u32::try_from(len).is_ok(), "chunk of {len} bytes");
+            out.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
         }
     }
 
@@ -461,7 +482,8 @@ impl Replier {
         let flags = if done { proto::REPLY_FLAG_DONE } else { 0 };
         self.chunk(out, flags, typ, (6 + msg.len() + extra) as u64);
         out.put_u32(errno);
-        out.put_u16(msg.len() as u16);
+        // At most `MAX_STRING_LEN` (4096) bytes: truncated above.
+        out.put_u16(u16::try_from(msg.len()).expect("error message truncated to 4096 bytes"));
         out.extend_from_slice(msg.as_bytes());
         if let Some(off) = offset {
             out.put_u64(off);
@@ -487,9 +509,8 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 const DATA_ALIGN: usize = 4096;
 
 /// `NBD_CMD_READ`: one buffer holding the reply header followed by the data read in place,
-/// the data page-aligned.
-fn read(export: &dyn Export, req: &Request, rep: &Replier, buffers: &BufferPool) -> ReplyBytes {
-    let len = req.length as usize;
+/// the data page-aligned. `len` is `req.length`, checked against the maximum payload.
+fn read(export: &dyn Export, req: &Request, len: usize, rep: &Replier, buffers: &BufferPool) -> ReplyBytes {
     let mut h = Vec::with_capacity(proto::EXTENDED_REPLY_LEN + 8);
     if rep.mode == ReplyMode::Simple {
         rep.simple(&mut h, 0);
@@ -517,7 +538,9 @@ fn read(export: &dyn Export, req: &Request, rep: &Replier, buffers: &BufferPool)
     out.truncate(data_at + len);
     match export.read_at(&mut out[data_at..], req.offset) {
         Ok(()) => ReplyBytes { buf: out, start },
-        Err(e) if e.is_corruption() && rep.mode != ReplyMode::Simple => salvage_read(export, req, rep).into(),
+        Err(e) if e.is_corruption() && rep.mode != ReplyMode::Simple => {
+            salvage_read(export, req, len, rep).into()
+        }
         Err(e) => {
             log_read_failure(&e, req);
             buffers.give(out);
@@ -536,14 +559,14 @@ fn read(export: &dyn Export, req: &Request, rep: &Replier, buffers: &BufferPool)
 /// An encoded reply: the bytes from `start` on are sent (a read reply keeps padding in
 /// front of its header so its data is page-aligned).
 #[derive(Clone)]
-pub struct ReplyBytes {
+pub(crate) struct ReplyBytes {
     buf: Vec<u8>,
     start: usize,
 }
 
 impl ReplyBytes {
     /// The whole underlying buffer, for reuse.
-    pub fn into_buffer(self) -> Vec<u8> {
+    pub(crate) fn into_buffer(self) -> Vec<u8> {
         self.buf
     }
 }
@@ -588,7 +611,7 @@ fn log_read_failure(e: &ExportError, req: &Request) {
 /// A read that hit a block failing verification, with structured replies: re-read block by
 /// block, send the good runs as data chunks and each bad run as an `ERROR_OFFSET` chunk, so
 /// the client learns exactly which bytes are bad and still gets the good ones.
-fn salvage_read(export: &dyn Export, req: &Request, rep: &Replier) -> Vec<u8> {
+fn salvage_read(export: &dyn Export, req: &Request, len: usize, rep: &Replier) -> Vec<u8> {
     let bs = u64::from(export.block_size().max(1));
     let end = req.offset + req.length;
     let df = req.flags & proto::CMD_FLAG_DF != 0;
@@ -618,7 +641,8 @@ fn salvage_read(export: &dyn Export, req: &Request, rep: &Replier) -> Vec<u8> {
     };
     while pos < end {
         let next = ((pos / bs + 1) * bs).min(end);
-        let mut piece = vec![0u8; (next - pos) as usize];
+        // At most one block.
+        let mut piece = vec![0u8; usize_of(next - pos)];
         match export.read_at(&mut piece, pos) {
             Ok(()) => {
                 flush_bad(&mut out, &mut bad_start, pos);
@@ -646,7 +670,7 @@ fn salvage_read(export: &dyn Export, req: &Request, rep: &Replier) -> Vec<u8> {
         // was read fresh and verified, so send it as data — but DF forbids fragments, so
         // retry the whole read once instead.
         if df {
-            let mut whole = vec![0u8; req.length as usize];
+            let mut whole = vec![0u8; len];
             return match export.read_at(&mut whole, req.offset) {
                 Ok(()) => {
                     let mut out = Vec::new();
@@ -671,11 +695,11 @@ fn salvage_read(export: &dyn Export, req: &Request, rep: &Replier) -> Vec<u8> {
 /// `NBD_CMD_WRITE_ZEROES` with `NO_HOLE`: write real zero blocks so the range stays
 /// allocated.
 fn write_zero_blocks(export: &dyn Export, offset: u64, len: u64) -> Result<(), Failure> {
-    let zeroes = vec![0u8; ZERO_CHUNK.min(len as usize)];
+    let zeroes = vec![0u8; ZERO_CHUNK.min(usize_of(len))];
     let mut pos = offset;
     let end = offset + len;
     while pos < end {
-        let n = (end - pos).min(zeroes.len() as u64) as usize;
+        let n = usize_of((end - pos).min(zeroes.len() as u64));
         export.write_at(&zeroes[..n], pos).map_err(Failure::from)?;
         pos += n as u64;
     }
@@ -769,7 +793,7 @@ fn block_status(export: &dyn Export, req: &Request, ctx: u32, rep: &Replier) -> 
             8 + 16 * descs.len() as u64,
         );
         out.put_u32(ctx);
-        out.put_u32(descs.len() as u32);
+        out.put_u32(u32::try_from(descs.len()).expect("at most MAX_STATUS_DESCRIPTORS descriptors"));
         for (len, status) in descs {
             out.put_u64(len);
             out.put_u64(u64::from(status));
@@ -784,7 +808,7 @@ fn block_status(export: &dyn Export, req: &Request, ctx: u32, rep: &Replier) -> 
         out.put_u32(ctx);
         for (len, status) in descs {
             // span ≤ MAX_STATUS_SPAN < 2^32, so every descriptor length fits.
-            out.put_u32(len as u32);
+            out.put_u32(u32::try_from(len).expect("descriptor within MAX_STATUS_SPAN"));
             out.put_u32(status);
         }
     }
@@ -827,7 +851,7 @@ mod tests {
 
     fn request(s: &Session, typ: u16, flags: u16, offset: u64, length: u64) -> Request {
         let payload_len = if typ == proto::CMD_WRITE {
-            length as usize
+            usize_of(length)
         } else {
             0
         };
@@ -839,7 +863,7 @@ mod tests {
         Request {
             flags,
             typ,
-            cookie: 0xc00c1e,
+            cookie: 0x00c0_0c1e,
             offset,
             length,
             payload_len,
@@ -896,7 +920,7 @@ mod tests {
             b.put_u16(typ);
             b.put_u64(7);
             b.put_u64(512);
-            b.put_u32(length as u32);
+            b.put_u32(u32::try_from(length).unwrap());
         }
         b
     }
@@ -952,7 +976,9 @@ mod tests {
             let s = session(mode, false);
             let e = export();
             for (off, len) in [(0u64, 1usize), (1, 513), (4095, 4097), (SIZE - 1, 1), (777, 0)] {
-                let data: Vec<u8> = (0..len).map(|i| (i * 7 + off as usize) as u8).collect();
+                let data: Vec<u8> = (0..len)
+                    .map(|i| (i * 7 + usize_of(off)).to_le_bytes()[0])
+                    .collect();
                 let req = request(&s, proto::CMD_WRITE, 0, off, len as u64);
                 assert_eq!(run(&s, &e, req, &data).errno, 0);
                 let r = read(&s, &e, off, len as u64);
@@ -1051,7 +1077,7 @@ mod tests {
                     proto::EINVAL
                 );
             }
-            assert_eq!(e.contents(), vec![0; SIZE as usize], "nothing written");
+            assert_eq!(e.contents(), vec![0; usize_of(SIZE)], "nothing written");
         }
     }
 
@@ -1273,7 +1299,7 @@ mod tests {
         for mode in [ReplyMode::Structured, ReplyMode::Extended] {
             let s = session(mode, false);
             let e = export();
-            let data: Vec<u8> = (0..4096).map(|i| (i % 251) as u8 + 1).collect();
+            let data: Vec<u8> = (0..4096_u32).map(|i| (i % 251) as u8 + 1).collect();
             assert_eq!(
                 run(&s, &e, request(&s, proto::CMD_WRITE, 0, 0, 4096), &data).errno,
                 0
@@ -1286,10 +1312,11 @@ mod tests {
             let mut errors = Vec::new();
             for c in &r.chunks {
                 match c {
-                    Chunk::Data { offset, data: d } => {
-                        let o = *offset as usize;
-                        assert_eq!(d[..], data[o..o + d.len()]);
-                        assert!(o + d.len() <= 1536 || o >= 2560 && o + d.len() <= 3072 || o >= 3584);
+                    Chunk::Data { offset, data: got } => {
+                        let at = usize_of(*offset);
+                        let end = at + got.len();
+                        assert_eq!(got[..], data[at..end]);
+                        assert!(end <= 1536 || at >= 2560 && end <= 3072 || at >= 3584);
                     }
                     Chunk::Error {
                         errno,
@@ -1346,7 +1373,7 @@ mod tests {
             seed
         };
         let mut handled = 0;
-        for i in 0..3000 {
+        for i in 0..3000_u32 {
             let mode = (i % 4) as u8;
             let mut data = vec![mode];
             // Well-framed requests with random fields (and exact payloads), then random bytes.
@@ -1381,9 +1408,9 @@ mod tests {
                 // Bias towards small values so flags and lengths are sometimes plausible.
                 let b = next();
                 data.push(if b % 3 == 0 {
-                    (b >> 8) as u8 % 8
+                    ((b >> 8) % 8) as u8
                 } else {
-                    (b >> 8) as u8
+                    (b >> 8).to_le_bytes()[0]
                 });
             }
             handled += crate::fuzzing::fuzz_one(&data);
