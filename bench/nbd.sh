@@ -13,11 +13,13 @@
 #   nbdcopy in / out 1 GiB (random data; multi-conn)        nbdcopy
 #   4 KiB random read / write, QD 32 x 4 connections        fio, RUNTIME seconds each
 #   4 KiB random read / write, QD 1, 1 connection           fio, RUNTIME seconds each
-# then blockguard's ratio to the faster peer on each line (target: >= 1.0 everywhere).
+# then blockguard's ratio to the faster peer on each line (target: >= 1.0 everywhere), and
+# each server's CPU time per GiB moved on each line (user + system time of the server
+# process, all its threads, from /proc/PID/stat, over the bytes the client moved).
 #
 # Environment:
 #   BLOCKGUARD   binary to use (default: the release build, built if missing)
-#   BG_ARGS      extra arguments for `blockguard serve` (e.g. "--workers 8")
+#   BG_ARGS      extra arguments for `blockguard serve` (e.g. "--workers 8", "--poll-us 0")
 #   SIZE_MIB     data size in MiB (default 1024)
 #   RUNTIME      seconds per random-I/O run (default 10)
 #   REPEAT       rounds; each line reports its best round (default 1)
@@ -74,6 +76,13 @@ if [[ ! -s $src ]] || (($(stat -c %s "$src") != SIZE_MIB << 20)); then
 fi
 
 servers=(blockguard qemu-nbd nbdkit)
+declare -A pid_of
+ticks_per_s=$(getconf CLK_TCK)
+
+cpu_ticks() { # pid: user + system ticks of the process (all threads)
+    # Fields after the command name, which is in parentheses and may hold spaces.
+    sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
+}
 
 sock_of() { echo "$work/$1.sock"; }
 uri_of() { echo "nbd+unix:///?socket=$(sock_of "$1")"; }
@@ -107,6 +116,7 @@ start_server() { # name: serves a new SIZE_MIB file or volume on its socket
         ;;
     esac
     pids+=($!)
+    pid_of[$name]=$!
     for _ in $(seq 200); do
         [[ -S $sock ]] && return 0
         sleep 0.05
@@ -125,37 +135,47 @@ prepare_read() {
     fi
 }
 
-record() { # server test value unit
-    printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$results"
+record() { # server test value unit cpu-seconds-per-GiB
+    printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" >>"$results"
+}
+
+cpu_per_gib() { # ticks-before ticks-after bytes
+    python3 -c "print(f'{($2 - $1) / $ticks_per_s / ($3 / 2**30):.3f}')"
 }
 
 fio_run() { # server test rw bs iodepth numjobs [extra fio args...]
     local server=$1 test=$2 rw=$3 bs=$4 qd=$5 jobs=$6
     shift 6
-    local out=$work/fio-$server-${test// /_}.json
+    local out=$work/fio-$server-${test// /_}.json c0 c1
+    c0=$(cpu_ticks "${pid_of[$server]}")
     fio --output-format=json --output="$out" --name="${test// /_}" --ioengine=nbd \
         --uri="$(uri_of "$server")" --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs="$jobs" \
         --size="${SIZE_MIB}m" --group_reporting "$@" >/dev/null
-    python3 - "$out" "$server" "$test" "$rw" >>"$results" <<'PY'
+    c1=$(cpu_ticks "${pid_of[$server]}")
+    python3 - "$out" "$server" "$test" "$rw" "$c0" "$c1" "$ticks_per_s" >>"$results" <<'PY'
 import json, sys
-path, server, test, rw = sys.argv[1:]
+path, server, test, rw, c0, c1, hz = sys.argv[1:]
 job = json.load(open(path))["jobs"][0]
 side = job["write" if "write" in rw else "read"]
+cpu = (int(c1) - int(c0)) / int(hz) / (side["io_bytes"] / 2**30)
 if "rand" in rw:
-    print(f"{server}\t{test}\t{side['iops']:.0f}\tIOPS")
+    print(f"{server}\t{test}\t{side['iops']:.0f}\tIOPS\t{cpu:.3f}")
 else:
-    print(f"{server}\t{test}\t{side['bw'] / 1024:.1f}\tMiB/s")
+    print(f"{server}\t{test}\t{side['bw'] / 1024:.1f}\tMiB/s\t{cpu:.3f}")
 PY
 }
 
 timed_mibs() { # server test command...
     local server=$1 test=$2
     shift 2
-    local t0 t1
+    local t0 t1 c0 c1
+    c0=$(cpu_ticks "${pid_of[$server]}")
     t0=$(date +%s.%N)
     "$@"
     t1=$(date +%s.%N)
-    record "$server" "$test" "$(python3 -c "print(f'{$SIZE_MIB / ($t1 - $t0):.1f}')")" "MiB/s"
+    c1=$(cpu_ticks "${pid_of[$server]}")
+    record "$server" "$test" "$(python3 -c "print(f'{$SIZE_MIB / ($t1 - $t0):.1f}')")" "MiB/s" \
+        "$(cpu_per_gib "$c0" "$c1" "$((SIZE_MIB << 20))")"
 }
 
 for s in "${servers[@]}"; do
@@ -211,12 +231,14 @@ done
 python3 - "$results" <<'PY'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-tests, data = [], {}
-for server, test, value, unit in rows:
+tests, data, cpu = [], {}, {}
+for server, test, value, unit, cpu_s in rows:
     if test not in tests:
         tests.append(test)
     best = data.get((server, test), (0.0, unit))[0]
-    data[(server, test)] = (max(best, float(value)), unit)  # best of the rounds
+    if float(value) >= best:  # best of the rounds, with that round's CPU time
+        data[(server, test)] = (float(value), unit)
+        cpu[(server, test)] = float(cpu_s)
 print()
 print(f"{'test':<22} {'unit':>6} {'blockguard':>11} {'qemu-nbd':>11} {'nbdkit':>11} {'bg/best peer':>13}")
 worst = None
@@ -228,4 +250,9 @@ for t in tests:
     worst = ratio if worst is None else min(worst, ratio)
     print(f"{t:<22} {unit:>6} {bg:>11.1f} {q:>11.1f} {k:>11.1f} {ratio:>12.2f}x")
 print(f"\nworst ratio: {worst:.2f}x (target >= 1.00x)")
+print()
+print("server CPU seconds per GiB moved (user + system, all threads), same runs:")
+print(f"{'test':<22} {'blockguard':>11} {'qemu-nbd':>11} {'nbdkit':>11}")
+for t in tests:
+    print(f"{t:<22} {cpu[('blockguard', t)]:>11.3f} {cpu[('qemu-nbd', t)]:>11.3f} {cpu[('nbdkit', t)]:>11.3f}")
 PY
