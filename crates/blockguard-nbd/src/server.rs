@@ -59,7 +59,8 @@ impl fmt::Display for ListenAddr {
 pub struct ServerConfig {
     /// Canonical export name (the empty name selects the export too).
     pub export_name: String,
-    /// Largest read or write payload, advertised as the maximum block size.
+    /// Largest read or write payload, advertised as the maximum block size; 1 ..=
+    /// [`MAX_PAYLOAD_LIMIT`].
     pub max_payload: u32,
     /// Most worker threads shared by all connections (0: two per core, at least 4). Two per
     /// core run while requests are fast (page cache); up to this many while most requests
@@ -111,9 +112,17 @@ impl Default for ServerConfig {
     }
 }
 
+/// The largest [`ServerConfig::max_payload`] a server accepts. A structured read reply carries
+/// its chunk's length in 32 bits with the offset, so a payload near 4 GiB could not be
+/// described; 1 GiB is far beyond what clients ask (qemu and the kernel use up to 32 MiB).
+pub const MAX_PAYLOAD_LIMIT: u32 = 1 << 30;
+
 /// Why the server could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// A [`ServerConfig`] value outside what the server can honour.
+    #[error("invalid server configuration: {0}")]
+    Config(String),
     /// Binding the listening socket failed.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -224,6 +233,12 @@ impl Server {
         export: Arc<dyn Export>,
         cfg: ServerConfig,
     ) -> Result<Server, ServerError> {
+        if !(1..=MAX_PAYLOAD_LIMIT).contains(&cfg.max_payload) {
+            return Err(ServerError::Config(format!(
+                "max_payload {} is outside 1..={MAX_PAYLOAD_LIMIT}",
+                cfg.max_payload
+            )));
+        }
         let bind_err = |source| ServerError::Bind {
             addr: addr.clone(),
             source,

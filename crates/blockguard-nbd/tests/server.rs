@@ -307,3 +307,23 @@ fn a_panicking_request_fails_the_export_for_writes_and_flushes() {
     );
     assert_eq!(export.0.flush_count(), flushes, "flushed after the panic");
 }
+
+/// A `max_payload` the protocol cannot describe (a structured reply's chunk length is 32 bits)
+/// or that allows nothing is refused when the server is made, not met by a client later.
+#[test]
+fn a_max_payload_out_of_range_is_refused_at_bind() {
+    let dir = tempfile::tempdir().unwrap();
+    for max_payload in [0, blockguard_nbd::MAX_PAYLOAD_LIMIT + 1, u32::MAX] {
+        let cfg = ServerConfig {
+            max_payload,
+            ..ServerConfig::default()
+        };
+        let export = Arc::new(MemoryExport::new(1 << 20, 4096));
+        let socket = dir.path().join("s.sock");
+        match Server::bind(&ListenAddr::Unix(socket), export, cfg) {
+            Err(blockguard_nbd::ServerError::Config(why)) => assert!(why.contains("max_payload"), "{why}"),
+            Err(e) => panic!("max_payload {max_payload}: {e}"),
+            Ok(_) => panic!("max_payload {max_payload} accepted"),
+        }
+    }
+}
