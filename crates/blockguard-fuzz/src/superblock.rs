@@ -13,8 +13,7 @@
 //!   checksum and reaches the field checks.
 
 use blockguard::format::{
-    Geometry, Mode, Superblock, SuperblockError, VolumeState, FORMAT_VERSION, SB_MAGIC, SB_REGION,
-    SB_STRUCT_SIZE,
+    Geometry, Mode, Superblock, SuperblockError, VolumeState, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE,
 };
 use blockguard::Profile;
 
@@ -26,20 +25,8 @@ const PARAMS: usize = 8;
 
 fn superblock(geometry: Geometry, mode: Mode, state: VolumeState, uuid: u8, label: &str) -> Superblock {
     Superblock {
-        version: FORMAT_VERSION,
-        compat: 0,
-        ro_compat: 0,
-        incompat: 0,
-        uuid: [uuid; 16],
-        profile: Profile::Crc32c,
-        mode,
-        geometry,
-        created: 1_700_000_000,
-        mirror_set: [0; 16],
-        mirror_role: 0,
-        meta_device: [0; 16],
-        label: label.into(),
         state,
+        ..Superblock::new(geometry, [uuid; 16], Profile::Crc32c, mode, label, 1_700_000_000)
     }
 }
 

@@ -8,8 +8,8 @@
 
 use blockguard::format::{
     decode_sector, encode_sector, sector_tag, tags_per_sector, Geometry, Mode, SectorId, SectorParse,
-    Superblock, SuperblockError, FORMAT_VERSION, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE, SECTOR_HEADER_SIZE,
-    SECTOR_MAGIC, SECTOR_SIZE,
+    Superblock, SuperblockError, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE, SECTOR_HEADER_SIZE, SECTOR_MAGIC,
+    SECTOR_SIZE,
 };
 use blockguard::tag::UNWRITTEN;
 use blockguard::Profile;
@@ -18,22 +18,7 @@ use proptest::prelude::*;
 const CRC_AT: usize = SB_STRUCT_SIZE - 4;
 
 fn superblock(geometry: Geometry, mode: Mode, uuid: [u8; 16], label: &str) -> Superblock {
-    Superblock {
-        version: FORMAT_VERSION,
-        compat: 0,
-        ro_compat: 0,
-        incompat: 0,
-        uuid,
-        profile: Profile::Crc32c,
-        mode,
-        geometry,
-        created: 1_700_000_000,
-        mirror_set: [0; 16],
-        mirror_role: 0,
-        meta_device: [0; 16],
-        label: label.into(),
-        state: blockguard::format::VolumeState::Clean,
-    }
+    Superblock::new(geometry, uuid, Profile::Crc32c, mode, label, 1_700_000_000)
 }
 
 /// Recomputes the superblock checksum: crc32c over bytes 0..508, stored little-endian at 508.

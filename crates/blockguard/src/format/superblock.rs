@@ -246,6 +246,34 @@ impl SuperblockError {
 }
 
 impl Superblock {
+    /// The superblock of a new, clean volume of this build's version: no feature flags, no
+    /// mirror set, no metadata device. `created` is in Unix seconds.
+    pub fn new(
+        geometry: Geometry,
+        uuid: [u8; 16],
+        profile: Profile,
+        mode: Mode,
+        label: &str,
+        created: u64,
+    ) -> Superblock {
+        Superblock {
+            version: FORMAT_VERSION,
+            compat: 0,
+            ro_compat: 0,
+            incompat: 0,
+            uuid,
+            profile,
+            mode,
+            geometry,
+            created,
+            mirror_set: [0; 16],
+            mirror_role: 0,
+            meta_device: [0; 16],
+            label: label.to_string(),
+            state: VolumeState::Clean,
+        }
+    }
+
     /// Encodes copy `copy` (0 = primary, 1 = backup) into a 4 KiB region.
     pub fn encode(&self, copy: u8) -> Vec<u8> {
         let g = &self.geometry;

@@ -12,7 +12,7 @@ use crate::cast::{u32_of, usize_of};
 use crate::error::{Error, Result};
 use crate::format::{
     empty_map_sector, validate_label, Geometry, MapKind, Mode, Superblock, SuperblockError, VolumeState,
-    FORMAT_VERSION, SB_REGION, SB_STRUCT_SIZE, SECTOR_SIZE, SUPPORTED_RO_COMPAT,
+    SB_REGION, SB_STRUCT_SIZE, SECTOR_SIZE, SUPPORTED_RO_COMPAT,
 };
 use blockguard_backend::Backend;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -172,22 +172,7 @@ fn new_superblock(opts: &FormatOptions, geo: Geometry) -> Superblock {
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    Superblock {
-        version: FORMAT_VERSION,
-        compat: 0,
-        ro_compat: 0,
-        incompat: 0,
-        uuid,
-        profile: opts.profile,
-        mode: opts.mode,
-        geometry: geo,
-        created,
-        mirror_set: [0; 16],
-        mirror_role: 0,
-        meta_device: [0; 16],
-        label: opts.label.clone(),
-        state: VolumeState::Clean,
-    }
+    Superblock::new(geo, uuid, opts.profile, opts.mode, &opts.label, created)
 }
 
 /// An [`Error::Io`] of volume `name` for a backend failure while `during` at `offset`.
