@@ -20,6 +20,7 @@
 //! first write cut short (blank sectors explained). A sector with no valid copy marks nothing:
 //! leniency needs evidence, and damage to both copies is not a crash's doing.
 
+use super::commit::maintenance::Maintenance;
 use super::Inner;
 use crate::cast::{u32_of, usize_of};
 use crate::error::Result;
@@ -478,7 +479,8 @@ impl Inner {
     }
 
     /// Clears both session maps whole on disk (after recovery: nothing is unsettled any more).
-    pub(crate) fn clear_all_session(&self) -> Result<()> {
+    /// Only under maintenance: no commit may mark a group meanwhile.
+    pub(crate) fn clear_all_session(&self, _under: &Maintenance<'_>) -> Result<()> {
         for kind in [MapKind::Dirty, MapKind::FirstWrite] {
             for index in 0..u32_of(self.geo.map_sectors()) {
                 let bytes = empty_map_sector(&self.sb.uuid, kind, index);

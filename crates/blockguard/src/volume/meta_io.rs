@@ -210,19 +210,6 @@ impl Inner {
         }
     }
 
-    /// Writes the metadata of `updates` (not flushed).
-    pub(crate) fn write_metadata(&self, updates: &[MetaUpdate]) -> Result<()> {
-        let align = self.backend.alignment().max(1);
-        for u in updates {
-            let mut buf = aligned(u.bytes.len(), align);
-            buf.as_mut().copy_from_slice(&u.bytes);
-            self.backend
-                .write_at(buf.as_ref(), u.offset)
-                .map_err(self.io_err("writing metadata", u.offset))?;
-        }
-        Ok(())
-    }
-
     /// Publishes new metadata to readers. Done after the metadata is on the backend and
     /// before the data, so a reader that sees new data also sees the tag that covers it.
     pub(crate) fn install(&self, updates: &[MetaUpdate]) {

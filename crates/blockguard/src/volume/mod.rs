@@ -1,12 +1,14 @@
 //! The volume engine: verified reads, crash-consistent writes, flush and discard over a
 //! [`Backend`]. Synchronous and thread-safe: share a `Volume` between threads with `Arc`.
 //!
-//! Writes are staged in memory (bounded) and committed in batches; see `commit.rs` for the
-//! `dual` protocol and `docs/CONSISTENCY.md` for why it keeps G1 and G2. The engine's parts:
-//! `open` (format, open, recovery at open), `read` (verified reads), `write` (staging),
-//! `commit` (the consistency protocol), `recover` (settling after a crash), `inspect`
-//! (extents, check, dump), `group` (what a group's metadata accepts), `meta_io` (loading,
-//! confirming and writing metadata), `cache` and `stage`.
+//! Writes are staged in memory (bounded) and committed in batches; see `commit/dual.rs` for
+//! the `dual` protocol and `docs/CONSISTENCY.md` for why it keeps G1 and G2. The engine's
+//! parts: `open` (format, open, recovery at open), `read` (verified reads), `write`
+//! (staging), `commit` (the commit machinery, one `Protocol` per consistency mode, and
+//! `Maintenance`, the only way outside a commit to write metadata), `recover` (settling after
+//! a crash, through `Maintenance`), `inspect` (extents, check, dump), `group` (what a group's
+//! metadata accepts), `meta_io` (loading and confirming metadata), `bitmaps`, `cache` and
+//! `stage`.
 
 mod bitmaps;
 mod cache;
@@ -25,7 +27,7 @@ mod write;
 pub use recover::{MapProblem, MetadataProblem, RecoverOptions, RecoveryReport};
 
 use crate::error::{Error, Result};
-use crate::format::{Geometry, Mode, Superblock, VolumeState};
+use crate::format::{Geometry, Mode, Superblock};
 use crate::tag::{Profile, Tag};
 use blockguard_backend::Backend;
 use cache::MetaCache;
@@ -185,6 +187,8 @@ pub(crate) struct Inner {
     stage_limit: usize,
     /// Serializes commits and flushes; holds what the commit protocol must remember.
     commit: Mutex<commit::CommitState>,
+    /// The consistency mode's protocol (from the superblock).
+    protocol: &'static dyn commit::protocol::Protocol,
     /// Groups loaded from disk are settled (their newest metadata describes durable data):
     /// the volume was closed cleanly before this open, or has been recovered since.
     trusted: AtomicBool,
@@ -335,10 +339,7 @@ impl Inner {
         if self.read_only {
             return Ok(());
         }
-        let mut state = self.lock(&self.commit);
-        self.failed()?;
-        self.commit_locked(&mut state)?;
-        self.flush_locked(&mut state)?;
+        let mut m = self.maintenance("flushing")?;
         // Nothing is unsettled: the dirty map is cleared (it does not need to be durable before
         // the clean marking — a clean volume ignores it — nor after: a stale dirty bit only
         // makes a group read leniently after a crash).
@@ -346,11 +347,10 @@ impl Inner {
         // Clean: every pair's newest sector describes durable data. Blocks that could not be
         // kept do not change that (neither their data nor their tags were written), so their
         // loss is reported after the marking.
-        if state.marked_in_use && self.trusted.load(Ordering::Acquire) {
-            self.write_superblocks(VolumeState::Clean, "marking the volume clean")?;
-            state.marked_in_use = false;
+        if m.marked_in_use() && self.trusted.load(Ordering::Acquire) {
+            m.mark_clean("marking the volume clean")?;
         }
-        self.lost_writes(&state)
+        self.lost_writes(m.state())
     }
 }
 

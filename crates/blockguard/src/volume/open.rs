@@ -4,15 +4,14 @@
 use super::bitmaps::Bitmaps;
 use super::cache::MetaCache;
 use super::group_commit::FlushSequence;
-use super::recover::RecoverOptions;
 use super::stage::Stage;
 use super::{aligned, invalid, relabel, FormatOptions, Inner, OpenOptions, Volume};
 use super::{commit, Stats, LOCK_STRIPES};
 use crate::cast::{u32_of, usize_of};
 use crate::error::{Error, Result};
 use crate::format::{
-    empty_map_sector, validate_label, Geometry, MapKind, Mode, Superblock, SuperblockError, VolumeState,
-    SB_REGION, SB_STRUCT_SIZE, SECTOR_SIZE, SUPPORTED_RO_COMPAT,
+    empty_map_sector, validate_label, Geometry, MapKind, Superblock, SuperblockError, VolumeState, SB_REGION,
+    SB_STRUCT_SIZE, SECTOR_SIZE, SUPPORTED_RO_COMPAT,
 };
 use blockguard_backend::Backend;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -111,6 +110,7 @@ impl Volume {
             stage: Mutex::new(Stage::default()),
             stage_limit: opts.stage_bytes.max(geo.block_size as usize),
             commit: Mutex::new(commit::CommitState::default()),
+            protocol: commit::protocol::for_mode(sb.mode),
             trusted: AtomicBool::new(sb.state == VolumeState::Clean),
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             reads_active: AtomicUsize::new(0),
@@ -127,15 +127,7 @@ impl Volume {
             vol.repair_superblocks()?;
         }
         if !vol.read_only && vol.sb.state == VolumeState::InUse {
-            if vol.sb.mode == Mode::Dual {
-                tracing::info!(volume = %vol.name, "the volume was not closed cleanly: recovering");
-                let report = vol.recover(RecoverOptions::default(), progress)?;
-                vol.recovered_at_open = Some(report);
-            } else {
-                // No brothers, nothing to settle: `none` mode promises nothing after a crash.
-                vol.trusted.store(true, std::sync::atomic::Ordering::Release);
-                vol.write_superblocks(VolumeState::Clean, "marking the volume clean")?;
-            }
+            vol.recovered_at_open = vol.protocol.settle_after_crash(&vol, progress)?;
         }
         Ok(Volume::start(vol))
     }

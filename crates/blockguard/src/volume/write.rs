@@ -5,7 +5,6 @@ use super::stage::{self, SharedBuf, Staged};
 use super::{Inner, LOCK_STRIPES};
 use crate::cast::usize_of;
 use crate::error::{Error, Result};
-use crate::format::Mode;
 use std::sync::{Arc, MutexGuard};
 
 impl Inner {
@@ -38,7 +37,7 @@ impl Inner {
     /// Checked when the write arrives, so a write that cannot be kept is refused, not
     /// acknowledged and lost.
     fn check_metadata_writable(&self, first: u64, last: u64, whole: std::ops::Range<u64>) -> Result<()> {
-        if self.sb.mode != Mode::Dual {
+        if !self.protocol.refuses_writes_into_damage() {
             return Ok(());
         }
         let per = u64::from(self.geo.tags_per_sector());
