@@ -17,8 +17,10 @@ use blockguard::format::{
 };
 use blockguard::Profile;
 
+use crate::usize_of;
+
 /// A superblock region and the selector byte.
-pub const MAX_LEN: usize = 1 + SB_REGION as usize;
+pub const MAX_LEN: usize = 1 + usize_of(SB_REGION);
 
 /// Bytes of the template parameters (block size, block count ×3, flags, slack, uuid, created).
 const PARAMS: usize = 8;
@@ -33,12 +35,12 @@ fn superblock(geometry: Geometry, mode: Mode, state: VolumeState, uuid: u8, labe
 fn template(p: &[u8]) -> Option<Vec<u8>> {
     let get = |i: usize| p.get(i).copied().unwrap_or(0);
     let block_size = 512u32 << (get(0) % 8);
-    let blocks = u32::from_le_bytes([get(1), get(2), get(3), 0]) as u64 + 1;
+    let blocks = u64::from(u32::from_le_bytes([get(1), get(2), get(3), 0])) + 1;
     let geometry = if get(4) & 1 == 0 {
-        Geometry::for_size(blocks * block_size as u64, block_size, 8).ok()?
+        Geometry::for_size(blocks * u64::from(block_size), block_size, 8).ok()?
     } else {
         Geometry::for_backing_len(
-            blocks * block_size as u64 + 3 * SB_REGION + get(5) as u64,
+            blocks * u64::from(block_size) + 3 * SB_REGION + u64::from(get(5)),
             block_size,
             8,
         )
@@ -51,7 +53,7 @@ fn template(p: &[u8]) -> Option<Vec<u8>> {
         VolumeState::InUse
     };
     let mut sb = superblock(geometry, mode, state, get(6), "fuzz");
-    sb.created = get(7) as u64;
+    sb.created = u64::from(get(7));
     Some(sb.encode(get(4) >> 7))
 }
 
@@ -64,7 +66,14 @@ fn fix_up(b: &mut [u8]) {
     }
 }
 
-/// The target.
+/// The target: decodes the input as described in the module doc and checks the properties
+/// listed there.
+///
+/// # Panics
+///
+/// When a property is violated (a re-encoded superblock that does not decode, or decodes to
+/// something else, an accepted layout that overlaps a superblock region or exceeds its
+/// backend): that is what the fuzzer looks for. Never otherwise, whatever the bytes.
 pub fn run(data: &[u8]) -> &'static str {
     let Some((&how, rest)) = data.split_first() else {
         return "empty";
@@ -77,7 +86,7 @@ pub fn run(data: &[u8]) -> &'static str {
             return "template: no geometry";
         };
         for e in edits.chunks_exact(3) {
-            let at = u16::from_le_bytes([e[0], e[1]]) as usize % b.len();
+            let at = usize::from(u16::from_le_bytes([e[0], e[1]])) % b.len();
             b[at] = e[2];
         }
         b
@@ -93,9 +102,9 @@ pub fn run(data: &[u8]) -> &'static str {
     // The layout an accepted superblock describes fits its backend and never overlaps the
     // superblock regions.
     let g = sb.geometry;
-    let bs = g.block_size as u64;
+    let bs = u64::from(g.block_size);
     assert!(g.first_group_offset >= SB_REGION);
-    assert_eq!(g.groups, g.data_blocks.div_ceil(g.group_blocks as u64));
+    assert_eq!(g.groups, g.data_blocks.div_ceil(u64::from(g.group_blocks)));
     let last = g.data_offset(g.data_blocks - 1);
     assert!(last + bs <= g.backup_sb_offset);
     assert!(g.meta_offset(g.groups - 1, 1) + bs <= g.backup_sb_offset);
@@ -103,7 +112,7 @@ pub fn run(data: &[u8]) -> &'static str {
     assert!(g.backup_sb_offset + SB_REGION <= g.backing_len);
     // Round trip.
     let enc = sb.encode(copy);
-    assert_eq!(enc.len(), SB_REGION as usize);
+    assert_eq!(enc.len(), usize_of(SB_REGION));
     let again = Superblock::decode(&enc).expect("a re-encoded superblock must decode");
     assert_eq!(again, (sb, copy), "decode(encode(sb)) != sb");
     assert_eq!(again.0.encode(copy), enc, "encoding is not canonical");
@@ -124,6 +133,11 @@ fn rejected(e: &SuperblockError) -> &'static str {
 /// Valid superblocks of assorted layouts from the real encoder, as raw regions and through
 /// the template; then each with one byte of its first 256 changed and the checksum fixed, so
 /// every field check has an input that reaches it.
+///
+/// # Panics
+///
+/// If one of the fixed seed layouts here is not a valid geometry: a bug in this list, which
+/// the corpus test would report.
 pub fn seeds() -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     let layouts = [
@@ -134,9 +148,9 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         (65536, 3, None, Mode::Dual, VolumeState::Clean, "big blocks"),
     ];
     let mut regions = Vec::new();
-    for (i, &(bs, blocks, groups, mode, state, label)) in layouts.iter().enumerate() {
-        let g = Geometry::for_size_with_groups(blocks * bs as u64, bs, 8, groups).expect("seed layout");
-        let sb = superblock(g, mode, state, 0x11 * i as u8, label);
+    for (i, &(bs, blocks, groups, mode, state, label)) in (0u8..).zip(&layouts) {
+        let g = Geometry::for_size_with_groups(blocks * u64::from(bs), bs, 8, groups).expect("seed layout");
+        let sb = superblock(g, mode, state, 0x11 * i, label);
         for copy in 0..2u8 {
             let mut input = vec![0u8];
             input.extend(sb.encode(copy));
