@@ -1,7 +1,7 @@
 //! Helpers shared by the subcommands: opening volumes, parsing sizes, progress bars, exit codes.
 
 use anyhow::{bail, Context, Result};
-use blockguard::blockguard_backend::{FileBackend, FileOptions, LockMode};
+use blockguard::blockguard_backend::{Backend, FileBackend, FileOptions, LockMode};
 use blockguard::{FormatOptions, Mode, OpenOptions, Profile, Volume};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -75,6 +75,35 @@ pub(crate) fn open_unlocked(path: &Path) -> Result<Volume> {
     open_with(path, true, LockMode::None, None)
 }
 
+/// Whether `backend` is a member of a mirror set (it keeps member records).
+fn backend_is_member(backend: &FileBackend) -> bool {
+    blockguard::member_records(backend).is_ok_and(|r| !r.is_empty())
+}
+
+/// Every member of the mirror set `path` belongs to that can be opened, found through the
+/// member records next to its superblocks. A member that cannot be opened is left out with a
+/// warning: the set opens degraded (and records it when opened read-write).
+fn open_members(path: &Path, backend: FileBackend, opts: &FileOptions) -> Result<Vec<Arc<dyn Backend>>> {
+    let records =
+        blockguard::member_records(&backend).with_context(|| format!("reading {}", path.display()))?;
+    let mut members: Vec<Arc<dyn Backend>> = vec![Arc::new(backend)];
+    for r in records {
+        let other = Path::new(&r.path);
+        if crate::target::same_data(path, other) {
+            continue;
+        }
+        match FileBackend::open(other, opts) {
+            Ok(b) => members.push(Arc::new(b)),
+            Err(e) => crate::log::line(&format!(
+                "blockguard: warning: mirror copy {} of {} cannot be opened ({e}); going on without it",
+                r.index,
+                path.display()
+            )),
+        }
+    }
+    Ok(members)
+}
+
 fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u64>) -> Result<Volume> {
     let opts = FileOptions {
         read_only,
@@ -104,8 +133,13 @@ fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u
         });
         pb.set_position(done);
     };
-    let vol = Volume::open_with_progress(Arc::new(backend), &open_opts, &mut show)
-        .with_context(|| format!("opening {}", path.display()))?;
+    let vol = if backend_is_member(&backend) {
+        let members = open_members(path, backend, &opts)?;
+        Volume::open_members_with_progress(members, &open_opts, &mut show)
+    } else {
+        Volume::open_with_progress(Arc::new(backend), &open_opts, &mut show)
+    }
+    .with_context(|| format!("opening {}", path.display()))?;
     if let Some(pb) = bar {
         pb.finish_and_clear();
     }

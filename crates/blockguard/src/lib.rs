@@ -34,6 +34,7 @@
 //! ```
 
 mod cast;
+pub mod copies;
 pub mod device;
 pub mod error;
 pub mod format;
@@ -46,6 +47,6 @@ pub use error::{CorruptionKind, Error, Result};
 pub use format::{Geometry, Mode, Superblock};
 pub use tag::Profile;
 pub use volume::{
-    BlockProblem, BlockReport, Extent, FormatOptions, MapProblem, MetadataProblem, OpenOptions,
-    RecoverOptions, RecoveryReport, SlotReport, Volume, VolumeStats,
+    member_records, BlockProblem, BlockReport, Extent, FormatOptions, MapProblem, MetadataProblem,
+    OpenOptions, RecoverOptions, RecoveryReport, SlotReport, Volume, VolumeStats,
 };

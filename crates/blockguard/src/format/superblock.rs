@@ -2,6 +2,7 @@
 //! last 4 KiB), each copy with its own crc32c.
 
 use super::geometry::Geometry;
+use super::mirror::{MirrorInfo, INCOMPAT_MIRROR};
 use super::{le16, le32, le64};
 use crate::cast::{u32_of_small, usize_of};
 use crate::tag::Profile;
@@ -79,8 +80,18 @@ pub(crate) mod at {
     pub(crate) const META_DEVICE: usize = PADDING + 2;
     /// `label`, 64 bytes.
     pub(crate) const LABEL: usize = META_DEVICE + 16;
+    /// `mirror_members`, u8 (with the mirror feature; zero without).
+    pub(crate) const MIRROR_MEMBERS: usize = LABEL + super::LABEL_LEN;
+    /// `mirror_health`, one u8 per member slot (3).
+    pub(crate) const MIRROR_HEALTH: usize = MIRROR_MEMBERS + 1;
+    /// `mirror_event`, u64.
+    pub(crate) const MIRROR_EVENT: usize = MIRROR_HEALTH + 3;
+    /// `mirror_ids`, 16 bytes per member slot (3).
+    pub(crate) const MIRROR_IDS: usize = MIRROR_EVENT + 8;
+    /// End of the mirror fields.
+    pub(crate) const MIRROR_END: usize = MIRROR_IDS + 16 * super::super::mirror::MAX_MEMBERS;
     /// Reserved up to the checksum.
-    pub(crate) const RESERVED: usize = LABEL + super::LABEL_LEN;
+    pub(crate) const RESERVED: usize = MIRROR_END;
     /// `checksum`, u32: the last four bytes of the structure.
     pub(crate) const CHECKSUM: usize = super::SB_STRUCT_SIZE - 4;
 }
@@ -89,10 +100,11 @@ pub(crate) mod at {
 // of FORMAT.md has said they do.
 const _: () = assert!(at::RESERVED <= at::CHECKSUM);
 const _: () = assert!(at::MODE == 64 && at::STATE == 145 && at::LABEL == 164 && at::CHECKSUM == 508);
+const _: () = assert!(at::MIRROR_MEMBERS == 228 && at::MIRROR_EVENT == 232 && at::MIRROR_END == 288);
 
-/// Incompatible features this build supports (none beyond the v1 base format). A volume
-/// with any other incompat bit set is refused.
-pub const SUPPORTED_INCOMPAT: u64 = 0;
+/// Incompatible features this build supports: mirror sets. A volume with any other incompat
+/// bit set is refused.
+pub const SUPPORTED_INCOMPAT: u64 = INCOMPAT_MIRROR;
 /// Read-only-compatible features this build supports; others force read-only opens.
 pub const SUPPORTED_RO_COMPAT: u64 = 0;
 
@@ -210,10 +222,8 @@ pub struct Superblock {
     pub geometry: Geometry,
     /// Unix time of format.
     pub created: u64,
-    /// Mirror set identity (all zero: not part of a mirror set). Reserved in v1.
-    pub mirror_set: [u8; 16],
-    /// Role in the mirror set (0: standalone). Reserved in v1.
-    pub mirror_role: u8,
+    /// The mirror set this volume is a member of (with the [`INCOMPAT_MIRROR`] feature bit).
+    pub mirror: Option<MirrorInfo>,
     /// Identity of a separate metadata device (all zero: tags inline). Reserved in v1.
     pub meta_device: [u8; 16],
     /// Free-form label.
@@ -266,8 +276,7 @@ impl Superblock {
             mode,
             geometry,
             created,
-            mirror_set: [0; 16],
-            mirror_role: 0,
+            mirror: None,
             meta_device: [0; 16],
             label: label.to_string(),
             state: VolumeState::Clean,
@@ -300,8 +309,9 @@ impl Superblock {
         b[at::BACKING_LEN..at::BACKUP_SB].copy_from_slice(&g.backing_len.to_le_bytes());
         b[at::BACKUP_SB..at::CREATED].copy_from_slice(&g.backup_sb_offset.to_le_bytes());
         b[at::CREATED..at::MIRROR_SET].copy_from_slice(&self.created.to_le_bytes());
-        b[at::MIRROR_SET..at::MIRROR_ROLE].copy_from_slice(&self.mirror_set);
-        b[at::MIRROR_ROLE] = self.mirror_role;
+        if let Some(m) = &self.mirror {
+            m.encode(&mut b);
+        }
         b[at::STATE] = match self.state {
             VolumeState::Clean => 0,
             VolumeState::InUse => 1,
@@ -323,7 +333,15 @@ impl Superblock {
         uuid.copy_from_slice(&b[at::UUID..at::BLOCK_SIZE]);
         let (profile, mode, copy) = decode_profile_mode_copy(b)?;
         let geometry = decode_geometry(b, profile)?;
-        let (mirror_set, meta_device) = decode_reserved_ids(b)?;
+        let meta_device = decode_meta_device(b)?;
+        let mirror = if incompat & INCOMPAT_MIRROR == 0 {
+            if !MirrorInfo::fields_zero(b) {
+                return Err(field("mirror set", "set without the mirror feature flag".into()));
+            }
+            None
+        } else {
+            Some(MirrorInfo::decode(b)?)
+        };
         let state = match b[at::STATE] {
             0 => VolumeState::Clean,
             1 => VolumeState::InUse,
@@ -341,8 +359,7 @@ impl Superblock {
                 mode,
                 geometry,
                 created: le64(b, at::CREATED),
-                mirror_set,
-                mirror_role: 0,
+                mirror,
                 meta_device,
                 label,
                 state,
@@ -456,20 +473,14 @@ fn decode_geometry(b: &[u8], profile: Profile) -> Result<Geometry, SuperblockErr
     Ok(geometry)
 }
 
-/// The mirror set and metadata device identities, which no feature uses yet.
-fn decode_reserved_ids(b: &[u8]) -> Result<([u8; 16], [u8; 16]), SuperblockError> {
-    let mut mirror_set = [0u8; 16];
-    mirror_set.copy_from_slice(&b[at::MIRROR_SET..at::MIRROR_ROLE]);
+/// The metadata device identity, which no feature uses yet: it must be zero.
+fn decode_meta_device(b: &[u8]) -> Result<[u8; 16], SuperblockError> {
     let mut meta_device = [0u8; 16];
     meta_device.copy_from_slice(&b[at::META_DEVICE..at::LABEL]);
-    // v1 defines these fields but no feature uses them yet: they must be zero.
-    if mirror_set != [0; 16] || b[at::MIRROR_ROLE] != 0 || meta_device != [0; 16] {
-        return Err(field(
-            "mirror/metadata device",
-            "set without a feature flag".into(),
-        ));
+    if meta_device != [0; 16] {
+        return Err(field("metadata device", "set without a feature flag".into()));
     }
-    Ok((mirror_set, meta_device))
+    Ok(meta_device)
 }
 
 /// The label: UTF-8 up to the first zero byte, and only zeros after it.
@@ -531,8 +542,7 @@ mod tests {
             mode: Mode::Dual,
             geometry: Geometry::for_size(1 << 20, 4096, 8).unwrap(),
             created: 1,
-            mirror_set: [0; 16],
-            mirror_role: 0,
+            mirror: None,
             meta_device: [0; 16],
             label: "test".into(),
             state: VolumeState::InUse,
@@ -590,12 +600,49 @@ mod tests {
             (at::PADDING, 146),
             (at::META_DEVICE, 148),
             (at::LABEL, 164),
-            (at::RESERVED, 228),
+            (at::MIRROR_MEMBERS, 228),
+            (at::MIRROR_HEALTH, 229),
+            (at::MIRROR_EVENT, 232),
+            (at::MIRROR_IDS, 240),
+            (at::RESERVED, 288),
             (at::CHECKSUM, 508),
         ];
         for (i, (got, want)) in documented.iter().enumerate() {
             assert_eq!(got, want, "field {i} of the table");
         }
+    }
+
+    #[test]
+    fn a_mirror_member_round_trips_and_needs_its_feature_bit() {
+        let mut sb = sample();
+        sb.incompat = INCOMPAT_MIRROR;
+        sb.mirror = Some(MirrorInfo {
+            set: [9; 16],
+            role: 2,
+            members: (1..=3)
+                .map(|i| super::super::MemberInfo {
+                    id: [i; 16],
+                    in_sync: i != 2,
+                })
+                .collect(),
+            event: 7,
+        });
+        for copy in 0..2 {
+            assert_eq!(Superblock::decode(&sb.encode(copy)), Ok((sb.clone(), copy)));
+        }
+        // The fields without the bit, or the bit without the fields: refused as damage.
+        let mut no_bit = sb.clone();
+        no_bit.incompat = 0;
+        assert!(matches!(
+            Superblock::decode(&no_bit.encode(0)),
+            Err(SuperblockError::Field { .. })
+        ));
+        let mut no_fields = sb;
+        no_fields.mirror = None;
+        assert!(matches!(
+            Superblock::decode(&no_fields.encode(0)),
+            Err(SuperblockError::Field { .. })
+        ));
     }
 
     #[test]

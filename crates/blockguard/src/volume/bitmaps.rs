@@ -28,6 +28,7 @@ use crate::format::{
     decode_map_sector, empty_map_sector, map_bit, seal_map_sector, MapDamage, MapKind, MapParse,
     GROUPS_PER_MAP_SECTOR, SECTOR_HEADER_SIZE, SECTOR_SIZE,
 };
+use blockguard_backend::Backend as _;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;

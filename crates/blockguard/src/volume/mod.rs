@@ -18,18 +18,19 @@ mod group;
 mod group_commit;
 mod inspect;
 mod meta_io;
+mod mirror;
 mod open;
 mod read;
 mod recover;
 mod stage;
 mod write;
 
+pub use mirror::member_records;
 pub use recover::{MapProblem, MetadataProblem, RecoverOptions, RecoveryReport};
 
 use crate::error::{Error, Result};
 use crate::format::{Geometry, Mode, Superblock};
 use crate::tag::{Profile, Tag};
-use blockguard_backend::Backend;
 use cache::MetaCache;
 use stage::{SharedBuf, Stage};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -173,7 +174,8 @@ const LOCK_STRIPES: usize = 1024;
 
 /// The engine's state, shared by the [`Volume`] handle and its background committer.
 pub(crate) struct Inner {
-    backend: Arc<dyn Backend>,
+    /// The copies the volume lives on (one for a plain volume).
+    backend: Arc<crate::copies::CopySet>,
     name: String,
     sb: Superblock,
     geo: Geometry,
@@ -187,6 +189,13 @@ pub(crate) struct Inner {
     stage_limit: usize,
     /// Serializes commits and flushes; holds what the commit protocol must remember.
     commit: Mutex<commit::CommitState>,
+    /// The mirror set's current description (`None`: a plain volume); its health changes
+    /// when a member is dropped.
+    mirror: Mutex<Option<crate::format::MirrorInfo>>,
+    /// Member records (index, sector) kept in every superblock region of a mirror member.
+    records: Vec<(usize, [u8; 512])>,
+    /// The superblocks on disk say "in use".
+    disk_in_use: AtomicBool,
     /// The consistency mode's protocol (from the superblock).
     protocol: &'static dyn commit::protocol::Protocol,
     /// Groups loaded from disk are settled (their newest metadata describes durable data):
@@ -222,6 +231,12 @@ pub(crate) struct Stats {
     flush_calls: AtomicU64,
     /// Commit-and-flush rounds run for them.
     flush_rounds: AtomicU64,
+    /// Blocks rewritten on a mirror member from a good copy (read repair).
+    repairs: AtomicU64,
+    /// Blocks no mirror member held a good copy of.
+    unrepairable: AtomicU64,
+    /// Mirror members dropped for failing.
+    members_failed: AtomicU64,
 }
 
 /// A snapshot of the engine's counters.
@@ -239,6 +254,13 @@ pub struct VolumeStats {
     /// Commit-and-flush rounds run for those calls: fewer when concurrent callers shared one
     /// (group commit).
     pub flush_rounds: u64,
+    /// Block copies on a mirror member that failed verification (or could not be read) and
+    /// were rewritten from a member whose copy verified (read repair).
+    pub repairs: u64,
+    /// Blocks that failed verification on every mirror member in sync.
+    pub unrepairable: u64,
+    /// Mirror members dropped from the set for failing writes, flushes or repairs.
+    pub members_failed: u64,
 }
 
 impl std::fmt::Debug for Volume {
@@ -533,6 +555,9 @@ impl Volume {
             reads_retried: self.inner.stats.reads_retried.load(Ordering::Relaxed),
             flush_calls: self.inner.stats.flush_calls.load(Ordering::Relaxed),
             flush_rounds: self.inner.stats.flush_rounds.load(Ordering::Relaxed),
+            repairs: self.inner.stats.repairs.load(Ordering::Relaxed),
+            unrepairable: self.inner.stats.unrepairable.load(Ordering::Relaxed),
+            members_failed: self.inner.stats.members_failed.load(Ordering::Relaxed),
         }
     }
 

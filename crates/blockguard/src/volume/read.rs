@@ -85,6 +85,11 @@ impl Inner {
         })
     }
 
+    /// Whether `data` verifies as `block` against `accept` (any tag it accepts).
+    pub(crate) fn verifies(&self, block: u64, data: &[u8], accept: &Accept) -> bool {
+        self.verify_match(block, data, accept).is_ok()
+    }
+
     /// Reads `buf.len()` bytes at `offset`. Every block touched is verified first; a block
     /// that fails returns [`Error::Corrupt`] and no data.
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -268,6 +273,13 @@ impl Inner {
                 found = self.verify_match(block, chunk, &accept);
             }
             if let Err(e) = found {
+                // Another mirror member may hold a good copy: return it and heal the others.
+                if self.repair_block(block, chunk)? {
+                    continue;
+                }
+                if self.backend.count() > 1 {
+                    self.stats.unrepairable.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::error!(volume = %self.name, block, "{e}");
                 return Err(e);
             }

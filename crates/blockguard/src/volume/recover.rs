@@ -29,6 +29,7 @@ use crate::cast::u32_of_small;
 use crate::error::{Error, Result};
 use crate::format::SectorParse;
 use crate::tag::UNWRITTEN;
+use blockguard_backend::Backend as _;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 

@@ -6,6 +6,7 @@ use super::super::stage::{bytes, Batch, SharedBuf, Staged};
 use super::super::{aligned, Inner};
 use crate::cast::usize_of;
 use crate::error::Result;
+use blockguard_backend::Backend as _;
 use std::sync::Arc;
 
 /// Appends a staged block to a run of (buffer, start, end) pieces, extending the last piece

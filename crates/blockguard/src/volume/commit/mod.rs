@@ -21,6 +21,7 @@ use crate::cast::usize_of;
 use crate::error::{Error, Result};
 use crate::format::VolumeState;
 use crate::tag::{Tag, UNWRITTEN};
+use blockguard_backend::Backend as _;
 use protocol::Plan;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -294,11 +295,15 @@ impl Inner {
 
     /// Flushes the backend; a failure fails the volume: the kernel may have dropped the dirty
     /// pages it could not write, so a later flush succeeding would not mean our data is there.
+    /// With mirrors, a member dropped since the last flush is recorded as out of sync in the
+    /// survivors' superblocks before this reports success.
     pub(crate) fn flush_or_fail(&self, during: &'static str) -> Result<()> {
         self.backend.flush().map_err(|e| {
             self.fail(format!("flush failed: {e}"));
             self.io_err(during, 0)(e)
-        })
+        })?;
+        self.record_member_failures()
+            .inspect_err(|e| self.fail(format!("recording a failed mirror member: {e}")))
     }
 }
 

@@ -1,0 +1,238 @@
+//! Mirror sets: every read returns the right data while one member's copy of a block or of
+//! its metadata is damaged, the bad copy is healed, the counters match the faults injected;
+//! a block bad on every member is an error naming it; a member that fails writes is dropped
+//! and the volume goes on; members from elsewhere are refused.
+
+use blockguard::blockguard_backend::{Backend, FaultBackend, MemoryBackend};
+use blockguard::{CorruptionKind, Error, FormatOptions, OpenOptions, Volume};
+use rand::{Rng, SeedableRng};
+use std::sync::Arc;
+
+const BS: u64 = 512;
+const BLOCKS: u64 = 600;
+
+fn opts() -> FormatOptions {
+    let mut o = FormatOptions::with_size(BS * BLOCKS);
+    o.block_size = BS as u32;
+    o
+}
+
+fn content(b: u64, round: u8) -> Vec<u8> {
+    (0..BS)
+        .map(|i| {
+            (b as u8)
+                .wrapping_mul(13)
+                .wrapping_add(i as u8)
+                .wrapping_add(round.wrapping_mul(31))
+        })
+        .collect()
+}
+
+fn members(n: usize) -> Vec<Arc<MemoryBackend>> {
+    let len = opts().backing_len().expect("geometry");
+    (0..n)
+        .map(|_| Arc::new(MemoryBackend::new(len).expect("memory")))
+        .collect()
+}
+
+fn dyns(m: &[Arc<MemoryBackend>]) -> Vec<Arc<dyn Backend>> {
+    m.iter().map(|b| b.clone() as Arc<dyn Backend>).collect()
+}
+
+/// A set of `n` members holding `content(b, 0)` in every block, closed cleanly.
+fn written_set(n: usize) -> Vec<Arc<MemoryBackend>> {
+    let m = members(n);
+    let vol = Volume::format_members(dyns(&m), &opts()).expect("format the set");
+    for b in 0..BLOCKS {
+        vol.write_at(&content(b, 0), b * BS).expect("write");
+    }
+    vol.close().expect("close");
+    m
+}
+
+fn image(b: &MemoryBackend) -> Vec<u8> {
+    let mut out = vec![0u8; b.len() as usize];
+    b.read_at(&mut out, 0).expect("read image");
+    out
+}
+
+/// The data offset of `block` and its group's metadata offset, from `dump`.
+fn offsets(vol: &Volume, block: u64) -> (u64, u64) {
+    let r = vol.inspect_block(block).expect("inspect");
+    (r.location.data_offset, r.location.meta_offsets[0])
+}
+
+#[test]
+fn damaged_copies_are_read_from_another_member_and_healed() {
+    for n in [2, 3] {
+        let seed: u64 = rand::random();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let m = written_set(n);
+        let vol = Volume::open_members(dyns(&m), &OpenOptions::default()).expect("open");
+        // Damage one member's copy of some blocks, each block on one member only. Reads of
+        // this small volume all go to member 0 (members take turns by 1 MiB stripe): its
+        // damage is met and healed by reading; the others' waits for a scrub.
+        let mut damaged = std::collections::BTreeMap::new();
+        while damaged.len() < 20 {
+            damaged.insert(rng.random_range(0..BLOCKS), rng.random_range(0..n));
+        }
+        for (&b, &member) in &damaged {
+            let (data_at, _) = offsets(&vol, b);
+            m[member].write_at(&[0xEE; 7], data_at + 100).expect("corrupt");
+        }
+        for b in 0..BLOCKS {
+            let mut buf = vec![0u8; BS as usize];
+            vol.read_at(&mut buf, b * BS)
+                .unwrap_or_else(|e| panic!("seed {seed}, {n} members: block {b}: {e}"));
+            assert_eq!(buf, content(b, 0), "seed {seed}: block {b}");
+        }
+        let on_first = damaged.values().filter(|&&k| k == 0).count() as u64;
+        let stats = vol.stats();
+        assert_eq!(
+            stats.repairs, on_first,
+            "seed {seed}: one repair per damaged copy read: {stats:?}"
+        );
+        assert_eq!(stats.unrepairable, 0);
+        let at: Vec<u64> = damaged.keys().map(|&b| offsets(&vol, b).0).collect();
+        vol.close().expect("close");
+        // Member 0, which served the reads, now holds the good data of every block.
+        let first = image(&m[0]);
+        for (&b, &data_at) in damaged.keys().zip(&at) {
+            let r = data_at as usize..(data_at + BS) as usize;
+            assert_eq!(first[r], content(b, 0)[..], "seed {seed}: block {b} on member 0");
+        }
+    }
+}
+
+#[test]
+fn a_block_bad_on_every_member_is_an_error_naming_it() {
+    let m = written_set(2);
+    let vol = Volume::open_members(dyns(&m), &OpenOptions::default()).expect("open");
+    let (data_at, _) = offsets(&vol, 77);
+    for b in &m {
+        b.write_at(&[0x55; 16], data_at).expect("corrupt");
+    }
+    let mut buf = vec![0u8; BS as usize];
+    match vol.read_at(&mut buf, 77 * BS) {
+        Err(Error::Corrupt { block, kind, .. }) => {
+            assert_eq!(block, 77);
+            assert_eq!(kind, CorruptionKind::TagMismatch);
+        }
+        other => panic!("expected corruption of block 77, got {other:?}"),
+    }
+    assert_eq!(vol.stats().unrepairable, 1);
+    assert_eq!(vol.stats().repairs, 0);
+}
+
+#[test]
+fn damaged_metadata_on_one_member_is_repaired_from_another() {
+    let m = written_set(2);
+    let vol = Volume::open_members(dyns(&m), &OpenOptions::default()).expect("open");
+    let (_, meta_at) = offsets(&vol, 3);
+    vol.close().expect("close");
+    // Both brothers of group 0 on member 0: its tags cannot be read there at all.
+    m[0].write_at(&[0u8; 2 * BS as usize], meta_at)
+        .expect("wipe metadata");
+    let vol = Volume::open_members(dyns(&m), &OpenOptions::default()).expect("open");
+    for b in 0..BLOCKS {
+        let mut buf = vec![0u8; BS as usize];
+        vol.read_at(&mut buf, b * BS)
+            .unwrap_or_else(|e| panic!("block {b}: {e}"));
+        assert_eq!(buf, content(b, 0), "block {b}");
+    }
+    assert!(vol.stats().repairs >= 1, "{:?}", vol.stats());
+    vol.close().expect("close");
+    assert_eq!(
+        image(&m[0])[meta_at as usize..meta_at as usize + 2 * BS as usize],
+        image(&m[1])[meta_at as usize..meta_at as usize + 2 * BS as usize],
+        "member 0's metadata rewritten from member 1"
+    );
+}
+
+#[test]
+fn a_member_failing_writes_is_dropped_and_the_volume_goes_on() {
+    let len = opts().backing_len().expect("geometry");
+    let good = Arc::new(MemoryBackend::new(len).expect("memory"));
+    let bad = Arc::new(FaultBackend::new(len).expect("memory"));
+    let set: Vec<Arc<dyn Backend>> = vec![good.clone(), bad.clone()];
+    let vol = Volume::format_members(set.clone(), &opts()).expect("format");
+    for b in 0..BLOCKS / 2 {
+        vol.write_at(&content(b, 1), b * BS).expect("write");
+    }
+    vol.flush().expect("flush");
+    bad.fail_writes_at(0..len);
+    for b in BLOCKS / 2..BLOCKS {
+        vol.write_at(&content(b, 1), b * BS)
+            .expect("write while degraded");
+    }
+    vol.flush().expect("a flush succeeds with one member left");
+    let members = vol.members();
+    assert_eq!(members.len(), 2);
+    assert!(members[0].1 && !members[1].1, "{members:?}");
+    assert_eq!(vol.stats().members_failed, 1);
+    for b in 0..BLOCKS {
+        let mut buf = vec![0u8; BS as usize];
+        vol.read_at(&mut buf, b * BS).expect("read");
+        assert_eq!(buf, content(b, 1), "block {b}");
+    }
+    vol.close().expect("close");
+    // The survivor's superblock says the failed member is out of sync: reopened with both,
+    // the set never reads the stale member.
+    bad.fail_writes_at(0..0);
+    let vol = Volume::open_members(set, &OpenOptions::default()).expect("reopen");
+    assert!(!vol.members()[1].1, "the failed member stays out of sync");
+    for b in 0..BLOCKS {
+        let mut buf = vec![0u8; BS as usize];
+        vol.read_at(&mut buf, b * BS).expect("read");
+        assert_eq!(buf, content(b, 1), "block {b}");
+    }
+}
+
+#[test]
+fn a_missing_member_leaves_the_set_degraded_and_recorded() {
+    let m = written_set(2);
+    let vol = Volume::open_members(vec![m[0].clone()], &OpenOptions::default()).expect("open degraded");
+    assert!(vol.members()[0].1 && !vol.members()[1].1);
+    vol.write_at(&content(5, 9), 5 * BS).expect("write");
+    vol.close().expect("close");
+    let vol = Volume::open_members(dyns(&m), &OpenOptions::default()).expect("open both");
+    assert!(
+        !vol.members()[1].1,
+        "the member that missed writes is out of sync"
+    );
+    let mut buf = vec![0u8; BS as usize];
+    vol.read_at(&mut buf, 5 * BS).expect("read");
+    assert_eq!(buf, content(5, 9));
+}
+
+#[test]
+fn foreign_and_plain_volumes_are_refused_as_members() {
+    let a = written_set(2);
+    let b = written_set(2);
+    let err = Volume::open_members(vec![a[0].clone(), b[1].clone()], &OpenOptions::default())
+        .expect_err("members of two sets");
+    assert!(err.to_string().contains("another mirror set"), "{err}");
+    let plain = Arc::new(MemoryBackend::new(opts().backing_len().unwrap()).unwrap());
+    Volume::format(plain.clone(), &opts()).unwrap().close().unwrap();
+    let err = Volume::open_members(vec![a[0].clone(), plain.clone()], &OpenOptions::default())
+        .expect_err("a plain volume");
+    assert!(err.to_string().contains("not a member"), "{err}");
+    let err = Volume::open(a[0].clone(), &OpenOptions::default()).expect_err("a member alone");
+    assert!(err.to_string().contains("member of a mirror set"), "{err}");
+    let err = Volume::open_members(vec![a[0].clone(), a[0].clone()], &OpenOptions::default())
+        .expect_err("the same member twice");
+    assert!(err.to_string().contains("second backend"), "{err}");
+}
+
+#[test]
+fn any_member_names_the_others() {
+    let m = written_set(3);
+    for b in &m {
+        let records = blockguard::member_records(&**b).expect("records");
+        assert_eq!(records.len(), 3);
+        for (i, r) in records.iter().enumerate() {
+            assert_eq!(usize::from(r.index), i);
+            assert_eq!(r.path, m[i].name());
+        }
+    }
+}
