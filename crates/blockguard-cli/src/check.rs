@@ -56,13 +56,13 @@ pub(crate) fn run(args: &CheckArgs) -> Result<bool> {
         map_problems: map,
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        say!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for p in &report.bad_blocks {
-            println!("bad block {}: {}", p.block, p.detail);
+            say!("bad block {}: {}", p.block, p.detail);
         }
         for p in &report.damaged_metadata {
-            println!(
+            say!(
                 "damaged metadata: group {} sector {} (blocks {}..{}): {}",
                 p.group,
                 p.sector,
@@ -72,7 +72,7 @@ pub(crate) fn run(args: &CheckArgs) -> Result<bool> {
             );
         }
         for p in &report.map_problems {
-            println!(
+            say!(
                 "written-groups map sector {} (groups {}..{}): {}",
                 p.sector,
                 p.first_group,
@@ -81,9 +81,9 @@ pub(crate) fn run(args: &CheckArgs) -> Result<bool> {
             );
         }
         for w in &report.warnings {
-            println!("warning: {w}");
+            say!("warning: {w}");
         }
-        println!(
+        say!(
             "{}: {} blocks checked, {} bad, {} damaged metadata sectors",
             report.volume,
             report.blocks,

@@ -186,12 +186,12 @@ fn report(args: &FormatArgs, path: &std::path::Path, vol: Volume) -> Result<()> 
     let sb = vol.superblock().clone();
     vol.close()?;
     if args.json {
-        println!(
+        say!(
             "{}",
             serde_json::to_string_pretty(&crate::info::summary(&sb, path))?
         );
     } else {
-        println!(
+        say!(
             "formatted {}: {} bytes in {} blocks of {} bytes, mode {}, tags {}, uuid {}",
             path.display(),
             sb.geometry.size(),
@@ -202,7 +202,7 @@ fn report(args: &FormatArgs, path: &std::path::Path, vol: Volume) -> Result<()> 
             crate::info::uuid_string(&sb.uuid)
         );
         for (i, (member, _)) in members.iter().enumerate() {
-            println!("  copy {i}: {member}");
+            say!("  copy {i}: {member}");
         }
     }
     Ok(())

@@ -101,12 +101,12 @@ pub(crate) fn run(args: &InfoArgs) -> Result<()> {
         blocks,
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&dump)?);
+        say!("{}", serde_json::to_string_pretty(&dump)?);
         return Ok(());
     }
     print_summary(&dump.summary);
     for w in &dump.warnings {
-        println!("warning:       {w}");
+        say!("warning:       {w}");
     }
     for b in &dump.blocks {
         print_block(b);
@@ -135,35 +135,42 @@ fn inspect_blocks(vol: &Volume, args: &InfoArgs) -> Result<Vec<BlockReport>> {
 /// Prints the superblock and geometry as `info` shows them.
 fn print_summary(s: &Summary) {
     let g = &s.geometry;
-    println!("volume:        {}", s.path);
-    println!("format:        blockguard v{}", s.version);
-    println!("uuid:          {}", s.uuid);
+    say!("volume:        {}", s.path);
+    say!("format:        blockguard v{}", s.version);
+    say!("uuid:          {}", s.uuid);
     if !s.label.is_empty() {
-        println!("label:         {}", s.label);
+        say!("label:         {}", s.label);
     }
-    println!(
+    say!(
         "size:          {} bytes ({} blocks of {} bytes)",
-        s.size, g.data_blocks, g.block_size
+        s.size,
+        g.data_blocks,
+        g.block_size
     );
-    println!("mode:          {}", s.mode.name());
-    println!(
+    say!("mode:          {}", s.mode.name());
+    say!(
         "tag profile:   {} ({} bytes per block)",
         s.profile.name(),
         s.tag_size
     );
-    println!(
+    say!(
         "groups:        {} of {} data blocks + 2 metadata blocks, first at byte {}",
-        g.groups, g.group_blocks, g.first_group_offset
+        g.groups,
+        g.group_blocks,
+        g.first_group_offset
     );
-    println!(
+    say!(
         "backing:       {} bytes, backup superblock at byte {}",
-        g.backing_len, g.backup_sb_offset
+        g.backing_len,
+        g.backup_sb_offset
     );
-    println!(
+    say!(
         "features:      compat {:#x} ro_compat {:#x} incompat {:#x}",
-        s.compat, s.ro_compat, s.incompat
+        s.compat,
+        s.ro_compat,
+        s.incompat
     );
-    println!(
+    say!(
         "state:         {}",
         if s.state == "clean" {
             "clean"
@@ -176,7 +183,7 @@ fn print_summary(s: &Summary) {
 /// Prints where one block and its tags live, and what each tag slot holds (`dump --block`).
 fn print_block(b: &BlockReport) {
     let l = &b.location;
-    println!(
+    say!(
         "block {}: group {} index {}, data at byte {}, tags at bytes {} and {} (metadata sector {}){}",
         l.block,
         l.group,
@@ -188,7 +195,7 @@ fn print_block(b: &BlockReport) {
         if b.staged { " (newer version staged)" } else { "" }
     );
     for (i, slot) in b.slots.iter().enumerate() {
-        println!(
+        say!(
             "  slot {i}, sector at byte {}: {}{}{}",
             l.meta_offsets[i] + u64::from(b.sector) * 512,
             slot.state,
@@ -201,5 +208,5 @@ fn print_block(b: &BlockReport) {
                 .unwrap_or_default()
         );
     }
-    println!("  a read accepts: {}", b.accepted.join(" or "));
+    say!("  a read accepts: {}", b.accepted.join(" or "));
 }

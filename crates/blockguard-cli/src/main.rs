@@ -12,11 +12,20 @@
 
 //! `blockguard`: per-block integrity for files and block devices.
 
+/// `println!` for the program's results: a reader that went away (`blockguard info | head`)
+/// ends the program quietly, as it would a C tool killed by SIGPIPE, instead of a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::log::stdout_line(&format!($($arg)*))
+    };
+}
+
 mod check;
 mod common;
 mod format;
 mod info;
 mod log;
+mod mirror;
 mod mount;
 mod recover;
 mod serve;
@@ -57,6 +66,8 @@ enum Command {
     Mount(mount::MountArgs),
     /// Unmount a FUSE-mounted volume, flushing it.
     Umount(mount::UmountArgs),
+    /// The copies of a volume: list, add, remove, replace, resync.
+    Mirror(mirror::MirrorArgs),
 }
 
 /// How long the program waits at exit for its last diagnostics to reach stderr.
@@ -90,6 +101,7 @@ fn run(cli: Cli) -> ExitCode {
         Command::Recover(a) => recover::run(&a),
         Command::Mount(a) => mount::run(&a),
         Command::Umount(a) => mount::run_umount(&a),
+        Command::Mirror(a) => mirror::run(&a),
         Command::Check(a) => match check::run(&a) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),

@@ -58,13 +58,13 @@ pub(crate) fn run(args: &RecoverArgs) -> Result<()> {
             after_crash: at_open.as_ref(),
             rebuild: report.as_ref(),
         };
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        say!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
     let name = args.path.display();
     match &at_open {
-        None => println!("{name}: was closed cleanly; no crash state to settle"),
-        Some(r) => println!(
+        None => say!("{name}: was closed cleanly; no crash state to settle"),
+        Some(r) => say!(
             "{name}: settled after an unclean shutdown: {} groups examined, {} rewritten, {} blocks back to the version on disk, {} first writes completed",
             r.groups_examined - r.groups_skipped,
             r.groups_rewritten,
@@ -79,30 +79,33 @@ pub(crate) fn run(args: &RecoverArgs) -> Result<()> {
     for p in damaged {
         let end = p.first_block + u64::from(p.blocks);
         if p.rebuilt {
-            println!(
+            say!(
                 "{name}: rebuilt damaged metadata of blocks {}..{end} (group {} sector {}: {}) from its valid brother; \
                  those blocks now verify against it, and any of them whose newer version the damaged copy described reads as that older version",
                 p.first_block, p.group, p.sector, p.detail
             );
         } else if args.rebuild {
-            println!(
+            say!(
                 "{name}: cannot rebuild the metadata of blocks {}..{end} (group {} sector {}: {}): no valid brother; reads of them keep failing",
                 p.first_block, p.group, p.sector, p.detail
             );
         } else {
-            println!(
+            say!(
                 "{name}: damaged metadata of blocks {}..{end} (group {} sector {}: {}); reads of them fail; \
                  `blockguard recover --rebuild` rebuilds it from what the disk holds",
-                p.first_block, p.group, p.sector, p.detail
+                p.first_block,
+                p.group,
+                p.sector,
+                p.detail
             );
         }
     }
     if report.is_none() {
-        println!(
+        say!(
             "{name}: marked clean (damage is found by `blockguard check` and rebuilt by `recover --rebuild`)"
         );
     } else {
-        println!("{name}: marked clean");
+        say!("{name}: marked clean");
     }
     Ok(())
 }

@@ -135,7 +135,7 @@ pub(crate) fn run_import(args: &ImportArgs) -> Result<()> {
     vol.close()
         .with_context(|| format!("cannot flush and close {}", args.volume.display()))?;
     pb.finish_and_clear();
-    println!(
+    say!(
         "imported {len} bytes from {} into {}",
         args.raw.display(),
         args.volume.display()
@@ -159,7 +159,7 @@ pub(crate) fn run_export(args: &ExportArgs) -> Result<()> {
         sync_parent_dir(&args.raw)?;
     }
     let rest = target.backend.len() - len;
-    println!(
+    say!(
         "exported {len} verified bytes from {} to {}{}",
         args.volume.display(),
         args.raw.display(),

@@ -135,3 +135,69 @@ fn forming_a_set_refuses_the_same_file_and_a_copy_holding_a_volume() {
         "the other volume is untouched"
     );
 }
+
+#[test]
+fn a_copy_missing_while_served_is_resynced_with_only_what_it_missed() {
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.bgv");
+    let b = dir.path().join("b.bgv");
+    run(BIN, &["format", a.to_str().unwrap(), "--size", "64M"]);
+    let mut srv = Served::start(&a, &[]);
+    run("qemu-io", &["-f", "raw", "-c", "write -P 7 0 8M", &srv.uri()]);
+    assert!(srv.signal("TERM").success());
+    // A plain volume becomes a set of two.
+    let out = run(BIN, &["mirror", "add", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert!(stdout(&out).contains("added"), "{}", stdout(&out));
+    let out = run(BIN, &["mirror", "list", b.to_str().unwrap(), "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+    assert!(
+        list.as_array().unwrap().iter().all(|c| c["in_sync"] == true),
+        "{list}"
+    );
+
+    // Copy 1 goes missing; the set is served degraded and written.
+    let away = dir.path().join("away.bgv");
+    std::fs::rename(&b, &away).unwrap();
+    let mut srv = Served::start(&a, &[]);
+    run("qemu-io", &["-f", "raw", "-c", "write -P 9 32M 1M", &srv.uri()]);
+    assert!(srv.signal("TERM").success());
+    assert!(srv.log_text().contains("missing"), "{}", srv.log_text());
+    std::fs::rename(&away, &b).unwrap();
+    let out = run(BIN, &["mirror", "list", a.to_str().unwrap()]);
+    assert!(stdout(&out).contains("out of sync"), "{}", stdout(&out));
+
+    // Resync copies only the group the degraded session wrote (and the bitmaps).
+    let out = run(BIN, &["mirror", "resync", a.to_str().unwrap(), "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["members"], serde_json::json!([1]), "{report}");
+    // 1 MiB at 32 MiB touches one or two groups of about 2 MiB each; the whole volume is 64 MiB.
+    let groups = report["groups"].as_u64().unwrap();
+    assert!((1..=2).contains(&groups), "{report}");
+    assert!(report["bytes_copied"].as_u64().unwrap() < 5 << 20, "{report}");
+    let out = run(BIN, &["mirror", "list", a.to_str().unwrap()]);
+    assert!(!stdout(&out).contains("out of sync"), "{}", stdout(&out));
+    // Copy 1 alone now holds everything: take copy 0 out of the set and read copy 1.
+    run(
+        BIN,
+        &["mirror", "remove", b.to_str().unwrap(), a.to_str().unwrap()],
+    );
+    let mut srv = Served::start(&b, &["--read-only"]);
+    run(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 7 0 8M",
+            "-c",
+            "read -P 9 32M 1M",
+            "-c",
+            "read -P 0 40M 1M",
+            &srv.uri(),
+        ],
+    );
+    assert!(srv.signal("TERM").success());
+}

@@ -31,6 +31,20 @@ struct Member {
     backend: Arc<dyn Backend>,
     /// Holds the volume's current contents: read and written.
     in_sync: AtomicBool,
+    /// Its backend is the member itself (false: the member is missing and `backend` is a
+    /// stand-in that is never read or written).
+    present: bool,
+}
+
+/// How a member joins a [`CopySet`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberState {
+    /// Holds the current contents: read and written.
+    InSync,
+    /// Present but behind (it missed writes): neither read nor written until resynchronized.
+    OutOfSync,
+    /// Missing: the backend given is a stand-in, never used.
+    Absent,
 }
 
 /// The members of a volume, written together and read one at a time.
@@ -46,7 +60,7 @@ pub struct CopySet {
 impl CopySet {
     /// A set of one: a plain volume.
     pub fn single(backend: Arc<dyn Backend>) -> CopySet {
-        CopySet::new(vec![(backend, true)])
+        CopySet::new(vec![(backend, MemberState::InSync)])
     }
 
     /// A set of `members`, each with whether it is in sync.
@@ -54,15 +68,16 @@ impl CopySet {
     /// # Panics
     ///
     /// If `members` is empty: a volume lives on at least one backend.
-    pub fn new(members: Vec<(Arc<dyn Backend>, bool)>) -> CopySet {
+    pub fn new(members: Vec<(Arc<dyn Backend>, MemberState)>) -> CopySet {
         assert!(!members.is_empty(), "a copy set needs a member");
-        let live = members.iter().filter(|(_, s)| *s).count();
+        let live = members.iter().filter(|(_, s)| *s == MemberState::InSync).count();
         CopySet {
             members: members
                 .into_iter()
                 .map(|(backend, s)| Member {
                     backend,
-                    in_sync: AtomicBool::new(s),
+                    in_sync: AtomicBool::new(s == MemberState::InSync),
+                    present: s != MemberState::Absent,
                 })
                 .collect(),
             new_failures: Mutex::new(Vec::new()),
@@ -78,6 +93,24 @@ impl CopySet {
     /// Whether member `i` is in sync.
     pub fn in_sync(&self, i: usize) -> bool {
         self.members[i].in_sync.load(Ordering::Acquire)
+    }
+
+    /// Whether member `i` is present (not a stand-in for a missing one).
+    pub fn present(&self, i: usize) -> bool {
+        self.members[i].present
+    }
+
+    /// Puts member `i` (present, resynchronized by the engine) back in sync: from now on it
+    /// is read and written.
+    ///
+    /// # Panics
+    ///
+    /// If the member is absent: a stand-in can never hold the volume's contents.
+    pub fn rejoin(&self, i: usize) {
+        assert!(self.members[i].present, "an absent member cannot rejoin");
+        if !self.members[i].in_sync.swap(true, Ordering::AcqRel) {
+            self.live.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// The members in sync, in index order.
@@ -315,8 +348,8 @@ mod tests {
         let a: Arc<dyn Backend> = Arc::new(MemoryBackend::new(1 << 20).expect("memory"));
         let faulty = Arc::new(FaultBackend::new(1 << 20).expect("memory"));
         let set = CopySet::new(vec![
-            (a.clone(), true),
-            (faulty.clone() as Arc<dyn Backend>, true),
+            (a.clone(), MemberState::InSync),
+            (faulty.clone() as Arc<dyn Backend>, MemberState::InSync),
         ]);
         set.write_at(&[7u8; 4096], 8192).expect("both take it");
         let mut buf = [0u8; 4096];

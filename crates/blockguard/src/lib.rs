@@ -48,5 +48,5 @@ pub use format::{Geometry, Mode, Superblock};
 pub use tag::Profile;
 pub use volume::{
     member_records, BlockProblem, BlockReport, Extent, FormatOptions, MapProblem, MetadataProblem,
-    OpenOptions, RecoverOptions, RecoveryReport, SlotReport, Volume, VolumeStats,
+    OpenOptions, RecoverOptions, RecoveryReport, ResyncReport, SlotReport, Volume, VolumeStats,
 };

@@ -178,7 +178,7 @@ fn a_member_failing_writes_is_dropped_and_the_volume_goes_on() {
     vol.close().expect("close");
     // The survivor's superblock says the failed member is out of sync: reopened with both,
     // the set never reads the stale member.
-    bad.fail_writes_at(0..0);
+    bad.clear_faults();
     let vol = Volume::open_members(set, &OpenOptions::default()).expect("reopen");
     assert!(!vol.members()[1].1, "the failed member stays out of sync");
     for b in 0..BLOCKS {
@@ -235,4 +235,182 @@ fn any_member_names_the_others() {
             assert_eq!(r.path, m[i].name());
         }
     }
+}
+
+/// Bytes a resync of `groups` copies: both copies of the three bitmaps, plus each group's two
+/// metadata blocks and its data blocks.
+fn resync_bytes(vol: &Volume, groups: &[u64]) -> u64 {
+    let g = vol.geometry();
+    let bs = u64::from(g.block_size);
+    2 * 3 * g.map_region_len()
+        + groups
+            .iter()
+            .map(|&k| (2 + u64::from(g.blocks_in_group(k))) * bs)
+            .sum::<u64>()
+}
+
+/// The data and metadata regions of two members are identical (superblock regions differ by
+/// role, the bitmaps are compared too).
+fn assert_same_contents(a: &MemoryBackend, b: &MemoryBackend, what: &str) {
+    let (ia, ib) = (image(a), image(b));
+    let end = ia.len() - 4096;
+    assert!(ia[4096..end] == ib[4096..end], "{what}: members differ");
+}
+
+#[test]
+fn resync_copies_only_the_groups_written_while_a_member_was_out() {
+    let m = written_set(2);
+    // Session 1 without member 1: writes to groups of blocks 0 and 5.
+    let vol = Volume::open_members(vec![m[0].clone()], &OpenOptions::default()).expect("open degraded");
+    let per_group = u64::from(vol.geometry().group_blocks);
+    assert!(BLOCKS >= 3 * per_group, "the volume spans at least three groups");
+    vol.write_at(&content(5, 2), 5 * BS).expect("write");
+    vol.close().expect("close");
+    // Session 2, still without it: a write to the last group. The marks of session 1 stay.
+    let vol = Volume::open_members(vec![m[0].clone()], &OpenOptions::default()).expect("open degraded again");
+    let last = BLOCKS - 1;
+    vol.write_at(&content(last, 2), last * BS).expect("write");
+    vol.close().expect("close");
+    // Both present: member 1 is out of sync until resync, which copies exactly two groups.
+    let vol = Volume::open_members(dyns(&m), &OpenOptions::default()).expect("open both");
+    assert!(!vol.members()[1].1);
+    let report = vol.resync(&mut |_, _| {}).expect("resync");
+    assert_eq!(report.members, vec![1]);
+    assert_eq!(report.groups, 2, "{report:?}");
+    let groups = [0, vol.geometry().group_of(last).0];
+    assert_eq!(report.bytes_copied, resync_bytes(&vol, &groups), "{report:?}");
+    assert!(vol.members().iter().all(|(_, s)| *s), "{:?}", vol.members());
+    vol.close().expect("close");
+    assert_same_contents(&m[0], &m[1], "after resync");
+    // In sync and recorded so: reopened, both are read and written; nothing left to copy.
+    let vol = Volume::open_members(dyns(&m), &OpenOptions::default()).expect("reopen");
+    assert!(vol.members().iter().all(|(_, s)| *s));
+    assert_eq!(vol.resync(&mut |_, _| {}).expect("resync").groups, 0);
+    for b in 0..BLOCKS {
+        let mut buf = vec![0u8; BS as usize];
+        vol.read_at(&mut buf, b * BS).expect("read");
+        let want = if b == 5 || b == last {
+            content(b, 2)
+        } else {
+            content(b, 0)
+        };
+        assert_eq!(buf, want, "block {b}");
+    }
+}
+
+#[test]
+fn a_member_dropped_mid_workload_is_resynced_and_identical() {
+    let len = opts().backing_len().expect("geometry");
+    let good = Arc::new(MemoryBackend::new(len).expect("memory"));
+    let bad = Arc::new(FaultBackend::new(len).expect("memory"));
+    let set: Vec<Arc<dyn Backend>> = vec![good.clone(), bad.clone()];
+    Volume::format_members(set.clone(), &opts())
+        .expect("format")
+        .close()
+        .expect("close");
+    // Marks of groups whose writes are durable everywhere are cleared at every flush (not
+    // every 2 s), so what stays marked is exactly what member 1 missed.
+    let eager = OpenOptions {
+        dirty_clear_interval: std::time::Duration::ZERO,
+        ..OpenOptions::default()
+    };
+    let vol = Volume::open_members(set.clone(), &eager).expect("open");
+    for b in 0..BLOCKS {
+        vol.write_at(&content(b, 1), b * BS).expect("write");
+    }
+    vol.flush().expect("flush");
+    vol.flush().expect("a second flush clears the marks of the first");
+    bad.fail_writes_at(0..len);
+    // Only the first group is written while member 1 is out.
+    for b in 0..4 {
+        vol.write_at(&content(b, 3), b * BS).expect("write");
+    }
+    vol.flush().expect("flush");
+    vol.close().expect("close");
+    bad.clear_faults();
+    let vol = Volume::open_members(set, &OpenOptions::default()).expect("reopen");
+    let report = vol.resync(&mut |_, _| {}).expect("resync");
+    assert_eq!(report.groups, 1, "{report:?}");
+    assert_eq!(report.bytes_copied, resync_bytes(&vol, &[0]));
+    vol.close().expect("close");
+    let mut bad_image = vec![0u8; len as usize];
+    bad.read_at(&mut bad_image, 0).expect("read");
+    let good_image = image(&good);
+    let end = good_image.len() - 4096;
+    assert!(
+        good_image[4096..end] == bad_image[4096..end],
+        "members identical after resync"
+    );
+}
+
+#[test]
+fn a_copy_added_to_a_plain_volume_is_built_from_it_and_can_be_removed_again() {
+    let len = opts().backing_len().expect("geometry");
+    let a = Arc::new(MemoryBackend::new(len).expect("memory"));
+    let vol = Volume::format(a.clone(), &opts()).expect("format");
+    for b in (0..BLOCKS).step_by(3) {
+        vol.write_at(&content(b, 4), b * BS).expect("write");
+    }
+    let written_groups: std::collections::BTreeSet<u64> = (0..BLOCKS)
+        .step_by(3)
+        .map(|b| vol.geometry().group_of(b).0)
+        .collect();
+    let b = Arc::new(MemoryBackend::new(len).expect("memory"));
+    let mut calls = 0;
+    let (vol, report) = vol
+        .add_member(b.clone(), &mut |_, _| calls += 1)
+        .expect("add a copy");
+    assert!(calls > 0, "progress is reported");
+    assert_eq!(report.members, vec![1]);
+    assert_eq!(
+        report.groups,
+        written_groups.len() as u64,
+        "every written group copied, nothing else"
+    );
+    assert_eq!(vol.members().len(), 2);
+    assert!(vol.members().iter().all(|(_, s)| *s), "{:?}", vol.members());
+    vol.close().expect("close");
+    assert_same_contents(&a, &b, "after add");
+    // A third copy.
+    let vol = Volume::open_members(vec![b.clone(), a.clone()], &OpenOptions::default()).expect("open");
+    let c = Arc::new(MemoryBackend::new(len).expect("memory"));
+    let (vol, _) = vol
+        .add_member(c.clone(), &mut |_, _| {})
+        .expect("add a third copy");
+    assert_eq!(vol.members().len(), 3);
+    let err = {
+        let d = Arc::new(MemoryBackend::new(len).expect("memory"));
+        vol.add_member(d, &mut |_, _| {}).expect_err("a fourth copy")
+    };
+    assert!(err.to_string().contains("already has 3"), "{err}");
+    // Remove two copies: the last one is a plain volume again, holding everything.
+    let vol = Volume::open_members(dyns(&[a.clone(), b.clone(), c.clone()]), &OpenOptions::default())
+        .expect("open");
+    let vol = vol.remove_member(0).expect("remove copy 0");
+    assert_eq!(vol.members().len(), 2);
+    let vol = vol.remove_member(1).expect("remove copy 1");
+    assert!(vol.members().is_empty(), "a plain volume");
+    vol.close().expect("close");
+    let vol = Volume::open(b.clone(), &OpenOptions::default()).expect("the last copy opens alone");
+    for blk in 0..BLOCKS {
+        let mut buf = vec![0u8; BS as usize];
+        vol.read_at(&mut buf, blk * BS).expect("read");
+        let want = if blk % 3 == 0 {
+            content(blk, 4)
+        } else {
+            vec![0u8; BS as usize]
+        };
+        assert_eq!(buf, want, "block {blk}");
+    }
+    vol.close().expect("close");
+    // The removed copies are not members of anything the set knows any more.
+    let err = Volume::open_members(
+        vec![b.clone() as Arc<dyn Backend>, a.clone()],
+        &OpenOptions::default(),
+    )
+    .expect_err("a removed copy");
+    assert!(
+        err.to_string().contains("not a member") || err.to_string().contains("replaced"),
+        "{err}"
+    );
 }

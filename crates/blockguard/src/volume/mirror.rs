@@ -12,7 +12,7 @@
 use super::group::GroupState;
 use super::open::read_member;
 use super::{invalid, FormatOptions, Inner, OpenOptions, Volume};
-use crate::copies::CopySet;
+use crate::copies::{CopySet, MemberState};
 use crate::error::Result;
 use crate::format::{
     member_record_offset, MemberInfo, MemberRecord, MirrorInfo, Superblock, INCOMPAT_MIRROR, MAX_MEMBERS,
@@ -65,17 +65,7 @@ impl Volume {
                 .collect(),
             event: 1,
         };
-        let records: Vec<MemberRecord> = members
-            .iter()
-            .zip(&info.members)
-            .zip(0u8..)
-            .map(|((b, m), index)| MemberRecord {
-                set: info.set,
-                id: m.id,
-                index,
-                path: b.name(),
-            })
-            .collect();
+        let records = super::membership::records_for(&info, &members);
         for (role, backend) in (0u8..).zip(&members) {
             let vol = Volume::format(backend.clone(), &opts)?;
             let geo = *vol.geometry();
@@ -90,7 +80,7 @@ impl Volume {
             let mut sb = read_member(&**backend)?.0;
             sb.incompat |= INCOMPAT_MIRROR;
             sb.mirror = Some(MirrorInfo { role, ..info.clone() });
-            write_member_superblocks(&**backend, &sb, &records).map_err(super::open::io_error(
+            super::membership::write_regions(&**backend, &sb, &records).map_err(super::open::io_error(
                 &name,
                 "writing a mirror member's superblocks",
                 0,
@@ -159,7 +149,12 @@ impl Volume {
         for (role, slot) in slots.into_iter().enumerate() {
             if let Some((b, w)) = slot {
                 warnings.extend(w);
-                set_members.push((b, info.members[role].in_sync));
+                let state = if info.members[role].in_sync {
+                    MemberState::InSync
+                } else {
+                    MemberState::OutOfSync
+                };
+                set_members.push((b, state));
                 continue;
             }
             // A missing member cannot be written: it is out of sync from now on. It is
@@ -171,9 +166,9 @@ impl Volume {
                 info.members[role].in_sync = false;
                 info.event += 1;
             }
-            set_members.push((stand_in.clone(), false));
+            set_members.push((stand_in.clone(), MemberState::Absent));
         }
-        if !set_members.iter().any(|(_, s)| *s) {
+        if !set_members.iter().any(|(_, s)| *s == MemberState::InSync) {
             return Err(invalid(
                 &stand_in.name(),
                 "no member of the mirror set given holds the current contents (every one present is out of sync)"
@@ -253,28 +248,6 @@ fn check_member(
     Ok(role)
 }
 
-/// Writes a new member's superblock regions (with the member records) and flushes.
-fn write_member_superblocks(
-    backend: &dyn Backend,
-    sb: &Superblock,
-    records: &[MemberRecord],
-) -> std::io::Result<()> {
-    let align = backend.alignment().max(1);
-    for (copy, offset) in [(1u8, sb.geometry.backup_sb_offset), (0, 0)] {
-        let mut region = sb.encode(copy);
-        for r in records {
-            let at = member_record_offset(usize::from(r.index));
-            let bytes = r.encode().map_err(std::io::Error::other)?;
-            region[at..at + 512].copy_from_slice(&bytes);
-        }
-        let mut buf = super::aligned(region.len(), align);
-        buf.as_mut().copy_from_slice(&region);
-        backend.write_at(buf.as_ref(), offset)?;
-        backend.flush()?;
-    }
-    Ok(())
-}
-
 /// The member records kept next to the superblocks of `backend` (a mirror member): where the
 /// other members were last seen. Records that are damaged are left out; the primary region's
 /// records win over the backup's.
@@ -302,6 +275,12 @@ pub fn member_records(backend: &dyn Backend) -> Result<Vec<MemberRecord>> {
 }
 
 impl Inner {
+    /// Some member of the set is out of sync (or missing): writes are recorded in the dirty
+    /// map until it is resynchronized.
+    pub(crate) fn degraded(&self) -> bool {
+        self.backend.live().len() < self.backend.count()
+    }
+
     /// Puts the member records into a superblock region about to be written, so a
     /// superblock update never erases them.
     pub(crate) fn put_member_records(&self, region: &mut [u8]) {
@@ -358,16 +337,9 @@ impl Inner {
         if others.is_empty() {
             return Ok(());
         }
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for copy in 0..2 {
-            let at = self.geo.map_offset(crate::format::MapKind::Written, copy);
-            ranges.push((at, 3 * self.geo.map_region_len()));
-        }
+        let mut ranges = self.bitmap_ranges();
         for g in self.dirty_groups_after_crash()? {
-            let start = self.geo.meta_offset(g, 0);
-            let end = self.geo.data_offset(self.geo.first_block(g))
-                + u64::from(self.geo.blocks_in_group(g)) * u64::from(self.geo.block_size);
-            ranges.push((start, end - start));
+            ranges.push(self.group_range(g));
         }
         let mut copied = 0u64;
         for (off, len) in ranges {

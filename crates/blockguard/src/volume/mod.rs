@@ -17,16 +17,19 @@ mod device;
 mod group;
 mod group_commit;
 mod inspect;
+mod membership;
 mod meta_io;
 mod mirror;
 mod open;
 mod read;
 mod recover;
+mod resync;
 mod stage;
 mod write;
 
 pub use mirror::member_records;
 pub use recover::{MapProblem, MetadataProblem, RecoverOptions, RecoveryReport};
+pub use resync::ResyncReport;
 
 use crate::error::{Error, Result};
 use crate::format::{Geometry, Mode, Superblock};

@@ -158,6 +158,10 @@ impl Volume {
             vol.converge_after_crash()?;
             vol.recovered_at_open = vol.protocol.settle_after_crash(&vol, progress)?;
         }
+        if !vol.read_only && vol.degraded() {
+            // The write-intent marks of earlier degraded sessions are kept, not overwritten.
+            vol.adopt_dirty_from_disk()?;
+        }
         Ok(Volume::start(vol))
     }
 }
@@ -248,7 +252,7 @@ fn zero_backend(
 /// Writes both copies of the three group bitmaps, every sector with no bit set (a blank
 /// sector found later is damage, not an empty map), and flushes. The head and tail copies
 /// each fill a contiguous, 4 KiB-aligned run of regions.
-fn write_empty_maps(
+pub(super) fn write_empty_maps(
     backend: &dyn Backend,
     name: &str,
     geo: &Geometry,
