@@ -669,6 +669,8 @@ struct Inner {
     stats: FaultStats,
     // Fault configuration.
     read_fail_ranges: Vec<Range<u64>>,
+    /// Latent sector errors: reads fail until a write covers the range.
+    pending_ranges: Vec<Range<u64>>,
     write_fail_ranges: Vec<Range<u64>>,
     fail_next_flush: bool,
     read_error_p: f64,
@@ -898,6 +900,9 @@ impl Inner {
             self.events.push(Event::WriteFailed { offset, len });
             return Some(Err(self.inject(|s| &mut s.failed_writes, InjectedFault::Error)));
         }
+        // A write over a pending sector remaps it, as a disk does: it reads again.
+        self.pending_ranges
+            .retain(|r| !(offset <= r.start && r.end <= offset + len));
         let p = self.lost_p;
         if std::mem::take(&mut self.lose_next) || self.chance(p) {
             self.stats.lost_writes += 1;
@@ -1011,6 +1016,7 @@ impl FaultBackend {
             crashed: false,
             stats: FaultStats::default(),
             read_fail_ranges: Vec::new(),
+            pending_ranges: Vec::new(),
             write_fail_ranges: Vec::new(),
             fail_next_flush: false,
             read_error_p: 0.0,
@@ -1241,6 +1247,12 @@ impl FaultBackend {
         self.lock().read_fail_ranges.push(range);
     }
 
+    /// Fails every read overlapping `range` until a write covers the whole range (a pending
+    /// sector the disk remaps when it is rewritten), or [`FaultBackend::clear_faults`].
+    pub fn fail_reads_until_rewritten(&self, range: Range<u64>) {
+        self.lock().pending_ranges.push(range);
+    }
+
     /// Fails every write or zero range overlapping `range`, storing nothing, until
     /// [`FaultBackend::clear_faults`].
     pub fn fail_writes_at(&self, range: Range<u64>) {
@@ -1331,6 +1343,7 @@ impl FaultBackend {
     pub fn clear_faults(&self) {
         let mut inner = self.lock();
         inner.read_fail_ranges.clear();
+        inner.pending_ranges.clear();
         inner.write_fail_ranges.clear();
         inner.fail_next_flush = false;
         inner.read_error_p = 0.0;
@@ -1384,7 +1397,8 @@ impl Backend for FaultBackend {
         check_range(offset, len, inner.live.len() as u64)?;
         let hits = |r: &Range<u64>| r.start < offset + len && offset < r.end;
         let p = inner.read_error_p;
-        if inner.read_fail_ranges.iter().any(hits) || inner.chance(p) {
+        if inner.read_fail_ranges.iter().any(hits) || inner.pending_ranges.iter().any(hits) || inner.chance(p)
+        {
             return Err(inner.inject(|s| &mut s.failed_reads, InjectedFault::Error));
         }
         if buf.is_empty() {
@@ -2603,6 +2617,23 @@ mod tests {
         b.flush().unwrap();
         b.stale_next_read();
         assert_eq!(read(&b, 3072, 1024)[512..], [5; 512]);
+    }
+
+    #[test]
+    fn a_pending_sector_reads_again_once_rewritten_whole() {
+        let b = FaultBackend::new(8192).unwrap();
+        b.fail_reads_until_rewritten(512..1024);
+        let mut buf = [0u8; 512];
+        assert!(b.read_at(&mut buf, 512).is_err());
+        assert!(b.read_at(&mut buf, 0).is_ok(), "only the pending sector fails");
+        b.write_at(&[1u8; 256], 512).unwrap();
+        assert!(
+            b.read_at(&mut buf, 512).is_err(),
+            "a partial write does not remap it"
+        );
+        b.write_at(&[2u8; 1024], 0).unwrap();
+        b.read_at(&mut buf, 512).unwrap();
+        assert_eq!(buf, [2u8; 512]);
     }
 
     #[test]

@@ -55,6 +55,11 @@ pub struct CopySet {
     new_failures: Mutex<Vec<(usize, String)>>,
     /// Members in sync (kept beside the flags so the common single-member path is cheap).
     live: AtomicUsize,
+    /// Reads that failed on one member and were served by another: (member, offset, length),
+    /// for the engine to rewrite on the failing member.
+    read_errors: Mutex<Vec<(usize, u64, usize)>>,
+    /// `read_errors` is not empty (checked on every read without taking the lock).
+    read_errors_pending: AtomicBool,
 }
 
 impl CopySet {
@@ -82,6 +87,8 @@ impl CopySet {
                 .collect(),
             new_failures: Mutex::new(Vec::new()),
             live: AtomicUsize::new(live),
+            read_errors: Mutex::new(Vec::new()),
+            read_errors_pending: AtomicBool::new(false),
         }
     }
 
@@ -169,6 +176,20 @@ impl CopySet {
         true
     }
 
+    /// Whether reads failed on a member and were served by another since the last
+    /// [`CopySet::take_read_errors`]. Cheap: one atomic load.
+    pub fn has_read_errors(&self) -> bool {
+        self.read_errors_pending.load(Ordering::Acquire)
+    }
+
+    /// The reads that failed on one member and were served by another since the last call:
+    /// (member, offset, length).
+    pub fn take_read_errors(&self) -> Vec<(usize, u64, usize)> {
+        let mut errors = self.read_errors.lock().unwrap_or_else(PoisonError::into_inner);
+        self.read_errors_pending.store(false, Ordering::Release);
+        std::mem::take(&mut *errors)
+    }
+
     /// Members dropped since the last call, with why.
     pub fn take_new_failures(&self) -> Vec<(usize, String)> {
         std::mem::take(&mut *self.new_failures.lock().unwrap_or_else(PoisonError::into_inner))
@@ -243,6 +264,12 @@ impl Backend for CopySet {
                 for i in self.live().into_iter().filter(|&i| i != first) {
                     if self.members[i].backend.read_at(buf, offset).is_ok() {
                         tracing::warn!(member = %self.members[first].backend.name(), offset, "read failed, served by another member: {e}");
+                        let mut errors = self.read_errors.lock().unwrap_or_else(PoisonError::into_inner);
+                        // Bounded: a member failing every read is not remembered forever.
+                        if errors.len() < 4096 {
+                            errors.push((first, offset, buf.len()));
+                        }
+                        self.read_errors_pending.store(true, Ordering::Release);
                         return Ok(());
                     }
                 }

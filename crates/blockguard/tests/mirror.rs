@@ -414,3 +414,46 @@ fn a_copy_added_to_a_plain_volume_is_built_from_it_and_can_be_removed_again() {
         "{err}"
     );
 }
+
+#[test]
+fn a_read_error_on_one_member_is_served_by_another_and_the_sector_rewritten() {
+    let len = opts().backing_len().expect("geometry");
+    let flaky = Arc::new(FaultBackend::new(len).expect("memory"));
+    let other = Arc::new(MemoryBackend::new(len).expect("memory"));
+    let set: Vec<Arc<dyn Backend>> = vec![flaky.clone(), other.clone()];
+    let vol = Volume::format_members(set.clone(), &opts()).expect("format");
+    for b in 0..BLOCKS {
+        vol.write_at(&content(b, 6), b * BS).expect("write");
+    }
+    let geo = *vol.geometry();
+    vol.close().expect("close");
+    // A latent sector error under block 7's data, and one under group 1's metadata, on the
+    // member reads go to.
+    let data_at = geo.data_offset(7);
+    let meta_at = geo.meta_offset(1, 0);
+    flaky.fail_reads_until_rewritten(data_at..data_at + BS);
+    flaky.fail_reads_until_rewritten(meta_at..meta_at + BS);
+    let vol = Volume::open_members(set, &OpenOptions::default()).expect("open");
+    for b in 0..BLOCKS {
+        let mut buf = vec![0u8; BS as usize];
+        vol.read_at(&mut buf, b * BS)
+            .unwrap_or_else(|e| panic!("block {b}: {e}"));
+        assert_eq!(buf, content(b, 6), "block {b}");
+    }
+    let stats = vol.stats();
+    assert_eq!(
+        stats.repairs, 2,
+        "the data sector and the metadata sector rewritten: {stats:?}"
+    );
+    assert_eq!(stats.members_failed, 0);
+    assert!(vol.members().iter().all(|(_, s)| *s));
+    // Rewritten: member 0 reads there again.
+    let mut buf = vec![0u8; BS as usize];
+    flaky
+        .read_at(&mut buf, data_at)
+        .expect("the data sector reads again");
+    assert_eq!(buf, content(7, 6));
+    flaky
+        .read_at(&mut buf, meta_at)
+        .expect("the metadata sector reads again");
+}

@@ -488,6 +488,62 @@ impl Inner {
         }
     }
 
+    /// Rewrites, on the members they failed on, the ranges whose reads failed there and were
+    /// served by another member: every block (and group metadata) they cover goes through
+    /// read repair, under the commit lock. Read-only volumes only log them.
+    pub(crate) fn repair_read_errors(&self) -> Result<()> {
+        let errors = self.backend.take_read_errors();
+        if errors.is_empty() {
+            return Ok(());
+        }
+        if self.read_only {
+            tracing::warn!(volume = %self.name, ranges = errors.len(), "reads failed on a mirror member and were served by another (read-only: not rewritten)");
+            return Ok(());
+        }
+        let mut blocks = std::collections::BTreeSet::new();
+        for (_, offset, len) in &errors {
+            blocks.extend(self.blocks_at(*offset, *len as u64));
+        }
+        let _commit = self.lock(&self.commit);
+        let mut buf = vec![0u8; self.geo.block_size as usize];
+        for block in blocks {
+            if self.lock(&self.stage).get(block).is_some() {
+                // Staged: its commit will write every member anyway.
+                continue;
+            }
+            if !self.repair_block(block, &mut buf)? {
+                tracing::error!(volume = %self.name, block, "a read failed on a mirror member and no member holds a copy that verifies");
+            }
+        }
+        Ok(())
+    }
+
+    /// The blocks whose data or group metadata overlap `len` bytes at `offset` (metadata:
+    /// the group's first block, whose repair rewrites the group's metadata).
+    fn blocks_at(&self, offset: u64, len: u64) -> Vec<u64> {
+        let g = &self.geo;
+        let start = g.first_group_offset;
+        let end = start + g.groups * g.group_len();
+        let (lo, hi) = (offset.max(start), (offset + len).min(end));
+        let bs = u64::from(g.block_size);
+        let mut out = Vec::new();
+        let mut at = lo;
+        while at < hi {
+            let group = (at - start) / g.group_len();
+            let within = (at - start) % g.group_len();
+            let block = if within < 2 * bs {
+                g.first_block(group)
+            } else {
+                g.first_block(group) + (within - 2 * bs) / bs
+            };
+            if block < g.data_blocks && out.last() != Some(&block) {
+                out.push(block);
+            }
+            at = (at / bs + 1) * bs;
+        }
+        out
+    }
+
     /// Writes `bytes` to member `i` at `offset` (through an aligned buffer), flushes it and
     /// reads it back: a repair is done only when the member returns what was written.
     fn rewrite_member(&self, i: usize, offset: u64, bytes: &[u8]) -> std::io::Result<()> {

@@ -208,6 +208,10 @@ impl Inner {
     /// Reads unstaged consecutive blocks of one group from the backend and verifies them.
     fn read_run(&self, first: u64, dst: &mut [u8]) -> Result<()> {
         self.backend_read(dst, self.geo.data_offset(first), "reading data")?;
+        if self.backend.has_read_errors() {
+            // A member failed a read another served: rewrite it while the good copy is at hand.
+            self.repair_read_errors()?;
+        }
         let why = match self.verify_run(first, dst) {
             Ok(Match::Newest) => return Ok(()),
             Ok(Match::Fallback) => "matched only an older tag".to_string(),
