@@ -47,6 +47,7 @@ pub use error::{CorruptionKind, Error, Result};
 pub use format::{Geometry, Mode, Superblock};
 pub use tag::Profile;
 pub use volume::{
-    member_records, BlockProblem, BlockReport, Extent, FormatOptions, MapProblem, MetadataProblem,
-    OpenOptions, RecoverOptions, RecoveryReport, ResyncReport, SlotReport, Volume, VolumeStats,
+    member_records, BlockProblem, BlockReport, CopiesReport, Extent, FormatOptions, MapProblem,
+    MetadataProblem, OpenOptions, RecoverOptions, RecoveryReport, ResyncReport, SlotReport, Volume,
+    VolumeStats,
 };

@@ -457,3 +457,42 @@ fn a_read_error_on_one_member_is_served_by_another_and_the_sector_rewritten() {
         .read_at(&mut buf, meta_at)
         .expect("the metadata sector reads again");
 }
+
+#[test]
+fn verify_copies_finds_every_bad_copy_and_repairs_it_exactly() {
+    let m = written_set(3);
+    let vol = Volume::open_members(dyns(&m), &OpenOptions::default()).expect("open");
+    let geo = *vol.geometry();
+    vol.close().expect("close");
+    // Damaged copies: block 3 on member 1, block 200 on member 2, block 401 on members 0 and
+    // 2, and block 77 on all three (unrepairable).
+    let damage: &[(usize, u64)] = &[(1, 3), (2, 200), (0, 401), (2, 401), (0, 77), (1, 77), (2, 77)];
+    for &(member, b) in damage {
+        m[member]
+            .write_at(&[0xAB; 5], geo.data_offset(b) + 17)
+            .expect("corrupt");
+    }
+    let vol = Volume::open_members(dyns(&m), &OpenOptions::default()).expect("open");
+    let report = vol.verify_copies(0, BLOCKS, false).expect("verify");
+    let mut bad = report.bad.clone();
+    bad.sort_by_key(|&(member, b)| (b, member));
+    let mut want: Vec<(usize, u64)> = damage.to_vec();
+    want.sort_by_key(|&(member, b)| (b, member));
+    assert_eq!(bad, want, "{report:?}");
+    assert_eq!(report.unrepairable, vec![77]);
+    assert_eq!(report.repaired, 0, "nothing written without repair");
+    assert_eq!(report.blocks, BLOCKS);
+    let report = vol.verify_copies(0, BLOCKS, true).expect("verify and repair");
+    assert_eq!(
+        report.repaired, 4,
+        "every bad copy of a block with a good copy: {report:?}"
+    );
+    assert_eq!(report.unrepairable, vec![77]);
+    let report = vol.verify_copies(0, BLOCKS, false).expect("verify again");
+    assert_eq!(
+        report.bad.len(),
+        3,
+        "only block 77's copies are still bad: {report:?}"
+    );
+    assert_eq!(vol.stats().unrepairable, 3, "counted once per pass that met it");
+}

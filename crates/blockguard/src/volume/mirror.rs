@@ -386,7 +386,7 @@ impl Inner {
             return Ok(false);
         };
         let good = &copies[source];
-        out.copy_from_slice(&good.data);
+        out.copy_from_slice(good.data.as_ref());
         if self.read_only {
             // Nothing may be written: serve the good copy, leave the bad ones to a
             // read-write open or a scrub.
@@ -403,30 +403,70 @@ impl Inner {
         Ok(true)
     }
 
+    /// Looks at every member's copy of `block` (caller holds the commit lock): which members'
+    /// copies do not verify against their own metadata, and whether some copy does. With
+    /// `repair` (on a writable volume) the bad copies are rewritten from the best good one.
+    pub(crate) fn examine_block(&self, block: u64, repair: bool) -> Result<Examined> {
+        let (group, index) = self.geo.group_of(block);
+        let copies = self.member_copies(block);
+        let mut bad = Vec::new();
+        for c in &copies {
+            let ok = c.readable && {
+                let state = self.parse_loaded(group, c.meta.as_ref().into(), true)?;
+                self.verifies(block, c.data.as_ref(), &state.accept(index as usize))
+            };
+            if !ok {
+                bad.push(c.member);
+            }
+        }
+        let best = self.best_copy(block, &copies)?;
+        let mut repaired = 0;
+        if let (Some((source, state)), true) = (&best, repair && !self.read_only && !bad.is_empty()) {
+            let before = self.stats.repairs.load(Ordering::Relaxed);
+            for c in copies.iter().filter(|c| c.member != copies[*source].member) {
+                self.heal(block, c, &copies[*source]);
+            }
+            self.record_member_failures()?;
+            self.cache.lock(group).put(group, Arc::new(state.clone()));
+            repaired = self.stats.repairs.load(Ordering::Relaxed) - before;
+        }
+        Ok(Examined {
+            bad,
+            good: best.is_some(),
+            repaired,
+        })
+    }
+
     /// Every member in sync's copy of `block` and of its group's metadata.
     fn member_copies(&self, block: u64) -> Vec<MemberCopy> {
+        self.backend
+            .live()
+            .into_iter()
+            .map(|member| self.read_member_run(member, block, 1))
+            .collect()
+    }
+
+    /// Member `member`'s metadata of `block`'s group and its data of `n` blocks from `block`
+    /// (all in one group), read from that member alone.
+    pub(crate) fn read_member_run(&self, member: usize, block: u64, n: u64) -> MemberCopy {
         let (group, _) = self.geo.group_of(block);
         let bs = self.geo.block_size as usize;
         let align = self.backend.alignment().max(1);
-        let mut copies = Vec::new();
-        for member in self.backend.live() {
-            let mut meta = super::aligned(2 * bs, align);
-            let mut data = super::aligned(bs, align);
-            let read = self
-                .backend
-                .read_from(member, meta.as_mut(), self.geo.meta_offset(group, 0))
-                .and_then(|()| {
-                    self.backend
-                        .read_from(member, data.as_mut(), self.geo.data_offset(block))
-                });
-            copies.push(MemberCopy {
-                member,
-                readable: read.is_ok(),
-                meta: meta.as_ref().to_vec(),
-                data: data.as_ref().to_vec(),
+        let mut meta = super::aligned(2 * bs, align);
+        let mut data = super::aligned(crate::cast::usize_of(n) * bs, align);
+        let read = self
+            .backend
+            .read_from(member, meta.as_mut(), self.geo.meta_offset(group, 0))
+            .and_then(|()| {
+                self.backend
+                    .read_from(member, data.as_mut(), self.geo.data_offset(block))
             });
+        MemberCopy {
+            member,
+            readable: read.is_ok(),
+            meta,
+            data,
         }
-        copies
     }
 
     /// The index in `copies` of the copy to repair from, with its group state: of the copies
@@ -438,8 +478,8 @@ impl Inner {
         let k = index as usize / self.geo.tags_per_sector() as usize;
         let mut best: Option<(usize, GroupState, u64)> = None;
         for (n, c) in copies.iter().enumerate().filter(|(_, c)| c.readable) {
-            let state = self.parse_loaded(group, c.meta.clone().into_boxed_slice(), true)?;
-            if !self.verifies(block, &c.data, &state.accept(index as usize)) {
+            let state = self.parse_loaded(group, c.meta.as_ref().into(), true)?;
+            if !self.verifies(block, c.data.as_ref(), &state.accept(index as usize)) {
                 continue;
             }
             let newest = state
@@ -458,18 +498,18 @@ impl Inner {
     /// Rewrites what differs of `bad`'s copy of `block` (data, its group's metadata) from
     /// `good`'s; a member that cannot be repaired is dropped.
     fn heal(&self, block: u64, bad: &MemberCopy, good: &MemberCopy) {
-        let meta_bad = !bad.readable || bad.meta != good.meta;
-        let data_bad = !bad.readable || bad.data != good.data;
+        let meta_bad = !bad.readable || bad.meta.as_ref() != good.meta.as_ref();
+        let data_bad = !bad.readable || bad.data.as_ref() != good.data.as_ref();
         if !meta_bad && !data_bad {
             return;
         }
         let (group, _) = self.geo.group_of(block);
         let mut result = Ok(());
         if meta_bad {
-            result = self.rewrite_member(bad.member, self.geo.meta_offset(group, 0), &good.meta);
+            result = self.rewrite_member(bad.member, self.geo.meta_offset(group, 0), good.meta.as_ref());
         }
         if data_bad && result.is_ok() {
-            result = self.rewrite_member(bad.member, self.geo.data_offset(block), &good.data);
+            result = self.rewrite_member(bad.member, self.geo.data_offset(block), good.data.as_ref());
         }
         let what = match (meta_bad, data_bad) {
             (true, true) => "data and metadata",
@@ -565,13 +605,24 @@ impl Inner {
     }
 }
 
-/// One member's copy of a block and of its group's metadata, as read for a repair.
-struct MemberCopy {
-    member: usize,
+/// What [`Inner::examine_block`] found.
+pub(crate) struct Examined {
+    /// Members whose copy does not verify (or cannot be read).
+    pub bad: Vec<usize>,
+    /// Some member's copy verifies.
+    pub good: bool,
+    /// Copies rewritten.
+    pub repaired: u64,
+}
+
+/// One member's copy of blocks and of their group's metadata, as read for a repair or a
+/// check.
+pub(crate) struct MemberCopy {
+    pub member: usize,
     /// Both reads succeeded.
-    readable: bool,
-    meta: Vec<u8>,
-    data: Vec<u8>,
+    pub readable: bool,
+    pub meta: super::Aligned,
+    pub data: super::Aligned,
 }
 
 /// The encoded member records of a member's superblock region (read at open), each with

@@ -25,11 +25,13 @@ mod read;
 mod recover;
 mod resync;
 mod stage;
+mod verify_copies;
 mod write;
 
 pub use mirror::member_records;
 pub use recover::{MapProblem, MetadataProblem, RecoverOptions, RecoveryReport};
 pub use resync::ResyncReport;
+pub use verify_copies::CopiesReport;
 
 use crate::error::{Error, Result};
 use crate::format::{Geometry, Mode, Superblock};
@@ -609,7 +611,7 @@ fn relabel(e: Error, name: &str) -> Error {
 
 /// A buffer whose start is aligned to `align` (for `O_DIRECT` backends), built without
 /// unsafe code by over-allocating and slicing.
-struct Aligned {
+pub(crate) struct Aligned {
     buf: Vec<u8>,
     start: usize,
     len: usize,
