@@ -135,11 +135,15 @@ impl CopySet {
         if self.members.len() == 1 {
             return 0;
         }
-        let live = self.live();
-        match live.len() {
-            0 => 0,
-            n => live[usize::try_from((offset / READ_STRIPE) % n as u64).unwrap_or(0)],
-        }
+        // No allocation: this runs for every read.
+        let n = self.live.load(Ordering::Acquire).max(1) as u64;
+        let k = usize::try_from((offset / READ_STRIPE) % n).unwrap_or(0);
+        self.members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.in_sync.load(Ordering::Acquire))
+            .nth(k)
+            .map_or(0, |(i, _)| i)
     }
 
     /// Reads from member `i` only (in sync or not: resync and repair read where they must).
