@@ -8,12 +8,14 @@
 //! Input layout: byte 0 selects how the rest is used.
 //! - bit 1 clear: the rest is the superblock region, used as is;
 //! - bit 1 set: a valid superblock is built from the next bytes (block size, block count,
-//!   mode, copy) and the remaining bytes are applied as `(offset, value)` edits;
+//!   mode, copy, and — flag bit 3 — a mirror member with its member records) and the
+//!   remaining bytes are applied as `(offset, value)` edits;
 //! - bit 0 set: magic and crc32c are fixed up before decoding, so the fuzzer gets past the
 //!   checksum and reaches the field checks.
 
 use blockguard::format::{
-    Geometry, Mode, Superblock, SuperblockError, VolumeState, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE,
+    member_record_offset, Geometry, MemberInfo, MemberRecord, MirrorInfo, Mode, Superblock, SuperblockError,
+    VolumeState, INCOMPAT_MIRROR, MAX_MEMBERS, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE,
 };
 use blockguard::Profile;
 
@@ -54,7 +56,64 @@ fn template(p: &[u8]) -> Option<Vec<u8>> {
     };
     let mut sb = superblock(geometry, mode, state, get(6), "fuzz");
     sb.created = u64::from(get(7));
-    Some(sb.encode(get(4) >> 7))
+    if get(4) & 8 == 0 {
+        return Some(sb.encode(get(4) >> 7));
+    }
+    let info = mirror_info(get(5), get(6));
+    let records = mirror_records(&info);
+    sb.incompat |= INCOMPAT_MIRROR;
+    sb.mirror = Some(info);
+    let mut region = sb.encode(get(4) >> 7);
+    for r in &records {
+        let at = member_record_offset(usize::from(r.index));
+        region[at..at + 512].copy_from_slice(&r.encode().ok()?);
+    }
+    Some(region)
+}
+
+/// A mirror set description: 2 or 3 members (`shape` picks the count, the role and which
+/// members are out of sync), identities derived from `seed`.
+fn mirror_info(shape: u8, seed: u8) -> MirrorInfo {
+    let count = 2 + usize::from(shape & 1);
+    MirrorInfo {
+        set: [seed | 1; 16],
+        role: (shape >> 1) % u8::try_from(count).unwrap_or(2),
+        members: (0..count)
+            .map(|i| MemberInfo {
+                id: [seed.wrapping_add(u8::try_from(i).unwrap_or(0)).wrapping_mul(3) | 0x80; 16],
+                in_sync: shape >> (3 + i) & 1 == 0,
+            })
+            .collect(),
+        event: u64::from(shape),
+    }
+}
+
+/// The member records of `info`'s members.
+fn mirror_records(info: &MirrorInfo) -> Vec<MemberRecord> {
+    (0u8..)
+        .zip(&info.members)
+        .map(|(index, m)| MemberRecord {
+            set: info.set,
+            id: m.id,
+            index,
+            path: format!("/dev/disk/by-id/member-{index}"),
+        })
+        .collect()
+}
+
+/// Decodes every member record slot of a region: never panics, and a record that decodes
+/// encodes back to the same 512 bytes.
+fn check_records(b: &[u8]) {
+    for i in 0..MAX_MEMBERS {
+        let at = member_record_offset(i);
+        let Some(sector) = b.get(at..at + 512) else {
+            return;
+        };
+        if let Some(r) = MemberRecord::decode(sector) {
+            let again = r.encode().expect("a decoded record re-encodes");
+            assert_eq!(&again[..], sector, "member record encoding is not canonical");
+        }
+    }
 }
 
 /// Rewrites magic and checksum so that the field checks are reached.
@@ -94,6 +153,7 @@ pub fn run(data: &[u8]) -> &'static str {
     if how & 1 == 1 {
         fix_up(&mut b);
     }
+    check_records(&b);
     let (sb, copy) = match Superblock::decode(&b) {
         Ok(d) => d,
         Err(e) => return rejected(&e),
@@ -163,11 +223,13 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     let mut input = vec![0u8];
     input.extend(superblock(g, Mode::Dual, VolumeState::Clean, 7, "device").encode(0));
     out.push(("gen-valid-device-1m".into(), input));
-    // Templates, plain and with edits.
+    // Templates, plain and with edits (the last two: mirror members of 3 and of 2).
     for (name, params) in [
         ("512-dual", [0u8, 10, 0, 0, 0, 0, 1, 2]),
         ("4096-backing-none-inuse-copy1", [3, 200, 1, 0, 0x87, 9, 2, 3]),
         ("64k", [7, 2, 0, 0, 0, 0, 3, 4]),
+        ("mirror-3-role-2", [3, 100, 0, 0, 0x08, 0b0001_0101, 5, 6]),
+        ("mirror-2-out-of-sync", [0, 50, 0, 0, 0x0c, 0b0001_0000, 9, 1]),
     ] {
         let mut input = vec![2u8];
         input.extend(params);
