@@ -24,6 +24,10 @@ struct Report {
     bad_blocks: Vec<BlockProblem>,
     damaged_metadata: Vec<MetadataProblem>,
     map_problems: Vec<MapProblem>,
+    /// Mirror sets: block copies that do not verify on the member holding them, as
+    /// (copy number, block). The reads above are served from a good copy; these are the bad
+    /// ones behind them (`blockguard scrub --repair` or reads of a writable volume fix them).
+    bad_copies: Vec<(usize, u64)>,
     warnings: Vec<String>,
     clean: bool,
 }
@@ -44,12 +48,30 @@ pub(crate) fn run(args: &CheckArgs) -> Result<bool> {
         pb.set_position(block * u64::from(g.block_size));
     }
     pb.finish_and_clear();
+    let mut bad_copies = Vec::new();
+    if vol.members().len() > 1 {
+        // Every copy, not only the one each read went to.
+        let pb = progress(vol.size(), "copies");
+        let mut block = 0;
+        while block < g.data_blocks {
+            let n = step.min(g.data_blocks - block);
+            bad_copies.extend(vol.verify_copies(block, n, false)?.bad);
+            block += n;
+            pb.set_position(block * u64::from(g.block_size));
+        }
+        pb.finish_and_clear();
+    }
     let damaged = vol.check_metadata(0, g.groups)?;
     let map = vol.check_map()?;
     let report = Report {
         volume: args.path.display().to_string(),
         blocks: g.data_blocks,
-        clean: bad.is_empty() && damaged.is_empty() && map.is_empty() && vol.warnings().is_empty(),
+        clean: bad.is_empty()
+            && damaged.is_empty()
+            && map.is_empty()
+            && bad_copies.is_empty()
+            && vol.warnings().is_empty(),
+        bad_copies,
         warnings: vol.warnings().to_vec(),
         bad_blocks: bad,
         damaged_metadata: damaged,
@@ -79,6 +101,9 @@ pub(crate) fn run(args: &CheckArgs) -> Result<bool> {
                 p.first_group + p.groups,
                 p.detail
             );
+        }
+        for (copy, block) in &report.bad_copies {
+            say!("bad copy of block {block} on copy {copy} (a good copy is served)");
         }
         for w in &report.warnings {
             say!("warning: {w}");

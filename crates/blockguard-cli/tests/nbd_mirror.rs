@@ -201,3 +201,49 @@ fn a_copy_missing_while_served_is_resynced_with_only_what_it_missed() {
     );
     assert!(srv.signal("TERM").success());
 }
+
+#[test]
+fn check_verifies_every_copy_not_only_the_one_reads_go_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.bgv");
+    let b = dir.path().join("b.bgv");
+    run(
+        BIN,
+        &[
+            "format",
+            a.to_str().unwrap(),
+            "--size",
+            "8M",
+            "--mirror",
+            b.to_str().unwrap(),
+        ],
+    );
+    let mut srv = Served::start(&a, &[]);
+    {
+        let s = srv.connect();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut c = Client::handshake(s, &ClientOptions::default()).unwrap();
+        assert_eq!(
+            c.write(0, &random_bytes((16 * BS) as usize, 3), proto::CMD_FLAG_FUA)
+                .unwrap(),
+            0
+        );
+    }
+    assert!(srv.signal("TERM").success());
+    // Block 5 damaged on copy 1; reads of the first MiB go to copy 0 and never see it.
+    flip_byte(&b, data_offset(&b, 5) + 1);
+    let out = run_any(BIN, &["check", a.to_str().unwrap(), "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["bad_copies"], serde_json::json!([[1, 5]]), "{report}");
+    assert_eq!(
+        report["bad_blocks"],
+        serde_json::json!([]),
+        "the set reads right: {report}"
+    );
+}
