@@ -80,42 +80,47 @@ pub(crate) fn run(args: &CheckArgs) -> Result<bool> {
     if args.json {
         say!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        for p in &report.bad_blocks {
-            say!("bad block {}: {}", p.block, p.detail);
-        }
-        for p in &report.damaged_metadata {
-            say!(
-                "damaged metadata: group {} sector {} (blocks {}..{}): {}",
-                p.group,
-                p.sector,
-                p.first_block,
-                p.first_block + u64::from(p.blocks),
-                p.detail
-            );
-        }
-        for p in &report.map_problems {
-            say!(
-                "written-groups map sector {} (groups {}..{}): {}",
-                p.sector,
-                p.first_group,
-                p.first_group + p.groups,
-                p.detail
-            );
-        }
-        for (copy, block) in &report.bad_copies {
-            say!("bad copy of block {block} on copy {copy} (a good copy is served)");
-        }
-        for w in &report.warnings {
-            say!("warning: {w}");
-        }
-        say!(
-            "{}: {} blocks checked, {} bad, {} damaged metadata sectors",
-            report.volume,
-            report.blocks,
-            report.bad_blocks.len(),
-            report.damaged_metadata.len()
-        );
+        print_text(&report);
     }
     // A damaged superblock copy is corruption found, too.
     Ok(report.clean)
+}
+
+/// The report as lines of text.
+fn print_text(report: &Report) {
+    for p in &report.bad_blocks {
+        say!("bad block {}: {}", p.block, p.detail);
+    }
+    for p in &report.damaged_metadata {
+        say!(
+            "damaged metadata: group {} sector {} (blocks {}..{}): {}",
+            p.group,
+            p.sector,
+            p.first_block,
+            p.first_block + u64::from(p.blocks),
+            p.detail
+        );
+    }
+    for p in &report.map_problems {
+        say!(
+            "written-groups map sector {} (groups {}..{}): {}",
+            p.sector,
+            p.first_group,
+            p.first_group + p.groups,
+            p.detail
+        );
+    }
+    for (copy, block) in &report.bad_copies {
+        say!("bad copy of block {block} on copy {copy} (a good copy is served)");
+    }
+    for w in &report.warnings {
+        say!("warning: {w}");
+    }
+    say!(
+        "{}: {} blocks checked, {} bad, {} damaged metadata sectors",
+        report.volume,
+        report.blocks,
+        report.bad_blocks.len(),
+        report.damaged_metadata.len()
+    );
 }
