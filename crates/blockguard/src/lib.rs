@@ -47,5 +47,6 @@ pub use format::{Geometry, Mode, Superblock};
 pub use tag::Profile;
 pub use volume::{
     BlockProblem, BlockReport, Extent, FormatOptions, MapProblem, MetadataProblem, OpenOptions,
-    RecoverOptions, RecoveryReport, SlotReport, Volume, VolumeStats,
+    RecoverOptions, RecoveryReport, ScrubOptions, ScrubProblem, ScrubProblemKind, ScrubProgress, ScrubReport,
+    SlotReport, Volume, VolumeStats, DEFAULT_SCRUB_CHUNK, DEFAULT_SCRUB_LISTED,
 };

@@ -19,10 +19,15 @@ mod meta_io;
 mod open;
 mod read;
 mod recover;
+mod scrub;
 mod stage;
 mod write;
 
 pub use recover::{MapProblem, MetadataProblem, RecoverOptions, RecoveryReport};
+pub use scrub::{
+    ScrubOptions, ScrubProblem, ScrubProblemKind, ScrubProgress, ScrubReport, DEFAULT_SCRUB_CHUNK,
+    DEFAULT_SCRUB_LISTED,
+};
 
 use crate::error::{Error, Result};
 use crate::format::{Geometry, Mode, Superblock, VolumeState};
