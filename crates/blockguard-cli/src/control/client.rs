@@ -15,6 +15,10 @@ use std::time::Duration;
 /// problems, far below this.
 const MAX_REPLY_LINE: u64 = 64 << 20;
 
+/// How long [`Client::call`] waits for a reply: longer than a server's `scrub-stop` waits for
+/// its scrub (30 s).
+const CALL_TIMEOUT: Duration = Duration::from_secs(45);
+
 /// A connection to a control server.
 pub(crate) struct Client {
     socket: PathBuf,
@@ -153,17 +157,25 @@ impl Client {
         Ok(())
     }
 
-    /// Reads the next reply, waiting as long as it takes.
+    /// Reads the next reply, waiting at most [`CALL_TIMEOUT`] (a server that accepts but never
+    /// answers must not hang the command).
     pub(crate) fn recv(&mut self) -> Result<Response> {
-        self.set_timeout(None)?;
-        self.recv_within(None)?
-            .ok_or_else(|| anyhow!("no reply from the control socket {}", self.socket.display()))
+        self.recv_timeout(CALL_TIMEOUT)?.ok_or_else(|| {
+            anyhow!(
+                "no reply from the control socket {} within {} s",
+                self.socket.display(),
+                CALL_TIMEOUT.as_secs()
+            )
+        })
     }
 
     /// Reads the next reply, or `None` if none is complete within `timeout`.
     pub(crate) fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<Response>> {
-        self.set_timeout(Some(timeout))?;
-        self.recv_within(Some(timeout))
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(timeout))
+            .context("cannot set a timeout on the control socket")?;
+        self.recv_within()
     }
 
     /// Sends `request` and reads its reply; an error reply becomes an error.
@@ -175,14 +187,7 @@ impl Client {
         }
     }
 
-    fn set_timeout(&self, timeout: Option<Duration>) -> Result<()> {
-        self.reader
-            .get_ref()
-            .set_read_timeout(timeout)
-            .context("cannot set a timeout on the control socket")
-    }
-
-    fn recv_within(&mut self, timeout: Option<Duration>) -> Result<Option<Response>> {
+    fn recv_within(&mut self) -> Result<Option<Response>> {
         let room = MAX_REPLY_LINE.saturating_sub(self.partial.len() as u64);
         let read = self
             .reader
@@ -191,10 +196,7 @@ impl Client {
             .read_until(b'\n', &mut self.partial);
         match read {
             Ok(_) => {}
-            Err(e)
-                if timeout.is_some()
-                    && matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
-            {
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 return Ok(None);
             }
             Err(e) => {

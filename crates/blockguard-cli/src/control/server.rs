@@ -382,7 +382,7 @@ fn readable(listener: &UnixListener, timeout: Duration) -> bool {
     use rustix::event::{poll, PollFd, PollFlags, Timespec};
     let mut fds = [PollFd::new(listener, PollFlags::IN)];
     let ts = Timespec {
-        tv_sec: 0,
+        tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
         tv_nsec: i64::from(timeout.subsec_nanos()),
     };
     matches!(poll(&mut fds, Some(&ts)), Ok(n) if n > 0)
