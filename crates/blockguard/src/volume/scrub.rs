@@ -11,7 +11,9 @@
 //! chunks, so the clients of a served volume keep going; between chunks it checks the stop
 //! flag and paces itself to [`ScrubOptions::rate`]. Unwritten regions cost nothing: each
 //! window of the volume is first asked for its allocation ([`Volume::extents`], which proves a
-//! hole from the metadata and the backend's holes), and only allocated runs are read.
+//! hole from the metadata and the backend's holes), and only allocated runs are read. Windows
+//! are one group's worth where there is data (so metadata is read right before its data, in
+//! disk order) and grow up to 1 GiB across empty regions.
 
 use super::Volume;
 use crate::cast::usize_of;
@@ -28,9 +30,17 @@ pub const DEFAULT_SCRUB_CHUNK: usize = 1 << 20;
 /// Problems listed in a [`ScrubReport`] by default; beyond it they are only counted.
 pub const DEFAULT_SCRUB_LISTED: usize = 1000;
 
-/// Logical bytes whose allocation one [`Volume::extents`] call finds out: large, so a mostly
-/// empty volume costs a few calls, bounded, so the answer stays small and fresh.
-const WINDOW: u64 = 1 << 30;
+/// Logical bytes whose allocation one [`Volume::extents`] call finds out, at first and after
+/// every window that held data. Small, because `extents` reads the metadata of every written
+/// group of its window: with 1 GiB windows those 512 small reads ran ahead of the data reads,
+/// split the kernel's readahead around the pages they cached, and a cold scrub issued 7 times
+/// as many, smaller, disk reads as `dd` (1913 against 274 for 1 GiB); with 2 MiB windows (one
+/// group) each group's metadata is read just before its data, and the counts match.
+const MIN_WINDOW: u64 = 2 << 20;
+
+/// The largest window: windows that hold no data double up to it, so a mostly empty volume
+/// costs a few `extents` calls per GiB (they read no metadata of never-written groups).
+const MAX_WINDOW: u64 = 1 << 30;
 
 /// Longest single sleep of the pacing, so a stop is noticed quickly even at a low rate.
 const PACE_SLICE: Duration = Duration::from_millis(50);
@@ -304,14 +314,21 @@ impl Run<'_, '_> {
     /// Scrubs window after window until the end or a stop.
     fn all(&mut self) -> Result<()> {
         let end = self.report.end;
+        let mut window = MIN_WINDOW;
         while self.report.position < end {
             if self.stopped() {
                 self.report.stopped = true;
                 return Ok(());
             }
             let from = self.report.position;
-            let to = end.min(from.saturating_add(WINDOW));
-            for run in self.allocated(from, to) {
+            let to = end.min(from.saturating_add(window));
+            let runs = self.allocated(from, to);
+            window = if runs.is_empty() {
+                (window * 2).min(MAX_WINDOW)
+            } else {
+                MIN_WINDOW
+            };
+            for run in runs {
                 if !self.scrub_run(run)? {
                     self.report.stopped = true;
                     return Ok(());
