@@ -137,8 +137,10 @@ pub(crate) fn save_state(path: &Path, vol: &Volume, report: &ScrubReport) -> Res
         resume_from: report.stopped.then_some(report.position),
         report: report.clone(),
     };
+    // A name of this process's own: a read-only server and a direct scrub may both hold the
+    // volume (shared locks) and end at the same time.
     let mut tmp = file.clone().into_os_string();
-    tmp.push(".tmp");
+    tmp.push(format!(".tmp.{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
     std::fs::write(&tmp, serde_json::to_vec_pretty(&saved)?)
         .and_then(|()| std::fs::rename(&tmp, &file))

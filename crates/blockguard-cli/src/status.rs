@@ -30,6 +30,7 @@ pub(crate) fn volume_status(vol: &Volume, path: &Path) -> StatusInfo {
     let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     StatusInfo {
         protocol: None,
+        name: vol.name().to_string(),
         path: path.display().to_string(),
         uuid: uuid_string(&sb.uuid),
         label: sb.label.clone(),

@@ -191,6 +191,19 @@ fn an_interrupted_direct_scrub_resumes_where_it_stopped() {
     let third = bg(&["scrub", v, "--resume", "--json"]);
     assert_eq!(json(&third)["start"], 0);
     assert!(String::from_utf8_lossy(&third.stderr).contains("no stopped scrub"));
+    // A state file left by another volume at the same path is not believed.
+    let state = PathBuf::from(format!("{}.scrub", vol.canonicalize().unwrap().display()));
+    let mut saved: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    saved["uuid"] = "00000000-0000-0000-0000-000000000000".into();
+    saved["resume_from"] = 4096.into();
+    std::fs::write(&state, saved.to_string()).unwrap();
+    let fourth = bg(&["scrub", v, "--resume", "--json"]);
+    assert_eq!(json(&fourth)["start"], 0);
+    let err = String::from_utf8_lossy(&fourth.stderr);
+    assert!(
+        err.contains("ignoring the scrub state file") && err.contains("belongs to volume"),
+        "{err}"
+    );
 }
 
 /// A qemu-io process writing patterns all over the volume and reading them back, until the

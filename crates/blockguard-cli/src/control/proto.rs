@@ -124,6 +124,8 @@ pub(crate) enum ErrorKind {
 pub(crate) struct StatusInfo {
     /// [`PROTOCOL_VERSION`] of the server (absent when the volume was opened directly).
     pub(crate) protocol: Option<u32>,
+    /// The volume's name in the engine's messages (its path as the server was given it).
+    pub(crate) name: String,
     /// The volume's path (canonical).
     pub(crate) path: String,
     /// The volume's UUID.
