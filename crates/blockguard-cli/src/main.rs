@@ -22,13 +22,18 @@ macro_rules! say {
 
 mod check;
 mod common;
+mod control;
 mod format;
+mod holder;
 mod info;
 mod log;
 mod mirror;
 mod mount;
 mod recover;
+mod scrub;
 mod serve;
+mod sidecar;
+mod status;
 mod target;
 mod transfer;
 
@@ -68,6 +73,12 @@ enum Command {
     Umount(mount::UmountArgs),
     /// The copies of a volume: list, add, remove, replace, resync.
     Mirror(mirror::MirrorArgs),
+    /// Show a volume's health, counters and scrub state (through the control socket of the
+    /// process serving it, or by opening it read-only).
+    Status(status::StatusArgs),
+    /// Verify every written block, also of a volume being served; exit 0 clean, 1 bad blocks
+    /// found (unrepaired), 2 error.
+    Scrub(scrub::ScrubArgs),
 }
 
 /// How long the program waits at exit for its last diagnostics to reach stderr.
@@ -102,6 +113,12 @@ fn run(cli: Cli) -> ExitCode {
         Command::Mount(a) => mount::run(&a),
         Command::Umount(a) => mount::run_umount(&a),
         Command::Mirror(a) => mirror::run(&a),
+        Command::Status(a) => status::run(&a),
+        Command::Scrub(a) => match scrub::run(&a) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => return exit_error(&e, 2),
+        },
         Command::Check(a) => match check::run(&a) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),
@@ -110,9 +127,12 @@ fn run(cli: Cli) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::line(&format!("blockguard: error: {e:#}"));
-            ExitCode::from(common::exit_code_for(&e))
-        }
+        Err(e) => exit_error(&e, common::exit_code_for(&e)),
     }
+}
+
+/// Reports `e` and exits with `code`.
+fn exit_error(e: &anyhow::Error, code: u8) -> ExitCode {
+    log::line(&format!("blockguard: error: {e:#}"));
+    ExitCode::from(code)
 }

@@ -46,6 +46,8 @@ pub(crate) struct MountArgs {
     /// foreground they go to stderr.
     #[arg(long, value_name = "FILE")]
     pub(crate) log_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) control: crate::control::ControlArgs,
     /// Internal: set on the re-executed server; detach output once mounted.
     #[arg(long, hide = true)]
     pub(crate) detached: bool,
@@ -97,6 +99,24 @@ fn serve(args: &MountArgs) -> Result<()> {
         .with_context(|| format!("cannot mount {}", args.volume.display()))?;
 
     let exported = mounted.mountpoint().join(&file_name);
+    let control = crate::control::start(
+        &args.control,
+        crate::control::server::Context {
+            volume: Arc::clone(&volume),
+            path: args.volume.clone(),
+            serving: crate::control::server::Serving::Fuse {
+                file: exported.clone(),
+            },
+        },
+    );
+    let control = match control {
+        Ok(c) => c,
+        Err(e) => {
+            // Not serving after all: unmount before reporting (dropping the mount does).
+            drop(mounted);
+            return Err(e);
+        }
+    };
     tracing::info!(volume = %source.display(), file = %exported.display(), "mounted");
     // The readiness signal for a detaching parent, and the path to hand to losetup.
     let mut stdout = std::io::stdout().lock();
@@ -111,7 +131,12 @@ fn serve(args: &MountArgs) -> Result<()> {
             .context("cannot redirect output after detaching")?;
     }
 
-    drop(mounted.serve().context("serving the FUSE mount failed")?);
+    let served = mounted.serve().context("serving the FUSE mount failed");
+    // Stops a scrub (keeping its position for a resume) and lets go of the volume.
+    if let Some(c) = control {
+        c.shutdown();
+    }
+    drop(served?);
     // serve() returns after every worker has stopped and the file is dropped, so this is the
     // last reference.
     let volume = Arc::try_unwrap(volume)
@@ -137,7 +162,8 @@ fn spawn_detached(args: &MountArgs) -> Result<()> {
         .arg(&args.mountpoint)
         .arg("--detached")
         .arg("--threads")
-        .arg(args.threads.to_string());
+        .arg(args.threads.to_string())
+        .args(args.control.to_args());
     if args.read_only {
         cmd.arg("--read-only");
     }

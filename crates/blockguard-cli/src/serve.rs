@@ -6,13 +6,15 @@
 //! ```
 //!
 //! SIGINT/SIGTERM stop accepting connections, let in-flight requests finish, flush, and close
-//! the volume. The volume is locked while served, so a second server fails with a clear error.
+//! the volume. A control socket (`<volume>.ctl`; `--control PATH`, `--no-control`) answers
+//! `blockguard status` and runs `blockguard scrub` meanwhile (see `control`). The volume is locked while served, so a second server fails with a clear error.
 //!
 //! Fail-stop: if a request handler panics, an invariant may be broken. From then on writes and
 //! flushes are refused (reads go on), and at shutdown the volume is left unflushed and marked
 //! in use, as a crash would leave it, and `serve` exits with an error.
 
 use crate::common::parse_size;
+use crate::control::server::{Context as ControlContext, Serving};
 use anyhow::{anyhow, Context, Result};
 use blockguard_nbd::{DeviceExport, Export, ListenAddr, Server, ServerConfig, ServerError};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -90,6 +92,8 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 50,
           value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub(crate) poll_us: u32,
+    #[command(flatten)]
+    pub(crate) control: crate::control::ControlArgs,
 }
 
 /// Runs the server until SIGINT/SIGTERM, then flushes and closes the volume.
@@ -136,9 +140,24 @@ pub(crate) fn run(args: &ServeArgs) -> Result<()> {
     let volume = Arc::new(volume);
     let export: Arc<dyn Export> = Arc::new(DeviceExport::new(volume.clone()));
     let server = Server::bind(&addr, export, cfg)?;
+    let control = crate::control::start(
+        &args.control,
+        ControlContext {
+            volume: Arc::clone(&volume),
+            path: path.clone(),
+            serving: Serving::Nbd {
+                listen: server.local_addr().to_string(),
+                connections: server.connection_stats(),
+            },
+        },
+    )?;
     blockguard_nbd::shutdown_on_signals(&server.shutdown_handle())
         .context("cannot install signal handlers")?;
     let outcome = server.run();
+    // Stops a scrub (keeping its position for a resume) and lets go of the volume.
+    if let Some(c) = control {
+        c.shutdown();
+    }
     if let Err(e @ ServerError::Panicked { .. }) = outcome {
         // Fail-stop: an invariant may be broken, so the volume is neither flushed nor marked
         // clean — left as a crash would leave it, for `recover` to settle. Dropping it would

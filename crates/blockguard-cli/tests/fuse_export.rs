@@ -611,3 +611,33 @@ fn a_mirrored_volume_reads_right_through_fuse_while_one_copy_is_corrupt() {
         run_ok(blockguard().arg("check").arg(p));
     }
 }
+
+#[test]
+fn a_mounted_volume_answers_status_and_scrub_on_its_control_socket() {
+    let _serial = serial();
+    require_environment();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let volume = tmp.path().join("vol.bgv");
+    let control = PathBuf::from(format!(
+        "{}.ctl",
+        tmp.path().canonicalize().unwrap().join("vol.bgv").display()
+    ));
+    format_volume(&volume, "16M");
+    let fuse = FuseMount::new(&volume, &tmp.path().join("fuse"), &tmp.path().join("log"), false);
+    assert!(control.exists(), "no control socket at {}", control.display());
+    write_through(&fuse.file, &pseudo_random(3, 2 << 20), 1 << 20);
+
+    let status = run_ok(blockguard().arg("status").arg(&volume).arg("--json"));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    assert_eq!(status["server"]["kind"], "mount");
+    assert_eq!(status["server"]["serving"], fuse.file.display().to_string());
+    let scrub = run_ok(blockguard().arg("scrub").arg(&volume).arg("--json"));
+    let scrub: serde_json::Value = serde_json::from_slice(&scrub.stdout).expect("scrub JSON");
+    assert_eq!(scrub["via"], "control-socket");
+    assert_eq!(scrub["problem_count"], 0);
+    // The 2 MiB written (still staged or already on disk) were verified.
+    assert!(scrub["blocks_checked"].as_u64().unwrap() >= 512, "{scrub}");
+
+    fuse.unmount();
+    assert!(!control.exists(), "the control socket outlived the mount");
+}

@@ -60,7 +60,8 @@ pub use device::{export_error, DeviceExport};
 pub use export::{Export, ExportError, ExportErrorKind, Extent, MemoryExport};
 pub use handshake::{Negotiated, ReplyMode};
 pub use server::{
-    shutdown_on_signals, ListenAddr, Server, ServerConfig, ServerError, ShutdownHandle, MAX_PAYLOAD_LIMIT,
+    shutdown_on_signals, ConnectionStats, ListenAddr, Server, ServerConfig, ServerError, ShutdownHandle,
+    MAX_PAYLOAD_LIMIT,
 };
 
 // The workspace builds for 64-bit targets only, where a `usize` holds every `u64`.

@@ -207,6 +207,41 @@ pub fn shutdown_on_signals(handle: &ShutdownHandle) -> io::Result<()> {
     Ok(())
 }
 
+/// Counts of client connections, readable from any thread while the server runs (for status
+/// reports); cheap to clone. See [`Server::connection_stats`].
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionStats {
+    inner: Arc<ConnCounts>,
+}
+
+#[derive(Debug, Default)]
+struct ConnCounts {
+    open: AtomicUsize,
+    admitted: AtomicU64,
+}
+
+impl ConnectionStats {
+    /// Connections admitted whose threads have not ended yet (in the handshake or the
+    /// transmission phase).
+    pub fn open(&self) -> usize {
+        self.inner.open.load(Ordering::Relaxed)
+    }
+
+    /// Connections admitted since the server started.
+    pub fn admitted(&self) -> u64 {
+        self.inner.admitted.load(Ordering::Relaxed)
+    }
+
+    fn started(&self) {
+        self.inner.open.fetch_add(1, Ordering::Relaxed);
+        self.inner.admitted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn ended(&self) {
+        self.inner.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// An NBD server for one export.
 pub struct Server {
     listener: Listener,
@@ -214,6 +249,7 @@ pub struct Server {
     export: Arc<dyn Export>,
     cfg: ServerConfig,
     shutdown: ShutdownHandle,
+    stats: ConnectionStats,
 }
 
 impl fmt::Debug for Server {
@@ -286,6 +322,7 @@ impl Server {
             export,
             cfg,
             shutdown,
+            stats: ConnectionStats::default(),
         })
     }
 
@@ -297,6 +334,11 @@ impl Server {
     /// A handle that stops [`Server::run`].
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         self.shutdown.clone()
+    }
+
+    /// A handle on the server's connection counts.
+    pub fn connection_stats(&self) -> ConnectionStats {
+        self.stats.clone()
     }
 
     /// Serves until shut down, then waits for every connection to finish its in-flight
@@ -362,6 +404,7 @@ impl Server {
             )),
             budget: Arc::new(Budget::new(self.cfg.max_total_inflight_bytes)),
             shutdown: self.shutdown.clone(),
+            stats: self.stats.clone(),
             failed: Arc::new(Failed::default()),
         })
     }
@@ -495,6 +538,7 @@ struct Shared {
     /// Memory for requests in flight, all connections together.
     budget: Arc<Budget>,
     shutdown: ShutdownHandle,
+    stats: ConnectionStats,
     failed: Arc<Failed>,
 }
 
@@ -512,6 +556,7 @@ impl Shared {
             // Refused (and logged by the table); dropping the stream closes it.
             return Ok(());
         };
+        self.stats.started();
         let shared = Arc::clone(self);
         let spawned = thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
@@ -528,11 +573,14 @@ impl Shared {
                 // waits for an empty table and then expects to hold the last reference, to
                 // close the volume cleanly.
                 let table = Arc::clone(&shared.conns);
+                let stats = shared.stats.clone();
                 drop(shared);
                 table.remove(id);
+                stats.ended();
             });
         if let Err(e) = spawned {
             self.conns.remove(id);
+            self.stats.ended();
             return Err(e);
         }
         Ok(())

@@ -3,7 +3,8 @@
 
 use blockguard_nbd::client::{Client, ClientOptions};
 use blockguard_nbd::{
-    proto, Export, ExportError, Extent, ListenAddr, MemoryExport, Server, ServerConfig, ShutdownHandle,
+    proto, ConnectionStats, Export, ExportError, Extent, ListenAddr, MemoryExport, Server, ServerConfig,
+    ShutdownHandle,
 };
 use std::io::Read;
 use std::os::unix::net::UnixStream;
@@ -58,6 +59,7 @@ struct Running {
     _dir: tempfile::TempDir,
     socket: std::path::PathBuf,
     handle: ShutdownHandle,
+    stats: ConnectionStats,
     thread: Option<JoinHandle<Result<(), blockguard_nbd::ServerError>>>,
 }
 
@@ -67,11 +69,13 @@ impl Running {
         let socket = dir.path().join("s.sock");
         let server = Server::bind(&ListenAddr::Unix(socket.clone()), export, cfg).unwrap();
         let handle = server.shutdown_handle();
+        let stats = server.connection_stats();
         let thread = Some(thread::spawn(move || server.run()));
         Running {
             _dir: dir,
             socket,
             handle,
+            stats,
             thread,
         }
     }
@@ -326,4 +330,34 @@ fn a_max_payload_out_of_range_is_refused_at_bind() {
             Ok(_) => panic!("max_payload {max_payload} accepted"),
         }
     }
+}
+
+#[test]
+fn connection_stats_count_open_and_admitted_connections() {
+    let srv = Running::start(
+        Arc::new(MemoryExport::new(1 << 20, 4096)),
+        ServerConfig::default(),
+    );
+    let wait_for = |open: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while srv.stats.open() != open {
+            assert!(
+                Instant::now() < deadline,
+                "{} open, want {open}",
+                srv.stats.open()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    };
+    assert_eq!((srv.stats.open(), srv.stats.admitted()), (0, 0));
+    let mut a = srv.client();
+    let b = srv.client();
+    wait_for(2);
+    assert_eq!(a.read(0, 4096).unwrap().unwrap(), vec![0u8; 4096]);
+    drop(b);
+    wait_for(1);
+    assert_eq!(srv.stats.admitted(), 2);
+    drop(a);
+    wait_for(0);
+    srv.stop().unwrap();
 }

@@ -48,6 +48,7 @@ pub use format::{Geometry, Mode, Superblock};
 pub use tag::Profile;
 pub use volume::{
     member_records, BlockProblem, BlockReport, CopiesReport, Extent, FormatOptions, MapProblem,
-    MetadataProblem, OpenOptions, RecoverOptions, RecoveryReport, ResyncReport, SlotReport, Volume,
-    VolumeStats,
+    MetadataProblem, OpenOptions, RecoverOptions, RecoveryReport, ResyncReport, ScrubOptions, ScrubProblem,
+    ScrubProblemKind, ScrubProgress, ScrubReport, SlotReport, Volume, VolumeStats, DEFAULT_SCRUB_CHUNK,
+    DEFAULT_SCRUB_LISTED,
 };

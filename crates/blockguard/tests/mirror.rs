@@ -496,3 +496,40 @@ fn verify_copies_finds_every_bad_copy_and_repairs_it_exactly() {
     );
     assert_eq!(vol.stats().unrepairable, 3, "counted once per pass that met it");
 }
+
+#[test]
+fn scrub_of_a_mirror_set_checks_every_copy_and_repairs_on_request() {
+    let m = written_set(2);
+    let vol = Volume::open_members(dyns(&m), &OpenOptions::default()).expect("open");
+    let geo = *vol.geometry();
+    vol.close().expect("close");
+    for &(member, b) in &[(1usize, 9u64), (0, 250), (1, 250), (0, 500)] {
+        m[member]
+            .write_at(&[0x42; 9], geo.data_offset(b) + 3)
+            .expect("corrupt");
+    }
+    let vol = Volume::open_members(dyns(&m), &OpenOptions::default()).expect("open");
+    let report = vol
+        .scrub(blockguard::ScrubOptions::default(), &mut |_| {})
+        .expect("scrub");
+    let found: Vec<(Option<usize>, u64)> = report.problems.iter().map(|p| (p.copy, p.block)).collect();
+    assert_eq!(
+        found,
+        vec![(Some(1), 9), (Some(0), 250), (Some(1), 250), (Some(0), 500)],
+        "{report:?}"
+    );
+    assert_eq!(report.repaired, 0);
+    let repair = blockguard::ScrubOptions {
+        repair: true,
+        ..blockguard::ScrubOptions::default()
+    };
+    let report = vol.scrub(repair, &mut |_| {}).expect("scrub --repair");
+    assert_eq!(report.problem_count, 4);
+    assert_eq!(report.repaired, 2, "blocks 9 and 500 had a good copy: {report:?}");
+    assert_eq!(report.unrepaired(), 2, "block 250 is bad on both copies");
+    let report = vol
+        .scrub(blockguard::ScrubOptions::default(), &mut |_| {})
+        .expect("scrub again");
+    let left: Vec<u64> = report.problems.iter().map(|p| p.block).collect();
+    assert_eq!(left, vec![250, 250]);
+}

@@ -24,6 +24,7 @@ mod open;
 mod read;
 mod recover;
 mod resync;
+mod scrub;
 mod stage;
 mod verify_copies;
 mod write;
@@ -31,6 +32,10 @@ mod write;
 pub use mirror::member_records;
 pub use recover::{MapProblem, MetadataProblem, RecoverOptions, RecoveryReport};
 pub use resync::ResyncReport;
+pub use scrub::{
+    ScrubOptions, ScrubProblem, ScrubProblemKind, ScrubProgress, ScrubReport, DEFAULT_SCRUB_CHUNK,
+    DEFAULT_SCRUB_LISTED,
+};
 pub use verify_copies::CopiesReport;
 
 use crate::error::{Error, Result};

@@ -1,0 +1,233 @@
+//! The client end: connecting to a control socket, and deciding how `status` and `scrub` reach
+//! a volume — through the socket of the process serving it, or by opening it directly.
+
+use super::proto::{Request, Response, StatusInfo};
+use crate::holder::holders;
+use anyhow::{anyhow, bail, Context, Result};
+use blockguard::blockguard_backend::OpenError;
+use blockguard::Volume;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Longest reply line a client accepts: a status or report lists at most about a thousand
+/// problems, far below this.
+const MAX_REPLY_LINE: u64 = 64 << 20;
+
+/// How long [`Client::call`] waits for a reply: longer than a server's `scrub-stop` waits for
+/// its scrub (30 s).
+const CALL_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// A connection to a control server.
+pub(crate) struct Client {
+    socket: PathBuf,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// A reply line read in part before a read timed out.
+    partial: Vec<u8>,
+}
+
+/// How `status` and `scrub` reach the volume.
+pub(crate) enum Access {
+    /// Through the control socket of the process that serves it, with the status it reported
+    /// on connecting.
+    Socket(Client, Box<StatusInfo>),
+    /// Opened directly: nobody else holds it.
+    Direct(Volume),
+}
+
+/// Connects to `socket`; `None` if nobody answers there (no such file, or a stale socket).
+pub(crate) fn connect(socket: &Path) -> Result<Option<Client>> {
+    match UnixStream::connect(socket) {
+        Ok(s) => {
+            let writer = s
+                .try_clone()
+                .with_context(|| format!("cannot use the control socket {}", socket.display()))?;
+            Ok(Some(Client {
+                socket: socket.to_path_buf(),
+                reader: BufReader::new(s),
+                writer,
+                partial: Vec::new(),
+            }))
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => {
+            Err(e).with_context(|| format!("cannot connect to the control socket {}", socket.display()))
+        }
+    }
+}
+
+/// Reaches `volume`: through its control socket (`control`, or the default one) when a server
+/// answers there, else by opening it (`read_only`). A volume another process holds without a
+/// control socket is an error naming that process.
+pub(crate) fn reach(volume: &Path, control: Option<&Path>, read_only: bool) -> Result<Access> {
+    let socket = match control {
+        Some(p) => Some(p.to_path_buf()),
+        // The default socket is named after the volume's canonical path; a volume that cannot
+        // be resolved fails in the open below with a clearer message.
+        None => crate::sidecar::control_socket(volume).ok(),
+    };
+    if let Some(socket) = &socket {
+        if let Some(mut client) = connect(socket)? {
+            let status = same_volume(&mut client, volume)?;
+            return Ok(Access::Socket(client, status));
+        }
+    }
+    match crate::common::open_volume(volume, read_only) {
+        Ok(v) => Ok(Access::Direct(v)),
+        Err(e) if is_locked(&e) => Err(busy(volume, socket.as_deref(), control.is_some(), e)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes sure the server on `client` serves `volume`: a `--control` path mixed up between two
+/// volumes must not scrub or report the wrong one.
+fn same_volume(client: &mut Client, volume: &Path) -> Result<Box<StatusInfo>> {
+    let Response::Status(status) = client.call(&Request::Status)? else {
+        bail!("{}: unexpected reply to status", client.socket.display());
+    };
+    let wanted = volume
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", volume.display()))?;
+    if Path::new(&status.path) != wanted {
+        bail!(
+            "the server on the control socket {} serves {}, not {}",
+            client.socket.display(),
+            status.path,
+            wanted.display()
+        );
+    }
+    Ok(status)
+}
+
+/// True if opening failed because another process holds the volume's lock.
+fn is_locked(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| matches!(c.downcast_ref::<OpenError>(), Some(OpenError::Locked { .. })))
+}
+
+/// The error for a volume in use that answers on no control socket: who holds it, and what to
+/// do.
+fn busy(volume: &Path, socket: Option<&Path>, explicit: bool, cause: anyhow::Error) -> anyhow::Error {
+    let who = match holders(volume).as_slice() {
+        [] => "another process (not found in /proc/locks or /proc/*/fd: it may belong to another \
+               user or PID namespace)"
+            .to_string(),
+        found => found
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    let socket = socket.map_or_else(|| "(none)".to_string(), |s| s.display().to_string());
+    let hint = if explicit {
+        "check the --control path"
+    } else {
+        "if it was started with --control PATH, pass the same --control PATH; with --no-control, \
+         stop it first"
+    };
+    cause.context(format!(
+        "{} is in use by {who}, and no server answers on its control socket {socket}: {hint}",
+        volume.display()
+    ))
+}
+
+impl Client {
+    /// Sends one request.
+    pub(crate) fn send(&mut self, request: &Request) -> Result<()> {
+        let mut line = serde_json::to_vec(request)?;
+        line.push(b'\n');
+        if let Err(e) = self.writer.write_all(&line) {
+            // A server that refuses a client (another user, too many clients) says why and
+            // closes at once: that reason beats "broken pipe".
+            if let Ok(Some(Response::Error { message, .. })) = self.recv_timeout(Duration::from_millis(500)) {
+                bail!("{}: {message}", self.socket.display());
+            }
+            return Err(e)
+                .with_context(|| format!("cannot write to the control socket {}", self.socket.display()));
+        }
+        Ok(())
+    }
+
+    /// Reads the next reply, waiting at most [`CALL_TIMEOUT`] (a server that accepts but never
+    /// answers must not hang the command).
+    pub(crate) fn recv(&mut self) -> Result<Response> {
+        self.recv_timeout(CALL_TIMEOUT)?.ok_or_else(|| {
+            anyhow!(
+                "no reply from the control socket {} within {} s",
+                self.socket.display(),
+                CALL_TIMEOUT.as_secs()
+            )
+        })
+    }
+
+    /// Reads the next reply, or `None` if none is complete within `timeout`.
+    pub(crate) fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<Response>> {
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(timeout))
+            .context("cannot set a timeout on the control socket")?;
+        self.recv_within()
+    }
+
+    /// Sends `request` and reads its reply; an error reply becomes an error.
+    pub(crate) fn call(&mut self, request: &Request) -> Result<Response> {
+        self.send(request)?;
+        match self.recv()? {
+            Response::Error { message, .. } => bail!("{}: {message}", self.socket.display()),
+            reply => Ok(reply),
+        }
+    }
+
+    fn recv_within(&mut self) -> Result<Option<Response>> {
+        let room = MAX_REPLY_LINE.saturating_sub(self.partial.len() as u64);
+        let read = self
+            .reader
+            .by_ref()
+            .take(room)
+            .read_until(b'\n', &mut self.partial);
+        match read {
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot read from the control socket {}", self.socket.display())
+                })
+            }
+        }
+        if self.partial.last() != Some(&b'\n') {
+            if self.partial.len() as u64 >= MAX_REPLY_LINE {
+                bail!(
+                    "{}: a reply longer than {MAX_REPLY_LINE} bytes",
+                    self.socket.display()
+                );
+            }
+            bail!(
+                "the server on {} closed the connection{}",
+                self.socket.display(),
+                if self.partial.is_empty() {
+                    ""
+                } else {
+                    " in the middle of a reply"
+                }
+            );
+        }
+        let line = std::mem::take(&mut self.partial);
+        serde_json::from_slice(&line).map(Some).with_context(|| {
+            format!(
+                "a reply from {} that this client does not understand",
+                self.socket.display()
+            )
+        })
+    }
+}

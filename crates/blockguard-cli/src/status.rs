@@ -1,0 +1,182 @@
+//! `blockguard status`: a volume's health, counters and scrub, from the process serving it
+//! (through its control socket) or, when nobody holds it, from a read-only open.
+
+use crate::control::client::{reach, Access};
+use crate::control::proto::{ScrubState, StatusInfo};
+use crate::info::uuid_string;
+use crate::scrub::{load_state, unix_now};
+use anyhow::Result;
+use blockguard::Volume;
+use clap::Args;
+use std::path::{Path, PathBuf};
+
+/// Arguments of `status`.
+#[derive(Args, Debug)]
+pub(crate) struct StatusArgs {
+    /// The volume.
+    pub(crate) path: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// The control socket of the process serving the volume, if it was started with
+    /// `--control PATH` (default: the volume's path + ".ctl").
+    #[arg(long, value_name = "PATH")]
+    pub(crate) control: Option<PathBuf>,
+}
+
+/// What every status says about `vol` itself (no server, no scrub).
+pub(crate) fn volume_status(vol: &Volume, path: &Path) -> StatusInfo {
+    let sb = vol.superblock();
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    StatusInfo {
+        protocol: None,
+        name: vol.name().to_string(),
+        path: path.display().to_string(),
+        uuid: uuid_string(&sb.uuid),
+        label: sb.label.clone(),
+        size: vol.size(),
+        block_size: vol.block_size(),
+        mode: sb.mode.name().into(),
+        profile: sb.profile.name().into(),
+        read_only: vol.is_read_only(),
+        state: None,
+        stats: serde_json::to_value(vol.stats()).unwrap_or_default(),
+        failed: vol.failure().map(str::to_string),
+        warnings: vol.warnings().to_vec(),
+        server: None,
+        scrub: ScrubState::default(),
+    }
+}
+
+/// `blockguard status`.
+pub(crate) fn run(args: &StatusArgs) -> Result<()> {
+    let info = match reach(&args.path, args.control.as_deref(), true)? {
+        Access::Socket(_, info) => *info,
+        Access::Direct(vol) => {
+            let mut info = volume_status(&vol, &args.path);
+            info.state = Some(crate::info::summary(vol.superblock(), &args.path).state.into());
+            if let Some(saved) = load_state(&args.path, &vol) {
+                info.scrub = ScrubState {
+                    running: false,
+                    progress: None,
+                    last: Some(saved.report),
+                    last_ended: Some(saved.ended),
+                    resume_from: saved.resume_from,
+                };
+            }
+            info
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print_status(&info);
+    }
+    Ok(())
+}
+
+fn print_status(s: &StatusInfo) {
+    println!("volume:     {}", s.path);
+    println!("uuid:       {}", s.uuid);
+    if !s.label.is_empty() {
+        println!("label:      {}", s.label);
+    }
+    println!(
+        "size:       {} bytes ({} blocks of {} bytes)",
+        s.size,
+        s.size / u64::from(s.block_size.max(1)),
+        s.block_size
+    );
+    println!("mode:       {} (tag profile {})", s.mode, s.profile);
+    match &s.server {
+        Some(srv) => {
+            let conns = match (srv.connections, srv.connections_total) {
+                (Some(open), Some(total)) => format!(", {open} connections ({total} since start)"),
+                _ => String::new(),
+            };
+            println!(
+                "server:     blockguard {} (pid {}) on {}{conns}, up {} s",
+                srv.kind, srv.pid, srv.serving, srv.uptime_secs
+            );
+            println!("control:    {}", srv.control);
+        }
+        None => println!(
+            "server:     none (not in use; opened read-only for this report{})",
+            s.state
+                .as_deref()
+                .map_or(String::new(), |st| format!(", superblock state {st}"))
+        ),
+    }
+    println!(
+        "access:     {}",
+        if s.read_only { "read-only" } else { "read-write" }
+    );
+    match &s.failed {
+        Some(why) => {
+            println!("health:     FAILED: {why} (writes and flushes are refused until it is reopened)");
+        }
+        None => println!("health:     ok"),
+    }
+    if let Some(counters) = s.stats.as_object() {
+        let list: Vec<String> = counters.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("counters:   {}", list.join(", "));
+    }
+    print_scrub(&s.scrub);
+    for w in &s.warnings {
+        println!("warning:    {w}");
+    }
+}
+
+fn print_scrub(scrub: &ScrubState) {
+    if let Some(p) = scrub.progress.as_ref().filter(|_| scrub.running) {
+        let span = p.end.saturating_sub(p.start).max(1);
+        let done = p.position.saturating_sub(p.start);
+        println!(
+            "scrub:      running, {}% (byte {} of {}), {} blocks checked, {} bad, {} repaired, {:.0} s",
+            done.saturating_mul(100) / span,
+            p.position,
+            p.end,
+            p.blocks_checked,
+            p.problems,
+            p.repaired,
+            p.elapsed_secs
+        );
+    } else if scrub.running {
+        println!("scrub:      starting");
+    }
+    match &scrub.last {
+        Some(r) => {
+            let ago = scrub.last_ended.map_or(String::new(), |t| {
+                format!(" {} s ago", unix_now().saturating_sub(t))
+            });
+            let how = if r.stopped {
+                format!("stopped at byte {}", r.position)
+            } else {
+                "finished".into()
+            };
+            println!(
+                "last scrub: {how}{ago}: bytes {}..{}, {} blocks checked, {} bad, {} repaired",
+                r.start, r.position, r.blocks_checked, r.problem_count, r.repaired
+            );
+            for p in &r.problems {
+                println!("  bad block {} ({}): {}", p.block, kind_name(p.kind), p.detail);
+            }
+            if r.problems.len() as u64 != r.problem_count {
+                println!("  … and {} more", r.problem_count - r.problems.len() as u64);
+            }
+        }
+        None if !scrub.running => println!("last scrub: none recorded"),
+        None => {}
+    }
+    if let Some(at) = scrub.resume_from {
+        println!("resume:     `blockguard scrub --resume` goes on from byte {at}");
+    }
+}
+
+/// How a problem kind reads in text output.
+pub(crate) fn kind_name(kind: blockguard::ScrubProblemKind) -> &'static str {
+    match kind {
+        blockguard::ScrubProblemKind::Corrupt => "corrupt",
+        blockguard::ScrubProblemKind::Unreadable => "unreadable",
+    }
+}
