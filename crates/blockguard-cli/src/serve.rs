@@ -62,8 +62,9 @@ pub(crate) struct ServeArgs {
           allow_hyphen_values = true)]
     pub(crate) stage_size: u64,
     /// Most client connections at once. At the limit a new client takes the place of the
-    /// quietest idle connection (one still in its handshake, or one without a request for a
-    /// second or more); it is refused only when every connection is busy.
+    /// quietest connection (one still in its handshake, one without a request for a second or
+    /// more, or one whose request's data has stalled for a second or more, see
+    /// --request-timeout); it is refused only when every connection is busy.
     #[arg(long, value_name = "N", default_value_t = 512,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub(crate) max_connections: u32,
@@ -71,14 +72,29 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) handshake_timeout: u32,
-    /// Close a connection after this many seconds without a request in flight (0: never;
-    /// the kernel's nbd client, for one, keeps idle connections for as long as it is
-    /// attached).
+    /// Close a connection after this many seconds without a request in flight, or with a
+    /// stalled one (0: never; the kernel's nbd client, for one, keeps idle connections for as
+    /// long as it is attached).
     #[arg(long, value_name = "SECONDS", default_value_t = 0)]
     pub(crate) idle_timeout: u32,
+    /// Seconds a request's data may stall before its connection is closed (logged with the
+    /// client's address, or process and user) and the memory it holds released: a write
+    /// payload of which no byte came for this long, or that is this far behind a transfer at
+    /// --min-transfer-rate since its header came; likewise replies the client does not read.
+    /// While other requests wait for memory, or a new client for a connection, a payload
+    /// stalled for a second already makes way.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) request_timeout: u32,
+    /// The slowest a request's data may move, per second (binary units: "256K"); see
+    /// --request-timeout. Clients on slower links than this with large requests need it lower.
+    #[arg(long, value_name = "SIZE", default_value = "256K", value_parser = parse_rate,
+          allow_hyphen_values = true)]
+    pub(crate) min_transfer_rate: u64,
     /// Memory for requests in flight on all connections together: write payloads being read
     /// and read replies not yet sent (binary units). Beyond it requests wait, and connections
-    /// that leave their replies unread are closed to free memory for the others.
+    /// that leave their replies unread, or stall in the middle of a write payload, are closed
+    /// to free memory for the others.
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size,
           allow_hyphen_values = true)]
     pub(crate) inflight_memory: u64,
@@ -94,6 +110,14 @@ pub(crate) struct ServeArgs {
     pub(crate) poll_us: u32,
     #[command(flatten)]
     pub(crate) control: crate::control::ControlArgs,
+}
+
+/// Parses `--min-transfer-rate`: a size per second, not zero.
+fn parse_rate(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err("the minimum transfer rate cannot be 0".into()),
+        rate => Ok(rate),
+    }
 }
 
 /// Runs the server until SIGINT/SIGTERM, then flushes and closes the volume.
@@ -135,6 +159,8 @@ pub(crate) fn run(args: &ServeArgs) -> Result<()> {
         max_total_inflight_bytes: usize::try_from(args.inflight_memory).unwrap_or(usize::MAX),
         handshake_timeout: Duration::from_secs(args.handshake_timeout.into()),
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout.into())),
+        request_timeout: Duration::from_secs(args.request_timeout.into()),
+        min_transfer_rate: args.min_transfer_rate,
         ..ServerConfig::default()
     };
     let volume = Arc::new(volume);

@@ -484,6 +484,14 @@ fn sizes_take_units_everywhere_and_help_lists_modes_and_profiles() {
     assert!(help.contains("[possible values: crc32c]"), "{help}");
     let help = t.run(&["serve", "--help"]).code(0).stdout.clone();
     assert!(help.contains("localhost:10809"), "{help}");
+    assert!(help.contains("--request-timeout <SECONDS>"), "{help}");
+    assert!(help.contains("--min-transfer-rate <SIZE>"), "{help}");
+    t.run(&["serve", "v.bgv", "--min-transfer-rate", "0"])
+        .code(2)
+        .err_has(&["--min-transfer-rate <SIZE>", "cannot be 0"]);
+    t.run(&["serve", "v.bgv", "--request-timeout", "0"])
+        .code(2)
+        .err_has(&["--request-timeout <SECONDS>"]);
     t.run(&["serve", "v.bgv", "--stage-size", "lots"])
         .code(2)
         .err_has(&["invalid value 'lots' for '--stage-size <SIZE>'", "64M"]);
