@@ -198,7 +198,11 @@ pub fn share_data(a: &Path, b: &Path) -> Result<bool, OpenError> {
 ///
 /// A partition's disk is locked shared whatever `mode` is: partitions of a disk never
 /// overlap (the kernel refuses that), so other partitions stay usable while the whole disk
-/// cannot be opened for writing. Everything else takes `mode`. A loop device's backing file
+/// cannot be opened for writing. Everything else takes `mode`, below a partition too: two
+/// partitions of one loop device then lock the same file under it and cannot be written at
+/// once (nor one read while the other is written). That is conservative — a whole-file lock
+/// cannot tell byte ranges apart — and it is what keeps out a partition of a second loop
+/// device over the same file. Partitions of other disks are not affected. A loop device's backing file
 /// that can no longer be opened by the name it was set up with (deleted, or the name now
 /// holds another file) cannot be locked, and the open is refused: another process could
 /// write it under a different name unseen.

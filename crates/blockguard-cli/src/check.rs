@@ -28,6 +28,20 @@ struct Report {
     clean: bool,
 }
 
+/// Bad blocks (and damaged metadata sectors) listed one a line before the rest is only
+/// counted: a truncated or wiped volume has thousands. `--json` lists them all.
+const LISTED: usize = 100;
+
+/// The line after the first [`LISTED`] of `total` problems.
+fn more(total: usize, what: &str) {
+    if total > LISTED {
+        say!(
+            "... and {} more {what} (`check --json` lists them all)",
+            total - LISTED
+        );
+    }
+}
+
 /// Returns true if the volume is clean.
 pub(crate) fn run(args: &CheckArgs) -> Result<bool> {
     let vol = open_volume(&args.path, true)?;
@@ -58,10 +72,11 @@ pub(crate) fn run(args: &CheckArgs) -> Result<bool> {
     if args.json {
         say!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        for p in &report.bad_blocks {
+        for p in report.bad_blocks.iter().take(LISTED) {
             say!("bad block {}: {}", p.block, p.detail);
         }
-        for p in &report.damaged_metadata {
+        more(report.bad_blocks.len(), "bad blocks");
+        for p in report.damaged_metadata.iter().take(LISTED) {
             say!(
                 "damaged metadata: group {} sector {} (blocks {}..{}): {}",
                 p.group,
@@ -71,6 +86,7 @@ pub(crate) fn run(args: &CheckArgs) -> Result<bool> {
                 p.detail
             );
         }
+        more(report.damaged_metadata.len(), "damaged metadata sectors");
         for p in &report.map_problems {
             say!(
                 "written-groups map sector {} (groups {}..{}): {}",

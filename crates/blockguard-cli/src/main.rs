@@ -24,6 +24,7 @@ mod check;
 mod common;
 mod format;
 mod info;
+mod interrupt;
 mod log;
 mod mirror;
 mod mount;
