@@ -18,8 +18,14 @@ pub struct Loop {
 impl Loop {
     /// Attaches `file` to a free loop device; `None` (said on stderr) when losetup fails.
     pub fn attach(file: &Path) -> Option<Loop> {
+        Self::attach_with(file, &[])
+    }
+
+    /// [`Loop::attach`] with more losetup options (`--sizelimit N`, `--offset N`).
+    pub fn attach_with(file: &Path, options: &[&str]) -> Option<Loop> {
         let out = Command::new("losetup")
             .args(["--find", "--show"])
+            .args(options)
             .arg(file)
             .output()
             .ok()?;
