@@ -21,6 +21,9 @@
 pub mod fault;
 pub mod file;
 mod memory;
+pub mod stack;
+#[cfg(test)]
+mod testdev;
 
 pub use fault::{
     CrashState, Event, FaultBackend, FaultStats, InjectedFault, InvalidProbability, PendingWrite, ReadFault,
@@ -28,6 +31,7 @@ pub use fault::{
 };
 pub use file::{AlignedBuf, FileBackend, FileOptions, LockMode, OpenError};
 pub use memory::MemoryBackend;
+pub use stack::share_data;
 
 use std::fmt;
 use std::io;

@@ -32,6 +32,20 @@ struct Report {
     clean: bool,
 }
 
+/// Bad blocks (and damaged metadata sectors) listed one a line before the rest is only
+/// counted: a truncated or wiped volume has thousands. `--json` lists them all.
+const LISTED: usize = 100;
+
+/// The line after the first [`LISTED`] of `total` problems.
+fn more(total: usize, what: &str) {
+    if total > LISTED {
+        say!(
+            "... and {} more {what} (`check --json` lists them all)",
+            total - LISTED
+        );
+    }
+}
+
 /// Returns true if the volume is clean.
 pub(crate) fn run(args: &CheckArgs) -> Result<bool> {
     let vol = open_volume(&args.path, true)?;
@@ -88,10 +102,11 @@ pub(crate) fn run(args: &CheckArgs) -> Result<bool> {
 
 /// The report as lines of text.
 fn print_text(report: &Report) {
-    for p in &report.bad_blocks {
+    for p in report.bad_blocks.iter().take(LISTED) {
         say!("bad block {}: {}", p.block, p.detail);
     }
-    for p in &report.damaged_metadata {
+    more(report.bad_blocks.len(), "bad blocks");
+    for p in report.damaged_metadata.iter().take(LISTED) {
         say!(
             "damaged metadata: group {} sector {} (blocks {}..{}): {}",
             p.group,
@@ -101,6 +116,7 @@ fn print_text(report: &Report) {
             p.detail
         );
     }
+    more(report.damaged_metadata.len(), "damaged metadata sectors");
     for p in &report.map_problems {
         say!(
             "written-groups map sector {} (groups {}..{}): {}",
@@ -110,9 +126,10 @@ fn print_text(report: &Report) {
             p.detail
         );
     }
-    for (copy, block) in &report.bad_copies {
+    for (copy, block) in report.bad_copies.iter().take(LISTED) {
         say!("bad copy of block {block} on copy {copy} (a good copy is served)");
     }
+    more(report.bad_copies.len(), "bad copies");
     for w in &report.warnings {
         say!("warning: {w}");
     }

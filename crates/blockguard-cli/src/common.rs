@@ -52,6 +52,48 @@ pub(crate) fn profile_parser() -> impl TypedValueParser<Value = Profile> {
         .try_map(|s| Profile::from_name(&s).ok_or_else(|| format!("unknown tag profile {s:?}")))
 }
 
+/// Context that says a path once. The typed errors of the engine and the backends begin with
+/// the path they concern ("v.bgv: the volume is in use …"); context naming it again read
+/// "cannot serve v.bgv: v.bgv: …".
+pub(crate) trait PathOnce<T> {
+    /// "cannot OP PATH: cause", or "cannot OP: cause" when the cause begins with the path.
+    fn doing(self, op: &str, path: &Path) -> Result<T>;
+    /// "cannot OP PATH: cause", or the cause alone when it begins with the path.
+    fn naming(self, op: &str, path: &Path) -> Result<T>;
+}
+
+/// True if `err`'s own message begins with `path` ("PATH: …", "PATH (a loop device …").
+fn names_path(err: &anyhow::Error, path: &Path) -> bool {
+    let p = path.display().to_string();
+    err.to_string()
+        .strip_prefix(&p)
+        .is_some_and(|rest| rest.starts_with(':') || rest.starts_with(" ("))
+}
+
+impl<T, E: Into<anyhow::Error>> PathOnce<T> for std::result::Result<T, E> {
+    fn doing(self, op: &str, path: &Path) -> Result<T> {
+        self.map_err(|e| {
+            let e = e.into();
+            if names_path(&e, path) {
+                e.context(format!("cannot {op}"))
+            } else {
+                e.context(format!("cannot {op} {}", path.display()))
+            }
+        })
+    }
+
+    fn naming(self, op: &str, path: &Path) -> Result<T> {
+        self.map_err(|e| {
+            let e = e.into();
+            if names_path(&e, path) {
+                e
+            } else {
+                e.context(format!("cannot {op} {}", path.display()))
+            }
+        })
+    }
+}
+
 /// Opens the volume at `path`. Read-write opens take an exclusive lock and read-only opens a
 /// shared one, so a volume is never served or mounted by two processes at once.
 pub(crate) fn open_volume(path: &Path, read_only: bool) -> Result<Volume> {
@@ -84,12 +126,12 @@ fn backend_is_member(backend: &FileBackend) -> bool {
 /// member records next to its superblocks. A member that cannot be opened is left out with a
 /// warning: the set opens degraded (and records it when opened read-write).
 fn open_members(path: &Path, backend: FileBackend, opts: &FileOptions) -> Result<Vec<Arc<dyn Backend>>> {
-    let records =
-        blockguard::member_records(&backend).with_context(|| format!("reading {}", path.display()))?;
+    let records = blockguard::member_records(&backend).naming("read the mirror copies of", path)?;
     let mut members: Vec<Arc<dyn Backend>> = vec![Arc::new(backend)];
     for r in records {
         let other = Path::new(&r.path);
-        if crate::target::same_data(path, other) {
+        // Undecidable means not the same: opening it then finds out (our own lock refuses it).
+        if crate::target::same_data(path, other).unwrap_or(false) {
             continue;
         }
         match FileBackend::open(other, opts) {
@@ -139,7 +181,7 @@ fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u
     } else {
         Volume::open_with_progress(Arc::new(backend), &open_opts, &mut show)
     }
-    .with_context(|| format!("opening {}", path.display()))?;
+    .naming("open", path)?;
     if let Some(pb) = bar {
         pb.finish_and_clear();
     }
@@ -221,8 +263,15 @@ pub(crate) const fn usize_of(x: u64) -> usize {
     x as usize
 }
 
-/// Exit codes: 0 success, 1 corruption found, 2 usage or I/O error.
+/// Exit codes: 0 success, 1 corruption found, 2 usage or I/O error, 128 + N stopped by
+/// signal N.
 pub(crate) fn exit_code_for(err: &anyhow::Error) -> u8 {
+    if let Some(i) = err
+        .chain()
+        .find_map(|e| e.downcast_ref::<crate::interrupt::Interrupted>())
+    {
+        return i.exit_code();
+    }
     let corrupt = err.chain().any(|e| {
         e.downcast_ref::<blockguard::Error>()
             .is_some_and(blockguard::Error::is_corruption)

@@ -79,7 +79,7 @@ fn format_set(args: &FormatArgs, opts: &FormatOptions) -> Result<Volume> {
     let paths: Vec<&PathBuf> = std::iter::once(&args.path).chain(&args.mirrors).collect();
     for (i, a) in paths.iter().enumerate() {
         for b in &paths[i + 1..] {
-            if a == b || crate::target::same_data(a, b) {
+            if a == b || crate::target::same_data(a, b)? {
                 bail!(
                     "{} and {} are the same file: mirror copies must be on separate files or devices",
                     a.display(),
@@ -122,8 +122,7 @@ fn format_set(args: &FormatArgs, opts: &FormatOptions) -> Result<Volume> {
         // Prepares the target exactly as a single volume's (checks, creation, zeroing).
         format_one(&member_args, &mut member_opts)?.close()?;
         let abs = std::fs::canonicalize(p).with_context(|| format!("resolving {}", p.display()))?;
-        let backend = FileBackend::open(&abs, &FileOptions::default())
-            .with_context(|| format!("opening {}", abs.display()))?;
+        let backend = FileBackend::open(&abs, &FileOptions::default())?;
         backends.push(Arc::new(backend));
     }
     let mut set_opts = opts.clone();

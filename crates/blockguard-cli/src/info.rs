@@ -14,8 +14,10 @@ pub(crate) struct InfoArgs {
     /// The volume.
     pub(crate) path: PathBuf,
     /// Also show where these data blocks and their tags live (dump).
-    #[arg(long = "block", value_name = "N")]
-    pub(crate) blocks: Vec<u64>,
+    // Signed, so that a negative number reaches the range check and its message instead of
+    // clap's "unexpected argument '-1'".
+    #[arg(long = "block", value_name = "N", allow_negative_numbers = true)]
+    pub(crate) blocks: Vec<i64>,
     /// Print JSON.
     #[arg(long)]
     pub(crate) json: bool,
@@ -118,15 +120,15 @@ pub(crate) fn run(args: &InfoArgs) -> Result<()> {
 fn inspect_blocks(vol: &Volume, args: &InfoArgs) -> Result<Vec<BlockReport>> {
     let count = vol.geometry().data_blocks;
     let mut blocks = Vec::new();
-    for &b in &args.blocks {
+    for &asked in &args.blocks {
         // Answered in blocks, as asked: the engine's range error speaks in bytes.
-        if b >= count {
+        let Some(b) = u64::try_from(asked).ok().filter(|&b| b < count) else {
             bail!(
-                "{}: there is no block {b}: the volume has {count} blocks, numbered 0 to {}",
+                "{}: there is no block {asked}: the volume has {count} blocks, numbered 0 to {}",
                 args.path.display(),
                 count.saturating_sub(1)
             );
-        }
+        };
         blocks.push(vol.inspect_block(b)?);
     }
     Ok(blocks)

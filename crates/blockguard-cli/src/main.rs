@@ -26,6 +26,7 @@ mod control;
 mod format;
 mod holder;
 mod info;
+mod interrupt;
 mod log;
 mod mirror;
 mod mount;

@@ -1,7 +1,7 @@
 //! `blockguard mirror`: the copies of a volume — list them, add one, remove one, replace one,
 //! and resynchronize copies that fell behind. Works on a volume no other process has open.
 
-use crate::common::{open_volume, progress};
+use crate::common::{open_volume, progress, PathOnce};
 use anyhow::{bail, Context, Result};
 use blockguard::blockguard_backend::{Backend, FileBackend, FileOptions};
 use blockguard::{ResyncReport, Volume};
@@ -122,7 +122,7 @@ pub(crate) fn run(args: &MirrorArgs) -> Result<()> {
                     pb.set_length(total.max(1));
                     pb.set_position(done);
                 })
-                .with_context(|| format!("resynchronizing {}", volume.display()))?;
+                .doing("resynchronize", volume)?;
             pb.finish_and_clear();
             vol.close()?;
             print_resync(&report, *json)
@@ -188,7 +188,7 @@ fn resolve(vol: &Volume, volume: &Path, copy: &str) -> Result<usize> {
     }
     members
         .iter()
-        .position(|(path, _)| crate::target::same_data(Path::new(path), Path::new(copy)))
+        .position(|(path, _)| crate::target::same_data(Path::new(path), Path::new(copy)).unwrap_or(false))
         .with_context(|| format!("{copy} is not a copy of this volume (see `blockguard mirror list`)"))
 }
 
@@ -201,11 +201,10 @@ fn add(vol: Volume, volume: &Path, copy: &Path, force: bool) -> Result<(Volume, 
     } else {
         members.into_iter().map(|(p, _)| p).collect()
     };
-    if existing
-        .iter()
-        .any(|p| crate::target::same_data(Path::new(p), copy))
-    {
-        bail!("{} is already a copy of this volume", copy.display());
+    for p in &existing {
+        if crate::target::same_data(Path::new(p), copy)? {
+            bail!("{} is already a copy of this volume", copy.display());
+        }
     }
     let len = vol.geometry().backing_len;
     let backend = prepare_target(copy, len, force)?;
@@ -241,8 +240,7 @@ fn prepare_target(copy: &Path, len: u64, force: bool) -> Result<Arc<dyn Backend>
         crate::target::empty_file(copy, len)?;
     }
     let abs = std::fs::canonicalize(copy).with_context(|| format!("resolving {}", copy.display()))?;
-    let backend = FileBackend::open(&abs, &FileOptions::default())
-        .with_context(|| format!("opening {}", abs.display()))?;
+    let backend = FileBackend::open(&abs, &FileOptions::default())?;
     if !is_file {
         if backend.len() < len {
             bail!(

@@ -3,8 +3,8 @@
 //! it may make blocks read as an older version, and blank groups under a written-groups map
 //! sector no copy of which is valid read as never written).
 
-use crate::common::{open_volume, progress};
-use anyhow::{Context, Result};
+use crate::common::{open_volume, progress, PathOnce};
+use anyhow::Result;
 use blockguard::{RecoverOptions, RecoveryReport};
 use clap::Args;
 use serde::Serialize;
@@ -43,15 +43,14 @@ pub(crate) fn run(args: &RecoverArgs) -> Result<()> {
         let pb = progress(vol.geometry().groups, "rebuild");
         let report = vol
             .recover(RecoverOptions::rebuild(), |done, _| pb.set_position(done))
-            .with_context(|| format!("recovering {}", args.path.display()))?;
+            .doing("recover", &args.path)?;
         pb.finish_and_clear();
         Some(report)
     } else {
         None
     };
     let at_open = vol.recovery_at_open().cloned();
-    vol.close()
-        .with_context(|| format!("closing {}", args.path.display()))?;
+    vol.close().doing("close", &args.path)?;
     if args.json {
         let r = Report {
             volume: args.path.display().to_string(),

@@ -13,7 +13,7 @@
 //! flushes are refused (reads go on), and at shutdown the volume is left unflushed and marked
 //! in use, as a crash would leave it, and `serve` exits with an error.
 
-use crate::common::parse_size;
+use crate::common::{parse_size, PathOnce};
 use crate::control::server::{Context as ControlContext, Serving};
 use anyhow::{anyhow, Context, Result};
 use blockguard_nbd::{DeviceExport, Export, ListenAddr, Server, ServerConfig, ServerError};
@@ -132,13 +132,12 @@ pub(crate) fn run(args: &ServeArgs) -> Result<()> {
             tracing::info!(volume = %path.display(), size, "created a new volume");
             // Formatting opened it read-write with defaults: reopen with the requested mode
             // and stage size.
-            vol.close()
-                .with_context(|| format!("cannot close new volume {}", path.display()))?;
+            vol.close().doing("close the new volume", path)?;
             crate::common::open_volume_staged(path, args.read_only, Some(stage))?
         }
         _ => {
-            let vol = crate::common::open_volume_staged(path, args.read_only, Some(stage))
-                .with_context(|| format!("cannot serve {}", path.display()))?;
+            let vol =
+                crate::common::open_volume_staged(path, args.read_only, Some(stage)).doing("serve", path)?;
             if let Some(asked) = args.create {
                 warn_if_other_size(path, vol.size(), asked);
             }
@@ -197,15 +196,12 @@ pub(crate) fn run(args: &ServeArgs) -> Result<()> {
     }
     // The server and every connection have ended, so this is the last reference.
     match Arc::try_unwrap(volume) {
-        Ok(vol) => vol
-            .close()
-            .with_context(|| format!("cannot close {}", path.display()))?,
+        Ok(vol) => vol.close().doing("close", path)?,
         Err(vol) => {
             // Only a bug leaves another reference behind; the data is made durable, but the
             // volume stays marked in use, so the next open checks the groups last written.
             tracing::warn!(volume = %path.display(), "the volume is still referenced after shutdown: flushed, left marked in use");
-            vol.flush()
-                .with_context(|| format!("cannot flush {}", path.display()))?;
+            vol.flush().doing("flush", path)?;
         }
     }
     outcome?;

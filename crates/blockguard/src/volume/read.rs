@@ -284,7 +284,8 @@ impl Inner {
                 if self.backend.count() > 1 {
                     self.stats.unrepairable.fetch_add(1, Ordering::Relaxed);
                 }
-                tracing::error!(volume = %self.name, block, "{e}");
+                // Returned, not logged: the caller reports it once (the servers log it with
+                // the request, `check` lists it, `export` stops with it).
                 return Err(e);
             }
         }
