@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use blockguard::blockguard_backend::{Backend, FileBackend, FileOptions, LockMode};
-use blockguard::{FormatOptions, Mode, OpenOptions, Profile, Volume};
+use blockguard::{ErrorPolicy, FormatOptions, Mode, OpenOptions, Profile, Volume};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
@@ -44,6 +44,27 @@ pub(crate) fn mode_parser() -> impl TypedValueParser<Value = Mode> {
     let names: Vec<&'static str> = (0..=u8::MAX).filter_map(Mode::from_id).map(Mode::name).collect();
     PossibleValuesParser::new(names)
         .try_map(|s| Mode::from_name(&s).ok_or_else(|| format!("unknown mode {s:?}")))
+}
+
+/// The value parser of `--error-policy`: the policies this build knows, listed in `--help`.
+pub(crate) fn error_policy_parser() -> impl TypedValueParser<Value = ErrorPolicy> {
+    PossibleValuesParser::new(ErrorPolicy::ALL.map(ErrorPolicy::name))
+        .try_map(|s| ErrorPolicy::from_name(&s).ok_or_else(|| format!("unknown error policy {s:?}")))
+}
+
+/// What each error policy does, for `info` and the options' help.
+pub(crate) fn error_policy_meaning(p: ErrorPolicy) -> &'static str {
+    match p {
+        ErrorPolicy::Eio => "a read of a block with no good copy fails; every such failure is logged",
+        ErrorPolicy::ReadOnly => {
+            "a read of a block with no good copy fails, and writes are suspended from then on until \
+             the error state is cleared (`blockguard resume`) or the volume is reopened"
+        }
+        ErrorPolicy::Continue => {
+            "a read of a block with no good copy fails; each such block is logged once, the volume \
+             carries on"
+        }
+    }
 }
 
 /// The value parser of `--profile`: the tag profiles this build knows, listed in `--help`.

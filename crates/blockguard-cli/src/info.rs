@@ -32,6 +32,9 @@ pub(crate) struct Summary {
     pub(crate) block_size: u32,
     pub(crate) mode: blockguard::Mode,
     pub(crate) profile: blockguard::Profile,
+    /// What a read of a block with no good copy does besides failing (`eio`, `read-only`,
+    /// `continue`).
+    pub(crate) error_policy: blockguard::ErrorPolicy,
     pub(crate) tag_size: u32,
     pub(crate) created: u64,
     pub(crate) compat: u64,
@@ -70,6 +73,7 @@ pub(crate) fn summary(sb: &Superblock, path: &Path) -> Summary {
         block_size: sb.geometry.block_size,
         mode: sb.mode,
         profile: sb.profile,
+        error_policy: sb.error_policy,
         tag_size: sb.geometry.tag_size,
         created: sb.created,
         compat: sb.compat,
@@ -146,6 +150,11 @@ fn print_summary(s: &Summary) {
         s.size, g.data_blocks, g.block_size
     );
     println!("mode:          {}", s.mode.name());
+    println!(
+        "error policy:  {} ({})",
+        s.error_policy.name(),
+        crate::common::error_policy_meaning(s.error_policy)
+    );
     println!(
         "tag profile:   {} ({} bytes per block)",
         s.profile.name(),

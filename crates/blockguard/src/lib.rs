@@ -44,7 +44,7 @@ mod volume;
 pub use blockguard_backend;
 pub use device::{BlockDevice, ErrorClass, OwnedBuf};
 pub use error::{CorruptionKind, Error, Result};
-pub use format::{Geometry, Mode, Superblock};
+pub use format::{ErrorPolicy, Geometry, Mode, Superblock};
 pub use tag::Profile;
 pub use volume::{
     member_records, BlockProblem, BlockReport, Extent, FormatOptions, MapProblem, MetadataProblem,

@@ -29,7 +29,7 @@ pub use mirror::member_records;
 pub use recover::{MapProblem, MetadataProblem, RecoverOptions, RecoveryReport};
 
 use crate::error::{Error, Result};
-use crate::format::{Geometry, Mode, Superblock};
+use crate::format::{ErrorPolicy, Geometry, Mode, Superblock};
 use crate::tag::{Profile, Tag};
 use cache::MetaCache;
 use stage::{SharedBuf, Stage};
@@ -59,6 +59,8 @@ pub struct FormatOptions {
     /// writes only the superblocks. Otherwise the whole backend is zeroed first, because
     /// unwritten blocks must read as zeros.
     pub assume_zeroed: bool,
+    /// What the volume does about a block with no good copy (stored in the superblock).
+    pub error_policy: ErrorPolicy,
 }
 
 impl FormatOptions {
@@ -74,6 +76,7 @@ impl FormatOptions {
             label: String::new(),
             group_blocks: None,
             assume_zeroed: true,
+            error_policy: ErrorPolicy::Eio,
         }
     }
 

@@ -207,7 +207,10 @@ fn new_superblock(opts: &FormatOptions, geo: Geometry) -> Superblock {
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    Superblock::new(geo, uuid, opts.profile, opts.mode, &opts.label, created)
+    Superblock {
+        error_policy: opts.error_policy,
+        ..Superblock::new(geo, uuid, opts.profile, opts.mode, &opts.label, created)
+    }
 }
 
 /// An [`Error::Io`] of volume `name` for a backend failure while `during` at `offset`.
