@@ -76,24 +76,29 @@ pub(crate) fn profile_parser() -> impl TypedValueParser<Value = Profile> {
 /// Opens the volume at `path`. Read-write opens take an exclusive lock and read-only opens a
 /// shared one, so a volume is never served or mounted by two processes at once.
 pub(crate) fn open_volume(path: &Path, read_only: bool) -> Result<Volume> {
-    open_volume_staged(path, read_only, None)
+    open_volume_staged(path, read_only, None, None)
 }
 
-/// [`open_volume`] with a write-back stage of `stage_bytes` (default 32 MiB): the servers'
-/// `--stage-size`.
-pub(crate) fn open_volume_staged(path: &Path, read_only: bool, stage_bytes: Option<u64>) -> Result<Volume> {
+/// [`open_volume`] with a write-back stage of `stage_bytes` (default 32 MiB) and an error
+/// policy overriding the volume's: the servers' `--stage-size` and `--error-policy`.
+pub(crate) fn open_volume_staged(
+    path: &Path,
+    read_only: bool,
+    stage_bytes: Option<u64>,
+    error_policy: Option<ErrorPolicy>,
+) -> Result<Volume> {
     let lock = if read_only {
         LockMode::Shared
     } else {
         LockMode::Exclusive
     };
-    open_with(path, read_only, lock, stage_bytes)
+    open_with(path, read_only, lock, stage_bytes, error_policy)
 }
 
 /// Opens without taking a lock: for `info`/`dump`, which only read metadata and must work
 /// while the volume is being served.
 pub(crate) fn open_unlocked(path: &Path) -> Result<Volume> {
-    open_with(path, true, LockMode::None, None)
+    open_with(path, true, LockMode::None, None, None)
 }
 
 /// Whether `backend` is a member of a mirror set (it keeps member records).
@@ -125,7 +130,13 @@ fn open_members(path: &Path, backend: FileBackend, opts: &FileOptions) -> Result
     Ok(members)
 }
 
-fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u64>) -> Result<Volume> {
+fn open_with(
+    path: &Path,
+    read_only: bool,
+    lock: LockMode,
+    stage_bytes: Option<u64>,
+    error_policy: Option<ErrorPolicy>,
+) -> Result<Volume> {
     let opts = FileOptions {
         read_only,
         lock,
@@ -134,6 +145,7 @@ fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u
     let backend = FileBackend::open(path, &opts)?;
     let mut open_opts = OpenOptions {
         read_only,
+        error_policy,
         ..OpenOptions::default()
     };
     if let Some(stage) = stage_bytes {

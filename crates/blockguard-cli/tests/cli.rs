@@ -495,7 +495,7 @@ fn sizes_take_units_everywhere_and_help_lists_modes_and_profiles() {
 
 /// `format --error-policy` stores the policy in byte 288 of both superblocks; `info` shows
 /// it (with what it means) and `format --json`/`info --json` report it; the default is `eio`;
-/// unknown policies are refused up front.
+/// unknown policies are refused up front, also by `serve` and `mount`.
 #[test]
 fn format_error_policy_is_stored_and_shown_by_info() {
     let t = T::new();
@@ -535,6 +535,16 @@ fn format_error_policy_is_stored_and_shown_by_info() {
         "[possible values: eio, read-only, continue]",
     ]);
     assert!(!t.path("bad.bgv").exists());
+    for cmd in ["serve", "mount"] {
+        let help = t.run(&[cmd, "--help"]).code(0).stdout.clone();
+        assert!(help.contains("--error-policy <POLICY>"), "{cmd}: {help}");
+    }
+    t.run(&["serve", "eio.bgv", "--error-policy", "halt"])
+        .code(2)
+        .err_has(&["invalid value 'halt'"]);
+    t.run(&["mount", "eio.bgv", ".", "--error-policy", "halt"])
+        .code(2)
+        .err_has(&["invalid value 'halt'"]);
 }
 
 /// An unknown error policy in a superblock (with a valid checksum) is damage: that copy is

@@ -116,6 +116,21 @@ pub enum Error {
         /// The failure that stopped it.
         detail: String,
     },
+    /// Writes are suspended: a read found a block with no good copy (no mirror member holds
+    /// one that verifies) and the volume's error policy is `read-only`. Reads go on.
+    #[error(
+        "{volume}: writes are suspended: block {block} has no good copy ({detail}) and the volume's \
+         error policy is read-only; once the block is dealt with, clear the error state \
+         (`blockguard resume`, `Volume::clear_error_state`) or reopen the volume"
+    )]
+    WritesSuspended {
+        /// The volume's name.
+        volume: String,
+        /// The first block found with no good copy.
+        block: u64,
+        /// What its read found.
+        detail: String,
+    },
 }
 
 impl Error {

@@ -47,6 +47,7 @@ pub use error::{CorruptionKind, Error, Result};
 pub use format::{ErrorPolicy, Geometry, Mode, Superblock};
 pub use tag::Profile;
 pub use volume::{
-    member_records, BlockProblem, BlockReport, Extent, FormatOptions, MapProblem, MetadataProblem,
-    OpenOptions, RecoverOptions, RecoveryReport, SlotReport, Volume, VolumeStats,
+    member_records, BlockProblem, BlockReport, ClearedErrors, Extent, FormatOptions, MapProblem,
+    MetadataProblem, OpenOptions, RecoverOptions, RecoveryReport, SlotReport, Suspension, Volume,
+    VolumeHealth, VolumeStats,
 };

@@ -7,8 +7,9 @@
 //! (staging), `commit` (the commit machinery, one `Protocol` per consistency mode, and
 //! `Maintenance`, the only way outside a commit to write metadata), `recover` (settling after
 //! a crash, through `Maintenance`), `inspect` (extents, check, dump), `group` (what a group's
-//! metadata accepts), `meta_io` (loading and confirming metadata), `bitmaps`, `cache` and
-//! `stage`.
+//! metadata accepts), `meta_io` (loading and confirming metadata), `bitmaps`, `cache`,
+//! `stage`, `policy` (the error policy for blocks with no good copy) and `health` (what keeps
+//! the volume from working normally, and what an operator can clear).
 
 mod bitmaps;
 mod cache;
@@ -16,16 +17,20 @@ mod commit;
 mod device;
 mod group;
 mod group_commit;
+mod health;
 mod inspect;
 mod meta_io;
 mod mirror;
 mod open;
+mod policy;
 mod read;
 mod recover;
 mod stage;
 mod write;
 
+pub use health::{ClearedErrors, VolumeHealth};
 pub use mirror::member_records;
+pub use policy::Suspension;
 pub use recover::{MapProblem, MetadataProblem, RecoverOptions, RecoveryReport};
 
 use crate::error::{Error, Result};
@@ -59,7 +64,8 @@ pub struct FormatOptions {
     /// writes only the superblocks. Otherwise the whole backend is zeroed first, because
     /// unwritten blocks must read as zeros.
     pub assume_zeroed: bool,
-    /// What the volume does about a block with no good copy (stored in the superblock).
+    /// What the volume does about a block with no good copy (stored in the superblock;
+    /// [`OpenOptions::error_policy`] overrides it for one open).
     pub error_policy: ErrorPolicy,
 }
 
@@ -111,6 +117,8 @@ pub struct OpenOptions {
     /// this window before it are read leniently and recovered. Shorter costs one more flush
     /// whenever a commit first touches a clean group again.
     pub dirty_clear_interval: std::time::Duration,
+    /// The error policy for this open; `None` keeps the one stored in the superblock.
+    pub error_policy: Option<ErrorPolicy>,
 }
 
 impl Default for OpenOptions {
@@ -121,6 +129,7 @@ impl Default for OpenOptions {
             stage_bytes: 32 << 20,
             background_commit: true,
             dirty_clear_interval: std::time::Duration::from_secs(2),
+            error_policy: None,
         }
     }
 }
@@ -206,6 +215,8 @@ pub(crate) struct Inner {
     trusted: AtomicBool,
     /// Set once when a write-back fails (see `Inner::fail`).
     failure: std::sync::OnceLock<String>,
+    /// The error policy for blocks with no good copy, and what it has seen.
+    policy: policy::PolicyState,
     /// Set by writers when the stage is full, to wake the committer thread.
     kick: Mutex<bool>,
     kick_cv: Condvar,
@@ -352,7 +363,9 @@ impl Inner {
                 return;
             }
             let mut state = self.lock(&self.commit);
-            if self.lock(&self.stage).active_bytes >= self.stage_limit {
+            // Under the `read-only` policy's suspension nothing new is committed (flushes
+            // refuse to, and close leaves it unwritten).
+            if self.lock(&self.stage).active_bytes >= self.stage_limit && !self.policy.is_suspended() {
                 // A failure is recorded in the commit state and reported by the next write
                 // or flush.
                 let _ = self.commit_locked(&mut state);
@@ -364,6 +377,9 @@ impl Inner {
         if self.read_only {
             return Ok(());
         }
+        // Under the `read-only` error policy's suspension nothing new reaches the disk, also
+        // at close: what is staged is left unwritten (and reported).
+        let unwritten = self.drop_suspended_stage();
         let mut m = self.maintenance("flushing")?;
         // Nothing is unsettled: the dirty map is cleared (it does not need to be durable before
         // the clean marking — a clean volume ignores it — nor after: a stale dirty bit only
@@ -375,7 +391,8 @@ impl Inner {
         if m.marked_in_use() && self.trusted.load(Ordering::Acquire) {
             m.mark_clean("marking the volume clean")?;
         }
-        self.lost_writes(m.state())
+        self.lost_writes(m.state())?;
+        unwritten.map_or(Ok(()), Err)
     }
 }
 

@@ -114,6 +114,7 @@ impl Volume {
         let group_bytes = 2 * geo.block_size as usize + 256;
         let vol = Inner {
             failure: std::sync::OnceLock::new(),
+            policy: super::policy::PolicyState::new(opts.error_policy.unwrap_or(sb.error_policy)),
             kick: Mutex::new(false),
             kick_cv: Condvar::new(),
             flushes: FlushSequence::default(),

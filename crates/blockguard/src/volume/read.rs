@@ -280,7 +280,8 @@ impl Inner {
                 if self.backend.count() > 1 {
                     self.stats.unrepairable.fetch_add(1, Ordering::Relaxed);
                 }
-                tracing::error!(volume = %self.name, block, "{e}");
+                // No good copy anywhere: the error policy decides what else happens.
+                self.unrepairable(block, &e);
                 return Err(e);
             }
         }
