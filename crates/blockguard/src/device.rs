@@ -161,6 +161,7 @@ mod tests {
         let failed = Error::Failed {
             volume: "v".into(),
             detail: "x".into(),
+            resumable: true,
         };
         assert_eq!(failed.class(), ErrorClass::Io);
         let suspended = Error::WritesSuspended {

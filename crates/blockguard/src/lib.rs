@@ -48,6 +48,6 @@ pub use format::{ErrorPolicy, Geometry, Mode, Superblock};
 pub use tag::Profile;
 pub use volume::{
     member_records, BlockProblem, BlockReport, ClearedErrors, Extent, FormatOptions, MapProblem,
-    MetadataProblem, OpenOptions, RecoverOptions, RecoveryReport, SlotReport, Suspension, Volume,
-    VolumeHealth, VolumeStats,
+    MetadataProblem, OpenOptions, RecoverOptions, RecoveryReport, ResumeReport, SlotReport, Suspension,
+    Volume, VolumeFailure, VolumeHealth, VolumeStats,
 };

@@ -8,8 +8,9 @@
 //! `Maintenance`, the only way outside a commit to write metadata), `recover` (settling after
 //! a crash, through `Maintenance`), `inspect` (extents, check, dump), `group` (what a group's
 //! metadata accepts), `meta_io` (loading and confirming metadata), `bitmaps`, `cache`,
-//! `stage`, `policy` (the error policy for blocks with no good copy) and `health` (what keeps
-//! the volume from working normally, and what an operator can clear).
+//! `stage`, `policy` (the error policy for blocks with no good copy) and `health` (failure,
+//! suspension and what an operator can clear; resuming after a write-back failure is in
+//! `commit/resume.rs`).
 
 mod bitmaps;
 mod cache;
@@ -28,7 +29,8 @@ mod recover;
 mod stage;
 mod write;
 
-pub use health::{ClearedErrors, VolumeHealth};
+pub use commit::ResumeReport;
+pub use health::{ClearedErrors, VolumeFailure, VolumeHealth};
 pub use mirror::member_records;
 pub use policy::Suspension;
 pub use recover::{MapProblem, MetadataProblem, RecoverOptions, RecoveryReport};
@@ -213,10 +215,15 @@ pub(crate) struct Inner {
     /// Groups loaded from disk are settled (their newest metadata describes durable data):
     /// the volume was closed cleanly before this open, or has been recovered since.
     trusted: AtomicBool,
-    /// Set once when a write-back fails (see `Inner::fail`).
-    failure: std::sync::OnceLock<String>,
+    /// Why writes and flushes are refused, once a write-back failed or a thread panicked
+    /// (see `Inner::fail`); a write-back failure is cleared by `Volume::resume`.
+    failure: Mutex<Option<VolumeFailure>>,
+    /// `failure` is set: the writers' lock-free check.
+    failed: AtomicBool,
     /// The error policy for blocks with no good copy, and what it has seen.
     policy: policy::PolicyState,
+    /// Acknowledged block writes known lost (flushes fail while any is left), for `health`.
+    lost_writes: AtomicU64,
     /// Set by writers when the stage is full, to wake the committer thread.
     kick: Mutex<bool>,
     kick_cv: Condvar,
@@ -314,10 +321,10 @@ impl Inner {
 
     fn fail_poisoned<T>(&self) {
         let what = std::any::type_name::<T>();
-        if self.failure.get().is_none() {
+        if self.failure().is_none_or(|f| f.resumable) {
             tracing::error!(volume = %self.name, lock = what, "a thread panicked while holding a lock of the engine: failing the volume");
         }
-        self.fail(format!(
+        self.fail_for_good(format!(
             "a thread panicked while holding a lock of the engine ({what}): its state may be inconsistent"
         ));
     }
@@ -594,7 +601,8 @@ impl Volume {
             self.inner.kick_cv.notify_one();
             if handle.join().is_err() {
                 // The committer panicked: whatever it was doing may be half done.
-                self.inner.fail("the background committer thread panicked".into());
+                self.inner
+                    .fail_for_good("the background committer thread panicked".into());
             }
         }
     }
