@@ -83,6 +83,16 @@ pub trait Backend: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// Drops any cached copy of `len` bytes at `offset` (the page cache of a buffered file or
+    /// device), so later reads come from the medium. Meant for after a flush, to read back
+    /// what the medium really holds: after a failed flush the kernel may keep pages whose
+    /// writeback failed, showing data the medium never got. A hint: data not yet flushed may
+    /// stay cached. The default does nothing (no cache).
+    fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+
     /// Makes `len` bytes at `offset` read as zeros.
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()>;
 

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use blockguard::blockguard_backend::{Backend, FileBackend, FileOptions, LockMode};
-use blockguard::{FormatOptions, Mode, OpenOptions, Profile, Volume};
+use blockguard::{ErrorPolicy, FormatOptions, Mode, OpenOptions, Profile, Volume};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
@@ -44,6 +44,27 @@ pub(crate) fn mode_parser() -> impl TypedValueParser<Value = Mode> {
     let names: Vec<&'static str> = (0..=u8::MAX).filter_map(Mode::from_id).map(Mode::name).collect();
     PossibleValuesParser::new(names)
         .try_map(|s| Mode::from_name(&s).ok_or_else(|| format!("unknown mode {s:?}")))
+}
+
+/// The value parser of `--error-policy`: the policies this build knows, listed in `--help`.
+pub(crate) fn error_policy_parser() -> impl TypedValueParser<Value = ErrorPolicy> {
+    PossibleValuesParser::new(ErrorPolicy::ALL.map(ErrorPolicy::name))
+        .try_map(|s| ErrorPolicy::from_name(&s).ok_or_else(|| format!("unknown error policy {s:?}")))
+}
+
+/// What each error policy does, for `info` and the options' help.
+pub(crate) fn error_policy_meaning(p: ErrorPolicy) -> &'static str {
+    match p {
+        ErrorPolicy::Eio => "a read of a block with no good copy fails; every such failure is logged",
+        ErrorPolicy::ReadOnly => {
+            "a read of a block with no good copy fails, and writes are suspended from then on until \
+             the error state is cleared (`blockguard resume`) or the volume is reopened"
+        }
+        ErrorPolicy::Continue => {
+            "a read of a block with no good copy fails; each such block is logged once, the volume \
+             carries on"
+        }
+    }
 }
 
 /// The value parser of `--profile`: the tag profiles this build knows, listed in `--help`.
@@ -97,24 +118,29 @@ impl<T, E: Into<anyhow::Error>> PathOnce<T> for std::result::Result<T, E> {
 /// Opens the volume at `path`. Read-write opens take an exclusive lock and read-only opens a
 /// shared one, so a volume is never served or mounted by two processes at once.
 pub(crate) fn open_volume(path: &Path, read_only: bool) -> Result<Volume> {
-    open_volume_staged(path, read_only, None)
+    open_volume_staged(path, read_only, None, None)
 }
 
-/// [`open_volume`] with a write-back stage of `stage_bytes` (default 32 MiB): the servers'
-/// `--stage-size`.
-pub(crate) fn open_volume_staged(path: &Path, read_only: bool, stage_bytes: Option<u64>) -> Result<Volume> {
+/// [`open_volume`] with a write-back stage of `stage_bytes` (default 32 MiB) and an error
+/// policy overriding the volume's: the servers' `--stage-size` and `--error-policy`.
+pub(crate) fn open_volume_staged(
+    path: &Path,
+    read_only: bool,
+    stage_bytes: Option<u64>,
+    error_policy: Option<ErrorPolicy>,
+) -> Result<Volume> {
     let lock = if read_only {
         LockMode::Shared
     } else {
         LockMode::Exclusive
     };
-    open_with(path, read_only, lock, stage_bytes)
+    open_with(path, read_only, lock, stage_bytes, error_policy)
 }
 
 /// Opens without taking a lock: for `info`/`dump`, which only read metadata and must work
 /// while the volume is being served.
 pub(crate) fn open_unlocked(path: &Path) -> Result<Volume> {
-    open_with(path, true, LockMode::None, None)
+    open_with(path, true, LockMode::None, None, None)
 }
 
 /// Whether `backend` is a member of a mirror set (it keeps member records).
@@ -146,7 +172,13 @@ fn open_members(path: &Path, backend: FileBackend, opts: &FileOptions) -> Result
     Ok(members)
 }
 
-fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u64>) -> Result<Volume> {
+fn open_with(
+    path: &Path,
+    read_only: bool,
+    lock: LockMode,
+    stage_bytes: Option<u64>,
+    error_policy: Option<ErrorPolicy>,
+) -> Result<Volume> {
     let opts = FileOptions {
         read_only,
         lock,
@@ -155,6 +187,7 @@ fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u
     let backend = FileBackend::open(path, &opts)?;
     let mut open_opts = OpenOptions {
         read_only,
+        error_policy,
         ..OpenOptions::default()
     };
     if let Some(stage) = stage_bytes {

@@ -1,9 +1,11 @@
 //! `blockguard format`: create a volume on a file or block device.
 
-use crate::common::{check_size, mode_parser, parse_block_size, parse_size, profile_parser, progress};
+use crate::common::{
+    check_size, error_policy_parser, mode_parser, parse_block_size, parse_size, profile_parser, progress,
+};
 use anyhow::{bail, Context, Result};
 use blockguard::blockguard_backend::{Backend, FileBackend, FileOptions};
-use blockguard::{FormatOptions, Mode, Profile, Volume};
+use blockguard::{ErrorPolicy, FormatOptions, Mode, Profile, Volume};
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,6 +31,13 @@ pub(crate) struct FormatArgs {
     /// A label stored in the superblock.
     #[arg(long, default_value = "")]
     pub(crate) label: String,
+    /// What the volume does when a read finds a block with no good copy (it fails
+    /// verification and no mirror copy verifies): eio (the read fails, every failure is
+    /// logged), read-only (also suspend writes until `blockguard resume` or a reopen) or
+    /// continue (the read fails, each block is logged once). Stored in the superblock;
+    /// `serve` and `mount` can override it. Never returns wrong data.
+    #[arg(long, default_value = "eio", value_parser = error_policy_parser())]
+    pub(crate) error_policy: ErrorPolicy,
     /// Overwrite an existing volume, a non-empty file or a non-empty device.
     #[arg(long)]
     pub(crate) force: bool,
@@ -58,6 +67,7 @@ pub(crate) fn run(args: &FormatArgs) -> Result<()> {
         label: args.label.clone(),
         group_blocks: None,
         assume_zeroed: false,
+        error_policy: args.error_policy,
     };
     blockguard::format::validate_label(&args.label).map_err(anyhow::Error::msg)?;
     let path = &args.path;
@@ -114,6 +124,7 @@ fn format_set(args: &FormatArgs, opts: &FormatOptions) -> Result<Volume> {
             mode: args.mode,
             profile: args.profile,
             label: args.label.clone(),
+            error_policy: args.error_policy,
             force: args.force,
             mirrors: Vec::new(),
             json: false,
@@ -191,13 +202,14 @@ fn report(args: &FormatArgs, path: &std::path::Path, vol: Volume) -> Result<()> 
         );
     } else {
         say!(
-            "formatted {}: {} bytes in {} blocks of {} bytes, mode {}, tags {}, uuid {}",
+            "formatted {}: {} bytes in {} blocks of {} bytes, mode {}, tags {}, error policy {}, uuid {}",
             path.display(),
             sb.geometry.size(),
             sb.geometry.data_blocks,
             sb.geometry.block_size,
             sb.mode.name(),
             sb.profile.name(),
+            sb.error_policy.name(),
             crate::info::uuid_string(&sb.uuid)
         );
         for (i, (member, _)) in members.iter().enumerate() {

@@ -34,6 +34,9 @@ pub(crate) struct Summary {
     pub(crate) block_size: u32,
     pub(crate) mode: blockguard::Mode,
     pub(crate) profile: blockguard::Profile,
+    /// What a read of a block with no good copy does besides failing (`eio`, `read-only`,
+    /// `continue`).
+    pub(crate) error_policy: blockguard::ErrorPolicy,
     pub(crate) tag_size: u32,
     pub(crate) created: u64,
     pub(crate) compat: u64,
@@ -72,6 +75,7 @@ pub(crate) fn summary(sb: &Superblock, path: &Path) -> Summary {
         block_size: sb.geometry.block_size,
         mode: sb.mode,
         profile: sb.profile,
+        error_policy: sb.error_policy,
         tag_size: sb.geometry.tag_size,
         created: sb.created,
         compat: sb.compat,
@@ -150,6 +154,11 @@ fn print_summary(s: &Summary) {
         g.block_size
     );
     say!("mode:          {}", s.mode.name());
+    say!(
+        "error policy:  {} ({})",
+        s.error_policy.name(),
+        crate::common::error_policy_meaning(s.error_policy)
+    );
     say!(
         "tag profile:   {} ({} bytes per block)",
         s.profile.name(),

@@ -46,6 +46,11 @@ pub(crate) struct ServeArgs {
     /// Serve read-only: writes, trims and zeroing are refused.
     #[arg(long)]
     pub(crate) read_only: bool,
+    /// Override the volume's error policy for this session (what happens when a read finds
+    /// a block with no good copy): eio, read-only (suspend writes until `blockguard resume`
+    /// or a restart) or continue (log each such block once). See `blockguard format --help`.
+    #[arg(long, value_name = "POLICY", value_parser = crate::common::error_policy_parser())]
+    pub(crate) error_policy: Option<blockguard::ErrorPolicy>,
     /// If VOLUME does not exist, format a new sparse volume of this size there first
     /// (binary units: "64M", "10G").
     #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
@@ -133,11 +138,11 @@ pub(crate) fn run(args: &ServeArgs) -> Result<()> {
             // Formatting opened it read-write with defaults: reopen with the requested mode
             // and stage size.
             vol.close().doing("close the new volume", path)?;
-            crate::common::open_volume_staged(path, args.read_only, Some(stage))?
+            crate::common::open_volume_staged(path, args.read_only, Some(stage), args.error_policy)?
         }
         _ => {
-            let vol =
-                crate::common::open_volume_staged(path, args.read_only, Some(stage)).doing("serve", path)?;
+            let vol = crate::common::open_volume_staged(path, args.read_only, Some(stage), args.error_policy)
+                .doing("serve", path)?;
             if let Some(asked) = args.create {
                 warn_if_other_size(path, vol.size(), asked);
             }

@@ -504,6 +504,77 @@ fn sizes_take_units_everywhere_and_help_lists_modes_and_profiles() {
     assert!(!t.path("x.bgv").exists());
 }
 
+/// `format --error-policy` stores the policy in byte 288 of both superblocks; `info` shows
+/// it (with what it means) and `format --json`/`info --json` report it; the default is `eio`;
+/// unknown policies are refused up front, also by `serve` and `mount`.
+#[test]
+fn format_error_policy_is_stored_and_shown_by_info() {
+    let t = T::new();
+    let j = t.format("default.bgv", &["--size", "1M"]);
+    assert_eq!(j["error_policy"], "eio");
+    t.run(&["info", "default.bgv"])
+        .code(0)
+        .out_has(&["error policy:  eio (a read of a block with no good copy fails"]);
+    assert_eq!(t.read_at("default.bgv", 288, 1), [0]);
+    for (name, id) in [("eio", 0u8), ("read-only", 1), ("continue", 2)] {
+        let file = format!("{name}.bgv");
+        let j = t.format(&file, &["--size", "1M", "--error-policy", name]);
+        assert_eq!(j["error_policy"], name);
+        assert_eq!(t.info(&file)["error_policy"], name);
+        t.run(&["info", &file])
+            .code(0)
+            .out_has(&[&format!("error policy:  {name} (")]);
+        let len = t.len(&file);
+        for at in sb_offsets(len) {
+            assert_eq!(t.read_at(&file, at + 288, 1), [id], "{name}: copy at {at}");
+        }
+        // Still a valid volume for every command.
+        t.run(&["check", &file]).code(0);
+    }
+    t.run(&["info", "read-only.bgv"])
+        .code(0)
+        .out_has(&["writes are suspended", "blockguard resume"]);
+    // A mirror set: every copy carries it.
+    t.format(
+        "m.bgv",
+        &["--size", "1M", "--error-policy", "continue", "--mirror", "m2.bgv"],
+    );
+    assert_eq!(t.info("m2.bgv")["error_policy"], "continue");
+    let o = t.run(&["format", "bad.bgv", "--size", "1M", "--error-policy", "panic"]);
+    o.code(2).err_has(&[
+        "invalid value 'panic'",
+        "[possible values: eio, read-only, continue]",
+    ]);
+    assert!(!t.path("bad.bgv").exists());
+    for cmd in ["serve", "mount"] {
+        let help = t.run(&[cmd, "--help"]).code(0).stdout.clone();
+        assert!(help.contains("--error-policy <POLICY>"), "{cmd}: {help}");
+    }
+    t.run(&["serve", "eio.bgv", "--error-policy", "halt"])
+        .code(2)
+        .err_has(&["invalid value 'halt'"]);
+    t.run(&["mount", "eio.bgv", ".", "--error-policy", "halt"])
+        .code(2)
+        .err_has(&["invalid value 'halt'"]);
+}
+
+/// An unknown error policy in a superblock (with a valid checksum) is damage: that copy is
+/// refused, the volume opens from the other one with a warning.
+#[test]
+fn an_unknown_error_policy_in_a_superblock_is_refused_as_damage() {
+    let t = T::new();
+    t.format("v.bgv", &["--size", "1M"]);
+    let b = t.read_at("v.bgv", 0, 512);
+    let mut patched = b.clone();
+    patched[288] = 7;
+    let crc = crc32c(&patched[..508]);
+    patched[508..512].copy_from_slice(&crc.to_le_bytes());
+    t.write_at("v.bgv", 0, &patched);
+    let o = t.run(&["info", "v.bgv"]);
+    o.code(0)
+        .out_has(&["primary superblock unusable", "error policy", "unknown value 7"]);
+}
+
 #[test]
 fn format_of_a_1_tib_sparse_file_is_instant_and_tiny() {
     let t = T::new();

@@ -477,6 +477,7 @@ impl Sim {
             stage_bytes: bs as usize * (1 + usize::from(setup.stage_blocks) % 8),
             // Deterministic I/O order: a crash point names the same state on every run.
             background_commit: false,
+            error_policy: None,
             dirty_clear_interval: if setup.clear_dirty_at_flush {
                 Duration::ZERO
             } else {

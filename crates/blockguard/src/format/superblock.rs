@@ -90,8 +90,10 @@ pub(crate) mod at {
     pub(crate) const MIRROR_IDS: usize = MIRROR_EVENT + 8;
     /// End of the mirror fields.
     pub(crate) const MIRROR_END: usize = MIRROR_IDS + 16 * super::super::mirror::MAX_MEMBERS;
+    /// `error_policy`, u8: what the volume does about a block with no good copy.
+    pub(crate) const ERROR_POLICY: usize = MIRROR_END;
     /// Reserved up to the checksum.
-    pub(crate) const RESERVED: usize = MIRROR_END;
+    pub(crate) const RESERVED: usize = ERROR_POLICY + 1;
     /// `checksum`, u32: the last four bytes of the structure.
     pub(crate) const CHECKSUM: usize = super::SB_STRUCT_SIZE - 4;
 }
@@ -101,6 +103,7 @@ pub(crate) mod at {
 const _: () = assert!(at::RESERVED <= at::CHECKSUM);
 const _: () = assert!(at::MODE == 64 && at::STATE == 145 && at::LABEL == 164 && at::CHECKSUM == 508);
 const _: () = assert!(at::MIRROR_MEMBERS == 228 && at::MIRROR_EVENT == 232 && at::MIRROR_END == 288);
+const _: () = assert!(at::ERROR_POLICY == 288 && at::RESERVED == 289);
 
 /// Incompatible features this build supports: mirror sets. A volume with any other incompat
 /// bit set is refused.
@@ -146,6 +149,59 @@ impl Mode {
     /// Parses a command-line name.
     pub fn from_name(s: &str) -> Option<Mode> {
         [Mode::None, Mode::Dual].into_iter().find(|m| m.name() == s)
+    }
+}
+
+/// What the volume does when a read finds a block with no good copy left: it fails
+/// verification and no mirror member holds a copy that verifies (or the volume has no
+/// mirror). Whatever the policy, that read fails with the typed corruption error naming the
+/// block: wrong data is never returned. The policies differ in what happens besides
+/// (`docs/CONSISTENCY.md`, "Error policy").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorPolicy {
+    /// The read fails, and every such failure is logged; nothing else changes. The default,
+    /// and the meaning of a volume formatted before the policy existed (stored byte 0).
+    #[default]
+    Eio,
+    /// The read fails, and from the first such block on the volume refuses writes, and
+    /// flushes that would commit staged writes, naming the block and the way out, until an
+    /// operator clears the error state or the volume is reopened.
+    ReadOnly,
+    /// The read fails, but the volume carries on as if nothing else happened: no suspension,
+    /// and the failure is logged once per block (later failures of the same block are only
+    /// counted, with a summary line at most every few seconds). For salvaging data from a
+    /// damaged volume, where the same bad blocks are read again and again.
+    Continue,
+}
+
+impl ErrorPolicy {
+    /// Every policy, in stored-byte order.
+    pub const ALL: [ErrorPolicy; 3] = [ErrorPolicy::Eio, ErrorPolicy::ReadOnly, ErrorPolicy::Continue];
+
+    /// The byte stored in the superblock.
+    pub fn id(self) -> u8 {
+        match self {
+            ErrorPolicy::Eio => 0,
+            ErrorPolicy::ReadOnly => 1,
+            ErrorPolicy::Continue => 2,
+        }
+    }
+    /// The policy with a stored byte, if this build knows it.
+    pub fn from_id(id: u8) -> Option<ErrorPolicy> {
+        Self::ALL.into_iter().find(|p| p.id() == id)
+    }
+    /// Command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorPolicy::Eio => "eio",
+            ErrorPolicy::ReadOnly => "read-only",
+            ErrorPolicy::Continue => "continue",
+        }
+    }
+    /// Parses a command-line name.
+    pub fn from_name(s: &str) -> Option<ErrorPolicy> {
+        Self::ALL.into_iter().find(|p| p.name() == s)
     }
 }
 
@@ -230,6 +286,8 @@ pub struct Superblock {
     pub label: String,
     /// Clean or in use (byte 145; the only field rewritten after format).
     pub state: VolumeState,
+    /// What the volume does about a block with no good copy (byte 288; 0 = `eio`).
+    pub error_policy: ErrorPolicy,
 }
 
 /// Checks a label before it is stored: UTF-8 (guaranteed by `&str`), at most 64 bytes, no
@@ -257,7 +315,7 @@ impl SuperblockError {
 
 impl Superblock {
     /// The superblock of a new, clean volume of this build's version: no feature flags, no
-    /// mirror set, no metadata device. `created` is in Unix seconds.
+    /// mirror set, no metadata device, the default error policy. `created` is in Unix seconds.
     pub fn new(
         geometry: Geometry,
         uuid: [u8; 16],
@@ -280,6 +338,7 @@ impl Superblock {
             meta_device: [0; 16],
             label: label.to_string(),
             state: VolumeState::Clean,
+            error_policy: ErrorPolicy::Eio,
         }
     }
 
@@ -320,6 +379,7 @@ impl Superblock {
         let label = self.label.as_bytes();
         let n = label.len().min(LABEL_LEN);
         b[at::LABEL..at::LABEL + n].copy_from_slice(&label[..n]);
+        b[at::ERROR_POLICY] = self.error_policy.id();
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         b[CRC_AT..SB_STRUCT_SIZE].copy_from_slice(&crc.to_le_bytes());
         b
@@ -348,6 +408,15 @@ impl Superblock {
             other => return Err(field("state", format!("unknown value {other}"))),
         };
         let label = decode_label(b)?;
+        let error_policy = ErrorPolicy::from_id(b[at::ERROR_POLICY]).ok_or_else(|| {
+            field(
+                "error policy",
+                format!(
+                    "unknown value {} (0 = eio, 1 = read-only, 2 = continue)",
+                    b[at::ERROR_POLICY]
+                ),
+            )
+        })?;
         Ok((
             Superblock {
                 version,
@@ -363,6 +432,7 @@ impl Superblock {
                 meta_device,
                 label,
                 state,
+                error_policy,
             },
             copy,
         ))
@@ -546,6 +616,7 @@ mod tests {
             meta_device: [0; 16],
             label: "test".into(),
             state: VolumeState::InUse,
+            error_policy: ErrorPolicy::ReadOnly,
         }
     }
 
@@ -604,12 +675,51 @@ mod tests {
             (at::MIRROR_HEALTH, 229),
             (at::MIRROR_EVENT, 232),
             (at::MIRROR_IDS, 240),
-            (at::RESERVED, 288),
+            (at::ERROR_POLICY, 288),
+            (at::RESERVED, 289),
             (at::CHECKSUM, 508),
         ];
         for (i, (got, want)) in documented.iter().enumerate() {
             assert_eq!(got, want, "field {i} of the table");
         }
+    }
+
+    #[test]
+    fn every_error_policy_round_trips_and_unknown_ones_are_refused() {
+        for policy in ErrorPolicy::ALL {
+            let sb = Superblock {
+                error_policy: policy,
+                ..sample()
+            };
+            let enc = sb.encode(0);
+            assert_eq!(enc[288], policy.id(), "{policy:?} at byte 288");
+            assert_eq!(Superblock::decode(&enc), Ok((sb, 0)));
+            assert_eq!(ErrorPolicy::from_name(policy.name()), Some(policy));
+        }
+        // A volume of a build without the policy: byte 288 zero, read as `eio`.
+        let default = Superblock::new(
+            Geometry::for_size(1 << 20, 4096, 8).unwrap(),
+            [1; 16],
+            Profile::Crc32c,
+            Mode::Dual,
+            "",
+            1,
+        );
+        assert_eq!(default.error_policy, ErrorPolicy::Eio);
+        assert_eq!(default.encode(0)[at::ERROR_POLICY], 0);
+        // An unknown value with a valid checksum: refused as an invalid field (damage).
+        let mut b = sample().encode(0);
+        b[at::ERROR_POLICY] = 3;
+        let crc = crc32c::crc32c(&b[..CRC_AT]);
+        b[CRC_AT..SB_STRUCT_SIZE].copy_from_slice(&crc.to_le_bytes());
+        match Superblock::decode(&b) {
+            Err(SuperblockError::Field { field, detail }) => {
+                assert_eq!(field, "error policy");
+                assert!(detail.contains("unknown value 3"), "{detail}");
+            }
+            other => panic!("an unknown error policy was accepted: {other:?}"),
+        }
+        assert_eq!(ErrorPolicy::from_name("panic"), None);
     }
 
     #[test]

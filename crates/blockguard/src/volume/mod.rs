@@ -7,8 +7,10 @@
 //! (staging), `commit` (the commit machinery, one `Protocol` per consistency mode, and
 //! `Maintenance`, the only way outside a commit to write metadata), `recover` (settling after
 //! a crash, through `Maintenance`), `inspect` (extents, check, dump), `group` (what a group's
-//! metadata accepts), `meta_io` (loading and confirming metadata), `bitmaps`, `cache` and
-//! `stage`.
+//! metadata accepts), `meta_io` (loading and confirming metadata), `bitmaps`, `cache`,
+//! `stage`, `policy` (the error policy for blocks with no good copy) and `health` (failure,
+//! suspension and what an operator can clear; resuming after a write-back failure is in
+//! `commit/resume.rs`).
 
 mod bitmaps;
 mod cache;
@@ -16,11 +18,13 @@ mod commit;
 mod device;
 mod group;
 mod group_commit;
+mod health;
 mod inspect;
 mod membership;
 mod meta_io;
 mod mirror;
 mod open;
+mod policy;
 mod read;
 mod recover;
 mod resync;
@@ -29,7 +33,10 @@ mod stage;
 mod verify_copies;
 mod write;
 
+pub use commit::ResumeReport;
+pub use health::{ClearedErrors, VolumeFailure, VolumeHealth};
 pub use mirror::member_records;
+pub use policy::Suspension;
 pub use recover::{MapProblem, MetadataProblem, RecoverOptions, RecoveryReport};
 pub use resync::ResyncReport;
 pub use scrub::{
@@ -39,7 +46,7 @@ pub use scrub::{
 pub use verify_copies::CopiesReport;
 
 use crate::error::{Error, Result};
-use crate::format::{Geometry, Mode, Superblock};
+use crate::format::{ErrorPolicy, Geometry, Mode, Superblock};
 use crate::tag::{Profile, Tag};
 use cache::MetaCache;
 use stage::{SharedBuf, Stage};
@@ -69,6 +76,9 @@ pub struct FormatOptions {
     /// writes only the superblocks. Otherwise the whole backend is zeroed first, because
     /// unwritten blocks must read as zeros.
     pub assume_zeroed: bool,
+    /// What the volume does about a block with no good copy (stored in the superblock;
+    /// [`OpenOptions::error_policy`] overrides it for one open).
+    pub error_policy: ErrorPolicy,
 }
 
 impl FormatOptions {
@@ -84,6 +94,7 @@ impl FormatOptions {
             label: String::new(),
             group_blocks: None,
             assume_zeroed: true,
+            error_policy: ErrorPolicy::Eio,
         }
     }
 
@@ -118,6 +129,8 @@ pub struct OpenOptions {
     /// this window before it are read leniently and recovered. Shorter costs one more flush
     /// whenever a commit first touches a clean group again.
     pub dirty_clear_interval: std::time::Duration,
+    /// The error policy for this open; `None` keeps the one stored in the superblock.
+    pub error_policy: Option<ErrorPolicy>,
 }
 
 impl Default for OpenOptions {
@@ -128,6 +141,7 @@ impl Default for OpenOptions {
             stage_bytes: 32 << 20,
             background_commit: true,
             dirty_clear_interval: std::time::Duration::from_secs(2),
+            error_policy: None,
         }
     }
 }
@@ -211,8 +225,15 @@ pub(crate) struct Inner {
     /// Groups loaded from disk are settled (their newest metadata describes durable data):
     /// the volume was closed cleanly before this open, or has been recovered since.
     trusted: AtomicBool,
-    /// Set once when a write-back fails (see `Inner::fail`).
-    failure: std::sync::OnceLock<String>,
+    /// Why writes and flushes are refused, once a write-back failed or a thread panicked
+    /// (see `Inner::fail`); a write-back failure is cleared by `Volume::resume`.
+    failure: Mutex<Option<VolumeFailure>>,
+    /// `failure` is set: the writers' lock-free check.
+    failed: AtomicBool,
+    /// The error policy for blocks with no good copy, and what it has seen.
+    policy: policy::PolicyState,
+    /// Acknowledged block writes known lost (flushes fail while any is left), for `health`.
+    lost_writes: AtomicU64,
     /// Set by writers when the stage is full, to wake the committer thread.
     kick: Mutex<bool>,
     kick_cv: Condvar,
@@ -310,10 +331,10 @@ impl Inner {
 
     fn fail_poisoned<T>(&self) {
         let what = std::any::type_name::<T>();
-        if self.failure.get().is_none() {
+        if self.failure().is_none_or(|f| f.resumable) {
             tracing::error!(volume = %self.name, lock = what, "a thread panicked while holding a lock of the engine: failing the volume");
         }
-        self.fail(format!(
+        self.fail_for_good(format!(
             "a thread panicked while holding a lock of the engine ({what}): its state may be inconsistent"
         ));
     }
@@ -359,7 +380,9 @@ impl Inner {
                 return;
             }
             let mut state = self.lock(&self.commit);
-            if self.lock(&self.stage).active_bytes >= self.stage_limit {
+            // Under the `read-only` policy's suspension nothing new is committed (flushes
+            // refuse to, and close leaves it unwritten).
+            if self.lock(&self.stage).active_bytes >= self.stage_limit && !self.policy.is_suspended() {
                 // A failure is recorded in the commit state and reported by the next write
                 // or flush.
                 let _ = self.commit_locked(&mut state);
@@ -371,6 +394,9 @@ impl Inner {
         if self.read_only {
             return Ok(());
         }
+        // Under the `read-only` error policy's suspension nothing new reaches the disk, also
+        // at close: what is staged is left unwritten (and reported).
+        let unwritten = self.drop_suspended_stage();
         let mut m = self.maintenance("flushing")?;
         // Nothing is unsettled: the dirty map is cleared (it does not need to be durable before
         // the clean marking — a clean volume ignores it — nor after: a stale dirty bit only
@@ -382,7 +408,8 @@ impl Inner {
         if m.marked_in_use() && self.trusted.load(Ordering::Acquire) {
             m.mark_clean("marking the volume clean")?;
         }
-        self.lost_writes(m.state())
+        self.lost_writes(m.state())?;
+        unwritten.map_or(Ok(()), Err)
     }
 }
 
@@ -584,7 +611,8 @@ impl Volume {
             self.inner.kick_cv.notify_one();
             if handle.join().is_err() {
                 // The committer panicked: whatever it was doing may be half done.
-                self.inner.fail("the background committer thread panicked".into());
+                self.inner
+                    .fail_for_good("the background committer thread panicked".into());
             }
         }
     }

@@ -15,7 +15,7 @@ use crate::format::{
     VolumeState, SB_REGION, SB_STRUCT_SIZE, SECTOR_SIZE, SUPPORTED_RO_COMPAT,
 };
 use blockguard_backend::Backend;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
 
 impl Volume {
@@ -113,7 +113,10 @@ impl Volume {
         let read_only = opts.read_only || set.is_read_only() || sb.ro_compat & !SUPPORTED_RO_COMPAT != 0;
         let group_bytes = 2 * geo.block_size as usize + 256;
         let vol = Inner {
-            failure: std::sync::OnceLock::new(),
+            failure: Mutex::new(None),
+            failed: AtomicBool::new(false),
+            policy: super::policy::PolicyState::new(opts.error_policy.unwrap_or(sb.error_policy)),
+            lost_writes: AtomicU64::new(0),
             kick: Mutex::new(false),
             kick_cv: Condvar::new(),
             flushes: FlushSequence::default(),
@@ -211,7 +214,10 @@ fn new_superblock(opts: &FormatOptions, geo: Geometry) -> Superblock {
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    Superblock::new(geo, uuid, opts.profile, opts.mode, &opts.label, created)
+    Superblock {
+        error_policy: opts.error_policy,
+        ..Superblock::new(geo, uuid, opts.profile, opts.mode, &opts.label, created)
+    }
 }
 
 /// An [`Error::Io`] of volume `name` for a backend failure while `during` at `offset`.

@@ -284,8 +284,10 @@ impl Inner {
                 if self.backend.count() > 1 {
                     self.stats.unrepairable.fetch_add(1, Ordering::Relaxed);
                 }
-                // Returned, not logged: the caller reports it once (the servers log it with
-                // the request, `check` lists it, `export` stops with it).
+                // No good copy anywhere: the error policy decides what else happens. The error
+                // is returned, not logged here: the caller reports it (the servers log it
+                // with the request, `check` lists it, `export` stops with it).
+                self.unrepairable(block, &e);
                 return Err(e);
             }
         }

@@ -74,6 +74,7 @@ impl Inner {
         let source = *self.backend.live().first().ok_or_else(|| Error::Failed {
             volume: self.name.clone(),
             detail: "no mirror member is in sync to resynchronize from".into(),
+            resumable: false,
         })?;
         report.source = Some(source);
         let groups = match extent {

@@ -306,8 +306,8 @@ impl Volume {
     /// Why the volume has failed, if it has: an earlier write-back failed, or a thread
     /// panicked inside the engine. Reads (and scrubs) go on; writes and flushes are refused
     /// until the volume is reopened. For status reports.
-    pub fn failure(&self) -> Option<&str> {
-        self.inner.failure.get().map(String::as_str)
+    pub fn failure(&self) -> Option<String> {
+        self.inner.failure().map(|f| f.detail)
     }
 }
 

@@ -14,7 +14,8 @@ impl Inner {
                 volume: self.name.clone(),
             });
         }
-        self.failed()
+        self.failed()?;
+        self.suspended()
     }
 
     /// Locks the stripes covering blocks `first..first+count`, in ascending order so two
@@ -123,6 +124,7 @@ impl Inner {
         }
         self.stage_entries(entries);
         drop(guards);
+        self.policy.rewritten(first, last);
         self.commit_if_full()
     }
 
@@ -182,6 +184,7 @@ impl Inner {
             let guards = self.lock_stripes(b, n);
             self.stage_entries((b..b + n).map(|x| (x, Staged::Zero)).collect());
             drop(guards);
+            self.policy.rewritten(b, b + n - 1);
             b += n;
             let pending = self.lock(&self.stage).active.len();
             if pending >= 1 << 18 {

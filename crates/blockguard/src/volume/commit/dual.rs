@@ -112,7 +112,7 @@ impl Protocol for Dual {
         Ok(w.finish(&vol.geo, epoch))
     }
 
-    fn write(&self, vol: &Inner, state: &mut CommitState, plan: Plan, batch: &Batch) -> Result<()> {
+    fn write(&self, vol: &Inner, state: &mut CommitState, plan: &Plan, batch: &Batch) -> Result<()> {
         let t0 = std::time::Instant::now();
         let epoch = plan.epoch;
         let overlap = state.data_unflushed
@@ -130,7 +130,7 @@ impl Protocol for Dual {
         state.flushed(epoch - 1);
         let t_meta_flush = t0.elapsed();
         vol.install(&plan.updates);
-        vol.install_map(plan.map);
+        vol.install_map(super::protocol::copy_map(&plan.map));
         vol.write_data(batch)?;
         state
             .unflushed_groups

@@ -28,6 +28,10 @@ impl Inner {
     pub(crate) fn maintenance(&self, during: &'static str) -> Result<Maintenance<'_>> {
         let mut state = self.lock(&self.commit);
         self.failed()?;
+        if !self.lock(&self.stage).active.is_empty() {
+            // Staged writes are not committed while writes are suspended.
+            self.suspended()?;
+        }
         self.commit_locked(&mut state)?;
         self.flush_or_fail(during)?;
         let epoch = state.epoch;

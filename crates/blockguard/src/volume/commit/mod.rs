@@ -11,9 +11,13 @@ mod data;
 mod dual;
 pub(crate) mod maintenance;
 pub(crate) mod protocol;
+mod resume;
 mod unordered;
 
+pub use resume::ResumeReport;
+
 use super::group::GroupState;
+use super::health::VolumeFailure;
 use super::meta_io::MetaUpdate;
 use super::stage::{Batch, Staged};
 use super::{aligned, Inner};
@@ -23,7 +27,9 @@ use crate::format::VolumeState;
 use crate::tag::{Tag, UNWRITTEN};
 use blockguard_backend::Backend as _;
 use protocol::Plan;
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
+use std::ops::Range;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Blocks of a batch that cannot be kept, each with why.
@@ -44,31 +50,126 @@ pub(crate) struct CommitState {
     /// Acknowledged block writes that could not be kept (their metadata turned out damaged
     /// after they were accepted), with the first reason. Flushes fail while any is left; a
     /// later write of the block that is kept takes it off.
-    lost: std::collections::BTreeSet<u64>,
+    lost: BTreeSet<u64>,
     lost_why: String,
+    /// Acknowledged block writes that a write-back failure lost (found by `Volume::resume`):
+    /// their blocks fail verification. Flushes fail while any is left; a later write of the
+    /// block that is kept takes it off, and so does `Volume::clear_error_state` (the operator
+    /// accepts the loss).
+    lost_in_failure: BTreeSet<u64>,
+    /// The runs of blocks each commit since the last completed flush wrote to the backend,
+    /// by epoch: what a failed flush may have lost (after a failed `fsync` the kernel may
+    /// drop the pages it could not write, and a later `fsync` succeeds without them).
+    /// Bounded by what is written between two flushes: in `dual`, every commit's metadata
+    /// flush settles the batches before it, so at most the last batch or two.
+    written: Vec<(u64, Vec<Range<u64>>)>,
+    /// The batch whose commit failed after it was planned, kept for `Volume::resume` to put
+    /// on the backend again exactly as planned.
+    in_flight: Option<InFlight>,
+}
+
+/// A planned batch whose commit failed: the same plan is written again on resume, so the
+/// metadata written (maybe partly) by the failed attempt is overwritten with the same bytes,
+/// in the same order and with the same barriers — as if the commit had never stopped.
+pub(crate) struct InFlight {
+    plan: Plan,
+    /// The blocks the plan keeps (the batch without those it dropped).
+    batch: Arc<Batch>,
+    dropped: Dropped,
+}
+
+impl CommitState {
+    /// Records that the commit of `epoch` is about to write `batch`'s blocks.
+    fn track(&mut self, epoch: u64, batch: &Batch) {
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        for &b in batch.keys() {
+            match runs.last_mut() {
+                Some(r) if r.end == b => r.end += 1,
+                _ => runs.push(b..b + 1),
+            }
+        }
+        self.written.retain(|(e, _)| *e != epoch);
+        self.written.push((epoch, runs));
+    }
+
+    /// Every block written since the last completed flush.
+    fn written_since_flush(&self) -> BTreeSet<u64> {
+        self.written
+            .iter()
+            .flat_map(|(_, runs)| runs.iter().cloned().flatten())
+            .collect()
+    }
+
+    /// Acknowledged writes known lost, of both kinds.
+    fn lost_count(&self) -> u64 {
+        (self.lost.len() + self.lost_in_failure.len()) as u64
+    }
 }
 
 impl Inner {
     /// Records that a write-back failed: acknowledged writes may be lost, so no later write or
-    /// flush may report success. Kept outside the commit lock so writers can check it without
-    /// waiting for a commit in progress.
+    /// flush may report success until `Volume::resume` has written again what was staged and
+    /// verified what may have been lost. Kept outside the commit lock so writers can check it
+    /// without waiting for a commit in progress. The first failure's reason is kept.
     pub(crate) fn fail(&self, detail: String) {
-        let _ = self.failure.set(detail);
+        self.set_failure(detail, true);
+    }
+
+    /// Records a failure that cannot be resumed: a thread panicked inside the engine, so an
+    /// invariant may be broken. It replaces a write-back failure recorded before.
+    pub(crate) fn fail_for_good(&self, detail: String) {
+        self.set_failure(detail, false);
+    }
+
+    fn set_failure(&self, detail: String, resumable: bool) {
+        let mut f = self.failure_slot();
+        if f.as_ref().is_none_or(|old| old.resumable && !resumable) {
+            *f = Some(VolumeFailure { detail, resumable });
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// The failure slot. Its lock never guards more than one assignment, so a poisoned lock
+    /// still holds a whole value (and must not fail the volume again: [`Inner::lock`] would).
+    fn failure_slot(&self) -> std::sync::MutexGuard<'_, Option<VolumeFailure>> {
+        self.failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Why the volume has failed, if it has.
+    pub(crate) fn failure(&self) -> Option<VolumeFailure> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.failure_slot().clone()
+    }
+
+    /// Forgets a write-back failure (resume succeeded). A failure for good stays.
+    fn clear_failure(&self) {
+        let mut f = self.failure_slot();
+        if f.as_ref().is_some_and(|old| old.resumable) {
+            *f = None;
+            self.failed.store(false, Ordering::Release);
+        }
     }
 
     /// The error to return once a write-back has failed (or a thread panicked holding the
     /// commit or stage lock: seen here without waiting for someone to take the lock).
     pub(crate) fn failed(&self) -> Result<()> {
-        if self.failure.get().is_none() && (self.commit.is_poisoned() || self.stage.is_poisoned()) {
+        if self.failure().is_none_or(|f| f.resumable)
+            && (self.commit.is_poisoned() || self.stage.is_poisoned())
+        {
             tracing::error!(volume = %self.name, "a thread panicked while holding a lock of the engine: failing the volume");
-            self.fail(
+            self.fail_for_good(
                 "a thread panicked while holding a lock of the engine: its state may be inconsistent".into(),
             );
         }
-        match self.failure.get() {
-            Some(detail) => Err(Error::Failed {
+        match self.failure() {
+            Some(f) => Err(Error::Failed {
                 volume: self.name.clone(),
-                detail: detail.clone(),
+                detail: f.detail,
+                resumable: f.resumable,
             }),
             None => Ok(()),
         }
@@ -77,6 +178,12 @@ impl Inner {
     /// Commits the active batch. Caller holds the commit lock (`state`).
     pub(crate) fn commit_locked(&self, state: &mut CommitState) -> Result<()> {
         self.failed()?;
+        self.commit_active(state)
+    }
+
+    /// [`Inner::commit_locked`] without the failure check: for resume, which runs while the
+    /// volume is still failed.
+    fn commit_active(&self, state: &mut CommitState) -> Result<()> {
         if self.lock(&self.stage).active.is_empty() {
             return Ok(());
         }
@@ -96,7 +203,14 @@ impl Inner {
             staging.committing = Some(batch.clone());
             batch
         };
-        match self.commit_batch(state, &batch) {
+        let result = self.commit_batch(state, &batch);
+        self.committed(result)
+    }
+
+    /// After a batch's commit: the batch leaves `committing` if it succeeded, the volume fails
+    /// if it did not.
+    fn committed(&self, result: Result<Option<Error>>) -> Result<()> {
+        match result {
             Err(e) => {
                 // The batch stays readable in `committing`; durability is no longer promised.
                 self.fail(e.to_string());
@@ -119,6 +233,9 @@ impl Inner {
 
     /// The error flushes return while acknowledged writes are known lost.
     pub(crate) fn lost_writes(&self, state: &CommitState) -> Result<()> {
+        if let Some(&first) = state.lost_in_failure.iter().next() {
+            return Err(self.lost_in_failure_error(first, &state.lost_in_failure));
+        }
         let Some(&first) = state.lost.iter().next() else {
             return Ok(());
         };
@@ -143,24 +260,20 @@ impl Inner {
     /// damaged after they were accepted (the cached state they were checked against was
     /// evicted and the disk no longer agrees); `e` names them, and they are remembered as
     /// lost.
-    /// Commits `batch`. `Ok(Some(e))`: committed except blocks whose metadata turned out
-    /// damaged after they were accepted (the cached state they were checked against was
-    /// evicted and the disk no longer agrees); `e` names them, and they are remembered as
-    /// lost.
-    fn commit_batch(&self, state: &mut CommitState, batch: &Batch) -> Result<Option<Error>> {
+    fn commit_batch(&self, state: &mut CommitState, batch: &Arc<Batch>) -> Result<Option<Error>> {
         state.epoch += 1;
         let epoch = state.epoch;
         let (updates, first_writes, dropped) = self.plan_batch(batch, epoch)?;
-        let kept: Batch;
         let batch = if dropped.is_empty() {
-            batch
+            batch.clone()
         } else {
-            kept = batch
-                .iter()
-                .filter(|(b, _)| !dropped.iter().any(|(d, _)| d == *b))
-                .map(|(b, e)| (*b, e.clone()))
-                .collect();
-            &kept
+            Arc::new(
+                batch
+                    .iter()
+                    .filter(|(b, _)| !dropped.iter().any(|(d, _)| d == *b))
+                    .map(|(b, e)| (*b, e.clone()))
+                    .collect(),
+            )
         };
         // Groups written for the first time are marked in the written-groups map, durable by
         // the same barrier as their metadata (so before any of their data).
@@ -171,9 +284,19 @@ impl Inner {
             first_writes,
             map,
         };
-        self.protocol.write(self, state, plan, batch)?;
+        self.put_batch(state, InFlight { plan, batch, dropped })
+    }
+
+    /// Puts a planned batch on the backend. If that fails, the batch and its plan are kept
+    /// for `Volume::resume`.
+    fn put_batch(&self, state: &mut CommitState, f: InFlight) -> Result<Option<Error>> {
+        state.track(f.plan.epoch, &f.batch);
+        if let Err(e) = self.protocol.write(self, state, &f.plan, &f.batch) {
+            state.in_flight = Some(f);
+            return Err(e);
+        }
         state.data_unflushed = true;
-        Ok(self.record_lost(state, batch, &dropped))
+        Ok(self.record_lost(state, &f.batch, &f.dropped))
     }
 
     /// After a commit: the blocks of `batch` are kept (no longer lost), those of `dropped` are
@@ -186,6 +309,7 @@ impl Inner {
     ) -> Option<Error> {
         for b in batch.keys() {
             state.lost.remove(b);
+            state.lost_in_failure.remove(b);
         }
         if let Some((_, why)) = dropped.first() {
             if state.lost.is_empty() {
@@ -193,6 +317,7 @@ impl Inner {
             }
         }
         state.lost.extend(dropped.iter().map(|(b, _)| *b));
+        self.lost_writes.store(state.lost_count(), Ordering::Relaxed);
         dropped.first().map(|(block, why)| Error::Corrupt {
             volume: self.name.clone(),
             block: *block,
@@ -313,5 +438,6 @@ impl CommitState {
         debug_assert!(epoch <= self.epoch);
         self.data_unflushed = false;
         self.unflushed_groups.clear();
+        self.written.retain(|(e, _)| *e > epoch);
     }
 }

@@ -52,7 +52,10 @@ pub(crate) trait Protocol: Send + Sync {
     /// Puts a planned batch on the backend — metadata, maps and data, with the flushes this
     /// mode's crash argument needs — and publishes the new metadata to readers before any
     /// data it describes is written.
-    fn write(&self, vol: &Inner, state: &mut CommitState, plan: Plan, batch: &Batch) -> Result<()>;
+    ///
+    /// Writing the same plan again after a failure must be safe: it rewrites the same bytes
+    /// in the same order with the same barriers (`Volume::resume` relies on it).
+    fn write(&self, vol: &Inner, state: &mut CommitState, plan: &Plan, batch: &Batch) -> Result<()>;
 
     /// Whether a write into a metadata sector whose tags cannot be read must be refused when
     /// it arrives (the commit would have to carry those tags forward).
@@ -73,6 +76,21 @@ pub(crate) fn for_mode(mode: Mode) -> &'static dyn Protocol {
         Mode::Dual => &super::dual::Dual,
         Mode::None => &super::unordered::Unordered,
     }
+}
+
+/// A copy of map sector updates (the cache takes its own when they are installed; the plan
+/// keeps its copy in case the commit must be written again).
+pub(super) fn copy_map(
+    updates: &[super::super::bitmaps::MapUpdate],
+) -> Vec<super::super::bitmaps::MapUpdate> {
+    updates
+        .iter()
+        .map(|u| super::super::bitmaps::MapUpdate {
+            kind: u.kind,
+            index: u.index,
+            bytes: u.bytes.clone(),
+        })
+        .collect()
 }
 
 /// Recovery as every mode with brothers does it (see `recover.rs`).

@@ -37,12 +37,12 @@ impl Protocol for Unordered {
         Ok(w.finish(&vol.geo, epoch))
     }
 
-    fn write(&self, vol: &Inner, _state: &mut CommitState, plan: Plan, batch: &Batch) -> Result<()> {
+    fn write(&self, vol: &Inner, _state: &mut CommitState, plan: &Plan, batch: &Batch) -> Result<()> {
         vol.write_data(batch)?;
         vol.write_metadata(&plan.updates)?;
         vol.write_map(&plan.map)?;
         vol.install(&plan.updates);
-        vol.install_map(plan.map);
+        vol.install_map(super::protocol::copy_map(&plan.map));
         Ok(())
     }
 
