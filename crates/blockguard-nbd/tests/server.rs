@@ -402,7 +402,7 @@ fn connections_stalled_mid_payload_make_room_and_time_out() {
     let mut newcomer = Client::handshake(srv.raw(), &ClientOptions::default())
         .expect("a new client was refused while every connection was stalled mid-payload");
     assert_eq!(newcomer.read(0, 512).unwrap().unwrap(), vec![0; 512]);
-    assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
     // In place of the oldest stall.
     assert!(wait_closed(&mut stalled[0], Duration::from_secs(1)).is_some());
     assert!(
@@ -525,12 +525,12 @@ fn stalled_payloads_cannot_starve_other_requests_of_memory() {
     assert_eq!(good.write(4096, &[5; 4096], 0).unwrap(), 0);
     let served = start.elapsed();
     assert!(
-        served < Duration::from_secs(3),
+        served < Duration::from_secs(4),
         "a 4 KiB read and write took {served:?}"
     );
     // Larger than what is left after one hog: the other makes way too.
     assert_eq!(good.write(1 << 20, &vec![6; 3 << 20], 0).unwrap(), 0);
-    assert!(start.elapsed() < Duration::from_secs(6), "{:?}", start.elapsed());
+    assert!(start.elapsed() < Duration::from_secs(8), "{:?}", start.elapsed());
     for h in &mut hogs {
         assert!(
             wait_closed(h, Duration::from_secs(1)).is_some(),
