@@ -30,6 +30,7 @@
 //! the stamps every [`REAP_EVERY_MS`].
 
 use crate::stream::{Peer, Stream};
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::Shutdown;
@@ -417,10 +418,11 @@ impl ConnTable {
             .filter_map(|(id, e)| {
                 let idle = e.activity.idle_for(now, self.limits.min_rate)?;
                 let evictable = !e.activity.transmitting.load(Ordering::Relaxed) || idle >= EVICT_MIN_IDLE_MS;
-                evictable.then_some((idle, *id))
+                // Of equally quiet ones (the clock has 100 ms steps), the oldest connection.
+                evictable.then_some((idle, Reverse(*id)))
             })
             .max()
-            .map(|(_, id)| id);
+            .map(|(_, Reverse(id))| id);
         let Some(entry) = victim.and_then(|id| table.get_mut(&id)) else {
             return false;
         };
@@ -455,10 +457,10 @@ impl ConnTable {
                     .payload_stalled_for(now, rate)
                     .filter(|(ms, _)| *ms >= EVICT_MIN_IDLE_MS)
                     .map(|(ms, _)| (ms, Reason::PayloadStalled));
-                Some((unread.max(payload)?, *id))
+                Some((unread.max(payload)?, Reverse(*id)))
             })
             .max()
-            .map(|((_, reason), id)| (id, reason));
+            .map(|((_, reason), Reverse(id))| (id, reason));
         if let Some((entry, reason)) = victim.and_then(|(id, reason)| Some((table.get_mut(&id)?, reason))) {
             // Before the close: its reader clears the payload as soon as it sees it.
             let released = entry.payload_held(now, rate);

@@ -675,7 +675,7 @@ impl Shared {
             clock: Arc::clone(self.conns.clock()),
             budget: Arc::clone(&self.budget),
             min_rate: self.cfg.min_transfer_rate,
-            write_deadline: self.cfg.request_timeout + WRITER_BACKSTOP,
+            write_deadline: self.cfg.request_timeout.saturating_add(WRITER_BACKSTOP),
         });
         let writer = {
             let conn = Arc::clone(&conn);

@@ -156,6 +156,16 @@ fn many_pipelined_requests_on_several_connections() {
     assert!(export.flush_count() >= 1, "final flush at shutdown");
 }
 
+/// A client that asks for `n` reads of 1 MiB and does not read the replies.
+fn hog(srv: &Running, n: u64) -> Client<UnixStream> {
+    let mut hog = srv.client();
+    for i in 0..n {
+        hog.send_request(proto::CMD_READ, 0, (i % 60) << 20, 1 << 20, &[])
+            .unwrap();
+    }
+    hog
+}
+
 #[test]
 fn a_client_that_stops_reading_replies_stalls_only_itself() {
     let cfg = ServerConfig {
@@ -163,12 +173,8 @@ fn a_client_that_stops_reading_replies_stalls_only_itself() {
         ..ServerConfig::default()
     };
     let srv = Running::start(Arc::new(MemoryExport::new(64 << 20, 4096)), cfg);
-    let mut hog = srv.client();
     // Far more reply data than socket buffers hold; the hog never reads it.
-    for i in 0..200u64 {
-        hog.send_request(proto::CMD_READ, 0, (i % 60) << 20, 1 << 20, &[])
-            .unwrap();
-    }
+    let hog = hog(&srv, 200);
     thread::sleep(Duration::from_millis(300));
     let start = Instant::now();
     let mut c = srv.client();
@@ -430,7 +436,7 @@ fn connections_stalled_mid_payload_make_room_and_time_out() {
     let mut newcomer = Client::handshake(srv.raw(), &ClientOptions::default())
         .expect("a new client was refused while every connection was stalled mid-payload");
     assert_eq!(newcomer.read(0, 512).unwrap().unwrap(), vec![0; 512]);
-    assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
     // In place of the oldest stall.
     assert!(wait_closed(&mut stalled[0], Duration::from_secs(1)).is_some());
     assert!(
@@ -553,12 +559,12 @@ fn stalled_payloads_cannot_starve_other_requests_of_memory() {
     assert_eq!(good.write(4096, &[5; 4096], 0).unwrap(), 0);
     let served = start.elapsed();
     assert!(
-        served < Duration::from_secs(3),
+        served < Duration::from_secs(4),
         "a 4 KiB read and write took {served:?}"
     );
     // Larger than what is left after one hog: the other makes way too.
     assert_eq!(good.write(1 << 20, &vec![6; 3 << 20], 0).unwrap(), 0);
-    assert!(start.elapsed() < Duration::from_secs(6), "{:?}", start.elapsed());
+    assert!(start.elapsed() < Duration::from_secs(8), "{:?}", start.elapsed());
     for h in &mut hogs {
         assert!(
             wait_closed(h, Duration::from_secs(1)).is_some(),
@@ -604,4 +610,36 @@ fn a_request_waiting_for_memory_is_not_idle() {
     );
     let r = busy.read_reply().unwrap();
     assert_eq!((r.cookie, r.errno), (big, 0));
+}
+
+/// A client that stops reading its replies is closed at the request timeout (it was after two
+/// minutes without progress), which releases the memory its replies hold.
+#[test]
+fn a_client_that_does_not_read_its_replies_is_closed_at_the_request_timeout() {
+    let cfg = ServerConfig {
+        request_timeout: Duration::from_secs(1),
+        ..ServerConfig::default()
+    };
+    let srv = Running::start(Arc::new(MemoryExport::new(64 << 20, 4096)), cfg);
+    let hog = hog(&srv, 64);
+    thread::sleep(Duration::from_millis(2500));
+    // Closed: what was in the socket's buffers, then the end. (Open, it would send all 64 MiB
+    // as they are read.)
+    let mut s = hog.stream_owned();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+        assert!(
+            got < 32 << 20,
+            "the server kept sending to a client that had stopped reading"
+        );
+    }
+    // The others are served meanwhile, and after.
+    let mut c = srv.client();
+    assert_eq!(c.read(0, 4096).unwrap().unwrap(), vec![0; 4096]);
 }
