@@ -18,6 +18,9 @@ declare -A need=(
   [fsck.ext4]=e2fsprogs
   [debugfs]=e2fsprogs
   [losetup]=mount
+  # Partitions of loop devices (the lock and same-source tests).
+  [addpart]=util-linux
+  [delpart]=util-linux
   # libFuzzer (scripts/fuzz.sh) is C++, built by libfuzzer-sys's build script.
   [g++]=g++
 )

@@ -200,6 +200,9 @@ pub enum Event {
     },
     /// A flush refused with an injected error; the pending writes stay pending.
     FlushFailed,
+    /// A flush refused with an injected error that also lost every pending write
+    /// ([`FaultBackend::fail_next_flush_dropping_writes`]): no crash image holds them any more.
+    FlushFailedDroppingWrites,
     /// A bit flipped by [`FaultBackend::flip_bit`].
     BitFlip {
         /// Byte address.
@@ -216,7 +219,10 @@ impl Event {
     fn changes_crash_state(&self) -> bool {
         matches!(
             self,
-            Event::Write { .. } | Event::Flush { .. } | Event::BitFlip { .. }
+            Event::Write { .. }
+                | Event::Flush { .. }
+                | Event::BitFlip { .. }
+                | Event::FlushFailedDroppingWrites
         )
     }
 }
@@ -590,6 +596,7 @@ impl CrashState {
                 }
             }
             Event::BitFlip { offset, bit } => flip(&mut self.durable, &mut self.pending, *offset, *bit),
+            Event::FlushFailedDroppingWrites => self.pending.clear(),
             Event::LostWrite { .. }
             | Event::TornWrite { .. }
             | Event::WriteFailed { .. }
@@ -655,6 +662,17 @@ struct Overwritten {
     old: Vec<u8>,
 }
 
+/// What the next flush does (one-shot flush faults).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NextFlush {
+    /// Flushes (or fails at the configured rate).
+    Flush,
+    /// Fails; the pending writes stay pending.
+    Fail,
+    /// Fails and loses the pending writes.
+    FailDropping,
+}
+
 /// Everything behind the lock.
 struct Inner {
     live: Vec<u8>,
@@ -669,8 +687,16 @@ struct Inner {
     stats: FaultStats,
     // Fault configuration.
     read_fail_ranges: Vec<Range<u64>>,
+    /// Latent sector errors: reads fail until a write covers the range.
+    pending_ranges: Vec<Range<u64>>,
     write_fail_ranges: Vec<Range<u64>>,
-    fail_next_flush: bool,
+    /// What the next flush does: fail, or fail and lose the pending writes (see `ghosts`).
+    next_flush: NextFlush,
+    /// Ranges whose writes a failed flush lost while reads still return them, like pages of
+    /// the page cache whose writeback failed: they read as written until
+    /// [`Backend::drop_cached`] drops them (then they read as the durable image) or a new
+    /// write covers them.
+    ghosts: Ranges,
     read_error_p: f64,
     write_error_p: f64,
     flush_error_p: f64,
@@ -767,6 +793,9 @@ impl Inner {
     /// records it in the history.
     fn land(&mut self, write: PendingWrite, seq: u64, intended_offset: u64, zero_range: bool) {
         self.record_overwrite(write.offset, write.end(), seq);
+        if !self.ghosts.is_empty() {
+            self.ghosts = subtract(&self.ghosts, write.offset, write.end());
+        }
         write.apply(&mut self.live);
         self.state.pending.push(write.clone());
         self.events.push(Event::Write {
@@ -898,6 +927,9 @@ impl Inner {
             self.events.push(Event::WriteFailed { offset, len });
             return Some(Err(self.inject(|s| &mut s.failed_writes, InjectedFault::Error)));
         }
+        // A write over a pending sector remaps it, as a disk does: it reads again.
+        self.pending_ranges
+            .retain(|r| !(offset <= r.start && r.end <= offset + len));
         let p = self.lost_p;
         if std::mem::take(&mut self.lose_next) || self.chance(p) {
             self.stats.lost_writes += 1;
@@ -1011,8 +1043,10 @@ impl FaultBackend {
             crashed: false,
             stats: FaultStats::default(),
             read_fail_ranges: Vec::new(),
+            pending_ranges: Vec::new(),
             write_fail_ranges: Vec::new(),
-            fail_next_flush: false,
+            next_flush: NextFlush::Flush,
+            ghosts: Vec::new(),
             read_error_p: 0.0,
             write_error_p: 0.0,
             flush_error_p: 0.0,
@@ -1241,6 +1275,12 @@ impl FaultBackend {
         self.lock().read_fail_ranges.push(range);
     }
 
+    /// Fails every read overlapping `range` until a write covers the whole range (a pending
+    /// sector the disk remaps when it is rewritten), or [`FaultBackend::clear_faults`].
+    pub fn fail_reads_until_rewritten(&self, range: Range<u64>) {
+        self.lock().pending_ranges.push(range);
+    }
+
     /// Fails every write or zero range overlapping `range`, storing nothing, until
     /// [`FaultBackend::clear_faults`].
     pub fn fail_writes_at(&self, range: Range<u64>) {
@@ -1249,7 +1289,16 @@ impl FaultBackend {
 
     /// Fails the next flush; the writes it would have made durable stay unflushed.
     pub fn fail_next_flush(&self) {
-        self.lock().fail_next_flush = true;
+        self.lock().next_flush = NextFlush::Fail;
+    }
+
+    /// Fails the next flush and loses every write it would have made durable, as Linux does
+    /// with the dirty pages whose writeback failed: the medium keeps its durable image, and
+    /// no crash image holds those writes any more, but reads go on returning them (the pages
+    /// stay in the page cache, marked clean) until [`Backend::drop_cached`] drops them or a
+    /// later write covers them. A later flush succeeds without them.
+    pub fn fail_next_flush_dropping_writes(&self) {
+        self.lock().next_flush = NextFlush::FailDropping;
     }
 
     /// Fails each read, write and flush with the given probabilities.
@@ -1331,8 +1380,9 @@ impl FaultBackend {
     pub fn clear_faults(&self) {
         let mut inner = self.lock();
         inner.read_fail_ranges.clear();
+        inner.pending_ranges.clear();
         inner.write_fail_ranges.clear();
-        inner.fail_next_flush = false;
+        inner.next_flush = NextFlush::Flush;
         inner.read_error_p = 0.0;
         inner.write_error_p = 0.0;
         inner.flush_error_p = 0.0;
@@ -1384,7 +1434,8 @@ impl Backend for FaultBackend {
         check_range(offset, len, inner.live.len() as u64)?;
         let hits = |r: &Range<u64>| r.start < offset + len && offset < r.end;
         let p = inner.read_error_p;
-        if inner.read_fail_ranges.iter().any(hits) || inner.chance(p) {
+        if inner.read_fail_ranges.iter().any(hits) || inner.pending_ranges.iter().any(hits) || inner.chance(p)
+        {
             return Err(inner.inject(|s| &mut s.failed_reads, InjectedFault::Error));
         }
         if buf.is_empty() {
@@ -1430,8 +1481,19 @@ impl Backend for FaultBackend {
         if inner.crashed {
             return Err(inner.inject(|s| &mut s.failed_flushes, InjectedFault::Crashed));
         }
+        let next = std::mem::replace(&mut inner.next_flush, NextFlush::Flush);
+        if next == NextFlush::FailDropping {
+            let Inner { state, ghosts, .. } = &mut *inner;
+            for w in state.pending.drain(..) {
+                *ghosts = subtract(ghosts, w.offset, w.end());
+                let at = ghosts.partition_point(|&(a, _)| a < w.offset);
+                ghosts.insert(at, (w.offset, w.end()));
+            }
+            inner.events.push(Event::FlushFailedDroppingWrites);
+            return Err(inner.inject(|s| &mut s.failed_flushes, InjectedFault::Error));
+        }
         let p = inner.flush_error_p;
-        if std::mem::take(&mut inner.fail_next_flush) || inner.chance(p) {
+        if next == NextFlush::Fail || inner.chance(p) {
             inner.events.push(Event::FlushFailed);
             return Err(inner.inject(|s| &mut s.failed_flushes, InjectedFault::Error));
         }
@@ -1465,6 +1527,29 @@ impl Backend for FaultBackend {
         }
         check_range(offset, len, inner.live.len() as u64)?;
         Ok(zero_sectors(&inner.live, offset, len))
+    }
+
+    /// Makes the range of writes a failed flush lost ([`FaultBackend::fail_next_flush_dropping_writes`])
+    /// read as the medium holds it. No fault applies; refuses a range outside the store.
+    fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut inner = self.lock();
+        check_range(offset, len, inner.live.len() as u64)?;
+        if len == 0 || inner.ghosts.is_empty() {
+            return Ok(());
+        }
+        let end = offset + len;
+        let Inner {
+            live, state, ghosts, ..
+        } = &mut *inner;
+        for &(a, b) in ghosts.iter() {
+            let (lo, hi) = (a.max(offset), b.min(end));
+            if lo < hi {
+                let (lo, hi) = (usize_of(lo), usize_of(hi));
+                live[lo..hi].copy_from_slice(&state.durable[lo..hi]);
+            }
+        }
+        *ghosts = subtract(ghosts, offset, end);
+        Ok(())
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -1942,6 +2027,42 @@ mod tests {
         assert_eq!(b.set_error_rate(0.5, 1.5, 0.0), Err(InvalidProbability(1.5)));
         assert!(b.set_lost_write_rate(f64::NAN).is_err());
         assert!(b.set_misdirect_rate(-0.1).is_err());
+    }
+
+    #[test]
+    fn a_flush_dropping_writes_loses_them_but_reads_see_them_until_dropped_from_the_cache() {
+        let b = FaultBackend::new(8192).unwrap();
+        b.write_at(&[1; 1024], 0).unwrap();
+        b.flush().unwrap();
+        b.write_at(&[2; 1024], 0).unwrap();
+        b.write_at(&[3; 1024], 4096).unwrap();
+        b.fail_next_flush_dropping_writes();
+        let e = b.flush().unwrap_err();
+        assert_eq!(InjectedFault::of(&e), Some(InjectedFault::Error));
+        assert!(
+            b.unflushed().is_empty(),
+            "no crash image holds the dropped writes"
+        );
+        assert_eq!(b.events().last(), Some(&Event::FlushFailedDroppingWrites));
+        assert_eq!(b.state_at(b.events().len()), b.crash_state());
+        // Still visible, like pages whose writeback failed; a later flush succeeds without them.
+        assert_eq!(read(&b, 0, 1024), vec![2; 1024]);
+        b.flush().unwrap();
+        assert_eq!(&b.durable_image()[..1024], &[1; 1024][..]);
+        // A new write over part of a lost range is real again; dropping the cache shows the
+        // medium everywhere else.
+        b.write_at(&[4; 512], 4096).unwrap();
+        assert!(b.drop_cached(0, 100_000).is_err(), "outside the store");
+        b.drop_cached(0, 8192).unwrap();
+        assert_eq!(read(&b, 0, 1024), vec![1; 1024]);
+        assert_eq!(read(&b, 4096, 512), vec![4; 512]);
+        assert_eq!(read(&b, 4608, 512), vec![0; 512]);
+        b.drop_cached(0, 8192).unwrap();
+        assert_eq!(
+            read(&b, 4096, 512),
+            vec![4; 512],
+            "dropping twice changes nothing"
+        );
     }
 
     #[test]
@@ -2603,6 +2724,23 @@ mod tests {
         b.flush().unwrap();
         b.stale_next_read();
         assert_eq!(read(&b, 3072, 1024)[512..], [5; 512]);
+    }
+
+    #[test]
+    fn a_pending_sector_reads_again_once_rewritten_whole() {
+        let b = FaultBackend::new(8192).unwrap();
+        b.fail_reads_until_rewritten(512..1024);
+        let mut buf = [0u8; 512];
+        assert!(b.read_at(&mut buf, 512).is_err());
+        assert!(b.read_at(&mut buf, 0).is_ok(), "only the pending sector fails");
+        b.write_at(&[1u8; 256], 512).unwrap();
+        assert!(
+            b.read_at(&mut buf, 512).is_err(),
+            "a partial write does not remap it"
+        );
+        b.write_at(&[2u8; 1024], 0).unwrap();
+        b.read_at(&mut buf, 512).unwrap();
+        assert_eq!(buf, [2u8; 512]);
     }
 
     #[test]

@@ -101,6 +101,25 @@ pub enum OpenError {
         /// The path that was opened.
         path: PathBuf,
     },
+    /// A loop device somewhere under the path is over a file that can no longer be opened by
+    /// the name it was set up with (deleted, or the name now holds another file), so it cannot
+    /// be locked: another process could write that file under another name unseen.
+    #[error(
+        "{}: cannot lock the file under loop device {}: {} was deleted or replaced since the \
+         loop device was set up (detach the loop device and set it up again on the file's \
+         current name)",
+        path.display(),
+        loop_device.display(),
+        backing.display()
+    )]
+    BackingGone {
+        /// The path that was opened.
+        path: PathBuf,
+        /// The loop device whose backing file is gone.
+        loop_device: PathBuf,
+        /// The backing file's name as the kernel reports it.
+        backing: PathBuf,
+    },
     /// The filesystem or device refuses `O_DIRECT`.
     #[error(
         "{}: the filesystem does not support direct I/O (O_DIRECT); open it without direct I/O",
@@ -125,7 +144,7 @@ pub enum OpenError {
 
 impl OpenError {
     /// Classifies an `open`/`stat` failure into the specific variants callers act on.
-    fn from_io(path: &Path, err: io::Error) -> Self {
+    pub(crate) fn from_io(path: &Path, err: io::Error) -> Self {
         let path = path.to_path_buf();
         match err.kind() {
             io::ErrorKind::NotFound => OpenError::NotFound { path },
@@ -326,10 +345,11 @@ impl FileBackend {
         let block_device = meta.file_type().is_block_device();
 
         lock(&file, path, opts.lock).map_err(cleanup)?;
-        // A loop device is another name for its backing file: lock that too, so the volume
-        // cannot be opened for writing through both names at once (each lock is per inode).
-        let backing_locks = if block_device {
-            lock_loop_backing_files(&meta, path, opts.lock).map_err(cleanup)?
+        // A partition or loop device is another name for bytes of the disk or file under it:
+        // lock those too, so the volume cannot be opened for writing through two names at
+        // once (each lock is per inode).
+        let backing_locks = if block_device && opts.lock != LockMode::None {
+            lock_storage_under(path, &meta, opts.lock).map_err(cleanup)?
         } else {
             Vec::new()
         };
@@ -565,58 +585,24 @@ fn is_file_or_device(meta: &std::fs::Metadata) -> bool {
     meta.is_file() || meta.file_type().is_block_device()
 }
 
-/// Takes the advisory lock without waiting.
-/// Loop devices stacked on loop devices are followed at most this deep (the kernel refuses
-/// cycles; this bounds a pathological stack).
-const MAX_LOOP_CHAIN: usize = 16;
-
-/// The files a loop device `meta` describes stands on — its backing file, and if that is a
-/// loop device itself, that one's, and so on — each locked like the device itself and held
-/// open for the lock. Empty for other devices, or with `LockMode::None`.
-fn lock_loop_backing_files(
-    meta: &std::fs::Metadata,
-    path: &Path,
-    mode: LockMode,
-) -> Result<Vec<File>, OpenError> {
+/// Locks what the device `path` (open, with metadata `meta`) stands on: see
+/// [`crate::stack::lock_layers`]. The chain is read by path, so it must start at the device
+/// that is open (the path may have been replaced meanwhile).
+fn lock_storage_under(path: &Path, meta: &std::fs::Metadata, mode: LockMode) -> Result<Vec<File>, OpenError> {
     use std::os::unix::fs::MetadataExt;
-    let mut held = Vec::new();
-    if mode == LockMode::None {
-        return Ok(held);
+    let layers = crate::stack::layers(path)?;
+    if layers.first().map(|l| l.store) != Some(crate::stack::Store::Device { rdev: meta.rdev() }) {
+        return Err(OpenError::Io {
+            path: path.to_path_buf(),
+            operation: "lock it",
+            source: io::Error::other("the path was replaced while it was opened"),
+        });
     }
-    let mut dev = meta.rdev();
-    while held.len() < MAX_LOOP_CHAIN {
-        let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
-        let sys = format!("/sys/dev/block/{major}:{minor}/loop/backing_file");
-        let Ok(backing) = std::fs::read_to_string(&sys) else {
-            break;
-        };
-        let backing = PathBuf::from(backing.trim_end_matches('\n'));
-        let Ok(file) = File::open(&backing) else {
-            // The backing file was deleted (the loop device keeps it alive): nothing else can
-            // open it by name either.
-            break;
-        };
-        lock(&file, &backing, mode).map_err(|e| match e {
-            OpenError::Locked { .. } => OpenError::Locked {
-                path: PathBuf::from(format!(
-                    "{} (a loop device over {}, which is in use)",
-                    path.display(),
-                    backing.display()
-                )),
-            },
-            other => other,
-        })?;
-        let next = file.metadata().ok().filter(|m| m.file_type().is_block_device());
-        held.push(file);
-        match next {
-            Some(m) => dev = m.rdev(),
-            None => break,
-        }
-    }
-    Ok(held)
+    crate::stack::lock_layers(&layers, path, mode)
 }
 
-fn lock(file: &File, path: &Path, mode: LockMode) -> Result<(), OpenError> {
+/// Takes the advisory lock without waiting.
+pub(crate) fn lock(file: &File, path: &Path, mode: LockMode) -> Result<(), OpenError> {
     let op = match mode {
         LockMode::None => return Ok(()),
         LockMode::Shared => FlockOperation::NonBlockingLockShared,
@@ -774,6 +760,20 @@ impl Backend for FileBackend {
         sync_file_range_write(&self.file, offset, len)
     }
 
+    /// `posix_fadvise(POSIX_FADV_DONTNEED)`: the kernel drops the range's clean pages (pages
+    /// whose writeback failed are clean too), so the next reads come from the medium.
+    fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(offset, len, self.len)?;
+        let Some(len) = std::num::NonZeroU64::new(len) else {
+            return Ok(());
+        };
+        if self.direct {
+            // Direct I/O bypasses the page cache.
+            return Ok(());
+        }
+        rustix::fs::fadvise(&self.file, offset, Some(len), rustix::fs::Advice::DontNeed).map_err(Into::into)
+    }
+
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_writable()?;
         check_range(offset, len, self.len)?;
@@ -834,7 +834,6 @@ mod tests {
     use super::*;
     use crate::usize_of;
     use std::os::unix::fs::MetadataExt;
-    use std::process::Command;
 
     /// A scratch directory on a real disk filesystem (so sparse files, hole punching and
     /// `O_DIRECT` behave as in production), falling back to the system temp dir.
@@ -881,6 +880,23 @@ mod tests {
         assert!(matches!(err, OpenError::AlreadyExists { .. }), "{err}");
         assert!(err.to_string().contains(&p.display().to_string()));
         assert_eq!(std::fs::metadata(&p).unwrap().len(), len, "untouched");
+    }
+
+    #[test]
+    fn drop_cached_keeps_the_data_and_checks_the_range() {
+        let dir = scratch();
+        let b = FileBackend::create(&dir.path().join("vol"), 1 << 20, &rw()).unwrap();
+        b.write_at(&[7; 8192], 4096).unwrap();
+        b.flush().unwrap();
+        b.drop_cached(0, 1 << 20).unwrap();
+        b.drop_cached(4096, 0).unwrap();
+        let mut back = vec![0u8; 8192];
+        b.read_at(&mut back, 4096).unwrap();
+        assert_eq!(back, vec![7; 8192], "read back from the medium");
+        assert_eq!(
+            b.drop_cached(1 << 20, 1).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
     }
 
     #[test]
@@ -1453,38 +1469,12 @@ mod tests {
         }
     }
 
-    /// Detaches a loop device when dropped, so a failing test does not leak it.
-    struct LoopDevice(PathBuf);
-
-    impl Drop for LoopDevice {
-        fn drop(&mut self) {
-            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-        }
-    }
-
     #[test]
     fn loop_block_device() {
-        if !rustix::process::geteuid().is_root() {
-            println!("skipped: loop devices need root");
+        let Some((_dir, img, guard)) = crate::testdev::scratch_image(4 << 20) else {
             return;
-        }
-        let dir = scratch();
-        let img = dir.path().join("img");
-        std::fs::File::create(&img).unwrap().set_len(4 << 20).unwrap();
-        let out = match Command::new("losetup").args(["-f", "--show"]).arg(&img).output() {
-            Ok(o) if o.status.success() => o,
-            Ok(o) => {
-                let msg = String::from_utf8_lossy(&o.stderr);
-                println!("skipped: losetup failed: {}", msg.trim());
-                return;
-            }
-            Err(e) => {
-                println!("skipped: losetup not available: {e}");
-                return;
-            }
         };
-        let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        let _guard = LoopDevice(dev.clone());
+        let dev = guard.0.clone();
 
         let b = FileBackend::open(&dev, &rw()).unwrap();
         assert!(b.is_block_device());
@@ -1536,43 +1526,14 @@ mod tests {
         assert!(sector[100..].iter().all(|&x| x == 0));
     }
 
-    /// Attaches `target` to a free loop device; `None` (test skipped) where that is impossible.
-    fn attach_loop(target: &Path) -> Option<LoopDevice> {
-        if !rustix::process::geteuid().is_root() {
-            println!("skipped: loop devices need root");
-            return None;
-        }
-        match Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(target)
-            .output()
-        {
-            Ok(o) if o.status.success() => Some(LoopDevice(PathBuf::from(
-                String::from_utf8_lossy(&o.stdout).trim(),
-            ))),
-            Ok(o) => {
-                println!(
-                    "skipped: losetup failed: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                println!("skipped: losetup not available: {e}");
-                None
-            }
-        }
-    }
-
     /// A loop device over a loop device over a file is a third name for the same storage:
     /// every name locks every other out, whichever is opened first.
     #[test]
     fn stacked_loop_devices_lock_the_whole_chain() {
-        let dir = scratch();
-        let img = dir.path().join("img");
-        std::fs::File::create(&img).unwrap().set_len(4 << 20).unwrap();
-        let Some(lower) = attach_loop(&img) else { return };
-        let Some(upper) = attach_loop(&lower.0) else {
+        let Some((_dir, img, lower)) = crate::testdev::scratch_image(4 << 20) else {
+            return;
+        };
+        let Some(upper) = crate::testdev::attach(&lower.0) else {
             return;
         };
         let names = [img.as_path(), lower.0.as_path(), upper.0.as_path()];

@@ -21,6 +21,9 @@
 pub mod fault;
 pub mod file;
 mod memory;
+pub mod stack;
+#[cfg(test)]
+mod testdev;
 
 pub use fault::{
     CrashState, Event, FaultBackend, FaultStats, InjectedFault, InvalidProbability, PendingWrite, ReadFault,
@@ -28,6 +31,7 @@ pub use fault::{
 };
 pub use file::{AlignedBuf, FileBackend, FileOptions, LockMode, OpenError};
 pub use memory::MemoryBackend;
+pub use stack::share_data;
 
 use std::fmt;
 use std::io;
@@ -75,6 +79,16 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// medium now instead of at the next [`Backend::flush`], so that flush finds less to do.
     /// Guarantees nothing: durability still takes a flush. The default does nothing.
     fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+
+    /// Drops any cached copy of `len` bytes at `offset` (the page cache of a buffered file or
+    /// device), so later reads come from the medium. Meant for after a flush, to read back
+    /// what the medium really holds: after a failed flush the kernel may keep pages whose
+    /// writeback failed, showing data the medium never got. A hint: data not yet flushed may
+    /// stay cached. The default does nothing (no cache).
+    fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
         let _ = (offset, len);
         Ok(())
     }

@@ -24,8 +24,26 @@ struct Report {
     bad_blocks: Vec<BlockProblem>,
     damaged_metadata: Vec<MetadataProblem>,
     map_problems: Vec<MapProblem>,
+    /// Mirror sets: block copies that do not verify on the member holding them, as
+    /// (copy number, block). The reads above are served from a good copy; these are the bad
+    /// ones behind them (`blockguard scrub --repair` or reads of a writable volume fix them).
+    bad_copies: Vec<(usize, u64)>,
     warnings: Vec<String>,
     clean: bool,
+}
+
+/// Bad blocks (and damaged metadata sectors) listed one a line before the rest is only
+/// counted: a truncated or wiped volume has thousands. `--json` lists them all.
+const LISTED: usize = 100;
+
+/// The line after the first [`LISTED`] of `total` problems.
+fn more(total: usize, what: &str) {
+    if total > LISTED {
+        say!(
+            "... and {} more {what} (`check --json` lists them all)",
+            total - LISTED
+        );
+    }
 }
 
 /// Returns true if the volume is clean.
@@ -44,53 +62,82 @@ pub(crate) fn run(args: &CheckArgs) -> Result<bool> {
         pb.set_position(block * u64::from(g.block_size));
     }
     pb.finish_and_clear();
+    let mut bad_copies = Vec::new();
+    if vol.members().len() > 1 {
+        // Every copy, not only the one each read went to.
+        let pb = progress(vol.size(), "copies");
+        let mut block = 0;
+        while block < g.data_blocks {
+            let n = step.min(g.data_blocks - block);
+            bad_copies.extend(vol.verify_copies(block, n, false)?.bad);
+            block += n;
+            pb.set_position(block * u64::from(g.block_size));
+        }
+        pb.finish_and_clear();
+    }
     let damaged = vol.check_metadata(0, g.groups)?;
     let map = vol.check_map()?;
     let report = Report {
         volume: args.path.display().to_string(),
         blocks: g.data_blocks,
-        clean: bad.is_empty() && damaged.is_empty() && map.is_empty() && vol.warnings().is_empty(),
+        clean: bad.is_empty()
+            && damaged.is_empty()
+            && map.is_empty()
+            && bad_copies.is_empty()
+            && vol.warnings().is_empty(),
+        bad_copies,
         warnings: vol.warnings().to_vec(),
         bad_blocks: bad,
         damaged_metadata: damaged,
         map_problems: map,
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        say!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        for p in &report.bad_blocks {
-            println!("bad block {}: {}", p.block, p.detail);
-        }
-        for p in &report.damaged_metadata {
-            println!(
-                "damaged metadata: group {} sector {} (blocks {}..{}): {}",
-                p.group,
-                p.sector,
-                p.first_block,
-                p.first_block + u64::from(p.blocks),
-                p.detail
-            );
-        }
-        for p in &report.map_problems {
-            println!(
-                "written-groups map sector {} (groups {}..{}): {}",
-                p.sector,
-                p.first_group,
-                p.first_group + p.groups,
-                p.detail
-            );
-        }
-        for w in &report.warnings {
-            println!("warning: {w}");
-        }
-        println!(
-            "{}: {} blocks checked, {} bad, {} damaged metadata sectors",
-            report.volume,
-            report.blocks,
-            report.bad_blocks.len(),
-            report.damaged_metadata.len()
-        );
+        print_text(&report);
     }
     // A damaged superblock copy is corruption found, too.
     Ok(report.clean)
+}
+
+/// The report as lines of text.
+fn print_text(report: &Report) {
+    for p in report.bad_blocks.iter().take(LISTED) {
+        say!("bad block {}: {}", p.block, p.detail);
+    }
+    more(report.bad_blocks.len(), "bad blocks");
+    for p in report.damaged_metadata.iter().take(LISTED) {
+        say!(
+            "damaged metadata: group {} sector {} (blocks {}..{}): {}",
+            p.group,
+            p.sector,
+            p.first_block,
+            p.first_block + u64::from(p.blocks),
+            p.detail
+        );
+    }
+    more(report.damaged_metadata.len(), "damaged metadata sectors");
+    for p in &report.map_problems {
+        say!(
+            "written-groups map sector {} (groups {}..{}): {}",
+            p.sector,
+            p.first_group,
+            p.first_group + p.groups,
+            p.detail
+        );
+    }
+    for (copy, block) in report.bad_copies.iter().take(LISTED) {
+        say!("bad copy of block {block} on copy {copy} (a good copy is served)");
+    }
+    more(report.bad_copies.len(), "bad copies");
+    for w in &report.warnings {
+        say!("warning: {w}");
+    }
+    say!(
+        "{}: {} blocks checked, {} bad, {} damaged metadata sectors",
+        report.volume,
+        report.blocks,
+        report.bad_blocks.len(),
+        report.damaged_metadata.len()
+    );
 }

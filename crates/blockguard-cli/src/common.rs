@@ -1,8 +1,8 @@
 //! Helpers shared by the subcommands: opening volumes, parsing sizes, progress bars, exit codes.
 
 use anyhow::{bail, Context, Result};
-use blockguard::blockguard_backend::{FileBackend, FileOptions, LockMode};
-use blockguard::{FormatOptions, Mode, OpenOptions, Profile, Volume};
+use blockguard::blockguard_backend::{Backend, FileBackend, FileOptions, LockMode};
+use blockguard::{ErrorPolicy, FormatOptions, Mode, OpenOptions, Profile, Volume};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
@@ -46,36 +46,139 @@ pub(crate) fn mode_parser() -> impl TypedValueParser<Value = Mode> {
         .try_map(|s| Mode::from_name(&s).ok_or_else(|| format!("unknown mode {s:?}")))
 }
 
+/// The value parser of `--error-policy`: the policies this build knows, listed in `--help`.
+pub(crate) fn error_policy_parser() -> impl TypedValueParser<Value = ErrorPolicy> {
+    PossibleValuesParser::new(ErrorPolicy::ALL.map(ErrorPolicy::name))
+        .try_map(|s| ErrorPolicy::from_name(&s).ok_or_else(|| format!("unknown error policy {s:?}")))
+}
+
+/// What each error policy does, for `info` and the options' help.
+pub(crate) fn error_policy_meaning(p: ErrorPolicy) -> &'static str {
+    match p {
+        ErrorPolicy::Eio => "a read of a block with no good copy fails; every such failure is logged",
+        ErrorPolicy::ReadOnly => {
+            "a read of a block with no good copy fails, and writes are suspended from then on until \
+             the error state is cleared (`blockguard resume`) or the volume is reopened"
+        }
+        ErrorPolicy::Continue => {
+            "a read of a block with no good copy fails; each such block is logged once, the volume \
+             carries on"
+        }
+    }
+}
+
 /// The value parser of `--profile`: the tag profiles this build knows, listed in `--help`.
 pub(crate) fn profile_parser() -> impl TypedValueParser<Value = Profile> {
     PossibleValuesParser::new(Profile::ALL.map(Profile::name))
         .try_map(|s| Profile::from_name(&s).ok_or_else(|| format!("unknown tag profile {s:?}")))
 }
 
+/// Context that says a path once. The typed errors of the engine and the backends begin with
+/// the path they concern ("v.bgv: the volume is in use …"); context naming it again read
+/// "cannot serve v.bgv: v.bgv: …".
+pub(crate) trait PathOnce<T> {
+    /// "cannot OP PATH: cause", or "cannot OP: cause" when the cause begins with the path.
+    fn doing(self, op: &str, path: &Path) -> Result<T>;
+    /// "cannot OP PATH: cause", or the cause alone when it begins with the path.
+    fn naming(self, op: &str, path: &Path) -> Result<T>;
+}
+
+/// True if `err`'s own message begins with `path` ("PATH: …", "PATH (a loop device …").
+fn names_path(err: &anyhow::Error, path: &Path) -> bool {
+    let p = path.display().to_string();
+    err.to_string()
+        .strip_prefix(&p)
+        .is_some_and(|rest| rest.starts_with(':') || rest.starts_with(" ("))
+}
+
+impl<T, E: Into<anyhow::Error>> PathOnce<T> for std::result::Result<T, E> {
+    fn doing(self, op: &str, path: &Path) -> Result<T> {
+        self.map_err(|e| {
+            let e = e.into();
+            if names_path(&e, path) {
+                e.context(format!("cannot {op}"))
+            } else {
+                e.context(format!("cannot {op} {}", path.display()))
+            }
+        })
+    }
+
+    fn naming(self, op: &str, path: &Path) -> Result<T> {
+        self.map_err(|e| {
+            let e = e.into();
+            if names_path(&e, path) {
+                e
+            } else {
+                e.context(format!("cannot {op} {}", path.display()))
+            }
+        })
+    }
+}
+
 /// Opens the volume at `path`. Read-write opens take an exclusive lock and read-only opens a
 /// shared one, so a volume is never served or mounted by two processes at once.
 pub(crate) fn open_volume(path: &Path, read_only: bool) -> Result<Volume> {
-    open_volume_staged(path, read_only, None)
+    open_volume_staged(path, read_only, None, None)
 }
 
-/// [`open_volume`] with a write-back stage of `stage_bytes` (default 32 MiB): the servers'
-/// `--stage-size`.
-pub(crate) fn open_volume_staged(path: &Path, read_only: bool, stage_bytes: Option<u64>) -> Result<Volume> {
+/// [`open_volume`] with a write-back stage of `stage_bytes` (default 32 MiB) and an error
+/// policy overriding the volume's: the servers' `--stage-size` and `--error-policy`.
+pub(crate) fn open_volume_staged(
+    path: &Path,
+    read_only: bool,
+    stage_bytes: Option<u64>,
+    error_policy: Option<ErrorPolicy>,
+) -> Result<Volume> {
     let lock = if read_only {
         LockMode::Shared
     } else {
         LockMode::Exclusive
     };
-    open_with(path, read_only, lock, stage_bytes)
+    open_with(path, read_only, lock, stage_bytes, error_policy)
 }
 
 /// Opens without taking a lock: for `info`/`dump`, which only read metadata and must work
 /// while the volume is being served.
 pub(crate) fn open_unlocked(path: &Path) -> Result<Volume> {
-    open_with(path, true, LockMode::None, None)
+    open_with(path, true, LockMode::None, None, None)
 }
 
-fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u64>) -> Result<Volume> {
+/// Whether `backend` is a member of a mirror set (it keeps member records).
+fn backend_is_member(backend: &FileBackend) -> bool {
+    blockguard::member_records(backend).is_ok_and(|r| !r.is_empty())
+}
+
+/// Every member of the mirror set `path` belongs to that can be opened, found through the
+/// member records next to its superblocks. A member that cannot be opened is left out with a
+/// warning: the set opens degraded (and records it when opened read-write).
+fn open_members(path: &Path, backend: FileBackend, opts: &FileOptions) -> Result<Vec<Arc<dyn Backend>>> {
+    let records = blockguard::member_records(&backend).naming("read the mirror copies of", path)?;
+    let mut members: Vec<Arc<dyn Backend>> = vec![Arc::new(backend)];
+    for r in records {
+        let other = Path::new(&r.path);
+        // Undecidable means not the same: opening it then finds out (our own lock refuses it).
+        if crate::target::same_data(path, other).unwrap_or(false) {
+            continue;
+        }
+        match FileBackend::open(other, opts) {
+            Ok(b) => members.push(Arc::new(b)),
+            Err(e) => crate::log::line(&format!(
+                "blockguard: warning: mirror copy {} of {} cannot be opened ({e}); going on without it",
+                r.index,
+                path.display()
+            )),
+        }
+    }
+    Ok(members)
+}
+
+fn open_with(
+    path: &Path,
+    read_only: bool,
+    lock: LockMode,
+    stage_bytes: Option<u64>,
+    error_policy: Option<ErrorPolicy>,
+) -> Result<Volume> {
     let opts = FileOptions {
         read_only,
         lock,
@@ -84,6 +187,7 @@ fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u
     let backend = FileBackend::open(path, &opts)?;
     let mut open_opts = OpenOptions {
         read_only,
+        error_policy,
         ..OpenOptions::default()
     };
     if let Some(stage) = stage_bytes {
@@ -104,8 +208,13 @@ fn open_with(path: &Path, read_only: bool, lock: LockMode, stage_bytes: Option<u
         });
         pb.set_position(done);
     };
-    let vol = Volume::open_with_progress(Arc::new(backend), &open_opts, &mut show)
-        .with_context(|| format!("opening {}", path.display()))?;
+    let vol = if backend_is_member(&backend) {
+        let members = open_members(path, backend, &opts)?;
+        Volume::open_members_with_progress(members, &open_opts, &mut show)
+    } else {
+        Volume::open_with_progress(Arc::new(backend), &open_opts, &mut show)
+    }
+    .naming("open", path)?;
     if let Some(pb) = bar {
         pb.finish_and_clear();
     }
@@ -187,8 +296,15 @@ pub(crate) const fn usize_of(x: u64) -> usize {
     x as usize
 }
 
-/// Exit codes: 0 success, 1 corruption found, 2 usage or I/O error.
+/// Exit codes: 0 success, 1 corruption found, 2 usage or I/O error, 128 + N stopped by
+/// signal N.
 pub(crate) fn exit_code_for(err: &anyhow::Error) -> u8 {
+    if let Some(i) = err
+        .chain()
+        .find_map(|e| e.downcast_ref::<crate::interrupt::Interrupted>())
+    {
+        return i.exit_code();
+    }
     let corrupt = err.chain().any(|e| {
         e.downcast_ref::<blockguard::Error>()
             .is_some_and(blockguard::Error::is_corruption)

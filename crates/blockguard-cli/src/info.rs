@@ -14,8 +14,10 @@ pub(crate) struct InfoArgs {
     /// The volume.
     pub(crate) path: PathBuf,
     /// Also show where these data blocks and their tags live (dump).
-    #[arg(long = "block", value_name = "N")]
-    pub(crate) blocks: Vec<u64>,
+    // Signed, so that a negative number reaches the range check and its message instead of
+    // clap's "unexpected argument '-1'".
+    #[arg(long = "block", value_name = "N", allow_negative_numbers = true)]
+    pub(crate) blocks: Vec<i64>,
     /// Print JSON.
     #[arg(long)]
     pub(crate) json: bool,
@@ -32,6 +34,9 @@ pub(crate) struct Summary {
     pub(crate) block_size: u32,
     pub(crate) mode: blockguard::Mode,
     pub(crate) profile: blockguard::Profile,
+    /// What a read of a block with no good copy does besides failing (`eio`, `read-only`,
+    /// `continue`).
+    pub(crate) error_policy: blockguard::ErrorPolicy,
     pub(crate) tag_size: u32,
     pub(crate) created: u64,
     pub(crate) compat: u64,
@@ -70,6 +75,7 @@ pub(crate) fn summary(sb: &Superblock, path: &Path) -> Summary {
         block_size: sb.geometry.block_size,
         mode: sb.mode,
         profile: sb.profile,
+        error_policy: sb.error_policy,
         tag_size: sb.geometry.tag_size,
         created: sb.created,
         compat: sb.compat,
@@ -101,12 +107,12 @@ pub(crate) fn run(args: &InfoArgs) -> Result<()> {
         blocks,
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&dump)?);
+        say!("{}", serde_json::to_string_pretty(&dump)?);
         return Ok(());
     }
     print_summary(&dump.summary);
     for w in &dump.warnings {
-        println!("warning:       {w}");
+        say!("warning:       {w}");
     }
     for b in &dump.blocks {
         print_block(b);
@@ -118,15 +124,15 @@ pub(crate) fn run(args: &InfoArgs) -> Result<()> {
 fn inspect_blocks(vol: &Volume, args: &InfoArgs) -> Result<Vec<BlockReport>> {
     let count = vol.geometry().data_blocks;
     let mut blocks = Vec::new();
-    for &b in &args.blocks {
+    for &asked in &args.blocks {
         // Answered in blocks, as asked: the engine's range error speaks in bytes.
-        if b >= count {
+        let Some(b) = u64::try_from(asked).ok().filter(|&b| b < count) else {
             bail!(
-                "{}: there is no block {b}: the volume has {count} blocks, numbered 0 to {}",
+                "{}: there is no block {asked}: the volume has {count} blocks, numbered 0 to {}",
                 args.path.display(),
                 count.saturating_sub(1)
             );
-        }
+        };
         blocks.push(vol.inspect_block(b)?);
     }
     Ok(blocks)
@@ -135,35 +141,47 @@ fn inspect_blocks(vol: &Volume, args: &InfoArgs) -> Result<Vec<BlockReport>> {
 /// Prints the superblock and geometry as `info` shows them.
 fn print_summary(s: &Summary) {
     let g = &s.geometry;
-    println!("volume:        {}", s.path);
-    println!("format:        blockguard v{}", s.version);
-    println!("uuid:          {}", s.uuid);
+    say!("volume:        {}", s.path);
+    say!("format:        blockguard v{}", s.version);
+    say!("uuid:          {}", s.uuid);
     if !s.label.is_empty() {
-        println!("label:         {}", s.label);
+        say!("label:         {}", s.label);
     }
-    println!(
+    say!(
         "size:          {} bytes ({} blocks of {} bytes)",
-        s.size, g.data_blocks, g.block_size
+        s.size,
+        g.data_blocks,
+        g.block_size
     );
-    println!("mode:          {}", s.mode.name());
-    println!(
+    say!("mode:          {}", s.mode.name());
+    say!(
+        "error policy:  {} ({})",
+        s.error_policy.name(),
+        crate::common::error_policy_meaning(s.error_policy)
+    );
+    say!(
         "tag profile:   {} ({} bytes per block)",
         s.profile.name(),
         s.tag_size
     );
-    println!(
+    say!(
         "groups:        {} of {} data blocks + 2 metadata blocks, first at byte {}",
-        g.groups, g.group_blocks, g.first_group_offset
+        g.groups,
+        g.group_blocks,
+        g.first_group_offset
     );
-    println!(
+    say!(
         "backing:       {} bytes, backup superblock at byte {}",
-        g.backing_len, g.backup_sb_offset
+        g.backing_len,
+        g.backup_sb_offset
     );
-    println!(
+    say!(
         "features:      compat {:#x} ro_compat {:#x} incompat {:#x}",
-        s.compat, s.ro_compat, s.incompat
+        s.compat,
+        s.ro_compat,
+        s.incompat
     );
-    println!(
+    say!(
         "state:         {}",
         if s.state == "clean" {
             "clean"
@@ -176,7 +194,7 @@ fn print_summary(s: &Summary) {
 /// Prints where one block and its tags live, and what each tag slot holds (`dump --block`).
 fn print_block(b: &BlockReport) {
     let l = &b.location;
-    println!(
+    say!(
         "block {}: group {} index {}, data at byte {}, tags at bytes {} and {} (metadata sector {}){}",
         l.block,
         l.group,
@@ -188,7 +206,7 @@ fn print_block(b: &BlockReport) {
         if b.staged { " (newer version staged)" } else { "" }
     );
     for (i, slot) in b.slots.iter().enumerate() {
-        println!(
+        say!(
             "  slot {i}, sector at byte {}: {}{}{}",
             l.meta_offsets[i] + u64::from(b.sector) * 512,
             slot.state,
@@ -201,5 +219,5 @@ fn print_block(b: &BlockReport) {
                 .unwrap_or_default()
         );
     }
-    println!("  a read accepts: {}", b.accepted.join(" or "));
+    say!("  a read accepts: {}", b.accepted.join(" or "));
 }

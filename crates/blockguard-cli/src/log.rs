@@ -86,6 +86,21 @@ pub(crate) fn line(text: &str) {
     enqueue(bytes);
 }
 
+/// Writes one line of results to stdout. If stdout is closed (its reader went away), exits at
+/// once with status 141, the status of a process killed by SIGPIPE, as a C tool would.
+pub(crate) fn stdout_line(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{text}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        line(&format!("blockguard: cannot write to stdout: {e}"));
+        flush(Duration::from_secs(2));
+        std::process::exit(2);
+    }
+}
+
 /// Waits up to `timeout` for everything queued so far to be written (before exiting, so the
 /// final error is not lost); gives up when stderr does not take it.
 pub(crate) fn flush(timeout: Duration) {

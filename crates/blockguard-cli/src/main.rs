@@ -12,13 +12,23 @@
 
 //! `blockguard`: per-block integrity for files and block devices.
 
+/// `println!` for the program's results: a reader that went away (`blockguard info | head`)
+/// ends the program quietly, as it would a C tool killed by SIGPIPE, instead of a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::log::stdout_line(&format!($($arg)*))
+    };
+}
+
 mod check;
 mod common;
 mod control;
 mod format;
 mod holder;
 mod info;
+mod interrupt;
 mod log;
+mod mirror;
 mod mount;
 mod recover;
 mod scrub;
@@ -62,6 +72,8 @@ enum Command {
     Mount(mount::MountArgs),
     /// Unmount a FUSE-mounted volume, flushing it.
     Umount(mount::UmountArgs),
+    /// The copies of a volume: list, add, remove, replace, resync.
+    Mirror(mirror::MirrorArgs),
     /// Show a volume's health, counters and scrub state (through the control socket of the
     /// process serving it, or by opening it read-only).
     Status(status::StatusArgs),
@@ -101,6 +113,7 @@ fn run(cli: Cli) -> ExitCode {
         Command::Recover(a) => recover::run(&a),
         Command::Mount(a) => mount::run(&a),
         Command::Umount(a) => mount::run_umount(&a),
+        Command::Mirror(a) => mirror::run(&a),
         Command::Status(a) => status::run(&a),
         Command::Scrub(a) => match scrub::run(&a) {
             Ok(true) => Ok(()),

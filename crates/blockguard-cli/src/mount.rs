@@ -17,7 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use blockguard_fuse::{DeviceFile, FuseError, MountConfig, DEFAULT_THREADS};
 use clap::Args;
 
-use crate::common::open_volume;
+use crate::common::open_volume_staged;
 
 // `--threads` defaults to the FUSE crate's `DEFAULT_THREADS`, narrowed to `u16` in the
 // attribute below: lossless, and inside the option's range, as long as this holds.
@@ -34,6 +34,11 @@ pub(crate) struct MountArgs {
     /// Export read-only (the volume is opened read-only too).
     #[arg(long)]
     pub(crate) read_only: bool,
+    /// Override the volume's error policy while mounted (what happens when a read finds a
+    /// block with no good copy): eio, read-only (suspend writes until `blockguard resume` or
+    /// a remount) or continue (log each such block once). See `blockguard format --help`.
+    #[arg(long, value_name = "POLICY", value_parser = crate::common::error_policy_parser())]
+    pub(crate) error_policy: Option<blockguard::ErrorPolicy>,
     /// Stay attached and serve until unmounted or interrupted (SIGINT/SIGTERM unmount cleanly).
     #[arg(long, short = 'f')]
     pub(crate) foreground: bool,
@@ -88,7 +93,7 @@ fn serve(args: &MountArgs) -> Result<()> {
         .volume
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", args.volume.display()))?;
-    let volume = open_volume(&args.volume, args.read_only)?;
+    let volume = open_volume_staged(&args.volume, args.read_only, None, args.error_policy)?;
 
     let mut config = MountConfig::new(file_name.clone(), source.to_string_lossy());
     config.read_only = args.read_only;
@@ -166,6 +171,9 @@ fn spawn_detached(args: &MountArgs) -> Result<()> {
         .args(args.control.to_args());
     if args.read_only {
         cmd.arg("--read-only");
+    }
+    if let Some(p) = args.error_policy {
+        cmd.arg("--error-policy").arg(p.name());
     }
     if let Some(log) = &args.log_file {
         // The child inherits our working directory, so a relative path names the same file.

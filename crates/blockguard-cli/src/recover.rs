@@ -3,8 +3,8 @@
 //! it may make blocks read as an older version, and blank groups under a written-groups map
 //! sector no copy of which is valid read as never written).
 
-use crate::common::{open_volume, progress};
-use anyhow::{Context, Result};
+use crate::common::{open_volume, progress, PathOnce};
+use anyhow::Result;
 use blockguard::{RecoverOptions, RecoveryReport};
 use clap::Args;
 use serde::Serialize;
@@ -43,28 +43,27 @@ pub(crate) fn run(args: &RecoverArgs) -> Result<()> {
         let pb = progress(vol.geometry().groups, "rebuild");
         let report = vol
             .recover(RecoverOptions::rebuild(), |done, _| pb.set_position(done))
-            .with_context(|| format!("recovering {}", args.path.display()))?;
+            .doing("recover", &args.path)?;
         pb.finish_and_clear();
         Some(report)
     } else {
         None
     };
     let at_open = vol.recovery_at_open().cloned();
-    vol.close()
-        .with_context(|| format!("closing {}", args.path.display()))?;
+    vol.close().doing("close", &args.path)?;
     if args.json {
         let r = Report {
             volume: args.path.display().to_string(),
             after_crash: at_open.as_ref(),
             rebuild: report.as_ref(),
         };
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        say!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
     let name = args.path.display();
     match &at_open {
-        None => println!("{name}: was closed cleanly; no crash state to settle"),
-        Some(r) => println!(
+        None => say!("{name}: was closed cleanly; no crash state to settle"),
+        Some(r) => say!(
             "{name}: settled after an unclean shutdown: {} groups examined, {} rewritten, {} blocks back to the version on disk, {} first writes completed",
             r.groups_examined - r.groups_skipped,
             r.groups_rewritten,
@@ -79,30 +78,33 @@ pub(crate) fn run(args: &RecoverArgs) -> Result<()> {
     for p in damaged {
         let end = p.first_block + u64::from(p.blocks);
         if p.rebuilt {
-            println!(
+            say!(
                 "{name}: rebuilt damaged metadata of blocks {}..{end} (group {} sector {}: {}) from its valid brother; \
                  those blocks now verify against it, and any of them whose newer version the damaged copy described reads as that older version",
                 p.first_block, p.group, p.sector, p.detail
             );
         } else if args.rebuild {
-            println!(
+            say!(
                 "{name}: cannot rebuild the metadata of blocks {}..{end} (group {} sector {}: {}): no valid brother; reads of them keep failing",
                 p.first_block, p.group, p.sector, p.detail
             );
         } else {
-            println!(
+            say!(
                 "{name}: damaged metadata of blocks {}..{end} (group {} sector {}: {}); reads of them fail; \
                  `blockguard recover --rebuild` rebuilds it from what the disk holds",
-                p.first_block, p.group, p.sector, p.detail
+                p.first_block,
+                p.group,
+                p.sector,
+                p.detail
             );
         }
     }
     if report.is_none() {
-        println!(
+        say!(
             "{name}: marked clean (damage is found by `blockguard check` and rebuilt by `recover --rebuild`)"
         );
     } else {
-        println!("{name}: marked clean");
+        say!("{name}: marked clean");
     }
     Ok(())
 }

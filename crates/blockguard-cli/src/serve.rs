@@ -13,7 +13,7 @@
 //! flushes are refused (reads go on), and at shutdown the volume is left unflushed and marked
 //! in use, as a crash would leave it, and `serve` exits with an error.
 
-use crate::common::parse_size;
+use crate::common::{parse_size, PathOnce};
 use crate::control::server::{Context as ControlContext, Serving};
 use anyhow::{anyhow, Context, Result};
 use blockguard_nbd::{DeviceExport, Export, ListenAddr, Server, ServerConfig, ServerError};
@@ -46,6 +46,11 @@ pub(crate) struct ServeArgs {
     /// Serve read-only: writes, trims and zeroing are refused.
     #[arg(long)]
     pub(crate) read_only: bool,
+    /// Override the volume's error policy for this session (what happens when a read finds
+    /// a block with no good copy): eio, read-only (suspend writes until `blockguard resume`
+    /// or a restart) or continue (log each such block once). See `blockguard format --help`.
+    #[arg(long, value_name = "POLICY", value_parser = crate::common::error_policy_parser())]
+    pub(crate) error_policy: Option<blockguard::ErrorPolicy>,
     /// If VOLUME does not exist, format a new sparse volume of this size there first
     /// (binary units: "64M", "10G").
     #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
@@ -62,8 +67,9 @@ pub(crate) struct ServeArgs {
           allow_hyphen_values = true)]
     pub(crate) stage_size: u64,
     /// Most client connections at once. At the limit a new client takes the place of the
-    /// quietest idle connection (one still in its handshake, or one without a request for a
-    /// second or more); it is refused only when every connection is busy.
+    /// quietest connection (one still in its handshake, one without a request for a second or
+    /// more, or one whose request's data has stalled for a second or more, see
+    /// --request-timeout); it is refused only when every connection is busy.
     #[arg(long, value_name = "N", default_value_t = 512,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub(crate) max_connections: u32,
@@ -71,14 +77,29 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) handshake_timeout: u32,
-    /// Close a connection after this many seconds without a request in flight (0: never;
-    /// the kernel's nbd client, for one, keeps idle connections for as long as it is
-    /// attached).
+    /// Close a connection after this many seconds without a request in flight, or with a
+    /// stalled one (0: never; the kernel's nbd client, for one, keeps idle connections for as
+    /// long as it is attached).
     #[arg(long, value_name = "SECONDS", default_value_t = 0)]
     pub(crate) idle_timeout: u32,
+    /// Seconds a request's data may stall before its connection is closed (logged with the
+    /// client's address, or process and user) and the memory it holds released: a write
+    /// payload of which no byte came for this long, or that is this far behind a transfer at
+    /// --min-transfer-rate since its header came; likewise replies the client does not read.
+    /// While other requests wait for memory, or a new client for a connection, a payload
+    /// stalled for a second already makes way.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) request_timeout: u32,
+    /// The slowest a request's data may move, per second (binary units: "256K"); see
+    /// --request-timeout. Clients on slower links than this with large requests need it lower.
+    #[arg(long, value_name = "SIZE", default_value = "256K", value_parser = parse_rate,
+          allow_hyphen_values = true)]
+    pub(crate) min_transfer_rate: u64,
     /// Memory for requests in flight on all connections together: write payloads being read
     /// and read replies not yet sent (binary units). Beyond it requests wait, and connections
-    /// that leave their replies unread are closed to free memory for the others.
+    /// that leave their replies unread, or stall in the middle of a write payload, are closed
+    /// to free memory for the others.
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size,
           allow_hyphen_values = true)]
     pub(crate) inflight_memory: u64,
@@ -96,6 +117,14 @@ pub(crate) struct ServeArgs {
     pub(crate) control: crate::control::ControlArgs,
 }
 
+/// Parses `--min-transfer-rate`: a size per second, not zero.
+fn parse_rate(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err("the minimum transfer rate cannot be 0".into()),
+        rate => Ok(rate),
+    }
+}
+
 /// Runs the server until SIGINT/SIGTERM, then flushes and closes the volume.
 pub(crate) fn run(args: &ServeArgs) -> Result<()> {
     let path = &args.volume;
@@ -108,13 +137,12 @@ pub(crate) fn run(args: &ServeArgs) -> Result<()> {
             tracing::info!(volume = %path.display(), size, "created a new volume");
             // Formatting opened it read-write with defaults: reopen with the requested mode
             // and stage size.
-            vol.close()
-                .with_context(|| format!("cannot close new volume {}", path.display()))?;
-            crate::common::open_volume_staged(path, args.read_only, Some(stage))?
+            vol.close().doing("close the new volume", path)?;
+            crate::common::open_volume_staged(path, args.read_only, Some(stage), args.error_policy)?
         }
         _ => {
-            let vol = crate::common::open_volume_staged(path, args.read_only, Some(stage))
-                .with_context(|| format!("cannot serve {}", path.display()))?;
+            let vol = crate::common::open_volume_staged(path, args.read_only, Some(stage), args.error_policy)
+                .doing("serve", path)?;
             if let Some(asked) = args.create {
                 warn_if_other_size(path, vol.size(), asked);
             }
@@ -135,6 +163,8 @@ pub(crate) fn run(args: &ServeArgs) -> Result<()> {
         max_total_inflight_bytes: usize::try_from(args.inflight_memory).unwrap_or(usize::MAX),
         handshake_timeout: Duration::from_secs(args.handshake_timeout.into()),
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout.into())),
+        request_timeout: Duration::from_secs(args.request_timeout.into()),
+        min_transfer_rate: args.min_transfer_rate,
         ..ServerConfig::default()
     };
     let volume = Arc::new(volume);
@@ -171,15 +201,12 @@ pub(crate) fn run(args: &ServeArgs) -> Result<()> {
     }
     // The server and every connection have ended, so this is the last reference.
     match Arc::try_unwrap(volume) {
-        Ok(vol) => vol
-            .close()
-            .with_context(|| format!("cannot close {}", path.display()))?,
+        Ok(vol) => vol.close().doing("close", path)?,
         Err(vol) => {
             // Only a bug leaves another reference behind; the data is made durable, but the
             // volume stays marked in use, so the next open checks the groups last written.
             tracing::warn!(volume = %path.display(), "the volume is still referenced after shutdown: flushed, left marked in use");
-            vol.flush()
-                .with_context(|| format!("cannot flush {}", path.display()))?;
+            vol.flush().doing("flush", path)?;
         }
     }
     outcome?;

@@ -41,7 +41,7 @@ pub(crate) fn volume_status(vol: &Volume, path: &Path) -> StatusInfo {
         read_only: vol.is_read_only(),
         state: None,
         stats: serde_json::to_value(vol.stats()).unwrap_or_default(),
-        failed: vol.failure().map(str::to_string),
+        failed: vol.failure(),
         warnings: vol.warnings().to_vec(),
         server: None,
         scrub: ScrubState::default(),

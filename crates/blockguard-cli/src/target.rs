@@ -8,45 +8,27 @@
 
 use crate::common::usize_of;
 use anyhow::{bail, Context, Result};
-use blockguard::blockguard_backend::{Backend, FileBackend, FileOptions};
-use std::fs::Metadata;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use blockguard::blockguard_backend::{Backend, FileBackend, FileOptions, OpenError};
 use std::path::{Path, PathBuf};
 
-/// True if `a` and `b` name the same data: the same file (through any name or link), the same
-/// block device (through any device node), or a loop device and the file behind it.
-pub(crate) fn same_data(a: &Path, b: &Path) -> bool {
-    let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) else {
-        // One of them does not exist (yet): they cannot be the same.
-        return false;
-    };
-    if (ma.dev(), ma.ino()) == (mb.dev(), mb.ino()) {
-        return true;
-    }
-    let device = |m: &Metadata| m.file_type().is_block_device();
-    if device(&ma) && device(&mb) && ma.rdev() == mb.rdev() {
-        return true;
-    }
-    let backs = |dev: &Metadata, file: &Path| {
-        device(dev)
-            && loop_backing_file(dev.rdev())
-                .zip(file.canonicalize().ok())
-                .is_some_and(|(backing, file)| backing == file)
-    };
-    backs(&ma, b) || backs(&mb, a)
+/// True if `a` and `b` share data: the same file through any name or hard link, the same
+/// device through any node, or a loop device (a partition of one, loop devices stacked on
+/// those) and the file under it, identified by device and inode number — see
+/// [`blockguard::blockguard_backend::stack`]. False when either does not exist.
+pub(crate) fn same_data(a: &Path, b: &Path) -> Result<bool> {
+    blockguard::blockguard_backend::share_data(a, b).with_context(|| {
+        format!(
+            "cannot tell whether {} and {} share data",
+            a.display(),
+            b.display()
+        )
+    })
 }
 
-/// The file behind loop device `rdev`, from sysfs; `None` for other devices.
-fn loop_backing_file(rdev: u64) -> Option<PathBuf> {
-    let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
-    let text = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/loop/backing_file")).ok()?;
-    Some(PathBuf::from(text.trim_end_matches('\n')))
-}
-
-/// Refuses `target` when it is `source` itself: no `--force` makes that work, since the copy
-/// would overwrite what it is still reading.
+/// Refuses `target` when it shares data with `source`: no `--force` makes that work, since
+/// the copy would overwrite what it is still reading.
 pub(crate) fn refuse_same(source: &Path, target: &Path, what: &str) -> Result<()> {
-    if same_data(source, target) {
+    if same_data(source, target)? {
         bail!(
             "{} and {} are the same file or device: {what} would overwrite what it reads",
             source.display(),
@@ -89,30 +71,129 @@ pub(crate) fn refuse_if_in_use(backend: &FileBackend) -> Result<()> {
     Ok(())
 }
 
-/// A raw-image target opened for `export`, sized and checked.
-pub(crate) struct ImageTarget {
-    /// The open file or device (exclusively locked).
-    pub(crate) backend: FileBackend,
-    /// True for a file this run created (removed again if the export fails).
-    pub(crate) created: bool,
-    /// True when zero runs must be written: a device keeps old data where nothing is written,
-    /// a freshly created or truncated file reads zeros there already.
-    pub(crate) must_zero: bool,
+/// How an export's image reaches its target, which decides what an unfinished one leaves.
+pub(crate) enum Landing {
+    /// A new file: the image is written to `temp`, a new file in the same directory, and
+    /// renamed to the target only once complete and synced; an unfinished one is removed.
+    New {
+        /// The temporary file.
+        temp: PathBuf,
+    },
+    /// An existing regular file, emptied and sized for the export; emptied again if the
+    /// export does not finish (it must not pass for an image).
+    Emptied,
+    /// A block device, written in place: an unfinished export leaves the image's first bytes
+    /// and the device's old data after them (said in `export --help`).
+    Device,
 }
 
-/// Opens `path` to receive a `len`-byte image: creates a missing file sparse, refuses (without
-/// `force`) a volume or a non-empty file or device, truncates a file and measures a device,
-/// which must hold at least `len` bytes.
+/// A raw-image target opened for `export`, sized and checked.
+pub(crate) struct ImageTarget {
+    /// Where the image is written (exclusively locked): the target, or the temporary file.
+    pub(crate) backend: FileBackend,
+    /// The target as the user named it.
+    pub(crate) path: PathBuf,
+    /// How the image gets there.
+    pub(crate) landing: Landing,
+}
+
+impl ImageTarget {
+    /// True when zero runs must be written: a device keeps old data where nothing is written,
+    /// a new or emptied file reads zeros there already (and stays sparse).
+    pub(crate) fn must_zero(&self) -> bool {
+        matches!(self.landing, Landing::Device)
+    }
+
+    /// Once the image is written and synced: renames a new file's temporary to the target
+    /// (never over something created there meanwhile) and makes that durable.
+    pub(crate) fn finish(self) -> Result<()> {
+        let Landing::New { temp } = &self.landing else {
+            return Ok(());
+        };
+        if let Err(e) = rename_no_replace(temp, &self.path) {
+            let _ = std::fs::remove_file(temp);
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot move the finished image from {} to {} (the image was removed)",
+                    temp.display(),
+                    self.path.display()
+                )
+            });
+        }
+        sync_parent_dir(&self.path)
+    }
+
+    /// After a failure: removes a new file's temporary, or empties an existing file again.
+    /// Says what the target holds now, for the error message; `written` is how many bytes of
+    /// the image were written.
+    pub(crate) fn abandon(self, written: u64) -> String {
+        let path = self.path.display();
+        match &self.landing {
+            Landing::New { temp } => match std::fs::remove_file(temp) {
+                Ok(()) => format!("{path} was not created"),
+                Err(e) => format!(
+                    "{path} was not created, but the unfinished image {} could not be removed ({e}): remove it",
+                    temp.display()
+                ),
+            },
+            Landing::Emptied => match empty_file(&self.path, 0) {
+                Ok(()) => format!("{path} was left empty"),
+                Err(e) => format!("{path} holds an unfinished image and could not be emptied ({e:#})"),
+            },
+            Landing::Device => format!(
+                "{path} holds the image's first {written} bytes, and its old data after them"
+            ),
+        }
+    }
+}
+
+/// Renames `from` to `to` unless something exists at `to`: `renameat2(RENAME_NOREPLACE)`, or
+/// where the filesystem lacks it a hard link and an unlink (which refuse an existing `to` too).
+fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A name for the temporary file of an export to `path`, in the same directory (so the final
+/// rename stays on one filesystem), hidden, and saying what it is for: `attempt` picks
+/// another when one is taken.
+fn temp_name(path: &Path, attempt: u32) -> PathBuf {
+    let pid = std::process::id();
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    // Short enough for NAME_MAX (255) whatever the target's name.
+    let name: String = name.chars().take(100).collect();
+    path.with_file_name(format!(".{name}.blockguard-export-{pid}-{attempt}"))
+}
+
+/// Opens `path` to receive a `len`-byte image: a missing file is created (as a temporary, see
+/// [`Landing::New`]); without `force` a volume or a non-empty file or device is refused; a
+/// file is emptied and sized, a device measured, which must hold at least `len` bytes.
 pub(crate) fn open_image_target(path: &Path, len: u64, force: bool) -> Result<ImageTarget> {
     let exclusive = FileOptions::default();
-    match std::fs::metadata(path) {
+    match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let backend = FileBackend::create(path, len, &exclusive)?;
-            return Ok(ImageTarget {
-                backend,
-                created: true,
-                must_zero: false,
-            });
+            let mut attempt = 0;
+            loop {
+                let temp = temp_name(path, attempt);
+                match FileBackend::create(&temp, len, &exclusive) {
+                    Ok(backend) => {
+                        return Ok(ImageTarget {
+                            backend,
+                            path: path.to_path_buf(),
+                            landing: Landing::New { temp },
+                        })
+                    }
+                    Err(OpenError::AlreadyExists { .. }) if attempt < 100 => attempt += 1,
+                    Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
+                }
+            }
         }
         Err(e) => return Err(e).with_context(|| format!("cannot access {}", path.display())),
         Ok(_) => {}
@@ -133,8 +214,8 @@ pub(crate) fn open_image_target(path: &Path, len: u64, force: bool) -> Result<Im
         }
         return Ok(ImageTarget {
             backend,
-            created: false,
-            must_zero: true,
+            path: path.to_path_buf(),
+            landing: Landing::Device,
         });
     }
     // The lock taken by `backend` is held meanwhile; a fresh open then measures the new length.
@@ -142,8 +223,8 @@ pub(crate) fn open_image_target(path: &Path, len: u64, force: bool) -> Result<Im
     drop(backend);
     Ok(ImageTarget {
         backend: FileBackend::open(path, &exclusive)?,
-        created: false,
-        must_zero: false,
+        path: path.to_path_buf(),
+        landing: Landing::Emptied,
     })
 }
 

@@ -4,15 +4,14 @@
 //! refused without `--force` when it may hold data, devices are measured by seeking to their
 //! end, and what was written is synced before success is reported.
 
-use crate::common::{open_volume, progress, usize_of};
-use crate::target::{open_image_target, refuse_same, sync_parent_dir};
+use crate::common::{open_volume, progress, usize_of, PathOnce};
+use crate::interrupt::Signals;
+use crate::target::{open_image_target, refuse_same, ImageTarget};
 use anyhow::{bail, Context, Result};
-use blockguard::blockguard_backend::Backend;
+use blockguard::blockguard_backend::{Backend, FileBackend, FileOptions, LockMode};
 use blockguard::Volume;
 use clap::Args;
-use std::fs::File;
-use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 /// Bytes copied per step: large enough for sequential speed, small enough for memory.
@@ -37,6 +36,13 @@ pub(crate) struct ExportArgs {
     pub(crate) volume: PathBuf,
     /// Raw image to write: a new file (created sparse), an empty file, or a block device at
     /// least as large as the volume.
+    ///
+    /// An export that does not finish (an error, or SIGINT/SIGTERM/SIGHUP; a second signal
+    /// exits at once) leaves no image that could pass for a finished one: a new file is
+    /// written under a temporary name next to it (".NAME.blockguard-export-…") and renamed to
+    /// NAME only when complete and synced, otherwise removed; an existing file is left empty;
+    /// a block device is written in place and keeps the image's first bytes, up to where it
+    /// stopped (the error says the byte), and its old data after them.
     pub(crate) raw: PathBuf,
     /// Overwrite a non-empty file or device, or one holding a blockguard volume.
     #[arg(long)]
@@ -47,46 +53,57 @@ fn is_zero(b: &[u8]) -> bool {
     blockguard::tag::is_zero(b)
 }
 
-/// Opens an import source and measures it: a regular file by its length, a block device by
-/// seeking to its end (its inode says 0). Anything else has no size to import.
-fn open_source(path: &Path) -> Result<(File, u64)> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let meta = file
-        .metadata()
-        .with_context(|| format!("cannot read the metadata of {}", path.display()))?;
-    let kind = meta.file_type();
-    let len = if kind.is_file() {
-        meta.len()
+/// What `kind` is, for messages: "a pipe (FIFO)", "a directory", …
+fn kind_name(kind: std::fs::FileType) -> &'static str {
+    if kind.is_file() {
+        "a regular file"
     } else if kind.is_block_device() {
-        (&file)
-            .seek(SeekFrom::End(0))
-            .with_context(|| format!("cannot measure {} (seek to its end)", path.display()))?
+        "a block device"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a pipe (FIFO)"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_symlink() {
+        "a symbolic link"
     } else {
-        let what = if kind.is_char_device() {
-            "a character device"
-        } else if kind.is_dir() {
-            "a directory"
-        } else if kind.is_fifo() {
-            "a pipe"
-        } else {
-            "not a regular file"
-        };
+        "neither a file nor a device"
+    }
+}
+
+/// Opens an import source: a regular file, or a block device (measured by seeking to its
+/// end: its inode says 0). The type is checked with `stat` before opening, since opening a
+/// pipe waits for a writer that may never come. Opened read-only with a shared lock — through
+/// loop devices and partitions too — so nothing writes it during the copy: not a server of
+/// the volume it holds, nor the import itself (the volume's own open is exclusive).
+fn open_source(path: &Path) -> Result<FileBackend> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot access {}", path.display()))?;
+    let kind = meta.file_type();
+    if !kind.is_file() && !kind.is_block_device() {
         bail!(
-            "{} is {what}, not a regular file or block device: it has no size to import",
-            path.display()
+            "{} is {}: import reads a regular file or a block device",
+            path.display(),
+            kind_name(kind)
         );
+    }
+    let opts = FileOptions {
+        read_only: true,
+        lock: LockMode::Shared,
+        ..FileOptions::default()
     };
-    if len == 0 {
+    let source = FileBackend::open(path, &opts)?;
+    if source.is_empty() {
         bail!("{} is empty: there is nothing to import", path.display());
     }
-    Ok((file, len))
+    Ok(source)
 }
 
 /// Refuses a volume that holds written data: importing over it replaces that data.
 fn refuse_if_written(vol: &Volume, path: &Path) -> Result<()> {
-    let written = vol
-        .first_written_block(0)
-        .with_context(|| format!("cannot read the metadata of {}", path.display()))?;
+    let written = vol.first_written_block(0).naming("read the metadata of", path)?;
     if let Some(block) = written {
         bail!(
             "{} already holds data (block {block}, byte {}, is written); use --force to overwrite it",
@@ -100,7 +117,8 @@ fn refuse_if_written(vol: &Volume, path: &Path) -> Result<()> {
 /// `blockguard import`.
 pub(crate) fn run_import(args: &ImportArgs) -> Result<()> {
     refuse_same(&args.raw, &args.volume, "importing")?;
-    let (raw, len) = open_source(&args.raw)?;
+    let raw = open_source(&args.raw)?;
+    let len = raw.len();
     let vol = open_volume(&args.volume, false)?;
     if len > vol.size() {
         bail!(
@@ -119,7 +137,7 @@ pub(crate) fn run_import(args: &ImportArgs) -> Result<()> {
     while off < len {
         let n = CHUNK.min(len - off);
         let chunk = &mut buf[..usize_of(n)];
-        raw.read_exact_at(chunk, off)
+        raw.read_at(chunk, off)
             .with_context(|| format!("cannot read {} at byte {off}", args.raw.display()))?;
         if is_zero(chunk) {
             // Zero runs become unwritten blocks: no data written, and they stay holes.
@@ -127,15 +145,14 @@ pub(crate) fn run_import(args: &ImportArgs) -> Result<()> {
         } else {
             vol.write_at(chunk, off)
         }
-        .with_context(|| format!("cannot write {} at byte {off}", args.volume.display()))?;
+        .with_context(|| format!("import stopped at byte {off}"))?;
         off += n;
         pb.set_position(off);
     }
     // Closing flushes: the data is durable before success is reported.
-    vol.close()
-        .with_context(|| format!("cannot flush and close {}", args.volume.display()))?;
+    vol.close().doing("flush and close", &args.volume)?;
     pb.finish_and_clear();
-    println!(
+    say!(
         "imported {len} bytes from {} into {}",
         args.raw.display(),
         args.volume.display()
@@ -146,20 +163,21 @@ pub(crate) fn run_import(args: &ImportArgs) -> Result<()> {
 /// `blockguard export`.
 pub(crate) fn run_export(args: &ExportArgs) -> Result<()> {
     refuse_same(&args.volume, &args.raw, "exporting")?;
+    let signals = Signals::watch()?;
     let vol = open_volume(&args.volume, true)?;
     let len = vol.size();
     let target = open_image_target(&args.raw, len, args.force)?;
-    let result = copy_out(&vol, args, &target.backend, target.must_zero);
-    if result.is_err() && target.created {
-        // A half-written new image must not pass for an export; it held nothing before.
-        let _ = std::fs::remove_file(&args.raw);
-    }
-    result?;
-    if target.created {
-        sync_parent_dir(&args.raw)?;
+    if let Err(stop) = copy_out(&vol, &target, &signals) {
+        let left = target.abandon(stop.written);
+        return Err(stop.cause.context(format!(
+            "export to {} stopped at byte {} ({left})",
+            args.raw.display(),
+            stop.at
+        )));
     }
     let rest = target.backend.len() - len;
-    println!(
+    target.finish()?;
+    say!(
         "exported {len} verified bytes from {} to {}{}",
         args.volume.display(),
         args.raw.display(),
@@ -172,30 +190,63 @@ pub(crate) fn run_export(args: &ExportArgs) -> Result<()> {
     Ok(())
 }
 
-/// Copies the volume into `out`, verifying every block, then syncs `out`.
-fn copy_out(vol: &Volume, args: &ExportArgs, out: &dyn Backend, must_zero: bool) -> Result<()> {
+/// Why and where an export stopped.
+struct Stopped {
+    /// The byte of the volume where it failed.
+    at: u64,
+    /// Bytes of the image written before that.
+    written: u64,
+    cause: anyhow::Error,
+}
+
+/// Copies the volume into the target, verifying every block, then syncs the target. Stops at
+/// the first error, or at a stop signal (checked between chunks).
+fn copy_out(vol: &Volume, target: &ImageTarget, signals: &Signals) -> Result<(), Stopped> {
+    let out = &target.backend;
     let len = vol.size();
-    let raw = args.raw.display();
     let pb = progress(len, "export");
     let mut buf = vec![0u8; usize_of(CHUNK)];
     let mut off = 0u64;
+    let stopped = |at: u64, written: u64, cause: anyhow::Error| Stopped { at, written, cause };
     while off < len {
+        if let Some(signal) = signals.caught() {
+            return Err(stopped(off, off, signal.into()));
+        }
         let n = CHUNK.min(len - off);
         let chunk = &mut buf[..usize_of(n)];
-        vol.read_at(chunk, off)?;
+        if let Err(e) = vol.read_at(chunk, off) {
+            // Where exactly: the bad block's first byte, when verification failed.
+            let at = e.corrupt_block().map_or(off, |b| b * u64::from(vol.block_size()));
+            return Err(stopped(at, off, e.into()));
+        }
         let written = if !is_zero(chunk) {
             out.write_at(chunk, off)
-        } else if must_zero {
+        } else if target.must_zero() {
             out.zero_range(off, n)
         } else {
-            // A new or truncated file reads zeros here already, and stays sparse.
+            // A new or emptied file reads zeros here already, and stays sparse.
             Ok(())
         };
-        written.with_context(|| format!("cannot write {raw} at byte {off}"))?;
+        if let Err(e) = written {
+            return Err(stopped(
+                off,
+                off,
+                anyhow::Error::new(e).context("cannot write the image"),
+            ));
+        }
         off += n;
         pb.set_position(off);
     }
-    out.flush().with_context(|| format!("cannot sync {raw}"))?;
+    if let Err(e) = out.flush() {
+        return Err(stopped(
+            len,
+            len,
+            anyhow::Error::new(e).context("cannot sync the image"),
+        ));
+    }
+    if let Some(signal) = signals.caught() {
+        return Err(stopped(len, len, signal.into()));
+    }
     pb.finish_and_clear();
     Ok(())
 }

@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod loop_support;
+use loop_support::{loop_devices_usable, read_dev, Loop};
+
 const SB_REGION: u64 = 4096;
 
 /// What one run of the binary produced.
@@ -484,6 +487,14 @@ fn sizes_take_units_everywhere_and_help_lists_modes_and_profiles() {
     assert!(help.contains("[possible values: crc32c]"), "{help}");
     let help = t.run(&["serve", "--help"]).code(0).stdout.clone();
     assert!(help.contains("localhost:10809"), "{help}");
+    assert!(help.contains("--request-timeout <SECONDS>"), "{help}");
+    assert!(help.contains("--min-transfer-rate <SIZE>"), "{help}");
+    t.run(&["serve", "v.bgv", "--min-transfer-rate", "0"])
+        .code(2)
+        .err_has(&["--min-transfer-rate <SIZE>", "cannot be 0"]);
+    t.run(&["serve", "v.bgv", "--request-timeout", "0"])
+        .code(2)
+        .err_has(&["--request-timeout <SECONDS>"]);
     t.run(&["serve", "v.bgv", "--stage-size", "lots"])
         .code(2)
         .err_has(&["invalid value 'lots' for '--stage-size <SIZE>'", "64M"]);
@@ -491,6 +502,77 @@ fn sizes_take_units_everywhere_and_help_lists_modes_and_profiles() {
         .code(2)
         .err_has(&["--create <SIZE>", "cannot be negative"]);
     assert!(!t.path("x.bgv").exists());
+}
+
+/// `format --error-policy` stores the policy in byte 288 of both superblocks; `info` shows
+/// it (with what it means) and `format --json`/`info --json` report it; the default is `eio`;
+/// unknown policies are refused up front, also by `serve` and `mount`.
+#[test]
+fn format_error_policy_is_stored_and_shown_by_info() {
+    let t = T::new();
+    let j = t.format("default.bgv", &["--size", "1M"]);
+    assert_eq!(j["error_policy"], "eio");
+    t.run(&["info", "default.bgv"])
+        .code(0)
+        .out_has(&["error policy:  eio (a read of a block with no good copy fails"]);
+    assert_eq!(t.read_at("default.bgv", 288, 1), [0]);
+    for (name, id) in [("eio", 0u8), ("read-only", 1), ("continue", 2)] {
+        let file = format!("{name}.bgv");
+        let j = t.format(&file, &["--size", "1M", "--error-policy", name]);
+        assert_eq!(j["error_policy"], name);
+        assert_eq!(t.info(&file)["error_policy"], name);
+        t.run(&["info", &file])
+            .code(0)
+            .out_has(&[&format!("error policy:  {name} (")]);
+        let len = t.len(&file);
+        for at in sb_offsets(len) {
+            assert_eq!(t.read_at(&file, at + 288, 1), [id], "{name}: copy at {at}");
+        }
+        // Still a valid volume for every command.
+        t.run(&["check", &file]).code(0);
+    }
+    t.run(&["info", "read-only.bgv"])
+        .code(0)
+        .out_has(&["writes are suspended", "blockguard resume"]);
+    // A mirror set: every copy carries it.
+    t.format(
+        "m.bgv",
+        &["--size", "1M", "--error-policy", "continue", "--mirror", "m2.bgv"],
+    );
+    assert_eq!(t.info("m2.bgv")["error_policy"], "continue");
+    let o = t.run(&["format", "bad.bgv", "--size", "1M", "--error-policy", "panic"]);
+    o.code(2).err_has(&[
+        "invalid value 'panic'",
+        "[possible values: eio, read-only, continue]",
+    ]);
+    assert!(!t.path("bad.bgv").exists());
+    for cmd in ["serve", "mount"] {
+        let help = t.run(&[cmd, "--help"]).code(0).stdout.clone();
+        assert!(help.contains("--error-policy <POLICY>"), "{cmd}: {help}");
+    }
+    t.run(&["serve", "eio.bgv", "--error-policy", "halt"])
+        .code(2)
+        .err_has(&["invalid value 'halt'"]);
+    t.run(&["mount", "eio.bgv", ".", "--error-policy", "halt"])
+        .code(2)
+        .err_has(&["invalid value 'halt'"]);
+}
+
+/// An unknown error policy in a superblock (with a valid checksum) is damage: that copy is
+/// refused, the volume opens from the other one with a warning.
+#[test]
+fn an_unknown_error_policy_in_a_superblock_is_refused_as_damage() {
+    let t = T::new();
+    t.format("v.bgv", &["--size", "1M"]);
+    let b = t.read_at("v.bgv", 0, 512);
+    let mut patched = b.clone();
+    patched[288] = 7;
+    let crc = crc32c(&patched[..508]);
+    patched[508..512].copy_from_slice(&crc.to_le_bytes());
+    t.write_at("v.bgv", 0, &patched);
+    let o = t.run(&["info", "v.bgv"]);
+    o.code(0)
+        .out_has(&["primary superblock unusable", "error policy", "unknown value 7"]);
 }
 
 #[test]
@@ -707,6 +789,220 @@ fn export_of_a_corrupted_volume_fails_naming_the_block() {
         .err_has(&["block 700 failed verification", "expected tag"]);
 }
 
+/// Spawns `blockguard args…` in `dir` with its output collected.
+fn spawn_in(dir: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_blockguard"))
+        .args(args)
+        .current_dir(dir)
+        .env("BLOCKGUARD_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run blockguard")
+}
+
+/// Waits for `child` at most `limit`; kills it and fails the test if it runs longer.
+fn finish_within(child: std::process::Child, limit: Duration, what: &str) -> Out {
+    let mut child = child;
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().expect("wait");
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
+/// The names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut n: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    n.sort();
+    n
+}
+
+/// Regression (review 9, finding 7): SIGTERM (or Ctrl-C) during `export` to a new file left a
+/// file of the volume's full length, mostly zeros, that nothing told from a finished export.
+/// The image is now written under a temporary name and renamed only when complete; an
+/// interrupted export removes it (and empties an existing file it was writing).
+#[test]
+fn regression_an_interrupted_export_leaves_no_image() {
+    let t = T::new();
+    // Exporting 1 GiB of unwritten blocks takes a while (every block is read and verified).
+    t.format("v.bgv", &["--size", "1G"]);
+    t.raw("empty.raw", b"");
+    for (target, existed) in [("new.raw", false), ("empty.raw", true)] {
+        let before = names(t.dir.path());
+        let child = spawn_in(t.dir.path(), &["export", "v.bgv", target]);
+        let pid = child.id();
+        // Frozen as soon as the image is being written, so the signal surely comes before the
+        // end; the signal is handled once it runs on.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let started = || {
+            let now = names(t.dir.path());
+            if existed {
+                t.len(target) > 0
+            } else {
+                now.len() > before.len()
+            }
+        };
+        while !started() {
+            assert!(Instant::now() < deadline, "the export never started");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        signal(pid, "-STOP");
+        signal(pid, "-TERM");
+        signal(pid, "-CONT");
+        let o = finish_within(child, Duration::from_secs(30), "interrupted export");
+        o.code(128 + 15).err_has(&[
+            &format!("export to {target} stopped at byte"),
+            "interrupted by SIGTERM",
+        ]);
+        assert_eq!(names(t.dir.path()), before, "the export left files behind");
+        if existed {
+            o.err_has(&["empty.raw was left empty"]);
+            assert_eq!(t.len(target), 0, "an interrupted export left an image");
+        } else {
+            o.err_has(&["new.raw was not created"]);
+        }
+    }
+    // Not interrupted: the image is there, under its name, and nothing else.
+    t.format("small.bgv", &["--size", "4M"]);
+    t.run(&["export", "small.bgv", "new.raw"]).code(0);
+    assert_eq!(t.len("new.raw"), 4 << 20);
+    assert!(!names(t.dir.path())
+        .iter()
+        .any(|n| n.contains("blockguard-export")));
+    // A failed export (a corrupted block) leaves nothing either.
+    t.raw("data", &random_bytes(1 << 20, 41));
+    t.run(&["import", "data", "small.bgv"]).code(0);
+    let off = t.data_offset("small.bgv", 5);
+    t.flip("small.bgv", off, 0x10);
+    let before = names(t.dir.path());
+    t.run(&["export", "small.bgv", "other.raw"])
+        .code(1)
+        .err_has(&["other.raw was not created"]);
+    assert_eq!(names(t.dir.path()), before);
+    // `export --help` says what an interrupted export leaves on a device.
+    t.run(&["export", "--help"])
+        .code(0)
+        .out_has(&["a block device is written in place"]);
+}
+
+/// Regression (review 9, finding 8): `import FIFO VOL` blocked forever in open() waiting for
+/// a writer. The type is checked before opening; only regular files and block devices are
+/// sources.
+#[test]
+fn regression_import_from_a_pipe_or_socket_is_refused_at_once() {
+    let t = T::new();
+    t.format("v.bgv", &["--size", "4M"]);
+    let fifo = t.path("ff");
+    let made = Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo failed");
+    let _listener = std::os::unix::net::UnixListener::bind(t.path("sock")).unwrap();
+    for (source, kind) in [("ff", "ff is a pipe (FIFO)"), ("sock", "sock is a socket")] {
+        let child = spawn_in(t.dir.path(), &["import", source, "v.bgv"]);
+        finish_within(child, Duration::from_secs(10), "import from a pipe")
+            .code(2)
+            .err_has(&[kind, "import reads a regular file or a block device"]);
+    }
+}
+
+/// Counts the lines of `text` that contain `what`.
+fn lines_with(text: &str, what: &str) -> usize {
+    text.lines().filter(|l| l.contains(what)).count()
+}
+
+/// Regression (review 9, finding 9): messages that said things twice or not at all. An
+/// export's failure was logged as an ERROR and printed again, without "export", the target or
+/// the byte; `check` logged each bad block's ERROR twice, and one line per bad block without
+/// end; "cannot serve v.bgv: v.bgv: …" said the path twice; `dump --block -1` got clap's
+/// "unexpected argument".
+#[test]
+fn regression_messages_say_each_thing_once() {
+    let t = T::new();
+    t.format("v.bgv", &["--size", "4M"]);
+    t.raw("raw", &random_bytes(1 << 20, 42));
+    t.run(&["import", "raw", "v.bgv"]).code(0);
+    let off = t.data_offset("v.bgv", 3);
+    t.flip("v.bgv", off + 7, 0x01);
+
+    // export: one line, the operation, the target, the byte, the cause once.
+    let o = t.run(&["export", "v.bgv", "out.raw"]);
+    o.code(1).err_has(&[
+        "export to out.raw stopped at byte 12288",
+        "v.bgv: block 3 failed verification",
+    ]);
+    assert_eq!(o.stderr.lines().count(), 1, "{}", o.stderr);
+    assert_eq!(lines_with(&o.stderr, "failed verification"), 1, "{}", o.stderr);
+
+    // check: the bad block once, in the report; nothing on stderr.
+    let o = t.run(&["check", "v.bgv"]);
+    o.code(1).out_has(&["bad block 3:", "1 bad"]);
+    assert_eq!(lines_with(&o.stdout, "block 3"), 1, "{}", o.stdout);
+    assert!(!o.stderr.contains("block 3"), "{}", o.stderr);
+
+    // 150 bad blocks: 100 listed, the rest counted; --json lists all.
+    let first = t.data_offset("v.bgv", 0);
+    assert_eq!(t.data_offset("v.bgv", 149), first + 149 * 4096, "not contiguous");
+    t.write_at("v.bgv", first, &random_bytes(150 * 4096, 50));
+    let o = t.run(&["check", "v.bgv"]);
+    o.code(1).out_has(&[
+        "... and 50 more bad blocks (`check --json` lists them all)",
+        "1024 blocks checked, 150 bad",
+    ]);
+    assert_eq!(lines_with(&o.stdout, "bad block "), 100, "{}", o.stdout);
+    assert_eq!(o.stderr, "", "check said more on stderr");
+    let j = t.run(&["check", "v.bgv", "--json"]).code(1).json();
+    assert_eq!(j["bad_blocks"].as_array().unwrap().len(), 150);
+
+    // The path once: a locked volume, and a file that is no volume.
+    let held = blockguard::blockguard_backend::FileBackend::open(
+        &t.path("v.bgv"),
+        &blockguard::blockguard_backend::FileOptions::default(),
+    )
+    .unwrap();
+    let o = t.run(&["serve", "v.bgv", "--socket", "s.sock"]);
+    o.code(2).err_has(&["cannot serve: v.bgv: the volume is in use"]);
+    assert_eq!(o.stderr.matches("v.bgv").count(), 1, "{}", o.stderr);
+    drop(held);
+    t.raw("junk", &random_bytes(1 << 20, 44));
+    for args in [
+        &["serve", "junk", "--socket", "s.sock"][..],
+        &["info", "junk"],
+        &["check", "junk"],
+    ] {
+        let o = t.run(args);
+        o.code(2).err_has(&["junk: not a blockguard volume"]);
+        assert_eq!(o.stderr.matches("junk").count(), 1, "{}", o.stderr);
+    }
+
+    // dump --block -1: the range, not clap's "unexpected argument".
+    let o = t.run(&["dump", "v.bgv", "--block", "-1"]);
+    o.code(2)
+        .err_has(&["v.bgv: there is no block -1: the volume has 1024 blocks, numbered 0 to 1023"]);
+    assert!(!o.stderr.contains("unexpected argument"), "{}", o.stderr);
+}
+
 /// A wiped group under a written-groups map sector both copies of which are damaged: plain
 /// `recover` settles and reports, and the group keeps failing (it may have held data); only
 /// an explicit `recover --rebuild` takes blank groups as never written. (`recover` used to
@@ -804,7 +1100,10 @@ fn import_refuses_sources_without_data_and_volumes_holding_data() {
     let cases: &[(&str, &[&str])] = &[
         (
             "/dev/null",
-            &["/dev/null is a character device", "no size to import"],
+            &[
+                "/dev/null is a character device",
+                "import reads a regular file or a block device",
+            ],
         ),
         ("empty", &["empty is empty", "nothing to import"]),
         ("dir", &["dir is a directory"]),
@@ -1103,58 +1402,6 @@ fn both_superblock_copies_damaged_is_refused() {
 
 // ---------------------------------------------------------------------------------------
 // block devices
-
-/// A loop device over a file, detached on drop.
-struct Loop {
-    dev: String,
-}
-
-impl Loop {
-    fn attach(file: &Path) -> Option<Loop> {
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(file)
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            eprintln!("losetup failed: {}", String::from_utf8_lossy(&out.stderr));
-            return None;
-        }
-        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        Some(Loop { dev })
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["--detach", &self.dev]).status();
-    }
-}
-
-fn is_root() -> bool {
-    fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
-}
-
-/// True if the test may attach loop devices; says why not otherwise.
-fn loop_devices_usable() -> bool {
-    let have_losetup = Command::new("losetup")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !is_root() || !have_losetup {
-        eprintln!("skipped: needs root and losetup");
-        return false;
-    }
-    true
-}
-
-/// Reads `len` bytes at `offset` of a device (or any file) by path.
-fn read_dev(dev: &str, offset: u64, len: usize) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let mut b = vec![0u8; len];
-    File::open(dev).unwrap().read_exact_at(&mut b, offset).unwrap();
-    b
-}
 
 #[test]
 fn loop_device_format_uses_the_device_size_and_refuses_non_empty_devices() {

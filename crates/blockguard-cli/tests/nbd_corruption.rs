@@ -178,3 +178,58 @@ fn damaged_metadata_is_never_a_hole_and_a_copy_fails() {
     assert!(srv.is_running());
     drop(srv);
 }
+
+/// `serve --error-policy read-only` overrides the volume's `eio`: after a read finds a block
+/// with no good copy, writes are refused (`NBD_EPERM`) while reads go on, and the log says why
+/// and what to do. Nothing new reaches the disk any more: a write acknowledged before the
+/// suspension but never flushed is left unwritten at shutdown, which says so (exit status 2).
+/// The volume's own policy is unchanged.
+#[test]
+fn serve_error_policy_read_only_suspends_writes_after_an_unrepairable_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = make_volume(dir.path(), "v.bgv", "16M");
+    let data = random_bytes(32 * BS as usize, 43);
+    let mut srv = Served::start(&vol, &[]);
+    {
+        let mut c = srv.client();
+        assert_eq!(c.write(0, &data, proto::CMD_FLAG_FUA).unwrap(), 0);
+    }
+    assert!(srv.signal("TERM").success());
+    flip_byte(&vol, data_block_offset(&vol, BAD) + 99);
+    let mut srv = Served::start(&vol, &["--error-policy", "read-only"]);
+    let mut c = srv.client();
+    // Writes work until a read meets the block.
+    assert_eq!(c.write(BS, &[1u8; BS as usize], proto::CMD_FLAG_FUA).unwrap(), 0);
+    assert_eq!(c.write(3 * BS, &[3u8; BS as usize], 0).unwrap(), 0);
+    assert_eq!(c.read(BAD * BS, BS as usize).unwrap(), Err(proto::EIO));
+    assert_eq!(c.write(2 * BS, &[2u8; BS as usize], 0).unwrap(), proto::EPERM);
+    let flush = c.call(proto::CMD_FLUSH, 0, 0, 0, &[]).unwrap();
+    assert_eq!(
+        flush.errno,
+        proto::EPERM,
+        "the flush would commit the staged write"
+    );
+    assert!(c.read(20 * BS, BS as usize).unwrap().unwrap() == data[20 * BS as usize..21 * BS as usize]);
+    assert!(srv.is_running());
+    let status = srv.signal("TERM");
+    let log = srv.log_text();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("writes are suspended"), "{log}");
+    assert!(log.contains("blockguard resume"), "{log}");
+    assert!(log.contains("unwritten (blocks 3)"), "{log}");
+    // The stored policy is still eio; the flushed write is there, the unflushed one is not.
+    let info = stdout(&run(BIN, &["info", vol.to_str().unwrap(), "--json"]));
+    assert!(info.contains("\"error_policy\": \"eio\""), "{info}");
+    assert!(info.contains("\"state\": \"clean\""), "{info}");
+    let mut srv = Served::start(&vol, &[]);
+    let mut c = srv.client();
+    assert_eq!(c.read(BS, BS as usize).unwrap().unwrap(), vec![1u8; BS as usize]);
+    assert!(c.read(3 * BS, BS as usize).unwrap().unwrap() == data[3 * BS as usize..4 * BS as usize]);
+    assert_eq!(c.read(BAD * BS, BS as usize).unwrap(), Err(proto::EIO));
+    assert_eq!(
+        c.write(2 * BS, &[2u8; BS as usize], 0).unwrap(),
+        0,
+        "eio does not suspend"
+    );
+    assert!(srv.signal("TERM").success());
+}

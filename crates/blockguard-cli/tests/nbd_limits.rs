@@ -268,3 +268,106 @@ fn clients_that_never_read_replies_pin_bounded_memory() {
     );
     drop(good);
 }
+
+/// A connection past the handshake that announced a write of `len` bytes,
+/// sent `sent` bytes of its payload and stalls.
+fn stalled_writer(srv: &Served, len: u64, sent: usize) -> UnixStream {
+    let mut c = srv.client();
+    // The request's length, but only part of its payload.
+    c.send_request(blockguard_nbd::proto::CMD_WRITE, 0, 0, len, &vec![0x77; sent])
+        .unwrap();
+    c.stream_owned()
+}
+
+/// Waits up to `limit` for the server to close `s` (nothing is ever sent to a stalled
+/// writer); false if it did not.
+fn closed_within(s: &mut UnixStream, limit: Duration) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let start = Instant::now();
+    let mut b = [0u8; 1];
+    while start.elapsed() < limit {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => panic!("unexpected data"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Regression (finding 5 of review 9): `--max-connections` connections each stalled in the
+/// middle of a 4 KiB write payload refused every new client for as long as they liked, and
+/// no timeout closed them. Now at the limit the oldest stall makes room, `--request-timeout`
+/// closes the rest, and the log names whom and the memory released.
+#[test]
+fn connections_stalled_mid_payload_do_not_keep_clients_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = make_volume(dir.path(), "v.bgv", "8M");
+    let srv = Served::start(&vol, &["--max-connections", "8", "--request-timeout", "2"]);
+    let mut stalled: Vec<_> = (0..8).map(|_| stalled_writer(&srv, 4096, 100)).collect();
+    thread::sleep(Duration::from_millis(1200));
+    let start = Instant::now();
+    let mut newcomer = srv.client();
+    assert_eq!(newcomer.read(0, 512).unwrap().unwrap(), vec![0; 512]);
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    for s in &mut stalled {
+        assert!(
+            closed_within(s, Duration::from_secs(3)),
+            "a connection stalled mid-payload outlived --request-timeout"
+        );
+    }
+    // Flushed at exit: the aggregated lines come every few seconds.
+    let mut srv = srv;
+    assert!(srv.signal("TERM").success());
+    let log = srv.log_text();
+    let me = format!("pid {}", std::process::id());
+    assert!(log.contains("closed to make room for new clients"), "{log}");
+    assert!(
+        log.contains("request payload not received within the request timeout"),
+        "{log}"
+    );
+    assert!(log.contains(&me), "the log does not name the peer:\n{log}");
+    assert!(log.contains("bytes of request memory released"), "{log}");
+}
+
+/// Regression (finding 6 of review 9): connections that each sent half of a large write
+/// payload and stalled took the whole `--inflight-memory` for good: a well-behaved client's
+/// 4 KiB read and write waited forever. Now, while requests wait for memory, the connection
+/// whose payload stalled the longest is closed and its memory released.
+#[test]
+fn stalled_payloads_do_not_starve_other_clients_of_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = make_volume(dir.path(), "v.bgv", "64M");
+    let srv = Served::start(&vol, &["--inflight-memory", "8M", "--request-timeout", "120"]);
+    let mut hogs: Vec<_> = (0..2).map(|_| stalled_writer(&srv, 4 << 20, 2 << 20)).collect();
+    let _waiting_hog = stalled_writer(&srv, 4 << 20, 0);
+    thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    let mut good = srv.client();
+    let read = good.read(0, 4096).expect("a 4 KiB read got no reply within 20 s");
+    assert_eq!(read.unwrap(), vec![0; 4096]);
+    assert_eq!(good.write(0, &[1; 4096], 0).unwrap(), 0);
+    let served = start.elapsed();
+    assert!(
+        served < Duration::from_secs(5),
+        "4 KiB read and write took {served:?}"
+    );
+    assert!(
+        hogs.iter_mut().any(|h| closed_within(h, Duration::from_secs(1))),
+        "no stalled hog was closed"
+    );
+    let mut srv = srv;
+    assert!(srv.signal("TERM").success());
+    let log = srv.log_text();
+    assert!(
+        log.contains("request payload stalled while other requests waited for memory"),
+        "{log}"
+    );
+    assert!(log.contains(&format!("pid {}", std::process::id())), "{log}");
+}

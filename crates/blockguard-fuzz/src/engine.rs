@@ -30,7 +30,7 @@
 //! inside recovery) that a fuzzer chooses.
 
 use arbitrary::{Arbitrary, Unstructured};
-use blockguard::blockguard_backend::{Backend, FaultBackend};
+use blockguard::blockguard_backend::{Backend, CrashState, FaultBackend};
 use blockguard::{Error, FormatOptions, Geometry, Mode, OpenOptions, RecoverOptions, Volume};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -38,6 +38,8 @@ use std::collections::HashSet;
 use std::hash::{DefaultHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
+
+use crate::usize_of;
 
 /// Longest input worth decoding (more operations than [`MAX_OPS`] are ignored).
 pub const MAX_LEN: usize = 1024;
@@ -86,35 +88,70 @@ pub enum After {
     Recover,
 }
 
-/// One operation. Offsets and lengths are reduced modulo the volume.
+/// One operation. Offsets and lengths are reduced modulo the volume, so every value of a
+/// field names a range inside it: no input is spent on ranges the engine refuses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// Whole blocks: `1 + count % 4` from `block`, with a pattern; `owned` hands the buffer
-    /// over with `write_owned`.
+    /// Whole blocks, with a pattern.
     Write {
+        /// First block: this modulo the number of blocks.
         block: u16,
+        /// Blocks written: 1 + this modulo 4, or modulo the blocks left from `block` if fewer.
         count: u8,
+        /// Varies the written pattern (mixed with the write's serial number and position).
         fill: u8,
+        /// Hands the buffer over with `write_owned` rather than `write_at`: the engine's two
+        /// write paths.
         owned: bool,
     },
     /// Any byte range, up to three blocks long.
-    WriteAt { offset: u32, len: u16, fill: u8 },
+    WriteAt {
+        /// First byte: this modulo the volume's size.
+        offset: u32,
+        /// Bytes: 1 + this modulo the rest of the volume, or modulo three blocks if less.
+        len: u16,
+        /// Varies the written pattern, as for [`Op::Write`].
+        fill: u8,
+    },
     /// `write_zeroes` of any byte range.
-    Zero { offset: u32, len: u16 },
+    Zero {
+        /// First byte: this modulo the volume's size.
+        offset: u32,
+        /// Bytes: 1 + this modulo the rest of the volume, or modulo four blocks if less.
+        len: u16,
+    },
     /// `discard` of any byte range.
-    Discard { offset: u32, len: u16 },
+    Discard {
+        /// First byte: this modulo the volume's size.
+        offset: u32,
+        /// Bytes: 1 + this modulo the rest of the volume, or modulo four blocks if less.
+        len: u16,
+    },
     /// A read, compared with the model.
-    Read { offset: u32, len: u16 },
+    Read {
+        /// First byte: this modulo the volume's size.
+        offset: u32,
+        /// Bytes: 1 + this modulo the rest of the volume, or modulo eight blocks if less.
+        len: u16,
+    },
     /// `flush`.
     Flush,
-    /// Power loss after the history's `at`-th event modulo its length + 1 (`None`: now).
+    /// Power loss, then the volume opened again from what is left on disk.
     Crash {
+        /// The crash point: after this many events of the backend's history since the last
+        /// crash, modulo its length + 1 (so mid-commit, mid-close or mid-recovery); `None`:
+        /// now, after all of them.
         at: Option<u16>,
+        /// What the writes not yet flushed at that point leave on disk.
         image: Image,
+        /// How the crash image is opened.
         after: After,
     },
     /// Clean close, then open again.
-    Reopen { read_only: bool },
+    Reopen {
+        /// Open read-only (writes are then refused) rather than read-write.
+        read_only: bool,
+    },
     /// `Volume::recover` (read-write sessions only).
     Recover,
 }
@@ -142,7 +179,7 @@ impl<'a> Arbitrary<'a> for Setup {
 
 impl<'a> Arbitrary<'a> for Op {
     fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
-        let kind = KINDS[byte(u)? as usize % KINDS.len()];
+        let kind = KINDS[usize::from(byte(u)?) % KINDS.len()];
         Ok(match kind {
             0 => Op::Write {
                 block: u.arbitrary()?,
@@ -197,18 +234,25 @@ impl<'a> Arbitrary<'a> for Op {
 
 impl Setup {
     /// The bytes that decode to `self`.
-    pub fn encode(&self, out: &mut Vec<u8>) {
+    pub fn encode(self, out: &mut Vec<u8>) {
         out.push(
-            self.large_blocks as u8 | (self.tiny_cache as u8) << 1 | (self.clear_dirty_at_flush as u8) << 2,
+            u8::from(self.large_blocks)
+                | u8::from(self.tiny_cache) << 1
+                | u8::from(self.clear_dirty_at_flush) << 2,
         );
         out.extend([self.blocks, self.group_blocks, self.stage_blocks]);
     }
 }
 
+/// The tag byte that decodes to operation kind `k`: its first entry in [`KINDS`].
+fn tag_of(k: u8) -> u8 {
+    let tag = KINDS.iter().position(|&x| x == k).expect("every kind has a tag");
+    u8::try_from(tag).expect("KINDS has fewer than 256 entries")
+}
+
 impl Op {
     /// The bytes that decode to `self`.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let kind = |k: u8| KINDS.iter().position(|&x| x == k).expect("every kind has a tag") as u8;
         match *self {
             Op::Write {
                 block,
@@ -216,18 +260,18 @@ impl Op {
                 fill,
                 owned,
             } => {
-                out.push(kind(0));
+                out.push(tag_of(0));
                 out.extend(block.to_le_bytes());
-                out.extend([count, fill, owned as u8]);
+                out.extend([count, fill, u8::from(owned)]);
             }
             Op::WriteAt { offset, len, fill } => {
-                out.push(kind(1));
+                out.push(tag_of(1));
                 out.extend(offset.to_le_bytes());
                 out.extend(len.to_le_bytes());
                 out.push(fill);
             }
             Op::Zero { offset, len } | Op::Discard { offset, len } | Op::Read { offset, len } => {
-                out.push(kind(match self {
+                out.push(tag_of(match self {
                     Op::Zero { .. } => 2,
                     Op::Discard { .. } => 3,
                     _ => 4,
@@ -235,7 +279,7 @@ impl Op {
                 out.extend(offset.to_le_bytes());
                 out.extend(len.to_le_bytes());
             }
-            Op::Flush => out.push(kind(5)),
+            Op::Flush => out.push(tag_of(5)),
             Op::Crash { at, image, after } => {
                 let (i, seed) = match image {
                     Image::Durable => (0, 0),
@@ -248,18 +292,24 @@ impl Op {
                     After::ReadOnly => 1,
                     After::Recover => 2,
                 };
-                out.push(kind(6));
-                out.push(at.is_some() as u8 | i << 1 | a << 3);
+                out.push(tag_of(6));
+                out.push(u8::from(at.is_some()) | i << 1 | a << 3);
                 out.extend(at.unwrap_or(0).to_le_bytes());
                 out.extend(seed.to_le_bytes());
             }
-            Op::Reopen { read_only } => out.extend([kind(7), read_only as u8]),
-            Op::Recover => out.push(kind(8)),
+            Op::Reopen { read_only } => out.extend([tag_of(7), u8::from(read_only)]),
+            Op::Recover => out.push(tag_of(8)),
         }
     }
 }
 
-/// Decodes an input: the setup, then operations until the bytes run out.
+/// Decodes an input: the setup, then operations until the bytes run out (at most
+/// [`MAX_OPS`]).
+///
+/// # Panics
+///
+/// Never: every field has a fixed size, and reading past the end of the input yields zeros
+/// rather than an error.
 pub fn decode(data: &[u8]) -> (Setup, Vec<Op>) {
     let mut u = Unstructured::new(data);
     // Reading past the end yields zeros, never an error, for these fixed-size fields.
@@ -272,7 +322,7 @@ pub fn decode(data: &[u8]) -> (Setup, Vec<Op>) {
 }
 
 /// The bytes that decode to `setup` and `ops`.
-pub fn encode(setup: &Setup, ops: &[Op]) -> Vec<u8> {
+pub fn encode(setup: Setup, ops: &[Op]) -> Vec<u8> {
     let mut out = Vec::new();
     setup.encode(&mut out);
     for op in ops {
@@ -282,6 +332,11 @@ pub fn encode(setup: &Setup, ops: &[Op]) -> Vec<u8> {
 }
 
 /// The target: the engine in `dual` mode must pass every check.
+///
+/// # Panics
+///
+/// When the engine violates a property (see the module doc): that is what the fuzzer looks
+/// for. The message names the property, the operation and the whole decoded input.
 pub fn run(data: &[u8]) -> &'static str {
     match simulate(data, Mode::Dual) {
         Ok(label) => label,
@@ -301,7 +356,7 @@ pub fn simulate(data: &[u8], mode: Mode) -> Result<&'static str, String> {
             ops.get(i)
         )
     };
-    let mut sim = Sim::new(&setup, mode).map_err(|e| format!("{e}\n  setting up {setup:?}"))?;
+    let mut sim = Sim::new(setup, mode).map_err(|e| format!("{e}\n  setting up {setup:?}"))?;
     for (i, op) in ops.iter().enumerate() {
         let seen = sim.events();
         if sim.trace {
@@ -335,8 +390,11 @@ fn h(data: &[u8]) -> u64 {
 /// Content of a write: varies with the position and the write, so a misplaced, stale or
 /// mixed-up block is told apart from the right one.
 fn pattern(fill: u8, serial: u32, offset: u64, len: u64) -> Vec<u8> {
-    let salt = fill ^ (serial as u8).wrapping_mul(29) ^ (serial >> 8) as u8;
-    (0..len).map(|i| ((offset + i) % 251) as u8 ^ salt).collect()
+    let [serial0, serial1, ..] = serial.to_le_bytes();
+    let salt = fill ^ serial0.wrapping_mul(29) ^ serial1;
+    (0..len)
+        .map(|i| u8::try_from((offset + i) % 251).expect("below 251") ^ salt)
+        .collect()
 }
 
 /// One operation, as the crash model needs it.
@@ -396,12 +454,12 @@ struct Sim {
 }
 
 impl Sim {
-    fn new(setup: &Setup, mode: Mode) -> Result<Sim, String> {
+    fn new(setup: Setup, mode: Mode) -> Result<Sim, String> {
         let bs: u32 = if setup.large_blocks { 4096 } else { 512 };
-        let blocks = 1 + setup.blocks as u64 % if setup.large_blocks { 40 } else { 64 };
+        let blocks = 1 + u64::from(setup.blocks) % if setup.large_blocks { 40 } else { 64 };
         let max_group = Geometry::tags_per_meta(bs, 8).map_err(|e| e.to_string())?;
-        let group_blocks = 1 + setup.group_blocks as u32 % max_group.min(80);
-        let mut opts = FormatOptions::with_size(bs as u64 * blocks);
+        let group_blocks = 1 + u32::from(setup.group_blocks) % max_group.min(80);
+        let mut opts = FormatOptions::with_size(u64::from(bs) * blocks);
         opts.block_size = bs;
         opts.mode = mode;
         opts.group_blocks = Some(group_blocks);
@@ -416,9 +474,10 @@ impl Sim {
         let open = OpenOptions {
             read_only: false,
             cache_bytes: if setup.tiny_cache { 0 } else { 1 << 20 },
-            stage_bytes: bs as usize * (1 + setup.stage_blocks as usize % 8),
+            stage_bytes: bs as usize * (1 + usize::from(setup.stage_blocks) % 8),
             // Deterministic I/O order: a crash point names the same state on every run.
             background_commit: false,
+            error_policy: None,
             dirty_clear_interval: if setup.clear_dirty_at_flush {
                 Duration::ZERO
             } else {
@@ -427,17 +486,17 @@ impl Sim {
         };
         let zeros = h(&vec![0; bs as usize]);
         let mut sim = Sim {
-            bs: bs as u64,
+            bs: u64::from(bs),
             blocks,
             geometry,
             open,
             backend,
             vol: None,
             read_only: false,
-            model: vec![0; (bs as u64 * blocks) as usize],
-            poisoned: vec![false; blocks as usize],
-            ever: vec![HashSet::from([zeros]); blocks as usize],
-            base: vec![Some(zeros); blocks as usize],
+            model: vec![0; usize_of(u64::from(bs) * blocks)],
+            poisoned: vec![false; usize_of(blocks)],
+            ever: vec![HashSet::from([zeros]); usize_of(blocks)],
+            base: vec![Some(zeros); usize_of(blocks)],
             steps: Vec::new(),
             serial: 0,
             crashes: 0,
@@ -462,12 +521,12 @@ impl Sim {
 
     /// A byte range from fuzzed numbers: inside the volume, 1 to `max` bytes long.
     fn range(&self, offset: u32, len: u16, max: u64) -> (u64, u64) {
-        let off = offset as u64 % self.size();
-        (off, 1 + len as u64 % (self.size() - off).min(max))
+        let off = u64::from(offset) % self.size();
+        (off, 1 + u64::from(len) % (self.size() - off).min(max))
     }
 
     fn block(&self, b: u64) -> &[u8] {
-        &self.model[(b * self.bs) as usize..((b + 1) * self.bs) as usize]
+        &self.model[usize_of(b * self.bs)..usize_of((b + 1) * self.bs)]
     }
 
     /// Where a backend offset lies, in words.
@@ -485,7 +544,7 @@ impl Sim {
             let slot = rel / self.bs;
             format!("group {group} slot {slot} sector {}", rel % self.bs / 512)
         } else {
-            let block = group * g.group_blocks as u64 + (rel - 2 * self.bs) / self.bs;
+            let block = group * u64::from(g.group_blocks) + (rel - 2 * self.bs) / self.bs;
             format!("data block {block} +{}", (rel - 2 * self.bs) % self.bs)
         }
     }
@@ -517,8 +576,8 @@ impl Sim {
                 fill,
                 owned,
             } => {
-                let b = block as u64 % self.blocks;
-                let n = 1 + count as u64 % (self.blocks - b).min(4);
+                let b = u64::from(block) % self.blocks;
+                let n = 1 + u64::from(count) % (self.blocks - b).min(4);
                 self.write(b * bs, n * bs, Write::Data { fill, owned })
             }
             Op::WriteAt { offset, len, fill } => {
@@ -577,7 +636,7 @@ impl Sim {
         self.serial += 1;
         let data = match what {
             Write::Data { fill, .. } => pattern(fill, self.serial, off, len),
-            Write::Zeroes | Write::Discard => vec![0; len as usize],
+            Write::Zeroes | Write::Discard => vec![0; usize_of(len)],
         };
         let vol = self.vol();
         let result = match what {
@@ -595,11 +654,11 @@ impl Sim {
             };
         }
         result.map_err(|e| format!("write of {off}+{len} failed: {e}"))?;
-        self.model[off as usize..(off + len) as usize].copy_from_slice(&data);
+        self.model[usize_of(off)..usize_of(off + len)].copy_from_slice(&data);
         let mut touched = Vec::new();
         for b in off / self.bs..(off + len).div_ceil(self.bs) {
             let v = h(self.block(b));
-            self.poisoned[b as usize] = false;
+            self.poisoned[usize_of(b)] = false;
             touched.push((b, v));
         }
         self.step(start, false, touched);
@@ -607,16 +666,16 @@ impl Sim {
     }
 
     fn read(&mut self, off: u64, len: u64) -> Result<(), String> {
-        let mut buf = vec![0u8; len as usize];
+        let mut buf = vec![0u8; usize_of(len)];
         let result = self.vol().read_at(&mut buf, off);
-        let poisoned = (off / self.bs..(off + len).div_ceil(self.bs)).any(|b| self.poisoned[b as usize]);
+        let poisoned = (off / self.bs..(off + len).div_ceil(self.bs)).any(|b| self.poisoned[usize_of(b)]);
         match result {
             Ok(()) if poisoned => Err(format!(
                 "read of {off}+{len} succeeded over a block that failed verification after the crash"
             )),
             Ok(()) => match buf
                 .iter()
-                .zip(&self.model[off as usize..])
+                .zip(&self.model[usize_of(off)..])
                 .position(|(a, b)| a != b)
             {
                 None => Ok(()),
@@ -665,10 +724,10 @@ impl Sim {
 
     /// Every block against the model: equal, or failing verification if poisoned.
     fn check_all(&self, when: &str) -> Result<(), String> {
-        let mut buf = vec![0u8; self.bs as usize];
+        let mut buf = vec![0u8; usize_of(self.bs)];
         for b in 0..self.blocks {
             let result = self.vol().read_at(&mut buf, b * self.bs);
-            match (result, self.poisoned[b as usize]) {
+            match (result, self.poisoned[usize_of(b)]) {
                 (Ok(()), false) if buf == self.block(b) => {}
                 (Ok(()), false) => return Err(format!("{when}: block {b} holds other bytes than written")),
                 (Ok(()), true) => {
@@ -690,7 +749,7 @@ impl Sim {
             return Ok(());
         }
         for b in 0..self.blocks {
-            if self.poisoned[b as usize] {
+            if self.poisoned[usize_of(b)] {
                 self.write(
                     b * self.bs,
                     self.bs,
@@ -715,8 +774,8 @@ impl Sim {
             for b in 0..self.blocks {
                 let at = self.geometry.data_offset(b);
                 if at >= write.offset && at + self.bs <= write.end() {
-                    let from = (at - write.offset) as usize;
-                    self.ever[b as usize].insert(h(&write.data[from..from + self.bs as usize]));
+                    let from = usize_of(at - write.offset);
+                    self.ever[usize_of(b)].insert(h(&write.data[from..from + usize_of(self.bs)]));
                 }
             }
         }
@@ -739,20 +798,23 @@ impl Sim {
             .collect();
         for s in &self.steps[..cut] {
             for &(b, v) in &s.touched {
-                allowed[b as usize].durable = Some(v);
+                allowed[usize_of(b)].durable = Some(v);
             }
         }
         for s in self.steps[cut..].iter().take_while(|s| s.start < n) {
             for &(b, v) in &s.touched {
-                allowed[b as usize].since.push(v);
+                allowed[usize_of(b)].since.push(v);
             }
         }
         allowed
     }
 
+    /// Power loss at the point `at` names (see [`Op::Crash`]), the crash image `image` of that
+    /// point opened as `after`, and the volume checked: no metadata damage, every block as the
+    /// crash may leave it (G1, G2).
     fn crash(&mut self, at: Option<u16>, image: Image, after: After) -> Result<(), String> {
         let total = self.events();
-        let n = at.map_or(total, |x| x as usize % (total + 1));
+        let n = at.map_or(total, |x| usize::from(x) % (total + 1));
         let state = self.backend.state_at(n);
         let disk = match image {
             Image::Durable => state.durable_image().to_vec(),
@@ -763,24 +825,7 @@ impl Sim {
             Image::Torn(seed) => state.random_crash_image(&mut ChaCha8Rng::seed_from_u64(seed.into()), true),
         };
         if self.trace {
-            eprintln!("    crash after event {n} of {total}; unflushed writes then:");
-            for w in state.unflushed() {
-                let (lo, hi) = (w.offset as usize, w.end() as usize);
-                let landed = disk[lo..hi] == w.data[..];
-                let kept = disk[lo..hi] != state.durable_image()[lo..hi];
-                eprintln!(
-                    "      {} bytes at {}: {}",
-                    w.data.len(),
-                    self.describe(w.offset),
-                    if landed {
-                        "on disk"
-                    } else if kept {
-                        "partly on disk"
-                    } else {
-                        "not on disk"
-                    }
-                );
-            }
+            self.trace_crash(&state, &disk, n, total);
         }
         self.note_issued(n);
         let allowed = self.allowed(n);
@@ -809,9 +854,47 @@ impl Sim {
         if !matches!(&map, Ok(p) if p.is_empty()) {
             return Err(format!("{what}: written-groups map damaged: {map:?}"));
         }
-        let mut base = Vec::with_capacity(self.blocks as usize);
-        let mut buf = vec![0u8; self.bs as usize];
-        for (b, allow) in (0..self.blocks).zip(&allowed) {
+        self.base = self.check_blocks_after_crash(&what, &allowed)?;
+        self.steps.clear();
+        self.repair()
+    }
+
+    /// Prints, for a crash after `n` of `total` events, where each write then unflushed went
+    /// and whether it reached the crash image `disk`.
+    fn trace_crash(&self, state: &CrashState, disk: &[u8], n: usize, total: usize) {
+        eprintln!("    crash after event {n} of {total}; unflushed writes then:");
+        for w in state.unflushed() {
+            let (lo, hi) = (usize_of(w.offset), usize_of(w.end()));
+            let landed = disk[lo..hi] == w.data[..];
+            let kept = disk[lo..hi] != state.durable_image()[lo..hi];
+            eprintln!(
+                "      {} bytes at {}: {}",
+                w.data.len(),
+                self.describe(w.offset),
+                if landed {
+                    "on disk"
+                } else if kept {
+                    "partly on disk"
+                } else {
+                    "not on disk"
+                }
+            );
+        }
+    }
+
+    /// Reads every block of the volume just opened after a crash and checks it against what
+    /// the crash may have left (`allowed`, per block): a version durable at the last flush or
+    /// written since (G2), and a verification failure only for a block written since and
+    /// not complete on disk (G1). Brings the model up to date, poisons the blocks that fail,
+    /// and returns each block's fingerprint (`None`: poisoned) as the new history's base.
+    fn check_blocks_after_crash(
+        &mut self,
+        what: &str,
+        allowed: &[Allowed],
+    ) -> Result<Vec<Option<u64>>, String> {
+        let mut base = Vec::with_capacity(usize_of(self.blocks));
+        let mut buf = vec![0u8; usize_of(self.bs)];
+        for (b, allow) in (0..self.blocks).zip(allowed) {
             match self.vol().read_at(&mut buf, b * self.bs) {
                 Ok(()) => {
                     let v = h(&buf);
@@ -821,10 +904,10 @@ impl Sim {
                              flush nor written since (G2: stale or foreign data)"
                         ));
                     }
-                    let at = (b * self.bs) as usize;
+                    let at = usize_of(b * self.bs);
                     self.model[at..at + buf.len()].copy_from_slice(&buf);
-                    self.poisoned[b as usize] = false;
-                    self.ever[b as usize].insert(v);
+                    self.poisoned[usize_of(b)] = false;
+                    self.ever[usize_of(b)].insert(v);
                     base.push(Some(v));
                 }
                 Err(e) => {
@@ -838,12 +921,12 @@ impl Sim {
                             "{what}: block {b}, not written since the last flush, fails verification (G2): {e}"
                         ));
                     }
-                    let mut raw = vec![0u8; self.bs as usize];
+                    let mut raw = vec![0u8; usize_of(self.bs)];
                     self.backend
                         .read_at(&mut raw, self.geometry.data_offset(b))
                         .map_err(|e| e.to_string())?;
                     let v = h(&raw);
-                    if self.ever[b as usize].contains(&v) {
+                    if self.ever[usize_of(b)].contains(&v) {
                         let which = if allow.durable == Some(v) {
                             "the version durable at the last flush"
                         } else if allow.since.contains(&v) {
@@ -857,15 +940,13 @@ impl Sim {
                             self.vol().inspect_block(b)
                         ));
                     }
-                    self.poisoned[b as usize] = true;
+                    self.poisoned[usize_of(b)] = true;
                     self.torn_blocks += 1;
                     base.push(None);
                 }
             }
         }
-        self.base = base;
-        self.steps.clear();
-        self.repair()
+        Ok(base)
     }
 
     /// Closes, reopens read-write (recovering if the last session crashed or was
@@ -880,7 +961,7 @@ impl Sim {
             .check_blocks(0, self.blocks)
             .map_err(|e| format!("check_blocks failed: {e}"))?;
         let reported: Vec<u64> = problems.iter().map(|p| p.block).collect();
-        let expected: Vec<u64> = (0..self.blocks).filter(|&b| self.poisoned[b as usize]).collect();
+        let expected: Vec<u64> = (0..self.blocks).filter(|&b| self.poisoned[usize_of(b)]).collect();
         if reported != expected {
             return Err(format!(
                 "check_blocks reports blocks {reported:?}, expected {expected:?}"
@@ -910,14 +991,31 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         group_blocks: 69, // 70: tags in two metadata sectors
         stage_blocks: 5,
     };
-    let w = |block: u16, count: u8, fill: u8| Op::Write {
+    let mut out = Vec::new();
+    for setup in [small, large] {
+        let size = if setup.large_blocks { "4096" } else { "512" };
+        for (name, ops) in seed_sequences() {
+            out.push((format!("gen-{name}-{size}"), encode(setup, &ops)));
+        }
+    }
+    out
+}
+
+/// A write of whole blocks in the seeds, handed over with `write_owned` when `fill` is even.
+fn seed_write(block: u16, count: u8, fill: u8) -> Op {
+    Op::Write {
         block,
         count,
         fill,
         owned: fill.is_multiple_of(2),
-    };
-    let crash = |at: Option<u16>, image: Image, after: After| Op::Crash { at, image, after };
-    let mixed = vec![
+    }
+}
+
+/// The start of most seeds: writes (whole blocks and not, owned and not), zeroing, discard,
+/// a flush and a read.
+fn seed_mix() -> Vec<Op> {
+    let w = seed_write;
+    vec![
         w(0, 3, 1),
         Op::WriteAt {
             offset: 700,
@@ -936,68 +1034,79 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         },
         Op::Read { offset: 0, len: 6000 },
         w(30, 1, 4),
+    ]
+}
+
+/// The operation sequences of the seeds, by name (each runs on both setups): most start with
+/// [`seed_mix`] and go on with reopens and crashes.
+fn seed_sequences() -> Vec<(String, Vec<Op>)> {
+    let w = seed_write;
+    let crash = |at: Option<u16>, image: Image, after: After| Op::Crash { at, image, after };
+    let mixed = seed_mix();
+    let then = |more: &[Op]| [&mixed[..], more].concat();
+    let mut out = vec![
+        ("empty".to_string(), Vec::new()),
+        ("writes-reads".to_string(), mixed.clone()),
+        (
+            "reopen".to_string(),
+            then(&[Op::Reopen { read_only: false }, Op::Read { offset: 0, len: 9000 }]),
+        ),
+        (
+            "reopen-read-only".to_string(),
+            then(&[
+                Op::Reopen { read_only: true },
+                w(1, 1, 9),
+                Op::Reopen { read_only: false },
+            ]),
+        ),
     ];
-    let mut out = Vec::new();
-    let mut add = |name: &str, setup: &Setup, ops: &[Op]| {
-        let size = if setup.large_blocks { "4096" } else { "512" };
-        out.push((format!("gen-{name}-{size}"), encode(setup, ops)));
-    };
-    for setup in [&small, &large] {
-        add("empty", setup, &[]);
-        add("writes-reads", setup, &mixed);
-        let mut ops = mixed.clone();
-        ops.extend([Op::Reopen { read_only: false }, Op::Read { offset: 0, len: 9000 }]);
-        add("reopen", setup, &ops);
-        let mut ops = mixed.clone();
-        ops.extend([
-            Op::Reopen { read_only: true },
-            w(1, 1, 9),
-            Op::Reopen { read_only: false },
-        ]);
-        add("reopen-read-only", setup, &ops);
-        for (name, image) in [
-            ("durable", Image::Durable),
-            ("all", Image::All),
-            ("subset", Image::Subset(7)),
-            ("torn", Image::Torn(11)),
-        ] {
-            for after in [After::ReadWrite, After::ReadOnly, After::Recover] {
-                let mut ops = mixed.clone();
-                ops.push(crash(None, image, after));
-                ops.extend([w(2, 0, 5), Op::Read { offset: 0, len: 4096 }]);
-                add(&format!("crash-{name}-{after:?}"), setup, &ops);
-            }
+    for (name, image) in [
+        ("durable", Image::Durable),
+        ("all", Image::All),
+        ("subset", Image::Subset(7)),
+        ("torn", Image::Torn(11)),
+    ] {
+        for after in [After::ReadWrite, After::ReadOnly, After::Recover] {
+            let ops = then(&[
+                crash(None, image, after),
+                w(2, 0, 5),
+                Op::Read { offset: 0, len: 4096 },
+            ]);
+            out.push((format!("crash-{name}-{after:?}"), ops));
         }
-        // Crashes in the past: mid-commit, mid-close, mid-recovery; crash after crash.
-        let mut ops = mixed.clone();
-        ops.push(crash(Some(5), Image::Torn(3), After::ReadWrite));
-        add("crash-mid-history", setup, &ops);
-        let mut ops = mixed.clone();
-        ops.extend([
+    }
+    // Crashes in the past: mid-commit, mid-close, mid-recovery; crash after crash.
+    out.push((
+        "crash-mid-history".to_string(),
+        then(&[crash(Some(5), Image::Torn(3), After::ReadWrite)]),
+    ));
+    out.push((
+        "crash-after-reopen".to_string(),
+        then(&[
             Op::Reopen { read_only: false },
             w(4, 3, 6),
             crash(Some(9), Image::Subset(5), After::ReadWrite),
-        ]);
-        add("crash-after-reopen", setup, &ops);
-        let mut ops = mixed.clone();
-        ops.extend([
+        ]),
+    ));
+    out.push((
+        "double-crash-in-recovery".to_string(),
+        then(&[
             crash(None, Image::Torn(1), After::ReadWrite),
             crash(Some(3), Image::Torn(2), After::ReadWrite),
             w(0, 3, 8),
             crash(None, Image::Subset(4), After::ReadOnly),
             Op::Reopen { read_only: false },
             Op::Recover,
-        ]);
-        add("double-crash-in-recovery", setup, &ops);
-        let mut ops = Vec::new();
-        for i in 0..12u16 {
-            ops.push(w(i * 3, 2, i as u8));
-            if i % 4 == 3 {
-                ops.push(Op::Flush);
-            }
+        ]),
+    ));
+    let mut ops = Vec::new();
+    for i in 0..12u8 {
+        ops.push(w(u16::from(i) * 3, 2, i));
+        if i % 4 == 3 {
+            ops.push(Op::Flush);
         }
-        ops.push(crash(None, Image::Torn(99), After::Recover));
-        add("many-writes-torn", setup, &ops);
     }
+    ops.push(crash(None, Image::Torn(99), After::Recover));
+    out.push(("many-writes-torn".to_string(), ops));
     out
 }

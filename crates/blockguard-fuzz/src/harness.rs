@@ -55,7 +55,7 @@ pub fn run_one(target: &Target, input: &[u8]) -> Result<&'static str, String> {
     catch_unwind(AssertUnwindSafe(|| (target.run)(input))).map_err(|payload| {
         payload
             .downcast_ref::<&str>()
-            .map(|s| s.to_string())
+            .map(ToString::to_string)
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "a panic without a message".into())
     })

@@ -1,3 +1,15 @@
+// Lint policy, the same in every crate of the workspace: clippy's pedantic group on, minus a
+// short list that would add noise without catching bugs here.
+#![warn(missing_docs, unreachable_pub, clippy::pedantic)]
+#![allow(
+    // Pure getters are obvious; what must not be ignored is already a `Result` or `#[must_use]` type.
+    clippy::must_use_candidate,
+    // Errors are typed enums whose variants document themselves.
+    clippy::missing_errors_doc,
+    // `volume::VolumeStats` and the like read better at use sites outside the module.
+    clippy::module_name_repetitions,
+)]
+
 //! The fuzz targets of blockguard, as plain functions of the input bytes.
 //!
 //! Each target is a [`Target`]: `run(data)` checks the target's properties on one input and
@@ -18,6 +30,7 @@ pub mod metablock;
 pub mod nbd;
 pub mod superblock;
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 /// One fuzz target.
@@ -101,9 +114,22 @@ pub fn committed_corpus(name: &str) -> std::io::Result<Vec<(String, Vec<u8>)>> {
     Ok(files)
 }
 
+/// `x` as a `usize`, for offsets and lengths inside buffers the targets hold in memory (a
+/// volume's byte model, a superblock region, a crash image), which they compute in `u64` like
+/// the engine. Lossless: blockguard builds for 64-bit targets only, and this conversion does
+/// not compile where a `usize` is narrower than a `u64`, so nothing is ever truncated.
+pub(crate) const fn usize_of(x: u64) -> usize {
+    usize::from_le_bytes(x.to_le_bytes())
+}
+
 /// Lower-case hex of `data`.
 pub fn hex(data: &[u8]) -> String {
-    data.iter().map(|b| format!("{b:02x}")).collect()
+    data.iter()
+        .fold(String::with_capacity(2 * data.len()), |mut hex, b| {
+            // Writing to a `String` cannot fail.
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
 }
 
 /// Parses [`hex`] output (whitespace ignored).

@@ -1,3 +1,15 @@
+// Lint policy, the same in every crate of the workspace: clippy's pedantic group on, minus a
+// short list that would add noise without catching bugs here.
+#![warn(missing_docs, unreachable_pub, clippy::pedantic)]
+#![allow(
+    // Pure getters are obvious; what must not be ignored is already a `Result` or `#[must_use]` type.
+    clippy::must_use_candidate,
+    // Errors are typed enums whose variants document themselves.
+    clippy::missing_errors_doc,
+    // `volume::VolumeStats` and the like read better at use sites outside the module.
+    clippy::module_name_repetitions,
+)]
+
 //! `blockguard-fuzz`: the fuzz targets without libFuzzer (see `fuzz/README.md`).
 //!
 //! ```text
@@ -13,6 +25,7 @@
 
 use blockguard_fuzz::harness::{self, Budget, Failure};
 use blockguard_fuzz::{hex, target, unhex, Target, TARGETS};
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -80,7 +93,7 @@ fn run(names: &[String]) -> Result<(), String> {
     let mut total = 0;
     for t in chosen {
         let budget = Budget {
-            time: Duration::from_secs_f64(secs as f64 * t.weight as f64 / weights as f64),
+            time: Duration::from_secs(secs).mul_f64(f64::from(t.weight) / f64::from(weights)),
             max_inputs,
         };
         match harness::fuzz(t, seed, budget) {
@@ -112,8 +125,10 @@ fn report_failure(t: &Target, seed: Option<u64>, f: &Failure) -> String {
     let name = format!("crash-{:016x}", fnv(&f.input));
     let saved = std::fs::create_dir_all(&dir)
         .and_then(|()| std::fs::write(dir.join(&name), &f.input))
-        .map(|()| dir.join(&name).display().to_string())
-        .unwrap_or_else(|e| format!("(not saved: {e})"));
+        .map_or_else(
+            |e| format!("(not saved: {e})"),
+            |()| dir.join(&name).display().to_string(),
+        );
     let hx = hex(&f.input);
     let mut s = format!(
         "FAILED: target {}, {}\n{}\ninput ({} bytes): {hx}\nsaved to {saved}\nreplay:\n  cargo run --profile ci -p blockguard-fuzz -- replay {} --hex {hx}",
@@ -124,10 +139,12 @@ fn report_failure(t: &Target, seed: Option<u64>, f: &Failure) -> String {
         t.name
     );
     if let Some(seed) = seed {
-        s.push_str(&format!(
+        // Writing to a `String` cannot fail.
+        let _ = write!(
+            s,
             "\n  BLOCKGUARD_FUZZ_SEED={seed} cargo run --profile ci -p blockguard-fuzz -- run {}",
             t.name
-        ));
+        );
     }
     s
 }
@@ -135,7 +152,7 @@ fn report_failure(t: &Target, seed: Option<u64>, f: &Failure) -> String {
 /// FNV-1a: names a saved input after its content.
 fn fnv(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     })
 }
 

@@ -36,7 +36,14 @@ fn checksum(s: &[u8], uuid: &[u8; 16], id: SectorId) -> u32 {
     crc32c_append(c, &s[8..])
 }
 
-/// The target.
+/// The target: decodes the input as described in the module doc and checks the properties
+/// listed there.
+///
+/// # Panics
+///
+/// When a property is violated (a non-zero sector taken as empty, a valid sector in the wrong
+/// slot or that does not re-encode to its own bytes, tags in generation 0): that is what the
+/// fuzzer looks for. Never otherwise, whatever the bytes.
 pub fn run(data: &[u8]) -> &'static str {
     if data.len() < PARAMS {
         return "short";
@@ -49,8 +56,8 @@ pub fn run(data: &[u8]) -> &'static str {
         index: u32::from_le_bytes(p[25..29].try_into().unwrap()),
         slot: p[29],
     };
-    let count = u16::from_le_bytes([p[30], p[31]]) as usize;
-    let tag_size = p[32] as usize;
+    let count = usize::from(u16::from_le_bytes([p[30], p[31]]));
+    let tag_size = usize::from(p[32]);
     let mut s = sector.to_vec();
     if how & 2 != 0 && s.len() >= 8 {
         s[..4].copy_from_slice(&SECTOR_MAGIC);
@@ -79,7 +86,7 @@ pub fn run(data: &[u8]) -> &'static str {
         SectorParse::Valid { generation } => {
             assert_eq!(s.len(), SECTOR_SIZE);
             assert_eq!(
-                (generation % 2 == 0) as u8,
+                u8::from(generation % 2 == 0),
                 id.slot,
                 "generation parity must pick the slot"
             );
@@ -117,11 +124,16 @@ fn input(how: u8, uuid: [u8; 16], id: SectorId, count: u16, tag_size: u8, sector
 /// Valid sectors from the real encoder (first-write brothers, full and partial sectors, odd
 /// and even generations, big group numbers), the empty sector, and each valid one damaged in
 /// the ways the decoder tells apart.
+///
+/// # Panics
+///
+/// If a metadata sector held 2^16 tags or more, more than the input's tag count field can
+/// say (it holds 62 tags of 8 bytes).
 pub fn seeds() -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let full = tags_per_sector(8);
     // Name, uuid, group, sector index, generation, tag count.
-    type Case = (&'static str, [u8; 16], u64, u32, u64, usize);
+    type Case = (&'static str, [u8; 16], u64, u32, u64, u16);
+    let mut out = Vec::new();
+    let full = u16::try_from(tags_per_sector(8)).expect("a sector holds fewer than 2^16 tags");
     let cases: [Case; 7] = [
         ("first-write-slot1-gen0", [1; 16], 0, 0, 0, full),
         ("first-write-slot0-gen1", [1; 16], 0, 0, 1, full),
@@ -135,28 +147,30 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         let id = SectorId {
             group,
             index,
-            slot: if generation % 2 == 1 { 0 } else { 1 },
+            slot: u8::from(generation % 2 == 0),
         };
         // Tags: "written" ones look like crc32c tags (non-zero), with a few unwritten.
+        let tag_bytes = usize::from(count) * 8;
         let tags: Vec<u8> = if generation == 0 {
-            vec![0; count * 8]
+            vec![0; tag_bytes]
         } else {
-            (0..count * 8)
+            (0..tag_bytes)
                 .map(|i| {
                     if (i / 8) % 5 == 4 {
                         0
                     } else {
-                        (i * 37 + 11) as u8 | 1
+                        // The low byte: any pattern will do.
+                        (i * 37 + 11).to_le_bytes()[0] | 1
                     }
                 })
                 .collect()
         };
         let mut s = vec![0u8; SECTOR_SIZE];
         encode_sector(&mut s, &uuid, id, generation, &tags);
-        let seed = |how: u8, s: &[u8]| input(how, uuid, id, count as u16, 8, s);
+        let seed = |how: u8, s: &[u8]| input(how, uuid, id, count, 8, s);
         out.push((format!("gen-valid-{name}"), seed(0, &s)));
         // The same bytes read where they do not belong: the other slot, another group.
-        let mut other = input(0, uuid, id, count as u16, 8, &s);
+        let mut other = input(0, uuid, id, count, 8, &s);
         other[29] ^= 1;
         out.push((format!("gen-other-slot-{name}"), other));
         // A tag changed, checksum fixed (reaches the checks behind it).
@@ -170,7 +184,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         // Expecting one tag more than the sector holds.
         out.push((
             format!("gen-count-plus-one-{name}"),
-            input(0, uuid, id, count as u16 + 1, 8, &s),
+            input(0, uuid, id, count + 1, 8, &s),
         ));
     }
     let zero_id = SectorId {

@@ -13,14 +13,25 @@
 
 use blockguard_nbd::client::{info_request, meta_request};
 use blockguard_nbd::fuzzing::{encode_requests, fuzz_one, valid_prefix, Request};
-use blockguard_nbd::proto::{self, PutBe};
+use blockguard_nbd::proto::{
+    self, PutBe, CMD_BLOCK_STATUS, CMD_CACHE, CMD_DISC, CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA,
+    CMD_FLAG_NO_HOLE, CMD_FLAG_PAYLOAD_LEN, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
+    CMD_WRITE_ZEROES, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, INFO_BLOCK_SIZE, INFO_DESCRIPTION,
+    INFO_EXPORT, INFO_NAME, META_BASE_ALLOCATION, OPT_ABORT, OPT_EXPORT_NAME, OPT_EXTENDED_HEADERS, OPT_GO,
+    OPT_INFO, OPT_LIST, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT, OPT_STARTTLS, OPT_STRUCTURED_REPLY,
+};
 
 /// A handshake and a few requests with payloads.
 pub const MAX_LEN: usize = 64 << 10;
 
-/// The target.
+/// The target: hands the input to `blockguard_nbd::fuzzing::fuzz_one`, which checks the
+/// properties, and labels how far it got (start state, number of requests handled).
+///
+/// # Panics
+///
+/// When `fuzz_one` finds a property violated: that is what the fuzzer looks for. Never
+/// otherwise, whatever the bytes.
 pub fn run(data: &[u8]) -> &'static str {
-    let handled = fuzz_one(data);
     const LABELS: [[&str; 3]; 4] = [
         ["raw: no request", "raw: one request", "raw: requests"],
         ["simple: no request", "simple: one request", "simple: requests"],
@@ -35,7 +46,8 @@ pub fn run(data: &[u8]) -> &'static str {
             "extended: requests",
         ],
     ];
-    let mode = data.first().map_or(0, |b| b % 4) as usize;
+    let handled = fuzz_one(data);
+    let mode = usize::from(data.first().map_or(0, |b| b % 4));
     LABELS[mode][handled.min(2)]
 }
 
@@ -43,14 +55,22 @@ pub fn run(data: &[u8]) -> &'static str {
 fn option(out: &mut Vec<u8>, opt: u32, data: &[u8]) {
     out.put_u64(proto::IHAVEOPT);
     out.put_u32(opt);
-    out.put_u32(data.len() as u32);
+    out.put_u32(u32::try_from(data.len()).expect("an option's data fits its 32-bit length"));
     out.extend_from_slice(data);
 }
 
 /// Request sequences from the test client's encoder after each kind of handshake (and the
 /// same bytes behind a raw handshake), and handshakes that exercise each option.
 pub fn seeds() -> Vec<(String, Vec<u8>)> {
-    use proto::*;
+    let mut out = Vec::new();
+    request_seeds(&mut out);
+    handshake_seeds(&mut out);
+    out
+}
+
+/// Request sequences after each kind of valid handshake (byte 0 = 1, 2, 3), two of them also
+/// behind the handshake bytes themselves (byte 0 = 0).
+fn request_seeds(out: &mut Vec<(String, Vec<u8>)>) {
     let page = vec![0x5a; 4096];
     let sector = vec![0x33; 512];
     let sessions: Vec<(&str, Vec<Request<'_>>)> = vec![
@@ -100,7 +120,6 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
             ],
         ),
     ];
-    let mut out = Vec::new();
     for mode in 1..=3u8 {
         for (name, requests) in &sessions {
             let body = encode_requests(mode, requests);
@@ -122,9 +141,13 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         &[(CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN, 0, 16, &[0; 16])],
     ));
     out.push(("gen-mode3-status-with-payload".into(), input));
-    // Handshakes exercising each option.
-    let flags = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
+}
+
+/// Raw handshakes (byte 0 = 0) exercising each option, each followed by a read, and one from a
+/// client without fixed newstyle.
+fn handshake_seeds(out: &mut Vec<(String, Vec<u8>)>) {
     type Options = Vec<(u32, Vec<u8>)>;
+    let flags = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
     let handshakes: Vec<(&str, Options)> = vec![
         ("list-abort", vec![(OPT_LIST, vec![]), (OPT_ABORT, vec![])]),
         (
@@ -174,5 +197,4 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     input.put_u32(0);
     option(&mut input, OPT_EXPORT_NAME, b"");
     out.push(("gen-handshake-not-fixed-newstyle".into(), input));
-    out
 }

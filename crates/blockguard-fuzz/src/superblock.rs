@@ -8,17 +8,21 @@
 //! Input layout: byte 0 selects how the rest is used.
 //! - bit 1 clear: the rest is the superblock region, used as is;
 //! - bit 1 set: a valid superblock is built from the next bytes (block size, block count,
-//!   mode, copy) and the remaining bytes are applied as `(offset, value)` edits;
+//!   mode, copy, and — flag bit 3 — a mirror member with its member records) and the
+//!   remaining bytes are applied as `(offset, value)` edits;
 //! - bit 0 set: magic and crc32c are fixed up before decoding, so the fuzzer gets past the
 //!   checksum and reaches the field checks.
 
 use blockguard::format::{
-    Geometry, Mode, Superblock, SuperblockError, VolumeState, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE,
+    member_record_offset, Geometry, MemberInfo, MemberRecord, MirrorInfo, Mode, Superblock, SuperblockError,
+    VolumeState, INCOMPAT_MIRROR, MAX_MEMBERS, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE,
 };
 use blockguard::Profile;
 
+use crate::usize_of;
+
 /// A superblock region and the selector byte.
-pub const MAX_LEN: usize = 1 + SB_REGION as usize;
+pub const MAX_LEN: usize = 1 + usize_of(SB_REGION);
 
 /// Bytes of the template parameters (block size, block count ×3, flags, slack, uuid, created).
 const PARAMS: usize = 8;
@@ -33,12 +37,12 @@ fn superblock(geometry: Geometry, mode: Mode, state: VolumeState, uuid: u8, labe
 fn template(p: &[u8]) -> Option<Vec<u8>> {
     let get = |i: usize| p.get(i).copied().unwrap_or(0);
     let block_size = 512u32 << (get(0) % 8);
-    let blocks = u32::from_le_bytes([get(1), get(2), get(3), 0]) as u64 + 1;
+    let blocks = u64::from(u32::from_le_bytes([get(1), get(2), get(3), 0])) + 1;
     let geometry = if get(4) & 1 == 0 {
-        Geometry::for_size(blocks * block_size as u64, block_size, 8).ok()?
+        Geometry::for_size(blocks * u64::from(block_size), block_size, 8).ok()?
     } else {
         Geometry::for_backing_len(
-            blocks * block_size as u64 + 3 * SB_REGION + get(5) as u64,
+            blocks * u64::from(block_size) + 3 * SB_REGION + u64::from(get(5)),
             block_size,
             8,
         )
@@ -51,8 +55,65 @@ fn template(p: &[u8]) -> Option<Vec<u8>> {
         VolumeState::InUse
     };
     let mut sb = superblock(geometry, mode, state, get(6), "fuzz");
-    sb.created = get(7) as u64;
-    Some(sb.encode(get(4) >> 7))
+    sb.created = u64::from(get(7));
+    if get(4) & 8 == 0 {
+        return Some(sb.encode(get(4) >> 7));
+    }
+    let info = mirror_info(get(5), get(6));
+    let records = mirror_records(&info);
+    sb.incompat |= INCOMPAT_MIRROR;
+    sb.mirror = Some(info);
+    let mut region = sb.encode(get(4) >> 7);
+    for r in &records {
+        let at = member_record_offset(usize::from(r.index));
+        region[at..at + 512].copy_from_slice(&r.encode().ok()?);
+    }
+    Some(region)
+}
+
+/// A mirror set description: 2 or 3 members (`shape` picks the count, the role and which
+/// members are out of sync), identities derived from `seed`.
+fn mirror_info(shape: u8, seed: u8) -> MirrorInfo {
+    let count = 2 + usize::from(shape & 1);
+    MirrorInfo {
+        set: [seed | 1; 16],
+        role: (shape >> 1) % u8::try_from(count).unwrap_or(2),
+        members: (0..count)
+            .map(|i| MemberInfo {
+                id: [seed.wrapping_add(u8::try_from(i).unwrap_or(0)).wrapping_mul(3) | 0x80; 16],
+                in_sync: shape >> (3 + i) & 1 == 0,
+            })
+            .collect(),
+        event: u64::from(shape),
+    }
+}
+
+/// The member records of `info`'s members.
+fn mirror_records(info: &MirrorInfo) -> Vec<MemberRecord> {
+    (0u8..)
+        .zip(&info.members)
+        .map(|(index, m)| MemberRecord {
+            set: info.set,
+            id: m.id,
+            index,
+            path: format!("/dev/disk/by-id/member-{index}"),
+        })
+        .collect()
+}
+
+/// Decodes every member record slot of a region: never panics, and a record that decodes
+/// encodes back to the same 512 bytes.
+fn check_records(b: &[u8]) {
+    for i in 0..MAX_MEMBERS {
+        let at = member_record_offset(i);
+        let Some(sector) = b.get(at..at + 512) else {
+            return;
+        };
+        if let Some(r) = MemberRecord::decode(sector) {
+            let again = r.encode().expect("a decoded record re-encodes");
+            assert_eq!(&again[..], sector, "member record encoding is not canonical");
+        }
+    }
 }
 
 /// Rewrites magic and checksum so that the field checks are reached.
@@ -64,7 +125,14 @@ fn fix_up(b: &mut [u8]) {
     }
 }
 
-/// The target.
+/// The target: decodes the input as described in the module doc and checks the properties
+/// listed there.
+///
+/// # Panics
+///
+/// When a property is violated (a re-encoded superblock that does not decode, or decodes to
+/// something else, an accepted layout that overlaps a superblock region or exceeds its
+/// backend): that is what the fuzzer looks for. Never otherwise, whatever the bytes.
 pub fn run(data: &[u8]) -> &'static str {
     let Some((&how, rest)) = data.split_first() else {
         return "empty";
@@ -77,7 +145,7 @@ pub fn run(data: &[u8]) -> &'static str {
             return "template: no geometry";
         };
         for e in edits.chunks_exact(3) {
-            let at = u16::from_le_bytes([e[0], e[1]]) as usize % b.len();
+            let at = usize::from(u16::from_le_bytes([e[0], e[1]])) % b.len();
             b[at] = e[2];
         }
         b
@@ -85,6 +153,7 @@ pub fn run(data: &[u8]) -> &'static str {
     if how & 1 == 1 {
         fix_up(&mut b);
     }
+    check_records(&b);
     let (sb, copy) = match Superblock::decode(&b) {
         Ok(d) => d,
         Err(e) => return rejected(&e),
@@ -93,9 +162,9 @@ pub fn run(data: &[u8]) -> &'static str {
     // The layout an accepted superblock describes fits its backend and never overlaps the
     // superblock regions.
     let g = sb.geometry;
-    let bs = g.block_size as u64;
+    let bs = u64::from(g.block_size);
     assert!(g.first_group_offset >= SB_REGION);
-    assert_eq!(g.groups, g.data_blocks.div_ceil(g.group_blocks as u64));
+    assert_eq!(g.groups, g.data_blocks.div_ceil(u64::from(g.group_blocks)));
     let last = g.data_offset(g.data_blocks - 1);
     assert!(last + bs <= g.backup_sb_offset);
     assert!(g.meta_offset(g.groups - 1, 1) + bs <= g.backup_sb_offset);
@@ -103,7 +172,7 @@ pub fn run(data: &[u8]) -> &'static str {
     assert!(g.backup_sb_offset + SB_REGION <= g.backing_len);
     // Round trip.
     let enc = sb.encode(copy);
-    assert_eq!(enc.len(), SB_REGION as usize);
+    assert_eq!(enc.len(), usize_of(SB_REGION));
     let again = Superblock::decode(&enc).expect("a re-encoded superblock must decode");
     assert_eq!(again, (sb, copy), "decode(encode(sb)) != sb");
     assert_eq!(again.0.encode(copy), enc, "encoding is not canonical");
@@ -124,6 +193,11 @@ fn rejected(e: &SuperblockError) -> &'static str {
 /// Valid superblocks of assorted layouts from the real encoder, as raw regions and through
 /// the template; then each with one byte of its first 256 changed and the checksum fixed, so
 /// every field check has an input that reaches it.
+///
+/// # Panics
+///
+/// If one of the fixed seed layouts here is not a valid geometry: a bug in this list, which
+/// the corpus test would report.
 pub fn seeds() -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     let layouts = [
@@ -134,9 +208,9 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         (65536, 3, None, Mode::Dual, VolumeState::Clean, "big blocks"),
     ];
     let mut regions = Vec::new();
-    for (i, &(bs, blocks, groups, mode, state, label)) in layouts.iter().enumerate() {
-        let g = Geometry::for_size_with_groups(blocks * bs as u64, bs, 8, groups).expect("seed layout");
-        let sb = superblock(g, mode, state, 0x11 * i as u8, label);
+    for (i, &(bs, blocks, groups, mode, state, label)) in (0u8..).zip(&layouts) {
+        let g = Geometry::for_size_with_groups(blocks * u64::from(bs), bs, 8, groups).expect("seed layout");
+        let sb = superblock(g, mode, state, 0x11 * i, label);
         for copy in 0..2u8 {
             let mut input = vec![0u8];
             input.extend(sb.encode(copy));
@@ -149,11 +223,13 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     let mut input = vec![0u8];
     input.extend(superblock(g, Mode::Dual, VolumeState::Clean, 7, "device").encode(0));
     out.push(("gen-valid-device-1m".into(), input));
-    // Templates, plain and with edits.
+    // Templates, plain and with edits (the last two: mirror members of 3 and of 2).
     for (name, params) in [
         ("512-dual", [0u8, 10, 0, 0, 0, 0, 1, 2]),
         ("4096-backing-none-inuse-copy1", [3, 200, 1, 0, 0x87, 9, 2, 3]),
         ("64k", [7, 2, 0, 0, 0, 0, 3, 4]),
+        ("mirror-3-role-2", [3, 100, 0, 0, 0x08, 0b0001_0101, 5, 6]),
+        ("mirror-2-out-of-sync", [0, 50, 0, 0, 0x0c, 0b0001_0000, 9, 1]),
     ] {
         let mut input = vec![2u8];
         input.extend(params);

@@ -81,7 +81,7 @@ fn engine_seeds_round_trip_and_reach_torn_blocks() {
     for (name, data) in engine::seeds() {
         let (setup, ops) = engine::decode(&data);
         assert_eq!(
-            engine::encode(&setup, &ops),
+            engine::encode(setup, &ops),
             data,
             "seed {name} does not round-trip"
         );

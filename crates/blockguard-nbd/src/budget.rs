@@ -12,8 +12,10 @@
 //! in arrival order): a small request pins little and finishes soon, and a well-behaved
 //! client's requests are usually smaller than the largest reads a misbehaving one can ask for.
 //! A waiter that has waited [`PRESSURE_GRACE`] asks for relief: the server then closes the
-//! connection whose replies have sat unread the longest (see `ConnTable::relieve`), which
-//! returns its memory.
+//! connection stalled the longest — replies sat unread, or a write payload the client stopped
+//! sending (see `ConnTable::relieve`) — which returns its memory. A waiting request counts as
+//! in flight, so its connection is never the one closed as idle; and every holder is bounded
+//! in time (the request timeout), so no wait here is unbounded.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,7 +23,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// How long a request waits for memory before the server closes a connection that does not
-/// read its replies.
+/// read its replies (or, stalled for a second, does not send its payload).
 pub(crate) const PRESSURE_GRACE: Duration = Duration::from_millis(250);
 
 /// Waiters re-check this often (so a cancelled one leaves and relief repeats).

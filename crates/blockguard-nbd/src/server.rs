@@ -8,14 +8,15 @@
 //! completes a request sends it with one non-blocking vectored write that also carries the
 //! replies queued meanwhile, so replies never interleave (they may complete out of order,
 //! which NBD allows). Only a full socket hands the rest to the connection's writer thread.
-//! In-flight requests and bytes per connection are bounded.
+//! In-flight requests and bytes per connection are bounded, and so is the time a request's
+//! data may stall (`ServerConfig::request_timeout`; the connection table enforces it).
 //!
 //! Shutdown ([`ShutdownHandle::shutdown`], e.g. from SIGINT/SIGTERM): stop accepting, stop
 //! reading new requests, let every in-flight request finish and be answered, flush the export.
 
 use crate::budget::Budget;
 use crate::buffers::{BufferPool, Payload};
-use crate::conns::{Activity, Clock, ConnTable, Limits};
+use crate::conns::{Activity, Clock, ConnTable, Limits, Transfer};
 use crate::export::Export;
 use crate::handshake::{Event, ExportInfo, Handshake, HandshakeConfig};
 use crate::pool::{Job, Pool, Submitter};
@@ -34,7 +35,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +68,8 @@ pub struct ServerConfig {
     /// wait for the disk.
     pub workers: usize,
     /// Most connections at once. At the limit a new client gets the place of the quietest
-    /// idle connection (see `conns.rs`); it is refused only when every connection is busy.
+    /// idle or stalled connection (see `conns.rs`); it is refused only when every connection
+    /// is busy.
     pub max_connections: usize,
     /// Requests in flight per connection before the reader stops reading.
     pub max_inflight_requests: usize,
@@ -77,16 +79,27 @@ pub struct ServerConfig {
     /// multi-connection `nbdcopy` out cost ~20 % more CPU per GiB than with 4 MiB.
     pub max_inflight_bytes: usize,
     /// Payload and reply bytes in flight on all connections together; requests beyond wait
-    /// (see `budget.rs`). Keeps clients that never read their replies from pinning memory
-    /// without bound.
+    /// (see `budget.rs`). Keeps clients that never read their replies, or never finish sending
+    /// a payload, from pinning memory without bound.
     pub max_total_inflight_bytes: usize,
     /// A client must finish the whole handshake within this time of connecting (one
     /// deadline, not a timeout per read: trickling bytes does not extend it).
     pub handshake_timeout: Duration,
-    /// Close connections that have had no request in flight for this long (`None`: never).
-    /// Idle connections are also closed, quietest first, when a new client comes while the
-    /// server is at `max_connections`.
+    /// Close connections that have had no request in flight, or a stalled one (see
+    /// `request_timeout`), for this long (`None`: never). Idle and stalled connections are
+    /// also closed, quietest first, when a new client comes while the server is at
+    /// `max_connections`.
     pub idle_timeout: Option<Duration>,
+    /// A request's data must keep moving: a connection is closed, releasing the memory its
+    /// requests hold, when a write payload has stalled this long — no byte of it for this
+    /// long, or this far behind a transfer at `min_transfer_rate` since its header came — and
+    /// likewise when its replies have gone unread. (Stalled payloads are also closed sooner
+    /// when other requests wait for memory or a new client for a connection; see `conns.rs`.)
+    /// At least a millisecond.
+    pub request_timeout: Duration,
+    /// The slowest transfer of a request's data (see `request_timeout`), in bytes per
+    /// second; at least 1.
+    pub min_transfer_rate: u64,
     /// Accept `NBD_OPT_EXTENDED_HEADERS`.
     pub extended_headers: bool,
     /// How long a reader busy-polls an empty socket before blocking (zero: never). See
@@ -106,6 +119,8 @@ impl Default for ServerConfig {
             max_total_inflight_bytes: 256 << 20,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: None,
+            request_timeout: Duration::from_secs(30),
+            min_transfer_rate: 256 << 10,
             extended_headers: true,
             poll_window: SpinConfig::for_cores(1).window,
         }
@@ -275,6 +290,15 @@ impl Server {
                 cfg.max_payload
             )));
         }
+        if cfg.request_timeout < Duration::from_millis(1) {
+            return Err(ServerError::Config(format!(
+                "request_timeout {:?} is shorter than a millisecond",
+                cfg.request_timeout
+            )));
+        }
+        if cfg.min_transfer_rate == 0 {
+            return Err(ServerError::Config("min_transfer_rate is 0".into()));
+        }
         let bind_err = |source| ServerError::Bind {
             addr: addr.clone(),
             source,
@@ -399,6 +423,8 @@ impl Server {
                     max: self.cfg.max_connections,
                     handshake: self.cfg.handshake_timeout,
                     idle: self.cfg.idle_timeout,
+                    request: self.cfg.request_timeout,
+                    min_rate: self.cfg.min_transfer_rate,
                 },
                 Arc::new(Clock::new()),
             )),
@@ -515,10 +541,10 @@ const KEEP_UNUSED_BUFFERS: Duration = Duration::from_secs(1);
 /// How long shutdown waits for connections to drain before cutting them off.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-/// A reply that cannot be sent for this long means the client stopped reading: drop it.
-// Two minutes in seconds: `Duration::from_mins` needs Rust 1.91, the workspace targets 1.85.
-#[allow(clippy::duration_suboptimal_units)]
-const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How much longer than the request timeout a connection's writer itself waits for stalled
+/// replies to move before it closes the connection: a backstop, since the connection table
+/// closes it at the request timeout, logging whom it closed (but stops looking at shutdown).
+const WRITER_BACKSTOP: Duration = Duration::from_secs(1);
 
 /// The write timeout of a connection's socket in the transmission phase: how often a blocked
 /// writer looks up to record progress (see `Activity::progressed`).
@@ -590,9 +616,7 @@ impl Shared {
     /// connections to end.
     fn stop_connections(&self) {
         self.conns.shutdown_all(Shutdown::Read);
-        let left = self
-            .conns
-            .wait_empty(Some(std::time::Instant::now() + SHUTDOWN_GRACE));
+        let left = self.conns.wait_empty(Some(Instant::now() + SHUTDOWN_GRACE));
         if left > 0 {
             // Clients that stopped reading their replies: cut them off so their writers
             // fail instead of blocking shutdown forever.
@@ -610,7 +634,8 @@ impl Shared {
         let Ok(mut writer) = stream.try_clone() else {
             return;
         };
-        if let Err(e) = writer.set_write_timeout(Some(WRITE_TIMEOUT)) {
+        // The table closes the socket at the handshake deadline; this is only a backstop.
+        if let Err(e) = writer.set_write_timeout(Some(self.cfg.handshake_timeout)) {
             tracing::debug!(error = %e, "cannot set write timeout");
         }
         // Room for hundreds of request headers per read(2), but small: whatever part of a
@@ -649,6 +674,8 @@ impl Shared {
             activity: Arc::clone(activity),
             clock: Arc::clone(self.conns.clock()),
             budget: Arc::clone(&self.budget),
+            min_rate: self.cfg.min_transfer_rate,
+            write_deadline: self.cfg.request_timeout + WRITER_BACKSTOP,
         });
         let writer = {
             let conn = Arc::clone(&conn);
@@ -770,11 +797,16 @@ impl Shared {
                 };
             };
             let mut payload = Payload::take(&conn.buffers, req.payload_len);
-            if let Err(e) = reader.read_exact(&mut payload) {
+            if let Err(e) = read_payload(reader, &mut payload, &conn.activity, &conn.clock) {
                 // The write was never acknowledged, so dropping it loses nothing promised.
-                tracing::warn!(error = %e, "client disconnected in the middle of a request");
                 drop(payload);
                 conn.release(cost);
+                if conn.activity.is_closing() {
+                    // The table closed it (and logs whom, and why).
+                    tracing::debug!(error = %e, released = cost, "payload stalled; connection closed, its memory released");
+                    return "closed by the server: request payload stalled";
+                }
+                tracing::warn!(error = %e, "client disconnected in the middle of a request");
                 return "disconnected mid-request";
             }
             // The last request of a burst (nothing more buffered) runs right here: at queue
@@ -790,6 +822,39 @@ impl Shared {
             }
         }
     }
+}
+
+/// Reads a write payload into `buf`. One already buffered with its header (small writes,
+/// usually) is copied; otherwise each read is stamped in `activity` (a few relaxed stores,
+/// no system call of its own), from which the connection table tells a stalled payload (see
+/// `conns::Transfer`) and closes its connection, which ends the read here.
+fn read_payload(
+    reader: &mut BufReader<Stream>,
+    buf: &mut [u8],
+    activity: &Activity,
+    clock: &Clock,
+) -> io::Result<()> {
+    if reader.buffer().len() >= buf.len() {
+        return reader.read_exact(buf);
+    }
+    activity.payload_started(buf.len(), clock);
+    let mut got = 0;
+    let read = loop {
+        if got == buf.len() {
+            break Ok(());
+        }
+        match reader.read(&mut buf[got..]) {
+            Ok(0) => break Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                got += n;
+                activity.payload_progressed(got, clock);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    activity.payload_done();
+    read
 }
 
 /// Closes a connection's reply queue when dropped (see [`Conn::close_queue`]).
@@ -905,6 +970,10 @@ struct Conn {
     /// The server's memory budget for requests in flight.
     budget: Arc<Budget>,
     clock: Arc<Clock>,
+    /// The slowest a request's data may move (bytes per second).
+    min_rate: u64,
+    /// How long replies may stall before the writer gives up (see [`WRITER_BACKSTOP`]).
+    write_deadline: Duration,
 }
 
 impl Conn {
@@ -938,14 +1007,17 @@ impl Conn {
         // otherwise be served one by one, holding the memory long after they left. (Only
         // asked while waiting: it costs a system call.)
         let gone = || closed() || socket.hung_up();
+        // In flight for the connection table from here: a connection whose request waits for
+        // memory is busy, never closed as idle (it is the stalled ones that make way).
+        self.activity.request_started(&self.clock);
         if !self.budget.take(cost, &gone, relieve) {
+            self.activity.request_done(&self.clock);
             return None;
         }
         let mut f = lock(&self.inflight);
         let idle = f.count == 0;
         f.count += 1;
         f.bytes += cost;
-        self.activity.request_started(&self.clock);
         Some(idle)
     }
 
@@ -1106,8 +1178,10 @@ impl Conn {
         }
     }
 
-    /// Writes `batch` after skipping `skip` bytes already sent, blocking as needed; gives up
-    /// (and closes the connection) after [`WRITE_TIMEOUT`] without progress.
+    /// Writes `batch` after skipping `skip` bytes already sent, blocking as needed. Progress
+    /// is stamped for the connection table as a transfer (`conns::Transfer`): a client that
+    /// stops reading, or reads slower than the minimum rate, is stalled, and closed at the
+    /// request timeout; this gives up (and closes the connection) itself a little later.
     fn send_blocking(&self, batch: &[(ReplyBytes, usize)], skip: usize) {
         if self.broken.load(Ordering::SeqCst) {
             return;
@@ -1116,7 +1190,14 @@ impl Conn {
         let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|(b, _)| IoSlice::new(b)).collect();
         let mut rest = &mut slices[..];
         IoSlice::advance_slices(&mut rest, skip);
-        let mut moved = std::time::Instant::now();
+        let began = Instant::now();
+        let ms = |t: Instant| u64::try_from(t.duration_since(began).as_millis()).unwrap_or(u64::MAX);
+        let deadline = u64::try_from(self.write_deadline.as_millis()).unwrap_or(u64::MAX);
+        let mut transfer = Transfer {
+            started: 0,
+            moved: 0,
+            done: 0,
+        };
         while !rest.is_empty() {
             // The socket's write timeout (WRITE_PROBE) returns control now and then, so
             // progress is seen (and a client that reads nothing is told from a slow one).
@@ -1127,13 +1208,15 @@ impl Conn {
                 }
                 Ok(n) => {
                     IoSlice::advance_slices(&mut rest, n);
-                    moved = std::time::Instant::now();
-                    self.activity.progressed(&self.clock);
+                    transfer.moved = ms(Instant::now());
+                    transfer.done += n as u64;
+                    let behind = transfer.behind_ms(transfer.moved, self.min_rate);
+                    self.activity.progressed(&self.clock, behind);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e)
                     if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
-                        && moved.elapsed() < WRITE_TIMEOUT => {}
+                        && transfer.stalled_for(ms(Instant::now()), self.min_rate) < deadline => {}
                 Err(e) => {
                     self.fail(&stream, &e);
                     return;

@@ -6,19 +6,20 @@ use blockguard_nbd::{
     proto, ConnectionStats, Export, ExportError, Extent, ListenAddr, MemoryExport, Server, ServerConfig,
     ShutdownHandle,
 };
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-/// A memory export with injected misbehaviour: reads at offset 0 take a while (to force
-/// overlap), and writes at `panic_write_at` panic (a stand-in for a broken invariant).
-struct Quirky(MemoryExport, Option<u64>);
+/// A memory export with injected misbehaviour: reads at offset 0 take a while (the third
+/// field; to force overlap), and writes at the second field's offset panic (a stand-in for a
+/// broken invariant).
+struct Quirky(MemoryExport, Option<u64>, Duration);
 
-/// Slow reads at offset 0, no panics.
+/// Slow reads at offset 0 (300 ms), no panics.
 fn slow(size: u64) -> Quirky {
-    Quirky(MemoryExport::new(size, 4096), None)
+    Quirky(MemoryExport::new(size, 4096), None, Duration::from_millis(300))
 }
 
 impl Export for Quirky {
@@ -33,7 +34,7 @@ impl Export for Quirky {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ExportError> {
         if offset == 0 {
-            thread::sleep(Duration::from_millis(300));
+            thread::sleep(self.2);
         }
         self.0.read_at(buf, offset)
     }
@@ -280,7 +281,11 @@ fn a_bind_error_chains_its_cause_without_repeating_it() {
 /// every connection (reads go on), nothing is flushed at shutdown, and `run` fails.
 #[test]
 fn a_panicking_request_fails_the_export_for_writes_and_flushes() {
-    let export = Arc::new(Quirky(MemoryExport::new(1 << 20, 4096), Some(8192)));
+    let export = Arc::new(Quirky(
+        MemoryExport::new(1 << 20, 4096),
+        Some(8192),
+        Duration::from_millis(300),
+    ));
     let srv = Running::start(export.clone(), ServerConfig::default());
     let mut c = srv.client();
     assert_eq!(c.write(0, &[1; 4096], 0).unwrap(), 0);
@@ -360,4 +365,243 @@ fn connection_stats_count_open_and_admitted_connections() {
     drop(a);
     wait_for(0);
     srv.stop().unwrap();
+}
+
+/// A connection past the handshake that announced a write of `len` bytes, sent `sent` bytes
+/// of its payload and stalls.
+fn stalled_writer(srv: &Running, len: u64, sent: usize) -> UnixStream {
+    let mut c = srv.client();
+    // The request's length, but only part of its payload.
+    c.send_request(proto::CMD_WRITE, 0, 0, len, &vec![0x77; sent])
+        .unwrap();
+    c.stream_owned()
+}
+
+/// True once the server has closed `s` (nothing is ever sent to a stalled writer).
+fn closed_by_server(s: &mut UnixStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => panic!("unexpected data"),
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+/// Waits up to `limit` for the server to close `s`; how long that took.
+fn wait_closed(s: &mut UnixStream, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if closed_by_server(s) {
+            return Some(start.elapsed());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Regression (finding 5 of review 9): connections that each stalled in the middle of a
+/// 4 KiB write payload held every connection slot for good: one mid-payload was never idle,
+/// so none made room for a new client and no timeout closed them. Now a stalled payload makes
+/// room like an idle connection (the oldest stall first), and the request timeout closes it.
+#[test]
+fn connections_stalled_mid_payload_make_room_and_time_out() {
+    let cfg = ServerConfig {
+        max_connections: 8,
+        request_timeout: Duration::from_secs(3),
+        ..ServerConfig::default()
+    };
+    let srv = Running::start(Arc::new(MemoryExport::new(1 << 20, 4096)), cfg);
+    // Oldest first, far enough apart for the table's clock (100 ms ticks) to tell them apart.
+    let mut stalled: Vec<UnixStream> = (0..8)
+        .map(|_| {
+            let s = stalled_writer(&srv, 4096, 100);
+            thread::sleep(Duration::from_millis(150));
+            s
+        })
+        .collect();
+    let filled = Instant::now();
+    thread::sleep(Duration::from_millis(200));
+    // Every slot is taken by a stalled payload: the newcomer still gets in, at once.
+    let start = Instant::now();
+    let mut newcomer = Client::handshake(srv.raw(), &ClientOptions::default())
+        .expect("a new client was refused while every connection was stalled mid-payload");
+    assert_eq!(newcomer.read(0, 512).unwrap().unwrap(), vec![0; 512]);
+    assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+    // In place of the oldest stall.
+    assert!(wait_closed(&mut stalled[0], Duration::from_secs(1)).is_some());
+    assert!(
+        stalled[1..].iter_mut().all(|s| !closed_by_server(s)),
+        "not the oldest stall made room"
+    );
+    // The request timeout closes the rest: each 3 s after its payload stopped (the last
+    // stalled 1.05 s after the first).
+    for s in &mut stalled[1..] {
+        let limit = Duration::from_secs(5).saturating_sub(filled.elapsed());
+        assert!(
+            wait_closed(s, limit).is_some(),
+            "a stalled payload outlived the request timeout"
+        );
+    }
+    assert!(
+        filled.elapsed() >= Duration::from_millis(2500),
+        "closed before the request timeout: {:?}",
+        filled.elapsed()
+    );
+    // The memory they held is back: a write as large as the default budget goes through.
+    assert_eq!(newcomer.write(0, &vec![3; 256 << 10], 0).unwrap(), 0);
+}
+
+/// A socket that sends at most 64 KiB every 60 ms (about 1 MiB/s).
+struct Throttled(UnixStream);
+
+impl Read for Throttled {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for Throttled {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(&buf[..buf.len().min(64 << 10)])?;
+        if buf.len() > 4096 {
+            thread::sleep(Duration::from_millis(60));
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// A payload trickled a byte at a time never stops moving, but it is far behind any useful
+/// rate: the request timeout counts from where a transfer at the minimum rate would be. A
+/// large payload that keeps that rate may take longer than the timeout.
+#[test]
+fn a_trickled_payload_times_out_but_a_slow_steady_one_does_not() {
+    let cfg = ServerConfig {
+        request_timeout: Duration::from_secs(1),
+        min_transfer_rate: 256 << 10,
+        ..ServerConfig::default()
+    };
+    let srv = Running::start(Arc::new(MemoryExport::new(4 << 20, 4096)), cfg);
+    // 2 MiB at ~1 MiB/s (64 KiB every 60 ms): 2 s, twice the request timeout.
+    let mut steady = srv.client();
+    let steady_writer = {
+        let s = Throttled(srv.raw());
+        thread::spawn(move || {
+            let mut c = Client::handshake(s, &ClientOptions::default()).unwrap();
+            c.write(1 << 20, &vec![9u8; 2 << 20], 0).unwrap()
+        })
+    };
+    let mut trickler = stalled_writer(&srv, 4096, 1);
+    let start = Instant::now();
+    let mut sent = 1;
+    let closed = loop {
+        if closed_by_server(&mut trickler) {
+            break true;
+        }
+        if start.elapsed() > Duration::from_secs(4) || sent == 4096 {
+            break false;
+        }
+        // The write fails once the server has closed the connection.
+        if trickler.write_all(&[1]).is_err() {
+            break true;
+        }
+        sent += 1;
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        closed,
+        "a trickled payload was not closed ({sent} bytes in {:?})",
+        start.elapsed()
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(steady_writer.join().unwrap(), 0, "the steady writer failed");
+    assert_eq!(steady.read(1 << 20, 4096).unwrap().unwrap(), vec![9; 4096]);
+}
+
+/// Regression (finding 6 of review 9): connections that each sent half of a large write
+/// payload and stalled held the whole in-flight memory budget for good, so every other
+/// client's request waited for memory forever. Now, while requests wait for memory, the
+/// connection whose payload stalled the longest is closed, releasing its memory: the staller
+/// goes, the waiter is served.
+#[test]
+fn stalled_payloads_cannot_starve_other_requests_of_memory() {
+    let cfg = ServerConfig {
+        max_total_inflight_bytes: 4 << 20,
+        // Only the relief under memory pressure can help within this test.
+        request_timeout: Duration::from_secs(60),
+        ..ServerConfig::default()
+    };
+    let srv = Running::start(Arc::new(MemoryExport::new(8 << 20, 4096)), cfg);
+    let mut hogs: Vec<UnixStream> = (0..2).map(|_| stalled_writer(&srv, 2 << 20, 1 << 20)).collect();
+    // A third one waits for memory, like the honest client.
+    let mut waiting_hog = stalled_writer(&srv, 2 << 20, 0);
+    thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    let mut good = srv.client();
+    let read = good.read(0, 4096).expect("a 4 KiB read got no reply within 10 s");
+    assert_eq!(read.unwrap(), vec![0; 4096]);
+    assert_eq!(good.write(4096, &[5; 4096], 0).unwrap(), 0);
+    let served = start.elapsed();
+    assert!(
+        served < Duration::from_secs(3),
+        "a 4 KiB read and write took {served:?}"
+    );
+    // Larger than what is left after one hog: the other makes way too.
+    assert_eq!(good.write(1 << 20, &vec![6; 3 << 20], 0).unwrap(), 0);
+    assert!(start.elapsed() < Duration::from_secs(6), "{:?}", start.elapsed());
+    for h in &mut hogs {
+        assert!(
+            wait_closed(h, Duration::from_secs(1)).is_some(),
+            "a stalled hog still holds memory"
+        );
+    }
+    drop(waiting_hog.write_all(&[0; 1]));
+    assert_eq!(good.read(4096, 4096).unwrap().unwrap(), vec![5; 4096]);
+}
+
+/// Regression (finding 6 of review 9): with an idle timeout, the client whose request waited
+/// for memory was closed as idle (its request did not count as in flight until it had the
+/// memory), while the connections holding the memory stayed. A request waiting for memory is
+/// in flight: its connection is busy, not idle.
+#[test]
+fn a_request_waiting_for_memory_is_not_idle() {
+    let cfg = ServerConfig {
+        max_total_inflight_bytes: 1 << 20,
+        idle_timeout: Some(Duration::from_millis(300)),
+        ..ServerConfig::default()
+    };
+    let export = Arc::new(Quirky(
+        MemoryExport::new(4 << 20, 4096),
+        None,
+        Duration::from_millis(1500),
+    ));
+    let srv = Running::start(export, cfg);
+    // A busy client holds the whole budget with a read the export takes 1.5 s to serve.
+    let mut busy = srv.client();
+    let big = busy.send_request(proto::CMD_READ, 0, 0, 1 << 20, &[]).unwrap();
+    thread::sleep(Duration::from_millis(100));
+    let start = Instant::now();
+    let mut waiter = srv.client();
+    let got = waiter.read(8192, 4096);
+    let waited = start.elapsed();
+    assert!(
+        got.as_ref().is_ok_and(Result::is_ok),
+        "the client waiting for memory was closed after {waited:?}: {got:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "it did not wait for memory: {waited:?}"
+    );
+    let r = busy.read_reply().unwrap();
+    assert_eq!((r.cookie, r.errno), (big, 0));
 }

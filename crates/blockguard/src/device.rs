@@ -76,7 +76,8 @@ pub enum ErrorClass {
     Corruption,
     /// The request reaches outside the device.
     OutOfRange,
-    /// The device refuses writes.
+    /// The device refuses writes (opened read-only, or writes suspended by the `read-only`
+    /// error policy).
     ReadOnly,
     /// The medium is full (ENOSPC, EFBIG or EDQUOT somewhere in the cause chain).
     NoSpace,
@@ -90,7 +91,7 @@ impl Error {
         match self {
             Error::Corrupt { .. } => ErrorClass::Corruption,
             Error::OutOfRange { .. } => ErrorClass::OutOfRange,
-            Error::ReadOnly { .. } => ErrorClass::ReadOnly,
+            Error::ReadOnly { .. } | Error::WritesSuspended { .. } => ErrorClass::ReadOnly,
             _ if no_space(self) => ErrorClass::NoSpace,
             _ => ErrorClass::Io,
         }
@@ -160,7 +161,14 @@ mod tests {
         let failed = Error::Failed {
             volume: "v".into(),
             detail: "x".into(),
+            resumable: true,
         };
         assert_eq!(failed.class(), ErrorClass::Io);
+        let suspended = Error::WritesSuspended {
+            volume: "v".into(),
+            block: 7,
+            detail: "x".into(),
+        };
+        assert_eq!(suspended.class(), ErrorClass::ReadOnly);
     }
 }

@@ -108,12 +108,38 @@ pub enum Error {
     },
     /// The volume failed: an earlier write-back failed (durability can no longer be
     /// promised), or a thread panicked inside the engine (its state may be inconsistent).
-    /// Reads go on; writes and flushes are refused until the volume is reopened.
-    #[error("{volume}: the volume has failed ({detail}); writes and flushes are refused")]
+    /// Reads go on; writes and flushes are refused until [`crate::Volume::resume`] succeeds
+    /// (after a write-back failure) or the volume is reopened.
+    #[error(
+        "{volume}: the volume has failed ({detail}); writes and flushes are refused {}",
+        if *resumable {
+            "until it is resumed (`blockguard resume`, `Volume::resume`) or reopened"
+        } else {
+            "until it is reopened (it cannot be resumed: its in-memory state may be inconsistent)"
+        }
+    )]
     Failed {
         /// The volume's name.
         volume: String,
         /// The failure that stopped it.
+        detail: String,
+        /// A write-back failure, which [`crate::Volume::resume`] may get past; false after a
+        /// panic inside the engine.
+        resumable: bool,
+    },
+    /// Writes are suspended: a read found a block with no good copy (no mirror member holds
+    /// one that verifies) and the volume's error policy is `read-only`. Reads go on.
+    #[error(
+        "{volume}: writes are suspended: block {block} has no good copy ({detail}) and the volume's \
+         error policy is read-only; once the block is dealt with, clear the error state \
+         (`blockguard resume`, `Volume::clear_error_state`) or reopen the volume"
+    )]
+    WritesSuspended {
+        /// The volume's name.
+        volume: String,
+        /// The first block found with no good copy.
+        block: u64,
+        /// What its read found.
         detail: String,
     },
 }

@@ -34,6 +34,7 @@
 //! ```
 
 mod cast;
+pub mod copies;
 pub mod device;
 pub mod error;
 pub mod format;
@@ -43,10 +44,11 @@ mod volume;
 pub use blockguard_backend;
 pub use device::{BlockDevice, ErrorClass, OwnedBuf};
 pub use error::{CorruptionKind, Error, Result};
-pub use format::{Geometry, Mode, Superblock};
+pub use format::{ErrorPolicy, Geometry, Mode, Superblock};
 pub use tag::Profile;
 pub use volume::{
-    BlockProblem, BlockReport, Extent, FormatOptions, MapProblem, MetadataProblem, OpenOptions,
-    RecoverOptions, RecoveryReport, ScrubOptions, ScrubProblem, ScrubProblemKind, ScrubProgress, ScrubReport,
-    SlotReport, Volume, VolumeStats, DEFAULT_SCRUB_CHUNK, DEFAULT_SCRUB_LISTED,
+    member_records, BlockProblem, BlockReport, ClearedErrors, CopiesReport, Extent, FormatOptions,
+    MapProblem, MetadataProblem, OpenOptions, RecoverOptions, RecoveryReport, ResumeReport, ResyncReport,
+    ScrubOptions, ScrubProblem, ScrubProblemKind, ScrubProgress, ScrubReport, SlotReport, Suspension, Volume,
+    VolumeFailure, VolumeHealth, VolumeStats, DEFAULT_SCRUB_CHUNK, DEFAULT_SCRUB_LISTED,
 };

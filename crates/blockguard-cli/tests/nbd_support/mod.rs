@@ -74,6 +74,13 @@ impl Served {
         Self::spawn(volume, socket, None, extra)
     }
 
+    /// Starts serving `volume` (a device, say) with its socket and log in `dir`.
+    pub fn start_in(volume: &Path, dir: &Path, extra: &[&str]) -> Served {
+        let name = volume.file_name().unwrap().to_string_lossy().into_owned();
+        let socket = dir.join(format!("{name}.sock"));
+        Self::spawn_logged(volume, socket, None, dir.join(format!("{name}.log")), extra)
+    }
+
     /// Starts serving `volume` on a free loopback TCP port.
     pub fn start_tcp(volume: &Path, extra: &[&str]) -> Served {
         Self::start_tcp_host(volume, "127.0.0.1", extra)
@@ -88,7 +95,16 @@ impl Served {
     }
 
     fn spawn(volume: &Path, socket: PathBuf, tcp: Option<(&str, u16)>, extra: &[&str]) -> Served {
-        let log = volume.with_extension("log");
+        Self::spawn_logged(volume, socket, tcp, volume.with_extension("log"), extra)
+    }
+
+    fn spawn_logged(
+        volume: &Path,
+        socket: PathBuf,
+        tcp: Option<(&str, u16)>,
+        log: PathBuf,
+        extra: &[&str],
+    ) -> Served {
         let logf = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(BIN);
         cmd.arg("serve").arg(volume);

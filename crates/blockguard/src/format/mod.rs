@@ -8,6 +8,7 @@
 mod geometry;
 mod map;
 mod meta;
+mod mirror;
 mod superblock;
 
 pub use geometry::{BlockLocation, Geometry, GeometryError};
@@ -19,9 +20,13 @@ pub use meta::{
     decode_sector, encode_sector, sector_checksum, sector_tag, slot_of_generation, tags_per_sector,
     SectorDamage, SectorId, SectorParse, SECTOR_HEADER_SIZE, SECTOR_MAGIC, SECTOR_SIZE,
 };
+pub use mirror::{
+    member_record_offset, MemberInfo, MemberRecord, MirrorInfo, INCOMPAT_MIRROR, MAX_MEMBERS,
+    MAX_MEMBER_PATH, MEMBER_MAGIC,
+};
 pub use superblock::{
-    validate_label, Mode, Superblock, SuperblockError, VolumeState, FORMAT_VERSION, SB_MAGIC, SB_REGION,
-    SB_STRUCT_SIZE, SUPPORTED_INCOMPAT, SUPPORTED_RO_COMPAT,
+    validate_label, ErrorPolicy, Mode, Superblock, SuperblockError, VolumeState, FORMAT_VERSION, SB_MAGIC,
+    SB_REGION, SB_STRUCT_SIZE, SUPPORTED_INCOMPAT, SUPPORTED_RO_COMPAT,
 };
 
 /// Reads a little-endian `u16` at `at`. Callers pass in-bounds offsets of fixed layouts.

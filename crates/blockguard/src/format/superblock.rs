@@ -2,6 +2,7 @@
 //! last 4 KiB), each copy with its own crc32c.
 
 use super::geometry::Geometry;
+use super::mirror::{MirrorInfo, INCOMPAT_MIRROR};
 use super::{le16, le32, le64};
 use crate::cast::{u32_of_small, usize_of};
 use crate::tag::Profile;
@@ -79,8 +80,20 @@ pub(crate) mod at {
     pub(crate) const META_DEVICE: usize = PADDING + 2;
     /// `label`, 64 bytes.
     pub(crate) const LABEL: usize = META_DEVICE + 16;
+    /// `mirror_members`, u8 (with the mirror feature; zero without).
+    pub(crate) const MIRROR_MEMBERS: usize = LABEL + super::LABEL_LEN;
+    /// `mirror_health`, one u8 per member slot (3).
+    pub(crate) const MIRROR_HEALTH: usize = MIRROR_MEMBERS + 1;
+    /// `mirror_event`, u64.
+    pub(crate) const MIRROR_EVENT: usize = MIRROR_HEALTH + 3;
+    /// `mirror_ids`, 16 bytes per member slot (3).
+    pub(crate) const MIRROR_IDS: usize = MIRROR_EVENT + 8;
+    /// End of the mirror fields.
+    pub(crate) const MIRROR_END: usize = MIRROR_IDS + 16 * super::super::mirror::MAX_MEMBERS;
+    /// `error_policy`, u8: what the volume does about a block with no good copy.
+    pub(crate) const ERROR_POLICY: usize = MIRROR_END;
     /// Reserved up to the checksum.
-    pub(crate) const RESERVED: usize = LABEL + super::LABEL_LEN;
+    pub(crate) const RESERVED: usize = ERROR_POLICY + 1;
     /// `checksum`, u32: the last four bytes of the structure.
     pub(crate) const CHECKSUM: usize = super::SB_STRUCT_SIZE - 4;
 }
@@ -89,10 +102,12 @@ pub(crate) mod at {
 // of FORMAT.md has said they do.
 const _: () = assert!(at::RESERVED <= at::CHECKSUM);
 const _: () = assert!(at::MODE == 64 && at::STATE == 145 && at::LABEL == 164 && at::CHECKSUM == 508);
+const _: () = assert!(at::MIRROR_MEMBERS == 228 && at::MIRROR_EVENT == 232 && at::MIRROR_END == 288);
+const _: () = assert!(at::ERROR_POLICY == 288 && at::RESERVED == 289);
 
-/// Incompatible features this build supports (none beyond the v1 base format). A volume
-/// with any other incompat bit set is refused.
-pub const SUPPORTED_INCOMPAT: u64 = 0;
+/// Incompatible features this build supports: mirror sets. A volume with any other incompat
+/// bit set is refused.
+pub const SUPPORTED_INCOMPAT: u64 = INCOMPAT_MIRROR;
 /// Read-only-compatible features this build supports; others force read-only opens.
 pub const SUPPORTED_RO_COMPAT: u64 = 0;
 
@@ -134,6 +149,59 @@ impl Mode {
     /// Parses a command-line name.
     pub fn from_name(s: &str) -> Option<Mode> {
         [Mode::None, Mode::Dual].into_iter().find(|m| m.name() == s)
+    }
+}
+
+/// What the volume does when a read finds a block with no good copy left: it fails
+/// verification and no mirror member holds a copy that verifies (or the volume has no
+/// mirror). Whatever the policy, that read fails with the typed corruption error naming the
+/// block: wrong data is never returned. The policies differ in what happens besides
+/// (`docs/CONSISTENCY.md`, "Error policy").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorPolicy {
+    /// The read fails, and every such failure is logged; nothing else changes. The default,
+    /// and the meaning of a volume formatted before the policy existed (stored byte 0).
+    #[default]
+    Eio,
+    /// The read fails, and from the first such block on the volume refuses writes, and
+    /// flushes that would commit staged writes, naming the block and the way out, until an
+    /// operator clears the error state or the volume is reopened.
+    ReadOnly,
+    /// The read fails, but the volume carries on as if nothing else happened: no suspension,
+    /// and the failure is logged once per block (later failures of the same block are only
+    /// counted, with a summary line at most every few seconds). For salvaging data from a
+    /// damaged volume, where the same bad blocks are read again and again.
+    Continue,
+}
+
+impl ErrorPolicy {
+    /// Every policy, in stored-byte order.
+    pub const ALL: [ErrorPolicy; 3] = [ErrorPolicy::Eio, ErrorPolicy::ReadOnly, ErrorPolicy::Continue];
+
+    /// The byte stored in the superblock.
+    pub fn id(self) -> u8 {
+        match self {
+            ErrorPolicy::Eio => 0,
+            ErrorPolicy::ReadOnly => 1,
+            ErrorPolicy::Continue => 2,
+        }
+    }
+    /// The policy with a stored byte, if this build knows it.
+    pub fn from_id(id: u8) -> Option<ErrorPolicy> {
+        Self::ALL.into_iter().find(|p| p.id() == id)
+    }
+    /// Command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorPolicy::Eio => "eio",
+            ErrorPolicy::ReadOnly => "read-only",
+            ErrorPolicy::Continue => "continue",
+        }
+    }
+    /// Parses a command-line name.
+    pub fn from_name(s: &str) -> Option<ErrorPolicy> {
+        Self::ALL.into_iter().find(|p| p.name() == s)
     }
 }
 
@@ -210,16 +278,16 @@ pub struct Superblock {
     pub geometry: Geometry,
     /// Unix time of format.
     pub created: u64,
-    /// Mirror set identity (all zero: not part of a mirror set). Reserved in v1.
-    pub mirror_set: [u8; 16],
-    /// Role in the mirror set (0: standalone). Reserved in v1.
-    pub mirror_role: u8,
+    /// The mirror set this volume is a member of (with the [`INCOMPAT_MIRROR`] feature bit).
+    pub mirror: Option<MirrorInfo>,
     /// Identity of a separate metadata device (all zero: tags inline). Reserved in v1.
     pub meta_device: [u8; 16],
     /// Free-form label.
     pub label: String,
     /// Clean or in use (byte 145; the only field rewritten after format).
     pub state: VolumeState,
+    /// What the volume does about a block with no good copy (byte 288; 0 = `eio`).
+    pub error_policy: ErrorPolicy,
 }
 
 /// Checks a label before it is stored: UTF-8 (guaranteed by `&str`), at most 64 bytes, no
@@ -247,7 +315,7 @@ impl SuperblockError {
 
 impl Superblock {
     /// The superblock of a new, clean volume of this build's version: no feature flags, no
-    /// mirror set, no metadata device. `created` is in Unix seconds.
+    /// mirror set, no metadata device, the default error policy. `created` is in Unix seconds.
     pub fn new(
         geometry: Geometry,
         uuid: [u8; 16],
@@ -266,11 +334,11 @@ impl Superblock {
             mode,
             geometry,
             created,
-            mirror_set: [0; 16],
-            mirror_role: 0,
+            mirror: None,
             meta_device: [0; 16],
             label: label.to_string(),
             state: VolumeState::Clean,
+            error_policy: ErrorPolicy::Eio,
         }
     }
 
@@ -300,8 +368,9 @@ impl Superblock {
         b[at::BACKING_LEN..at::BACKUP_SB].copy_from_slice(&g.backing_len.to_le_bytes());
         b[at::BACKUP_SB..at::CREATED].copy_from_slice(&g.backup_sb_offset.to_le_bytes());
         b[at::CREATED..at::MIRROR_SET].copy_from_slice(&self.created.to_le_bytes());
-        b[at::MIRROR_SET..at::MIRROR_ROLE].copy_from_slice(&self.mirror_set);
-        b[at::MIRROR_ROLE] = self.mirror_role;
+        if let Some(m) = &self.mirror {
+            m.encode(&mut b);
+        }
         b[at::STATE] = match self.state {
             VolumeState::Clean => 0,
             VolumeState::InUse => 1,
@@ -310,6 +379,7 @@ impl Superblock {
         let label = self.label.as_bytes();
         let n = label.len().min(LABEL_LEN);
         b[at::LABEL..at::LABEL + n].copy_from_slice(&label[..n]);
+        b[at::ERROR_POLICY] = self.error_policy.id();
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         b[CRC_AT..SB_STRUCT_SIZE].copy_from_slice(&crc.to_le_bytes());
         b
@@ -323,13 +393,30 @@ impl Superblock {
         uuid.copy_from_slice(&b[at::UUID..at::BLOCK_SIZE]);
         let (profile, mode, copy) = decode_profile_mode_copy(b)?;
         let geometry = decode_geometry(b, profile)?;
-        let (mirror_set, meta_device) = decode_reserved_ids(b)?;
+        let meta_device = decode_meta_device(b)?;
+        let mirror = if incompat & INCOMPAT_MIRROR == 0 {
+            if !MirrorInfo::fields_zero(b) {
+                return Err(field("mirror set", "set without the mirror feature flag".into()));
+            }
+            None
+        } else {
+            Some(MirrorInfo::decode(b)?)
+        };
         let state = match b[at::STATE] {
             0 => VolumeState::Clean,
             1 => VolumeState::InUse,
             other => return Err(field("state", format!("unknown value {other}"))),
         };
         let label = decode_label(b)?;
+        let error_policy = ErrorPolicy::from_id(b[at::ERROR_POLICY]).ok_or_else(|| {
+            field(
+                "error policy",
+                format!(
+                    "unknown value {} (0 = eio, 1 = read-only, 2 = continue)",
+                    b[at::ERROR_POLICY]
+                ),
+            )
+        })?;
         Ok((
             Superblock {
                 version,
@@ -341,11 +428,11 @@ impl Superblock {
                 mode,
                 geometry,
                 created: le64(b, at::CREATED),
-                mirror_set,
-                mirror_role: 0,
+                mirror,
                 meta_device,
                 label,
                 state,
+                error_policy,
             },
             copy,
         ))
@@ -456,20 +543,14 @@ fn decode_geometry(b: &[u8], profile: Profile) -> Result<Geometry, SuperblockErr
     Ok(geometry)
 }
 
-/// The mirror set and metadata device identities, which no feature uses yet.
-fn decode_reserved_ids(b: &[u8]) -> Result<([u8; 16], [u8; 16]), SuperblockError> {
-    let mut mirror_set = [0u8; 16];
-    mirror_set.copy_from_slice(&b[at::MIRROR_SET..at::MIRROR_ROLE]);
+/// The metadata device identity, which no feature uses yet: it must be zero.
+fn decode_meta_device(b: &[u8]) -> Result<[u8; 16], SuperblockError> {
     let mut meta_device = [0u8; 16];
     meta_device.copy_from_slice(&b[at::META_DEVICE..at::LABEL]);
-    // v1 defines these fields but no feature uses them yet: they must be zero.
-    if mirror_set != [0; 16] || b[at::MIRROR_ROLE] != 0 || meta_device != [0; 16] {
-        return Err(field(
-            "mirror/metadata device",
-            "set without a feature flag".into(),
-        ));
+    if meta_device != [0; 16] {
+        return Err(field("metadata device", "set without a feature flag".into()));
     }
-    Ok((mirror_set, meta_device))
+    Ok(meta_device)
 }
 
 /// The label: UTF-8 up to the first zero byte, and only zeros after it.
@@ -531,11 +612,11 @@ mod tests {
             mode: Mode::Dual,
             geometry: Geometry::for_size(1 << 20, 4096, 8).unwrap(),
             created: 1,
-            mirror_set: [0; 16],
-            mirror_role: 0,
+            mirror: None,
             meta_device: [0; 16],
             label: "test".into(),
             state: VolumeState::InUse,
+            error_policy: ErrorPolicy::ReadOnly,
         }
     }
 
@@ -590,12 +671,88 @@ mod tests {
             (at::PADDING, 146),
             (at::META_DEVICE, 148),
             (at::LABEL, 164),
-            (at::RESERVED, 228),
+            (at::MIRROR_MEMBERS, 228),
+            (at::MIRROR_HEALTH, 229),
+            (at::MIRROR_EVENT, 232),
+            (at::MIRROR_IDS, 240),
+            (at::ERROR_POLICY, 288),
+            (at::RESERVED, 289),
             (at::CHECKSUM, 508),
         ];
         for (i, (got, want)) in documented.iter().enumerate() {
             assert_eq!(got, want, "field {i} of the table");
         }
+    }
+
+    #[test]
+    fn every_error_policy_round_trips_and_unknown_ones_are_refused() {
+        for policy in ErrorPolicy::ALL {
+            let sb = Superblock {
+                error_policy: policy,
+                ..sample()
+            };
+            let enc = sb.encode(0);
+            assert_eq!(enc[288], policy.id(), "{policy:?} at byte 288");
+            assert_eq!(Superblock::decode(&enc), Ok((sb, 0)));
+            assert_eq!(ErrorPolicy::from_name(policy.name()), Some(policy));
+        }
+        // A volume of a build without the policy: byte 288 zero, read as `eio`.
+        let default = Superblock::new(
+            Geometry::for_size(1 << 20, 4096, 8).unwrap(),
+            [1; 16],
+            Profile::Crc32c,
+            Mode::Dual,
+            "",
+            1,
+        );
+        assert_eq!(default.error_policy, ErrorPolicy::Eio);
+        assert_eq!(default.encode(0)[at::ERROR_POLICY], 0);
+        // An unknown value with a valid checksum: refused as an invalid field (damage).
+        let mut b = sample().encode(0);
+        b[at::ERROR_POLICY] = 3;
+        let crc = crc32c::crc32c(&b[..CRC_AT]);
+        b[CRC_AT..SB_STRUCT_SIZE].copy_from_slice(&crc.to_le_bytes());
+        match Superblock::decode(&b) {
+            Err(SuperblockError::Field { field, detail }) => {
+                assert_eq!(field, "error policy");
+                assert!(detail.contains("unknown value 3"), "{detail}");
+            }
+            other => panic!("an unknown error policy was accepted: {other:?}"),
+        }
+        assert_eq!(ErrorPolicy::from_name("panic"), None);
+    }
+
+    #[test]
+    fn a_mirror_member_round_trips_and_needs_its_feature_bit() {
+        let mut sb = sample();
+        sb.incompat = INCOMPAT_MIRROR;
+        sb.mirror = Some(MirrorInfo {
+            set: [9; 16],
+            role: 2,
+            members: (1..=3)
+                .map(|i| super::super::MemberInfo {
+                    id: [i; 16],
+                    in_sync: i != 2,
+                })
+                .collect(),
+            event: 7,
+        });
+        for copy in 0..2 {
+            assert_eq!(Superblock::decode(&sb.encode(copy)), Ok((sb.clone(), copy)));
+        }
+        // The fields without the bit, or the bit without the fields: refused as damage.
+        let mut no_bit = sb.clone();
+        no_bit.incompat = 0;
+        assert!(matches!(
+            Superblock::decode(&no_bit.encode(0)),
+            Err(SuperblockError::Field { .. })
+        ));
+        let mut no_fields = sb;
+        no_fields.mirror = None;
+        assert!(matches!(
+            Superblock::decode(&no_fields.encode(0)),
+            Err(SuperblockError::Field { .. })
+        ));
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! first write cut short (blank sectors explained). A sector with no valid copy marks nothing:
 //! leniency needs evidence, and damage to both copies is not a crash's doing.
 
+use super::commit::maintenance::Maintenance;
 use super::Inner;
 use crate::cast::{u32_of, usize_of};
 use crate::error::Result;
@@ -27,6 +28,7 @@ use crate::format::{
     decode_map_sector, empty_map_sector, map_bit, seal_map_sector, MapDamage, MapKind, MapParse,
     GROUPS_PER_MAP_SECTOR, SECTOR_HEADER_SIZE, SECTOR_SIZE,
 };
+use blockguard_backend::Backend as _;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -465,7 +467,7 @@ impl Inner {
         if !due {
             return Ok(());
         }
-        for kind in [MapKind::Dirty, MapKind::FirstWrite] {
+        for kind in self.clearable_session_maps() {
             let sectors = std::mem::take(&mut self.lock(&self.maps.session(kind).bits).sectors);
             for index in sectors.keys() {
                 let bytes = empty_map_sector(&self.sb.uuid, kind, *index);
@@ -478,8 +480,9 @@ impl Inner {
     }
 
     /// Clears both session maps whole on disk (after recovery: nothing is unsettled any more).
-    pub(crate) fn clear_all_session(&self) -> Result<()> {
-        for kind in [MapKind::Dirty, MapKind::FirstWrite] {
+    /// Only under maintenance: no commit may mark a group meanwhile.
+    pub(crate) fn clear_all_session(&self, _under: &Maintenance<'_>) -> Result<()> {
+        for kind in self.clearable_session_maps() {
             for index in 0..u32_of(self.geo.map_sectors()) {
                 let bytes = empty_map_sector(&self.sb.uuid, kind, index);
                 for copy in 0..2 {
@@ -491,5 +494,56 @@ impl Inner {
             self.lock(&map.found).clear();
         }
         Ok(())
+    }
+
+    /// The session maps whose bits may be cleared now. While a mirror member is out of sync
+    /// the dirty map is also the set's write-intent bitmap: every group written since the
+    /// member fell behind stays marked, durably, so `resync` copies only those.
+    fn clearable_session_maps(&self) -> Vec<MapKind> {
+        if self.degraded() {
+            vec![MapKind::FirstWrite]
+        } else {
+            vec![MapKind::Dirty, MapKind::FirstWrite]
+        }
+    }
+
+    /// Takes the dirty map as it is on disk as this session's own (at a read-write open of a
+    /// degraded set: the marks of earlier degraded sessions must be kept, and a session map
+    /// sector is always rewritten whole from what the session holds).
+    pub(crate) fn adopt_dirty_from_disk(&self) -> Result<()> {
+        for index in 0..u32_of(self.geo.map_sectors()) {
+            let s = self.read_map_sector(MapKind::Dirty, index, true)?;
+            if s.parse != MapParse::Valid {
+                // No valid copy: every group it covers is taken as written while degraded.
+                let n = crate::format::groups_in_map_sector(index, self.geo.groups);
+                let first = u64::from(index) * GROUPS_PER_MAP_SECTOR;
+                let all: Vec<u64> = (first..first + n).collect();
+                let mut bytes = vec![0u8; SECTOR_SIZE].into_boxed_slice();
+                let bits: Vec<u64> = all.iter().map(|&g| self.geo.map_position(g).1).collect();
+                seal_map_sector(&mut bytes, &self.sb.uuid, MapKind::Dirty, index, &bits);
+                self.lock(&self.maps.dirty.bits).sectors.insert(index, bytes);
+                continue;
+            }
+            let n = crate::format::groups_in_map_sector(index, self.geo.groups);
+            if (0..n).any(|i| map_bit(&s.raw, i)) {
+                self.lock(&self.maps.dirty.bits)
+                    .sectors
+                    .insert(index, s.raw.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Every group the dirty map marks, from this session's view (which, at a degraded open,
+    /// includes the earlier sessions' marks).
+    pub(crate) fn dirty_groups(&self) -> Vec<u64> {
+        let bits = self.lock(&self.maps.dirty.bits);
+        let mut out = Vec::new();
+        for (&index, bytes) in &bits.sectors {
+            let first = u64::from(index) * GROUPS_PER_MAP_SECTOR;
+            let n = crate::format::groups_in_map_sector(index, self.geo.groups);
+            out.extend((0..n).filter(|&i| map_bit(bytes, i)).map(|i| first + i));
+        }
+        out
     }
 }

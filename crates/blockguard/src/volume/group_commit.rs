@@ -98,6 +98,11 @@ impl Inner {
         self.stats.flush_rounds.fetch_add(1, Ordering::Relaxed);
         let mut state = self.lock(&self.commit);
         self.failed()?;
+        if !self.lock(&self.stage).active.is_empty() {
+            // Under the `read-only` error policy's suspension nothing new is committed; a
+            // flush with nothing staged still makes earlier commits durable.
+            self.suspended()?;
+        }
         self.commit_locked(&mut state)?;
         self.flush_locked(&mut state)?;
         // Everything committed is durable now: no group is unsettled any more.

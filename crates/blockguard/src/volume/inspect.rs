@@ -10,6 +10,7 @@ use crate::cast::{u32_of_small, usize_of};
 use crate::error::{Error, Result};
 use crate::format::SectorParse;
 use crate::format::{MapDamage, MapKind};
+use blockguard_backend::Backend as _;
 
 /// Groups whose allocation `extents` works out from one look at the stage and one query of
 /// the backend's holes.

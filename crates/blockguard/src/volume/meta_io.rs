@@ -11,6 +11,7 @@ use super::bitmaps::MapBit;
 use super::group::{GroupState, Origin};
 use super::{aligned, Inner};
 use crate::error::{Error, Result};
+use blockguard_backend::Backend as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -105,7 +106,7 @@ impl Inner {
         self.confirm(group, state)
     }
 
-    fn parse_loaded(&self, group: u64, raw: Box<[u8]>, confirmed: bool) -> Result<GroupState> {
+    pub(crate) fn parse_loaded(&self, group: u64, raw: Box<[u8]>, confirmed: bool) -> Result<GroupState> {
         // After a crash only the groups the dirty map marks may hide an older brother that still
         // describes the data: every other group was settled before it.
         let after_crash = !self.trusted.load(Ordering::Acquire) && self.dirty_after_crash(group)?;
@@ -208,19 +209,6 @@ impl Inner {
             bytes,
             state: Arc::new(state),
         }
-    }
-
-    /// Writes the metadata of `updates` (not flushed).
-    pub(crate) fn write_metadata(&self, updates: &[MetaUpdate]) -> Result<()> {
-        let align = self.backend.alignment().max(1);
-        for u in updates {
-            let mut buf = aligned(u.bytes.len(), align);
-            buf.as_mut().copy_from_slice(&u.bytes);
-            self.backend
-                .write_at(buf.as_ref(), u.offset)
-                .map_err(self.io_err("writing metadata", u.offset))?;
-        }
-        Ok(())
     }
 
     /// Publishes new metadata to readers. Done after the metadata is on the backend and

@@ -1,12 +1,16 @@
 //! The volume engine: verified reads, crash-consistent writes, flush and discard over a
 //! [`Backend`]. Synchronous and thread-safe: share a `Volume` between threads with `Arc`.
 //!
-//! Writes are staged in memory (bounded) and committed in batches; see `commit.rs` for the
-//! `dual` protocol and `docs/CONSISTENCY.md` for why it keeps G1 and G2. The engine's parts:
-//! `open` (format, open, recovery at open), `read` (verified reads), `write` (staging),
-//! `commit` (the consistency protocol), `recover` (settling after a crash), `inspect`
-//! (extents, check, dump), `group` (what a group's metadata accepts), `meta_io` (loading,
-//! confirming and writing metadata), `cache` and `stage`.
+//! Writes are staged in memory (bounded) and committed in batches; see `commit/dual.rs` for
+//! the `dual` protocol and `docs/CONSISTENCY.md` for why it keeps G1 and G2. The engine's
+//! parts: `open` (format, open, recovery at open), `read` (verified reads), `write`
+//! (staging), `commit` (the commit machinery, one `Protocol` per consistency mode, and
+//! `Maintenance`, the only way outside a commit to write metadata), `recover` (settling after
+//! a crash, through `Maintenance`), `inspect` (extents, check, dump), `group` (what a group's
+//! metadata accepts), `meta_io` (loading and confirming metadata), `bitmaps`, `cache`,
+//! `stage`, `policy` (the error policy for blocks with no good copy) and `health` (failure,
+//! suspension and what an operator can clear; resuming after a write-back failure is in
+//! `commit/resume.rs`).
 
 mod bitmaps;
 mod cache;
@@ -14,25 +18,36 @@ mod commit;
 mod device;
 mod group;
 mod group_commit;
+mod health;
 mod inspect;
+mod membership;
 mod meta_io;
+mod mirror;
 mod open;
+mod policy;
 mod read;
 mod recover;
+mod resync;
 mod scrub;
 mod stage;
+mod verify_copies;
 mod write;
 
+pub use commit::ResumeReport;
+pub use health::{ClearedErrors, VolumeFailure, VolumeHealth};
+pub use mirror::member_records;
+pub use policy::Suspension;
 pub use recover::{MapProblem, MetadataProblem, RecoverOptions, RecoveryReport};
+pub use resync::ResyncReport;
 pub use scrub::{
     ScrubOptions, ScrubProblem, ScrubProblemKind, ScrubProgress, ScrubReport, DEFAULT_SCRUB_CHUNK,
     DEFAULT_SCRUB_LISTED,
 };
+pub use verify_copies::CopiesReport;
 
 use crate::error::{Error, Result};
-use crate::format::{Geometry, Mode, Superblock, VolumeState};
+use crate::format::{ErrorPolicy, Geometry, Mode, Superblock};
 use crate::tag::{Profile, Tag};
-use blockguard_backend::Backend;
 use cache::MetaCache;
 use stage::{SharedBuf, Stage};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -61,6 +76,9 @@ pub struct FormatOptions {
     /// writes only the superblocks. Otherwise the whole backend is zeroed first, because
     /// unwritten blocks must read as zeros.
     pub assume_zeroed: bool,
+    /// What the volume does about a block with no good copy (stored in the superblock;
+    /// [`OpenOptions::error_policy`] overrides it for one open).
+    pub error_policy: ErrorPolicy,
 }
 
 impl FormatOptions {
@@ -76,6 +94,7 @@ impl FormatOptions {
             label: String::new(),
             group_blocks: None,
             assume_zeroed: true,
+            error_policy: ErrorPolicy::Eio,
         }
     }
 
@@ -110,6 +129,8 @@ pub struct OpenOptions {
     /// this window before it are read leniently and recovered. Shorter costs one more flush
     /// whenever a commit first touches a clean group again.
     pub dirty_clear_interval: std::time::Duration,
+    /// The error policy for this open; `None` keeps the one stored in the superblock.
+    pub error_policy: Option<ErrorPolicy>,
 }
 
 impl Default for OpenOptions {
@@ -120,6 +141,7 @@ impl Default for OpenOptions {
             stage_bytes: 32 << 20,
             background_commit: true,
             dirty_clear_interval: std::time::Duration::from_secs(2),
+            error_policy: None,
         }
     }
 }
@@ -176,7 +198,8 @@ const LOCK_STRIPES: usize = 1024;
 
 /// The engine's state, shared by the [`Volume`] handle and its background committer.
 pub(crate) struct Inner {
-    backend: Arc<dyn Backend>,
+    /// The copies the volume lives on (one for a plain volume).
+    backend: Arc<crate::copies::CopySet>,
     name: String,
     sb: Superblock,
     geo: Geometry,
@@ -190,11 +213,27 @@ pub(crate) struct Inner {
     stage_limit: usize,
     /// Serializes commits and flushes; holds what the commit protocol must remember.
     commit: Mutex<commit::CommitState>,
+    /// The mirror set's current description (`None`: a plain volume); its health changes
+    /// when a member is dropped.
+    mirror: Mutex<Option<crate::format::MirrorInfo>>,
+    /// Member records (index, sector) kept in every superblock region of a mirror member.
+    records: Vec<(usize, [u8; 512])>,
+    /// The superblocks on disk say "in use".
+    disk_in_use: AtomicBool,
+    /// The consistency mode's protocol (from the superblock).
+    protocol: &'static dyn commit::protocol::Protocol,
     /// Groups loaded from disk are settled (their newest metadata describes durable data):
     /// the volume was closed cleanly before this open, or has been recovered since.
     trusted: AtomicBool,
-    /// Set once when a write-back fails (see `Inner::fail`).
-    failure: std::sync::OnceLock<String>,
+    /// Why writes and flushes are refused, once a write-back failed or a thread panicked
+    /// (see `Inner::fail`); a write-back failure is cleared by `Volume::resume`.
+    failure: Mutex<Option<VolumeFailure>>,
+    /// `failure` is set: the writers' lock-free check.
+    failed: AtomicBool,
+    /// The error policy for blocks with no good copy, and what it has seen.
+    policy: policy::PolicyState,
+    /// Acknowledged block writes known lost (flushes fail while any is left), for `health`.
+    lost_writes: AtomicU64,
     /// Set by writers when the stage is full, to wake the committer thread.
     kick: Mutex<bool>,
     kick_cv: Condvar,
@@ -223,6 +262,12 @@ pub(crate) struct Stats {
     flush_calls: AtomicU64,
     /// Commit-and-flush rounds run for them.
     flush_rounds: AtomicU64,
+    /// Blocks rewritten on a mirror member from a good copy (read repair).
+    repairs: AtomicU64,
+    /// Blocks no mirror member held a good copy of.
+    unrepairable: AtomicU64,
+    /// Mirror members dropped for failing.
+    members_failed: AtomicU64,
 }
 
 /// A snapshot of the engine's counters.
@@ -240,6 +285,13 @@ pub struct VolumeStats {
     /// Commit-and-flush rounds run for those calls: fewer when concurrent callers shared one
     /// (group commit).
     pub flush_rounds: u64,
+    /// Block copies on a mirror member that failed verification (or could not be read) and
+    /// were rewritten from a member whose copy verified (read repair).
+    pub repairs: u64,
+    /// Blocks that failed verification on every mirror member in sync.
+    pub unrepairable: u64,
+    /// Mirror members dropped from the set for failing writes, flushes or repairs.
+    pub members_failed: u64,
 }
 
 impl std::fmt::Debug for Volume {
@@ -279,10 +331,10 @@ impl Inner {
 
     fn fail_poisoned<T>(&self) {
         let what = std::any::type_name::<T>();
-        if self.failure.get().is_none() {
+        if self.failure().is_none_or(|f| f.resumable) {
             tracing::error!(volume = %self.name, lock = what, "a thread panicked while holding a lock of the engine: failing the volume");
         }
-        self.fail(format!(
+        self.fail_for_good(format!(
             "a thread panicked while holding a lock of the engine ({what}): its state may be inconsistent"
         ));
     }
@@ -328,7 +380,9 @@ impl Inner {
                 return;
             }
             let mut state = self.lock(&self.commit);
-            if self.lock(&self.stage).active_bytes >= self.stage_limit {
+            // Under the `read-only` policy's suspension nothing new is committed (flushes
+            // refuse to, and close leaves it unwritten).
+            if self.lock(&self.stage).active_bytes >= self.stage_limit && !self.policy.is_suspended() {
                 // A failure is recorded in the commit state and reported by the next write
                 // or flush.
                 let _ = self.commit_locked(&mut state);
@@ -340,10 +394,10 @@ impl Inner {
         if self.read_only {
             return Ok(());
         }
-        let mut state = self.lock(&self.commit);
-        self.failed()?;
-        self.commit_locked(&mut state)?;
-        self.flush_locked(&mut state)?;
+        // Under the `read-only` error policy's suspension nothing new reaches the disk, also
+        // at close: what is staged is left unwritten (and reported).
+        let unwritten = self.drop_suspended_stage();
+        let mut m = self.maintenance("flushing")?;
         // Nothing is unsettled: the dirty map is cleared (it does not need to be durable before
         // the clean marking — a clean volume ignores it — nor after: a stale dirty bit only
         // makes a group read leniently after a crash).
@@ -351,11 +405,11 @@ impl Inner {
         // Clean: every pair's newest sector describes durable data. Blocks that could not be
         // kept do not change that (neither their data nor their tags were written), so their
         // loss is reported after the marking.
-        if state.marked_in_use && self.trusted.load(Ordering::Acquire) {
-            self.write_superblocks(VolumeState::Clean, "marking the volume clean")?;
-            state.marked_in_use = false;
+        if m.marked_in_use() && self.trusted.load(Ordering::Acquire) {
+            m.mark_clean("marking the volume clean")?;
         }
-        self.lost_writes(&state)
+        self.lost_writes(m.state())?;
+        unwritten.map_or(Ok(()), Err)
     }
 }
 
@@ -538,6 +592,9 @@ impl Volume {
             reads_retried: self.inner.stats.reads_retried.load(Ordering::Relaxed),
             flush_calls: self.inner.stats.flush_calls.load(Ordering::Relaxed),
             flush_rounds: self.inner.stats.flush_rounds.load(Ordering::Relaxed),
+            repairs: self.inner.stats.repairs.load(Ordering::Relaxed),
+            unrepairable: self.inner.stats.unrepairable.load(Ordering::Relaxed),
+            members_failed: self.inner.stats.members_failed.load(Ordering::Relaxed),
         }
     }
 
@@ -554,7 +611,8 @@ impl Volume {
             self.inner.kick_cv.notify_one();
             if handle.join().is_err() {
                 // The committer panicked: whatever it was doing may be half done.
-                self.inner.fail("the background committer thread panicked".into());
+                self.inner
+                    .fail_for_good("the background committer thread panicked".into());
             }
         }
     }
@@ -586,7 +644,7 @@ fn relabel(e: Error, name: &str) -> Error {
 
 /// A buffer whose start is aligned to `align` (for `O_DIRECT` backends), built without
 /// unsafe code by over-allocating and slicing.
-struct Aligned {
+pub(crate) struct Aligned {
     buf: Vec<u8>,
     start: usize,
     len: usize,

@@ -4,18 +4,18 @@
 use super::bitmaps::Bitmaps;
 use super::cache::MetaCache;
 use super::group_commit::FlushSequence;
-use super::recover::RecoverOptions;
 use super::stage::Stage;
 use super::{aligned, invalid, relabel, FormatOptions, Inner, OpenOptions, Volume};
 use super::{commit, Stats, LOCK_STRIPES};
 use crate::cast::{u32_of, usize_of};
+use crate::copies::CopySet;
 use crate::error::{Error, Result};
 use crate::format::{
-    empty_map_sector, validate_label, Geometry, MapKind, Mode, Superblock, SuperblockError, VolumeState,
-    SB_REGION, SB_STRUCT_SIZE, SECTOR_SIZE, SUPPORTED_RO_COMPAT,
+    empty_map_sector, validate_label, Geometry, MapKind, MirrorInfo, Superblock, SuperblockError,
+    VolumeState, SB_REGION, SB_STRUCT_SIZE, SECTOR_SIZE, SUPPORTED_RO_COMPAT,
 };
 use blockguard_backend::Backend;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
 
 impl Volume {
@@ -86,20 +86,37 @@ impl Volume {
         opts: &OpenOptions,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Volume> {
-        let name = backend.name();
-        let len = backend.len();
-        let (primary, backup) = read_superblocks(&*backend, &name, len)?;
-        let mut warnings = Vec::new();
-        let sb = choose_superblock(&name, primary, backup, &mut warnings)?;
-        // With one copy unusable the other's state is still trustworthy: both markings write
-        // the primary first, so a readable copy saying "clean" was never followed by a commit.
+        let (sb, warnings) = read_member(&*backend)?;
+        if sb.mirror.is_some() {
+            return Err(invalid(
+                &backend.name(),
+                "this is a member of a mirror set: open the set (`Volume::open_members`, or the \
+                 command line, which finds the other members)"
+                    .into(),
+            ));
+        }
+        Self::assemble(CopySet::single(backend), sb, warnings, opts, progress)
+    }
+
+    /// Builds the engine over `set`, whose superblock is `sb`, and recovers it if it was left
+    /// in use (read-write opens).
+    pub(super) fn assemble(
+        set: CopySet,
+        sb: Superblock,
+        warnings: Vec<String>,
+        opts: &OpenOptions,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Volume> {
+        let name = set.name();
         let geo = sb.geometry;
-        check_backend_fits(&*backend, &name, &geo, len)?;
         // Unknown read-only-compatible features: reading is safe, writing could break them.
-        let read_only = opts.read_only || backend.is_read_only() || sb.ro_compat & !SUPPORTED_RO_COMPAT != 0;
+        let read_only = opts.read_only || set.is_read_only() || sb.ro_compat & !SUPPORTED_RO_COMPAT != 0;
         let group_bytes = 2 * geo.block_size as usize + 256;
-        let mut vol = Inner {
-            failure: std::sync::OnceLock::new(),
+        let vol = Inner {
+            failure: Mutex::new(None),
+            failed: AtomicBool::new(false),
+            policy: super::policy::PolicyState::new(opts.error_policy.unwrap_or(sb.error_policy)),
+            lost_writes: AtomicU64::new(0),
             kick: Mutex::new(false),
             kick_cv: Condvar::new(),
             flushes: FlushSequence::default(),
@@ -111,34 +128,59 @@ impl Volume {
             stage: Mutex::new(Stage::default()),
             stage_limit: opts.stage_bytes.max(geo.block_size as usize),
             commit: Mutex::new(commit::CommitState::default()),
+            protocol: commit::protocol::for_mode(sb.mode),
             trusted: AtomicBool::new(sb.state == VolumeState::Clean),
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             reads_active: AtomicUsize::new(0),
             recovered_at_open: None,
             stats: Stats::default(),
-            backend,
+            mirror: Mutex::new(sb.mirror.clone()),
+            records: if sb.mirror.is_some() {
+                super::mirror::encoded_records(&**set.backend(set.live().first().copied().unwrap_or(0)))
+            } else {
+                Vec::new()
+            },
+            disk_in_use: AtomicBool::new(sb.state == VolumeState::InUse),
+            backend: Arc::new(set),
             name,
             sb,
             geo,
             read_only,
             warnings,
         };
+        Self::settle(vol, progress)
+    }
+
+    /// Repairs superblocks and settles a volume left in use (read-write), then starts it.
+    fn settle(mut vol: Inner, progress: &mut dyn FnMut(u64, u64)) -> Result<Volume> {
         if !vol.read_only && !vol.warnings.is_empty() {
             vol.repair_superblocks()?;
         }
         if !vol.read_only && vol.sb.state == VolumeState::InUse {
-            if vol.sb.mode == Mode::Dual {
-                tracing::info!(volume = %vol.name, "the volume was not closed cleanly: recovering");
-                let report = vol.recover(RecoverOptions::default(), progress)?;
-                vol.recovered_at_open = Some(report);
-            } else {
-                // No brothers, nothing to settle: `none` mode promises nothing after a crash.
-                vol.trusted.store(true, std::sync::atomic::Ordering::Release);
-                vol.write_superblocks(VolumeState::Clean, "marking the volume clean")?;
-            }
+            // Copies may disagree where the crash cut writes short: make them agree first.
+            vol.converge_after_crash()?;
+            vol.recovered_at_open = vol.protocol.settle_after_crash(&vol, progress)?;
+        }
+        if !vol.read_only && vol.degraded() {
+            // The write-intent marks of earlier degraded sessions are kept, not overwritten.
+            vol.adopt_dirty_from_disk()?;
         }
         Ok(Volume::start(vol))
     }
+}
+
+/// Reads and chooses the superblock of one backend, checking that the backend holds the
+/// layout it describes. Returns it and the warnings about damaged copies.
+pub(super) fn read_member(backend: &dyn Backend) -> Result<(Superblock, Vec<String>)> {
+    let name = backend.name();
+    let len = backend.len();
+    let (primary, backup) = read_superblocks(backend, &name, len)?;
+    let mut warnings = Vec::new();
+    // With one copy unusable the other's state is still trustworthy: both markings write
+    // the primary first, so a readable copy saying "clean" was never followed by a commit.
+    let sb = choose_superblock(&name, primary, backup, &mut warnings)?;
+    check_backend_fits(backend, &name, &sb.geometry, len)?;
+    Ok((sb, warnings))
 }
 
 /// The layout of a volume formatted with `opts` on a backend of `len` bytes: `opts.size`
@@ -172,11 +214,18 @@ fn new_superblock(opts: &FormatOptions, geo: Geometry) -> Superblock {
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    Superblock::new(geo, uuid, opts.profile, opts.mode, &opts.label, created)
+    Superblock {
+        error_policy: opts.error_policy,
+        ..Superblock::new(geo, uuid, opts.profile, opts.mode, &opts.label, created)
+    }
 }
 
 /// An [`Error::Io`] of volume `name` for a backend failure while `during` at `offset`.
-fn io_error(name: &str, during: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> Error {
+pub(super) fn io_error(
+    name: &str,
+    during: &'static str,
+    offset: u64,
+) -> impl FnOnce(std::io::Error) -> Error {
     let name = name.to_string();
     move |source| Error::Io {
         volume: name,
@@ -209,7 +258,7 @@ fn zero_backend(
 /// Writes both copies of the three group bitmaps, every sector with no bit set (a blank
 /// sector found later is damage, not an empty map), and flushes. The head and tail copies
 /// each fill a contiguous, 4 KiB-aligned run of regions.
-fn write_empty_maps(
+pub(super) fn write_empty_maps(
     backend: &dyn Backend,
     name: &str,
     geo: &Geometry,
@@ -371,28 +420,52 @@ impl Inner {
         Ok(())
     }
 
-    /// Writes both superblock copies with `state`, then flushes.
+    /// Writes both superblock copies with `state` to every member in sync (each with its own
+    /// role, and the set's current view of its members), then flushes.
     pub(crate) fn write_superblocks(&self, state: VolumeState, during: &'static str) -> Result<()> {
-        let sb = Superblock {
-            state,
-            ..self.sb.clone()
-        };
+        let mirror = self.lock(&self.mirror).clone();
         let backup_at = self.geo.backup_sb_offset;
-        for copy in 0..2 {
-            // Both copies read back as exactly what is meant: a superblock that did not would
-            // make the volume unopenable, or open it with another geometry.
-            assert_eq!(
-                Superblock::decode(&sb.encode(copy)),
-                Ok((sb.clone(), copy)),
-                "{}: an encoded superblock does not decode",
-                self.name
-            );
-        }
         let align = self.backend.alignment().max(1);
-        write_aligned(&*self.backend, &sb.encode(0), 0, align).map_err(self.io_err(during, 0))?;
-        write_aligned(&*self.backend, &sb.encode(1), backup_at, align)
-            .map_err(self.io_err(during, backup_at))?;
-        self.backend.flush().map_err(self.io_err(during, 0))
+        for member in self.backend.live() {
+            let sb = Superblock {
+                state,
+                mirror: mirror.clone().map(|m| MirrorInfo {
+                    role: u8::try_from(member).unwrap_or(u8::MAX),
+                    ..m
+                }),
+                ..self.sb.clone()
+            };
+            let mut regions = [sb.encode(0), sb.encode(1)];
+            for (copy, region) in (0u8..).zip(regions.iter_mut()) {
+                // Both copies read back as exactly what is meant: a superblock that did not
+                // would make the volume unopenable, or open it with another geometry.
+                assert_eq!(
+                    Superblock::decode(region),
+                    Ok((sb.clone(), copy)),
+                    "{}: an encoded superblock does not decode",
+                    self.name
+                );
+                self.put_member_records(region);
+            }
+            let dev = &**self.backend.backend(member);
+            let result = write_aligned(dev, &regions[0], 0, align)
+                .and_then(|()| write_aligned(dev, &regions[1], backup_at, align))
+                .and_then(|()| dev.flush());
+            if let Err(e) = result {
+                if self.backend.count() == 1 {
+                    return Err(self.io_err(during, 0)(e));
+                }
+                self.backend.drop_member(member, format!("{during}: {e}"));
+            }
+        }
+        if self.backend.live().is_empty() {
+            return Err(self.io_err(during, 0)(std::io::Error::other(
+                "no mirror member is left in sync",
+            )));
+        }
+        self.disk_in_use
+            .store(state == VolumeState::InUse, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 }
 

@@ -85,6 +85,11 @@ impl Inner {
         })
     }
 
+    /// Whether `data` verifies as `block` against `accept` (any tag it accepts).
+    pub(crate) fn verifies(&self, block: u64, data: &[u8], accept: &Accept) -> bool {
+        self.verify_match(block, data, accept).is_ok()
+    }
+
     /// Reads `buf.len()` bytes at `offset`. Every block touched is verified first; a block
     /// that fails returns [`Error::Corrupt`] and no data.
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -203,6 +208,10 @@ impl Inner {
     /// Reads unstaged consecutive blocks of one group from the backend and verifies them.
     fn read_run(&self, first: u64, dst: &mut [u8]) -> Result<()> {
         self.backend_read(dst, self.geo.data_offset(first), "reading data")?;
+        if self.backend.has_read_errors() {
+            // A member failed a read another served: rewrite it while the good copy is at hand.
+            self.repair_read_errors()?;
+        }
         let why = match self.verify_run(first, dst) {
             Ok(Match::Newest) => return Ok(()),
             Ok(Match::Fallback) => "matched only an older tag".to_string(),
@@ -268,7 +277,17 @@ impl Inner {
                 found = self.verify_match(block, chunk, &accept);
             }
             if let Err(e) = found {
-                tracing::error!(volume = %self.name, block, "{e}");
+                // Another mirror member may hold a good copy: return it and heal the others.
+                if self.repair_block(block, chunk)? {
+                    continue;
+                }
+                if self.backend.count() > 1 {
+                    self.stats.unrepairable.fetch_add(1, Ordering::Relaxed);
+                }
+                // No good copy anywhere: the error policy decides what else happens. The error
+                // is returned, not logged here: the caller reports it (the servers log it
+                // with the request, `check` lists it, `export` stops with it).
+                self.unrepairable(block, &e);
                 return Err(e);
             }
         }

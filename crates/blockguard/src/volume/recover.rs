@@ -22,13 +22,14 @@
 //! the partner may be a version older than the lost brother described; the report lists them.
 
 use super::bitmaps::MapBit;
-use super::commit::CommitState;
+use super::commit::maintenance::Maintenance;
 use super::group::{GroupState, GroupWriter, PairView};
 use super::Inner;
 use crate::cast::u32_of_small;
 use crate::error::{Error, Result};
-use crate::format::{SectorParse, VolumeState};
+use crate::format::SectorParse;
 use crate::tag::UNWRITTEN;
+use blockguard_backend::Backend as _;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
@@ -128,14 +129,9 @@ impl Inner {
                 volume: self.name.clone(),
             });
         }
-        let mut state = self.lock(&self.commit);
-        self.failed()?;
-        // What recovery reads must be what the disk holds, not pages the kernel has yet to
-        // write (a killed process leaves those behind): stage out, then flush unconditionally.
-        self.commit_locked(&mut state)?;
-        self.flush_or_fail("flushing before recovery")?;
-        let epoch = state.epoch;
-        state.flushed(epoch);
+        // What recovery reads must be what the disk holds: everything staged goes out first,
+        // and no commit runs until recovery is done.
+        let mut m = self.maintenance("flushing before recovery")?;
         let after_crash = !self.trusted.load(Ordering::Acquire);
         let mut report = RecoveryReport {
             already_clean: !after_crash,
@@ -180,7 +176,7 @@ impl Inner {
                 } else {
                     // A bit once set is never cleared, not even when the group's metadata
                     // reads blank: that is the damage the map exists to report.
-                    self.recover_group(g, opts, &mut report)? || map == MapBit::Set
+                    self.recover_group(&mut m, g, opts, &mut report)? || map == MapBit::Set
                 };
                 if let Some(bits) = rebuilt_bits.get_mut(&index) {
                     if written {
@@ -195,9 +191,9 @@ impl Inner {
                 }
             }
         }
-        self.write_recovered_map(&missing_bits, repaired_copies, rebuilt_bits, &mut report)?;
-        self.flush_or_fail("flushing recovered metadata")?;
-        self.settled(&mut state, after_crash)?;
+        self.write_recovered_map(&m, &missing_bits, repaired_copies, rebuilt_bits, &mut report)?;
+        m.make_durable("flushing recovered metadata")?;
+        self.settled(&mut m, after_crash)?;
         progress(total.max(1), total.max(1));
         if report.damaged.is_empty() {
             tracing::info!(volume = %self.name, ?report, "recovered");
@@ -210,11 +206,11 @@ impl Inner {
     /// The end of a recovery whose resolutions are durable: nothing is unsettled any more, so
     /// the newest tags are trusted from now on and, `after_crash`, the session maps are
     /// cleared and the volume is marked clean.
-    fn settled(&self, state: &mut CommitState, after_crash: bool) -> Result<()> {
+    fn settled(&self, m: &mut Maintenance<'_>, after_crash: bool) -> Result<()> {
         if after_crash {
             // Nothing is unsettled any more — but only once the resolutions above are durable:
             // cleared first, a crash could leave a group read strictly before it was settled.
-            self.clear_all_session()?;
+            self.clear_all_session(m)?;
         }
         // Every group now describes what the disk holds: trust the newest tags from here on,
         // for groups loaded later too.
@@ -222,8 +218,7 @@ impl Inner {
         self.cache.clear();
         self.clear_map_cache();
         if after_crash {
-            self.write_superblocks(VolumeState::Clean, "marking the volume clean after recovery")?;
-            state.marked_in_use = false;
+            m.mark_clean("marking the volume clean after recovery")?;
         }
         Ok(())
     }
@@ -259,6 +254,7 @@ impl Inner {
     /// sectors rebuilt with the groups found written. Not flushed.
     fn write_recovered_map(
         &self,
+        m: &Maintenance<'_>,
         missing_bits: &[u64],
         repaired_copies: Vec<u32>,
         rebuilt_bits: RebuiltBits,
@@ -278,7 +274,7 @@ impl Inner {
             map.push(self.map_rebuild(index, &bits));
             report.map_sectors_rebuilt += 1;
         }
-        self.write_map(&map)
+        m.write_map(&map)
     }
 
     /// For each group of `groups` (ascending), whether the backend proves its metadata blank
@@ -304,12 +300,18 @@ impl Inner {
 
     /// Settles one group (see the module documentation); returns whether it holds written
     /// metadata afterwards.
-    fn recover_group(&self, group: u64, opts: RecoverOptions, report: &mut RecoveryReport) -> Result<bool> {
+    fn recover_group(
+        &self,
+        m: &mut Maintenance<'_>,
+        group: u64,
+        opts: RecoverOptions,
+        report: &mut RecoveryReport,
+    ) -> Result<bool> {
         let mut old = self.confirmed_group(group)?;
         if old.never_written() {
             return Ok(false);
         }
-        if let Some(completed) = self.complete_first_write(group, &old, report)? {
+        if let Some(completed) = self.complete_first_write(m, group, &old, report)? {
             old = completed;
         }
         let per = self.geo.tags_per_sector() as usize;
@@ -368,7 +370,7 @@ impl Inner {
         if changed {
             let (new, slots) = w.finish_loaded(&self.geo, false);
             let update = self.meta_update(group, new, slots);
-            self.write_metadata(std::slice::from_ref(&update))?;
+            m.write_metadata(std::slice::from_ref(&update))?;
             report.groups_rewritten += 1;
             return Ok(true);
         }
@@ -418,6 +420,7 @@ impl Inner {
     /// Returns the group's state afterwards, if anything was written.
     fn complete_first_write(
         &self,
+        m: &mut Maintenance<'_>,
         group: u64,
         old: &GroupState,
         report: &mut RecoveryReport,
@@ -442,8 +445,8 @@ impl Inner {
         }
         let (new, slots) = w.finish_loaded(&self.geo, true);
         let update = self.meta_update(group, new, slots);
-        self.write_metadata(std::slice::from_ref(&update))?;
-        self.flush_or_fail("flushing a completed first write")?;
+        m.write_metadata(std::slice::from_ref(&update))?;
+        m.make_durable("flushing a completed first write")?;
         report.pairs_completed += torn.len() as u64;
         Ok(Some(update.state))
     }

@@ -5,7 +5,6 @@ use super::stage::{self, SharedBuf, Staged};
 use super::{Inner, LOCK_STRIPES};
 use crate::cast::usize_of;
 use crate::error::{Error, Result};
-use crate::format::Mode;
 use std::sync::{Arc, MutexGuard};
 
 impl Inner {
@@ -15,7 +14,8 @@ impl Inner {
                 volume: self.name.clone(),
             });
         }
-        self.failed()
+        self.failed()?;
+        self.suspended()
     }
 
     /// Locks the stripes covering blocks `first..first+count`, in ascending order so two
@@ -38,7 +38,7 @@ impl Inner {
     /// Checked when the write arrives, so a write that cannot be kept is refused, not
     /// acknowledged and lost.
     fn check_metadata_writable(&self, first: u64, last: u64, whole: std::ops::Range<u64>) -> Result<()> {
-        if self.sb.mode != Mode::Dual {
+        if !self.protocol.refuses_writes_into_damage() {
             return Ok(());
         }
         let per = u64::from(self.geo.tags_per_sector());
@@ -124,6 +124,7 @@ impl Inner {
         }
         self.stage_entries(entries);
         drop(guards);
+        self.policy.rewritten(first, last);
         self.commit_if_full()
     }
 
@@ -183,6 +184,7 @@ impl Inner {
             let guards = self.lock_stripes(b, n);
             self.stage_entries((b..b + n).map(|x| (x, Staged::Zero)).collect());
             drop(guards);
+            self.policy.rewritten(b, b + n - 1);
             b += n;
             let pending = self.lock(&self.stage).active.len();
             if pending >= 1 << 18 {

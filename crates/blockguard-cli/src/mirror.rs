@@ -1,0 +1,257 @@
+//! `blockguard mirror`: the copies of a volume — list them, add one, remove one, replace one,
+//! and resynchronize copies that fell behind. Works on a volume no other process has open.
+
+use crate::common::{open_volume, progress, PathOnce};
+use anyhow::{bail, Context, Result};
+use blockguard::blockguard_backend::{Backend, FileBackend, FileOptions};
+use blockguard::{ResyncReport, Volume};
+use clap::{Args, Subcommand};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Arguments of `mirror`.
+#[derive(Args, Debug)]
+pub(crate) struct MirrorArgs {
+    #[command(subcommand)]
+    pub(crate) action: Action,
+}
+
+/// What `mirror` does.
+#[derive(Subcommand, Debug)]
+pub(crate) enum Action {
+    /// List the copies of a volume and whether each holds its current contents.
+    List {
+        /// The volume (any copy's path).
+        volume: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a copy (a new file, created with the volume's size, or an empty device) and build
+    /// it from the volume, with a progress bar. A plain volume becomes a set of two.
+    Add {
+        /// The volume (any copy's path).
+        volume: PathBuf,
+        /// The new copy.
+        copy: PathBuf,
+        /// Use a device or file that is not empty (its contents are overwritten).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove a copy from the set (it is left as it was, and is no longer part of the set).
+    /// The last copy left becomes a plain volume.
+    Remove {
+        /// The volume (any copy's path).
+        volume: PathBuf,
+        /// The copy to remove: its path, or its number as `mirror list` shows it.
+        copy: String,
+    },
+    /// Replace a copy by a new one: the new one is built first, then the old one removed.
+    Replace {
+        /// The volume (any copy's path).
+        volume: PathBuf,
+        /// The copy to replace: its path or number.
+        old: String,
+        /// The new copy.
+        new: PathBuf,
+        /// Use a device or file that is not empty.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Copy to every copy that fell behind the groups written since, then mark it in sync.
+    Resync {
+        /// The volume (any copy's path).
+        volume: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `blockguard mirror`.
+pub(crate) fn run(args: &MirrorArgs) -> Result<()> {
+    match &args.action {
+        Action::List { volume, json } => list(volume, *json),
+        Action::Add { volume, copy, force } => {
+            let vol = open_volume(volume, false)?;
+            let (vol, report) = add(vol, volume, copy, *force)?;
+            vol.close()?;
+            say!(
+                "added {}: {} groups ({} bytes) copied",
+                copy.display(),
+                report.groups,
+                report.bytes_copied
+            );
+            Ok(())
+        }
+        Action::Remove { volume, copy } => {
+            let vol = open_volume(volume, false)?;
+            let role = resolve(&vol, volume, copy)?;
+            let vol = vol
+                .remove_member(role)
+                .with_context(|| format!("removing copy {role}"))?;
+            vol.close()?;
+            say!("removed copy {role} ({copy})");
+            Ok(())
+        }
+        Action::Replace {
+            volume,
+            old,
+            new,
+            force,
+        } => {
+            let vol = open_volume(volume, false)?;
+            let role = resolve(&vol, volume, old)?;
+            let (vol, report) = add(vol, volume, new, *force)?;
+            let vol = vol
+                .remove_member(role)
+                .with_context(|| format!("removing copy {role}"))?;
+            vol.close()?;
+            say!(
+                "replaced copy {role} ({old}) by {}: {} groups copied",
+                new.display(),
+                report.groups
+            );
+            Ok(())
+        }
+        Action::Resync { volume, json } => {
+            let vol = open_volume(volume, false)?;
+            let pb = progress(vol.geometry().groups, "resync");
+            let report = vol
+                .resync(&mut |done, total| {
+                    pb.set_length(total.max(1));
+                    pb.set_position(done);
+                })
+                .doing("resynchronize", volume)?;
+            pb.finish_and_clear();
+            vol.close()?;
+            print_resync(&report, *json)
+        }
+    }
+}
+
+fn print_resync(report: &ResyncReport, json: bool) -> Result<()> {
+    if json {
+        say!("{}", serde_json::to_string_pretty(report)?);
+    } else if report.members.is_empty() {
+        say!("every copy is in sync: nothing to do");
+    } else {
+        say!(
+            "resynchronized copies {:?} from copy {}: {} groups, {} bytes each",
+            report.members,
+            report.source.unwrap_or_default(),
+            report.groups,
+            report.bytes_copied
+        );
+    }
+    Ok(())
+}
+
+fn list(volume: &Path, json: bool) -> Result<()> {
+    let vol = crate::common::open_unlocked(volume)?;
+    let members = vol.members();
+    if json {
+        let rows: Vec<serde_json::Value> = members
+            .iter()
+            .enumerate()
+            .map(|(i, (path, in_sync))| serde_json::json!({"copy": i, "path": path, "in_sync": in_sync}))
+            .collect();
+        say!("{}", serde_json::to_string_pretty(&rows)?);
+    } else if members.is_empty() {
+        say!("{}: a plain volume (one copy)", volume.display());
+    } else {
+        for (i, (path, in_sync)) in members.iter().enumerate() {
+            let state = if *in_sync { "in sync" } else { "out of sync" };
+            say!("copy {i}: {path} ({state})");
+        }
+    }
+    Ok(())
+}
+
+/// The role of the copy named `copy` (a number, or a path naming the same file as a member).
+fn resolve(vol: &Volume, volume: &Path, copy: &str) -> Result<usize> {
+    let members = vol.members();
+    if members.is_empty() {
+        bail!(
+            "{} is a plain volume (one copy): there is no copy to remove or replace; `blockguard mirror add` makes a set",
+            volume.display()
+        );
+    }
+    if let Ok(n) = copy.parse::<usize>() {
+        if n < members.len() {
+            return Ok(n);
+        }
+        bail!(
+            "there is no copy {n}: the set has copies 0 to {}",
+            members.len() - 1
+        );
+    }
+    members
+        .iter()
+        .position(|(path, _)| crate::target::same_data(Path::new(path), Path::new(copy)).unwrap_or(false))
+        .with_context(|| format!("{copy} is not a copy of this volume (see `blockguard mirror list`)"))
+}
+
+/// Prepares `copy` (refusing a non-empty target without `force`, the volume itself, or a
+/// file that is another copy already) and adds it to `vol` with a progress bar.
+fn add(vol: Volume, volume: &Path, copy: &Path, force: bool) -> Result<(Volume, ResyncReport)> {
+    let members = vol.members();
+    let existing: Vec<String> = if members.is_empty() {
+        vec![volume.display().to_string()]
+    } else {
+        members.into_iter().map(|(p, _)| p).collect()
+    };
+    for p in &existing {
+        if crate::target::same_data(Path::new(p), copy)? {
+            bail!("{} is already a copy of this volume", copy.display());
+        }
+    }
+    let len = vol.geometry().backing_len;
+    let backend = prepare_target(copy, len, force)?;
+    let pb = progress(vol.geometry().groups, "copy");
+    let result = vol
+        .add_member(backend, &mut |done, total| {
+            pb.set_length(total.max(1));
+            pb.set_position(done);
+        })
+        .with_context(|| format!("adding {} as a copy", copy.display()));
+    pb.finish_and_clear();
+    result
+}
+
+/// Opens (creating a file if missing) the new copy's target of at least `len` bytes, empty:
+/// a file is emptied and sized; a device must be empty unless `force`, and is zeroed.
+fn prepare_target(copy: &Path, len: u64, force: bool) -> Result<Arc<dyn Backend>> {
+    let exists = copy.exists();
+    if exists && !force {
+        let backend = FileBackend::open(copy, &FileOptions::default())?;
+        crate::target::refuse_if_in_use(&backend)?;
+    }
+    let is_file = !exists || std::fs::metadata(copy).is_ok_and(|m| m.is_file());
+    if !exists {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(copy)
+            .with_context(|| format!("cannot create {}", copy.display()))?;
+        crate::target::sync_parent_dir(copy)?;
+    }
+    if is_file {
+        crate::target::empty_file(copy, len)?;
+    }
+    let abs = std::fs::canonicalize(copy).with_context(|| format!("resolving {}", copy.display()))?;
+    let backend = FileBackend::open(&abs, &FileOptions::default())?;
+    if !is_file {
+        if backend.len() < len {
+            bail!(
+                "{} holds {} bytes; a copy of this volume needs {len}",
+                abs.display(),
+                backend.len()
+            );
+        }
+        backend
+            .zero_range(0, backend.len())
+            .with_context(|| format!("zeroing {}", abs.display()))?;
+    }
+    Ok(Arc::new(backend))
+}

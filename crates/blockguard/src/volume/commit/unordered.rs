@@ -1,0 +1,63 @@
+//! `none` mode: tags rewritten in place (slot 0 only), data before metadata, no flushes.
+//! It promises nothing after a crash; it exists as the comparison case the crash simulator
+//! must catch.
+
+use super::super::stage::Batch;
+use super::super::Inner;
+use super::protocol::{GroupBatch, Plan, Planned, Protocol};
+use super::{CommitState, Dropped};
+use crate::cast::u32_of_small;
+use crate::error::Result;
+use crate::format::{SectorParse, VolumeState};
+use std::sync::atomic::Ordering;
+
+/// The `none` protocol.
+pub(crate) struct Unordered;
+
+impl Protocol for Unordered {
+    fn plan_group(&self, vol: &Inner, b: &GroupBatch<'_>, _dropped: &mut Dropped) -> Result<Planned> {
+        let (group, old, tags, epoch) = (b.group, b.old, b.tags, b.epoch);
+        let ts = vol.geo.tag_size as usize;
+        let per = vol.geo.tags_per_sector() as usize;
+        let mut w = old.writer(&vol.sb.uuid, group);
+        for k in 0..old.pairs() {
+            let count = vol.geo.tags_in_sector(group, u32_of_small(k));
+            let valid = matches!(old.pair(k)[0], SectorParse::Valid { .. });
+            let mut base = w.tags_of(valid.then_some(0), k, count);
+            for (i, t) in tags
+                .iter()
+                .filter(|(i, _)| (k * per..k * per + count).contains(i))
+            {
+                let at = (i - k * per) * ts;
+                base[at..at + ts].copy_from_slice(&t.to_bytes(ts)[..ts]);
+            }
+            w.put(0, k, 1, &base);
+            w.set_known(k, 0);
+        }
+        Ok(w.finish(&vol.geo, epoch))
+    }
+
+    fn write(&self, vol: &Inner, _state: &mut CommitState, plan: &Plan, batch: &Batch) -> Result<()> {
+        vol.write_data(batch)?;
+        vol.write_metadata(&plan.updates)?;
+        vol.write_map(&plan.map)?;
+        vol.install(&plan.updates);
+        vol.install_map(super::protocol::copy_map(&plan.map));
+        Ok(())
+    }
+
+    fn refuses_writes_into_damage(&self) -> bool {
+        false
+    }
+
+    fn settle_after_crash(
+        &self,
+        vol: &Inner,
+        _progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Option<super::super::recover::RecoveryReport>> {
+        // No brothers, nothing to settle.
+        vol.trusted.store(true, Ordering::Release);
+        vol.write_superblocks(VolumeState::Clean, "marking the volume clean")?;
+        Ok(None)
+    }
+}

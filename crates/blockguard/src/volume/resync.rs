@@ -1,0 +1,201 @@
+//! Resynchronizing mirror members that fell behind.
+//!
+//! A member that missed writes (it failed, or was missing at open) is out of sync: never read,
+//! never written. Every group written since it fell behind is marked in the dirty map (kept,
+//! durably, while the set is degraded: the write-intent bitmap), so resync copies exactly
+//! those groups — their two metadata blocks and their data — and the three group bitmaps from
+//! a member in sync, reads every copied range back, flushes the member, and only then records
+//! it in sync in every member's superblock. A member that was never part of the volume's
+//! history (added to the set) gets every group the written-groups map marks instead.
+//!
+//! Resync holds the commit lock ([`Maintenance`]) for its duration: no commit interleaves with
+//! the copy, so what it copies is what the source holds; reads go on.
+//!
+//! Crash safety: the source is only read; the target is recorded in sync only after its copy
+//! is durable. A crash in the middle leaves the target out of sync and the dirty map intact
+//! (the set is still degraded, so nothing clears it): the next resync starts over.
+
+use super::commit::maintenance::Maintenance;
+use super::{Inner, Volume};
+use crate::error::{Error, Result};
+use blockguard_backend::Backend as _;
+use std::sync::atomic::Ordering;
+
+/// Bytes copied per read and write.
+const CHUNK: u64 = 1 << 20;
+
+/// What a resync did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct ResyncReport {
+    /// Members brought back in sync.
+    pub members: Vec<usize>,
+    /// Groups copied.
+    pub groups: u64,
+    /// Bytes copied to each member (metadata, data and bitmaps).
+    pub bytes_copied: u64,
+    /// The member the copies were made from.
+    pub source: Option<usize>,
+}
+
+/// Which groups a resync copies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Extent {
+    /// The groups the dirty map marks (a member that fell behind).
+    Dirty,
+    /// Every group ever written (a member new to the set).
+    Written,
+}
+
+impl Volume {
+    /// Copies to every member that is present but out of sync the groups written since it
+    /// fell behind, then records it in sync. `progress(done, total)` counts groups.
+    pub fn resync(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<ResyncReport> {
+        self.inner.resync(Extent::Dirty, progress)
+    }
+}
+
+impl Inner {
+    /// See [`Volume::resync`]; `extent` says which groups to copy.
+    pub(crate) fn resync(&self, extent: Extent, progress: &mut dyn FnMut(u64, u64)) -> Result<ResyncReport> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                volume: self.name.clone(),
+            });
+        }
+        let targets: Vec<usize> = (0..self.backend.count())
+            .filter(|&i| self.backend.present(i) && !self.backend.in_sync(i))
+            .collect();
+        let mut report = ResyncReport::default();
+        if targets.is_empty() {
+            return Ok(report);
+        }
+        let mut m = self.maintenance("flushing before resync")?;
+        let source = *self.backend.live().first().ok_or_else(|| Error::Failed {
+            volume: self.name.clone(),
+            detail: "no mirror member is in sync to resynchronize from".into(),
+            resumable: false,
+        })?;
+        report.source = Some(source);
+        let groups = match extent {
+            Extent::Dirty => self.dirty_groups(),
+            Extent::Written => self.written_groups()?,
+        };
+        let total = groups.len() as u64;
+        let mut ranges = self.bitmap_ranges();
+        for (n, &g) in groups.iter().enumerate() {
+            ranges.push(self.group_range(g));
+            if n % 64 == 0 {
+                progress(n as u64, total);
+            }
+        }
+        for &t in &targets {
+            report.bytes_copied = 0;
+            for &(off, len) in &ranges {
+                report.bytes_copied += self.copy_range(&mut m, source, t, off, len)?;
+            }
+        }
+        report.groups = total;
+        for &t in &targets {
+            self.backend
+                .flush_one(t)
+                .map_err(self.io_err("flushing a resynchronized member", 0))?;
+        }
+        // Durable on every target: now they may be read.
+        {
+            let mut mirror = self.lock(&self.mirror);
+            if let Some(info) = mirror.as_mut() {
+                for &t in &targets {
+                    info.members[t].in_sync = true;
+                }
+                info.event += 1;
+            }
+        }
+        for &t in &targets {
+            self.backend.rejoin(t);
+        }
+        let state = if self.disk_in_use.load(Ordering::Acquire) {
+            crate::format::VolumeState::InUse
+        } else {
+            crate::format::VolumeState::Clean
+        };
+        self.write_superblocks(state, "recording resynchronized mirror members")?;
+        m.make_durable("flushing after resync")?;
+        report.members = targets;
+        progress(total, total);
+        tracing::info!(volume = %self.name, ?report, "mirror members resynchronized");
+        Ok(report)
+    }
+
+    /// Every group the written-groups map marks.
+    fn written_groups(&self) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        for g in 0..self.geo.groups {
+            if self.map_bit(g, true)? != super::bitmaps::MapBit::Clear {
+                out.push(g);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Both copies of the three group bitmaps (one contiguous run each).
+    pub(crate) fn bitmap_ranges(&self) -> Vec<(u64, u64)> {
+        (0..2)
+            .map(|copy| {
+                (
+                    self.geo.map_offset(crate::format::MapKind::Written, copy),
+                    3 * self.geo.map_region_len(),
+                )
+            })
+            .collect()
+    }
+
+    /// A group's metadata blocks and data, one contiguous run.
+    pub(crate) fn group_range(&self, g: u64) -> (u64, u64) {
+        let start = self.geo.meta_offset(g, 0);
+        let end = self.geo.data_offset(self.geo.first_block(g))
+            + u64::from(self.geo.blocks_in_group(g)) * u64::from(self.geo.block_size);
+        (start, end - start)
+    }
+
+    /// Copies `len` bytes at `off` from member `from` to member `to` and reads them back.
+    /// Returns the bytes copied. Holds the maintenance guard: no commit runs meanwhile.
+    fn copy_range(
+        &self,
+        _under: &mut Maintenance<'_>,
+        from: usize,
+        to: usize,
+        off: u64,
+        len: u64,
+    ) -> Result<u64> {
+        let align = self.backend.alignment().max(1);
+        let mut done = 0;
+        while done < len {
+            let n = crate::cast::usize_of((len - done).min(CHUNK));
+            let at = off + done;
+            let mut buf = super::aligned(n, align);
+            self.backend
+                .read_from(from, buf.as_mut(), at)
+                .map_err(self.io_err("reading a mirror member to resynchronize another", at))?;
+            self.backend
+                .write_to(to, buf.as_ref(), at)
+                .map_err(self.io_err("writing a mirror member being resynchronized", at))?;
+            let mut back = super::aligned(n, align);
+            self.backend
+                .read_from(to, back.as_mut(), at)
+                .map_err(self.io_err("reading back a resynchronized range", at))?;
+            if back.as_ref() != buf.as_ref() {
+                return Err(Error::Io {
+                    volume: self.name.clone(),
+                    during: "verifying a resynchronized range",
+                    offset: at,
+                    source: std::io::Error::other(format!(
+                        "member {to} read back different bytes than were written"
+                    )),
+                });
+            }
+            done += n as u64;
+        }
+        Ok(len)
+    }
+}
