@@ -149,10 +149,11 @@ impl Inner {
         p.any_bad.store(true, Ordering::Release);
         match p.policy {
             ErrorPolicy::Eio => {
-                tracing::error!(volume = %self.name, block, "{error}");
+                // Returned, not logged: the caller reports it once (the servers with the
+                // request, `check` in its list, `export` when it stops).
+                tracing::debug!(volume = %self.name, block, "{error}");
             }
             ErrorPolicy::ReadOnly => {
-                tracing::error!(volume = %self.name, block, "{error}");
                 if seen.suspension.is_none() {
                     seen.suspension = Some(Suspension {
                         block,
