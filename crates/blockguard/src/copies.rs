@@ -31,6 +31,9 @@ struct Member {
     backend: Arc<dyn Backend>,
     /// Holds the volume's current contents: read and written.
     in_sync: AtomicBool,
+    /// Being resynchronized while the volume is in use: written (so that what the resync
+    /// has copied stays current) but never read, and never counted as holding a write.
+    catching_up: AtomicBool,
     /// Its backend is the member itself (false: the member is missing and `backend` is a
     /// stand-in that is never read or written).
     present: bool,
@@ -82,6 +85,7 @@ impl CopySet {
                 .map(|(backend, s)| Member {
                     backend,
                     in_sync: AtomicBool::new(s == MemberState::InSync),
+                    catching_up: AtomicBool::new(false),
                     present: s != MemberState::Absent,
                 })
                 .collect(),
@@ -118,6 +122,42 @@ impl CopySet {
         if !self.members[i].in_sync.swap(true, Ordering::AcqRel) {
             self.live.fetch_add(1, Ordering::AcqRel);
         }
+        self.members[i].catching_up.store(false, Ordering::Release);
+    }
+
+    /// Starts writing member `i` (present, out of sync) again without reading it: an online
+    /// resync copies what it missed while every new write reaches it too. Returns false if
+    /// it is catching up already (another resync owns it).
+    ///
+    /// # Panics
+    ///
+    /// If the member is absent or in sync: only a present member that fell behind can catch
+    /// up, and writing a stand-in would lose the writes.
+    pub fn begin_catch_up(&self, i: usize) -> bool {
+        let m = &self.members[i];
+        assert!(
+            m.present && !m.in_sync.load(Ordering::Acquire),
+            "only a present member out of sync can catch up"
+        );
+        !m.catching_up.swap(true, Ordering::AcqRel)
+    }
+
+    /// Stops writing member `i` that was catching up (its resync ended without finishing):
+    /// it is out of sync again, neither read nor written.
+    pub fn end_catch_up(&self, i: usize) {
+        self.members[i].catching_up.store(false, Ordering::Release);
+    }
+
+    /// Whether member `i` is catching up (written, not read).
+    pub fn catching_up(&self, i: usize) -> bool {
+        self.members[i].catching_up.load(Ordering::Acquire)
+    }
+
+    /// The members every write goes to: those in sync and those catching up, in index order.
+    pub fn writers(&self) -> Vec<usize> {
+        (0..self.count())
+            .filter(|&i| self.in_sync(i) || self.catching_up(i))
+            .collect()
     }
 
     /// The members in sync, in index order.
@@ -168,16 +208,20 @@ impl CopySet {
     /// Takes member `i` out of the set for this session (its failure is reported once by
     /// [`CopySet::take_new_failures`]). Returns whether it was in sync until now.
     pub fn drop_member(&self, i: usize, why: String) -> bool {
-        if !self.members[i].in_sync.swap(false, Ordering::AcqRel) {
+        let was_in_sync = self.members[i].in_sync.swap(false, Ordering::AcqRel);
+        let was_catching_up = self.members[i].catching_up.swap(false, Ordering::AcqRel);
+        if !was_in_sync && !was_catching_up {
             return false;
         }
-        self.live.fetch_sub(1, Ordering::AcqRel);
+        if was_in_sync {
+            self.live.fetch_sub(1, Ordering::AcqRel);
+        }
         tracing::error!(member = %self.members[i].backend.name(), "mirror member dropped: {why}");
         self.new_failures
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push((i, why));
-        true
+        was_in_sync
     }
 
     /// Whether reads failed on a member and were served by another since the last
@@ -199,8 +243,10 @@ impl CopySet {
         std::mem::take(&mut *self.new_failures.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Runs `op` on every member in sync; members it fails on are dropped. Succeeds if it
-    /// succeeded on at least one; else returns the first member's error.
+    /// Runs `op` on every member written (in sync or catching up); members it fails on are
+    /// dropped. Succeeds if it succeeded on at least one member in sync (a member catching up
+    /// holds only part of the volume: it alone never carries a write); else returns the
+    /// first error.
     fn on_all(
         &self,
         large: bool,
@@ -211,7 +257,7 @@ impl CopySet {
             // A plain volume: its backend's error is the error, and it is never dropped.
             return op(&*self.members[0].backend);
         }
-        let live = self.live();
+        let live = self.writers();
         let results: Vec<io::Result<()>> = if large && live.len() > 1 {
             std::thread::scope(|s| {
                 let handles: Vec<_> = live
@@ -237,7 +283,7 @@ impl CopySet {
         let mut ok = false;
         for (&i, r) in live.iter().zip(results) {
             match r {
-                Ok(()) => ok = true,
+                Ok(()) => ok |= self.in_sync(i),
                 Err(e) => {
                     self.drop_member(i, format!("{what} failed: {e}"));
                     first_err.get_or_insert(e);
@@ -300,7 +346,7 @@ impl Backend for CopySet {
     }
 
     fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
-        for i in self.live() {
+        for i in self.writers() {
             self.members[i].backend.start_writeback(offset, len)?;
         }
         Ok(())
@@ -399,5 +445,34 @@ mod tests {
         for off in (0..8).map(|k| k * READ_STRIPE) {
             assert_eq!(set.pick(off), 0);
         }
+    }
+
+    #[test]
+    fn a_member_catching_up_is_written_never_read_and_never_carries_a_write_alone() {
+        let a = Arc::new(FaultBackend::new(1 << 20).expect("memory"));
+        let b: Arc<dyn Backend> = Arc::new(MemoryBackend::new(1 << 20).expect("memory"));
+        let set = CopySet::new(vec![
+            (a.clone() as Arc<dyn Backend>, MemberState::InSync),
+            (b.clone(), MemberState::OutOfSync),
+        ]);
+        set.write_at(&[1u8; 512], 0).expect("write");
+        let mut buf = [0u8; 512];
+        b.read_at(&mut buf, 0).expect("read");
+        assert_eq!(buf, [0u8; 512], "out of sync: not written");
+        assert!(set.begin_catch_up(1));
+        assert!(!set.begin_catch_up(1), "one resync at a time");
+        assert_eq!(set.writers(), vec![0, 1]);
+        set.write_at(&[2u8; 512], 512).expect("write");
+        b.read_at(&mut buf, 512).expect("read");
+        assert_eq!(buf, [2u8; 512], "catching up: written");
+        for off in (0..8).map(|k| k * READ_STRIPE) {
+            assert_eq!(set.pick(off), 0, "catching up: never read");
+        }
+        // The only member in sync fails: the member catching up alone cannot take the write.
+        a.fail_writes_at(0..1 << 20);
+        set.write_at(&[3u8; 512], 0)
+            .expect_err("no member in sync took it");
+        set.end_catch_up(1);
+        assert!(set.writers().is_empty());
     }
 }

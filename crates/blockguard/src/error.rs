@@ -127,6 +127,14 @@ pub enum Error {
         /// panic inside the engine.
         resumable: bool,
     },
+    /// An operation that may run only once at a time is running already (a resync).
+    #[error("{volume}: busy: {what}")]
+    Busy {
+        /// The volume's name.
+        volume: String,
+        /// What is running.
+        what: String,
+    },
     /// Writes are suspended: a read found a block with no good copy (no mirror member holds
     /// one that verifies) and the volume's error policy is `read-only`. Reads go on.
     #[error(

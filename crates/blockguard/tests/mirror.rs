@@ -533,3 +533,133 @@ fn scrub_of_a_mirror_set_checks_every_copy_and_repairs_on_request() {
     let left: Vec<u64> = report.problems.iter().map(|p| p.block).collect();
     assert_eq!(left, vec![250, 250]);
 }
+
+/// A resync runs while clients write: writes that land before a group's copy, during the
+/// resync of other groups, and after it all reach the resynchronized member, which ends
+/// identical to the source and holds every acknowledged write on its own.
+#[test]
+fn resync_while_clients_write_leaves_identical_members() {
+    const N: u64 = 12_000;
+    let mut o = FormatOptions::with_size(BS * N);
+    o.block_size = BS as u32;
+    let len = o.backing_len().expect("geometry");
+    let m: Vec<Arc<MemoryBackend>> = (0..2)
+        .map(|_| Arc::new(MemoryBackend::new(len).expect("memory")))
+        .collect();
+    let vol = Volume::format_members(dyns(&m), &o).expect("format");
+    for b in (0..N).step_by(7) {
+        vol.write_at(&content(b, 0), b * BS).expect("write");
+    }
+    vol.close().expect("close");
+    // Member 1 misses writes all over the volume.
+    let vol = Volume::open_members(vec![m[0].clone()], &OpenOptions::default()).expect("open degraded");
+    for b in (0..N).step_by(5) {
+        vol.write_at(&content(b, 1), b * BS).expect("write");
+    }
+    vol.close().expect("close");
+    let vol = Arc::new(Volume::open_members(dyns(&m), &OpenOptions::default()).expect("open both"));
+    let groups = vol.geometry().groups;
+    assert!(groups >= 10, "enough groups for writes to interleave: {groups}");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Two writers, each owning the blocks of its parity, keep their model of the last round.
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let (vol, stop) = (vol.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(w);
+                let mut model = std::collections::HashMap::new();
+                let mut round = 2u8;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let b = rng.random_range(0..N / 2) * 2 + w;
+                    round = round.wrapping_add(1).max(2);
+                    vol.write_at(&content(b, round), b * BS)
+                        .expect("write during resync");
+                    model.insert(b, round);
+                    if rng.random_range(0..50) == 0 {
+                        vol.flush().expect("flush during resync");
+                    }
+                }
+                model
+            })
+        })
+        .collect();
+    let mut calls = 0;
+    let report = vol.resync(&mut |_, _| calls += 1).expect("resync");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let models: Vec<_> = writers.into_iter().map(|t| t.join().expect("writer")).collect();
+    assert_eq!(report.members, vec![1]);
+    assert_eq!(
+        report.groups, groups,
+        "every group was written while member 1 was out"
+    );
+    assert!(calls > 1, "progress reported");
+    // Writes after the resync reach both members too.
+    vol.write_at(&content(1, 9), BS).expect("write after resync");
+    let vol = Arc::try_unwrap(vol).unwrap_or_else(|_| panic!("writers are done"));
+    vol.close().expect("close");
+    assert_same_contents(&m[0], &m[1], "after a resync under load");
+    // Member 1 alone holds every acknowledged write.
+    let alone =
+        Volume::open_members(vec![m[1].clone()], &OpenOptions::default()).expect("open member 1 alone");
+    let mut buf = vec![0u8; BS as usize];
+    for b in 0..N {
+        let want = if b == 1 {
+            content(1, 9)
+        } else if let Some(&r) = models[(b % 2) as usize].get(&b) {
+            content(b, r)
+        } else if b % 5 == 0 {
+            content(b, 1)
+        } else if b % 7 == 0 {
+            content(b, 0)
+        } else {
+            vec![0u8; BS as usize]
+        };
+        alone.read_at(&mut buf, b * BS).expect("read");
+        assert!(buf == want, "block {b} on member 1 after an online resync");
+    }
+}
+
+/// A member that fails while it catches up is dropped again: the resync fails naming it,
+/// the volume goes on writing, and the member stays out of sync for a later resync.
+#[test]
+fn a_member_failing_during_resync_stays_out_of_sync() {
+    let len = opts().backing_len().expect("geometry");
+    let good = Arc::new(MemoryBackend::new(len).expect("memory"));
+    let bad = Arc::new(FaultBackend::new(len).expect("memory"));
+    let set: Vec<Arc<dyn Backend>> = vec![good.clone(), bad.clone()];
+    Volume::format_members(set.clone(), &opts())
+        .expect("format")
+        .close()
+        .expect("close");
+    let vol = Volume::open_members(vec![good.clone()], &OpenOptions::default()).expect("open degraded");
+    for b in 0..BLOCKS {
+        vol.write_at(&content(b, 1), b * BS).expect("write");
+    }
+    vol.close().expect("close");
+    let vol = Volume::open_members(set.clone(), &OpenOptions::default()).expect("open both");
+    bad.fail_writes_at(0..len);
+    let err = vol.resync(&mut |_, _| {}).expect_err("the target fails");
+    assert!(
+        err.to_string().contains("member 1") || err.to_string().contains("resynchroniz"),
+        "{err}"
+    );
+    assert!(!vol.members()[1].1, "still out of sync");
+    vol.write_at(&content(3, 4), 3 * BS).expect("the volume goes on");
+    vol.flush().expect("flush");
+    bad.clear_faults();
+    vol.close().expect("close");
+    let vol = Volume::open_members(set, &OpenOptions::default()).expect("reopen");
+    assert!(!vol.members()[1].1, "recorded out of sync");
+    vol.resync(&mut |_, _| {}).expect("a later resync");
+    vol.close().expect("close");
+    assert_same_contents(&good, &bad_image_backend(&bad), "after the second resync");
+}
+
+/// A memory copy of a fault backend's image, to compare with `assert_same_contents`.
+fn bad_image_backend(b: &FaultBackend) -> MemoryBackend {
+    let mut img = vec![0u8; b.len() as usize];
+    b.read_at(&mut img, 0).expect("read");
+    let m = MemoryBackend::new(b.len()).expect("memory");
+    m.write_at(&img, 0).expect("write");
+    m
+}

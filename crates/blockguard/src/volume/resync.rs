@@ -8,14 +8,20 @@
 //! it in sync in every member's superblock. A member that was never part of the volume's
 //! history (added to the set) gets every group the written-groups map marks instead.
 //!
-//! Resync holds the commit lock ([`Maintenance`]) for its duration: no commit interleaves with
-//! the copy, so what it copies is what the source holds; reads go on.
+//! Resync works while the volume is in use. It starts with everything staged committed and
+//! flushed, and from then on the targets are *catching up* (see [`crate::copies::CopySet`]):
+//! every commit writes them as well, but nothing reads them. Each group is then copied under
+//! the commit lock, so no commit interleaves with a group's copy: before the copy, a commit's
+//! writes to the group are overwritten by the copy of the same (newer) state; after it, they
+//! land on the target as on the source. Clients wait at most for one group's copy. Groups not
+//! in the list were not written while the target was behind, and every write since reached it.
+//! At the end, under the maintenance guard (everything flushed, no commit), the group bitmaps
+//! are copied, the targets flushed and read back, and only then recorded in sync.
 //!
 //! Crash safety: the source is only read; the target is recorded in sync only after its copy
 //! is durable. A crash in the middle leaves the target out of sync and the dirty map intact
 //! (the set is still degraded, so nothing clears it): the next resync starts over.
 
-use super::commit::maintenance::Maintenance;
 use super::{Inner, Volume};
 use crate::error::{Error, Result};
 use blockguard_backend::Backend as _;
@@ -63,55 +69,98 @@ impl Inner {
                 volume: self.name.clone(),
             });
         }
-        let targets: Vec<usize> = (0..self.backend.count())
-            .filter(|&i| self.backend.present(i) && !self.backend.in_sync(i))
-            .collect();
-        let mut report = ResyncReport::default();
-        if targets.is_empty() {
-            return Ok(report);
-        }
-        let mut m = self.maintenance("flushing before resync")?;
-        let source = *self.backend.live().first().ok_or_else(|| Error::Failed {
-            volume: self.name.clone(),
-            detail: "no mirror member is in sync to resynchronize from".into(),
-            resumable: false,
-        })?;
-        report.source = Some(source);
-        let groups = match extent {
-            Extent::Dirty => self.dirty_groups(),
-            Extent::Written => self.written_groups()?,
+        let (source, targets, groups) = {
+            // Everything staged committed and flushed: the groups to copy are fixed from here,
+            // and every later commit reaches the targets too.
+            let _m = self.maintenance("flushing before resync")?;
+            let targets: Vec<usize> = (0..self.backend.count())
+                .filter(|&i| self.backend.present(i) && !self.backend.in_sync(i))
+                .collect();
+            if targets.is_empty() {
+                return Ok(ResyncReport::default());
+            }
+            let source = *self.backend.live().first().ok_or_else(|| Error::Failed {
+                volume: self.name.clone(),
+                detail: "no mirror member is in sync to resynchronize from".into(),
+                resumable: false,
+            })?;
+            let groups = match extent {
+                Extent::Dirty => self.dirty_groups(),
+                Extent::Written => self.written_groups()?,
+            };
+            for (n, &t) in targets.iter().enumerate() {
+                if !self.backend.begin_catch_up(t) {
+                    for &earlier in &targets[..n] {
+                        self.backend.end_catch_up(earlier);
+                    }
+                    return Err(Error::Busy {
+                        volume: self.name.clone(),
+                        what: format!("mirror member {t} is being resynchronized already"),
+                    });
+                }
+            }
+            (source, targets, groups)
         };
+        let result = self.copy_groups(source, &targets, &groups, progress);
+        if result.is_err() {
+            for &t in &targets {
+                self.backend.end_catch_up(t);
+            }
+        }
+        result
+    }
+
+    /// The online part of a resync: the targets are catching up (every commit writes them),
+    /// and `groups` are copied from `source` one at a time under the commit lock, so no
+    /// commit interleaves with a group's copy and clients wait for one group at most. Then,
+    /// with everything flushed, the group bitmaps are copied and the targets recorded in sync.
+    fn copy_groups(
+        &self,
+        source: usize,
+        targets: &[usize],
+        groups: &[u64],
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<ResyncReport> {
         let total = groups.len() as u64;
-        let mut ranges = self.bitmap_ranges();
+        let mut per_target = 0;
         for (n, &g) in groups.iter().enumerate() {
-            ranges.push(self.group_range(g));
-            if n % 64 == 0 {
+            if n % 16 == 0 {
                 progress(n as u64, total);
             }
+            let (off, len) = self.group_range(g);
+            let _commit = self.lock(&self.commit);
+            self.failed()?;
+            for &t in targets {
+                self.still_catching_up(t)?;
+                self.copy_range(source, t, off, len)?;
+            }
+            per_target += len;
         }
-        for &t in &targets {
-            report.bytes_copied = 0;
-            for &(off, len) in &ranges {
-                report.bytes_copied += self.copy_range(&mut m, source, t, off, len)?;
+        let mut m = self.maintenance("flushing at the end of a resync")?;
+        for &t in targets {
+            self.still_catching_up(t)?;
+            for (off, len) in self.bitmap_ranges() {
+                self.copy_range(source, t, off, len)?;
             }
         }
-        report.groups = total;
-        for &t in &targets {
+        per_target += self.bitmap_ranges().iter().map(|(_, len)| len).sum::<u64>();
+        for &t in targets {
             self.backend
                 .flush_one(t)
                 .map_err(self.io_err("flushing a resynchronized member", 0))?;
+            self.still_catching_up(t)?;
         }
         // Durable on every target: now they may be read.
         {
             let mut mirror = self.lock(&self.mirror);
             if let Some(info) = mirror.as_mut() {
-                for &t in &targets {
+                for &t in targets {
                     info.members[t].in_sync = true;
                 }
                 info.event += 1;
             }
         }
-        for &t in &targets {
+        for &t in targets {
             self.backend.rejoin(t);
         }
         let state = if self.disk_in_use.load(Ordering::Acquire) {
@@ -121,10 +170,29 @@ impl Inner {
         };
         self.write_superblocks(state, "recording resynchronized mirror members")?;
         m.make_durable("flushing after resync")?;
-        report.members = targets;
+        let report = ResyncReport {
+            members: targets.to_vec(),
+            groups: total,
+            bytes_copied: per_target,
+            source: Some(source),
+        };
         progress(total, total);
         tracing::info!(volume = %self.name, ?report, "mirror members resynchronized");
         Ok(report)
+    }
+
+    /// Fails if member `t` stopped catching up (a write to it failed meanwhile).
+    fn still_catching_up(&self, t: usize) -> Result<()> {
+        if self.backend.catching_up(t) {
+            return Ok(());
+        }
+        Err(Error::Failed {
+            volume: self.name.clone(),
+            detail: format!(
+                "mirror member {t} failed while it was being resynchronized; it stays out of sync"
+            ),
+            resumable: false,
+        })
     }
 
     /// Every group the written-groups map marks.
@@ -159,15 +227,8 @@ impl Inner {
     }
 
     /// Copies `len` bytes at `off` from member `from` to member `to` and reads them back.
-    /// Returns the bytes copied. Holds the maintenance guard: no commit runs meanwhile.
-    fn copy_range(
-        &self,
-        _under: &mut Maintenance<'_>,
-        from: usize,
-        to: usize,
-        off: u64,
-        len: u64,
-    ) -> Result<u64> {
+    /// Caller holds the commit lock: no commit writes the range meanwhile.
+    fn copy_range(&self, from: usize, to: usize, off: u64, len: u64) -> Result<()> {
         let align = self.backend.alignment().max(1);
         let mut done = 0;
         while done < len {
@@ -196,6 +257,6 @@ impl Inner {
             }
             done += n as u64;
         }
-        Ok(len)
+        Ok(())
     }
 }
