@@ -31,6 +31,7 @@ mod log;
 mod mirror;
 mod mount;
 mod recover;
+mod resume;
 mod scrub;
 mod serve;
 mod sidecar;
@@ -80,6 +81,9 @@ enum Command {
     /// Verify every written block, also of a volume being served; exit 0 clean, 1 bad blocks
     /// found (unrepaired), 2 error.
     Scrub(scrub::ScrubArgs),
+    /// Get a served volume past a write-back failure (full disk, I/O error): retry what was
+    /// staged, verify it, clear the error state, report any acknowledged write lost.
+    Resume(resume::ResumeArgs),
 }
 
 /// How long the program waits at exit for its last diagnostics to reach stderr.
@@ -115,6 +119,7 @@ fn run(cli: Cli) -> ExitCode {
         Command::Umount(a) => mount::run_umount(&a),
         Command::Mirror(a) => mirror::run(&a),
         Command::Status(a) => status::run(&a),
+        Command::Resume(a) => resume::run(&a),
         Command::Scrub(a) => match scrub::run(&a) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),

@@ -1,7 +1,11 @@
 //! `blockguard mirror`: the copies of a volume — list them, add one, remove one, replace one,
-//! and resynchronize copies that fell behind. Works on a volume no other process has open.
+//! and resynchronize copies that fell behind. `list` and `resync` also work on a volume being
+//! served or mounted, through its control socket (the resync runs in the server, clients
+//! going on); membership changes need the volume closed.
 
-use crate::common::{open_volume, progress, PathOnce};
+use crate::common::{progress, PathOnce};
+use crate::control::client::{reach, Access, Client};
+use crate::control::proto::{FollowRequest, Request, Response};
 use anyhow::{bail, Context, Result};
 use blockguard::blockguard_backend::{Backend, FileBackend, FileOptions};
 use blockguard::{ResyncReport, Volume};
@@ -14,6 +18,10 @@ use std::sync::Arc;
 pub(crate) struct MirrorArgs {
     #[command(subcommand)]
     pub(crate) action: Action,
+    /// The control socket of the process serving the volume, if it was started with
+    /// `--control PATH` (default: the volume's path + ".ctl").
+    #[arg(long, value_name = "PATH", global = true)]
+    pub(crate) control: Option<PathBuf>,
 }
 
 /// What `mirror` does.
@@ -70,10 +78,11 @@ pub(crate) enum Action {
 
 /// `blockguard mirror`.
 pub(crate) fn run(args: &MirrorArgs) -> Result<()> {
+    let control = args.control.as_deref();
     match &args.action {
-        Action::List { volume, json } => list(volume, *json),
+        Action::List { volume, json } => list(volume, control, *json),
         Action::Add { volume, copy, force } => {
-            let vol = open_volume(volume, false)?;
+            let vol = closed_volume(volume, control, "add a copy")?;
             let (vol, report) = add(vol, volume, copy, *force)?;
             vol.close()?;
             say!(
@@ -85,7 +94,7 @@ pub(crate) fn run(args: &MirrorArgs) -> Result<()> {
             Ok(())
         }
         Action::Remove { volume, copy } => {
-            let vol = open_volume(volume, false)?;
+            let vol = closed_volume(volume, control, "remove a copy")?;
             let role = resolve(&vol, volume, copy)?;
             let vol = vol
                 .remove_member(role)
@@ -100,7 +109,7 @@ pub(crate) fn run(args: &MirrorArgs) -> Result<()> {
             new,
             force,
         } => {
-            let vol = open_volume(volume, false)?;
+            let vol = closed_volume(volume, control, "replace a copy")?;
             let role = resolve(&vol, volume, old)?;
             let (vol, report) = add(vol, volume, new, *force)?;
             let vol = vol
@@ -115,7 +124,10 @@ pub(crate) fn run(args: &MirrorArgs) -> Result<()> {
             Ok(())
         }
         Action::Resync { volume, json } => {
-            let vol = open_volume(volume, false)?;
+            let vol = match reach(volume, control, false)? {
+                Access::Socket(client, _) => return resync_served(client, *json),
+                Access::Direct(vol) => vol,
+            };
             let pb = progress(vol.geometry().groups, "resync");
             let report = vol
                 .resync(&mut |done, total| {
@@ -147,22 +159,67 @@ fn print_resync(report: &ResyncReport, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn list(volume: &Path, json: bool) -> Result<()> {
-    let vol = crate::common::open_unlocked(volume)?;
-    let members = vol.members();
+/// Opens `volume` read-write for a membership change, which needs it closed everywhere else:
+/// a volume being served is refused with what to do.
+fn closed_volume(volume: &Path, control: Option<&Path>, what: &str) -> Result<Volume> {
+    match reach(volume, control, false)? {
+        Access::Direct(vol) => Ok(vol),
+        Access::Socket(_, status) => {
+            let who = status.server.map_or_else(String::new, |s| {
+                format!(" by blockguard {} (pid {})", s.kind, s.pid)
+            });
+            bail!(
+                "{} is in use{who}: to {what}, stop it first (membership changes rewrite every \
+                 copy's superblock with the volume closed); `mirror list` and `mirror resync` work \
+                 while it is served",
+                volume.display()
+            )
+        }
+    }
+}
+
+/// `mirror resync` through the control socket of the process serving the volume.
+fn resync_served(mut client: Client, json: bool) -> Result<()> {
+    client.send(&Request::MirrorResync(FollowRequest { follow: true }))?;
+    let mut pb = None;
+    loop {
+        match client.recv()? {
+            Response::MirrorResyncProgress { done, total } => {
+                let bar = pb.get_or_insert_with(|| progress(total, "resync"));
+                bar.set_length(total.max(1));
+                bar.set_position(done);
+            }
+            Response::MirrorResyncDone { report } => {
+                if let Some(bar) = pb {
+                    bar.finish_and_clear();
+                }
+                let report: ResyncReport = serde_json::from_value(report)
+                    .context("a resync report this client does not understand")?;
+                return print_resync(&report, json);
+            }
+            Response::Error { message, .. } => bail!("resync: {message}"),
+            other => bail!("unexpected reply to resync: {other:?}"),
+        }
+    }
+}
+
+fn list(volume: &Path, control: Option<&Path>, json: bool) -> Result<()> {
+    // The server's view when the volume is served: it knows which copies failed or are being
+    // resynchronized; the superblocks alone may be behind it.
+    let copies = match crate::control::client::connect_to(volume, control)? {
+        Some(mut client) => match client.call(&Request::MirrorList)? {
+            Response::MirrorList { copies } => copies,
+            other => bail!("unexpected reply to mirror-list: {other:?}"),
+        },
+        None => crate::status::copy_infos(&crate::common::open_unlocked(volume)?),
+    };
     if json {
-        let rows: Vec<serde_json::Value> = members
-            .iter()
-            .enumerate()
-            .map(|(i, (path, in_sync))| serde_json::json!({"copy": i, "path": path, "in_sync": in_sync}))
-            .collect();
-        say!("{}", serde_json::to_string_pretty(&rows)?);
-    } else if members.is_empty() {
+        say!("{}", serde_json::to_string_pretty(&copies)?);
+    } else if copies.is_empty() {
         say!("{}: a plain volume (one copy)", volume.display());
     } else {
-        for (i, (path, in_sync)) in members.iter().enumerate() {
-            let state = if *in_sync { "in sync" } else { "out of sync" };
-            say!("copy {i}: {path} ({state})");
+        for c in &copies {
+            say!("copy {}: {} ({})", c.copy, c.path, c.state.replace('-', " "));
         }
     }
     Ok(())

@@ -2,7 +2,7 @@
 //! (through its control socket) or, when nobody holds it, from a read-only open.
 
 use crate::control::client::{reach, Access};
-use crate::control::proto::{ScrubState, StatusInfo};
+use crate::control::proto::{CopyInfo, ScrubState, StatusInfo};
 use crate::info::uuid_string;
 use crate::scrub::{load_state, unix_now};
 use anyhow::Result;
@@ -45,7 +45,36 @@ pub(crate) fn volume_status(vol: &Volume, path: &Path) -> StatusInfo {
         warnings: vol.warnings().to_vec(),
         server: None,
         scrub: ScrubState::default(),
+        health: health_json(vol),
+        copies: copy_infos(vol),
+        dirty_regions: vol.dirty_regions(),
     }
+}
+
+/// [`Volume::health`] as JSON, with its one-word `state` added.
+fn health_json(vol: &Volume) -> serde_json::Value {
+    let health = vol.health();
+    let mut v = serde_json::to_value(&health).unwrap_or_default();
+    if let Some(map) = v.as_object_mut() {
+        map.insert("state".into(), health.state().into());
+    }
+    v
+}
+
+/// The volume's copies as the control protocol reports them.
+pub(crate) fn copy_infos(vol: &Volume) -> Vec<CopyInfo> {
+    vol.copies()
+        .into_iter()
+        .map(|c| CopyInfo {
+            in_sync: c.state == blockguard::CopyState::InSync,
+            copy: c.copy,
+            path: c.path,
+            state: serde_json::to_value(c.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// `blockguard status`.
@@ -111,11 +140,15 @@ fn print_status(s: &StatusInfo) {
         "access:     {}",
         if s.read_only { "read-only" } else { "read-write" }
     );
-    match &s.failed {
-        Some(why) => {
-            println!("health:     FAILED: {why} (writes and flushes are refused until it is reopened)");
-        }
-        None => println!("health:     ok"),
+    print_health(s);
+    for c in &s.copies {
+        println!("copy {}:     {} ({})", c.copy, c.path, c.state.replace('-', " "));
+    }
+    if !s.copies.is_empty() || s.dirty_regions > 0 {
+        println!(
+            "dirty:      {} regions marked in the write-intent map",
+            s.dirty_regions
+        );
     }
     if let Some(counters) = s.stats.as_object() {
         let list: Vec<String> = counters.iter().map(|(k, v)| format!("{k} {v}")).collect();
@@ -124,6 +157,59 @@ fn print_status(s: &StatusInfo) {
     print_scrub(&s.scrub);
     for w in &s.warnings {
         println!("warning:    {w}");
+    }
+}
+
+fn print_health(s: &StatusInfo) {
+    let h = &s.health;
+    let state = h.get("state").and_then(|v| v.as_str()).unwrap_or("");
+    match &s.failed {
+        Some(why) => {
+            let how = if h
+                .pointer("/failure/resumable")
+                .and_then(serde_json::Value::as_bool)
+                == Some(false)
+            {
+                "until it is reopened"
+            } else {
+                "until `blockguard resume` succeeds or it is reopened"
+            };
+            println!("health:     FAILED: {why} (writes and flushes are refused {how})");
+        }
+        None if state == "suspended" => {
+            let block = h
+                .pointer("/suspension/block")
+                .map_or(String::new(), ToString::to_string);
+            println!(
+                "health:     writes SUSPENDED by the read-only error policy (block {block} has no good copy); \
+                 `blockguard resume` clears it"
+            );
+        }
+        None if state == "degraded" => println!("health:     degraded"),
+        None => println!("health:     ok"),
+    }
+    if let Some(policy) = h.get("error_policy").and_then(|v| v.as_str()) {
+        println!("on error:   {policy}");
+    }
+    let unrepairable = h
+        .get("unrepairable")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    if unrepairable > 0 {
+        println!(
+            "bad blocks: {unrepairable} with no good copy: {}",
+            h.get("unrepairable_blocks")
+                .map_or(String::new(), ToString::to_string)
+        );
+    }
+    let lost = h
+        .get("lost_writes")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    if lost > 0 {
+        println!(
+            "lost:       {lost} acknowledged block writes known lost (`blockguard resume` reports them)"
+        );
     }
 }
 

@@ -247,3 +247,114 @@ fn check_verifies_every_copy_not_only_the_one_reads_go_to() {
         "the set reads right: {report}"
     );
 }
+
+/// `status`, `mirror list` and `mirror resync` of a served set go through its control socket:
+/// the copy that missed writes is resynchronized by the server while a client keeps writing,
+/// and ends holding everything on its own; a membership change of the served set is refused.
+#[test]
+fn a_served_set_is_resynced_through_its_control_socket_while_a_client_writes() {
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.bgv");
+    let b = dir.path().join("b.bgv");
+    let (sa, sb) = (a.to_str().unwrap(), b.to_str().unwrap());
+    run(BIN, &["format", sa, "--size", "64M", "--mirror", sb]);
+    // Copy 1 misses writes spread over most of the volume.
+    let away = dir.path().join("away.bgv");
+    std::fs::rename(&b, &away).unwrap();
+    let mut srv = Served::start(&a, &[]);
+    run("qemu-io", &["-f", "raw", "-c", "write -P 9 4M 48M", &srv.uri()]);
+    assert!(srv.signal("TERM").success());
+    std::fs::rename(&away, &b).unwrap();
+
+    let mut srv = Served::start(&a, &[]);
+    let st: serde_json::Value = serde_json::from_str(&stdout(&run(BIN, &["status", sa, "--json"]))).unwrap();
+    assert_eq!(st["copies"][0]["state"], "in-sync", "{st}");
+    assert_eq!(st["copies"][1]["state"], "out-of-sync", "{st}");
+    assert!(st["dirty_regions"].as_u64().unwrap() >= 20, "{st}");
+    assert_eq!(st["health"]["state"], "healthy", "{st}");
+    let text = stdout(&run(BIN, &["status", sa]));
+    assert!(text.contains("out of sync") && text.contains("dirty:"), "{text}");
+    let list = stdout(&run(BIN, &["mirror", "list", sb]));
+    assert!(list.contains("copy 1") && list.contains("out of sync"), "{list}");
+
+    // A membership change of a served set is refused, nothing created.
+    let c = dir.path().join("c.bgv");
+    let out = run_any(BIN, &["mirror", "add", sa, c.to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in use by blockguard serve (pid") && err.contains("stop it first"),
+        "{err}"
+    );
+    assert!(!c.exists(), "mirror add on a served set created its target");
+
+    // A client writes (and reads back) while the server resyncs copy 1.
+    let uri = srv.uri();
+    let writer = std::thread::spawn(move || {
+        let mut last = Vec::new();
+        for round in 0..6u64 {
+            let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
+            last.clear();
+            for k in 0..6u64 {
+                let (off, pattern) = ((k * 10 + 1) << 20, (round * 6 + k) % 200 + 20);
+                args.extend(["-c".into(), format!("write -P {pattern} {off} 256k")]);
+                args.extend(["-c".into(), format!("read -P {pattern} {off} 256k")]);
+                last.push((off, pattern));
+            }
+            args.extend(["-c".into(), "flush".into(), uri.clone()]);
+            let out = std::process::Command::new("qemu-io")
+                .args(&args)
+                .output()
+                .unwrap();
+            let text = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success() && !text.contains("failed") && !text.contains("verification"),
+                "{text}"
+            );
+        }
+        last
+    });
+    let out = run(BIN, &["mirror", "resync", sb, "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["members"], serde_json::json!([1]), "{report}");
+    assert!(report["groups"].as_u64().unwrap() >= 20, "{report}");
+    let last = writer.join().unwrap();
+    let st: serde_json::Value = serde_json::from_str(&stdout(&run(BIN, &["status", sa, "--json"]))).unwrap();
+    assert!(
+        st["copies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["state"] == "in-sync"),
+        "{st}"
+    );
+    assert_eq!(
+        stdout(&run(BIN, &["mirror", "resync", sa])).trim(),
+        "every copy is in sync: nothing to do"
+    );
+    assert!(srv.signal("TERM").success());
+    assert!(srv.log_text().contains("resynchronized"), "{}", srv.log_text());
+
+    // Copy 1 alone holds every write: the one it missed and those made during the resync.
+    run(BIN, &["mirror", "remove", sb, sa]);
+    let mut srv = Served::start(&b, &["--read-only"]);
+    let mut args: Vec<String> = vec!["-r".into(), "-f".into(), "raw".into()];
+    args.extend([
+        "-c".into(),
+        "read -P 9 4M 1M".into(),
+        "-c".into(),
+        "read -P 9 45M 1M".into(),
+    ]);
+    for (off, pattern) in last {
+        args.extend(["-c".into(), format!("read -P {pattern} {off} 256k")]);
+    }
+    args.push(srv.uri());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let text = stdout(&run("qemu-io", &args));
+    assert!(
+        !text.contains("verification") && !text.contains("failed"),
+        "{text}"
+    );
+    assert!(srv.signal("TERM").success());
+}

@@ -135,6 +135,15 @@ pub enum Error {
         /// What is running.
         what: String,
     },
+    /// A long operation was stopped on request before it finished (what it did so far is
+    /// safe; running it again finishes the job).
+    #[error("{volume}: {what} stopped before it finished")]
+    Stopped {
+        /// The volume's name.
+        volume: String,
+        /// The operation.
+        what: String,
+    },
     /// Writes are suspended: a read found a block with no good copy (no mirror member holds
     /// one that verifies) and the volume's error policy is `read-only`. Reads go on.
     #[error(

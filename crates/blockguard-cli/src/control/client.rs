@@ -4,7 +4,7 @@
 use super::proto::{Request, Response, StatusInfo};
 use crate::holder::holders;
 use anyhow::{anyhow, bail, Context, Result};
-use blockguard::blockguard_backend::OpenError;
+use blockguard::blockguard_backend::{FileBackend, FileOptions, LockMode, OpenError};
 use blockguard::Volume;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -69,23 +69,58 @@ pub(crate) fn connect(socket: &Path) -> Result<Option<Client>> {
 /// answers there, else by opening it (`read_only`). A volume another process holds without a
 /// control socket is an error naming that process.
 pub(crate) fn reach(volume: &Path, control: Option<&Path>, read_only: bool) -> Result<Access> {
-    let socket = match control {
-        Some(p) => Some(p.to_path_buf()),
-        // The default socket is named after the volume's canonical path; a volume that cannot
-        // be resolved fails in the open below with a clearer message.
-        None => crate::sidecar::control_socket(volume).ok(),
-    };
-    if let Some(socket) = &socket {
+    let sockets = sockets_of(volume, control);
+    for socket in &sockets {
         if let Some(mut client) = connect(socket)? {
             let status = same_volume(&mut client, volume)?;
             return Ok(Access::Socket(client, status));
         }
     }
+    let socket = sockets.into_iter().next();
     match crate::common::open_volume(volume, read_only) {
         Ok(v) => Ok(Access::Direct(v)),
         Err(e) if is_locked(&e) => Err(busy(volume, socket.as_deref(), control.is_some(), e)),
         Err(e) => Err(e),
     }
+}
+
+/// The control sockets to try for `volume`: `control` alone when given; else the default
+/// socket of `volume`, then those of the other copies of its mirror set (a set served through
+/// one copy's path is reached through any other's). (The default socket is named after the
+/// volume's canonical path; a volume that cannot be resolved fails in the open that follows
+/// with a clearer message.)
+fn sockets_of(volume: &Path, control: Option<&Path>) -> Vec<PathBuf> {
+    if let Some(p) = control {
+        return vec![p.to_path_buf()];
+    }
+    let mut out: Vec<PathBuf> = crate::sidecar::control_socket(volume).ok().into_iter().collect();
+    let unlocked = FileOptions {
+        read_only: true,
+        lock: LockMode::None,
+        ..FileOptions::default()
+    };
+    if let Ok(backend) = FileBackend::open(volume, &unlocked) {
+        for r in blockguard::member_records(&backend).unwrap_or_default() {
+            if let Ok(s) = crate::sidecar::control_socket(Path::new(&r.path)) {
+                if !out.contains(&s) {
+                    out.push(s);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A client of the server serving `volume`, if one answers on its control socket (checked to
+/// serve that very volume); `None` if nobody answers there.
+pub(crate) fn connect_to(volume: &Path, control: Option<&Path>) -> Result<Option<Client>> {
+    for socket in sockets_of(volume, control) {
+        if let Some(mut client) = connect(&socket)? {
+            same_volume(&mut client, volume)?;
+            return Ok(Some(client));
+        }
+    }
+    Ok(None)
 }
 
 /// Makes sure the server on `client` serves `volume`: a `--control` path mixed up between two
@@ -97,7 +132,10 @@ fn same_volume(client: &mut Client, volume: &Path) -> Result<Box<StatusInfo>> {
     let wanted = volume
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", volume.display()))?;
-    if Path::new(&status.path) != wanted {
+    // A mirror set answers for each of its copies.
+    let serves =
+        |p: &str| Path::new(p) == wanted || crate::target::same_data(Path::new(p), &wanted).unwrap_or(false);
+    if !serves(&status.path) && !status.copies.iter().any(|c| serves(&c.path)) {
         bail!(
             "the server on the control socket {} serves {}, not {}",
             client.socket.display(),

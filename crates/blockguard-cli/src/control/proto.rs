@@ -15,7 +15,15 @@ pub(crate) const PROTOCOL_VERSION: u32 = 1;
 pub(crate) const MAX_REQUEST_LINE: usize = 64 << 10;
 
 /// The commands this server knows, for the error that answers an unknown one.
-pub(crate) const COMMANDS: [&str; 4] = ["status", "scrub", "scrub-stop", "scrub-status"];
+pub(crate) const COMMANDS: [&str; 7] = [
+    "status",
+    "scrub",
+    "scrub-stop",
+    "scrub-status",
+    "mirror-list",
+    "mirror-resync",
+    "resume",
+];
 
 /// A request: `{"cmd": "status"}`, `{"cmd": "scrub", "rate": 50000000}`, ...
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +38,23 @@ pub(crate) enum Request {
     ScrubStop,
     /// The running scrub's progress and the last one's report: one `scrub-status` line.
     ScrubStatus,
+    /// The copies of the volume as the server sees them: one `mirror-list` line.
+    MirrorList,
+    /// Resynchronizes the copies that fell behind, clients going on meanwhile:
+    /// `mirror-resync-progress` lines (with `follow`), then `mirror-resync-done`.
+    MirrorResync(FollowRequest),
+    /// Retries what a write-back failure left staged and clears the error state: one
+    /// `resumed` line.
+    Resume,
+}
+
+/// Options of a request that may stream progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FollowRequest {
+    /// Stream progress lines before the final reply (the default).
+    #[serde(default = "yes")]
+    pub(crate) follow: bool,
 }
 
 /// The options of a `scrub` request; every field may be left out.
@@ -86,6 +111,28 @@ pub(crate) enum Response {
     },
     /// Answer to `scrub-status`.
     ScrubStatus(Box<ScrubState>),
+    /// Answer to `mirror-list`: every copy (empty for a plain volume).
+    MirrorList {
+        /// The copies, by number.
+        copies: Vec<CopyInfo>,
+    },
+    /// Where a followed resync is: `done` of `total` groups copied.
+    MirrorResyncProgress {
+        /// Groups copied.
+        done: u64,
+        /// Groups to copy.
+        total: u64,
+    },
+    /// A resync ended: [`blockguard::ResyncReport`] as JSON.
+    MirrorResyncDone {
+        /// What it copied, to which copies, from which.
+        report: serde_json::Value,
+    },
+    /// Answer to `resume`: [`blockguard::ResumeReport`] as JSON.
+    Resumed {
+        /// What the retry wrote, verified, repaired and found lost, and what was cleared.
+        report: serde_json::Value,
+    },
     /// The request failed; the connection stays open unless the kind says otherwise.
     Error {
         /// What kind of failure, for programs.
@@ -105,7 +152,7 @@ pub(crate) enum ErrorKind {
     UnknownCommand,
     /// The request line is longer than [`MAX_REQUEST_LINE`]; the connection is closed.
     TooLong,
-    /// A scrub is already running.
+    /// A scrub (or a resync) is already running.
     Busy,
     /// The request cannot be carried out on this volume (e.g. repair on a read-only one).
     Refused,
@@ -156,6 +203,29 @@ pub(crate) struct StatusInfo {
     pub(crate) server: Option<ServerInfo>,
     /// The running scrub and the last one.
     pub(crate) scrub: ScrubState,
+    /// [`blockguard::VolumeHealth`] as JSON: failure, suspension, unrepairable blocks, lost
+    /// writes (absent from servers older than this field).
+    #[serde(default)]
+    pub(crate) health: serde_json::Value,
+    /// The copies of a mirror set (empty for a plain volume).
+    #[serde(default)]
+    pub(crate) copies: Vec<CopyInfo>,
+    /// Groups the write-intent map marks.
+    #[serde(default)]
+    pub(crate) dirty_regions: u64,
+}
+
+/// One copy of a volume, as `status` and `mirror-list` report it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct CopyInfo {
+    /// Its number in the set.
+    pub(crate) copy: usize,
+    /// Its path.
+    pub(crate) path: String,
+    /// `in-sync`, `catching-up`, `out-of-sync` or `absent`.
+    pub(crate) state: String,
+    /// `state` is `in-sync`: the copy is read and holds the volume's current contents.
+    pub(crate) in_sync: bool,
 }
 
 /// The process that answers on the control socket.

@@ -39,6 +39,9 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A reply write that makes no progress for this long closes the connection.
 pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Progress lines of a followed resync are at least this far apart.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
 /// How often the accept loop looks at the stop flag.
 const ACCEPT_TICK: Duration = Duration::from_millis(100);
 
@@ -337,6 +340,14 @@ impl Shared {
             Request::Status => send(out, &Response::Status(Box::new(self.status()))),
             Request::ScrubStatus => send(out, &Response::ScrubStatus(Box::new(self.scrubber.state()))),
             Request::ScrubStop => send(out, &self.scrubber.stop()),
+            Request::MirrorList => send(
+                out,
+                &Response::MirrorList {
+                    copies: crate::status::copy_infos(&self.ctx.volume),
+                },
+            ),
+            Request::MirrorResync(req) => self.resync(req.follow, out),
+            Request::Resume => send(out, &self.resume()),
             Request::Scrub(req) => match self.scrubber.start(req) {
                 Err(reply) => send(out, &reply),
                 Ok(started) => {
@@ -347,6 +358,59 @@ impl Shared {
                     Ok(())
                 }
             },
+        }
+    }
+
+    /// Runs a resync on this connection's thread, clients going on meanwhile; stopped (the
+    /// copies staying out of sync) when the server shuts down. Progress lines are best effort:
+    /// a client that goes away does not stop the resync.
+    fn resync(&self, follow: bool, out: &mut UnixStream) -> io::Result<()> {
+        let vol = &self.ctx.volume;
+        if vol.is_read_only() {
+            return send(
+                out,
+                &error(
+                    ErrorKind::Refused,
+                    "the volume is served read-only: a resync writes".into(),
+                ),
+            );
+        }
+        let mut last = Instant::now();
+        let mut gone = false;
+        let result = vol.resync_until(
+            &mut |done, total| {
+                if follow && !gone && (last.elapsed() >= PROGRESS_EVERY || done == 0) {
+                    last = Instant::now();
+                    gone = send(out, &Response::MirrorResyncProgress { done, total }).is_err();
+                }
+            },
+            &self.stopping,
+        );
+        let reply = match result {
+            Ok(report) => Response::MirrorResyncDone {
+                report: serde_json::to_value(&report).unwrap_or_default(),
+            },
+            Err(e @ blockguard::Error::Busy { .. }) => error(ErrorKind::Busy, e.to_string()),
+            Err(e @ blockguard::Error::Stopped { .. }) => error(ErrorKind::ShuttingDown, e.to_string()),
+            Err(e) => error(ErrorKind::Failed, e.to_string()),
+        };
+        if let Response::Error { message, .. } = &reply {
+            tracing::error!(volume = %vol.name(), "resync through the control socket: {message}");
+        }
+        send(out, &reply)
+    }
+
+    /// Retries what a write-back failure left staged and clears the error state.
+    fn resume(&self) -> Response {
+        let vol = &self.ctx.volume;
+        match vol.resume() {
+            Ok(report) => {
+                tracing::info!(volume = %vol.name(), ?report, "resumed through the control socket");
+                Response::Resumed {
+                    report: serde_json::to_value(&report).unwrap_or_default(),
+                }
+            }
+            Err(e) => error(ErrorKind::Failed, e.to_string()),
         }
     }
 

@@ -85,7 +85,11 @@ impl Volume {
             rewrite_member(&**b, &sb, &info, role, &records)?;
         }
         let vol = Volume::open_members(all, &OpenOptions::default())?;
-        let report = vol.inner.resync(Extent::Written, progress)?;
+        let report = vol.inner.resync(
+            Extent::Written,
+            progress,
+            &std::sync::atomic::AtomicBool::new(false),
+        )?;
         Ok((vol, report))
     }
 

@@ -216,6 +216,66 @@ impl Volume {
     }
 }
 
+/// Where a mirror member stands, for [`Volume::copies`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum CopyState {
+    /// Holds the volume's current contents: read and written.
+    InSync,
+    /// Being resynchronized: written with every commit, not read until its copy is complete.
+    CatchingUp,
+    /// Present but behind (it failed, or missed writes): neither read nor written until a
+    /// resync.
+    OutOfSync,
+    /// Missing at open: the set runs without it.
+    Absent,
+}
+
+/// One copy of a volume, for [`Volume::copies`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct CopyStatus {
+    /// Its number in the set (its role).
+    pub copy: usize,
+    /// Its backend's name (a path), or the path the set's records last knew for a missing one.
+    pub path: String,
+    /// Where it stands.
+    pub state: CopyState,
+}
+
+impl Volume {
+    /// Every copy of the volume with where it stands; empty for a plain volume.
+    pub fn copies(&self) -> Vec<CopyStatus> {
+        let set = &self.inner.backend;
+        if self.inner.lock(&self.inner.mirror).is_none() {
+            return Vec::new();
+        }
+        (0..set.count())
+            .map(|i| CopyStatus {
+                copy: i,
+                path: set.backend(i).name(),
+                state: if set.in_sync(i) {
+                    CopyState::InSync
+                } else if set.catching_up(i) {
+                    CopyState::CatchingUp
+                } else if set.present(i) {
+                    CopyState::OutOfSync
+                } else {
+                    CopyState::Absent
+                },
+            })
+            .collect()
+    }
+
+    /// Groups (regions of `Geometry::group_blocks` blocks) the write-intent map marks now:
+    /// those with writes not yet known durable on every copy, and, while a copy is out of
+    /// sync, every group written since it fell behind (what a resync will copy).
+    pub fn dirty_regions(&self) -> u64 {
+        self.inner.dirty_groups().len() as u64
+    }
+}
+
 /// A member backend found at open, with the warnings about its superblock copies.
 type Found = (Arc<dyn Backend>, Vec<String>);
 

@@ -35,7 +35,7 @@ mod write;
 
 pub use commit::ResumeReport;
 pub use health::{ClearedErrors, VolumeFailure, VolumeHealth};
-pub use mirror::member_records;
+pub use mirror::{member_records, CopyState, CopyStatus};
 pub use policy::Suspension;
 pub use recover::{MapProblem, MetadataProblem, RecoverOptions, RecoveryReport};
 pub use resync::ResyncReport;
@@ -262,6 +262,10 @@ pub(crate) struct Stats {
     flush_calls: AtomicU64,
     /// Commit-and-flush rounds run for them.
     flush_rounds: AtomicU64,
+    /// Blocks read from the backend and verified.
+    blocks_verified: AtomicU64,
+    /// Blocks whose copy as read failed verification for good (after the careful re-read).
+    corruption_detected: AtomicU64,
     /// Blocks rewritten on a mirror member from a good copy (read repair).
     repairs: AtomicU64,
     /// Blocks no mirror member held a good copy of.
@@ -285,6 +289,13 @@ pub struct VolumeStats {
     /// Commit-and-flush rounds run for those calls: fewer when concurrent callers shared one
     /// (group commit).
     pub flush_rounds: u64,
+    /// Blocks read from the medium and verified by client reads (staged blocks, served from
+    /// memory, are not counted).
+    pub blocks_verified: u64,
+    /// Blocks a client read found bad (their copy failed verification, also when looked at
+    /// again with commits excluded): each was then repaired from another mirror member or
+    /// reported unrepairable.
+    pub corruption_detected: u64,
     /// Block copies on a mirror member that failed verification (or could not be read) and
     /// were rewritten from a member whose copy verified (read repair).
     pub repairs: u64,
@@ -592,6 +603,8 @@ impl Volume {
             reads_retried: self.inner.stats.reads_retried.load(Ordering::Relaxed),
             flush_calls: self.inner.stats.flush_calls.load(Ordering::Relaxed),
             flush_rounds: self.inner.stats.flush_rounds.load(Ordering::Relaxed),
+            blocks_verified: self.inner.stats.blocks_verified.load(Ordering::Relaxed),
+            corruption_detected: self.inner.stats.corruption_detected.load(Ordering::Relaxed),
             repairs: self.inner.stats.repairs.load(Ordering::Relaxed),
             unrepairable: self.inner.stats.unrepairable.load(Ordering::Relaxed),
             members_failed: self.inner.stats.members_failed.load(Ordering::Relaxed),

@@ -212,6 +212,8 @@ impl Inner {
             // A member failed a read another served: rewrite it while the good copy is at hand.
             self.repair_read_errors()?;
         }
+        let blocks = (dst.len() / self.geo.block_size as usize) as u64;
+        self.stats.blocks_verified.fetch_add(blocks, Ordering::Relaxed);
         let why = match self.verify_run(first, dst) {
             Ok(Match::Newest) => return Ok(()),
             Ok(Match::Fallback) => "matched only an older tag".to_string(),
@@ -277,6 +279,7 @@ impl Inner {
                 found = self.verify_match(block, chunk, &accept);
             }
             if let Err(e) = found {
+                self.stats.corruption_detected.fetch_add(1, Ordering::Relaxed);
                 // Another mirror member may hold a good copy: return it and heal the others.
                 if self.repair_block(block, chunk)? {
                     continue;

@@ -25,13 +25,13 @@
 use super::{Inner, Volume};
 use crate::error::{Error, Result};
 use blockguard_backend::Backend as _;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Bytes copied per read and write.
 const CHUNK: u64 = 1 << 20;
 
 /// What a resync did.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct ResyncReport {
     /// Members brought back in sync.
@@ -57,13 +57,29 @@ impl Volume {
     /// Copies to every member that is present but out of sync the groups written since it
     /// fell behind, then records it in sync. `progress(done, total)` counts groups.
     pub fn resync(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<ResyncReport> {
-        self.inner.resync(Extent::Dirty, progress)
+        self.inner
+            .resync(Extent::Dirty, progress, &AtomicBool::new(false))
+    }
+
+    /// [`Volume::resync`] that gives up with [`Error::Stopped`] once `stop` is set (checked
+    /// between groups): the copies stay out of sync, and a later resync starts over.
+    pub fn resync_until(
+        &self,
+        progress: &mut dyn FnMut(u64, u64),
+        stop: &AtomicBool,
+    ) -> Result<ResyncReport> {
+        self.inner.resync(Extent::Dirty, progress, stop)
     }
 }
 
 impl Inner {
     /// See [`Volume::resync`]; `extent` says which groups to copy.
-    pub(crate) fn resync(&self, extent: Extent, progress: &mut dyn FnMut(u64, u64)) -> Result<ResyncReport> {
+    pub(crate) fn resync(
+        &self,
+        extent: Extent,
+        progress: &mut dyn FnMut(u64, u64),
+        stop: &AtomicBool,
+    ) -> Result<ResyncReport> {
         if self.read_only {
             return Err(Error::ReadOnly {
                 volume: self.name.clone(),
@@ -101,7 +117,7 @@ impl Inner {
             }
             (source, targets, groups)
         };
-        let result = self.copy_groups(source, &targets, &groups, progress);
+        let result = self.copy_groups(source, &targets, &groups, progress, stop);
         if result.is_err() {
             for &t in &targets {
                 self.backend.end_catch_up(t);
@@ -120,12 +136,19 @@ impl Inner {
         targets: &[usize],
         groups: &[u64],
         progress: &mut dyn FnMut(u64, u64),
+        stop: &AtomicBool,
     ) -> Result<ResyncReport> {
         let total = groups.len() as u64;
         let mut per_target = 0;
         for (n, &g) in groups.iter().enumerate() {
             if n % 16 == 0 {
                 progress(n as u64, total);
+            }
+            if stop.load(Ordering::Acquire) {
+                return Err(Error::Stopped {
+                    volume: self.name.clone(),
+                    what: "resync".into(),
+                });
             }
             let (off, len) = self.group_range(g);
             let _commit = self.lock(&self.commit);
