@@ -22,7 +22,10 @@ pub(crate) struct FormatArgs {
     /// Logical block size: a power of two from 512 to 64K (units allowed: "4K").
     #[arg(long, default_value = "4096", value_parser = parse_block_size, allow_hyphen_values = true)]
     pub(crate) block_size: u32,
-    /// Consistency mode: dual (crash-consistent) or none (no crash protection).
+    /// Consistency mode: dual (crash-consistent: new tags durable before data; the default),
+    /// rebuild (no barrier per write; after a crash the tags of the regions written last are
+    /// recomputed from the data, so damage inside that window goes undetected), or none (no
+    /// crash protection, for comparison).
     #[arg(long, default_value = "dual", value_parser = mode_parser())]
     pub(crate) mode: Mode,
     /// Tag profile: how each block's checksum tag is computed.

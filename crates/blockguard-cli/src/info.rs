@@ -154,6 +154,9 @@ fn print_summary(s: &Summary) {
         g.block_size
     );
     say!("mode:          {}", s.mode.name());
+    if let Some(caveat) = mode_caveat(s.mode) {
+        say!("               {caveat}");
+    }
     say!(
         "error policy:  {} ({})",
         s.error_policy.name(),
@@ -220,4 +223,19 @@ fn print_block(b: &BlockReport) {
         );
     }
     say!("  a read accepts: {}", b.accepted.join(" or "));
+}
+
+/// What a mode does not protect against, said plainly by `info`.
+fn mode_caveat(mode: blockguard::Mode) -> Option<&'static str> {
+    match mode {
+        blockguard::Mode::Rebuild => Some(
+            "after a crash, the tags of the regions written in the last seconds are recomputed from \
+             the data: damage that happened in those regions during the crash window (a torn \
+             block, a lost or misdirected write) cannot be detected",
+        ),
+        blockguard::Mode::None => {
+            Some("no crash protection: a crash can make intact blocks fail verification")
+        }
+        _ => None,
+    }
 }

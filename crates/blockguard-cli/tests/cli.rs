@@ -1566,3 +1566,28 @@ fn import_from_and_export_to_loop_devices() {
     drop(lo);
     assert!(t.read("v.bgv") == before, "the volume was modified");
 }
+
+#[test]
+fn a_rebuild_mode_volume_says_what_it_cannot_detect_and_round_trips() {
+    let t = T::new();
+    let j = t.format("v.bgv", &["--size", "4M", "--mode", "rebuild"]);
+    assert_eq!(j["mode"], "rebuild");
+    assert_eq!(t.info("v.bgv")["mode"], "rebuild");
+    t.run(&["info", "v.bgv"])
+        .code(0)
+        .out_has(&["mode:          rebuild", "cannot be detected"]);
+    let raw = random_bytes(1 << 20, 11);
+    t.raw("raw", &raw);
+    t.run(&["import", "raw", "v.bgv", "--force"]).code(0);
+    t.run(&["check", "v.bgv"]).code(0);
+    t.run(&["export", "v.bgv", "out"]).code(0);
+    assert!(t.read("out")[..raw.len()] == raw[..]);
+    // A flipped data byte is still found (outside any crash window).
+    let at = t.data_offset("v.bgv", 9);
+    t.flip("v.bgv", at + 7, 0x10);
+    t.run(&["check", "v.bgv"]).code(1);
+    // The help lists every mode.
+    t.run(&["format", "--help"])
+        .code(0)
+        .out_has(&["rebuild", "dual", "none"]);
+}

@@ -48,7 +48,11 @@ fn template(p: &[u8]) -> Option<Vec<u8>> {
         )
         .ok()?
     };
-    let mode = if get(4) & 2 == 0 { Mode::Dual } else { Mode::None };
+    let mode = match (get(4) & 2, get(4) & 0x10) {
+        (0, _) => Mode::Dual,
+        (_, 0) => Mode::None,
+        _ => Mode::Rebuild,
+    };
     let state = if get(4) & 4 == 0 {
         VolumeState::Clean
     } else {

@@ -105,50 +105,66 @@ const _: () = assert!(at::MODE == 64 && at::STATE == 145 && at::LABEL == 164 && 
 const _: () = assert!(at::MIRROR_MEMBERS == 228 && at::MIRROR_EVENT == 232 && at::MIRROR_END == 288);
 const _: () = assert!(at::ERROR_POLICY == 288 && at::RESERVED == 289);
 
-/// Incompatible features this build supports: mirror sets. A volume with any other incompat
-/// bit set is refused.
-pub const SUPPORTED_INCOMPAT: u64 = INCOMPAT_MIRROR;
+/// Incompatible feature bit of a volume in `rebuild` mode: its tags may disagree with its data
+/// after a crash until they are rebuilt, which a reader that does not know the mode would
+/// report as corruption. Set exactly when `mode` is `rebuild`.
+pub const INCOMPAT_REBUILD: u64 = 1 << 1;
+
+/// Incompatible features this build supports: mirror sets, `rebuild` mode. A volume with any
+/// other incompat bit set is refused.
+pub const SUPPORTED_INCOMPAT: u64 = INCOMPAT_MIRROR | INCOMPAT_REBUILD;
 /// Read-only-compatible features this build supports; others force read-only opens.
 pub const SUPPORTED_RO_COMPAT: u64 = 0;
 
 /// How tags are kept consistent with data across crashes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum Mode {
     /// No crash protection: data and tags are written without ordering. For comparison only.
     None,
     /// Brother metadata blocks: new tags durable before data, the old tag kept until the data
     /// is durable. The default.
     Dual,
+    /// Data and tags written without ordering (one tag copy, rewritten in place); the groups
+    /// with writes in flight are marked in the write-intent map first, and after a crash their
+    /// tags are recomputed from the data. No false alarms and no extra barrier per write, but
+    /// damage that happens inside the crash window in those groups (a torn block among them)
+    /// cannot be detected.
+    Rebuild,
 }
 
 impl Mode {
+    /// Every mode this build knows.
+    pub const ALL: [Mode; 3] = [Mode::Dual, Mode::Rebuild, Mode::None];
+
     /// The byte stored in the superblock.
     pub fn id(self) -> u8 {
         match self {
             Mode::None => 0,
             Mode::Dual => 1,
+            Mode::Rebuild => 3,
         }
     }
-    /// The mode with a stored byte, if this build knows it (2 = journal and 3 = rebuild are
-    /// reserved for later versions).
+    /// The mode with a stored byte, if this build knows it (2 = journal is reserved).
     pub fn from_id(id: u8) -> Option<Mode> {
-        match id {
-            0 => Some(Mode::None),
-            1 => Some(Mode::Dual),
-            _ => None,
-        }
+        Mode::ALL.into_iter().find(|m| m.id() == id)
     }
     /// Command-line name.
     pub fn name(self) -> &'static str {
         match self {
             Mode::None => "none",
             Mode::Dual => "dual",
+            Mode::Rebuild => "rebuild",
         }
     }
     /// Parses a command-line name.
     pub fn from_name(s: &str) -> Option<Mode> {
-        [Mode::None, Mode::Dual].into_iter().find(|m| m.name() == s)
+        Mode::ALL.into_iter().find(|m| m.name() == s)
+    }
+    /// Tags are kept in one copy (slot 0), rewritten in place: no brothers.
+    pub fn single_copy_tags(self) -> bool {
+        matches!(self, Mode::None | Mode::Rebuild)
     }
 }
 
@@ -328,7 +344,11 @@ impl Superblock {
             version: FORMAT_VERSION,
             compat: 0,
             ro_compat: 0,
-            incompat: 0,
+            incompat: if mode == Mode::Rebuild {
+                INCOMPAT_REBUILD
+            } else {
+                0
+            },
             uuid,
             profile,
             mode,
@@ -392,6 +412,20 @@ impl Superblock {
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[at::UUID..at::BLOCK_SIZE]);
         let (profile, mode, copy) = decode_profile_mode_copy(b)?;
+        if (mode == Mode::Rebuild) != (incompat & INCOMPAT_REBUILD != 0) {
+            return Err(field(
+                "mode",
+                format!(
+                    "mode {} with the rebuild feature flag {}",
+                    mode.name(),
+                    if incompat & INCOMPAT_REBUILD == 0 {
+                        "clear"
+                    } else {
+                        "set"
+                    }
+                ),
+            ));
+        }
         let geometry = decode_geometry(b, profile)?;
         let meta_device = decode_meta_device(b)?;
         let mirror = if incompat & INCOMPAT_MIRROR == 0 {

@@ -313,8 +313,9 @@ impl GroupState {
     pub(crate) fn view(&self, k: usize) -> PairView {
         use SectorParse::{Empty, Invalid, Valid};
         let [s0, s1] = self.sectors[k];
-        if self.mode == Mode::None {
-            // One copy, rewritten in place: no brothers, no crash promises.
+        if self.mode.single_copy_tags() {
+            // One copy, rewritten in place: no brothers (its crash promises, if any, come
+            // from rebuilding the tags of the groups a crash may have cut short).
             return match s0 {
                 Valid { .. } => PairView::Known { newest: 0 },
                 Empty => PairView::Unwritten,

@@ -28,6 +28,7 @@ mod policy;
 mod read;
 mod recover;
 mod resync;
+mod retag;
 mod scrub;
 mod stage;
 mod verify_copies;

@@ -153,6 +153,17 @@ impl Volume {
 
     /// Repairs superblocks and settles a volume left in use (read-write), then starts it.
     fn settle(mut vol: Inner, progress: &mut dyn FnMut(u64, u64)) -> Result<Volume> {
+        if vol.read_only && vol.sb.state == VolumeState::InUse && !vol.protocol.readable_before_recovery() {
+            return Err(Error::Unsupported {
+                volume: vol.name.clone(),
+                detail: format!(
+                    "the volume was not closed cleanly, and in {} mode its tags are recomputed from \
+                     the data before it can be read: open it read-write once (`blockguard recover`, \
+                     or serve or mount it) first",
+                    vol.sb.mode.name()
+                ),
+            });
+        }
         if !vol.read_only && !vol.warnings.is_empty() {
             vol.repair_superblocks()?;
         }

@@ -101,6 +101,9 @@ pub struct RecoveryReport {
     pub blocks_reverted: u64,
     /// Brother pairs of a group's first write cut short by the crash, completed.
     pub pairs_completed: u64,
+    /// `rebuild` mode: blocks whose tags were recomputed from their data (every block of the
+    /// groups the write-intent map marked).
+    pub blocks_retagged: u64,
     /// Damaged metadata sectors found (rebuilt or left as they are).
     pub damaged: Vec<MetadataProblem>,
     /// Groups marked written in the written-groups map where it had missed them (a crash
@@ -168,15 +171,16 @@ impl Inner {
                 // Rebuilding a map sector no copy of which is valid: a blank group in it is
                 // taken as never written (that is what the user asked `--rebuild` for).
                 let rebuilding = rebuilt_bits.contains_key(&index);
-                let written = if (holes[k] && map == MapBit::Clear)
-                    || (rebuilding && !self.confirmed_group(g)?.any_written())
+                let blank_is_empty = self.protocol.blank_metadata_means_no_data();
+                let written = if (blank_is_empty && holes[k] && map == MapBit::Clear)
+                    || (blank_is_empty && rebuilding && !self.confirmed_group(g)?.any_written())
                 {
                     report.groups_skipped += 1;
                     false
                 } else {
                     // A bit once set is never cleared, not even when the group's metadata
                     // reads blank: that is the damage the map exists to report.
-                    self.recover_group(&mut m, g, opts, &mut report)? || map == MapBit::Set
+                    self.protocol.settle_group(self, &mut m, g, opts, &mut report)? || map == MapBit::Set
                 };
                 if let Some(bits) = rebuilt_bits.get_mut(&index) {
                     if written {
@@ -300,7 +304,7 @@ impl Inner {
 
     /// Settles one group (see the module documentation); returns whether it holds written
     /// metadata afterwards.
-    fn recover_group(
+    pub(crate) fn recover_group(
         &self,
         m: &mut Maintenance<'_>,
         group: u64,

@@ -19,9 +19,10 @@
 
 use super::super::group::{Origin, PairView};
 use super::super::meta_io::MetaUpdate;
-use super::super::recover::RecoveryReport;
+use super::super::recover::{RecoverOptions, RecoveryReport};
 use super::super::stage::Batch;
 use super::super::Inner;
+use super::maintenance::Maintenance;
 use super::protocol::{GroupBatch, Plan, Planned, Protocol};
 use super::{CommitState, Dropped};
 use crate::cast::u32_of_small;
@@ -160,6 +161,25 @@ impl Protocol for Dual {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Option<RecoveryReport>> {
         super::protocol::recover(vol, progress)
+    }
+
+    fn settle_group(
+        &self,
+        vol: &Inner,
+        m: &mut Maintenance<'_>,
+        group: u64,
+        opts: RecoverOptions,
+        report: &mut RecoveryReport,
+    ) -> Result<bool> {
+        vol.recover_group(m, group, opts, report)
+    }
+
+    fn blank_metadata_means_no_data(&self) -> bool {
+        true
+    }
+
+    fn readable_before_recovery(&self) -> bool {
+        true
     }
 }
 

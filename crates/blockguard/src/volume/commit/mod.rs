@@ -11,6 +11,7 @@ mod data;
 mod dual;
 pub(crate) mod maintenance;
 pub(crate) mod protocol;
+mod rebuild;
 mod resume;
 mod unordered;
 

@@ -11,6 +11,7 @@ use super::super::meta_io::MetaUpdate;
 use super::super::recover::{RecoverOptions, RecoveryReport};
 use super::super::stage::Batch;
 use super::super::Inner;
+use super::maintenance::Maintenance;
 use super::{CommitState, Dropped};
 use crate::error::Result;
 use crate::format::Mode;
@@ -68,6 +69,26 @@ pub(crate) trait Protocol: Send + Sync {
         vol: &Inner,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Option<RecoveryReport>>;
+
+    /// Recovery's work on one group it visits (under maintenance): settles what a crash may
+    /// have left unsettled and, if asked, rebuilds damage. Returns whether the group holds
+    /// written metadata afterwards. Only modes that recover are asked.
+    fn settle_group(
+        &self,
+        vol: &Inner,
+        m: &mut Maintenance<'_>,
+        group: u64,
+        opts: RecoverOptions,
+        report: &mut RecoveryReport,
+    ) -> Result<bool>;
+
+    /// A group whose metadata is blank (a hole) and not marked written never had data: the
+    /// mode writes metadata before data. Recovery then skips it without reading it.
+    fn blank_metadata_means_no_data(&self) -> bool;
+
+    /// A volume left in use can be read, before it is recovered, with the after-crash rules
+    /// (read-only opens, `check`). False for a mode whose tags must be rebuilt first.
+    fn readable_before_recovery(&self) -> bool;
 }
 
 /// The protocol of `mode`.
@@ -75,6 +96,7 @@ pub(crate) fn for_mode(mode: Mode) -> &'static dyn Protocol {
     match mode {
         Mode::Dual => &super::dual::Dual,
         Mode::None => &super::unordered::Unordered,
+        Mode::Rebuild => &super::rebuild::Rebuild,
     }
 }
 

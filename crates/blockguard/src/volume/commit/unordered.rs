@@ -2,8 +2,10 @@
 //! It promises nothing after a crash; it exists as the comparison case the crash simulator
 //! must catch.
 
+use super::super::recover::{RecoverOptions, RecoveryReport};
 use super::super::stage::Batch;
 use super::super::Inner;
+use super::maintenance::Maintenance;
 use super::protocol::{GroupBatch, Plan, Planned, Protocol};
 use super::{CommitState, Dropped};
 use crate::cast::u32_of_small;
@@ -14,27 +16,33 @@ use std::sync::atomic::Ordering;
 /// The `none` protocol.
 pub(crate) struct Unordered;
 
+/// Tags rewritten in place: slot 0 of every pair gets the pair's current tags plus the
+/// batch's (the `none` and `rebuild` modes).
+pub(super) fn plan_in_place(vol: &Inner, b: &GroupBatch<'_>) -> Planned {
+    let (group, old, tags, epoch) = (b.group, b.old, b.tags, b.epoch);
+    let ts = vol.geo.tag_size as usize;
+    let per = vol.geo.tags_per_sector() as usize;
+    let mut w = old.writer(&vol.sb.uuid, group);
+    for k in 0..old.pairs() {
+        let count = vol.geo.tags_in_sector(group, u32_of_small(k));
+        let valid = matches!(old.pair(k)[0], SectorParse::Valid { .. });
+        let mut base = w.tags_of(valid.then_some(0), k, count);
+        for (i, t) in tags
+            .iter()
+            .filter(|(i, _)| (k * per..k * per + count).contains(i))
+        {
+            let at = (i - k * per) * ts;
+            base[at..at + ts].copy_from_slice(&t.to_bytes(ts)[..ts]);
+        }
+        w.put(0, k, 1, &base);
+        w.set_known(k, 0);
+    }
+    w.finish(&vol.geo, epoch)
+}
+
 impl Protocol for Unordered {
     fn plan_group(&self, vol: &Inner, b: &GroupBatch<'_>, _dropped: &mut Dropped) -> Result<Planned> {
-        let (group, old, tags, epoch) = (b.group, b.old, b.tags, b.epoch);
-        let ts = vol.geo.tag_size as usize;
-        let per = vol.geo.tags_per_sector() as usize;
-        let mut w = old.writer(&vol.sb.uuid, group);
-        for k in 0..old.pairs() {
-            let count = vol.geo.tags_in_sector(group, u32_of_small(k));
-            let valid = matches!(old.pair(k)[0], SectorParse::Valid { .. });
-            let mut base = w.tags_of(valid.then_some(0), k, count);
-            for (i, t) in tags
-                .iter()
-                .filter(|(i, _)| (k * per..k * per + count).contains(i))
-            {
-                let at = (i - k * per) * ts;
-                base[at..at + ts].copy_from_slice(&t.to_bytes(ts)[..ts]);
-            }
-            w.put(0, k, 1, &base);
-            w.set_known(k, 0);
-        }
-        Ok(w.finish(&vol.geo, epoch))
+        Ok(plan_in_place(vol, b))
     }
 
     fn write(&self, vol: &Inner, _state: &mut CommitState, plan: &Plan, batch: &Batch) -> Result<()> {
@@ -59,5 +67,25 @@ impl Protocol for Unordered {
         vol.trusted.store(true, Ordering::Release);
         vol.write_superblocks(VolumeState::Clean, "marking the volume clean")?;
         Ok(None)
+    }
+
+    fn settle_group(
+        &self,
+        vol: &Inner,
+        _m: &mut Maintenance<'_>,
+        group: u64,
+        _opts: RecoverOptions,
+        _report: &mut RecoveryReport,
+    ) -> Result<bool> {
+        // `recover --rebuild` on a `none` volume: one copy, nothing to rebuild from.
+        Ok(vol.confirmed_group(group)?.any_written())
+    }
+
+    fn blank_metadata_means_no_data(&self) -> bool {
+        false
+    }
+
+    fn readable_before_recovery(&self) -> bool {
+        true
     }
 }

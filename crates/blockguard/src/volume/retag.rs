@@ -1,0 +1,108 @@
+//! Recomputing tags from data: how `rebuild` mode settles a group after a crash.
+//!
+//! In `rebuild` mode data and tags reach the disk in no particular order, so after a crash a
+//! group the write-intent map marks may hold data its tags do not describe (or tags of data
+//! that never landed). Its tags are recomputed from what the disk holds: a block of zeros
+//! gets the unwritten tag (it matches only zeros), any other block the tag of its content.
+//! That is exactly the mode's promise: no false alarms after a crash, and no detection of
+//! damage inside the crash window. Outside the crash window (`recover --rebuild` on a group
+//! the map does not mark) only the sectors that are damaged are recomputed, and reported.
+
+use super::commit::maintenance::Maintenance;
+use super::group::PairView;
+use super::recover::{MetadataProblem, RecoverOptions, RecoveryReport};
+use super::Inner;
+use crate::cast::u32_of_small;
+use crate::error::Result;
+use crate::tag::is_zero;
+use blockguard_backend::Backend as _;
+use std::sync::atomic::Ordering;
+
+impl Inner {
+    /// Settles `group` by recomputing tags from its data: every pair if the write-intent map
+    /// marks it after a crash, else (with `opts.rebuild_damaged`) the damaged pairs only.
+    /// Returns whether the group holds written tags afterwards. Under maintenance.
+    pub(crate) fn retag_group(
+        &self,
+        m: &mut Maintenance<'_>,
+        group: u64,
+        opts: RecoverOptions,
+        report: &mut RecoveryReport,
+    ) -> Result<bool> {
+        let after_crash = !self.trusted.load(Ordering::Acquire) && self.dirty_after_crash(group)?;
+        let old = self.confirmed_group(group)?;
+        let damaged: Vec<usize> = (0..old.pairs())
+            .filter(|&k| matches!(old.view(k), PairView::Damaged(_)))
+            .collect();
+        let rebuild_damage = opts.rebuild_damaged && !damaged.is_empty();
+        if !after_crash && !rebuild_damage {
+            for &k in &damaged {
+                report
+                    .damaged
+                    .push(self.metadata_problem(group, k, &old.view(k), false));
+            }
+            return Ok(old.any_written());
+        }
+        let bs = self.geo.block_size as usize;
+        let ts = self.geo.tag_size as usize;
+        let per = self.geo.tags_per_sector() as usize;
+        let first = self.geo.first_block(group);
+        let n = self.geo.blocks_in_group(group) as usize;
+        let mut data = super::aligned(n * bs, self.backend.alignment().max(1));
+        self.backend_read(
+            data.as_mut(),
+            self.geo.data_offset(first),
+            "reading data to rebuild its tags",
+        )?;
+        let mut w = old.writer(&self.sb.uuid, group);
+        let mut any_written = false;
+        for k in 0..old.pairs() {
+            let is_damaged = damaged.contains(&k);
+            if !after_crash && !is_damaged {
+                continue;
+            }
+            if is_damaged {
+                report
+                    .damaged
+                    .push(self.metadata_problem(group, k, &old.view(k), true));
+            }
+            let count = self.geo.tags_in_sector(group, u32_of_small(k));
+            let mut tags = vec![0u8; count * ts];
+            for j in 0..count {
+                let i = k * per + j;
+                let block = first + i as u64;
+                let chunk = &data.as_ref()[i * bs..(i + 1) * bs];
+                if !is_zero(chunk) {
+                    let tag = self.sb.profile.generate(&self.sb.uuid, block, chunk);
+                    tags[j * ts..(j + 1) * ts].copy_from_slice(&tag.to_bytes(ts)[..ts]);
+                    any_written = true;
+                }
+            }
+            w.put(0, k, 1, &tags);
+            w.set_known(k, 0);
+            report.blocks_retagged += count as u64;
+        }
+        let (new, slots) = w.finish_loaded(&self.geo, false);
+        let update = self.meta_update(group, new, slots);
+        m.write_metadata(std::slice::from_ref(&update))?;
+        report.groups_rewritten += 1;
+        Ok(any_written || old.any_written())
+    }
+
+    /// The report entry of damaged pair `k` of `group`.
+    fn metadata_problem(&self, group: u64, k: usize, view: &PairView, rebuilt: bool) -> MetadataProblem {
+        let per = self.geo.tags_per_sector() as usize;
+        let detail = match view {
+            PairView::Damaged(d) => d.to_string(),
+            _ => "damaged".into(),
+        };
+        MetadataProblem {
+            group,
+            sector: u32_of_small(k),
+            first_block: self.geo.first_block(group) + (k * per) as u64,
+            blocks: u32_of_small(self.geo.tags_in_sector(group, u32_of_small(k))),
+            detail,
+            rebuilt,
+        }
+    }
+}
