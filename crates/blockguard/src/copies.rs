@@ -279,15 +279,21 @@ impl CopySet {
         } else {
             live.iter().map(|&i| op(&*self.members[i].backend)).collect()
         };
+        let ok = live
+            .iter()
+            .zip(&results)
+            .any(|(&i, r)| r.is_ok() && self.in_sync(i));
         let mut first_err = None;
-        let mut ok = false;
         for (&i, r) in live.iter().zip(results) {
-            match r {
-                Ok(()) => ok |= self.in_sync(i),
-                Err(e) => {
+            if let Err(e) = r {
+                // When no member in sync took the operation, the failure is the volume's, not
+                // a member's: dropping them all would leave nothing to resume from (a full
+                // filesystem under every copy is as transient for a set as for one volume).
+                // Members catching up are dropped either way.
+                if ok || !self.in_sync(i) {
                     self.drop_member(i, format!("{what} failed: {e}"));
-                    first_err.get_or_insert(e);
                 }
+                first_err.get_or_insert(e);
             }
         }
         match (ok, first_err) {

@@ -663,3 +663,58 @@ fn bad_image_backend(b: &FaultBackend) -> MemoryBackend {
     m.write_at(&img, 0).expect("write");
     m
 }
+
+/// Review 10, #3: repairing one block must not copy another pair's damage from the member
+/// it repairs from. 4 KiB blocks: a group's metadata block holds eight pairs.
+#[test]
+fn repairing_a_block_never_spreads_damage_of_another_pair() {
+    const B4: u64 = 4096;
+    let mut o = FormatOptions::with_size(B4 * 1024);
+    o.block_size = B4 as u32;
+    let len = o.backing_len().expect("geometry");
+    let m: Vec<Arc<MemoryBackend>> = (0..2)
+        .map(|_| Arc::new(MemoryBackend::new(len).expect("memory")))
+        .collect();
+    let vol = Volume::format_members(dyns(&m), &o).expect("format");
+    let data = |b: u64| vec![(b % 251) as u8 + 1; B4 as usize];
+    for b in 0..200 {
+        vol.write_at(&data(b), b * B4).expect("write");
+    }
+    vol.close().expect("close");
+    let vol = Volume::open_members(dyns(&m), &OpenOptions::default()).expect("open");
+    let r = vol.inspect_block(0).expect("inspect");
+    let (data0, meta0) = (r.location.data_offset, r.location.meta_offsets[0]);
+    vol.close().expect("close");
+    // Block 0's data damaged on member 0; on member 1, the newest (slot 0, first write)
+    // sector of pair 1 (blocks 62..123) damaged.
+    let mut byte = [0u8; 1];
+    m[0].read_at(&mut byte, data0 + 5).expect("read");
+    m[0].write_at(&[byte[0] ^ 0x40], data0 + 5).expect("write");
+    m[1].read_at(&mut byte, meta0 + 512 + 100).expect("read");
+    m[1].write_at(&[byte[0] ^ 0x40], meta0 + 512 + 100)
+        .expect("write");
+    let vol = Volume::open_members(dyns(&m), &OpenOptions::default()).expect("open");
+    let mut buf = vec![0u8; B4 as usize];
+    vol.read_at(&mut buf, 0).expect("block 0 from member 1");
+    assert!(buf == data(0));
+    for b in 0..200 {
+        vol.read_at(&mut buf, b * B4)
+            .unwrap_or_else(|e| panic!("block {b}: {e}"));
+        assert!(buf == data(b), "block {b}");
+    }
+    vol.close().expect("close");
+    // Member 0 alone holds every block: block 0 was healed, and pair 1 was left as it was.
+    let alone = Volume::open_members(
+        vec![m[0].clone() as Arc<dyn Backend>],
+        &OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    )
+    .expect("member 0 alone");
+    for b in 0..200 {
+        alone
+            .read_at(&mut buf, b * B4)
+            .unwrap_or_else(|e| panic!("member 0 alone, block {b}: {e}"));
+    }
+}

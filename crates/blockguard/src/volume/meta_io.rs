@@ -168,6 +168,42 @@ impl Inner {
         })
     }
 
+    /// Reads `buf.len()` bytes at `offset` of mirror member `member` alone until two reads in
+    /// a row agree: what convergence and resync copy to another member is written down there,
+    /// so one bad read (zeros once, another offset's bytes) must not be. `buf` must be
+    /// aligned for the backend.
+    pub(crate) fn read_member_confirmed(
+        &self,
+        member: usize,
+        buf: &mut [u8],
+        offset: u64,
+        during: &'static str,
+    ) -> Result<()> {
+        self.backend
+            .read_from(member, buf, offset)
+            .map_err(self.io_err(during, offset))?;
+        let mut again = aligned(buf.len(), self.backend.alignment().max(1));
+        for _ in 0..CONFIRM_READS {
+            self.backend
+                .read_from(member, again.as_mut(), offset)
+                .map_err(self.io_err(during, offset))?;
+            if again.as_ref() == &buf[..] {
+                return Ok(());
+            }
+            tracing::warn!(volume = %self.name, member, offset, "a mirror member read back differently than before; reading again");
+            buf.copy_from_slice(again.as_ref());
+        }
+        Err(Error::Io {
+            volume: self.name.clone(),
+            during,
+            offset,
+            source: std::io::Error::other(format!(
+                "{} bytes at offset {offset} of mirror member {member} read differently {CONFIRM_READS} times in a row",
+                buf.len()
+            )),
+        })
+    }
+
     /// Reads from the backend, through an aligned bounce buffer covering the enclosing aligned
     /// range when the backend needs aligned I/O and the request is not.
     pub(crate) fn backend_read(&self, buf: &mut [u8], offset: u64, during: &'static str) -> Result<()> {

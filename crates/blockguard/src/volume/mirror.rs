@@ -412,9 +412,12 @@ impl Inner {
         for g in self.dirty_groups_after_crash()? {
             let meta_at = self.geo.meta_offset(g, 0);
             let mut meta = super::aligned(crate::cast::usize_of(2 * bs), self.backend.alignment().max(1));
-            self.backend
-                .read_from(source, meta.as_mut(), meta_at)
-                .map_err(self.io_err("reading a mirror member to converge", meta_at))?;
+            self.read_member_confirmed(
+                source,
+                meta.as_mut(),
+                meta_at,
+                "reading a mirror member to converge",
+            )?;
             for &i in others {
                 if self.backend.in_sync(i) {
                     // A failure drops the member; it is recorded below.
@@ -479,9 +482,12 @@ impl Inner {
         while done < len {
             let n = (len - done).min(1 << 20);
             let mut buf = super::aligned(crate::cast::usize_of(n), self.backend.alignment().max(1));
-            self.backend
-                .read_from(source, buf.as_mut(), off + done)
-                .map_err(self.io_err("reading a mirror member to converge", off + done))?;
+            self.read_member_confirmed(
+                source,
+                buf.as_mut(),
+                off + done,
+                "reading a mirror member to converge",
+            )?;
             if let Some((first, check)) = blocks.as_mut() {
                 for (k, data) in buf
                     .as_mut()
@@ -637,23 +643,34 @@ impl Inner {
         Ok(best.map(|(n, state, _)| (n, state)))
     }
 
-    /// Rewrites what differs of `bad`'s copy of `block` (data, its group's metadata) from
-    /// `good`'s; a member that cannot be repaired is dropped.
+    /// Rewrites what differs of `bad`'s copy of `block` from `good`'s: the block's data, and
+    /// the two sectors of the block's own metadata pair — each only where `good`'s sector is
+    /// valid and `bad`'s is not a newer valid one. The rest of `bad`'s metadata is left as it
+    /// is: copying whole metadata blocks would spread damage of another pair on `good`, or roll
+    /// back another pair that `good` holds an older version of (a write `good` lost). A member
+    /// that cannot be repaired is dropped.
     fn heal(&self, block: u64, bad: &MemberCopy, good: &MemberCopy) {
-        let meta_bad = !bad.readable || bad.meta.as_ref() != good.meta.as_ref();
+        let (group, index) = self.geo.group_of(block);
+        let k = index as usize / self.geo.tags_per_sector() as usize;
         let data_bad = !bad.readable || bad.data.as_ref() != good.data.as_ref();
-        if !meta_bad && !data_bad {
+        let meta = match self.merged_pair(group, k, bad, good) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(volume = %self.name, member = bad.member, block, "read repair: cannot parse the metadata to merge: {e}");
+                None
+            }
+        };
+        if !data_bad && meta.is_none() {
             return;
         }
-        let (group, _) = self.geo.group_of(block);
         let mut result = Ok(());
-        if meta_bad {
-            result = self.rewrite_member(bad.member, self.geo.meta_offset(group, 0), good.meta.as_ref());
+        if let Some(meta) = &meta {
+            result = self.rewrite_member(bad.member, self.geo.meta_offset(group, 0), meta);
         }
         if data_bad && result.is_ok() {
             result = self.rewrite_member(bad.member, self.geo.data_offset(block), good.data.as_ref());
         }
-        let what = match (meta_bad, data_bad) {
+        let what = match (meta.is_some(), data_bad) {
             (true, true) => "data and metadata",
             (true, false) => "metadata",
             _ => "data",
@@ -668,6 +685,49 @@ impl Inner {
                     .drop_member(bad.member, format!("read repair of block {block} failed: {e}"));
             }
         }
+    }
+
+    /// `bad`'s metadata of `group` (both slots) with the sectors of pair `k` taken from
+    /// `good` where that is an improvement: `good`'s sector valid, and `bad`'s different and
+    /// not a valid sector of a newer generation. `None` if nothing changes.
+    fn merged_pair(
+        &self,
+        group: u64,
+        k: usize,
+        bad: &MemberCopy,
+        good: &MemberCopy,
+    ) -> Result<Option<Vec<u8>>> {
+        let good_state = self.parse_loaded(group, good.meta.as_ref().into(), true)?;
+        let bad_pair = if bad.readable {
+            Some(self.parse_loaded(group, bad.meta.as_ref().into(), true)?.pair(k))
+        } else {
+            None
+        };
+        let bs = self.geo.block_size as usize;
+        let mut merged = if bad.readable {
+            bad.meta.as_ref().to_vec()
+        } else {
+            // Unreadable: rebuilt from `good`'s pair only, the rest blank (unknown, reported).
+            vec![0u8; 2 * bs]
+        };
+        let mut changed = false;
+        for slot in 0..2 {
+            let Some(good_gen) = good_state.pair(k)[slot].generation() else {
+                continue;
+            };
+            if let Some(pair) = &bad_pair {
+                if pair[slot].generation().is_some_and(|g| g > good_gen) {
+                    continue;
+                }
+            }
+            let at = slot * bs + k * crate::format::SECTOR_SIZE;
+            let range = at..at + crate::format::SECTOR_SIZE;
+            if merged[range.clone()] != good.meta.as_ref()[range.clone()] {
+                merged[range.clone()].copy_from_slice(&good.meta.as_ref()[range]);
+                changed = true;
+            }
+        }
+        Ok(changed.then_some(merged))
     }
 
     /// Rewrites, on the members they failed on, the ranges whose reads failed there and were

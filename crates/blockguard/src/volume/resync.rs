@@ -258,9 +258,12 @@ impl Inner {
             let n = crate::cast::usize_of((len - done).min(CHUNK));
             let at = off + done;
             let mut buf = super::aligned(n, align);
-            self.backend
-                .read_from(from, buf.as_mut(), at)
-                .map_err(self.io_err("reading a mirror member to resynchronize another", at))?;
+            self.read_member_confirmed(
+                from,
+                buf.as_mut(),
+                at,
+                "reading a mirror member to resynchronize another",
+            )?;
             self.backend
                 .write_to(to, buf.as_ref(), at)
                 .map_err(self.io_err("writing a mirror member being resynchronized", at))?;
