@@ -8,7 +8,7 @@
 # (`format --mirror`), and runs against each:
 #   seq write 1 GiB, 1 MiB blocks, QD 8, then fsync       plain vs two copies (target: the
 #                                                         copies are written in parallel)
-#   seq read, 1 MiB blocks, QD 8 x 4 jobs                 two copies vs plain (target >= 1.5x
+#   seq read, 1 MiB blocks, QD 8 x READ_JOBS (default 4)  two copies vs plain (target >= 1.5x
 #                                                         on separate disks)
 #   verify every copy (Volume::verify_copies via `check`) not timed here; see bench/scrub.sh
 # and reports for each line the best round, the server's CPU time per GiB moved (user +
@@ -37,7 +37,7 @@
 #
 # Environment: BLOCKGUARD (binary; default the release build), BG_ARGS (extra arguments for
 # `blockguard serve`, e.g. "--workers 16"), SIZE_MIB (default 1024), REPEAT (rounds, best
-# kept; default 2), DROP_CACHES (files mode; default 0), DISKS (files or throttled),
+# kept; default 2), READ_JOBS (default 4), DROP_CACHES (files mode; default 0), DISKS (files or throttled),
 # DISK_MBPS (throttled mode: each disk's read and write limit in MB/s; default 200),
 # READ_AHEAD_KB (throttled mode: set the loop devices' read-ahead; default: the kernel's),
 # KEEP=1 (keep the volumes and logs; by default the script removes what it created, also
@@ -47,6 +47,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 SIZE_MIB=${SIZE_MIB:-1024}
 REPEAT=${REPEAT:-2}
+READ_JOBS=${READ_JOBS:-4}
 DROP_CACHES=${DROP_CACHES:-0}
 DISKS=${DISKS:-files}
 DISK_MBPS=${DISK_MBPS:-200}
@@ -276,7 +277,7 @@ for round in $(seq "$REPEAT"); do
     done
     for name in "${names[@]}"; do
         prepare_read
-        run "$round" "$name" read 4
+        run "$round" "$name" read "$READ_JOBS"
     done
 done
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -288,7 +289,7 @@ if [[ $DISKS == throttled ]]; then
 else
     echo "disks: files in $work (one disk); page cache: $([[ $DROP_CACHES == 1 ]] && echo dropped || echo warm)"
 fi
-python3 - "$results" "$DISKS" <<'EOF'
+python3 - "$results" "$DISKS" "$READ_JOBS" <<'EOF'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
 throttled = sys.argv[2] == "throttled"
@@ -297,7 +298,7 @@ for rw, rnd, name, bw, cpu, disk in rows:
     print(f"  {rw:5} round {rnd} {name:6} {bw:>8} MiB/s  cpu {cpu}" + (f"  disk {disk}" if throttled else ""))
 def best(rw, name):
     return max((r for r in rows if r[0] == rw and r[2] == name), key=lambda r: float(r[3]))
-labels = {"write": "seq write 1M QD8 (MiB/s)", "read": "seq read 1M QD8x4 (MiB/s)"}
+labels = {"write": "seq write 1M QD8 (MiB/s)", "read": f"seq read 1M QD8x{sys.argv[3]} (MiB/s)"}
 print(f"{'best round':28} {'plain':>9} {'two copies':>11} {'ratio':>7}   {'CPU s/GiB':>11}" + ("   disk bytes/byte" if throttled else ""))
 for rw in ("write", "read"):
     p, m = best(rw, "plain"), best(rw, "mirror")
