@@ -86,6 +86,7 @@ fn mirror_info(shape: u8, seed: u8) -> MirrorInfo {
             .map(|i| MemberInfo {
                 id: [seed.wrapping_add(u8::try_from(i).unwrap_or(0)).wrapping_mul(3) | 0x80; 16],
                 in_sync: shape >> (3 + i) & 1 == 0,
+                full_copy: shape >> (3 + i) & 1 == 1 && seed & 1 == 1,
             })
             .collect(),
         event: u64::from(shape),

@@ -475,10 +475,13 @@ mod tests {
             assert_eq!(set.pick(off), 0, "catching up: never read");
         }
         // The only member in sync fails: the member catching up alone cannot take the write.
+        // The failure is the volume's: the member in sync is kept (to resume from), and the
+        // resync of the one catching up stops on the volume's failure.
         a.fail_writes_at(0..1 << 20);
         set.write_at(&[3u8; 512], 0)
             .expect_err("no member in sync took it");
+        assert_eq!(set.live(), vec![0]);
         set.end_catch_up(1);
-        assert!(set.writers().is_empty());
+        assert_eq!(set.writers(), vec![0]);
     }
 }

@@ -206,22 +206,38 @@ fn a_missing_member_leaves_the_set_degraded_and_recorded() {
 }
 
 #[test]
-fn foreign_and_plain_volumes_are_refused_as_members() {
+fn foreign_and_plain_volumes_are_left_out_or_refused() {
     let a = written_set(2);
     let b = written_set(2);
-    let err = Volume::open_members(vec![a[0].clone(), b[1].clone()], &OpenOptions::default())
-        .expect_err("members of two sets");
-    assert!(err.to_string().contains("another mirror set"), "{err}");
+    // Review 10, #6/#7: a file found at a member's recorded path that is not a copy of the set
+    // (another set's member, a plain volume, the same member twice) is left out with a
+    // warning: the set opens degraded instead of not at all.
+    let ro = OpenOptions {
+        read_only: true,
+        ..OpenOptions::default()
+    };
     let plain = Arc::new(MemoryBackend::new(opts().backing_len().unwrap()).unwrap());
     Volume::format(plain.clone(), &opts()).unwrap().close().unwrap();
-    let err = Volume::open_members(vec![a[0].clone(), plain.clone()], &OpenOptions::default())
-        .expect_err("a plain volume");
-    assert!(err.to_string().contains("not a member"), "{err}");
+    let blank = Arc::new(MemoryBackend::new(opts().backing_len().unwrap()).unwrap());
+    for (other, what) in [
+        (b[1].clone(), "not a copy of this mirror set"),
+        (plain.clone(), "not a copy of this mirror set"),
+        (blank.clone(), "not usable as a mirror copy"),
+        (a[0].clone(), "second backend"),
+    ] {
+        let vol = Volume::open_members(vec![a[0].clone(), other], &ro).expect("opens without it");
+        assert!(vol.warnings().iter().any(|w| w.contains(what)), "{what}: {:?}", vol.warnings());
+        assert!(vol.warnings().iter().any(|w| w.contains("missing")), "{:?}", vol.warnings());
+        let mut buf = vec![0u8; BS as usize];
+        vol.read_at(&mut buf, 7 * BS).expect("read");
+        assert!(buf == content(7, 0));
+    }
+    // What the caller named is checked strictly.
+    let err = Volume::open_members(vec![plain.clone(), a[0].clone()], &OpenOptions::default())
+        .expect_err("a plain volume named first");
+    assert!(err.to_string().contains("mirror set"), "{err}");
     let err = Volume::open(a[0].clone(), &OpenOptions::default()).expect_err("a member alone");
     assert!(err.to_string().contains("member of a mirror set"), "{err}");
-    let err = Volume::open_members(vec![a[0].clone(), a[0].clone()], &OpenOptions::default())
-        .expect_err("the same member twice");
-    assert!(err.to_string().contains("second backend"), "{err}");
 }
 
 #[test]
@@ -716,5 +732,119 @@ fn repairing_a_block_never_spreads_damage_of_another_pair() {
         alone
             .read_at(&mut buf, b * B4)
             .unwrap_or_else(|e| panic!("member 0 alone, block {b}: {e}"));
+    }
+}
+
+/// Review 10, #1: a copy of a member saved earlier and put back is older than the set: it is
+/// not read, and its resync copies every written group (the write-intent map knows nothing of
+/// what it missed).
+#[test]
+fn a_stale_copy_of_a_member_put_back_is_never_read_and_fully_resynced() {
+    let m = written_set(2);
+    let saved = image(&m[1]);
+    let vol = Volume::open_members(dyns(&m), &OpenOptions::default()).expect("open");
+    for b in 0..BLOCKS {
+        vol.write_at(&content(b, 5), b * BS).expect("write");
+    }
+    vol.close().expect("close");
+    m[1].write_at(&saved, 0).expect("put the old copy back");
+    let vol = Volume::open_members(dyns(&m), &OpenOptions::default()).expect("open");
+    assert!(!vol.members()[1].1, "the stale copy is out of sync");
+    assert!(
+        vol.warnings().iter().any(|w| w.contains("older than the set")),
+        "{:?}",
+        vol.warnings()
+    );
+    let mut buf = vec![0u8; BS as usize];
+    for b in 0..BLOCKS {
+        vol.read_at(&mut buf, b * BS).expect("read");
+        assert!(buf == content(b, 5), "block {b} read from the stale copy");
+    }
+    let report = vol.resync(&mut |_, _| {}).expect("resync");
+    assert_eq!(
+        report.groups,
+        vol.geometry().groups,
+        "every written group copied: {report:?}"
+    );
+    vol.close().expect("close");
+    let alone =
+        Volume::open_members(vec![m[1].clone() as Arc<dyn Backend>], &OpenOptions::default()).expect("alone");
+    for b in 0..BLOCKS {
+        alone.read_at(&mut buf, b * BS).expect("read");
+        assert!(buf == content(b, 5), "block {b} on the resynchronized copy");
+    }
+}
+
+/// Review 10, #1b: two members that each ran without the other are refused together, naming
+/// both; each still opens alone.
+#[test]
+fn members_that_each_ran_alone_are_refused_as_a_split_brain() {
+    let m = written_set(2);
+    for (alone, round) in [(0usize, 6u8), (1, 7)] {
+        let vol = Volume::open_members(
+            vec![m[alone].clone() as Arc<dyn Backend>],
+            &OpenOptions::default(),
+        )
+        .expect("open one member alone");
+        vol.write_at(&content(3, round), 3 * BS).expect("write");
+        vol.close().expect("close");
+    }
+    let err = Volume::open_members(dyns(&m), &OpenOptions::default()).expect_err("split brain");
+    assert!(err.to_string().contains("split brain"), "{err}");
+    let err = Volume::open_members(
+        vec![m[1].clone(), m[0].clone()]
+            .into_iter()
+            .map(|b| b as Arc<dyn Backend>)
+            .collect(),
+        &OpenOptions::default(),
+    )
+    .expect_err("in either order");
+    assert!(err.to_string().contains("split brain"), "{err}");
+}
+
+/// Review 10, #4b: an add cut short leaves a copy that a later resync must build whole.
+#[test]
+fn a_copy_whose_add_was_cut_short_is_built_whole_by_the_next_resync() {
+    let m = written_set(2);
+    let vol = Volume::open_members(dyns(&m), &OpenOptions::default()).expect("open");
+    let groups = vol.geometry().groups;
+    vol.close().expect("close");
+    // As if `mirror add` had died during its copy: member 1 wiped back to the superblocks
+    // only, and recorded as being built.
+    let len = m[1].len();
+    let mut img = image(&m[1]);
+    img[4096..len as usize - 4096].fill(0);
+    m[1].write_at(&img, 0).expect("write");
+    let vol = Volume::open_members(dyns(&m), &OpenOptions::default()).expect("open");
+    assert!(
+        vol.members()[1].1,
+        "still recorded in sync: nothing but the superblocks says otherwise"
+    );
+    vol.close().expect("close");
+    // The real case: set the health byte of member 1 to "being built" in both members.
+    for b in &m {
+        let mut sb = image(b);
+        for base in [0usize, len as usize - 4096] {
+            let (mut s, copy) = blockguard::Superblock::decode(&sb[base..base + 512]).expect("sb");
+            let info = s.mirror.as_mut().expect("mirror");
+            info.members[1].in_sync = false;
+            info.members[1].full_copy = true;
+            let enc = s.encode(copy);
+            sb[base..base + 512].copy_from_slice(&enc[..512]);
+        }
+        b.write_at(&sb[..4096], 0).expect("write");
+        b.write_at(&sb[len as usize - 4096..], len - 4096).expect("write");
+    }
+    let vol = Volume::open_members(dyns(&m), &OpenOptions::default()).expect("open");
+    assert!(!vol.members()[1].1);
+    let report = vol.resync(&mut |_, _| {}).expect("resync");
+    assert_eq!(report.groups, groups, "every written group: {report:?}");
+    vol.close().expect("close");
+    let alone =
+        Volume::open_members(vec![m[1].clone() as Arc<dyn Backend>], &OpenOptions::default()).expect("alone");
+    let mut buf = vec![0u8; BS as usize];
+    for b in 0..BLOCKS {
+        alone.read_at(&mut buf, b * BS).expect("read");
+        assert!(buf == content(b, 0), "block {b}");
     }
 }

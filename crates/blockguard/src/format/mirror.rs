@@ -28,6 +28,10 @@ pub struct MemberInfo {
     /// Holds the volume's current contents. A member that missed writes (it failed, or was
     /// absent at open) is out of sync until it is resynchronized: never read, never trusted.
     pub in_sync: bool,
+    /// Out of sync by more than the write-intent map records: a member being built (added,
+    /// not yet complete), or one found older than the set at open (a stale copy put back).
+    /// Its resync copies every written group, not only the marked ones. Stored as health 2.
+    pub full_copy: bool,
 }
 
 /// A member superblock's view of its mirror set.
@@ -56,7 +60,11 @@ impl MirrorInfo {
         b[at::MIRROR_ROLE] = self.role;
         b[at::MIRROR_MEMBERS] = u8::try_from(self.members.len()).unwrap_or(u8::MAX);
         for (i, m) in self.members.iter().enumerate() {
-            b[at::MIRROR_HEALTH + i] = u8::from(!m.in_sync);
+            b[at::MIRROR_HEALTH + i] = match (m.in_sync, m.full_copy) {
+                (true, _) => 0,
+                (false, false) => 1,
+                (false, true) => 2,
+            };
             let id = at::MIRROR_IDS + 16 * i;
             b[id..id + 16].copy_from_slice(&m.id);
         }
@@ -94,7 +102,7 @@ impl MirrorInfo {
                 }
                 continue;
             }
-            if health > 1 {
+            if health > 2 {
                 return Err(bad(format!("member {i} has unknown health {health}")));
             }
             if id == [0; 16] || members.iter().any(|m: &MemberInfo| m.id == id) {
@@ -103,6 +111,7 @@ impl MirrorInfo {
             members.push(MemberInfo {
                 id,
                 in_sync: health == 0,
+                full_copy: health == 2,
             });
         }
         let event = u64::from_le_bytes(
@@ -219,10 +228,12 @@ mod tests {
                 MemberInfo {
                     id: [1; 16],
                     in_sync: true,
+                    full_copy: false,
                 },
                 MemberInfo {
                     id: [2; 16],
                     in_sync: false,
+                    full_copy: true,
                 },
             ],
             event: 42,

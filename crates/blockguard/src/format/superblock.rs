@@ -767,6 +767,7 @@ mod tests {
                 .map(|i| super::super::MemberInfo {
                     id: [i; 16],
                     in_sync: i != 2,
+                    full_copy: false,
                 })
                 .collect(),
             event: 7,

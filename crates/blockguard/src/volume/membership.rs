@@ -34,6 +34,18 @@ impl Volume {
         let name = self.inner.name.clone();
         let members = self.member_backends();
         let sb = self.superblock().clone();
+        let set = &self.inner.backend;
+        if let Some(absent) = (0..set.count()).find(|&i| !set.present(i)) {
+            // Its slot is held by a stand-in: nothing may be written there, and a set with a
+            // hole is not grown around it.
+            return Err(invalid(
+                &name,
+                format!(
+                    "copy {absent} of the set is missing: replace it (`blockguard mirror replace VOL \
+                     {absent} NEW`) or remove it (`blockguard mirror remove VOL {absent}`) first"
+                ),
+            ));
+        }
         if members.len() >= MAX_MEMBERS {
             return Err(invalid(
                 &name,
@@ -63,12 +75,15 @@ impl Volume {
             members: vec![MemberInfo {
                 id: rand::random(),
                 in_sync: true,
+                full_copy: false,
             }],
             event: 0,
         });
+        // Built by the resync below; if that is cut short, the next resync copies everything.
         info.members.push(MemberInfo {
             id: rand::random(),
             in_sync: false,
+            full_copy: true,
         });
         info.event += 1;
         let mut all = members;
@@ -120,6 +135,18 @@ impl Volume {
         }
         let mut members = self.member_backends();
         let mut present: Vec<bool> = (0..count).map(|i| self.inner.backend.present(i)).collect();
+        // Where the set last saw each member: a missing member keeps its recorded path (its
+        // slot's backend is a stand-in, whose name is another member's).
+        let mut paths: Vec<Option<String>> = (0..count)
+            .map(|i| {
+                self.inner
+                    .records
+                    .iter()
+                    .find(|(k, _)| *k == i)
+                    .and_then(|(_, r)| MemberRecord::decode(r))
+                    .map(|r| r.path)
+            })
+            .collect();
         let inner = self.inner.clone();
         self.close()?;
         // The set as it is now, closed.
@@ -133,6 +160,7 @@ impl Volume {
         };
         members.remove(role);
         present.remove(role);
+        paths.remove(role);
         info.members.remove(role);
         info.event += 1;
         if info.members.len() == 1 {
@@ -142,7 +170,12 @@ impl Volume {
             rewrite_plain(&*members[0], &plain)?;
             return Volume::open(members.swap_remove(0), &OpenOptions::default());
         }
-        let records = records_for(&info, &members);
+        let mut records = records_for(&info, &members);
+        for ((r, here), path) in records.iter_mut().zip(&present).zip(paths) {
+            if let (false, Some(path)) = (here, path) {
+                r.path = path;
+            }
+        }
         for ((role, b), here) in (0u8..).zip(&members).zip(&present) {
             if *here {
                 rewrite_member(&**b, &sb, &info, role, &records)?;

@@ -61,6 +61,7 @@ impl Volume {
                 .map(|_| MemberInfo {
                     id: rand::random(),
                     in_sync: true,
+                    full_copy: false,
                 })
                 .collect(),
             event: 1,
@@ -105,10 +106,30 @@ impl Volume {
         opts: &OpenOptions,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Volume> {
+        // The first backend is the one the caller named: what is wrong with it is an error.
+        // The others were found through member records (hints): one that is not a usable
+        // member of the first one's set is left out, and the set opens without it.
         let mut found: Vec<(Arc<dyn Backend>, Superblock, Vec<String>)> = Vec::new();
-        for b in members {
-            let (sb, warnings) = read_member(&*b)?;
-            found.push((b, sb, warnings));
+        let mut left_out: Vec<String> = Vec::new();
+        for (i, b) in members.into_iter().enumerate() {
+            match read_member(&*b) {
+                Ok((sb, warnings)) => {
+                    let ours = found.first().is_none_or(|(_, first, _)| {
+                        first.uuid == sb.uuid
+                            && first.mirror.as_ref().map(|m| m.set) == sb.mirror.as_ref().map(|m| m.set)
+                    });
+                    if ours {
+                        found.push((b, sb, warnings));
+                    } else {
+                        left_out.push(format!(
+                            "{}: not a copy of this mirror set (another volume or set): left out",
+                            b.name()
+                        ));
+                    }
+                }
+                Err(e) if i > 0 => left_out.push(format!("{}: not usable as a mirror copy ({e}): left out", b.name())),
+                Err(e) => return Err(e),
+            }
         }
         let Some(authority) = found
             .iter()
@@ -127,24 +148,38 @@ impl Volume {
             .map(|(_, sb, _)| sb.clone())
             .ok_or_else(|| invalid("mirror set", "no authoritative member".into()))?;
         let mut slots: Vec<Option<Found>> = vec![None; authority.members.len()];
+        let mut views: Vec<Option<MirrorInfo>> = vec![None; authority.members.len()];
         let mut in_use = false;
-        for (b, sb, warnings) in found {
+        for (i, (b, sb, warnings)) in found.into_iter().enumerate() {
             let name = b.name();
-            let role = check_member(&name, &sb, &reference, &authority)?;
-            if slots[role].is_some() {
-                return Err(invalid(
-                    &name,
-                    format!("a second backend for member {role} of the set"),
-                ));
-            }
+            let checked = check_member(&name, &sb, &reference, &authority).and_then(|role| {
+                if slots[role].is_some() {
+                    return Err(invalid(
+                        &name,
+                        format!("a second backend for member {role} of the set"),
+                    ));
+                }
+                Ok(role)
+            });
+            let role = match checked {
+                Ok(role) => role,
+                Err(e) if i > 0 => {
+                    left_out.push(format!("{e}: left out"));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             in_use |= sb.state == crate::format::VolumeState::InUse;
+            views[role].clone_from(&sb.mirror);
             slots[role] = Some((b, warnings));
         }
         let Some(stand_in) = slots.iter().flatten().map(|(b, _)| b.clone()).next() else {
             return Err(invalid("mirror set", "no member given".into()));
         };
+        refuse_split_brain(&views, &slots)?;
         let mut info = authority.clone();
-        let mut warnings = Vec::new();
+        let mut warnings = left_out;
+        mark_stale_members(&mut info, &views, &slots, &mut warnings);
         let mut set_members = Vec::new();
         for (role, slot) in slots.into_iter().enumerate() {
             if let Some((b, w)) = slot {
@@ -278,6 +313,67 @@ impl Volume {
 
 /// A member backend found at open, with the warnings about its superblock copies.
 type Found = (Arc<dyn Backend>, Vec<String>);
+
+/// Refuses a set whose present members each ran without the other: member `a`'s own
+/// superblock marks `b` out of sync, and `b`'s marks `a` — both wrote data the other lacks
+/// (a split brain). Neither description can be preferred without losing writes the other
+/// acknowledged; the operator chooses.
+fn refuse_split_brain(views: &[Option<MirrorInfo>], slots: &[Option<Found>]) -> Result<()> {
+    for (a, va) in views.iter().enumerate() {
+        for (b, vb) in views.iter().enumerate().skip(a + 1) {
+            let (Some(va), Some(vb)) = (va, vb) else {
+                continue;
+            };
+            let a_without_b = va.members[a].in_sync && !va.members[b].in_sync;
+            let b_without_a = vb.members[b].in_sync && !vb.members[a].in_sync;
+            if a_without_b && b_without_a {
+                let name = |i: usize| slots[i].as_ref().map_or_else(String::new, |(x, _)| x.name());
+                return Err(invalid(
+                    &name(a),
+                    format!(
+                        "split brain: copies {a} ({}) and {b} ({}) of the mirror set each ran without \
+                         the other, so each holds writes the other lacks; blockguard will not choose. \
+                         Move the copy whose writes you give up out of the way (the other then opens \
+                         degraded, that copy missing), then `blockguard mirror replace` it",
+                        name(a),
+                        name(b)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Marks out of sync, needing a full copy, every present member whose own superblock is older
+/// than the set's description (a lower event) while the set calls it in sync: it missed
+/// superblock writes of the set, so it may be a copy saved earlier and put back, holding
+/// older data than the write-intent map can tell. (A crash between two members' superblock
+/// writes makes one look older too: a full resync then costs time, never data.)
+fn mark_stale_members(
+    info: &mut MirrorInfo,
+    views: &[Option<MirrorInfo>],
+    slots: &[Option<Found>],
+    warnings: &mut Vec<String>,
+) {
+    let newest = info.event;
+    for (role, view) in views.iter().enumerate() {
+        let Some(view) = view else {
+            continue;
+        };
+        if view.event < newest && info.members[role].in_sync {
+            let name = slots[role].as_ref().map_or_else(String::new, |(b, _)| b.name());
+            warnings.push(format!(
+                "mirror copy {role} ({name}) is older than the set (event {} < {newest}): it is not \
+                 read, and `blockguard mirror resync` copies every written group to it",
+                view.event
+            ));
+            info.members[role].in_sync = false;
+            info.members[role].full_copy = true;
+            info.event += 1;
+        }
+    }
+}
 
 /// Checks a member's superblock against the set's reference; returns its role.
 fn check_member(

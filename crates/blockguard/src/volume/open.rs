@@ -363,12 +363,19 @@ fn choose_superblock(
             if !same {
                 warnings.push(format!("{name}: superblock copies differ; using the primary"));
             }
-            // A crash between updating the two copies: either saying "in use" wins.
-            let mut p = p;
-            if b.state == VolumeState::InUse {
-                p.state = VolumeState::InUse;
+            // A crash between updating the two copies: either saying "in use" wins, and of a
+            // mirror member's two descriptions of its set the newer one (every write of the set's
+            // superblocks is a new event, and the backup may have landed without the primary).
+            let newer_backup = match (&p.mirror, &b.mirror) {
+                (Some(pm), Some(bm)) => bm.event > pm.event,
+                _ => false,
+            };
+            let in_use = p.state == VolumeState::InUse || b.state == VolumeState::InUse;
+            let mut chosen = if newer_backup { b } else { p };
+            if in_use {
+                chosen.state = VolumeState::InUse;
             }
-            p
+            chosen
         }
         (Ok(p), Err(e)) => {
             warnings.push(format!(
@@ -434,7 +441,13 @@ impl Inner {
     /// Writes both superblock copies with `state` to every member in sync (each with its own
     /// role, and the set's current view of its members), then flushes.
     pub(crate) fn write_superblocks(&self, state: VolumeState, during: &'static str) -> Result<()> {
-        let mirror = self.lock(&self.mirror).clone();
+        // Every superblock write of a set is a new event: a copy of a member saved before it
+        // (a `cp` put back later) then carries a lower event than the set, and is found stale at
+        // open instead of being read.
+        let mirror = self.lock(&self.mirror).as_mut().map(|m| {
+            m.event += 1;
+            m.clone()
+        });
         let backup_at = self.geo.backup_sb_offset;
         let align = self.backend.alignment().max(1);
         for member in self.backend.live() {

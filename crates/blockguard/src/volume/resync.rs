@@ -100,9 +100,15 @@ impl Inner {
                 detail: "no mirror member is in sync to resynchronize from".into(),
                 resumable: false,
             })?;
+            // A target that never completed a copy (an interrupted add, a stale copy put back)
+            // missed more than the write-intent map records: it gets every written group.
+            let full = self
+                .lock(&self.mirror)
+                .as_ref()
+                .is_some_and(|m| targets.iter().any(|&t| m.members[t].full_copy));
             let groups = match extent {
-                Extent::Dirty => self.dirty_groups(),
-                Extent::Written => self.written_groups()?,
+                Extent::Dirty if !full => self.dirty_groups(),
+                _ => self.written_groups()?,
             };
             for (n, &t) in targets.iter().enumerate() {
                 if !self.backend.begin_catch_up(t) {
@@ -179,6 +185,7 @@ impl Inner {
             if let Some(info) = mirror.as_mut() {
                 for &t in targets {
                     info.members[t].in_sync = true;
+                    info.members[t].full_copy = false;
                 }
                 info.event += 1;
             }
