@@ -61,14 +61,48 @@ fn health_json(vol: &Volume) -> serde_json::Value {
     v
 }
 
-/// The volume's copies as the control protocol reports them.
+/// The volume's copies as the control protocol reports them. A copy missing at open is named
+/// by the path the member records of the copies present keep for it (the engine stands one
+/// of those in for it), or "unknown" when no record names one.
 pub(crate) fn copy_infos(vol: &Volume) -> Vec<CopyInfo> {
-    vol.copies()
-        .into_iter()
+    let copies = vol.copies();
+    let absent = |c: &blockguard::CopyStatus| c.state == blockguard::CopyState::Absent;
+    let present: Vec<&str> = copies
+        .iter()
+        .filter(|c| !absent(c))
+        .map(|c| c.path.as_str())
+        .collect();
+    let records: Vec<_> = if copies.iter().any(absent) {
+        present
+            .iter()
+            .flat_map(|p| crate::common::records_of(Path::new(p)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let recorded = |copy: usize| -> String {
+        records
+            .iter()
+            .filter(|r| usize::from(r.index) == copy)
+            .map(|r| r.path.clone())
+            // A record naming a copy that is here is no name for the missing one.
+            .find(|p| {
+                !present
+                    .iter()
+                    .any(|q| crate::target::same_target(Path::new(p), Path::new(q)).unwrap_or(false))
+            })
+            .unwrap_or_else(|| "unknown".into())
+    };
+    copies
+        .iter()
         .map(|c| CopyInfo {
             in_sync: c.state == blockguard::CopyState::InSync,
             copy: c.copy,
-            path: c.path,
+            path: if absent(c) {
+                recorded(c.copy)
+            } else {
+                c.path.clone()
+            },
             state: serde_json::to_value(c.state)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))

@@ -4,7 +4,7 @@
 use super::proto::{Request, Response, StatusInfo};
 use crate::holder::holders;
 use anyhow::{anyhow, bail, Context, Result};
-use blockguard::blockguard_backend::{FileBackend, FileOptions, LockMode, OpenError};
+use blockguard::blockguard_backend::OpenError;
 use blockguard::Volume;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -94,17 +94,10 @@ fn sockets_of(volume: &Path, control: Option<&Path>) -> Vec<PathBuf> {
         return vec![p.to_path_buf()];
     }
     let mut out: Vec<PathBuf> = crate::sidecar::control_socket(volume).ok().into_iter().collect();
-    let unlocked = FileOptions {
-        read_only: true,
-        lock: LockMode::None,
-        ..FileOptions::default()
-    };
-    if let Ok(backend) = FileBackend::open(volume, &unlocked) {
-        for r in blockguard::member_records(&backend).unwrap_or_default() {
-            if let Ok(s) = crate::sidecar::control_socket(Path::new(&r.path)) {
-                if !out.contains(&s) {
-                    out.push(s);
-                }
+    for r in crate::common::records_of(volume) {
+        if let Ok(s) = crate::sidecar::control_socket(Path::new(&r.path)) {
+            if !out.contains(&s) {
+                out.push(s);
             }
         }
     }
