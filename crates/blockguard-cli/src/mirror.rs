@@ -210,7 +210,7 @@ fn list(volume: &Path, control: Option<&Path>, json: bool) -> Result<()> {
     // The server's view when the volume is served: it knows which copies failed or are being
     // resynchronized; the superblocks alone may be behind it.
     let copies = match crate::control::client::connect_to(volume, control)? {
-        Some(mut client) => match client.call(&Request::MirrorList)? {
+        Some(mut client) => match client.ask(&Request::MirrorList)? {
             Response::MirrorList { copies } => copies,
             other => bail!("unexpected reply to mirror-list: {other:?}"),
         },
