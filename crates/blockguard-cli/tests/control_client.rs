@@ -1,6 +1,6 @@
 //! The client side of the control socket (review 10): whom `status` and `scrub` believe (a
-//! socket or a scrub state file planted by another user is not), and how long they wait for a
-//! server that does not answer.
+//! socket or a scrub state file planted by another user is not), how long they wait for a
+//! server that does not answer, and what `status` says about a degraded set.
 
 mod nbd_support;
 
@@ -279,4 +279,29 @@ fn regression_a_silent_listener_does_not_hang_status_or_scrub() {
         assert!(stderr(&out).contains("does not answer"), "{}", stderr(&out));
     }
     drop(held);
+}
+
+#[test]
+fn regression_status_of_a_served_set_with_a_missing_copy_says_degraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let m0 = d.join("m0.bgv");
+    let m1 = d.join("m1.bgv");
+    run(BIN, &["format", s(&m0), "--size", "16M", "--mirror", s(&m1)]);
+    std::fs::rename(&m1, d.join("away.bgv")).unwrap();
+    let mut srv = Served::start(&m0, &[]);
+    let out = bg(&["status", s(&m0)]);
+    expect_exit(&out, 0);
+    let text = stdout(&out);
+    assert!(text.contains("blockguard serve (pid"), "{text}");
+    let health = text
+        .lines()
+        .find(|l| l.starts_with("health:"))
+        .unwrap_or_default();
+    let m1 = d.canonicalize().unwrap().join("m1.bgv");
+    assert!(health.contains("degraded") && health.contains(s(&m1)), "{text}");
+    let st: Value = serde_json::from_slice(&bg(&["status", s(&m0), "--json"]).stdout).unwrap();
+    assert_eq!(st["health"]["state"], "degraded", "{st}");
+    assert_eq!(st["copies"][1]["path"], s(&m1), "{st}");
+    assert!(srv.signal("TERM").success());
 }
