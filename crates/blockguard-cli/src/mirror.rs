@@ -139,17 +139,23 @@ pub(crate) fn run(args: &MirrorArgs) -> Result<()> {
                 })
                 .doing("resynchronize", volume)?;
             pb.finish_and_clear();
+            let copies = crate::status::copy_infos(&vol);
             vol.close()?;
-            print_resync(&report, *json)
+            print_resync(&report, *json, &copies)
         }
     }
 }
 
-fn print_resync(report: &ResyncReport, json: bool) -> Result<()> {
+/// Prints what a resync did; an error if a copy is missing (`copies`: the set afterwards),
+/// which no resync can bring back.
+fn print_resync(report: &ResyncReport, json: bool, copies: &[CopyInfo]) -> Result<()> {
+    let missing: Vec<&CopyInfo> = copies.iter().filter(|c| c.state == "absent").collect();
     if json {
         say!("{}", serde_json::to_string_pretty(report)?);
-    } else if report.members.is_empty() {
+    } else if report.members.is_empty() && missing.is_empty() {
         say!("every copy is in sync: nothing to do");
+    } else if report.members.is_empty() {
+        say!("every copy present is in sync");
     } else {
         say!(
             "resynchronized copies {:?} from copy {}: {} groups, {} bytes each",
@@ -157,6 +163,16 @@ fn print_resync(report: &ResyncReport, json: bool) -> Result<()> {
             report.source.unwrap_or_default(),
             report.groups,
             report.bytes_copied
+        );
+    }
+    if let Some(c) = missing.first() {
+        bail!(
+            "copy {} ({}) is missing: it cannot be resynchronized until it is back at that path, \
+             or replaced (`blockguard mirror replace VOLUME {} NEW`); the volume runs with one \
+             copy less meanwhile",
+            c.copy,
+            c.path,
+            c.copy
         );
     }
     Ok(())
@@ -198,7 +214,11 @@ fn resync_served(mut client: Client, json: bool) -> Result<()> {
                 }
                 let report: ResyncReport = serde_json::from_value(report)
                     .context("a resync report this client does not understand")?;
-                return print_resync(&report, json);
+                let copies = match client.ask(&Request::MirrorList)? {
+                    Response::MirrorList { copies } => copies,
+                    other => bail!("unexpected reply to mirror-list: {other:?}"),
+                };
+                return print_resync(&report, json, &copies);
             }
             Response::Error { message, .. } => bail!("resync: {message}"),
             other => bail!("unexpected reply to resync: {other:?}"),
