@@ -318,7 +318,7 @@ impl Client {
     fn silent(&self, timeout: Duration) -> anyhow::Error {
         let who = self.pid.map_or_else(String::new, |p| format!(" (pid {p})"));
         let hint = self.pid.map_or_else(String::new, |p| {
-            format!("; `kill -CONT {p}` resumes a stopped process")
+            format!(" (`kill -CONT {p}` resumes a stopped process)")
         });
         anyhow!(
             "the server on the control socket {}{who} does not answer within {} s: is it stopped \
