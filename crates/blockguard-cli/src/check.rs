@@ -30,6 +30,9 @@ struct Report {
     bad_copies: Vec<(usize, u64)>,
     warnings: Vec<String>,
     clean: bool,
+    /// Copies of the volume (1 for a plain volume).
+    #[serde(skip)]
+    copies: usize,
 }
 
 /// Bad blocks (and damaged metadata sectors) listed one a line before the rest is only
@@ -86,6 +89,7 @@ pub(crate) fn run(args: &CheckArgs) -> Result<bool> {
             && bad_copies.is_empty()
             && vol.warnings().is_empty(),
         bad_copies,
+        copies: vol.members().len().max(1),
         warnings: vol.warnings().to_vec(),
         bad_blocks: bad,
         damaged_metadata: damaged,
@@ -126,18 +130,29 @@ fn print_text(report: &Report) {
             p.detail
         );
     }
+    let no_good_copy: std::collections::HashSet<u64> = report.bad_blocks.iter().map(|p| p.block).collect();
     for (copy, block) in report.bad_copies.iter().take(LISTED) {
-        say!("bad copy of block {block} on copy {copy} (a good copy is served)");
+        if no_good_copy.contains(block) {
+            say!("bad copy of block {block} on copy {copy} (no good copy: see bad block {block})");
+        } else {
+            say!("bad copy of block {block} on copy {copy} (a good copy is served)");
+        }
     }
     more(report.bad_copies.len(), "bad copies");
     for w in &report.warnings {
         say!("warning: {w}");
     }
-    say!(
-        "{}: {} blocks checked, {} bad, {} damaged metadata sectors",
-        report.volume,
-        report.blocks,
-        report.bad_blocks.len(),
-        report.damaged_metadata.len()
-    );
+    let mut counts = vec![
+        format!("{} blocks checked", report.blocks),
+        format!("{} bad", report.bad_blocks.len()),
+        format!("{} damaged metadata sectors", report.damaged_metadata.len()),
+    ];
+    if report.copies > 1 {
+        counts.push(format!("{} bad copies", report.bad_copies.len()));
+    }
+    if !report.warnings.is_empty() {
+        // Maybe not clean for them alone: counted, rather than exit 1 under "0 bad".
+        counts.push(format!("{} warnings", report.warnings.len()));
+    }
+    say!("{}: {}", report.volume, counts.join(", "));
 }

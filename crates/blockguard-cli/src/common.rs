@@ -143,6 +143,21 @@ pub(crate) fn open_unlocked(path: &Path) -> Result<Volume> {
     open_with(path, true, LockMode::None, None, None)
 }
 
+/// The member records kept next to the superblocks of the volume file or device at `path`
+/// (read without a lock: it may be open here, or served); none for a plain volume or what
+/// cannot be read.
+pub(crate) fn records_of(path: &Path) -> Vec<blockguard::format::MemberRecord> {
+    let unlocked = FileOptions {
+        read_only: true,
+        lock: LockMode::None,
+        ..FileOptions::default()
+    };
+    FileBackend::open(path, &unlocked)
+        .ok()
+        .and_then(|b| blockguard::member_records(&b).ok())
+        .unwrap_or_default()
+}
+
 /// Whether `backend` is a member of a mirror set (it keeps member records).
 fn backend_is_member(backend: &FileBackend) -> bool {
     blockguard::member_records(backend).is_ok_and(|r| !r.is_empty())

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use blockguard::blockguard_backend::{Backend, FileBackend, FileOptions};
 use blockguard::{ErrorPolicy, FormatOptions, Mode, Profile, Volume};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Arguments of `format`.
@@ -92,7 +92,7 @@ fn format_set(args: &FormatArgs, opts: &FormatOptions) -> Result<Volume> {
     let paths: Vec<&PathBuf> = std::iter::once(&args.path).chain(&args.mirrors).collect();
     for (i, a) in paths.iter().enumerate() {
         for b in &paths[i + 1..] {
-            if a == b || crate::target::same_data(a, b)? {
+            if crate::target::same_target(a, b)? {
                 bail!(
                     "{} and {} are the same file: mirror copies must be on separate files or devices",
                     a.display(),
@@ -101,23 +101,7 @@ fn format_set(args: &FormatArgs, opts: &FormatOptions) -> Result<Volume> {
             }
         }
     }
-    // Every copy is checked before any is written: a refused one must not leave the others
-    // formatted.
-    for p in &paths {
-        match std::fs::metadata(p) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if args.size.is_none() {
-                    bail!("{} does not exist: give --size to create it", p.display());
-                }
-            }
-            Err(e) => return Err(e).with_context(|| format!("cannot access {}", p.display())),
-            Ok(_) if !args.force => {
-                let backend = FileBackend::open(p, &FileOptions::default())?;
-                crate::target::refuse_if_in_use(&backend)?;
-            }
-            Ok(_) => {}
-        }
-    }
+    check_copies(args, opts, &paths)?;
     let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
     for p in &paths {
         let member_args = FormatArgs {
@@ -153,42 +137,98 @@ fn format_set(args: &FormatArgs, opts: &FormatOptions) -> Result<Volume> {
     Volume::format_members(backends, &set_opts).context("forming the mirror set")
 }
 
+/// Checks every copy of a new set before any is written: a refused one must not leave the
+/// others formatted. Each is measured as it will be: the copies of a set have one layout,
+/// which puts the backup superblock at the end of each, so they must be the same length.
+fn check_copies(args: &FormatArgs, opts: &FormatOptions, paths: &[&PathBuf]) -> Result<()> {
+    let mut lens = Vec::new();
+    for p in paths {
+        lens.push(Target::inspect(p, args, opts)?.len(p, opts)?);
+    }
+    if lens.iter().any(|&l| l != lens[0]) {
+        let sizes: Vec<String> = paths
+            .iter()
+            .zip(&lens)
+            .map(|(p, l)| format!("{} {l} bytes", p.display()))
+            .collect();
+        bail!(
+            "the copies of a mirror set must be the same size, and these would not be ({}): \
+             give --size to size files alike (a device keeps its own size: use devices of one \
+             size, or files as large as the device, formatted without --size); nothing was written",
+            sizes.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// A target of `format`, checked (refused without `--force` if it may hold data, locked).
+enum Target {
+    /// A file to create.
+    New,
+    /// An existing file, to be emptied to `len` bytes.
+    File { len: u64 },
+    /// A block device, held open.
+    Device(FileBackend),
+}
+
+impl Target {
+    /// Checks `path` for a volume of `args.size` (`opts`): a missing file needs a size; what
+    /// exists is opened (refused if another process holds it) and, without `--force`, refused
+    /// if it may hold data. Writes nothing.
+    fn inspect(path: &Path, args: &FormatArgs, opts: &FormatOptions) -> Result<Target> {
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if args.size.is_none() {
+                    bail!("{} does not exist: give --size to create it", path.display());
+                }
+                Ok(Target::New)
+            }
+            Err(e) => Err(e).with_context(|| format!("cannot access {}", path.display())),
+            Ok(meta) => {
+                let backend = FileBackend::open(path, &FileOptions::default())?;
+                if !args.force {
+                    crate::target::refuse_if_in_use(&backend)?;
+                }
+                Ok(match (meta.is_file(), args.size) {
+                    (true, Some(_)) => Target::File {
+                        len: crate::common::backing_len(opts, path)?,
+                    },
+                    (true, None) => Target::File { len: meta.len() },
+                    (false, _) => Target::Device(backend),
+                })
+            }
+        }
+    }
+
+    /// Bytes of backing store the volume will have on it.
+    fn len(&self, path: &Path, opts: &FormatOptions) -> Result<u64> {
+        Ok(match self {
+            Target::New => crate::common::backing_len(opts, path)?,
+            Target::File { len } => *len,
+            Target::Device(backend) => backend.len(),
+        })
+    }
+}
+
 /// Formats one file or device (the volume, or one copy of a set).
 fn format_one(args: &FormatArgs, opts: &mut FormatOptions) -> Result<Volume> {
-    let size = args.size;
     let path = &args.path;
-    Ok(match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if size.is_none() {
-                bail!("{} does not exist: give --size to create it", path.display());
-            }
-            crate::common::create_file_volume(path, opts)?
-        }
-        Err(e) => return Err(e).with_context(|| format!("cannot access {}", path.display())),
-        Ok(meta) => {
+    Ok(match Target::inspect(path, args, opts)? {
+        Target::New => crate::common::create_file_volume(path, opts)?,
+        Target::File { len } => {
+            crate::target::empty_file(path, len)?;
+            opts.assume_zeroed = true;
             let backend = FileBackend::open(path, &FileOptions::default())?;
-            if !args.force {
-                crate::target::refuse_if_in_use(&backend)?;
-            }
-            if meta.is_file() {
-                let len = match size {
-                    Some(_) => crate::common::backing_len(opts, path)?,
-                    None => meta.len(),
-                };
-                drop(backend);
-                crate::target::empty_file(path, len)?;
-                opts.assume_zeroed = true;
-                let backend = FileBackend::open(path, &FileOptions::default())?;
-                Volume::format(Arc::new(backend), opts)?
-            } else {
-                let len = backend.len();
-                let pb = progress(len, "zeroing");
-                let vol = Volume::format_with_progress(Arc::new(backend), opts, &mut |done, _| {
-                    pb.set_position(done);
-                })?;
-                pb.finish_and_clear();
-                vol
-            }
+            Volume::format(Arc::new(backend), opts)?
+        }
+        Target::Device(backend) => {
+            let len = backend.len();
+            let pb = progress(len, "zeroing");
+            let vol = Volume::format_with_progress(Arc::new(backend), opts, &mut |done, _| {
+                pb.set_position(done);
+            })?;
+            pb.finish_and_clear();
+            vol
         }
     })
 }

@@ -1,21 +1,36 @@
-//! SIGINT, SIGTERM and SIGHUP during a command that must clean up after itself (`export`):
-//! the handlers only record the signal; the command looks at [`Signals::caught`] between
-//! steps, cleans up, and returns [`Interrupted`], which exits with status 128 + the signal,
-//! as the signal itself would have. A second signal exits at once, without cleaning up.
+//! SIGINT, SIGTERM and SIGHUP during a command that must clean up after itself (`export`,
+//! `scrub`): the handlers only record the signal; the command looks at [`Signals::caught`]
+//! between steps (and waits for a control server in short slices, checking [`caught`]),
+//! cleans up, and returns [`Interrupted`], which exits with status 128 + the signal, as the
+//! signal itself would have. A second signal exits at once, without cleaning up.
 
 use anyhow::{Context, Result};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// The stop signals seen since [`Signals::watch`].
+#[derive(Clone)]
 pub(crate) struct Signals {
     caught: Arc<AtomicUsize>,
+    requested: Arc<AtomicBool>,
+}
+
+/// The process's handlers, installed once.
+static WATCHED: OnceLock<Signals> = OnceLock::new();
+
+/// The stop signal caught since [`Signals::watch`], if it was called and one came.
+pub(crate) fn caught() -> Option<Interrupted> {
+    WATCHED.get().and_then(Signals::caught)
 }
 
 impl Signals {
-    /// Installs the handlers; they stay for the rest of the process.
+    /// Installs the handlers (once: later calls share them); they stay for the rest of the
+    /// process.
     pub(crate) fn watch() -> Result<Signals> {
+        if let Some(s) = WATCHED.get() {
+            return Ok(s.clone());
+        }
         let caught = Arc::new(AtomicUsize::new(0));
         let requested = Arc::new(AtomicBool::new(false));
         for sig in [SIGINT, SIGTERM, SIGHUP] {
@@ -33,7 +48,12 @@ impl Signals {
                 })
                 .context("cannot install signal handlers")?;
         }
-        Ok(Signals { caught })
+        Ok(WATCHED.get_or_init(|| Signals { caught, requested }).clone())
+    }
+
+    /// The flag the handlers set, for code that polls a flag (a scrub's stop option).
+    pub(crate) fn flag(&self) -> &AtomicBool {
+        &self.requested
     }
 
     /// The stop signal caught, if any.

@@ -123,7 +123,8 @@ fn run(cli: Cli) -> ExitCode {
         Command::Scrub(a) => match scrub::run(&a) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),
-            Err(e) => return exit_error(&e, 2),
+            // 2, or 128 + the signal that interrupted it.
+            Err(e) => return exit_error(&e, common::exit_code_for(&e).max(2)),
         },
         Command::Check(a) => match check::run(&a) {
             Ok(true) => Ok(()),

@@ -5,9 +5,10 @@
 
 use crate::common::{progress, PathOnce};
 use crate::control::client::{reach, Access, Client};
-use crate::control::proto::{FollowRequest, Request, Response};
+use crate::control::proto::{CopyInfo, FollowRequest, Request, Response};
 use anyhow::{bail, Context, Result};
 use blockguard::blockguard_backend::{Backend, FileBackend, FileOptions};
+use blockguard::format::MAX_MEMBERS;
 use blockguard::{ResyncReport, Volume};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
@@ -54,7 +55,10 @@ pub(crate) enum Action {
         /// The copy to remove: its path, or its number as `mirror list` shows it.
         copy: String,
     },
-    /// Replace a copy by a new one: the new one is built first, then the old one removed.
+    /// Replace a copy by a new one: the new one is built first, then the old one removed. A
+    /// copy that is missing or out of sync is removed first (it holds nothing the set needs);
+    /// so is an in-sync one in a set of three copies, the most there can be, if another copy
+    /// is in sync (redundancy is reduced until the new copy is built).
     Replace {
         /// The volume (any copy's path).
         volume: PathBuf,
@@ -83,7 +87,16 @@ pub(crate) fn run(args: &MirrorArgs) -> Result<()> {
         Action::List { volume, json } => list(volume, control, *json),
         Action::Add { volume, copy, force } => {
             let vol = closed_volume(volume, control, "add a copy")?;
-            let (vol, report) = add(vol, volume, copy, *force)?;
+            let copies = crate::status::copy_infos(&vol);
+            if copies.len() >= MAX_MEMBERS {
+                bail!(
+                    "{} has {MAX_MEMBERS} copies already, the most a set can have: replace one \
+                     (`blockguard mirror replace`) or remove one first",
+                    volume.display()
+                );
+            }
+            check_target(&vol, &copies, None, copy, *force)?;
+            let (vol, report) = add(vol, copy)?;
             vol.close()?;
             say!(
                 "added {}: {} groups ({} bytes) copied",
@@ -95,12 +108,13 @@ pub(crate) fn run(args: &MirrorArgs) -> Result<()> {
         }
         Action::Remove { volume, copy } => {
             let vol = closed_volume(volume, control, "remove a copy")?;
-            let role = resolve(&vol, volume, copy)?;
+            let copies = crate::status::copy_infos(&vol);
+            let role = resolve(&copies, volume, copy)?;
             let vol = vol
                 .remove_member(role)
                 .with_context(|| format!("removing copy {role}"))?;
             vol.close()?;
-            say!("removed copy {role} ({copy})");
+            say!("removed copy {role} ({})", copies[role].path);
             Ok(())
         }
         Action::Replace {
@@ -110,18 +124,7 @@ pub(crate) fn run(args: &MirrorArgs) -> Result<()> {
             force,
         } => {
             let vol = closed_volume(volume, control, "replace a copy")?;
-            let role = resolve(&vol, volume, old)?;
-            let (vol, report) = add(vol, volume, new, *force)?;
-            let vol = vol
-                .remove_member(role)
-                .with_context(|| format!("removing copy {role}"))?;
-            vol.close()?;
-            say!(
-                "replaced copy {role} ({old}) by {}: {} groups copied",
-                new.display(),
-                report.groups
-            );
-            Ok(())
+            replace(vol, volume, old, new, *force)
         }
         Action::Resync { volume, json } => {
             let vol = match reach(volume, control, false)? {
@@ -136,17 +139,23 @@ pub(crate) fn run(args: &MirrorArgs) -> Result<()> {
                 })
                 .doing("resynchronize", volume)?;
             pb.finish_and_clear();
+            let copies = crate::status::copy_infos(&vol);
             vol.close()?;
-            print_resync(&report, *json)
+            print_resync(&report, *json, &copies)
         }
     }
 }
 
-fn print_resync(report: &ResyncReport, json: bool) -> Result<()> {
+/// Prints what a resync did; an error if a copy is missing (`copies`: the set afterwards),
+/// which no resync can bring back.
+fn print_resync(report: &ResyncReport, json: bool, copies: &[CopyInfo]) -> Result<()> {
+    let missing: Vec<&CopyInfo> = copies.iter().filter(|c| c.state == "absent").collect();
     if json {
         say!("{}", serde_json::to_string_pretty(report)?);
-    } else if report.members.is_empty() {
+    } else if report.members.is_empty() && missing.is_empty() {
         say!("every copy is in sync: nothing to do");
+    } else if report.members.is_empty() {
+        say!("every copy present is in sync");
     } else {
         say!(
             "resynchronized copies {:?} from copy {}: {} groups, {} bytes each",
@@ -154,6 +163,16 @@ fn print_resync(report: &ResyncReport, json: bool) -> Result<()> {
             report.source.unwrap_or_default(),
             report.groups,
             report.bytes_copied
+        );
+    }
+    if let Some(c) = missing.first() {
+        bail!(
+            "copy {} ({}) is missing: it cannot be resynchronized until it is back at that path, \
+             or replaced (`blockguard mirror replace VOLUME {} NEW`); the volume runs with one \
+             copy less meanwhile",
+            c.copy,
+            c.path,
+            c.copy
         );
     }
     Ok(())
@@ -195,7 +214,11 @@ fn resync_served(mut client: Client, json: bool) -> Result<()> {
                 }
                 let report: ResyncReport = serde_json::from_value(report)
                     .context("a resync report this client does not understand")?;
-                return print_resync(&report, json);
+                let copies = match client.ask(&Request::MirrorList)? {
+                    Response::MirrorList { copies } => copies,
+                    other => bail!("unexpected reply to mirror-list: {other:?}"),
+                };
+                return print_resync(&report, json, &copies);
             }
             Response::Error { message, .. } => bail!("resync: {message}"),
             other => bail!("unexpected reply to resync: {other:?}"),
@@ -207,7 +230,7 @@ fn list(volume: &Path, control: Option<&Path>, json: bool) -> Result<()> {
     // The server's view when the volume is served: it knows which copies failed or are being
     // resynchronized; the superblocks alone may be behind it.
     let copies = match crate::control::client::connect_to(volume, control)? {
-        Some(mut client) => match client.call(&Request::MirrorList)? {
+        Some(mut client) => match client.ask(&Request::MirrorList)? {
             Response::MirrorList { copies } => copies,
             other => bail!("unexpected reply to mirror-list: {other:?}"),
         },
@@ -225,46 +248,156 @@ fn list(volume: &Path, control: Option<&Path>, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// The role of the copy named `copy` (a number, or a path naming the same file as a member).
-fn resolve(vol: &Volume, volume: &Path, copy: &str) -> Result<usize> {
-    let members = vol.members();
-    if members.is_empty() {
+/// The role of the copy named `copy`: a number, or a path naming the same file as a copy (a
+/// missing copy: its recorded path).
+fn resolve(copies: &[CopyInfo], volume: &Path, copy: &str) -> Result<usize> {
+    if copies.is_empty() {
         bail!(
             "{} is a plain volume (one copy): there is no copy to remove or replace; `blockguard mirror add` makes a set",
             volume.display()
         );
     }
     if let Ok(n) = copy.parse::<usize>() {
-        if n < members.len() {
+        if n < copies.len() {
             return Ok(n);
         }
         bail!(
             "there is no copy {n}: the set has copies 0 to {}",
-            members.len() - 1
+            copies.len() - 1
         );
     }
-    members
+    copies
         .iter()
-        .position(|(path, _)| crate::target::same_data(Path::new(path), Path::new(copy)).unwrap_or(false))
+        .position(|c| crate::target::same_target(Path::new(&c.path), Path::new(copy)).unwrap_or(false))
         .with_context(|| format!("{copy} is not a copy of this volume (see `blockguard mirror list`)"))
 }
 
-/// Prepares `copy` (refusing a non-empty target without `force`, the volume itself, or a
-/// file that is another copy already) and adds it to `vol` with a progress bar.
-fn add(vol: Volume, volume: &Path, copy: &Path, force: bool) -> Result<(Volume, ResyncReport)> {
-    let members = vol.members();
-    let existing: Vec<String> = if members.is_empty() {
-        vec![volume.display().to_string()]
+/// `mirror replace`: builds `new` in place of copy `old` of `vol`. A copy that is not in sync
+/// holds nothing the set needs: it is removed first. An in-sync one is removed once the new
+/// copy is built, except in a set of [`MAX_MEMBERS`], which has no room for another: there
+/// it is removed first, if another copy is in sync, with redundancy reduced meanwhile.
+fn replace(vol: Volume, volume: &Path, old: &str, new: &Path, force: bool) -> Result<()> {
+    let copies = crate::status::copy_infos(&vol);
+    let role = resolve(&copies, volume, old)?;
+    let old_path = copies[role].path.clone();
+    let old_in_sync = copies[role].in_sync;
+    let remove_first = !old_in_sync || copies.len() >= MAX_MEMBERS;
+    if remove_first && !copies.iter().any(|c| c.copy != role && c.in_sync) {
+        bail!(
+            "copy {role} ({old_path}) is the only copy in sync, and the set has {} copies, the most \
+             it can have: it cannot be removed before its replacement is built. Resynchronize \
+             another copy first (`blockguard mirror resync`), or remove one that is not in sync",
+            copies.len()
+        );
+    }
+    check_target(&vol, &copies, Some(role), new, force)?;
+    let (vol, report) = if remove_first {
+        let vol = vol
+            .remove_member(role)
+            .with_context(|| format!("removing copy {role} ({old_path})"))?;
+        if old_in_sync {
+            say!(
+                "removed copy {role} ({old_path}) first (a set has at most {MAX_MEMBERS} copies): \
+                 redundancy is reduced until {} is built",
+                new.display()
+            );
+        }
+        add(vol, new).with_context(|| {
+            format!(
+                "copy {role} ({old_path}) was removed from the set, but {} could not be added \
+                 (`blockguard mirror add` it again)",
+                new.display()
+            )
+        })?
     } else {
-        members.into_iter().map(|(p, _)| p).collect()
+        let (vol, report) = add(vol, new)?;
+        let vol = vol.remove_member(role).with_context(|| {
+            format!(
+                "removing copy {role} ({old_path}) once {} was built",
+                new.display()
+            )
+        })?;
+        (vol, report)
+    };
+    let now = crate::status::copy_infos(&vol)
+        .iter()
+        .find(|c| crate::target::same_target(Path::new(&c.path), new).unwrap_or(false))
+        .map(|c| c.copy);
+    vol.close()?;
+    say!(
+        "replaced copy {role} ({old_path}) by {}{}: {} groups copied",
+        new.display(),
+        now.map_or(String::new(), |n| format!(" (now copy {n})")),
+        report.groups
+    );
+    Ok(())
+}
+
+/// Every refusal of a new copy, before anything is written to it: the target is a copy of the
+/// set already (by any name, a missing copy's recorded path, or by its own superblock), the
+/// set has a missing copy other than `replacing` (adding a copy then would mistake the
+/// stand-in for it), the target is in use by another process, or holds data without `force`.
+fn check_target(
+    vol: &Volume,
+    copies: &[CopyInfo],
+    replacing: Option<usize>,
+    copy: &Path,
+    force: bool,
+) -> Result<()> {
+    let existing: Vec<String> = if copies.is_empty() {
+        vec![vol.name().to_string()]
+    } else {
+        copies.iter().map(|c| c.path.clone()).collect()
     };
     for p in &existing {
-        if crate::target::same_data(Path::new(p), copy)? {
+        if crate::target::same_target(Path::new(p), copy)? {
             bail!("{} is already a copy of this volume", copy.display());
         }
     }
+    if let Some(c) = copies
+        .iter()
+        .find(|c| c.state == "absent" && Some(c.copy) != replacing)
+    {
+        bail!(
+            "copy {} ({}) is missing: replace it (`blockguard mirror replace VOLUME {} NEW`) or \
+             remove it (`blockguard mirror remove VOLUME {}`) before adding another copy",
+            c.copy,
+            c.path,
+            c.copy,
+            c.copy
+        );
+    }
+    if !copy.exists() {
+        return Ok(());
+    }
+    // Locked like the volume itself: a target another process holds is refused, `force` or not.
+    let backend = FileBackend::open(copy, &FileOptions::default())?;
+    let set = vol.superblock().mirror.as_ref().map(|m| m.set);
+    if let Some((_, role)) = mirror_role(&backend).filter(|(s, _)| Some(*s) == set) {
+        bail!(
+            "{} is copy {role} of this set (by another name): see `blockguard mirror list`; a copy \
+             that fell behind is brought back by `blockguard mirror resync`",
+            copy.display()
+        );
+    }
+    if !force {
+        crate::target::refuse_if_in_use(&backend)?;
+    }
+    Ok(())
+}
+
+/// The mirror set and role `backend`'s superblock names, if it holds a member of a set.
+fn mirror_role(backend: &FileBackend) -> Option<([u8; 16], u8)> {
+    let mut region = vec![0u8; usize::try_from(blockguard::format::SB_REGION).ok()?];
+    backend.read_at(&mut region, 0).ok()?;
+    let (sb, _) = blockguard::Superblock::decode(&region).ok()?;
+    sb.mirror.map(|m| (m.set, m.role))
+}
+
+/// Adds `copy` (checked by [`check_target`]) to `vol`, with a progress bar.
+fn add(vol: Volume, copy: &Path) -> Result<(Volume, ResyncReport)> {
     let len = vol.geometry().backing_len;
-    let backend = prepare_target(copy, len, force)?;
+    let backend = prepare_target(copy, len)?;
     let pb = progress(vol.geometry().groups, "copy");
     let result = vol
         .add_member(backend, &mut |done, total| {
@@ -277,14 +410,22 @@ fn add(vol: Volume, volume: &Path, copy: &Path, force: bool) -> Result<(Volume, 
 }
 
 /// Opens (creating a file if missing) the new copy's target of at least `len` bytes, empty:
-/// a file is emptied and sized; a device must be empty unless `force`, and is zeroed.
-fn prepare_target(copy: &Path, len: u64, force: bool) -> Result<Arc<dyn Backend>> {
+/// a file is emptied and sized; a device (refused if smaller) is zeroed. [`check_target`]
+/// has refused what must not be overwritten.
+fn prepare_target(copy: &Path, len: u64) -> Result<Arc<dyn Backend>> {
     let exists = copy.exists();
-    if exists && !force {
-        let backend = FileBackend::open(copy, &FileOptions::default())?;
-        crate::target::refuse_if_in_use(&backend)?;
-    }
     let is_file = !exists || std::fs::metadata(copy).is_ok_and(|m| m.is_file());
+    if exists && !is_file {
+        // A device is measured before anything is written (a file is sized to fit).
+        let backend = FileBackend::open(copy, &FileOptions::default())?;
+        if backend.len() < len {
+            bail!(
+                "{} holds {} bytes; a copy of this volume needs {len}",
+                copy.display(),
+                backend.len()
+            );
+        }
+    }
     if !exists {
         std::fs::OpenOptions::new()
             .write(true)
@@ -299,13 +440,6 @@ fn prepare_target(copy: &Path, len: u64, force: bool) -> Result<Arc<dyn Backend>
     let abs = std::fs::canonicalize(copy).with_context(|| format!("resolving {}", copy.display()))?;
     let backend = FileBackend::open(&abs, &FileOptions::default())?;
     if !is_file {
-        if backend.len() < len {
-            bail!(
-                "{} holds {} bytes; a copy of this volume needs {len}",
-                abs.display(),
-                backend.len()
-            );
-        }
         backend
             .zero_range(0, backend.len())
             .with_context(|| format!("zeroing {}", abs.display()))?;

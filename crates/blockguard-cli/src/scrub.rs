@@ -10,19 +10,25 @@
 //! also keeps it in memory.
 
 use crate::common::progress;
-use crate::control::client::{connect, reach, Access, Client};
+use crate::control::client::{connect, reach, Access, Client, Trust, ANSWER_TIMEOUT};
 use crate::control::proto::{Request, Response, ScrubRequest};
 use crate::info::uuid_string;
+use crate::interrupt::Signals;
 use crate::status::kind_name;
 use anyhow::{anyhow, bail, Context, Result};
 use blockguard::{ScrubOptions, ScrubProgress, ScrubReport, Volume};
 use clap::Args;
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long a scrub stopped by Ctrl-C waits for the server's report: longer than a server's
+/// `scrub-stop` waits for its scrub (30 s).
+const STOP_WAIT: Duration = Duration::from_secs(45);
 
 /// Arguments of `scrub`.
 #[derive(Args, Debug)]
@@ -99,13 +105,30 @@ pub(crate) fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The last scrub recorded for `vol` (at `path`), if its state file exists and fits the
-/// volume; a file that does not fit is ignored with a warning.
+/// The last scrub recorded for `vol` (at `path`), if its state file exists, fits the volume,
+/// and was written by a user believed about the volume ([`Trust`]: a file another user
+/// planted next to a volume in a shared directory could fake a clean scrub, or make
+/// `--resume` skip the volume); a file that does not fit is ignored with a warning.
 pub(crate) fn load_state(path: &Path, vol: &Volume) -> Option<SavedScrub> {
     let file = crate::sidecar::scrub_state(path).ok()?;
-    let text = std::fs::read(&file).ok()?;
+    let mut opened = std::fs::File::open(&file).ok()?;
+    let meta = opened.metadata().ok()?;
+    let trust = Trust::for_volume(path);
+    let mut text = Vec::new();
     let bs = u64::from(vol.block_size());
-    let saved = match serde_json::from_slice::<SavedScrub>(&text) {
+    let parsed = if !trust.trusts(meta.uid()) {
+        Err(format!("it is owned by user {}, not {}", meta.uid(), trust.who()))
+    } else if meta.mode() & 0o022 != 0 {
+        Err(format!(
+            "users other than its owner may write it (mode {:o})",
+            meta.mode() & 0o7777
+        ))
+    } else {
+        std::io::Read::read_to_end(&mut opened, &mut text)
+            .map_err(|e| e.to_string())
+            .and_then(|_| serde_json::from_slice::<SavedScrub>(&text).map_err(|e| e.to_string()))
+    };
+    let saved = match parsed {
         Ok(s) if s.version != STATE_VERSION => Err(format!("version {} is not {STATE_VERSION}", s.version)),
         Ok(s) if s.uuid != uuid_string(&vol.superblock().uuid) => {
             Err(format!("it belongs to volume {}, not this one", s.uuid))
@@ -116,8 +139,7 @@ pub(crate) fn load_state(path: &Path, vol: &Volume) -> Option<SavedScrub> {
         {
             Err("its resume position does not fit the volume".into())
         }
-        Ok(s) => Ok(s),
-        Err(e) => Err(e.to_string()),
+        other => other,
     };
     saved
         .inspect_err(|why| {
@@ -142,29 +164,33 @@ pub(crate) fn save_state(path: &Path, vol: &Volume, report: &ScrubReport) -> Res
     let mut tmp = file.clone().into_os_string();
     tmp.push(format!(".tmp.{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&saved)?)
+    // Created new, never through what another user may have left at that name.
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&serde_json::to_vec_pretty(&saved)?))
         .and_then(|()| std::fs::rename(&tmp, &file))
         .with_context(|| format!("cannot write the scrub state file {}", file.display()))
 }
 
 /// `blockguard scrub`; true if nothing bad (or nothing unrepaired, with `--repair`) was found.
 pub(crate) fn run(args: &ScrubArgs) -> Result<bool> {
-    let interrupted = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // A second signal exits at once, like the servers.
-        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&interrupted))
-            .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&interrupted)))
-            .context("cannot install signal handlers")?;
-    }
+    // Ctrl-C stops the scrub (its position is kept), also while waiting for a server; a
+    // second one exits at once.
+    let signals = Signals::watch()?;
+    let interrupted = signals.flag();
     let (report, via, resumed) = match reach(&args.path, args.control.as_deref(), !args.repair)? {
         Access::Direct(vol) => {
-            let (report, resumed) = direct(args, &vol, &interrupted)?;
+            let (report, resumed) = direct(args, &vol, interrupted)?;
             vol.close()
                 .with_context(|| format!("cannot close {}", args.path.display()))?;
             (report, "direct", resumed)
         }
         Access::Socket(client, _) => {
-            let (report, resumed) = through_socket(args, client, &interrupted)?;
+            let (report, resumed) = through_socket(args, client, interrupted)?;
             (report, "control-socket", resumed)
         }
     };
@@ -223,13 +249,38 @@ fn through_socket(
         ));
     }
     let bar = Bar::new();
-    let mut stop_sent = false;
+    // The connection that asked the server to stop the scrub, and until when the stopped
+    // scrub's report is awaited.
+    let mut stopping: Option<(Client, Instant)> = None;
+    let mut said_waiting = false;
     loop {
-        if interrupted.load(Ordering::Relaxed) && !stop_sent {
-            stop_sent = true;
-            // On a connection of its own: this one is busy streaming progress.
-            if let Some(mut other) = connect(&socket_of(args)?)? {
-                other.call(&Request::ScrubStop)?;
+        if interrupted.load(Ordering::Relaxed) && stopping.is_none() {
+            // On a connection of its own: this one is busy streaming progress. Its reply is
+            // not awaited: this one gets the stopped scrub's report.
+            let trust = Trust::for_volume(&args.path);
+            let mut other = connect(client.socket(), trust, true)?
+                .with_context(|| format!("{} went away", client.socket().display()))?;
+            other.send(&Request::ScrubStop)?;
+            stopping = Some((other, Instant::now()));
+        }
+        if let Some((_, since)) = &stopping {
+            let waited = since.elapsed();
+            if waited >= STOP_WAIT {
+                bar.finish();
+                bail!(
+                    "the server{} did not stop the scrub within {} s of the request; it may \
+                     still run (`blockguard status {}`)",
+                    client.pid().map_or_else(String::new, |p| format!(" (pid {p})")),
+                    STOP_WAIT.as_secs(),
+                    args.path.display()
+                );
+            }
+            if waited >= ANSWER_TIMEOUT && !said_waiting {
+                said_waiting = true;
+                crate::log::line(&format!(
+                    "blockguard: waiting for the server{} to stop the scrub (Ctrl-C again quits at once)",
+                    client.pid().map_or_else(String::new, |p| format!(" (pid {p})"))
+                ));
             }
         }
         match client.recv_timeout(Duration::from_millis(200))? {
@@ -245,13 +296,6 @@ fn through_socket(
             }
             Some(other) => bail!("unexpected reply during a scrub: {other:?}"),
         }
-    }
-}
-
-fn socket_of(args: &ScrubArgs) -> Result<PathBuf> {
-    match &args.control {
-        Some(p) => Ok(p.clone()),
-        None => crate::sidecar::control_socket(&args.path),
     }
 }
 

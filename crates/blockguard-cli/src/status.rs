@@ -28,6 +28,7 @@ pub(crate) struct StatusArgs {
 pub(crate) fn volume_status(vol: &Volume, path: &Path) -> StatusInfo {
     let sb = vol.superblock();
     let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let copies = copy_infos(vol);
     StatusInfo {
         protocol: None,
         name: vol.name().to_string(),
@@ -45,30 +46,69 @@ pub(crate) fn volume_status(vol: &Volume, path: &Path) -> StatusInfo {
         warnings: vol.warnings().to_vec(),
         server: None,
         scrub: ScrubState::default(),
-        health: health_json(vol),
-        copies: copy_infos(vol),
+        health: health_json(vol, &copies),
+        copies,
         dirty_regions: vol.dirty_regions(),
     }
 }
 
-/// [`Volume::health`] as JSON, with its one-word `state` added.
-fn health_json(vol: &Volume) -> serde_json::Value {
+/// [`Volume::health`] as JSON, with its one-word `state` added: the engine's, except that a
+/// volume the engine calls healthy is `degraded` while one of its `copies` is not in sync.
+fn health_json(vol: &Volume, copies: &[CopyInfo]) -> serde_json::Value {
     let health = vol.health();
     let mut v = serde_json::to_value(&health).unwrap_or_default();
+    let state = match health.state() {
+        "healthy" if copies.iter().any(|c| !c.in_sync) => "degraded",
+        other => other,
+    };
     if let Some(map) = v.as_object_mut() {
-        map.insert("state".into(), health.state().into());
+        map.insert("state".into(), state.into());
     }
     v
 }
 
-/// The volume's copies as the control protocol reports them.
+/// The volume's copies as the control protocol reports them. A copy missing at open is named
+/// by the path the member records of the copies present keep for it (the engine stands one
+/// of those in for it), or "unknown" when no record names one.
 pub(crate) fn copy_infos(vol: &Volume) -> Vec<CopyInfo> {
-    vol.copies()
-        .into_iter()
+    let copies = vol.copies();
+    let absent = |c: &blockguard::CopyStatus| c.state == blockguard::CopyState::Absent;
+    let present: Vec<&str> = copies
+        .iter()
+        .filter(|c| !absent(c))
+        .map(|c| c.path.as_str())
+        .collect();
+    let records: Vec<_> = if copies.iter().any(absent) {
+        present
+            .iter()
+            .flat_map(|p| crate::common::records_of(Path::new(p)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let recorded = |copy: usize| -> String {
+        records
+            .iter()
+            .filter(|r| usize::from(r.index) == copy)
+            .map(|r| r.path.clone())
+            // A record naming a copy that is here is no name for the missing one.
+            .find(|p| {
+                !present
+                    .iter()
+                    .any(|q| crate::target::same_target(Path::new(p), Path::new(q)).unwrap_or(false))
+            })
+            .unwrap_or_else(|| "unknown".into())
+    };
+    copies
+        .iter()
         .map(|c| CopyInfo {
             in_sync: c.state == blockguard::CopyState::InSync,
             copy: c.copy,
-            path: c.path,
+            path: if absent(c) {
+                recorded(c.copy)
+            } else {
+                c.path.clone()
+            },
             state: serde_json::to_value(c.state)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
@@ -185,8 +225,13 @@ fn print_health(s: &StatusInfo) {
                  `blockguard resume` clears it"
             );
         }
-        None if state == "degraded" => println!("health:     degraded"),
-        None => println!("health:     ok"),
+        // A failure the server does not describe in `failed`.
+        None if state.starts_with("failed") => println!("health:     FAILED ({state})"),
+        None => match degraded(s).as_slice() {
+            [] if state == "healthy" || state.is_empty() => println!("health:     ok"),
+            [] => println!("health:     {state}"),
+            why => println!("health:     degraded: {}", why.join("; ")),
+        },
     }
     if let Some(policy) = h.get("error_policy").and_then(|v| v.as_str()) {
         println!("on error:   {policy}");
@@ -211,6 +256,32 @@ fn print_health(s: &StatusInfo) {
             "lost:       {lost} acknowledged block writes known lost (`blockguard resume` reports them)"
         );
     }
+}
+
+/// What keeps the volume from full health while it works: copies not in sync (named), blocks
+/// with no good copy, acknowledged writes lost.
+fn degraded(s: &StatusInfo) -> Vec<String> {
+    let mut why: Vec<String> = s
+        .copies
+        .iter()
+        .filter(|c| !c.in_sync)
+        .map(|c| {
+            let how = match c.state.as_str() {
+                "absent" => "is missing",
+                "catching-up" => "is being resynchronized",
+                _ => "is out of sync",
+            };
+            format!("copy {} ({}) {how}", c.copy, c.path)
+        })
+        .collect();
+    let count = |key: &str| s.health.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    if count("unrepairable") > 0 {
+        why.push(format!("{} blocks with no good copy", count("unrepairable")));
+    }
+    if count("lost_writes") > 0 {
+        why.push(format!("{} acknowledged writes lost", count("lost_writes")));
+    }
+    why
 }
 
 fn print_scrub(scrub: &ScrubState) {

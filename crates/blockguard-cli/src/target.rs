@@ -25,6 +25,38 @@ pub(crate) fn same_data(a: &Path, b: &Path) -> Result<bool> {
     })
 }
 
+/// `path` made absolute and free of `.`, `..` and symbolic links as far as it exists: the
+/// canonical path of what exists, else that of its directory with its name (following a
+/// dangling symbolic link to where it points). Two names of a file not created yet resolve
+/// alike: `m0.bgv` and `./m0.bgv`.
+pub(crate) fn resolved(path: &Path) -> PathBuf {
+    let mut path = path.to_path_buf();
+    // A chain of dangling links ends, or is cut off after a few hops (a loop).
+    for _ in 0..8 {
+        if let Ok(p) = path.canonicalize() {
+            return p;
+        }
+        match std::fs::read_link(&path) {
+            Ok(to) => path = path.parent().map_or_else(|| to.clone(), |dir| dir.join(&to)),
+            Err(_) => break,
+        }
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    match (dir.canonicalize(), path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => std::path::absolute(&path).unwrap_or(path),
+    }
+}
+
+/// True if `a` and `b` name the same file, device or data ([`same_data`]), or, for what does
+/// not exist yet, the same path ([`resolved`]).
+pub(crate) fn same_target(a: &Path, b: &Path) -> Result<bool> {
+    Ok(same_data(a, b)? || resolved(a) == resolved(b))
+}
+
 /// Refuses `target` when it shares data with `source`: no `--force` makes that work, since
 /// the copy would overwrite what it is still reading.
 pub(crate) fn refuse_same(source: &Path, target: &Path, what: &str) -> Result<()> {

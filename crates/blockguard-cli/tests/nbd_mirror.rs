@@ -272,9 +272,11 @@ fn a_served_set_is_resynced_through_its_control_socket_while_a_client_writes() {
     assert_eq!(st["copies"][0]["state"], "in-sync", "{st}");
     assert_eq!(st["copies"][1]["state"], "out-of-sync", "{st}");
     assert!(st["dirty_regions"].as_u64().unwrap() >= 20, "{st}");
-    assert_eq!(st["health"]["state"], "healthy", "{st}");
+    // Review 10 #8: a set with a copy out of sync is degraded, not healthy.
+    assert_eq!(st["health"]["state"], "degraded", "{st}");
     let text = stdout(&run(BIN, &["status", sa]));
     assert!(text.contains("out of sync") && text.contains("dirty:"), "{text}");
+    assert!(text.contains("health:     degraded: copy 1"), "{text}");
     let list = stdout(&run(BIN, &["mirror", "list", sb]));
     assert!(list.contains("copy 1") && list.contains("out of sync"), "{list}");
 

@@ -15,26 +15,6 @@ use std::time::{Duration, Instant};
 
 const BS: u64 = 4096;
 
-/// Runs `blockguard args…` and returns its output whatever the status; never a panic.
-fn bg(args: &[&str]) -> Output {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("BLOCKGUARD_LOG", "warn")
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("run blockguard");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("panicked"),
-        "blockguard {args:?} panicked:\n{stderr}"
-    );
-    out
-}
-
-fn code(out: &Output) -> i32 {
-    out.status.code().expect("exited, not killed")
-}
-
 fn json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(

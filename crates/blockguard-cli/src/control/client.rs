@@ -1,23 +1,41 @@
 //! The client end: connecting to a control socket, and deciding how `status` and `scrub` reach
 //! a volume — through the socket of the process serving it, or by opening it directly.
+//!
+//! Whom a client believes: a socket file owned, and a server running (`SO_PEERCRED`), as the
+//! client's own user, root, or the owner of the volume (who can change the volume anyway).
+//! Anyone else may have planted the socket next to a volume in a shared directory to fake
+//! its status or a clean scrub: such a socket is ignored with a warning (an error when named
+//! with `--control`). How long it waits: a few seconds for the answers that every server gives
+//! at once (status, the copies), longer only for requests that take long themselves, and
+//! never past a Ctrl-C of a command that watches for it (`scrub`).
 
 use super::proto::{Request, Response, StatusInfo};
 use crate::holder::holders;
+use crate::interrupt::caught;
 use anyhow::{anyhow, bail, Context, Result};
-use blockguard::blockguard_backend::{FileBackend, FileOptions, LockMode, OpenError};
+use blockguard::blockguard_backend::OpenError;
 use blockguard::Volume;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Longest reply line a client accepts: a status or report lists at most about a thousand
 /// problems, far below this.
 const MAX_REPLY_LINE: u64 = 64 << 20;
 
-/// How long [`Client::call`] waits for a reply: longer than a server's `scrub-stop` waits for
-/// its scrub (30 s).
+/// How long [`Client::call`] waits for a reply to a request that may take long: longer than a
+/// server's `scrub-stop` waits for its scrub (30 s).
 const CALL_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// How long [`Client::ask`] waits for a reply a server gives at once (`status`,
+/// `mirror-list`): past it, the server is stopped or hung.
+pub(crate) const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often a wait looks for a Ctrl-C.
+const WAIT_SLICE: Duration = Duration::from_millis(200);
 
 /// A connection to a control server.
 pub(crate) struct Client {
@@ -26,6 +44,41 @@ pub(crate) struct Client {
     writer: UnixStream,
     /// A reply line read in part before a read timed out.
     partial: Vec<u8>,
+    /// The server's process id, from its credentials.
+    pid: Option<u32>,
+}
+
+/// The users whose control servers and scrub state files a client believes about a volume:
+/// its own, root, and the volume's owner.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Trust {
+    me: u32,
+    owner: Option<u32>,
+}
+
+impl Trust {
+    /// Whom to believe about `volume`.
+    pub(crate) fn for_volume(volume: &Path) -> Trust {
+        Trust {
+            me: rustix::process::geteuid().as_raw(),
+            owner: std::fs::metadata(volume).ok().map(|m| m.uid()),
+        }
+    }
+
+    /// True if user `uid` is believed.
+    pub(crate) fn trusts(self, uid: u32) -> bool {
+        uid == self.me || uid == 0 || Some(uid) == self.owner
+    }
+
+    /// The users believed, for messages.
+    pub(crate) fn who(self) -> String {
+        match self.owner {
+            Some(o) if o != self.me && o != 0 => {
+                format!("you (user {}), root or the volume's owner (user {o})", self.me)
+            }
+            _ => format!("you (user {}) or root", self.me),
+        }
+    }
 }
 
 /// How `status` and `scrub` reach the volume.
@@ -37,32 +90,69 @@ pub(crate) enum Access {
     Direct(Volume),
 }
 
-/// Connects to `socket`; `None` if nobody answers there (no such file, or a stale socket).
-pub(crate) fn connect(socket: &Path) -> Result<Option<Client>> {
-    match UnixStream::connect(socket) {
-        Ok(s) => {
-            let writer = s
-                .try_clone()
-                .with_context(|| format!("cannot use the control socket {}", socket.display()))?;
-            Ok(Some(Client {
-                socket: socket.to_path_buf(),
-                reader: BufReader::new(s),
-                writer,
-                partial: Vec::new(),
-            }))
+/// Connects to `socket`; `None` if nobody answers there (no such file, or a stale socket),
+/// or if the socket or its server belongs to a user `trust` does not believe (with a warning;
+/// an error when the socket was named explicitly, `explicit`).
+pub(crate) fn connect(socket: &Path, trust: Trust, explicit: bool) -> Result<Option<Client>> {
+    let untrusted = |why: String| -> Result<Option<Client>> {
+        let why = format!("{why}, not {}", trust.who());
+        if explicit {
+            bail!("{why}: not believing it");
         }
+        crate::log::line(&format!(
+            "blockguard: warning: {why}: ignoring it (it may be there to fake the volume's status)"
+        ));
+        Ok(None)
+    };
+    match std::fs::metadata(socket) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot access the control socket {}", socket.display()))
+        }
+        Ok(m) if !trust.trusts(m.uid()) => {
+            return untrusted(format!(
+                "the control socket {} is owned by user {}",
+                socket.display(),
+                m.uid()
+            ))
+        }
+        Ok(_) => {}
+    }
+    let stream = match UnixStream::connect(socket) {
+        Ok(s) => s,
         Err(e)
             if matches!(
                 e.kind(),
                 io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
             ) =>
         {
-            Ok(None)
+            return Ok(None)
         }
         Err(e) => {
-            Err(e).with_context(|| format!("cannot connect to the control socket {}", socket.display()))
+            return Err(e)
+                .with_context(|| format!("cannot connect to the control socket {}", socket.display()))
         }
+    };
+    let cred = rustix::net::sockopt::socket_peercred(stream.as_fd())
+        .with_context(|| format!("cannot tell who serves the control socket {}", socket.display()))?;
+    let pid = cred.pid.as_raw_nonzero().get().unsigned_abs();
+    if !trust.trusts(cred.uid.as_raw()) {
+        return untrusted(format!(
+            "the server on the control socket {} runs as user {} (pid {pid})",
+            socket.display(),
+            cred.uid.as_raw()
+        ));
     }
+    let writer = stream
+        .try_clone()
+        .with_context(|| format!("cannot use the control socket {}", socket.display()))?;
+    Ok(Some(Client {
+        socket: socket.to_path_buf(),
+        reader: BufReader::new(stream),
+        writer,
+        partial: Vec::new(),
+        pid: Some(pid),
+    }))
 }
 
 /// Reaches `volume`: through its control socket (`control`, or the default one) when a server
@@ -70,8 +160,9 @@ pub(crate) fn connect(socket: &Path) -> Result<Option<Client>> {
 /// control socket is an error naming that process.
 pub(crate) fn reach(volume: &Path, control: Option<&Path>, read_only: bool) -> Result<Access> {
     let sockets = sockets_of(volume, control);
+    let trust = Trust::for_volume(volume);
     for socket in &sockets {
-        if let Some(mut client) = connect(socket)? {
+        if let Some(mut client) = connect(socket, trust, control.is_some())? {
             let status = same_volume(&mut client, volume)?;
             return Ok(Access::Socket(client, status));
         }
@@ -94,17 +185,10 @@ fn sockets_of(volume: &Path, control: Option<&Path>) -> Vec<PathBuf> {
         return vec![p.to_path_buf()];
     }
     let mut out: Vec<PathBuf> = crate::sidecar::control_socket(volume).ok().into_iter().collect();
-    let unlocked = FileOptions {
-        read_only: true,
-        lock: LockMode::None,
-        ..FileOptions::default()
-    };
-    if let Ok(backend) = FileBackend::open(volume, &unlocked) {
-        for r in blockguard::member_records(&backend).unwrap_or_default() {
-            if let Ok(s) = crate::sidecar::control_socket(Path::new(&r.path)) {
-                if !out.contains(&s) {
-                    out.push(s);
-                }
+    for r in crate::common::records_of(volume) {
+        if let Ok(s) = crate::sidecar::control_socket(Path::new(&r.path)) {
+            if !out.contains(&s) {
+                out.push(s);
             }
         }
     }
@@ -114,8 +198,9 @@ fn sockets_of(volume: &Path, control: Option<&Path>) -> Vec<PathBuf> {
 /// A client of the server serving `volume`, if one answers on its control socket (checked to
 /// serve that very volume); `None` if nobody answers there.
 pub(crate) fn connect_to(volume: &Path, control: Option<&Path>) -> Result<Option<Client>> {
+    let trust = Trust::for_volume(volume);
     for socket in sockets_of(volume, control) {
-        if let Some(mut client) = connect(&socket)? {
+        if let Some(mut client) = connect(&socket, trust, control.is_some())? {
             same_volume(&mut client, volume)?;
             return Ok(Some(client));
         }
@@ -126,7 +211,7 @@ pub(crate) fn connect_to(volume: &Path, control: Option<&Path>) -> Result<Option
 /// Makes sure the server on `client` serves `volume`: a `--control` path mixed up between two
 /// volumes must not scrub or report the wrong one.
 fn same_volume(client: &mut Client, volume: &Path) -> Result<Box<StatusInfo>> {
-    let Response::Status(status) = client.call(&Request::Status)? else {
+    let Response::Status(status) = client.ask(&Request::Status)? else {
         bail!("{}: unexpected reply to status", client.socket.display());
     };
     let wanted = volume
@@ -179,6 +264,16 @@ fn busy(volume: &Path, socket: Option<&Path>, explicit: bool, cause: anyhow::Err
 }
 
 impl Client {
+    /// The control socket it is connected to.
+    pub(crate) fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The server's process id.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
     /// Sends one request.
     pub(crate) fn send(&mut self, request: &Request) -> Result<()> {
         let mut line = serde_json::to_vec(request)?;
@@ -198,13 +293,39 @@ impl Client {
     /// Reads the next reply, waiting at most [`CALL_TIMEOUT`] (a server that accepts but never
     /// answers must not hang the command).
     pub(crate) fn recv(&mut self) -> Result<Response> {
-        self.recv_timeout(CALL_TIMEOUT)?.ok_or_else(|| {
-            anyhow!(
-                "no reply from the control socket {} within {} s",
-                self.socket.display(),
-                CALL_TIMEOUT.as_secs()
-            )
-        })
+        self.recv_for(CALL_TIMEOUT)
+    }
+
+    /// Reads the next reply, waiting at most `timeout`, in slices: a Ctrl-C of a command that
+    /// watches for it ([`crate::interrupt::Signals::watch`]) ends the wait.
+    pub(crate) fn recv_for(&mut self, timeout: Duration) -> Result<Response> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(signal) = caught() {
+                return Err(signal.into());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.silent(timeout));
+            }
+            if let Some(reply) = self.recv_timeout(left.min(WAIT_SLICE))? {
+                return Ok(reply);
+            }
+        }
+    }
+
+    /// The error for a server that did not answer within `timeout`.
+    fn silent(&self, timeout: Duration) -> anyhow::Error {
+        let who = self.pid.map_or_else(String::new, |p| format!(" (pid {p})"));
+        let hint = self.pid.map_or_else(String::new, |p| {
+            format!(" (`kill -CONT {p}` resumes a stopped process)")
+        });
+        anyhow!(
+            "the server on the control socket {}{who} does not answer within {} s: is it stopped \
+             or hung?{hint}",
+            self.socket.display(),
+            timeout.as_secs()
+        )
     }
 
     /// Reads the next reply, or `None` if none is complete within `timeout`.
@@ -216,10 +337,21 @@ impl Client {
         self.recv_within()
     }
 
-    /// Sends `request` and reads its reply; an error reply becomes an error.
+    /// Sends `request` and reads its reply, waiting as long as a long request may take; an
+    /// error reply becomes an error.
     pub(crate) fn call(&mut self, request: &Request) -> Result<Response> {
+        self.call_within(request, CALL_TIMEOUT)
+    }
+
+    /// [`Client::call`] for a request every server answers at once: waits at most
+    /// [`ANSWER_TIMEOUT`].
+    pub(crate) fn ask(&mut self, request: &Request) -> Result<Response> {
+        self.call_within(request, ANSWER_TIMEOUT)
+    }
+
+    fn call_within(&mut self, request: &Request, timeout: Duration) -> Result<Response> {
         self.send(request)?;
-        match self.recv()? {
+        match self.recv_for(timeout)? {
             Response::Error { message, .. } => bail!("{}: {message}", self.socket.display()),
             reply => Ok(reply),
         }

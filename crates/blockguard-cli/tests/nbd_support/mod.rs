@@ -52,6 +52,54 @@ pub fn run_any(cmd: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
 }
 
+/// Runs `blockguard args…` (in `dir`, if given) and returns its output whatever the exit
+/// status; fails the test if it panicked.
+pub fn bg_in(dir: Option<&Path>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(BIN);
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
+    let out = cmd
+        .args(args)
+        .env("BLOCKGUARD_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run blockguard");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("panicked"),
+        "blockguard {args:?} panicked:\n{stderr}"
+    );
+    out
+}
+
+/// [`bg_in`] in the current directory.
+pub fn bg(args: &[&str]) -> Output {
+    bg_in(None, args)
+}
+
+/// The exit code of a process that exited (not killed).
+pub fn code(out: &Output) -> i32 {
+    out.status.code().expect("exited, not killed")
+}
+
+/// Stderr of a command as a string.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts `out` exited with `want`, showing everything it printed otherwise.
+#[track_caller]
+pub fn expect_exit(out: &Output, want: i32) {
+    assert_eq!(
+        code(out),
+        want,
+        "--- stdout\n{}\n--- stderr\n{}",
+        stdout(out),
+        stderr(out)
+    );
+}
+
 /// Stdout of a command as a string.
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
