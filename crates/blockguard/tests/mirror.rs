@@ -226,8 +226,16 @@ fn foreign_and_plain_volumes_are_left_out_or_refused() {
         (a[0].clone(), "second backend"),
     ] {
         let vol = Volume::open_members(vec![a[0].clone(), other], &ro).expect("opens without it");
-        assert!(vol.warnings().iter().any(|w| w.contains(what)), "{what}: {:?}", vol.warnings());
-        assert!(vol.warnings().iter().any(|w| w.contains("missing")), "{:?}", vol.warnings());
+        assert!(
+            vol.warnings().iter().any(|w| w.contains(what)),
+            "{what}: {:?}",
+            vol.warnings()
+        );
+        assert!(
+            vol.warnings().iter().any(|w| w.contains("missing")),
+            "{:?}",
+            vol.warnings()
+        );
         let mut buf = vec![0u8; BS as usize];
         vol.read_at(&mut buf, 7 * BS).expect("read");
         assert!(buf == content(7, 0));
@@ -426,7 +434,9 @@ fn a_copy_added_to_a_plain_volume_is_built_from_it_and_can_be_removed_again() {
     )
     .expect_err("a removed copy");
     assert!(
-        err.to_string().contains("not a member") || err.to_string().contains("replaced"),
+        err.to_string().contains("not a member")
+            || err.to_string().contains("replaced")
+            || err.to_string().contains("no member of a mirror set"),
         "{err}"
     );
 }
@@ -847,4 +857,44 @@ fn a_copy_whose_add_was_cut_short_is_built_whole_by_the_next_resync() {
         alone.read_at(&mut buf, b * BS).expect("read");
         assert!(buf == content(b, 0), "block {b}");
     }
+}
+
+/// Review 10, #0: a set with a missing member is not grown around the hole (the missing slot's
+/// stand-in is another member's backend): the add is refused before anything is written.
+#[test]
+fn adding_to_a_set_with_a_missing_member_is_refused_and_writes_nothing() {
+    let m = written_set(3);
+    let vol = Volume::open_members(
+        vec![m[0].clone(), m[2].clone()]
+            .into_iter()
+            .map(|b| b as Arc<dyn Backend>)
+            .collect(),
+        &OpenOptions {
+            read_only: false,
+            ..OpenOptions::default()
+        },
+    )
+    .expect("open without member 1");
+    let fresh = Arc::new(MemoryBackend::new(opts().backing_len().unwrap()).unwrap());
+    let err = vol
+        .add_member(fresh.clone(), &mut |_, _| {})
+        .expect_err("a copy is missing");
+    assert!(err.to_string().contains("copy 1 of the set is missing"), "{err}");
+    assert!(
+        image(&fresh).iter().all(|&b| b == 0),
+        "nothing written to the new copy"
+    );
+    // Reopen: still a set with member 1 missing, both present members readable.
+    let vol = Volume::open_members(
+        vec![m[0].clone(), m[2].clone()]
+            .into_iter()
+            .map(|b| b as Arc<dyn Backend>)
+            .collect(),
+        &OpenOptions::default(),
+    )
+    .expect("the set still opens");
+    let mut buf = vec![0u8; BS as usize];
+    vol.read_at(&mut buf, 3 * BS).expect("read");
+    assert!(buf == content(3, 0));
+    vol.close().expect("close");
 }

@@ -127,7 +127,10 @@ impl Volume {
                         ));
                     }
                 }
-                Err(e) if i > 0 => left_out.push(format!("{}: not usable as a mirror copy ({e}): left out", b.name())),
+                Err(e) if i > 0 => left_out.push(format!(
+                    "{}: not usable as a mirror copy ({e}): left out",
+                    b.name()
+                )),
                 Err(e) => return Err(e),
             }
         }
