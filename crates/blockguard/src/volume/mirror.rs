@@ -106,34 +106,7 @@ impl Volume {
         opts: &OpenOptions,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Volume> {
-        // The first backend is the one the caller named: what is wrong with it is an error.
-        // The others were found through member records (hints): one that is not a usable
-        // member of the first one's set is left out, and the set opens without it.
-        let mut found: Vec<(Arc<dyn Backend>, Superblock, Vec<String>)> = Vec::new();
-        let mut left_out: Vec<String> = Vec::new();
-        for (i, b) in members.into_iter().enumerate() {
-            match read_member(&*b) {
-                Ok((sb, warnings)) => {
-                    let ours = found.first().is_none_or(|(_, first, _)| {
-                        first.uuid == sb.uuid
-                            && first.mirror.as_ref().map(|m| m.set) == sb.mirror.as_ref().map(|m| m.set)
-                    });
-                    if ours {
-                        found.push((b, sb, warnings));
-                    } else {
-                        left_out.push(format!(
-                            "{}: not a copy of this mirror set (another volume or set): left out",
-                            b.name()
-                        ));
-                    }
-                }
-                Err(e) if i > 0 => left_out.push(format!(
-                    "{}: not usable as a mirror copy ({e}): left out",
-                    b.name()
-                )),
-                Err(e) => return Err(e),
-            }
-        }
+        let (found, mut left_out) = read_members(members)?;
         let Some(authority) = found
             .iter()
             .filter_map(|(_, sb, _)| sb.mirror.as_ref())
@@ -150,32 +123,7 @@ impl Volume {
             .find(|(_, sb, _)| sb.mirror.as_ref().is_some_and(|m| m.event == authority.event))
             .map(|(_, sb, _)| sb.clone())
             .ok_or_else(|| invalid("mirror set", "no authoritative member".into()))?;
-        let mut slots: Vec<Option<Found>> = vec![None; authority.members.len()];
-        let mut views: Vec<Option<MirrorInfo>> = vec![None; authority.members.len()];
-        let mut in_use = false;
-        for (i, (b, sb, warnings)) in found.into_iter().enumerate() {
-            let name = b.name();
-            let checked = check_member(&name, &sb, &reference, &authority).and_then(|role| {
-                if slots[role].is_some() {
-                    return Err(invalid(
-                        &name,
-                        format!("a second backend for member {role} of the set"),
-                    ));
-                }
-                Ok(role)
-            });
-            let role = match checked {
-                Ok(role) => role,
-                Err(e) if i > 0 => {
-                    left_out.push(format!("{e}: left out"));
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            in_use |= sb.state == crate::format::VolumeState::InUse;
-            views[role].clone_from(&sb.mirror);
-            slots[role] = Some((b, warnings));
-        }
+        let (slots, views, in_use) = assign_roles(found, &reference, &authority, &mut left_out)?;
         let Some(stand_in) = slots.iter().flatten().map(|(b, _)| b.clone()).next() else {
             return Err(invalid("mirror set", "no member given".into()));
         };
@@ -314,8 +262,83 @@ impl Volume {
     }
 }
 
+/// A member's backend with its superblock and the warnings about its copies.
+type Read = (Arc<dyn Backend>, Superblock, Vec<String>);
+
+/// Reads the superblocks of the backends given to open a set. The first is the one the
+/// caller named: what is wrong with it is an error. The others were found through member
+/// records (hints): one that is not a usable member of the first one's set is left out, with
+/// a warning (the second result), and the set opens without it.
+fn read_members(members: Vec<Arc<dyn Backend>>) -> Result<(Vec<Read>, Vec<String>)> {
+    let mut found: Vec<Read> = Vec::new();
+    let mut left_out: Vec<String> = Vec::new();
+    for (i, b) in members.into_iter().enumerate() {
+        match read_member(&*b) {
+            Ok((sb, warnings)) => {
+                let ours = found.first().is_none_or(|(_, first, _)| {
+                    first.uuid == sb.uuid
+                        && first.mirror.as_ref().map(|m| m.set) == sb.mirror.as_ref().map(|m| m.set)
+                });
+                if ours {
+                    found.push((b, sb, warnings));
+                } else {
+                    left_out.push(format!(
+                        "{}: not a copy of this mirror set (another volume or set): left out",
+                        b.name()
+                    ));
+                }
+            }
+            Err(e) if i > 0 => left_out.push(format!(
+                "{}: not usable as a mirror copy ({e}): left out",
+                b.name()
+            )),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((found, left_out))
+}
+
 /// A member backend found at open, with the warnings about its superblock copies.
 type Found = (Arc<dyn Backend>, Vec<String>);
+
+/// The roles of the members read: by role, each member's backend (with its warnings) and its
+/// own view of the set, and whether any says "in use". The first member (named by the caller)
+/// must fit the set's description; another that does not is left out with a warning.
+#[allow(clippy::type_complexity)] // Three results of one walk, each named above.
+fn assign_roles(
+    found: Vec<Read>,
+    reference: &Superblock,
+    authority: &MirrorInfo,
+    left_out: &mut Vec<String>,
+) -> Result<(Vec<Option<Found>>, Vec<Option<MirrorInfo>>, bool)> {
+    let mut slots: Vec<Option<Found>> = vec![None; authority.members.len()];
+    let mut views: Vec<Option<MirrorInfo>> = vec![None; authority.members.len()];
+    let mut in_use = false;
+    for (i, (b, sb, warnings)) in found.into_iter().enumerate() {
+        let name = b.name();
+        let checked = check_member(&name, &sb, reference, authority).and_then(|role| {
+            if slots[role].is_some() {
+                return Err(invalid(
+                    &name,
+                    format!("a second backend for member {role} of the set"),
+                ));
+            }
+            Ok(role)
+        });
+        let role = match checked {
+            Ok(role) => role,
+            Err(e) if i > 0 => {
+                left_out.push(format!("{e}: left out"));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        in_use |= sb.state == crate::format::VolumeState::InUse;
+        views[role].clone_from(&sb.mirror);
+        slots[role] = Some((b, warnings));
+    }
+    Ok((slots, views, in_use))
+}
 
 /// Refuses a set whose present members each ran without the other: member `a`'s own
 /// superblock marks `b` out of sync, and `b`'s marks `a` — both wrote data the other lacks
