@@ -441,13 +441,10 @@ impl Inner {
     /// Writes both superblock copies with `state` to every member in sync (each with its own
     /// role, and the set's current view of its members), then flushes.
     pub(crate) fn write_superblocks(&self, state: VolumeState, during: &'static str) -> Result<()> {
-        // Every superblock write of a set is a new event: a copy of a member saved before it
-        // (a `cp` put back later) then carries a lower event than the set, and is found stale at
-        // open instead of being read.
-        let mirror = self.lock(&self.mirror).as_mut().map(|m| {
-            m.event += 1;
-            m.clone()
-        });
+        // The event is raised by the changes of health and membership (their callers), not by
+        // every write: a member whose superblock writes are silently lost must not look older
+        // than one that failed in the middle of a session and still calls itself current.
+        let mirror = self.lock(&self.mirror).clone();
         let backup_at = self.geo.backup_sb_offset;
         let align = self.backend.alignment().max(1);
         for member in self.backend.live() {
