@@ -106,6 +106,16 @@ pub enum Error {
         /// What is wrong with the request.
         detail: String,
     },
+    /// The key of a keyed tag profile is missing or wrong, or a key was given for a profile
+    /// that takes none. Nothing was written.
+    #[error("{volume}: {problem}")]
+    Key {
+        /// The volume's name.
+        volume: String,
+        /// What is wrong with the key.
+        #[source]
+        problem: crate::tag::KeyError,
+    },
     /// The volume failed: an earlier write-back failed (durability can no longer be
     /// promised), or a thread panicked inside the engine (its state may be inconsistent).
     /// Reads go on; writes and flushes are refused until [`crate::Volume::resume`] succeeds

@@ -12,7 +12,7 @@
 
 use super::open::{read_member, write_empty_maps};
 use super::resync::{Extent, ResyncReport};
-use super::{invalid, OpenOptions, Volume};
+use super::{invalid, Volume};
 use crate::error::Result;
 use crate::format::{
     member_record_offset, MemberInfo, MemberRecord, MirrorInfo, Superblock, INCOMPAT_MIRROR, MAX_MEMBERS,
@@ -51,6 +51,7 @@ impl Volume {
                 ),
             ));
         }
+        let reopen = self.inner.reopen_options();
         let inner = self.inner.clone();
         self.close()?;
         // The set as it is now, closed (a resync or a failure since the open, or at the close,
@@ -84,7 +85,7 @@ impl Volume {
         for (role, b) in (0u8..).zip(old) {
             rewrite_member(&**b, &sb, &info, role, &records)?;
         }
-        let vol = Volume::open_members(all, &OpenOptions::default())?;
+        let vol = Volume::open_members(all, &reopen)?;
         let report = vol.inner.resync(Extent::Written, progress)?;
         Ok((vol, report))
     }
@@ -116,6 +117,7 @@ impl Volume {
         }
         let mut members = self.member_backends();
         let mut present: Vec<bool> = (0..count).map(|i| self.inner.backend.present(i)).collect();
+        let reopen = self.inner.reopen_options();
         let inner = self.inner.clone();
         self.close()?;
         // The set as it is now, closed.
@@ -136,7 +138,7 @@ impl Volume {
             plain.mirror = None;
             plain.incompat &= !INCOMPAT_MIRROR;
             rewrite_plain(&*members[0], &plain)?;
-            return Volume::open(members.swap_remove(0), &OpenOptions::default());
+            return Volume::open(members.swap_remove(0), &reopen);
         }
         let records = records_for(&info, &members);
         for ((role, b), here) in (0u8..).zip(&members).zip(&present) {
@@ -149,7 +151,7 @@ impl Volume {
             .zip(present)
             .filter_map(|(b, p)| p.then_some(b))
             .collect();
-        Volume::open_members(members, &OpenOptions::default())
+        Volume::open_members(members, &reopen)
     }
 
     /// The backends of every member, by role (a missing member's slot holds a stand-in).

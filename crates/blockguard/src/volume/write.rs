@@ -116,10 +116,9 @@ impl Inner {
                     (Arc::new(cur) as SharedBuf, 0)
                 }
             };
-            let tag =
-                self.sb
-                    .profile
-                    .generate(&self.sb.uuid, block, &stage::bytes(&data)[at..at + usize_of(bs)]);
+            let tag = self
+                .tagger
+                .generate(block, &stage::bytes(&data)[at..at + usize_of(bs)]);
             entries.push((block, Staged::Data { buf: data, at, tag }));
         }
         self.stage_entries(entries);
