@@ -91,10 +91,14 @@ impl TagScheme for Crc64Nvme {
     }
 
     fn generate(&self, block: u64, data: &[u8]) -> Tag {
+        // One update for the 24 bytes after the data: each `update` has a fixed cost that
+        // shows at 4 KiB (measured: three updates ran at 22 GB/s, two at 30+).
+        let mut suffix = [0u8; 24];
+        suffix[..16].copy_from_slice(&self.uuid);
+        suffix[16..].copy_from_slice(&block.to_le_bytes());
         let mut d = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
         d.update(data);
-        d.update(&self.uuid);
-        d.update(&block.to_le_bytes());
+        d.update(&suffix);
         written(&d.finalize().to_le_bytes())
     }
 }

@@ -31,26 +31,40 @@ pub fn crc64_nvme(data: &[u8]) -> u64 {
 /// padded with zero): the ones' complement of the ones' complement sum. As the big-endian
 /// value it is in a packet header, and in the guard of `t10-dif-ip`.
 pub fn ip_checksum(data: &[u8]) -> u16 {
-    // Summing 32-bit big-endian words into 64 bits and folding at the end gives the same ones'
-    // complement sum as 16-bit words (end-around carry is associative), with fewer additions.
-    // 2^32 words of 2^32 each could overflow; blocks are at most 64 KiB, and the sum is folded
-    // every 1 GiB anyway.
+    // Two facts of ones' complement sums (RFC 1071, section 2) make this fast: they can be
+    // taken over wider words and folded at the end (end-around carry is associative), and in
+    // either byte order (the sum of byte-swapped words is the byte-swapped sum). So 8 bytes at
+    // a time are read little-endian (the order of the machines this runs on) and added as two 32-bit halves into a 64-bit
+    // accumulator, which the compiler vectorizes; each chunk of 2^20 words adds at most 2^53,
+    // folded after each chunk so no length overflows.
+    let (words, rest) = data.split_at(data.len() - data.len() % 8);
     let mut sum: u64 = 0;
-    let (words, rest) = data.split_at(data.len() - data.len() % 4);
-    for (i, w) in words.chunks_exact(4).enumerate() {
-        sum += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
-        if i % (1 << 28) == (1 << 28) - 1 {
-            sum = (sum & 0xFFFF_FFFF) + (sum >> 32);
+    for chunk in words.chunks(8 << 20) {
+        let mut acc: u64 = 0;
+        for w in chunk.chunks_exact(8) {
+            let x = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+            acc += (x & 0xFFFF_FFFF) + (x >> 32);
         }
+        sum = fold32(sum) + fold32(acc);
     }
-    let mut tail = [0u8; 4];
+    // The tail (data lengths here are multiples of 512; any length works), padded with zeros
+    // to a whole word, read the same way.
+    let mut tail = [0u8; 8];
     tail[..rest.len()].copy_from_slice(rest);
-    sum += u64::from(u32::from_be_bytes(tail));
-    while sum > 0xFFFF {
-        sum = (sum & 0xFFFF) + (sum >> 16);
+    let x = u64::from_le_bytes(tail);
+    sum = fold32(sum) + (x & 0xFFFF_FFFF) + (x >> 32);
+    let mut s = fold32(sum);
+    while s > 0xFFFF {
+        s = (s & 0xFFFF) + (s >> 16);
     }
-    // Folded to 16 bits above.
-    !u16::try_from(sum).unwrap_or_default()
+    // Folded to 16 bits above. The sum is of little-endian words: swapped, it is the sum of the
+    // big-endian words the checksum is defined over.
+    !u16::try_from(s).unwrap_or_default().swap_bytes()
+}
+
+/// `x` folded to at most 33 bits with end-around carry (the same ones' complement value).
+fn fold32(x: u64) -> u64 {
+    (x & 0xFFFF_FFFF) + (x >> 32)
 }
 
 /// The application tag of the PI profiles for volume `uuid`: CRC-16/T10-DIF of the UUID's 16
@@ -165,15 +179,19 @@ mod tests {
         assert_eq!(ip_checksum(&[0; 4096]), 0xFFFF);
         // An odd length is padded with a zero byte; 16-bit and 32-bit summing agree.
         assert_eq!(ip_checksum(&[0x12]), !0x1200);
-        let data: Vec<u8> = (0..4099u32).map(|i| (i * 7).to_le_bytes()[0]).collect();
-        let mut sum = 0u32;
-        for w in data.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+        // Against the definition, 16-bit big-endian words one by one, for every tail length.
+        let data: Vec<u8> = (0..4099u32).map(|i| (i * 7 + i / 255).to_le_bytes()[0]).collect();
+        for len in (0..40).chain(4090..4099) {
+            let d = &data[..len];
+            let mut sum = 0u32;
+            for w in d.chunks(2) {
+                sum += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+            }
+            while sum > 0xFFFF {
+                sum = (sum & 0xFFFF) + (sum >> 16);
+            }
+            assert_eq!(u32::from(ip_checksum(d)), !sum & 0xFFFF, "length {len}");
         }
-        while sum > 0xFFFF {
-            sum = (sum & 0xFFFF) + (sum >> 16);
-        }
-        assert_eq!(u32::from(ip_checksum(&data)), !sum & 0xFFFF);
     }
 
     #[test]
