@@ -16,6 +16,7 @@ mod bitmaps;
 mod cache;
 mod commit;
 mod device;
+mod dix;
 mod group;
 mod group_commit;
 mod health;
@@ -518,7 +519,7 @@ impl Volume {
     pub fn write_owned<B: AsRef<[u8]> + Send + Sync + 'static>(&self, data: B, offset: u64) -> Result<()> {
         let data: SharedBuf = Arc::new(data);
         self.inner
-            .write_impl(stage::bytes(&data), Some(data.clone()), offset)
+            .write_impl(stage::bytes(&data), Some(data.clone()), offset, None)
     }
 
     /// Makes the range read as zeros. Whole blocks become unwritten (their space is
