@@ -67,10 +67,34 @@ pub(crate) fn error_policy_meaning(p: ErrorPolicy) -> &'static str {
     }
 }
 
-/// The value parser of `--profile`: the tag profiles this build knows, listed in `--help`.
+/// The value parser of `--profile`: the tag profiles this build knows, each listed in
+/// `--help` with what it is.
 pub(crate) fn profile_parser() -> impl TypedValueParser<Value = Profile> {
-    PossibleValuesParser::new(Profile::ALL.map(Profile::name))
-        .try_map(|s| Profile::from_name(&s).ok_or_else(|| format!("unknown tag profile {s:?}")))
+    PossibleValuesParser::new(
+        Profile::ALL.map(|p| clap::builder::PossibleValue::new(p.name()).help(p.summary())),
+    )
+    .try_map(|s| Profile::from_name(&s).ok_or_else(|| format!("unknown tag profile {s:?}")))
+}
+
+/// The global `--key-file`, set once by `main` before any command runs.
+static KEY_FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
+/// Records the global `--key-file` option.
+pub(crate) fn set_key_file(path: Option<std::path::PathBuf>) {
+    // Set once, by `main`; a second call (none is made) would keep the first.
+    let _ = KEY_FILE.set(path);
+}
+
+/// The key from `--key-file`, read and checked (32 raw bytes or 64 hex digits), or `None`
+/// without the option. Errors name the file and what is wrong, never the key's bytes.
+pub(crate) fn key() -> Result<Option<blockguard::tag::TagKey>> {
+    let Some(path) = KEY_FILE.get().and_then(Option::as_ref) else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read key file {}", path.display()))?;
+    let key =
+        blockguard::tag::TagKey::parse(&bytes).with_context(|| format!("key file {}", path.display()))?;
+    Ok(Some(key))
 }
 
 /// Context that says a path once. The typed errors of the engine and the backends begin with
@@ -203,6 +227,7 @@ fn open_with(
     let mut open_opts = OpenOptions {
         read_only,
         error_policy,
+        key: key()?,
         ..OpenOptions::default()
     };
     if let Some(stage) = stage_bytes {
@@ -261,7 +286,11 @@ fn open_with(
 
 /// Creates a new sparse volume file at `path` with default options (used by `serve --create`).
 pub(crate) fn create_volume(path: &Path, size: u64) -> Result<Volume> {
-    create_file_volume(path, &FormatOptions::with_size(size))
+    let opts = FormatOptions {
+        key: key()?,
+        ..FormatOptions::with_size(size)
+    };
+    create_file_volume(path, &opts)
 }
 
 /// Creates a new sparse file sized for `opts` and formats it. Refuses an existing path.

@@ -28,7 +28,8 @@ pub(crate) struct FormatArgs {
     /// crash protection, for comparison).
     #[arg(long, default_value = "dual", value_parser = mode_parser())]
     pub(crate) mode: Mode,
-    /// Tag profile: how each block's checksum tag is computed.
+    /// Tag profile: how each block's tag is computed and checked. Keyed profiles need
+    /// --key-file, here and at every open. `docs/FORMAT.md` lays each one out byte by byte.
     #[arg(long, default_value = "crc32c", value_parser = profile_parser())]
     pub(crate) profile: Profile,
     /// A label stored in the superblock.
@@ -61,11 +62,17 @@ pub(crate) fn run(args: &FormatArgs) -> Result<()> {
     if let Some(size) = size {
         check_size(size, args.block_size)?;
     }
+    // The key is read and matched with the profile before anything is created or written.
+    let key = crate::common::key()?;
+    if let Err(e) = args.profile.tagger(&[0; 16], key.as_ref()) {
+        bail!("{}: {e}", args.path.display());
+    }
     let mut opts = FormatOptions {
         size,
         block_size: args.block_size,
         mode: args.mode,
         profile: args.profile,
+        key,
         uuid: None,
         label: args.label.clone(),
         group_blocks: None,

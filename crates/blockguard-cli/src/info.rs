@@ -2,6 +2,7 @@
 
 use crate::common::open_unlocked;
 use anyhow::{bail, Result};
+use blockguard::blockguard_backend::{FileBackend, FileOptions, LockMode};
 use blockguard::{BlockReport, Superblock, Volume};
 use clap::Args;
 use serde::Serialize;
@@ -34,6 +35,8 @@ pub(crate) struct Summary {
     pub(crate) block_size: u32,
     pub(crate) mode: blockguard::Mode,
     pub(crate) profile: blockguard::Profile,
+    /// The profile needs a key (`--key-file`) to open the volume.
+    pub(crate) keyed: bool,
     /// What a read of a block with no good copy does besides failing (`eio`, `read-only`,
     /// `continue`).
     pub(crate) error_policy: blockguard::ErrorPolicy,
@@ -75,6 +78,7 @@ pub(crate) fn summary(sb: &Superblock, path: &Path) -> Summary {
         block_size: sb.geometry.block_size,
         mode: sb.mode,
         profile: sb.profile,
+        keyed: sb.profile.is_keyed(),
         error_policy: sb.error_policy,
         tag_size: sb.geometry.tag_size,
         created: sb.created,
@@ -99,12 +103,30 @@ struct Dump {
 
 /// `blockguard info` and `blockguard dump`.
 pub(crate) fn run(args: &InfoArgs) -> Result<()> {
-    let vol = open_unlocked(&args.path)?;
-    let blocks = inspect_blocks(&vol, args)?;
-    let dump = Dump {
-        summary: summary(vol.superblock(), &args.path),
-        warnings: vol.warnings().to_vec(),
-        blocks,
+    let dump = match open_unlocked(&args.path) {
+        Ok(vol) => Dump {
+            blocks: inspect_blocks(&vol, args)?,
+            summary: summary(vol.superblock(), &args.path),
+            warnings: vol.warnings().to_vec(),
+        },
+        // A keyed volume is described without its key; only its blocks need it.
+        Err(e) if args.blocks.is_empty() && key_missing(&e) => {
+            let backend = FileBackend::open(
+                &args.path,
+                &FileOptions {
+                    read_only: true,
+                    lock: LockMode::None,
+                    ..FileOptions::default()
+                },
+            )?;
+            let (sb, warnings) = Volume::read_superblock(&backend)?;
+            Dump {
+                summary: summary(&sb, &args.path),
+                warnings,
+                blocks: Vec::new(),
+            }
+        }
+        Err(e) => return Err(e),
     };
     if args.json {
         say!("{}", serde_json::to_string_pretty(&dump)?);
@@ -118,6 +140,19 @@ pub(crate) fn run(args: &InfoArgs) -> Result<()> {
         print_block(b);
     }
     Ok(())
+}
+
+/// True if `e` says a keyed volume was opened without its key.
+fn key_missing(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<blockguard::Error>(),
+            Some(blockguard::Error::Key {
+                problem: blockguard::tag::KeyError::Missing { .. },
+                ..
+            })
+        )
+    })
 }
 
 /// Where each block asked for with `--block` and its tags live; refuses a block past the end.
@@ -163,9 +198,14 @@ fn print_summary(s: &Summary) {
         crate::common::error_policy_meaning(s.error_policy)
     );
     say!(
-        "tag profile:   {} ({} bytes per block)",
+        "tag profile:   {} ({} bytes per block{})",
         s.profile.name(),
-        s.tag_size
+        s.tag_size,
+        if s.keyed {
+            "; keyed: opening needs --key-file"
+        } else {
+            ""
+        }
     );
     say!(
         "groups:        {} of {} data blocks + 2 metadata blocks, first at byte {}",

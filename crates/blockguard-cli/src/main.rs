@@ -48,6 +48,12 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The key of a volume with a keyed tag profile (hmac-sha256, blake3-keyed): a file of 32
+    /// raw bytes or 64 hex digits (`openssl rand -hex 32 > KEY`). Needed by `format` and by
+    /// every command that opens such a volume; refused for the other profiles. The key is
+    /// never written to the volume nor logged.
+    #[arg(long, global = true, value_name = "FILE")]
+    key_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -108,6 +114,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> ExitCode {
+    common::set_key_file(cli.key_file);
     let result = match cli.command {
         Command::Format(a) => format::run(&a),
         Command::Info(a) | Command::Dump(a) => info::run(&a),

@@ -430,8 +430,15 @@ fn format_rejects_bad_arguments_clearly() {
             &["invalid value 'journal'", "[possible values: none, dual]"],
         ),
         (
-            &["--size", "1M", "--profile", "sha256"],
-            &["invalid value 'sha256'", "[possible values: crc32c]"],
+            &["--size", "1M", "--profile", "crc16"],
+            &[
+                "invalid value 'crc16'",
+                "crc32c",
+                "xxh3",
+                "t10-dif",
+                "nvme-pi64",
+                "blake3-keyed",
+            ],
         ),
         (
             &["--size", "1024000", "--block-size", "1000"],
@@ -484,7 +491,24 @@ fn sizes_take_units_everywhere_and_help_lists_modes_and_profiles() {
     assert_eq!(j["block_size"], 512);
     let help = t.run(&["format", "--help"]).code(0).stdout.clone();
     assert!(help.contains("[possible values: none, dual]"), "{help}");
-    assert!(help.contains("[possible values: crc32c]"), "{help}");
+    for p in [
+        "crc32c",
+        "xxh3",
+        "crc64-nvme",
+        "t10-dif",
+        "t10-dif-ip",
+        "nvme-pi64",
+        "sha256",
+        "blake3",
+        "hmac-sha256",
+        "blake3-keyed",
+    ] {
+        assert!(
+            help.contains(&format!("{p}:")),
+            "--help lists {p} with what it is: {help}"
+        );
+    }
+    assert!(help.contains("--key-file <FILE>"), "{help}");
     let help = t.run(&["serve", "--help"]).code(0).stdout.clone();
     assert!(help.contains("localhost:10809"), "{help}");
     assert!(help.contains("--request-timeout <SECONDS>"), "{help}");
@@ -1590,4 +1614,192 @@ fn a_rebuild_mode_volume_says_what_it_cannot_detect_and_round_trips() {
     t.run(&["format", "--help"])
         .code(0)
         .out_has(&["rebuild", "dual", "none"]);
+}
+
+/// Every tag profile can be chosen at format, is shown by `info`, and sets the geometry: 8-,
+/// 16- and 32-byte tags give 496, 248 and 120 blocks per group with 4 KiB blocks.
+#[test]
+fn format_with_every_profile_and_info_shows_it() {
+    let t = T::new();
+    fs::write(t.path("key"), format!("{}\n", "ab".repeat(32))).unwrap();
+    for (profile, tag_size, group_blocks) in [
+        ("crc32c", 8, 496),
+        ("xxh3", 8, 496),
+        ("crc64-nvme", 8, 496),
+        ("t10-dif", 8, 496),
+        ("t10-dif-ip", 8, 496),
+        ("nvme-pi64", 16, 248),
+        ("sha256", 16, 248),
+        ("blake3", 16, 248),
+        ("hmac-sha256", 32, 120),
+        ("blake3-keyed", 32, 120),
+    ] {
+        let name = format!("{profile}.bgv");
+        let keyed = profile.contains("hmac") || profile.contains("keyed");
+        let mut extra = vec!["--size", "4M", "--profile", profile];
+        if keyed {
+            extra.extend_from_slice(&["--key-file", "key"]);
+        }
+        let j = t.format(&name, &extra);
+        assert_eq!(j["profile"], profile);
+        assert_eq!(j["tag_size"], tag_size, "{profile}");
+        assert_eq!(j["keyed"], keyed, "{profile}");
+        assert_eq!(j["geometry"]["group_blocks"], group_blocks, "{profile}");
+        // Written, read back verified, and shown by info (without the key, too).
+        let data = random_bytes(4 << 20, 5);
+        t.raw("raw", &data);
+        let mut import = vec!["import", "raw", name.as_str()];
+        let mut export = vec!["export", name.as_str(), "out", "--force"];
+        if keyed {
+            import.extend_from_slice(&["--key-file", "key"]);
+            export.extend_from_slice(&["--key-file", "key"]);
+        }
+        t.run(&import).code(0);
+        t.run(&export).code(0);
+        assert!(t.read("out") == data, "{profile}: export differs from import");
+        t.run(&["info", &name])
+            .code(0)
+            .out_has(&[&format!("tag profile:   {profile} ({tag_size} bytes per block")]);
+        if keyed {
+            t.run(&["info", &name])
+                .code(0)
+                .out_has(&["keyed: opening needs --key-file"]);
+        }
+    }
+}
+
+/// The worked example of `docs/FORMAT.md` ("The geometry for each tag size"): where the last
+/// block of a 1 GiB volume and its tag live, for each tag size.
+#[test]
+fn the_geometry_worked_example_per_tag_size_holds() {
+    let t = T::new();
+    fs::write(t.path("key"), [9u8; 32]).unwrap();
+    for (profile, data_offset, meta_offset, tag_offset) in [
+        ("crc32c", 1_078_087_680u64, 1_077_035_008u64, 2120u64),
+        ("nvme-pi64", 1_082_421_248, 1_082_384_384, 128),
+        ("hmac-sha256", 1_091_653_632, 1_091_387_392, 2160),
+    ] {
+        let name = format!("{profile}.bgv");
+        let mut args = vec!["format", &name, "--size", "1G", "--profile", profile, "--json"];
+        if profile == "hmac-sha256" {
+            args.extend_from_slice(&["--key-file", "key"]);
+        }
+        t.run(&args).code(0);
+        let mut dump = vec!["dump", &name, "--block", "262143", "--json"];
+        if profile == "hmac-sha256" {
+            dump.extend_from_slice(&["--key-file", "key"]);
+        }
+        let d = t.run(&dump).code(0).json();
+        let l = &d["blocks"][0]["location"];
+        assert_eq!(l["data_offset"], data_offset, "{profile}");
+        assert_eq!(l["meta_offsets"][0], meta_offset, "{profile}");
+        assert_eq!(l["tag_offset_in_meta"], tag_offset, "{profile}");
+    }
+}
+
+/// Bad keys and profiles: a clear message naming what is wrong, exit code 2, nothing written.
+#[test]
+fn keys_and_profiles_bad_input() {
+    let t = T::new();
+    fs::write(t.path("key"), [7u8; 32]).unwrap();
+    fs::write(t.path("key2"), [8u8; 32]).unwrap();
+    fs::write(t.path("empty"), b"").unwrap();
+    fs::write(t.path("short"), b"12345").unwrap();
+    fs::create_dir(t.path("dir")).unwrap();
+    let bad_format: &[(&[&str], &[&str])] = &[
+        (
+            &["--profile", "hmac-sha256"],
+            &["v.bgv", "hmac-sha256 is keyed", "--key-file"],
+        ),
+        (
+            &["--profile", "crc32c", "--key-file", "key"],
+            &["v.bgv", "crc32c takes no key"],
+        ),
+        (&["--key-file", "key"], &["crc32c takes no key"]),
+        (
+            &["--profile", "blake3-keyed", "--key-file", "missing"],
+            &["cannot read key file missing"],
+        ),
+        (
+            &["--profile", "blake3-keyed", "--key-file", "dir"],
+            &["cannot read key file dir"],
+        ),
+        (
+            &["--profile", "blake3-keyed", "--key-file", "empty"],
+            &["key file empty", "the key is empty"],
+        ),
+        (
+            &["--profile", "blake3-keyed", "--key-file", "short"],
+            &["key file short", "5 bytes", "64 hex digits"],
+        ),
+        (&["--profile", "crc16"], &["invalid value 'crc16'"]),
+    ];
+    for &(extra, msgs) in bad_format {
+        let mut args = vec!["format", "v.bgv", "--size", "1M"];
+        args.extend_from_slice(extra);
+        t.run(&args).code(2).err_has(msgs);
+        assert!(!t.path("v.bgv").exists(), "{args:?} left a file behind");
+    }
+    // An existing volume file is not touched by a refused format either.
+    t.format(
+        "v.bgv",
+        &["--size", "1M", "--profile", "hmac-sha256", "--key-file", "key"],
+    );
+    let before = t.read("v.bgv");
+    t.run(&["format", "v.bgv", "--force", "--profile", "blake3-keyed"])
+        .code(2)
+        .err_has(&["is keyed"]);
+    assert!(t.read("v.bgv") == before, "a refused format changed the volume");
+    // Opening: without the key, with the wrong one, with a bad key file; never a write.
+    let opens: &[(&[&str], &[&str])] = &[
+        (
+            &["check", "v.bgv"],
+            &["v.bgv", "hmac-sha256 is keyed", "--key-file"],
+        ),
+        (
+            &["check", "v.bgv", "--key-file", "key2"],
+            &["v.bgv", "wrong key", "hmac-sha256"],
+        ),
+        (
+            &["export", "v.bgv", "out", "--key-file", "short"],
+            &["key file short", "5 bytes"],
+        ),
+        (&["recover", "v.bgv", "--key-file", "key2"], &["wrong key"]),
+    ];
+    for &(args, msgs) in opens {
+        t.run(args).code(2).err_has(msgs);
+        assert!(t.read("v.bgv") == before, "{args:?} changed the volume");
+    }
+    assert!(!t.path("out").exists());
+    t.run(&["check", "v.bgv", "--key-file", "key"]).code(0);
+    // A key for a volume of an unkeyed profile is refused too.
+    t.format("c.bgv", &["--size", "1M"]);
+    t.run(&["check", "c.bgv", "--key-file", "key"])
+        .code(2)
+        .err_has(&["c.bgv", "crc32c takes no key"]);
+    // The key never appears in what the program prints.
+    let o = t.run(&["check", "v.bgv", "--key-file", "key2", "--json"]);
+    assert!(!o.stderr.contains("0707") && !o.stdout.contains("0707"));
+}
+
+/// A superblock naming a profile this build does not know: refused as made by a newer
+/// version, naming the id and the profiles known (an older build refuses the new profiles'
+/// ids the same way).
+#[test]
+fn an_unknown_profile_id_is_refused_clearly() {
+    let t = T::new();
+    t.format("v.bgv", &["--size", "1M"]);
+    let len = t.len("v.bgv");
+    for at in sb_offsets(len) {
+        let mut sb = t.read_at("v.bgv", at, 512);
+        sb[60..62].copy_from_slice(&77u16.to_le_bytes());
+        let crc = crc32c(&sb[..508]);
+        sb[508..512].copy_from_slice(&crc.to_le_bytes());
+        t.write_at("v.bgv", at, &sb);
+    }
+    t.run(&["check", "v.bgv"]).code(2).err_has(&[
+        "tag profile id 77 is unknown",
+        "1 = crc32c",
+        "newer blockguard",
+    ]);
 }

@@ -478,6 +478,7 @@ impl Sim {
             // Deterministic I/O order: a crash point names the same state on every run.
             background_commit: false,
             error_policy: None,
+            key: None,
             dirty_clear_interval: if setup.clear_dirty_at_flush {
                 Duration::ZERO
             } else {

@@ -8,8 +8,9 @@
 //! Input layout: byte 0 selects how the rest is used.
 //! - bit 1 clear: the rest is the superblock region, used as is;
 //! - bit 1 set: a valid superblock is built from the next bytes (block size, block count,
-//!   mode, copy, and — flag bit 3 — a mirror member with its member records) and the
-//!   remaining bytes are applied as `(offset, value)` edits;
+//!   mode, copy, tag profile — with its tag size, feature bit and, keyed, a key-check value —
+//!   and, flag bit 3, a mirror member with its member records) and the remaining bytes are
+//!   applied as `(offset, value)` edits;
 //! - bit 0 set: magic and crc32c are fixed up before decoding, so the fuzzer gets past the
 //!   checksum and reaches the field checks.
 
@@ -24,27 +25,48 @@ use crate::usize_of;
 /// A superblock region and the selector byte.
 pub const MAX_LEN: usize = 1 + usize_of(SB_REGION);
 
-/// Bytes of the template parameters (block size, block count ×3, flags, slack, uuid, created).
+/// Bytes of the template parameters (block size, block count ×3, flags, slack, uuid,
+/// profile and created).
 const PARAMS: usize = 8;
 
-fn superblock(geometry: Geometry, mode: Mode, state: VolumeState, uuid: u8, label: &str) -> Superblock {
+/// A valid superblock of `profile` (a keyed one with a made-up key-check value).
+fn superblock(
+    geometry: Geometry,
+    profile: Profile,
+    mode: Mode,
+    state: VolumeState,
+    uuid: u8,
+    label: &str,
+) -> Superblock {
     Superblock {
         state,
-        ..Superblock::new(geometry, [uuid; 16], Profile::Crc32c, mode, label, 1_700_000_000)
+        key_check: if profile.is_keyed() {
+            [uuid | 1; 32]
+        } else {
+            [0; 32]
+        },
+        ..Superblock::new(geometry, [uuid; 16], profile, mode, label, 1_700_000_000)
     }
+}
+
+/// The profile a template parameter byte selects.
+fn profile_of(p: u8) -> Profile {
+    Profile::ALL[usize::from(p) % Profile::ALL.len()]
 }
 
 fn template(p: &[u8]) -> Option<Vec<u8>> {
     let get = |i: usize| p.get(i).copied().unwrap_or(0);
     let block_size = 512u32 << (get(0) % 8);
     let blocks = u64::from(u32::from_le_bytes([get(1), get(2), get(3), 0])) + 1;
+    let profile = profile_of(get(7));
+    let t = profile.tag_size();
     let geometry = if get(4) & 1 == 0 {
-        Geometry::for_size(blocks * u64::from(block_size), block_size, 8).ok()?
+        Geometry::for_size(blocks * u64::from(block_size), block_size, t).ok()?
     } else {
         Geometry::for_backing_len(
             blocks * u64::from(block_size) + 3 * SB_REGION + u64::from(get(5)),
             block_size,
-            8,
+            t,
         )
         .ok()?
     };
@@ -58,7 +80,7 @@ fn template(p: &[u8]) -> Option<Vec<u8>> {
     } else {
         VolumeState::InUse
     };
-    let mut sb = superblock(geometry, mode, state, get(6), "fuzz");
+    let mut sb = superblock(geometry, profile, mode, state, get(6), "fuzz");
     sb.created = u64::from(get(7));
     if get(4) & 8 == 0 {
         return Some(sb.encode(get(4) >> 7));
@@ -190,6 +212,7 @@ fn rejected(e: &SuperblockError) -> &'static str {
         SuperblockError::BadChecksum { .. } => "rejected: checksum",
         SuperblockError::Version { .. } => "rejected: version",
         SuperblockError::Incompat(_) => "rejected: incompat",
+        SuperblockError::Profile { .. } => "rejected: profile",
         SuperblockError::Field { .. } => "rejected: field",
         _ => "rejected: other",
     }
@@ -215,7 +238,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     let mut regions = Vec::new();
     for (i, &(bs, blocks, groups, mode, state, label)) in (0u8..).zip(&layouts) {
         let g = Geometry::for_size_with_groups(blocks * u64::from(bs), bs, 8, groups).expect("seed layout");
-        let sb = superblock(g, mode, state, 0x11 * i, label);
+        let sb = superblock(g, Profile::Crc32c, mode, state, 0x11 * i, label);
         for copy in 0..2u8 {
             let mut input = vec![0u8];
             input.extend(sb.encode(copy));
@@ -223,10 +246,18 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
             regions.push(input);
         }
     }
+    // Every other profile: its tag size, feature bit and (keyed) key-check value.
+    for profile in Profile::ALL.into_iter().skip(1) {
+        let g = Geometry::for_size(256 * 4096, 4096, profile.tag_size()).expect("seed layout");
+        let sb = superblock(g, profile, Mode::Dual, VolumeState::Clean, 0x21, "profile");
+        let mut input = vec![0u8];
+        input.extend(sb.encode(0));
+        out.push((format!("gen-valid-profile-{}", profile.name()), input));
+    }
     // A backend of fixed length (a block device) rather than a size.
     let g = Geometry::for_backing_len(1 << 20, 4096, 8).expect("seed layout");
     let mut input = vec![0u8];
-    input.extend(superblock(g, Mode::Dual, VolumeState::Clean, 7, "device").encode(0));
+    input.extend(superblock(g, Profile::Crc32c, Mode::Dual, VolumeState::Clean, 7, "device").encode(0));
     out.push(("gen-valid-device-1m".into(), input));
     // Templates, plain and with edits (the last two: mirror members of 3 and of 2).
     for (name, params) in [
@@ -243,9 +274,10 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         input.extend([8, 0, 2, 144, 0, 5]); // version byte and a state byte
         out.push((format!("gen-template-{name}-edited"), input));
     }
-    // One byte changed, checksum fixed: reaches each field's check.
+    // One byte changed, checksum fixed: reaches each field's check (the key check and the
+    // padding before it included).
     let base = &regions[2];
-    for at in (8..256).step_by(4) {
+    for at in (8..336).step_by(4) {
         let mut input = base.clone();
         input[0] = 1;
         input[1 + at] ^= 0x81;

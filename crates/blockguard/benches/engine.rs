@@ -14,6 +14,8 @@
 //!   hot random reads do four times as many (they are fast, so more are needed for a stable figure).
 //! - `BENCH_DIR`       where the files go (default: `target/bench-engine.PID` in the repository);
 //!   a private sub-directory is created there and removed afterwards.
+//! - `BENCH_PROFILE`   the volume's tag profile (default `crc32c`; keyed profiles get a fixed
+//!   benchmark key).
 //! - `BENCH_COLD`      how to make the cache cold: `drop` (`echo 3 > /proc/sys/vm/drop_caches`,
 //!   root only), `fadvise` (`posix_fadvise(POSIX_FADV_DONTNEED)` on the file, issued by GNU
 //!   `dd iflag=nocache count=0`), or `off` (skip the cold tests). Default: `drop` when
@@ -23,7 +25,8 @@
 //! run, no cold tests, unless the environment says otherwise.
 
 use blockguard::blockguard_backend::{Backend, FileBackend, FileOptions};
-use blockguard::{FormatOptions, Mode, OpenOptions, Volume};
+use blockguard::tag::TagKey;
+use blockguard::{FormatOptions, Mode, OpenOptions, Profile, Volume};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::File;
@@ -71,6 +74,8 @@ impl Cold {
 }
 
 struct Config {
+    /// The volume's tag profile (`BENCH_PROFILE`).
+    profile: Profile,
     size: u64,
     runs: usize,
     rand_ops: usize,
@@ -142,6 +147,11 @@ impl Config {
             Some("") | None => Cold::Off,
             Some(other) => return Err(format!("BENCH_COLD={other:?}: expected drop, fadvise or off").into()),
         };
+        let profile = match std::env::var("BENCH_PROFILE").ok().as_deref().map(str::trim) {
+            None | Some("") => Profile::Crc32c,
+            Some(name) => Profile::from_name(name)
+                .ok_or_else(|| format!("BENCH_PROFILE={name:?}: no such tag profile"))?,
+        };
         let parent = match std::env::var_os("BENCH_DIR") {
             Some(d) if !d.is_empty() => PathBuf::from(d),
             _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"),
@@ -152,6 +162,7 @@ impl Config {
             .join(format!("bench-engine.{}", std::process::id()));
         std::fs::create_dir(&dir)?;
         Ok(Config {
+            profile,
             size,
             runs,
             rand_ops,
@@ -571,13 +582,27 @@ impl Bench {
             inner,
             stats: stats.clone(),
         });
-        Ok(Volume::open(backend, &OpenOptions::default())?)
+        let opts = OpenOptions {
+            key: self.key(),
+            ..OpenOptions::default()
+        };
+        Ok(Volume::open(backend, &opts)?)
+    }
+
+    /// The key of a keyed profile: fixed, it protects nothing here.
+    fn key(&self) -> Option<TagKey> {
+        self.cfg
+            .profile
+            .is_keyed()
+            .then(|| TagKey::from_bytes(&[0x5A; 32]).unwrap_or_else(|_| unreachable!("32 bytes")))
     }
 
     fn format_volume(&self, path: &Path, mode: Mode, stats: &Arc<IoStats>) -> Res<Volume> {
         let _ = std::fs::remove_file(path);
         let mut opts = FormatOptions::with_size(self.cfg.size);
         opts.mode = mode;
+        opts.profile = self.cfg.profile;
+        opts.key = self.key();
         let inner = FileBackend::create(path, opts.backing_len()?, &FileOptions::default())?;
         let backend = Arc::new(Counting {
             inner,
@@ -727,7 +752,8 @@ impl Bench {
         );
         let _ = writeln!(
             out,
-            "engine: FormatOptions::with_size (4096-byte blocks, crc32c), OpenOptions::default (stage {} MiB)",
+            "engine: FormatOptions::with_size (4096-byte blocks, {}), OpenOptions::default (stage {} MiB)",
+            self.cfg.profile,
             OpenOptions::default().stage_bytes as u64 / MIB
         );
         let _ = writeln!(out);

@@ -106,6 +106,34 @@ pub enum Error {
         /// What is wrong with the request.
         detail: String,
     },
+    /// The key of a keyed tag profile is missing or wrong, or a key was given for a profile
+    /// that takes none. Nothing was written.
+    #[error("{volume}: {problem}")]
+    Key {
+        /// The volume's name.
+        volume: String,
+        /// What is wrong with the key.
+        #[source]
+        problem: crate::tag::KeyError,
+    },
+    /// A write with caller-supplied protection information ([`crate::Volume::write_with_pi`])
+    /// whose tuple for a block does not match the block's data: the data or the tuple was
+    /// corrupted between the caller and the volume. Nothing of the write was staged or
+    /// written.
+    #[error(
+        "{volume}: block {block}: the protection information supplied with the write ({supplied}) \
+         does not match its data (which has {computed}): corrupted in transit; nothing was written"
+    )]
+    ProtectionMismatch {
+        /// The volume's name.
+        volume: String,
+        /// The first block whose tuple did not match.
+        block: u64,
+        /// The tuple the caller supplied, in hex.
+        supplied: String,
+        /// The tuple of the data as received, in hex.
+        computed: String,
+    },
     /// The volume failed: an earlier write-back failed (durability can no longer be
     /// promised), or a thread panicked inside the engine (its state may be inconsistent).
     /// Reads go on; writes and flushes are refused until [`crate::Volume::resume`] succeeds

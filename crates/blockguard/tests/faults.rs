@@ -133,6 +133,7 @@ fn session_opts(bs: u32, cache_groups: usize, stage_blocks: usize) -> OpenOption
         // Dirty bits cleared at every flush: deterministic, and the clearing is exercised.
         dirty_clear_interval: std::time::Duration::ZERO,
         error_policy: None,
+        key: None,
     }
 }
 

@@ -132,3 +132,84 @@ fn version_1_and_2_images_are_refused_with_the_way_out() {
         assert!(backend.snapshot() == before, "refusing {file} changed it");
     }
 }
+
+/// Golden images of non-default tag profiles, made like the others (`format --profile`,
+/// `import` of `pattern`) by the first build with profiles: `nvme-pi64` (16-byte tags, 31
+/// blocks per group) and the keyed `hmac-sha256` (32-byte tags, key bytes 00..1f, given as
+/// 64 hex digits). Both carry the `TAG_PROFILE` incompat bit.
+#[test]
+fn tag_profile_images_open_verify_and_keep_their_tuples() {
+    let key = blockguard::tag::TagKey::from_bytes(&std::array::from_fn::<u8, 32, _>(|i| i as u8)).unwrap();
+    let cases = [
+        (
+            "v3-512-nvme-pi64.bgv",
+            Profile::NvmePi64,
+            "600df642-bf74-1cb8-6928-e87a8aa24e6b",
+            None,
+        ),
+        (
+            "v3-512-hmac-sha256.bgv",
+            Profile::HmacSha256,
+            "b2f9d5a0-b801-9d32-476d-997d89ca501b",
+            Some(key),
+        ),
+    ];
+    for (file, profile, id, key) in cases {
+        let img = image(file);
+        let opts = OpenOptions {
+            key: key.clone(),
+            ..read_only()
+        };
+        let vol = Volume::open(Arc::new(MemoryBackend::from_vec(img.clone())), &opts)
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let sb = vol.superblock();
+        assert_eq!((sb.profile, sb.uuid), (profile, uuid(id)), "{file}");
+        assert_eq!(sb.label, format!("golden-{}", file.trim_end_matches(".bgv")));
+        assert_eq!(sb.incompat, blockguard::format::INCOMPAT_TAG_PROFILE, "{file}");
+        assert_eq!(vol.geometry().tag_size as usize, profile.tag_size());
+        let mut all = vec![0u8; 64 << 10];
+        vol.read_at(&mut all, 0).unwrap();
+        let mut want = pattern(40 * 512, 512);
+        want.resize(64 << 10, 0);
+        assert!(all == want, "{file}: contents differ");
+        let geo = *vol.geometry();
+        assert!(vol.check_blocks(0, geo.data_blocks).unwrap().is_empty(), "{file}");
+        assert!(vol.check_metadata(0, geo.groups).unwrap().is_empty(), "{file}");
+        // The stored tag of block 5 is what the profile computes, byte for byte; for the NVMe
+        // tuple: CRC-64/NVME guard, application tag and 48-bit reference tag 5, big-endian.
+        let tagger = profile.tagger(&sb.uuid, key.as_ref()).unwrap();
+        let block5 = &want[5 * 512..6 * 512];
+        let report = vol.inspect_block(5).unwrap();
+        let stored: Vec<&str> = report.slots.iter().filter_map(|s| s.tag.as_deref()).collect();
+        assert!(
+            stored.contains(&tagger.generate(5, block5).to_string().as_str()),
+            "{file}: {stored:?}"
+        );
+        if profile == Profile::NvmePi64 {
+            let app = blockguard::tag::pi_app_tag(&sb.uuid);
+            let tuple = format!(
+                "{:016x}{app:04x}000000000005",
+                blockguard::tag::crc64_nvme(block5)
+            );
+            assert!(
+                stored.contains(&tuple.as_str()),
+                "{file}: {stored:?} lacks {tuple}"
+            );
+        }
+        // The keyed image refuses to open without its key, or with another, unchanged.
+        if key.is_some() {
+            let backend = Arc::new(MemoryBackend::from_vec(img.clone()));
+            for k in [None, Some(blockguard::tag::TagKey::from_bytes(&[1; 32]).unwrap())] {
+                let o = OpenOptions {
+                    key: k,
+                    ..OpenOptions::default()
+                };
+                assert!(
+                    matches!(Volume::open(backend.clone(), &o), Err(Error::Key { .. })),
+                    "{file}"
+                );
+            }
+            assert!(backend.snapshot() == img, "{file}: a refused open wrote");
+        }
+    }
+}

@@ -371,7 +371,10 @@ fn sector_every_single_byte_mutation_is_rejected() {
             if i % 3 == 0 {
                 [0u8; 8]
             } else {
-                let t = Profile::Crc32c.generate(&uuid, i as u64, &[i as u8; 4096]);
+                let t = Profile::Crc32c
+                    .tagger(&uuid, None)
+                    .unwrap()
+                    .generate(i as u64, &[i as u8; 4096]);
                 let mut b = [0u8; 8];
                 b.copy_from_slice(&t.to_bytes(8)[..8]);
                 b
@@ -405,7 +408,10 @@ fn sector_layout_is_as_documented() {
         index: 3,
         slot: 0,
     };
-    let t = Profile::Crc32c.generate(&uuid, 5, &[7u8; 512]);
+    let t = Profile::Crc32c
+        .tagger(&uuid, None)
+        .unwrap()
+        .generate(5, &[7u8; 512]);
     let mut tags = vec![0u8; 62 * 8];
     tags[5 * 8..6 * 8].copy_from_slice(&t.to_bytes(8)[..8]);
     let mut b = vec![0xAAu8; SECTOR_SIZE];
@@ -492,7 +498,10 @@ fn crc32c_tag_is_as_documented() {
         (5, vec![0x41; 512]),
         (0x1_2345_6789, vec![9; 4096]),
     ] {
-        let t = Profile::Crc32c.generate(&uuid, block, &data);
+        let t = Profile::Crc32c
+            .tagger(&uuid, None)
+            .unwrap()
+            .generate(block, &data);
         let mut msg = uuid.to_vec();
         msg.extend_from_slice(&block.to_le_bytes());
         msg.extend_from_slice(&data);
@@ -504,10 +513,19 @@ fn crc32c_tag_is_as_documented() {
             !t.is_unwritten(),
             "a written tag is never all zero, even for zero data"
         );
-        assert!(Profile::Crc32c.verify(&uuid, block, &data, &t));
+        assert!(Profile::Crc32c
+            .tagger(&uuid, None)
+            .unwrap()
+            .verify(block, &data, &t));
     }
-    assert!(Profile::Crc32c.verify(&uuid, 1, &[0u8; 4096], &UNWRITTEN));
-    assert!(!Profile::Crc32c.verify(&uuid, 1, &[1u8; 4096], &UNWRITTEN));
+    assert!(Profile::Crc32c
+        .tagger(&uuid, None)
+        .unwrap()
+        .verify(1, &[0u8; 4096], &UNWRITTEN));
+    assert!(!Profile::Crc32c
+        .tagger(&uuid, None)
+        .unwrap()
+        .verify(1, &[1u8; 4096], &UNWRITTEN));
 }
 
 /// Known bug (see the report): the label is decoded with `from_utf8_lossy`, and `encode`

@@ -92,8 +92,12 @@ pub(crate) mod at {
     pub(crate) const MIRROR_END: usize = MIRROR_IDS + 16 * super::super::mirror::MAX_MEMBERS;
     /// `error_policy`, u8: what the volume does about a block with no good copy.
     pub(crate) const ERROR_POLICY: usize = MIRROR_END;
+    /// Seven bytes of padding, so the key check starts 8-byte aligned.
+    pub(crate) const PADDING2: usize = ERROR_POLICY + 1;
+    /// `key_check`, 32 bytes: a keyed profile's key-check value (zero for the others).
+    pub(crate) const KEY_CHECK: usize = PADDING2 + 7;
     /// Reserved up to the checksum.
-    pub(crate) const RESERVED: usize = ERROR_POLICY + 1;
+    pub(crate) const RESERVED: usize = KEY_CHECK + crate::tag::KEY_CHECK_SIZE;
     /// `checksum`, u32: the last four bytes of the structure.
     pub(crate) const CHECKSUM: usize = super::SB_STRUCT_SIZE - 4;
 }
@@ -103,16 +107,22 @@ pub(crate) mod at {
 const _: () = assert!(at::RESERVED <= at::CHECKSUM);
 const _: () = assert!(at::MODE == 64 && at::STATE == 145 && at::LABEL == 164 && at::CHECKSUM == 508);
 const _: () = assert!(at::MIRROR_MEMBERS == 228 && at::MIRROR_EVENT == 232 && at::MIRROR_END == 288);
-const _: () = assert!(at::ERROR_POLICY == 288 && at::RESERVED == 289);
+const _: () = assert!(at::ERROR_POLICY == 288 && at::KEY_CHECK == 296 && at::RESERVED == 328);
 
-/// Incompatible feature bit of a volume in `rebuild` mode: its tags may disagree with its data
-/// after a crash until they are rebuilt, which a reader that does not know the mode would
+/// Incompatible feature bit 1: the volume's tag profile is not `crc32c` (the only profile
+/// before profiles became pluggable). Builds without pluggable profiles would refuse such a
+/// volume anyway, for its unknown profile id, but as a damaged superblock; with the bit they
+/// call it what it is, unsupported. Set exactly when the profile is not `crc32c`.
+pub const INCOMPAT_TAG_PROFILE: u64 = 1 << 1;
+
+/// Incompatible feature bit 2 of a volume in `rebuild` mode: its tags may disagree with its
+/// data after a crash until they are rebuilt, which a reader that does not know the mode would
 /// report as corruption. Set exactly when `mode` is `rebuild`.
-pub const INCOMPAT_REBUILD: u64 = 1 << 1;
+pub const INCOMPAT_REBUILD: u64 = 1 << 2;
 
-/// Incompatible features this build supports: mirror sets, `rebuild` mode. A volume with any
-/// other incompat bit set is refused.
-pub const SUPPORTED_INCOMPAT: u64 = INCOMPAT_MIRROR | INCOMPAT_REBUILD;
+/// Incompatible features this build supports: mirror sets, tag profiles other than `crc32c`,
+/// `rebuild` mode. A volume with any other incompat bit set is refused.
+pub const SUPPORTED_INCOMPAT: u64 = INCOMPAT_MIRROR | INCOMPAT_TAG_PROFILE | INCOMPAT_REBUILD;
 /// Read-only-compatible features this build supports; others force read-only opens.
 pub const SUPPORTED_RO_COMPAT: u64 = 0;
 
@@ -251,6 +261,15 @@ pub enum SuperblockError {
     /// Uses features this build does not implement.
     #[error("volume uses incompatible features {0:#x} this build does not support")]
     Incompat(u64),
+    /// A tag profile this build does not know (written by a newer build).
+    #[error(
+        "tag profile id {id} is unknown to this build (it knows {}): the volume was made by a newer blockguard",
+        known_profiles()
+    )]
+    Profile {
+        /// The stored profile id.
+        id: u16,
+    },
     /// A field holds a value that cannot be valid.
     #[error("superblock field {field} is invalid: {detail}")]
     Field {
@@ -304,6 +323,9 @@ pub struct Superblock {
     pub state: VolumeState,
     /// What the volume does about a block with no good copy (byte 288; 0 = `eio`).
     pub error_policy: ErrorPolicy,
+    /// A keyed profile's key-check value (bytes 296..328): recognizes the right key without
+    /// revealing it. All zero for unkeyed profiles.
+    pub key_check: [u8; crate::tag::KEY_CHECK_SIZE],
 }
 
 /// Checks a label before it is stored: UTF-8 (guaranteed by `&str`), at most 64 bytes, no
@@ -324,7 +346,7 @@ impl SuperblockError {
     pub fn is_unsupported(&self) -> bool {
         matches!(
             self,
-            SuperblockError::Version { .. } | SuperblockError::Incompat(_)
+            SuperblockError::Version { .. } | SuperblockError::Incompat(_) | SuperblockError::Profile { .. }
         )
     }
 }
@@ -344,11 +366,12 @@ impl Superblock {
             version: FORMAT_VERSION,
             compat: 0,
             ro_compat: 0,
-            incompat: if mode == Mode::Rebuild {
-                INCOMPAT_REBUILD
-            } else {
-                0
-            },
+            incompat: profile_incompat(profile)
+                | if mode == Mode::Rebuild {
+                    INCOMPAT_REBUILD
+                } else {
+                    0
+                },
             uuid,
             profile,
             mode,
@@ -359,6 +382,7 @@ impl Superblock {
             label: label.to_string(),
             state: VolumeState::Clean,
             error_policy: ErrorPolicy::Eio,
+            key_check: [0; crate::tag::KEY_CHECK_SIZE],
         }
     }
 
@@ -400,6 +424,7 @@ impl Superblock {
         let n = label.len().min(LABEL_LEN);
         b[at::LABEL..at::LABEL + n].copy_from_slice(&label[..n]);
         b[at::ERROR_POLICY] = self.error_policy.id();
+        b[at::KEY_CHECK..at::RESERVED].copy_from_slice(&self.key_check);
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         b[CRC_AT..SB_STRUCT_SIZE].copy_from_slice(&crc.to_le_bytes());
         b
@@ -451,8 +476,23 @@ impl Superblock {
                 ),
             )
         })?;
+        let key_check = decode_key_check(b, profile)?;
+        if incompat & INCOMPAT_TAG_PROFILE != profile_incompat(profile) {
+            return Err(field(
+                "incompat",
+                format!(
+                    "the tag-profile feature bit is {} for tag profile {profile}",
+                    if incompat & INCOMPAT_TAG_PROFILE == 0 {
+                        "clear"
+                    } else {
+                        "set"
+                    }
+                ),
+            ));
+        }
         Ok((
             Superblock {
+                key_check,
                 version,
                 compat: le64(b, at::COMPAT),
                 ro_compat: le64(b, at::RO_COMPAT),
@@ -509,8 +549,9 @@ fn decode_header(b: &[u8]) -> Result<(u32, u64), SuperblockError> {
 
 /// The tag profile (with its tag size checked), the consistency mode and the copy index.
 fn decode_profile_mode_copy(b: &[u8]) -> Result<(Profile, Mode, u8), SuperblockError> {
-    let profile = Profile::from_id(le16(b, at::PROFILE))
-        .ok_or_else(|| field("tag profile", format!("unknown id {}", le16(b, at::PROFILE))))?;
+    let profile = Profile::from_id(le16(b, at::PROFILE)).ok_or(SuperblockError::Profile {
+        id: le16(b, at::PROFILE),
+    })?;
     let tag_size = usize::from(le16(b, at::TAG_SIZE));
     if tag_size != profile.tag_size() {
         return Err(field(
@@ -577,6 +618,28 @@ fn decode_geometry(b: &[u8], profile: Profile) -> Result<Geometry, SuperblockErr
     Ok(geometry)
 }
 
+/// The key-check value: present (not all zero) exactly when the profile is keyed, and the
+/// padding before it zero.
+fn decode_key_check(b: &[u8], profile: Profile) -> Result<[u8; crate::tag::KEY_CHECK_SIZE], SuperblockError> {
+    if b[at::PADDING2..at::KEY_CHECK].iter().any(|&x| x != 0) {
+        return Err(field("padding after the error policy", "not zero".into()));
+    }
+    let mut check = [0u8; crate::tag::KEY_CHECK_SIZE];
+    check.copy_from_slice(&b[at::KEY_CHECK..at::RESERVED]);
+    let present = check.iter().any(|&x| x != 0);
+    if present != profile.is_keyed() {
+        return Err(field(
+            "key check",
+            if present {
+                format!("set, but tag profile {profile} takes no key")
+            } else {
+                format!("missing: tag profile {profile} is keyed")
+            },
+        ));
+    }
+    Ok(check)
+}
+
 /// The metadata device identity, which no feature uses yet: it must be zero.
 fn decode_meta_device(b: &[u8]) -> Result<[u8; 16], SuperblockError> {
     let mut meta_device = [0u8; 16];
@@ -595,6 +658,25 @@ fn decode_label(b: &[u8]) -> Result<String, SuperblockError> {
         return Err(field("label", "bytes after the terminating zero".into()));
     }
     String::from_utf8(label_bytes[..end].to_vec()).map_err(|_| field("label", "not valid UTF-8".into()))
+}
+
+/// The incompat bits a volume of `profile` carries: [`INCOMPAT_TAG_PROFILE`] for every
+/// profile but `crc32c`.
+pub fn profile_incompat(profile: Profile) -> u64 {
+    if profile == Profile::Crc32c {
+        0
+    } else {
+        INCOMPAT_TAG_PROFILE
+    }
+}
+
+/// The profile ids this build knows, as "1 = crc32c, 2 = xxh3, …".
+fn known_profiles() -> String {
+    Profile::ALL
+        .iter()
+        .map(|p| format!("{} = {}", p.id(), p.name()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Eight magic bytes as text where printable, and in hex.
@@ -651,7 +733,95 @@ mod tests {
             label: "test".into(),
             state: VolumeState::InUse,
             error_policy: ErrorPolicy::ReadOnly,
+            key_check: [0; 32],
         }
+    }
+
+    /// `b` with its checksum made right again (a change a newer writer could have made).
+    fn resealed(mut b: Vec<u8>) -> Vec<u8> {
+        let crc = crc32c::crc32c(&b[..CRC_AT]);
+        b[CRC_AT..SB_STRUCT_SIZE].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn every_profile_round_trips_with_its_tag_size_and_key_check() {
+        for profile in Profile::ALL {
+            let t = profile.tag_size();
+            let sb = Superblock {
+                profile,
+                geometry: Geometry::for_size(1 << 20, 4096, t).unwrap(),
+                key_check: if profile.is_keyed() { [0xA5; 32] } else { [0; 32] },
+                incompat: profile_incompat(profile),
+                ..sample()
+            };
+            let enc = sb.encode(0);
+            assert_eq!(le16(&enc, at::PROFILE), profile.id());
+            assert_eq!(usize::from(le16(&enc, at::TAG_SIZE)), t);
+            assert_eq!(&enc[296..328], &sb.key_check);
+            assert_eq!(Superblock::decode(&enc), Ok((sb.clone(), 0)), "{profile}");
+            // The feature bit must match the profile.
+            let flipped = Superblock {
+                incompat: sb.incompat ^ INCOMPAT_TAG_PROFILE,
+                ..sb.clone()
+            };
+            assert!(matches!(
+                Superblock::decode(&flipped.encode(0)),
+                Err(SuperblockError::Field {
+                    field: "incompat",
+                    ..
+                })
+            ));
+            // The key check must be there exactly for keyed profiles.
+            let mut wrong = enc.clone();
+            wrong[300] ^= u8::from(!profile.is_keyed());
+            if !profile.is_keyed() {
+                assert!(matches!(
+                    Superblock::decode(&resealed(wrong)),
+                    Err(SuperblockError::Field {
+                        field: "key check",
+                        ..
+                    })
+                ));
+            }
+        }
+        let keyed_without_check = Superblock {
+            profile: Profile::Blake3Keyed,
+            geometry: Geometry::for_size(1 << 20, 4096, 32).unwrap(),
+            incompat: INCOMPAT_TAG_PROFILE,
+            ..sample()
+        };
+        assert!(matches!(
+            Superblock::decode(&keyed_without_check.encode(0)),
+            Err(SuperblockError::Field {
+                field: "key check",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn an_unknown_profile_is_refused_as_unsupported_naming_the_known_ones() {
+        let mut b = sample().encode(0);
+        b[at::PROFILE..at::PROFILE + 2].copy_from_slice(&99u16.to_le_bytes());
+        let err = Superblock::decode(&resealed(b)).unwrap_err();
+        assert_eq!(err, SuperblockError::Profile { id: 99 });
+        assert!(err.is_unsupported());
+        let text = err.to_string();
+        assert!(
+            text.contains("99") && text.contains("1 = crc32c") && text.contains("newer"),
+            "{text}"
+        );
+        // A tag size that does not match the profile is damage.
+        let mut b = sample().encode(0);
+        b[at::TAG_SIZE] = 16;
+        assert!(matches!(
+            Superblock::decode(&resealed(b)),
+            Err(SuperblockError::Field {
+                field: "tag size",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -710,7 +880,9 @@ mod tests {
             (at::MIRROR_EVENT, 232),
             (at::MIRROR_IDS, 240),
             (at::ERROR_POLICY, 288),
-            (at::RESERVED, 289),
+            (at::PADDING2, 289),
+            (at::KEY_CHECK, 296),
+            (at::RESERVED, 328),
             (at::CHECKSUM, 508),
         ];
         for (i, (got, want)) in documented.iter().enumerate() {

@@ -25,7 +25,7 @@ impl BlockDevice for Volume {
     }
     fn write_owned(&self, data: OwnedBuf, offset: u64) -> Result<()> {
         self.inner
-            .write_impl(stage::bytes(&data), Some(data.clone()), offset)
+            .write_impl(stage::bytes(&data), Some(data.clone()), offset, None)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         Volume::write_zeroes(self, offset, len)

@@ -523,7 +523,10 @@ mod tests {
     }
 
     fn t(fill: u8) -> Tag {
-        Profile::Crc32c.generate(&U, 0, &[fill; 512])
+        Profile::Crc32c
+            .tagger(&U, None)
+            .unwrap()
+            .generate(0, &[fill; 512])
     }
 
     /// A sector for pair 0 of group 0 holding `tag` for block 0.

@@ -12,7 +12,7 @@
 
 use super::open::{read_member, write_empty_maps};
 use super::resync::{Extent, ResyncReport};
-use super::{invalid, OpenOptions, Volume};
+use super::{invalid, Volume};
 use crate::error::Result;
 use crate::format::{
     member_record_offset, MemberInfo, MemberRecord, MirrorInfo, Superblock, INCOMPAT_MIRROR, MAX_MEMBERS,
@@ -63,6 +63,7 @@ impl Volume {
                 ),
             ));
         }
+        let reopen = self.inner.reopen_options();
         let inner = self.inner.clone();
         self.close()?;
         // The set as it is now, closed (a resync or a failure since the open, or at the close,
@@ -99,7 +100,7 @@ impl Volume {
         for (role, b) in (0u8..).zip(old) {
             rewrite_member(&**b, &sb, &info, role, &records)?;
         }
-        let vol = Volume::open_members(all, &OpenOptions::default())?;
+        let vol = Volume::open_members(all, &reopen)?;
         let report = vol.inner.resync(
             Extent::Written,
             progress,
@@ -147,6 +148,7 @@ impl Volume {
                     .map(|r| r.path)
             })
             .collect();
+        let reopen = self.inner.reopen_options();
         let inner = self.inner.clone();
         self.close()?;
         // The set as it is now, closed.
@@ -168,7 +170,7 @@ impl Volume {
             plain.mirror = None;
             plain.incompat &= !INCOMPAT_MIRROR;
             rewrite_plain(&*members[0], &plain)?;
-            return Volume::open(members.swap_remove(0), &OpenOptions::default());
+            return Volume::open(members.swap_remove(0), &reopen);
         }
         let mut records = records_for(&info, &members);
         for ((r, here), path) in records.iter_mut().zip(&present).zip(paths) {
@@ -186,7 +188,7 @@ impl Volume {
             .zip(present)
             .filter_map(|(b, p)| p.then_some(b))
             .collect();
-        Volume::open_members(members, &OpenOptions::default())
+        Volume::open_members(members, &reopen)
     }
 
     /// The backends of every member, by role (a missing member's slot holds a stand-in).

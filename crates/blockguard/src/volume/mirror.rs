@@ -87,7 +87,11 @@ impl Volume {
                 0,
             ))?;
         }
-        Volume::open_members(members, &OpenOptions::default())
+        let open = OpenOptions {
+            key: opts.key.clone(),
+            ..OpenOptions::default()
+        };
+        Volume::open_members(members, &open)
     }
 
     /// Opens a mirror set from its members' backends, in any order; members may be missing.

@@ -16,6 +16,7 @@ mod bitmaps;
 mod cache;
 mod commit;
 mod device;
+mod dix;
 mod group;
 mod group_commit;
 mod health;
@@ -48,7 +49,7 @@ pub use verify_copies::CopiesReport;
 
 use crate::error::{Error, Result};
 use crate::format::{ErrorPolicy, Geometry, Mode, Superblock};
-use crate::tag::{Profile, Tag};
+use crate::tag::{Profile, Tag, TagKey};
 use cache::MetaCache;
 use stage::{SharedBuf, Stage};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -65,6 +66,9 @@ pub struct FormatOptions {
     pub mode: Mode,
     /// Tag profile.
     pub profile: Profile,
+    /// The key of a keyed profile (never stored: the superblock keeps only a key-check
+    /// value); `None` for the others.
+    pub key: Option<TagKey>,
     /// Volume UUID; random when `None`.
     pub uuid: Option<[u8; 16]>,
     /// Free-form label (up to 64 bytes are kept).
@@ -91,6 +95,7 @@ impl FormatOptions {
             block_size: 4096,
             mode: Mode::Dual,
             profile: Profile::Crc32c,
+            key: None,
             uuid: None,
             label: String::new(),
             group_blocks: None,
@@ -132,6 +137,9 @@ pub struct OpenOptions {
     pub dirty_clear_interval: std::time::Duration,
     /// The error policy for this open; `None` keeps the one stored in the superblock.
     pub error_policy: Option<ErrorPolicy>,
+    /// The key of a volume with a keyed tag profile. Checked against the superblock's
+    /// key-check value before anything is written; refused for unkeyed profiles.
+    pub key: Option<TagKey>,
 }
 
 impl Default for OpenOptions {
@@ -143,6 +151,7 @@ impl Default for OpenOptions {
             background_commit: true,
             dirty_clear_interval: std::time::Duration::from_secs(2),
             error_policy: None,
+            key: None,
         }
     }
 }
@@ -203,6 +212,11 @@ pub(crate) struct Inner {
     backend: Arc<crate::copies::CopySet>,
     name: String,
     sb: Superblock,
+    /// Generates and verifies tags: the superblock's profile bound to the volume's UUID and,
+    /// for keyed profiles, the key given at open (kept here, never in `sb`).
+    tagger: crate::tag::Tagger,
+    /// That key, for the engine's own reopens (mirror membership changes).
+    key: Option<TagKey>,
     geo: Geometry,
     read_only: bool,
     warnings: Vec<String>,
@@ -353,6 +367,14 @@ impl Inner {
 }
 
 impl Inner {
+    /// Options to reopen this volume with after closing it: the defaults, and its key.
+    fn reopen_options(&self) -> OpenOptions {
+        OpenOptions {
+            key: self.key.clone(),
+            ..OpenOptions::default()
+        }
+    }
+
     fn size(&self) -> u64 {
         self.geo.size()
     }
@@ -509,7 +531,7 @@ impl Volume {
     pub fn write_owned<B: AsRef<[u8]> + Send + Sync + 'static>(&self, data: B, offset: u64) -> Result<()> {
         let data: SharedBuf = Arc::new(data);
         self.inner
-            .write_impl(stage::bytes(&data), Some(data.clone()), offset)
+            .write_impl(stage::bytes(&data), Some(data.clone()), offset, None)
     }
 
     /// Makes the range read as zeros. Whole blocks become unwritten (their space is

@@ -37,7 +37,16 @@ impl Volume {
         let len = backend.len();
         validate_label(&opts.label).map_err(|e| invalid(&name, e))?;
         let geo = format_geometry(opts, &name, len)?;
-        let sb = new_superblock(opts, geo);
+        let mut sb = new_superblock(opts, geo);
+        // The key is checked, and its check value made, before anything is written.
+        let tagger = opts
+            .profile
+            .tagger(&sb.uuid, opts.key.as_ref())
+            .map_err(|problem| Error::Key {
+                volume: name.clone(),
+                problem,
+            })?;
+        sb.key_check = tagger.key_check();
         if !opts.assume_zeroed {
             zero_backend(&*backend, &name, len, progress)?;
         }
@@ -59,7 +68,11 @@ impl Volume {
         backend.flush().map_err(io("flushing", 0))?;
         write_aligned(&*backend, &sb.encode(0), 0, align).map_err(io("writing the primary superblock", 0))?;
         backend.flush().map_err(io("flushing", 0))?;
-        Self::open(backend, &OpenOptions::default())
+        let open = OpenOptions {
+            key: opts.key.clone(),
+            ..OpenOptions::default()
+        };
+        Self::open(backend, &open)
     }
 
     /// Opens an existing volume. A damaged superblock copy is reported in
@@ -98,6 +111,13 @@ impl Volume {
         Self::assemble(CopySet::single(backend), sb, warnings, opts, progress)
     }
 
+    /// Reads and checks the superblock of `backend` without opening the volume (so without
+    /// the key of a keyed profile, and without writing anything): the superblock in use and
+    /// warnings about a damaged or differing copy. For tools that only describe a volume.
+    pub fn read_superblock(backend: &dyn Backend) -> Result<(Superblock, Vec<String>)> {
+        read_member(backend)
+    }
+
     /// Builds the engine over `set`, whose superblock is `sb`, and recovers it if it was left
     /// in use (read-write opens).
     pub(super) fn assemble(
@@ -112,7 +132,16 @@ impl Volume {
         // Unknown read-only-compatible features: reading is safe, writing could break them.
         let read_only = opts.read_only || set.is_read_only() || sb.ro_compat & !SUPPORTED_RO_COMPAT != 0;
         let group_bytes = 2 * geo.block_size as usize + 256;
+        // A missing, superfluous or wrong key is refused here, before anything is written
+        // (recovery and superblock repair come after).
+        let tagger = crate::tag::Tagger::for_volume(sb.profile, &sb.uuid, &sb.key_check, opts.key.as_ref())
+            .map_err(|problem| Error::Key {
+            volume: name.clone(),
+            problem,
+        })?;
         let vol = Inner {
+            tagger,
+            key: opts.key.clone(),
             failure: Mutex::new(None),
             failed: AtomicBool::new(false),
             policy: super::policy::PolicyState::new(opts.error_policy.unwrap_or(sb.error_policy)),

@@ -48,8 +48,8 @@ impl Inner {
     /// read again before it is returned: a bad read that returns zeros or an older version
     /// looks exactly like it.
     fn verify_match(&self, block: u64, data: &[u8], accept: &Accept) -> Result<Match> {
-        let profile = self.sb.profile;
-        let matches = |t: &crate::tag::Tag| profile.verify(&self.sb.uuid, block, data, t);
+        let tagger = &self.tagger;
+        let matches = |t: &crate::tag::Tag| tagger.verify(block, data, t);
         match accept {
             Accept::One(t) if matches(t) => return Ok(Match::Newest),
             Accept::Either(newest, _) if matches(newest) => return Ok(Match::Newest),
@@ -66,7 +66,7 @@ impl Inner {
                 "metadata says the block was never written, but it holds data".to_string(),
             ),
             Accept::One(t) | Accept::Either(t, _) => {
-                let computed = profile.generate(&self.sb.uuid, block, data);
+                let computed = tagger.generate(block, data);
                 let expected = match accept {
                     Accept::Either(a, b) => format!("{a} or {b}"),
                     _ => t.to_string(),
@@ -236,15 +236,13 @@ impl Inner {
         let bs = self.geo.block_size as usize;
         let (group, index) = self.geo.group_of(first);
         let state = self.group(group)?;
-        let profile = self.sb.profile;
+        let tagger = &self.tagger;
         for (k, chunk) in data.chunks_exact(bs).enumerate() {
             let block = first + k as u64;
             let i = index as usize + k;
             // Fast path: a tag every state of the pair accepts needs no further look-up.
             if let Some(stored) = state.fast_tag(i) {
-                if stored.iter().any(|&b| b != 0)
-                    && profile.generate(&self.sb.uuid, block, chunk).as_bytes() == stored
-                {
+                if stored.iter().any(|&b| b != 0) && tagger.generate(block, chunk).as_bytes() == stored {
                     continue;
                 }
             }

@@ -479,9 +479,8 @@ impl Inner {
             PairView::Brothers { .. } => crate::tag::Tag::from_bytes(state.tag_bytes(1 - newest, k, j)),
             _ => UNWRITTEN,
         };
-        let p = self.sb.profile;
-        Ok(!p.verify(&self.sb.uuid, block, &buf, &newest_tag)
-            && p.verify(&self.sb.uuid, block, &buf, &older_tag))
+        let t = &self.tagger;
+        Ok(!t.verify(block, &buf, &newest_tag) && t.verify(block, &buf, &older_tag))
     }
 }
 

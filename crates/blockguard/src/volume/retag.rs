@@ -73,7 +73,7 @@ impl Inner {
                 let block = first + i as u64;
                 let chunk = &data.as_ref()[i * bs..(i + 1) * bs];
                 if !is_zero(chunk) {
-                    let tag = self.sb.profile.generate(&self.sb.uuid, block, chunk);
+                    let tag = self.tagger.generate(block, chunk);
                     tags[j * ts..(j + 1) * ts].copy_from_slice(&tag.to_bytes(ts)[..ts]);
                     any_written = true;
                 }

@@ -69,12 +69,20 @@ impl Inner {
     /// Writes `buf` at `offset` (any alignment: partial blocks are read, verified, merged).
     /// The write is visible to reads at once and durable after the next flush.
     pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.write_impl(buf, None, offset)
+        self.write_impl(buf, None, offset, None)
     }
 
     /// [`Inner::write_at`] keeping `owned` (whose bytes are `buf`) for the whole blocks
-    /// instead of copying them.
-    pub(crate) fn write_impl(&self, buf: &[u8], owned: Option<SharedBuf>, offset: u64) -> Result<()> {
+    /// instead of copying them. With `pi` (block-aligned writes only: checked by the caller),
+    /// the tag computed over each block's staged copy must equal the caller's tuple for it
+    /// (`pi` holds one tuple per block, in order), or the write is refused with nothing staged.
+    pub(crate) fn write_impl(
+        &self,
+        buf: &[u8],
+        owned: Option<SharedBuf>,
+        offset: u64,
+        pi: Option<&[u8]>,
+    ) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         self.writable()?;
         if buf.is_empty() {
@@ -116,10 +124,24 @@ impl Inner {
                     (Arc::new(cur) as SharedBuf, 0)
                 }
             };
-            let tag =
-                self.sb
-                    .profile
-                    .generate(&self.sb.uuid, block, &stage::bytes(&data)[at..at + usize_of(bs)]);
+            let tag = self
+                .tagger
+                .generate(block, &stage::bytes(&data)[at..at + usize_of(bs)]);
+            if let Some(pi) = pi {
+                // The tag of the copy the engine will write, against the caller's: a mismatch
+                // means the data or the tuple changed after the caller computed it.
+                let t = self.geo.tag_size as usize;
+                let k = usize_of(block - first);
+                let supplied = &pi[k * t..(k + 1) * t];
+                if tag.as_bytes() != supplied {
+                    return Err(Error::ProtectionMismatch {
+                        volume: self.name.clone(),
+                        block,
+                        supplied: crate::tag::Tag::from_bytes(supplied).to_string(),
+                        computed: tag.to_string(),
+                    });
+                }
+            }
             entries.push((block, Staged::Data { buf: data, at, tag }));
         }
         self.stage_entries(entries);
