@@ -427,7 +427,7 @@ fn format_rejects_bad_arguments_clearly() {
         (&["--size", "0"], &["not a positive multiple"]),
         (
             &["--size", "1M", "--mode", "journal"],
-            &["invalid value 'journal'", "[possible values: none, dual]"],
+            &["invalid value 'journal'", "[possible values: none, dual, rebuild]"],
         ),
         (
             &["--size", "1M", "--profile", "crc16"],
@@ -490,7 +490,7 @@ fn sizes_take_units_everywhere_and_help_lists_modes_and_profiles() {
     let j = t.format("w.bgv", &["--size", "512K", "--block-size", "0.5K"]);
     assert_eq!(j["block_size"], 512);
     let help = t.run(&["format", "--help"]).code(0).stdout.clone();
-    assert!(help.contains("[possible values: none, dual]"), "{help}");
+    assert!(help.contains("[possible values: none, dual, rebuild]"), "{help}");
     for p in [
         "crc32c",
         "xxh3",
