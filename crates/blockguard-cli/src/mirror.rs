@@ -157,6 +157,9 @@ fn print_resync(report: &ResyncReport, json: bool, copies: &[CopyInfo]) -> Resul
     } else if report.members.is_empty() {
         say!("every copy present is in sync");
     } else {
+        for (copy, why) in &report.failed {
+            say!("copy {copy} could not be resynchronized and stays out of sync: {why}");
+        }
         say!(
             "resynchronized copies {:?} from copy {}: {} groups, {} bytes each",
             report.members,

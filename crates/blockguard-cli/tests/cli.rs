@@ -427,7 +427,10 @@ fn format_rejects_bad_arguments_clearly() {
         (&["--size", "0"], &["not a positive multiple"]),
         (
             &["--size", "1M", "--mode", "journal"],
-            &["invalid value 'journal'", "[possible values: none, dual, rebuild]"],
+            &[
+                "invalid value 'journal'",
+                "[possible values: none, dual, rebuild]",
+            ],
         ),
         (
             &["--size", "1M", "--profile", "crc16"],

@@ -129,6 +129,8 @@ impl Volume {
     ) -> Result<Volume> {
         let name = set.name();
         let geo = sb.geometry;
+        // A superblock is not keyed: whoever can write the disk can set its mode.
+        mode_fits_profile(&name, sb.mode, sb.profile)?;
         // Unknown read-only-compatible features: reading is safe, writing could break them.
         let read_only = opts.read_only || set.is_read_only() || sb.ro_compat & !SUPPORTED_RO_COMPAT != 0;
         let group_bytes = 2 * geo.block_size as usize + 256;
@@ -226,6 +228,7 @@ pub(super) fn read_member(backend: &dyn Backend) -> Result<(Superblock, Vec<Stri
 /// The layout of a volume formatted with `opts` on a backend of `len` bytes: `opts.size`
 /// bytes with the backup superblock at the backend's end, or as much as fits.
 fn format_geometry(opts: &FormatOptions, name: &str, len: u64) -> Result<Geometry> {
+    mode_fits_profile(name, opts.mode, opts.profile)?;
     let tag_size = opts.profile.tag_size();
     Ok(match opts.size {
         Some(size) => {
@@ -529,4 +532,22 @@ fn write_aligned(backend: &dyn Backend, bytes: &[u8], offset: u64, align: usize)
     let mut buf = aligned(bytes.len(), align);
     buf.as_mut().copy_from_slice(bytes);
     backend.write_at(buf.as_ref(), offset)
+}
+
+/// `rebuild` mode recomputes tags from whatever data a crash left, with the volume's key: on a
+/// keyed profile that would bless data written by someone without the key (G6). Refused at
+/// format and at open (the mode is a field of the unkeyed superblock).
+fn mode_fits_profile(name: &str, mode: crate::format::Mode, profile: crate::tag::Profile) -> Result<()> {
+    if mode == crate::format::Mode::Rebuild && profile.is_keyed() {
+        return Err(Error::Unsupported {
+            volume: name.to_string(),
+            detail: format!(
+                "{} mode cannot be used with the keyed profile {}: it recomputes tags from the data \
+                 after a crash, which would accept blocks written without the key",
+                mode.name(),
+                profile.name()
+            ),
+        });
+    }
+    Ok(())
 }

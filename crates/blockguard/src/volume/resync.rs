@@ -42,6 +42,9 @@ pub struct ResyncReport {
     pub bytes_copied: u64,
     /// The member the copies were made from.
     pub source: Option<usize>,
+    /// Members whose resync failed (they stay out of sync), with why.
+    #[serde(default)]
+    pub failed: Vec<(usize, String)>,
 }
 
 /// Which groups a resync copies.
@@ -146,6 +149,9 @@ impl Inner {
     ) -> Result<ResyncReport> {
         let total = groups.len() as u64;
         let mut per_target = 0;
+        // A target that fails is given up (it stays out of sync); the others go on.
+        let mut active: Vec<usize> = targets.to_vec();
+        let mut failed: Vec<(usize, String)> = Vec::new();
         for (n, &g) in groups.iter().enumerate() {
             if n % 16 == 0 {
                 progress(n as u64, total);
@@ -159,26 +165,39 @@ impl Inner {
             let (off, len) = self.group_range(g);
             let _commit = self.lock(&self.commit);
             self.failed()?;
-            for &t in targets {
-                self.still_catching_up(t)?;
-                self.copy_range(source, t, off, len)?;
+            self.source_still_in_sync(source)?;
+            for &t in &active {
+                if let Err(e) = self
+                    .still_catching_up(t)
+                    .and_then(|()| self.copy_range(source, t, off, len))
+                {
+                    failed.push((t, e.to_string()));
+                }
             }
+            self.give_up_failed(&mut active, &failed)?;
             per_target += len;
         }
         let mut m = self.maintenance("flushing at the end of a resync")?;
-        for &t in targets {
-            self.still_catching_up(t)?;
-            for (off, len) in self.bitmap_ranges() {
-                self.copy_range(source, t, off, len)?;
+        for &t in &active {
+            let copied = self.still_catching_up(t).and_then(|()| {
+                for (off, len) in self.bitmap_ranges() {
+                    self.copy_range(source, t, off, len)?;
+                }
+                self.backend
+                    .flush_one(t)
+                    .map_err(self.io_err("flushing a resynchronized member", 0))?;
+                self.still_catching_up(t)
+            });
+            if let Err(e) = copied {
+                failed.push((t, e.to_string()));
             }
         }
+        self.give_up_failed(&mut active, &failed)?;
         per_target += self.bitmap_ranges().iter().map(|(_, len)| len).sum::<u64>();
-        for &t in targets {
-            self.backend
-                .flush_one(t)
-                .map_err(self.io_err("flushing a resynchronized member", 0))?;
-            self.still_catching_up(t)?;
-        }
+        // What was copied came from a member still in sync at the end (a source dropped by a
+        // failure meanwhile stopped receiving writes: its copy would be stale).
+        self.source_still_in_sync(source)?;
+        let targets = &active[..];
         // Durable on every target: now they may be read.
         {
             let mut mirror = self.lock(&self.mirror);
@@ -205,10 +224,50 @@ impl Inner {
             groups: total,
             bytes_copied: per_target,
             source: Some(source),
+            failed,
         };
         progress(total, total);
         tracing::info!(volume = %self.name, ?report, "mirror members resynchronized");
         Ok(report)
+    }
+
+    /// Fails if the member copied from was dropped (a failure meanwhile): it no longer
+    /// receives writes, so what it holds may be older than what clients were told is written.
+    fn source_still_in_sync(&self, source: usize) -> Result<()> {
+        if self.backend.in_sync(source) {
+            return Ok(());
+        }
+        Err(Error::Failed {
+            volume: self.name.clone(),
+            detail: format!(
+                "mirror member {source}, the resync's source, failed meanwhile; the copies being \
+                 resynchronized stay out of sync (run the resync again: it copies from a member still in sync)"
+            ),
+            resumable: false,
+        })
+    }
+
+    /// Stops catching up the targets of `failed` (they stay out of sync) and removes them
+    /// from `active`; fails when none is left.
+    fn give_up_failed(&self, active: &mut Vec<usize>, failed: &[(usize, String)]) -> Result<()> {
+        for (t, why) in failed {
+            if active.contains(t) {
+                tracing::error!(volume = %self.name, member = t, "resync of mirror member {t} given up: {why}");
+                self.backend.end_catch_up(*t);
+            }
+        }
+        active.retain(|t| !failed.iter().any(|(f, _)| f == t));
+        if active.is_empty() {
+            let why = failed
+                .first()
+                .map_or_else(String::new, |(t, e)| format!("member {t}: {e}"));
+            return Err(Error::Failed {
+                volume: self.name.clone(),
+                detail: format!("every member being resynchronized failed ({why}); they stay out of sync"),
+                resumable: false,
+            });
+        }
+        Ok(())
     }
 
     /// Fails if member `t` stopped catching up (a write to it failed meanwhile).

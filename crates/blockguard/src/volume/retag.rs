@@ -49,7 +49,8 @@ impl Inner {
         let first = self.geo.first_block(group);
         let n = self.geo.blocks_in_group(group) as usize;
         let mut data = super::aligned(n * bs, self.backend.alignment().max(1));
-        self.backend_read(
+        // Read until two reads agree: one bad read would be written down as the tags.
+        self.read_confirmed(
             data.as_mut(),
             self.geo.data_offset(first),
             "reading data to rebuild its tags",

@@ -259,11 +259,17 @@ fn assign_roles(
     Ok((slots, views, in_use))
 }
 
-/// Refuses a set whose present members each ran without the other: member `a`'s own
+/// Refuses a set of two whose members each ran without the other: member `a`'s own
 /// superblock marks `b` out of sync, and `b`'s marks `a` — both wrote data the other lacks
 /// (a split brain). Neither description can be preferred without losing writes the other
 /// acknowledged; the operator chooses.
 fn refuse_split_brain(views: &[Option<MirrorInfo>], slots: &[Option<Found>]) -> Result<()> {
+    // Only a set of two can tell: with a third member, `b` may have recorded `a`'s failure
+    // before failing itself while the third resynchronized `a` — the same two views without
+    // either having run alone (review 11, F8).
+    if views.len() != 2 {
+        return Ok(());
+    }
     for (a, va) in views.iter().enumerate() {
         for (b, vb) in views.iter().enumerate().skip(a + 1) {
             let (Some(va), Some(vb)) = (va, vb) else {
