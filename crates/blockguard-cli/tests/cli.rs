@@ -1770,7 +1770,15 @@ fn keys_and_profiles_bad_input() {
         (&["recover", "v.bgv", "--key-file", "key2"], &["wrong key"]),
     ];
     for &(args, msgs) in opens {
-        t.run(args).code(2).err_has(msgs);
+        let o = t.run(args);
+        o.code(2).err_has(msgs);
+        // Said once (review 11, F6: the key error was displayed and chained).
+        assert_eq!(
+            o.stderr.matches(msgs[msgs.len() - 1]).count(),
+            1,
+            "{args:?}: {}",
+            o.stderr
+        );
         assert!(t.read("v.bgv") == before, "{args:?} changed the volume");
     }
     assert!(!t.path("out").exists());

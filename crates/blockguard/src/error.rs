@@ -112,8 +112,7 @@ pub enum Error {
     Key {
         /// The volume's name.
         volume: String,
-        /// What is wrong with the key.
-        #[source]
+        /// What is wrong with the key (displayed, not chained: said once).
         problem: crate::tag::KeyError,
     },
     /// A write with caller-supplied protection information ([`crate::Volume::write_with_pi`])
@@ -196,6 +195,23 @@ impl Error {
         matches!(self, Error::Corrupt { .. })
     }
 
+    /// The error with its causes, each said once ("…: I/O error while … at byte N: No space
+    /// left on device"), for messages that travel without the error itself (a control-socket
+    /// reply, a report).
+    pub fn describe(&self) -> String {
+        let mut out = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !out.contains(&text) {
+                out.push_str(": ");
+                out.push_str(&text);
+            }
+            cause = c.source();
+        }
+        out
+    }
+
     /// The block number of a corruption error.
     pub fn corrupt_block(&self) -> Option<u64> {
         match self {
@@ -207,3 +223,26 @@ impl Error {
 
 /// Result with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_says_each_cause_once() {
+        let e = Error::Io {
+            volume: "v".into(),
+            during: "writing a mirror member being resynchronized",
+            offset: 4096,
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        let text = e.describe();
+        assert!(
+            text.starts_with("v: I/O error while writing a mirror member"),
+            "{text}"
+        );
+        assert_eq!(text.matches("No space left on device").count(), 1, "{text}");
+        let plain = Error::ReadOnly { volume: "v".into() };
+        assert_eq!(plain.describe(), plain.to_string());
+    }
+}

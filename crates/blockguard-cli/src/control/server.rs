@@ -392,7 +392,7 @@ impl Shared {
             },
             Err(e @ blockguard::Error::Busy { .. }) => error(ErrorKind::Busy, e.to_string()),
             Err(e @ blockguard::Error::Stopped { .. }) => error(ErrorKind::ShuttingDown, e.to_string()),
-            Err(e) => error(ErrorKind::Failed, e.to_string()),
+            Err(e) => error(ErrorKind::Failed, e.describe()),
         };
         if let Response::Error { message, .. } = &reply {
             tracing::error!(volume = %vol.name(), "resync through the control socket: {message}");
@@ -410,7 +410,7 @@ impl Shared {
                     report: serde_json::to_value(&report).unwrap_or_default(),
                 }
             }
-            Err(e) => error(ErrorKind::Failed, e.to_string()),
+            Err(e) => error(ErrorKind::Failed, e.describe()),
         }
     }
 

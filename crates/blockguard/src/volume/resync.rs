@@ -171,7 +171,7 @@ impl Inner {
                     .still_catching_up(t)
                     .and_then(|()| self.copy_range(source, t, off, len))
                 {
-                    failed.push((t, e.to_string()));
+                    failed.push((t, e.describe()));
                 }
             }
             self.give_up_failed(&mut active, &failed)?;
@@ -189,7 +189,7 @@ impl Inner {
                 self.still_catching_up(t)
             });
             if let Err(e) = copied {
-                failed.push((t, e.to_string()));
+                failed.push((t, e.describe()));
             }
         }
         self.give_up_failed(&mut active, &failed)?;
