@@ -18,7 +18,6 @@
 //! only on settled groups: a read-write open recovers a volume left in use first.
 
 use super::super::group::{Origin, PairView};
-use super::super::meta_io::MetaUpdate;
 use super::super::recover::{RecoverOptions, RecoveryReport};
 use super::super::stage::Batch;
 use super::super::Inner;
@@ -27,7 +26,7 @@ use super::protocol::{GroupBatch, Plan, Planned, Protocol};
 use super::{CommitState, Dropped};
 use crate::cast::u32_of_small;
 use crate::error::Result;
-use crate::format::{MapKind, SectorParse};
+use crate::format::SectorParse;
 
 /// The `dual` protocol.
 pub(crate) struct Dual;
@@ -120,7 +119,7 @@ impl Protocol for Dual {
             && batch
                 .keys()
                 .any(|&b| state.unflushed_groups.contains(&vol.geo.group_of(b).0));
-        mark_session(vol, state, &plan.updates, &plan.first_writes, overlap)?;
+        super::mark_session(vol, state, &plan.updates, &plan.first_writes, overlap)?;
         let t_flush = t0.elapsed();
         vol.write_metadata(&plan.updates)?;
         vol.write_map(&plan.map)?;
@@ -181,31 +180,4 @@ impl Protocol for Dual {
     fn readable_before_recovery(&self) -> bool {
         true
     }
-}
-
-/// Step 1 of a commit: the groups about to get new brothers are marked dirty, durably, before
-/// any of their metadata is written (after a crash only dirty groups are read leniently); the
-/// same flush settles earlier batches' data in these groups, and is paid even without new
-/// marks when the batch `overlap`s groups with unflushed data. Groups written for the first
-/// time are also marked in the first-write map: only they may show blank sectors after a
-/// crash.
-fn mark_session(
-    vol: &Inner,
-    state: &mut CommitState,
-    updates: &[MetaUpdate],
-    first_writes: &[u64],
-    overlap: bool,
-) -> Result<()> {
-    let mut session = vol.session_updates(
-        MapKind::Dirty,
-        &updates.iter().map(|u| u.group).collect::<Vec<_>>(),
-    );
-    session.extend(vol.session_updates(MapKind::FirstWrite, first_writes));
-    if overlap || !session.is_empty() {
-        vol.write_map(&session)?;
-        vol.flush_or_fail("flushing before new metadata")?;
-        state.flushed(state.epoch - 1);
-        vol.adopt_session(&session);
-    }
-    Ok(())
 }

@@ -442,3 +442,31 @@ impl CommitState {
         self.written.retain(|(e, _)| *e > epoch);
     }
 }
+
+/// Step 1 of a commit in the modes that keep a write-intent map (`dual`, `rebuild`): the groups
+/// about to get new metadata are marked dirty, durably, before any of their metadata (or, in
+/// `rebuild`, data) is written (after a crash only dirty groups are read leniently); the
+/// same flush settles earlier batches' data in these groups, and is paid even without new
+/// marks when the batch `overlap`s groups with unflushed data. Groups written for the first
+/// time are also marked in the first-write map: only they may show blank sectors after a
+/// crash.
+pub(super) fn mark_session(
+    vol: &Inner,
+    state: &mut CommitState,
+    updates: &[MetaUpdate],
+    first_writes: &[u64],
+    overlap: bool,
+) -> Result<()> {
+    let mut session = vol.session_updates(
+        crate::format::MapKind::Dirty,
+        &updates.iter().map(|u| u.group).collect::<Vec<_>>(),
+    );
+    session.extend(vol.session_updates(crate::format::MapKind::FirstWrite, first_writes));
+    if overlap || !session.is_empty() {
+        vol.write_map(&session)?;
+        vol.flush_or_fail("flushing before new metadata")?;
+        state.flushed(state.epoch - 1);
+        vol.adopt_session(&session);
+    }
+    Ok(())
+}

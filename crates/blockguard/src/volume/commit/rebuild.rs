@@ -17,7 +17,6 @@ use super::maintenance::Maintenance;
 use super::protocol::{GroupBatch, Plan, Planned, Protocol};
 use super::{CommitState, Dropped};
 use crate::error::Result;
-use crate::format::MapKind;
 
 /// The `rebuild` protocol.
 pub(crate) struct Rebuild;
@@ -30,14 +29,7 @@ impl Protocol for Rebuild {
     fn write(&self, vol: &Inner, state: &mut CommitState, plan: &Plan, batch: &Batch) -> Result<()> {
         // Write intent first: after a crash only marked groups may hold data and tags that
         // disagree, and each is rebuilt from its data.
-        let groups: Vec<u64> = plan.updates.iter().map(|u| u.group).collect();
-        let marks = vol.session_updates(MapKind::Dirty, &groups);
-        if !marks.is_empty() {
-            vol.write_map(&marks)?;
-            vol.flush_or_fail("flushing write-intent marks")?;
-            state.flushed(state.epoch - 1);
-            vol.adopt_session(&marks);
-        }
+        super::mark_session(vol, state, &plan.updates, &[], false)?;
         // Readers see the new tags before the data they describe is on the backend (they are
         // served from the stage until then), as in every mode.
         vol.install(&plan.updates);
@@ -45,7 +37,9 @@ impl Protocol for Rebuild {
         vol.write_data(batch)?;
         vol.write_metadata(&plan.updates)?;
         vol.write_map(&plan.map)?;
-        state.unflushed_groups.extend(groups);
+        state
+            .unflushed_groups
+            .extend(plan.updates.iter().map(|u| u.group));
         Ok(())
     }
 
