@@ -263,12 +263,9 @@ fn open_with(
     }
     if let Some(r) = vol.recovery_at_open() {
         crate::log::line(&format!(
-            "blockguard: {} was not closed cleanly: recovered ({} groups examined, {} rewritten, {} blocks back to the version on disk, {} first writes completed)",
+            "blockguard: {} was not closed cleanly: recovered ({})",
             path.display(),
-            r.groups_examined - r.groups_skipped,
-            r.groups_rewritten,
-            r.blocks_reverted,
-            r.pairs_completed
+            describe_recovery(r)
         ));
         for p in &r.damaged {
             crate::log::line(&format!(
@@ -282,6 +279,31 @@ fn open_with(
         }
     }
     Ok(vol)
+}
+
+/// What recovery at open did, in one phrase: the journal's replay in `journal` mode, the
+/// groups settled otherwise.
+pub(crate) fn describe_recovery(r: &blockguard::RecoveryReport) -> String {
+    if let Some(j) = &r.journal {
+        let dropped = match j.dropped_segments {
+            0 => String::new(),
+            d => format!(
+                "; DROPPED {d} later segments (blocks {:?}): a segment before them is damaged or was lost, so those blocks may read an older version",
+                j.dropped_blocks
+            ),
+        };
+        return format!(
+            "replayed {} journal segments, {} blocks written home; replay stopped at: {}{dropped}",
+            j.segments_replayed, j.blocks_replayed, j.stopped
+        );
+    }
+    format!(
+        "{} groups examined, {} rewritten, {} blocks back to the version on disk, {} first writes completed",
+        r.groups_examined - r.groups_skipped,
+        r.groups_rewritten,
+        r.blocks_reverted,
+        r.pairs_completed
+    )
 }
 
 /// Creates a new sparse volume file at `path` with default options (used by `serve --create`).

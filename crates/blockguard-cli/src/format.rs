@@ -23,11 +23,18 @@ pub(crate) struct FormatArgs {
     #[arg(long, default_value = "4096", value_parser = parse_block_size, allow_hyphen_values = true)]
     pub(crate) block_size: u32,
     /// Consistency mode: dual (crash-consistent: new tags durable before data; the default),
-    /// rebuild (no barrier per write; after a crash the tags of the regions written last are
-    /// recomputed from the data, so damage inside that window goes undetected), or none (no
-    /// crash protection, for comparison).
+    /// journal (every write goes to a journal first, then home: after a crash each write
+    /// request up to the journal's atomic size is entirely old or entirely new, torn writes
+    /// included; costs writing the data twice), rebuild (no barrier per write; after a crash
+    /// the tags of the regions written last are recomputed from the data, so damage inside
+    /// that window goes undetected), or none (no crash protection, for comparison).
     #[arg(long, default_value = "dual", value_parser = mode_parser())]
     pub(crate) mode: Mode,
+    /// Journal mode: size of the journal ("64M"; a multiple of 4 KiB and of the block size,
+    /// at least 64K). Defaults to a sixteenth of the volume, between 1 MiB and 64 MiB. The
+    /// largest atomic write is about a quarter of it (`info` shows it).
+    #[arg(long, value_parser = parse_size)]
+    pub(crate) journal_size: Option<u64>,
     /// Tag profile: how each block's tag is computed and checked. Keyed profiles need
     /// --key-file, here and at every open. `docs/FORMAT.md` lays each one out byte by byte.
     #[arg(long, default_value = "crc32c", value_parser = profile_parser())]
@@ -78,6 +85,7 @@ pub(crate) fn run(args: &FormatArgs) -> Result<()> {
         group_blocks: None,
         assume_zeroed: false,
         error_policy: args.error_policy,
+        journal_size: args.journal_size,
     };
     blockguard::format::validate_label(&args.label).map_err(anyhow::Error::msg)?;
     let path = &args.path;
@@ -116,6 +124,7 @@ fn format_set(args: &FormatArgs, opts: &FormatOptions) -> Result<Volume> {
             size: args.size,
             block_size: args.block_size,
             mode: args.mode,
+            journal_size: args.journal_size,
             profile: args.profile,
             label: args.label.clone(),
             error_policy: args.error_policy,

@@ -48,6 +48,8 @@ pub(crate) struct Summary {
     /// `clean`, or `in-use` (open for writing, or not closed cleanly).
     pub(crate) state: &'static str,
     pub(crate) geometry: blockguard::Geometry,
+    /// `journal` mode: the journal's sizes and the largest atomic write.
+    pub(crate) journal: Option<blockguard::JournalLimits>,
 }
 
 /// A UUID in its usual text form (8-4-4-4-12 hex digits).
@@ -90,6 +92,7 @@ pub(crate) fn summary(sb: &Superblock, path: &Path) -> Summary {
             blockguard::format::VolumeState::InUse => "in-use",
         },
         geometry: sb.geometry,
+        journal: blockguard::journal_limits(&sb.geometry),
     }
 }
 
@@ -191,6 +194,15 @@ fn print_summary(s: &Summary) {
     say!("mode:          {}", s.mode.name());
     if let Some(caveat) = mode_caveat(s.mode) {
         say!("               {caveat}");
+    }
+    if let Some(j) = &s.journal {
+        say!(
+            "journal:       {} bytes at byte {} ({} bytes of log); write requests of up to {} bytes are atomic across a crash, larger ones are split",
+            j.journal_len,
+            g.journal_offset(),
+            j.log_len,
+            j.max_atomic
+        );
     }
     say!(
         "error policy:  {} ({})",

@@ -64,11 +64,8 @@ pub(crate) fn run(args: &RecoverArgs) -> Result<()> {
     match &at_open {
         None => say!("{name}: was closed cleanly; no crash state to settle"),
         Some(r) => say!(
-            "{name}: settled after an unclean shutdown: {} groups examined, {} rewritten, {} blocks back to the version on disk, {} first writes completed",
-            r.groups_examined - r.groups_skipped,
-            r.groups_rewritten,
-            r.blocks_reverted,
-            r.pairs_completed
+            "{name}: settled after an unclean shutdown: {}",
+            crate::common::describe_recovery(r)
         ),
     }
     let damaged = report

@@ -49,6 +49,12 @@ pub(crate) fn volume_status(vol: &Volume, path: &Path) -> StatusInfo {
         health: health_json(vol, &copies),
         copies,
         dirty_regions: vol.dirty_regions(),
+        journal: vol.journal().map(|j| {
+            serde_json::json!({
+                "status": j,
+                "replay": vol.recovery_at_open().and_then(|r| r.journal.clone()),
+            })
+        }),
     }
 }
 
@@ -190,6 +196,9 @@ fn print_status(s: &StatusInfo) {
             s.dirty_regions
         );
     }
+    if let Some(j) = &s.journal {
+        print_journal(j);
+    }
     if let Some(counters) = s.stats.as_object() {
         let list: Vec<String> = counters.iter().map(|(k, v)| format!("{k} {v}")).collect();
         println!("counters:   {}", list.join(", "));
@@ -197,6 +206,33 @@ fn print_status(s: &StatusInfo) {
     print_scrub(&s.scrub);
     for w in &s.warnings {
         println!("warning:    {w}");
+    }
+}
+
+/// The journal's fill and the replay at open, from `status`'s JSON.
+fn print_journal(j: &serde_json::Value) {
+    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let st = &j["status"];
+    println!(
+        "journal:    {} of {} bytes of log in use ({} segments a crash could need), {} segments written; atomic writes up to {} bytes",
+        n(st, "used"),
+        n(&st["limits"], "log_len"),
+        n(st, "segments_needed"),
+        n(st, "segments_written"),
+        n(&st["limits"], "max_atomic")
+    );
+    let r = &j["replay"];
+    if r.is_object() {
+        println!(
+            "replayed:   {} segments ({} blocks) at open; stopped: {}{}",
+            n(r, "segments_replayed"),
+            n(r, "blocks_replayed"),
+            r["stopped"].as_str().unwrap_or(""),
+            match n(r, "dropped_segments") {
+                0 => String::new(),
+                d => format!("; DROPPED {d} later segments (blocks {})", r["dropped_blocks"]),
+            }
+        );
     }
 }
 

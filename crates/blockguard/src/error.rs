@@ -154,6 +154,14 @@ pub enum Error {
         /// panic inside the engine.
         resumable: bool,
     },
+    /// The journal cannot be replayed.
+    #[error("{volume}: journal damaged: {detail}")]
+    JournalDamaged {
+        /// The volume.
+        volume: String,
+        /// What is wrong and what it means.
+        detail: String,
+    },
     /// An operation that may run only once at a time is running already (a resync).
     #[error("{volume}: busy: {what}")]
     Busy {

@@ -47,8 +47,9 @@ pub use error::{CorruptionKind, Error, Result};
 pub use format::{ErrorPolicy, Geometry, Mode, Superblock};
 pub use tag::Profile;
 pub use volume::{
-    member_records, BlockProblem, BlockReport, ClearedErrors, CopiesReport, CopyState, CopyStatus, Extent,
-    FormatOptions, MapProblem, MetadataProblem, OpenOptions, RecoverOptions, RecoveryReport, ResumeReport,
-    ResyncReport, ScrubOptions, ScrubProblem, ScrubProblemKind, ScrubProgress, ScrubReport, SlotReport,
-    Suspension, Volume, VolumeFailure, VolumeHealth, VolumeStats, DEFAULT_SCRUB_CHUNK, DEFAULT_SCRUB_LISTED,
+    journal_limits, member_records, BlockProblem, BlockReport, ClearedErrors, CopiesReport, CopyState,
+    CopyStatus, Extent, FormatOptions, JournalLimits, JournalStatus, MapProblem, MetadataProblem,
+    OpenOptions, RecoverOptions, RecoveryReport, ReplayReport, ResumeReport, ResyncReport, ScrubOptions,
+    ScrubProblem, ScrubProblemKind, ScrubProgress, ScrubReport, SlotReport, Suspension, Volume,
+    VolumeFailure, VolumeHealth, VolumeStats, DEFAULT_SCRUB_CHUNK, DEFAULT_SCRUB_LISTED,
 };

@@ -213,6 +213,10 @@ pub(crate) struct StatusInfo {
     /// Groups the write-intent map marks.
     #[serde(default)]
     pub(crate) dirty_regions: u64,
+    /// `journal` mode: [`blockguard::JournalStatus`] (sizes, fill, segments written) and the
+    /// replay at open, if there was one, as JSON.
+    #[serde(default)]
+    pub(crate) journal: Option<serde_json::Value>,
 }
 
 /// One copy of a volume, as `status` and `mirror-list` report it.

@@ -39,6 +39,15 @@ pub enum GeometryError {
         /// The most a metadata block can cover.
         max: u32,
     },
+    /// A journal length that is not a multiple of 4 KiB and of the block size, or too
+    /// small to hold its two checkpoints and one segment of one block.
+    #[error("journal size {len}: {why}")]
+    Journal {
+        /// The requested journal length in bytes.
+        len: u64,
+        /// What is wrong with it.
+        why: String,
+    },
     /// The tag does not leave room for at least one tag per metadata block.
     #[error("tag size {tag_size} does not fit a {block_size}-byte metadata block")]
     TagSize {
@@ -68,6 +77,9 @@ pub struct Geometry {
     pub backup_sb_offset: u64,
     /// Length of the backend the layout needs, in bytes.
     pub backing_len: u64,
+    /// Bytes of the journal area (`journal` mode; zero otherwise), between the head copies
+    /// of the group bitmaps and group 0.
+    pub journal_len: u64,
 }
 
 /// Where one data block and its tags live on the backend.
@@ -104,6 +116,46 @@ fn map_region_len(groups: u64) -> Option<u64> {
         map_sectors(groups).checked_mul(super::SECTOR_SIZE as u64)?,
         SB_REGION,
     )
+}
+
+/// The largest block count below `limit` that `fits` lays out (`fits` is monotone in it:
+/// the layout's end grows with the count), by bisection.
+fn largest_fitting(limit: u64, fits: &dyn Fn(u64) -> Option<Geometry>) -> Option<Geometry> {
+    fits(1)?;
+    let (mut lo, mut hi) = (1u64, limit.max(2));
+    // Invariant: fits(lo); !fits(hi) (or hi is past anything that could fit).
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid).is_some() {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    fits(lo)
+}
+
+/// Smallest journal: two 4 KiB checkpoint regions and room for several segments.
+pub const MIN_JOURNAL_LEN: u64 = 64 * 1024;
+
+/// A journal length is zero (no journal) or a multiple of 4 KiB and of the block size, at
+/// least [`MIN_JOURNAL_LEN`] and at least 8 blocks of log (a segment may take a quarter of
+/// the log, and needs two blocks: descriptor and data).
+fn check_journal_len(len: u64, block_size: u32) -> Result<(), GeometryError> {
+    let bs = u64::from(block_size);
+    let why = if len == 0 {
+        return Ok(());
+    } else if !len.is_multiple_of(SB_REGION) || !len.is_multiple_of(bs) {
+        format!("not a multiple of 4096 and of the block size {block_size}")
+    } else if len < MIN_JOURNAL_LEN || len - 2 * SB_REGION < 8 * bs {
+        format!(
+            "smaller than the minimum of {} bytes",
+            MIN_JOURNAL_LEN.max(2 * SB_REGION + 8 * bs)
+        )
+    } else {
+        return Ok(());
+    };
+    Err(GeometryError::Journal { len, why })
 }
 
 fn align_up(x: u64, a: u64) -> Option<u64> {
@@ -150,9 +202,37 @@ impl Geometry {
             Some(n) => return Err(GeometryError::GroupBlocks { group_blocks: n, max }),
         };
         let data_blocks = size / u64::from(block_size);
-        let g = Self::build(block_size, tag_size, group_blocks, data_blocks, None)
+        let g = Self::build(block_size, tag_size, group_blocks, data_blocks, None, 0)
             .ok_or(GeometryError::TooLarge(size))?;
         Ok(g)
+    }
+
+    /// This layout with a journal area of `journal_len` bytes (zero: none) inserted before
+    /// group 0, for `size` logical bytes (the backend grows by the journal) or, when
+    /// `fixed_len` is given, for as many blocks as still fit that backend length with the
+    /// journal in it.
+    pub fn with_journal(&self, journal_len: u64, fixed_len: Option<u64>) -> Result<Geometry, GeometryError> {
+        check_journal_len(journal_len, self.block_size)?;
+        let build = |d: u64| {
+            Self::build(
+                self.block_size,
+                self.tag_size as usize,
+                self.group_blocks,
+                d,
+                fixed_len,
+                journal_len,
+            )
+        };
+        match fixed_len {
+            None => build(self.data_blocks).ok_or(GeometryError::TooLarge(self.size())),
+            Some(len) => {
+                let too_small = GeometryError::TooSmall {
+                    len,
+                    block_size: self.block_size,
+                };
+                largest_fitting(self.data_blocks + 1, &build).ok_or(too_small)
+            }
+        }
     }
 
     /// The largest layout that fits a backend of fixed length `len` (a block device).
@@ -163,21 +243,8 @@ impl Geometry {
         // The layout's end grows with the number of blocks (the written-groups map before group
         // 0 grows with the groups), so the largest count that fits is found by bisection:
         // `build` is monotone in it.
-        let fits = |d: u64| Self::build(block_size, tag_size, group_blocks, d, Some(len));
-        let (mut lo, mut hi) = (0u64, len / u64::from(block_size) + 1);
-        if fits(1).is_none() {
-            return Err(too_small);
-        }
-        // Invariant: fits(lo) or lo == 0; !fits(hi).
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            if fits(mid).is_some() {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        fits(lo).ok_or(too_small)
+        let fits = |d: u64| Self::build(block_size, tag_size, group_blocks, d, Some(len), 0);
+        largest_fitting(len / u64::from(block_size) + 1, &fits).ok_or(too_small)
     }
 
     /// Rebuilds the layout recorded in a superblock; `None` if the numbers are inconsistent.
@@ -187,12 +254,21 @@ impl Geometry {
         group_blocks: u32,
         data_blocks: u64,
         backing_len: u64,
+        journal_len: u64,
     ) -> Option<Geometry> {
         Self::check_block_size(block_size).ok()?;
         if group_blocks == 0 || group_blocks > Self::tags_per_meta(block_size, tag_size).ok()? {
             return None;
         }
-        Self::build(block_size, tag_size, group_blocks, data_blocks, Some(backing_len))
+        check_journal_len(journal_len, block_size).ok()?;
+        Self::build(
+            block_size,
+            tag_size,
+            group_blocks,
+            data_blocks,
+            Some(backing_len),
+            journal_len,
+        )
     }
 
     fn check_block_size(block_size: u32) -> Result<(), GeometryError> {
@@ -203,13 +279,15 @@ impl Geometry {
     }
 
     /// Lays out `data_blocks`; with `fixed_len`, the backup superblock sits in the last 4 KiB
-    /// of that length and the data must end before it.
+    /// of that length and the data must end before it. A journal of `journal_len` bytes
+    /// (already checked) sits between the head map copies and group 0.
     fn build(
         block_size: u32,
         tag_size: usize,
         group_blocks: u32,
         data_blocks: u64,
         fixed_len: Option<u64>,
+        journal_len: u64,
     ) -> Option<Geometry> {
         if data_blocks == 0 {
             return None;
@@ -225,7 +303,8 @@ impl Geometry {
         // reach two copies of one map or two maps' copies at once.
         let region = map_region_len(groups)?;
         let maps = region.checked_mul(MAP_KINDS)?;
-        let first = align_up(SB_REGION.checked_add(maps)?, bs)?;
+        let journal_at = align_up(SB_REGION.checked_add(maps)?, bs)?;
+        let first = align_up(journal_at.checked_add(journal_len)?, bs)?;
         let group_len = (META_PER_GROUP + n).checked_mul(bs)?;
         let last_blocks = data_blocks - (groups - 1) * n;
         let data_end = first
@@ -258,6 +337,7 @@ impl Geometry {
             first_group_offset: first,
             backup_sb_offset: backup,
             backing_len,
+            journal_len,
         })
     }
 
@@ -290,6 +370,12 @@ impl Geometry {
     pub fn map_position(&self, group: u64) -> (u32, u64) {
         let per = super::GROUPS_PER_MAP_SECTOR;
         (u32_of(group / per), group % per)
+    }
+
+    /// Byte offset of the journal area (meaningful when `journal_len` is not zero): right
+    /// after the head copies of the group bitmaps, block-aligned; group 0 follows it.
+    pub fn journal_offset(&self) -> u64 {
+        self.first_group_offset - self.journal_len
     }
 
     /// Logical size in bytes.
@@ -456,7 +542,7 @@ mod tests {
                 assert!(
                     g.data_offset(g.data_blocks - 1) + u64::from(bs) <= g.map_offset(MapKind::Written, 1)
                 );
-                assert!(Geometry::build(bs, 8, g.group_blocks, g.data_blocks + 1, Some(len)).is_none());
+                assert!(Geometry::build(bs, 8, g.group_blocks, g.data_blocks + 1, Some(len), 0).is_none());
             }
         }
         assert!(Geometry::for_backing_len(8192, 4096, 8).is_err());

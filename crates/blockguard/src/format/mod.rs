@@ -6,12 +6,13 @@
 //! (`meta.rs`). All integers are little-endian.
 
 mod geometry;
+pub mod journal;
 mod map;
 mod meta;
 mod mirror;
 mod superblock;
 
-pub use geometry::{BlockLocation, Geometry, GeometryError};
+pub use geometry::{BlockLocation, Geometry, GeometryError, MIN_JOURNAL_LEN};
 pub use map::{
     decode_map_sector, empty_map_sector, groups_in_map_sector, map_bit, map_checksum, seal_map_sector,
     MapDamage, MapKind, MapParse, GROUPS_PER_MAP_SECTOR, MAP_MAGIC,
@@ -26,8 +27,8 @@ pub use mirror::{
 };
 pub use superblock::{
     profile_incompat, validate_label, ErrorPolicy, Mode, Superblock, SuperblockError, VolumeState,
-    FORMAT_VERSION, INCOMPAT_REBUILD, INCOMPAT_TAG_PROFILE, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE,
-    SUPPORTED_INCOMPAT, SUPPORTED_RO_COMPAT,
+    FORMAT_VERSION, INCOMPAT_JOURNAL, INCOMPAT_REBUILD, INCOMPAT_TAG_PROFILE, SB_MAGIC, SB_REGION,
+    SB_STRUCT_SIZE, SUPPORTED_INCOMPAT, SUPPORTED_RO_COMPAT,
 };
 
 /// Reads a little-endian `u16` at `at`. Callers pass in-bounds offsets of fixed layouts.

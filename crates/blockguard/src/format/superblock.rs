@@ -96,8 +96,10 @@ pub(crate) mod at {
     pub(crate) const PADDING2: usize = ERROR_POLICY + 1;
     /// `key_check`, 32 bytes: a keyed profile's key-check value (zero for the others).
     pub(crate) const KEY_CHECK: usize = PADDING2 + 7;
+    /// `journal_len`, u64: bytes of the journal area (`journal` mode; zero otherwise).
+    pub(crate) const JOURNAL_LEN: usize = KEY_CHECK + crate::tag::KEY_CHECK_SIZE;
     /// Reserved up to the checksum.
-    pub(crate) const RESERVED: usize = KEY_CHECK + crate::tag::KEY_CHECK_SIZE;
+    pub(crate) const RESERVED: usize = JOURNAL_LEN + 8;
     /// `checksum`, u32: the last four bytes of the structure.
     pub(crate) const CHECKSUM: usize = super::SB_STRUCT_SIZE - 4;
 }
@@ -107,7 +109,7 @@ pub(crate) mod at {
 const _: () = assert!(at::RESERVED <= at::CHECKSUM);
 const _: () = assert!(at::MODE == 64 && at::STATE == 145 && at::LABEL == 164 && at::CHECKSUM == 508);
 const _: () = assert!(at::MIRROR_MEMBERS == 228 && at::MIRROR_EVENT == 232 && at::MIRROR_END == 288);
-const _: () = assert!(at::ERROR_POLICY == 288 && at::KEY_CHECK == 296 && at::RESERVED == 328);
+const _: () = assert!(at::ERROR_POLICY == 288 && at::KEY_CHECK == 296 && at::JOURNAL_LEN == 328);
 
 /// Incompatible feature bit 1: the volume's tag profile is not `crc32c` (the only profile
 /// before profiles became pluggable). Builds without pluggable profiles would refuse such a
@@ -120,9 +122,15 @@ pub const INCOMPAT_TAG_PROFILE: u64 = 1 << 1;
 /// report as corruption. Set exactly when `mode` is `rebuild`.
 pub const INCOMPAT_REBUILD: u64 = 1 << 2;
 
+/// Incompatible feature bit 3 of a volume in `journal` mode: the newest version of recently
+/// written blocks may be only in the journal after a crash, so a reader that does not replay
+/// it would return older data. Set exactly when `mode` is `journal`.
+pub const INCOMPAT_JOURNAL: u64 = 1 << 3;
+
 /// Incompatible features this build supports: mirror sets, tag profiles other than `crc32c`,
-/// `rebuild` mode. A volume with any other incompat bit set is refused.
-pub const SUPPORTED_INCOMPAT: u64 = INCOMPAT_MIRROR | INCOMPAT_TAG_PROFILE | INCOMPAT_REBUILD;
+/// `rebuild` and `journal` modes. A volume with any other incompat bit set is refused.
+pub const SUPPORTED_INCOMPAT: u64 =
+    INCOMPAT_MIRROR | INCOMPAT_TAG_PROFILE | INCOMPAT_REBUILD | INCOMPAT_JOURNAL;
 /// Read-only-compatible features this build supports; others force read-only opens.
 pub const SUPPORTED_RO_COMPAT: u64 = 0;
 
@@ -142,21 +150,27 @@ pub enum Mode {
     /// damage that happens inside the crash window in those groups (a torn block among them)
     /// cannot be detected.
     Rebuild,
+    /// Full data journaling: every batch of writes goes first to a log of checksummed
+    /// segments (one barrier makes it durable), then home. After a crash the log is replayed,
+    /// so every write request up to the journal's atomic size is entirely old or entirely
+    /// new, torn writes included. Costs writing the data twice.
+    Journal,
 }
 
 impl Mode {
     /// Every mode this build knows.
-    pub const ALL: [Mode; 3] = [Mode::Dual, Mode::Rebuild, Mode::None];
+    pub const ALL: [Mode; 4] = [Mode::Dual, Mode::Journal, Mode::Rebuild, Mode::None];
 
     /// The byte stored in the superblock.
     pub fn id(self) -> u8 {
         match self {
             Mode::None => 0,
             Mode::Dual => 1,
+            Mode::Journal => 2,
             Mode::Rebuild => 3,
         }
     }
-    /// The mode with a stored byte, if this build knows it (2 = journal is reserved).
+    /// The mode with a stored byte, if this build knows it.
     pub fn from_id(id: u8) -> Option<Mode> {
         Mode::ALL.into_iter().find(|m| m.id() == id)
     }
@@ -165,6 +179,7 @@ impl Mode {
         match self {
             Mode::None => "none",
             Mode::Dual => "dual",
+            Mode::Journal => "journal",
             Mode::Rebuild => "rebuild",
         }
     }
@@ -174,7 +189,16 @@ impl Mode {
     }
     /// Tags are kept in one copy (slot 0), rewritten in place: no brothers.
     pub fn single_copy_tags(self) -> bool {
-        matches!(self, Mode::None | Mode::Rebuild)
+        matches!(self, Mode::None | Mode::Rebuild | Mode::Journal)
+    }
+
+    /// The incompatible feature bit a volume in this mode carries (zero: none).
+    pub fn incompat(self) -> u64 {
+        match self {
+            Mode::Rebuild => INCOMPAT_REBUILD,
+            Mode::Journal => INCOMPAT_JOURNAL,
+            Mode::None | Mode::Dual => 0,
+        }
     }
 }
 
@@ -366,12 +390,7 @@ impl Superblock {
             version: FORMAT_VERSION,
             compat: 0,
             ro_compat: 0,
-            incompat: profile_incompat(profile)
-                | if mode == Mode::Rebuild {
-                    INCOMPAT_REBUILD
-                } else {
-                    0
-                },
+            incompat: profile_incompat(profile) | mode.incompat(),
             uuid,
             profile,
             mode,
@@ -424,7 +443,8 @@ impl Superblock {
         let n = label.len().min(LABEL_LEN);
         b[at::LABEL..at::LABEL + n].copy_from_slice(&label[..n]);
         b[at::ERROR_POLICY] = self.error_policy.id();
-        b[at::KEY_CHECK..at::RESERVED].copy_from_slice(&self.key_check);
+        b[at::KEY_CHECK..at::JOURNAL_LEN].copy_from_slice(&self.key_check);
+        b[at::JOURNAL_LEN..at::RESERVED].copy_from_slice(&g.journal_len.to_le_bytes());
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         b[CRC_AT..SB_STRUCT_SIZE].copy_from_slice(&crc.to_le_bytes());
         b
@@ -437,21 +457,8 @@ impl Superblock {
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[at::UUID..at::BLOCK_SIZE]);
         let (profile, mode, copy) = decode_profile_mode_copy(b)?;
-        if (mode == Mode::Rebuild) != (incompat & INCOMPAT_REBUILD != 0) {
-            return Err(field(
-                "mode",
-                format!(
-                    "mode {} with the rebuild feature flag {}",
-                    mode.name(),
-                    if incompat & INCOMPAT_REBUILD == 0 {
-                        "clear"
-                    } else {
-                        "set"
-                    }
-                ),
-            ));
-        }
         let geometry = decode_geometry(b, profile)?;
+        check_mode_features(mode, incompat, &geometry)?;
         let meta_device = decode_meta_device(b)?;
         let mirror = if incompat & INCOMPAT_MIRROR == 0 {
             if !MirrorInfo::fields_zero(b) {
@@ -511,6 +518,29 @@ impl Superblock {
             copy,
         ))
     }
+}
+
+/// A mode's feature bit is set exactly for it, and a journal exactly in `journal` mode.
+fn check_mode_features(mode: Mode, incompat: u64, geometry: &Geometry) -> Result<(), SuperblockError> {
+    let mode_bits = INCOMPAT_REBUILD | INCOMPAT_JOURNAL;
+    if incompat & mode_bits != mode.incompat() {
+        return Err(field(
+            "mode",
+            format!(
+                "mode {} with the mode feature flags {:#x} (expected {:#x})",
+                mode.name(),
+                incompat & mode_bits,
+                mode.incompat()
+            ),
+        ));
+    }
+    if (geometry.journal_len != 0) != (mode == Mode::Journal) {
+        return Err(field(
+            "journal length",
+            format!("{} in mode {}", geometry.journal_len, mode.name()),
+        ));
+    }
+    Ok(())
 }
 
 /// The checks that tell whether `b` is a superblock this build can read at all: length,
@@ -586,13 +616,14 @@ fn decode_geometry(b: &[u8], profile: Profile) -> Result<Geometry, SuperblockErr
     let size = le64(b, at::SIZE);
     let data_blocks = le64(b, at::DATA_BLOCKS);
     let backing_len = le64(b, at::BACKING_LEN);
-    let geometry = Geometry::from_parts(block_size, tag_size, group_blocks, data_blocks, backing_len)
+    let journal_len = le64(b, at::JOURNAL_LEN);
+    let geometry = Geometry::from_parts(block_size, tag_size, group_blocks, data_blocks, backing_len, journal_len)
         .ok_or_else(|| {
             field(
                 "geometry",
                 format!(
                     "block size {block_size}, {group_blocks} blocks per group, \
-                     {data_blocks} data blocks do not fit {backing_len} bytes"
+                     {data_blocks} data blocks and a {journal_len}-byte journal do not fit {backing_len} bytes"
                 ),
             )
         })?;
@@ -625,7 +656,7 @@ fn decode_key_check(b: &[u8], profile: Profile) -> Result<[u8; crate::tag::KEY_C
         return Err(field("padding after the error policy", "not zero".into()));
     }
     let mut check = [0u8; crate::tag::KEY_CHECK_SIZE];
-    check.copy_from_slice(&b[at::KEY_CHECK..at::RESERVED]);
+    check.copy_from_slice(&b[at::KEY_CHECK..at::JOURNAL_LEN]);
     let present = check.iter().any(|&x| x != 0);
     if present != profile.is_keyed() {
         return Err(field(
@@ -882,7 +913,8 @@ mod tests {
             (at::ERROR_POLICY, 288),
             (at::PADDING2, 289),
             (at::KEY_CHECK, 296),
-            (at::RESERVED, 328),
+            (at::JOURNAL_LEN, 328),
+            (at::RESERVED, 336),
             (at::CHECKSUM, 508),
         ];
         for (i, (got, want)) in documented.iter().enumerate() {

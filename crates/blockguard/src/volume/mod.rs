@@ -35,6 +35,7 @@ mod stage;
 mod verify_copies;
 mod write;
 
+pub use commit::journal::{limits as journal_limits, JournalLimits, JournalStatus, ReplayReport};
 pub use commit::ResumeReport;
 pub use health::{ClearedErrors, VolumeFailure, VolumeHealth};
 pub use mirror::{member_records, CopyState, CopyStatus};
@@ -84,6 +85,10 @@ pub struct FormatOptions {
     /// What the volume does about a block with no good copy (stored in the superblock;
     /// [`OpenOptions::error_policy`] overrides it for one open).
     pub error_policy: ErrorPolicy,
+    /// `journal` mode: bytes of the journal area (a multiple of 4 KiB and of the block size,
+    /// at least [`crate::format::MIN_JOURNAL_LEN`]); `None` for the default, a sixteenth of
+    /// the volume between 1 MiB and 64 MiB. Refused for the other modes.
+    pub journal_size: Option<u64>,
 }
 
 impl FormatOptions {
@@ -101,6 +106,25 @@ impl FormatOptions {
             group_blocks: None,
             assume_zeroed: true,
             error_policy: ErrorPolicy::Eio,
+            journal_size: None,
+        }
+    }
+
+    /// Bytes of journal for a volume of about `size` bytes with these options: zero unless in
+    /// `journal` mode.
+    pub(crate) fn journal_len(&self, size: u64) -> Result<u64> {
+        let unit = u64::from(self.block_size).max(crate::format::SB_REGION);
+        match (self.mode, self.journal_size) {
+            (Mode::Journal, Some(n)) => Ok(n),
+            (Mode::Journal, None) => Ok((size / 16).clamp(1 << 20, 64 << 20).next_multiple_of(unit)),
+            (mode, Some(_)) => Err(invalid(
+                "new volume",
+                format!(
+                    "a journal size was given, but {} mode keeps no journal",
+                    mode.name()
+                ),
+            )),
+            (_, None) => Ok(0),
         }
     }
 
@@ -113,8 +137,15 @@ impl FormatOptions {
         let size = self
             .size
             .ok_or_else(|| invalid("new volume", "no size given".into()))?;
-        Geometry::for_size_with_groups(size, self.block_size, self.profile.tag_size(), self.group_blocks)
-            .map_err(|e| invalid("new volume", e.to_string()))
+        let g =
+            Geometry::for_size_with_groups(size, self.block_size, self.profile.tag_size(), self.group_blocks)
+                .map_err(|e| invalid("new volume", e.to_string()))?;
+        match self.journal_len(size)? {
+            0 => Ok(g),
+            j => g
+                .with_journal(j, None)
+                .map_err(|e| invalid("new volume", e.to_string())),
+        }
     }
 }
 
@@ -226,6 +257,9 @@ pub(crate) struct Inner {
     dirty_clear_interval: std::time::Duration,
     stage: Mutex<Stage>,
     stage_limit: usize,
+    /// `journal` mode: what staged blocks cost in the log; a batch never costs more than a
+    /// segment may take (writers commit first), so every batch is one segment.
+    segment_cost: Option<commit::journal::SegmentCost>,
     /// Serializes commits and flushes; holds what the commit protocol must remember.
     commit: Mutex<commit::CommitState>,
     /// The mirror set's current description (`None`: a plain volume); its health changes
@@ -549,6 +583,12 @@ impl Volume {
     /// Makes every write that completed before this call durable.
     pub fn flush(&self) -> Result<()> {
         self.inner.flush()
+    }
+
+    /// `journal` mode: the journal's sizes (with the largest atomic write) and fill; `None`
+    /// in the other modes.
+    pub fn journal(&self) -> Option<JournalStatus> {
+        self.inner.journal_status()
     }
 
     /// Allocation status of a byte range, as runs of allocated and unwritten blocks.

@@ -157,7 +157,12 @@ impl Volume {
             maps: Bitmaps::default(),
             dirty_clear_interval: opts.dirty_clear_interval,
             stage: Mutex::new(Stage::default()),
-            stage_limit: opts.stage_bytes.max(geo.block_size as usize),
+            // In `journal` mode a batch becomes one segment: the committer starts well before
+            // the bound the stage enforces.
+            stage_limit: commit::journal::SegmentCost::of(&geo)
+                .map_or(opts.stage_bytes, |c| opts.stage_bytes.min(c.cap / 2))
+                .max(geo.block_size as usize),
+            segment_cost: commit::journal::SegmentCost::of(&geo),
             commit: Mutex::new(commit::CommitState::default()),
             protocol: commit::protocol::for_mode(sb.mode),
             trusted: AtomicBool::new(sb.state == VolumeState::Clean),
@@ -188,10 +193,10 @@ impl Volume {
             return Err(Error::Unsupported {
                 volume: vol.name.clone(),
                 detail: format!(
-                    "the volume was not closed cleanly, and in {} mode its tags are recomputed from \
-                     the data before it can be read: open it read-write once (`blockguard recover`, \
-                     or serve or mount it) first",
-                    vol.sb.mode.name()
+                    "the volume was not closed cleanly, and in {} mode {} before it can be read: open it \
+                     read-write once (`blockguard recover`, or serve or mount it) first",
+                    vol.sb.mode.name(),
+                    vol.protocol.recovery_before_reading()
                 ),
             });
         }
@@ -230,25 +235,36 @@ pub(super) fn read_member(backend: &dyn Backend) -> Result<(Superblock, Vec<Stri
 fn format_geometry(opts: &FormatOptions, name: &str, len: u64) -> Result<Geometry> {
     mode_fits_profile(name, opts.mode, opts.profile)?;
     let tag_size = opts.profile.tag_size();
-    Ok(match opts.size {
-        Some(size) => {
-            let g = opts.geometry_for_size().map_err(|e| relabel(e, name))?;
-            if g.backing_len > len {
-                return Err(invalid(
-                    name,
-                    format!(
-                        "a {size}-byte volume needs {} bytes of backend, it has {len}",
-                        g.backing_len
-                    ),
-                ));
-            }
-            // On a larger backend (a device) the backup superblock goes to its end.
-            Geometry::from_parts(opts.block_size, tag_size, g.group_blocks, g.data_blocks, len)
-                .ok_or_else(|| invalid(name, format!("a {size}-byte volume does not fit {len} bytes")))?
-        }
-        None => Geometry::for_backing_len(len, opts.block_size, tag_size)
-            .map_err(|e| invalid(name, e.to_string()))?,
-    })
+    let Some(size) = opts.size else {
+        let g = Geometry::for_backing_len(len, opts.block_size, tag_size)
+            .map_err(|e| invalid(name, e.to_string()))?;
+        return match opts.journal_len(len)? {
+            0 => Ok(g),
+            j => g
+                .with_journal(j, Some(len))
+                .map_err(|e| invalid(name, e.to_string())),
+        };
+    };
+    let g = opts.geometry_for_size().map_err(|e| relabel(e, name))?;
+    if g.backing_len > len {
+        return Err(invalid(
+            name,
+            format!(
+                "a {size}-byte volume needs {} bytes of backend, it has {len}",
+                g.backing_len
+            ),
+        ));
+    }
+    // On a larger backend (a device) the backup superblock goes to its end.
+    Geometry::from_parts(
+        opts.block_size,
+        tag_size,
+        g.group_blocks,
+        g.data_blocks,
+        len,
+        g.journal_len,
+    )
+    .ok_or_else(|| invalid(name, format!("a {size}-byte volume does not fit {len} bytes")))
 }
 
 /// The superblock of a new volume with layout `geo`, clean, created now.

@@ -111,6 +111,8 @@ pub struct RecoveryReport {
     pub map_bits_set: u64,
     /// Damaged sectors of the written-groups map rebuilt from the groups' metadata.
     pub map_sectors_rebuilt: u64,
+    /// `journal` mode: what replaying the journal did.
+    pub journal: Option<super::commit::journal::ReplayReport>,
 }
 
 /// Sectors of the written-groups map to rebuild, each with the groups found written in it.

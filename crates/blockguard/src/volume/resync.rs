@@ -295,16 +295,23 @@ impl Inner {
         Ok(out)
     }
 
-    /// Both copies of the three group bitmaps (one contiguous run each).
+    /// Both copies of the three group bitmaps (one contiguous run each) and, in `journal`
+    /// mode, the journal: copied last, with everything flushed and no commit running, so the
+    /// target's checkpoints and log are the source's (a target left with older ones could,
+    /// used alone after a crash, replay segments of an earlier session over newer data).
     pub(crate) fn bitmap_ranges(&self) -> Vec<(u64, u64)> {
-        (0..2)
+        let mut ranges: Vec<(u64, u64)> = (0..2)
             .map(|copy| {
                 (
                     self.geo.map_offset(crate::format::MapKind::Written, copy),
                     3 * self.geo.map_region_len(),
                 )
             })
-            .collect()
+            .collect();
+        if self.geo.journal_len > 0 {
+            ranges.push((self.geo.journal_offset(), self.geo.journal_len));
+        }
+        ranges
     }
 
     /// A group's metadata blocks and data, one contiguous run.

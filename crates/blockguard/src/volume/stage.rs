@@ -42,6 +42,9 @@ pub(crate) struct Stage {
     pub active_bytes: usize,
     /// The active batch's buffers, by address: (length, entries pointing into it).
     buffers: HashMap<usize, (usize, usize)>,
+    /// Entries of the active batch with data, and zeroed ones (what a journal segment of the
+    /// batch costs).
+    pub counts: (usize, usize),
     pub committing: Option<Arc<Batch>>,
 }
 
@@ -76,6 +79,21 @@ impl Stage {
     /// Stages `entry` for `block`, replacing any older staged version (within a batch a block
     /// has exactly one new version, which is what the two brothers can describe).
     pub(crate) fn put(&mut self, block: u64, entry: Staged) {
+        let count = |counts: &mut (usize, usize), e: &Staged, add: bool| {
+            let c = match e {
+                Staged::Data { .. } => &mut counts.0,
+                Staged::Zero => &mut counts.1,
+            };
+            if add {
+                *c += 1;
+            } else {
+                *c -= 1;
+            }
+        };
+        count(&mut self.counts, &entry, true);
+        if let Some(old) = self.active.get(&block) {
+            count(&mut self.counts, old, false);
+        }
         if let Staged::Data { buf, .. } = &entry {
             let (len, refs) = self.buffers.entry(key(buf)).or_insert((bytes(buf).len(), 0));
             if *refs == 0 {
@@ -101,6 +119,7 @@ impl Stage {
     pub(crate) fn take_active(&mut self) -> Batch {
         self.buffers.clear();
         self.active_bytes = 0;
+        self.counts = (0, 0);
         std::mem::take(&mut self.active)
     }
 }

@@ -89,6 +89,9 @@ impl Inner {
             return Ok(());
         }
         let bs = u64::from(self.geo.block_size);
+        if let Some(max) = self.max_request().filter(|&m| buf.len() as u64 > m) {
+            return self.write_split(buf, offset, pi, max);
+        }
         let first = offset / bs;
         let last = (offset + buf.len() as u64 - 1) / bs;
         let end = offset + buf.len() as u64;
@@ -144,16 +147,59 @@ impl Inner {
             }
             entries.push((block, Staged::Data { buf: data, at, tag }));
         }
-        self.stage_entries(entries);
+        self.stage_entries(entries)?;
         drop(guards);
         self.policy.rewritten(first, last);
         self.commit_if_full()
     }
 
-    fn stage_entries(&self, entries: Vec<(u64, Staged)>) {
-        let mut stage = self.lock(&self.stage);
-        for (block, entry) in entries {
-            stage.put(block, entry);
+    /// The largest request staged as one (`journal` mode: the atomic size).
+    fn max_request(&self) -> Option<u64> {
+        super::commit::journal::limits(&self.geo).map(|l| l.max_atomic)
+    }
+
+    /// A request larger than [`Inner::max_request`], written as requests of at most `max`
+    /// bytes ending on block boundaries (each atomic on its own).
+    fn write_split(&self, buf: &[u8], offset: u64, pi: Option<&[u8]>, max: u64) -> Result<()> {
+        let bs = u64::from(self.geo.block_size);
+        let t = self.geo.tag_size as usize;
+        let end = offset + buf.len() as u64;
+        let mut at = offset;
+        while at < end {
+            let next = ((at + max) / bs * bs).min(end).max(at + 1);
+            let piece = &buf[usize_of(at - offset)..usize_of(next - offset)];
+            // Tuples only come with block-aligned writes: one per block of the piece.
+            let tuples = pi.map(|p| &p[usize_of((at - offset) / bs) * t..usize_of((next - offset) / bs) * t]);
+            self.write_impl(piece, None, at, tuples)?;
+            at = next;
+        }
+        Ok(())
+    }
+
+    /// Stages a request's blocks as one. In `journal` mode a batch must fit one segment: when
+    /// this request would overflow the active batch, that batch is committed first.
+    fn stage_entries(&self, entries: Vec<(u64, Staged)>) -> Result<()> {
+        let data = entries
+            .iter()
+            .filter(|(_, e)| matches!(e, Staged::Data { .. }))
+            .count();
+        let zero = entries.len() - data;
+        loop {
+            {
+                let mut stage = self.lock(&self.stage);
+                let fits = self.segment_cost.is_none_or(|c| {
+                    stage.active.is_empty()
+                        || c.of_counts((stage.counts.0 + data, stage.counts.1 + zero)) <= c.cap
+                });
+                if fits {
+                    for (block, entry) in entries {
+                        stage.put(block, entry);
+                    }
+                    return Ok(());
+                }
+            }
+            let mut state = self.lock(&self.commit);
+            self.commit_locked(&mut state)?;
         }
     }
 
@@ -175,6 +221,13 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Blocks zeroed per staging step: bounded so a huge zeroing cannot hold the stripes for
+    /// long and, in `journal` mode, so one step fits a segment.
+    fn zero_slice(&self) -> u64 {
+        self.segment_cost
+            .map_or(1 << 16, |c| (c.cap / c.entry).clamp(1, 1 << 16) as u64)
     }
 
     /// Makes the range read as zeros. Whole blocks become unwritten (their space is
@@ -201,10 +254,10 @@ impl Inner {
         // Staged in bounded slices so a huge zeroing cannot hold the stripes for long.
         let mut b = first_full;
         while b < end_full {
-            let n = (end_full - b).min(1 << 16);
+            let n = (end_full - b).min(self.zero_slice());
             self.check_metadata_writable(b, b + n - 1, first_full..end_full)?;
             let guards = self.lock_stripes(b, n);
-            self.stage_entries((b..b + n).map(|x| (x, Staged::Zero)).collect());
+            self.stage_entries((b..b + n).map(|x| (x, Staged::Zero)).collect())?;
             drop(guards);
             self.policy.rewritten(b, b + n - 1);
             b += n;

@@ -9,6 +9,7 @@
 
 mod data;
 mod dual;
+pub(crate) mod journal;
 pub(crate) mod maintenance;
 pub(crate) mod protocol;
 mod rebuild;
@@ -67,6 +68,8 @@ pub(crate) struct CommitState {
     /// The batch whose commit failed after it was planned, kept for `Volume::resume` to put
     /// on the backend again exactly as planned.
     in_flight: Option<InFlight>,
+    /// `journal` mode: the log of this session (started by the first commit).
+    pub(crate) journal: Option<journal::Ring>,
 }
 
 /// A planned batch whose commit failed: the same plan is written again on resume, so the
@@ -263,8 +266,7 @@ impl Inner {
     /// lost.
     fn commit_batch(&self, state: &mut CommitState, batch: &Arc<Batch>) -> Result<Option<Error>> {
         state.epoch += 1;
-        let epoch = state.epoch;
-        let (updates, first_writes, dropped) = self.plan_batch(batch, epoch)?;
+        let (plan, dropped) = self.plan(batch, state.epoch)?;
         let batch = if dropped.is_empty() {
             batch.clone()
         } else {
@@ -276,8 +278,14 @@ impl Inner {
                     .collect(),
             )
         };
-        // Groups written for the first time are marked in the written-groups map, durable by
-        // the same barrier as their metadata (so before any of their data).
+        self.put_batch(state, InFlight { plan, batch, dropped })
+    }
+
+    /// The plan of `batch` as commit `epoch`, and the blocks that cannot be kept. Groups
+    /// written for the first time are marked in the written-groups map, made durable with
+    /// their metadata (so, in `dual`, before any of their data).
+    fn plan(&self, batch: &Batch, epoch: u64) -> Result<(Plan, Dropped)> {
+        let (updates, first_writes, dropped) = self.plan_batch(batch, epoch)?;
         let map = self.map_updates(&first_writes)?;
         let plan = Plan {
             epoch,
@@ -285,7 +293,7 @@ impl Inner {
             first_writes,
             map,
         };
-        self.put_batch(state, InFlight { plan, batch, dropped })
+        Ok((plan, dropped))
     }
 
     /// Puts a planned batch on the backend. If that fails, the batch and its plan are kept
@@ -296,7 +304,11 @@ impl Inner {
             state.in_flight = Some(f);
             return Err(e);
         }
-        state.data_unflushed = true;
+        if self.protocol.durable_at_commit() {
+            state.flushed(f.plan.epoch);
+        } else {
+            state.data_unflushed = true;
+        }
         Ok(self.record_lost(state, &f.batch, &f.dropped))
     }
 

@@ -58,6 +58,12 @@ pub(crate) trait Protocol: Send + Sync {
     /// in the same order with the same barriers (`Volume::resume` relies on it).
     fn write(&self, vol: &Inner, state: &mut CommitState, plan: &Plan, batch: &Batch) -> Result<()>;
 
+    /// A batch [`Protocol::write`] put on the backend is already durable (the mode's own
+    /// barrier made it so): a flush right after costs no second barrier.
+    fn durable_at_commit(&self) -> bool {
+        false
+    }
+
     /// Whether a write into a metadata sector whose tags cannot be read must be refused when
     /// it arrives (the commit would have to carry those tags forward).
     fn refuses_writes_into_damage(&self) -> bool;
@@ -89,6 +95,12 @@ pub(crate) trait Protocol: Send + Sync {
     /// A volume left in use can be read, before it is recovered, with the after-crash rules
     /// (read-only opens, `check`). False for a mode whose tags must be rebuilt first.
     fn readable_before_recovery(&self) -> bool;
+
+    /// What recovery must do before a volume left in use can be read, for the error of a
+    /// read-only open (modes not [`Protocol::readable_before_recovery`]).
+    fn recovery_before_reading(&self) -> &'static str {
+        "its tags are recomputed from the data"
+    }
 }
 
 /// The protocol of `mode`.
@@ -97,6 +109,7 @@ pub(crate) fn for_mode(mode: Mode) -> &'static dyn Protocol {
         Mode::Dual => &super::dual::Dual,
         Mode::None => &super::unordered::Unordered,
         Mode::Rebuild => &super::rebuild::Rebuild,
+        Mode::Journal => &super::journal::Journal,
     }
 }
 

@@ -40,6 +40,12 @@ pub(super) fn plan_in_place(vol: &Inner, b: &GroupBatch<'_>) -> Planned {
     w.finish(&vol.geo, epoch)
 }
 
+/// Recovery's answer for a group of a mode with one tag copy: nothing to rebuild from; the
+/// group holds written metadata or not.
+pub(super) fn group_written(vol: &Inner, group: u64) -> Result<bool> {
+    Ok(vol.confirmed_group(group)?.any_written())
+}
+
 impl Protocol for Unordered {
     fn plan_group(&self, vol: &Inner, b: &GroupBatch<'_>, _dropped: &mut Dropped) -> Result<Planned> {
         Ok(plan_in_place(vol, b))
@@ -78,7 +84,7 @@ impl Protocol for Unordered {
         _report: &mut RecoveryReport,
     ) -> Result<bool> {
         // `recover --rebuild` on a `none` volume: one copy, nothing to rebuild from.
-        Ok(vol.confirmed_group(group)?.any_written())
+        group_written(vol, group)
     }
 
     fn blank_metadata_means_no_data(&self) -> bool {
