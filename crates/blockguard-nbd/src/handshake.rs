@@ -809,7 +809,10 @@ mod tests {
         let mut hs = started(cfg, 1);
         drive(&mut hs, &option(proto::OPT_STARTTLS, b"x")).unwrap();
         assert_eq!(types(&replies(&mut hs)), vec![proto::REP_ERR_INVALID]);
-        assert_eq!(drive(&mut hs, &option(proto::OPT_STARTTLS, &[])), Ok(Event::StartTls));
+        assert_eq!(
+            drive(&mut hs, &option(proto::OPT_STARTTLS, &[])),
+            Ok(Event::StartTls)
+        );
         assert_eq!(types(&replies(&mut hs)), vec![proto::REP_ACK]);
         hs.tls_started();
         assert_eq!(hs.want(), 16);
@@ -828,13 +831,20 @@ mod tests {
         assert!(matches!(drive(&mut hs, &go), Ok(Event::Transmission(_))));
         let mut hs = started(cfg, 1);
         drive(&mut hs, &option(proto::OPT_STRUCTURED_REPLY, &[])).unwrap();
-        assert_eq!(drive(&mut hs, &option(proto::OPT_STARTTLS, &[])), Ok(Event::StartTls));
+        assert_eq!(
+            drive(&mut hs, &option(proto::OPT_STARTTLS, &[])),
+            Ok(Event::StartTls)
+        );
         assert_eq!(types(&replies(&mut hs)), vec![proto::REP_ACK, proto::REP_ACK]);
         hs.tls_started();
         let Ok(Event::Transmission(n)) = drive(&mut hs, &go) else {
             panic!()
         };
-        assert_eq!(n.mode, ReplyMode::Simple, "structured replies asked for before TLS");
+        assert_eq!(
+            n.mode,
+            ReplyMode::Simple,
+            "structured replies asked for before TLS"
+        );
     }
 
     #[test]

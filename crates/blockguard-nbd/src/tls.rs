@@ -72,7 +72,7 @@ pub enum TlsError {
     },
     /// The certificate chain and key do not make a usable server identity (e.g. the key
     /// does not belong to the certificate).
-    #[error("{} with {}: {source}", cert.display(), key.display())]
+    #[error("{} with {}: not a usable server identity", cert.display(), key.display())]
     Identity {
         /// The certificate file.
         cert: PathBuf,
@@ -82,7 +82,7 @@ pub enum TlsError {
         source: rustls::Error,
     },
     /// The client CA file cannot verify client certificates.
-    #[error("{}: cannot verify client certificates with it: {source}", path.display())]
+    #[error("{}: cannot verify client certificates with it", path.display())]
     ClientCa {
         /// The CA file.
         path: PathBuf,
@@ -120,8 +120,12 @@ impl TlsConfig {
         mode: TlsMode,
     ) -> Result<TlsConfig, TlsError> {
         let chain = load_certs(cert, "the server certificate")?;
-        let key_der = PrivateKeyDer::from_pem_file(key)
-            .map_err(|e| pem_error(key, format!("cannot read the private key: {e}")))?;
+        let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| match e {
+            rustls::pki_types::pem::Error::NoItemsFound => {
+                pem_error(key, "no PEM private key in it (PKCS#8, PKCS#1 or SEC1)")
+            }
+            e => pem_error(key, format!("cannot read the private key: {e}")),
+        })?;
         // Chosen explicitly, so that another crate turning on a second provider cannot make
         // the choice ambiguous at run time.
         let provider = Arc::new(rustls::crypto::ring::default_provider());
