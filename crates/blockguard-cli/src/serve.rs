@@ -16,7 +16,9 @@
 use crate::common::{parse_size, PathOnce};
 use crate::control::server::{Context as ControlContext, Serving};
 use anyhow::{anyhow, Context, Result};
-use blockguard_nbd::{DeviceExport, Export, ListenAddr, Server, ServerConfig, ServerError};
+use blockguard_nbd::{
+    DeviceExport, Export, ListenAddr, Server, ServerConfig, ServerError, TlsConfig, TlsMode,
+};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -114,7 +116,51 @@ pub(crate) struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub(crate) poll_us: u32,
     #[command(flatten)]
+    pub(crate) tls: TlsArgs,
+    #[command(flatten)]
     pub(crate) control: crate::control::ControlArgs,
+}
+
+/// TLS options of `blockguard serve` (NBD `STARTTLS`, as `nbds://` clients and qemu's
+/// `tls-creds-x509` use it).
+#[derive(clap::Args, Debug)]
+pub(crate) struct TlsArgs {
+    /// Offer TLS with this certificate (PEM; the server's certificate first, then any
+    /// intermediates). Needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM); clients without one, or with
+    /// another, are refused in the TLS handshake.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub(crate) tls_client_ca: Option<PathBuf>,
+    /// With --tls-cert: "required" (the default) serves nothing to a client before it has
+    /// started TLS; "optional" serves plain-text clients too.
+    #[arg(long, value_name = "MODE", requires = "tls_cert", value_parser = parse_tls_mode)]
+    pub(crate) tls: Option<TlsMode>,
+}
+
+fn parse_tls_mode(s: &str) -> Result<TlsMode, String> {
+    match s {
+        "required" => Ok(TlsMode::Required),
+        "optional" => Ok(TlsMode::Optional),
+        _ => Err(format!("{s:?} is not a TLS mode: give required or optional")),
+    }
+}
+
+impl TlsArgs {
+    /// Loads the certificate, key and client CA (a bad file is an error here, at startup).
+    fn load(&self) -> Result<Option<TlsConfig>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let mode = self.tls.unwrap_or(TlsMode::Required);
+        let cfg = TlsConfig::from_pem_files(cert, key, self.tls_client_ca.as_deref(), mode)
+            .context("cannot set up TLS")?;
+        Ok(Some(cfg))
+    }
 }
 
 /// Parses `--min-transfer-rate`: a size per second, not zero.
@@ -128,8 +174,9 @@ fn parse_rate(s: &str) -> Result<u64, String> {
 /// Runs the server until SIGINT/SIGTERM, then flushes and closes the volume.
 pub(crate) fn run(args: &ServeArgs) -> Result<()> {
     let path = &args.volume;
-    // Arguments first: a bad address must not cost a volume creation or open.
-    let addr = listen_addr(args)?;
+    // Arguments first: a bad address or TLS file must not cost a volume creation or open.
+    let tls = args.tls.load()?;
+    let addr = listen_addr(args, tls.as_ref())?;
     let stage = args.stage_size;
     let volume = match args.create {
         Some(size) if !path.exists() => {
@@ -165,6 +212,7 @@ pub(crate) fn run(args: &ServeArgs) -> Result<()> {
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout.into())),
         request_timeout: Duration::from_secs(args.request_timeout.into()),
         min_transfer_rate: args.min_transfer_rate,
+        tls,
         ..ServerConfig::default()
     };
     let volume = Arc::new(volume);
@@ -215,17 +263,27 @@ pub(crate) fn run(args: &ServeArgs) -> Result<()> {
 }
 
 /// Where to listen: `--socket` if given, else `--listen` (with a warning when that is not a
-/// loopback address).
-fn listen_addr(args: &ServeArgs) -> Result<ListenAddr> {
+/// loopback address and TLS is not required).
+fn listen_addr(args: &ServeArgs, tls: Option<&TlsConfig>) -> Result<ListenAddr> {
     if let Some(p) = &args.socket {
         return Ok(ListenAddr::Unix(p.clone()));
     }
     let addr = resolve_listen(&args.listen)?;
     if !addr.ip().is_loopback() {
-        tracing::warn!(
-            listen = %addr,
-            "listening beyond loopback: NBD has no authentication or encryption"
-        );
+        match tls.map(TlsConfig::mode) {
+            None => tracing::warn!(
+                listen = %addr,
+                "listening beyond loopback without TLS: anyone who can reach this address reads \
+                 and writes the volume, and the data crosses the network in clear (see \
+                 --tls-cert)"
+            ),
+            Some(TlsMode::Optional) => tracing::warn!(
+                listen = %addr,
+                "listening beyond loopback with --tls optional: clients that do not start TLS \
+                 are served in clear (--tls required refuses them)"
+            ),
+            Some(TlsMode::Required) => {}
+        }
     }
     Ok(ListenAddr::Tcp(addr))
 }

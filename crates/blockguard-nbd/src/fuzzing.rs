@@ -2,7 +2,7 @@
 
 use crate::client::{read_option_reply, Client};
 use crate::export::{Export, MemoryExport};
-use crate::handshake::{Event, ExportInfo, Handshake, HandshakeConfig};
+use crate::handshake::{Event, ExportInfo, Handshake, HandshakeConfig, TlsPolicy};
 use crate::proto;
 use crate::transmission::{Outcome, Session};
 use crate::usize_of;
@@ -96,6 +96,9 @@ pub fn handshake_and_requests(data: &[u8]) -> usize {
         },
         max_payload: MAX_PAYLOAD,
         extended_headers: true,
+        // STARTTLS is accepted, and the TLS handshake taken as done: the option state machine
+        // around it (the restart, a second STARTTLS) is what is fuzzed here, not TLS.
+        tls: TlsPolicy::Optional,
     };
     let mut hs = Handshake::new(cfg);
     drop(hs.take_output());
@@ -109,11 +112,12 @@ pub fn handshake_and_requests(data: &[u8]) -> usize {
         input = rest;
         let event = hs.feed(chunk);
         let out = hs.take_output();
-        if matches!(event, Ok(Event::Continue | Event::Close)) {
+        if matches!(event, Ok(Event::Continue | Event::Close | Event::StartTls)) {
             check_option_replies(&out);
         }
         match event {
             Ok(Event::Continue) => {}
+            Ok(Event::StartTls) => hs.tls_started(),
             Ok(Event::Transmission(n)) => break n,
             Ok(Event::Close) | Err(_) => return 0,
         }

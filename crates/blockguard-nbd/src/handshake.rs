@@ -14,6 +14,12 @@
 //!                                   GO/EXPORT_NAME ▶ Transmission   ABORT ▶ Closed
 //! ```
 //!
+//! With TLS configured, `NBD_OPT_STARTTLS` ends in [`Event::StartTls`]: the server sends the
+//! ACK, runs the TLS handshake, calls [`Handshake::tls_started`], and negotiation restarts
+//! inside TLS at `OptionHeader` (no new greeting), with everything negotiated before
+//! forgotten. With TLS required, every option before that but `ABORT` and `STARTTLS` is
+//! answered `NBD_REP_ERR_TLS_REQD`, and `EXPORT_NAME` (which cannot be refused) disconnects.
+//!
 //! Every malformed or unknown option gets the reply the specification asks for and
 //! negotiation continues; only violations that leave no way to answer (bad magic, unknown
 //! client flags, `NBD_OPT_EXPORT_NAME` for an unknown export) end the session.
@@ -61,6 +67,19 @@ pub(crate) struct HandshakeConfig {
     pub max_payload: u32,
     /// Whether `NBD_OPT_EXTENDED_HEADERS` is accepted.
     pub extended_headers: bool,
+    /// Whether `NBD_OPT_STARTTLS` is offered, and whether it must come first.
+    pub tls: TlsPolicy,
+}
+
+/// What the handshake does about TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsPolicy {
+    /// No TLS configured: `STARTTLS` is unsupported.
+    Off,
+    /// `STARTTLS` is accepted; plain-text clients are served too.
+    Optional,
+    /// Nothing but `STARTTLS` and `ABORT` is served before TLS is up.
+    Required,
 }
 
 /// Which reply format the transmission phase uses.
@@ -96,6 +115,9 @@ pub(crate) enum Event {
     Transmission(Negotiated),
     /// Write the output, then close the connection (the client sent `NBD_OPT_ABORT`).
     Close,
+    /// Write the output (the `STARTTLS` ACK), run the TLS handshake, then call
+    /// [`Handshake::tls_started`] and go on negotiating inside TLS.
+    StartTls,
 }
 
 /// A violation that ends the session (a hard disconnect).
@@ -110,7 +132,8 @@ pub(crate) enum HandshakeError {
     /// `NBD_OPT_EXPORT_NAME` named an export that does not exist (the option cannot fail).
     #[error("client asked for unknown export {0:?}")]
     UnknownExport(String),
-    /// `NBD_OPT_EXPORT_NAME` is not allowed in this state (extended headers or shutdown).
+    /// `NBD_OPT_EXPORT_NAME` is not allowed in this state (extended headers, shutdown, or
+    /// TLS required and not started).
     #[error("NBD_OPT_EXPORT_NAME refused: {0}")]
     ExportNameRefused(&'static str),
     /// More than [`MAX_OPTIONS`] options.
@@ -150,6 +173,8 @@ pub(crate) struct Handshake {
     meta_context: Option<u32>,
     options: u32,
     shutting_down: bool,
+    /// The TLS handshake has completed: the session is encrypted from here on.
+    in_tls: bool,
 }
 
 impl Handshake {
@@ -168,7 +193,18 @@ impl Handshake {
             meta_context: None,
             options: 0,
             shutting_down: false,
+            in_tls: false,
         }
+    }
+
+    /// The TLS handshake that followed [`Event::StartTls`] completed: negotiation restarts
+    /// inside TLS, forgetting what was negotiated in plain text (the specification asks the
+    /// client to negotiate again; nothing said before TLS may carry over).
+    pub(crate) fn tls_started(&mut self) {
+        self.in_tls = true;
+        self.mode = ReplyMode::Simple;
+        self.meta_context = None;
+        self.state = State::OptionHeader;
     }
 
     /// From now on refuse options with `NBD_REP_ERR_SHUTDOWN` (the server is stopping).
@@ -205,7 +241,7 @@ impl Handshake {
             });
         }
         let result = self.step(input);
-        if !matches!(result, Ok(Event::Continue)) {
+        if !matches!(result, Ok(Event::Continue | Event::StartTls)) {
             self.state = State::Finished;
         }
         result
@@ -280,6 +316,20 @@ impl Handshake {
             self.reply_error(opt, proto::REP_ERR_SHUTDOWN, "server is shutting down");
             return Ok(Event::Continue);
         }
+        if self.cfg.tls == TlsPolicy::Required
+            && !self.in_tls
+            && !matches!(opt, proto::OPT_ABORT | proto::OPT_STARTTLS)
+        {
+            if opt == proto::OPT_EXPORT_NAME {
+                return Err(HandshakeError::ExportNameRefused("TLS is required"));
+            }
+            self.reply_error(
+                opt,
+                proto::REP_ERR_TLS_REQD,
+                "TLS is required: send NBD_OPT_STARTTLS first",
+            );
+            return Ok(Event::Continue);
+        }
         match opt {
             proto::OPT_EXPORT_NAME => self.opt_export_name(data),
             proto::OPT_ABORT => {
@@ -300,15 +350,7 @@ impl Handshake {
                 }
                 Ok(Event::Continue)
             }
-            proto::OPT_STARTTLS => {
-                if data.is_empty() {
-                    // NOTLS mode: the spec allows ERR_UNSUP (no TLS support at all).
-                    self.reply_error(opt, proto::REP_ERR_UNSUP, "TLS is not supported");
-                } else {
-                    self.reply_error(opt, proto::REP_ERR_INVALID, "STARTTLS takes no data");
-                }
-                Ok(Event::Continue)
-            }
+            proto::OPT_STARTTLS => Ok(self.opt_starttls(data)),
             proto::OPT_INFO | proto::OPT_GO => Ok(self.opt_info_go(opt, data)),
             proto::OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
@@ -345,6 +387,22 @@ impl Handshake {
                 Ok(Event::Continue)
             }
         }
+    }
+
+    fn opt_starttls(&mut self, data: &[u8]) -> Event {
+        let opt = proto::OPT_STARTTLS;
+        if !data.is_empty() {
+            self.reply_error(opt, proto::REP_ERR_INVALID, "STARTTLS takes no data");
+        } else if self.cfg.tls == TlsPolicy::Off {
+            // No TLS configured: the specification allows ERR_UNSUP.
+            self.reply_error(opt, proto::REP_ERR_UNSUP, "TLS is not supported");
+        } else if self.in_tls {
+            self.reply_error(opt, proto::REP_ERR_INVALID, "TLS is already started");
+        } else {
+            self.reply(opt, proto::REP_ACK, &[]);
+            return Event::StartTls;
+        }
+        Event::Continue
     }
 
     fn knows_export(&self, name: &[u8]) -> bool {
@@ -570,6 +628,7 @@ mod tests {
             },
             max_payload: 32 << 20,
             extended_headers: true,
+            tls: TlsPolicy::Off,
         }
     }
 
@@ -722,6 +781,70 @@ mod tests {
         assert_eq!(types(&replies(&mut hs)), vec![proto::REP_ERR_INVALID]);
         let go = option(proto::OPT_GO, &info_request("", &[]));
         assert!(matches!(drive(&mut hs, &go), Ok(Event::Transmission(_))));
+    }
+
+    #[test]
+    fn tls_required_serves_nothing_before_starttls() {
+        let mut cfg = config();
+        cfg.tls = TlsPolicy::Required;
+        let mut hs = started(cfg.clone(), 1);
+        let go = option(proto::OPT_GO, &info_request("", &[]));
+        for opt in [
+            option(proto::OPT_LIST, &[]),
+            option(proto::OPT_STRUCTURED_REPLY, &[]),
+            option(proto::OPT_INFO, &info_request("", &[])),
+            go.clone(),
+            option(99, b"x"),
+        ] {
+            assert_eq!(drive(&mut hs, &opt), Ok(Event::Continue));
+            assert_eq!(types(&replies(&mut hs)), vec![proto::REP_ERR_TLS_REQD]);
+        }
+        // EXPORT_NAME cannot be answered with an error: the connection ends.
+        assert_eq!(
+            drive(&mut hs, &option(proto::OPT_EXPORT_NAME, b"")),
+            Err(HandshakeError::ExportNameRefused("TLS is required"))
+        );
+        let mut hs = started(cfg.clone(), 1);
+        assert_eq!(drive(&mut hs, &option(proto::OPT_ABORT, &[])), Ok(Event::Close));
+        let mut hs = started(cfg, 1);
+        drive(&mut hs, &option(proto::OPT_STARTTLS, b"x")).unwrap();
+        assert_eq!(types(&replies(&mut hs)), vec![proto::REP_ERR_INVALID]);
+        assert_eq!(
+            drive(&mut hs, &option(proto::OPT_STARTTLS, &[])),
+            Ok(Event::StartTls)
+        );
+        assert_eq!(types(&replies(&mut hs)), vec![proto::REP_ACK]);
+        hs.tls_started();
+        assert_eq!(hs.want(), 16);
+        // Inside TLS: a second STARTTLS is an error, everything else is served.
+        drive(&mut hs, &option(proto::OPT_STARTTLS, &[])).unwrap();
+        assert_eq!(types(&replies(&mut hs)), vec![proto::REP_ERR_INVALID]);
+        assert!(matches!(drive(&mut hs, &go), Ok(Event::Transmission(_))));
+    }
+
+    #[test]
+    fn tls_optional_serves_both_and_forgets_plain_text_negotiation() {
+        let mut cfg = config();
+        cfg.tls = TlsPolicy::Optional;
+        let mut hs = started(cfg.clone(), 1);
+        let go = option(proto::OPT_GO, &info_request("", &[]));
+        assert!(matches!(drive(&mut hs, &go), Ok(Event::Transmission(_))));
+        let mut hs = started(cfg, 1);
+        drive(&mut hs, &option(proto::OPT_STRUCTURED_REPLY, &[])).unwrap();
+        assert_eq!(
+            drive(&mut hs, &option(proto::OPT_STARTTLS, &[])),
+            Ok(Event::StartTls)
+        );
+        assert_eq!(types(&replies(&mut hs)), vec![proto::REP_ACK, proto::REP_ACK]);
+        hs.tls_started();
+        let Ok(Event::Transmission(n)) = drive(&mut hs, &go) else {
+            panic!()
+        };
+        assert_eq!(
+            n.mode,
+            ReplyMode::Simple,
+            "structured replies asked for before TLS"
+        );
     }
 
     #[test]

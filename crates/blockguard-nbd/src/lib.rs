@@ -19,8 +19,9 @@
 //! minimal blocking client, and `fuzzing`, the request-parser fuzz body.
 //!
 //! Supported: options `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`,
-//! `EXTENDED_HEADERS`, `LIST_META_CONTEXT`/`SET_META_CONTEXT` (`base:allocation`);
-//! `STARTTLS` is refused with `NBD_REP_ERR_UNSUP`. Commands `READ` (+`DF`), `WRITE` (+`FUA`),
+//! `EXTENDED_HEADERS`, `LIST_META_CONTEXT`/`SET_META_CONTEXT` (`base:allocation`), and
+//! `STARTTLS` when [`ServerConfig::tls`] is set (`tls`: `rustls`, optional or required,
+//! optionally with client certificates; without it `NBD_REP_ERR_UNSUP`). Commands `READ` (+`DF`), `WRITE` (+`FUA`),
 //! `FLUSH`, `TRIM`, `WRITE_ZEROES` (+`NO_HOLE`, `FAST_ZERO`), `CACHE`, `DISC`,
 //! `BLOCK_STATUS` (+`REQ_ONE`). `NBD_FLAG_CAN_MULTI_CONN` is advertised because the engine's
 //! flush covers writes completed on every connection.
@@ -53,6 +54,7 @@ pub mod proto;
 mod server;
 mod spin;
 mod stream;
+mod tls;
 mod transmission;
 
 pub use buffers::Payload;
@@ -63,6 +65,7 @@ pub use server::{
     shutdown_on_signals, ConnectionStats, ListenAddr, Server, ServerConfig, ServerError, ShutdownHandle,
     MAX_PAYLOAD_LIMIT,
 };
+pub use tls::{TlsConfig, TlsError, TlsMode};
 
 // The workspace builds for 64-bit targets only, where a `usize` holds every `u64`.
 const _: () = assert!(usize::BITS == 64);

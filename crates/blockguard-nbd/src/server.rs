@@ -18,11 +18,12 @@ use crate::budget::Budget;
 use crate::buffers::{BufferPool, Payload};
 use crate::conns::{Activity, Clock, ConnTable, Limits, Transfer};
 use crate::export::Export;
-use crate::handshake::{Event, ExportInfo, Handshake, HandshakeConfig};
+use crate::handshake::{Event, ExportInfo, Handshake, HandshakeConfig, Negotiated, TlsPolicy};
 use crate::pool::{Job, Pool, Submitter};
 use crate::proto;
 use crate::spin::{SpinConfig, SpinState, Spinners};
 use crate::stream::{Listener, Stream};
+use crate::tls::{TlsConfig, TlsMode, Tunnel};
 use crate::transmission::{Outcome, ReplyBytes, Request, Session};
 use crate::usize_of;
 use std::collections::VecDeque;
@@ -105,6 +106,8 @@ pub struct ServerConfig {
     /// How long a reader busy-polls an empty socket before blocking (zero: never). See
     /// [`crate::spin`]: it trades CPU time for latency at low queue depths.
     pub poll_window: Duration,
+    /// TLS (`NBD_OPT_STARTTLS`): `None` refuses it.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -123,6 +126,7 @@ impl Default for ServerConfig {
             min_transfer_rate: 256 << 10,
             extended_headers: true,
             poll_window: SpinConfig::for_cores(1).window,
+            tls: None,
         }
     }
 }
@@ -410,6 +414,11 @@ impl Server {
                 export: info,
                 max_payload: self.cfg.max_payload,
                 extended_headers: self.cfg.extended_headers,
+                tls: match self.cfg.tls.as_ref().map(TlsConfig::mode) {
+                    None => TlsPolicy::Off,
+                    Some(TlsMode::Optional) => TlsPolicy::Optional,
+                    Some(TlsMode::Required) => TlsPolicy::Required,
+                },
             },
             cfg: self.cfg.clone(),
             pool: pool.submitter(),
@@ -530,6 +539,11 @@ impl Server {
 /// the copies into the socket run cache-cold; 1 MiB was fastest for both, in every round.
 const UNIX_SEND_BUFFER: usize = 1 << 20;
 
+/// A connection reader's buffer: room for hundreds of request headers per read(2), but
+/// small: whatever part of a write payload the buffer pre-reads costs an extra copy (large
+/// payloads are read straight into their own buffer past that).
+const READ_BUFFER: usize = 16 * 1024;
+
 /// Longest the accept loop sleeps before looking at the shutdown flag (which a signal handler
 /// sets without waking anybody).
 const ACCEPT_TICK: Duration = Duration::from_millis(100);
@@ -638,11 +652,12 @@ impl Shared {
         if let Err(e) = writer.set_write_timeout(Some(self.cfg.handshake_timeout)) {
             tracing::debug!(error = %e, "cannot set write timeout");
         }
-        // Room for hundreds of request headers per read(2), but small: whatever part of a
-        // write payload the buffer pre-reads costs an extra copy (large payloads are read
-        // straight into their own buffer past that).
-        let mut reader = BufReader::with_capacity(16 * 1024, stream);
-        let negotiated = match self.handshake(&mut reader, &mut writer, activity) {
+        let mut reader = BufReader::with_capacity(READ_BUFFER, stream);
+        // Declared before `conn`, so dropped after it: the tunnel's pumps are waited for
+        // once the server's end is closed.
+        let mut tunnel = None;
+        let handshake = self.handshake(&mut reader, &mut writer, &mut tunnel, id, activity);
+        let negotiated = match handshake {
             Ok(Some(n)) => n,
             Ok(None) => return,
             Err(e) => {
@@ -707,13 +722,16 @@ impl Shared {
         tracing::info!(reason, "client disconnected");
     }
 
-    /// Runs the handshake; `Ok(None)` when the client aborted.
+    /// Runs the handshake; `Ok(None)` when the client aborted. After `STARTTLS`, `reader` and
+    /// `w` are the plain-text end of the TLS `tunnel`.
     fn handshake(
         &self,
         reader: &mut BufReader<Stream>,
         w: &mut Stream,
+        tunnel: &mut Option<Tunnel>,
+        id: u64,
         activity: &Activity,
-    ) -> io::Result<Option<crate::handshake::Negotiated>> {
+    ) -> io::Result<Option<Negotiated>> {
         // The connection table closes the socket at the handshake deadline; the per-read
         // timeout is only a backstop.
         reader
@@ -747,12 +765,46 @@ impl Shared {
                     let _ = w.write_all(&hs.take_output());
                     return Ok(None);
                 }
+                Ok(Event::StartTls) => {
+                    w.write_all(&hs.take_output())?;
+                    let t = tunnel.insert(self.start_tls(reader, id)?);
+                    let plain = Stream::Unix(t.plain()?);
+                    plain.set_read_timeout(Some(self.cfg.handshake_timeout))?;
+                    plain.set_write_timeout(Some(self.cfg.handshake_timeout))?;
+                    *w = plain.try_clone()?;
+                    *reader = BufReader::with_capacity(READ_BUFFER, plain);
+                    hs.tls_started();
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "handshake failed; disconnecting client");
                     return Err(io::Error::new(io::ErrorKind::InvalidData, e));
                 }
             }
         }
+    }
+
+    /// Runs the TLS handshake on the client's socket (after the `STARTTLS` ACK) and starts
+    /// the tunnel the rest of the session goes through.
+    fn start_tls(&self, reader: &BufReader<Stream>, id: u64) -> io::Result<Tunnel> {
+        // Bytes the client sent after STARTTLS without waiting for the ACK were read as
+        // plain text: they must not reach the TLS session, nor be taken for options (the
+        // STARTTLS command-injection flaw).
+        if !reader.buffer().is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "client sent data after NBD_OPT_STARTTLS before its reply",
+            ));
+        }
+        let Some(tls) = &self.cfg.tls else {
+            return Err(io::Error::other("STARTTLS accepted without TLS configured"));
+        };
+        let stall = self.cfg.request_timeout.saturating_add(WRITER_BACKSTOP);
+        let tunnel = Tunnel::start(tls, reader.get_ref(), stall, id).map_err(|e| {
+            tracing::warn!(error = %e, "TLS handshake failed; disconnecting client");
+            e
+        })?;
+        tracing::debug!("TLS handshake complete");
+        Ok(tunnel)
     }
 
     /// Reads and dispatches requests until the client leaves; returns why.
