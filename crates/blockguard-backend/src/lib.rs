@@ -21,6 +21,7 @@
 pub mod fault;
 pub mod file;
 mod memory;
+pub mod nbd;
 pub mod stack;
 #[cfg(test)]
 mod testdev;
@@ -31,6 +32,7 @@ pub use fault::{
 };
 pub use file::{AlignedBuf, FileBackend, FileOptions, LockMode, OpenError};
 pub use memory::MemoryBackend;
+pub use nbd::{NbdBackend, NbdError, NbdOptions};
 pub use stack::share_data;
 
 use std::fmt;

@@ -176,33 +176,33 @@ pub(crate) fn records_of(path: &Path) -> Vec<blockguard::format::MemberRecord> {
         lock: LockMode::None,
         ..FileOptions::default()
     };
-    FileBackend::open(path, &unlocked)
+    crate::remote::open_store(path, &unlocked)
         .ok()
-        .and_then(|b| blockguard::member_records(&b).ok())
+        .and_then(|b| blockguard::member_records(&*b).ok())
         .unwrap_or_default()
 }
 
 /// Whether `backend` is a member of a mirror set (it keeps member records).
-fn backend_is_member(backend: &FileBackend) -> bool {
+fn backend_is_member(backend: &dyn Backend) -> bool {
     blockguard::member_records(backend).is_ok_and(|r| !r.is_empty())
 }
 
 /// Every member of the mirror set `path` belongs to that can be opened, found through the
 /// member records next to its superblocks. A member that cannot be opened is left out with a
 /// warning: the set opens degraded (and records it when opened read-write).
-fn open_members(path: &Path, backend: FileBackend, opts: &FileOptions) -> Result<Vec<Arc<dyn Backend>>> {
-    let records = blockguard::member_records(&backend).naming("read the mirror copies of", path)?;
-    let mut members: Vec<Arc<dyn Backend>> = vec![Arc::new(backend)];
+fn open_members(path: &Path, backend: Arc<dyn Backend>, opts: &FileOptions) -> Result<Vec<Arc<dyn Backend>>> {
+    let records = blockguard::member_records(&*backend).naming("read the mirror copies of", path)?;
+    let mut members: Vec<Arc<dyn Backend>> = vec![backend];
     for r in records {
         let other = Path::new(&r.path);
         // Undecidable means not the same: opening it then finds out (our own lock refuses it).
-        if crate::target::same_data(path, other).unwrap_or(false) {
+        if crate::remote::same_remote(path, other) || crate::target::same_data(path, other).unwrap_or(false) {
             continue;
         }
-        match FileBackend::open(other, opts) {
-            Ok(b) => members.push(Arc::new(b)),
+        match crate::remote::open_store(other, opts) {
+            Ok(b) => members.push(b),
             Err(e) => crate::log::line(&format!(
-                "blockguard: warning: mirror copy {} of {} cannot be opened ({e}); going on without it",
+                "blockguard: warning: mirror copy {} of {} cannot be opened ({e:#}); going on without it",
                 r.index,
                 path.display()
             )),
@@ -223,7 +223,7 @@ fn open_with(
         lock,
         ..FileOptions::default()
     };
-    let backend = FileBackend::open(path, &opts)?;
+    let backend = crate::remote::open_store(path, &opts)?;
     let mut open_opts = OpenOptions {
         read_only,
         error_policy,
@@ -248,11 +248,11 @@ fn open_with(
         });
         pb.set_position(done);
     };
-    let vol = if backend_is_member(&backend) {
+    let vol = if backend_is_member(&*backend) {
         let members = open_members(path, backend, &opts)?;
         Volume::open_members_with_progress(members, &open_opts, &mut show)
     } else {
-        Volume::open_with_progress(Arc::new(backend), &open_opts, &mut show)
+        Volume::open_with_progress(backend, &open_opts, &mut show)
     }
     .naming("open", path)?;
     if let Some(pb) = bar {
@@ -317,6 +317,13 @@ pub(crate) fn create_volume(path: &Path, size: u64) -> Result<Volume> {
 
 /// Creates a new sparse file sized for `opts` and formats it. Refuses an existing path.
 pub(crate) fn create_file_volume(path: &Path, opts: &FormatOptions) -> Result<Volume> {
+    if crate::remote::is_remote(path) {
+        bail!(
+            "{}: an NBD export cannot be created from here (its server makes it); format it with `blockguard format {}`",
+            path.display(),
+            path.display()
+        );
+    }
     let len = backing_len(opts, path)?;
     let backend = FileBackend::create(path, len, &FileOptions::default())?;
     let mut opts = opts.clone();

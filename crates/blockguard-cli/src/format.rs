@@ -13,7 +13,8 @@ use std::sync::Arc;
 /// Arguments of `format`.
 #[derive(Args, Debug)]
 pub(crate) struct FormatArgs {
-    /// File or block device to format (a missing file is created sparse).
+    /// File or block device to format (a missing file is created sparse), or an NBD export
+    /// (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`) of the size its server gives.
     pub(crate) path: PathBuf,
     /// Usable size of the volume, binary units ("10G" = 10 GiB). Defaults to the whole
     /// device, or the current length of an existing file.
@@ -56,6 +57,7 @@ pub(crate) struct FormatArgs {
     /// copy). Every copy holds the whole volume; reads that fail verification on one copy
     /// are served from another and the bad copy is rewritten. Needs --size for a file that
     /// does not exist yet.
+    /// A copy may be an NBD export (an NBD URI).
     #[arg(long = "mirror", value_name = "PATH")]
     pub(crate) mirrors: Vec<PathBuf>,
     /// Print the result as JSON.
@@ -135,9 +137,13 @@ fn format_set(args: &FormatArgs, opts: &FormatOptions) -> Result<Volume> {
         let mut member_opts = opts.clone();
         // Prepares the target exactly as a single volume's (checks, creation, zeroing).
         format_one(&member_args, &mut member_opts)?.close()?;
-        let abs = std::fs::canonicalize(p).with_context(|| format!("resolving {}", p.display()))?;
-        let backend = FileBackend::open(&abs, &FileOptions::default())?;
-        backends.push(Arc::new(backend));
+        let backend = if crate::remote::is_remote(p) {
+            crate::remote::open_store(p, &FileOptions::default())?
+        } else {
+            let abs = std::fs::canonicalize(p).with_context(|| format!("resolving {}", p.display()))?;
+            Arc::new(FileBackend::open(&abs, &FileOptions::default())?)
+        };
+        backends.push(backend);
     }
     let mut set_opts = opts.clone();
     set_opts.assume_zeroed = true;
@@ -183,8 +189,8 @@ enum Target {
     New,
     /// An existing file, to be emptied to `len` bytes.
     File { len: u64 },
-    /// A block device, held open.
-    Device(FileBackend),
+    /// A block device or a remote NBD export, held open.
+    Device(Arc<dyn Backend>),
 }
 
 impl Target {
@@ -192,6 +198,14 @@ impl Target {
     /// exists is opened (refused if another process holds it) and, without `--force`, refused
     /// if it may hold data. Writes nothing.
     fn inspect(path: &Path, args: &FormatArgs, opts: &FormatOptions) -> Result<Target> {
+        if crate::remote::is_remote(path) {
+            // An export has the size its server gave it, like a device.
+            let backend = crate::remote::open_remote(path, false)?;
+            if !args.force {
+                crate::target::refuse_if_holding_data(&backend, false)?;
+            }
+            return Ok(Target::Device(Arc::new(backend)));
+        }
         match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if args.size.is_none() {
@@ -210,7 +224,7 @@ impl Target {
                         len: crate::common::backing_len(opts, path)?,
                     },
                     (true, None) => Target::File { len: meta.len() },
-                    (false, _) => Target::Device(backend),
+                    (false, _) => Target::Device(Arc::new(backend)),
                 })
             }
         }
@@ -240,7 +254,7 @@ fn format_one(args: &FormatArgs, opts: &mut FormatOptions) -> Result<Volume> {
         Target::Device(backend) => {
             let len = backend.len();
             let pb = progress(len, "zeroing");
-            let vol = Volume::format_with_progress(Arc::new(backend), opts, &mut |done, _| {
+            let vol = Volume::format_with_progress(backend, opts, &mut |done, _| {
                 pb.set_position(done);
             })?;
             pb.finish_and_clear();

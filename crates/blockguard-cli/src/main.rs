@@ -31,6 +31,7 @@ mod log;
 mod mirror;
 mod mount;
 mod recover;
+mod remote;
 mod resume;
 mod scrub;
 mod serve;
@@ -54,6 +55,8 @@ struct Cli {
     /// never written to the volume nor logged.
     #[arg(long, global = true, value_name = "FILE")]
     key_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    nbd: remote::NbdArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -115,6 +118,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> ExitCode {
     common::set_key_file(cli.key_file);
+    remote::set_options(&cli.nbd);
     let result = match cli.command {
         Command::Format(a) => format::run(&a),
         Command::Info(a) | Command::Dump(a) => info::run(&a),

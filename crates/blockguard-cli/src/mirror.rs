@@ -370,13 +370,14 @@ fn check_target(
             c.copy
         );
     }
-    if !copy.exists() {
+    let remote = crate::remote::is_remote(copy);
+    if !remote && !copy.exists() {
         return Ok(());
     }
     // Locked like the volume itself: a target another process holds is refused, `force` or not.
-    let backend = FileBackend::open(copy, &FileOptions::default())?;
+    let backend = crate::remote::open_store(copy, &FileOptions::default())?;
     let set = vol.superblock().mirror.as_ref().map(|m| m.set);
-    if let Some((_, role)) = mirror_role(&backend).filter(|(s, _)| Some(*s) == set) {
+    if let Some((_, role)) = mirror_role(&*backend).filter(|(s, _)| Some(*s) == set) {
         bail!(
             "{} is copy {role} of this set (by another name): see `blockguard mirror list`; a copy \
              that fell behind is brought back by `blockguard mirror resync`",
@@ -384,13 +385,14 @@ fn check_target(
         );
     }
     if !force {
-        crate::target::refuse_if_in_use(&backend)?;
+        let is_file = !remote && std::fs::metadata(copy).is_ok_and(|m| m.is_file());
+        crate::target::refuse_if_holding_data(&*backend, is_file)?;
     }
     Ok(())
 }
 
 /// The mirror set and role `backend`'s superblock names, if it holds a member of a set.
-fn mirror_role(backend: &FileBackend) -> Option<([u8; 16], u8)> {
+fn mirror_role(backend: &dyn Backend) -> Option<([u8; 16], u8)> {
     let mut region = vec![0u8; usize::try_from(blockguard::format::SB_REGION).ok()?];
     backend.read_at(&mut region, 0).ok()?;
     let (sb, _) = blockguard::Superblock::decode(&region).ok()?;
@@ -416,6 +418,20 @@ fn add(vol: Volume, copy: &Path) -> Result<(Volume, ResyncReport)> {
 /// a file is emptied and sized; a device (refused if smaller) is zeroed. [`check_target`]
 /// has refused what must not be overwritten.
 fn prepare_target(copy: &Path, len: u64) -> Result<Arc<dyn Backend>> {
+    if crate::remote::is_remote(copy) {
+        let backend = crate::remote::open_remote(copy, false)?;
+        if backend.len() < len {
+            bail!(
+                "{} holds {} bytes; a copy of this volume needs {len}",
+                copy.display(),
+                backend.len()
+            );
+        }
+        backend
+            .zero_range(0, backend.len())
+            .with_context(|| format!("zeroing {}", copy.display()))?;
+        return Ok(Arc::new(backend));
+    }
     let exists = copy.exists();
     let is_file = !exists || std::fs::metadata(copy).is_ok_and(|m| m.is_file());
     if exists && !is_file {

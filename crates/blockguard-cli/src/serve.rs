@@ -179,7 +179,7 @@ pub(crate) fn run(args: &ServeArgs) -> Result<()> {
     let addr = listen_addr(args, tls.as_ref())?;
     let stage = args.stage_size;
     let volume = match args.create {
-        Some(size) if !path.exists() => {
+        Some(size) if !path.exists() && !crate::remote::is_remote(path) => {
             let vol = crate::common::create_volume(path, size)?;
             tracing::info!(volume = %path.display(), size, "created a new volume");
             // Formatting opened it read-write with defaults: reopen with the requested mode

@@ -6,7 +6,8 @@
 //! directory is `/dev`, where nothing of ours belongs: its control socket goes to
 //! `/run/blockguard/` and its scrub state, which must survive a reboot, to
 //! `/var/lib/blockguard/`, named after the device and its numbers (`sdb-8:16.ctl`), which
-//! every node of the same device shares.
+//! every node of the same device shares. A volume on a remote NBD export is treated like a
+//! device, named after its URI (`crate::remote::local_name`).
 
 use anyhow::{Context, Result};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
@@ -31,6 +32,11 @@ pub(crate) fn scrub_state(volume: &Path) -> Result<PathBuf> {
 }
 
 fn sidecar(volume: &Path, ext: &str, device_dir: &str) -> Result<PathBuf> {
+    // A remote export has no local directory: its files go where a device's do.
+    if crate::remote::is_remote(volume) {
+        let name = crate::remote::local_name(volume);
+        return Ok(Path::new(device_dir).join(format!("{name}.{ext}")));
+    }
     let canonical = volume
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", volume.display()))?;

@@ -54,6 +54,9 @@ pub(crate) fn resolved(path: &Path) -> PathBuf {
 /// True if `a` and `b` name the same file, device or data ([`same_data`]), or, for what does
 /// not exist yet, the same path ([`resolved`]).
 pub(crate) fn same_target(a: &Path, b: &Path) -> Result<bool> {
+    if crate::remote::is_remote(a) || crate::remote::is_remote(b) {
+        return Ok(crate::remote::same_remote(a, b));
+    }
     Ok(same_data(a, b)? || resolved(a) == resolved(b))
 }
 
@@ -74,7 +77,14 @@ pub(crate) fn refuse_same(source: &Path, target: &Path, what: &str) -> Result<()
 /// device with any non-zero byte in its first or last MiB or in a 64 KiB sample of every GiB
 /// (scanning a whole device could take hours; `--force` is the way past a false refusal).
 pub(crate) fn refuse_if_in_use(backend: &FileBackend) -> Result<()> {
-    let path = backend.path().display();
+    refuse_if_holding_data(backend, !backend.is_block_device())
+}
+
+/// [`refuse_if_in_use`] for any store: `is_file` says whether any length means data (a
+/// regular file), or whether samples must be read (a device or a remote export, whose length
+/// is fixed).
+pub(crate) fn refuse_if_holding_data(backend: &dyn Backend, is_file: bool) -> Result<()> {
+    let path = backend.name();
     let len = backend.len();
     // Reads at most `n` bytes at `off`; every `n` below is at most 1 MiB.
     let read = |off: u64, n: u64| -> Result<Vec<u8>> {
@@ -87,7 +97,7 @@ pub(crate) fn refuse_if_in_use(backend: &FileBackend) -> Result<()> {
     if len >= 512 && read(0, 512)?.starts_with(&blockguard::format::SB_MAGIC) {
         bail!("{path} holds a blockguard volume; use --force to overwrite it");
     }
-    if !backend.is_block_device() {
+    if is_file {
         if len > 0 {
             bail!("{path} is not empty ({len} bytes); use --force to overwrite it");
         }
