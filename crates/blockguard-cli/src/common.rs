@@ -182,6 +182,23 @@ pub(crate) fn records_of(path: &Path) -> Vec<blockguard::format::MemberRecord> {
         .unwrap_or_default()
 }
 
+/// The metadata device of a volume whose data device is `backend` (it ends with a data-device
+/// trailer naming where its metadata device was at format), opened the same way; `None` for
+/// every other store.
+pub(crate) fn split_metadata(backend: &dyn Backend, opts: &FileOptions) -> Result<Option<Arc<dyn Backend>>> {
+    let Ok(Ok(trailer)) = blockguard::split::read_trailer(backend) else {
+        return Ok(None);
+    };
+    let meta = FileBackend::open(Path::new(&trailer.meta_hint), opts).with_context(|| {
+        format!(
+            "{} keeps its metadata on {}, which cannot be opened",
+            backend.name(),
+            trailer.meta_hint
+        )
+    })?;
+    Ok(Some(Arc::new(meta)))
+}
+
 /// Whether `backend` is a member of a mirror set (it keeps member records).
 fn backend_is_member(backend: &dyn Backend) -> bool {
     blockguard::member_records(backend).is_ok_and(|r| !r.is_empty())
@@ -248,7 +265,9 @@ fn open_with(
         });
         pb.set_position(done);
     };
-    let vol = if backend_is_member(&*backend) {
+    let vol = if let Some(meta) = split_metadata(&*backend, &opts)? {
+        Volume::open_split(backend, meta, &open_opts)
+    } else if backend_is_member(&*backend) {
         let members = open_members(path, backend, &opts)?;
         Volume::open_members_with_progress(members, &open_opts, &mut show)
     } else {

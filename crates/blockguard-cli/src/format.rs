@@ -36,6 +36,12 @@ pub(crate) struct FormatArgs {
     /// largest atomic write is about a quarter of it (`info` shows it).
     #[arg(long, value_parser = parse_size)]
     pub(crate) journal_size: Option<u64>,
+    /// Keep the superblocks, tags, bitmaps and journal on this other file or device (a small
+    /// fast one), leaving the volume's path holding only the data, at the offsets of a raw
+    /// image, plus a 4 KiB trailer at its end that names the metadata device: its first SIZE
+    /// bytes read as the plain image. Every later command is given the data path. Needs --size.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) metadata_device: Option<PathBuf>,
     /// Tag profile: how each block's tag is computed and checked. Keyed profiles need
     /// --key-file, here and at every open. `docs/FORMAT.md` lays each one out byte by byte.
     #[arg(long, default_value = "crc32c", value_parser = profile_parser())]
@@ -91,7 +97,9 @@ pub(crate) fn run(args: &FormatArgs) -> Result<()> {
     };
     blockguard::format::validate_label(&args.label).map_err(anyhow::Error::msg)?;
     let path = &args.path;
-    let vol = if args.mirrors.is_empty() {
+    let vol = if let Some(meta) = &args.metadata_device {
+        format_split(args, &opts, meta)?
+    } else if args.mirrors.is_empty() {
         format_one(args, &mut opts)?
     } else {
         format_set(args, &opts)?
@@ -127,6 +135,7 @@ fn format_set(args: &FormatArgs, opts: &FormatOptions) -> Result<Volume> {
             block_size: args.block_size,
             mode: args.mode,
             journal_size: args.journal_size,
+            metadata_device: None,
             profile: args.profile,
             label: args.label.clone(),
             error_policy: args.error_policy,
@@ -157,6 +166,96 @@ fn format_set(args: &FormatArgs, opts: &FormatOptions) -> Result<Volume> {
         );
     }
     Volume::format_members(backends, &set_opts).context("forming the mirror set")
+}
+
+/// Formats a volume split over the data path and a metadata device.
+fn format_split(args: &FormatArgs, opts: &FormatOptions, meta_path: &Path) -> Result<Volume> {
+    if !args.mirrors.is_empty() {
+        bail!("--metadata-device cannot be combined with --mirror");
+    }
+    if crate::remote::is_remote(&args.path) || crate::remote::is_remote(meta_path) {
+        bail!("a volume split over a data and a metadata device needs local files or devices");
+    }
+    if args.size.is_none() {
+        bail!("--metadata-device needs --size");
+    }
+    if std::fs::metadata(meta_path).is_ok() && crate::target::same_target(&args.path, meta_path)? {
+        bail!(
+            "{} is the volume's own path: the metadata device must be another file or device",
+            meta_path.display()
+        );
+    }
+    let (data_len, meta_len) = Volume::split_lengths(opts)?;
+    // Both are checked before either is written.
+    let data_ready = split_target(&args.path, data_len, args.force, "data")?;
+    let meta_ready = split_target(meta_path, meta_len, args.force, "metadata")?;
+    let data = data_ready.open(&args.path, data_len)?;
+    let meta = meta_ready.open(meta_path, meta_len)?;
+    let hint =
+        std::fs::canonicalize(meta_path).with_context(|| format!("resolving {}", meta_path.display()))?;
+    let mut opts = opts.clone();
+    opts.assume_zeroed = data_ready.zeroed() && meta_ready.zeroed();
+    Volume::format_split(data, meta, &opts, &hint.display().to_string()).with_context(|| {
+        format!(
+            "formatting {} with metadata on {}",
+            args.path.display(),
+            meta_path.display()
+        )
+    })
+}
+
+/// One device of a split volume, checked and ready to be made.
+enum SplitTarget {
+    /// A missing file (created sparse) or an existing one (emptied and sized).
+    File,
+    Device,
+}
+
+impl SplitTarget {
+    /// Whether the new store reads as zeros without being zeroed.
+    fn zeroed(&self) -> bool {
+        matches!(self, SplitTarget::File)
+    }
+
+    fn open(&self, path: &Path, len: u64) -> Result<Arc<dyn Backend>> {
+        Ok(match self {
+            SplitTarget::File => {
+                if std::fs::metadata(path).is_ok() {
+                    crate::target::empty_file(path, len)?;
+                    Arc::new(FileBackend::open(path, &FileOptions::default())?)
+                } else {
+                    Arc::new(FileBackend::create(path, len, &FileOptions::default())?)
+                }
+            }
+            SplitTarget::Device => Arc::new(FileBackend::open(path, &FileOptions::default())?),
+        })
+    }
+}
+
+/// Checks one path of a split volume: missing is fine (a file is made), an existing one is
+/// refused without `--force` if it may hold data (or is in use), a device must be long enough.
+fn split_target(path: &Path, len: u64, force: bool, what: &str) -> Result<SplitTarget> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SplitTarget::File),
+        Err(e) => Err(e).with_context(|| format!("cannot access the {what} device {}", path.display())),
+        Ok(m) => {
+            let backend = FileBackend::open(path, &FileOptions::default())?;
+            if !force {
+                crate::target::refuse_if_in_use(&backend)?;
+            }
+            if m.is_file() {
+                return Ok(SplitTarget::File);
+            }
+            if backend.len() < len {
+                bail!(
+                    "the {what} device {} has {} bytes, the volume needs {len}",
+                    path.display(),
+                    backend.len()
+                );
+            }
+            Ok(SplitTarget::Device)
+        }
+    }
 }
 
 /// Checks every copy of a new set before any is written: a refused one must not leave the

@@ -38,6 +38,7 @@ pub mod copies;
 pub mod device;
 pub mod error;
 pub mod format;
+pub mod split;
 pub mod tag;
 mod volume;
 

@@ -27,8 +27,8 @@ pub use mirror::{
 };
 pub use superblock::{
     profile_incompat, validate_label, ErrorPolicy, Mode, Superblock, SuperblockError, VolumeState,
-    FORMAT_VERSION, INCOMPAT_JOURNAL, INCOMPAT_REBUILD, INCOMPAT_TAG_PROFILE, SB_MAGIC, SB_REGION,
-    SB_STRUCT_SIZE, SUPPORTED_INCOMPAT, SUPPORTED_RO_COMPAT,
+    FORMAT_VERSION, INCOMPAT_JOURNAL, INCOMPAT_META_DEVICE, INCOMPAT_REBUILD, INCOMPAT_TAG_PROFILE, SB_MAGIC,
+    SB_REGION, SB_STRUCT_SIZE, SUPPORTED_INCOMPAT, SUPPORTED_RO_COMPAT,
 };
 
 /// Reads a little-endian `u16` at `at`. Callers pass in-bounds offsets of fixed layouts.

@@ -127,10 +127,16 @@ pub const INCOMPAT_REBUILD: u64 = 1 << 2;
 /// it would return older data. Set exactly when `mode` is `journal`.
 pub const INCOMPAT_JOURNAL: u64 = 1 << 3;
 
+/// Incompatible feature bit 4: the volume's data is on a separate data device (at the offsets
+/// of a raw image) and this device holds only its metadata; `meta_device` names the pair. A
+/// reader that does not know it would take the metadata device for the whole volume.
+pub const INCOMPAT_META_DEVICE: u64 = 1 << 4;
+
 /// Incompatible features this build supports: mirror sets, tag profiles other than `crc32c`,
-/// `rebuild` and `journal` modes. A volume with any other incompat bit set is refused.
+/// `rebuild` and `journal` modes, a separate metadata device. A volume with any other incompat
+/// bit set is refused.
 pub const SUPPORTED_INCOMPAT: u64 =
-    INCOMPAT_MIRROR | INCOMPAT_TAG_PROFILE | INCOMPAT_REBUILD | INCOMPAT_JOURNAL;
+    INCOMPAT_MIRROR | INCOMPAT_TAG_PROFILE | INCOMPAT_REBUILD | INCOMPAT_JOURNAL | INCOMPAT_META_DEVICE;
 /// Read-only-compatible features this build supports; others force read-only opens.
 pub const SUPPORTED_RO_COMPAT: u64 = 0;
 
@@ -459,7 +465,7 @@ impl Superblock {
         let (profile, mode, copy) = decode_profile_mode_copy(b)?;
         let geometry = decode_geometry(b, profile)?;
         check_mode_features(mode, incompat, &geometry)?;
-        let meta_device = decode_meta_device(b)?;
+        let meta_device = decode_meta_device(b, incompat)?;
         let mirror = if incompat & INCOMPAT_MIRROR == 0 {
             if !MirrorInfo::fields_zero(b) {
                 return Err(field("mirror set", "set without the mirror feature flag".into()));
@@ -672,13 +678,17 @@ fn decode_key_check(b: &[u8], profile: Profile) -> Result<[u8; crate::tag::KEY_C
 }
 
 /// The metadata device identity, which no feature uses yet: it must be zero.
-fn decode_meta_device(b: &[u8]) -> Result<[u8; 16], SuperblockError> {
+fn decode_meta_device(b: &[u8], incompat: u64) -> Result<[u8; 16], SuperblockError> {
     let mut meta_device = [0u8; 16];
     meta_device.copy_from_slice(&b[at::META_DEVICE..at::LABEL]);
-    if meta_device != [0; 16] {
-        return Err(field("metadata device", "set without a feature flag".into()));
+    match (meta_device == [0; 16], incompat & INCOMPAT_META_DEVICE != 0) {
+        (false, false) => Err(field("metadata device", "set without a feature flag".into())),
+        (true, true) => Err(field(
+            "metadata device",
+            "all zero with the metadata-device feature flag".into(),
+        )),
+        _ => Ok(meta_device),
     }
-    Ok(meta_device)
 }
 
 /// The label: UTF-8 up to the first zero byte, and only zeros after it.

@@ -32,6 +32,7 @@ mod resync;
 mod retag;
 mod scrub;
 mod stage;
+mod two_devices;
 mod verify_copies;
 mod write;
 

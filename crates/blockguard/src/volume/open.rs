@@ -33,46 +33,8 @@ impl Volume {
         opts: &FormatOptions,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Volume> {
-        let name = backend.name();
-        let len = backend.len();
-        validate_label(&opts.label).map_err(|e| invalid(&name, e))?;
-        let geo = format_geometry(opts, &name, len)?;
-        let mut sb = new_superblock(opts, geo);
-        // The key is checked, and its check value made, before anything is written.
-        let tagger = opts
-            .profile
-            .tagger(&sb.uuid, opts.key.as_ref())
-            .map_err(|problem| Error::Key {
-                volume: name.clone(),
-                problem,
-            })?;
-        sb.key_check = tagger.key_check();
-        if !opts.assume_zeroed {
-            zero_backend(&*backend, &name, len, progress)?;
-        }
-        let align = backend.alignment().max(1);
-        if align > geo.block_size as usize {
-            return Err(invalid(
-                &name,
-                format!(
-                    "the backend needs {align}-byte aligned I/O, larger than the volume's {}-byte blocks",
-                    geo.block_size
-                ),
-            ));
-        }
-        write_empty_maps(&*backend, &name, &geo, &sb.uuid, align)?;
-        let io = |during, offset| io_error(&name, during, offset);
-        // Backup first: a crash before the primary lands leaves no volume rather than half of one.
-        write_aligned(&*backend, &sb.encode(1), geo.backup_sb_offset, align)
-            .map_err(io("writing the backup superblock", geo.backup_sb_offset))?;
-        backend.flush().map_err(io("flushing", 0))?;
-        write_aligned(&*backend, &sb.encode(0), 0, align).map_err(io("writing the primary superblock", 0))?;
-        backend.flush().map_err(io("flushing", 0))?;
-        let open = OpenOptions {
-            key: opts.key.clone(),
-            ..OpenOptions::default()
-        };
-        Self::open(backend, &open)
+        write_new_volume(&*backend, opts, None, progress)?;
+        Self::open(backend, &open_after_format(opts))
     }
 
     /// Opens an existing volume. A damaged superblock copy is reported in
@@ -216,9 +178,75 @@ impl Volume {
     }
 }
 
+/// The options a freshly formatted volume is opened with.
+pub(super) fn open_after_format(opts: &FormatOptions) -> OpenOptions {
+    OpenOptions {
+        key: opts.key.clone(),
+        ..OpenOptions::default()
+    }
+}
+
+/// Formats `backend`: zeroes it unless told it reads as zeros, writes the empty bitmaps and
+/// the two superblock copies (the backup first), flushing after each step. `pair`: the
+/// identity of a split volume's two devices (the backend is then their [`SplitBackend`](crate::split::SplitBackend)).
+pub(super) fn write_new_volume(
+    backend: &dyn Backend,
+    opts: &FormatOptions,
+    pair: Option<[u8; 16]>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    let name = backend.name();
+    let len = backend.len();
+    validate_label(&opts.label).map_err(|e| invalid(&name, e))?;
+    let geo = format_geometry(opts, &name, len)?;
+    let mut sb = new_superblock(opts, geo);
+    if let Some(pair) = pair {
+        sb.meta_device = pair;
+        sb.incompat |= crate::format::INCOMPAT_META_DEVICE;
+    }
+    // The key is checked, and its check value made, before anything is written.
+    let tagger = opts
+        .profile
+        .tagger(&sb.uuid, opts.key.as_ref())
+        .map_err(|problem| Error::Key {
+            volume: name.clone(),
+            problem,
+        })?;
+    sb.key_check = tagger.key_check();
+    if !opts.assume_zeroed {
+        zero_backend(backend, &name, len, progress)?;
+    }
+    let align = backend.alignment().max(1);
+    if align > geo.block_size as usize {
+        return Err(invalid(
+            &name,
+            format!(
+                "the backend needs {align}-byte aligned I/O, larger than the volume's {}-byte blocks",
+                geo.block_size
+            ),
+        ));
+    }
+    write_empty_maps(backend, &name, &geo, &sb.uuid, align)?;
+    let io = |during, offset| io_error(&name, during, offset);
+    // Backup first: a crash before the primary lands leaves no volume rather than half of one.
+    write_aligned(backend, &sb.encode(1), geo.backup_sb_offset, align)
+        .map_err(io("writing the backup superblock", geo.backup_sb_offset))?;
+    backend.flush().map_err(io("flushing", 0))?;
+    write_aligned(backend, &sb.encode(0), 0, align).map_err(io("writing the primary superblock", 0))?;
+    backend.flush().map_err(io("flushing", 0))?;
+    Ok(())
+}
+
 /// Reads and chooses the superblock of one backend, checking that the backend holds the
-/// layout it describes. Returns it and the warnings about damaged copies.
+/// layout it describes. Returns it and the warnings about damaged copies. The metadata device
+/// of a volume split over two devices is refused: it is opened with its data device
+/// ([`Volume::open_split`]).
 pub(super) fn read_member(backend: &dyn Backend) -> Result<(Superblock, Vec<String>)> {
+    read_layout(backend, false)
+}
+
+/// [`read_member`]; `split`: `backend` is the two devices of a split volume seen as one.
+pub(super) fn read_layout(backend: &dyn Backend, split: bool) -> Result<(Superblock, Vec<String>)> {
     let name = backend.name();
     let len = backend.len();
     let (primary, backup) = read_superblocks(backend, &name, len)?;
@@ -226,6 +254,14 @@ pub(super) fn read_member(backend: &dyn Backend) -> Result<(Superblock, Vec<Stri
     // With one copy unusable the other's state is still trustworthy: both markings write
     // the primary first, so a readable copy saying "clean" was never followed by a commit.
     let sb = choose_superblock(&name, primary, backup, &mut warnings)?;
+    if !split && sb.incompat & crate::format::INCOMPAT_META_DEVICE != 0 {
+        return Err(Error::Unsupported {
+            volume: name,
+            detail: "this is the metadata device of a volume whose data is on a separate data device: \
+                     open the volume through its data device"
+                .into(),
+        });
+    }
     check_backend_fits(backend, &name, &sb.geometry, len)?;
     Ok((sb, warnings))
 }
