@@ -33,14 +33,9 @@ if [[ -z "${BLOCKGUARD:-}" ]]; then
 fi
 work=${1:-$(mktemp -d -p "${TMPDIR:-/var/tmp}" tls-bench.XXXXXX)}
 mkdir -p "$work"
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do
-        kill -TERM "$p" 2>/dev/null || true
-    done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
+declare -A pid_of uri_of
+# The two servers stop (and flush) on SIGTERM, however the script ends.
+trap 'kill -TERM "${pid_of[@]}" 2>/dev/null; wait' EXIT
 echo "workdir $work; ${SIZE_MIB} MiB; $REPEAT round(s); $(nproc) cores; $BLOCKGUARD ${BG_ARGS:-}"
 
 # Certificates: a CA and the server's (localhost). fio's nbd engine cannot give libnbd a
@@ -63,7 +58,6 @@ mkdir -p "$pki"
 )
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-declare -A pid_of uri_of
 ticks_per_s=$(getconf CLK_TCK)
 cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 
@@ -75,7 +69,6 @@ start() { # name [serve args...]
     # shellcheck disable=SC2086 # BG_ARGS is a list of arguments
     "$BLOCKGUARD" serve "$work/$name.bgv" --create "${SIZE_MIB}M" --listen "127.0.0.1:$port" \
         --no-control ${BG_ARGS:-} "$@" 2>"$work/$name.log" &
-    pids+=($!)
     pid_of[$name]=$!
     for _ in $(seq 200); do
         grep -q "serving" "$work/$name.log" 2>/dev/null && break
