@@ -23,6 +23,8 @@ declare -A need=(
   [delpart]=util-linux
   # libFuzzer (scripts/fuzz.sh) is C++, built by libfuzzer-sys's build script.
   [g++]=g++
+  # Certificates for the TLS tests (tests/nbd_tls.rs) and bench/tls.sh.
+  [openssl]=openssl
 )
 missing=()
 for cmd in "${!need[@]}"; do

@@ -450,6 +450,26 @@ fn bad_tls_files_fail_at_startup_naming_the_file() {
     // A key without its certificate is a usage error.
     let out = bg(&["serve", vol.to_str().unwrap(), "--tls-key", &key]);
     assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let out = bg(&[
+        "serve",
+        vol.to_str().unwrap(),
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls",
+        "maybe",
+    ]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let help = stdout(&bg(&["serve", "--help"]));
+    for opt in [
+        "--tls-cert <FILE>",
+        "--tls-key <FILE>",
+        "--tls-client-ca <FILE>",
+        "--tls <MODE>",
+    ] {
+        assert!(help.contains(opt), "serve --help lacks {opt}:\n{help}");
+    }
 }
 
 #[test]

@@ -13,7 +13,8 @@
 //! `transmission` (request parsing, validation, execution and reply encoding, I/O-free),
 //! `server` (sockets, per-connection reader threads, the shared worker pool, shutdown),
 //! `buffers` (recycled I/O buffers), `pool` (the adaptive worker pool), `budget` (the bound
-//! on reply memory) and `conns` (the connection table and its limits).
+//! on reply memory), `conns` (the connection table and its limits) and `tls` (certificates
+//! and the per-connection TLS tunnel).
 //!
 //! With the `testing` feature (for this workspace's tests and fuzz targets only): `client`, a
 //! minimal blocking client, and `fuzzing`, the request-parser fuzz body.
