@@ -10,7 +10,6 @@ declare -A need=(
   [qemu-nbd]=qemu-utils
   [nbdinfo]=libnbd-bin
   [nbdcopy]=libnbd-bin
-  [nbdsh]=libnbd-bin
   [nbdkit]=nbdkit
   [fio]=fio
   [fusermount3]=fuse3

@@ -316,8 +316,16 @@ pub(crate) fn describe_recovery(r: &blockguard::RecoveryReport) -> String {
             j.segments_replayed, j.blocks_replayed, j.stopped
         );
     }
+    let retagged = if r.blocks_retagged > 0 {
+        format!(
+            "; {} blocks of {} groups written in the last window retagged from their data",
+            r.blocks_retagged, r.groups_dirty
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "{} groups examined, {} rewritten, {} blocks back to the version on disk, {} first writes completed",
+        "{} groups examined, {} rewritten, {} blocks back to the version on disk, {} first writes completed{retagged}",
         r.groups_examined - r.groups_skipped,
         r.groups_rewritten,
         r.blocks_reverted,
