@@ -139,19 +139,22 @@ fn largest_fitting(limit: u64, fits: &dyn Fn(u64) -> Option<Geometry>) -> Option
 pub const MIN_JOURNAL_LEN: u64 = 64 * 1024;
 
 /// A journal length is zero (no journal) or a multiple of 4 KiB and of the block size, at
-/// least [`MIN_JOURNAL_LEN`] and at least 8 blocks of log (a segment may take a quarter of
-/// the log, and needs two blocks: descriptor and data).
+/// least [`MIN_JOURNAL_LEN`], and with a log whose quarter (a segment's most, rounded down to
+/// whole blocks) holds a descriptor of one entry of the largest tag and one data block: every
+/// journal admits a one-block write.
 fn check_journal_len(len: u64, block_size: u32) -> Result<(), GeometryError> {
     let bs = u64::from(block_size);
+    let one_block =
+        (super::SECTOR_SIZE as u64 + 16 + crate::tag::MAX_TAG_SIZE as u64).next_multiple_of(bs) + bs;
+    // The smallest log whose quarter, in whole blocks, holds `one_block`.
+    let min_log = 4 * one_block;
+    let min = MIN_JOURNAL_LEN.max((2 * SB_REGION + min_log).next_multiple_of(bs.max(SB_REGION)));
     let why = if len == 0 {
         return Ok(());
     } else if !len.is_multiple_of(SB_REGION) || !len.is_multiple_of(bs) {
         format!("not a multiple of 4096 and of the block size {block_size}")
-    } else if len < MIN_JOURNAL_LEN || len - 2 * SB_REGION < 8 * bs {
-        format!(
-            "smaller than the minimum of {} bytes",
-            MIN_JOURNAL_LEN.max(2 * SB_REGION + 8 * bs)
-        )
+    } else if len < min {
+        format!("smaller than the minimum of {min} bytes for {block_size}-byte blocks")
     } else {
         return Ok(());
     };

@@ -116,6 +116,10 @@ impl FormatOptions {
     pub(crate) fn journal_len(&self, size: u64) -> Result<u64> {
         let unit = u64::from(self.block_size).max(crate::format::SB_REGION);
         match (self.mode, self.journal_size) {
+            (Mode::Journal, Some(0)) => Err(invalid(
+                "new volume",
+                "journal mode needs a journal: a journal size of 0 is not one".into(),
+            )),
             (Mode::Journal, Some(n)) => Ok(n),
             (Mode::Journal, None) => Ok((size / 16).clamp(1 << 20, 64 << 20).next_multiple_of(unit)),
             (mode, Some(_)) => Err(invalid(

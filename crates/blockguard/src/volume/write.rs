@@ -89,7 +89,9 @@ impl Inner {
             return Ok(());
         }
         let bs = u64::from(self.geo.block_size);
-        if let Some(max) = self.max_request().filter(|&m| buf.len() as u64 > m) {
+        // (A journal always admits one block: the geometry guarantees it; the guard keeps a
+        // broken limit from recursing forever.)
+        if let Some(max) = self.max_request().filter(|&m| m >= bs && buf.len() as u64 > m) {
             return self.write_split(buf, offset, pi, max);
         }
         let first = offset / bs;
@@ -242,7 +244,11 @@ impl Inner {
         let end = offset + len;
         let first_full = offset.div_ceil(bs);
         let end_full = end / bs;
-        if first_full >= end_full {
+        let unaligned = !offset.is_multiple_of(bs) || !end.is_multiple_of(bs);
+        // In `journal` mode a request up to the atomic size is one request: an unaligned one
+        // is written as zeros (edges and middle staged together) instead of in three steps.
+        let atomic = unaligned && self.max_request().is_some_and(|m| len <= m);
+        if first_full >= end_full || atomic {
             return self.write_at(&vec![0u8; usize_of(len)], offset);
         }
         if offset < first_full * bs {

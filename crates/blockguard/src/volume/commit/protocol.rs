@@ -64,6 +64,13 @@ pub(crate) trait Protocol: Send + Sync {
         false
     }
 
+    /// `Volume::resume`, after the backend took a flush again and before the failed batch is
+    /// written again: whatever the mode must restore first. Caller holds the commit lock.
+    fn before_retry(&self, vol: &Inner, state: &mut CommitState) -> Result<()> {
+        let _ = (vol, state);
+        Ok(())
+    }
+
     /// Whether a write into a metadata sector whose tags cannot be read must be refused when
     /// it arrives (the commit would have to carry those tags forward).
     fn refuses_writes_into_damage(&self) -> bool;

@@ -168,6 +168,7 @@ impl Inner {
         };
         self.write_superblocks(sb_state, "resuming: rewriting the superblocks")?;
         state.marked_in_use = in_use;
+        self.protocol.before_retry(self, state)?;
         // The batch whose commit failed: as planned if it got that far, else afresh.
         let committing = self.lock(&self.stage).committing.clone();
         if let Some(f) = state.in_flight.take() {

@@ -81,9 +81,15 @@ pub fn limits(geo: &Geometry) -> Option<JournalLimits> {
     let l = Layout::of(geo);
     let cap = l.segment_cap(geo.block_size);
     let bs = u64::from(geo.block_size);
-    let es = codec::entry_size(geo.tag_size as usize) as u64;
-    // A descriptor is the header sector and the entries, rounded up to whole blocks.
-    let blocks = cap.saturating_sub(SECTOR_SIZE as u64 + bs) / (bs + es);
+    let ts = geo.tag_size as usize;
+    let es = codec::entry_size(ts) as u64;
+    // The most blocks a segment of at most `cap` bytes carries: a lower bound that ignores the
+    // descriptor's rounding, then up while the exact length still fits.
+    let fits = |n: u64| codec::segment_len(usize_of(n), usize_of(n), ts, geo.block_size) <= cap;
+    let mut blocks = cap.saturating_sub(SECTOR_SIZE as u64 + bs) / (bs + es);
+    while fits(blocks + 1) {
+        blocks += 1;
+    }
     Some(JournalLimits {
         journal_len: geo.journal_len,
         log_len: l.log_len,
@@ -125,6 +131,12 @@ impl Protocol for Journal {
 
     fn write(&self, vol: &Inner, state: &mut CommitState, plan: &Plan, batch: &Batch) -> Result<()> {
         let layout = Layout::of(&vol.geo);
+        if vol.backend.count() > 1 {
+            // A mirror set: the groups a commit touches are marked in the write-intent map
+            // first, as in every mode, so that a copy that misses writes (absent, or dropped
+            // mid-commit) is resynchronized with exactly those groups.
+            super::mark_session(vol, state, &plan.updates, &[], false)?;
+        }
         if state.journal.is_none() {
             state.journal = Some(start_session(vol, &layout)?);
         }
@@ -158,6 +170,16 @@ impl Protocol for Journal {
 
     fn durable_at_commit(&self) -> bool {
         true
+    }
+
+    fn before_retry(&self, vol: &Inner, state: &mut CommitState) -> Result<()> {
+        // A failed flush may have dropped home writes of segments acknowledged before it, and
+        // the segment of the failed commit may be missing or torn: the journal on disk is
+        // replayed (writing every needed segment's blocks home again), and the retried batch
+        // starts a new session, so no later segment is chained behind a hole.
+        replay::replay_locked(vol, state, &mut |_, _| {})?;
+        state.journal = None;
+        Ok(())
     }
 
     fn refuses_writes_into_damage(&self) -> bool {

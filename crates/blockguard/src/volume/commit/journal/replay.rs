@@ -164,6 +164,16 @@ fn check_entries(
 
 /// Replays the journal of a volume left in use; then makes what it wrote durable.
 pub(crate) fn replay(vol: &Inner, progress: &mut dyn FnMut(u64, u64)) -> Result<ReplayReport> {
+    let mut state = vol.lock(&vol.commit);
+    replay_locked(vol, &mut state, progress)
+}
+
+/// [`replay`] with the commit lock held (`state`).
+pub(crate) fn replay_locked(
+    vol: &Inner,
+    state: &mut super::super::CommitState,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ReplayReport> {
     let layout = Layout::of(&vol.geo);
     let mut report = ReplayReport::default();
     let ck = match choose_checkpoint(read_checkpoints(vol, &layout)?) {
@@ -183,7 +193,6 @@ pub(crate) fn replay(vol: &Inner, progress: &mut dyn FnMut(u64, u64)) -> Result<
         }
     };
     tracing::info!(volume = %vol.name, session = ck.session, seq = ck.seq, "replaying the journal");
-    let mut state = vol.lock(&vol.commit);
     let (mut at, mut seq) = (ck.tail, ck.seq);
     loop {
         let found = match segment_at(vol, &layout, at, ck.session, seq)? {
@@ -210,7 +219,6 @@ pub(crate) fn replay(vol: &Inner, progress: &mut dyn FnMut(u64, u64)) -> Result<
     vol.flush_or_fail("flushing the replayed journal")?;
     let epoch = state.epoch;
     state.flushed(epoch);
-    drop(state);
     find_dropped(vol, &layout, ck.session, seq, &mut report)?;
     if report.dropped_segments > 0 {
         tracing::error!(
@@ -241,14 +249,19 @@ fn apply(vol: &Inner, epoch: u64, seg: &ReadSegment) -> Result<()> {
         batch.insert(e.block, staged);
     }
     // The in-place plan drops nothing.
-    let (plan, _dropped) = vol.plan(&batch, epoch)?;
+    let (mut plan, _dropped) = vol.plan(&batch, epoch)?;
+    // Every group the segment touches is marked written, not only those whose metadata is
+    // blank now: a crash may have kept a group's first metadata write and lost its map bit.
+    let groups: Vec<u64> = plan.updates.iter().map(|u| u.group).collect();
+    plan.map = vol.map_updates(&groups)?;
     vol.install(&plan.updates);
     vol.install_map(super::super::protocol::copy_map(&plan.map));
     super::write_home(vol, &plan, &batch)
 }
 
-/// Looks through the whole log for whole segments of `session` numbered `from` or later:
-/// made durable, yet cut off from replay by the segment that stopped it.
+/// Looks through the whole log for whole segments of `session` numbered after `from` (the
+/// one replay stopped at): made durable, yet cut off from replay by the segment that stopped
+/// it. (The stopping segment itself is normal after a crash: the last one, cut short.)
 fn find_dropped(
     vol: &Inner,
     layout: &Layout,
@@ -281,7 +294,7 @@ fn find_dropped(
             ) else {
                 continue;
             };
-            if h.session != session || h.seq < from {
+            if h.session != session || h.seq <= from {
                 continue;
             }
             report.dropped_segments += 1;
