@@ -326,3 +326,57 @@ fn the_remote_killed_mid_workload_is_resynced_automatically_when_back() {
         serde_json::json!({ "groups": groups })
     });
 }
+
+#[test]
+fn a_remote_copy_answering_errors_is_dropped_and_comes_back_when_they_stop() {
+    require("nbdkit");
+    let dir = tempfile::tempdir().unwrap();
+    let remote = raw_file(dir.path(), "remote.raw", 16 << 20);
+    let local = raw_file(dir.path(), "local.bgv", 16 << 20);
+    // nbdkit's error filter fails every write with EIO while the trigger file exists.
+    let trigger = dir.path().join("fail-writes");
+    let kit = Server::nbdkit(
+        &dir.path().join("kit.sock"),
+        &[
+            "--filter=error",
+            "file",
+            remote.to_str().unwrap(),
+            "error-pwrite=EIO",
+            "error-pwrite-rate=100%",
+            &format!("error-pwrite-file={}", trigger.display()),
+        ],
+    );
+    expect_exit(
+        &bg(&["format", local.to_str().unwrap(), "--force", "--mirror", &kit.uri]),
+        0,
+    );
+    let ctl = dir.path().join("v.ctl");
+    let ctl_s = ctl.to_str().unwrap();
+    let mut srv = Served::start(&local, &["--control", ctl_s]);
+    std::fs::write(&trigger, b"").unwrap();
+    let data = random_bytes(32 * BS as usize, 9);
+    write_through(&srv, &data, 100);
+    let list = bg(&["mirror", "list", local.to_str().unwrap(), "--control", ctl_s]);
+    assert!(stdout(&list).contains("out of sync"), "{}", stdout(&list));
+    assert!(
+        srv.log_text().contains("EIO"),
+        "the server's EIO is named:\n{}",
+        srv.log_text()
+    );
+    std::fs::remove_file(&trigger).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = bg(&["mirror", "list", local.to_str().unwrap(), "--control", ctl_s]);
+        if !stdout(&list).contains("out of sync") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not resynced:\n{}", srv.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(srv.signal("TERM").success(), "{}", srv.log_text());
+    for b in [100, 115, 131] {
+        let want = &data[((b - 100) * BS) as usize..((b - 99) * BS) as usize];
+        assert_eq!(block_of(&remote, b), want, "block {b} on the remote copy");
+    }
+    expect_exit(&bg(&["check", &kit.uri]), 0);
+}
