@@ -72,7 +72,9 @@ fn a_volume_whose_only_copy_is_on_qemu_nbd() {
     );
 
     let data = random_bytes(256 * BS as usize, 11);
-    let mut srv = Served::start_in(Path::new(&uri), dir.path(), &["--no-control"]);
+    let ctl = dir.path().join("v.ctl");
+    let ctl_s = ctl.to_str().unwrap();
+    let mut srv = Served::start_in(Path::new(&uri), dir.path(), &["--control", ctl_s]);
     write_through(&srv, &data, 0);
     let back = srv
         .client()
@@ -80,6 +82,13 @@ fn a_volume_whose_only_copy_is_on_qemu_nbd() {
         .unwrap()
         .expect("read back through the server");
     assert!(back == data, "read back through the server");
+    // status and scrub reach the served remote volume through its control socket.
+    let status = bg(&["status", &uri, "--control", ctl_s]);
+    expect_exit(&status, 0);
+    assert!(stdout(&status).contains(&uri), "{}", stdout(&status));
+    let scrub = bg(&["scrub", &uri, "--control", ctl_s]);
+    expect_exit(&scrub, 0);
+    assert!(stdout(&scrub).contains("0 bad"), "{}", stdout(&scrub));
     assert!(srv.signal("TERM").success(), "{}", srv.log_text());
 
     expect_exit(&bg(&["check", &uri]), 0);
