@@ -255,3 +255,50 @@ fn a_killed_server_fails_requests_fast_and_reconnection_follows_its_return() {
     b.read_at(&mut buf, 0).unwrap();
     assert_eq!(buf, [1; 4096]);
 }
+
+#[test]
+fn a_server_that_went_silent_costs_one_attempt_per_backoff_not_one_per_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let mut srv = Server::nbdkit(&sock, &["memory", "1M"]);
+    let opts = NbdOptions {
+        connect_timeout: Duration::from_millis(200),
+        backoff_min: Duration::from_millis(300),
+        backoff_max: Duration::from_secs(1),
+        ..quick()
+    };
+    let b = NbdBackend::connect(&srv.uri, &opts).unwrap();
+    srv.kill();
+    // In its place, something that accepts connections and never answers the handshake.
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&attempts);
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().flatten() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(c);
+        }
+    });
+    let start = Instant::now();
+    let mut requests = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        let t = Instant::now();
+        assert!(b.read_at(&mut [0u8; 4096], 0).is_err());
+        // Only a reconnection attempt waits, and no longer than the connect timeout.
+        assert!(
+            t.elapsed() < Duration::from_millis(600),
+            "a request took {:?}",
+            t.elapsed()
+        );
+        requests += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let n = attempts.load(std::sync::atomic::Ordering::SeqCst);
+    // One immediate attempt, then after 0.3, 0.6, 1 and 1 s (each attempt taking 0.2 s),
+    // whichever of the four connections (multi-conn) the requests land on.
+    assert!(
+        (2..=7).contains(&n),
+        "{n} connection attempts for {requests} requests in 3 s"
+    );
+}

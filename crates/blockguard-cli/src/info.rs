@@ -2,7 +2,7 @@
 
 use crate::common::open_unlocked;
 use anyhow::{bail, Result};
-use blockguard::blockguard_backend::{FileBackend, FileOptions, LockMode};
+use blockguard::blockguard_backend::{FileOptions, LockMode};
 use blockguard::{BlockReport, Superblock, Volume};
 use clap::Args;
 use serde::Serialize;
@@ -114,7 +114,7 @@ pub(crate) fn run(args: &InfoArgs) -> Result<()> {
         },
         // A keyed volume is described without its key; only its blocks need it.
         Err(e) if args.blocks.is_empty() && key_missing(&e) => {
-            let backend = FileBackend::open(
+            let backend = crate::remote::open_store(
                 &args.path,
                 &FileOptions {
                     read_only: true,
@@ -122,7 +122,7 @@ pub(crate) fn run(args: &InfoArgs) -> Result<()> {
                     ..FileOptions::default()
                 },
             )?;
-            let (sb, warnings) = Volume::read_superblock(&backend)?;
+            let (sb, warnings) = Volume::read_superblock(&*backend)?;
             Dump {
                 summary: summary(&sb, &args.path),
                 warnings,

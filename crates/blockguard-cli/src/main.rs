@@ -20,6 +20,7 @@ macro_rules! say {
     };
 }
 
+mod autoresync;
 mod check;
 mod common;
 mod control;

@@ -89,10 +89,14 @@ fn serve(args: &MountArgs) -> Result<()> {
         bail!("mount point {} is not a directory", args.mountpoint.display());
     }
     // Canonical, so that `blockguard umount` can find the volume from the mount table.
-    let source = args
-        .volume
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", args.volume.display()))?;
+    // A remote export is named by its URI.
+    let source = if crate::remote::is_remote(&args.volume) {
+        args.volume.clone()
+    } else {
+        args.volume
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", args.volume.display()))?
+    };
     let volume = open_volume_staged(&args.volume, args.read_only, None, args.error_policy)?;
 
     let mut config = MountConfig::new(file_name.clone(), source.to_string_lossy());

@@ -119,6 +119,11 @@ pub(crate) struct ServeArgs {
     pub(crate) tls: TlsArgs,
     #[command(flatten)]
     pub(crate) control: crate::control::ControlArgs,
+    /// Do not resync mirror copies on NBD exports automatically when they are back (by
+    /// default a remote copy that fell out of sync is resynchronized once reachable, retried
+    /// with a backoff up to a minute; `mirror resync` does it by hand).
+    #[arg(long)]
+    pub(crate) no_auto_resync: bool,
 }
 
 /// TLS options of `blockguard serve` (NBD `STARTTLS`, as `nbds://` clients and qemu's
@@ -231,7 +236,10 @@ pub(crate) fn run(args: &ServeArgs) -> Result<()> {
     )?;
     blockguard_nbd::shutdown_on_signals(&server.shutdown_handle())
         .context("cannot install signal handlers")?;
+    let auto = crate::autoresync::AutoResync::start(&volume, !args.no_auto_resync);
     let outcome = server.run();
+    // Stopping it lets go of the volume before the close below.
+    drop(auto);
     // Stops a scrub (keeping its position for a resume) and lets go of the volume.
     if let Some(c) = control {
         c.shutdown();

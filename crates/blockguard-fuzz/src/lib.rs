@@ -28,6 +28,7 @@ pub mod engine;
 pub mod harness;
 pub mod metablock;
 pub mod nbd;
+pub mod nbd_uri;
 pub mod superblock;
 
 use std::fmt::Write as _;
@@ -71,6 +72,13 @@ pub const TARGETS: &[Target] = &[
         seeds: nbd::seeds,
         max_len: nbd::MAX_LEN,
         weight: 2,
+    },
+    Target {
+        name: "nbd_uri",
+        run: nbd_uri::run,
+        seeds: nbd_uri::seeds,
+        max_len: nbd_uri::MAX_LEN,
+        weight: 1,
     },
     Target {
         name: "engine_model",

@@ -41,6 +41,7 @@ fn module_of(name: &str) -> &'static str {
         "format_superblock" => "superblock",
         "format_metablock" => "metablock",
         "nbd_request" => "nbd",
+        "nbd_uri" => "nbd_uri",
         "engine_model" => "engine",
         other => panic!("unknown target {other}"),
     }

@@ -112,14 +112,20 @@ pub enum NbdError {
     },
 }
 
-/// One connection slot: the connection, or when it was lost and when to try again.
+/// One connection slot: the connection, or why it was lost.
 #[derive(Debug)]
 struct Link {
     conn: Option<Arc<Conn>>,
     /// Why the last connection was lost, for the errors of requests made meanwhile.
     lost: String,
+}
+
+/// When the next reconnection may be tried, shared by all connection slots: a server that is
+/// away costs one connection attempt per backoff, not one per slot or per request.
+#[derive(Debug)]
+struct Retry {
     next_try: Instant,
-    backoff: Duration,
+    wait: Duration,
 }
 
 /// A backend on a remote NBD export. See the [module documentation](self).
@@ -129,6 +135,7 @@ pub struct NbdBackend {
     opts: NbdOptions,
     info: ExportInfo,
     links: Vec<Mutex<Link>>,
+    retry: Mutex<Retry>,
     next: AtomicUsize,
     /// Writes answered so far, and how many of them the last successful flush covered.
     acked: AtomicU64,
@@ -153,17 +160,21 @@ impl NbdBackend {
         } else {
             1
         };
-        let mut links = vec![Mutex::new(Link::up(first))];
+        let mut links = vec![Mutex::new(Link::up(Arc::new(first)))];
         for _ in 1..n {
             let c = open_conn(&uri, opts)?;
             check_same(&uri, &info, &c.info)?;
-            links.push(Mutex::new(Link::up(c)));
+            links.push(Mutex::new(Link::up(Arc::new(c))));
         }
         Ok(NbdBackend {
             uri,
             opts: opts.clone(),
             info,
             links,
+            retry: Mutex::new(Retry {
+                next_try: Instant::now(),
+                wait: Duration::ZERO,
+            }),
             next: AtomicUsize::new(0),
             acked: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
@@ -216,17 +227,23 @@ impl NbdBackend {
                     }
                     link.lost = reason;
                     link.conn = None;
-                    link.next_try = Instant::now() + link.backoff;
                 }
             }
         }
         let now = Instant::now();
-        if now < link.next_try {
-            return Err(format!(
-                "not connected ({}); next reconnection attempt in {:?}",
-                link.lost,
-                link.next_try - now
-            ));
+        {
+            let mut retry = self.retry.lock().unwrap_or_else(PoisonError::into_inner);
+            if now < retry.next_try {
+                return Err(format!(
+                    "not connected ({}); next reconnection attempt in {:?}",
+                    link.lost,
+                    retry.next_try - now
+                ));
+            }
+            // The first attempt after a loss is immediate (wait zero); while attempts fail the
+            // wait doubles from the minimum. Set before trying, so other slots wait meanwhile.
+            retry.wait = (retry.wait * 2).clamp(self.opts.backoff_min, self.opts.backoff_max);
+            retry.next_try = now + retry.wait;
         }
         match open_conn(&self.uri, &self.opts).and_then(|c| {
             check_same(&self.uri, &self.info, &c.info)?;
@@ -234,13 +251,15 @@ impl NbdBackend {
         }) {
             Ok(c) => {
                 let c = Arc::new(c);
-                *link = Link::up_arc(Arc::clone(&c), self.opts.backoff_min);
+                *link = Link::up(Arc::clone(&c));
                 self.reconnects.fetch_add(1, Ordering::Relaxed);
+                // The server is back: the other slots may reconnect at once.
+                let mut retry = self.retry.lock().unwrap_or_else(PoisonError::into_inner);
+                retry.wait = Duration::ZERO;
+                retry.next_try = Instant::now();
                 Ok(c)
             }
             Err(e) => {
-                link.next_try = now + link.backoff;
-                link.backoff = (link.backoff * 2).min(self.opts.backoff_max);
                 link.lost = e.to_string();
                 Err(format!("not connected; reconnecting failed: {e}"))
             }
@@ -371,16 +390,10 @@ impl NbdBackend {
 }
 
 impl Link {
-    fn up(c: Conn) -> Link {
-        Link::up_arc(Arc::new(c), Duration::ZERO)
-    }
-
-    fn up_arc(c: Arc<Conn>, backoff: Duration) -> Link {
+    fn up(c: Arc<Conn>) -> Link {
         Link {
             conn: Some(c),
             lost: String::new(),
-            next_try: Instant::now(),
-            backoff,
         }
     }
 }

@@ -179,6 +179,12 @@ fn parse_authority(authority: &str) -> Result<Address, String> {
     if host.is_empty() {
         return Err("a TCP URI needs a host: nbd://HOST[:PORT]/EXPORT".to_string());
     }
+    // Brackets only delimit an IPv6 address, whose colons cannot stand unbracketed.
+    if host.contains(['[', ']']) || (host.contains(':') && !hostport.starts_with('[')) {
+        return Err(format!(
+            "host {host:?} is malformed (an IPv6 address goes in brackets: [::1])"
+        ));
+    }
     let port = match port {
         None | Some("") => DEFAULT_PORT,
         Some(p) => p
@@ -265,6 +271,9 @@ mod tests {
             ("nbd://h:abc/x", "port"),
             ("nbd://[::1/x", "not closed"),
             ("nbd://[::1]x/e", "unexpected"),
+            ("nbd://k::1]:99/x", "malformed"),
+            ("nbd://[a[b]/x", "malformed"),
+            ("nbd://a%3Ab/x", "malformed"),
             ("nbd+unix:///disk", "socket=PATH"),
             ("nbd+unix://host/disk?socket=s", "takes no host"),
             ("nbd+unix:///d?socket=", "empty"),

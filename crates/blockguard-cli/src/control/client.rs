@@ -214,12 +214,20 @@ fn same_volume(client: &mut Client, volume: &Path) -> Result<Box<StatusInfo>> {
     let Response::Status(status) = client.ask(&Request::Status)? else {
         bail!("{}: unexpected reply to status", client.socket.display());
     };
-    let wanted = volume
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", volume.display()))?;
+    // A remote export has no canonical local path: it is compared by address and export.
+    let wanted = if crate::remote::is_remote(volume) {
+        volume.to_path_buf()
+    } else {
+        volume
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", volume.display()))?
+    };
     // A mirror set answers for each of its copies.
-    let serves =
-        |p: &str| Path::new(p) == wanted || crate::target::same_data(Path::new(p), &wanted).unwrap_or(false);
+    let serves = |p: &str| {
+        Path::new(p) == wanted
+            || crate::remote::same_remote(Path::new(p), &wanted)
+            || crate::target::same_data(Path::new(p), &wanted).unwrap_or(false)
+    };
     if !serves(&status.path) && !status.copies.iter().any(|c| serves(&c.path)) {
         bail!(
             "the server on the control socket {} serves {}, not {}",
