@@ -4,7 +4,7 @@
 
 use blockguard::blockguard_backend::{FaultBackend, MemoryBackend};
 use blockguard::tag::TagKey;
-use blockguard::{CorruptionKind, Error, FormatOptions, OpenOptions, Profile, Volume};
+use blockguard::{CorruptionKind, Error, FormatOptions, Mode, OpenOptions, Profile, Volume};
 use std::cell::Cell;
 use std::sync::Arc;
 
@@ -14,6 +14,8 @@ const BLOCKS: u64 = 150;
 thread_local! {
     /// The tag profile the current test runs with (each test runs on its own thread).
     static PROFILE: Cell<Profile> = const { Cell::new(Profile::Crc32c) };
+    /// The consistency mode it runs with.
+    static MODE: Cell<Mode> = const { Cell::new(Mode::Dual) };
 }
 
 /// Runs `body` once per profile of `profiles`: the suite holds for every tag profile.
@@ -51,6 +53,10 @@ fn opts() -> FormatOptions {
     o.uuid = Some([0x11; 16]);
     o.profile = profile();
     o.key = key();
+    o.mode = MODE.with(Cell::get);
+    if o.mode == Mode::Journal {
+        o.journal_size = Some(64 << 10);
+    }
     o
 }
 
@@ -571,5 +577,23 @@ fn one_damaged_brother_is_reported_never_hidden_with() {
                 assert!(vol.check_metadata(0, geo.groups).unwrap().is_empty(), "{what}");
             }
         }
+    }
+}
+
+/// The suite in the single-copy modes: `journal` (a 64 KiB journal, so every byte of it is
+/// flipped too) and `rebuild`, with `crc32c` (the brother-specific test stays `dual`-only).
+#[test]
+fn the_suite_holds_in_journal_and_rebuild_modes() {
+    for mode in [Mode::Journal, Mode::Rebuild] {
+        MODE.with(|c| c.set(mode));
+        println!("mode {}", mode.name());
+        every_single_byte_flip_is_caught_or_harmless_with();
+        damaged_metadata_never_turns_data_into_zeros_with();
+        misdirected_write_is_detected_at_both_addresses_with();
+        lost_data_write_is_detected_after_flush_with();
+        lost_metadata_write_never_yields_wrong_data_with();
+        io_errors_are_io_errors_and_a_failed_write_back_poisons_flush_with();
+        superblock_damage_with();
+        large_batches_land_whole_and_fail_whole_with();
     }
 }

@@ -137,6 +137,16 @@ proptest! {
     }
 
     #[test]
+    fn journal_mode_matches_model(ops in proptest::collection::vec(op(4096 * 150), 1..40)) {
+        run(&ops, 4096, Mode::Journal, 64 << 10);
+    }
+
+    #[test]
+    fn rebuild_mode_matches_model(ops in proptest::collection::vec(op(512 * 150), 1..40)) {
+        run(&ops, 512, Mode::Rebuild, 4096);
+    }
+
+    #[test]
     fn none_mode_matches_model_without_crashes(ops in proptest::collection::vec(op(512 * 150), 1..40)) {
         run(&ops, 512, Mode::None, 4096);
     }
