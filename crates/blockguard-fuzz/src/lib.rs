@@ -26,6 +26,7 @@
 
 pub mod engine;
 pub mod harness;
+pub mod journal;
 pub mod metablock;
 pub mod nbd;
 pub mod nbd_uri;
@@ -64,6 +65,13 @@ pub const TARGETS: &[Target] = &[
         run: metablock::run,
         seeds: metablock::seeds,
         max_len: metablock::MAX_LEN,
+        weight: 1,
+    },
+    Target {
+        name: "format_journal",
+        run: journal::run,
+        seeds: journal::seeds,
+        max_len: journal::MAX_LEN,
         weight: 1,
     },
     Target {
