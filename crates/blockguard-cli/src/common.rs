@@ -185,9 +185,27 @@ pub(crate) fn records_of(path: &Path) -> Vec<blockguard::format::MemberRecord> {
 /// The metadata device of a volume whose data device is `backend` (it ends with a data-device
 /// trailer naming where its metadata device was at format), opened the same way; `None` for
 /// every other store.
+///
+/// A trailer that is there but damaged, or cannot be read, is an error, never a reason to
+/// open the path as a volume of its own: its first bytes are the guest's image, which may
+/// itself be a blockguard volume.
 pub(crate) fn split_metadata(backend: &dyn Backend, opts: &FileOptions) -> Result<Option<Arc<dyn Backend>>> {
-    let Ok(Ok(trailer)) = blockguard::split::read_trailer(backend) else {
-        return Ok(None);
+    let trailer = match blockguard::split::read_trailer(backend) {
+        Ok(Ok(t)) => t,
+        Ok(Err(blockguard::split::TrailerError::Missing)) => return Ok(None),
+        Ok(Err(e)) => bail!(
+            "{}: {e}; this is the data device of a volume split over two devices, whose trailer (its \
+             last 4 KiB) no longer says where its metadata device is",
+            backend.name()
+        ),
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "{}: reading its last 4 KiB (a data-device trailer?)",
+                    backend.name()
+                )
+            })
+        }
     };
     let meta = FileBackend::open(Path::new(&trailer.meta_hint), opts).with_context(|| {
         format!(

@@ -38,6 +38,18 @@ impl Volume {
         meta_hint: &str,
     ) -> Result<Volume> {
         let name = data.name();
+        same_device(&data, &meta)?;
+        if meta_hint.len() > crate::split::MAX_HINT {
+            return Err(invalid(
+                &name,
+                format!(
+                    "the metadata device's path is {} bytes; the data device's trailer keeps at most {}: \
+                     give a shorter path (a symlink)",
+                    meta_hint.len(),
+                    crate::split::MAX_HINT
+                ),
+            ));
+        }
         let geo = opts
             .geometry_for_size()
             .map_err(|e| invalid(&name, e.to_string()))?;
@@ -92,6 +104,7 @@ impl Volume {
 
     /// Checks that `data` and `meta` are the two devices of one volume and joins them.
     fn pair(data: Arc<dyn Backend>, meta: Arc<dyn Backend>) -> Result<SplitBackend> {
+        same_device(&data, &meta)?;
         let sb = meta_superblock(&*meta)?;
         let dname = data.name();
         let trailer = read_trailer(&*data)
@@ -162,6 +175,18 @@ fn meta_superblock(meta: &dyn Backend) -> Result<Superblock> {
             last.map_or_else(|| "too small".into(), |e| e.to_string())
         ),
     })
+}
+
+/// Refuses one backend given as both devices (its superblock and data block 0 would share
+/// byte 0).
+fn same_device(data: &Arc<dyn Backend>, meta: &Arc<dyn Backend>) -> Result<()> {
+    if Arc::ptr_eq(data, meta) {
+        return Err(invalid(
+            &data.name(),
+            "the same device was given as the data device and the metadata device".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Writes the trailer in the data device's last 4 KiB, and flushes.
