@@ -221,6 +221,19 @@ fn held_independent_crash_of_both_devices() {
         for round in 0..40u32 {
             let (p, v) = Pair::new(mode, 0, 0);
             write_all(&v, 1);
+            // Commits on the writing thread only: the two devices' images below are then taken
+            // at one moment (a background commit running between the snapshots would mix two
+            // moments, which no crash can produce).
+            v.close().unwrap();
+            let v = Volume::open_split(
+                p.data.clone(),
+                p.meta.clone(),
+                &OpenOptions {
+                    background_commit: false,
+                    ..OpenOptions::default()
+                },
+            )
+            .unwrap();
             let mut written = std::collections::BTreeSet::new();
             let n = rng.random_range(1..12);
             for _ in 0..n {
@@ -618,7 +631,7 @@ fn finding_library_same_backend_as_both_devices() {
 /// Only one device crashes (the other keeps every write, or only its flushed ones), in every
 /// mode: blocks read old or new, never an error.
 #[test]
-#[ignore = "fails intermittently (about 1 run in 6, background commit timing): journal mode, only the data device crashes with torn writes, a block then fails verification after replay; under investigation (see the stop note)"]
+#[ignore = "open: fails intermittently in journal mode (about 1 run in 10, also with commits on the writing thread): after a close, a reopen and a crash of the data device only, replay applied segments of the earlier session and a block then fails verification; not yet understood (see the stop note)"]
 fn held_crash_of_one_device_only() {
     let mut rng = ChaCha8Rng::seed_from_u64(0x0DE5);
     for mode in [Mode::Dual, Mode::Rebuild, Mode::Journal] {
