@@ -426,11 +426,23 @@ fn format_rejects_bad_arguments_clearly() {
         ),
         (&["--size", "0"], &["not a positive multiple"]),
         (
-            &["--size", "1M", "--mode", "journal"],
+            &["--size", "1M", "--mode", "log"],
             &[
-                "invalid value 'journal'",
-                "[possible values: none, dual, rebuild]",
+                "invalid value 'log'",
+                "[possible values: none, dual, journal, rebuild]",
             ],
+        ),
+        (
+            &["--size", "1M", "--mode", "journal", "--journal-size", "0"],
+            &["journal size of 0"],
+        ),
+        (
+            &["--size", "1M", "--mode", "dual", "--journal-size", "1M"],
+            &["dual mode keeps no journal"],
+        ),
+        (
+            &["--size", "1M", "--mode", "journal", "--journal-size", "63K"],
+            &["journal size 64512"],
         ),
         (
             &["--size", "1M", "--profile", "crc16"],
@@ -493,7 +505,10 @@ fn sizes_take_units_everywhere_and_help_lists_modes_and_profiles() {
     let j = t.format("w.bgv", &["--size", "512K", "--block-size", "0.5K"]);
     assert_eq!(j["block_size"], 512);
     let help = t.run(&["format", "--help"]).code(0).stdout.clone();
-    assert!(help.contains("[possible values: none, dual, rebuild]"), "{help}");
+    assert!(
+        help.contains("[possible values: none, dual, journal, rebuild]"),
+        "{help}"
+    );
     for p in [
         "crc32c",
         "xxh3",
