@@ -153,9 +153,18 @@ impl Volume {
                 what: "a re-tag is already running".into(),
             });
         }
-        let result = inner.retag(opts, progress);
-        inner.retag_running.store(false, Ordering::Release);
-        result
+        // Cleared however the re-tag ends, a panic included.
+        let _running = Running(&inner.retag_running);
+        inner.retag(opts, progress)
+    }
+}
+
+/// Clears the "a re-tag is running" flag when dropped.
+struct Running<'a>(&'a AtomicBool);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
