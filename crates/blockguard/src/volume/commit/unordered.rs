@@ -40,6 +40,25 @@ pub(super) fn plan_in_place(vol: &Inner, b: &GroupBatch<'_>) -> Planned {
     w.finish(&vol.geo, epoch)
 }
 
+/// Puts a batch planned in place on the backend — data, tags, map sectors, in no order that
+/// matters to a crash — and only then makes its new tags and map bits the cached state.
+///
+/// Installing first would open a window for a false alarm: the cache may evict the new state
+/// before its sectors reach the disk (it is small, and evictions come from other threads'
+/// loads), and a reload would then read the old sectors — a first write's blank metadata under
+/// a map bit already installed reads as damage (a write into the group refused as "metadata
+/// damaged"), and old tags reloaded after the new data landed read as a tag mismatch until
+/// evicted again. Installed after the writes, any reload reads what the writes left, and the
+/// batch's own blocks are served from the stage until the commit ends.
+pub(super) fn write_in_place(vol: &Inner, plan: &Plan, batch: &Batch) -> Result<()> {
+    vol.write_data(batch)?;
+    vol.write_metadata(&plan.updates)?;
+    vol.write_map(&plan.map)?;
+    vol.install(&plan.updates);
+    vol.install_map(super::protocol::copy_map(&plan.map));
+    Ok(())
+}
+
 /// Recovery's answer for a group of a mode with one tag copy: nothing to rebuild from; the
 /// group holds written metadata or not.
 pub(super) fn group_written(vol: &Inner, group: u64) -> Result<bool> {
@@ -52,12 +71,7 @@ impl Protocol for Unordered {
     }
 
     fn write(&self, vol: &Inner, _state: &mut CommitState, plan: &Plan, batch: &Batch) -> Result<()> {
-        vol.write_data(batch)?;
-        vol.write_metadata(&plan.updates)?;
-        vol.write_map(&plan.map)?;
-        vol.install(&plan.updates);
-        vol.install_map(super::protocol::copy_map(&plan.map));
-        Ok(())
+        write_in_place(vol, plan, batch)
     }
 
     fn refuses_writes_into_damage(&self) -> bool {

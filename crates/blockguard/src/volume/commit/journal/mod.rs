@@ -161,8 +161,6 @@ impl Protocol for Journal {
         // The one barrier of a commit: from here on the batch survives a crash.
         vol.flush_or_fail("flushing the journal")?;
         ring.barrier_done();
-        vol.install(&plan.updates);
-        vol.install_map(super::protocol::copy_map(&plan.map));
         write_home(vol, plan, batch)?;
         ring.home_issued();
         Ok(())
@@ -232,11 +230,10 @@ impl Protocol for Journal {
 }
 
 /// Puts a planned batch home: data, tags in place, map sectors — no ordering among them, the
-/// journal holds the batch until a later barrier makes them durable.
+/// journal holds the batch until a later barrier makes them durable — and then installs its
+/// tags (after the writes, for the reason [`super::unordered::write_in_place`] gives).
 pub(super) fn write_home(vol: &Inner, plan: &Plan, batch: &Batch) -> Result<()> {
-    vol.write_data(batch)?;
-    vol.write_metadata(&plan.updates)?;
-    vol.write_map(&plan.map)
+    super::unordered::write_in_place(vol, plan, batch)
 }
 
 /// A new session: a random session number and a checkpoint at log offset 0 with a

@@ -254,8 +254,6 @@ fn apply(vol: &Inner, epoch: u64, seg: &ReadSegment) -> Result<()> {
     // blank now: a crash may have kept a group's first metadata write and lost its map bit.
     let groups: Vec<u64> = plan.updates.iter().map(|u| u.group).collect();
     plan.map = vol.map_updates(&groups)?;
-    vol.install(&plan.updates);
-    vol.install_map(super::super::protocol::copy_map(&plan.map));
     super::write_home(vol, &plan, &batch)
 }
 
