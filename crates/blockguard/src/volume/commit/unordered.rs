@@ -17,14 +17,43 @@ use std::sync::atomic::Ordering;
 pub(crate) struct Unordered;
 
 /// Tags rewritten in place: slot 0 of every pair gets the pair's current tags plus the
-/// batch's (the `none` and `rebuild` modes).
-pub(super) fn plan_in_place(vol: &Inner, b: &GroupBatch<'_>) -> Planned {
+/// batch's (the `none`, `rebuild` and `journal` modes).
+///
+/// With `keep_damaged`, a sector that fails its checks is left as it is unless the batch
+/// covers every block of it: rewriting it would give its other blocks the unwritten tag and
+/// erase the damage (they would read as "unwritten but not zero", or as zeros, instead of
+/// as damaged). The batch's blocks in such a sector are pushed to `keep_damaged` (they cannot
+/// be kept). A sector is written whole and atomically, so no crash leaves one invalid: this
+/// only ever applies to real damage. (Normal writes into damage are refused before they are
+/// staged; this guards replay and damage found between staging and commit.)
+pub(super) fn plan_in_place(
+    vol: &Inner,
+    b: &GroupBatch<'_>,
+    mut keep_damaged: Option<&mut Dropped>,
+) -> Planned {
     let (group, old, tags, epoch) = (b.group, b.old, b.tags, b.epoch);
     let ts = vol.geo.tag_size as usize;
     let per = vol.geo.tags_per_sector() as usize;
     let mut w = old.writer(&vol.sb.uuid, group);
     for k in 0..old.pairs() {
         let count = vol.geo.tags_in_sector(group, u32_of_small(k));
+        if let (Some(dropped), SectorParse::Invalid(why)) = (keep_damaged.as_deref_mut(), old.pair(k)[0]) {
+            let inside: Vec<usize> = tags
+                .iter()
+                .map(|(i, _)| *i)
+                .filter(|i| (k * per..k * per + count).contains(i))
+                .collect();
+            if inside.len() < count {
+                let first = vol.geo.first_block(group);
+                dropped.extend(inside.iter().map(|i| {
+                    (
+                        first + *i as u64,
+                        format!("metadata sector {k} of group {group} is damaged ({why}) and the write does not cover all of it"),
+                    )
+                }));
+                continue;
+            }
+        }
         let valid = matches!(old.pair(k)[0], SectorParse::Valid { .. });
         let mut base = w.tags_of(valid.then_some(0), k, count);
         for (i, t) in tags
@@ -67,7 +96,8 @@ pub(super) fn group_written(vol: &Inner, group: u64) -> Result<bool> {
 
 impl Protocol for Unordered {
     fn plan_group(&self, vol: &Inner, b: &GroupBatch<'_>, _dropped: &mut Dropped) -> Result<Planned> {
-        Ok(plan_in_place(vol, b))
+        // `none` writes into damage as asked (it promises nothing).
+        Ok(plan_in_place(vol, b, None))
     }
 
     fn write(&self, vol: &Inner, _state: &mut CommitState, plan: &Plan, batch: &Batch) -> Result<()> {

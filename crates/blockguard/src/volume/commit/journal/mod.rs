@@ -125,8 +125,8 @@ impl SegmentCost {
 }
 
 impl Protocol for Journal {
-    fn plan_group(&self, vol: &Inner, b: &GroupBatch<'_>, _dropped: &mut Dropped) -> Result<Planned> {
-        Ok(super::unordered::plan_in_place(vol, b))
+    fn plan_group(&self, vol: &Inner, b: &GroupBatch<'_>, dropped: &mut Dropped) -> Result<Planned> {
+        Ok(super::unordered::plan_in_place(vol, b, Some(dropped)))
     }
 
     fn write(&self, vol: &Inner, state: &mut CommitState, plan: &Plan, batch: &Batch) -> Result<()> {

@@ -248,8 +248,21 @@ fn apply(vol: &Inner, epoch: u64, seg: &ReadSegment) -> Result<()> {
         };
         batch.insert(e.block, staged);
     }
-    // The in-place plan drops nothing.
-    let (mut plan, _dropped) = vol.plan(&batch, epoch)?;
+    // Blocks whose metadata sector is damaged (and not wholly rewritten by the segment) keep
+    // it damaged: replay must not turn real damage into "unwritten". They go unreplayed, and
+    // read as damaged.
+    let (mut plan, dropped) = vol.plan(&batch, epoch)?;
+    if !dropped.is_empty() {
+        tracing::error!(
+            volume = %vol.name,
+            blocks = ?dropped.iter().map(|(b, _)| *b).collect::<Vec<_>>(),
+            "journal replay: {}; these blocks stay unreadable until rewritten or `blockguard recover --rebuild`",
+            dropped[0].1
+        );
+        for (b, _) in &dropped {
+            batch.remove(b);
+        }
+    }
     // Every group the segment touches is marked written, not only those whose metadata is
     // blank now: a crash may have kept a group's first metadata write and lost its map bit.
     let groups: Vec<u64> = plan.updates.iter().map(|u| u.group).collect();
