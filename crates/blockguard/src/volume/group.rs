@@ -321,8 +321,11 @@ impl GroupState {
                 // Every write of a group rewrites all of its sectors, a discard included (its
                 // tags become the unwritten tag under a valid header): a blank one in a group
                 // that was written is damage (a wiped group), unless a crash may have cut the
-                // group's first write short.
-                Empty if self.never_written() || self.after_crash() => PairView::Unwritten,
+                // group's first write short — in `rebuild` the write-intent map says so, in
+                // `journal` the written-groups map (a first write's bit reaches the disk only
+                // after the group's metadata is durable, so while it is clear a torn first
+                // write may have left blank sectors).
+                Empty if self.map == MapBit::Clear || self.after_crash() => PairView::Unwritten,
                 Empty if !self.any_written && matches!(self.map, MapBit::Damaged(_)) => {
                     PairView::Damaged(Damage::BlankMapUnknown)
                 }

@@ -2,6 +2,7 @@
 //! It promises nothing after a crash; it exists as the comparison case the crash simulator
 //! must catch.
 
+use super::super::group::PairView;
 use super::super::recover::{RecoverOptions, RecoveryReport};
 use super::super::stage::Batch;
 use super::super::Inner;
@@ -19,12 +20,14 @@ pub(crate) struct Unordered;
 /// Tags rewritten in place: slot 0 of every pair gets the pair's current tags plus the
 /// batch's (the `none`, `rebuild` and `journal` modes).
 ///
-/// With `keep_damaged`, a sector that fails its checks is left as it is unless the batch
+/// With `keep_damaged`, a damaged sector (one that fails its checks, or a blank one in a group
+/// that was written) is left as it is unless the batch
 /// covers every block of it: rewriting it would give its other blocks the unwritten tag and
 /// erase the damage (they would read as "unwritten but not zero", or as zeros, instead of
 /// as damaged). The batch's blocks in such a sector are pushed to `keep_damaged` (they cannot
-/// be kept). A sector is written whole and atomically, so no crash leaves one invalid: this
-/// only ever applies to real damage. (Normal writes into damage are refused before they are
+/// be kept). A sector is written whole and atomically, so no crash leaves one invalid, and a
+/// blank one counts as damage only where no crash can explain it: this only ever applies to
+/// real damage. (Normal writes into damage are refused before they are
 /// staged; this guards replay and damage found between staging and commit.)
 pub(super) fn plan_in_place(
     vol: &Inner,
@@ -37,7 +40,7 @@ pub(super) fn plan_in_place(
     let mut w = old.writer(&vol.sb.uuid, group);
     for k in 0..old.pairs() {
         let count = vol.geo.tags_in_sector(group, u32_of_small(k));
-        if let (Some(dropped), SectorParse::Invalid(why)) = (keep_damaged.as_deref_mut(), old.pair(k)[0]) {
+        if let (Some(dropped), PairView::Damaged(why)) = (keep_damaged.as_deref_mut(), old.view(k)) {
             let inside: Vec<usize> = tags
                 .iter()
                 .map(|(i, _)| *i)
