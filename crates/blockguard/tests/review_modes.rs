@@ -475,3 +475,122 @@ fn held_one_bad_read_during_recovery() {
         }
     }
 }
+
+/// Writers, discards, zeroing and partial writes from several threads into the same groups,
+/// with readers, the background committer, a one-group metadata cache, a tiny stage and the
+/// dirty map cleared every few milliseconds: no false `MetadataDamaged`, `TagMismatch` or
+/// `UnwrittenNotZero`, no refused write, and every block holds its last write after a reopen.
+fn concurrent_mixed(mode: Mode, seed: u64, millis: u64) {
+    let f = format_opts(mode);
+    let mb = Arc::new(MemoryBackend::new(f.backing_len().unwrap()).unwrap());
+    Volume::format(mb.clone(), &f).unwrap().close().unwrap();
+    let opts = OpenOptions {
+        background_commit: true,
+        stage_bytes: 2 * BS,
+        cache_bytes: 2 * BS,
+        dirty_clear_interval: Duration::from_millis(3),
+        ..OpenOptions::default()
+    };
+    let vol = Arc::new(Volume::open(mb.clone(), &opts).unwrap());
+    const WRITERS: u64 = 3;
+    // Blocks around group and sector boundaries of groups 0..=2; writer w owns those ≡ w.
+    let blocks: Vec<u64> = (0..60u64).map(|i| [0u64, 60, 124, 490, 496, 560, 985, 992][(i % 8) as usize] + i / 8).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut handles = Vec::new();
+    for w in 0..WRITERS {
+        let (vol, stop, errors, blocks) = (vol.clone(), stop.clone(), errors.clone(), blocks.clone());
+        handles.push(std::thread::spawn(move || {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ w);
+            let mine: Vec<u64> = blocks.iter().copied().filter(|b| b % WRITERS == w).collect();
+            let mut model: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+            let mut v = 0u32;
+            let deadline = Instant::now() + Duration::from_millis(millis);
+            while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                let b = mine[rng.random_range(0..mine.len())];
+                v += 1;
+                let off = b * BS as u64;
+                let r = match rng.random_range(0..10) {
+                    0..=3 => {
+                        let d = pattern(b, v);
+                        model.insert(b, d.clone());
+                        vol.write_at(&d, off)
+                    }
+                    4 | 5 => {
+                        let mut d = model.get(&b).cloned().unwrap_or_else(|| vec![0; BS]);
+                        let at = 512 * rng.random_range(0..8usize);
+                        d[at..at + 512].fill((v as u8) | 1);
+                        let r = vol.write_at(&d[at..at + 512], off + at as u64);
+                        model.insert(b, d);
+                        r
+                    }
+                    6 => {
+                        model.insert(b, vec![0; BS]);
+                        vol.discard(off, BS as u64)
+                    }
+                    7 => {
+                        model.insert(b, vec![0; BS]);
+                        vol.write_zeroes(off, BS as u64)
+                    }
+                    8 => vol.flush(),
+                    _ => read_block(&vol, b).and_then(|d| {
+                        let want = model.get(&b).cloned().unwrap_or_else(|| vec![0; BS]);
+                        if d == want {
+                            Ok(())
+                        } else {
+                            errors.lock().unwrap().push(format!("writer {w}: block {b} read a wrong version"));
+                            Ok(())
+                        }
+                    }),
+                };
+                if let Err(e) = r {
+                    errors.lock().unwrap().push(format!("writer {w}: block {b}: {e}"));
+                    stop.store(true, Ordering::Relaxed);
+                }
+            }
+            model
+        }));
+    }
+    for r in 0..2u64 {
+        let (vol, stop, errors, blocks) = (vol.clone(), stop.clone(), errors.clone(), blocks.clone());
+        handles.push(std::thread::spawn(move || {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (100 + r));
+            let deadline = Instant::now() + Duration::from_millis(millis);
+            while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                // Readers roam the groups, loading and evicting metadata.
+                let b = if rng.random_bool(0.5) {
+                    blocks[rng.random_range(0..blocks.len())]
+                } else {
+                    rng.random_range(0..1500u64)
+                };
+                if let Err(e) = read_block(&vol, b) {
+                    errors.lock().unwrap().push(format!("reader {r}: block {b}: {e}"));
+                    stop.store(true, Ordering::Relaxed);
+                }
+            }
+            BTreeMap::new()
+        }));
+    }
+    let mut model = BTreeMap::new();
+    for h in handles {
+        model.extend(h.join().unwrap());
+    }
+    let errors = errors.lock().unwrap().clone();
+    assert!(errors.is_empty(), "{mode:?} seed {seed}: {} errors, first {:?}", errors.len(), errors.first());
+    Arc::into_inner(vol).unwrap().close().unwrap();
+    let vol = Volume::open(mb, &sync_opts()).unwrap();
+    for (b, d) in model {
+        assert_eq!(read_block(&vol, b).unwrap(), d, "{mode:?} seed {seed}: block {b} after reopen");
+    }
+    assert!(vol.check_metadata(0, 4).unwrap().is_empty());
+}
+
+#[test]
+fn held_concurrent_writes_discards_zeroing_under_cache_pressure() {
+    let seed = std::env::var("REVIEW_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0xc0c0u64);
+    let millis = std::env::var("REVIEW_MILLIS").ok().and_then(|s| s.parse().ok()).unwrap_or(1500);
+    for mode in [Mode::Rebuild, Mode::Journal] {
+        println!("{mode:?} seed {seed} for {millis} ms");
+        concurrent_mixed(mode, seed, millis);
+    }
+}
