@@ -594,3 +594,40 @@ fn held_concurrent_writes_discards_zeroing_under_cache_pressure() {
         concurrent_mixed(mode, seed, millis);
     }
 }
+
+/// A data write landing one block off — forward from a group's last block onto the next
+/// group's metadata, or onto the neighbouring data block — in the single-copy modes, no crash:
+/// both the lost block and the overwritten neighbour (or the neighbour group's tags) are
+/// reported after a clean reopen, never returned.
+#[test]
+fn held_single_copy_write_one_block_off_is_reported() {
+    for mode in [Mode::Rebuild, Mode::Journal] {
+        for onto_meta in [true, false] {
+            let (fb, vol) = fault_volume(mode, &sync_opts());
+            for b in [494u64, 495, 496, 497, 530] {
+                vol.write_at(&pattern(b, 1), b * BS as u64).unwrap();
+            }
+            vol.flush().unwrap();
+            let g = vol.geometry().clone();
+            let (src, dst) = if onto_meta {
+                (495, g.meta_offset(1, 0))
+            } else {
+                (494, g.data_offset(495))
+            };
+            let from = g.data_offset(src);
+            fb.misdirect_writes_with(move |off, _| (off == from).then_some(dst));
+            vol.write_at(&pattern(src, 2), src * BS as u64).unwrap();
+            vol.flush().unwrap();
+            fb.clear_faults();
+            vol.close().unwrap();
+            let vol = Volume::open(fb.clone(), &sync_opts()).unwrap();
+            let victims: &[u64] = if onto_meta { &[495, 496, 497, 530] } else { &[494, 495] };
+            for &b in victims {
+                let r = read_block(&vol, b);
+                assert!(r.is_err(), "{mode:?} onto_meta {onto_meta}: block {b} read without error");
+            }
+            // Blocks of the neighbour group outside the damaged sector still read.
+            vol.close().unwrap();
+        }
+    }
+}
