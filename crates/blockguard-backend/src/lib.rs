@@ -25,6 +25,7 @@ pub mod nbd;
 pub mod stack;
 #[cfg(test)]
 mod testdev;
+pub mod tls;
 
 pub use fault::{
     CrashState, Event, FaultBackend, FaultStats, InjectedFault, InvalidProbability, PendingWrite, ReadFault,

@@ -1,5 +1,6 @@
 //! Volumes and mirror copies on remote NBD exports, named by NBD URIs (`nbd://host[:port]/export`,
-//! `nbd+unix:///export?socket=PATH`) wherever a path is accepted.
+//! `nbd+unix:///export?socket=PATH`, and over TLS `nbds://` and `nbds+unix://`) wherever a path
+//! is accepted.
 //!
 //! A remote export cannot be locked from here the way a local file is (`flock` works only on
 //! this machine): two processes serving one export would interleave data and tag updates
@@ -33,6 +34,10 @@ pub(crate) struct NbdArgs {
     #[arg(long, global = true, value_name = "N", default_value = "4",
           value_parser = clap::value_parser!(u64).range(1..=64))]
     pub(crate) nbd_connections: u64,
+    /// For `nbds://` URIs without `tls-certificates=DIR`: the CA certificates (PEM) the
+    /// server's certificate must chain to. With the directory, its `ca-cert.pem` is used.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub(crate) nbd_tls_ca: Option<std::path::PathBuf>,
 }
 
 static OPTIONS: OnceLock<NbdOptions> = OnceLock::new();
@@ -43,6 +48,7 @@ pub(crate) fn set_options(args: &NbdArgs) {
         request_timeout: Duration::from_secs(args.nbd_timeout),
         connect_timeout: Duration::from_secs(args.nbd_connect_timeout),
         connections: usize::try_from(args.nbd_connections).unwrap_or(1),
+        tls_ca: args.nbd_tls_ca.clone(),
         ..NbdOptions::default()
     };
     // Set once, by `main`.

@@ -14,40 +14,6 @@ use servers::Server;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-const BS: u64 = 4096;
-
-/// The geometry a member's own superblock states (read from the raw file under the export).
-fn geometry(file: &Path) -> blockguard::Geometry {
-    let bytes = std::fs::read(file).expect("read the copy");
-    let (sb, _) = blockguard::Superblock::decode(&bytes[..512]).expect("a superblock");
-    sb.geometry
-}
-
-fn block_of(file: &Path, b: u64) -> Vec<u8> {
-    let bytes = std::fs::read(file).expect("read");
-    let at = geometry(file).data_offset(b) as usize;
-    bytes[at..at + BS as usize].to_vec()
-}
-
-fn raw_file(dir: &Path, name: &str, len: u64) -> std::path::PathBuf {
-    let p = dir.join(name);
-    std::fs::File::create(&p).unwrap().set_len(len).unwrap();
-    p
-}
-
-/// Writes `data` at block 0 of the served volume, each request with FUA.
-fn write_through(srv: &Served, data: &[u8], at_block: u64) {
-    let mut c = srv.client();
-    for (i, chunk) in data.chunks(64 << 10).enumerate() {
-        let off = at_block * BS + (i as u64) * (64 << 10);
-        assert_eq!(
-            c.write(off, chunk, proto::CMD_FLAG_FUA).unwrap(),
-            0,
-            "write at {off}"
-        );
-    }
-}
-
 #[test]
 fn a_volume_whose_only_copy_is_on_qemu_nbd() {
     require("qemu-nbd");

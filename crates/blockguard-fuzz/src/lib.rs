@@ -29,6 +29,7 @@ pub mod harness;
 pub mod journal;
 pub mod metablock;
 pub mod nbd;
+pub mod nbd_reply;
 pub mod nbd_uri;
 pub mod superblock;
 
@@ -80,6 +81,13 @@ pub const TARGETS: &[Target] = &[
         seeds: nbd::seeds,
         max_len: nbd::MAX_LEN,
         weight: 2,
+    },
+    Target {
+        name: "nbd_reply",
+        run: nbd_reply::run,
+        seeds: nbd_reply::seeds,
+        max_len: nbd_reply::MAX_LEN,
+        weight: 1,
     },
     Target {
         name: "nbd_uri",

@@ -42,6 +42,7 @@ fn module_of(name: &str) -> &'static str {
         "format_metablock" => "metablock",
         "nbd_request" => "nbd",
         "nbd_uri" => "nbd_uri",
+        "nbd_reply" => "nbd_reply",
         "format_journal" => "journal",
         "engine_model" => "engine",
         other => panic!("unknown target {other}"),

@@ -23,7 +23,7 @@ use crate::pool::{Job, Pool, Submitter};
 use crate::proto;
 use crate::spin::{SpinConfig, SpinState, Spinners};
 use crate::stream::{Listener, Stream};
-use crate::tls::{TlsConfig, TlsMode, Tunnel};
+use crate::tls::{start_tunnel, TlsConfig, TlsMode, Tunnel};
 use crate::transmission::{Outcome, ReplyBytes, Request, Session};
 use crate::usize_of;
 use std::collections::VecDeque;
@@ -799,7 +799,7 @@ impl Shared {
             return Err(io::Error::other("STARTTLS accepted without TLS configured"));
         };
         let stall = self.cfg.request_timeout.saturating_add(WRITER_BACKSTOP);
-        let tunnel = Tunnel::start(tls, reader.get_ref(), stall, id).map_err(|e| {
+        let tunnel = start_tunnel(tls, reader.get_ref(), stall, id).map_err(|e| {
             tracing::warn!(error = %e, "TLS handshake failed; disconnecting client");
             e
         })?;

@@ -14,7 +14,7 @@
 //! `BENCH_DIR` (default `target/bench-modes.PID`). Without `--bench` (as `cargo test
 //! --benches` runs it) it is a smoke test: 16 MiB, no 1 TiB recovery.
 
-use blockguard::blockguard_backend::{FileBackend, FileOptions};
+use blockguard::blockguard_backend::{FileBackend, FileOptions, LockMode};
 use blockguard::{FormatOptions, Mode, OpenOptions, Volume};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -154,7 +154,13 @@ fn recovery(dir: &Path) -> Res<()> {
         let _ = std::fs::remove_file(&path);
         let mut o = FormatOptions::with_size(size);
         o.mode = mode;
-        let backend = FileBackend::create(&path, o.backing_len()?, &FileOptions::default())?;
+        // No lock: the crash below leaves this process holding the volume, which a real
+        // crash would not (the kernel drops a dead process's locks).
+        let unlocked = FileOptions {
+            lock: LockMode::None,
+            ..FileOptions::default()
+        };
+        let backend = FileBackend::create(&path, o.backing_len()?, &unlocked)?;
         let vol = Volume::format(Arc::new(backend), &o)?;
         let buf = vec![0x5Au8; MIB as usize];
         for i in 0..64u64 {
@@ -164,7 +170,7 @@ fn recovery(dir: &Path) -> Res<()> {
         // The crash: the process goes away without closing (the page cache keeps every write).
         std::mem::forget(vol);
         let start = Instant::now();
-        let backend = FileBackend::open(&path, &FileOptions::default())?;
+        let backend = FileBackend::open(&path, &unlocked)?;
         let vol = Volume::open(Arc::new(backend), &OpenOptions::default())?;
         let secs = start.elapsed().as_secs_f64();
         let what = match vol.recovery_at_open() {

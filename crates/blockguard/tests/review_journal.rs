@@ -536,7 +536,6 @@ fn bug_journal_size_zero_is_not_refused_up_front() {
 /// CONSISTENCY.md "Damage (G3)": "A wiped group … its blocks fail as `MetadataDamaged`";
 /// "Outside that window a wiped group is reported". (Rebuild mode behaves the same on ed74de9.)
 #[test]
-#[ignore = "known limit of the single-copy modes (journal, rebuild): a discarded group's metadata is blank too, so a wiped group cannot be told from it (review_journal finding 8)"]
 fn bug_wiped_group_reads_zeros_in_journal_mode() {
     let cfg = Cfg::new(4096, 64, 1 << 20);
     let b = Arc::new(MemoryBackend::new(cfg.backing_len()).unwrap());

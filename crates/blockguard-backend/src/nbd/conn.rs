@@ -12,6 +12,7 @@ use super::wire::{
     self, Cmd, ExportInfo, Stream, CHUNK_ERROR_BIT, CHUNK_NONE, CHUNK_OFFSET_DATA, CHUNK_OFFSET_HOLE,
     REPLY_FLAG_DONE, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
 };
+use crate::tls::Tunnel;
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,7 +36,7 @@ pub(crate) enum Failure {
 }
 
 /// What the reader hands back: a read's data, or nothing for other requests.
-type Outcome = Result<Vec<u8>, Failure>;
+pub(crate) type Outcome = Result<Vec<u8>, Failure>;
 
 /// A request in flight, as the reader thread sees it.
 struct Waiter {
@@ -48,6 +49,27 @@ struct Waiter {
     tx: SyncSender<Outcome>,
 }
 
+impl Waiter {
+    /// A request of `len` bytes at `offset` waiting for its reply, and where its outcome will
+    /// arrive.
+    fn new(cmd: Cmd, offset: u64, len: u32) -> (Waiter, Receiver<Outcome>) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let data = if cmd == Cmd::Read {
+            vec![0u8; len as usize]
+        } else {
+            Vec::new()
+        };
+        let waiter = Waiter {
+            cmd,
+            offset,
+            data,
+            error: None,
+            tx,
+        };
+        (waiter, rx)
+    }
+}
+
 #[derive(Default)]
 struct State {
     pending: HashMap<u64, Waiter>,
@@ -56,7 +78,7 @@ struct State {
 }
 
 /// What the senders and the reader thread share.
-struct Shared {
+pub(crate) struct Shared {
     state: Mutex<State>,
     /// A handle on the socket for shutting it down from any thread.
     ctl: Stream,
@@ -99,6 +121,10 @@ pub(crate) struct Conn {
     reader: Mutex<Option<JoinHandle<()>>>,
     /// What the handshake learned.
     pub(crate) info: ExportInfo,
+    /// The TLS tunnel the socket is the plain-text end of (`nbds`). A field, so dropped
+    /// after [`Conn`]'s own `drop` has said goodbye: the tunnel's drop waits for its pumps to
+    /// carry that to the server.
+    _tunnel: Option<Tunnel>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -111,9 +137,15 @@ impl std::fmt::Debug for Conn {
 }
 
 impl Conn {
-    /// Starts transmission on a socket that finished its handshake. `write_timeout` bounds
-    /// every send, so a server that stops reading cannot hold the write lock forever.
-    pub(crate) fn start(stream: Stream, info: ExportInfo, write_timeout: Duration) -> io::Result<Conn> {
+    /// Starts transmission on a socket that finished its handshake (the plain-text end of
+    /// `tunnel`, with TLS). `write_timeout` bounds every send, so a server that stops reading
+    /// cannot hold the write lock forever.
+    pub(crate) fn start(
+        stream: Stream,
+        info: ExportInfo,
+        write_timeout: Duration,
+        tunnel: Option<Tunnel>,
+    ) -> io::Result<Conn> {
         // Replies may be far apart (an idle volume): the reader waits without a limit, and
         // each request's own timeout decides when the silence is too long.
         stream.set_read_timeout(None)?;
@@ -140,6 +172,7 @@ impl Conn {
             next_cookie: AtomicU64::new(1),
             reader: Mutex::new(Some(reader)),
             info,
+            _tunnel: tunnel,
         })
     }
 
@@ -162,24 +195,12 @@ impl Conn {
         payload: &[&[u8]],
     ) -> Result<Ticket, Failure> {
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::sync_channel(1);
-        let data = if cmd == Cmd::Read {
-            vec![0u8; len as usize]
-        } else {
-            Vec::new()
-        };
+        let (waiter, rx) = Waiter::new(cmd, offset, len);
         {
             let mut st = self.shared.state();
             if let Some(reason) = &st.dead {
                 return Err(Failure::Lost(reason.clone()));
             }
-            let waiter = Waiter {
-                cmd,
-                offset,
-                data,
-                error: None,
-                tx,
-            };
             st.pending.insert(cookie, waiter);
         }
         let header = wire::request(cmd, cookie, offset, len);
@@ -242,7 +263,7 @@ impl Drop for Conn {
 const MAX_CHUNK: u32 = 64 << 10;
 
 /// Reads replies until the connection ends: `Ok` for a clean end of stream, else why not.
-fn read_replies(rx: &mut Stream, shared: &Shared, structured: bool) -> Result<(), String> {
+pub(crate) fn read_replies(rx: &mut impl Read, shared: &Shared, structured: bool) -> Result<(), String> {
     loop {
         let mut magic = [0u8; 4];
         match rx.read_exact(&mut magic) {
@@ -275,7 +296,7 @@ fn take(shared: &Shared, cookie: u64) -> Result<Waiter, String> {
         .ok_or_else(|| format!("the server answered request {cookie}, which is not waiting for a reply"))
 }
 
-fn simple_reply(rx: &mut Stream, shared: &Shared) -> Result<(), String> {
+fn simple_reply(rx: &mut impl Read, shared: &Shared) -> Result<(), String> {
     let mut h = [0u8; 12];
     rx.read_exact(&mut h).map_err(|e| io_err(&e))?;
     let errno = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
@@ -300,7 +321,7 @@ fn simple_reply(rx: &mut Stream, shared: &Shared) -> Result<(), String> {
     Ok(())
 }
 
-fn chunk(rx: &mut Stream, shared: &Shared) -> Result<(), String> {
+fn chunk(rx: &mut impl Read, shared: &Shared) -> Result<(), String> {
     let mut h = [0u8; 16];
     rx.read_exact(&mut h).map_err(|e| io_err(&e))?;
     let flags = u16::from_be_bytes([h[0], h[1]]);
@@ -332,7 +353,7 @@ fn chunk(rx: &mut Stream, shared: &Shared) -> Result<(), String> {
 }
 
 /// Reads one chunk's payload into its waiter: data into place, an error into `w.error`.
-fn chunk_payload(rx: &mut Stream, w: &mut Waiter, typ: u16, len: u32) -> Result<(), String> {
+fn chunk_payload(rx: &mut impl Read, w: &mut Waiter, typ: u16, len: u32) -> Result<(), String> {
     if typ == CHUNK_OFFSET_DATA && w.cmd == Cmd::Read {
         let mut off = [0u8; 8];
         if len < 8 {
@@ -363,6 +384,10 @@ fn chunk_payload(rx: &mut Stream, w: &mut Waiter, typ: u16, len: u32) -> Result<
         }
         t if t & CHUNK_ERROR_BIT != 0 && p.len() >= 6 => {
             let errno = u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
+            if errno == 0 {
+                // An error with no error number: reporting it would say "failed: success".
+                return Err(format!("error chunk of type {t} with error number 0"));
+            }
             let mlen = usize::from(u16::from_be_bytes([p[4], p[5]]));
             let message = String::from_utf8_lossy(p.get(6..6 + mlen).unwrap_or_default()).into_owned();
             if w.error.is_none() {
@@ -388,4 +413,30 @@ fn placed(w: &Waiter, at: u64, n: u64) -> Result<usize, String> {
         ));
     }
     usize::try_from(at - w.offset).map_err(|_| "offset overflow".to_string())
+}
+
+#[cfg(feature = "testing")]
+impl Shared {
+    /// A request table with no reader thread, for the fuzz body: `ctl` is one end of a socket
+    /// pair (what [`Shared::kill`] shuts down).
+    pub(crate) fn detached() -> io::Result<Shared> {
+        let (a, _b) = std::os::unix::net::UnixStream::pair()?;
+        Ok(Shared {
+            state: Mutex::new(State::default()),
+            ctl: Stream::Unix(a),
+        })
+    }
+
+    /// Registers request `cookie` (a read of `len` bytes at `offset`, or another command) as
+    /// waiting for its reply; the outcome arrives on the receiver.
+    pub(crate) fn expect(&self, cookie: u64, cmd: Cmd, offset: u64, len: u32) -> Receiver<Outcome> {
+        let (waiter, rx) = Waiter::new(cmd, offset, len);
+        self.state().pending.insert(cookie, waiter);
+        rx
+    }
+
+    /// How many requests still wait for a reply.
+    pub(crate) fn waiting(&self) -> usize {
+        self.state().pending.len()
+    }
 }

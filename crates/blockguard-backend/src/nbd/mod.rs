@@ -22,8 +22,25 @@
 //!   writes were answered but not yet flushed when a connection was lost, the next flush
 //!   fails (the server may have lost them): the caller must rewrite what it cannot prove
 //!   durable, which the volume's mirror resync does.
+//! - `nbds://` and `nbds+unix://` start TLS (`NBD_OPT_STARTTLS`) before any other option, on
+//!   every connection, and negotiate the rest inside it; which CA, client certificate and
+//!   server name are used: see [TLS](#tls). A server that requires TLS, reached with a
+//!   plain URI, is refused with a message saying so.
+//!
+//! # TLS
+//!
+//! The server's certificate must chain to the CA in `ca-cert.pem` of the URI's
+//! `tls-certificates=DIR`, else to [`NbdOptions::tls_ca`]; `DIR`'s `client-cert.pem` and
+//! `client-key.pem`, when present, are presented to a server that asks for a client
+//! certificate. The certificate must be valid for the URI's `tls-hostname`, else for its
+//! host; `nbds+unix://` URIs need `tls-hostname`. `tls-verify-peer=false` skips the check of
+//! the server's certificate and logs a warning (`tracing`) at every connection. The TLS
+//! handshake is bounded by [`NbdOptions::connect_timeout`] like the rest of the handshake.
 
 mod conn;
+#[cfg(feature = "testing")]
+pub mod fuzzing;
+mod secure;
 mod uri;
 mod wire;
 
@@ -31,9 +48,11 @@ pub use uri::{is_nbd_uri, Address, NbdUri, UriError, DEFAULT_PORT};
 
 use crate::{check_range, Backend};
 use conn::{Conn, Failure, Ticket};
+use secure::ClientTls;
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -54,6 +73,9 @@ pub struct NbdOptions {
     pub backoff_min: Duration,
     /// Longest wait between reconnection attempts.
     pub backoff_max: Duration,
+    /// The CA certificates (PEM) that `nbds` servers' certificates must chain to, when the URI
+    /// names no `tls-certificates` directory.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for NbdOptions {
@@ -65,6 +87,7 @@ impl Default for NbdOptions {
             read_only: false,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            tls_ca: None,
         }
     }
 }
@@ -76,11 +99,37 @@ pub enum NbdError {
     /// The URI does not parse.
     #[error(transparent)]
     Uri(#[from] UriError),
-    /// The URI asks for TLS, which this build's client does not speak.
-    #[error("{uri}: TLS (nbds://) is not supported by this client yet; use nbd:// on a trusted network or a Unix socket")]
-    TlsUnsupported {
+    /// The URI's TLS setup cannot be used: no CA, an unreadable certificate or key file, no
+    /// server name to check.
+    #[error("{uri}: cannot set up TLS: {detail}")]
+    TlsSetup {
         /// The URI.
         uri: String,
+        /// What is missing or wrong, naming the file.
+        detail: String,
+    },
+    /// A plain URI reached a server that serves only TLS clients.
+    #[error("{uri}: the server requires TLS: use nbds:// (or nbds+unix://) with tls-certificates=DIR")]
+    TlsRequired {
+        /// The URI.
+        uri: String,
+    },
+    /// The server refused `NBD_OPT_STARTTLS`.
+    #[error("{uri}: the server refused to start TLS: {detail}")]
+    StartTlsRefused {
+        /// The URI.
+        uri: String,
+        /// The server's answer.
+        detail: String,
+    },
+    /// The TLS handshake failed, or the server ended the session with a TLS alert: a server
+    /// certificate the CA did not sign or not valid for the name, a client certificate refused.
+    #[error("{uri}: TLS failed: {detail}")]
+    Tls {
+        /// The URI.
+        uri: String,
+        /// What failed, and what to check.
+        detail: String,
     },
     /// The server could not be reached.
     #[error("{uri}: cannot connect to {address}")]
@@ -133,6 +182,8 @@ struct Retry {
 pub struct NbdBackend {
     uri: NbdUri,
     opts: NbdOptions,
+    /// The TLS configuration of an `nbds` URI, used by every connection.
+    tls: Option<ClientTls>,
     info: ExportInfo,
     links: Vec<Mutex<Link>>,
     retry: Mutex<Retry>,
@@ -150,10 +201,8 @@ impl NbdBackend {
     /// (up to [`NbdOptions::connections`]).
     pub fn connect(uri: &str, opts: &NbdOptions) -> Result<NbdBackend, NbdError> {
         let uri = NbdUri::parse(uri)?;
-        if uri.tls {
-            return Err(NbdError::TlsUnsupported { uri: uri.to_string() });
-        }
-        let first = open_conn(&uri, opts)?;
+        let tls = ClientTls::new(&uri, opts)?;
+        let first = open_conn(&uri, opts, tls.as_ref())?;
         let info = first.info;
         let n = if info.flags & wire::TFLAG_CAN_MULTI_CONN != 0 {
             opts.connections.max(1)
@@ -162,13 +211,14 @@ impl NbdBackend {
         };
         let mut links = vec![Mutex::new(Link::up(Arc::new(first)))];
         for _ in 1..n {
-            let c = open_conn(&uri, opts)?;
+            let c = open_conn(&uri, opts, tls.as_ref())?;
             check_same(&uri, &info, &c.info)?;
             links.push(Mutex::new(Link::up(Arc::new(c))));
         }
         Ok(NbdBackend {
             uri,
             opts: opts.clone(),
+            tls,
             info,
             links,
             retry: Mutex::new(Retry {
@@ -245,7 +295,7 @@ impl NbdBackend {
             retry.wait = (retry.wait * 2).clamp(self.opts.backoff_min, self.opts.backoff_max);
             retry.next_try = now + retry.wait;
         }
-        match open_conn(&self.uri, &self.opts).and_then(|c| {
+        match open_conn(&self.uri, &self.opts, self.tls.as_ref()).and_then(|c| {
             check_same(&self.uri, &self.info, &c.info)?;
             Ok(c)
         }) {
@@ -416,39 +466,68 @@ fn check_same(uri: &NbdUri, a: &ExportInfo, b: &ExportInfo) -> Result<(), NbdErr
     Ok(())
 }
 
-/// Connects, negotiates and starts transmission, each step bounded by the connect timeout.
-fn open_conn(uri: &NbdUri, opts: &NbdOptions) -> Result<Conn, NbdError> {
+/// Connects, negotiates (starting TLS first for an `nbds` URI) and starts transmission, each
+/// step bounded by the connect timeout.
+fn open_conn(uri: &NbdUri, opts: &NbdOptions, tls: Option<&ClientTls>) -> Result<Conn, NbdError> {
     let (mut stream, address) = dial(uri, opts.connect_timeout)?;
     let connect_err = |source: io::Error| NbdError::Connect {
         uri: uri.to_string(),
         address: address.clone(),
         source,
     };
-    stream
-        .set_read_timeout(Some(opts.connect_timeout))
-        .map_err(connect_err)?;
-    stream
-        .set_write_timeout(Some(opts.connect_timeout))
-        .map_err(connect_err)?;
-    let mut info = wire::handshake(&mut stream, &uri.export).map_err(|e| NbdError::Handshake {
-        uri: uri.to_string(),
-        detail: match e {
-            HandshakeError::Io(e)
-                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
-            {
-                format!("no answer within {:?}", opts.connect_timeout)
-            }
-            HandshakeError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                "the server closed the connection (no such export, or it accepts no more clients)".to_string()
-            }
-            HandshakeError::Io(e) => e.to_string(),
-            HandshakeError::Protocol(s) => s,
-        },
+    let bound = |s: &Stream| -> io::Result<()> {
+        s.set_read_timeout(Some(opts.connect_timeout))?;
+        s.set_write_timeout(Some(opts.connect_timeout))
+    };
+    bound(&stream).map_err(connect_err)?;
+    let no_zeroes = wire::greet(&mut stream).map_err(|e| handshake_error(uri, opts, e))?;
+    let mut tunnel = None;
+    // A TLS error the server reports after the handshake (TLS 1.3 checks the client's
+    // certificate then): it explains why the negotiation that follows broke off.
+    let failure = Arc::new(Mutex::new(None));
+    if let Some(tls) = tls {
+        wire::starttls(&mut stream).map_err(|e| handshake_error(uri, opts, e))?;
+        let t = tunnel.insert(tls.start(uri, &stream, opts.request_timeout, Arc::clone(&failure))?);
+        stream = Stream::Unix(t.plain().map_err(connect_err)?);
+        bound(&stream).map_err(connect_err)?;
+    }
+    let mut info = wire::negotiate(&mut stream, &uri.export, no_zeroes).map_err(|e| match tls {
+        Some(tls) => {
+            let late = failure.lock().unwrap_or_else(PoisonError::into_inner).take();
+            tls.after_handshake(uri, late, e)
+                .unwrap_or_else(|e| handshake_error(uri, opts, e))
+        }
+        None => handshake_error(uri, opts, e),
     })?;
     if opts.read_only {
         info.flags |= wire::TFLAG_READ_ONLY;
     }
-    Conn::start(stream, info, opts.request_timeout).map_err(connect_err)
+    Conn::start(stream, info, opts.request_timeout, tunnel).map_err(connect_err)
+}
+
+/// A handshake error as the backend reports it, naming the URI.
+fn handshake_error(uri: &NbdUri, opts: &NbdOptions, e: HandshakeError) -> NbdError {
+    let detail = match e {
+        HandshakeError::TlsRequired => return NbdError::TlsRequired { uri: uri.to_string() },
+        HandshakeError::StartTlsRefused(detail) => {
+            return NbdError::StartTlsRefused {
+                uri: uri.to_string(),
+                detail,
+            }
+        }
+        HandshakeError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            format!("no answer within {:?}", opts.connect_timeout)
+        }
+        HandshakeError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            "the server closed the connection (no such export, or it accepts no more clients)".to_string()
+        }
+        HandshakeError::Io(e) => e.to_string(),
+        HandshakeError::Protocol(s) => s,
+    };
+    NbdError::Handshake {
+        uri: uri.to_string(),
+        detail,
+    }
 }
 
 /// Opens the socket the URI names: (stream, the address for messages).

@@ -5,6 +5,13 @@
 //! defaults to 10809 (IANA's). Query parameters this client does not understand are refused
 //! rather than ignored, as the URI document recommends, so a typo cannot silently change what
 //! is opened.
+//!
+//! TLS parameters, as libnbd's `nbd_connect_uri` takes them: `tls-certificates=DIR` (a
+//! directory holding `ca-cert.pem`, and optionally `client-cert.pem` with `client-key.pem`,
+//! the layout qemu and libnbd use), `tls-hostname=NAME` (the name the server's certificate
+//! must carry, instead of the URI's host), `tls-verify-peer=false` (accept any server
+//! certificate, with a warning), and `tls-type=x509`. They are refused on the plain schemes:
+//! a URI that names certificates but says `nbd://` is a mistake, not a request for plain text.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -35,6 +42,14 @@ pub struct NbdUri {
     pub export: String,
     /// True for the `nbds` schemes: the connection must be encrypted.
     pub tls: bool,
+    /// `tls-certificates=DIR`: the directory of `ca-cert.pem` (and of the client's
+    /// `client-cert.pem` and `client-key.pem`, if present).
+    pub tls_certificates: Option<PathBuf>,
+    /// `tls-hostname=NAME`: the name the server's certificate is checked against.
+    pub tls_hostname: Option<String>,
+    /// `tls-verify-peer`: false only when the URI says so (the server's certificate is then
+    /// accepted unchecked, with a warning).
+    pub tls_verify_peer: bool,
     /// The URI as written, for messages.
     text: String,
 }
@@ -102,18 +117,23 @@ impl NbdUri {
             return Err(fail("the export name contains a NUL byte".to_string()));
         }
         let mut socket = None;
+        let mut tls_params = TlsParams::default();
         for param in query
             .into_iter()
             .flat_map(|q| q.split('&'))
             .filter(|p| !p.is_empty())
         {
             let (key, value) = param.split_once('=').unwrap_or((param, ""));
-            match decode(key).map_err(&fail)?.as_str() {
-                "socket" if unix => socket = Some(decode(value).map_err(&fail)?),
-                // TLS parameters only matter with TLS, which `NbdBackend` refuses (see
-                // `OpenError::TlsUnsupported`); accepted here so the URI itself parses.
-                "tls-type" | "tls-hostname" | "tls-verify-peer" => {}
-                other => return Err(fail(format!("unknown query parameter {other:?}"))),
+            let key = decode(key).map_err(&fail)?;
+            let value = decode(value).map_err(&fail)?;
+            match key.as_str() {
+                "socket" if unix => socket = Some(value),
+                k if k.starts_with("tls-") && !tls => {
+                    return Err(fail(format!(
+                    "{k} is a TLS parameter, but the scheme is not a TLS one: write nbds:// or nbds+unix://"
+                )))
+                }
+                k => tls_params.set(k, value).map_err(&fail)?,
             }
         }
         let address = if unix {
@@ -138,6 +158,9 @@ impl NbdUri {
             address,
             export,
             tls,
+            tls_certificates: tls_params.certificates,
+            tls_hostname: tls_params.hostname,
+            tls_verify_peer: tls_params.verify_peer.unwrap_or(true),
             text: s.to_string(),
         })
     }
@@ -151,6 +174,43 @@ impl NbdUri {
 impl fmt::Display for NbdUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
+    }
+}
+
+/// The TLS query parameters of a URI.
+#[derive(Default)]
+struct TlsParams {
+    certificates: Option<PathBuf>,
+    hostname: Option<String>,
+    verify_peer: Option<bool>,
+}
+
+impl TlsParams {
+    /// Takes one parameter (decoded): an error for an unknown, empty or repeated one.
+    fn set(&mut self, key: &str, value: String) -> Result<(), String> {
+        if value.is_empty() || value.contains('\0') {
+            return Err(format!("the {key} parameter is empty or holds a NUL byte"));
+        }
+        let repeated = match key {
+            "tls-certificates" => self.certificates.replace(PathBuf::from(value)).is_some(),
+            "tls-hostname" => self.hostname.replace(value).is_some(),
+            "tls-verify-peer" => {
+                let v = match value.to_ascii_lowercase().as_str() {
+                    "1" | "true" | "yes" | "on" => true,
+                    "0" | "false" | "no" | "off" => false,
+                    _ => return Err(format!("tls-verify-peer={value:?} is not true or false")),
+                };
+                self.verify_peer.replace(v).is_some()
+            }
+            // The only kind of TLS credentials this client has (no PSK).
+            "tls-type" if value == "x509" => false,
+            "tls-type" => return Err(format!("tls-type={value:?}: only x509 is supported")),
+            other => return Err(format!("unknown query parameter {other:?}")),
+        };
+        if repeated {
+            return Err(format!("the {key} parameter is given twice"));
+        }
+        Ok(())
     }
 }
 
@@ -288,6 +348,31 @@ mod tests {
             let e = NbdUri::parse(uri).unwrap_err();
             let msg = e.to_string();
             assert!(msg.contains(why) && msg.contains(uri), "{uri}: {msg}");
+        }
+    }
+
+    #[test]
+    fn tls_parameters_are_parsed_and_refused_without_tls() {
+        let u = NbdUri::parse(
+            "nbds://h/x?tls-certificates=/etc/pki/a%20b&tls-hostname=srv.example&tls-verify-peer=off",
+        )
+        .unwrap();
+        assert_eq!(u.tls_certificates, Some(PathBuf::from("/etc/pki/a b")));
+        assert_eq!(u.tls_hostname.as_deref(), Some("srv.example"));
+        assert!(!u.tls_verify_peer);
+        let u = NbdUri::parse("nbds+unix:///x?socket=s&tls-hostname=localhost").unwrap();
+        assert!(u.tls && u.tls_verify_peer && u.tls_certificates.is_none());
+        for (uri, why) in [
+            ("nbd://h/x?tls-certificates=/d", "not a TLS one"),
+            ("nbd+unix:///x?socket=s&tls-hostname=h", "not a TLS one"),
+            ("nbds://h/x?tls-verify-peer=maybe", "not true or false"),
+            ("nbds://h/x?tls-hostname=a&tls-hostname=b", "twice"),
+            ("nbds://h/x?tls-certificates=", "empty"),
+            ("nbds://h/x?tls-type=psk", "only x509"),
+            ("nbds://h/x?tls-psk-file=/k", "unknown query parameter"),
+        ] {
+            let e = NbdUri::parse(uri).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains(uri), "{uri}: {e}");
         }
     }
 

@@ -17,10 +17,12 @@ const FLAG_FIXED_NEWSTYLE: u16 = 1;
 const FLAG_NO_ZEROES: u16 = 2;
 const OPT_EXPORT_NAME: u32 = 1;
 const OPT_GO: u32 = 7;
+const OPT_STARTTLS: u32 = 5;
 const OPT_STRUCTURED_REPLY: u32 = 8;
 const REP_ACK: u32 = 1;
 const REP_INFO: u32 = 3;
 const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 const INFO_EXPORT: u16 = 0;
 const INFO_BLOCK_SIZE: u16 = 3;
 
@@ -196,6 +198,10 @@ pub(crate) struct ExportInfo {
 pub(crate) enum HandshakeError {
     Io(io::Error),
     Protocol(String),
+    /// The server answered an option with `NBD_REP_ERR_TLS_REQD`.
+    TlsRequired,
+    /// The server refused `NBD_OPT_STARTTLS`: why, in words.
+    StartTlsRefused(String),
 }
 
 impl From<io::Error> for HandshakeError {
@@ -266,6 +272,14 @@ fn read_option_reply(r: &mut impl Read, opt: u32) -> Result<(u32, Vec<u8>), Hand
 
 /// An option error reply, as a message: its number and the server's text.
 fn option_error(opt: &str, typ: u32, data: &[u8]) -> HandshakeError {
+    if typ == REP_ERR_TLS_REQD {
+        return HandshakeError::TlsRequired;
+    }
+    HandshakeError::Protocol(option_error_text(opt, typ, data))
+}
+
+/// The words for an option error reply: "the server answered OPT with NAME: TEXT".
+fn option_error_text(opt: &str, typ: u32, data: &[u8]) -> String {
     let name = match typ.wrapping_sub(1 << 31) {
         1 => "unsupported",
         2 => "forbidden by policy",
@@ -284,13 +298,12 @@ fn option_error(opt: &str, typ: u32, data: &[u8]) -> HandshakeError {
     } else {
         format!(": {text}")
     };
-    HandshakeError::Protocol(format!("the server answered {opt} with {name}{text}"))
+    format!("the server answered {opt} with {name}{text}")
 }
 
-/// Runs the fixed-newstyle handshake for `export` and enters transmission: structured replies
-/// when the server has them, then `NBD_OPT_GO` asking for block size constraints, or
-/// `NBD_OPT_EXPORT_NAME` on a server that predates `GO`.
-pub(crate) fn handshake(s: &mut Stream, export: &str) -> Result<ExportInfo, HandshakeError> {
+/// Reads the fixed-newstyle greeting and answers it; returns whether the server leaves out
+/// the 124 zero bytes after `NBD_OPT_EXPORT_NAME` (`NO_ZEROES`, which the client then asks for).
+pub(crate) fn greet<S: Read + Write>(s: &mut S) -> Result<bool, HandshakeError> {
     if read_u64(s)? != NBDMAGIC || read_u64(s)? != IHAVEOPT {
         return Err(HandshakeError::Protocol(
             "the server does not speak newstyle NBD (wrong greeting magic)".into(),
@@ -305,11 +318,45 @@ pub(crate) fn handshake(s: &mut Stream, export: &str) -> Result<ExportInfo, Hand
     let no_zeroes = hflags & FLAG_NO_ZEROES != 0;
     let cflags = u32::from(FLAG_FIXED_NEWSTYLE) | if no_zeroes { u32::from(FLAG_NO_ZEROES) } else { 0 };
     s.write_all(&cflags.to_be_bytes())?;
+    Ok(no_zeroes)
+}
 
+/// `NBD_OPT_STARTTLS`, first of all options: `Ok` once the server acknowledged it, after
+/// which the TLS handshake starts on the same socket and the options are sent again inside
+/// TLS (nothing said before counts). Nothing the server sends after the acknowledgement is
+/// read here: any plain text it slipped in must reach the TLS handshake (and fail it), never
+/// be taken for an option reply.
+pub(crate) fn starttls<S: Read + Write>(s: &mut S) -> Result<(), HandshakeError> {
+    send_option(s, OPT_STARTTLS, &[])?;
+    let (typ, data) = read_option_reply(s, OPT_STARTTLS)?;
+    match typ {
+        REP_ACK => Ok(()),
+        REP_ERR_UNSUP => Err(HandshakeError::StartTlsRefused(
+            "the server does not support TLS (it answered NBD_OPT_STARTTLS with unsupported)".into(),
+        )),
+        t if t & (1 << 31) != 0 => Err(HandshakeError::StartTlsRefused(option_error_text(
+            "STARTTLS", t, &data,
+        ))),
+        t => Err(HandshakeError::Protocol(format!(
+            "the server answered STARTTLS with reply type {t}, not an acknowledgement"
+        ))),
+    }
+}
+
+/// Negotiates the options and enters transmission: structured replies when the server has
+/// them, then `NBD_OPT_GO` asking for block size constraints, or `NBD_OPT_EXPORT_NAME` on a
+/// server that predates `GO`. `no_zeroes` is what [`greet`] returned.
+pub(crate) fn negotiate<S: Read + Write>(
+    s: &mut S,
+    export: &str,
+    no_zeroes: bool,
+) -> Result<ExportInfo, HandshakeError> {
     send_option(s, OPT_STRUCTURED_REPLY, &[])?;
     let (typ, data) = read_option_reply(s, OPT_STRUCTURED_REPLY)?;
     let structured = match typ {
         REP_ACK => true,
+        // A server that requires TLS answers every option so; GO would too, but says less.
+        REP_ERR_TLS_REQD => return Err(HandshakeError::TlsRequired),
         t if t & (1 << 31) != 0 => false,
         t => return Err(option_error("structured replies", t, &data)),
     };
@@ -380,8 +427,8 @@ fn read_info(data: &[u8], info: &mut ExportInfo, have_export: &mut bool) -> Resu
 
 /// `NBD_OPT_EXPORT_NAME`, for servers without `GO`: no error reply is possible (the server
 /// closes the connection on an unknown export).
-fn export_name_fallback(
-    s: &mut Stream,
+fn export_name_fallback<S: Read + Write>(
+    s: &mut S,
     name: &[u8],
     no_zeroes: bool,
     structured: bool,

@@ -38,6 +38,27 @@ impl Server {
         Server::start(argv, uri, Probe::Unix(sock.to_path_buf()))
     }
 
+    /// `nbdkit PLUGIN ARGS…` serving on a free loopback TCP port (the URI names the host
+    /// `localhost`, the name the TLS tests' server certificate carries).
+    pub fn nbdkit_tcp(args: &[&str]) -> Server {
+        let port = free_port();
+        let mut argv: Vec<String> = [
+            "nbdkit",
+            "--foreground",
+            "--exit-with-parent",
+            "-i",
+            "127.0.0.1",
+            "-p",
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        argv.push(port.to_string());
+        argv.extend(args.iter().map(ToString::to_string));
+        let uri = format!("nbd://localhost:{port}/");
+        Server::start(argv, uri, Probe::Tcp(port))
+    }
+
     /// `qemu-nbd` serving the raw file `file` as export `export` on a free loopback port.
     pub fn qemu_nbd(file: &Path, export: &str) -> Server {
         let port = free_port();

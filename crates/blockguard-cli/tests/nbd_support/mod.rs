@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
@@ -330,6 +332,41 @@ pub fn flip_byte(volume: &Path, offset: u64) {
     b[0] ^= 0xff;
     f.write_all_at(&b, offset).unwrap();
     f.sync_all().unwrap();
+}
+
+/// Block size of the volumes the remote-volume tests format.
+pub const BS: u64 = 4096;
+
+/// The geometry a member's own superblock states (read from the raw file under the export).
+pub fn geometry(file: &Path) -> blockguard::Geometry {
+    let bytes = std::fs::read(file).expect("read the copy");
+    let (sb, _) = blockguard::Superblock::decode(&bytes[..512]).expect("a superblock");
+    sb.geometry
+}
+
+pub fn block_of(file: &Path, b: u64) -> Vec<u8> {
+    let bytes = std::fs::read(file).expect("read");
+    let at = geometry(file).data_offset(b) as usize;
+    bytes[at..at + BS as usize].to_vec()
+}
+
+pub fn raw_file(dir: &Path, name: &str, len: u64) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().set_len(len).unwrap();
+    p
+}
+
+/// Writes `data` at block 0 of the served volume, each request with FUA.
+pub fn write_through(srv: &Served, data: &[u8], at_block: u64) {
+    let mut c = srv.client();
+    for (i, chunk) in data.chunks(64 << 10).enumerate() {
+        let off = at_block * BS + (i as u64) * (64 << 10);
+        assert_eq!(
+            c.write(off, chunk, blockguard_nbd::proto::CMD_FLAG_FUA).unwrap(),
+            0,
+            "write at {off}"
+        );
+    }
 }
 
 /// A qemu-io process writing 1 MiB patterns all over the first 60 MiB of a volume and reading

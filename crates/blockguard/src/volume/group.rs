@@ -318,10 +318,19 @@ impl GroupState {
             // from rebuilding the tags of the groups a crash may have cut short).
             return match s0 {
                 Valid { .. } => PairView::Known { newest: 0 },
-                // A blank sector is unwritten: a write of zeros (discard) leaves its sector
-                // blank, so a wiped group cannot be told from a discarded one (a known limit
-                // of the single-copy modes).
-                Empty => PairView::Unwritten,
+                // Every write of a group rewrites all of its sectors, a discard included (its
+                // tags become the unwritten tag under a valid header): a blank one in a group
+                // that was written is damage (a wiped group), unless a crash may have cut the
+                // group's first write short — in `rebuild` the write-intent map says so, in
+                // `journal` the written-groups map (a first write's bit reaches the disk only
+                // after the group's metadata is durable, so while it is clear a torn first
+                // write may have left blank sectors).
+                Empty if self.map == MapBit::Clear || self.after_crash() => PairView::Unwritten,
+                Empty if !self.any_written && matches!(self.map, MapBit::Damaged(_)) => {
+                    PairView::Damaged(Damage::BlankMapUnknown)
+                }
+                Empty if !self.any_written => PairView::Damaged(Damage::WrittenGroupBlank),
+                Empty => PairView::Damaged(Damage::Blank { slot: 0 }),
                 Invalid(why) => PairView::Damaged(Damage::Invalid { slot: 0, why }),
             };
         }

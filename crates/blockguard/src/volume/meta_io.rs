@@ -117,8 +117,10 @@ impl Inner {
             first_write,
             confirmed,
         };
-        // Blank metadata means "never written" only if the written-groups map agrees.
-        let map = if crate::tag::is_zero(&raw) {
+        // Blank metadata means "never written" only if the written-groups map agrees. With one
+        // tag copy a blank *sector* beside written ones is judged by the map too (`journal`
+        // puts a first write's map bit on disk only after the group's metadata is durable).
+        let map = if crate::tag::is_zero(&raw) || self.sb.mode.single_copy_tags() {
             self.map_bit(group, confirmed)?
         } else {
             MapBit::Set

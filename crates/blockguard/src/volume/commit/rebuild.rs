@@ -22,21 +22,15 @@ use crate::error::Result;
 pub(crate) struct Rebuild;
 
 impl Protocol for Rebuild {
-    fn plan_group(&self, vol: &Inner, b: &GroupBatch<'_>, _dropped: &mut Dropped) -> Result<Planned> {
-        Ok(super::unordered::plan_in_place(vol, b))
+    fn plan_group(&self, vol: &Inner, b: &GroupBatch<'_>, dropped: &mut Dropped) -> Result<Planned> {
+        Ok(super::unordered::plan_in_place(vol, b, Some(dropped)))
     }
 
     fn write(&self, vol: &Inner, state: &mut CommitState, plan: &Plan, batch: &Batch) -> Result<()> {
         // Write intent first: after a crash only marked groups may hold data and tags that
         // disagree, and each is rebuilt from its data.
         super::mark_session(vol, state, &plan.updates, &[], false)?;
-        // Readers see the new tags before the data they describe is on the backend (they are
-        // served from the stage until then), as in every mode.
-        vol.install(&plan.updates);
-        vol.install_map(super::protocol::copy_map(&plan.map));
-        vol.write_data(batch)?;
-        vol.write_metadata(&plan.updates)?;
-        vol.write_map(&plan.map)?;
+        super::unordered::write_in_place(vol, plan, batch)?;
         state
             .unflushed_groups
             .extend(plan.updates.iter().map(|u| u.group));

@@ -125,8 +125,8 @@ impl SegmentCost {
 }
 
 impl Protocol for Journal {
-    fn plan_group(&self, vol: &Inner, b: &GroupBatch<'_>, _dropped: &mut Dropped) -> Result<Planned> {
-        Ok(super::unordered::plan_in_place(vol, b))
+    fn plan_group(&self, vol: &Inner, b: &GroupBatch<'_>, dropped: &mut Dropped) -> Result<Planned> {
+        Ok(super::unordered::plan_in_place(vol, b, Some(dropped)))
     }
 
     fn write(&self, vol: &Inner, state: &mut CommitState, plan: &Plan, batch: &Batch) -> Result<()> {
@@ -161,9 +161,7 @@ impl Protocol for Journal {
         // The one barrier of a commit: from here on the batch survives a crash.
         vol.flush_or_fail("flushing the journal")?;
         ring.barrier_done();
-        vol.install(&plan.updates);
-        vol.install_map(super::protocol::copy_map(&plan.map));
-        write_home(vol, plan, batch)?;
+        write_home(vol, plan, batch, Some(ring))?;
         ring.home_issued();
         Ok(())
     }
@@ -231,12 +229,28 @@ impl Protocol for Journal {
     }
 }
 
-/// Puts a planned batch home: data, tags in place, map sectors — no ordering among them, the
-/// journal holds the batch until a later barrier makes them durable.
-pub(super) fn write_home(vol: &Inner, plan: &Plan, batch: &Batch) -> Result<()> {
+/// Puts a planned batch home: data and tags in place, with no ordering between them (the
+/// journal holds the batch until a later barrier makes them durable); then the written-groups
+/// map bits of the groups it writes for the first time, **after a barrier**: a bit on disk
+/// then always means that the group's metadata is durable, so a blank sector in a group whose
+/// bit is set is damage (a wiped group), never the trace of a first write a crash cut short —
+/// which replay could not tell apart otherwise, and would rewrite as unwritten. The barrier
+/// is paid once per group, by the commit that writes it first. Tags are installed in the cache
+/// last (the reason is at [`super::unordered::write_in_place`]). `ring`: the session, told of
+/// the barrier.
+pub(super) fn write_home(vol: &Inner, plan: &Plan, batch: &Batch, ring: Option<&mut Ring>) -> Result<()> {
     vol.write_data(batch)?;
     vol.write_metadata(&plan.updates)?;
-    vol.write_map(&plan.map)
+    if !plan.map.is_empty() {
+        vol.flush_or_fail("flushing a first write's metadata before its written-map bit")?;
+        if let Some(ring) = ring {
+            ring.barrier_done();
+        }
+        vol.write_map(&plan.map)?;
+    }
+    vol.install(&plan.updates);
+    vol.install_map(super::protocol::copy_map(&plan.map));
+    Ok(())
 }
 
 /// A new session: a random session number and a checkpoint at log offset 0 with a

@@ -197,6 +197,7 @@ pub(crate) fn replay_locked(
     };
     tracing::info!(volume = %vol.name, session = ck.session, seq = ck.seq, "replaying the journal");
     let (mut at, mut seq) = (ck.tail, ck.seq);
+    let mut groups = std::collections::BTreeSet::new();
     loop {
         let found = match segment_at(vol, &layout, at, ck.session, seq)? {
             Ok(s) => Ok(s),
@@ -211,7 +212,7 @@ pub(crate) fn replay_locked(
             }
         };
         state.epoch += 1;
-        apply(vol, state.epoch, &seg)?;
+        groups.extend(apply(vol, state.epoch, &seg)?);
         report.segments_replayed += 1;
         report.blocks_replayed += seg.entries.len() as u64;
         report.bytes_read += seg.header.len;
@@ -220,6 +221,17 @@ pub(crate) fn replay_locked(
         seq += 1;
     }
     vol.flush_or_fail("flushing the replayed journal")?;
+    // Every group a segment touched is marked written, not only those whose metadata was
+    // blank: a crash may have kept a group's first metadata write and lost its map bit. The
+    // bits go out after the barrier above, as in a commit (`write_home`), so that a second
+    // crash never leaves a bit set over metadata that is not durable.
+    let groups: Vec<u64> = groups.into_iter().collect();
+    let map = vol.map_updates(&groups)?;
+    if !map.is_empty() {
+        vol.write_map(&map)?;
+        vol.install_map(super::super::protocol::copy_map(&map));
+        vol.flush_or_fail("flushing the written-groups map after replay")?;
+    }
     let epoch = state.epoch;
     state.flushed(epoch);
     find_dropped(vol, &layout, ck.session, seq, &mut report)?;
@@ -236,8 +248,9 @@ pub(crate) fn replay_locked(
     Ok(report)
 }
 
-/// Writes one segment's blocks home with their tags (through the same planning as a commit).
-fn apply(vol: &Inner, epoch: u64, seg: &ReadSegment) -> Result<()> {
+/// Writes one segment's blocks home with their tags (through the same planning as a commit);
+/// returns the groups it touched, whose written-map bits the caller sets after a barrier.
+fn apply(vol: &Inner, epoch: u64, seg: &ReadSegment) -> Result<Vec<u64>> {
     let ts = vol.geo.tag_size as usize;
     let mut batch = Batch::new();
     for (e, at) in &seg.entries {
@@ -251,15 +264,25 @@ fn apply(vol: &Inner, epoch: u64, seg: &ReadSegment) -> Result<()> {
         };
         batch.insert(e.block, staged);
     }
-    // The in-place plan drops nothing.
-    let (mut plan, _dropped) = vol.plan(&batch, epoch)?;
-    // Every group the segment touches is marked written, not only those whose metadata is
-    // blank now: a crash may have kept a group's first metadata write and lost its map bit.
+    // Blocks whose metadata sector is damaged (and not wholly rewritten by the segment) keep
+    // it damaged: replay must not turn real damage into "unwritten". They go unreplayed, and
+    // read as damaged.
+    let (mut plan, dropped) = vol.plan(&batch, epoch)?;
+    if !dropped.is_empty() {
+        tracing::error!(
+            volume = %vol.name,
+            blocks = ?dropped.iter().map(|(b, _)| *b).collect::<Vec<_>>(),
+            "journal replay: {}; these blocks stay unreadable until rewritten or `blockguard recover --rebuild`",
+            dropped[0].1
+        );
+        for (b, _) in &dropped {
+            batch.remove(b);
+        }
+    }
     let groups: Vec<u64> = plan.updates.iter().map(|u| u.group).collect();
-    plan.map = vol.map_updates(&groups)?;
-    vol.install(&plan.updates);
-    vol.install_map(super::super::protocol::copy_map(&plan.map));
-    super::write_home(vol, &plan, &batch)
+    plan.map.clear();
+    super::write_home(vol, &plan, &batch, None)?;
+    Ok(groups)
 }
 
 /// Looks through the whole log for whole segments of `session` numbered after `from` (the
