@@ -97,6 +97,33 @@ pub(crate) fn key() -> Result<Option<blockguard::tag::TagKey>> {
     Ok(Some(key))
 }
 
+/// The global `--new-key-file`, set once by `main` before any command runs.
+static NEW_KEY_FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
+/// Records the global `--new-key-file` option.
+pub(crate) fn set_new_key_file(path: Option<std::path::PathBuf>) {
+    // Set once, by `main`.
+    let _ = NEW_KEY_FILE.set(path);
+}
+
+/// The contents of the `--new-key-file` (the key of the profile a re-tag switches to), read
+/// and checked, or `None` without the option: the raw contents (for the control socket, whose
+/// server parses them) and the key. Errors name the file, never the key's bytes.
+pub(crate) fn new_key_file() -> Result<Option<(Vec<u8>, blockguard::tag::TagKey)>> {
+    let Some(path) = NEW_KEY_FILE.get().and_then(Option::as_ref) else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read key file {}", path.display()))?;
+    let key =
+        blockguard::tag::TagKey::parse(&bytes).with_context(|| format!("key file {}", path.display()))?;
+    Ok(Some((bytes, key)))
+}
+
+/// The key from `--new-key-file`, or `None` without the option.
+pub(crate) fn new_key() -> Result<Option<blockguard::tag::TagKey>> {
+    Ok(new_key_file()?.map(|(_, k)| k))
+}
+
 /// Context that says a path once. The typed errors of the engine and the backends begin with
 /// the path they concern ("v.bgv: the volume is in use …"); context naming it again read
 /// "cannot serve v.bgv: v.bgv: …".
@@ -263,6 +290,7 @@ fn open_with(
         read_only,
         error_policy,
         key: key()?,
+        retag_key: new_key()?,
         ..OpenOptions::default()
     };
     if let Some(stage) = stage_bytes {

@@ -50,6 +50,8 @@ pub(crate) struct Summary {
     pub(crate) geometry: blockguard::Geometry,
     /// `journal` mode: the journal's sizes and the largest atomic write.
     pub(crate) journal: Option<blockguard::JournalLimits>,
+    /// An online re-tag in progress (`blockguard retag`): its target and cursor.
+    pub(crate) retag: Option<blockguard::format::Retag>,
 }
 
 /// A UUID in its usual text form (8-4-4-4-12 hex digits).
@@ -93,6 +95,7 @@ pub(crate) fn summary(sb: &Superblock, path: &Path) -> Summary {
         },
         geometry: sb.geometry,
         journal: blockguard::journal_limits(&sb.geometry),
+        retag: sb.retag,
     }
 }
 
@@ -219,6 +222,7 @@ fn print_summary(s: &Summary) {
             ""
         }
     );
+    print_retag(s);
     say!(
         "groups:        {} of {} data blocks + 2 metadata blocks, first at byte {}",
         g.groups,
@@ -290,4 +294,24 @@ fn mode_caveat(mode: blockguard::Mode) -> Option<&'static str> {
         }
         _ => None,
     }
+}
+
+/// The line about a re-tag in progress, if there is one.
+fn print_retag(s: &Summary) {
+    let Some(r) = &s.retag else {
+        return;
+    };
+    say!(
+        "re-tag:        to {} in progress, {} of {} groups done (`blockguard retag {} --profile {}` resumes it{})",
+        r.target.name(),
+        r.cursor,
+        s.geometry.groups,
+        s.path,
+        r.target.name(),
+        if r.target.is_keyed() {
+            "; opening needs --new-key-file too"
+        } else {
+            ""
+        }
+    );
 }

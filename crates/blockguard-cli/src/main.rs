@@ -34,6 +34,7 @@ mod mount;
 mod recover;
 mod remote;
 mod resume;
+mod retag;
 mod scrub;
 mod serve;
 mod sidecar;
@@ -56,6 +57,11 @@ struct Cli {
     /// never written to the volume nor logged.
     #[arg(long, global = true, value_name = "FILE")]
     key_file: Option<std::path::PathBuf>,
+    /// The key of the keyed profile a re-tag switches to (`retag --profile`), in the same form
+    /// as --key-file: needed by `retag`, and while the re-tag is in progress by every command
+    /// that opens the volume.
+    #[arg(long, global = true, value_name = "FILE")]
+    new_key_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     nbd: remote::NbdArgs,
 }
@@ -94,6 +100,10 @@ enum Command {
     /// Get a served volume past a write-back failure (full disk, I/O error): retry what was
     /// staged, verify it, clear the error state, report any acknowledged write lost.
     Resume(resume::ResumeArgs),
+    /// Switch a volume to another tag profile of the same tag size, also while it is served:
+    /// every block verified and re-tagged in order, resumable; exit 0 done, 1 bad blocks
+    /// found (left failing), 2 error.
+    Retag(retag::RetagArgs),
 }
 
 /// How long the program waits at exit for its last diagnostics to reach stderr.
@@ -119,6 +129,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> ExitCode {
     common::set_key_file(cli.key_file);
+    common::set_new_key_file(cli.new_key_file);
     remote::set_options(&cli.nbd);
     let result = match cli.command {
         Command::Format(a) => format::run(&a),
@@ -136,6 +147,11 @@ fn run(cli: Cli) -> ExitCode {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),
             // 2, or 128 + the signal that interrupted it.
+            Err(e) => return exit_error(&e, common::exit_code_for(&e).max(2)),
+        },
+        Command::Retag(a) => match retag::run(&a) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
             Err(e) => return exit_error(&e, common::exit_code_for(&e).max(2)),
         },
         Command::Check(a) => match check::run(&a) {

@@ -38,7 +38,10 @@ pub(crate) fn volume_status(vol: &Volume, path: &Path) -> StatusInfo {
         size: vol.size(),
         block_size: vol.block_size(),
         mode: sb.mode.name().into(),
-        profile: sb.profile.name().into(),
+        profile: vol.profile().name().into(),
+        retag: vol
+            .retag_status()
+            .map(|r| serde_json::to_value(r).unwrap_or_default()),
         read_only: vol.is_read_only(),
         state: None,
         stats: serde_json::to_value(vol.stats()).unwrap_or_default(),

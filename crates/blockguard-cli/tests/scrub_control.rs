@@ -186,51 +186,6 @@ fn an_interrupted_direct_scrub_resumes_where_it_stopped() {
     );
 }
 
-/// A qemu-io process writing patterns all over the volume and reading them back, until the
-/// returned flag is set; its output is checked for errors at the end.
-struct Writer {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<(u64, String)>,
-}
-
-impl Writer {
-    fn start(uri: String) -> Writer {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut rounds = 0u64;
-            let mut log = String::new();
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                let mut args = vec!["-f".to_string(), "raw".to_string()];
-                for i in 0..24u64 {
-                    let pattern = (rounds * 24 + i) % 250 + 1;
-                    let off = ((rounds * 7919 + i * 104_729) % 60) << 20;
-                    args.extend(["-c".into(), format!("write -P {pattern} {off} 1M")]);
-                    args.extend(["-c".into(), format!("read -P {pattern} {off} 1M")]);
-                }
-                args.extend(["-c".into(), "flush".into(), uri.clone()]);
-                let out = Command::new("qemu-io").args(&args).output().expect("run qemu-io");
-                let text = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
-                if !out.status.success() || text.contains("failed") || text.contains("Pattern verification") {
-                    log.push_str(&text);
-                    break;
-                }
-                rounds += 1;
-            }
-            (rounds, log)
-        });
-        Writer { stop, thread }
-    }
-
-    /// Stops it; asserts it ran and saw no error.
-    fn finish(self) -> u64 {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (rounds, log) = self.thread.join().unwrap();
-        assert!(log.is_empty(), "the NBD client saw an error:\n{log}");
-        rounds
-    }
-}
-
 #[test]
 fn status_and_scrub_of_a_served_volume_go_through_its_control_socket_while_a_client_writes() {
     require("qemu-io");

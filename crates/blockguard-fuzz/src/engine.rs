@@ -479,6 +479,7 @@ impl Sim {
             background_commit: false,
             error_policy: None,
             key: None,
+            retag_key: None,
             dirty_clear_interval: if setup.clear_dirty_at_flush {
                 Duration::ZERO
             } else {

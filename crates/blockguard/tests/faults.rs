@@ -134,6 +134,7 @@ fn session_opts(bs: u32, cache_groups: usize, stage_blocks: usize) -> OpenOption
         dirty_clear_interval: std::time::Duration::ZERO,
         error_policy: None,
         key: None,
+        retag_key: None,
     }
 }
 

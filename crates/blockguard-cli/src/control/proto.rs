@@ -15,7 +15,7 @@ pub(crate) const PROTOCOL_VERSION: u32 = 1;
 pub(crate) const MAX_REQUEST_LINE: usize = 64 << 10;
 
 /// The commands this server knows, for the error that answers an unknown one.
-pub(crate) const COMMANDS: [&str; 7] = [
+pub(crate) const COMMANDS: [&str; 8] = [
     "status",
     "scrub",
     "scrub-stop",
@@ -23,6 +23,7 @@ pub(crate) const COMMANDS: [&str; 7] = [
     "mirror-list",
     "mirror-resync",
     "resume",
+    "retag",
 ];
 
 /// A request: `{"cmd": "status"}`, `{"cmd": "scrub", "rate": 50000000}`, ...
@@ -46,6 +47,32 @@ pub(crate) enum Request {
     /// Retries what a write-back failure left staged and clears the error state: one
     /// `resumed` line.
     Resume,
+    /// Switches the volume to another tag profile (or resumes the switch), clients going on
+    /// meanwhile: `retag-progress` lines, then `retag-done`. Runs on the connection: it stops
+    /// (resumably) when the client goes away or the server shuts down.
+    Retag(RetagRequest),
+}
+
+/// The options of a `retag` request.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RetagRequest {
+    /// The target profile's name.
+    pub(crate) profile: String,
+    /// A keyed target's key: the contents of a key file (32 raw bytes or 64 hex digits), in
+    /// hex. The socket is the owner's alone; the key is never logged.
+    #[serde(default)]
+    pub(crate) key: Option<String>,
+}
+
+impl std::fmt::Debug for RetagRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("RetagRequest")
+            .field("profile", &self.profile)
+            .field("key", &self.key.as_ref().map(|_| "<given>"))
+            .finish()
+    }
 }
 
 /// Options of a request that may stream progress.
@@ -128,6 +155,18 @@ pub(crate) enum Response {
         /// What it copied, to which copies, from which.
         report: serde_json::Value,
     },
+    /// Where a re-tag is: `done` of `total` groups re-tagged.
+    RetagProgress {
+        /// Groups re-tagged (in order from group 0).
+        done: u64,
+        /// Groups of the volume.
+        total: u64,
+    },
+    /// A re-tag ended (complete, or stopped): [`blockguard::RetagReport`] as JSON.
+    RetagDone {
+        /// What it did and found.
+        report: serde_json::Value,
+    },
     /// Answer to `resume`: [`blockguard::ResumeReport`] as JSON.
     Resumed {
         /// What the retry wrote, verified, repaired and found lost, and what was cleared.
@@ -187,6 +226,10 @@ pub(crate) struct StatusInfo {
     pub(crate) mode: String,
     /// Tag profile (`crc32c`, ...).
     pub(crate) profile: String,
+    /// The re-tag in progress ([`blockguard::RetagStatus`] as JSON: `from`, `to`, `cursor`,
+    /// `groups`), if any.
+    #[serde(default)]
+    pub(crate) retag: Option<serde_json::Value>,
     /// Open read-only.
     pub(crate) read_only: bool,
     /// The superblock's state when the volume was last opened (`clean` or `in-use`); only

@@ -10,8 +10,8 @@
 //! reply write; anything malformed gets an error reply, never a panic.
 
 use super::proto::{
-    error, parse_request, ErrorKind, Request, Response, ServerInfo, StatusInfo, MAX_REQUEST_LINE,
-    PROTOCOL_VERSION,
+    error, parse_request, ErrorKind, Request, Response, RetagRequest, ServerInfo, StatusInfo,
+    MAX_REQUEST_LINE, PROTOCOL_VERSION,
 };
 use super::scrubber::Scrubber;
 use anyhow::{bail, Context as _, Result};
@@ -348,6 +348,7 @@ impl Shared {
             ),
             Request::MirrorResync(req) => self.resync(req.follow, out),
             Request::Resume => send(out, &self.resume()),
+            Request::Retag(req) => self.retag(req, out),
             Request::Scrub(req) => match self.scrubber.start(req) {
                 Err(reply) => send(out, &reply),
                 Ok(started) => {
@@ -400,6 +401,63 @@ impl Shared {
         send(out, &reply)
     }
 
+    /// Runs a re-tag on this connection's thread, clients going on meanwhile; stopped
+    /// (resumably: the engine keeps its cursor) when the client goes away or the server shuts
+    /// down.
+    fn retag(&self, req: &RetagRequest, out: &mut UnixStream) -> io::Result<()> {
+        let vol = &self.ctx.volume;
+        let Some(profile) = blockguard::Profile::from_name(&req.profile) else {
+            return send(
+                out,
+                &error(
+                    ErrorKind::BadRequest,
+                    format!("unknown tag profile {:?}", req.profile),
+                ),
+            );
+        };
+        let key = match req.key.as_deref().map(parse_key).transpose() {
+            Ok(k) => k,
+            Err(why) => return send(out, &error(ErrorKind::BadRequest, why)),
+        };
+        let stop = AtomicBool::new(false);
+        let mut last = Instant::now();
+        let mut gone = false;
+        let opts = blockguard::RetagOptions {
+            key: key.as_ref(),
+            stop: Some(&stop),
+            ..blockguard::RetagOptions::new(profile)
+        };
+        let result = vol.retag(&opts, &mut |done, total| {
+            if !gone && (last.elapsed() >= PROGRESS_EVERY || done == 0 || done == total) {
+                last = Instant::now();
+                gone = send(out, &Response::RetagProgress { done, total }).is_err();
+            }
+            if gone || self.stopping.load(Ordering::SeqCst) {
+                stop.store(true, Ordering::SeqCst);
+            }
+        });
+        let reply = match result {
+            Ok(report) => {
+                tracing::info!(volume = %vol.name(), ?report, "re-tag through the control socket");
+                Response::RetagDone {
+                    report: serde_json::to_value(&report).unwrap_or_default(),
+                }
+            }
+            Err(e @ blockguard::Error::Busy { .. }) => error(ErrorKind::Busy, e.to_string()),
+            Err(
+                e @ (blockguard::Error::Key { .. }
+                | blockguard::Error::InvalidArgument { .. }
+                | blockguard::Error::Unsupported { .. }
+                | blockguard::Error::ReadOnly { .. }),
+            ) => error(ErrorKind::Refused, e.to_string()),
+            Err(e) => error(ErrorKind::Failed, e.describe()),
+        };
+        if let Response::Error { message, .. } = &reply {
+            tracing::error!(volume = %vol.name(), "re-tag through the control socket: {message}");
+        }
+        send(out, &reply)
+    }
+
     /// Retries what a write-back failure left staged and clears the error state.
     fn resume(&self) -> Response {
         let vol = &self.ctx.volume;
@@ -442,6 +500,16 @@ impl Shared {
 }
 
 /// Waits up to `timeout` for a connection to accept.
+/// A key sent in a `retag` request: hex of a key file's contents.
+fn parse_key(text: &str) -> Result<blockguard::tag::TagKey, String> {
+    let bytes: Option<Vec<u8>> = (0..text.len())
+        .step_by(2)
+        .map(|i| text.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect();
+    let bytes = bytes.ok_or_else(|| "the key is not hex".to_string())?;
+    blockguard::tag::TagKey::parse(&bytes).map_err(|e| format!("the key: {e}"))
+}
+
 fn readable(listener: &UnixListener, timeout: Duration) -> bool {
     use rustix::event::{poll, PollFd, PollFlags, Timespec};
     let mut fds = [PollFd::new(listener, PollFlags::IN)];

@@ -26,9 +26,9 @@ pub use mirror::{
     MAX_MEMBER_PATH, MEMBER_MAGIC,
 };
 pub use superblock::{
-    profile_incompat, validate_label, ErrorPolicy, Mode, Superblock, SuperblockError, VolumeState,
-    FORMAT_VERSION, INCOMPAT_JOURNAL, INCOMPAT_META_DEVICE, INCOMPAT_REBUILD, INCOMPAT_TAG_PROFILE, SB_MAGIC,
-    SB_REGION, SB_STRUCT_SIZE, SUPPORTED_INCOMPAT, SUPPORTED_RO_COMPAT,
+    profile_incompat, validate_label, ErrorPolicy, Mode, Retag, Superblock, SuperblockError, VolumeState,
+    FORMAT_VERSION, INCOMPAT_JOURNAL, INCOMPAT_META_DEVICE, INCOMPAT_REBUILD, INCOMPAT_RETAG,
+    INCOMPAT_TAG_PROFILE, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE, SUPPORTED_INCOMPAT, SUPPORTED_RO_COMPAT,
 };
 
 /// Reads a little-endian `u16` at `at`. Callers pass in-bounds offsets of fixed layouts.

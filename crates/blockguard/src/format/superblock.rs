@@ -98,8 +98,16 @@ pub(crate) mod at {
     pub(crate) const KEY_CHECK: usize = PADDING2 + 7;
     /// `journal_len`, u64: bytes of the journal area (`journal` mode; zero otherwise).
     pub(crate) const JOURNAL_LEN: usize = KEY_CHECK + crate::tag::KEY_CHECK_SIZE;
+    /// `retag_profile`, u16: the profile an online re-tag is switching to (0: none).
+    pub(crate) const RETAG_PROFILE: usize = JOURNAL_LEN + 8;
+    /// Six zero bytes after it.
+    pub(crate) const RETAG_PADDING: usize = RETAG_PROFILE + 2;
+    /// `retag_cursor`, u64: groups `0..cursor` carry the target profile's tags.
+    pub(crate) const RETAG_CURSOR: usize = RETAG_PADDING + 6;
+    /// `retag_key_check`, 32 bytes: the target profile's key-check value (keyed targets).
+    pub(crate) const RETAG_KEY_CHECK: usize = RETAG_CURSOR + 8;
     /// Reserved up to the checksum.
-    pub(crate) const RESERVED: usize = JOURNAL_LEN + 8;
+    pub(crate) const RESERVED: usize = RETAG_KEY_CHECK + crate::tag::KEY_CHECK_SIZE;
     /// `checksum`, u32: the last four bytes of the structure.
     pub(crate) const CHECKSUM: usize = super::SB_STRUCT_SIZE - 4;
 }
@@ -110,6 +118,7 @@ const _: () = assert!(at::RESERVED <= at::CHECKSUM);
 const _: () = assert!(at::MODE == 64 && at::STATE == 145 && at::LABEL == 164 && at::CHECKSUM == 508);
 const _: () = assert!(at::MIRROR_MEMBERS == 228 && at::MIRROR_EVENT == 232 && at::MIRROR_END == 288);
 const _: () = assert!(at::ERROR_POLICY == 288 && at::KEY_CHECK == 296 && at::JOURNAL_LEN == 328);
+const _: () = assert!(at::RETAG_PROFILE == 336 && at::RETAG_CURSOR == 344 && at::RESERVED == 384);
 
 /// Incompatible feature bit 1: the volume's tag profile is not `crc32c` (the only profile
 /// before profiles became pluggable). Builds without pluggable profiles would refuse such a
@@ -132,11 +141,21 @@ pub const INCOMPAT_JOURNAL: u64 = 1 << 3;
 /// reader that does not know it would take the metadata device for the whole volume.
 pub const INCOMPAT_META_DEVICE: u64 = 1 << 4;
 
+/// Incompatible feature bit 5: an online re-tag to another profile is in progress (see
+/// [`Retag`]): the groups before its cursor carry the target profile's tags, and a reader that
+/// does not know it would verify them with the volume's profile and report every block of them
+/// corrupt. Set exactly when `retag_profile` is not zero.
+pub const INCOMPAT_RETAG: u64 = 1 << 5;
+
 /// Incompatible features this build supports: mirror sets, tag profiles other than `crc32c`,
-/// `rebuild` and `journal` modes, a separate metadata device. A volume with any other incompat
-/// bit set is refused.
-pub const SUPPORTED_INCOMPAT: u64 =
-    INCOMPAT_MIRROR | INCOMPAT_TAG_PROFILE | INCOMPAT_REBUILD | INCOMPAT_JOURNAL | INCOMPAT_META_DEVICE;
+/// `rebuild` and `journal` modes, a separate metadata device, a re-tag in progress. A volume
+/// with any other incompat bit set is refused.
+pub const SUPPORTED_INCOMPAT: u64 = INCOMPAT_MIRROR
+    | INCOMPAT_TAG_PROFILE
+    | INCOMPAT_REBUILD
+    | INCOMPAT_JOURNAL
+    | INCOMPAT_META_DEVICE
+    | INCOMPAT_RETAG;
 /// Read-only-compatible features this build supports; others force read-only opens.
 pub const SUPPORTED_RO_COMPAT: u64 = 0;
 
@@ -356,6 +375,23 @@ pub struct Superblock {
     /// A keyed profile's key-check value (bytes 296..328): recognizes the right key without
     /// revealing it. All zero for unkeyed profiles.
     pub key_check: [u8; crate::tag::KEY_CHECK_SIZE],
+    /// An online re-tag in progress (bytes 336..384, with [`INCOMPAT_RETAG`]).
+    pub retag: Option<Retag>,
+}
+
+/// An online re-tag in progress: the volume is switching from `profile` to `target`, group by
+/// group in order. Groups `0..cursor` carry `target`'s tags; the others carry `profile`'s,
+/// except that groups at or after the cursor may already hold some of `target`'s (a re-tag
+/// goes ahead of its last recorded cursor), so a reader accepts either profile there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Retag {
+    /// The profile being switched to: another profile of the same tag size.
+    pub target: Profile,
+    /// Groups `0..cursor` are re-tagged (at most the group count).
+    pub cursor: u64,
+    /// `target`'s key-check value when it is keyed, else all zero.
+    #[serde(skip)]
+    pub key_check: [u8; crate::tag::KEY_CHECK_SIZE],
 }
 
 /// Checks a label before it is stored: UTF-8 (guaranteed by `&str`), at most 64 bytes, no
@@ -408,6 +444,7 @@ impl Superblock {
             state: VolumeState::Clean,
             error_policy: ErrorPolicy::Eio,
             key_check: [0; crate::tag::KEY_CHECK_SIZE],
+            retag: None,
         }
     }
 
@@ -450,7 +487,12 @@ impl Superblock {
         b[at::LABEL..at::LABEL + n].copy_from_slice(&label[..n]);
         b[at::ERROR_POLICY] = self.error_policy.id();
         b[at::KEY_CHECK..at::JOURNAL_LEN].copy_from_slice(&self.key_check);
-        b[at::JOURNAL_LEN..at::RESERVED].copy_from_slice(&g.journal_len.to_le_bytes());
+        b[at::JOURNAL_LEN..at::RETAG_PROFILE].copy_from_slice(&g.journal_len.to_le_bytes());
+        if let Some(r) = &self.retag {
+            b[at::RETAG_PROFILE..at::RETAG_PADDING].copy_from_slice(&r.target.id().to_le_bytes());
+            b[at::RETAG_CURSOR..at::RETAG_KEY_CHECK].copy_from_slice(&r.cursor.to_le_bytes());
+            b[at::RETAG_KEY_CHECK..at::RESERVED].copy_from_slice(&r.key_check);
+        }
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         b[CRC_AT..SB_STRUCT_SIZE].copy_from_slice(&crc.to_le_bytes());
         b
@@ -490,6 +532,7 @@ impl Superblock {
             )
         })?;
         let key_check = decode_key_check(b, profile)?;
+        let retag = decode_retag(b, incompat, profile, &geometry)?;
         if incompat & INCOMPAT_TAG_PROFILE != profile_incompat(profile) {
             return Err(field(
                 "incompat",
@@ -520,6 +563,7 @@ impl Superblock {
                 label,
                 state,
                 error_policy,
+                retag,
             },
             copy,
         ))
@@ -677,6 +721,62 @@ fn decode_key_check(b: &[u8], profile: Profile) -> Result<[u8; crate::tag::KEY_C
     Ok(check)
 }
 
+/// The re-tag in progress: present exactly with [`INCOMPAT_RETAG`], to a known profile other
+/// than the volume's and of the same tag size, with a cursor within the groups and a key-check
+/// value exactly for a keyed target; without the bit, bytes 336..384 are zero.
+fn decode_retag(
+    b: &[u8],
+    incompat: u64,
+    profile: Profile,
+    geometry: &Geometry,
+) -> Result<Option<Retag>, SuperblockError> {
+    let id = le16(b, at::RETAG_PROFILE);
+    if incompat & INCOMPAT_RETAG == 0 {
+        if b[at::RETAG_PROFILE..at::RESERVED].iter().any(|&x| x != 0) {
+            return Err(field("re-tag", "set without the re-tag feature flag".into()));
+        }
+        return Ok(None);
+    }
+    if b[at::RETAG_PADDING..at::RETAG_CURSOR].iter().any(|&x| x != 0) {
+        return Err(field("re-tag padding", "not zero".into()));
+    }
+    let target = match id {
+        0 => {
+            return Err(field(
+                "re-tag",
+                "the re-tag feature flag without a target profile".into(),
+            ))
+        }
+        id => Profile::from_id(id).ok_or(SuperblockError::Profile { id })?,
+    };
+    if target == profile || target.tag_size() != profile.tag_size() {
+        return Err(field(
+            "re-tag",
+            format!("a re-tag from {profile} to {target} (the target must be another profile of the same tag size)"),
+        ));
+    }
+    let cursor = le64(b, at::RETAG_CURSOR);
+    if cursor > geometry.groups {
+        return Err(field(
+            "re-tag cursor",
+            format!("{cursor}, the volume has {} groups", geometry.groups),
+        ));
+    }
+    let mut key_check = [0u8; crate::tag::KEY_CHECK_SIZE];
+    key_check.copy_from_slice(&b[at::RETAG_KEY_CHECK..at::RESERVED]);
+    if key_check.iter().any(|&x| x != 0) != target.is_keyed() {
+        return Err(field(
+            "re-tag key check",
+            format!("does not fit the target profile {target}"),
+        ));
+    }
+    Ok(Some(Retag {
+        target,
+        cursor,
+        key_check,
+    }))
+}
+
 /// The metadata device identity, which no feature uses yet: it must be zero.
 fn decode_meta_device(b: &[u8], incompat: u64) -> Result<[u8; 16], SuperblockError> {
     let mut meta_device = [0u8; 16];
@@ -775,6 +875,7 @@ mod tests {
             state: VolumeState::InUse,
             error_policy: ErrorPolicy::ReadOnly,
             key_check: [0; 32],
+            retag: None,
         }
     }
 
@@ -924,12 +1025,65 @@ mod tests {
             (at::PADDING2, 289),
             (at::KEY_CHECK, 296),
             (at::JOURNAL_LEN, 328),
-            (at::RESERVED, 336),
+            (at::RETAG_PROFILE, 336),
+            (at::RETAG_PADDING, 338),
+            (at::RETAG_CURSOR, 344),
+            (at::RETAG_KEY_CHECK, 352),
+            (at::RESERVED, 384),
             (at::CHECKSUM, 508),
         ];
         for (i, (got, want)) in documented.iter().enumerate() {
             assert_eq!(got, want, "field {i} of the table");
         }
+    }
+
+    /// A re-tag in progress round-trips with its feature bit, and every inconsistency is
+    /// refused: the bit without a target or a target without the bit, the volume's own profile
+    /// or one of another tag size, a cursor past the groups, a key check that does not fit.
+    #[test]
+    fn a_retag_in_progress_round_trips_and_inconsistent_ones_are_refused() {
+        let geometry = Geometry::for_size(1 << 20, 4096, 8).unwrap();
+        let sb = Superblock {
+            incompat: INCOMPAT_RETAG,
+            retag: Some(Retag {
+                target: Profile::Xxh3,
+                cursor: 1,
+                key_check: [0; 32],
+            }),
+            ..sample()
+        };
+        let enc = sb.encode(0);
+        assert_eq!(le16(&enc, 336), Profile::Xxh3.id());
+        assert_eq!(le64(&enc, 344), 1);
+        assert_eq!(Superblock::decode(&enc), Ok((sb.clone(), 0)));
+        let refused = |b: Vec<u8>, what: &str| {
+            let r = Superblock::decode(&resealed(b));
+            assert!(r.is_err(), "{what}: accepted");
+        };
+        let mut b = enc.clone();
+        b[at::INCOMPAT] &= !u8::try_from(INCOMPAT_RETAG).unwrap();
+        refused(b, "target without the bit");
+        let mut b = sample().encode(0);
+        b[at::INCOMPAT] |= u8::try_from(INCOMPAT_RETAG).unwrap();
+        refused(b, "bit without a target");
+        for (target, what) in [(Profile::Crc32c, "own profile"), (Profile::Sha256, "other size")] {
+            let mut b = enc.clone();
+            b[336..338].copy_from_slice(&target.id().to_le_bytes());
+            refused(b, what);
+        }
+        let mut b = enc.clone();
+        b[344..352].copy_from_slice(&(geometry.groups + 1).to_le_bytes());
+        refused(b, "cursor past the groups");
+        let mut b = enc.clone();
+        b[360] = 1;
+        refused(b, "key check for an unkeyed target");
+        let mut b = enc.clone();
+        b[340] = 1;
+        refused(b, "padding");
+        // An unknown target id is unsupported (a newer build), like an unknown profile.
+        let mut b = enc;
+        b[336..338].copy_from_slice(&99u16.to_le_bytes());
+        assert!(Superblock::decode(&resealed(b)).unwrap_err().is_unsupported());
     }
 
     #[test]
@@ -1025,7 +1179,8 @@ mod tests {
             "a v1 volume gets the way out: {err}"
         );
         let mut sb = sample();
-        sb.incompat = 1 << 5;
+        // The first bit this build does not know (bit 5 is the re-tag's).
+        sb.incompat = 1 << 6;
         assert!(matches!(
             Superblock::decode(&sb.encode(0)),
             Err(SuperblockError::Incompat(_))

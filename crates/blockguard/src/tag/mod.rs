@@ -472,6 +472,41 @@ pub enum KeyError {
         /// The length found.
         len: usize,
     },
+    /// The profile an online re-tag switches to is keyed, and its key was not given.
+    #[error("the re-tag target, tag profile {profile}, is keyed: it needs its key (--new-key-file)")]
+    RetagMissing {
+        /// The target profile's name.
+        profile: &'static str,
+    },
+    /// A key for the target of a re-tag whose profile takes none.
+    #[error("the re-tag target, tag profile {profile}, takes no key, but one was given (--new-key-file)")]
+    RetagNotKeyed {
+        /// The target profile's name.
+        profile: &'static str,
+    },
+    /// The key given for a re-tag's target does not match the key-check value recorded for
+    /// it.
+    #[error(
+        "wrong key for the re-tag target: it does not match the key-check value stored for tag \
+         profile {profile} (--new-key-file)"
+    )]
+    RetagWrong {
+        /// The target profile's name.
+        profile: &'static str,
+    },
+}
+
+impl KeyError {
+    /// The same problem, about the key of a re-tag's target profile (`--new-key-file`).
+    #[must_use]
+    pub fn for_retag(self) -> KeyError {
+        match self {
+            KeyError::Missing { profile } => KeyError::RetagMissing { profile },
+            KeyError::NotKeyed { profile } => KeyError::RetagNotKeyed { profile },
+            KeyError::Wrong { profile } => KeyError::RetagWrong { profile },
+            other => other,
+        }
+    }
 }
 
 /// `bytes` as a written tag: if they happen to be all zero (the reserved [`UNWRITTEN`]

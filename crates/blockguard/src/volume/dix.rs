@@ -14,8 +14,15 @@ use crate::error::Result;
 impl Volume {
     /// The tagger of this volume (its profile, bound to its UUID and key): computes the
     /// protection information a block written at an address must carry.
-    pub fn tagger(&self) -> &crate::tag::Tagger {
-        &self.inner.tagger
+    pub fn tagger(&self) -> std::sync::Arc<crate::tag::Tagger> {
+        self.inner.tagger.current()
+    }
+
+    /// The tagger of the profile that covers `block` now: [`Volume::tagger`]'s, except
+    /// during an online re-tag ([`Volume::retag`]) for blocks of the groups already re-tagged,
+    /// which have the target profile's tags.
+    pub fn tagger_for(&self, block: u64) -> std::sync::Arc<crate::tag::Tagger> {
+        self.inner.tagger.tagger_for(block)
     }
 
     /// Bytes of protection information per block (the profile's tag size).

@@ -33,7 +33,18 @@ impl Volume {
     ) -> Result<(Volume, ResyncReport)> {
         let name = self.inner.name.clone();
         let members = self.member_backends();
-        let sb = self.superblock().clone();
+        let sb = self.inner.tagger.apply(self.superblock());
+        if let Some(r) = &sb.retag {
+            // A mirror set cannot be re-tagged: the set would be stuck half-way.
+            return Err(invalid(
+                &name,
+                format!(
+                    "a re-tag to tag profile {} is in progress: finish it first (`blockguard retag VOL \
+                     --profile {}`), then add the copy",
+                    r.target, r.target
+                ),
+            ));
+        }
         let set = &self.inner.backend;
         if let Some(absent) = (0..set.count()).find(|&i| !set.present(i)) {
             // Its slot is held by a stand-in: nothing may be written there, and a set with a
@@ -114,7 +125,7 @@ impl Volume {
     /// removed copy is not written. Refused if no member in sync would remain.
     pub fn remove_member(self, role: usize) -> Result<Volume> {
         let name = self.inner.name.clone();
-        let sb = self.superblock().clone();
+        let sb = self.inner.tagger.apply(self.superblock());
         let count = self.inner.backend.count();
         if sb.mirror.is_none() {
             return Err(invalid(

@@ -30,8 +30,10 @@ mod read;
 mod recover;
 mod resync;
 mod retag;
+mod retag_online;
 mod scrub;
 mod stage;
+mod tags;
 mod two_devices;
 mod verify_copies;
 mod write;
@@ -43,6 +45,7 @@ pub use mirror::{member_records, CopyState, CopyStatus};
 pub use policy::Suspension;
 pub use recover::{MapProblem, MetadataProblem, RecoverOptions, RecoveryReport};
 pub use resync::ResyncReport;
+pub use retag_online::{RetagOptions, RetagReport, RetagStatus};
 pub use scrub::{
     ScrubOptions, ScrubProblem, ScrubProblemKind, ScrubProgress, ScrubReport, DEFAULT_SCRUB_CHUNK,
     DEFAULT_SCRUB_LISTED,
@@ -176,6 +179,11 @@ pub struct OpenOptions {
     /// The key of a volume with a keyed tag profile. Checked against the superblock's
     /// key-check value before anything is written; refused for unkeyed profiles.
     pub key: Option<TagKey>,
+    /// The key of the profile an online re-tag in progress switches to, when that profile is
+    /// keyed: checked against the re-tag's key-check value like `key`. Used only when the
+    /// superblock records a re-tag in progress (a new re-tag takes its key as an argument of
+    /// [`Volume::retag`]); refused with one to an unkeyed profile.
+    pub retag_key: Option<TagKey>,
 }
 
 impl Default for OpenOptions {
@@ -188,6 +196,7 @@ impl Default for OpenOptions {
             dirty_clear_interval: std::time::Duration::from_secs(2),
             error_policy: None,
             key: None,
+            retag_key: None,
         }
     }
 }
@@ -249,8 +258,9 @@ pub(crate) struct Inner {
     name: String,
     sb: Superblock,
     /// Generates and verifies tags: the superblock's profile bound to the volume's UUID and,
-    /// for keyed profiles, the key given at open (kept here, never in `sb`).
-    tagger: crate::tag::Tagger,
+    /// for keyed profiles, the key given at open (kept here, never in `sb`); during an online
+    /// re-tag also the target profile and the cursor that says which covers a block.
+    tagger: tags::Tags,
     /// That key, for the engine's own reopens (mirror membership changes).
     key: Option<TagKey>,
     geo: Geometry,
@@ -300,6 +310,8 @@ pub(crate) struct Inner {
     stripes: Vec<Mutex<()>>,
     /// Reads in progress: a large read is split over two threads only when it runs alone.
     reads_active: AtomicUsize,
+    /// A re-tag ([`Volume::retag`]) is running.
+    retag_running: AtomicBool,
     /// What recovery at open did (a read-write open of a volume left in use).
     recovered_at_open: Option<RecoveryReport>,
     stats: Stats,

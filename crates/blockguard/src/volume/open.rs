@@ -98,11 +98,7 @@ impl Volume {
         let group_bytes = 2 * geo.block_size as usize + 256;
         // A missing, superfluous or wrong key is refused here, before anything is written
         // (recovery and superblock repair come after).
-        let tagger = crate::tag::Tagger::for_volume(sb.profile, &sb.uuid, &sb.key_check, opts.key.as_ref())
-            .map_err(|problem| Error::Key {
-            volume: name.clone(),
-            problem,
-        })?;
+        let tagger = open_tags(&name, &sb, opts)?;
         let vol = Inner {
             tagger,
             key: opts.key.clone(),
@@ -130,6 +126,7 @@ impl Volume {
             trusted: AtomicBool::new(sb.state == VolumeState::Clean),
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             reads_active: AtomicUsize::new(0),
+            retag_running: AtomicBool::new(false),
             recovered_at_open: None,
             stats: Stats::default(),
             mirror: Mutex::new(sb.mirror.clone()),
@@ -538,7 +535,7 @@ impl Inner {
                     role: u8::try_from(member).unwrap_or(u8::MAX),
                     ..m
                 }),
-                ..self.sb.clone()
+                ..self.tagger.apply(&self.sb)
             };
             let mut regions = [sb.encode(0), sb.encode(1)];
             for (copy, region) in (0u8..).zip(regions.iter_mut()) {
@@ -586,10 +583,38 @@ fn write_aligned(backend: &dyn Backend, bytes: &[u8], offset: u64, align: usize)
     backend.write_at(buf.as_ref(), offset)
 }
 
+/// The tags of a volume opened with `opts`: its profile's tagger with the key checked and,
+/// when the superblock records a re-tag in progress, the target's with `opts.retag_key`.
+fn open_tags(name: &str, sb: &Superblock, opts: &OpenOptions) -> Result<super::tags::Tags> {
+    let key_err = |problem| Error::Key {
+        volume: name.to_string(),
+        problem,
+    };
+    let current = crate::tag::Tagger::for_volume(sb.profile, &sb.uuid, &sb.key_check, opts.key.as_ref())
+        .map_err(key_err)?;
+    let switch = match &sb.retag {
+        Some(r) => {
+            let target =
+                crate::tag::Tagger::for_volume(r.target, &sb.uuid, &r.key_check, opts.retag_key.as_ref())
+                    .map_err(|problem| Error::Key {
+                        volume: name.to_string(),
+                        problem: problem.for_retag(),
+                    })?;
+            Some((target, r.cursor))
+        }
+        None => None,
+    };
+    Ok(super::tags::Tags::new(current, switch, sb.geometry.group_blocks))
+}
+
 /// `rebuild` mode recomputes tags from whatever data a crash left, with the volume's key: on a
 /// keyed profile that would bless data written by someone without the key (G6). Refused at
 /// format and at open (the mode is a field of the unkeyed superblock).
-fn mode_fits_profile(name: &str, mode: crate::format::Mode, profile: crate::tag::Profile) -> Result<()> {
+pub(super) fn mode_fits_profile(
+    name: &str,
+    mode: crate::format::Mode,
+    profile: crate::tag::Profile,
+) -> Result<()> {
     if mode == crate::format::Mode::Rebuild && profile.is_keyed() {
         return Err(Error::Unsupported {
             volume: name.to_string(),

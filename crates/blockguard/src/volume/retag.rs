@@ -43,12 +43,8 @@ impl Inner {
             }
             return Ok(old.any_written());
         }
-        let bs = self.geo.block_size as usize;
-        let ts = self.geo.tag_size as usize;
-        let per = self.geo.tags_per_sector() as usize;
-        let first = self.geo.first_block(group);
-        let n = self.geo.blocks_in_group(group) as usize;
-        let mut data = super::aligned(n * bs, self.backend.alignment().max(1));
+        let (bs, ts, per) = self.tag_layout();
+        let (first, mut data) = self.group_buffer(group);
         // Read until two reads agree: one bad read would be written down as the tags.
         self.read_confirmed(
             data.as_mut(),
@@ -90,8 +86,30 @@ impl Inner {
         Ok(any_written || old.any_written())
     }
 
+    /// Block size, tag size and tags per sector, as `usize`.
+    pub(super) fn tag_layout(&self) -> (usize, usize, usize) {
+        (
+            self.geo.block_size as usize,
+            self.geo.tag_size as usize,
+            self.geo.tags_per_sector() as usize,
+        )
+    }
+
+    /// The first block of `group`, and a buffer (aligned for the backend) for its data.
+    pub(super) fn group_buffer(&self, group: u64) -> (u64, super::Aligned) {
+        let n = self.geo.blocks_in_group(group) as usize;
+        let buf = super::aligned(n * self.geo.block_size as usize, self.backend.alignment().max(1));
+        (self.geo.first_block(group), buf)
+    }
+
     /// The report entry of damaged pair `k` of `group`.
-    fn metadata_problem(&self, group: u64, k: usize, view: &PairView, rebuilt: bool) -> MetadataProblem {
+    pub(super) fn metadata_problem(
+        &self,
+        group: u64,
+        k: usize,
+        view: &PairView,
+        rebuilt: bool,
+    ) -> MetadataProblem {
         let per = self.geo.tags_per_sector() as usize;
         let detail = match view {
             PairView::Damaged(d) => d.to_string(),

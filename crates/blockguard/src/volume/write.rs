@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use std::sync::{Arc, MutexGuard};
 
 impl Inner {
-    fn writable(&self) -> Result<()> {
+    pub(super) fn writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly {
                 volume: self.name.clone(),
@@ -20,7 +20,7 @@ impl Inner {
 
     /// Locks the stripes covering blocks `first..first+count`, in ascending order so two
     /// writers can never deadlock.
-    fn lock_stripes(&self, first: u64, count: u64) -> Vec<MutexGuard<'_, ()>> {
+    pub(super) fn lock_stripes(&self, first: u64, count: u64) -> Vec<MutexGuard<'_, ()>> {
         let n = LOCK_STRIPES as u64;
         let mut idx: Vec<usize> = if count >= n {
             (0..LOCK_STRIPES).collect()

@@ -269,6 +269,30 @@ fn start_session(vol: &Inner, layout: &Layout) -> Result<Ring> {
     Ok(ring)
 }
 
+/// Makes a durable checkpoint pass every segment written so far (starting this session's log
+/// first if no commit has: its first checkpoint passes the segments of earlier sessions), so
+/// that no segment written before now is ever replayed. For maintenance that changes what tags
+/// a block must carry (an online re-tag): a replayed older segment would write back the tags
+/// of before. Everything committed has had its home writes issued (the commit lock is held).
+pub(crate) fn pass_all(vol: &Inner, state: &mut CommitState) -> Result<()> {
+    let layout = Layout::of(&vol.geo);
+    if state.journal.is_none() {
+        state.journal = Some(start_session(vol, &layout)?);
+    }
+    let Some(ring) = state.journal.as_mut() else {
+        unreachable!("started above");
+    };
+    vol.flush_or_fail("flushing home writes before a journal checkpoint")?;
+    ring.barrier_done();
+    if let Some(c) = ring.next_checkpoint() {
+        write_checkpoint(vol, &layout, &c)?;
+        ring.checkpoint_written(c);
+    }
+    vol.flush_or_fail("flushing a journal checkpoint")?;
+    ring.barrier_done();
+    Ok(())
+}
+
 /// Writes both checkpoint copies (each one 512-byte sector in its own 4 KiB region).
 fn write_checkpoint(vol: &Inner, layout: &Layout, c: &Checkpoint) -> Result<()> {
     let align = vol.backend.alignment().max(1);

@@ -1,0 +1,191 @@
+//! The tag profiles of an open volume: which one generates the tag of a block, and which ones
+//! a stored tag may have been made by.
+//!
+//! Normally one profile does everything. During an online re-tag (`volume/retag_online.rs`)
+//! there are two, and the cursor — the number of groups re-tagged, in order — says which one
+//! covers a block: the groups before it have the target profile's tags (every one of their
+//! blocks was re-tagged under the commit lock, and writes to them since are tagged by the
+//! target), so only the target is accepted there; the groups at and after it have the old
+//! profile's tags, except those a re-tag reached after the last cursor written to the
+//! superblock (a crash, or a stop, loses nothing but the cursor's advance), so there a tag
+//! made by either profile is accepted. Tags of both profiles have the same size (the layout
+//! does not change), and a tag matches data only if it was computed from that data by that
+//! profile, so accepting the second profile accepts no data that no tag describes.
+
+use crate::format::{profile_incompat, Retag, Superblock, INCOMPAT_RETAG, INCOMPAT_TAG_PROFILE};
+use crate::tag::{Profile, Tag, Tagger};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
+
+/// The profiles of an open volume and, during a re-tag, how far it got.
+pub(crate) struct Tags {
+    state: RwLock<State>,
+    /// Data blocks per group: a block's group is `block / group_blocks`.
+    group_blocks: u64,
+}
+
+/// What [`Tags`] holds; replaced as a whole under the lock.
+struct State {
+    /// The volume's profile (the old one while a re-tag runs).
+    current: Arc<Tagger>,
+    /// The re-tag in progress, if any.
+    switch: Option<Switch>,
+}
+
+/// A re-tag in progress, as the engine knows it.
+struct Switch {
+    target: Arc<Tagger>,
+    /// Groups `0..cursor` carry `target`'s tags.
+    cursor: u64,
+}
+
+/// Where a re-tag stands: the profiles and the cursor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SwitchState {
+    pub(crate) from: Profile,
+    pub(crate) to: Profile,
+    pub(crate) cursor: u64,
+}
+
+impl Tags {
+    /// The tags of a volume of `group_blocks` blocks per group with profile `current`, and a
+    /// re-tag in progress to `target` from group `cursor` on, if any.
+    pub(crate) fn new(current: Tagger, switch: Option<(Tagger, u64)>, group_blocks: u32) -> Tags {
+        Tags {
+            state: RwLock::new(State {
+                current: Arc::new(current),
+                switch: switch.map(|(target, cursor)| Switch {
+                    target: Arc::new(target),
+                    cursor,
+                }),
+            }),
+            group_blocks: u64::from(group_blocks.max(1)),
+        }
+    }
+
+    /// The state, also after a panic elsewhere (nothing is ever left half-changed: every
+    /// change is one assignment).
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes the state with `f`.
+    fn change(&self, f: impl FnOnce(&mut State)) {
+        f(&mut self.state.write().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// True if `block` lies in a group already re-tagged.
+    fn switched(&self, s: &Switch, block: u64) -> bool {
+        block / self.group_blocks < s.cursor
+    }
+
+    /// The tag of `data` stored at `block`, by the profile that covers the block.
+    #[inline]
+    pub(crate) fn generate(&self, block: u64, data: &[u8]) -> Tag {
+        let s = self.read();
+        match &s.switch {
+            Some(w) if self.switched(w, block) => w.target.generate(block, data),
+            _ => s.current.generate(block, data),
+        }
+    }
+
+    /// True if `data` at `block` matches `tag`: made by the target profile in a re-tagged
+    /// group, by either profile in the others while a re-tag is in progress.
+    #[inline]
+    pub(crate) fn verify(&self, block: u64, data: &[u8], tag: &Tag) -> bool {
+        let s = self.read();
+        match &s.switch {
+            None => s.current.verify(block, data, tag),
+            Some(w) if self.switched(w, block) => w.target.verify(block, data, tag),
+            Some(w) => s.current.verify(block, data, tag) || w.target.verify(block, data, tag),
+        }
+    }
+
+    /// The tagger of the profile that covers `block` now.
+    pub(crate) fn tagger_for(&self, block: u64) -> Arc<Tagger> {
+        let s = self.read();
+        match &s.switch {
+            Some(w) if self.switched(w, block) => w.target.clone(),
+            _ => s.current.clone(),
+        }
+    }
+
+    /// The volume's profile (the one being switched from, during a re-tag).
+    pub(crate) fn current(&self) -> Arc<Tagger> {
+        self.read().current.clone()
+    }
+
+    /// The re-tag in progress, if any.
+    pub(crate) fn switch(&self) -> Option<SwitchState> {
+        let s = self.read();
+        s.switch.as_ref().map(|w| SwitchState {
+            from: s.current.profile(),
+            to: w.target.profile(),
+            cursor: w.cursor,
+        })
+    }
+
+    /// Starts a re-tag to `target` at group 0. The caller holds the commit lock and writes the
+    /// superblock that records it before any tag of `target` is written.
+    pub(crate) fn begin(&self, target: Tagger) {
+        self.change(|s| {
+            s.switch = Some(Switch {
+                target: Arc::new(target),
+                cursor: 0,
+            });
+        });
+    }
+
+    /// The target of the re-tag in progress.
+    pub(crate) fn target(&self) -> Option<Arc<Tagger>> {
+        self.read().switch.as_ref().map(|w| w.target.clone())
+    }
+
+    /// Forgets a re-tag that has not re-tagged anything yet (its start could not be recorded).
+    pub(crate) fn abort(&self) {
+        self.change(|s| {
+            if s.switch.as_ref().is_some_and(|w| w.cursor == 0) {
+                s.switch = None;
+            }
+        });
+    }
+
+    /// Groups `0..cursor` are re-tagged (their new tags written; writes to them are tagged by
+    /// the target from now on).
+    pub(crate) fn advance(&self, cursor: u64) {
+        self.change(|s| {
+            if let Some(w) = &mut s.switch {
+                w.cursor = cursor;
+            }
+        });
+    }
+
+    /// Every group is re-tagged: the target becomes the volume's profile.
+    pub(crate) fn finish(&self) {
+        self.change(|s| {
+            if let Some(w) = s.switch.take() {
+                s.current = w.target;
+            }
+        });
+    }
+
+    /// `sb` with the profile, key-check value, feature bits and re-tag fields of now.
+    pub(crate) fn apply(&self, sb: &Superblock) -> Superblock {
+        let s = self.read();
+        let profile = s.current.profile();
+        let retag = s.switch.as_ref().map(|w| Retag {
+            target: w.target.profile(),
+            cursor: w.cursor,
+            key_check: w.target.key_check(),
+        });
+        let retag_bit = if retag.is_some() { INCOMPAT_RETAG } else { 0 };
+        Superblock {
+            profile,
+            key_check: s.current.key_check(),
+            incompat: (sb.incompat & !(INCOMPAT_TAG_PROFILE | INCOMPAT_RETAG))
+                | profile_incompat(profile)
+                | retag_bit,
+            retag,
+            ..sb.clone()
+        }
+    }
+}

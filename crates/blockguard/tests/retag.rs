@@ -1,0 +1,693 @@
+//! `Volume::retag`: switching a volume to another tag profile while it is in use.
+//!
+//! - every mode (`dual`, `rebuild`, `journal`), 8-, 16- and 32-byte pairs, keyed targets:
+//!   after the re-tag every block reads back verified, `check` is clean, the stored tags are
+//!   the target's (compared with the profile's own `generate`), and the volume reopens with the
+//!   target profile; writes during the re-tag keep their data;
+//! - a crash at every point of a re-tag's I/O history (every subset and order of the unflushed
+//!   writes where there are few, samples torn at 512 bytes otherwise): the volume opens, every
+//!   block reads its data verified, and resuming completes the re-tag;
+//! - a stop persists the cursor, and the same call resumes from there;
+//! - a corrupted block is reported and left failing, never re-tagged as good;
+//! - bad input is refused with a clear error and nothing written.
+
+use blockguard::blockguard_backend::{Backend, FaultBackend};
+use blockguard::tag::{KeyError, TagKey};
+use blockguard::{Error, FormatOptions, Mode, OpenOptions, Profile, RetagOptions, RetagReport, Volume};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const BS: u64 = 4096;
+/// Blocks per group: small, so a small volume has many groups (and a re-tag many steps).
+const GROUP: u32 = 8;
+const GROUPS: u64 = 12;
+const BLOCKS: u64 = GROUPS * GROUP as u64 - 3;
+const UUID: [u8; 16] = [0x5a; 16];
+
+fn key(b: u8) -> TagKey {
+    TagKey::from_bytes(&[b; 32]).unwrap()
+}
+
+/// The key of `profile` in these tests: `old` for the profile formatted with, else the new one.
+fn key_for(profile: Profile, byte: u8) -> Option<TagKey> {
+    profile.is_keyed().then(|| key(byte))
+}
+
+fn content(block: u64, round: u32) -> Vec<u8> {
+    let mut x = (block + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(round);
+    (0..BS)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+fn format_opts(mode: Mode, profile: Profile) -> FormatOptions {
+    FormatOptions {
+        mode,
+        profile,
+        key: key_for(profile, 0x11),
+        uuid: Some(UUID),
+        group_blocks: Some(GROUP),
+        journal_size: (mode == Mode::Journal).then_some(256 << 10),
+        ..FormatOptions::with_size(BS * BLOCKS)
+    }
+}
+
+fn open_opts(from: Profile, to: Profile) -> OpenOptions {
+    OpenOptions {
+        key: key_for(from, 0x11),
+        retag_key: key_for(to, 0x22),
+        background_commit: false,
+        ..OpenOptions::default()
+    }
+}
+
+/// Writes the pattern: most blocks, some left unwritten, one written with zeros, one group
+/// never written; returns the model (block → content).
+fn write_pattern(vol: &Volume) -> BTreeMap<u64, Vec<u8>> {
+    let mut model = BTreeMap::new();
+    for b in 0..BLOCKS {
+        let group = b / u64::from(GROUP);
+        if group == 5 || b % 7 == 3 {
+            continue;
+        }
+        let data = if b == 10 {
+            vec![0; BS as usize]
+        } else {
+            content(b, 0)
+        };
+        vol.write_at(&data, b * BS).unwrap();
+        model.insert(b, data);
+    }
+    vol.flush().unwrap();
+    model
+}
+
+/// Every block reads back as the model says (zeros where it has nothing), verified.
+fn check_reads(vol: &Volume, model: &BTreeMap<u64, Vec<u8>>, what: &str) {
+    let mut buf = vec![0u8; BS as usize];
+    for b in 0..BLOCKS {
+        vol.read_at(&mut buf, b * BS)
+            .unwrap_or_else(|e| panic!("{what}: block {b}: {e}"));
+        let want = model.get(&b).cloned().unwrap_or_else(|| vec![0; BS as usize]);
+        assert!(buf == want, "{what}: block {b} reads other data");
+    }
+}
+
+/// `check` is clean: every block and every metadata sector.
+fn check_clean(vol: &Volume, what: &str) {
+    let bad = vol.check_blocks(0, BLOCKS).unwrap();
+    assert!(bad.is_empty(), "{what}: check finds {bad:?}");
+    let meta = vol.check_metadata(0, GROUPS).unwrap();
+    assert!(meta.is_empty(), "{what}: check finds metadata problems {meta:?}");
+}
+
+/// The tag a read of each written block accepts is `profile`'s tag of its data.
+/// (Every block of the model was written: its tag is a real one, except that a block of zeros
+/// may have the unwritten tag where a `rebuild` recovery recomputed it.)
+fn check_tags(vol: &Volume, profile: Profile, model: &BTreeMap<u64, Vec<u8>>, what: &str) {
+    let tagger = profile.tagger(&UUID, key_for(profile, 0x22).as_ref()).unwrap();
+    for (&b, data) in model {
+        let report = vol.inspect_block(b).unwrap();
+        let want = tagger.generate(b, data).to_string();
+        let zero_ok = data.iter().all(|&x| x == 0) && report.accepted == ["unwritten"];
+        assert!(
+            report.accepted == [want.clone()] || zero_ok,
+            "{what}: block {b}'s stored tag is {:?}, the target's is {want}",
+            report.accepted
+        );
+    }
+}
+
+fn retag(vol: &Volume, to: Profile, progress: &mut dyn FnMut(u64, u64)) -> blockguard::Result<RetagReport> {
+    let key = key_for(to, 0x22);
+    let opts = RetagOptions {
+        key: key.as_ref(),
+        step_bytes: 1,
+        record_every: Duration::ZERO,
+        ..RetagOptions::new(to)
+    };
+    vol.retag(&opts, progress)
+}
+
+/// What a client does between steps of a re-tag at cursor `done`: writes block `at` of the
+/// group just re-tagged and block 2 of the next one (new content of `round`), then flushes.
+fn client_round(vol: &Volume, done: u64, at: u64, round: &mut u32, model: &mut BTreeMap<u64, Vec<u8>>) {
+    for b in [
+        (done - 1) * u64::from(GROUP) + at,
+        (done * u64::from(GROUP) + 2).min(BLOCKS - 1),
+    ] {
+        let data = content(b, *round);
+        vol.write_at(&data, b * BS).unwrap();
+        model.insert(b, data);
+    }
+    *round += 1;
+    vol.flush().unwrap();
+}
+
+/// One re-tag from `from` to `to` in `mode`, with a client writing and flushing between
+/// steps, in re-tagged groups and in the others.
+fn retag_and_check(mode: Mode, from: Profile, to: Profile) {
+    let what = format!("{} {from} → {to}", mode.name());
+    let fo = format_opts(mode, from);
+    let backend = Arc::new(FaultBackend::new(fo.backing_len().unwrap()).unwrap());
+    let vol = Volume::format(backend.clone(), &fo).unwrap();
+    let mut model = write_pattern(&vol);
+    let mut round = 1;
+    let mut steps = 0;
+    let report = retag(&vol, to, &mut |done, total| {
+        assert_eq!(total, GROUPS);
+        if done == 0 || done == total {
+            return;
+        }
+        steps += 1;
+        client_round(&vol, done, 1, &mut round, &mut model);
+    })
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(report.complete, "{what}: {report:?}");
+    assert_eq!(
+        (report.started_at, report.cursor, report.groups),
+        (0, GROUPS, GROUPS)
+    );
+    assert!(steps >= GROUPS - 1, "{what}: {steps} steps");
+    assert!(
+        report.bad_blocks.is_empty() && report.damaged.is_empty(),
+        "{what}: {report:?}"
+    );
+    assert!(report.blocks_retagged > 0, "{what}");
+    assert_eq!(vol.retag_status(), None);
+    check_reads(&vol, &model, &what);
+    check_clean(&vol, &what);
+    check_tags(&vol, to, &model, &what);
+    vol.close().unwrap();
+    // Reopened: the target is the volume's profile, with its key alone.
+    let again = Volume::open(
+        backend.clone(),
+        &OpenOptions {
+            key: key_for(to, 0x22),
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{what}: reopen: {e}"));
+    assert_eq!(again.superblock().profile, to, "{what}");
+    assert_eq!(again.superblock().retag, None, "{what}");
+    check_reads(&again, &model, &format!("{what}, reopened"));
+    check_clean(&again, &format!("{what}, reopened"));
+    check_tags(&again, to, &model, &format!("{what}, reopened"));
+    again.close().unwrap();
+    if from.is_keyed() {
+        // The old key no longer opens it.
+        let old = Volume::open(backend, &open_opts(from, from));
+        assert!(matches!(old, Err(Error::Key { .. })), "{what}: old key accepted");
+    }
+}
+
+/// Every mode; 8-, 16- and 32-byte pairs; keyed targets.
+#[test]
+fn every_mode_and_tag_size() {
+    for (mode, from, to) in [
+        (Mode::Dual, Profile::Crc32c, Profile::Xxh3),
+        (Mode::Rebuild, Profile::Crc32c, Profile::T10Dif),
+        (Mode::Journal, Profile::Crc64Nvme, Profile::Crc32c),
+        (Mode::Dual, Profile::Sha256, Profile::Blake3),
+        (Mode::Dual, Profile::HmacSha256, Profile::Blake3Keyed),
+        (Mode::Journal, Profile::Blake3Keyed, Profile::HmacSha256),
+    ] {
+        retag_and_check(mode, from, to);
+    }
+}
+
+/// What the blocks hold at each flush of a workload: the event count of the backend's history
+/// after the flush, and the content of every written block.
+type Snapshots = Vec<(usize, BTreeMap<u64, Vec<u8>>)>;
+
+/// A volume of `mode` and `from` with the pattern written and closed, its history forgotten,
+/// then re-tagged to `to` (one group per step, the cursor recorded after each) while a client
+/// writes, after each step, a block of the group just re-tagged and one of the next, and
+/// flushes: the backend with the history, and the snapshots at each flush.
+fn retagged_with_history(mode: Mode, from: Profile, to: Profile) -> (Arc<FaultBackend>, Snapshots) {
+    let fo = format_opts(mode, from);
+    let backend = Arc::new(FaultBackend::new(fo.backing_len().unwrap()).unwrap());
+    let vol = Volume::format(backend.clone(), &fo).unwrap();
+    let mut model = write_pattern(&vol);
+    vol.close().unwrap();
+    backend.forget_history();
+    let mut snapshots = vec![(0, model.clone())];
+    let vol = Volume::open(backend.clone(), &open_opts(from, to)).unwrap();
+    let mut round = 1;
+    let report = retag(&vol, to, &mut |done, total| {
+        if done == 0 || done == total {
+            return;
+        }
+        // The group just re-tagged was written before its step too (the previous round):
+        // marked dirty, and rewritten now without a flush of its own before the commit.
+        client_round(&vol, done, 2, &mut round, &mut model);
+        snapshots.push((backend.events().len(), model.clone()));
+    })
+    .unwrap();
+    assert!(report.complete);
+    vol.close().unwrap();
+    (backend, snapshots)
+}
+
+/// After a crash image taken at a point between flushes `before` and `after` (if any): the
+/// volume opens (recovering), every written block reads one of the two versions, verified;
+/// resuming the re-tag (if it was recorded) or starting it completes it, and then `check` is
+/// clean and every block has the target's tag of what it holds.
+fn check_crash_image(
+    image: Vec<u8>,
+    (from, to): (Profile, Profile),
+    before: &BTreeMap<u64, Vec<u8>>,
+    after: Option<&BTreeMap<u64, Vec<u8>>>,
+    what: &str,
+) {
+    let backend = Arc::new(FaultBackend::from_image(image));
+    // The superblock in use says which profile the volume has now, hence which key opens it.
+    let (sb, _) = Volume::read_superblock(&*backend).unwrap_or_else(|e| panic!("{what}: superblock: {e}"));
+    let opts = if sb.profile == to {
+        OpenOptions {
+            key: key_for(to, 0x22),
+            background_commit: false,
+            ..OpenOptions::default()
+        }
+    } else {
+        open_opts(from, to)
+    };
+    let vol = Volume::open(backend.clone(), &opts).unwrap_or_else(|e| panic!("{what}: open: {e}"));
+    let zeros = vec![0u8; BS as usize];
+    let mut held = BTreeMap::new();
+    let mut buf = vec![0u8; BS as usize];
+    for b in 0..BLOCKS {
+        vol.read_at(&mut buf, b * BS)
+            .unwrap_or_else(|e| panic!("{what}: block {b}: {e}"));
+        let old = before.get(&b).unwrap_or(&zeros);
+        let new = after.and_then(|m| m.get(&b)).unwrap_or(old);
+        assert!(
+            buf == *old || buf == *new,
+            "{what}: block {b} reads data never written to it"
+        );
+        if before.contains_key(&b) || after.is_some_and(|m| m.contains_key(&b)) {
+            held.insert(b, buf.clone());
+        }
+    }
+    let done = vol.superblock().profile == to && vol.retag_status().is_none();
+    if !done {
+        let report = retag(&vol, to, &mut |_, _| {}).unwrap_or_else(|e| panic!("{what}: resume: {e}"));
+        assert!(
+            report.complete && report.bad_blocks.is_empty(),
+            "{what}: {report:?}"
+        );
+    }
+    check_reads(&vol, &held, &format!("{what}, resumed"));
+    check_clean(&vol, &format!("{what}, resumed"));
+    check_tags(&vol, to, &held, &format!("{what}, resumed"));
+    vol.close().unwrap_or_else(|e| panic!("{what}: close: {e}"));
+}
+
+/// A random crash image of `state`: each unflushed write kept with probability 1/2, in a
+/// random order, and every kept write that touches no data block torn at 512 bytes with
+/// probability 1/2 (a torn data block may fail verification: G1's allowance; metadata and
+/// superblock writes must survive any tear).
+fn torn_image(
+    state: &blockguard::blockguard_backend::CrashState,
+    data: &[std::ops::Range<u64>],
+    rng: &mut ChaCha8Rng,
+) -> Vec<u8> {
+    use rand::seq::SliceRandom;
+    let mut keep: Vec<(usize, Vec<bool>)> = Vec::new();
+    for (i, w) in state.unflushed().iter().enumerate() {
+        if !rng.random_bool(0.5) {
+            continue;
+        }
+        let n = w.sector_count();
+        let touches_data = data.iter().any(|r| w.offset < r.end && r.start < w.end());
+        let mask = if touches_data || rng.random_bool(0.5) {
+            vec![true; n]
+        } else {
+            (0..n).map(|_| rng.random_bool(0.5)).collect()
+        };
+        keep.push((i, mask));
+    }
+    keep.shuffle(rng);
+    state.crash_image_torn(&keep)
+}
+
+/// Crashes at every point of a re-tag's history, a client writing and flushing meanwhile.
+fn crash_everywhere(mode: Mode, from: Profile, to: Profile, seed: u64) {
+    println!("seed {seed}");
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (backend, snapshots) = retagged_with_history(mode, from, to);
+    let (sb, _) = Volume::read_superblock(&*backend).unwrap();
+    let data: Vec<std::ops::Range<u64>> = (0..BLOCKS)
+        .map(|b| sb.geometry.data_offset(b)..sb.geometry.data_offset(b) + BS)
+        .collect();
+    let mut points = 0;
+    let mut images = 0;
+    backend.for_each_history_point(|n, state| {
+        points += 1;
+        let k = snapshots.iter().rposition(|(at, _)| *at <= n).unwrap_or(0);
+        let before = &snapshots[k].1;
+        let after = snapshots.get(k + 1).map(|s| &s.1);
+        let what = format!("{} {from} → {to}, seed {seed}, history point {n}", mode.name());
+        let check =
+            |image, how: &str| check_crash_image(image, (from, to), before, after, &format!("{what}, {how}"));
+        let enumerated = state.for_each_crash_image(16, |image| {
+            images += 1;
+            check(image, "enumerated");
+        });
+        if enumerated.is_err() {
+            for _ in 0..4 {
+                images += 1;
+                check(state.random_crash_image(&mut rng, false), "sampled");
+            }
+        }
+        if !state.unflushed().is_empty() {
+            images += 1;
+            check(torn_image(state, &data, &mut rng), "torn");
+        }
+    });
+    assert!(points > 2 * GROUPS as usize, "{points} history points");
+    assert!(
+        snapshots.len() > GROUPS as usize / 2,
+        "{} flushes",
+        snapshots.len()
+    );
+    println!(
+        "{points} history points, {images} crash images, {} client flushes",
+        snapshots.len() - 1
+    );
+}
+
+#[test]
+fn crash_at_every_step_dual() {
+    crash_everywhere(Mode::Dual, Profile::Crc32c, Profile::Xxh3, rand::rng().random());
+}
+
+#[test]
+fn crash_at_every_step_rebuild() {
+    crash_everywhere(
+        Mode::Rebuild,
+        Profile::Xxh3,
+        Profile::Crc64Nvme,
+        rand::rng().random(),
+    );
+}
+
+#[test]
+fn crash_at_every_step_journal_keyed() {
+    crash_everywhere(
+        Mode::Journal,
+        Profile::HmacSha256,
+        Profile::Blake3Keyed,
+        rand::rng().random(),
+    );
+}
+
+#[test]
+fn a_stop_persists_the_cursor_and_the_same_call_resumes() {
+    let (from, to) = (Profile::Crc32c, Profile::Crc64Nvme);
+    let fo = format_opts(Mode::Dual, from);
+    let backend = Arc::new(FaultBackend::new(fo.backing_len().unwrap()).unwrap());
+    let vol = Volume::format(backend.clone(), &fo).unwrap();
+    let model = write_pattern(&vol);
+    let stop = AtomicBool::new(false);
+    let opts = RetagOptions {
+        stop: Some(&stop),
+        step_bytes: 1,
+        // Never on its own: only the stop records the cursor.
+        record_every: Duration::from_secs(3600),
+        ..RetagOptions::new(to)
+    };
+    let report = vol
+        .retag(&opts, &mut |done, _| {
+            if done == 4 {
+                stop.store(true, Ordering::SeqCst);
+            }
+        })
+        .unwrap();
+    assert!(!report.complete);
+    assert_eq!(report.cursor, 4);
+    // The stop wrote the cursor (not only the close).
+    let (sb, _) = Volume::read_superblock(&*backend).unwrap();
+    assert_eq!(sb.retag.map(|r| (r.target, r.cursor)), Some((to, 4)));
+    check_reads(&vol, &model, "stopped");
+    vol.close().unwrap();
+    let vol = Volume::open(backend.clone(), &open_opts(from, to)).unwrap();
+    let status = vol.retag_status().expect("a re-tag in progress");
+    assert_eq!(
+        (status.from, status.to, status.cursor, status.groups),
+        (from, to, 4, GROUPS)
+    );
+    assert_eq!(vol.superblock().retag.map(|r| r.cursor), Some(4));
+    check_reads(&vol, &model, "reopened");
+    let mut seen = Vec::new();
+    let report = retag(&vol, to, &mut |done, _| seen.push(done)).unwrap();
+    assert!(report.complete);
+    assert_eq!(report.started_at, 4);
+    assert_eq!(seen.first(), Some(&4), "resumed where it stopped");
+    check_reads(&vol, &model, "resumed");
+    check_clean(&vol, "resumed");
+    check_tags(&vol, to, &model, "resumed");
+    vol.close().unwrap();
+}
+
+#[test]
+fn a_corrupted_block_is_reported_and_left_failing() {
+    let (from, to) = (Profile::Crc32c, Profile::Xxh3);
+    let fo = format_opts(Mode::Dual, from);
+    let backend = Arc::new(FaultBackend::new(fo.backing_len().unwrap()).unwrap());
+    let vol = Volume::format(backend.clone(), &fo).unwrap();
+    let mut model = write_pattern(&vol);
+    vol.close().unwrap();
+    let bad = 20;
+    let offset = vol_data_offset(&backend, bad);
+    backend.flip_bit(offset + 100, 3).unwrap();
+    let vol = Volume::open(backend.clone(), &open_opts(from, to)).unwrap();
+    let report = retag(&vol, to, &mut |_, _| {}).unwrap();
+    assert!(report.complete);
+    assert_eq!(
+        report.bad_blocks.iter().map(|p| p.block).collect::<Vec<_>>(),
+        vec![bad],
+        "{report:?}"
+    );
+    // Still failing, under the new profile too: not re-tagged as good.
+    let mut buf = vec![0u8; BS as usize];
+    assert!(matches!(vol.read_at(&mut buf, bad * BS), Err(Error::Corrupt { block, .. }) if block == bad));
+    let found = vol.check_blocks(0, BLOCKS).unwrap();
+    assert_eq!(found.iter().map(|p| p.block).collect::<Vec<_>>(), vec![bad]);
+    let mut corrupted = model[&bad].clone();
+    corrupted[100] ^= 1 << 3;
+    let target = to.tagger(&UUID, None).unwrap();
+    let stored = vol.inspect_block(bad).unwrap().accepted;
+    assert_ne!(stored, vec![target.generate(bad, &corrupted).to_string()]);
+    model.remove(&bad);
+    vol.close().unwrap();
+    let vol = Volume::open(backend, &OpenOptions::default()).unwrap();
+    for (&b, data) in &model {
+        vol.read_at(&mut buf, b * BS).unwrap();
+        assert!(buf == *data, "block {b}");
+    }
+    assert!(vol.read_at(&mut buf, bad * BS).is_err());
+}
+
+/// The byte offset of data block `block` of the volume on `backend`.
+fn vol_data_offset(backend: &Arc<FaultBackend>, block: u64) -> u64 {
+    let (sb, _) = Volume::read_superblock(&**backend).unwrap();
+    sb.geometry.data_offset(block)
+}
+
+/// `f` fails as `check` says, and the backend holds the same bytes afterwards.
+fn refused(
+    backend: &FaultBackend,
+    what: &str,
+    f: impl FnOnce() -> blockguard::Result<RetagReport>,
+    check: impl FnOnce(&Error) -> bool,
+) {
+    let before = backend.live_image();
+    match f() {
+        Ok(r) => panic!("{what}: accepted: {r:?}"),
+        Err(e) => {
+            assert!(check(&e), "{what}: {e}");
+            println!("{what}: {e}");
+        }
+    }
+    assert!(backend.live_image() == before, "{what}: something was written");
+}
+
+#[test]
+fn bad_input_is_refused_and_nothing_is_written() {
+    let fo = format_opts(Mode::Dual, Profile::Crc32c);
+    let backend = Arc::new(FaultBackend::new(fo.backing_len().unwrap()).unwrap());
+    let vol = Volume::format(backend.clone(), &fo).unwrap();
+    write_pattern(&vol);
+    let go = |opts: RetagOptions<'_>| vol.retag(&opts, &mut |_, _| {});
+    refused(
+        &backend,
+        "same profile",
+        || go(RetagOptions::new(Profile::Crc32c)),
+        |e| matches!(e, Error::InvalidArgument { detail, .. } if detail.contains("already uses")),
+    );
+    refused(
+        &backend,
+        "another tag size",
+        || go(RetagOptions::new(Profile::Sha256)),
+        |e| matches!(e, Error::Unsupported { detail, .. } if detail.contains("in place") && detail.contains("xxh3")),
+    );
+    let k = key(0x22);
+    refused(
+        &backend,
+        "a key for an unkeyed target",
+        || {
+            go(RetagOptions {
+                key: Some(&k),
+                ..RetagOptions::new(Profile::Xxh3)
+            })
+        },
+        |e| {
+            matches!(
+                e,
+                Error::Key {
+                    problem: KeyError::RetagNotKeyed { .. },
+                    ..
+                }
+            )
+        },
+    );
+    // A re-tag in progress to xxh3: another target is refused.
+    let stop = AtomicBool::new(true);
+    let stopped = go(RetagOptions {
+        stop: Some(&stop),
+        ..RetagOptions::new(Profile::Xxh3)
+    })
+    .unwrap();
+    assert!(!stopped.complete);
+    refused(
+        &backend,
+        "another target while one is in progress",
+        || go(RetagOptions::new(Profile::T10Dif)),
+        |e| matches!(e, Error::InvalidArgument { detail, .. } if detail.contains("in progress") && detail.contains("xxh3")),
+    );
+    vol.close().unwrap();
+    let ro = Volume::open(
+        backend.clone(),
+        &OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    refused(
+        &backend,
+        "read-only",
+        || ro.retag(&RetagOptions::new(Profile::Xxh3), &mut |_, _| {}),
+        |e| matches!(e, Error::ReadOnly { .. }),
+    );
+    drop(ro);
+}
+
+#[test]
+fn keys_of_a_keyed_retag_are_checked_before_anything_is_written() {
+    let (from, to) = (Profile::HmacSha256, Profile::Blake3Keyed);
+    let fo = format_opts(Mode::Dual, from);
+    let backend = Arc::new(FaultBackend::new(fo.backing_len().unwrap()).unwrap());
+    let vol = Volume::format(backend.clone(), &fo).unwrap();
+    write_pattern(&vol);
+    let go = |opts: RetagOptions<'_>| vol.retag(&opts, &mut |_, _| {});
+    refused(
+        &backend,
+        "keyed target without its key",
+        || go(RetagOptions::new(to)),
+        |e| {
+            matches!(
+                e,
+                Error::Key {
+                    problem: KeyError::RetagMissing { .. },
+                    ..
+                }
+            )
+        },
+    );
+    // Started with key 0x22, stopped at once.
+    let (k, wrong) = (key(0x22), key(0x23));
+    let stop = AtomicBool::new(true);
+    go(RetagOptions {
+        key: Some(&k),
+        stop: Some(&stop),
+        ..RetagOptions::new(to)
+    })
+    .unwrap();
+    refused(
+        &backend,
+        "resumed with a wrong key",
+        || {
+            go(RetagOptions {
+                key: Some(&wrong),
+                ..RetagOptions::new(to)
+            })
+        },
+        |e| {
+            matches!(
+                e,
+                Error::Key {
+                    problem: KeyError::RetagWrong { .. },
+                    ..
+                }
+            )
+        },
+    );
+    vol.close().unwrap();
+    // While it is in progress, opening needs both keys, each right.
+    let image = backend.live_image();
+    for (retag_key, want) in [(None, "missing"), (Some(wrong), "wrong")] {
+        let r = Volume::open(
+            backend.clone(),
+            &OpenOptions {
+                key: Some(key(0x11)),
+                retag_key,
+                ..OpenOptions::default()
+            },
+        );
+        match r {
+            Err(Error::Key { problem, .. }) => {
+                let text = problem.to_string();
+                assert!(
+                    text.contains("re-tag target") && text.contains("--new-key-file"),
+                    "{want}: {text}"
+                );
+            }
+            Err(e) => panic!("{want}: {e}"),
+            Ok(_) => panic!("{want}: opened"),
+        }
+        assert!(backend.live_image() == image, "{want}: something was written");
+    }
+    let vol = Volume::open(backend.clone(), &open_opts(from, to)).unwrap();
+    let report = retag(&vol, to, &mut |_, _| {}).unwrap();
+    assert!(report.complete);
+    vol.close().unwrap();
+}
+
+#[test]
+fn a_second_retag_in_one_session_goes_back() {
+    // The engine's state after a completed re-tag is the target's: a second one (back) works
+    // in the same session, and the volume reopens with the original profile.
+    let fo = format_opts(Mode::Dual, Profile::Crc32c);
+    let backend = Arc::new(FaultBackend::new(fo.backing_len().unwrap()).unwrap());
+    let vol = Volume::format(backend.clone(), &fo).unwrap();
+    let model = write_pattern(&vol);
+    assert!(retag(&vol, Profile::Xxh3, &mut |_, _| {}).unwrap().complete);
+    assert!(retag(&vol, Profile::Crc32c, &mut |_, _| {}).unwrap().complete);
+    check_reads(&vol, &model, "back");
+    vol.close().unwrap();
+    let vol = Volume::open(backend as Arc<dyn Backend>, &OpenOptions::default()).unwrap();
+    assert_eq!(vol.superblock().profile, Profile::Crc32c);
+    check_reads(&vol, &model, "back, reopened");
+    check_tags(&vol, Profile::Crc32c, &model, "back, reopened");
+}
