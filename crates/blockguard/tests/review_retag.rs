@@ -1,0 +1,462 @@
+//! Outside review of the online re-tag (`Volume::retag`). Findings are `bug_*` (they fail on
+//! the code they were found on), claims that held are `held_*`. See `review_retag/README.md`.
+
+use blockguard::blockguard_backend::{FaultBackend, MemoryBackend, ReadFault};
+use blockguard::tag::TagKey;
+use blockguard::{FormatOptions, Mode, OpenOptions, Profile, RetagOptions, Volume};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const BS: usize = 4096;
+/// Groups of 16 blocks: a re-tag of a few groups has a short I/O history.
+const GB: u32 = 16;
+const GROUPS: u64 = 4;
+const SIZE: u64 = GROUPS * GB as u64 * BS as u64;
+
+fn fmt(mode: Mode, profile: Profile, key: Option<TagKey>) -> FormatOptions {
+    let mut f = FormatOptions::with_size(SIZE);
+    f.mode = mode;
+    f.profile = profile;
+    f.key = key;
+    f.group_blocks = Some(GB);
+    if mode == Mode::Journal {
+        f.journal_size = Some(1 << 20);
+    }
+    f
+}
+
+fn sync_opts() -> OpenOptions {
+    OpenOptions {
+        background_commit: false,
+        stage_bytes: 3 * BS,
+        cache_bytes: 2 * 2 * BS,
+        dirty_clear_interval: Duration::from_secs(3600),
+        ..OpenOptions::default()
+    }
+}
+
+fn keyed_opts(key: &TagKey, retag_key: Option<&TagKey>) -> OpenOptions {
+    OpenOptions {
+        key: Some(key.clone()),
+        retag_key: retag_key.cloned(),
+        ..sync_opts()
+    }
+}
+
+fn pattern(block: u64, version: u32) -> Vec<u8> {
+    let mut b = vec![0u8; BS];
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = (block as u8) ^ (version as u8).wrapping_mul(31) ^ (i as u8).wrapping_mul(7) ^ 0x5a;
+    }
+    b[..8].copy_from_slice(&block.to_le_bytes());
+    b[8..12].copy_from_slice(&version.to_le_bytes());
+    b
+}
+
+fn read_block(vol: &Volume, block: u64) -> blockguard::Result<Vec<u8>> {
+    let mut b = vec![0u8; BS];
+    vol.read_at(&mut b, block * BS as u64)?;
+    Ok(b)
+}
+
+fn key(b: u8) -> TagKey {
+    TagKey::from_bytes(&[b; 32]).unwrap()
+}
+
+/// Formats a volume on a fault backend and writes a few blocks in every group (flushed).
+fn populated(
+    mode: Mode,
+    profile: Profile,
+    k: Option<TagKey>,
+    opts: &OpenOptions,
+) -> (Arc<FaultBackend>, Volume, BTreeMap<u64, Vec<u8>>) {
+    let f = fmt(mode, profile, k);
+    let fb = Arc::new(FaultBackend::new(f.backing_len().unwrap()).unwrap());
+    Volume::format(fb.clone(), &f).unwrap().close().unwrap();
+    let vol = Volume::open(fb.clone(), opts).unwrap();
+    let mut data = BTreeMap::new();
+    for g in 0..GROUPS {
+        for j in [0u64, 3, 15] {
+            let b = g * GB as u64 + j;
+            let d = pattern(b, 1);
+            vol.write_at(&d, b * BS as u64).unwrap();
+            data.insert(b, d);
+        }
+    }
+    vol.flush().unwrap();
+    (fb, vol, data)
+}
+
+/// Opens with `opts`, or, once the re-tag has finished on disk, with the target's key alone.
+fn open_either(
+    backend: Arc<dyn blockguard::blockguard_backend::Backend>,
+    opts: &OpenOptions,
+) -> blockguard::Result<Volume> {
+    match Volume::open(backend.clone(), opts) {
+        Err(blockguard::Error::Key { .. }) if opts.retag_key.is_some() => {
+            let o = OpenOptions {
+                key: opts.retag_key.clone(),
+                retag_key: None,
+                ..opts.clone()
+            };
+            Volume::open(backend, &o)
+        }
+        r => r,
+    }
+}
+
+fn one_group_steps(profile: Profile, k: Option<&TagKey>) -> RetagOptions<'_> {
+    let mut o = RetagOptions::new(profile);
+    o.key = k;
+    o.step_bytes = 1;
+    o.record_every = Duration::ZERO;
+    o
+}
+
+fn all_read(vol: &Volume, data: &BTreeMap<u64, Vec<u8>>) -> Result<(), String> {
+    for (&b, d) in data {
+        match read_block(vol, b) {
+            Ok(got) if &got == d => {}
+            Ok(_) => return Err(format!("block {b}: WRONG DATA")),
+            Err(e) => return Err(format!("block {b}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+fn check_clean(vol: &Volume) -> Result<(), String> {
+    let total = GROUPS * GB as u64;
+    let p = vol.check_blocks(0, total).map_err(|e| e.to_string())?;
+    if !p.is_empty() {
+        return Err(format!("check_blocks: {p:?}"));
+    }
+    let m = vol.check_metadata(0, GROUPS).map_err(|e| e.to_string())?;
+    if !m.is_empty() {
+        return Err(format!("check_metadata: {m:?}"));
+    }
+    Ok(())
+}
+
+/// One read fault, of `kind`, on the `n`-th read the backend sees (counting from when it is
+/// installed) that matches `pred(offset, len)`.
+fn fault_nth_read(
+    fb: &FaultBackend,
+    n: usize,
+    kind: ReadFault,
+    pred: impl Fn(u64, usize) -> bool + Send + Sync + 'static,
+) {
+    let seen = AtomicUsize::new(0);
+    fb.read_faults_with(move |off, len| {
+        if pred(off, len) && seen.fetch_add(1, Ordering::SeqCst) == n {
+            Some(kind)
+        } else {
+            None
+        }
+    });
+}
+
+/// G3/G1: a read returning zeros (or stale or misdirected bytes) once, at any of the first
+/// reads the re-tag makes (data or metadata), neither gets a block re-tagged from bad data nor
+/// reports a good block bad: the re-tag completes or fails cleanly, every block reads its data,
+/// and a resumed re-tag ends with a clean check.
+#[test]
+fn held_one_bad_read_during_retag_step() {
+    for mode in [Mode::Dual, Mode::Rebuild, Mode::Journal] {
+        for kind in [ReadFault::Zeros, ReadFault::Stale, ReadFault::From(0)] {
+            for n in 0..14 {
+                let (fb, vol, data) = populated(mode, Profile::Crc32c, None, &sync_opts());
+                fault_nth_read(&fb, n, kind, |_, _| true);
+                let r = vol.retag(&one_group_steps(Profile::Xxh3, None), &mut |_, _| {});
+                fb.clear_faults();
+                if let Ok(rep) = &r {
+                    assert!(
+                        rep.bad_blocks.is_empty(),
+                        "{mode:?} {kind:?} n={n}: good block reported bad: {rep:?}"
+                    );
+                    assert!(
+                        rep.damaged.is_empty(),
+                        "{mode:?} {kind:?} n={n}: damaged: {rep:?}"
+                    );
+                }
+                all_read(&vol, &data).unwrap_or_else(|e| panic!("{mode:?} {kind:?} n={n} ({r:?}): {e}"));
+                vol.close().unwrap();
+                let vol = Volume::open(fb.clone(), &sync_opts()).unwrap();
+                if vol.profile() != Profile::Xxh3 {
+                    let rep = vol
+                        .retag(&one_group_steps(Profile::Xxh3, None), &mut |_, _| {})
+                        .unwrap();
+                    assert!(
+                        rep.complete && rep.bad_blocks.is_empty(),
+                        "{mode:?} {kind:?} n={n}: {rep:?}"
+                    );
+                }
+                all_read(&vol, &data).unwrap_or_else(|e| panic!("{mode:?} {kind:?} n={n} after: {e}"));
+                check_clean(&vol).unwrap_or_else(|e| panic!("{mode:?} {kind:?} n={n}: {e}"));
+                assert_eq!(vol.profile(), Profile::Xxh3);
+                vol.close().unwrap();
+            }
+        }
+    }
+}
+
+/// G3: a block corrupted on disk before the re-tag is not laundered: it is reported, keeps
+/// failing during and after the re-tag, and its neighbours are re-tagged.
+#[test]
+fn held_corrupt_block_is_not_laundered() {
+    for mode in [Mode::Dual, Mode::Rebuild, Mode::Journal] {
+        let (fb, vol, data) = populated(mode, Profile::Xxh3, None, &sync_opts());
+        vol.close().unwrap();
+        // Find block 3's data on disk by its content and flip a bit in it.
+        let img = fb.live_image();
+        let needle = &data[&3][..64];
+        // Every copy (journal mode may hold one in its log too).
+        let offs: Vec<usize> = (0..img.len() - 64)
+            .step_by(512)
+            .filter(|&o| &img[o..o + 64] == needle)
+            .collect();
+        assert!(!offs.is_empty());
+        for off in offs {
+            fb.flip_bit(off as u64 + 100, 2).unwrap();
+        }
+        let vol = Volume::open(fb.clone(), &sync_opts()).unwrap();
+        let rep = vol
+            .retag(&one_group_steps(Profile::Crc64Nvme, None), &mut |_, _| {})
+            .unwrap();
+        assert!(rep.complete);
+        assert_eq!(
+            rep.bad_blocks.iter().map(|p| p.block).collect::<Vec<_>>(),
+            vec![3],
+            "{mode:?}"
+        );
+        assert!(
+            read_block(&vol, 3).is_err(),
+            "{mode:?}: corrupt block read after re-tag"
+        );
+        vol.close().unwrap();
+        let vol = Volume::open(fb.clone(), &sync_opts()).unwrap();
+        assert!(
+            read_block(&vol, 3).is_err(),
+            "{mode:?}: corrupt block read after reopen"
+        );
+        let mut rest = data.clone();
+        rest.remove(&3);
+        all_read(&vol, &rest).unwrap();
+        vol.close().unwrap();
+    }
+}
+
+/// Crash anywhere during a re-tag (every history point, sampled images, some torn at 512
+/// bytes), then a second crash anywhere during the resumed re-tag: every block reads its data
+/// and a third run finishes with a clean check.
+#[test]
+fn held_crash_then_crash_again_during_resume() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for (mode, from, to, k1, k2) in [
+        (Mode::Dual, Profile::Crc32c, Profile::Xxh3, None, None),
+        (Mode::Rebuild, Profile::Xxh3, Profile::T10Dif, None, None),
+        (
+            Mode::Journal,
+            Profile::HmacSha256,
+            Profile::Blake3Keyed,
+            Some(key(1)),
+            Some(key(2)),
+        ),
+    ] {
+        let opts = OpenOptions {
+            key: k1.clone(),
+            retag_key: k2.clone(),
+            ..sync_opts()
+        };
+        let (fb, vol, data) = populated(mode, from, k1.clone(), &opts);
+        fb.forget_history();
+        let rep = vol
+            .retag(&one_group_steps(to, k2.as_ref()), &mut |_, _| {})
+            .unwrap();
+        assert!(rep.complete);
+        vol.close().unwrap();
+        let mut points = Vec::new();
+        fb.for_each_history_point(|n, st| {
+            for torn in [false, true] {
+                points.push((n, torn, st.random_crash_image(&mut rng, torn)));
+            }
+        });
+        for (i, (n, torn, image)) in points.into_iter().enumerate() {
+            let ctx = format!("{mode:?} point {n} torn {torn}");
+            let fb2 = Arc::new(FaultBackend::from_image(image));
+            let vol = open_either(fb2.clone(), &opts).unwrap_or_else(|e| panic!("{ctx}: open: {e}"));
+            all_read(&vol, &data).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+            // The second crash: only for every third point (time), at every point of the resume.
+            if i % 3 == 0 && vol.retag_status().is_some() {
+                fb2.forget_history();
+                let r = vol
+                    .retag(&one_group_steps(to, k2.as_ref()), &mut |_, _| {})
+                    .unwrap();
+                assert!(r.complete && r.bad_blocks.is_empty(), "{ctx}: {r:?}");
+                vol.close().unwrap();
+                let mut second = Vec::new();
+                fb2.for_each_history_point(|m, st| second.push((m, st.random_crash_image(&mut rng, true))));
+                for (m, img) in second {
+                    let ctx = format!("{ctx} then point {m}");
+                    let mb = Arc::new(MemoryBackend::from_vec(img));
+                    let vol = open_either(mb, &opts).unwrap_or_else(|e| panic!("{ctx}: open: {e}"));
+                    all_read(&vol, &data).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                    let r = vol.retag(&one_group_steps(to, k2.as_ref()), &mut |_, _| {});
+                    if vol.profile() != to {
+                        panic!("{ctx}: {r:?}");
+                    }
+                    check_clean(&vol).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                    vol.close().unwrap();
+                }
+                continue;
+            }
+            if vol.profile() != to {
+                let r = vol
+                    .retag(&one_group_steps(to, k2.as_ref()), &mut |_, _| {})
+                    .unwrap();
+                assert!(r.complete && r.bad_blocks.is_empty(), "{ctx}: {r:?}");
+            }
+            all_read(&vol, &data).unwrap_or_else(|e| panic!("{ctx}: after: {e}"));
+            check_clean(&vol).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+            vol.close().unwrap();
+        }
+    }
+}
+
+/// G6 and the refusals: a re-tag between keyed profiles cannot be opened without, or with a
+/// wrong, target key (read-only included), cannot be resumed to another target or with a
+/// wrong key, and nothing is accepted without a key.
+#[test]
+fn held_keyed_retag_needs_both_keys() {
+    let (k1, k2) = (key(1), key(2));
+    let (fb, vol, data) = populated(
+        Mode::Dual,
+        Profile::HmacSha256,
+        Some(k1.clone()),
+        &keyed_opts(&k1, None),
+    );
+    let stop = AtomicBool::new(false);
+    let mut o = one_group_steps(Profile::Blake3Keyed, Some(&k2));
+    o.stop = Some(&stop);
+    let rep = vol
+        .retag(&o, &mut |done, _| {
+            if done >= 2 {
+                stop.store(true, Ordering::SeqCst);
+            }
+        })
+        .unwrap();
+    assert!(!rep.complete && rep.cursor == 2, "{rep:?}");
+    // Resume to another target, or with a wrong key: refused.
+    assert!(vol
+        .retag(&one_group_steps(Profile::HmacSha256, None), &mut |_, _| {})
+        .is_err());
+    assert!(vol
+        .retag(
+            &one_group_steps(Profile::Blake3Keyed, Some(&key(9))),
+            &mut |_, _| {}
+        )
+        .is_err());
+    vol.close().unwrap();
+    for ro in [false, true] {
+        for (a, b) in [
+            (Some(k1.clone()), None),
+            (Some(k1.clone()), Some(key(9))),
+            (None, Some(k2.clone())),
+            (Some(k2.clone()), Some(k1.clone())),
+        ] {
+            let o = OpenOptions {
+                read_only: ro,
+                key: a.clone(),
+                retag_key: b.clone(),
+                ..sync_opts()
+            };
+            assert!(
+                Volume::open(fb.clone(), &o).is_err(),
+                "opened with {:?} {:?} ro={ro}",
+                a.is_some(),
+                b.is_some()
+            );
+        }
+    }
+    let vol = Volume::open(fb.clone(), &keyed_opts(&k1, Some(&k2))).unwrap();
+    all_read(&vol, &data).unwrap();
+    let rep = vol
+        .retag(&one_group_steps(Profile::Blake3Keyed, Some(&k2)), &mut |_, _| {})
+        .unwrap();
+    assert!(rep.complete && rep.started_at == 2, "{rep:?}");
+    vol.close().unwrap();
+    // After: only the new key opens it.
+    assert!(Volume::open(fb.clone(), &keyed_opts(&k1, None)).is_err());
+    let vol = Volume::open(fb.clone(), &keyed_opts(&k2, None)).unwrap();
+    all_read(&vol, &data).unwrap();
+    check_clean(&vol).unwrap();
+    vol.close().unwrap();
+}
+
+/// G2: a client writing, zeroing and discarding the blocks being re-tagged, from another
+/// thread, with background commits: after the re-tag and a reopen every block holds its last
+/// write and the check is clean.
+#[test]
+fn held_concurrent_writes_discards_during_retag() {
+    for mode in [Mode::Dual, Mode::Rebuild, Mode::Journal] {
+        let opts = OpenOptions {
+            background_commit: true,
+            ..sync_opts()
+        };
+        let (fb, vol, mut data) = populated(mode, Profile::Crc32c, None, &opts);
+        let vol = Arc::new(vol);
+        let done = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (vol, done) = (vol.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut last = BTreeMap::new();
+                let mut v = 2u32;
+                while !done.load(Ordering::SeqCst) || v < 40 {
+                    for g in 0..GROUPS {
+                        let b = g * GB as u64 + (v as u64 % GB as u64);
+                        match v % 5 {
+                            0 => {
+                                vol.discard(b * BS as u64, BS as u64).unwrap();
+                                last.insert(b, vec![0u8; BS]);
+                            }
+                            1 => {
+                                vol.write_zeroes(b * BS as u64, BS as u64).unwrap();
+                                last.insert(b, vec![0u8; BS]);
+                            }
+                            _ => {
+                                let d = pattern(b, v);
+                                vol.write_at(&d, b * BS as u64).unwrap();
+                                last.insert(b, d);
+                            }
+                        }
+                    }
+                    if v % 3 == 0 {
+                        vol.flush().unwrap();
+                    }
+                    v += 1;
+                }
+                vol.flush().unwrap();
+                last
+            })
+        };
+        let rep = vol
+            .retag(&one_group_steps(Profile::Xxh3, None), &mut |_, _| {
+                std::thread::yield_now()
+            })
+            .unwrap();
+        done.store(true, Ordering::SeqCst);
+        let last = writer.join().unwrap();
+        assert!(rep.complete && rep.bad_blocks.is_empty(), "{mode:?}: {rep:?}");
+        data.extend(last);
+        all_read(&vol, &data).unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+        Arc::try_unwrap(vol).ok().unwrap().close().unwrap();
+        let vol = Volume::open(fb.clone(), &sync_opts()).unwrap();
+        assert_eq!(vol.profile(), Profile::Xxh3);
+        all_read(&vol, &data).unwrap_or_else(|e| panic!("{mode:?} reopened: {e}"));
+        check_clean(&vol).unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+        vol.close().unwrap();
+    }
+}
