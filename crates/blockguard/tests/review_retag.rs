@@ -646,3 +646,181 @@ fn held_crash_with_client_between_steps() {
         eprintln!("{mode:?}: {total} images");
     }
 }
+
+/// G3/G4 (single faults, as `tests/faults.rs` holds the engine to): the n-th write of a re-tag
+/// (metadata, superblock) is misdirected onto a never-written data block — so it is lost where
+/// it belonged and lands where it did not. Every read, before and after a reopen and a resumed
+/// re-tag, returns the block's content or an error, never other data, and `check_blocks` lists
+/// exactly the blocks that fail to read.
+#[test]
+fn held_misdirected_write_during_retag_never_wrong_data() {
+    for mode in [Mode::Dual, Mode::Rebuild, Mode::Journal] {
+        for n in 0..40 {
+            let (fb, vol, mut data) = populated(mode, Profile::Crc32c, None, &sync_opts());
+            let scratch = vol.geometry().data_offset(62);
+            data.insert(62, vec![0u8; BS]);
+            let seen = AtomicUsize::new(0);
+            let hit = Arc::new(AtomicBool::new(false));
+            let h = hit.clone();
+            fb.misdirect_writes_with(move |_, len| {
+                if seen.fetch_add(1, Ordering::SeqCst) == n && len <= BS {
+                    h.store(true, Ordering::SeqCst);
+                    Some(scratch)
+                } else {
+                    None
+                }
+            });
+            let r = vol.retag(&one_group_steps(Profile::Xxh3, None), &mut |_, _| {});
+            fb.clear_faults();
+            let ctx = format!("{mode:?} write {n} ({r:?})");
+            let verify = |vol: &Volume, ctx: &str| {
+                let mut failing = Vec::new();
+                for (&b, d) in &data {
+                    match read_block(vol, b) {
+                        Ok(got) => assert!(&got == d, "{ctx}: block {b}: WRONG DATA"),
+                        Err(_) => failing.push(b),
+                    }
+                }
+                let listed: Vec<u64> = vol
+                    .check_blocks(0, GROUPS * GB as u64)
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.block)
+                    .filter(|b| data.contains_key(b))
+                    .collect();
+                assert_eq!(listed, failing, "{ctx}: check lists other blocks than fail");
+            };
+            verify(&vol, &ctx);
+            let _ = vol.close();
+            let Ok(vol) = Volume::open(fb.clone(), &sync_opts()) else {
+                continue;
+            };
+            verify(&vol, &format!("{ctx} reopened"));
+            if vol.profile() != Profile::Xxh3 {
+                let _ = vol.retag(&one_group_steps(Profile::Xxh3, None), &mut |_, _| {});
+            }
+            verify(&vol, &format!("{ctx} resumed"));
+            if std::env::var_os("RR_VERBOSE").is_some() {
+                eprintln!(
+                    "{mode:?} n={n}: failing after resume: {:?}",
+                    vol.check_blocks(0, GROUPS * GB as u64)
+                        .unwrap()
+                        .iter()
+                        .map(|p| p.block)
+                        .collect::<Vec<_>>()
+                );
+            }
+            vol.close().unwrap();
+            if !hit.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+    }
+}
+
+/// The two superblock copies disagree (a crash between their writes, in either order): one
+/// says the re-tag is at cursor 2, the other that it finished (or another cursor), over the
+/// metadata of the finished re-tag. Whichever copy is used, every block reads its data, and a
+/// resumed re-tag (if one is still recorded) finishes with a clean check.
+#[test]
+fn held_superblock_copies_disagree() {
+    for mode in [Mode::Dual, Mode::Rebuild, Mode::Journal] {
+        let (fb, vol, data) = populated(mode, Profile::Crc32c, None, &sync_opts());
+        let stop = AtomicBool::new(false);
+        let mut o = one_group_steps(Profile::Xxh3, None);
+        o.stop = Some(&stop);
+        let mut images = Vec::new();
+        let rep = vol
+            .retag(&o, &mut |done, _| {
+                if done == 1 {
+                    images.push(fb.live_image());
+                }
+                if done == 2 {
+                    stop.store(true, Ordering::SeqCst);
+                }
+            })
+            .unwrap();
+        assert!(!rep.complete);
+        images.push(fb.live_image()); // cursor 2 recorded
+        let rep = vol
+            .retag(&one_group_steps(Profile::Xxh3, None), &mut |_, _| {})
+            .unwrap();
+        assert!(rep.complete);
+        vol.close().unwrap();
+        let done = fb.live_image();
+        let len = done.len();
+        let backup = (len / 4096) * 4096 - 4096;
+        for (i, a) in images.iter().enumerate() {
+            for primary_from_a in [false, true] {
+                let mut img = done.clone();
+                let r = if primary_from_a {
+                    0..4096
+                } else {
+                    backup..backup + 4096
+                };
+                img[r.clone()].copy_from_slice(&a[r]);
+                let ctx = format!("{mode:?} image {i} primary_from_a {primary_from_a}");
+                let vol = Volume::open(Arc::new(MemoryBackend::from_vec(img)), &sync_opts())
+                    .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                all_read(&vol, &data).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                if vol.profile() != Profile::Xxh3 {
+                    let r = vol
+                        .retag(&one_group_steps(Profile::Xxh3, None), &mut |_, _| {})
+                        .unwrap();
+                    assert!(r.complete && r.bad_blocks.is_empty(), "{ctx}: {r:?}");
+                }
+                check_clean(&vol).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                vol.close().unwrap();
+            }
+        }
+    }
+}
+
+/// Finding 1: a DIX write (`write_with_pi`) whose tuples were computed with
+/// `Volume::tagger_for` (the profile covering the block then) is refused with
+/// `ProtectionMismatch` — "the data or the tuple changed after the caller computed it" — when a
+/// re-tag step passes the block between the tuple's computation and the write. The data and
+/// the tuple are intact: a false integrity alarm for a client writing while the re-tag runs.
+#[test]
+#[ignore = "finding 1: DIX write refused as ProtectionMismatch when a re-tag step passes between tuple and write"]
+fn bug_dix_write_refused_when_step_passes_between_tuple_and_write() {
+    let (_fb, vol, _) = populated(Mode::Dual, Profile::Crc32c, None, &sync_opts());
+    let block = 20u64; // group 1
+    let d = pattern(block, 7);
+    // The client computes the tuple where the data is made, as documented.
+    let pi = vol.tagger_for(block).generate(block, &d).as_bytes().to_vec();
+    // Meanwhile a re-tag passes group 1 (stopped after it: the volume stays mid-re-tag).
+    let stop = AtomicBool::new(false);
+    let mut o = one_group_steps(Profile::Xxh3, None);
+    o.stop = Some(&stop);
+    vol.retag(&o, &mut |done, _| stop.store(done >= 2, Ordering::SeqCst))
+        .unwrap();
+    assert_eq!(vol.retag_status().unwrap().cursor, 2);
+    // The write arrives: data and tuple as computed, nothing changed on the way.
+    vol.write_with_pi(&d, &pi, block * BS as u64)
+        .expect("an intact DIX write is refused as a protection mismatch");
+    assert_eq!(read_block(&vol, block).unwrap(), d);
+}
+
+/// The documented recipe (`write_with_pi`: tuples "computed by the caller with
+/// `Volume::tagger`") holds for blocks the re-tag has not reached, and for re-tagged ones the
+/// caller must use `tagger_for`: held as documented for `tagger_for` computed after the step.
+#[test]
+fn held_dix_write_with_tagger_for_after_step() {
+    let (_fb, vol, _) = populated(Mode::Dual, Profile::Crc32c, None, &sync_opts());
+    let stop = AtomicBool::new(false);
+    let mut o = one_group_steps(Profile::Xxh3, None);
+    o.stop = Some(&stop);
+    vol.retag(&o, &mut |done, _| stop.store(done >= 2, Ordering::SeqCst))
+        .unwrap();
+    for block in [5u64, 20, 40] {
+        let d = pattern(block, 8);
+        let pi = vol.tagger_for(block).generate(block, &d).as_bytes().to_vec();
+        vol.write_with_pi(&d, &pi, block * BS as u64).unwrap();
+        let mut back = vec![0u8; BS];
+        let mut tuple = vec![0u8; pi.len()];
+        vol.read_with_pi(&mut back, &mut tuple, block * BS as u64)
+            .unwrap();
+        assert_eq!((back, tuple), (d, pi));
+    }
+}
