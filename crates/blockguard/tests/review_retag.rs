@@ -433,7 +433,7 @@ fn held_concurrent_writes_discards_during_retag() {
                             }
                         }
                     }
-                    if v % 3 == 0 {
+                    if v.is_multiple_of(3) {
                         vol.flush().unwrap();
                     }
                     v += 1;
@@ -555,7 +555,7 @@ fn held_crash_with_client_between_steps() {
                 }
                 // From `before` on, these writes may be reaching the disk.
                 snaps.borrow_mut().push((before, allowed.borrow().clone()));
-                if done % 2 == 1 {
+                if !done.is_multiple_of(2) {
                     vol.flush().unwrap();
                     let mut a = allowed.borrow_mut();
                     for vs in a.values_mut() {
