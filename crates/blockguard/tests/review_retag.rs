@@ -914,11 +914,63 @@ fn retag_after_suspension(mode: Mode) -> (usize, String) {
 #[test]
 #[ignore = "finding 2: a re-tag keeps writing metadata and superblocks after the read-only error policy suspended writes"]
 fn bug_retag_writes_after_read_only_suspension() {
-    for mode in [Mode::Dual, Mode::Journal] {
-        let (writes, r) = retag_after_suspension(mode);
-        assert_eq!(
-            writes, 0,
-            "{mode:?}: {writes} writes reached the backend after the suspension; re-tag: {r}"
-        );
-    }
+    let got: Vec<(Mode, usize, String)> = [Mode::Dual, Mode::Rebuild, Mode::Journal]
+        .into_iter()
+        .map(|m| {
+            let (w, r) = retag_after_suspension(m);
+            (m, w, r)
+        })
+        .collect();
+    assert!(
+        got.iter().all(|(_, w, _)| *w == 0),
+        "writes reached the backend after the suspension: {got:?}"
+    );
+}
+
+/// Refusals before anything is written: a second re-tag while one runs (Busy), a read-only
+/// open, another tag size, the volume's own profile; a stopped re-tag survives a read-only
+/// open (reads accept both profiles) and resumes read-write.
+#[test]
+fn held_refusals_and_read_only_open_mid_retag() {
+    let (fb, vol, data) = populated(Mode::Dual, Profile::Crc32c, None, &sync_opts());
+    assert!(vol
+        .retag(&one_group_steps(Profile::Sha256, None), &mut |_, _| {})
+        .is_err());
+    assert!(vol
+        .retag(&one_group_steps(Profile::Crc32c, None), &mut |_, _| {})
+        .is_err());
+    let stop = AtomicBool::new(false);
+    let mut o = one_group_steps(Profile::T10DifIp, None);
+    o.stop = Some(&stop);
+    let mut nested = None;
+    vol.retag(&o, &mut |done, _| {
+        if done == 1 {
+            nested = Some(vol.retag(&one_group_steps(Profile::T10DifIp, None), &mut |_, _| {}));
+        }
+        stop.store(done >= 2, Ordering::SeqCst);
+    })
+    .unwrap();
+    assert!(
+        matches!(nested, Some(Err(blockguard::Error::Busy { .. }))),
+        "{nested:?}"
+    );
+    vol.close().unwrap();
+    let ro = OpenOptions {
+        read_only: true,
+        ..sync_opts()
+    };
+    let vol = Volume::open(fb.clone(), &ro).unwrap();
+    assert_eq!(vol.retag_status().unwrap().cursor, 2);
+    all_read(&vol, &data).unwrap();
+    assert!(vol
+        .retag(&one_group_steps(Profile::T10DifIp, None), &mut |_, _| {})
+        .is_err());
+    vol.close().unwrap();
+    let vol = Volume::open(fb.clone(), &sync_opts()).unwrap();
+    let r = vol
+        .retag(&one_group_steps(Profile::T10DifIp, None), &mut |_, _| {})
+        .unwrap();
+    assert!(r.complete && r.started_at == 2, "{r:?}");
+    check_clean(&vol).unwrap();
+    vol.close().unwrap();
 }
