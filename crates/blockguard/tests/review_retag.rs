@@ -782,7 +782,6 @@ fn held_superblock_copies_disagree() {
 /// re-tag step passes the block between the tuple's computation and the write. The data and
 /// the tuple are intact: a false integrity alarm for a client writing while the re-tag runs.
 #[test]
-#[ignore = "finding 1: DIX write refused as ProtectionMismatch when a re-tag step passes between tuple and write"]
 fn bug_dix_write_refused_when_step_passes_between_tuple_and_write() {
     let (_fb, vol, _) = populated(Mode::Dual, Profile::Crc32c, None, &sync_opts());
     let block = 20u64; // group 1
@@ -912,7 +911,6 @@ fn retag_after_suspension(mode: Mode) -> (usize, String) {
 
 /// Finding 2 (see `retag_after_suspension`).
 #[test]
-#[ignore = "finding 2: a re-tag keeps writing metadata and superblocks after the read-only error policy suspended writes"]
 fn bug_retag_writes_after_read_only_suspension() {
     let got: Vec<(Mode, usize, String)> = [Mode::Dual, Mode::Rebuild, Mode::Journal]
         .into_iter()
@@ -979,7 +977,6 @@ fn held_refusals_and_read_only_open_mid_retag() {
 /// `bad_blocks`) on a `read-only` volume, yet writes stay allowed — whereas `check_blocks`
 /// finding the same block suspends them.
 #[test]
-#[ignore = "finding 2: a bad block found by the re-tag does not suspend writes under the read-only policy (check_blocks does)"]
 fn bug_retag_found_bad_block_does_not_suspend() {
     let mut f = fmt(Mode::Dual, Profile::Crc32c, None);
     f.error_policy = blockguard::ErrorPolicy::ReadOnly;
@@ -992,10 +989,12 @@ fn bug_retag_found_bad_block_does_not_suspend() {
     vol.close().unwrap();
     fb.flip_bit(off + 7, 1).unwrap();
     let vol = Volume::open(fb.clone(), &sync_opts()).unwrap();
-    let r = vol
-        .retag(&one_group_steps(Profile::Xxh3, None), &mut |_, _| {})
-        .unwrap();
-    assert_eq!(r.bad_blocks.len(), 1);
+    // Fixed: the re-tag applies the policy to the block it found, and stops before writing.
+    let r = vol.retag(&one_group_steps(Profile::Xxh3, None), &mut |_, _| {});
+    assert!(
+        matches!(r, Err(blockguard::Error::WritesSuspended { block: 50, .. })),
+        "{r:?}"
+    );
     assert!(
         vol.write_at(&pattern(41, 2), 41 * BS as u64).is_err(),
         "a write is accepted after the re-tag found a block with no good copy"

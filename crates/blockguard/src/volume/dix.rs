@@ -62,7 +62,9 @@ impl Volume {
     /// with [`Volume::tagger`]. Each tuple is checked against the engine's own copy of the
     /// block before anything is staged; a mismatch refuses the whole write with
     /// [`crate::Error::ProtectionMismatch`] and leaves the volume as it was. The stored tags
-    /// are then exactly the tuples supplied.
+    /// are then exactly the tuples supplied — except during an online re-tag, where a tuple
+    /// of the other profile than the one covering its block (computed before a re-tag step
+    /// passed the block) is accepted too, and the covering profile's tag is stored.
     ///
     /// ```
     /// use blockguard::blockguard_backend::MemoryBackend;

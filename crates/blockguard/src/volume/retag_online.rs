@@ -193,12 +193,16 @@ impl Inner {
         let mut recorded = Instant::now();
         progress(report.cursor, self.geo.groups);
         while report.cursor < self.geo.groups {
+            // A failure or the `read-only` policy's suspension since the start stops it here
+            // (the cursor on disk stays where it was recorded: behind, which is safe).
+            self.writable()?;
             if opts.stop.is_some_and(|s| s.load(Ordering::Acquire)) {
                 self.record_retag("recording where the re-tag stopped")?;
                 return Ok(report);
             }
             report.cursor = self.retag_step(report.cursor, opts.step_bytes, &mut report)?;
             progress(report.cursor, self.geo.groups);
+            self.writable()?;
             if recorded.elapsed() >= opts.record_every && report.cursor < self.geo.groups {
                 self.record_retag("recording the re-tag's progress")?;
                 recorded = Instant::now();
@@ -387,6 +391,9 @@ impl Inner {
         }
         let (new, slots) = w.finish_loaded(&self.geo, false);
         if slots != [false, false] {
+            // Under the `read-only` error policy nothing new reaches the disk once a block with
+            // no good copy was found — by a client's read or by this very step.
+            self.suspended()?;
             let update = self.meta_update(group, new, slots);
             m.write_metadata(std::slice::from_ref(&update))?;
             // What the cache holds is what commits copy forward and reads verify against.
@@ -438,6 +445,22 @@ impl Inner {
             )
         };
         tracing::warn!(volume = %self.name, block, "re-tag: block failed verification: {detail}");
+        // A bad block the re-tag finds is one with no good copy (mirror sets are not
+        // re-tagged), as if a read had found it: the error policy applies.
+        let kind = if tag.is_unwritten() {
+            crate::CorruptionKind::UnwrittenNotZero
+        } else {
+            crate::CorruptionKind::TagMismatch
+        };
+        self.unrepairable(
+            block,
+            &Error::Corrupt {
+                volume: self.name.clone(),
+                block,
+                kind,
+                detail: detail.clone(),
+            },
+        );
         report.bad_blocks.push(BlockProblem { block, detail });
         Ok(None)
     }

@@ -138,7 +138,13 @@ impl Inner {
                 let t = self.geo.tag_size as usize;
                 let k = usize_of(block - first);
                 let supplied = &pi[k * t..(k + 1) * t];
-                if tag.as_bytes() != supplied {
+                if tag.as_bytes() != supplied
+                    && !self.tuple_of_other_profile(
+                        block,
+                        &stage::bytes(&data)[at..at + usize_of(bs)],
+                        supplied,
+                    )
+                {
                     return Err(Error::ProtectionMismatch {
                         volume: self.name.clone(),
                         block,
@@ -153,6 +159,22 @@ impl Inner {
         drop(guards);
         self.policy.rewritten(first, last);
         self.commit_if_full()
+    }
+
+    /// During an online re-tag, `supplied` is the tuple the profile *not* covering `block` now
+    /// gives `data`: the caller computed it before a re-tag step passed the block (or from the
+    /// volume's profile), which it cannot avoid. It proves the data intact in transit as well
+    /// as the covering profile's would; the covering profile's tag is what is stored.
+    fn tuple_of_other_profile(&self, block: u64, data: &[u8], supplied: &[u8]) -> bool {
+        if self.tagger.switch().is_none() {
+            return false;
+        }
+        let covering = self.tagger.tagger_for(block);
+        [Some(self.tagger.current()), self.tagger.target()]
+            .into_iter()
+            .flatten()
+            .filter(|t| !Arc::ptr_eq(t, &covering))
+            .any(|t| t.generate(block, data).as_bytes() == supplied)
     }
 
     /// The largest request staged as one (`journal` mode: the atomic size).
