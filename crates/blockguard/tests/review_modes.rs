@@ -644,22 +644,7 @@ fn concurrent_mixed(mode: Mode, seed: u64, millis: u64) {
     for h in handles {
         model.extend(h.join().unwrap());
     }
-    let errors = errors.lock().unwrap().clone();
-    assert!(
-        errors.is_empty(),
-        "{mode:?} seed {seed}: {} errors, first {:?}",
-        errors.len(),
-        errors.first()
-    );
-    Arc::into_inner(vol).unwrap().close().unwrap();
-    let vol = Volume::open(mb, &sync_opts()).unwrap();
-    for (b, d) in model {
-        assert_eq!(
-            read_block(&vol, b).unwrap(),
-            d,
-            "{mode:?} seed {seed}: block {b} after reopen"
-        );
-    }
+    let vol = no_errors_and_model_after_reopen(mode, seed, &errors, vol, mb, model);
     assert!(vol.check_metadata(0, 4).unwrap().is_empty());
 }
 
@@ -801,22 +786,9 @@ fn concurrent_first_writes(mode: Mode, seed: u64, millis: u64) {
     for h in handles {
         h.join().unwrap();
     }
-    let errors = errors.lock().unwrap().clone();
-    assert!(
-        errors.is_empty(),
-        "{mode:?} seed {seed}: {} errors, first {:?}",
-        errors.len(),
-        errors.first()
-    );
-    Arc::into_inner(vol).unwrap().close().unwrap();
-    let vol = Volume::open(mb, &sync_opts()).unwrap();
-    for (b, d) in model {
-        assert_eq!(
-            read_block(&vol, b).unwrap(),
-            d,
-            "{mode:?} seed {seed}: block {b} after reopen"
-        );
-    }
+    drop(no_errors_and_model_after_reopen(
+        mode, seed, &errors, vol, mb, model,
+    ));
 }
 
 #[test]
@@ -903,4 +875,33 @@ fn held_torn_first_metadata_write_every_mask() {
             problems.first()
         );
     }
+}
+
+/// The end of a concurrent round: no thread saw an error, and after a close and reopen every
+/// block of `model` reads what was last written to it. Returns the reopened volume.
+fn no_errors_and_model_after_reopen(
+    mode: Mode,
+    seed: u64,
+    errors: &std::sync::Mutex<Vec<String>>,
+    vol: Arc<Volume>,
+    mb: Arc<MemoryBackend>,
+    model: BTreeMap<u64, Vec<u8>>,
+) -> Volume {
+    let errors = errors.lock().unwrap().clone();
+    assert!(
+        errors.is_empty(),
+        "{mode:?} seed {seed}: {} errors, first {:?}",
+        errors.len(),
+        errors.first()
+    );
+    Arc::into_inner(vol).unwrap().close().unwrap();
+    let vol = Volume::open(mb, &sync_opts()).unwrap();
+    for (b, d) in model {
+        assert_eq!(
+            read_block(&vol, b).unwrap(),
+            d,
+            "{mode:?} seed {seed}: block {b} after reopen"
+        );
+    }
+    vol
 }

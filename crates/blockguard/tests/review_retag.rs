@@ -978,17 +978,7 @@ fn held_refusals_and_read_only_open_mid_retag() {
 /// finding the same block suspends them.
 #[test]
 fn bug_retag_found_bad_block_does_not_suspend() {
-    let mut f = fmt(Mode::Dual, Profile::Crc32c, None);
-    f.error_policy = blockguard::ErrorPolicy::ReadOnly;
-    let fb = Arc::new(FaultBackend::new(f.backing_len().unwrap()).unwrap());
-    Volume::format(fb.clone(), &f).unwrap().close().unwrap();
-    let vol = Volume::open(fb.clone(), &sync_opts()).unwrap();
-    vol.write_at(&pattern(50, 1), 50 * BS as u64).unwrap();
-    vol.flush().unwrap();
-    let off = vol.geometry().data_offset(50);
-    vol.close().unwrap();
-    fb.flip_bit(off + 7, 1).unwrap();
-    let vol = Volume::open(fb.clone(), &sync_opts()).unwrap();
+    let vol = read_only_policy_with_bad_block_50();
     // Fixed: the re-tag applies the policy to the block it found, and stops before writing.
     let r = vol.retag(&one_group_steps(Profile::Xxh3, None), &mut |_, _| {});
     assert!(
@@ -1004,6 +994,14 @@ fn bug_retag_found_bad_block_does_not_suspend() {
 /// The comparison for finding 2: `check_blocks` finding the bad block suspends writes.
 #[test]
 fn held_check_finding_bad_block_suspends_writes() {
+    let vol = read_only_policy_with_bad_block_50();
+    assert_eq!(vol.check_blocks(0, GROUPS * GB as u64).unwrap().len(), 1);
+    assert!(vol.write_at(&pattern(41, 2), 41 * BS as u64).is_err());
+}
+
+/// A `dual` volume with the `read-only` error policy whose block 50 was written and then had a
+/// bit flipped on disk (no good copy), open.
+fn read_only_policy_with_bad_block_50() -> Volume {
     let mut f = fmt(Mode::Dual, Profile::Crc32c, None);
     f.error_policy = blockguard::ErrorPolicy::ReadOnly;
     let fb = Arc::new(FaultBackend::new(f.backing_len().unwrap()).unwrap());
@@ -1014,7 +1012,5 @@ fn held_check_finding_bad_block_suspends_writes() {
     let off = vol.geometry().data_offset(50);
     vol.close().unwrap();
     fb.flip_bit(off + 7, 1).unwrap();
-    let vol = Volume::open(fb.clone(), &sync_opts()).unwrap();
-    assert_eq!(vol.check_blocks(0, GROUPS * GB as u64).unwrap().len(), 1);
-    assert!(vol.write_at(&pattern(41, 2), 41 * BS as u64).is_err());
+    Volume::open(fb, &sync_opts()).unwrap()
 }
