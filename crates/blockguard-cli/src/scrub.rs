@@ -372,6 +372,14 @@ fn print_report(args: &ScrubArgs, report: &ScrubReport, via: &str, resumed: bool
         report.problem_count,
         report.repaired
     );
+    if report.scarred_sectors > 0 {
+        println!(
+            "{} metadata sectors damaged with their headers intact (their blocks still read where the data proves its tag), {} healed{}",
+            report.scarred_sectors,
+            report.sectors_healed,
+            if args.repair { "" } else { " (`--repair` heals them)" }
+        );
+    }
     if report.stopped {
         println!(
             "stopped at byte {} of {}: `blockguard scrub {} --resume` goes on from there",

@@ -746,13 +746,20 @@ fn info_and_dump_report_superblock_geometry_and_tags() {
         "slot 1, sector at byte 20480: valid, generation 0, tag unwritten",
         "a read accepts: ",
     ]);
-    // Each 512-byte metadata sector on disk: magic, checksum seeded with
-    // uuid ‖ group ‖ sector index ‖ slot, generation.
+    // Each 512-byte metadata sector on disk: header check ("BGTH" ‖ uuid ‖ group ‖ sector
+    // index ‖ slot ‖ generation), checksum seeded with uuid ‖ group ‖ sector index ‖ slot,
+    // generation.
     for (slot, at, generation) in [(0u8, 16384, 1u64), (1, 20480, 0)] {
         let m = t.read_at("v.bgv", at, 4096);
         for k in 0..8u32 {
             let s = &m[k as usize * 512..(k as usize + 1) * 512];
-            assert_eq!(&s[..4], b"BGTS");
+            let mut head = b"BGTH".to_vec();
+            head.extend_from_slice(&uuid);
+            head.extend_from_slice(&0u64.to_le_bytes());
+            head.extend_from_slice(&k.to_le_bytes());
+            head.push(slot);
+            head.extend_from_slice(&s[8..16]);
+            assert_eq!(le32(s, 0), crc32c(&head), "slot {slot} sector {k}: header check");
             let mut msg = uuid.to_vec();
             msg.extend_from_slice(&0u64.to_le_bytes());
             msg.extend_from_slice(&k.to_le_bytes());

@@ -4,18 +4,20 @@
 //!
 //! Properties: decoding never panics; an all-zero sector is `Empty`; a `Valid` sector's
 //! generation parity matches the slot, generation 0 holds no tag, and re-encoding its tags
-//! gives back exactly its bytes (the format is canonical).
+//! gives back exactly its bytes (the format is canonical); a `Scarred` sector's header check
+//! is the documented one and its generation's parity matches the slot, while its checksum
+//! is not.
 //!
 //! Input layout: `how` (1 byte), uuid (16), group (8), index (4), slot (1), count (2),
 //! tag size (1), then the sector itself.
-//! - `how` bit 1: write the magic first;
+//! - `how` bit 1: write the documented header check first (over the sector's generation);
 //! - `how` bit 0: then recompute the sector's checksum (seeded with
 //!   uuid ‖ group ‖ index ‖ slot, the checksum field counted as zero), so the fuzzer reaches
 //!   the checks behind it.
 
 use blockguard::format::{
     decode_sector, encode_sector, sector_tag, tags_per_sector, SectorDamage, SectorId, SectorParse,
-    SECTOR_HEADER_SIZE, SECTOR_MAGIC, SECTOR_SIZE,
+    SECTOR_HEADER_SIZE, SECTOR_SIZE,
 };
 use crc32c::crc32c_append;
 
@@ -34,6 +36,17 @@ fn checksum(s: &[u8], uuid: &[u8; 16], id: SectorId) -> u32 {
     c = crc32c_append(c, &s[..4]);
     c = crc32c_append(c, &[0; 4]);
     crc32c_append(c, &s[8..])
+}
+
+/// The header check as `docs/FORMAT.md` specifies it: crc32c("BGTH" ‖ uuid ‖ group ‖ index ‖
+/// slot ‖ sector bytes 8..16).
+fn header_check(s: &[u8], uuid: &[u8; 16], id: SectorId) -> u32 {
+    let mut c = crc32c_append(0, b"BGTH");
+    c = crc32c_append(c, uuid);
+    c = crc32c_append(c, &id.group.to_le_bytes());
+    c = crc32c_append(c, &id.index.to_le_bytes());
+    c = crc32c_append(c, &[id.slot]);
+    crc32c_append(c, &s[8..16])
 }
 
 /// The target: decodes the input as described in the module doc and checks the properties
@@ -59,8 +72,9 @@ pub fn run(data: &[u8]) -> &'static str {
     let count = usize::from(u16::from_le_bytes([p[30], p[31]]));
     let tag_size = usize::from(p[32]);
     let mut s = sector.to_vec();
-    if how & 2 != 0 && s.len() >= 8 {
-        s[..4].copy_from_slice(&SECTOR_MAGIC);
+    if how & 2 != 0 && s.len() >= 16 {
+        let head = header_check(&s, &uuid, id);
+        s[..4].copy_from_slice(&head.to_le_bytes());
     }
     if how & 1 != 0 && s.len() == SECTOR_SIZE {
         let crc = checksum(&s, &uuid, id);
@@ -74,7 +88,8 @@ pub fn run(data: &[u8]) -> &'static str {
         SectorParse::Invalid(why) => {
             assert!(!why.to_string().is_empty());
             match why {
-                SectorDamage::BadMagic => "invalid: magic",
+                SectorDamage::BadHeader { .. } => "invalid: header",
+                SectorDamage::WrongLength => "invalid: length",
                 SectorDamage::Checksum { .. } => "invalid: checksum",
                 SectorDamage::Parity { .. } => "invalid: parity",
                 SectorDamage::TagInGenerationZero => "invalid: tag in generation 0",
@@ -83,30 +98,67 @@ pub fn run(data: &[u8]) -> &'static str {
                 _ => "invalid: other",
             }
         }
-        SectorParse::Valid { generation } => {
-            assert_eq!(s.len(), SECTOR_SIZE);
-            assert_eq!(
-                u8::from(generation % 2 == 0),
-                id.slot,
-                "generation parity must pick the slot"
-            );
-            assert!(
-                16 + count * tag_size <= SECTOR_SIZE,
-                "tags that do not fit were accepted"
-            );
-            let tags: Vec<u8> = (0..count)
-                .flat_map(|j| sector_tag(&s, j, tag_size).to_vec())
-                .collect();
-            assert!(
-                generation != 0 || tags.iter().all(|&x| x == 0),
-                "generation 0 holds a tag"
-            );
-            let mut out = vec![0xA5; SECTOR_SIZE];
-            encode_sector(&mut out, &uuid, id, generation, &tags);
-            assert_eq!(out, s, "decode then encode is not the identity");
-            "valid"
-        }
+        SectorParse::Scarred { generation, .. } => check_scarred(&s, &uuid, id, generation),
+        SectorParse::Valid { generation } => check_valid(&s, &uuid, id, generation, count, tag_size),
     }
+}
+
+/// A scarred sector: its header checks, its generation's parity picks the slot, its
+/// checksum does not match.
+fn check_scarred(s: &[u8], uuid: &[u8; 16], id: SectorId, generation: u64) -> &'static str {
+    assert_eq!(s.len(), SECTOR_SIZE);
+    assert_eq!(
+        u8::from(generation.is_multiple_of(2)),
+        id.slot,
+        "scarred: parity must pick the slot"
+    );
+    assert_eq!(
+        le32(s, 0),
+        header_check(s, uuid, id),
+        "scarred: the header checks"
+    );
+    assert_ne!(
+        le32(s, 4),
+        checksum(s, uuid, id),
+        "scarred: the checksum does not"
+    );
+    "scarred"
+}
+
+/// A valid sector: parity, fit, generation 0 unwritten, and canonical.
+fn check_valid(
+    s: &[u8],
+    uuid: &[u8; 16],
+    id: SectorId,
+    generation: u64,
+    count: usize,
+    tag_size: usize,
+) -> &'static str {
+    assert_eq!(s.len(), SECTOR_SIZE);
+    assert_eq!(
+        u8::from(generation.is_multiple_of(2)),
+        id.slot,
+        "generation parity must pick the slot"
+    );
+    assert!(
+        16 + count * tag_size <= SECTOR_SIZE,
+        "tags that do not fit were accepted"
+    );
+    let tags: Vec<u8> = (0..count)
+        .flat_map(|j| sector_tag(s, j, tag_size).to_vec())
+        .collect();
+    assert!(
+        generation != 0 || tags.iter().all(|&x| x == 0),
+        "generation 0 holds a tag"
+    );
+    let mut out = vec![0xA5; SECTOR_SIZE];
+    encode_sector(&mut out, uuid, id, generation, &tags);
+    assert_eq!(out, s, "decode then encode is not the identity");
+    "valid"
+}
+
+fn le32(s: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([s[at], s[at + 1], s[at + 2], s[at + 3]])
 }
 
 fn input(how: u8, uuid: [u8; 16], id: SectorId, count: u16, tag_size: u8, sector: &[u8]) -> Vec<u8> {
@@ -177,6 +229,10 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         let mut t = s.clone();
         t[SECTOR_HEADER_SIZE + 3] ^= 0x40;
         out.push((format!("gen-tag-changed-fixed-{name}"), seed(1, &t)));
+        // A tag changed, checksum not fixed: scarred (the header still checks).
+        let mut t = s.clone();
+        t[SECTOR_HEADER_SIZE + 5] ^= 0x02;
+        out.push((format!("gen-scarred-{name}"), seed(0, &t)));
         // Trailing garbage after the last tag, checksum fixed.
         let mut t = s.clone();
         t[SECTOR_SIZE - 1] = 0x55;
@@ -197,7 +253,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         input(0, [0; 16], zero_id, 62, 8, &[0; SECTOR_SIZE]),
     ));
     out.push((
-        "gen-magic-only".into(),
+        "gen-header-only".into(),
         input(2, [9; 16], zero_id, 62, 8, &[0; SECTOR_SIZE]),
     ));
     out.push((

@@ -51,19 +51,19 @@ struct Golden {
     written: usize,
 }
 
-const V3: [Golden; 2] = [
+const V4: [Golden; 2] = [
     Golden {
-        file: "v3-512.bgv",
-        label: "golden-v3-512",
-        uuid: "7eef59a5-2195-2c5c-17fb-252c69e7374f",
+        file: "v4-512.bgv",
+        label: "golden-v4-512",
+        uuid: "520e61df-9506-adbe-eff2-7dbf0c029e09",
         block_size: 512,
         size: 64 << 10,
         written: 40 * 512,
     },
     Golden {
-        file: "v3-4096.bgv",
-        label: "golden-v3-4096",
-        uuid: "cae5d6ae-717c-2b3f-03e8-ce95b9ace3bd",
+        file: "v4-4096.bgv",
+        label: "golden-v4-4096",
+        uuid: "70eae16c-5051-7f7a-92c3-acc95bf9d0f6",
         block_size: 4096,
         size: 256 << 10,
         written: 20 * 4096,
@@ -71,13 +71,13 @@ const V3: [Golden; 2] = [
 ];
 
 #[test]
-fn version_3_images_open_verify_and_read_byte_for_byte() {
-    for g in &V3 {
+fn version_4_images_open_verify_and_read_byte_for_byte() {
+    for g in &V4 {
         let img = image(g.file);
         let vol = Volume::open(Arc::new(MemoryBackend::from_vec(img.clone())), &read_only())
             .unwrap_or_else(|e| panic!("{}: {e}", g.file));
         let sb = vol.superblock();
-        assert_eq!(sb.version, 3, "{}", g.file);
+        assert_eq!(sb.version, 4, "{}", g.file);
         assert_eq!(sb.label, g.label);
         assert_eq!(sb.uuid, uuid(g.uuid));
         assert_eq!((sb.mode, sb.profile), (Mode::Dual, Profile::Crc32c));
@@ -110,8 +110,14 @@ fn version_3_images_open_verify_and_read_byte_for_byte() {
 }
 
 #[test]
-fn version_1_and_2_images_are_refused_with_the_way_out() {
-    for (file, version) in [("v1-512.bgv", 1), ("v2-512.bgv", 2), ("v2-4096.bgv", 2)] {
+fn version_1_2_and_3_images_are_refused_with_the_way_out() {
+    for (file, version) in [
+        ("v1-512.bgv", 1),
+        ("v2-512.bgv", 2),
+        ("v2-4096.bgv", 2),
+        ("v3-512.bgv", 3),
+        ("v3-4096.bgv", 3),
+    ] {
         let img = image(file);
         let before = img.clone();
         let backend = Arc::new(MemoryBackend::from_vec(img));
@@ -134,7 +140,7 @@ fn version_1_and_2_images_are_refused_with_the_way_out() {
 }
 
 /// Golden images of non-default tag profiles, made like the others (`format --profile`,
-/// `import` of `pattern`) by the first build with profiles: `nvme-pi64` (16-byte tags, 31
+/// `import` of `pattern`) by the first build of format v4: `nvme-pi64` (16-byte tags, 31
 /// blocks per group) and the keyed `hmac-sha256` (32-byte tags, key bytes 00..1f, given as
 /// 64 hex digits). Both carry the `TAG_PROFILE` incompat bit.
 #[test]
@@ -142,15 +148,15 @@ fn tag_profile_images_open_verify_and_keep_their_tuples() {
     let key = blockguard::tag::TagKey::from_bytes(&std::array::from_fn::<u8, 32, _>(|i| i as u8)).unwrap();
     let cases = [
         (
-            "v3-512-nvme-pi64.bgv",
+            "v4-512-nvme-pi64.bgv",
             Profile::NvmePi64,
-            "600df642-bf74-1cb8-6928-e87a8aa24e6b",
+            "51eacad2-1fce-59c9-68a9-9b3ea494370f",
             None,
         ),
         (
-            "v3-512-hmac-sha256.bgv",
+            "v4-512-hmac-sha256.bgv",
             Profile::HmacSha256,
-            "b2f9d5a0-b801-9d32-476d-997d89ca501b",
+            "67c1673e-6d29-6d4d-a6b4-daa18c444c2d",
             Some(key),
         ),
     ];

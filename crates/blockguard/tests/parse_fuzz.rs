@@ -8,8 +8,7 @@
 
 use blockguard::format::{
     decode_sector, encode_sector, sector_tag, tags_per_sector, Geometry, Mode, SectorId, SectorParse,
-    Superblock, SuperblockError, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE, SECTOR_HEADER_SIZE, SECTOR_MAGIC,
-    SECTOR_SIZE,
+    Superblock, SuperblockError, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE, SECTOR_HEADER_SIZE, SECTOR_SIZE,
 };
 use blockguard::tag::UNWRITTEN;
 use blockguard::Profile;
@@ -41,7 +40,22 @@ fn sector_checksum_doc(b: &[u8], uuid: &[u8; 16], id: SectorId) -> u32 {
     crc32c::crc32c(&msg)
 }
 
+/// The metadata sector header check as documented: crc32c("BGTH" ‖ uuid ‖ group_le64 ‖
+/// index_le32 ‖ slot_u8 ‖ sector bytes 8..16).
+fn header_check_doc(b: &[u8], uuid: &[u8; 16], id: SectorId) -> u32 {
+    let mut msg = b"BGTH".to_vec();
+    msg.extend_from_slice(uuid);
+    msg.extend_from_slice(&id.group.to_le_bytes());
+    msg.extend_from_slice(&id.index.to_le_bytes());
+    msg.push(id.slot);
+    msg.extend_from_slice(&b[8..16]);
+    crc32c::crc32c(&msg)
+}
+
+/// Seals a sector for `id` as documented: the header check, then the checksum over it.
 fn fix_sector_crc(b: &mut [u8], uuid: &[u8; 16], id: SectorId) {
+    let head = header_check_doc(b, uuid, id);
+    b[0..4].copy_from_slice(&head.to_le_bytes());
     let crc = sector_checksum_doc(b, uuid, id);
     b[4..8].copy_from_slice(&crc.to_le_bytes());
 }
@@ -241,6 +255,7 @@ proptest! {
             SectorParse::Empty => prop_assert!(b.len() == SECTOR_SIZE && b.iter().all(|&x| x == 0)),
             SectorParse::Invalid(why) => prop_assert!(!why.to_string().is_empty()),
             SectorParse::Valid { .. } => prop_assert!(false, "random bytes passed the checksum"),
+            SectorParse::Scarred { .. } => prop_assert!(false, "random bytes passed the header check"),
         }
     }
 
@@ -272,7 +287,8 @@ proptest! {
         let id = SectorId { group, index, slot };
         let mut b = vec![0u8; SECTOR_SIZE];
         encode_sector(&mut b, &uuid, id, generation, &raw);
-        // The stored checksum is the documented one.
+        // The stored checks are the documented ones.
+        prop_assert_eq!(u32::from_le_bytes(b[0..4].try_into().unwrap()), header_check_doc(&b, &uuid, id));
         prop_assert_eq!(u32::from_le_bytes(b[4..8].try_into().unwrap()), sector_checksum_doc(&b, &uuid, id));
         prop_assert_eq!(decode_sector(&b, &uuid, id, count, 8), SectorParse::Valid { generation });
         for (at, v) in &edits {
@@ -293,7 +309,15 @@ proptest! {
         }
         let parsed = decode_sector(&b, &u, id2, c, ts);
         if matches!(wrong, Some(0) | Some(1) | Some(2) | Some(4)) && !fix_crc {
-            prop_assert!(!matches!(parsed, SectorParse::Valid { .. }), "decoded with wrong parameters");
+            prop_assert!(
+                !matches!(parsed, SectorParse::Valid { .. } | SectorParse::Scarred { .. }),
+                "decoded with wrong parameters"
+            );
+        }
+        if let SectorParse::Scarred { generation: g, .. } = parsed {
+            // Only the body was edited: the header (and its generation) is what was written.
+            prop_assert_eq!(g, generation);
+            prop_assert_eq!(&b[..4], &header_check_doc(&b, &u, id2).to_le_bytes()[..]);
         }
         if let SectorParse::Valid { generation: g } = parsed {
             prop_assert_eq!((g % 2 == 0) as u8, id2.slot);
@@ -304,7 +328,7 @@ proptest! {
             let mut out = vec![0xEEu8; SECTOR_SIZE];
             encode_sector(&mut out, &u, id2, g, &kept);
             prop_assert_eq!(&out, &b);
-            prop_assert_eq!(&out[..4], &SECTOR_MAGIC[..]);
+            prop_assert_eq!(&out[..4], &header_check_doc(&out, &u, id2).to_le_bytes()[..]);
         }
     }
 }
@@ -356,7 +380,9 @@ fn superblock_every_single_byte_mutation_is_rejected_inside_the_covered_range() 
     }
 }
 
-/// Every metadata sector is covered byte for byte.
+/// Every metadata sector is covered byte for byte: a change to the header (bytes 0..4 and
+/// 8..16) makes it invalid, a change anywhere else scarred with its generation intact — never
+/// valid.
 #[test]
 fn sector_every_single_byte_mutation_is_rejected() {
     let uuid = [3u8; 16];
@@ -390,10 +416,18 @@ fn sector_every_single_byte_mutation_is_rejected() {
     for i in 0..SECTOR_SIZE {
         for x in [0x01u8, 0x80, 0xff] {
             b[i] ^= x;
-            assert!(
-                matches!(decode_sector(&b, &uuid, id, count, 8), SectorParse::Invalid(_)),
-                "byte {i} xor {x:#04x} accepted"
-            );
+            let parsed = decode_sector(&b, &uuid, id, count, 8);
+            if i < 4 || (8..16).contains(&i) {
+                assert!(
+                    matches!(parsed, SectorParse::Invalid(_)),
+                    "header byte {i} xor {x:#04x}: {parsed:?}"
+                );
+            } else {
+                assert!(
+                    matches!(parsed, SectorParse::Scarred { generation: 2, .. }),
+                    "body byte {i} xor {x:#04x}: {parsed:?}"
+                );
+            }
             b[i] ^= x;
         }
     }
@@ -416,7 +450,10 @@ fn sector_layout_is_as_documented() {
     tags[5 * 8..6 * 8].copy_from_slice(&t.to_bytes(8)[..8]);
     let mut b = vec![0xAAu8; SECTOR_SIZE];
     encode_sector(&mut b, &uuid, id, 3, &tags);
-    assert_eq!(&b[0..4], b"BGTS");
+    assert_eq!(
+        u32::from_le_bytes(b[0..4].try_into().unwrap()),
+        header_check_doc(&b, &uuid, id)
+    );
     assert_eq!(u64::from_le_bytes(b[8..16].try_into().unwrap()), 3);
     assert_eq!(&b[16 + 5 * 8..16 + 6 * 8], &t.to_bytes(8)[..8]);
     assert!(
@@ -462,7 +499,7 @@ fn superblock_layout_is_as_documented() {
     let le64 = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
     let le16 = |at: usize| u16::from_le_bytes(b[at..at + 2].try_into().unwrap());
     assert_eq!(&b[0..8], b"BLKGUARD");
-    assert_eq!(le32(8), 3);
+    assert_eq!(le32(8), 4);
     assert_eq!(le32(12), 512);
     assert_eq!((le64(16), le64(24), le64(32)), (0x11, 0x22, 0));
     assert_eq!(&b[40..56], &uuid);

@@ -18,8 +18,8 @@ pub use map::{
     MapDamage, MapKind, MapParse, GROUPS_PER_MAP_SECTOR, MAP_MAGIC,
 };
 pub use meta::{
-    decode_sector, encode_sector, sector_checksum, sector_tag, slot_of_generation, tags_per_sector,
-    SectorDamage, SectorId, SectorParse, SECTOR_HEADER_SIZE, SECTOR_MAGIC, SECTOR_SIZE,
+    decode_sector, encode_sector, header_check, sector_checksum, sector_tag, slot_of_generation,
+    tags_per_sector, SectorDamage, SectorId, SectorParse, SECTOR_HEADER_SIZE, SECTOR_SIZE,
 };
 pub use mirror::{
     member_record_offset, MemberInfo, MemberRecord, MirrorInfo, INCOMPAT_MIRROR, MAX_MEMBERS,

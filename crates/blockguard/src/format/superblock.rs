@@ -14,8 +14,9 @@ pub const SB_MAGIC: [u8; 8] = *b"BLKGUARD";
 /// The format version this build writes and reads. Version 1 (blockguard 0.1) kept one
 /// checksum per metadata block, so a torn metadata write could lose the only tag of data on
 /// disk; version 2 checksums every 512-byte metadata sector on its own; version 3 keeps two
-/// copies of every group bitmap, far apart.
-pub const FORMAT_VERSION: u32 = 3;
+/// copies of every group bitmap, far apart; version 4 gives every metadata sector a header
+/// check of its own, so a sector whose body is damaged still proves its generation.
+pub const FORMAT_VERSION: u32 = 4;
 /// Bytes reserved for each superblock copy.
 pub const SB_REGION: u64 = 4096;
 /// Bytes of the structure covered by the checksum (the rest of the region is zero). 512 bytes
@@ -841,6 +842,10 @@ fn version_hint(found: u32) -> &'static str {
          release's `blockguard export VOLUME IMAGE` and `blockguard import IMAGE NEW-VOLUME` with this one"
     } else if found == 2 {
         "; version 2 volumes (one copy of the dirty-groups and first-write maps) were written by \
+         development builds of blockguard 0.2: copy the data out with that build's \
+         `blockguard export VOLUME IMAGE` and `blockguard import IMAGE NEW-VOLUME` with this one"
+    } else if found == 3 {
+        "; version 3 volumes (metadata sectors without a header check) were written by \
          development builds of blockguard 0.2: copy the data out with that build's \
          `blockguard export VOLUME IMAGE` and `blockguard import IMAGE NEW-VOLUME` with this one"
     } else if found > FORMAT_VERSION {

@@ -9,7 +9,11 @@
 //!   written one; the only blank sectors a crash leaves are those of a group's first write;
 //! - so an invalid sector, or a blank one once the group's first write is known complete, is
 //!   *damage*, and a read of the pair's blocks fails unless this process itself wrote the
-//!   pair's newest brother (then it knows which one is the newest).
+//!   pair's newest brother (then it knows which one is the newest);
+//! - a *scarred* sector (intact header, damaged body) is damage too, but its header proves its
+//!   generation: the pair still knows its newest brother. A scarred older brother costs
+//!   nothing (settled reads never use it); a scarred newest one still serves every block whose
+//!   data matches its tag — a tag the damage hit matches no data, so it fails that block alone.
 
 use super::bitmaps::MapBit;
 use crate::cast::u32_of_small;
@@ -59,6 +63,9 @@ pub(crate) enum Damage {
     BlankMapUnknown,
     /// A generation too large to ever be followed (only a forged sector holds one).
     Exhausted,
+    /// The newest brother is scarred (its header intact, its body damaged): its tags are used
+    /// only where the data matches them, and this block's data does not match.
+    Scarred { slot: u8, why: SectorDamage },
 }
 
 impl fmt::Display for Damage {
@@ -85,6 +92,12 @@ impl fmt::Display for Damage {
                  rebuilds the map)",
             ),
             Damage::Exhausted => f.write_str("metadata generation counter exhausted (forged metadata)"),
+            Damage::Scarred { slot, why } => write!(
+                f,
+                "metadata slot {slot} holds the newest tags but its sector is damaged ({why}); its \
+                 header is intact, so the blocks whose data matches their tag still read, and this \
+                 block's data does not match (the damage hit its tag, or its data)"
+            ),
         }
     }
 }
@@ -96,6 +109,14 @@ pub(crate) enum Accept {
     One(Tag),
     /// Either tag: the newest brother's, or the older one kept until the data is durable.
     Either(Tag, Tag),
+    /// The newest brother is scarred: its tag (or, after a crash, the older brother's) is
+    /// accepted only as any tag is — by matching the data — and a mismatch is reported as
+    /// damaged metadata (`why`), since the tag may be what the damage hit.
+    Salvaged {
+        newest: Tag,
+        older: Option<Tag>,
+        why: Damage,
+    },
     /// No trustworthy metadata: the reason is reported, the data never returned.
     Damaged(Damage),
 }
@@ -106,7 +127,8 @@ impl Accept {
         match self {
             Accept::One(t) => t.is_unwritten(),
             Accept::Either(a, b) => a.is_unwritten() && b.is_unwritten(),
-            Accept::Damaged(_) => false,
+            // Never a hole on the word of a damaged sector.
+            Accept::Salvaged { .. } | Accept::Damaged(_) => false,
         }
     }
 }
@@ -209,15 +231,16 @@ impl GroupState {
     ) -> Self {
         debug_assert!(
             sectors.iter().all(|pair| (0..2u8).all(|slot| pair[slot as usize]
-                .generation()
+                .header_generation()
                 .is_none_or(|g| crate::format::slot_of_generation(g) == slot))),
-            "a valid sector's generation belongs in its slot"
+            "a valid or scarred sector's generation belongs in its slot"
         );
         let any_written = sectors.iter().flatten().any(|s| *s != SectorParse::Empty);
+        // A scarred sector's generation is as certain as a valid one's.
         let initialized = sectors
             .iter()
             .flatten()
-            .any(|s| s.generation().is_some_and(|g| g >= 2));
+            .any(|s| s.header_generation().is_some_and(|g| g >= 2));
         let mut state = GroupState {
             raw,
             fast: vec![None; sectors.len()].into(),
@@ -274,8 +297,65 @@ impl GroupState {
         sector_tag(&self.raw[at..at + SECTOR_SIZE], j, self.tag_size)
     }
 
-    fn tag(&self, slot: u8, k: usize, j: usize) -> Tag {
+    /// The tag of block `j` of pair `k` in `slot`, as a read takes it.
+    pub(crate) fn tag(&self, slot: u8, k: usize, j: usize) -> Tag {
+        // Generation 0 holds only unwritten tags by definition, whatever a scar did to them.
+        if self.sectors[k][slot as usize].header_generation() == Some(0) {
+            return UNWRITTEN;
+        }
         Tag::from_bytes(self.tag_bytes(slot, k, j))
+    }
+
+    /// Which slots of pair `k` are scarred (intact header, damaged body).
+    pub(crate) fn scars(&self, k: usize) -> [bool; 2] {
+        self.sectors[k].map(|s| s.is_scarred())
+    }
+
+    /// The damage of pair `k`'s newest brother when it is scarred, as the pair reads.
+    fn scarred_newest(&self, k: usize, newest: u8) -> Option<Damage> {
+        match self.sectors[k][newest as usize] {
+            SectorParse::Scarred { why, .. } => Some(Damage::Scarred { slot: newest, why }),
+            _ => None,
+        }
+    }
+
+    /// What is scarred in pair `k`, for a pair that still reads (its newest brother known);
+    /// `None` when nothing is.
+    pub(crate) fn scar_note(&self, k: usize) -> Option<String> {
+        let (PairView::Brothers { newest, .. } | PairView::Known { newest }) = self.view(k) else {
+            return None;
+        };
+        let notes: Vec<String> = (0..2u8)
+            .filter_map(|slot| match self.sectors[k][slot as usize] {
+                SectorParse::Scarred { generation, why } => Some(if slot == newest {
+                    format!(
+                        "metadata slot {slot} is scarred ({why}; its header is intact, generation \
+                         {generation}) and holds the newest tags: blocks whose data matches their \
+                         tag still read, the others fail; `blockguard scrub --repair` rewrites it \
+                         once every block proves its tag"
+                    )
+                } else {
+                    format!(
+                        "metadata slot {slot} is scarred ({why}; its header is intact, generation \
+                         {generation}); it is the older brother, which reads do not need: the \
+                         group's next write or `blockguard scrub --repair` rewrites it"
+                    )
+                }),
+                _ => None,
+            })
+            .collect();
+        (!notes.is_empty()).then(|| notes.join("; "))
+    }
+
+    /// Why a write may not copy pair `k`'s tags forward: its tags cannot be trusted (damaged),
+    /// or its newest brother is scarred (copying its tags into a valid sector would give a tag
+    /// the damage hit a fresh checksum). `None`: the pair can be written.
+    pub(crate) fn write_blocker(&self, k: usize) -> Option<Damage> {
+        match self.view(k) {
+            PairView::Damaged(d) => Some(d),
+            PairView::Brothers { newest, .. } | PairView::Known { newest } => self.scarred_newest(k, newest),
+            PairView::TornFirst { .. } | PairView::Unwritten => None,
+        }
     }
 
     /// Pair and position inside it of the block with `index` in the group.
@@ -311,13 +391,13 @@ impl GroupState {
 
     /// How pair `k` reads.
     pub(crate) fn view(&self, k: usize) -> PairView {
-        use SectorParse::{Empty, Invalid, Valid};
+        use SectorParse::{Empty, Invalid, Scarred, Valid};
         let [s0, s1] = self.sectors[k];
         if self.mode.single_copy_tags() {
             // One copy, rewritten in place: no brothers (its crash promises, if any, come
             // from rebuilding the tags of the groups a crash may have cut short).
             return match s0 {
-                Valid { .. } => PairView::Known { newest: 0 },
+                Valid { .. } | Scarred { .. } => PairView::Known { newest: 0 },
                 // Every write of a group rewrites all of its sectors, a discard included (its
                 // tags become the unwritten tag under a valid header): a blank one in a group
                 // that was written is damage (a wiped group), unless a crash may have cut the
@@ -345,7 +425,11 @@ impl GroupState {
         }
         let lenient = self.after_crash();
         match (s0, s1) {
-            (Valid { generation: g0 }, Valid { generation: g1 }) => {
+            (
+                Valid { generation: g0 } | Scarred { generation: g0, .. },
+                Valid { generation: g1 } | Scarred { generation: g1, .. },
+            ) => {
+                // Valid or scarred alike: both generations are certain, so is the newest.
                 let (newest, n, o) = if g0 > g1 { (0, g0, g1) } else { (1, g1, g0) };
                 if n == u64::MAX {
                     return PairView::Damaged(Damage::Exhausted);
@@ -379,9 +463,12 @@ impl GroupState {
                     PairView::Damaged(Damage::BothBlank)
                 }
             }
-            (Invalid(a), Invalid(_)) => PairView::Damaged(Damage::BothInvalid { why: a }),
-            (Invalid(why), _) => PairView::Damaged(Damage::Invalid { slot: 0, why }),
-            (_, Invalid(why)) => PairView::Damaged(Damage::Invalid { slot: 1, why }),
+            (Invalid(a) | Scarred { why: a, .. }, Invalid(_) | Scarred { .. }) => {
+                PairView::Damaged(Damage::BothInvalid { why: a })
+            }
+            // A scar beside a blank: the blank's generation is unknown, so is the newest.
+            (Invalid(why) | Scarred { why, .. }, _) => PairView::Damaged(Damage::Invalid { slot: 0, why }),
+            (_, Invalid(why) | Scarred { why, .. }) => PairView::Damaged(Damage::Invalid { slot: 1, why }),
         }
     }
 
@@ -391,13 +478,30 @@ impl GroupState {
         match self.view(k) {
             PairView::Brothers { newest, older_ok } => {
                 let n = self.tag(newest, k, j);
-                if older_ok {
-                    Accept::Either(n, self.tag(1 - newest, k, j))
-                } else {
-                    Accept::One(n)
+                let older = older_ok.then(|| self.tag(1 - newest, k, j));
+                match (self.scarred_newest(k, newest), older) {
+                    (Some(why), older) => Accept::Salvaged {
+                        newest: n,
+                        older,
+                        why,
+                    },
+                    (None, Some(o)) => Accept::Either(n, o),
+                    (None, None) => Accept::One(n),
                 }
             }
-            PairView::Known { newest } => Accept::One(self.tag(newest, k, j)),
+            PairView::Known { newest } => {
+                let n = self.tag(newest, k, j);
+                // A sector this process wrote is never scarred in its cache, but a single-copy
+                // mode's only sector can be (also one a commit left alone as damaged).
+                match self.scarred_newest(k, newest) {
+                    Some(why) => Accept::Salvaged {
+                        newest: n,
+                        older: None,
+                        why,
+                    },
+                    None => Accept::One(n),
+                }
+            }
             PairView::TornFirst { slot0: true } => Accept::Either(self.tag(0, k, j), UNWRITTEN),
             PairView::TornFirst { slot0: false } | PairView::Unwritten => Accept::One(UNWRITTEN),
             PairView::Damaged(d) => Accept::Damaged(d),
@@ -578,9 +682,17 @@ mod tests {
         GroupState::parse(&geo(), Mode::Dual, &U, 0, raw.into(), origin, map)
     }
 
+    /// A sector of slot 0 whose header is damaged: its generation is unknown.
     fn garbage() -> Vec<u8> {
         let mut s = sector(0, 1, t(1));
-        s[100] ^= 1;
+        s[9] ^= 1;
+        s
+    }
+
+    /// `sector(slot, generation, tag)` with its body damaged (`at` ≥ 16, or the checksum).
+    fn scarred(slot: u8, generation: u64, tag: Tag, at: usize) -> Vec<u8> {
+        let mut s = sector(slot, generation, tag);
+        s[at] ^= 0x40;
         s
     }
 
@@ -648,6 +760,42 @@ mod tests {
         assert_eq!(s.accept(0), Accept::One(a));
         assert_eq!(s.newest_for_write(0), Some((1, 4)));
         assert_eq!(s.fast_tag(0), Some(&a.to_bytes(8)[..8]));
+    }
+
+    #[test]
+    fn a_scar_keeps_the_newest_known_and_its_tags_only_matchable() {
+        let (a, b) = (t(1), t(2));
+        // The older brother scarred: settled reads never use it.
+        let s = state(Some(scarred(0, 1, a, 300)), Some(sector(1, 2, b)), false);
+        assert_eq!(s.accept(0), Accept::One(b));
+        assert_eq!(s.scars(0), [true, false]);
+        assert_eq!(s.newest_for_write(0), Some((1, 2)));
+        assert!(s.write_blocker(0).is_none());
+        assert!(s.scar_note(0).is_some_and(|n| n.contains("older")));
+        // After a crash its tags are offered like any older brother's.
+        let s = state(Some(scarred(0, 1, a, 300)), Some(sector(1, 2, b)), true);
+        assert_eq!(s.accept(0), Accept::Either(b, a));
+        // The newest scarred: its tag, only by matching; no write copies it forward.
+        let s = state(Some(sector(0, 1, a)), Some(scarred(1, 2, b, 5)), false);
+        assert!(matches!(
+            s.accept(0),
+            Accept::Salvaged { newest, older: None, why: Damage::Scarred { slot: 1, .. } } if newest == b
+        ));
+        assert!(!s.accept(1).only_unwritten(), "never a hole on a scar's word");
+        assert_eq!(s.newest_for_write(0), None);
+        assert!(matches!(
+            s.write_blocker(0),
+            Some(Damage::Scarred { slot: 1, .. })
+        ));
+        // Generation 0's tags are unwritten whatever the scar did to them.
+        let s = state(Some(sector(0, 1, a)), Some(scarred(1, 0, a, 20)), true);
+        assert_eq!(s.accept(0), Accept::Either(a, UNWRITTEN));
+        // A scar beside a blank proves nothing: the blank's generation is unknown.
+        let s = state(Some(scarred(0, 3, a, 40)), None, false);
+        assert!(matches!(
+            s.accept(0),
+            Accept::Damaged(Damage::Invalid { slot: 0, .. })
+        ));
     }
 
     #[test]

@@ -265,14 +265,19 @@ impl Inner {
             }
             let state = self.confirmed_group(group)?;
             for k in 0..state.pairs() {
-                if let PairView::Damaged(d) = state.view(k) {
+                let (detail, scarred) = match state.view(k) {
+                    PairView::Damaged(d) => (Some(d.to_string()), false),
+                    _ => (state.scar_note(k), true),
+                };
+                if let Some(detail) = detail {
                     problems.push(MetadataProblem {
                         group,
                         sector: u32_of_small(k),
                         first_block: self.geo.first_block(group) + k as u64 * per,
                         blocks: u32_of_small(self.geo.tags_in_sector(group, u32_of_small(k))),
-                        detail: d.to_string(),
+                        detail,
                         rebuilt: false,
+                        scarred,
                     });
                 }
             }
@@ -377,6 +382,11 @@ impl Inner {
                     generation: Some(*generation),
                     tag: Some(crate::tag::Tag::from_bytes(state.tag_bytes(slot, k, j)).to_string()),
                 },
+                SectorParse::Scarred { generation, why } => SlotReport {
+                    state: format!("scarred (header intact, body damaged): {why}"),
+                    generation: Some(*generation),
+                    tag: Some(crate::tag::Tag::from_bytes(state.tag_bytes(slot, k, j)).to_string()),
+                },
                 SectorParse::Invalid(why) => SlotReport {
                     state: format!("invalid: {why}"),
                     generation: None,
@@ -387,6 +397,10 @@ impl Inner {
         let accepted = match state.accept(location.index as usize) {
             Accept::One(t) => vec![t.to_string()],
             Accept::Either(a, b) => vec![a.to_string(), b.to_string()],
+            Accept::Salvaged { newest, older, .. } => std::iter::once(newest)
+                .chain(older)
+                .map(|t| format!("{t} (from a scarred sector: only if the data matches)"))
+                .collect(),
             Accept::Damaged(d) => vec![format!("none: {d}")],
         };
         let staged = self.lock(&self.stage).get(block).is_some();

@@ -19,6 +19,7 @@ mod device;
 mod dix;
 mod group;
 mod group_commit;
+mod heal;
 mod health;
 mod inspect;
 mod membership;

@@ -54,10 +54,12 @@ impl Inner {
             Accept::One(t) if matches(t) => return Ok(Match::Newest),
             Accept::Either(newest, _) if matches(newest) => return Ok(Match::Newest),
             Accept::Either(_, older) if matches(older) => return Ok(Match::Fallback),
+            Accept::Salvaged { newest, .. } if matches(newest) => return Ok(Match::Newest),
+            Accept::Salvaged { older: Some(o), .. } if matches(o) => return Ok(Match::Fallback),
             _ => {}
         }
         let (kind, detail) = match accept {
-            Accept::Damaged(why) => (
+            Accept::Damaged(why) | Accept::Salvaged { why, .. } => (
                 CorruptionKind::MetadataDamaged,
                 format!("its tags cannot be trusted: {why}"),
             ),
@@ -88,6 +90,14 @@ impl Inner {
     /// Whether `data` verifies as `block` against `accept` (any tag it accepts).
     pub(crate) fn verifies(&self, block: u64, data: &[u8], accept: &Accept) -> bool {
         self.verify_match(block, data, accept).is_ok()
+    }
+
+    /// Like [`Inner::verifies`], but a tag read from a scarred sector does not count: for a
+    /// mirror member's copy, which another member's intact metadata can do better than. (Its
+    /// data would be right, but a copy is a repair source only with metadata worth copying,
+    /// and a scarred copy must itself be repaired.)
+    pub(crate) fn verifies_strictly(&self, block: u64, data: &[u8], accept: &Accept) -> bool {
+        !matches!(accept, Accept::Salvaged { .. }) && self.verifies(block, data, accept)
     }
 
     /// Reads `buf.len()` bytes at `offset`. Every block touched is verified first; a block

@@ -15,15 +15,18 @@
 //! for the blocks it must still describe are copied into the new one — so a crash during
 //! recovery leaves pairs the lenient rules accept, and the next open recovers again.
 //!
-//! Damage (an invalid sector, or a blank one where no crash explains it) is reported and,
-//! unless asked, left alone: a read-write open never turns damage into silently accepted
+//! A *scarred* sector (intact header, damaged body) is healed where that is provable
+//! (`volume/heal.rs`): its header still says which brother is the newest. Other damage (an
+//! invalid sector, or a blank one where no crash explains it) is reported and, unless asked,
+//! left alone: a read-write open never turns damage into silently accepted
 //! tags. [`RecoverOptions::rebuild_damaged`] (the `recover` command) rebuilds a damaged
 //! brother from its valid partner: that re-establishes the group, but blocks whose data matches
 //! the partner may be a version older than the lost brother described; the report lists them.
 
 use super::bitmaps::MapBit;
 use super::commit::maintenance::Maintenance;
-use super::group::{GroupState, GroupWriter, PairView};
+use super::group::{GroupState, PairView};
+use super::heal::{PairAt, PairHeal};
 use super::Inner;
 use crate::cast::u32_of_small;
 use crate::error::{Error, Result};
@@ -67,6 +70,11 @@ pub struct MetadataProblem {
     pub detail: String,
     /// True if recovery rebuilt it from its valid brother.
     pub rebuilt: bool,
+    /// True if the damage is a scar (format v4: the sector's header, with its generation, is
+    /// intact): the pair's blocks still read where their data matches their tag, so not
+    /// every block the problem covers fails.
+    #[serde(default)]
+    pub scarred: bool,
 }
 
 /// A problem of the written-groups map, as found by `check`.
@@ -106,6 +114,9 @@ pub struct RecoveryReport {
     pub blocks_retagged: u64,
     /// Damaged metadata sectors found (rebuilt or left as they are).
     pub damaged: Vec<MetadataProblem>,
+    /// Scarred metadata sectors (intact header, damaged body) rewritten from what their
+    /// headers and the data prove (see `volume/heal.rs`).
+    pub sectors_healed: u64,
     /// Groups marked written in the written-groups map where it had missed them (a crash
     /// between the map's write and the group's metadata, or map damage).
     pub map_bits_set: u64,
@@ -326,15 +337,16 @@ impl Inner {
         for k in 0..old.pairs() {
             let count = self.geo.tags_in_sector(group, u32_of_small(k));
             match old.view(k) {
-                PairView::Brothers {
-                    newest,
-                    older_ok: true,
-                } => {
-                    let reverted = self.revert_pair(&mut w, &old, group, k, newest, count)?;
-                    if reverted > 0 {
-                        report.blocks_reverted += reverted;
-                        changed = true;
-                    }
+                PairView::Brothers { newest, older_ok } if older_ok || old.scars(k).contains(&true) => {
+                    let at = PairAt {
+                        old: &old,
+                        group,
+                        k,
+                        newest,
+                        older_ok,
+                        count,
+                    };
+                    changed |= self.settle_brothers(&mut w, &at, report)?;
                 }
                 PairView::TornFirst { .. } => {
                     debug_assert!(
@@ -350,6 +362,7 @@ impl Inner {
                         blocks: u32_of_small(count),
                         detail: damage.to_string(),
                         rebuilt: false,
+                        scarred: false,
                     };
                     if opts.rebuild_damaged {
                         if let Some(valid) = rebuildable(&old, k) {
@@ -369,8 +382,7 @@ impl Inner {
                     }
                     report.damaged.push(problem);
                 }
-                PairView::Brothers { older_ok: false, .. } | PairView::Known { .. } | PairView::Unwritten => {
-                }
+                PairView::Brothers { .. } | PairView::Known { .. } | PairView::Unwritten => {}
             }
         }
         if changed {
@@ -383,38 +395,38 @@ impl Inner {
         Ok(old.any_written())
     }
 
-    /// Settles pair `k` (of `count` blocks) of `group`, whose older brother may still describe
-    /// the disk: every block whose data is the older brother's version gets its older tag
-    /// back, in a new sector one generation up written over the older brother. Returns the
-    /// number of blocks reverted (none: nothing is written).
-    fn revert_pair(
+    /// Settles one pair of brothers (see `heal.rs`) and reports what it did; true if new
+    /// sectors went into `w`.
+    fn settle_brothers(
         &self,
-        w: &mut GroupWriter<'_>,
-        old: &GroupState,
-        group: u64,
-        k: usize,
-        newest: u8,
-        count: usize,
-    ) -> Result<u64> {
-        let older = 1 - newest;
-        let mut tags = w.tags_of(Some(newest), k, count);
-        let mut reverted = 0;
-        for j in 0..count {
-            if old.tag_bytes(newest, k, j) == old.tag_bytes(older, k, j) {
-                continue;
+        w: &mut super::group::GroupWriter<'_>,
+        at: &PairAt<'_>,
+        report: &mut RecoveryReport,
+    ) -> Result<bool> {
+        match self.settle_pair(w, at)? {
+            PairHeal::Rewritten { reverted, healed } => {
+                report.blocks_reverted += reverted;
+                report.sectors_healed += healed;
+                Ok(true)
             }
-            if self.on_disk_is_older(group, old, k, j, newest)? {
-                let ts = self.geo.tag_size as usize;
-                tags[j * ts..(j + 1) * ts].copy_from_slice(old.tag_bytes(older, k, j));
-                reverted += 1;
+            PairHeal::Unprovable { block } => {
+                let per = self.geo.tags_per_sector() as usize;
+                report.damaged.push(MetadataProblem {
+                    group: at.group,
+                    sector: u32_of_small(at.k),
+                    first_block: self.geo.first_block(at.group) + (at.k * per) as u64,
+                    blocks: u32_of_small(at.count),
+                    detail: format!(
+                        "{}; block {block} matches none of its tags, so the sector is left as it is",
+                        at.old.scar_note(at.k).unwrap_or_default()
+                    ),
+                    rebuilt: false,
+                    scarred: true,
+                });
+                Ok(false)
             }
+            PairHeal::Unchanged => Ok(false),
         }
-        if reverted > 0 {
-            let generation = generation_of(old, k, newest);
-            w.put(older, k, generation + 1, &tags);
-            w.set_known(k, older);
-        }
-        Ok(reverted)
     }
 
     /// First stage of settling a group whose first write a crash cut short: fill its blank
@@ -459,7 +471,7 @@ impl Inner {
 
     /// True if block `j` of pair `k` holds the version the older brother describes, not the
     /// one slot `newest` (or, for a torn first write, generation 1) describes.
-    fn on_disk_is_older(
+    pub(crate) fn on_disk_is_older(
         &self,
         group: u64,
         state: &GroupState,

@@ -32,7 +32,8 @@ impl Inner {
         let after_crash = !self.trusted.load(Ordering::Acquire) && self.dirty_after_crash(group)?;
         let old = self.confirmed_group(group)?;
         let damaged: Vec<usize> = (0..old.pairs())
-            .filter(|&k| matches!(old.view(k), PairView::Damaged(_)))
+            // A scarred sector holding the newest tags counts too: `--rebuild` recomputes it.
+            .filter(|&k| old.write_blocker(k).is_some())
             .collect();
         let rebuild_damage = opts.rebuild_damaged && !damaged.is_empty();
         if !after_crash && !rebuild_damage {
@@ -111,9 +112,12 @@ impl Inner {
         rebuilt: bool,
     ) -> MetadataProblem {
         let per = self.geo.tags_per_sector() as usize;
-        let detail = match view {
-            PairView::Damaged(d) => d.to_string(),
-            _ => "damaged".into(),
+        let (detail, scarred) = match view {
+            PairView::Damaged(d) => (d.to_string(), false),
+            _ => (
+                "a scarred sector (header intact, body damaged) holds the newest tags".into(),
+                true,
+            ),
         };
         MetadataProblem {
             group,
@@ -122,6 +126,7 @@ impl Inner {
             blocks: u32_of_small(self.geo.tags_in_sector(group, u32_of_small(k))),
             detail,
             rebuilt,
+            scarred,
         }
     }
 }

@@ -164,19 +164,29 @@ pub struct ScrubReport {
     pub repaired: u64,
     /// Repair was asked for ([`ScrubOptions::repair`]).
     pub repair_requested: bool,
+    /// Scarred metadata sectors found in the groups scrubbed: the header intact (so the
+    /// newest brother is known), the body damaged. Their blocks still read where the data
+    /// proves its tag; a bad one is also among [`ScrubReport::problems`].
+    #[serde(default)]
+    pub scarred_sectors: u64,
+    /// Scarred sectors rewritten from what their headers and the data prove (with repair).
+    #[serde(default)]
+    pub sectors_healed: u64,
     /// Seconds the scrub took.
     pub elapsed_secs: f64,
 }
 
 impl ScrubReport {
-    /// Bad blocks found that were not repaired.
+    /// Bad blocks found that were not repaired, and scarred metadata sectors not healed.
     pub fn unrepaired(&self) -> u64 {
         self.problem_count.saturating_sub(self.repaired)
+            + self.scarred_sectors.saturating_sub(self.sectors_healed)
     }
 
-    /// True if the scrub found no bad block (it may have been stopped before the end).
+    /// True if the scrub found no bad block and no damaged metadata (it may have been stopped
+    /// before the end).
     pub fn is_clean(&self) -> bool {
-        self.problem_count == 0
+        self.problem_count == 0 && self.scarred_sectors == 0
     }
 }
 
@@ -224,6 +234,8 @@ struct Run<'a, 'p> {
     buf: super::Aligned,
     /// The volume has mirror copies: every copy is checked, not only the one reads go to.
     mirrored: bool,
+    /// The last group whose metadata was looked at for scars.
+    last_group: Option<u64>,
 }
 
 impl Volume {
@@ -282,6 +294,8 @@ impl Volume {
                 problem_count: 0,
                 repaired: 0,
                 repair_requested: opts.repair,
+                scarred_sectors: 0,
+                sectors_healed: 0,
                 elapsed_secs: 0.0,
             },
             repairs_before: self.repairs_so_far(),
@@ -293,6 +307,7 @@ impl Volume {
             }),
             buf: super::aligned(usize_of(chunk), 4096),
             mirrored: self.members().len() > 1,
+            last_group: None,
             opts,
         };
         run.all()?;
@@ -336,10 +351,11 @@ impl Run<'_, '_> {
                 MIN_WINDOW
             };
             for run in runs {
-                if !self.scrub_run(run)? {
+                if !self.scrub_run(run.clone())? {
                     self.report.stopped = true;
                     return Ok(());
                 }
+                self.metadata_of(&run)?;
             }
             // The rest of the window is unwritten: done without reading it.
             self.report.position = to;
@@ -383,6 +399,41 @@ impl Run<'_, '_> {
             self.tell((at - n) / bs..at / bs);
         }
         Ok(true)
+    }
+
+    /// Looks for scarred metadata sectors in the groups of the allocated `run` (each group
+    /// once), and heals them when asked. A scar the data reads cannot see (the older brother,
+    /// or a newest one whose tags all still match) is found only this way.
+    fn metadata_of(&mut self, run: &Range<u64>) -> Result<()> {
+        if self.mirrored || run.is_empty() {
+            // A mirror set's copies are checked against their own metadata, scars included,
+            // by `verify_copies`.
+            return Ok(());
+        }
+        let bs = u64::from(self.vol.block_size());
+        let inner = &self.vol.inner;
+        let (first, _) = inner.geo.group_of(run.start / bs);
+        let (last, _) = inner.geo.group_of((run.end - 1) / bs);
+        for group in first..=last {
+            if self.last_group.is_some_and(|g| g >= group) {
+                continue;
+            }
+            self.last_group = Some(group);
+            let scars = inner.scarred_sectors(group)?;
+            if scars == 0 {
+                continue;
+            }
+            self.report.scarred_sectors += scars;
+            tracing::warn!(volume = %self.vol.name(), group, sectors = scars, "scrub: scarred metadata sectors");
+            if self.opts.repair {
+                let (healed, left) = inner.heal_scars(group)?;
+                self.report.sectors_healed += healed;
+                for (block, why) in left {
+                    tracing::warn!(volume = %self.vol.name(), block, "scrub: cannot heal: {why}");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Reads `n` bytes at `offset` through the verified read path; on a failure, block by

@@ -91,7 +91,7 @@ impl Inner {
         for (k, chunk) in data.as_ref().chunks_exact(bs).enumerate() {
             let b = block + k as u64;
             let accept = state.accept(index as usize + k);
-            if !self.verifies(b, chunk, &accept) {
+            if !self.verifies_strictly(b, chunk, &accept) {
                 bad.push(b);
             }
         }

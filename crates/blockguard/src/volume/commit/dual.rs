@@ -17,7 +17,7 @@
 //! flush proves the data durable; then only the newest, so lost writes are caught. Commits run
 //! only on settled groups: a read-write open recovers a volume left in use first.
 
-use super::super::group::{Origin, PairView};
+use super::super::group::Origin;
 use super::super::recover::{RecoverOptions, RecoveryReport};
 use super::super::stage::Batch;
 use super::super::Inner;
@@ -80,11 +80,13 @@ impl Protocol for Dual {
                 w.set_known(k, older);
             } else if mine.len() == count {
                 // A damaged pair the batch overwrites whole: its old tags are not needed, so
-                // it starts over with both brothers describing the new data.
+                // it starts over with both brothers describing the new data — above every
+                // generation a header proves, or a scarred brother left by a torn write of
+                // the two would still read as the newest.
                 let top = old
                     .pair(k)
                     .iter()
-                    .filter_map(SectorParse::generation)
+                    .filter_map(SectorParse::header_generation)
                     .max()
                     .unwrap_or(0);
                 let g0 = (top.saturating_add(1) | 1).max(3);
@@ -100,10 +102,9 @@ impl Protocol for Dual {
                 // Accepted against a cached state that has since been evicted, and the disk no
                 // longer agrees: these blocks cannot be given tags. Their data is not written
                 // either; the pair stays as it is, and reads of it keep failing.
-                let why = match old.view(k) {
-                    PairView::Damaged(d) => d.to_string(),
-                    _ => "metadata damaged".to_string(),
-                };
+                let why = old
+                    .write_blocker(k)
+                    .map_or_else(|| "metadata damaged".to_string(), |d| d.to_string());
                 let first = vol.geo.first_block(group);
                 dropped.extend(mine.iter().map(|(i, _)| (first + *i as u64, why.clone())));
             }

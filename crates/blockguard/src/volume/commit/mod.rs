@@ -393,7 +393,7 @@ impl Inner {
     pub(crate) fn damaged_write(&self, group: u64, index: usize, state: &GroupState) -> Error {
         let block = self.geo.first_block(group) + index as u64;
         let why = match state.accept(index) {
-            super::group::Accept::Damaged(d) => d.to_string(),
+            super::group::Accept::Damaged(d) | super::group::Accept::Salvaged { why: d, .. } => d.to_string(),
             _ => "metadata damaged".to_string(),
         };
         Error::Corrupt {

@@ -2,7 +2,6 @@
 //! It promises nothing after a crash; it exists as the comparison case the crash simulator
 //! must catch.
 
-use super::super::group::PairView;
 use super::super::recover::{RecoverOptions, RecoveryReport};
 use super::super::stage::Batch;
 use super::super::Inner;
@@ -11,7 +10,7 @@ use super::protocol::{GroupBatch, Plan, Planned, Protocol};
 use super::{CommitState, Dropped};
 use crate::cast::u32_of_small;
 use crate::error::Result;
-use crate::format::{SectorParse, VolumeState};
+use crate::format::VolumeState;
 use std::sync::atomic::Ordering;
 
 /// The `none` protocol.
@@ -40,7 +39,7 @@ pub(super) fn plan_in_place(
     let mut w = old.writer(&vol.sb.uuid, group);
     for k in 0..old.pairs() {
         let count = vol.geo.tags_in_sector(group, u32_of_small(k));
-        if let (Some(dropped), PairView::Damaged(why)) = (keep_damaged.as_deref_mut(), old.view(k)) {
+        if let (Some(dropped), Some(why)) = (keep_damaged.as_deref_mut(), old.write_blocker(k)) {
             let inside: Vec<usize> = tags
                 .iter()
                 .map(|(i, _)| *i)
@@ -57,7 +56,9 @@ pub(super) fn plan_in_place(
                 continue;
             }
         }
-        let valid = matches!(old.pair(k)[0], SectorParse::Valid { .. });
+        // A scarred sector reaches here only in `none` (which writes into damage as asked) or
+        // when the batch covers all of it: its header is intact, its tags mostly right.
+        let valid = old.pair(k)[0].header_generation().is_some();
         let mut base = w.tags_of(valid.then_some(0), k, count);
         for (i, t) in tags
             .iter()

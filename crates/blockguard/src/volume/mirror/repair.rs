@@ -50,7 +50,7 @@ impl Inner {
         for c in &copies {
             let ok = c.readable && {
                 let state = self.parse_loaded(group, c.meta.as_ref().into(), true)?;
-                self.verifies(block, c.data.as_ref(), &state.accept(index as usize))
+                self.verifies_strictly(block, c.data.as_ref(), &state.accept(index as usize))
             };
             if !ok {
                 bad.push(c.member);
@@ -116,7 +116,7 @@ impl Inner {
         let mut best: Option<(usize, GroupState, u64)> = None;
         for (n, c) in copies.iter().enumerate().filter(|(_, c)| c.readable) {
             let state = self.parse_loaded(group, c.meta.as_ref().into(), true)?;
-            if !self.verifies(block, c.data.as_ref(), &state.accept(index as usize)) {
+            if !self.verifies_strictly(block, c.data.as_ref(), &state.accept(index as usize)) {
                 continue;
             }
             let newest = state

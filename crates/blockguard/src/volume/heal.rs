@@ -1,0 +1,219 @@
+//! Healing scarred metadata sectors: a sector whose header is intact but whose body is
+//! damaged (see `format::meta`) is rewritten from what is provably right, with no mirror.
+//!
+//! The header proves the scarred sector's generation, so the pair still knows which brother
+//! is the newest (`docs/CONSISTENCY.md`, "Damage"):
+//! - **the older brother is scarred**: settled reads never use it, so it is rewritten with the
+//!   newest tags one generation up — exactly what the group's next commit would write there;
+//! - **the newest brother is scarred**: its tags may be wrong where the damage hit, and a tag
+//!   is right only if the block's data matches it. The pair is rewritten only when *every*
+//!   block proves its tag that way (or, after a crash, proves the older brother's tag, the
+//!   version a crash may have left); then both slots get those tags, two generations up. One
+//!   block that matches none of its tags leaves the pair as it is: which of the tag and the
+//!   data the damage hit cannot be told, and rewriting would give the block a tag with a fresh
+//!   checksum that hides the metadata damage behind a data mismatch.
+//!
+//! Either way nothing a read accepts changes, and every sector written replaces one no
+//! accepted state needs: a crash at any point leaves the old sector or the new one, and both
+//! read the same.
+
+use super::group::{GroupState, GroupWriter, PairView};
+use super::Inner;
+use crate::error::Result;
+
+/// What settling one pair did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PairHeal {
+    /// Nothing to write.
+    Unchanged,
+    /// New sectors were put into the writer: `reverted` blocks got their older tag back (after
+    /// a crash), `healed` scarred sectors were replaced.
+    Rewritten { reverted: u64, healed: u64 },
+    /// The newest brother is scarred and `block`'s data matches none of the tags it may have:
+    /// the pair is left as it is.
+    Unprovable { block: u64 },
+}
+
+/// One pair being settled: pair `k` (of `count` blocks) of `group`, as `old` holds it, whose
+/// newest brother is `newest`; `older_ok` after a crash (the older brother may still describe
+/// the data).
+pub(crate) struct PairAt<'s> {
+    pub old: &'s GroupState,
+    pub group: u64,
+    pub k: usize,
+    pub newest: u8,
+    pub older_ok: bool,
+    pub count: usize,
+}
+
+impl Inner {
+    /// Settles a pair: with `older_ok` every block whose data is the older brother's version
+    /// gets that tag back; every scarred sector of the pair is replaced (see the module
+    /// documentation). The new sectors go into `w`; the caller writes and flushes them.
+    pub(crate) fn settle_pair(&self, w: &mut GroupWriter<'_>, p: &PairAt<'_>) -> Result<PairHeal> {
+        let PairAt { old, k, newest, .. } = *p;
+        let scars = old.scars(k);
+        let older = 1 - newest;
+        let Some(generation) = old.pair(k)[newest as usize].header_generation() else {
+            return Ok(PairHeal::Unchanged);
+        };
+        if generation >= u64::MAX - 3 {
+            return Ok(PairHeal::Unchanged);
+        }
+        let (tags, reverted) = if scars[newest as usize] {
+            match self.proven_tags(p)? {
+                Ok(found) => found,
+                Err(block) => return Ok(PairHeal::Unprovable { block }),
+            }
+        } else {
+            self.reverted_tags(w, p)?
+        };
+        let healed = scars.iter().filter(|&&s| s).count() as u64;
+        if reverted == 0 && healed == 0 {
+            return Ok(PairHeal::Unchanged);
+        }
+        if self.sb.mode.single_copy_tags() {
+            // One copy, rewritten in place (a sector is written atomically).
+            w.put(0, k, generation, &tags);
+            w.set_known(k, 0);
+        } else {
+            w.put(older, k, generation + 1, &tags);
+            w.set_known(k, older);
+            if scars[newest as usize] {
+                // Both slots hold the proven tags: whichever of the two writes lands, the
+                // pair reads the same.
+                w.put(newest, k, generation + 2, &tags);
+                w.set_known(k, newest);
+            }
+        }
+        Ok(PairHeal::Rewritten { reverted, healed })
+    }
+
+    /// The newest tags of pair `k`, with the older brother's tag back for every block whose
+    /// data is the older version (only `older_ok`, after a crash); and how many those are.
+    fn reverted_tags(&self, w: &GroupWriter<'_>, p: &PairAt<'_>) -> Result<(Vec<u8>, u64)> {
+        let PairAt {
+            old,
+            group,
+            k,
+            newest,
+            older_ok,
+            count,
+        } = *p;
+        let mut tags = w.tags_of(Some(newest), k, count);
+        let mut reverted = 0;
+        if !older_ok {
+            return Ok((tags, 0));
+        }
+        let ts = self.geo.tag_size as usize;
+        for j in 0..count {
+            if old.tag_bytes(newest, k, j) == old.tag_bytes(1 - newest, k, j) {
+                continue;
+            }
+            if self.on_disk_is_older(group, old, k, j, newest)? {
+                tags[j * ts..(j + 1) * ts].copy_from_slice(old.tag_bytes(1 - newest, k, j));
+                reverted += 1;
+            }
+        }
+        Ok((tags, reverted))
+    }
+
+    /// For a pair whose newest brother is scarred: the tag every block's data proves (the
+    /// newest brother's, or with `older_ok` the older's) and how many are the older's, or
+    /// `Err(block)` for the first block whose data matches none.
+    fn proven_tags(&self, p: &PairAt<'_>) -> Result<std::result::Result<(Vec<u8>, u64), u64>> {
+        let (old, k, newest, count) = (p.old, p.k, p.newest, p.count);
+        let bs = self.geo.block_size as usize;
+        let ts = self.geo.tag_size as usize;
+        let per = self.geo.tags_per_sector() as usize;
+        let first = self.geo.first_block(p.group) + (k * per) as u64;
+        let mut data = vec![0u8; count * bs];
+        // What this read decides is written down: one bad read must not become permanent.
+        self.read_confirmed(
+            &mut data,
+            self.geo.data_offset(first),
+            "reading data to heal a metadata sector",
+        )?;
+        let mut tags = vec![0u8; count * ts];
+        let mut reverted = 0;
+        for (j, block_data) in data.chunks_exact(bs).enumerate() {
+            let block = first + j as u64;
+            let candidates = [Some(newest), p.older_ok.then_some(1 - newest)];
+            let matched = candidates
+                .into_iter()
+                .flatten()
+                .find(|&slot| self.tagger.verify(block, block_data, &old.tag(slot, k, j)));
+            match matched {
+                Some(slot) => {
+                    tags[j * ts..(j + 1) * ts].copy_from_slice(&old.tag(slot, k, j).to_bytes(ts)[..ts]);
+                    reverted += u64::from(slot != newest);
+                }
+                None => return Ok(Err(block)),
+            }
+        }
+        Ok(Ok((tags, reverted)))
+    }
+
+    /// How many scarred sectors `group`'s metadata holds, as the engine sees it.
+    pub(crate) fn scarred_sectors(&self, group: u64) -> Result<u64> {
+        let state = self.confirmed_group(group)?;
+        Ok((0..state.pairs())
+            .map(|k| state.scars(k).iter().filter(|&&s| s).count() as u64)
+            .sum())
+    }
+
+    /// Heals the scarred sectors of `group` on a settled volume (a scrub's repair): takes
+    /// the commit lock for maintenance, looks at the group as the disk holds it, rewrites what
+    /// [`Inner::settle_pair`] can prove, and makes it durable. Returns the sectors healed and
+    /// the blocks whose pairs could not be (each with the reason).
+    pub(crate) fn heal_scars(&self, group: u64) -> Result<(u64, Vec<(u64, String)>)> {
+        if self.read_only {
+            return Ok((0, Vec::new()));
+        }
+        let mut m = self.maintenance("flushing before healing metadata")?;
+        if !self.trusted.load(std::sync::atomic::Ordering::Acquire) {
+            // Crash state is recovery's to settle, not a scrub's.
+            return Ok((0, Vec::new()));
+        }
+        // A state this process wrote shows no scar (it is what was written); one loaded from
+        // the disk shows what the disk holds.
+        let old = self.confirmed_group(group)?;
+        let mut w = old.writer(&self.sb.uuid, group);
+        let (mut healed, mut left) = (0, Vec::new());
+        for k in 0..old.pairs() {
+            if !old.scars(k).contains(&true) {
+                continue;
+            }
+            let (PairView::Brothers { newest, .. } | PairView::Known { newest }) = old.view(k) else {
+                continue;
+            };
+            let count = self.geo.tags_in_sector(group, crate::cast::u32_of_small(k));
+            let at = PairAt {
+                old: &old,
+                group,
+                k,
+                newest,
+                older_ok: false,
+                count,
+            };
+            match self.settle_pair(&mut w, &at)? {
+                PairHeal::Rewritten { healed: h, .. } => healed += h,
+                PairHeal::Unprovable { block } => left.push((
+                    block,
+                    format!("metadata sector {k} of group {group}: its newest brother is scarred and block {block} matches none of its tags"),
+                )),
+                PairHeal::Unchanged => {}
+            }
+        }
+        if healed > 0 {
+            let (new, slots) = w.finish_loaded(&self.geo, false);
+            let update = self.meta_update(group, new, slots);
+            m.write_metadata(std::slice::from_ref(&update))?;
+            m.make_durable("flushing healed metadata")?;
+            // Written first, installed after: a reload in between reads what was written.
+            self.install(std::slice::from_ref(&update));
+            tracing::warn!(volume = %self.name, group, sectors = healed, "healed scarred metadata sectors from what their headers and the data prove");
+        }
+        Ok((healed, left))
+    }
+}
