@@ -502,7 +502,128 @@ impl Write for TlsStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use blockguard_backend::tls::{client_config, ClientFiles};
     use rustls::CipherSuite as S;
+    use rustls::{ClientConnection, StreamOwned};
+    use std::net::{TcpListener, TcpStream};
+    use std::thread;
+    use std::time::Instant;
+
+    /// A server configuration with a fresh self-signed certificate (made by `openssl`) in `dir`.
+    fn server_config(dir: &Path) -> TlsConfig {
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args(["-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("run openssl");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        TlsConfig::from_pem_files(&cert, &key, None, TlsMode::Required).unwrap()
+    }
+
+    /// A TLS session over loopback TCP: the server's end, and a `rustls` client's. Both
+    /// sockets buffer little, so that large sends fill them.
+    fn session(dir: &Path) -> (TlsStream, StreamOwned<ClientConnection, TcpStream>) {
+        let cfg = server_config(dir);
+        let files = ClientFiles {
+            ca: dir.join("cert.pem"),
+            identity: None,
+            skip_verification: true,
+        };
+        let client_cfg = client_config(&files).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = thread::spawn(move || {
+            let mut sock = TcpStream::connect(addr).unwrap();
+            rustix::net::sockopt::set_socket_recv_buffer_size(&sock, 16 << 10).unwrap();
+            let name = "localhost".try_into().unwrap();
+            let mut conn = ClientConnection::new(client_cfg, name).unwrap();
+            while conn.is_handshaking() {
+                conn.complete_io(&mut sock).unwrap();
+            }
+            StreamOwned::new(conn, sock)
+        });
+        let (sock, _) = listener.accept().unwrap();
+        rustix::net::sockopt::set_socket_send_buffer_size(&sock, 16 << 10).unwrap();
+        let server = accept(&cfg, &Stream::Tcp(sock)).unwrap();
+        (server, client.join().unwrap())
+    }
+
+    #[test]
+    fn a_send_that_fills_the_socket_resumes_without_loss_and_reads_go_on_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let (server, mut client) = session(dir.path());
+        let data: Arc<Vec<u8>> = Arc::new((0..4u32 << 20).map(|i| (i % 251) as u8).collect());
+        let mut sender = server.try_clone();
+        sender.set_write_timeout(Some(Duration::from_millis(20))).unwrap();
+        let sending = {
+            let data = Arc::clone(&data);
+            thread::spawn(move || {
+                // As a connection sends a batch: without blocking first, then the rest on the
+                // writer thread with blocking sends that time out now and then, each retried
+                // with the same bytes.
+                let mut sent = 0;
+                while sent < data.len() {
+                    match sender.send_vectored_nonblocking(&[IoSlice::new(&data[sent..])]) {
+                        Ok(n) => sent += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                let mut timeouts = 0;
+                while sent < data.len() {
+                    match sender.write_vectored(&[IoSlice::new(&data[sent..])]) {
+                        Ok(n) => sent += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => timeouts += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                sender.close();
+                timeouts
+            })
+        };
+        // The sender is stuck on a full socket; what the client sends is still decrypted.
+        thread::sleep(Duration::from_millis(100));
+        client.write_all(b"next request").unwrap();
+        client.flush().unwrap();
+        let mut reader = server;
+        let mut got = [0u8; 12];
+        let start = Instant::now();
+        reader.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"next request");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        // Everything arrives, in order, and the session ends with `close_notify` (a clean end
+        // of stream, not a truncation).
+        let mut received = Vec::new();
+        client.read_to_end(&mut received).unwrap();
+        assert!(received == *data, "the data arrived damaged");
+        let timeouts = sending.join().unwrap();
+        assert!(
+            timeouts > 0,
+            "the socket never filled: the test did not test the resumption"
+        );
+    }
+
+    #[test]
+    fn a_client_that_hangs_up_without_close_notify_is_a_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut server, client) = session(dir.path());
+        // A FIN without the alert (dropping the socket could reset it instead: the session
+        // tickets the server sent are unread).
+        client.sock.shutdown(Shutdown::Write).unwrap();
+        let e = server.read(&mut [0u8; 16]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
 
     #[test]
     fn aes128_gcm_comes_first_for_each_protocol_version() {
