@@ -53,7 +53,7 @@ mod export;
 pub mod fuzzing;
 mod handshake;
 mod pool;
-pub mod proto;
+pub use blockguard_backend::nbd::proto;
 mod server;
 mod spin;
 mod stream;
