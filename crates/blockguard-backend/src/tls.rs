@@ -1,22 +1,21 @@
-//! TLS plumbing shared by the NBD server (`blockguard-nbd`) and this crate's NBD client: PEM
-//! loading, the client's `rustls` configuration, and the tunnel that carries a session's
-//! plain text over a TLS connection.
+//! TLS plumbing: PEM loading and the provider, shared by the NBD server (`blockguard-nbd`)
+//! and this crate's NBD client; the client's `rustls` configuration; and the tunnel that
+//! carries the client's plain text over a TLS connection.
 //!
 //! It lives in the lowest crate so that both sides use one copy without the backend crate
 //! importing the server. `rustls` is always given the `ring` provider explicitly, so that
 //! another crate turning on a second provider cannot make the choice ambiguous at run time.
 //!
-//! # Design: a tunnel over a socket pair
+//! # Design: a tunnel over a socket pair (the client)
 //!
 //! After the TLS handshake, two pump threads per connection move bytes between the peer's
-//! socket (ciphertext, through `rustls`) and one end of a Unix socket pair; the NBD code
-//! speaks plain NBD on the other end, exactly as on a plain connection. The server's
-//! transmission code relies on a kernel socket in ways a userspace TLS stream cannot offer
-//! cheaply (non-blocking `sendmsg` from many workers while a reader blocks, polling for
-//! hang-ups, shutting sockets down from other threads), and the client's reader thread and
-//! its senders share one socket the same way. The pair costs one more copy of each byte in
-//! each direction and a thread hop, and keeps TLS out of that code entirely (measured for the
-//! server in `docs/PERFORMANCE.md`, "TLS").
+//! socket (ciphertext, through `rustls`) and one end of a Unix socket pair; the NBD client
+//! speaks plain NBD on the other end, exactly as on a plain connection: its reader thread and
+//! its senders share one socket, polled and shut down from other threads. The pair costs one
+//! more copy of each byte in each direction and a thread hop. The server used the same tunnel
+//! until it measured at about a quarter of its TLS CPU time on 1 MiB reads; it now shares one
+//! `rustls` session between its reader and its senders instead (`blockguard-nbd`'s `tls.rs`
+//! and `docs/PERFORMANCE.md`, "TLS"), which the client could follow.
 //!
 //! The two pump threads share the `rustls` state under a mutex, held only to decrypt or
 //! encrypt, never across a blocking read or write: a peer that stops reading does not keep

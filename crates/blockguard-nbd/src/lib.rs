@@ -13,8 +13,9 @@
 //! `transmission` (request parsing, validation, execution and reply encoding, I/O-free),
 //! `server` (sockets, per-connection reader threads, the shared worker pool, shutdown),
 //! `buffers` (recycled I/O buffers), `pool` (the adaptive worker pool), `budget` (the bound
-//! on reply memory), `conns` (the connection table and its limits) and `tls` (certificates
-//! and the per-connection TLS tunnel).
+//! on reply memory), `conns` (the connection table and its limits), `tls` (certificates and
+//! the TLS session a connection continues in after `STARTTLS`) and `channel` (a connection's
+//! stream, plain or TLS, behind one seam).
 //!
 //! With the `testing` feature (for this workspace's tests and fuzz targets only): `client`, a
 //! minimal blocking client, and `fuzzing`, the request-parser fuzz body.
@@ -41,6 +42,7 @@
 
 mod budget;
 mod buffers;
+mod channel;
 #[cfg(feature = "testing")]
 pub mod client;
 mod conns;
@@ -51,7 +53,7 @@ mod export;
 pub mod fuzzing;
 mod handshake;
 mod pool;
-pub mod proto;
+pub use blockguard_backend::nbd::proto;
 mod server;
 mod spin;
 mod stream;

@@ -16,6 +16,7 @@
 
 use crate::budget::Budget;
 use crate::buffers::{BufferPool, Payload};
+use crate::channel::Channel;
 use crate::conns::{Activity, Clock, ConnTable, Limits, Transfer};
 use crate::export::Export;
 use crate::handshake::{Event, ExportInfo, Handshake, HandshakeConfig, Negotiated, TlsPolicy};
@@ -23,7 +24,7 @@ use crate::pool::{Job, Pool, Submitter};
 use crate::proto;
 use crate::spin::{SpinConfig, SpinState, Spinners};
 use crate::stream::{Listener, Stream};
-use crate::tls::{start_tunnel, TlsConfig, TlsMode, Tunnel};
+use crate::tls::{self, TlsConfig, TlsMode, TlsStream};
 use crate::transmission::{Outcome, ReplyBytes, Request, Session};
 use crate::usize_of;
 use std::collections::VecDeque;
@@ -645,6 +646,7 @@ impl Shared {
     fn serve(self: &Arc<Self>, id: u64, stream: Stream, peer: &str, activity: &Arc<Activity>) {
         let span = tracing::info_span!("conn", id, peer);
         let _guard = span.enter();
+        let stream = Channel::Plain(stream);
         let Ok(mut writer) = stream.try_clone() else {
             return;
         };
@@ -653,16 +655,16 @@ impl Shared {
             tracing::debug!(error = %e, "cannot set write timeout");
         }
         let mut reader = BufReader::with_capacity(READ_BUFFER, stream);
-        // Declared before `conn`, so dropped after it: the tunnel's pumps are waited for
-        // once the server's end is closed.
-        let mut tunnel = None;
-        let handshake = self.handshake(&mut reader, &mut writer, &mut tunnel, id, activity);
+        let handshake = self.handshake(&mut reader, &mut writer, activity);
         let negotiated = match handshake {
             Ok(Some(n)) => n,
-            Ok(None) => return,
+            Ok(None) => {
+                writer.close();
+                return;
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "handshake ended");
-                writer.shutdown(Shutdown::Both);
+                writer.close();
                 return;
             }
         };
@@ -718,18 +720,16 @@ impl Shared {
                 "no writer thread"
             }
         };
-        lock(&conn.stream).shutdown(Shutdown::Both);
+        lock(&conn.stream).close();
         tracing::info!(reason, "client disconnected");
     }
 
     /// Runs the handshake; `Ok(None)` when the client aborted. After `STARTTLS`, `reader` and
-    /// `w` are the plain-text end of the TLS `tunnel`.
+    /// `w` are the TLS session.
     fn handshake(
         &self,
-        reader: &mut BufReader<Stream>,
-        w: &mut Stream,
-        tunnel: &mut Option<Tunnel>,
-        id: u64,
+        reader: &mut BufReader<Channel>,
+        w: &mut Channel,
         activity: &Activity,
     ) -> io::Result<Option<Negotiated>> {
         // The connection table closes the socket at the handshake deadline; the per-read
@@ -767,12 +767,11 @@ impl Shared {
                 }
                 Ok(Event::StartTls) => {
                     w.write_all(&hs.take_output())?;
-                    let t = tunnel.insert(self.start_tls(reader, id)?);
-                    let plain = Stream::Unix(t.plain()?);
-                    plain.set_read_timeout(Some(self.cfg.handshake_timeout))?;
-                    plain.set_write_timeout(Some(self.cfg.handshake_timeout))?;
-                    *w = plain.try_clone()?;
-                    *reader = BufReader::with_capacity(READ_BUFFER, plain);
+                    let tls = Channel::Tls(self.start_tls(reader)?);
+                    // The socket's timeouts (the handshake's) hold for the TLS session too.
+                    tls.set_write_timeout(Some(self.cfg.handshake_timeout))?;
+                    *w = tls.try_clone()?;
+                    *reader = BufReader::with_capacity(READ_BUFFER, tls);
                     hs.tls_started();
                 }
                 Err(e) => {
@@ -783,9 +782,9 @@ impl Shared {
         }
     }
 
-    /// Runs the TLS handshake on the client's socket (after the `STARTTLS` ACK) and starts
-    /// the tunnel the rest of the session goes through.
-    fn start_tls(&self, reader: &BufReader<Stream>, id: u64) -> io::Result<Tunnel> {
+    /// Runs the TLS handshake on the client's socket (after the `STARTTLS` ACK); the rest of
+    /// the session goes through the stream it returns.
+    fn start_tls(&self, reader: &BufReader<Channel>) -> io::Result<TlsStream> {
         // Bytes the client sent after STARTTLS without waiting for the ACK were read as
         // plain text: they must not reach the TLS session, nor be taken for options (the
         // STARTTLS command-injection flaw).
@@ -798,17 +797,13 @@ impl Shared {
         let Some(tls) = &self.cfg.tls else {
             return Err(io::Error::other("STARTTLS accepted without TLS configured"));
         };
-        let stall = self.cfg.request_timeout.saturating_add(WRITER_BACKSTOP);
-        let tunnel = start_tunnel(tls, reader.get_ref(), stall, id).map_err(|e| {
+        tls::accept(tls, reader.get_ref().socket()).inspect_err(|e| {
             tracing::warn!(error = %e, "TLS handshake failed; disconnecting client");
-            e
-        })?;
-        tracing::debug!("TLS handshake complete");
-        Ok(tunnel)
+        })
     }
 
     /// Reads and dispatches requests until the client leaves; returns why.
-    fn transmission(&self, reader: &mut BufReader<Stream>, conn: &Arc<Conn>) -> &'static str {
+    fn transmission(&self, reader: &mut BufReader<Channel>, conn: &Arc<Conn>) -> &'static str {
         let mut hdr = vec![0u8; conn.session.header_len()];
         let mut spin = SpinState::default();
         loop {
@@ -881,7 +876,7 @@ impl Shared {
 /// no system call of its own), from which the connection table tells a stalled payload (see
 /// `conns::Transfer`) and closes its connection, which ends the read here.
 fn read_payload(
-    reader: &mut BufReader<Stream>,
+    reader: &mut BufReader<Channel>,
     buf: &mut [u8],
     activity: &Activity,
     clock: &Clock,
@@ -1011,7 +1006,7 @@ struct Conn {
     failed: Arc<Failed>,
     export: Arc<dyn Export>,
     buffers: Arc<BufferPool>,
-    stream: Mutex<Stream>,
+    stream: Mutex<Channel>,
     queue: Mutex<OutQueue>,
     queue_cv: Condvar,
     inflight: Mutex<Inflight>,
@@ -1036,7 +1031,7 @@ impl Conn {
     ///
     /// A request counts as in flight from here until its reply has been written, so the
     /// bounds cover payloads being read, executing requests and unsent replies alike.
-    fn acquire(&self, cost: usize, cfg: &ServerConfig, socket: &Stream, relieve: &dyn Fn()) -> Option<bool> {
+    fn acquire(&self, cost: usize, cfg: &ServerConfig, socket: &Channel, relieve: &dyn Fn()) -> Option<bool> {
         {
             let mut f = lock(&self.inflight);
             while f.count > 0
@@ -1187,7 +1182,7 @@ impl Conn {
         sent
     }
 
-    fn fail(&self, stream: &Stream, e: &io::Error) {
+    fn fail(&self, stream: &Channel, e: &io::Error) {
         if !self.broken.swap(true, Ordering::SeqCst) {
             tracing::debug!(error = %e, "cannot send reply; closing connection");
         }

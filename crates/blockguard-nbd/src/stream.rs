@@ -98,6 +98,34 @@ impl Stream {
         sent.map_err(io::Error::from)
     }
 
+    /// A blocking read through a shared reference (bounded by the read timeout).
+    pub(crate) fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).read(buf),
+            Stream::Unix(s) => (&*s).read(buf),
+        }
+    }
+
+    /// Waits up to `timeout` (`Duration::MAX`: for ever) for room to send; false when the
+    /// time ran out. True also when the socket failed or was shut down: the next send says so.
+    pub(crate) fn wait_writable(&self, timeout: Duration) -> io::Result<bool> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let timeout = (timeout != Duration::MAX).then(|| Timespec {
+            tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        });
+        let mut fd = [match self {
+            Stream::Tcp(s) => PollFd::new(s, PollFlags::OUT),
+            Stream::Unix(s) => PollFd::new(s, PollFlags::OUT),
+        }];
+        match poll(&mut fd, timeout.as_ref()) {
+            Ok(n) => Ok(n > 0),
+            // A signal: the caller sends again, which is harmless.
+            Err(rustix::io::Errno::INTR) => Ok(true),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// True if a read would not block: data (or end of file, or an error) is waiting.
     pub(crate) fn readable_now(&self) -> bool {
         use rustix::net::{recv, RecvFlags};

@@ -8,10 +8,11 @@
 //! socket is shut down and every request still waiting fails with the reason. A request
 //! whose reply never came may or may not have been carried out, so nothing is retried here.
 
-use super::wire::{
-    self, Cmd, ExportInfo, Stream, CHUNK_ERROR_BIT, CHUNK_NONE, CHUNK_OFFSET_DATA, CHUNK_OFFSET_HOLE,
-    REPLY_FLAG_DONE, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
+use super::proto::{
+    REPLY_FLAG_DONE, REPLY_TYPE_ERROR_BIT, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE,
+    SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
 };
+use super::wire::{self, Cmd, ExportInfo, Stream};
 use crate::tls::Tunnel;
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read};
@@ -354,7 +355,7 @@ fn chunk(rx: &mut impl Read, shared: &Shared) -> Result<(), String> {
 
 /// Reads one chunk's payload into its waiter: data into place, an error into `w.error`.
 fn chunk_payload(rx: &mut impl Read, w: &mut Waiter, typ: u16, len: u32) -> Result<(), String> {
-    if typ == CHUNK_OFFSET_DATA && w.cmd == Cmd::Read {
+    if typ == REPLY_TYPE_OFFSET_DATA && w.cmd == Cmd::Read {
         let mut off = [0u8; 8];
         if len < 8 {
             return Err(format!("data chunk of {len} bytes has no offset"));
@@ -373,8 +374,8 @@ fn chunk_payload(rx: &mut impl Read, w: &mut Waiter, typ: u16, len: u32) -> Resu
     let mut p = vec![0u8; len as usize];
     rx.read_exact(&mut p).map_err(|e| io_err(&e))?;
     match typ {
-        CHUNK_NONE => Ok(()),
-        CHUNK_OFFSET_HOLE if w.cmd == Cmd::Read && p.len() == 12 => {
+        REPLY_TYPE_NONE => Ok(()),
+        REPLY_TYPE_OFFSET_HOLE if w.cmd == Cmd::Read && p.len() == 12 => {
             let at = u64::from_be_bytes(p[..8].try_into().map_err(|_| "bad hole chunk".to_string())?);
             let n = u32::from_be_bytes([p[8], p[9], p[10], p[11]]);
             let start = placed(w, at, u64::from(n))?;
@@ -382,7 +383,7 @@ fn chunk_payload(rx: &mut impl Read, w: &mut Waiter, typ: u16, len: u32) -> Resu
             w.data[start..start + n as usize].fill(0);
             Ok(())
         }
-        t if t & CHUNK_ERROR_BIT != 0 && p.len() >= 6 => {
+        t if t & REPLY_TYPE_ERROR_BIT != 0 && p.len() >= 6 => {
             let errno = u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
             if errno == 0 {
                 // An error with no error number: reporting it would say "failed: success".

@@ -40,6 +40,7 @@
 mod conn;
 #[cfg(feature = "testing")]
 pub mod fuzzing;
+pub mod proto;
 mod secure;
 mod uri;
 mod wire;
@@ -204,7 +205,7 @@ impl NbdBackend {
         let tls = ClientTls::new(&uri, opts)?;
         let first = open_conn(&uri, opts, tls.as_ref())?;
         let info = first.info;
-        let n = if info.flags & wire::TFLAG_CAN_MULTI_CONN != 0 {
+        let n = if info.flags & proto::TFLAG_CAN_MULTI_CONN != 0 {
             opts.connections.max(1)
         } else {
             1
@@ -250,7 +251,7 @@ impl NbdBackend {
 
     /// True when the server advertised `NBD_CMD_WRITE_ZEROES`.
     pub fn has_write_zeroes(&self) -> bool {
-        self.info.flags & wire::TFLAG_SEND_WRITE_ZEROES != 0
+        self.info.flags & proto::TFLAG_SEND_WRITE_ZEROES != 0
     }
 
     /// Drops every connection now, as a lost network would (for tests of the recovery path):
@@ -500,7 +501,7 @@ fn open_conn(uri: &NbdUri, opts: &NbdOptions, tls: Option<&ClientTls>) -> Result
         None => handshake_error(uri, opts, e),
     })?;
     if opts.read_only {
-        info.flags |= wire::TFLAG_READ_ONLY;
+        info.flags |= proto::TFLAG_READ_ONLY;
     }
     Conn::start(stream, info, opts.request_timeout, tunnel).map_err(connect_err)
 }
@@ -613,7 +614,7 @@ impl Backend for NbdBackend {
 
     fn flush(&self) -> io::Result<()> {
         let covered = self.acked.load(Ordering::SeqCst);
-        if self.info.flags & wire::TFLAG_SEND_FLUSH != 0 && !self.is_read_only() {
+        if self.info.flags & proto::TFLAG_SEND_FLUSH != 0 && !self.is_read_only() {
             self.run(Cmd::Flush, 0, 0, &[(0, 0, Vec::new())])?;
         }
         if self.lost_unflushed.swap(false, Ordering::SeqCst) {
@@ -661,7 +662,7 @@ impl Backend for NbdBackend {
     }
 
     fn is_read_only(&self) -> bool {
-        self.info.flags & wire::TFLAG_READ_ONLY != 0
+        self.info.flags & proto::TFLAG_READ_ONLY != 0
     }
 
     fn name(&self) -> String {

@@ -2,58 +2,18 @@
 //! repository): the fixed-newstyle handshake and the request and reply headers. All integers
 //! are big-endian.
 //!
-//! The server crate has its own copy of the constants; this crate sits below it and may not
-//! import it, and the few numbers a client needs are fixed by the protocol.
+//! The protocol's numbers are `super::proto`, shared with the server crate.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const REPLY_MAGIC_OPT: u64 = 0x0003_e889_0455_65a9;
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-const OPT_EXPORT_NAME: u32 = 1;
-const OPT_GO: u32 = 7;
-const OPT_STARTTLS: u32 = 5;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
-const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
-const INFO_EXPORT: u16 = 0;
-const INFO_BLOCK_SIZE: u16 = 3;
-
-/// Transmission flag: the export is read-only.
-pub(crate) const TFLAG_READ_ONLY: u16 = 1 << 1;
-/// Transmission flag: the server accepts `NBD_CMD_FLUSH`.
-pub(crate) const TFLAG_SEND_FLUSH: u16 = 1 << 2;
-/// Transmission flag: the server accepts `NBD_CMD_WRITE_ZEROES`.
-pub(crate) const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
-/// Transmission flag: a flush on one connection covers the writes of all of them.
-pub(crate) const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
-
-/// Request magic.
-pub(crate) const REQUEST_MAGIC: u32 = 0x2560_9513;
-/// Simple reply magic.
-pub(crate) const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-/// Structured reply magic.
-pub(crate) const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
-/// Length of a request header.
-pub(crate) const REQUEST_LEN: usize = 28;
-
-/// Structured reply flag: the last chunk of its reply.
-pub(crate) const REPLY_FLAG_DONE: u16 = 1;
-/// Chunk type: no data (ends a reply).
-pub(crate) const CHUNK_NONE: u16 = 0;
-/// Chunk type: data at an offset.
-pub(crate) const CHUNK_OFFSET_DATA: u16 = 1;
-/// Chunk type: a hole (zeros) at an offset.
-pub(crate) const CHUNK_OFFSET_HOLE: u16 = 2;
-/// Chunk type bit: an error chunk.
-pub(crate) const CHUNK_ERROR_BIT: u16 = 1 << 15;
+use super::proto::{
+    FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE, INFO_EXPORT, NBDMAGIC, OPT_EXPORT_NAME,
+    OPT_GO, OPT_STARTTLS, OPT_STRUCTURED_REPLY, REPLY_MAGIC_OPT, REP_ACK, REP_ERR_TLS_REQD, REP_ERR_UNSUP,
+    REP_INFO, REQUEST_LEN, REQUEST_MAGIC,
+};
 
 /// Largest request the protocol document lets a client send when the server states no
 /// maximum block size.
@@ -451,15 +411,16 @@ fn export_name_fallback<S: Read + Write>(
 
 /// The name of an NBD error number (the protocol reuses Linux's errno values).
 pub(crate) fn errno_name(e: u32) -> &'static str {
+    use super::proto::{EINVAL, EIO, ENOMEM, ENOSPC, ENOTSUP, EOVERFLOW, EPERM, ESHUTDOWN};
     match e {
-        1 => "EPERM",
-        5 => "EIO",
-        12 => "ENOMEM",
-        22 => "EINVAL",
-        28 => "ENOSPC",
-        75 => "EOVERFLOW",
-        95 => "ENOTSUP",
-        108 => "ESHUTDOWN",
+        EPERM => "EPERM",
+        EIO => "EIO",
+        ENOMEM => "ENOMEM",
+        EINVAL => "EINVAL",
+        ENOSPC => "ENOSPC",
+        EOVERFLOW => "EOVERFLOW",
+        ENOTSUP => "ENOTSUP",
+        ESHUTDOWN => "ESHUTDOWN",
         _ => "an unknown error",
     }
 }

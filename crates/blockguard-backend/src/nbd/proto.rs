@@ -4,6 +4,9 @@
 //! newstyle negotiation, structured replies, `INFO`/`GO`, metadata contexts, and the
 //! extended-headers extension). All integers on the wire are big-endian ("network order").
 //! This module does no I/O.
+//!
+//! One copy for both sides: this crate's client and the NBD server (`blockguard-nbd`, which
+//! sits above this crate and re-exports the module as `blockguard_nbd::proto`).
 
 /// `NBDMAGIC`, first 8 bytes the server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -178,6 +181,8 @@ pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 /// Chunk type: 64-bit block status descriptors (extended headers).
 pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
+/// Chunk type bit: set in every error chunk's type (known to the client or not).
+pub const REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
 /// Chunk type: error.
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 /// Chunk type: error at an offset.
