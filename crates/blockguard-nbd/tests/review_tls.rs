@@ -64,6 +64,16 @@
 //!   reassemble correctly.
 //! - Options and requests sent in the same flight as the client's `Finished` (read into
 //!   `rustls` by the handshake itself) are served and do not stall.
+//! - At `max_connections`, four clients stalled mid-ClientHello make way for a new client,
+//!   served at once.
+//! - `--tls optional`: structured replies negotiated in plain text before STARTTLS are
+//!   forgotten inside TLS (simple replies after GO).
+//! - Real clients: qemu-io with 16 `aio_write`s, a flush and 16 `aio_read`s with pattern
+//!   checks, and `nbdinfo --map` (block status, structured replies), with a client
+//!   certificate.
+//!
+//! Not covered: a TLS 1.2 renegotiation ClientHello (see above), TLS over a Unix socket
+//! (`nbds+unix`; the same code on a `Stream::Unix`), extended headers over TLS.
 //!
 //! The tests measure the process's RSS, so they take a lock and run one at a time.
 
@@ -1448,4 +1458,138 @@ fn requests_in_the_same_flight_as_the_client_finished_are_served() {
         let at = usize::try_from(h).unwrap() * (64 << 10);
         assert!(d[..] == data[at..at + (64 << 10)]);
     }
+}
+
+/// At `max_connections`, clients stalled in the TLS handshake make way for a new client.
+#[test]
+fn clients_stalled_in_the_tls_handshake_make_way_at_max_connections() {
+    let _serial = serial();
+    let pki = Pki::new();
+    let srv = Running::start(&pki, false, |c| {
+        c.max_connections = 4;
+        c.handshake_timeout = Duration::from_secs(30);
+    });
+    // Four clients: STARTTLS acknowledged, then half a ClientHello and silence.
+    let stalled: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut sock = starttls(srv.addr);
+            let mut conn =
+                ClientConnection::new(pki.client(None), ServerName::try_from("localhost").unwrap()).unwrap();
+            let mut hello = Vec::new();
+            conn.write_tls(&mut hello).unwrap();
+            sock.write_all(&hello[..hello.len() / 2]).unwrap();
+            sock
+        })
+        .collect();
+    assert_eq!(srv.stats.open(), 4);
+    let start = Instant::now();
+    round_trip(srv.addr, pki.client(None), 0, 4);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "served after {:?}",
+        start.elapsed()
+    );
+    drop(stalled);
+}
+
+/// `--tls optional`: what a client negotiated in plain text before STARTTLS (structured
+/// replies) is forgotten inside TLS: simple replies unless negotiated again.
+#[test]
+fn options_negotiated_before_starttls_are_forgotten_inside_tls() {
+    let _serial = serial();
+    let pki = Pki::new();
+    let srv = Running::start(&pki, false, |c| {
+        let optional = TlsConfig::from_pem_files(
+            &pki.p("server-cert.pem"),
+            &pki.p("server-key.pem"),
+            None,
+            TlsMode::Optional,
+        )
+        .unwrap();
+        c.tls = Some(optional);
+    });
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    s.write_all(&(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).to_be_bytes())
+        .unwrap();
+    s.write_all(&opt(proto::OPT_STRUCTURED_REPLY, &[])).unwrap();
+    assert_eq!(
+        read_opt_reply(&mut s, proto::OPT_STRUCTURED_REPLY).unwrap().0,
+        proto::REP_ACK
+    );
+    s.write_all(&opt(proto::OPT_STARTTLS, &[])).unwrap();
+    assert_eq!(
+        read_opt_reply(&mut s, proto::OPT_STARTTLS).unwrap().0,
+        proto::REP_ACK
+    );
+    let mut conn =
+        ClientConnection::new(pki.client(None), ServerName::try_from("localhost").unwrap()).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut s).unwrap();
+    }
+    let mut t = Tls { conn, sock: s };
+    t.go().unwrap();
+    let mut st = t.stream();
+    st.write_all(&req(proto::CMD_READ, 5, 0, 4096)).unwrap();
+    // A simple reply: structured replies were negotiated only before TLS.
+    assert_eq!(read_simple_reply(&mut st).unwrap(), (0, 5));
+}
+
+/// Real clients' pipelined and structured-reply paths over TLS: qemu-io's asynchronous
+/// requests, and nbdinfo's block status map (a meta context, structured replies).
+#[test]
+fn qemu_io_aio_and_nbdinfo_map_over_tls() {
+    let _serial = serial();
+    if which("qemu-io").is_none() || which("nbdinfo").is_none() {
+        eprintln!("qemu-io or nbdinfo not installed; skipped");
+        return;
+    }
+    let pki = Pki::new();
+    let srv = Running::start(&pki, true, |_| {});
+    let port = srv.addr.port();
+    let right = pki.p("right");
+    let mut args = vec![
+        "--object".to_string(),
+        format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", right.display()),
+        "--image-opts".into(),
+        format!("driver=nbd,host=localhost,port={port},tls-creds=tls0"),
+    ];
+    let mut cmds = Vec::new();
+    for i in 0..16u32 {
+        cmds.push(format!("aio_write -P {} {}M 1M", i + 1, i));
+    }
+    cmds.push("aio_flush".into());
+    for i in 0..16u32 {
+        cmds.push(format!("aio_read -P {} {}M 1M", i + 1, i));
+    }
+    cmds.push("aio_flush".into());
+    for c in cmds {
+        args.extend(["-c".to_string(), c]);
+    }
+    let out = std::process::Command::new("qemu-io")
+        .args(&args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        !text.contains("fail") && !text.contains("Pattern verification"),
+        "{text}"
+    );
+    for i in 0..16u8 {
+        assert!(
+            srv.data(u64::from(i) << 20, 1 << 20).iter().all(|&b| b == i + 1),
+            "MiB {i}"
+        );
+    }
+    let uri = format!("nbds://localhost:{port}/?tls-certificates={}", right.display());
+    let out = std::process::Command::new("nbdinfo")
+        .args(["--map", &uri])
+        .output()
+        .unwrap();
+    let map = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(map.contains("data"), "{map}");
 }
