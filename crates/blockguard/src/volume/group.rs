@@ -66,6 +66,9 @@ pub(crate) enum Damage {
     /// The newest brother is scarred (its header intact, its body damaged): its tags are used
     /// only where the data matches them, and this block's data does not match.
     Scarred { slot: u8, why: SectorDamage },
+    /// The older brother is scarred and the block matches no tag offered: if a crash rolled
+    /// the block back, the tag it matches was in that damaged sector.
+    ScarredOlder { slot: u8, why: SectorDamage },
 }
 
 impl fmt::Display for Damage {
@@ -97,6 +100,12 @@ impl fmt::Display for Damage {
                 "metadata slot {slot} holds the newest tags but its sector is damaged ({why}); its \
                  header is intact, so the blocks whose data matches their tag still read, and this \
                  block's data does not match (the damage hit its tag, or its data)"
+            ),
+            Damage::ScarredOlder { slot, why } => write!(
+                f,
+                "the block does not match its tag; if a crash rolled it back to the version the \
+                 older brother (slot {slot}) describes, that tag is in a damaged sector ({why}; \
+                 its header is intact)"
             ),
         }
     }
@@ -347,14 +356,16 @@ impl GroupState {
         (!notes.is_empty()).then(|| notes.join("; "))
     }
 
-    /// Why a write may not copy pair `k`'s tags forward: its tags cannot be trusted (damaged),
-    /// or its newest brother is scarred (copying its tags into a valid sector would give a tag
-    /// the damage hit a fresh checksum). `None`: the pair can be written.
+    /// Why a write may not copy pair `k`'s tags forward: its tags cannot be trusted (damaged).
+    /// `None`: the pair can be written. A scarred newest brother can: a tag the damage hit
+    /// matches no data, copied forward or not, so its block keeps failing (as a tag mismatch
+    /// once the sector holding it is valid again). Refusing the write instead would lose it —
+    /// or, in a journal's replay, drop a flushed write whose block then reads back as the
+    /// previous version, which its intact old tag still describes (the review found both).
     pub(crate) fn write_blocker(&self, k: usize) -> Option<Damage> {
         match self.view(k) {
             PairView::Damaged(d) => Some(d),
-            PairView::Brothers { newest, .. } | PairView::Known { newest } => self.scarred_newest(k, newest),
-            PairView::TornFirst { .. } | PairView::Unwritten => None,
+            _ => None,
         }
     }
 
@@ -479,7 +490,17 @@ impl GroupState {
             PairView::Brothers { newest, older_ok } => {
                 let n = self.tag(newest, k, j);
                 let older = older_ok.then(|| self.tag(1 - newest, k, j));
-                match (self.scarred_newest(k, newest), older) {
+                // A scarred older brother: its tags are offered after a crash like any older
+                // brother's; settled, none is, but a block that fails may be one a crash rolled
+                // back whose tag recovery could not find there — damaged metadata, reported so.
+                let scarred_older = match self.sectors[k][1 - newest as usize] {
+                    SectorParse::Scarred { why, .. } => Some(Damage::ScarredOlder {
+                        slot: 1 - newest,
+                        why,
+                    }),
+                    _ => None,
+                };
+                match (self.scarred_newest(k, newest).or(scarred_older), older) {
                     (Some(why), older) => Accept::Salvaged {
                         newest: n,
                         older,
@@ -530,7 +551,9 @@ impl GroupState {
         let (PairView::Brothers { newest, .. } | PairView::Known { newest }) = self.view(k) else {
             return None;
         };
-        let generation = self.sectors[k][newest as usize].generation()?;
+        // A scarred newest brother's generation is proven by its header: its tags are copied
+        // forward like any (see `write_blocker`).
+        let generation = self.sectors[k][newest as usize].header_generation()?;
         (generation < u64::MAX - 2).then_some((newest, generation))
     }
 
@@ -767,29 +790,38 @@ mod tests {
         let (a, b) = (t(1), t(2));
         // The older brother scarred: settled reads never use it.
         let s = state(Some(scarred(0, 1, a, 300)), Some(sector(1, 2, b)), false);
-        assert_eq!(s.accept(0), Accept::One(b));
+        assert!(matches!(
+            s.accept(0),
+            Accept::Salvaged { newest, older: None, why: Damage::ScarredOlder { slot: 0, .. } } if newest == b
+        ));
         assert_eq!(s.scars(0), [true, false]);
         assert_eq!(s.newest_for_write(0), Some((1, 2)));
         assert!(s.write_blocker(0).is_none());
         assert!(s.scar_note(0).is_some_and(|n| n.contains("older")));
-        // After a crash its tags are offered like any older brother's.
+        // After a crash its tags are offered like any older brother's, a mismatch of both
+        // reported as metadata damage (the older tag may be what the scar hit).
         let s = state(Some(scarred(0, 1, a, 300)), Some(sector(1, 2, b)), true);
-        assert_eq!(s.accept(0), Accept::Either(b, a));
-        // The newest scarred: its tag, only by matching; no write copies it forward.
+        assert!(matches!(
+            s.accept(0),
+            Accept::Salvaged { newest, older: Some(o), why: Damage::ScarredOlder { slot: 0, .. } }
+                if newest == b && o == a
+        ));
+        // The newest scarred: its tag, only by matching; a write copies its tags forward (a
+        // damaged one keeps failing its block).
         let s = state(Some(sector(0, 1, a)), Some(scarred(1, 2, b, 5)), false);
         assert!(matches!(
             s.accept(0),
             Accept::Salvaged { newest, older: None, why: Damage::Scarred { slot: 1, .. } } if newest == b
         ));
         assert!(!s.accept(1).only_unwritten(), "never a hole on a scar's word");
-        assert_eq!(s.newest_for_write(0), None);
-        assert!(matches!(
-            s.write_blocker(0),
-            Some(Damage::Scarred { slot: 1, .. })
-        ));
+        assert_eq!(s.newest_for_write(0), Some((1, 2)));
+        assert!(s.write_blocker(0).is_none());
         // Generation 0's tags are unwritten whatever the scar did to them.
         let s = state(Some(sector(0, 1, a)), Some(scarred(1, 0, a, 20)), true);
-        assert_eq!(s.accept(0), Accept::Either(a, UNWRITTEN));
+        assert!(matches!(
+            s.accept(0),
+            Accept::Salvaged { newest, older: Some(UNWRITTEN), .. } if newest == a
+        ));
         // A scar beside a blank proves nothing: the blank's generation is unknown.
         let s = state(Some(scarred(0, 3, a, 40)), None, false);
         assert!(matches!(

@@ -6,18 +6,21 @@
 //! - **the older brother is scarred**: settled reads never use it, so it is rewritten with the
 //!   newest tags one generation up — exactly what the group's next commit would write there;
 //! - **the newest brother is scarred**: its tags may be wrong where the damage hit, and a tag
-//!   is right only if the block's data matches it. The pair is rewritten only when *every*
-//!   block proves its tag that way (or, after a crash, proves the older brother's tag, the
-//!   version a crash may have left); then both slots get those tags, two generations up. One
-//!   block that matches none of its tags leaves the pair as it is: which of the tag and the
-//!   data the damage hit cannot be told, and rewriting would give the block a tag with a fresh
-//!   checksum that hides the metadata damage behind a data mismatch.
+//!   is right only if the block's data matches it. A scrub rewrites the pair only when *every*
+//!   block proves its tag that way; then both slots get those tags, two generations up. One
+//!   block that matches none of its tags leaves the pair as it is for a scrub: which of the tag
+//!   and the data the damage hit cannot be told, and a rewrite would report the block as a
+//!   data mismatch from then on instead of damaged metadata. Recovery after a crash must
+//!   settle the pair anyway (left as it is, its blocks the crash legitimately rolled back
+//!   would fail once the volume is marked clean): a block that proves neither brother's tag
+//!   keeps the newest's bytes, which still match no data — it keeps failing, as a mismatch.
 //!
 //! Either way nothing a read accepts changes, and every sector written replaces one no
 //! accepted state needs: a crash at any point leaves the old sector or the new one, and both
 //! read the same.
 
 use super::group::{GroupState, GroupWriter, PairView};
+use super::recover::Version;
 use super::Inner;
 use crate::error::Result;
 
@@ -66,7 +69,10 @@ impl Inner {
                 Err(block) => return Ok(PairHeal::Unprovable { block }),
             }
         } else {
-            self.reverted_tags(w, p)?
+            match self.reverted_tags(w, p)? {
+                Ok(found) => found,
+                Err(block) => return Ok(PairHeal::Unprovable { block }),
+            }
         };
         let healed = scars.iter().filter(|&&s| s).count() as u64;
         if reverted == 0 && healed == 0 {
@@ -91,7 +97,16 @@ impl Inner {
 
     /// The newest tags of pair `k`, with the older brother's tag back for every block whose
     /// data is the older version (only `older_ok`, after a crash); and how many those are.
-    fn reverted_tags(&self, w: &GroupWriter<'_>, p: &PairAt<'_>) -> Result<(Vec<u8>, u64)> {
+    ///
+    /// `Err(block)` when nothing needs reverting but the older brother is scarred and `block`
+    /// matches neither tag: its older tag, which the crash may have left it matching, may be
+    /// what the scar hit. The pair is then left as it is, so the damage stays reported as
+    /// metadata damage rather than becoming, in a healed sector, a data mismatch.
+    fn reverted_tags(
+        &self,
+        w: &GroupWriter<'_>,
+        p: &PairAt<'_>,
+    ) -> Result<std::result::Result<(Vec<u8>, u64), u64>> {
         let PairAt {
             old,
             group,
@@ -103,19 +118,33 @@ impl Inner {
         let mut tags = w.tags_of(Some(newest), k, count);
         let mut reverted = 0;
         if !older_ok {
-            return Ok((tags, 0));
+            return Ok(Ok((tags, 0)));
         }
+        let older_scarred = old.scars(k)[1 - newest as usize];
+        let mut unmatched = None;
         let ts = self.geo.tag_size as usize;
         for j in 0..count {
-            if old.tag_bytes(newest, k, j) == old.tag_bytes(1 - newest, k, j) {
+            // As a read takes them: generation 0's tags are unwritten whatever its bytes say.
+            let older = old.tag(1 - newest, k, j);
+            if old.tag(newest, k, j) == older {
                 continue;
             }
-            if self.on_disk_is_older(group, old, k, j, newest)? {
-                tags[j * ts..(j + 1) * ts].copy_from_slice(old.tag_bytes(1 - newest, k, j));
-                reverted += 1;
+            match self.which_version(group, old, k, j, newest)? {
+                Version::Older => {
+                    tags[j * ts..(j + 1) * ts].copy_from_slice(&older.to_bytes(ts)[..ts]);
+                    reverted += 1;
+                }
+                Version::Neither if older_scarred => {
+                    let per = self.geo.tags_per_sector() as usize;
+                    unmatched.get_or_insert(self.geo.first_block(group) + (k * per + j) as u64);
+                }
+                _ => {}
             }
         }
-        Ok((tags, reverted))
+        if let (Some(block), 0) = (unmatched, reverted) {
+            return Ok(Err(block));
+        }
+        Ok(Ok((tags, reverted)))
     }
 
     /// For a pair whose newest brother is scarred: the tag every block's data proves (the
@@ -123,6 +152,10 @@ impl Inner {
     /// `Err(block)` for the first block whose data matches none.
     fn proven_tags(&self, p: &PairAt<'_>) -> Result<std::result::Result<(Vec<u8>, u64), u64>> {
         let (old, k, newest, count) = (p.old, p.k, p.newest, p.count);
+        if count == 0 {
+            // A sector past the end of a short last group: no tag to prove.
+            return Ok(Ok((Vec::new(), 0)));
+        }
         let bs = self.geo.block_size as usize;
         let ts = self.geo.tag_size as usize;
         let per = self.geo.tags_per_sector() as usize;
@@ -148,6 +181,10 @@ impl Inner {
                     tags[j * ts..(j + 1) * ts].copy_from_slice(&old.tag(slot, k, j).to_bytes(ts)[..ts]);
                     reverted += u64::from(slot != newest);
                 }
+                // Recovery settles the pair regardless (see the module documentation).
+                None if p.older_ok => {
+                    tags[j * ts..(j + 1) * ts].copy_from_slice(old.tag_bytes(newest, k, j));
+                }
                 None => return Ok(Err(block)),
             }
         }
@@ -167,7 +204,8 @@ impl Inner {
     /// [`Inner::settle_pair`] can prove, and makes it durable. Returns the sectors healed and
     /// the blocks whose pairs could not be (each with the reason).
     pub(crate) fn heal_scars(&self, group: u64) -> Result<(u64, Vec<(u64, String)>)> {
-        if self.read_only {
+        if self.read_only || self.suspended().is_err() {
+            // Nothing may be written (read-only open, or writes suspended by the error policy).
             return Ok((0, Vec::new()));
         }
         let mut m = self.maintenance("flushing before healing metadata")?;

@@ -469,16 +469,15 @@ impl Inner {
         Ok(Some(update.state))
     }
 
-    /// True if block `j` of pair `k` holds the version the older brother describes, not the
-    /// one slot `newest` (or, for a torn first write, generation 1) describes.
-    pub(crate) fn on_disk_is_older(
+    /// Which brother's version block `j` of pair `k` holds (read until two reads agree).
+    pub(crate) fn which_version(
         &self,
         group: u64,
         state: &GroupState,
         k: usize,
         j: usize,
         newest: u8,
-    ) -> Result<bool> {
+    ) -> Result<Version> {
         let per = self.geo.tags_per_sector() as usize;
         let block = self.geo.first_block(group) + (k * per + j) as u64;
         let mut buf = vec![0u8; self.geo.block_size as usize];
@@ -488,14 +487,32 @@ impl Inner {
             self.geo.data_offset(block),
             "reading data to settle a group",
         )?;
-        let newest_tag = crate::tag::Tag::from_bytes(state.tag_bytes(newest, k, j));
+        // As a read takes them (generation 0's tags are unwritten whatever a scar did).
+        let newest_tag = state.tag(newest, k, j);
         let older_tag = match state.view(k) {
-            PairView::Brothers { .. } => crate::tag::Tag::from_bytes(state.tag_bytes(1 - newest, k, j)),
+            PairView::Brothers { .. } => state.tag(1 - newest, k, j),
             _ => UNWRITTEN,
         };
         let t = &self.tagger;
-        Ok(!t.verify(block, &buf, &newest_tag) && t.verify(block, &buf, &older_tag))
+        Ok(if t.verify(block, &buf, &newest_tag) {
+            Version::Newest
+        } else if t.verify(block, &buf, &older_tag) {
+            Version::Older
+        } else {
+            Version::Neither
+        })
     }
+}
+
+/// Which version of a block the disk holds, after a crash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Version {
+    /// The one the newest brother describes.
+    Newest,
+    /// The one the older brother describes (the newest never landed).
+    Older,
+    /// Neither (damaged, or torn).
+    Neither,
 }
 
 /// The generation of slot `slot` of pair `k`, known valid.

@@ -87,11 +87,15 @@ impl Inner {
             return Ok((block..block + n).collect());
         }
         let state = self.parse_loaded(group, meta.as_ref().into(), true)?;
+        let per = self.geo.tags_per_sector() as usize;
         let mut bad = Vec::new();
         for (k, chunk) in data.as_ref().chunks_exact(bs).enumerate() {
             let b = block + k as u64;
-            let accept = state.accept(index as usize + k);
-            if !self.verifies_strictly(b, chunk, &accept) {
+            let i = index as usize + k;
+            let accept = state.accept(i);
+            // A scar in the block's pair is this member's damage too, even where it does not
+            // stop the block verifying (an older brother's): read repair rewrites the pair.
+            if !self.verifies_strictly(b, chunk, &accept) || state.scars(i / per).contains(&true) {
                 bad.push(b);
             }
         }

@@ -50,7 +50,11 @@ impl Inner {
         for c in &copies {
             let ok = c.readable && {
                 let state = self.parse_loaded(group, c.meta.as_ref().into(), true)?;
-                self.verifies_strictly(block, c.data.as_ref(), &state.accept(index as usize))
+                // A scar in the block's pair (even in the older brother, which reads never
+                // use) is damage of this member's copy that another member can repair.
+                let k = index as usize / self.geo.tags_per_sector() as usize;
+                !state.scars(k).contains(&true)
+                    && self.verifies_strictly(block, c.data.as_ref(), &state.accept(index as usize))
             };
             if !ok {
                 bad.push(c.member);
