@@ -61,6 +61,10 @@ pub struct RetagOptions<'a> {
     pub step_bytes: u64,
     /// How often the cursor is written to the superblock (also at a stop and at the end).
     pub record_every: Duration,
+    /// Most bytes of the volume passed per second (every group a step covers counts, written
+    /// or not); `None`: as fast as it goes. For a re-tag that should leave the disk to the
+    /// clients; a stop is noticed while it waits.
+    pub rate: Option<u64>,
 }
 
 impl RetagOptions<'_> {
@@ -72,6 +76,7 @@ impl RetagOptions<'_> {
             stop: None,
             step_bytes: STEP_BYTES,
             record_every: RECORD_EVERY,
+            rate: None,
         }
     }
 }
@@ -191,17 +196,23 @@ impl Inner {
             ..RetagReport::default()
         };
         let mut recorded = Instant::now();
+        let mut pacer = opts.rate.map(super::scrub::Pacer::new);
+        let stopped = || opts.stop.is_some_and(|s| s.load(Ordering::Acquire));
         progress(report.cursor, self.geo.groups);
         while report.cursor < self.geo.groups {
             // A failure or the `read-only` policy's suspension since the start stops it here
             // (the cursor on disk stays where it was recorded: behind, which is safe).
             self.writable()?;
-            if opts.stop.is_some_and(|s| s.load(Ordering::Acquire)) {
+            if stopped() {
                 self.record_retag("recording where the re-tag stopped")?;
                 return Ok(report);
             }
+            let before = report.cursor;
             report.cursor = self.retag_step(report.cursor, opts.step_bytes, &mut report)?;
             progress(report.cursor, self.geo.groups);
+            if let Some(p) = &mut pacer {
+                p.after(self.groups_bytes(before..report.cursor), &stopped);
+            }
             self.writable()?;
             if recorded.elapsed() >= opts.record_every && report.cursor < self.geo.groups {
                 self.record_retag("recording the re-tag's progress")?;
@@ -214,6 +225,17 @@ impl Inner {
         tracing::info!(volume = %self.name, from = %from, to = %target, "re-tag complete");
         report.complete = true;
         Ok(report)
+    }
+
+    /// Bytes of data in `groups`.
+    fn groups_bytes(&self, groups: std::ops::Range<u64>) -> u64 {
+        let first = self.geo.first_block(groups.start);
+        let end = if groups.end >= self.geo.groups {
+            self.geo.data_blocks
+        } else {
+            self.geo.first_block(groups.end)
+        };
+        (end - first) * u64::from(self.geo.block_size)
     }
 
     /// The superblocks' state on disk now.
