@@ -387,7 +387,7 @@ fn an_interrupted_retag_of_a_served_volume_resumes() {
     let (vol, data, groups) = full_volume(dir.path());
     let v = s(&vol);
     let mut srv = Served::start(&vol, &[]);
-    let first = interrupted_retag(&vol, "xxh3");
+    interrupted_retag(&vol, "xxh3");
     // The server stops at its next step, once it sees the client gone; until then a request
     // is answered "busy".
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -17,7 +17,7 @@ use blockguard::{Error, FormatOptions, Mode, OpenOptions, Profile, RetagOptions,
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -690,4 +690,124 @@ fn a_second_retag_in_one_session_goes_back() {
     assert_eq!(vol.superblock().profile, Profile::Crc32c);
     check_reads(&vol, &model, "back, reopened");
     check_tags(&vol, Profile::Crc32c, &model, "back, reopened");
+}
+
+/// Groups re-tagged now, for a re-tag from `from` to `to`: the cursor while it runs, 0 before
+/// it starts, every group once it is complete.
+fn cursor_now(vol: &Volume, to: Profile) -> u64 {
+    match vol.retag_status() {
+        Some(s) => s.cursor,
+        None if vol.profile() == to => GROUPS,
+        None => 0,
+    }
+}
+
+/// One `read_with_pi` of `count` blocks from `first` during a re-tag from `from` to `to`,
+/// checked: the data is the model's; every tuple is the tag of that data under the profile
+/// `PiProfiles` names for its block (the all-zero tuple for a block never written); that
+/// profile is the target for blocks re-tagged before the read began and the old one for blocks
+/// not re-tagged when it ended. Returns the profiles named.
+fn checked_read_with_pi(
+    vol: &Volume,
+    (from, to): (Profile, Profile),
+    model: &BTreeMap<u64, Vec<u8>>,
+    first: u64,
+    count: u64,
+) -> Vec<Profile> {
+    let t = vol.pi_size();
+    let (mut data, mut pi) = (vec![0u8; (count * BS) as usize], vec![0u8; count as usize * t]);
+    let before = cursor_now(vol, to);
+    let made = vol
+        .read_with_pi(&mut data, &mut pi, first * BS)
+        .unwrap_or_else(|e| panic!("read_with_pi of {count} blocks at {first}: {e}"));
+    let after = cursor_now(vol, to);
+    let mut named = Vec::new();
+    for k in 0..count {
+        let b = first + k;
+        let chunk = &data[(k * BS) as usize..((k + 1) * BS) as usize];
+        let tuple = &pi[k as usize * t..(k as usize + 1) * t];
+        let ctx = format!("block {b} (cursor {before}..{after}), {made:?}");
+        let want = model.get(&b).cloned().unwrap_or_else(|| vec![0; BS as usize]);
+        assert!(chunk == want, "{ctx}: other data");
+        let profile = made.profile(b);
+        let group = b / u64::from(GROUP);
+        if group < before {
+            assert_eq!(profile, to, "{ctx}: re-tagged before the read");
+        } else if group >= after {
+            assert_eq!(profile, from, "{ctx}: not re-tagged after the read");
+        }
+        if !model.contains_key(&b) {
+            assert!(tuple.iter().all(|&x| x == 0), "{ctx}: never written");
+            continue;
+        }
+        let tag = blockguard::tag::Tag::from_bytes(tuple);
+        assert!(
+            made.tagger(b).verify(b, chunk, &tag),
+            "{ctx}: tuple {tag} does not verify the data under {profile}"
+        );
+        named.push(profile);
+    }
+    named
+}
+
+/// `read_with_pi` while a re-tag runs (a reader thread reading continuously, and at least once
+/// between any two steps): every tuple verifies the data returned with it under the profile
+/// the read names for its block, and that profile is the one covering the block during the
+/// read (see `checked_read_with_pi`). Before the fix the tuple was computed with the profile
+/// covering the block after the read, which the caller could not know: a step passing the
+/// block in between gave it a tuple of the target for data read under the old profile.
+#[test]
+fn reads_with_pi_during_a_retag_name_the_profile_of_each_tuple() {
+    for (mode, from, to) in [
+        (Mode::Dual, Profile::Crc32c, Profile::Xxh3),
+        (Mode::Journal, Profile::HmacSha256, Profile::Blake3Keyed),
+    ] {
+        let fo = format_opts(mode, from);
+        let backend = Arc::new(FaultBackend::new(fo.backing_len().unwrap()).unwrap());
+        let vol = Volume::format(backend, &fo).unwrap();
+        let model = write_pattern(&vol);
+        let reads = AtomicU64::new(0);
+        let done = AtomicBool::new(false);
+        let mut mixed = 0;
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let (mut seen, mut i) = (0, 0u64);
+                while !done.load(Ordering::SeqCst) {
+                    // The whole volume, and short reads across group boundaries.
+                    let (first, count) = if i % 3 == 0 {
+                        (0, BLOCKS)
+                    } else {
+                        ((i * 5) % (BLOCKS - 4), 4)
+                    };
+                    let named = checked_read_with_pi(&vol, (from, to), &model, first, count);
+                    if named.contains(&from) && named.contains(&to) {
+                        seen += 1;
+                    }
+                    i += 1;
+                    reads.fetch_add(1, Ordering::SeqCst);
+                }
+                seen
+            });
+            let report = retag(&vol, to, &mut |_, _| {
+                // Let the reader read at least once (from start to end) at this cursor.
+                let at = reads.load(Ordering::SeqCst);
+                while reads.load(Ordering::SeqCst) < at + 2 && !reader.is_finished() {
+                    std::thread::yield_now();
+                }
+            });
+            done.store(true, Ordering::SeqCst);
+            let report = report.unwrap_or_else(|e| panic!("{mode:?} {from} → {to}: {e}"));
+            assert!(report.complete && report.bad_blocks.is_empty(), "{report:?}");
+            mixed = reader.join().unwrap();
+        });
+        assert!(mixed > 0, "{mode:?}: no read saw both profiles");
+        eprintln!(
+            "{mode:?} {from} → {to}: {} reads with PI, {mixed} named both profiles",
+            reads.load(Ordering::SeqCst)
+        );
+        let named = checked_read_with_pi(&vol, (from, to), &model, 0, BLOCKS);
+        assert!(named.iter().all(|&p| p == to));
+        check_clean(&vol, "after the re-tag");
+        vol.close().unwrap();
+    }
 }

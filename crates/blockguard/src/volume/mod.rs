@@ -40,6 +40,7 @@ mod write;
 
 pub use commit::journal::{limits as journal_limits, JournalLimits, JournalStatus, ReplayReport};
 pub use commit::ResumeReport;
+pub use dix::PiProfiles;
 pub use health::{ClearedErrors, VolumeFailure, VolumeHealth};
 pub use mirror::{member_records, CopyState, CopyStatus};
 pub use policy::Suspension;
