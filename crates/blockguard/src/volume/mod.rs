@@ -30,6 +30,7 @@ mod read;
 mod recover;
 mod resync;
 mod retag;
+mod retag_mirror;
 mod retag_online;
 mod scrub;
 mod stage;

@@ -104,6 +104,9 @@ pub struct RetagReport {
     pub bad_blocks: Vec<BlockProblem>,
     /// Metadata sectors whose tags cannot be trusted: left as they are, listed.
     pub damaged: Vec<super::MetadataProblem>,
+    /// Mirror sets: block copies that failed verification on one copy and were rewritten from
+    /// a good copy before their re-tag.
+    pub repaired: u64,
     /// Every group is re-tagged and the volume's profile is now the target.
     pub complete: bool,
 }
@@ -146,10 +149,14 @@ impl Volume {
     /// is keyed. `progress(done, total)` counts groups; `opts.stop` is checked between steps
     /// (the report then says `complete: false`).
     ///
-    /// Refused before anything is written: a read-only or failed volume, a mirror set, a
-    /// target that is the volume's profile or of another tag size (the metadata layout
-    /// depends on it), a missing, wrong or superfluous key, a re-tag in progress to another
-    /// target, one already running.
+    /// A mirror set is re-tagged on every copy (each copy's blocks verified against its own
+    /// metadata, and repaired from a good copy first where they fail); it must have every copy
+    /// in sync, and a copy that falls out of sync stops the re-tag at the next step.
+    ///
+    /// Refused before anything is written: a read-only or failed volume, a mirror set with a
+    /// copy out of sync, a target that is the volume's profile or of another tag size (the
+    /// metadata layout depends on it), a missing, wrong or superfluous key, a re-tag in
+    /// progress to another target, one already running.
     pub fn retag(&self, opts: &RetagOptions<'_>, progress: &mut dyn FnMut(u64, u64)) -> Result<RetagReport> {
         let inner = &self.inner;
         if inner.retag_running.swap(true, Ordering::AcqRel) {
@@ -178,6 +185,7 @@ impl Inner {
     fn retag(&self, opts: &RetagOptions<'_>, progress: &mut dyn FnMut(u64, u64)) -> Result<RetagReport> {
         let (target, key) = (opts.profile, opts.key);
         self.writable()?;
+        self.retag_needs_every_copy()?;
         let from = self.tagger.current().profile();
         let started_at = if let Some(s) = self.tagger.switch() {
             self.check_resume(s.to, target, key)?;
@@ -206,6 +214,11 @@ impl Inner {
             if stopped() {
                 self.record_retag("recording where the re-tag stopped")?;
                 return Ok(report);
+            }
+            if let Err(e) = self.retag_needs_every_copy() {
+                // A copy fell out of sync: record how far the set got, for the resume.
+                self.record_retag("recording where the re-tag stopped")?;
+                return Err(e);
             }
             let before = report.cursor;
             report.cursor = self.retag_step(report.cursor, opts.step_bytes, &mut report)?;
@@ -257,15 +270,6 @@ impl Inner {
     /// A re-tag to `target`, with `key`, may start on this volume of profile `from`: returns
     /// the target's tagger. Nothing is written.
     fn check_new_target(&self, from: Profile, target: Profile, key: Option<&TagKey>) -> Result<Tagger> {
-        if self.backend.count() > 1 {
-            return Err(Error::Unsupported {
-                volume: self.name.clone(),
-                detail:
-                    "a mirror set cannot be re-tagged yet: remove its copies (`blockguard mirror remove`), \
-                         re-tag, and add them back"
-                        .into(),
-            });
-        }
         if target == from {
             return Err(super::invalid(
                 &self.name,
@@ -347,6 +351,7 @@ impl Inner {
             volume: self.name.clone(),
             what: "the re-tag".into(),
         })?;
+        self.retag_marks(&mut m, from..end)?;
         for group in from..end {
             self.retag_group_to(&m, group, &target, report)?;
         }
@@ -368,9 +373,13 @@ impl Inner {
         target: &Tagger,
         report: &mut RetagReport,
     ) -> Result<()> {
-        let state = self.confirmed_group(group)?;
+        let mut state = self.confirmed_group(group)?;
         if !state.any_written() {
             return Ok(());
+        }
+        if self.retag_settle_copies(group, report)? {
+            // A copy was repaired: what the step re-tags from is read again.
+            state = self.confirmed_group(group)?;
         }
         let (bs, ts, per) = self.tag_layout();
         let (first, mut data) = self.group_buffer(group);
@@ -467,8 +476,9 @@ impl Inner {
             )
         };
         tracing::warn!(volume = %self.name, block, "re-tag: block failed verification: {detail}");
-        // A bad block the re-tag finds is one with no good copy (mirror sets are not
-        // re-tagged), as if a read had found it: the error policy applies.
+        // A bad block the re-tag finds is one with no good copy (on a mirror set the copies
+        // were checked, and repaired where a good one exists, before the step read it), as if
+        // a read had found it: the error policy applies.
         let kind = if tag.is_unwritten() {
             crate::CorruptionKind::UnwrittenNotZero
         } else {
