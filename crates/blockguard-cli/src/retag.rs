@@ -172,8 +172,13 @@ fn print_report(args: &RetagArgs, r: &serde_json::Value) -> Result<()> {
             num("groups")
         )
     };
+    // Mirror sets: copies rewritten from a good one before their re-tag.
+    let repaired = match num("repaired") {
+        0 => String::new(),
+        n => format!("; {n} bad block copies repaired from another copy first"),
+    };
     say!(
-        "{}: {state} ({} blocks in {} groups re-tagged by this run, from group {}; {} bad blocks)",
+        "{}: {state} ({} blocks in {} groups re-tagged by this run, from group {}; {} bad blocks{repaired})",
         args.path.display(),
         num("blocks_retagged"),
         num("groups_retagged"),

@@ -426,3 +426,49 @@ fn an_interrupted_retag_of_a_served_volume_resumes() {
     expect_exit(&bg(&["check", v]), 0);
     assert_holds(&vol, &data, &[]);
 }
+
+/// A mirror set of two copies, one block bad on copy 1: `retag` repairs it from copy 0 before
+/// its re-tag and completes, both copies on the target and the data intact; a set with a copy
+/// missing is refused, naming it, and no re-tag is recorded.
+#[test]
+fn retag_of_a_mirror_set_repairs_a_bad_copy_first_and_refuses_a_degraded_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v0, v1) = (dir.path().join("m0.bgv"), dir.path().join("m1.bgv"));
+    expect_exit(&bg(&["format", s(&v0), "--size", "16M", "--mirror", s(&v1)]), 0);
+    let raw = dir.path().join("d.raw");
+    let data = random_bytes(16 << 20, 13);
+    std::fs::write(&raw, &data).unwrap();
+    expect_exit(&bg(&["import", s(&raw), s(&v0), "--force"]), 0);
+    flip_byte(&v1, geometry(&v1).data_offset(300) + 9);
+
+    let out = bg(&["retag", s(&v0), "--profile", "xxh3", "--json"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let r = json(&out);
+    assert_eq!(
+        (r["complete"].as_bool(), r["repaired"].as_u64()),
+        (Some(true), Some(1)),
+        "{r}"
+    );
+    assert_eq!(r["bad_blocks"].as_array().map(Vec::len), Some(0), "{r}");
+    for v in [&v0, &v1] {
+        assert_eq!(info(v)["profile"], "xxh3", "{}", v.display());
+    }
+    expect_exit(&bg(&["check", s(&v0)]), 0);
+    assert_holds(&v0, &data, &[]);
+    // Copy 1 moved away: the set opens degraded (the open records copy 1 missing), and the
+    // re-tag is refused with the copy named, no re-tag recorded.
+    std::fs::rename(&v1, dir.path().join("away.bgv")).unwrap();
+    let out = bg(&["retag", s(&v0), "--profile", "crc32c"]);
+    assert_eq!(code(&out), 2, "{}\n{}", stdout(&out), stderr(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("copy 1") && e.contains("out of sync") && e.contains("mirror resync"),
+        "{e}"
+    );
+    let i = info(&v0);
+    assert_eq!(
+        (i["profile"].as_str(), i["retag"].is_null()),
+        (Some("xxh3"), true),
+        "{i}"
+    );
+}
