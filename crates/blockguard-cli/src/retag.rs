@@ -35,6 +35,10 @@ pub(crate) struct RetagArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Re-tag at most this many megabytes (10^6 bytes) of the volume per second, written or
+    /// not, to leave the disk to its clients (default: as fast as it goes).
+    #[arg(long, value_name = "MB/s", value_parser = crate::scrub::parse_rate)]
+    pub(crate) rate: Option<u64>,
     /// The control socket of the process serving the volume, if it was started with
     /// `--control PATH` (default: the volume's path + ".ctl").
     #[arg(long, value_name = "PATH")]
@@ -61,6 +65,8 @@ pub(crate) fn run(args: &RetagArgs) -> Result<bool> {
     print_report(args, &report)?;
     if report.get("complete") != Some(&serde_json::Value::Bool(true)) {
         if let Some(signal) = signals.caught() {
+            // The cursor is recorded: say how to go on, then exit as the signal asks.
+            crate::log::line("blockguard: the re-tag is recorded where it stopped; run the same command again to resume it");
             return Err(signal.into());
         }
         bail!("the re-tag stopped before it finished; run the same command again to resume it");
@@ -79,6 +85,7 @@ fn direct(
     let opts = blockguard::RetagOptions {
         key,
         stop: Some(stop),
+        rate: args.rate,
         ..blockguard::RetagOptions::new(args.profile)
     };
     let result = vol.retag(&opts, &mut |done, total| show(&mut bar, done, total));
@@ -95,6 +102,7 @@ fn served(args: &RetagArgs, mut client: Client, key: Option<String>) -> Result<s
     client.send(&Request::Retag(RetagRequest {
         profile: args.profile.name().to_string(),
         key,
+        rate: args.rate,
     }))?;
     let mut bar: Option<ProgressBar> = None;
     let outcome = loop {
@@ -164,8 +172,13 @@ fn print_report(args: &RetagArgs, r: &serde_json::Value) -> Result<()> {
             num("groups")
         )
     };
+    // Mirror sets: copies rewritten from a good one before their re-tag.
+    let repaired = match num("repaired") {
+        0 => String::new(),
+        n => format!("; {n} bad block copies repaired from another copy first"),
+    };
     say!(
-        "{}: {state} ({} blocks in {} groups re-tagged by this run, from group {}; {} bad blocks)",
+        "{}: {state} ({} blocks in {} groups re-tagged by this run, from group {}; {} bad blocks{repaired})",
         args.path.display(),
         num("blocks_retagged"),
         num("groups_retagged"),

@@ -245,3 +245,230 @@ fn retag_of_a_served_volume_while_qemu_io_writes() {
     let out = bg(&["check", v]);
     assert_eq!(code(&out), 0, "{}\n{}", stdout(&out), stderr(&out));
 }
+
+/// The re-tag recorded in `vol`'s superblock: its target and cursor (`None`: none).
+fn recorded_retag(vol: &Path) -> Option<(String, u64)> {
+    let i = info(vol);
+    let r = &i["retag"];
+    (!r.is_null()).then(|| {
+        (
+            r["target"].as_str().unwrap().to_string(),
+            r["cursor"].as_u64().unwrap(),
+        )
+    })
+}
+
+/// Starts `blockguard retag VOL --profile PROFILE --rate 8 --json` (8 MB/s: seconds for the
+/// volumes here), waits until the superblock records a cursor past group 0 (polling `info`;
+/// the cursor is recorded every second), interrupts it with SIGINT and returns its output
+/// (exit status 130).
+fn interrupted_retag(vol: &Path, profile: &str) -> Output {
+    let child = std::process::Command::new(BIN)
+        .args(["retag", s(vol), "--profile", profile, "--rate", "8", "--json"])
+        .env("BLOCKGUARD_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if recorded_retag(vol).is_some_and(|(_, cursor)| cursor > 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the re-tag recorded no progress in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run("kill", &["-INT", &child.id().to_string()]);
+    let out = child.wait_with_output().unwrap();
+    // 128 + SIGINT, as a shell expects of a command Ctrl-C stopped.
+    assert_eq!(code(&out), 130, "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    out
+}
+
+/// A fully written volume of 64 MiB (16 groups), and its data.
+fn full_volume(dir: &Path) -> (PathBuf, Vec<u8>, u64) {
+    let (vol, data) = written_volume(dir, 64, 64, &[], &[]);
+    let groups = info(&vol)["geometry"]["groups"].as_u64().unwrap();
+    assert!(groups >= 8, "{groups} groups: too few to stop in the middle");
+    (vol, data, groups)
+}
+
+/// Ctrl-C stops a direct re-tag with its cursor recorded; the same command resumes from that
+/// cursor (not from 0) and completes; `check` is clean and every block reads its data.
+#[test]
+fn an_interrupted_retag_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vol, data, groups) = full_volume(dir.path());
+    let first = interrupted_retag(&vol, "xxh3");
+    let v = s(&vol);
+    let r1 = json(&first);
+    assert_eq!(r1["complete"], false, "{r1}");
+    assert_eq!(r1["started_at"], 0, "{r1}");
+    let stopped_at = r1["cursor"].as_u64().unwrap();
+    assert!(stopped_at > 0 && stopped_at < groups, "{r1}");
+    let e = stderr(&first);
+    assert!(
+        e.contains("interrupted by SIGINT") && e.contains("run the same command again to resume"),
+        "{e}"
+    );
+    // The stop recorded exactly where it got to; the volume keeps its profile until the end.
+    assert_eq!(recorded_retag(&vol), Some(("xxh3".into(), stopped_at)));
+    let i = info(&vol);
+    assert_eq!(
+        (i["profile"].as_str(), i["state"].as_str()),
+        (Some("crc32c"), Some("clean"))
+    );
+    // Readable and clean in the middle, with both profiles in play.
+    expect_exit(&bg(&["check", v]), 0);
+    assert_holds(&vol, &data, &[]);
+    assert_eq!(recorded_retag(&vol), Some(("xxh3".into(), stopped_at)));
+
+    let second = bg(&["retag", v, "--profile", "xxh3", "--json"]);
+    assert_eq!(code(&second), 0, "{}", stderr(&second));
+    let r2 = json(&second);
+    assert_eq!(r2["complete"], true, "{r2}");
+    assert_eq!(r2["started_at"], stopped_at, "the cursor was reset: {r2}");
+    assert_eq!(r2["groups_retagged"], groups - stopped_at, "{r2}");
+    // Between them the two runs re-tagged every block once.
+    let blocks = (64u64 << 20) / 4096;
+    assert_eq!(
+        r1["blocks_retagged"].as_u64().unwrap() + r2["blocks_retagged"].as_u64().unwrap(),
+        blocks,
+        "{r1}\n{r2}"
+    );
+    assert_eq!(r2["bad_blocks"].as_array().map(Vec::len), Some(0), "{r2}");
+    assert_eq!(info(&vol)["profile"], "xxh3");
+    assert_eq!(recorded_retag(&vol), None);
+    expect_exit(&bg(&["check", v]), 0);
+    assert_holds(&vol, &data, &[]);
+}
+
+/// While a re-tag to xxh3 is in progress (stopped), one to another profile is refused with the
+/// target in progress named, and changes nothing; resuming the one in progress still works.
+#[test]
+fn another_target_is_refused_while_a_retag_is_in_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vol, data, groups) = full_volume(dir.path());
+    let v = s(&vol);
+    let first = interrupted_retag(&vol, "xxh3");
+    let stopped_at = json(&first)["cursor"].as_u64().unwrap();
+    let want = format!("a re-tag to tag profile xxh3 is in progress ({stopped_at} of {groups} groups done)");
+    for other in ["t10-dif", "crc64-nvme"] {
+        refused(&vol, &["retag", v, "--profile", other], &want);
+        refused(
+            &vol,
+            &["retag", v, "--profile", other, "--json"],
+            "--profile xxh3",
+        );
+    }
+    // The volume's own profile is not a target either while the re-tag runs.
+    refused(&vol, &["retag", v, "--profile", "crc32c"], &want);
+    assert_eq!(recorded_retag(&vol), Some(("xxh3".into(), stopped_at)));
+    let out = bg(&["retag", v, "--profile", "xxh3", "--json"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(json(&out)["started_at"], stopped_at);
+    expect_exit(&bg(&["check", v]), 0);
+    assert_holds(&vol, &data, &[]);
+    // Complete, another profile may follow.
+    expect_exit(&bg(&["retag", v, "--profile", "t10-dif"]), 0);
+    assert_eq!(info(&vol)["profile"], "t10-dif");
+}
+
+/// The same through the control socket of `serve`: Ctrl-C of the client stops the server's
+/// re-tag with its cursor recorded, another target is refused naming the one in progress, and
+/// the same command resumes it from the cursor.
+#[test]
+fn an_interrupted_retag_of_a_served_volume_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vol, data, groups) = full_volume(dir.path());
+    let v = s(&vol);
+    let mut srv = Served::start(&vol, &[]);
+    interrupted_retag(&vol, "xxh3");
+    // The server stops at its next step, once it sees the client gone; until then a request
+    // is answered "busy".
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refusal = loop {
+        let out = bg(&["retag", v, "--profile", "t10-dif"]);
+        assert_eq!(code(&out), 2, "{}\n{}", stdout(&out), stderr(&out));
+        if !stderr(&out).contains("already running") {
+            break stderr(&out);
+        }
+        assert!(Instant::now() < deadline, "the server's re-tag did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (target, stopped_at) = recorded_retag(&vol).unwrap();
+    assert_eq!(target, "xxh3");
+    assert!(stopped_at > 0 && stopped_at < groups, "{stopped_at} of {groups}");
+    assert!(
+        refusal.contains(&format!(
+            "a re-tag to tag profile xxh3 is in progress ({stopped_at} of {groups} groups done)"
+        )),
+        "{refusal}"
+    );
+    let st = json(&bg(&["status", v, "--json"]));
+    assert_eq!(st["profile"], "crc32c", "{st}");
+    let out = bg(&["retag", v, "--profile", "xxh3", "--json"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let r = json(&out);
+    assert_eq!(
+        (r["complete"].as_bool(), r["started_at"].as_u64()),
+        (Some(true), Some(stopped_at)),
+        "{r}"
+    );
+    assert_eq!(r["groups_retagged"], groups - stopped_at, "{r}");
+    assert!(srv.signal("TERM").success(), "{}", srv.log_text());
+    assert!(!srv.log_text().contains("panicked"));
+    assert_eq!(info(&vol)["profile"], "xxh3");
+    expect_exit(&bg(&["check", v]), 0);
+    assert_holds(&vol, &data, &[]);
+}
+
+/// A mirror set of two copies, one block bad on copy 1: `retag` repairs it from copy 0 before
+/// its re-tag and completes, both copies on the target and the data intact; a set with a copy
+/// missing is refused, naming it, and no re-tag is recorded.
+#[test]
+fn retag_of_a_mirror_set_repairs_a_bad_copy_first_and_refuses_a_degraded_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v0, v1) = (dir.path().join("m0.bgv"), dir.path().join("m1.bgv"));
+    expect_exit(&bg(&["format", s(&v0), "--size", "16M", "--mirror", s(&v1)]), 0);
+    let raw = dir.path().join("d.raw");
+    let data = random_bytes(16 << 20, 13);
+    std::fs::write(&raw, &data).unwrap();
+    expect_exit(&bg(&["import", s(&raw), s(&v0), "--force"]), 0);
+    flip_byte(&v1, geometry(&v1).data_offset(300) + 9);
+
+    let out = bg(&["retag", s(&v0), "--profile", "xxh3", "--json"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let r = json(&out);
+    assert_eq!(
+        (r["complete"].as_bool(), r["repaired"].as_u64()),
+        (Some(true), Some(1)),
+        "{r}"
+    );
+    assert_eq!(r["bad_blocks"].as_array().map(Vec::len), Some(0), "{r}");
+    for v in [&v0, &v1] {
+        assert_eq!(info(v)["profile"], "xxh3", "{}", v.display());
+    }
+    expect_exit(&bg(&["check", s(&v0)]), 0);
+    assert_holds(&v0, &data, &[]);
+    // Copy 1 moved away: the set opens degraded (the open records copy 1 missing), and the
+    // re-tag is refused with the copy named, no re-tag recorded.
+    std::fs::rename(&v1, dir.path().join("away.bgv")).unwrap();
+    let out = bg(&["retag", s(&v0), "--profile", "crc32c"]);
+    assert_eq!(code(&out), 2, "{}\n{}", stdout(&out), stderr(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("copy 1") && e.contains("out of sync") && e.contains("mirror resync"),
+        "{e}"
+    );
+    let i = info(&v0);
+    assert_eq!(
+        (i["profile"].as_str(), i["retag"].is_null()),
+        (Some("xxh3"), true),
+        "{i}"
+    );
+}

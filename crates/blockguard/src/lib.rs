@@ -50,8 +50,8 @@ pub use tag::Profile;
 pub use volume::{
     journal_limits, member_records, BlockProblem, BlockReport, ClearedErrors, CopiesReport, CopyState,
     CopyStatus, Extent, FormatOptions, JournalLimits, JournalStatus, MapProblem, MetadataProblem,
-    OpenOptions, RecoverOptions, RecoveryReport, ReplayReport, ResumeReport, ResyncReport, RetagOptions,
-    RetagReport, RetagStatus, ScrubOptions, ScrubProblem, ScrubProblemKind, ScrubProgress, ScrubReport,
-    SlotReport, Suspension, Volume, VolumeFailure, VolumeHealth, VolumeStats, DEFAULT_SCRUB_CHUNK,
-    DEFAULT_SCRUB_LISTED,
+    OpenOptions, PiProfiles, RecoverOptions, RecoveryReport, ReplayReport, ResumeReport, ResyncReport,
+    RetagOptions, RetagReport, RetagStatus, ScrubOptions, ScrubProblem, ScrubProblemKind, ScrubProgress,
+    ScrubReport, SlotReport, Suspension, Volume, VolumeFailure, VolumeHealth, VolumeStats,
+    DEFAULT_SCRUB_CHUNK, DEFAULT_SCRUB_LISTED,
 };

@@ -1,4 +1,5 @@
 //! Crash simulation for mirror sets (G1, G2 with 2 and 3 members): a seeded random workload
+//! (or an online re-tag with a client operation between its steps, `a_retag_of_two_members_…`)
 //! runs on a set of fault-injecting members; then every member's disk crashes **on its own**
 //! — each keeps its own subset of its unflushed writes, in its own order, whole or torn at
 //! 512 bytes — at points all along the set's history: between the members' copies of one
@@ -29,7 +30,7 @@
 
 use blockguard::blockguard_backend::{Backend, CrashState, FaultBackend, InjectedFault, MemoryBackend};
 use blockguard::format::{MapKind, Superblock, VolumeState, SB_REGION, SB_STRUCT_SIZE};
-use blockguard::{FormatOptions, Geometry, OpenOptions, Volume};
+use blockguard::{FormatOptions, Geometry, OpenOptions, Profile, RetagOptions, Volume};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -413,16 +414,43 @@ struct FailPlan {
     member: usize,
 }
 
-/// A first run: a fresh set, `cfg.ops` random operations, close, with `failing` injected.
-fn first_run(seed: u64, cfg: Config, failing: Option<FailPlan>) -> Run {
+/// A fresh set of `cfg` behind taps of one clock, opened for a run of seed `seed`: the
+/// run's random generator, the members, the clock and the open set.
+fn start_run(seed: u64, cfg: &Config) -> (ChaCha8Rng, Vec<Arc<FaultBackend>>, Arc<Clock>, Volume) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let fbs = formatted_set(&cfg);
+    let fbs = formatted_set(cfg);
     let clock = Clock::new();
     let taps: Vec<Arc<Tap>> = (0..cfg.members)
         .map(|m| Tap::new(fbs[m].clone(), m, Some(clock.clone())))
         .collect();
     let all: Vec<usize> = (0..cfg.members).collect();
-    let vol = Volume::open_members(dyns(&taps, &all), &session_options(&mut rng, &cfg)).unwrap();
+    let vol = Volume::open_members(dyns(&taps, &all), &session_options(&mut rng, cfg)).unwrap();
+    (rng, fbs, clock, vol)
+}
+
+/// The run of a fresh set (every block zeros before it) that went through `steps`.
+fn fresh_run(
+    fbs: Vec<Arc<FaultBackend>>,
+    tl: Timeline,
+    geo: Geometry,
+    steps: Vec<Step>,
+    dropped: Option<(usize, usize)>,
+) -> Run {
+    let zeros = HashSet::from([h(&vec![0u8; geo.block_size as usize])]);
+    Run {
+        fbs,
+        tl,
+        geo,
+        initial: vec![zeros.clone(); geo.data_blocks as usize],
+        earlier: vec![zeros; geo.data_blocks as usize],
+        steps,
+        dropped,
+    }
+}
+
+/// A first run: a fresh set, `cfg.ops` random operations, close, with `failing` injected.
+fn first_run(seed: u64, cfg: Config, failing: Option<FailPlan>) -> Run {
+    let (mut rng, fbs, clock, vol) = start_run(seed, &cfg);
     let geo = *vol.geometry();
     let bs = u64::from(cfg.block_size);
     let mut model = vec![0u8; (bs * cfg.blocks) as usize];
@@ -451,16 +479,7 @@ fn first_run(seed: u64, cfg: Config, failing: Option<FailPlan>) -> Run {
         let i = tl.ops.iter().position(|&(x, op)| x == m && op == Op::Failed)?;
         Some((m, i + 1))
     });
-    let zeros = HashSet::from([h(&vec![0u8; bs as usize])]);
-    Run {
-        fbs,
-        tl,
-        geo,
-        initial: vec![zeros.clone(); cfg.blocks as usize],
-        earlier: vec![zeros; cfg.blocks as usize],
-        steps,
-        dropped,
-    }
+    fresh_run(fbs, tl, geo, steps, dropped)
 }
 
 /// Reads every block of `vol`: its content hash, or the error. Whole groups at a time,
@@ -733,6 +752,7 @@ impl Run {
         let (more, saved) = judge("read-write", &got, &sync);
         bad.extend(more);
         seen.torn_first = saved;
+        bad.extend(resume_retag(&vol, &got));
         let mut last: Vec<Option<u64>> = got.iter().map(|r| r.as_ref().ok().copied()).collect();
         if plan.markers {
             for b in [0, geo.data_blocks - 1] {
@@ -746,6 +766,7 @@ impl Run {
                 bad.push(format!("a flush after the reopen fails: {e}"));
             }
         }
+        let profile = vol.profile();
         if let Err(e) = vol.close() {
             bad.push(format!("close fails: {e}"));
         }
@@ -821,6 +842,13 @@ impl Run {
                     continue;
                 }
             };
+            if (vol.profile(), vol.retag_status()) != (profile, None) {
+                bad.push(format!(
+                    "member {m} alone has tag profile {} (re-tag {:?}), the set {profile}",
+                    vol.profile(),
+                    vol.retag_status()
+                ));
+            }
             for (b, r) in read_all(&vol, &geo).into_iter().enumerate() {
                 match (last[b], r) {
                     (Some(want), Ok(v)) if v != want => bad.push(format!(
@@ -1280,6 +1308,122 @@ fn no_violation(label: &str, seeds: &[u64], f: impl Fn(u64) -> Totals) {
     println!(
         "{label}: {states} crash image sets over {} seeds, no violation ({seen:?})",
         seeds.len()
+    );
+}
+
+// ---- Re-tags ------------------------------------------------------------------------------
+
+/// After a crash during a re-tag (the set reopened read-write, every block read as `got`):
+/// the same re-tag, resumed, completes, and finds bad only blocks the read found bad (torn on
+/// every member: G1's allowance). Nothing when no re-tag is in progress.
+fn resume_retag(vol: &Volume, got: &[Result<u64, String>]) -> Vec<String> {
+    let Some(status) = vol.retag_status() else {
+        return Vec::new();
+    };
+    let opts = RetagOptions {
+        step_bytes: 1,
+        ..RetagOptions::new(status.to)
+    };
+    match vol.retag(&opts, &mut |_, _| {}) {
+        Ok(r) if !r.complete => vec![format!("the resumed re-tag did not complete: {r:?}")],
+        Ok(r) => r
+            .bad_blocks
+            .iter()
+            .filter(|p| got.get(p.block as usize).is_some_and(Result::is_ok))
+            .map(|p| {
+                format!(
+                    "the resumed re-tag (from group {} of {}) finds block {} bad, which read: {}",
+                    status.cursor, status.groups, p.block, p.detail
+                )
+            })
+            .collect(),
+        Err(e) => vec![format!("the resumed re-tag fails: {e}")],
+    }
+}
+
+/// A re-tag run: a fresh set, `cfg.ops` random operations and a flush, then a re-tag to xxh3
+/// one group per step (the cursor recorded after each), with a random client operation after
+/// every step; then close. Each re-tag step is a step of the run that flushes (it starts with
+/// everything staged committed and flushed on every member and ends with its own flush).
+fn retag_run(seed: u64, cfg: Config) -> Run {
+    let (mut rng, fbs, clock, vol) = start_run(seed, &cfg);
+    let geo = *vol.geometry();
+    let bs = u64::from(cfg.block_size);
+    let mut model = vec![0u8; (bs * cfg.blocks) as usize];
+    let mut steps: Vec<Step> = (0..cfg.ops)
+        .map(|_| random_op(&mut rng, &vol, &clock, &mut model, bs, true))
+        .collect();
+    let start = clock.now();
+    vol.flush().unwrap();
+    steps.push(Step {
+        start,
+        end: clock.now(),
+        flush: true,
+        touched: Vec::new(),
+    });
+    let opts = RetagOptions {
+        step_bytes: 1,
+        record_every: std::time::Duration::ZERO,
+        ..RetagOptions::new(Profile::Xxh3)
+    };
+    let mut since = clock.now();
+    let report = vol
+        .retag(&opts, &mut |done, _| {
+            if done == 0 {
+                return;
+            }
+            steps.push(Step {
+                start: since,
+                end: clock.now(),
+                flush: true,
+                touched: Vec::new(),
+            });
+            steps.push(random_op(&mut rng, &vol, &clock, &mut model, bs, true));
+            since = clock.now();
+        })
+        .unwrap();
+    assert!(report.complete && report.bad_blocks.is_empty(), "{report:?}");
+    steps.push(close_step(vol, &clock));
+    let tl = finish(&clock, &fbs);
+    fresh_run(fbs, tl, geo, steps, None)
+}
+
+/// Crashes of the members of a 2-member set, each on its own, at every point of a re-tag
+/// with a client writing between its steps: G1, G2 and the members' agreement hold with both
+/// profiles in play, and the re-tag resumed after the reopen completes (`resume_retag`), each
+/// member alone then having the target's profile.
+fn retag_crashes(search: Search, seeds: &[u64]) {
+    no_violation("re-tag, 2 members", seeds, |seed| {
+        let run = retag_run(seed, SMALL);
+        let mut sim = Sim::new(&run, seed, search);
+        sim.simulate();
+        sim.totals
+    });
+}
+
+#[test]
+fn a_retag_of_two_members_survives_independent_crashes_at_every_point() {
+    retag_crashes(
+        Search {
+            exhaustive: 8,
+            second_runs: 0,
+            ..EVERY_POINT
+        },
+        &seeds(0..2),
+    );
+}
+
+#[test]
+fn a_retag_of_two_members_survives_torn_independent_crashes() {
+    retag_crashes(
+        Search {
+            samples: 3,
+            torn: true,
+            tear_masks: true,
+            second_runs: 0,
+            ..EVERY_POINT
+        },
+        &seeds(200..202),
     );
 }
 

@@ -9,7 +9,9 @@
 //!   block reads its data verified, and resuming completes the re-tag;
 //! - a stop persists the cursor, and the same call resumes from there;
 //! - a corrupted block is reported and left failing, never re-tagged as good;
-//! - bad input is refused with a clear error and nothing written.
+//! - bad input is refused with a clear error and nothing written;
+//! - mirror sets (2 and 3 copies): every copy re-tagged and verified, bad copies repaired
+//!   first, degraded sets refused, a copy dropping out midway resynced onto the target.
 
 use blockguard::blockguard_backend::{Backend, FaultBackend};
 use blockguard::tag::{KeyError, TagKey};
@@ -17,7 +19,7 @@ use blockguard::{Error, FormatOptions, Mode, OpenOptions, Profile, RetagOptions,
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -690,4 +692,365 @@ fn a_second_retag_in_one_session_goes_back() {
     assert_eq!(vol.superblock().profile, Profile::Crc32c);
     check_reads(&vol, &model, "back, reopened");
     check_tags(&vol, Profile::Crc32c, &model, "back, reopened");
+}
+
+/// Groups re-tagged now, for a re-tag from `from` to `to`: the cursor while it runs, 0 before
+/// it starts, every group once it is complete.
+fn cursor_now(vol: &Volume, to: Profile) -> u64 {
+    match vol.retag_status() {
+        Some(s) => s.cursor,
+        None if vol.profile() == to => GROUPS,
+        None => 0,
+    }
+}
+
+/// One `read_with_pi` of `count` blocks from `first` during a re-tag from `from` to `to`,
+/// checked: the data is the model's; every tuple is the tag of that data under the profile
+/// `PiProfiles` names for its block (the all-zero tuple for a block never written); that
+/// profile is the target for blocks re-tagged before the read began and the old one for blocks
+/// not re-tagged when it ended. Returns the profiles named.
+fn checked_read_with_pi(
+    vol: &Volume,
+    (from, to): (Profile, Profile),
+    model: &BTreeMap<u64, Vec<u8>>,
+    first: u64,
+    count: u64,
+) -> Vec<Profile> {
+    let t = vol.pi_size();
+    let (mut data, mut pi) = (vec![0u8; (count * BS) as usize], vec![0u8; count as usize * t]);
+    let before = cursor_now(vol, to);
+    let made = vol
+        .read_with_pi(&mut data, &mut pi, first * BS)
+        .unwrap_or_else(|e| panic!("read_with_pi of {count} blocks at {first}: {e}"));
+    let after = cursor_now(vol, to);
+    let mut named = Vec::new();
+    for k in 0..count {
+        let b = first + k;
+        let chunk = &data[(k * BS) as usize..((k + 1) * BS) as usize];
+        let tuple = &pi[k as usize * t..(k as usize + 1) * t];
+        let ctx = format!("block {b} (cursor {before}..{after}), {made:?}");
+        let want = model.get(&b).cloned().unwrap_or_else(|| vec![0; BS as usize]);
+        assert!(chunk == want, "{ctx}: other data");
+        let profile = made.profile(b);
+        let group = b / u64::from(GROUP);
+        if group < before {
+            assert_eq!(profile, to, "{ctx}: re-tagged before the read");
+        } else if group >= after {
+            assert_eq!(profile, from, "{ctx}: not re-tagged after the read");
+        }
+        if !model.contains_key(&b) {
+            assert!(tuple.iter().all(|&x| x == 0), "{ctx}: never written");
+            continue;
+        }
+        let tag = blockguard::tag::Tag::from_bytes(tuple);
+        assert!(
+            made.tagger(b).verify(b, chunk, &tag),
+            "{ctx}: tuple {tag} does not verify the data under {profile}"
+        );
+        named.push(profile);
+    }
+    named
+}
+
+/// `read_with_pi` while a re-tag runs (a reader thread reading continuously, and at least once
+/// between any two steps): every tuple verifies the data returned with it under the profile
+/// the read names for its block, and that profile is the one covering the block during the
+/// read (see `checked_read_with_pi`). Before the fix the tuple was computed with the profile
+/// covering the block after the read, which the caller could not know: a step passing the
+/// block in between gave it a tuple of the target for data read under the old profile.
+#[test]
+fn reads_with_pi_during_a_retag_name_the_profile_of_each_tuple() {
+    for (mode, from, to) in [
+        (Mode::Dual, Profile::Crc32c, Profile::Xxh3),
+        (Mode::Journal, Profile::HmacSha256, Profile::Blake3Keyed),
+    ] {
+        let fo = format_opts(mode, from);
+        let backend = Arc::new(FaultBackend::new(fo.backing_len().unwrap()).unwrap());
+        let vol = Volume::format(backend, &fo).unwrap();
+        let model = write_pattern(&vol);
+        let reads = AtomicU64::new(0);
+        let done = AtomicBool::new(false);
+        let mut mixed = 0;
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let (mut seen, mut i) = (0, 0u64);
+                while !done.load(Ordering::SeqCst) {
+                    // The whole volume, and short reads across group boundaries.
+                    let (first, count) = if i % 3 == 0 {
+                        (0, BLOCKS)
+                    } else {
+                        ((i * 5) % (BLOCKS - 4), 4)
+                    };
+                    let named = checked_read_with_pi(&vol, (from, to), &model, first, count);
+                    if named.contains(&from) && named.contains(&to) {
+                        seen += 1;
+                    }
+                    i += 1;
+                    reads.fetch_add(1, Ordering::SeqCst);
+                }
+                seen
+            });
+            let report = retag(&vol, to, &mut |_, _| {
+                // Let the reader read at least once (from start to end) at this cursor.
+                let at = reads.load(Ordering::SeqCst);
+                while reads.load(Ordering::SeqCst) < at + 2 && !reader.is_finished() {
+                    std::thread::yield_now();
+                }
+            });
+            done.store(true, Ordering::SeqCst);
+            let report = report.unwrap_or_else(|e| panic!("{mode:?} {from} → {to}: {e}"));
+            assert!(report.complete && report.bad_blocks.is_empty(), "{report:?}");
+            mixed = reader.join().unwrap();
+        });
+        assert!(mixed > 0, "{mode:?}: no read saw both profiles");
+        eprintln!(
+            "{mode:?} {from} → {to}: {} reads with PI, {mixed} named both profiles",
+            reads.load(Ordering::SeqCst)
+        );
+        let named = checked_read_with_pi(&vol, (from, to), &model, 0, BLOCKS);
+        assert!(named.iter().all(|&p| p == to));
+        check_clean(&vol, "after the re-tag");
+        vol.close().unwrap();
+    }
+}
+
+// ---- Mirror sets ----------------------------------------------------------------------------
+//
+// Every copy ends with the target's tags (the set and each copy alone read every block
+// verified under the target, the copies identical outside their superblocks); a block bad on
+// one copy is repaired from a good copy before its re-tag, one bad on every copy keeps its old
+// tag, is reported and keeps failing; a degraded set is refused with the copy named and
+// nothing written; a copy that fails during the re-tag stops it with the cursor recorded, a
+// resync brings the copy onto the target's tags (the step's groups were marked), and the same
+// call then completes it. Crashes of the copies, each on its own: `tests/mirror_crash.rs`.
+
+fn dyns(fbs: &[Arc<FaultBackend>], which: &[usize]) -> Vec<Arc<dyn Backend>> {
+    which
+        .iter()
+        .map(|&m| fbs[m].clone() as Arc<dyn Backend>)
+        .collect()
+}
+
+/// A set of `n` fault-injecting copies, formatted with `mode` and `from`, the pattern written
+/// (`write_pattern`): the copies, the open set and the model.
+fn written_set(
+    n: usize,
+    mode: Mode,
+    from: Profile,
+    to: Profile,
+) -> (Vec<Arc<FaultBackend>>, Volume, BTreeMap<u64, Vec<u8>>) {
+    let fo = format_opts(mode, from);
+    let len = fo.backing_len().unwrap();
+    let fbs: Vec<Arc<FaultBackend>> = (0..n)
+        .map(|_| Arc::new(FaultBackend::new(len).unwrap()))
+        .collect();
+    let all: Vec<usize> = (0..n).collect();
+    Volume::format_members(dyns(&fbs, &all), &fo)
+        .unwrap()
+        .close()
+        .unwrap();
+    let vol = Volume::open_members(dyns(&fbs, &all), &open_opts(from, to)).unwrap();
+    let model = write_pattern(&vol);
+    (fbs, vol, model)
+}
+
+/// Every block of `vol` reads as the model says (zeros where it has nothing), verified, and
+/// `check` finds nothing — except the blocks `bad`, which must fail.
+fn check_volume(vol: &Volume, model: &BTreeMap<u64, Vec<u8>>, bad: &[u64], what: &str) {
+    let mut buf = vec![0u8; BS as usize];
+    for b in 0..BLOCKS {
+        let r = vol.read_at(&mut buf, b * BS);
+        if bad.contains(&b) {
+            assert!(
+                matches!(r, Err(Error::Corrupt { .. })),
+                "{what}: block {b}: {r:?}"
+            );
+            continue;
+        }
+        r.unwrap_or_else(|e| panic!("{what}: block {b}: {e}"));
+        let want = model.get(&b).cloned().unwrap_or_else(|| vec![0; BS as usize]);
+        assert!(buf == want, "{what}: block {b} reads other data");
+    }
+    let found: Vec<u64> = vol
+        .check_blocks(0, BLOCKS)
+        .unwrap()
+        .iter()
+        .map(|p| p.block)
+        .collect();
+    assert_eq!(found, bad, "{what}: check");
+}
+
+/// After the set is closed: each copy alone opens with profile `to` (its key alone), reads as
+/// the model says and has `to`'s tags; the copies are identical outside their superblock
+/// regions.
+fn check_copies(fbs: &[Arc<FaultBackend>], to: Profile, model: &BTreeMap<u64, Vec<u8>>, what: &str) {
+    let opts = OpenOptions {
+        key: key_for(to, 0x22),
+        read_only: true,
+        ..OpenOptions::default()
+    };
+    for m in 0..fbs.len() {
+        let alone = Volume::open_members(dyns(fbs, &[m]), &opts)
+            .unwrap_or_else(|e| panic!("{what}: copy {m} alone: {e}"));
+        assert_eq!(
+            (alone.profile(), alone.retag_status()),
+            (to, None),
+            "{what}: copy {m}"
+        );
+        check_volume(&alone, model, &[], &format!("{what}, copy {m} alone"));
+        check_tags(&alone, to, model, &format!("{what}, copy {m} alone"));
+    }
+    let first = fbs[0].live_image();
+    let end = first.len() - 4096;
+    for (m, fb) in fbs.iter().enumerate().skip(1) {
+        let img = fb.live_image();
+        let differ = (4096..end).find(|&i| img[i] != first[i]);
+        assert_eq!(differ, None, "{what}: copies 0 and {m} differ at byte {differ:?}");
+    }
+}
+
+#[test]
+fn every_copy_of_a_mirror_set_is_retagged_while_a_client_writes() {
+    for (n, mode, from, to) in [
+        (2, Mode::Dual, Profile::Crc32c, Profile::Xxh3),
+        (3, Mode::Journal, Profile::HmacSha256, Profile::Blake3Keyed),
+        (2, Mode::Rebuild, Profile::Xxh3, Profile::T10Dif),
+    ] {
+        let what = format!("{n} copies, {} {from} → {to}", mode.name());
+        let (fbs, vol, mut model) = written_set(n, mode, from, to);
+        let mut round = 1;
+        let report = retag(&vol, to, &mut |done, total| {
+            if done > 0 && done < total {
+                client_round(&vol, done, 1, &mut round, &mut model);
+            }
+        })
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(report.complete, "{what}: {report:?}");
+        assert!(
+            report.bad_blocks.is_empty() && report.damaged.is_empty() && report.repaired == 0,
+            "{what}: {report:?}"
+        );
+        assert_eq!(vol.profile(), to);
+        check_volume(&vol, &model, &[], &what);
+        vol.close().unwrap();
+        check_copies(&fbs, to, &model, &what);
+    }
+}
+
+/// A re-tag of a 2-copy set with the block copies `bad_copies` (copy, block) damaged: `bad`
+/// reported (and failing), `repaired` copies rewritten first, the rest reads everywhere.
+fn retag_with_bad_copies(bad_copies: &[(usize, u64)], bad: &[u64], repaired: u64) {
+    let (from, to) = (Profile::Crc32c, Profile::Crc64Nvme);
+    let (fbs, vol, model) = written_set(2, Mode::Dual, from, to);
+    for &(m, b) in bad_copies {
+        fbs[m].flip_bit(vol.geometry().data_offset(b) + 77, 3).unwrap();
+    }
+    let report = retag(&vol, to, &mut |_, _| {}).unwrap();
+    let what = format!("bad copies {bad_copies:?}: {report:?}");
+    assert!(report.complete, "{what}");
+    let found: Vec<u64> = report.bad_blocks.iter().map(|p| p.block).collect();
+    assert_eq!((found.as_slice(), report.repaired), (bad, repaired), "{what}");
+    check_volume(&vol, &model, bad, &what);
+    vol.close().unwrap();
+    if bad.is_empty() {
+        check_copies(&fbs, to, &model, &what);
+    }
+}
+
+#[test]
+fn a_block_bad_on_one_copy_is_repaired_before_its_retag() {
+    // Block 9 bad on copy 1, block 30 on copy 0: whichever copy a step reads from, one of
+    // them is read from its bad copy.
+    retag_with_bad_copies(&[(1, 9), (0, 30)], &[], 2);
+}
+
+#[test]
+fn a_block_bad_on_every_copy_is_reported_and_keeps_failing() {
+    retag_with_bad_copies(&[(0, 20), (1, 20)], &[20], 0);
+}
+
+/// The re-tag is refused naming copy `m` as out of sync, with the way out.
+fn refused_naming_copy(r: &blockguard::Result<RetagReport>, m: usize) {
+    match r {
+        Err(e @ Error::InvalidArgument { .. }) => {
+            let s = e.to_string();
+            assert!(
+                s.contains(&format!("copy {m} ("))
+                    && s.contains("out of sync")
+                    && s.contains("mirror resync"),
+                "{s}"
+            );
+        }
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
+/// A degraded set is refused, naming the copy, writing nothing; a copy failing during a
+/// re-tag stops it, and after a resync the same call completes it. `groups_only`: the copy
+/// fails writes to the groups (metadata and data) only, so it drops out inside a step, at the
+/// step's metadata writes (the step completes on the other copy, and the group it re-tagged
+/// reaches the dropped copy at the resync because the step marked it first); else it fails
+/// everywhere and drops out at the record of the cursor after the step.
+fn refused_then_dropped_midway(groups_only: bool) {
+    let (from, to) = (Profile::Crc32c, Profile::Xxh3);
+    let what = if groups_only {
+        "failing in the groups"
+    } else {
+        "failing everywhere"
+    };
+    let (fbs, vol, mut model) = written_set(2, Mode::Dual, from, to);
+    let geo = *vol.geometry();
+    // Copy 1 drops out at a flush; the set is degraded.
+    fbs[1].fail_writes_at(0..geo.backing_len);
+    vol.write_at(&content(0, 9), 0).unwrap();
+    model.insert(0, content(0, 9));
+    vol.flush().unwrap();
+    assert!(!vol.members()[1].1, "copy 1 is still in sync");
+    let before = fbs[0].live_image();
+    refused_naming_copy(&retag(&vol, to, &mut |_, _| {}), 1);
+    assert!(fbs[0].live_image() == before, "a refused re-tag wrote");
+    assert_eq!(vol.retag_status(), None);
+    fbs[1].clear_faults();
+    vol.resync(&mut |_, _| {}).unwrap();
+
+    let failing = if groups_only {
+        geo.first_group_offset..geo.map_offset(blockguard::format::MapKind::Written, 1)
+    } else {
+        0..geo.backing_len
+    };
+    let r = retag(&vol, to, &mut |done, _| {
+        if done == 3 {
+            fbs[1].fail_writes_at(failing.clone());
+        }
+    });
+    refused_naming_copy(&r, 1);
+    let cursor = vol.retag_status().unwrap().cursor;
+    assert_eq!(cursor, if groups_only { 4 } else { 3 }, "{what}");
+    let (sb, _) = Volume::read_superblock(&*fbs[0]).unwrap();
+    assert_eq!(
+        sb.retag.map(|r| (r.target, r.cursor)),
+        Some((to, cursor)),
+        "{what}"
+    );
+    // Still refused until the copy is back; the data reads meanwhile.
+    refused_naming_copy(&retag(&vol, to, &mut |_, _| {}), 1);
+    check_volume(&vol, &model, &[], &format!("{what}: degraded, mid-re-tag"));
+    fbs[1].clear_faults();
+    let resync = vol.resync(&mut |_, _| {}).unwrap();
+    assert!(resync.groups >= 1, "{what}: {resync:?}");
+    let report = retag(&vol, to, &mut |_, _| {}).unwrap();
+    assert!(
+        report.complete && report.bad_blocks.is_empty(),
+        "{what}: {report:?}"
+    );
+    assert_eq!(report.started_at, cursor, "{what}");
+    check_volume(&vol, &model, &[], &format!("{what}: resumed"));
+    vol.close().unwrap();
+    check_copies(&fbs, to, &model, &format!("{what}: resynced and resumed"));
+}
+
+#[test]
+fn a_degraded_set_is_refused_and_a_copy_dropped_midway_is_resynced_onto_the_target() {
+    refused_then_dropped_midway(false);
+    refused_then_dropped_midway(true);
 }

@@ -63,6 +63,9 @@ pub(crate) struct RetagRequest {
     /// hex. The socket is the owner's alone; the key is never logged.
     #[serde(default)]
     pub(crate) key: Option<String>,
+    /// Most bytes of the volume passed per second (none: unlimited).
+    #[serde(default)]
+    pub(crate) rate: Option<u64>,
 }
 
 impl std::fmt::Debug for RetagRequest {
@@ -71,6 +74,7 @@ impl std::fmt::Debug for RetagRequest {
         f.debug_struct("RetagRequest")
             .field("profile", &self.profile)
             .field("key", &self.key.as_ref().map(|_| "<given>"))
+            .field("rate", &self.rate)
             .finish()
     }
 }

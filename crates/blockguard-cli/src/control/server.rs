@@ -425,6 +425,7 @@ impl Shared {
         let opts = blockguard::RetagOptions {
             key: key.as_ref(),
             stop: Some(&stop),
+            rate: req.rate,
             ..blockguard::RetagOptions::new(profile)
         };
         let result = vol.retag(&opts, &mut |done, total| {

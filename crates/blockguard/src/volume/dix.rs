@@ -8,8 +8,11 @@
 //! ([`Volume::tagger`]), so corruption anywhere on the way — in its buffers, a copy, a network
 //! hop — is caught at the write, not months later at a read.
 
+use super::tags::Coverage;
 use super::{invalid, Volume};
 use crate::error::Result;
+use crate::tag::{Profile, Tagger};
+use std::sync::Arc;
 
 impl Volume {
     /// The tagger of this volume (its profile, bound to its UUID and key): computes the
@@ -105,18 +108,46 @@ impl Volume {
     }
 
     /// Reads whole blocks (verified, as [`Volume::read_at`]) and the protection information
-    /// stored with them: one tuple per block into `pi` ([`Volume::pi_size`] bytes each). A
+    /// of the data read: one tuple per block into `pi` ([`Volume::pi_size`] bytes each). A
     /// block that holds no data (never written, or discarded) has the all-zero tuple, the
-    /// UNWRITTEN tag, and reads as zeros. Every tuple verifies the data returned with it.
-    pub fn read_with_pi(&self, data: &mut [u8], pi: &mut [u8], offset: u64) -> Result<()> {
+    /// UNWRITTEN tag, and reads as zeros.
+    ///
+    /// Each tuple is the tag of the data returned with it under the profile the returned
+    /// [`PiProfiles`] names for its block — the one that covered the block for the whole read
+    /// (normally the volume's; during an online re-tag the target's for blocks already
+    /// re-tagged), so it verifies that data with that profile, and a block that verified
+    /// against its stored tag gets that tag back. (A re-tag step cannot pass the blocks while
+    /// they are read: the read holds their stripes, as a write does, and a step needs them
+    /// before its cursor moves; writes to them wait for the read too.)
+    ///
+    /// ```
+    /// use blockguard::blockguard_backend::MemoryBackend;
+    /// use blockguard::{FormatOptions, Profile, Volume};
+    /// use std::sync::Arc;
+    ///
+    /// let opts = FormatOptions::with_size(1 << 20);
+    /// let vol = Volume::format(Arc::new(MemoryBackend::new(opts.backing_len()?)?), &opts)?;
+    /// vol.write_at(&[7; 4096], 0)?;
+    /// let (mut data, mut pi) = (vec![0; 8192], vec![0; 16]);
+    /// let made_by = vol.read_with_pi(&mut data, &mut pi, 0)?;
+    /// assert_eq!(made_by.profile(0), Profile::Crc32c);
+    /// let tag = blockguard::tag::Tag::from_bytes(&pi[..8]);
+    /// assert!(made_by.tagger(0).verify(0, &data[..4096], &tag));
+    /// assert_eq!(&pi[8..], &[0; 8]); // block 1 was never written
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn read_with_pi(&self, data: &mut [u8], pi: &mut [u8], offset: u64) -> Result<PiProfiles> {
         let blocks = self.pi_request(data.len(), pi.len(), offset)?;
-        // Holes first, then the data: a block written in between is returned with its own
-        // tag, computed from the data read (which verified against it, so it is the stored one).
+        let bs = self.inner.geo.block_size as usize;
+        let first = offset / bs as u64;
+        // No re-tag step passes these blocks (it locks their stripes before its cursor moves)
+        // and no write to them is staged until the tuples are made: the profile covering each
+        // block is the same when its data is verified and when its tuple is computed.
+        let _stripes = self.inner.lock_stripes(first, blocks as u64);
+        let coverage = self.inner.tagger.coverage();
         let holes = self.inner.extents(offset, data.len() as u64)?;
         self.inner.read_at(data, offset)?;
-        let bs = self.inner.geo.block_size as usize;
         let t = self.pi_size();
-        let first = offset / bs as u64;
         for k in 0..blocks {
             let block = first + k as u64;
             let chunk = &data[k * bs..(k + 1) * bs];
@@ -128,9 +159,39 @@ impl Volume {
             if hole && crate::tag::is_zero(chunk) {
                 out.fill(0);
             } else {
-                out.copy_from_slice(self.inner.tagger.generate(block, chunk).as_bytes());
+                out.copy_from_slice(coverage.tagger(block).generate(block, chunk).as_bytes());
             }
         }
-        Ok(())
+        Ok(PiProfiles(coverage))
+    }
+}
+
+/// Which profile made each tuple [`Volume::read_with_pi`] returned. Outside an online re-tag
+/// that is the volume's profile for every block; during one, the target's for the blocks of
+/// the groups already re-tagged when the read ran, the volume's for the others.
+#[derive(Clone)]
+pub struct PiProfiles(Coverage);
+
+impl PiProfiles {
+    /// The tagger whose tag of `block`'s data is its tuple (bound to the volume's UUID and,
+    /// for a keyed profile, its key): verify the tuple with it.
+    pub fn tagger(&self, block: u64) -> &Arc<Tagger> {
+        self.0.tagger(block)
+    }
+
+    /// The profile of `block`'s tuple.
+    pub fn profile(&self, block: u64) -> Profile {
+        self.tagger(block).profile()
+    }
+}
+
+impl std::fmt::Debug for PiProfiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("PiProfiles");
+        d.field("profile", &self.0.current.profile());
+        if let Some((t, end)) = &self.0.target {
+            d.field("target", &t.profile()).field("target_below_block", end);
+        }
+        d.finish()
     }
 }

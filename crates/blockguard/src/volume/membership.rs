@@ -35,7 +35,8 @@ impl Volume {
         let members = self.member_backends();
         let sb = self.inner.tagger.apply(self.superblock());
         if let Some(r) = &sb.retag {
-            // A mirror set cannot be re-tagged: the set would be stuck half-way.
+            // Kept out while a re-tag is in progress: the copy is built by copying every written
+            // group, which a step may rewrite meanwhile; finishing the re-tag first is cheap.
             return Err(invalid(
                 &name,
                 format!(

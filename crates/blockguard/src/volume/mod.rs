@@ -31,6 +31,7 @@ mod read;
 mod recover;
 mod resync;
 mod retag;
+mod retag_mirror;
 mod retag_online;
 mod scrub;
 mod stage;
@@ -41,6 +42,7 @@ mod write;
 
 pub use commit::journal::{limits as journal_limits, JournalLimits, JournalStatus, ReplayReport};
 pub use commit::ResumeReport;
+pub use dix::PiProfiles;
 pub use health::{ClearedErrors, VolumeFailure, VolumeHealth};
 pub use mirror::{member_records, CopyState, CopyStatus};
 pub use policy::Suspension;

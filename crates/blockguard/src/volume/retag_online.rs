@@ -61,6 +61,10 @@ pub struct RetagOptions<'a> {
     pub step_bytes: u64,
     /// How often the cursor is written to the superblock (also at a stop and at the end).
     pub record_every: Duration,
+    /// Most bytes of the volume passed per second (every group a step covers counts, written
+    /// or not); `None`: as fast as it goes. For a re-tag that should leave the disk to the
+    /// clients; a stop is noticed while it waits.
+    pub rate: Option<u64>,
 }
 
 impl RetagOptions<'_> {
@@ -72,6 +76,7 @@ impl RetagOptions<'_> {
             stop: None,
             step_bytes: STEP_BYTES,
             record_every: RECORD_EVERY,
+            rate: None,
         }
     }
 }
@@ -99,6 +104,9 @@ pub struct RetagReport {
     pub bad_blocks: Vec<BlockProblem>,
     /// Metadata sectors whose tags cannot be trusted: left as they are, listed.
     pub damaged: Vec<super::MetadataProblem>,
+    /// Mirror sets: block copies that failed verification on one copy and were rewritten from
+    /// a good copy before their re-tag.
+    pub repaired: u64,
     /// Every group is re-tagged and the volume's profile is now the target.
     pub complete: bool,
 }
@@ -141,10 +149,14 @@ impl Volume {
     /// is keyed. `progress(done, total)` counts groups; `opts.stop` is checked between steps
     /// (the report then says `complete: false`).
     ///
-    /// Refused before anything is written: a read-only or failed volume, a mirror set, a
-    /// target that is the volume's profile or of another tag size (the metadata layout
-    /// depends on it), a missing, wrong or superfluous key, a re-tag in progress to another
-    /// target, one already running.
+    /// A mirror set is re-tagged on every copy (each copy's blocks verified against its own
+    /// metadata, and repaired from a good copy first where they fail); it must have every copy
+    /// in sync, and a copy that falls out of sync stops the re-tag at the next step.
+    ///
+    /// Refused before anything is written: a read-only or failed volume, a mirror set with a
+    /// copy out of sync, a target that is the volume's profile or of another tag size (the
+    /// metadata layout depends on it), a missing, wrong or superfluous key, a re-tag in
+    /// progress to another target, one already running.
     pub fn retag(&self, opts: &RetagOptions<'_>, progress: &mut dyn FnMut(u64, u64)) -> Result<RetagReport> {
         let inner = &self.inner;
         if inner.retag_running.swap(true, Ordering::AcqRel) {
@@ -173,6 +185,7 @@ impl Inner {
     fn retag(&self, opts: &RetagOptions<'_>, progress: &mut dyn FnMut(u64, u64)) -> Result<RetagReport> {
         let (target, key) = (opts.profile, opts.key);
         self.writable()?;
+        self.retag_needs_every_copy()?;
         let from = self.tagger.current().profile();
         let started_at = if let Some(s) = self.tagger.switch() {
             self.check_resume(s.to, target, key)?;
@@ -191,17 +204,28 @@ impl Inner {
             ..RetagReport::default()
         };
         let mut recorded = Instant::now();
+        let mut pacer = opts.rate.map(super::scrub::Pacer::new);
+        let stopped = || opts.stop.is_some_and(|s| s.load(Ordering::Acquire));
         progress(report.cursor, self.geo.groups);
         while report.cursor < self.geo.groups {
             // A failure or the `read-only` policy's suspension since the start stops it here
             // (the cursor on disk stays where it was recorded: behind, which is safe).
             self.writable()?;
-            if opts.stop.is_some_and(|s| s.load(Ordering::Acquire)) {
+            if stopped() {
                 self.record_retag("recording where the re-tag stopped")?;
                 return Ok(report);
             }
+            if let Err(e) = self.retag_needs_every_copy() {
+                // A copy fell out of sync: record how far the set got, for the resume.
+                self.record_retag("recording where the re-tag stopped")?;
+                return Err(e);
+            }
+            let before = report.cursor;
             report.cursor = self.retag_step(report.cursor, opts.step_bytes, &mut report)?;
             progress(report.cursor, self.geo.groups);
+            if let Some(p) = &mut pacer {
+                p.after(self.groups_bytes(before..report.cursor), &stopped);
+            }
             self.writable()?;
             if recorded.elapsed() >= opts.record_every && report.cursor < self.geo.groups {
                 self.record_retag("recording the re-tag's progress")?;
@@ -214,6 +238,17 @@ impl Inner {
         tracing::info!(volume = %self.name, from = %from, to = %target, "re-tag complete");
         report.complete = true;
         Ok(report)
+    }
+
+    /// Bytes of data in `groups`.
+    fn groups_bytes(&self, groups: std::ops::Range<u64>) -> u64 {
+        let first = self.geo.first_block(groups.start);
+        let end = if groups.end >= self.geo.groups {
+            self.geo.data_blocks
+        } else {
+            self.geo.first_block(groups.end)
+        };
+        (end - first) * u64::from(self.geo.block_size)
     }
 
     /// The superblocks' state on disk now.
@@ -235,15 +270,6 @@ impl Inner {
     /// A re-tag to `target`, with `key`, may start on this volume of profile `from`: returns
     /// the target's tagger. Nothing is written.
     fn check_new_target(&self, from: Profile, target: Profile, key: Option<&TagKey>) -> Result<Tagger> {
-        if self.backend.count() > 1 {
-            return Err(Error::Unsupported {
-                volume: self.name.clone(),
-                detail:
-                    "a mirror set cannot be re-tagged yet: remove its copies (`blockguard mirror remove`), \
-                         re-tag, and add them back"
-                        .into(),
-            });
-        }
         if target == from {
             return Err(super::invalid(
                 &self.name,
@@ -325,6 +351,7 @@ impl Inner {
             volume: self.name.clone(),
             what: "the re-tag".into(),
         })?;
+        self.retag_marks(&mut m, from..end)?;
         for group in from..end {
             self.retag_group_to(&m, group, &target, report)?;
         }
@@ -346,9 +373,13 @@ impl Inner {
         target: &Tagger,
         report: &mut RetagReport,
     ) -> Result<()> {
-        let state = self.confirmed_group(group)?;
+        let mut state = self.confirmed_group(group)?;
         if !state.any_written() {
             return Ok(());
+        }
+        if self.retag_settle_copies(group, report)? {
+            // A copy was repaired: what the step re-tags from is read again.
+            state = self.confirmed_group(group)?;
         }
         let (bs, ts, per) = self.tag_layout();
         let (first, mut data) = self.group_buffer(group);
@@ -445,8 +476,9 @@ impl Inner {
             )
         };
         tracing::warn!(volume = %self.name, block, "re-tag: block failed verification: {detail}");
-        // A bad block the re-tag finds is one with no good copy (mirror sets are not
-        // re-tagged), as if a read had found it: the error policy applies.
+        // A bad block the re-tag finds is one with no good copy (on a mirror set the copies
+        // were checked, and repaired where a good one exists, before the step read it), as if
+        // a read had found it: the error policy applies.
         let kind = if tag.is_unwritten() {
             crate::CorruptionKind::UnwrittenNotZero
         } else {

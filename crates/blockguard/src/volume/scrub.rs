@@ -190,16 +190,25 @@ impl ScrubReport {
     }
 }
 
-/// Keeps a scrub at its rate by sleeping after each chunk.
-struct Pacer {
+/// Keeps a scrub (or a re-tag, `retag_online.rs`) at its rate by sleeping after each chunk.
+pub(super) struct Pacer {
     rate: u64,
     since: Instant,
     bytes: u64,
 }
 
 impl Pacer {
+    /// Paces to `rate` bytes per second from now.
+    pub(super) fn new(rate: u64) -> Pacer {
+        Pacer {
+            rate,
+            since: Instant::now(),
+            bytes: 0,
+        }
+    }
+
     /// Sleeps until `n` more bytes are due at the rate, or until `stopped()`.
-    fn after(&mut self, n: u64, stopped: &dyn Fn() -> bool) {
+    pub(super) fn after(&mut self, n: u64, stopped: &dyn Fn() -> bool) {
         self.bytes += n;
         let due = Duration::from_nanos(
             u64::try_from(u128::from(self.bytes) * 1_000_000_000 / u128::from(self.rate.max(1)))
@@ -300,11 +309,7 @@ impl Volume {
             },
             repairs_before: self.repairs_so_far(),
             started: Instant::now(),
-            pacer: opts.rate.map(|rate| Pacer {
-                rate,
-                since: Instant::now(),
-                bytes: 0,
-            }),
+            pacer: opts.rate.map(Pacer::new),
             buf: super::aligned(usize_of(chunk), 4096),
             mirrored: self.members().len() > 1,
             last_group: None,

@@ -38,6 +38,26 @@ struct Switch {
     cursor: u64,
 }
 
+/// Which profile covered which block at one instant (see [`Tags::coverage`]).
+#[derive(Clone)]
+pub(crate) struct Coverage {
+    /// The volume's profile: covers every block, or those from the target's boundary on.
+    pub(crate) current: Arc<Tagger>,
+    /// During a re-tag: the target, and the first block it does not cover (the first block of
+    /// the cursor's group).
+    pub(crate) target: Option<(Arc<Tagger>, u64)>,
+}
+
+impl Coverage {
+    /// The tagger covering `block`.
+    pub(crate) fn tagger(&self, block: u64) -> &Arc<Tagger> {
+        match &self.target {
+            Some((t, end)) if block < *end => t,
+            _ => &self.current,
+        }
+    }
+}
+
 /// Where a re-tag stands: the profiles and the cursor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct SwitchState {
@@ -106,6 +126,22 @@ impl Tags {
         match &s.switch {
             Some(w) if self.switched(w, block) => w.target.clone(),
             _ => s.current.clone(),
+        }
+    }
+
+    /// Which profile covers which block now, as one consistent picture: the taggers, and the
+    /// first block the volume's profile covers (blocks before it have the target's tags).
+    pub(crate) fn coverage(&self) -> Coverage {
+        let s = self.read();
+        match &s.switch {
+            None => Coverage {
+                current: s.current.clone(),
+                target: None,
+            },
+            Some(w) => Coverage {
+                current: s.current.clone(),
+                target: Some((w.target.clone(), w.cursor.saturating_mul(self.group_blocks))),
+            },
         }
     }
 

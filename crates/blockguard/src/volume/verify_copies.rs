@@ -69,7 +69,7 @@ impl Inner {
 
     /// Reads member `member`'s metadata of `group` and its data of blocks `block..block+n`
     /// (starting at `index` in the group) and returns the blocks that do not verify there.
-    fn check_member_run(
+    pub(super) fn check_member_run(
         &self,
         member: usize,
         group: u64,

@@ -111,7 +111,8 @@ impl Volume {
         };
         let reference = found
             .iter()
-            .find(|(_, sb, _)| sb.mirror.as_ref().is_some_and(|m| m.event == authority.event))
+            .filter(|(_, sb, _)| sb.mirror.as_ref().is_some_and(|m| m.event == authority.event))
+            .max_by_key(|(_, sb, _)| retag_stage(sb, &found))
             .map(|(_, sb, _)| sb.clone())
             .ok_or_else(|| invalid("mirror set", "no authoritative member".into()))?;
         let (slots, views, in_use) = assign_roles(found, &reference, &authority, &mut left_out)?;
@@ -326,6 +327,27 @@ fn mark_stale_members(
     }
 }
 
+/// How far a member's superblock is along an online re-tag, to pick the set's reference among
+/// the members of the newest event. The re-tag's superblock writes (its start, its cursor, its
+/// end) do not raise the event, and a crash between two members' writes leaves them saying
+/// different things — each safe to open with, since every member's groups are durable before
+/// any superblock says they are re-tagged (CONSISTENCY.md, "Re-tagging a volume in use",
+/// mirror sets); the one furthest along is taken: the re-tag complete (its target is the
+/// member's profile and another member is still on the way to it), then in progress with the
+/// highest cursor, then none.
+fn retag_stage(sb: &Superblock, all: &[Read]) -> (u8, u64) {
+    match &sb.retag {
+        Some(r) => (1, r.cursor),
+        None if all
+            .iter()
+            .any(|(_, o, _)| o.retag.as_ref().is_some_and(|r| r.target == sb.profile)) =>
+        {
+            (2, 0)
+        }
+        None => (0, 0),
+    }
+}
+
 /// Checks a member's superblock against the set's reference; returns its role.
 fn check_member(
     name: &str,
@@ -342,7 +364,11 @@ fn check_member(
     if m.set != authority.set || sb.uuid != reference.uuid {
         return Err(invalid(name, "a member of another mirror set".into()));
     }
-    if sb.geometry != reference.geometry || sb.profile != reference.profile || sb.mode != reference.mode {
+    // A member still on the way to the reference's profile (a crash between the members'
+    // superblock writes at the end of a re-tag) is of the set: its groups are the same.
+    let profile_fits =
+        sb.profile == reference.profile || sb.retag.as_ref().is_some_and(|r| r.target == reference.profile);
+    if sb.geometry != reference.geometry || !profile_fits || sb.mode != reference.mode {
         return Err(invalid(name, "its layout differs from the set's".into()));
     }
     let role = usize::from(m.role);
