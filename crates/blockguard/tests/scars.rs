@@ -387,32 +387,45 @@ fn recovery_heals_the_scars_of_the_groups_it_settles() {
     d.clear();
 }
 
-/// A mirror set: a scar on one member costs no read (that member still serves every block
-/// whose data matches), and a scrub counts that member's copies bad and rewrites its scarred
-/// sector from the other member's intact one: the members hold the same metadata again.
-#[test]
-fn a_scar_on_one_mirror_member_is_repaired_from_the_other() {
+/// A two-member mirror set written with two rounds, closed.
+fn written_mirror_set() -> (Vec<Arc<MemoryBackend>>, blockguard::format::Geometry) {
     use blockguard::blockguard_backend::Backend;
     let o = format_opts(Mode::Dual, Profile::Crc32c);
     let len = o.backing_len().unwrap();
     let m: Vec<Arc<MemoryBackend>> = (0..2)
         .map(|_| Arc::new(MemoryBackend::new(len).unwrap()))
         .collect();
+    let dyns: Vec<Arc<dyn Backend>> = m.iter().map(|b| b.clone() as Arc<dyn Backend>).collect();
+    let vol = Volume::format_members(dyns, &o).unwrap();
+    write_two_rounds(&vol);
+    let geo = *vol.geometry();
+    vol.close().unwrap();
+    (m, geo)
+}
+
+/// Scars the newest brother of pair 0 on one member, in block 4's tag.
+fn scar_newest_on(member: &MemoryBackend, geo: &blockguard::format::Geometry) {
+    use blockguard::blockguard_backend::Backend;
+    let at = sector0(geo, 1, tag_at(4, 8) + 3) as u64;
+    let mut byte = [0u8; 1];
+    member.read_at(&mut byte, at).unwrap();
+    member.write_at(&[byte[0] ^ 0x80], at).unwrap();
+}
+
+/// A mirror set: a scar on one member costs no read (that member still serves every block
+/// whose data matches), and a scrub counts that member's copies bad and rewrites its scarred
+/// sector from the other member's intact one: the members hold the same metadata again.
+#[test]
+fn a_scar_on_one_mirror_member_is_repaired_from_the_other() {
+    use blockguard::blockguard_backend::Backend;
+    let (m, geo) = written_mirror_set();
     let dyns = || {
         m.iter()
             .map(|b| b.clone() as Arc<dyn Backend>)
             .collect::<Vec<_>>()
     };
-    let vol = Volume::format_members(dyns(), &o).unwrap();
-    write_two_rounds(&vol);
-    let geo = *vol.geometry();
-    vol.close().unwrap();
     for member in 0..2 {
-        // The newest brother of pair 0 on `member`, hit in block 4's tag.
-        let at = sector0(&geo, 1, tag_at(4, 8) + 3) as u64;
-        let mut byte = [0u8; 1];
-        m[member].read_at(&mut byte, at).unwrap();
-        m[member].write_at(&[byte[0] ^ 0x80], at).unwrap();
+        scar_newest_on(&m[member], &geo);
         let what = format!("scar on member {member}");
         let vol = Volume::open_members(dyns(), &OpenOptions::default()).unwrap();
         // Block 4 on the scarred member fails its tag there: read repair serves the other.
@@ -430,6 +443,37 @@ fn a_scar_on_one_mirror_member_is_repaired_from_the_other() {
         assert!(meta(&m[0]) == meta(&m[1]), "{what}: members differ");
         let vol = Volume::open_members(dyns(), &ro(Profile::Crc32c)).unwrap();
         assert!(vol.check_metadata(0, geo.groups).unwrap().is_empty(), "{what}");
+        assert!(scrub(&vol, false).is_clean(), "{what}");
+    }
+}
+
+/// A mirror set with one member's newest brother scarred on block 4's tag: a write into the
+/// pair first repairs that member's sector from the other member, so the commit never copies
+/// the hit tag to every member — block 4 still reads, on each member.
+#[test]
+fn a_write_on_a_mirror_set_never_spreads_one_members_scar() {
+    use blockguard::blockguard_backend::Backend;
+    let (m, geo) = written_mirror_set();
+    let dyns = || {
+        m.iter()
+            .map(|b| b.clone() as Arc<dyn Backend>)
+            .collect::<Vec<_>>()
+    };
+    for member in 0..2 {
+        scar_newest_on(&m[member], &geo);
+        let what = format!("scar on member {member}");
+        let vol = Volume::open_members(dyns(), &OpenOptions::default()).unwrap();
+        vol.write_at(&content(9, 1), 9 * BS).unwrap();
+        vol.flush().unwrap();
+        vol.close().unwrap();
+        let meta = |b: &MemoryBackend| {
+            let mut out = vec![0u8; 2 * BS as usize];
+            b.read_at(&mut out, geo.meta_offset(0, 0)).unwrap();
+            out
+        };
+        assert!(meta(&m[0]) == meta(&m[1]), "{what}: members differ");
+        let vol = Volume::open_members(dyns(), &ro(Profile::Crc32c)).unwrap();
+        assert!(failing_blocks(&vol, &what).is_empty(), "{what}");
         assert!(scrub(&vol, false).is_clean(), "{what}");
     }
 }

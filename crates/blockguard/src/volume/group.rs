@@ -66,8 +66,8 @@ pub(crate) enum Damage {
     /// The newest brother is scarred (its header intact, its body damaged): its tags are used
     /// only where the data matches them, and this block's data does not match.
     Scarred { slot: u8, why: SectorDamage },
-    /// The older brother is scarred and the block matches no tag offered: if a crash rolled
-    /// the block back, the tag it matches was in that damaged sector.
+    /// After a crash: the older brother is scarred and the block matches no tag offered; if
+    /// the crash rolled the block back, the tag it matches was in that damaged sector.
     ScarredOlder { slot: u8, why: SectorDamage },
 }
 
@@ -491,10 +491,11 @@ impl GroupState {
                 let n = self.tag(newest, k, j);
                 let older = older_ok.then(|| self.tag(1 - newest, k, j));
                 // A scarred older brother: its tags are offered after a crash like any older
-                // brother's; settled, none is, but a block that fails may be one a crash rolled
-                // back whose tag recovery could not find there — damaged metadata, reported so.
+                // brother's, a block matching neither reported as damaged metadata (its
+                // rolled-back version's tag may be what the scar hit). Settled, it is not
+                // offered and costs nothing.
                 let scarred_older = match self.sectors[k][1 - newest as usize] {
-                    SectorParse::Scarred { why, .. } => Some(Damage::ScarredOlder {
+                    SectorParse::Scarred { why, .. } if older_ok => Some(Damage::ScarredOlder {
                         slot: 1 - newest,
                         why,
                     }),
@@ -790,10 +791,7 @@ mod tests {
         let (a, b) = (t(1), t(2));
         // The older brother scarred: settled reads never use it.
         let s = state(Some(scarred(0, 1, a, 300)), Some(sector(1, 2, b)), false);
-        assert!(matches!(
-            s.accept(0),
-            Accept::Salvaged { newest, older: None, why: Damage::ScarredOlder { slot: 0, .. } } if newest == b
-        ));
+        assert_eq!(s.accept(0), Accept::One(b));
         assert_eq!(s.scars(0), [true, false]);
         assert_eq!(s.newest_for_write(0), Some((1, 2)));
         assert!(s.write_blocker(0).is_none());

@@ -30,8 +30,14 @@ pub(crate) enum PairHeal {
     /// Nothing to write.
     Unchanged,
     /// New sectors were put into the writer: `reverted` blocks got their older tag back (after
-    /// a crash), `healed` scarred sectors were replaced.
-    Rewritten { reverted: u64, healed: u64 },
+    /// a crash), `healed` scarred sectors were replaced. `suspect`: a block that matched
+    /// neither brother while the older was scarred — its rolled-back tag may have been in the
+    /// sector this rewrite replaced (the rewrite was needed for the blocks reverted).
+    Rewritten {
+        reverted: u64,
+        healed: u64,
+        suspect: Option<u64>,
+    },
     /// The newest brother is scarred and `block`'s data matches none of the tags it may have:
     /// the pair is left as it is.
     Unprovable { block: u64 },
@@ -49,6 +55,10 @@ pub(crate) struct PairAt<'s> {
     pub count: usize,
 }
 
+/// What reverting a pair found: its new tags, how many blocks got their older tag back, and
+/// a suspect block (see `reverted_tags`); or the block that makes the pair unsettleable.
+type Reverted = std::result::Result<(Vec<u8>, u64, Option<u64>), u64>;
+
 impl Inner {
     /// Settles a pair: with `older_ok` every block whose data is the older brother's version
     /// gets that tag back; every scarred sector of the pair is replaced (see the module
@@ -63,9 +73,9 @@ impl Inner {
         if generation >= u64::MAX - 3 {
             return Ok(PairHeal::Unchanged);
         }
-        let (tags, reverted) = if scars[newest as usize] {
+        let (tags, reverted, suspect) = if scars[newest as usize] {
             match self.proven_tags(p)? {
-                Ok(found) => found,
+                Ok((tags, reverted)) => (tags, reverted, None),
                 Err(block) => return Ok(PairHeal::Unprovable { block }),
             }
         } else {
@@ -92,7 +102,11 @@ impl Inner {
                 w.set_known(k, newest);
             }
         }
-        Ok(PairHeal::Rewritten { reverted, healed })
+        Ok(PairHeal::Rewritten {
+            reverted,
+            healed,
+            suspect,
+        })
     }
 
     /// The newest tags of pair `k`, with the older brother's tag back for every block whose
@@ -101,12 +115,10 @@ impl Inner {
     /// `Err(block)` when nothing needs reverting but the older brother is scarred and `block`
     /// matches neither tag: its older tag, which the crash may have left it matching, may be
     /// what the scar hit. The pair is then left as it is, so the damage stays reported as
-    /// metadata damage rather than becoming, in a healed sector, a data mismatch.
-    fn reverted_tags(
-        &self,
-        w: &GroupWriter<'_>,
-        p: &PairAt<'_>,
-    ) -> Result<std::result::Result<(Vec<u8>, u64), u64>> {
+    /// metadata damage rather than becoming, in a healed sector, a data mismatch. When other
+    /// blocks need reverting the pair must be rewritten (or they would fail once the volume
+    /// is clean): such a block is returned as the suspect, for the report.
+    fn reverted_tags(&self, w: &GroupWriter<'_>, p: &PairAt<'_>) -> Result<Reverted> {
         let PairAt {
             old,
             group,
@@ -118,7 +130,7 @@ impl Inner {
         let mut tags = w.tags_of(Some(newest), k, count);
         let mut reverted = 0;
         if !older_ok {
-            return Ok(Ok((tags, 0)));
+            return Ok(Ok((tags, 0, None)));
         }
         let older_scarred = old.scars(k)[1 - newest as usize];
         let mut unmatched = None;
@@ -144,7 +156,8 @@ impl Inner {
         if let (Some(block), 0) = (unmatched, reverted) {
             return Ok(Err(block));
         }
-        Ok(Ok((tags, reverted)))
+        let suspect = unmatched;
+        Ok(Ok((tags, reverted, suspect)))
     }
 
     /// For a pair whose newest brother is scarred: the tag every block's data proves (the

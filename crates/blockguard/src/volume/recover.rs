@@ -404,28 +404,49 @@ impl Inner {
         report: &mut RecoveryReport,
     ) -> Result<bool> {
         match self.settle_pair(w, at)? {
-            PairHeal::Rewritten { reverted, healed } => {
+            PairHeal::Rewritten {
+                reverted,
+                healed,
+                suspect,
+            } => {
                 report.blocks_reverted += reverted;
                 report.sectors_healed += healed;
+                if let Some(block) = suspect {
+                    report.damaged.push(self.scar_problem(
+                        at,
+                        format!(
+                            "block {block} matched neither brother after the crash while the older \
+                         brother was scarred: the tag of its rolled-back version may have been \
+                         what the scar hit (the pair was rewritten for the blocks it reverted, so \
+                         the block now fails as a tag mismatch)"
+                        ),
+                    ));
+                }
                 Ok(true)
             }
             PairHeal::Unprovable { block } => {
-                let per = self.geo.tags_per_sector() as usize;
-                report.damaged.push(MetadataProblem {
-                    group: at.group,
-                    sector: u32_of_small(at.k),
-                    first_block: self.geo.first_block(at.group) + (at.k * per) as u64,
-                    blocks: u32_of_small(at.count),
-                    detail: format!(
-                        "{}; block {block} matches none of its tags, so the sector is left as it is",
-                        at.old.scar_note(at.k).unwrap_or_default()
-                    ),
-                    rebuilt: false,
-                    scarred: true,
-                });
+                let detail = format!(
+                    "{}; block {block} matches none of its tags, so the sector is left as it is",
+                    at.old.scar_note(at.k).unwrap_or_default()
+                );
+                report.damaged.push(self.scar_problem(at, detail));
                 Ok(false)
             }
             PairHeal::Unchanged => Ok(false),
+        }
+    }
+
+    /// The report entry of a scarred pair recovery could not settle cleanly.
+    fn scar_problem(&self, at: &PairAt<'_>, detail: String) -> MetadataProblem {
+        let per = self.geo.tags_per_sector() as usize;
+        MetadataProblem {
+            group: at.group,
+            sector: u32_of_small(at.k),
+            first_block: self.geo.first_block(at.group) + (at.k * per) as u64,
+            blocks: u32_of_small(at.count),
+            detail,
+            rebuilt: false,
+            scarred: true,
         }
     }
 

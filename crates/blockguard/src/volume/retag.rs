@@ -32,8 +32,8 @@ impl Inner {
         let after_crash = !self.trusted.load(Ordering::Acquire) && self.dirty_after_crash(group)?;
         let old = self.confirmed_group(group)?;
         let damaged: Vec<usize> = (0..old.pairs())
-            // A scarred sector holding the newest tags counts too: `--rebuild` recomputes it.
-            .filter(|&k| old.write_blocker(k).is_some())
+            // A scarred sector (the only copy here) counts too: `--rebuild` recomputes it.
+            .filter(|&k| old.write_blocker(k).is_some() || old.scars(k)[0])
             .collect();
         let rebuild_damage = opts.rebuild_damaged && !damaged.is_empty();
         if !after_crash && !rebuild_damage {

@@ -410,11 +410,12 @@ impl Run<'_, '_> {
     /// once), and heals them when asked. A scar the data reads cannot see (the older brother,
     /// or a newest one whose tags all still match) is found only this way.
     fn metadata_of(&mut self, run: &Range<u64>) -> Result<()> {
-        if self.mirrored || run.is_empty() {
-            // A mirror set's copies are checked against their own metadata, scars included,
-            // by `verify_copies`.
+        if run.is_empty() {
             return Ok(());
         }
+        // On a mirror set `verify_copies` already repaired a member's scar from another
+        // member's intact sector; what is left is a scar every member shares (its sectors are
+        // written to all of them alike), healed here from what the headers and data prove.
         let bs = u64::from(self.vol.block_size());
         let inner = &self.vol.inner;
         let (first, _) = inner.geo.group_of(run.start / bs);

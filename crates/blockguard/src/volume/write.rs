@@ -47,10 +47,16 @@ impl Inner {
             let (group, index) = self.geo.group_of(block);
             let group_first = self.geo.first_block(group);
             let group_end = group_first + u64::from(self.geo.blocks_in_group(group));
-            let state = self.group(group)?;
+            let mut state = self.group(group)?;
             let k = u64::from(index) / per;
             let pair_first = group_first + k * per;
             let pair_end = (pair_first + per).min(group_end);
+            if self.backend.live().len() > 1 && state.scars(usize_of(k)).contains(&true) {
+                // A mirror set: the commit would write this member's scarred tags to every
+                // member, a tag the scar hit included — over another member's intact one.
+                // Repair the pair from a member whose sector is intact first.
+                state = self.repair_scarred_pair(group, pair_first)?;
+            }
             if !state.never_written() && state.newest_for_write(usize_of(k)).is_none() {
                 let covered = whole.start <= pair_first && pair_end <= whole.end;
                 if !covered {

@@ -40,6 +40,20 @@ impl Inner {
         Ok(true)
     }
 
+    /// A mirror set's group whose cached metadata has a scarred sector in the pair of `block`:
+    /// read repair of that block (under the commit lock) rewrites the scarred member's pair
+    /// from a member whose sector is intact, and caches that member's view. Returns the
+    /// group's state afterwards (still scarred if every member is).
+    pub(crate) fn repair_scarred_pair(&self, group: u64, block: u64) -> Result<Arc<GroupState>> {
+        {
+            let _commit = self.lock(&self.commit);
+            if !self.read_only {
+                self.examine_block(block, true)?;
+            }
+        }
+        self.group(group)
+    }
+
     /// Looks at every member's copy of `block` (caller holds the commit lock): which members'
     /// copies do not verify against their own metadata, and whether some copy does. With
     /// `repair` (on a writable volume) the bad copies are rewritten from the best good one.
