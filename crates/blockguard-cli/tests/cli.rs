@@ -679,7 +679,7 @@ fn info_and_dump_report_superblock_geometry_and_tags() {
     assert_eq!(uuid.len(), 36);
     assert_eq!(uuid.matches('-').count(), 4);
     t.run(&["info", "v.bgv"]).code(0).out_has(&[
-        "format:        blockguard v3",
+        "format:        blockguard v4",
         &format!("uuid:          {uuid}"),
         "label:         test-label",
         "size:          8388608 bytes (2048 blocks of 4096 bytes)",
