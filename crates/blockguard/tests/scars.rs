@@ -412,18 +412,34 @@ fn scar_newest_on(member: &MemoryBackend, geo: &blockguard::format::Geometry) {
     member.write_at(&[byte[0] ^ 0x80], at).unwrap();
 }
 
+/// The members as the library opens them.
+fn as_dyn(m: &[Arc<MemoryBackend>]) -> Vec<Arc<dyn blockguard::blockguard_backend::Backend>> {
+    m.iter()
+        .map(|b| b.clone() as Arc<dyn blockguard::blockguard_backend::Backend>)
+        .collect()
+}
+
+/// Both members hold the same metadata of group 0 again, and the set checks and scrubs clean.
+fn assert_members_agree_and_clean(m: &[Arc<MemoryBackend>], geo: &blockguard::format::Geometry, what: &str) {
+    use blockguard::blockguard_backend::Backend;
+    let meta = |b: &MemoryBackend| {
+        let mut out = vec![0u8; 2 * BS as usize];
+        b.read_at(&mut out, geo.meta_offset(0, 0)).unwrap();
+        out
+    };
+    assert!(meta(&m[0]) == meta(&m[1]), "{what}: members differ");
+    let vol = Volume::open_members(as_dyn(m), &ro(Profile::Crc32c)).unwrap();
+    assert!(vol.check_metadata(0, geo.groups).unwrap().is_empty(), "{what}");
+    assert!(scrub(&vol, false).is_clean(), "{what}");
+}
+
 /// A mirror set: a scar on one member costs no read (that member still serves every block
 /// whose data matches), and a scrub counts that member's copies bad and rewrites its scarred
 /// sector from the other member's intact one: the members hold the same metadata again.
 #[test]
 fn a_scar_on_one_mirror_member_is_repaired_from_the_other() {
-    use blockguard::blockguard_backend::Backend;
     let (m, geo) = written_mirror_set();
-    let dyns = || {
-        m.iter()
-            .map(|b| b.clone() as Arc<dyn Backend>)
-            .collect::<Vec<_>>()
-    };
+    let dyns = || as_dyn(&m);
     for member in 0..2 {
         scar_newest_on(&m[member], &geo);
         let what = format!("scar on member {member}");
@@ -433,17 +449,8 @@ fn a_scar_on_one_mirror_member_is_repaired_from_the_other() {
         let report = scrub(&vol, true);
         assert_eq!(report.unrepaired(), 0, "{what}: {report:?}");
         vol.close().unwrap();
-        // The scarred sector was rewritten from the other member: the members' metadata of
-        // group 0 is byte for byte the same again (and the other member's is intact).
-        let meta = |b: &MemoryBackend| {
-            let mut out = vec![0u8; 2 * BS as usize];
-            b.read_at(&mut out, geo.meta_offset(0, 0)).unwrap();
-            out
-        };
-        assert!(meta(&m[0]) == meta(&m[1]), "{what}: members differ");
-        let vol = Volume::open_members(dyns(), &ro(Profile::Crc32c)).unwrap();
-        assert!(vol.check_metadata(0, geo.groups).unwrap().is_empty(), "{what}");
-        assert!(scrub(&vol, false).is_clean(), "{what}");
+        // The scarred sector was rewritten from the other member.
+        assert_members_agree_and_clean(&m, &geo, &what);
     }
 }
 
@@ -452,13 +459,8 @@ fn a_scar_on_one_mirror_member_is_repaired_from_the_other() {
 /// the hit tag to every member — block 4 still reads, on each member.
 #[test]
 fn a_write_on_a_mirror_set_never_spreads_one_members_scar() {
-    use blockguard::blockguard_backend::Backend;
     let (m, geo) = written_mirror_set();
-    let dyns = || {
-        m.iter()
-            .map(|b| b.clone() as Arc<dyn Backend>)
-            .collect::<Vec<_>>()
-    };
+    let dyns = || as_dyn(&m);
     for member in 0..2 {
         scar_newest_on(&m[member], &geo);
         let what = format!("scar on member {member}");
@@ -466,14 +468,8 @@ fn a_write_on_a_mirror_set_never_spreads_one_members_scar() {
         vol.write_at(&content(9, 1), 9 * BS).unwrap();
         vol.flush().unwrap();
         vol.close().unwrap();
-        let meta = |b: &MemoryBackend| {
-            let mut out = vec![0u8; 2 * BS as usize];
-            b.read_at(&mut out, geo.meta_offset(0, 0)).unwrap();
-            out
-        };
-        assert!(meta(&m[0]) == meta(&m[1]), "{what}: members differ");
+        assert_members_agree_and_clean(&m, &geo, &what);
         let vol = Volume::open_members(dyns(), &ro(Profile::Crc32c)).unwrap();
         assert!(failing_blocks(&vol, &what).is_empty(), "{what}");
-        assert!(scrub(&vol, false).is_clean(), "{what}");
     }
 }
