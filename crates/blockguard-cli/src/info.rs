@@ -40,6 +40,7 @@ pub(crate) struct Summary {
     /// What a read of a block with no good copy does besides failing (`eio`, `read-only`,
     /// `continue`).
     pub(crate) error_policy: blockguard::ErrorPolicy,
+    /// Bytes of each tag slot: the profile's tag size, or more with `--tag-room`.
     pub(crate) tag_size: u32,
     pub(crate) created: u64,
     pub(crate) compat: u64,
@@ -212,10 +213,15 @@ fn print_summary(s: &Summary) {
         s.error_policy.name(),
         crate::common::error_policy_meaning(s.error_policy)
     );
+    let room = if s.tag_size as usize == s.profile.tag_size() {
+        String::new()
+    } else {
+        format!(", in {}-byte tag slots", s.tag_size)
+    };
     say!(
-        "tag profile:   {} ({} bytes per block{})",
+        "tag profile:   {} ({} bytes per block{room}{})",
         s.profile.name(),
-        s.tag_size,
+        s.profile.tag_size(),
         if s.keyed {
             "; keyed: opening needs --key-file"
         } else {

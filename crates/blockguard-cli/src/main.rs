@@ -100,7 +100,7 @@ enum Command {
     /// Get a served volume past a write-back failure (full disk, I/O error): retry what was
     /// staged, verify it, clear the error state, report any acknowledged write lost.
     Resume(resume::ResumeArgs),
-    /// Switch a volume to another tag profile of the same tag size, also while it is served:
+    /// Switch a volume to another tag profile whose tags fit its tag slots, also while it is served:
     /// every block verified and re-tagged in order, resumable; exit 0 done, 1 bad blocks
     /// found (left failing), 2 error.
     Retag(retag::RetagArgs),

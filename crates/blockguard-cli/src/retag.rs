@@ -1,4 +1,4 @@
-//! `blockguard retag`: switch a volume to another tag profile of the same tag size — directly
+//! `blockguard retag`: switch a volume to another tag profile whose tags fit its tag slots — directly
 //! when nobody holds it, or through the control socket of the `serve` or `mount` process that
 //! does, without stopping its clients.
 //!
@@ -26,9 +26,10 @@ const STEP_WAIT: Duration = Duration::from_secs(90);
 pub(crate) struct RetagArgs {
     /// The volume.
     pub(crate) path: PathBuf,
-    /// The tag profile to switch to: another of the same tag size as the volume's (8 bytes:
-    /// crc32c, xxh3, crc64-nvme, t10-dif, t10-dif-ip; 16: nvme-pi64, sha256, blake3; 32:
-    /// hmac-sha256, blake3-keyed). A keyed one needs --new-key-file. To resume a re-tag,
+    /// The tag profile to switch to: any whose tags fit the volume's tag slots (`info` shows
+    /// their size: the tag size of the profile it was formatted with, or its --tag-room).
+    /// 8 bytes: crc32c, xxh3, crc64-nvme, t10-dif, t10-dif-ip; 16: nvme-pi64, sha256, blake3;
+    /// 32: hmac-sha256, blake3-keyed. A keyed one needs --new-key-file. To resume a re-tag,
     /// give its target again.
     #[arg(long, value_parser = crate::common::profile_parser())]
     pub(crate) profile: Profile,

@@ -178,11 +178,6 @@ fn retag_between_keyed_profiles_needs_both_keys() {
         ],
         "wrong key",
     );
-    refused(
-        &vol,
-        &["retag", v, "--profile", "crc32c", "--key-file", ok],
-        "in place",
-    );
     let out = bg(&[
         "retag",
         v,
@@ -200,6 +195,116 @@ fn retag_between_keyed_profiles_needs_both_keys() {
     assert_eq!(code(&old), 2);
     assert!(stderr(&old).contains("wrong key"), "{}", stderr(&old));
     assert_holds(&vol, &data, &["--key-file", nk]);
+    // Away from the key, to smaller tags (stored in the 32-byte slots): the key opens the
+    // volume for the re-tag; afterwards the volume takes none.
+    refused(&vol, &["retag", v, "--profile", "crc32c"], "--key-file");
+    let out = bg(&["retag", v, "--profile", "crc32c", "--key-file", nk]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let i = info(&vol);
+    assert_eq!(
+        (i["profile"].as_str(), i["tag_size"].as_u64()),
+        (Some("crc32c"), Some(32)),
+        "{i}"
+    );
+    expect_exit(&bg(&["check", v]), 0);
+    let keyed = bg(&["check", v, "--key-file", nk]);
+    assert_eq!(code(&keyed), 2);
+    assert!(stderr(&keyed).contains("takes no key"), "{}", stderr(&keyed));
+    assert_holds(&vol, &data, &[]);
+}
+
+/// `format --tag-room 32` leaves room for 32-byte tags: `info` says so, and the crc32c volume
+/// is re-tagged to blake3-keyed in place while `serve` holds it and qemu-io writes, then back.
+/// Without the room the same re-tag is refused naming `--tag-room`; a room that is not a tag
+/// size, or too small for the profile, is refused at format with nothing created.
+#[test]
+fn tag_room_lets_a_served_volume_be_retagged_to_a_keyed_profile() {
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let (narrow, _) = written_volume(dir.path(), 8, 1, &[], &[]);
+    let key = dir.path().join("k");
+    std::fs::write(&key, [0x3du8; 32]).unwrap();
+    refused(
+        &narrow,
+        &[
+            "retag",
+            s(&narrow),
+            "--profile",
+            "blake3-keyed",
+            "--new-key-file",
+            s(&key),
+        ],
+        "--tag-room 32",
+    );
+    for (room, profile, want) in [
+        ("12", "crc32c", "tag room of 12"),
+        ("8", "sha256", "tag room of 8"),
+        ("x", "crc32c", "--tag-room"),
+    ] {
+        let path = dir.path().join("bad.bgv");
+        let out = bg(&[
+            "format",
+            s(&path),
+            "--size",
+            "8M",
+            "--profile",
+            profile,
+            "--tag-room",
+            room,
+        ]);
+        assert_eq!(code(&out), 2, "{room} {profile}: {}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{room} {profile}: {}", stderr(&out));
+        assert!(!path.exists(), "{room} {profile}: a volume was created");
+    }
+    let sub = dir.path().join("wide");
+    std::fs::create_dir(&sub).unwrap();
+    let (vol, _) = written_volume(&sub, 64, 64, &["--tag-room", "32"], &[]);
+    let v = s(&vol);
+    let i = info(&vol);
+    assert_eq!(
+        (i["profile"].as_str(), i["tag_size"].as_u64()),
+        (Some("crc32c"), Some(32)),
+        "{i}"
+    );
+    assert_eq!(i["geometry"]["group_blocks"], 120, "{i}");
+    let text = stdout(&bg(&["info", v]));
+    assert!(text.contains("in 32-byte tag slots"), "{text}");
+    let mut srv = Served::start(&vol, &["--stage-size", "1M"]);
+    let writer = Writer::start(srv.uri());
+    let out = bg(&[
+        "retag",
+        v,
+        "--profile",
+        "blake3-keyed",
+        "--new-key-file",
+        s(&key),
+        "--json",
+    ]);
+    assert_eq!(code(&out), 0, "{}\n{}", stdout(&out), stderr(&out));
+    let r = json(&out);
+    assert_eq!(
+        (r["complete"].as_bool(), r["to"].as_str()),
+        (Some(true), Some("blake3-keyed")),
+        "{r}"
+    );
+    assert_eq!(
+        r["bad_blocks"].as_array().map(Vec::len),
+        Some(0),
+        "false errors: {r}"
+    );
+    let rounds = writer.finish();
+    assert!(rounds >= 1, "qemu-io never completed a round");
+    assert!(srv.signal("TERM").success(), "{}", srv.log_text());
+    assert!(!srv.log_text().contains("panicked"));
+    let i = info(&vol);
+    assert_eq!(
+        (i["profile"].as_str(), i["tag_size"].as_u64()),
+        (Some("blake3-keyed"), Some(32)),
+        "{i}"
+    );
+    expect_exit(&bg(&["check", v, "--key-file", s(&key)]), 0);
+    let out = bg(&["check", v]);
+    assert_eq!(code(&out), 2, "opened without its key");
 }
 
 #[test]

@@ -16,6 +16,8 @@ thread_local! {
     static PROFILE: Cell<Profile> = const { Cell::new(Profile::Crc32c) };
     /// The consistency mode it runs with.
     static MODE: Cell<Mode> = const { Cell::new(Mode::Dual) };
+    /// The tag slots it formats with (`None`: the profile's tag size).
+    static ROOM: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
 /// Runs `body` once per profile of `profiles`: the suite holds for every tag profile.
@@ -54,6 +56,7 @@ fn opts() -> FormatOptions {
     o.profile = profile();
     o.key = key();
     o.mode = MODE.with(Cell::get);
+    o.tag_room = ROOM.with(Cell::get);
     if o.mode == Mode::Journal {
         o.journal_size = Some(64 << 10);
     }
@@ -599,4 +602,21 @@ fn the_suite_holds_in_journal_and_rebuild_modes() {
         superblock_damage_with();
         large_batches_land_whole_and_fail_whole_with();
     }
+}
+
+/// The suite in tag slots wider than the profile's tags (`tag_room`, room left for a re-tag
+/// to larger ones): a flip in the zeros after a tag is damage like any other, and the
+/// smaller tags in their wide slots catch what they catch in their own.
+#[test]
+fn the_suite_holds_in_wide_tag_slots() {
+    ROOM.with(|c| c.set(Some(32)));
+    for_profiles(&[Profile::Crc32c, Profile::NvmePi64], || {
+        every_single_byte_flip_is_caught_or_harmless_with();
+        damaged_metadata_never_turns_data_into_zeros_with();
+        misdirected_write_is_detected_at_both_addresses_with();
+        lost_data_write_is_detected_after_flush_with();
+        lost_metadata_write_never_yields_wrong_data_with();
+        superblock_damage_with();
+        one_damaged_brother_is_reported_never_hidden_with();
+    });
 }

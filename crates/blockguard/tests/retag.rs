@@ -1,6 +1,8 @@
 //! `Volume::retag`: switching a volume to another tag profile while it is in use.
 //!
-//! - every mode (`dual`, `rebuild`, `journal`), 8-, 16- and 32-byte pairs, keyed targets:
+//! - every mode (`dual`, `rebuild`, `journal`), 8-, 16- and 32-byte pairs, keyed targets,
+//!   and pairs of different tag sizes in slots with room for the larger (`tag_room`), to a key
+//!   and away from one:
 //!   after the re-tag every block reads back verified, `check` is clean, the stored tags are
 //!   the target's (compared with the profile's own `generate`), and the volume reopens with the
 //!   target profile; writes during the re-tag keep their data;
@@ -9,7 +11,8 @@
 //!   block reads its data verified, and resuming completes the re-tag;
 //! - a stop persists the cursor, and the same call resumes from there;
 //! - a corrupted block is reported and left failing, never re-tagged as good;
-//! - bad input is refused with a clear error and nothing written;
+//! - bad input is refused with a clear error and nothing written; a re-tag away from a key
+//!   that was not sealed with it (a forged superblock) is refused at open;
 //! - mirror sets (2 and 3 copies): every copy re-tagged and verified, bad copies repaired
 //!   first, degraded sets refused, a copy dropping out midway resynced onto the target.
 
@@ -52,7 +55,13 @@ fn content(block: u64, round: u32) -> Vec<u8> {
 }
 
 fn format_opts(mode: Mode, profile: Profile) -> FormatOptions {
+    format_opts_in(mode, profile, None)
+}
+
+/// [`format_opts`] with tag slots of `room` bytes.
+fn format_opts_in(mode: Mode, profile: Profile, room: Option<usize>) -> FormatOptions {
     FormatOptions {
+        tag_room: room,
         mode,
         profile,
         key: key_for(profile, 0x11),
@@ -157,9 +166,9 @@ fn client_round(vol: &Volume, done: u64, at: u64, round: &mut u32, model: &mut B
 
 /// One re-tag from `from` to `to` in `mode`, with a client writing and flushing between
 /// steps, in re-tagged groups and in the others.
-fn retag_and_check(mode: Mode, from: Profile, to: Profile) {
-    let what = format!("{} {from} → {to}", mode.name());
-    let fo = format_opts(mode, from);
+fn retag_and_check(mode: Mode, from: Profile, to: Profile, room: Option<usize>) {
+    let what = format!("{} {from} → {to} in slots of {room:?}", mode.name());
+    let fo = format_opts_in(mode, from, room);
     let backend = Arc::new(FaultBackend::new(fo.backing_len().unwrap()).unwrap());
     let vol = Volume::format(backend.clone(), &fo).unwrap();
     let mut model = write_pattern(&vol);
@@ -223,7 +232,23 @@ fn every_mode_and_tag_size() {
         (Mode::Dual, Profile::HmacSha256, Profile::Blake3Keyed),
         (Mode::Journal, Profile::Blake3Keyed, Profile::HmacSha256),
     ] {
-        retag_and_check(mode, from, to);
+        retag_and_check(mode, from, to, None);
+    }
+}
+
+/// Tags of another size: to larger ones in slots formatted with room for them, to smaller
+/// ones in any volume (they are stored followed by zeros); to a key and away from one.
+#[test]
+fn across_tag_sizes_where_the_slots_have_room() {
+    for (mode, from, to, room) in [
+        (Mode::Dual, Profile::Crc32c, Profile::Blake3Keyed, Some(32)),
+        (Mode::Journal, Profile::T10Dif, Profile::HmacSha256, Some(32)),
+        (Mode::Rebuild, Profile::Xxh3, Profile::Sha256, Some(16)),
+        (Mode::Dual, Profile::NvmePi64, Profile::T10Dif, None),
+        (Mode::Journal, Profile::Blake3Keyed, Profile::Crc32c, None),
+        (Mode::Dual, Profile::HmacSha256, Profile::Blake3, None),
+    ] {
+        retag_and_check(mode, from, to, room);
     }
 }
 
@@ -235,8 +260,12 @@ type Snapshots = Vec<(usize, BTreeMap<u64, Vec<u8>>)>;
 /// then re-tagged to `to` (one group per step, the cursor recorded after each) while a client
 /// writes, after each step, a block of the group just re-tagged and one of the next, and
 /// flushes: the backend with the history, and the snapshots at each flush.
-fn retagged_with_history(mode: Mode, from: Profile, to: Profile) -> (Arc<FaultBackend>, Snapshots) {
-    let fo = format_opts(mode, from);
+fn retagged_with_history(
+    mode: Mode,
+    (from, to): (Profile, Profile),
+    room: Option<usize>,
+) -> (Arc<FaultBackend>, Snapshots) {
+    let fo = format_opts_in(mode, from, room);
     let backend = Arc::new(FaultBackend::new(fo.backing_len().unwrap()).unwrap());
     let vol = Volume::format(backend.clone(), &fo).unwrap();
     let mut model = write_pattern(&vol);
@@ -344,9 +373,14 @@ fn torn_image(
 
 /// Crashes at every point of a re-tag's history, a client writing and flushing meanwhile.
 fn crash_everywhere(mode: Mode, from: Profile, to: Profile, seed: u64) {
+    crash_everywhere_in(mode, (from, to), None, seed);
+}
+
+/// [`crash_everywhere`] on a volume with tag slots of `room` bytes.
+fn crash_everywhere_in(mode: Mode, (from, to): (Profile, Profile), room: Option<usize>, seed: u64) {
     println!("seed {seed}");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let (backend, snapshots) = retagged_with_history(mode, from, to);
+    let (backend, snapshots) = retagged_with_history(mode, (from, to), room);
     let (sb, _) = Volume::read_superblock(&*backend).unwrap();
     let data: Vec<std::ops::Range<u64>> = (0..BLOCKS)
         .map(|b| sb.geometry.data_offset(b)..sb.geometry.data_offset(b) + BS)
@@ -399,6 +433,28 @@ fn crash_at_every_step_rebuild() {
         Mode::Rebuild,
         Profile::Xxh3,
         Profile::Crc64Nvme,
+        rand::rng().random(),
+    );
+}
+
+/// To a key across tag sizes: crc32c in 32-byte slots becomes blake3-keyed.
+#[test]
+fn crash_at_every_step_dual_to_a_larger_keyed_tag() {
+    crash_everywhere_in(
+        Mode::Dual,
+        (Profile::Crc32c, Profile::Blake3Keyed),
+        Some(32),
+        rand::rng().random(),
+    );
+}
+
+/// Away from a key, to smaller tags (the seal recorded), in journal mode.
+#[test]
+fn crash_at_every_step_journal_away_from_a_key() {
+    crash_everywhere_in(
+        Mode::Journal,
+        (Profile::HmacSha256, Profile::Xxh3),
+        None,
         rand::rng().random(),
     );
 }
@@ -539,9 +595,12 @@ fn bad_input_is_refused_and_nothing_is_written() {
     );
     refused(
         &backend,
-        "another tag size",
+        "larger tags than the slots",
         || go(RetagOptions::new(Profile::Sha256)),
-        |e| matches!(e, Error::Unsupported { detail, .. } if detail.contains("in place") && detail.contains("xxh3")),
+        |e| {
+            matches!(e, Error::Unsupported { detail, .. } if detail.contains("in place")
+                && detail.contains("xxh3") && detail.contains("--tag-room 32"))
+        },
     );
     let k = key(0x22);
     refused(
@@ -1053,4 +1112,103 @@ fn refused_then_dropped_midway(groups_only: bool) {
 fn a_degraded_set_is_refused_and_a_copy_dropped_midway_is_resynced_onto_the_target() {
     refused_then_dropped_midway(false);
     refused_then_dropped_midway(true);
+}
+
+/// A keyed volume whose superblocks someone without the key rewrote to say "re-tag to
+/// crc32c, every group done" — so that forged crc32c tags would verify — is refused at open
+/// with nothing written: with a made-up seal as a re-tag not sealed with the volume's key,
+/// with none as a damaged superblock.
+#[test]
+fn a_forged_retag_away_from_the_key_is_refused_at_open() {
+    use blockguard::format::{Retag, Superblock, INCOMPAT_RETAG};
+    let from = Profile::Blake3Keyed;
+    let fo = format_opts(Mode::Dual, from);
+    let backend = Arc::new(FaultBackend::new(fo.backing_len().unwrap()).unwrap());
+    let vol = Volume::format(backend.clone(), &fo).unwrap();
+    write_pattern(&vol);
+    vol.close().unwrap();
+    let (sb, _) = Volume::read_superblock(&*backend).unwrap();
+    for (seal, what) in [([0x5c; 32], "a made-up seal"), ([0; 32], "no seal")] {
+        let forged = Superblock {
+            incompat: sb.incompat | INCOMPAT_RETAG,
+            retag: Some(Retag {
+                target: Profile::Crc32c,
+                cursor: sb.geometry.groups,
+                key_check: seal,
+            }),
+            ..sb.clone()
+        };
+        backend.write_at(&forged.encode(0), 0).unwrap();
+        backend
+            .write_at(&forged.encode(1), sb.geometry.backup_sb_offset)
+            .unwrap();
+        let image = backend.live_image();
+        let opts = OpenOptions {
+            key: key_for(from, 0x11),
+            ..OpenOptions::default()
+        };
+        match Volume::open(backend.clone(), &opts) {
+            Ok(_) => panic!("{what}: opened"),
+            Err(e) => {
+                println!("{what}: {e}");
+                if what == "a made-up seal" {
+                    assert!(
+                        matches!(
+                            &e,
+                            Error::Key {
+                                problem: KeyError::RetagUnsealed { .. },
+                                ..
+                            }
+                        ),
+                        "{what}: {e}"
+                    );
+                    assert!(e.to_string().contains("not sealed"), "{e}");
+                }
+            }
+        }
+        assert!(backend.live_image() == image, "{what}: something was written");
+    }
+}
+
+/// Protection information of a volume with room in its tag slots is slot-wide: the profile's
+/// tuple followed by zeros, which a write must supply as such; after a re-tag to a profile of
+/// the slot's size it is that profile's whole tuple.
+#[test]
+fn protection_information_is_as_wide_as_the_tag_slots() {
+    let fo = format_opts_in(Mode::Dual, Profile::T10Dif, Some(32));
+    let backend = Arc::new(FaultBackend::new(fo.backing_len().unwrap()).unwrap());
+    let vol = Volume::format(backend.clone(), &fo).unwrap();
+    assert_eq!(vol.pi_size(), 32);
+    let data = content(3, 0);
+    let mut pi = vec![0u8; 32];
+    pi[..8].copy_from_slice(vol.tagger().generate(3, &data).as_bytes());
+    assert_eq!(&pi[4..8], &[0, 0, 0, 3], "the T10 reference tag");
+    vol.write_with_pi(&data, &pi, 3 * BS).unwrap();
+    let (mut back, mut back_pi) = (vec![0u8; BS as usize], vec![0u8; 32]);
+    vol.read_with_pi(&mut back, &mut back_pi, 3 * BS).unwrap();
+    assert!(back == data && back_pi == pi);
+    // The right tuple with a byte of its padding set is not the block's: refused.
+    let other = content(3, 1);
+    let mut bad = vec![0u8; 32];
+    bad[..8].copy_from_slice(vol.tagger().generate(3, &other).as_bytes());
+    bad[31] = 1;
+    assert!(matches!(
+        vol.write_with_pi(&other, &bad, 3 * BS),
+        Err(Error::ProtectionMismatch { block: 3, .. })
+    ));
+    // A tuple of the wrong length (the profile's 8 bytes alone): refused.
+    assert!(vol.write_with_pi(&other, &bad[..8], 3 * BS).is_err());
+    vol.read_at(&mut back, 3 * BS).unwrap();
+    assert!(back == data, "a refused write changed the block");
+    // Re-tagged to a 32-byte profile, the tuples are its own.
+    let key = key(0x22);
+    let opts = RetagOptions {
+        key: Some(&key),
+        ..RetagOptions::new(Profile::HmacSha256)
+    };
+    assert!(vol.retag(&opts, &mut |_, _| {}).unwrap().complete);
+    let made_by = vol.read_with_pi(&mut back, &mut back_pi, 3 * BS).unwrap();
+    assert_eq!(made_by.profile(3), Profile::HmacSha256);
+    assert_eq!(back_pi, vol.tagger().generate(3, &data).as_bytes());
+    vol.close().unwrap();
 }

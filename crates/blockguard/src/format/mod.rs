@@ -28,7 +28,8 @@ pub use mirror::{
 pub use superblock::{
     profile_incompat, validate_label, ErrorPolicy, Mode, Retag, Superblock, SuperblockError, VolumeState,
     FORMAT_VERSION, INCOMPAT_JOURNAL, INCOMPAT_META_DEVICE, INCOMPAT_REBUILD, INCOMPAT_RETAG,
-    INCOMPAT_TAG_PROFILE, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE, SUPPORTED_INCOMPAT, SUPPORTED_RO_COMPAT,
+    INCOMPAT_TAG_PROFILE, INCOMPAT_TAG_ROOM, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE, SUPPORTED_INCOMPAT,
+    SUPPORTED_RO_COMPAT, TAG_SLOT_SIZES,
 };
 
 /// Reads a little-endian `u16` at `at`. Callers pass in-bounds offsets of fixed layouts.

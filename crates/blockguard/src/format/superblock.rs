@@ -148,6 +148,13 @@ pub const INCOMPAT_META_DEVICE: u64 = 1 << 4;
 /// corrupt. Set exactly when `retag_profile` is not zero.
 pub const INCOMPAT_RETAG: u64 = 1 << 5;
 
+/// Incompatible feature bit 6: the volume's tag slots (`tag_size`) are wider than its
+/// profile's tags, which are stored padded with zeros — room left at format (`--tag-room`)
+/// for a later re-tag to a profile with larger tags, or by a re-tag to smaller ones. A reader
+/// that does not know it would lay the tags out by the profile's size. Set exactly when
+/// `tag_size` differs from the profile's tag size.
+pub const INCOMPAT_TAG_ROOM: u64 = 1 << 6;
+
 /// Incompatible features this build supports: mirror sets, tag profiles other than `crc32c`,
 /// `rebuild` and `journal` modes, a separate metadata device, a re-tag in progress. A volume
 /// with any other incompat bit set is refused.
@@ -156,7 +163,8 @@ pub const SUPPORTED_INCOMPAT: u64 = INCOMPAT_MIRROR
     | INCOMPAT_REBUILD
     | INCOMPAT_JOURNAL
     | INCOMPAT_META_DEVICE
-    | INCOMPAT_RETAG;
+    | INCOMPAT_RETAG
+    | INCOMPAT_TAG_ROOM;
 /// Read-only-compatible features this build supports; others force read-only opens.
 pub const SUPPORTED_RO_COMPAT: u64 = 0;
 
@@ -386,11 +394,13 @@ pub struct Superblock {
 /// goes ahead of its last recorded cursor), so a reader accepts either profile there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Retag {
-    /// The profile being switched to: another profile of the same tag size.
+    /// The profile being switched to: another profile whose tags fit the volume's tag slots.
     pub target: Profile,
     /// Groups `0..cursor` are re-tagged (at most the group count).
     pub cursor: u64,
-    /// `target`'s key-check value when it is keyed, else all zero.
+    /// `target`'s key-check value when it is keyed; for an unkeyed target of a keyed volume
+    /// the seal of the re-tag under the volume's key ([`crate::tag::Tagger::retag_seal`]);
+    /// else all zero.
     #[serde(skip)]
     pub key_check: [u8; crate::tag::KEY_CHECK_SIZE],
 }
@@ -433,7 +443,7 @@ impl Superblock {
             version: FORMAT_VERSION,
             compat: 0,
             ro_compat: 0,
-            incompat: profile_incompat(profile) | mode.incompat(),
+            incompat: profile_incompat(profile, geometry.tag_size) | mode.incompat(),
             uuid,
             profile,
             mode,
@@ -505,8 +515,8 @@ impl Superblock {
         let (version, incompat) = decode_header(b)?;
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[at::UUID..at::BLOCK_SIZE]);
-        let (profile, mode, copy) = decode_profile_mode_copy(b)?;
-        let geometry = decode_geometry(b, profile)?;
+        let (profile, tag_slot, mode, copy) = decode_profile_mode_copy(b)?;
+        let geometry = decode_geometry(b, tag_slot)?;
         check_mode_features(mode, incompat, &geometry)?;
         let meta_device = decode_meta_device(b, incompat)?;
         let mirror = if incompat & INCOMPAT_MIRROR == 0 {
@@ -534,16 +544,15 @@ impl Superblock {
         })?;
         let key_check = decode_key_check(b, profile)?;
         let retag = decode_retag(b, incompat, profile, &geometry)?;
-        if incompat & INCOMPAT_TAG_PROFILE != profile_incompat(profile) {
+        let expected = profile_incompat(profile, geometry.tag_size);
+        if incompat & (INCOMPAT_TAG_PROFILE | INCOMPAT_TAG_ROOM) != expected {
             return Err(field(
                 "incompat",
                 format!(
-                    "the tag-profile feature bit is {} for tag profile {profile}",
-                    if incompat & INCOMPAT_TAG_PROFILE == 0 {
-                        "clear"
-                    } else {
-                        "set"
-                    }
+                    "the tag-profile and tag-room feature bits are {:#x} for tag profile {profile} \
+                     in {}-byte tag slots (expected {expected:#x})",
+                    incompat & (INCOMPAT_TAG_PROFILE | INCOMPAT_TAG_ROOM),
+                    geometry.tag_size
                 ),
             ));
         }
@@ -628,17 +637,18 @@ fn decode_header(b: &[u8]) -> Result<(u32, u64), SuperblockError> {
     Ok((version, incompat))
 }
 
-/// The tag profile (with its tag size checked), the consistency mode and the copy index.
-fn decode_profile_mode_copy(b: &[u8]) -> Result<(Profile, Mode, u8), SuperblockError> {
+/// The tag profile, the tag slot size (checked to hold the profile's tags), the consistency
+/// mode and the copy index.
+fn decode_profile_mode_copy(b: &[u8]) -> Result<(Profile, usize, Mode, u8), SuperblockError> {
     let profile = Profile::from_id(le16(b, at::PROFILE)).ok_or(SuperblockError::Profile {
         id: le16(b, at::PROFILE),
     })?;
     let tag_size = usize::from(le16(b, at::TAG_SIZE));
-    if tag_size != profile.tag_size() {
+    if !TAG_SLOT_SIZES.contains(&tag_size) || tag_size < profile.tag_size() {
         return Err(field(
             "tag size",
             format!(
-                "{tag_size}, profile {} uses {}",
+                "{tag_size}, profile {} needs slots of {} bytes or more (8, 16 or 32)",
                 profile.name(),
                 profile.tag_size()
             ),
@@ -650,11 +660,11 @@ fn decode_profile_mode_copy(b: &[u8]) -> Result<(Profile, Mode, u8), SuperblockE
     if copy > 1 {
         return Err(field("copy index", copy.to_string()));
     }
-    Ok((profile, mode, copy))
+    Ok((profile, tag_size, mode, copy))
 }
 
 /// The layout, rebuilt from the stored sizes and checked against the stored offsets.
-fn decode_geometry(b: &[u8], profile: Profile) -> Result<Geometry, SuperblockError> {
+fn decode_geometry(b: &[u8], tag_size: usize) -> Result<Geometry, SuperblockError> {
     if le16(b, at::META_PER_GROUP) != 2 {
         return Err(field(
             "metadata blocks per group",
@@ -662,7 +672,6 @@ fn decode_geometry(b: &[u8], profile: Profile) -> Result<Geometry, SuperblockErr
         ));
     }
     let block_size = le32(b, at::BLOCK_SIZE);
-    let tag_size = profile.tag_size();
     let group_blocks = le32(b, at::GROUP_BLOCKS);
     let size = le64(b, at::SIZE);
     let data_blocks = le64(b, at::DATA_BLOCKS);
@@ -723,8 +732,9 @@ fn decode_key_check(b: &[u8], profile: Profile) -> Result<[u8; crate::tag::KEY_C
 }
 
 /// The re-tag in progress: present exactly with [`INCOMPAT_RETAG`], to a known profile other
-/// than the volume's and of the same tag size, with a cursor within the groups and a key-check
-/// value exactly for a keyed target; without the bit, bytes 336..384 are zero.
+/// than the volume's whose tags fit its tag slots, with a cursor within the groups and a
+/// key-check value (or seal) exactly for a keyed target or a keyed volume; without the bit,
+/// bytes 336..384 are zero.
 fn decode_retag(
     b: &[u8],
     incompat: u64,
@@ -750,10 +760,14 @@ fn decode_retag(
         }
         id => Profile::from_id(id).ok_or(SuperblockError::Profile { id })?,
     };
-    if target == profile || target.tag_size() != profile.tag_size() {
+    if target == profile || target.tag_size() > geometry.tag_size as usize {
         return Err(field(
             "re-tag",
-            format!("a re-tag from {profile} to {target} (the target must be another profile of the same tag size)"),
+            format!(
+                "a re-tag from {profile} to {target} (the target must be another profile whose tags \
+                 fit the volume's {}-byte tag slots)",
+                geometry.tag_size
+            ),
         ));
     }
     let cursor = le64(b, at::RETAG_CURSOR);
@@ -765,10 +779,12 @@ fn decode_retag(
     }
     let mut key_check = [0u8; crate::tag::KEY_CHECK_SIZE];
     key_check.copy_from_slice(&b[at::RETAG_KEY_CHECK..at::RESERVED]);
-    if key_check.iter().any(|&x| x != 0) != target.is_keyed() {
+    // A keyed target's key check, or the seal of a re-tag of a keyed volume to an unkeyed
+    // profile.
+    if key_check.iter().any(|&x| x != 0) != (target.is_keyed() || profile.is_keyed()) {
         return Err(field(
             "re-tag key check",
-            format!("does not fit the target profile {target}"),
+            format!("does not fit a re-tag from {profile} to {target}"),
         ));
     }
     Ok(Some(Retag {
@@ -802,15 +818,25 @@ fn decode_label(b: &[u8]) -> Result<String, SuperblockError> {
     String::from_utf8(label_bytes[..end].to_vec()).map_err(|_| field("label", "not valid UTF-8".into()))
 }
 
-/// The incompat bits a volume of `profile` carries: [`INCOMPAT_TAG_PROFILE`] for every
-/// profile but `crc32c`.
-pub fn profile_incompat(profile: Profile) -> u64 {
-    if profile == Profile::Crc32c {
+/// The incompat bits a volume of `profile` with tag slots of `tag_slot` bytes carries:
+/// [`INCOMPAT_TAG_PROFILE`] for every profile but `crc32c`, [`INCOMPAT_TAG_ROOM`] when the
+/// slots are wider than the profile's tags.
+pub fn profile_incompat(profile: Profile, tag_slot: u32) -> u64 {
+    let profile_bit = if profile == Profile::Crc32c {
         0
     } else {
         INCOMPAT_TAG_PROFILE
-    }
+    };
+    let room_bit = if tag_slot as usize == profile.tag_size() {
+        0
+    } else {
+        INCOMPAT_TAG_ROOM
+    };
+    profile_bit | room_bit
 }
+
+/// The tag slot sizes a volume may have: the tag sizes of the profiles.
+pub const TAG_SLOT_SIZES: [usize; 3] = [8, 16, 32];
 
 /// The profile ids this build knows, as "1 = crc32c, 2 = xxh3, …".
 fn known_profiles() -> String {
@@ -899,7 +925,7 @@ mod tests {
                 profile,
                 geometry: Geometry::for_size(1 << 20, 4096, t).unwrap(),
                 key_check: if profile.is_keyed() { [0xA5; 32] } else { [0; 32] },
-                incompat: profile_incompat(profile),
+                incompat: profile_incompat(profile, u32::try_from(t).unwrap()),
                 ..sample()
             };
             let enc = sb.encode(0);
@@ -959,16 +985,101 @@ mod tests {
             text.contains("99") && text.contains("1 = crc32c") && text.contains("newer"),
             "{text}"
         );
-        // A tag size that does not match the profile is damage.
+        // A tag slot that is not a tag size, or too small for the profile, is damage.
+        for (profile, slot) in [(Profile::Crc32c, 4), (Profile::Crc32c, 24), (Profile::Sha256, 8)] {
+            let mut b = sample().encode(0);
+            b[at::PROFILE..at::TAG_SIZE].copy_from_slice(&profile.id().to_le_bytes());
+            b[at::TAG_SIZE] = slot;
+            assert!(
+                matches!(
+                    Superblock::decode(&resealed(b)),
+                    Err(SuperblockError::Field {
+                        field: "tag size",
+                        ..
+                    })
+                ),
+                "{profile} in {slot}-byte slots"
+            );
+        }
+    }
+
+    /// A profile in wider tag slots than its tags (`--tag-room`): the layout follows the
+    /// slots, the tag-room bit is set exactly then, and a re-tag may target any profile whose
+    /// tags fit the slots.
+    #[test]
+    fn tag_room_lays_out_by_the_slot_and_carries_its_feature_bit() {
+        let geometry = Geometry::for_size(1 << 20, 4096, 32).unwrap();
+        assert_eq!(geometry.group_blocks, 120);
+        let sb = Superblock {
+            geometry,
+            incompat: profile_incompat(Profile::Crc32c, 32),
+            ..sample()
+        };
+        assert_eq!(sb.incompat, INCOMPAT_TAG_ROOM);
+        let enc = sb.encode(0);
+        assert_eq!(le16(&enc, at::TAG_SIZE), 32);
+        assert_eq!(Superblock::decode(&enc), Ok((sb.clone(), 0)));
+        // The bit without room, or room without the bit: refused.
+        let mut b = enc.clone();
+        b[at::INCOMPAT] &= !u8::try_from(INCOMPAT_TAG_ROOM).unwrap();
+        assert!(Superblock::decode(&resealed(b)).is_err(), "room without the bit");
         let mut b = sample().encode(0);
-        b[at::TAG_SIZE] = 16;
-        assert!(matches!(
-            Superblock::decode(&resealed(b)),
-            Err(SuperblockError::Field {
-                field: "tag size",
-                ..
-            })
-        ));
+        b[at::INCOMPAT] |= u8::try_from(INCOMPAT_TAG_ROOM).unwrap();
+        assert!(Superblock::decode(&resealed(b)).is_err(), "the bit without room");
+        // Any target that fits, keyed ones with their key check.
+        for target in Profile::ALL.into_iter().filter(|&p| p != Profile::Crc32c) {
+            let sb = Superblock {
+                incompat: sb.incompat | INCOMPAT_RETAG,
+                retag: Some(Retag {
+                    target,
+                    cursor: 2,
+                    key_check: if target.is_keyed() { [7; 32] } else { [0; 32] },
+                }),
+                ..sb.clone()
+            };
+            assert_eq!(Superblock::decode(&sb.encode(1)), Ok((sb, 1)), "to {target}");
+        }
+        // In 16-byte slots a 32-byte target does not fit.
+        let sb = Superblock {
+            geometry: Geometry::for_size(1 << 20, 4096, 16).unwrap(),
+            incompat: profile_incompat(Profile::Crc32c, 16) | INCOMPAT_RETAG,
+            retag: Some(Retag {
+                target: Profile::Blake3Keyed,
+                cursor: 0,
+                key_check: [7; 32],
+            }),
+            ..sample()
+        };
+        assert!(Superblock::decode(&sb.encode(0)).is_err());
+    }
+
+    /// A keyed volume re-tagged to an unkeyed profile records the re-tag's seal where a keyed
+    /// target's key check goes: without one the record is refused as damage.
+    #[test]
+    fn a_retag_away_from_a_key_must_carry_a_seal() {
+        let geometry = Geometry::for_size(1 << 20, 4096, 32).unwrap();
+        let keyed = Superblock {
+            profile: Profile::Blake3Keyed,
+            geometry,
+            key_check: [3; 32],
+            incompat: profile_incompat(Profile::Blake3Keyed, 32) | INCOMPAT_RETAG,
+            retag: Some(Retag {
+                target: Profile::Crc32c,
+                cursor: 0,
+                key_check: [5; 32],
+            }),
+            ..sample()
+        };
+        assert_eq!(Superblock::decode(&keyed.encode(0)), Ok((keyed.clone(), 0)));
+        let unsealed = Superblock {
+            retag: Some(Retag {
+                target: Profile::Crc32c,
+                cursor: 0,
+                key_check: [0; 32],
+            }),
+            ..keyed
+        };
+        assert!(Superblock::decode(&unsealed.encode(0)).is_err());
     }
 
     #[test]
@@ -1071,7 +1182,7 @@ mod tests {
         let mut b = sample().encode(0);
         b[at::INCOMPAT] |= u8::try_from(INCOMPAT_RETAG).unwrap();
         refused(b, "bit without a target");
-        for (target, what) in [(Profile::Crc32c, "own profile"), (Profile::Sha256, "other size")] {
+        for (target, what) in [(Profile::Crc32c, "own profile"), (Profile::Sha256, "larger tags")] {
             let mut b = enc.clone();
             b[336..338].copy_from_slice(&target.id().to_le_bytes());
             refused(b, what);
@@ -1184,8 +1295,8 @@ mod tests {
             "a v1 volume gets the way out: {err}"
         );
         let mut sb = sample();
-        // The first bit this build does not know (bit 5 is the re-tag's).
-        sb.incompat = 1 << 6;
+        // The first bit this build does not know (bit 5 is the re-tag's, 6 the tag room's).
+        sb.incompat = 1 << 7;
         assert!(matches!(
             Superblock::decode(&sb.encode(0)),
             Err(SuperblockError::Incompat(_))

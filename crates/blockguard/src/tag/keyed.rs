@@ -8,6 +8,8 @@
 //! the same key and algorithm, of the 36-byte message `"blockguard key check" ‖ uuid`. A wrong
 //! key is refused at open, before anything is written; the check value reveals nothing of the
 //! key, and it cannot pass for a block's tag, whose message is at least 512 + 24 bytes long.
+//! The same construction with another label seals a re-tag from a keyed profile to an unkeyed
+//! one ([`super::Tagger::retag_seal`]), so that only a holder of the key can start one.
 
 use super::{written, Profile, Tag, TagKey, TagScheme, KEY_CHECK_SIZE};
 use hmac::{Hmac, Mac as _};
@@ -53,8 +55,12 @@ impl TagScheme for HmacSha256 {
     }
 
     fn key_check(&self) -> Option<[u8; KEY_CHECK_SIZE]> {
+        self.seal(KEY_CHECK_LABEL)
+    }
+
+    fn seal(&self, label: &[u8]) -> Option<[u8; KEY_CHECK_SIZE]> {
         let mut m = self.keyed.clone();
-        m.update(KEY_CHECK_LABEL);
+        m.update(label);
         m.update(&self.uuid);
         let mut out = [0u8; KEY_CHECK_SIZE];
         out.copy_from_slice(&m.finalize().into_bytes());
@@ -100,8 +106,12 @@ impl TagScheme for Blake3Keyed {
     }
 
     fn key_check(&self) -> Option<[u8; KEY_CHECK_SIZE]> {
+        self.seal(KEY_CHECK_LABEL)
+    }
+
+    fn seal(&self, label: &[u8]) -> Option<[u8; KEY_CHECK_SIZE]> {
         let mut h = blake3::Hasher::new_keyed(&self.key);
-        h.update(KEY_CHECK_LABEL);
+        h.update(label);
         h.update(&self.uuid);
         Some(*h.finalize().as_bytes())
     }

@@ -40,10 +40,31 @@ pub const UNWRITTEN: Tag = Tag {
 };
 
 /// A tag value; `len` bytes of `bytes` are significant, the rest are zero.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// Two tags are equal when their bytes are, padded with zeros: a volume's tag slots may be
+/// wider than its profile's tags (`docs/FORMAT.md`, "Tag slots"), and a tag read from a
+/// slot (all of its bytes) must equal the shorter tag computed from the data when the slot
+/// holds that tag followed by zeros.
+#[derive(Clone, Copy)]
 pub struct Tag {
     bytes: [u8; MAX_TAG_SIZE],
     len: u8,
+}
+
+impl PartialEq for Tag {
+    fn eq(&self, other: &Tag) -> bool {
+        // Equal lengths are the common case; unequal ones compare as padded with zeros,
+        // which `bytes` already is past `len`.
+        self.bytes == other.bytes
+    }
+}
+
+impl Eq for Tag {}
+
+impl std::hash::Hash for Tag {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.bytes.hash(state);
+    }
 }
 
 impl Tag {
@@ -61,10 +82,27 @@ impl Tag {
         Tag { bytes, len }
     }
 
-    /// The stored bytes of the tag (`size` bytes; the unwritten tag is all zeros).
+    /// The stored bytes of the tag in a slot of `size` bytes: the tag, then zeros (the
+    /// unwritten tag is all zeros).
     pub fn to_bytes(&self, size: usize) -> [u8; MAX_TAG_SIZE] {
-        debug_assert!(self.is_unwritten() || self.len as usize == size);
+        debug_assert!(self.bytes[size.min(MAX_TAG_SIZE)..].iter().all(|&b| b == 0));
         self.bytes
+    }
+
+    /// True if `slot`, the stored bytes of a tag slot, hold exactly this tag: its bytes,
+    /// then zeros to the end of the slot. The unwritten tag matches an all-zero slot.
+    ///
+    /// ```
+    /// use blockguard::tag::Tag;
+    /// let t = Tag::from_bytes(&[1, 2, 3, 4, 5, 6, 7, 8]);
+    /// assert!(t.matches_slot(&[1, 2, 3, 4, 5, 6, 7, 8]));
+    /// assert!(t.matches_slot(&[1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0]));
+    /// assert!(!t.matches_slot(&[1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 9]));
+    /// ```
+    #[inline]
+    pub fn matches_slot(&self, slot: &[u8]) -> bool {
+        let n = self.len as usize;
+        slot.len() >= n && slot[..n] == self.bytes[..n] && slot[n..].iter().all(|&b| b == 0)
     }
 
     /// The significant bytes (empty for the unwritten tag).
@@ -89,7 +127,14 @@ impl fmt::Display for Tag {
         if self.is_unwritten() {
             return f.write_str("unwritten");
         }
-        for b in &self.bytes[..self.len as usize] {
+        // A tag read from a wider slot than its profile's tags is shown as the profile's:
+        // without the zeros that pad it (the first tag size after which only zeros follow).
+        let len = self.len as usize;
+        let shown = [8, 16]
+            .into_iter()
+            .find(|&s| s < len && self.bytes[s..len].iter().all(|&b| b == 0))
+            .unwrap_or(len);
+        for b in &self.bytes[..shown] {
             write!(f, "{b:02x}")?;
         }
         Ok(())
@@ -306,6 +351,12 @@ pub trait TagScheme: Send + Sync {
     fn key_check(&self) -> Option<[u8; KEY_CHECK_SIZE]> {
         None
     }
+
+    /// A keyed scheme's MAC of `label ‖ uuid` (`None` for unkeyed schemes). Labels are short
+    /// (under 64 bytes), so no such value can pass for a block's tag.
+    fn seal(&self, _label: &[u8]) -> Option<[u8; KEY_CHECK_SIZE]> {
+        None
+    }
 }
 
 /// The tag scheme of an open volume, as the engine holds it: a profile bound to the volume's
@@ -356,7 +407,23 @@ impl Tagger {
     pub fn key_check(&self) -> [u8; KEY_CHECK_SIZE] {
         self.scheme.key_check().unwrap_or([0; KEY_CHECK_SIZE])
     }
+
+    /// The seal a re-tag from this keyed profile to the unkeyed `target` records in the
+    /// superblock (where a keyed target's key-check value goes): a MAC under this volume's
+    /// key of `"blockguard re-tag to " ‖ u16le(target id) ‖ uuid`. Without it an attacker who
+    /// can write the disk could mark groups as re-tagged to an unkeyed profile and forge
+    /// their blocks (G6); with it only a holder of the key can start such a re-tag. `None`
+    /// for an unkeyed profile.
+    pub fn retag_seal(&self, target: Profile) -> Option<[u8; KEY_CHECK_SIZE]> {
+        let mut label = [0u8; RETAG_SEAL_LABEL.len() + 2];
+        label[..RETAG_SEAL_LABEL.len()].copy_from_slice(RETAG_SEAL_LABEL);
+        label[RETAG_SEAL_LABEL.len()..].copy_from_slice(&target.id().to_le_bytes());
+        self.scheme.seal(&label)
+    }
 }
+
+/// The fixed prefix of the message a re-tag seal is the MAC of ([`Tagger::retag_seal`]).
+const RETAG_SEAL_LABEL: &[u8; 21] = b"blockguard re-tag to ";
 
 impl fmt::Debug for Tagger {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -491,6 +558,17 @@ pub enum KeyError {
          profile {profile} (--new-key-file)"
     )]
     RetagWrong {
+        /// The target profile's name.
+        profile: &'static str,
+    },
+    /// The superblock records a re-tag of this keyed volume to an unkeyed profile that was
+    /// not sealed with the volume's key: someone without the key marked groups as re-tagged
+    /// to a profile anyone can forge (G6). Refused.
+    #[error(
+        "the re-tag to tag profile {profile} recorded on the volume is not sealed with this volume's \
+         key: it was not started by a holder of the key, and would let blocks be forged"
+    )]
+    RetagUnsealed {
         /// The target profile's name.
         profile: &'static str,
     },

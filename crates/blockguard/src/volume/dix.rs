@@ -159,7 +159,7 @@ impl Volume {
             if hole && crate::tag::is_zero(chunk) {
                 out.fill(0);
             } else {
-                out.copy_from_slice(coverage.tagger(block).generate(block, chunk).as_bytes());
+                out.copy_from_slice(&coverage.tagger(block).generate(block, chunk).to_bytes(t)[..t]);
             }
         }
         Ok(PiProfiles(coverage))

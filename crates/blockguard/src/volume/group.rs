@@ -818,7 +818,7 @@ mod tests {
         let s = state(Some(sector(0, 1, a)), Some(scarred(1, 0, a, 20)), true);
         assert!(matches!(
             s.accept(0),
-            Accept::Salvaged { newest, older: Some(UNWRITTEN), .. } if newest == a
+            Accept::Salvaged { newest, older: Some(o), .. } if newest == a && o == UNWRITTEN
         ));
         // A scar beside a blank proves nothing: the blank's generation is unknown.
         let s = state(Some(scarred(0, 3, a, 40)), None, false);

@@ -96,6 +96,12 @@ pub struct FormatOptions {
     /// at least [`crate::format::MIN_JOURNAL_LEN`]); `None` for the default, a sixteenth of
     /// the volume between 1 MiB and 64 MiB. Refused for the other modes.
     pub journal_size: Option<u64>,
+    /// Bytes of each tag slot: 8, 16 or 32, at least the profile's tag size; `None` for the
+    /// profile's tag size. Wider slots leave room for a later online re-tag
+    /// ([`Volume::retag`]) to a profile with larger tags — `crc32c` in 32-byte slots can
+    /// become `blake3-keyed` in place — at the cost of smaller groups (more metadata: 1.67 %
+    /// of the data instead of 0.40 % for 32 against 8 bytes with 4 KiB blocks).
+    pub tag_room: Option<usize>,
 }
 
 impl FormatOptions {
@@ -114,6 +120,25 @@ impl FormatOptions {
             assume_zeroed: true,
             error_policy: ErrorPolicy::Eio,
             journal_size: None,
+            tag_room: None,
+        }
+    }
+
+    /// Bytes of each tag slot of a volume formatted with these options: `tag_room`, checked,
+    /// or the profile's tag size.
+    pub fn tag_slot(&self) -> Result<usize> {
+        let need = self.profile.tag_size();
+        match self.tag_room {
+            None => Ok(need),
+            Some(room) if crate::format::TAG_SLOT_SIZES.contains(&room) && room >= need => Ok(room),
+            Some(room) => Err(invalid(
+                "new volume",
+                format!(
+                    "a tag room of {room} bytes does not fit tag profile {} ({need}-byte tags): \
+                     give 8, 16 or 32, at least {need}",
+                    self.profile
+                ),
+            )),
         }
     }
 
@@ -148,9 +173,8 @@ impl FormatOptions {
         let size = self
             .size
             .ok_or_else(|| invalid("new volume", "no size given".into()))?;
-        let g =
-            Geometry::for_size_with_groups(size, self.block_size, self.profile.tag_size(), self.group_blocks)
-                .map_err(|e| invalid("new volume", e.to_string()))?;
+        let g = Geometry::for_size_with_groups(size, self.block_size, self.tag_slot()?, self.group_blocks)
+            .map_err(|e| invalid("new volume", e.to_string()))?;
         match self.journal_len(size)? {
             0 => Ok(g),
             j => g

@@ -267,7 +267,7 @@ pub(super) fn read_layout(backend: &dyn Backend, split: bool) -> Result<(Superbl
 /// bytes with the backup superblock at the backend's end, or as much as fits.
 fn format_geometry(opts: &FormatOptions, name: &str, len: u64) -> Result<Geometry> {
     mode_fits_profile(name, opts.mode, opts.profile)?;
-    let tag_size = opts.profile.tag_size();
+    let tag_size = opts.tag_slot().map_err(|e| relabel(e, name))?;
     let Some(size) = opts.size else {
         let g = Geometry::for_backing_len(len, opts.block_size, tag_size)
             .map_err(|e| invalid(name, e.to_string()))?;
@@ -594,12 +594,26 @@ fn open_tags(name: &str, sb: &Superblock, opts: &OpenOptions) -> Result<super::t
         .map_err(key_err)?;
     let switch = match &sb.retag {
         Some(r) => {
-            let target =
+            let retag_err = |problem: crate::tag::KeyError| Error::Key {
+                volume: name.to_string(),
+                problem: problem.for_retag(),
+            };
+            let target = if !r.target.is_keyed() && sb.profile.is_keyed() {
+                // Away from a key: the record must carry the seal only the key makes.
+                let target = r
+                    .target
+                    .tagger(&sb.uuid, opts.retag_key.as_ref())
+                    .map_err(retag_err)?;
+                if current.retag_seal(r.target) != Some(r.key_check) {
+                    return Err(key_err(crate::tag::KeyError::RetagUnsealed {
+                        profile: r.target.name(),
+                    }));
+                }
+                target
+            } else {
                 crate::tag::Tagger::for_volume(r.target, &sb.uuid, &r.key_check, opts.retag_key.as_ref())
-                    .map_err(|problem| Error::Key {
-                        volume: name.to_string(),
-                        problem: problem.for_retag(),
-                    })?;
+                    .map_err(retag_err)?
+            };
             Some((target, r.cursor))
         }
         None => None,

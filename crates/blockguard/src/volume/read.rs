@@ -252,7 +252,7 @@ impl Inner {
             let i = index as usize + k;
             // Fast path: a tag every state of the pair accepts needs no further look-up.
             if let Some(stored) = state.fast_tag(i) {
-                if stored.iter().any(|&b| b != 0) && tagger.generate(block, chunk).as_bytes() == stored {
+                if stored.iter().any(|&b| b != 0) && tagger.generate(block, chunk).matches_slot(stored) {
                     continue;
                 }
             }

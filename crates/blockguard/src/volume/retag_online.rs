@@ -3,8 +3,10 @@
 //! (Not to be confused with `retag.rs`, which recomputes tags from data to settle a `rebuild`
 //! volume after a crash.)
 //!
-//! The layout of the metadata depends on the tag size, so only a profile of the same tag size
-//! can replace the volume's in place; another size is refused before anything is written.
+//! The layout of the metadata depends on the size of its tag slots, fixed at format (the
+//! profile's tag size, or more with `--tag-room`), so only a profile whose tags fit the slots
+//! can replace the volume's in place: a smaller tag is stored followed by zeros. A larger one
+//! is refused before anything is written.
 //! The switch goes group by group, in order, with a cursor: the groups before it carry the
 //! target profile's tags, the others the old profile's (see `tags.rs` for what a read
 //! accepts where). The superblock records the switch (target, its key-check value, the
@@ -50,7 +52,7 @@ pub(crate) const RECORD_EVERY: Duration = Duration::from_secs(1);
 /// How to re-tag: to which profile, with which key, how much at a time, and when to stop.
 #[derive(Clone, Copy, Debug)]
 pub struct RetagOptions<'a> {
-    /// The profile to switch to: another of the same tag size.
+    /// The profile to switch to: another whose tags fit the volume's tag slots.
     pub profile: Profile,
     /// Its key, when it is keyed.
     pub key: Option<&'a TagKey>,
@@ -276,10 +278,10 @@ impl Inner {
                 format!("the volume already uses tag profile {from}: nothing to re-tag"),
             ));
         }
-        if target.tag_size() != from.tag_size() {
+        if target.tag_size() > self.geo.tag_size as usize {
             return Err(Error::Unsupported {
                 volume: self.name.clone(),
-                detail: size_change(from, target, self.geo.group_blocks),
+                detail: no_room(from, target, self.geo.tag_size as usize, self.geo.group_blocks),
             });
         }
         super::open::mode_fits_profile(&self.name, self.sb.mode, target)?;
@@ -409,7 +411,7 @@ impl Inner {
                 let chunk = &data.as_ref()[i * bs..(i + 1) * bs];
                 let stored = &mut tags[j * ts..(j + 1) * ts];
                 if let Some(new) = self.retag_block(block, chunk, stored, target, report)? {
-                    stored.copy_from_slice(&new.as_bytes()[..ts]);
+                    stored.copy_from_slice(&new.to_bytes(ts)[..ts]);
                 }
             }
             if single {
@@ -498,24 +500,23 @@ impl Inner {
     }
 }
 
-/// Why a re-tag from `from` to `target` (tags of different sizes) is refused, and what to do.
-fn size_change(from: Profile, target: Profile, group_blocks: u32) -> String {
-    let same: Vec<&str> = Profile::ALL
+/// Why a re-tag from `from` to `target`, whose tags are larger than the volume's `slot`-byte
+/// tag slots, is refused, and what to do.
+fn no_room(from: Profile, target: Profile, slot: usize, group_blocks: u32) -> String {
+    let fit: Vec<&str> = Profile::ALL
         .iter()
-        .filter(|p| p.tag_size() == from.tag_size() && **p != from)
+        .filter(|p| p.tag_size() <= slot && **p != from)
         .map(|p| p.name())
         .collect();
     format!(
-        "cannot re-tag from {from} ({}-byte tags) to {target} ({}-byte tags) in place: the metadata \
-         sectors of this volume hold {} tags of {} bytes each and its groups of {group_blocks} blocks \
-         were laid out for them, so the tags of another size do not fit where they must go. \
-         Profiles this volume can switch to: {}. For {target}, copy the data to a new volume: \
-         `blockguard format NEW --profile {target}` (same size), then `blockguard export VOLUME IMAGE` \
-         and `blockguard import IMAGE NEW`",
-        from.tag_size(),
+        "cannot re-tag from {from} to {target} in place: {target} has {}-byte tags, and this volume \
+         was formatted with room for {slot}-byte tags (its metadata sectors hold {} tags each, and its \
+         groups of {group_blocks} blocks were laid out for them). Profiles this volume can switch \
+         to: {}. For {target}, copy the data to a new volume: `blockguard format NEW --profile \
+         {target}` (same size; `--tag-room 32` there leaves room for any profile later), then \
+         `blockguard export VOLUME IMAGE` and `blockguard import IMAGE NEW`",
         target.tag_size(),
-        496 / from.tag_size(),
-        from.tag_size(),
-        same.join(", ")
+        496 / slot,
+        fit.join(", ")
     )
 }

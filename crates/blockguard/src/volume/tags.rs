@@ -12,7 +12,9 @@
 //! does not change), and a tag matches data only if it was computed from that data by that
 //! profile, so accepting the second profile accepts no data that no tag describes.
 
-use crate::format::{profile_incompat, Retag, Superblock, INCOMPAT_RETAG, INCOMPAT_TAG_PROFILE};
+use crate::format::{
+    profile_incompat, Retag, Superblock, INCOMPAT_RETAG, INCOMPAT_TAG_PROFILE, INCOMPAT_TAG_ROOM,
+};
 use crate::tag::{Profile, Tag, Tagger};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
@@ -211,14 +213,18 @@ impl Tags {
         let retag = s.switch.as_ref().map(|w| Retag {
             target: w.target.profile(),
             cursor: w.cursor,
-            key_check: w.target.key_check(),
+            key_check: if w.target.profile().is_keyed() {
+                w.target.key_check()
+            } else {
+                s.current.retag_seal(w.target.profile()).unwrap_or_default()
+            },
         });
         let retag_bit = if retag.is_some() { INCOMPAT_RETAG } else { 0 };
         Superblock {
             profile,
             key_check: s.current.key_check(),
-            incompat: (sb.incompat & !(INCOMPAT_TAG_PROFILE | INCOMPAT_RETAG))
-                | profile_incompat(profile)
+            incompat: (sb.incompat & !(INCOMPAT_TAG_PROFILE | INCOMPAT_TAG_ROOM | INCOMPAT_RETAG))
+                | profile_incompat(profile, sb.geometry.tag_size)
                 | retag_bit,
             retag,
             ..sb.clone()

@@ -144,7 +144,7 @@ impl Inner {
                 let t = self.geo.tag_size as usize;
                 let k = usize_of(block - first);
                 let supplied = &pi[k * t..(k + 1) * t];
-                if tag.as_bytes() != supplied
+                if !tag.matches_slot(supplied)
                     && !self.tuple_of_other_profile(
                         block,
                         &stage::bytes(&data)[at..at + usize_of(bs)],
@@ -180,7 +180,7 @@ impl Inner {
             .into_iter()
             .flatten()
             .filter(|t| !Arc::ptr_eq(t, &covering))
-            .any(|t| t.generate(block, data).as_bytes() == supplied)
+            .any(|t| t.generate(block, data).matches_slot(supplied))
     }
 
     /// The largest request staged as one (`journal` mode: the atomic size).

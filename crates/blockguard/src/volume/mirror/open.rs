@@ -33,11 +33,9 @@ impl Volume {
         let smallest = members.iter().map(|b| b.len()).min().unwrap_or(0);
         let size = match opts.size {
             Some(s) => s,
-            None => {
-                crate::format::Geometry::for_backing_len(smallest, opts.block_size, opts.profile.tag_size())
-                    .map_err(|e| invalid(&first, e.to_string()))?
-                    .size()
-            }
+            None => crate::format::Geometry::for_backing_len(smallest, opts.block_size, opts.tag_slot()?)
+                .map_err(|e| invalid(&first, e.to_string()))?
+                .size(),
         };
         let mut opts = opts.clone();
         opts.size = Some(size);
