@@ -391,7 +391,11 @@ fn report(args: &FormatArgs, path: &std::path::Path, vol: Volume) -> Result<()> 
             sb.geometry.data_blocks,
             sb.geometry.block_size,
             sb.mode.name(),
-            sb.profile.name(),
+            if sb.geometry.tag_size as usize == sb.profile.tag_size() {
+                sb.profile.name().to_string()
+            } else {
+                format!("{} in {}-byte slots", sb.profile.name(), sb.geometry.tag_size)
+            },
             sb.error_policy.name(),
             crate::info::uuid_string(&sb.uuid)
         );

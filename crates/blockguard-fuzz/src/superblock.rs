@@ -59,7 +59,12 @@ fn template(p: &[u8]) -> Option<Vec<u8>> {
     let block_size = 512u32 << (get(0) % 8);
     let blocks = u64::from(u32::from_le_bytes([get(1), get(2), get(3), 0])) + 1;
     let profile = profile_of(get(7));
-    let t = profile.tag_size();
+    // Bit 0x20: tag slots with room for 32-byte tags (`--tag-room 32`).
+    let t = if get(4) & 0x20 == 0 {
+        profile.tag_size()
+    } else {
+        32
+    };
     let geometry = if get(4) & 1 == 0 {
         Geometry::for_size(blocks * u64::from(block_size), block_size, t).ok()?
     } else {
@@ -254,6 +259,18 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         input.extend(sb.encode(0));
         out.push((format!("gen-valid-profile-{}", profile.name()), input));
     }
+    // Tag slots wider than the profile's tags (`--tag-room`): the tag-room feature bit.
+    for (profile, slot) in [
+        (Profile::Crc32c, 32),
+        (Profile::NvmePi64, 32),
+        (Profile::Xxh3, 16),
+    ] {
+        let g = Geometry::for_size(256 * 4096, 4096, slot).expect("seed layout");
+        let sb = superblock(g, profile, Mode::Dual, VolumeState::Clean, 0x31, "room");
+        let mut input = vec![0u8];
+        input.extend(sb.encode(0));
+        out.push((format!("gen-valid-room-{}-{slot}", profile.name()), input));
+    }
     // A backend of fixed length (a block device) rather than a size.
     let g = Geometry::for_backing_len(1 << 20, 4096, 8).expect("seed layout");
     let mut input = vec![0u8];
@@ -264,6 +281,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         ("512-dual", [0u8, 10, 0, 0, 0, 0, 1, 2]),
         ("4096-backing-none-inuse-copy1", [3, 200, 1, 0, 0x87, 9, 2, 3]),
         ("64k", [7, 2, 0, 0, 0, 0, 3, 4]),
+        ("4096-room-32", [3, 80, 0, 0, 0x20, 0, 1, 6]),
         ("mirror-3-role-2", [3, 100, 0, 0, 0x08, 0b0001_0101, 5, 6]),
         ("mirror-2-out-of-sync", [0, 50, 0, 0, 0x0c, 0b0001_0000, 9, 1]),
     ] {

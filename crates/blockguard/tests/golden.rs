@@ -219,3 +219,43 @@ fn tag_profile_images_open_verify_and_keep_their_tuples() {
         }
     }
 }
+
+/// A golden image with room in its tag slots (`format --block-size 512 --size 64K --tag-room
+/// 32`, then `import` of `pattern`): `crc32c` tags stored in 32-byte slots, 15 blocks per
+/// group, the `TAG_ROOM` incompat bit (and no `TAG_PROFILE`). The slot of block 5 holds its
+/// crc32c tag followed by 24 zeros, at the offset FORMAT.md gives.
+#[test]
+fn a_tag_room_image_opens_verifies_and_keeps_its_padded_tags() {
+    let file = "v4-512-crc32c-room32.bgv";
+    let img = image(file);
+    let vol = Volume::open(Arc::new(MemoryBackend::from_vec(img.clone())), &read_only())
+        .unwrap_or_else(|e| panic!("{file}: {e}"));
+    let sb = vol.superblock();
+    assert_eq!(sb.uuid, uuid("2c7c105b-1401-2310-7ebc-8aef83eb7aba"));
+    assert_eq!(sb.label, "golden-v4-512-crc32c-room32");
+    assert_eq!(
+        (sb.profile, sb.incompat),
+        (Profile::Crc32c, blockguard::format::INCOMPAT_TAG_ROOM)
+    );
+    let geo = *vol.geometry();
+    assert_eq!((geo.tag_size, geo.group_blocks, geo.groups), (32, 15, 9));
+    let mut all = vec![0u8; 64 << 10];
+    vol.read_at(&mut all, 0).unwrap();
+    let mut want = pattern(40 * 512, 512);
+    want.resize(64 << 10, 0);
+    assert!(all == want, "{file}: contents differ");
+    assert!(vol.check_blocks(0, geo.data_blocks).unwrap().is_empty());
+    assert!(vol.check_metadata(0, geo.groups).unwrap().is_empty());
+    // Block 5: group 0, sector 0, tag bytes 16 + 5·32 .. + 32 of the newest metadata block.
+    let tag = Profile::Crc32c
+        .tagger(&sb.uuid, None)
+        .unwrap()
+        .generate(5, &want[5 * 512..6 * 512]);
+    let mut slot = tag.as_bytes().to_vec();
+    slot.resize(32, 0);
+    let found = (0..2).any(|s| {
+        let at = usize::try_from(geo.meta_offset(0, s)).unwrap() + 16 + 5 * 32;
+        img[at..at + 32] == slot[..]
+    });
+    assert!(found, "{file}: no metadata block holds block 5's padded tag");
+}
