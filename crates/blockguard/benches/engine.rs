@@ -16,6 +16,8 @@
 //!   a private sub-directory is created there and removed afterwards.
 //! - `BENCH_PROFILE`   the volume's tag profile (default `crc32c`; keyed profiles get a fixed
 //!   benchmark key).
+//! - `BENCH_TAG_ROOM`  bytes of each tag slot (8, 16 or 32; default: the profile's tag size), as
+//!   `format --tag-room`: what room for a later re-tag to larger tags costs.
 //! - `BENCH_COLD`      how to make the cache cold: `drop` (`echo 3 > /proc/sys/vm/drop_caches`,
 //!   root only), `fadvise` (`posix_fadvise(POSIX_FADV_DONTNEED)` on the file, issued by GNU
 //!   `dd iflag=nocache count=0`), or `off` (skip the cold tests). Default: `drop` when
@@ -76,6 +78,8 @@ impl Cold {
 struct Config {
     /// The volume's tag profile (`BENCH_PROFILE`).
     profile: Profile,
+    /// Its tag slots (`BENCH_TAG_ROOM`; `None`: the profile's tag size).
+    tag_room: Option<usize>,
     size: u64,
     runs: usize,
     rand_ops: usize,
@@ -152,6 +156,13 @@ impl Config {
             Some(name) => Profile::from_name(name)
                 .ok_or_else(|| format!("BENCH_PROFILE={name:?}: no such tag profile"))?,
         };
+        let tag_room = match std::env::var("BENCH_TAG_ROOM").ok().as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(n) => Some(
+                n.parse::<usize>()
+                    .map_err(|_| format!("BENCH_TAG_ROOM={n:?}: expected 8, 16 or 32"))?,
+            ),
+        };
         let parent = match std::env::var_os("BENCH_DIR") {
             Some(d) if !d.is_empty() => PathBuf::from(d),
             _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"),
@@ -163,6 +174,7 @@ impl Config {
         std::fs::create_dir(&dir)?;
         Ok(Config {
             profile,
+            tag_room,
             size,
             runs,
             rand_ops,
@@ -602,6 +614,7 @@ impl Bench {
         let mut opts = FormatOptions::with_size(self.cfg.size);
         opts.mode = mode;
         opts.profile = self.cfg.profile;
+        opts.tag_room = self.cfg.tag_room;
         opts.key = self.key();
         let inner = FileBackend::create(path, opts.backing_len()?, &FileOptions::default())?;
         let backend = Arc::new(Counting {
@@ -752,8 +765,11 @@ impl Bench {
         );
         let _ = writeln!(
             out,
-            "engine: FormatOptions::with_size (4096-byte blocks, {}), OpenOptions::default (stage {} MiB)",
+            "engine: FormatOptions::with_size (4096-byte blocks, {}{}), OpenOptions::default (stage {} MiB)",
             self.cfg.profile,
+            self.cfg
+                .tag_room
+                .map_or(String::new(), |r| format!(" in {r}-byte tag slots")),
             OpenOptions::default().stage_bytes as u64 / MIB
         );
         let _ = writeln!(out);
