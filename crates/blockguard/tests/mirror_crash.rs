@@ -229,6 +229,8 @@ struct Config {
     blocks: u64,
     group_blocks: Option<u32>,
     ops: usize,
+    /// Tag slots of the set (`FormatOptions::tag_room`; `None`: crc32c's 8 bytes).
+    tag_room: Option<usize>,
 }
 
 /// Where a member made to fail refuses writes.
@@ -296,6 +298,7 @@ fn formatted_set(cfg: &Config) -> Vec<Arc<FaultBackend>> {
     let mut opts = FormatOptions::with_size(u64::from(cfg.block_size) * cfg.blocks);
     opts.block_size = cfg.block_size;
     opts.group_blocks = cfg.group_blocks;
+    opts.tag_room = cfg.tag_room;
     opts.uuid = Some([0x3c; 16]);
     let len = opts.backing_len().unwrap();
     let fbs: Vec<Arc<FaultBackend>> = (0..cfg.members)
@@ -1171,6 +1174,8 @@ fn second_run(first: &Run, p: usize, images: Vec<Vec<u8>>, seed: u64, ops: usize
         blocks: geo.data_blocks,
         group_blocks: Some(geo.group_blocks),
         ops,
+        // The set exists already: only the session options are taken from here.
+        tag_room: None,
     };
     let all: Vec<usize> = (0..n).collect();
     let vol = Volume::open_members(dyns(&taps, &all), &session_options(&mut rng, &cfg))
@@ -1341,11 +1346,11 @@ fn resume_retag(vol: &Volume, got: &[Result<u64, String>]) -> Vec<String> {
     }
 }
 
-/// A re-tag run: a fresh set, `cfg.ops` random operations and a flush, then a re-tag to xxh3
+/// A re-tag run: a fresh set, `cfg.ops` random operations and a flush, then a re-tag to `to`
 /// one group per step (the cursor recorded after each), with a random client operation after
 /// every step; then close. Each re-tag step is a step of the run that flushes (it starts with
 /// everything staged committed and flushed on every member and ends with its own flush).
-fn retag_run(seed: u64, cfg: Config) -> Run {
+fn retag_run(seed: u64, cfg: Config, to: Profile) -> Run {
     let (mut rng, fbs, clock, vol) = start_run(seed, &cfg);
     let geo = *vol.geometry();
     let bs = u64::from(cfg.block_size);
@@ -1364,7 +1369,7 @@ fn retag_run(seed: u64, cfg: Config) -> Run {
     let opts = RetagOptions {
         step_bytes: 1,
         record_every: std::time::Duration::ZERO,
-        ..RetagOptions::new(Profile::Xxh3)
+        ..RetagOptions::new(to)
     };
     let mut since = clock.now();
     let report = vol
@@ -1393,8 +1398,14 @@ fn retag_run(seed: u64, cfg: Config) -> Run {
 /// profiles in play, and the re-tag resumed after the reopen completes (`resume_retag`), each
 /// member alone then having the target's profile.
 fn retag_crashes(search: Search, seeds: &[u64]) {
-    no_violation("re-tag, 2 members", seeds, |seed| {
-        let run = retag_run(seed, SMALL);
+    retag_crashes_of(SMALL, Profile::Xxh3, search, seeds);
+}
+
+/// [`retag_crashes`] for a set made as `cfg` says, re-tagged to `to`.
+fn retag_crashes_of(cfg: Config, to: Profile, search: Search, seeds: &[u64]) {
+    let label = format!("re-tag to {to}, {} members", cfg.members);
+    no_violation(&label, seeds, |seed| {
+        let run = retag_run(seed, cfg, to);
         let mut sim = Sim::new(&run, seed, search);
         sim.simulate();
         sim.totals
@@ -1410,6 +1421,42 @@ fn a_retag_of_two_members_survives_independent_crashes_at_every_point() {
             ..EVERY_POINT
         },
         &seeds(0..2),
+    );
+}
+
+/// Three members, each crashing on its own at every point of a re-tag.
+#[test]
+fn a_retag_of_three_members_survives_independent_crashes_at_every_point() {
+    retag_crashes_of(
+        Config { members: 3, ..SMALL },
+        Profile::Xxh3,
+        Search {
+            exhaustive: 4,
+            second_runs: 0,
+            ..EVERY_POINT
+        },
+        &seeds(300..301),
+    );
+}
+
+/// Across tag sizes: crc32c in 16-byte slots re-tagged to sha256 (16-byte tags), two
+/// members, torn crashes at every point.
+#[test]
+fn a_retag_of_two_members_to_larger_tags_survives_torn_independent_crashes() {
+    retag_crashes_of(
+        Config {
+            tag_room: Some(16),
+            ..SMALL
+        },
+        Profile::Sha256,
+        Search {
+            samples: 3,
+            torn: true,
+            tear_masks: true,
+            second_runs: 0,
+            ..EVERY_POINT
+        },
+        &seeds(400..401),
     );
 }
 
@@ -1437,6 +1484,7 @@ const SMALL: Config = Config {
     blocks: 150,
     group_blocks: Some(12),
     ops: 24,
+    tag_room: None,
 };
 
 /// 4 KiB blocks, 6 groups of 70: 1.7 MiB of volume, so reads go to both members (1 MiB
@@ -1447,6 +1495,7 @@ const STRIPED: Config = Config {
     blocks: 420,
     group_blocks: Some(70),
     ops: 14,
+    tag_room: None,
 };
 
 /// Every point of the history, two random image sets per point besides the all/nothing
@@ -1611,6 +1660,7 @@ fn convergence_keeps_a_complete_copy_over_a_torn_one() {
         blocks: 64,
         group_blocks: Some(16),
         ops: 0,
+        tag_room: None,
     };
     let bs = 4096usize;
     let fbs = formatted_set(&cfg);
