@@ -1439,6 +1439,16 @@ fn a_retag_of_three_members_survives_independent_crashes_at_every_point() {
     );
 }
 
+/// Every point of a re-tag's history, three random image sets per point with writes torn at
+/// 512 bytes and every tear mask of the metadata writes in flight; no second runs.
+const TORN_RETAG: Search = Search {
+    samples: 3,
+    torn: true,
+    tear_masks: true,
+    second_runs: 0,
+    ..EVERY_POINT
+};
+
 /// Across tag sizes: crc32c in 16-byte slots re-tagged to sha256 (16-byte tags), two
 /// members, torn crashes at every point.
 #[test]
@@ -1449,29 +1459,14 @@ fn a_retag_of_two_members_to_larger_tags_survives_torn_independent_crashes() {
             ..SMALL
         },
         Profile::Sha256,
-        Search {
-            samples: 3,
-            torn: true,
-            tear_masks: true,
-            second_runs: 0,
-            ..EVERY_POINT
-        },
+        TORN_RETAG,
         &seeds(400..401),
     );
 }
 
 #[test]
 fn a_retag_of_two_members_survives_torn_independent_crashes() {
-    retag_crashes(
-        Search {
-            samples: 3,
-            torn: true,
-            tear_masks: true,
-            second_runs: 0,
-            ..EVERY_POINT
-        },
-        &seeds(200..202),
-    );
+    retag_crashes(TORN_RETAG, &seeds(200..202));
 }
 
 // ---- The tests ----------------------------------------------------------------------------
