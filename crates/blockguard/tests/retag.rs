@@ -448,6 +448,18 @@ fn crash_at_every_step_dual_to_a_larger_keyed_tag() {
     );
 }
 
+/// To larger tags in rebuild mode, whose recovery recomputes the tags of the marked groups
+/// with the profile covering each (crc32c in 16-byte slots becomes blake3).
+#[test]
+fn crash_at_every_step_rebuild_to_a_larger_tag() {
+    crash_everywhere_in(
+        Mode::Rebuild,
+        (Profile::Crc32c, Profile::Blake3),
+        Some(16),
+        rand::rng().random(),
+    );
+}
+
 /// Away from a key, to smaller tags (the seal recorded), in journal mode.
 #[test]
 fn crash_at_every_step_journal_away_from_a_key() {
