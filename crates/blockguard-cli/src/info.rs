@@ -118,15 +118,17 @@ pub(crate) fn run(args: &InfoArgs) -> Result<()> {
         },
         // A keyed volume is described without its key; only its blocks need it.
         Err(e) if args.blocks.is_empty() && key_missing(&e) => {
-            let backend = crate::remote::open_store(
-                &args.path,
-                &FileOptions {
-                    read_only: true,
-                    lock: LockMode::None,
-                    ..FileOptions::default()
-                },
-            )?;
-            let (sb, warnings) = Volume::read_superblock(&*backend)?;
+            let unlocked = FileOptions {
+                read_only: true,
+                lock: LockMode::None,
+                ..FileOptions::default()
+            };
+            let backend = crate::remote::open_store(&args.path, &unlocked)?;
+            // A volume split over two devices keeps its superblocks on the metadata device.
+            let (sb, warnings) = match crate::common::split_metadata(&*backend, &unlocked)? {
+                Some(meta) => Volume::read_split_superblock(backend, meta)?,
+                None => Volume::read_superblock(&*backend)?,
+            };
             Dump {
                 summary: summary(&sb, &args.path),
                 warnings,

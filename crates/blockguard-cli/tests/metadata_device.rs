@@ -136,3 +136,61 @@ fn swapped_missing_and_foreign_metadata_devices_are_refused() {
     );
     assert!(snapshot() == before);
 }
+
+/// A keyed split volume in 32-byte tag slots: `info` describes it without its key (read
+/// through the data path's trailer, like a keyed volume of one device), and it is re-tagged
+/// in place to an unkeyed profile and back with the metadata on the other device.
+#[test]
+fn a_keyed_split_volume_is_described_without_its_key_and_retagged_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, m, k) = (
+        dir.path().join("d.img"),
+        dir.path().join("m.img"),
+        dir.path().join("k"),
+    );
+    std::fs::write(&k, [0x6bu8; 32]).unwrap();
+    let (ds, ks) = (d.to_str().unwrap(), k.to_str().unwrap());
+    expect_exit(
+        &bg(&[
+            "format",
+            ds,
+            "--size",
+            "16M",
+            "--metadata-device",
+            m.to_str().unwrap(),
+            "--profile",
+            "blake3-keyed",
+            "--key-file",
+            ks,
+        ]),
+        0,
+    );
+    let pattern = random_bytes(1 << 20, 3);
+    let raw = dir.path().join("src");
+    std::fs::write(&raw, &pattern).unwrap();
+    expect_exit(
+        &bg(&["import", raw.to_str().unwrap(), ds, "--force", "--key-file", ks]),
+        0,
+    );
+    let info = bg(&["info", ds]);
+    expect_exit(&info, 0);
+    assert!(stdout(&info).contains("blake3-keyed"), "{}", stdout(&info));
+    // Down to crc32c (in the 32-byte slots), checked without a key, then back up.
+    expect_exit(&bg(&["retag", ds, "--profile", "crc32c", "--key-file", ks]), 0);
+    expect_exit(&bg(&["check", ds]), 0);
+    expect_exit(
+        &bg(&["retag", ds, "--profile", "blake3-keyed", "--new-key-file", ks]),
+        0,
+    );
+    expect_exit(&bg(&["check", ds, "--key-file", ks]), 0);
+    let info = bg(&["info", ds]);
+    expect_exit(&info, 0);
+    assert!(
+        stdout(&info).contains("blake3-keyed (32 bytes per block;"),
+        "{}",
+        stdout(&info)
+    );
+    // The data path's first bytes are still the plain image.
+    let image = std::fs::read(&d).unwrap();
+    assert!(image[..pattern.len()] == pattern[..]);
+}
