@@ -119,6 +119,20 @@ pub(crate) fn new_key_file() -> Result<Option<(Vec<u8>, blockguard::tag::TagKey)
     Ok(Some((bytes, key)))
 }
 
+/// The global `--retag-to` (or the target of `retag`), set once by `main`.
+static RETAG_TO: std::sync::OnceLock<Option<blockguard::Profile>> = std::sync::OnceLock::new();
+
+/// Records which re-tag in progress the command confirms.
+pub(crate) fn set_retag_to(profile: Option<blockguard::Profile>) {
+    // Set once, by `main`.
+    let _ = RETAG_TO.set(profile);
+}
+
+/// The re-tag in progress the command confirms (`OpenOptions::retag_to`).
+pub(crate) fn retag_to() -> Option<blockguard::Profile> {
+    RETAG_TO.get().copied().flatten()
+}
+
 /// The key from `--new-key-file`, or `None` without the option.
 pub(crate) fn new_key() -> Result<Option<blockguard::tag::TagKey>> {
     Ok(new_key_file()?.map(|(_, k)| k))
@@ -291,6 +305,7 @@ fn open_with(
         error_policy,
         key: key()?,
         retag_key: new_key()?,
+        retag_to: retag_to(),
         ..OpenOptions::default()
     };
     if let Some(stage) = stage_bytes {

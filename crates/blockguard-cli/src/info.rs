@@ -116,7 +116,8 @@ pub(crate) fn run(args: &InfoArgs) -> Result<()> {
             summary: summary(vol.superblock(), &args.path),
             warnings: vol.warnings().to_vec(),
         },
-        // A keyed volume is described without its key; only its blocks need it.
+        // A keyed volume is described without its key (or a re-tag's key, or the confirmation
+        // of a re-tag away from the key); only its blocks need them.
         Err(e) if args.blocks.is_empty() && key_missing(&e) => {
             let unlocked = FileOptions {
                 read_only: true,
@@ -157,7 +158,9 @@ fn key_missing(e: &anyhow::Error) -> bool {
         matches!(
             c.downcast_ref::<blockguard::Error>(),
             Some(blockguard::Error::Key {
-                problem: blockguard::tag::KeyError::Missing { .. },
+                problem: blockguard::tag::KeyError::Missing { .. }
+                    | blockguard::tag::KeyError::RetagMissing { .. }
+                    | blockguard::tag::KeyError::RetagUnconfirmed { .. },
                 ..
             })
         )

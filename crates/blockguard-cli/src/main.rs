@@ -62,6 +62,13 @@ struct Cli {
     /// that opens the volume.
     #[arg(long, global = true, value_name = "FILE")]
     new_key_file: Option<std::path::PathBuf>,
+    /// Confirms a re-tag in progress of a keyed volume to an unkeyed profile (NAME), left by
+    /// a `retag` that was stopped: while one is, every command that opens the volume needs it
+    /// (`retag --profile NAME` gives it itself). A re-tag away from a key that nobody
+    /// confirms is refused: a record of an old one put back on the disk would let blocks be
+    /// forged.
+    #[arg(long, global = true, value_name = "NAME", value_parser = common::profile_parser())]
+    retag_to: Option<blockguard::Profile>,
     #[command(flatten)]
     nbd: remote::NbdArgs,
 }
@@ -130,6 +137,12 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> ExitCode {
     common::set_key_file(cli.key_file);
     common::set_new_key_file(cli.new_key_file);
+    // `retag --profile NAME` confirms the re-tag it resumes.
+    let retag_to = match &cli.command {
+        Command::Retag(a) => cli.retag_to.or(Some(a.profile)),
+        _ => cli.retag_to,
+    };
+    common::set_retag_to(retag_to);
     remote::set_options(&cli.nbd);
     let result = match cli.command {
         Command::Format(a) => format::run(&a),

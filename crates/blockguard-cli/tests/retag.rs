@@ -368,8 +368,14 @@ fn recorded_retag(vol: &Path) -> Option<(String, u64)> {
 /// the cursor is recorded every second), interrupts it with SIGINT and returns its output
 /// (exit status 130).
 fn interrupted_retag(vol: &Path, profile: &str) -> Output {
+    interrupted_retag_with(vol, profile, &[])
+}
+
+/// [`interrupted_retag`] with more arguments (keys).
+fn interrupted_retag_with(vol: &Path, profile: &str, more: &[&str]) -> Output {
     let child = std::process::Command::new(BIN)
         .args(["retag", s(vol), "--profile", profile, "--rate", "8", "--json"])
+        .args(more)
         .env("BLOCKGUARD_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -576,4 +582,39 @@ fn retag_of_a_mirror_set_repairs_a_bad_copy_first_and_refuses_a_degraded_set() {
         (Some("xxh3"), true),
         "{i}"
     );
+}
+
+/// A re-tag of a keyed volume down to crc32c, interrupted: every later command that opens the
+/// volume is refused (exit 2, nothing written) until it confirms the re-tag with
+/// `--retag-to crc32c`, naming the way on; `info` describes it regardless; the same `retag`
+/// command resumes it without the flag, and afterwards no confirmation is needed.
+#[test]
+fn an_interrupted_retag_away_from_a_key_must_be_confirmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    std::fs::write(&key, [0x2eu8; 32]).unwrap();
+    let k = s(&key);
+    let (vol, data) = written_volume(
+        dir.path(),
+        64,
+        64,
+        &["--profile", "blake3-keyed"],
+        &["--key-file", k],
+    );
+    let v = s(&vol);
+    interrupted_retag_with(&vol, "crc32c", &["--key-file", k]);
+    assert_eq!(recorded_retag(&vol).map(|(t, _)| t), Some("crc32c".to_string()));
+    refused(&vol, &["check", v, "--key-file", k], "--retag-to crc32c");
+    refused(
+        &vol,
+        &["export", v, s(&dir.path().join("x.raw")), "--key-file", k],
+        "--retag-to crc32c",
+    );
+    let out = bg(&["check", v, "--key-file", k, "--retag-to", "crc32c"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = bg(&["retag", v, "--profile", "crc32c", "--key-file", k, "--json"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(json(&out)["complete"], true);
+    expect_exit(&bg(&["check", v]), 0);
+    assert_holds(&vol, &data, &[]);
 }

@@ -480,6 +480,7 @@ impl Sim {
             error_policy: None,
             key: None,
             retag_key: None,
+            retag_to: None,
             dirty_clear_interval: if setup.clear_dirty_at_flush {
                 Duration::ZERO
             } else {

@@ -135,6 +135,7 @@ fn session_opts(bs: u32, cache_groups: usize, stage_blocks: usize) -> OpenOption
         error_policy: None,
         key: None,
         retag_key: None,
+        retag_to: None,
     }
 }
 

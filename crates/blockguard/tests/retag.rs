@@ -76,6 +76,8 @@ fn open_opts(from: Profile, to: Profile) -> OpenOptions {
     OpenOptions {
         key: key_for(from, 0x11),
         retag_key: key_for(to, 0x22),
+        // Confirms a re-tag away from a key, which is refused unconfirmed.
+        retag_to: Some(to),
         background_commit: false,
         ..OpenOptions::default()
     }
@@ -1132,7 +1134,7 @@ fn a_degraded_set_is_refused_and_a_copy_dropped_midway_is_resynced_onto_the_targ
 /// with none as a damaged superblock.
 #[test]
 fn a_forged_retag_away_from_the_key_is_refused_at_open() {
-    use blockguard::format::{Retag, Superblock, INCOMPAT_RETAG};
+    use blockguard::format::{tags_incompat, Retag, Superblock, INCOMPAT_RETAG};
     let from = Profile::Blake3Keyed;
     let fo = format_opts(Mode::Dual, from);
     let backend = Arc::new(FaultBackend::new(fo.backing_len().unwrap()).unwrap());
@@ -1141,13 +1143,15 @@ fn a_forged_retag_away_from_the_key_is_refused_at_open() {
     vol.close().unwrap();
     let (sb, _) = Volume::read_superblock(&*backend).unwrap();
     for (seal, what) in [([0x5c; 32], "a made-up seal"), ([0; 32], "no seal")] {
+        let retag = Retag {
+            target: Profile::Crc32c,
+            cursor: sb.geometry.groups,
+            key_check: seal,
+        };
+        // Every feature bit as this build would set it: only the seal is wrong.
         let forged = Superblock {
-            incompat: sb.incompat | INCOMPAT_RETAG,
-            retag: Some(Retag {
-                target: Profile::Crc32c,
-                cursor: sb.geometry.groups,
-                key_check: seal,
-            }),
+            incompat: sb.incompat | INCOMPAT_RETAG | tags_incompat(from, sb.geometry.tag_size, Some(&retag)),
+            retag: Some(retag),
             ..sb.clone()
         };
         backend.write_at(&forged.encode(0), 0).unwrap();
@@ -1222,5 +1226,61 @@ fn protection_information_is_as_wide_as_the_tag_slots() {
     let made_by = vol.read_with_pi(&mut back, &mut back_pi, 3 * BS).unwrap();
     assert_eq!(made_by.profile(3), Profile::HmacSha256);
     assert_eq!(back_pi, vol.tagger().generate(3, &data).as_bytes());
+    vol.close().unwrap();
+}
+
+/// A re-tag away from a key, stopped, is refused at the next open unless the opener confirms
+/// it by naming its target (`OpenOptions::retag_to`): nothing on the disk tells a record the
+/// owner made from one put back later. Refused with nothing written; confirmed, it opens and
+/// resumes; once complete the confirmation is no longer needed.
+#[test]
+fn a_stopped_retag_away_from_a_key_opens_only_confirmed() {
+    let (from, to) = (Profile::HmacSha256, Profile::Crc32c);
+    let fo = format_opts(Mode::Dual, from);
+    let backend = Arc::new(FaultBackend::new(fo.backing_len().unwrap()).unwrap());
+    let vol = Volume::format(backend.clone(), &fo).unwrap();
+    let model = write_pattern(&vol);
+    let stop = AtomicBool::new(true);
+    let stopped = vol
+        .retag(
+            &RetagOptions {
+                stop: Some(&stop),
+                ..RetagOptions::new(to)
+            },
+            &mut |_, _| {},
+        )
+        .unwrap();
+    assert!(!stopped.complete);
+    vol.close().unwrap();
+    let image = backend.live_image();
+    for (retag_to, what) in [(None, "unconfirmed"), (Some(Profile::Xxh3), "another target")] {
+        let opts = OpenOptions {
+            retag_to,
+            ..open_opts(from, to)
+        };
+        match Volume::open(backend.clone(), &opts) {
+            Ok(_) => panic!("{what}: opened"),
+            Err(e) => {
+                assert!(
+                    matches!(
+                        &e,
+                        Error::Key {
+                            problem: KeyError::RetagUnconfirmed { .. },
+                            ..
+                        }
+                    ),
+                    "{what}: {e}"
+                );
+                assert!(e.to_string().contains("--retag-to crc32c"), "{e}");
+            }
+        }
+        assert!(backend.live_image() == image, "{what}: something was written");
+    }
+    let vol = Volume::open(backend.clone(), &open_opts(from, to)).unwrap();
+    check_reads(&vol, &model, "confirmed");
+    assert!(retag(&vol, to, &mut |_, _| {}).unwrap().complete);
+    vol.close().unwrap();
+    let vol = Volume::open(backend, &OpenOptions::default()).unwrap();
+    check_reads(&vol, &model, "complete, unconfirmed");
     vol.close().unwrap();
 }

@@ -26,8 +26,8 @@ pub use mirror::{
     MAX_MEMBER_PATH, MEMBER_MAGIC,
 };
 pub use superblock::{
-    profile_incompat, validate_label, ErrorPolicy, Mode, Retag, Superblock, SuperblockError, VolumeState,
-    FORMAT_VERSION, INCOMPAT_JOURNAL, INCOMPAT_META_DEVICE, INCOMPAT_REBUILD, INCOMPAT_RETAG,
+    profile_incompat, tags_incompat, validate_label, ErrorPolicy, Mode, Retag, Superblock, SuperblockError,
+    VolumeState, FORMAT_VERSION, INCOMPAT_JOURNAL, INCOMPAT_META_DEVICE, INCOMPAT_REBUILD, INCOMPAT_RETAG,
     INCOMPAT_TAG_PROFILE, INCOMPAT_TAG_ROOM, SB_MAGIC, SB_REGION, SB_STRUCT_SIZE, SUPPORTED_INCOMPAT,
     SUPPORTED_RO_COMPAT, TAG_SLOT_SIZES,
 };

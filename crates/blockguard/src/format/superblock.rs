@@ -149,10 +149,11 @@ pub const INCOMPAT_META_DEVICE: u64 = 1 << 4;
 pub const INCOMPAT_RETAG: u64 = 1 << 5;
 
 /// Incompatible feature bit 6: the volume's tag slots (`tag_size`) are wider than its
-/// profile's tags, which are stored padded with zeros — room left at format (`--tag-room`)
-/// for a later re-tag to a profile with larger tags, or by a re-tag to smaller ones. A reader
-/// that does not know it would lay the tags out by the profile's size. Set exactly when
-/// `tag_size` differs from the profile's tag size.
+/// profile's tags, or than a re-tag's target's, which are stored padded with zeros — room
+/// left at format (`--tag-room`) for a later re-tag to a profile with larger tags, or by a
+/// re-tag to smaller ones. A reader that does not know it would lay the tags out by the
+/// profile's size. Set exactly when `tag_size` differs from the profile's tag size or, with a
+/// re-tag in progress, from the target's.
 pub const INCOMPAT_TAG_ROOM: u64 = 1 << 6;
 
 /// Incompatible features this build supports: mirror sets, tag profiles other than `crc32c`,
@@ -544,7 +545,7 @@ impl Superblock {
         })?;
         let key_check = decode_key_check(b, profile)?;
         let retag = decode_retag(b, incompat, profile, &geometry)?;
-        let expected = profile_incompat(profile, geometry.tag_size);
+        let expected = tags_incompat(profile, geometry.tag_size, retag.as_ref());
         if incompat & (INCOMPAT_TAG_PROFILE | INCOMPAT_TAG_ROOM) != expected {
             return Err(field(
                 "incompat",
@@ -835,6 +836,14 @@ pub fn profile_incompat(profile: Profile, tag_slot: u32) -> u64 {
     profile_bit | room_bit
 }
 
+/// The incompat bits of a volume with tag slots of `tag_slot` bytes and `retag`, if any: those
+/// of [`profile_incompat`], with [`INCOMPAT_TAG_ROOM`] also when the re-tag's target has
+/// tags of another size than the slots.
+pub fn tags_incompat(profile: Profile, tag_slot: u32, retag: Option<&Retag>) -> u64 {
+    let target_room = retag.is_some_and(|r| r.target.tag_size() != tag_slot as usize);
+    profile_incompat(profile, tag_slot) | if target_room { INCOMPAT_TAG_ROOM } else { 0 }
+}
+
 /// The tag slot sizes a volume may have: the tag sizes of the profiles.
 pub const TAG_SLOT_SIZES: [usize; 3] = [8, 16, 32];
 
@@ -1062,7 +1071,8 @@ mod tests {
             profile: Profile::Blake3Keyed,
             geometry,
             key_check: [3; 32],
-            incompat: profile_incompat(Profile::Blake3Keyed, 32) | INCOMPAT_RETAG,
+            // Crc32c's tags are narrower than the slots: the tag-room bit while the re-tag runs.
+            incompat: profile_incompat(Profile::Blake3Keyed, 32) | INCOMPAT_TAG_ROOM | INCOMPAT_RETAG,
             retag: Some(Retag {
                 target: Profile::Crc32c,
                 cursor: 0,

@@ -572,6 +572,19 @@ pub enum KeyError {
         /// The target profile's name.
         profile: &'static str,
     },
+    /// The superblock records a re-tag of this keyed volume to an unkeyed profile, sealed
+    /// with its key, and the opener did not say it knows of one (`OpenOptions::retag_to`,
+    /// `--retag-to`): a record its holder made once may have been put back. Refused.
+    #[error(
+        "a re-tag of this keyed volume to the unkeyed tag profile {profile} is in progress: \
+         finish it (`blockguard retag VOLUME --profile {profile}` with --key-file), or confirm it \
+         with --retag-to {profile}. Refused unconfirmed, because a record of an old re-tag put \
+         back on the disk would let blocks be forged"
+    )]
+    RetagUnconfirmed {
+        /// The target profile's name.
+        profile: &'static str,
+    },
 }
 
 impl KeyError {

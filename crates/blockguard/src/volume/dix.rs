@@ -65,9 +65,10 @@ impl Volume {
     /// with [`Volume::tagger`]. Each tuple is checked against the engine's own copy of the
     /// block before anything is staged; a mismatch refuses the whole write with
     /// [`crate::Error::ProtectionMismatch`] and leaves the volume as it was. The stored tags
-    /// are then exactly the tuples supplied — except during an online re-tag, where a tuple
-    /// of the other profile than the one covering its block (computed before a re-tag step
-    /// passed the block) is accepted too, and the covering profile's tag is stored.
+    /// are then exactly the tuples supplied — except during an online re-tag, and after one
+    /// completed in this session, where a tuple of the other profile than the one covering
+    /// its block (computed before a re-tag step passed the block, or before the re-tag
+    /// ended) is accepted too, and the covering profile's tag is stored.
     ///
     /// ```
     /// use blockguard::blockguard_backend::MemoryBackend;

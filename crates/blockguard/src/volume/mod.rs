@@ -211,6 +211,14 @@ pub struct OpenOptions {
     /// superblock records a re-tag in progress (a new re-tag takes its key as an argument of
     /// [`Volume::retag`]); refused with one to an unkeyed profile.
     pub retag_key: Option<TagKey>,
+    /// The profile of the re-tag in progress the opener knows of. Needed only when the
+    /// superblock records a re-tag of a keyed volume to an unkeyed profile: such a record is
+    /// sealed with the volume's key, but one its holder made once could be put back by
+    /// someone who can write the disk (after the volume was re-tagged back to the same key),
+    /// and it would make the unkeyed profile's tags — which anyone can compute — acceptable.
+    /// Without it such a volume is refused (`KeyError::RetagUnconfirmed`), so a replayed
+    /// record is noticed. Ignored when no such re-tag is recorded.
+    pub retag_to: Option<Profile>,
 }
 
 impl Default for OpenOptions {
@@ -224,8 +232,18 @@ impl Default for OpenOptions {
             error_policy: None,
             key: None,
             retag_key: None,
+            retag_to: None,
         }
     }
+}
+
+/// The keys an open volume holds for its own reopens.
+#[derive(Default)]
+struct HeldKeys {
+    /// The volume's profile's key.
+    current: Option<TagKey>,
+    /// The key of a re-tag's target profile, while one is in progress.
+    target: Option<TagKey>,
 }
 
 /// A run of blocks that are all allocated or all unwritten.
@@ -288,8 +306,9 @@ pub(crate) struct Inner {
     /// for keyed profiles, the key given at open (kept here, never in `sb`); during an online
     /// re-tag also the target profile and the cursor that says which covers a block.
     tagger: tags::Tags,
-    /// That key, for the engine's own reopens (mirror membership changes).
-    key: Option<TagKey>,
+    /// The keys of the profiles in play (the volume's, and a re-tag's target's), for the
+    /// engine's own reopens (mirror membership changes): they change with a re-tag.
+    keys: Mutex<HeldKeys>,
     geo: Geometry,
     read_only: bool,
     warnings: Vec<String>,
@@ -447,10 +466,24 @@ impl Inner {
 impl Inner {
     /// Options to reopen this volume with after closing it: the defaults, and its key.
     fn reopen_options(&self) -> OpenOptions {
+        let keys = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         OpenOptions {
-            key: self.key.clone(),
+            key: keys.current.clone(),
+            retag_key: keys.target.clone(),
+            retag_to: self.tagger.target().map(|t| t.profile()),
             ..OpenOptions::default()
         }
+    }
+
+    /// Runs `f` on the keys held for reopens.
+    fn with_keys(&self, f: impl FnOnce(&mut HeldKeys)) {
+        f(&mut self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner));
     }
 
     fn size(&self) -> u64 {

@@ -91,8 +91,12 @@ impl Volume {
     ) -> Result<Volume> {
         let name = set.name();
         let geo = sb.geometry;
-        // A superblock is not keyed: whoever can write the disk can set its mode.
+        // A superblock is not keyed: whoever can write the disk can set its mode, for the
+        // profile and for a re-tag's target (whose groups `rebuild` would recompute too).
         mode_fits_profile(&name, sb.mode, sb.profile)?;
+        if let Some(r) = &sb.retag {
+            mode_fits_profile(&name, sb.mode, r.target)?;
+        }
         // Unknown read-only-compatible features: reading is safe, writing could break them.
         let read_only = opts.read_only || set.is_read_only() || sb.ro_compat & !SUPPORTED_RO_COMPAT != 0;
         let group_bytes = 2 * geo.block_size as usize + 256;
@@ -101,7 +105,10 @@ impl Volume {
         let tagger = open_tags(&name, &sb, opts)?;
         let vol = Inner {
             tagger,
-            key: opts.key.clone(),
+            keys: Mutex::new(super::HeldKeys {
+                current: opts.key.clone(),
+                target: sb.retag.and(opts.retag_key.clone()),
+            }),
             failure: Mutex::new(None),
             failed: AtomicBool::new(false),
             policy: super::policy::PolicyState::new(opts.error_policy.unwrap_or(sb.error_policy)),
@@ -606,6 +613,11 @@ fn open_tags(name: &str, sb: &Superblock, opts: &OpenOptions) -> Result<super::t
                     .map_err(retag_err)?;
                 if current.retag_seal(r.target) != Some(r.key_check) {
                     return Err(key_err(crate::tag::KeyError::RetagUnsealed {
+                        profile: r.target.name(),
+                    }));
+                }
+                if opts.retag_to != Some(r.target) {
+                    return Err(key_err(crate::tag::KeyError::RetagUnconfirmed {
                         profile: r.target.name(),
                     }));
                 }

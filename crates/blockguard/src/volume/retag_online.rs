@@ -191,10 +191,14 @@ impl Inner {
         let from = self.tagger.current().profile();
         let started_at = if let Some(s) = self.tagger.switch() {
             self.check_resume(s.to, target, key)?;
+            if let Some(k) = key {
+                self.with_keys(|held| held.target = Some(k.clone()));
+            }
             s.cursor
         } else {
             let t = self.check_new_target(from, target, key)?;
             self.begin_retag(t)?;
+            self.with_keys(|held| held.target = key.cloned());
             0
         };
         let mut report = RetagReport {
@@ -236,6 +240,7 @@ impl Inner {
         }
         let _m = self.maintenance("finishing the re-tag")?;
         self.tagger.finish();
+        self.with_keys(|held| held.current = held.target.take());
         self.write_superblocks(self.disk_state(), "recording the re-tagged profile")?;
         tracing::info!(volume = %self.name, from = %from, to = %target, "re-tag complete");
         report.complete = true;

@@ -8,12 +8,13 @@
 //! target), so only the target is accepted there; the groups at and after it have the old
 //! profile's tags, except those a re-tag reached after the last cursor written to the
 //! superblock (a crash, or a stop, loses nothing but the cursor's advance), so there a tag
-//! made by either profile is accepted. Tags of both profiles have the same size (the layout
-//! does not change), and a tag matches data only if it was computed from that data by that
-//! profile, so accepting the second profile accepts no data that no tag describes.
+//! made by either profile is accepted. Tags of both profiles fill slots of the same size (the
+//! layout does not change; a shorter tag is followed by zeros, compared too), and a slot
+//! matches data only if its tag was computed from that data by that profile, so accepting
+//! the second profile accepts no data that no tag describes.
 
 use crate::format::{
-    profile_incompat, Retag, Superblock, INCOMPAT_RETAG, INCOMPAT_TAG_PROFILE, INCOMPAT_TAG_ROOM,
+    tags_incompat, Retag, Superblock, INCOMPAT_RETAG, INCOMPAT_TAG_PROFILE, INCOMPAT_TAG_ROOM,
 };
 use crate::tag::{Profile, Tag, Tagger};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
@@ -31,6 +32,10 @@ struct State {
     current: Arc<Tagger>,
     /// The re-tag in progress, if any.
     switch: Option<Switch>,
+    /// The profile a re-tag completed in this session switched away from: only a check of
+    /// caller-supplied protection information may still use it (a tuple computed just before
+    /// the re-tag ended), never a stored tag.
+    previous: Option<Arc<Tagger>>,
 }
 
 /// A re-tag in progress, as the engine knows it.
@@ -79,6 +84,7 @@ impl Tags {
                     target: Arc::new(target),
                     cursor,
                 }),
+                previous: None,
             }),
             group_blocks: u64::from(group_blocks.max(1)),
         }
@@ -173,6 +179,11 @@ impl Tags {
         });
     }
 
+    /// The profile the last re-tag completed in this session switched away from.
+    pub(crate) fn previous(&self) -> Option<Arc<Tagger>> {
+        self.read().previous.clone()
+    }
+
     /// The target of the re-tag in progress.
     pub(crate) fn target(&self) -> Option<Arc<Tagger>> {
         self.read().switch.as_ref().map(|w| w.target.clone())
@@ -201,7 +212,7 @@ impl Tags {
     pub(crate) fn finish(&self) {
         self.change(|s| {
             if let Some(w) = s.switch.take() {
-                s.current = w.target;
+                s.previous = Some(std::mem::replace(&mut s.current, w.target));
             }
         });
     }
@@ -224,7 +235,7 @@ impl Tags {
             profile,
             key_check: s.current.key_check(),
             incompat: (sb.incompat & !(INCOMPAT_TAG_PROFILE | INCOMPAT_TAG_ROOM | INCOMPAT_RETAG))
-                | profile_incompat(profile, sb.geometry.tag_size)
+                | tags_incompat(profile, sb.geometry.tag_size, retag.as_ref())
                 | retag_bit,
             retag,
             ..sb.clone()

@@ -167,20 +167,22 @@ impl Inner {
         self.commit_if_full()
     }
 
-    /// During an online re-tag, `supplied` is the tuple the profile *not* covering `block` now
-    /// gives `data`: the caller computed it before a re-tag step passed the block (or from the
-    /// volume's profile), which it cannot avoid. It proves the data intact in transit as well
-    /// as the covering profile's would; the covering profile's tag is what is stored.
+    /// During an online re-tag, or after one completed in this session, `supplied` is the
+    /// tuple a profile *not* covering `block` now gives `data`: the caller computed it before
+    /// a re-tag step passed the block, or before the re-tag ended, which it cannot avoid. It
+    /// proves the data intact in transit as well as the covering profile's would; the covering
+    /// profile's tag is what is stored.
     fn tuple_of_other_profile(&self, block: u64, data: &[u8], supplied: &[u8]) -> bool {
-        if self.tagger.switch().is_none() {
-            return false;
-        }
         let covering = self.tagger.tagger_for(block);
-        [Some(self.tagger.current()), self.tagger.target()]
-            .into_iter()
-            .flatten()
-            .filter(|t| !Arc::ptr_eq(t, &covering))
-            .any(|t| t.generate(block, data).matches_slot(supplied))
+        [
+            Some(self.tagger.current()),
+            self.tagger.target(),
+            self.tagger.previous(),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|t| !Arc::ptr_eq(t, &covering))
+        .any(|t| t.generate(block, data).matches_slot(supplied))
     }
 
     /// The largest request staged as one (`journal` mode: the atomic size).
