@@ -31,6 +31,20 @@ impl Volume {
         backend: Arc<dyn Backend>,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<(Volume, ResyncReport)> {
+        // The reopened engine is the same session's: DIX tuples of the profile a re-tag left
+        // are still taken (`Volume::write_with_pi`).
+        let previous = self.inner.tagger.previous();
+        let (vol, report) = self.add_and_resync(backend, progress)?;
+        vol.inner.tagger.keep_previous(previous);
+        Ok((vol, report))
+    }
+
+    /// [`Volume::add_member`], but for what the session carries over.
+    fn add_and_resync(
+        self,
+        backend: Arc<dyn Backend>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(Volume, ResyncReport)> {
         let name = self.inner.name.clone();
         let members = self.member_backends();
         let sb = self.inner.tagger.apply(self.superblock());
@@ -125,6 +139,16 @@ impl Volume {
     /// members' superblocks (the last one left becomes a plain volume) and reopens it. The
     /// removed copy is not written. Refused if no member in sync would remain.
     pub fn remove_member(self, role: usize) -> Result<Volume> {
+        // The reopened engine is the same session's: DIX tuples of the profile a re-tag left
+        // are still taken (`Volume::write_with_pi`).
+        let previous = self.inner.tagger.previous();
+        let vol = self.remove_and_reopen(role)?;
+        vol.inner.tagger.keep_previous(previous);
+        Ok(vol)
+    }
+
+    /// [`Volume::remove_member`], but for what the session carries over.
+    fn remove_and_reopen(self, role: usize) -> Result<Volume> {
         let name = self.inner.name.clone();
         let sb = self.inner.tagger.apply(self.superblock());
         let count = self.inner.backend.count();

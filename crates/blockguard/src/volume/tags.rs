@@ -184,6 +184,16 @@ impl Tags {
         self.read().previous.clone()
     }
 
+    /// Carries `previous` over from the engine this one replaced in the same session (a
+    /// mirror membership change reopens the volume), unless this one has its own.
+    pub(crate) fn keep_previous(&self, previous: Option<Arc<Tagger>>) {
+        self.change(|s| {
+            if s.previous.is_none() {
+                s.previous = previous;
+            }
+        });
+    }
+
     /// The target of the re-tag in progress.
     pub(crate) fn target(&self) -> Option<Arc<Tagger>> {
         self.read().switch.as_ref().map(|w| w.target.clone())
