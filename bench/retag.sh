@@ -10,6 +10,8 @@
 #
 #   bench/retag.sh [DIR]                  # DIR defaults to /var/tmp
 #   SIZE=1G FROM=crc32c TO=xxh3 bench/retag.sh /var/tmp
+#   ROOM=32 TO=blake3-keyed bench/retag.sh   # across tag sizes: format --tag-room 32; keyed
+#                                             # profiles get a key file made here
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir="${1:-/var/tmp}"
@@ -23,10 +25,21 @@ trap 'rm -rf "$work"' EXIT
 vol="$work/v.bgv"
 raw="$work/src.raw"
 
-"$bin" format "$vol" --size "$size" --profile "$from" >/dev/null
+key="$work/key"
+head -c 32 /dev/urandom >"$key"
+keyed() { case "$1" in hmac-sha256|blake3-keyed) return 0;; esac; return 1; }
+# The key arguments of a command on a volume of profile $1 (re-tagged to $2, if given).
+keys() {
+    if keyed "$1"; then printf -- '--key-file\n%s\n' "$key"; fi
+    if [ -n "${2:-}" ] && keyed "$2"; then printf -- '--new-key-file\n%s\n' "$key"; fi
+}
+room=()
+[ -n "${ROOM:-}" ] && room=(--tag-room "$ROOM")
+mapfile -t k < <(keys "$from")
+"$bin" format "$vol" --size "$size" --profile "$from" "${room[@]}" "${k[@]}" >/dev/null
 bytes=$("$bin" info "$vol" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["size"])')
 head -c "$bytes" /dev/urandom >"$raw"
-"$bin" import "$raw" "$vol" --force >/dev/null
+"$bin" import "$raw" "$vol" --force "${k[@]}" >/dev/null
 rm -f "$raw"
 mib=$((bytes >> 20))
 
@@ -40,9 +53,11 @@ echo "volume: $mib MiB, $("$bin" info "$vol" --json | python3 -c 'import json,sy
 a="$from"; b="$to"
 for cache in warm cold; do
     "$cache"; t0=$(now); dd if="$vol" of=/dev/null bs=1M status=none; t1=$(now)
-    "$cache"; t2=$(now); "$bin" retag "$vol" --profile "$b" >/dev/null; t3=$(now)
+    mapfile -t k < <(keys "$a" "$b")
+    "$cache"; t2=$(now); "$bin" retag "$vol" --profile "$b" "${k[@]}" >/dev/null; t3=$(now)
     echo "$cache  raw read (dd bs=1M):  $(rate "$t0" "$t1")"
     echo "$cache  retag $a -> $b:  $(rate "$t2" "$t3")"
     a="$b"; b="$from"
 done
-"$bin" check "$vol" >/dev/null && echo "check: clean"
+mapfile -t k < <(keys "$from")
+"$bin" check "$vol" "${k[@]}" >/dev/null && echo "check: clean"
