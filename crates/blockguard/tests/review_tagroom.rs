@@ -97,6 +97,24 @@ fn populated(
     (fb, vol, data)
 }
 
+/// Runs the re-tag `opts` asks for on `vol` and stops it after `after` steps (the cursor
+/// recorded, the re-tag left in progress).
+fn retag_stopped_after(vol: &Volume, opts: &RetagOptions<'_>, after: u32) {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let o = RetagOptions {
+        stop: Some(&stop),
+        ..*opts
+    };
+    let mut n = 0;
+    vol.retag(&o, &mut |_, _| {
+        n += 1;
+        if n == after {
+            stop.store(true, std::sync::atomic::Ordering::Release);
+        }
+    })
+    .unwrap();
+}
+
 fn steps(profile: Profile, k: Option<&TagKey>) -> RetagOptions<'_> {
     let mut o = RetagOptions::new(profile);
     o.key = k;
@@ -572,17 +590,7 @@ fn dix_tuples_are_slot_wide_and_padding_is_checked() {
 fn dix_during_cross_size_retag() {
     let k = key(4);
     let (_fb, vol, data) = populated(Mode::Journal, Profile::Crc32c, None, Some(32));
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let mut o = steps(Profile::Blake3Keyed, Some(&k));
-    o.stop = Some(&stop);
-    let mut n = 0;
-    vol.retag(&o, &mut |_, _| {
-        n += 1;
-        if n == 3 {
-            stop.store(true, std::sync::atomic::Ordering::Release);
-        }
-    })
-    .unwrap();
+    retag_stopped_after(&vol, &steps(Profile::Blake3Keyed, Some(&k)), 3);
     let st = vol.retag_status().unwrap();
     assert!(st.cursor > 0 && st.cursor < GROUPS, "{st:?}");
     let blocks = GROUPS * GB as u64;
@@ -1148,17 +1156,7 @@ fn split_volume_retags_across_sizes() {
             (Profile::Blake3Keyed, Some(&k), None),
             (Profile::Sha256, None, Some(&k)),
         ] {
-            let stop = std::sync::atomic::AtomicBool::new(false);
-            let mut o = steps(to, tk);
-            o.stop = Some(&stop);
-            let mut n = 0;
-            vol.retag(&o, &mut |_, _| {
-                n += 1;
-                if n == 2 {
-                    stop.store(true, std::sync::atomic::Ordering::Release);
-                }
-            })
-            .unwrap();
+            retag_stopped_after(&vol, &steps(to, tk), 2);
             all_read(&vol, &data).unwrap();
             vol.close().unwrap();
             let o = OpenOptions {
@@ -1310,17 +1308,7 @@ fn resume_of_cross_size_retag_refuses_wrong_keys_and_targets() {
     let (k, k2) = (key(31), key(32));
     // Up: crc32c (32-byte slots) -> blake3-keyed.
     let (fb, vol, data) = populated(Mode::Dual, Profile::Crc32c, None, Some(32));
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let mut o = steps(Profile::Blake3Keyed, Some(&k));
-    o.stop = Some(&stop);
-    let mut n = 0;
-    vol.retag(&o, &mut |_, _| {
-        n += 1;
-        if n == 2 {
-            stop.store(true, std::sync::atomic::Ordering::Release);
-        }
-    })
-    .unwrap();
+    retag_stopped_after(&vol, &steps(Profile::Blake3Keyed, Some(&k)), 2);
     vol.close().unwrap();
     let before = fb.live_image();
     for (what, o) in [
@@ -1360,17 +1348,7 @@ fn resume_of_cross_size_retag_refuses_wrong_keys_and_targets() {
     all_read(&vol, &data).unwrap();
 
     // Down: blake3-keyed -> crc32c, stopped.
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let mut o = steps(Profile::Crc32c, None);
-    o.stop = Some(&stop);
-    let mut n = 0;
-    vol.retag(&o, &mut |_, _| {
-        n += 1;
-        if n == 3 {
-            stop.store(true, std::sync::atomic::Ordering::Release);
-        }
-    })
-    .unwrap();
+    retag_stopped_after(&vol, &steps(Profile::Crc32c, None), 3);
     assert!(vol.retag_status().is_some());
     vol.close().unwrap();
     for (what, o) in [
@@ -1417,17 +1395,7 @@ fn forged_superblock_fields_never_panic_or_give_wrong_data() {
         (Profile::Blake3Keyed, Some(&k), Profile::Crc32c, None),
     ] {
         let (fb, vol, data) = populated(Mode::Dual, from, fk, Some(32));
-        let stop = std::sync::atomic::AtomicBool::new(false);
-        let mut o = steps(to, tk);
-        o.stop = Some(&stop);
-        let mut n = 0;
-        vol.retag(&o, &mut |_, _| {
-            n += 1;
-            if n == 2 {
-                stop.store(true, std::sync::atomic::Ordering::Release);
-            }
-        })
-        .unwrap();
+        retag_stopped_after(&vol, &steps(to, tk), 2);
         vol.close().unwrap();
         bases.push((fb.live_image(), data));
     }
@@ -1645,17 +1613,7 @@ fn concurrent_clients_during_up_and_down_retag() {
 fn bug_unkeyed_to_keyed_retag_cursor_rollback_launders_forged_block() {
     let k = key(61);
     let (fb, vol, data) = populated(Mode::Dual, Profile::Crc32c, None, Some(32));
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let mut o = steps(Profile::Blake3Keyed, Some(&k));
-    o.stop = Some(&stop);
-    let mut n = 0;
-    vol.retag(&o, &mut |_, _| {
-        n += 1;
-        if n == 3 {
-            stop.store(true, std::sync::atomic::Ordering::Release);
-        }
-    })
-    .unwrap();
+    retag_stopped_after(&vol, &steps(Profile::Blake3Keyed, Some(&k)), 3);
     let st = vol.retag_status().unwrap();
     assert!(st.cursor >= 1, "{st:?}");
     vol.close().unwrap();
@@ -1697,17 +1655,7 @@ fn bug_unkeyed_to_keyed_retag_cursor_rollback_launders_forged_block() {
 fn open_refuses_rebuild_mode_with_a_keyed_retag_target() {
     let k = key(71);
     let (fb, vol, _data) = populated(Mode::Dual, Profile::Crc32c, None, Some(32));
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let mut o = steps(Profile::Blake3Keyed, Some(&k));
-    o.stop = Some(&stop);
-    let mut n = 0;
-    vol.retag(&o, &mut |_, _| {
-        n += 1;
-        if n == 2 {
-            stop.store(true, std::sync::atomic::Ordering::Release);
-        }
-    })
-    .unwrap();
+    retag_stopped_after(&vol, &steps(Profile::Blake3Keyed, Some(&k)), 2);
     // The engine itself never starts such a re-tag:
     vol.close().unwrap();
     let (fb2, v2, _) = populated(Mode::Rebuild, Profile::Crc32c, None, Some(32));
