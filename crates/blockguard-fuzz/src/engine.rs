@@ -18,8 +18,9 @@
 //! - after a crash, every block reads as the version the last completed flush before the
 //!   crash point made durable or a version written after that flush by an operation that had
 //!   started (never anything else: G2), and a block fails verification only if it was written
-//!   since that flush and its data on disk is not a complete version of it (G1; see
-//!   `docs/CONSISTENCY.md`); no metadata sector or map sector is damaged; recovery finds no
+//!   since that flush and its data on disk is neither that durable version nor a complete
+//!   version written since (G1; see `docs/CONSISTENCY.md`) — an older version a torn write
+//!   completed must fail; no metadata sector or map sector is damaged; recovery finds no
 //!   damage;
 //! - a block that failed verification after a crash keeps failing until it is rewritten (the
 //!   model rewrites such blocks whole as soon as a session is read-write), and at the end
@@ -929,14 +930,17 @@ impl Sim {
                         .read_at(&mut raw, self.geometry.data_offset(b))
                         .map_err(|e| e.to_string())?;
                     let v = h(&raw);
-                    if self.ever[usize_of(b)].contains(&v) {
-                        let which = if allow.durable == Some(v) {
-                            "the version durable at the last flush"
-                        } else if allow.since.contains(&v) {
-                            "a version written after the last flush"
-                        } else {
-                            "a version older than the last flush"
-                        };
+                    // A complete version that is neither durable nor written since must
+                    // fail: one older than the last flush, say, that a torn write completed
+                    // by rewriting the sectors it lacked.
+                    let which = if allow.durable == Some(v) {
+                        Some("the version durable at the last flush")
+                    } else if allow.since.contains(&v) {
+                        Some("a version written after the last flush")
+                    } else {
+                        None
+                    };
+                    if let (Some(which), true) = (which, self.ever[usize_of(b)].contains(&v)) {
                         return Err(format!(
                             "{what}: block {b} holds {which}, complete, on disk but fails verification (G1): {e}\n  \
                              its metadata: {:?}",
@@ -1001,8 +1005,28 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
             out.push((format!("gen-{name}-{size}"), encode(setup, &ops)));
         }
     }
+    // Found by CI's fuzzing: a block torn by a crash, rewritten, and torn again so that the
+    // second tear completed the first torn version (`tests/regressions.rs`, regression 12).
+    let (setup, ops) = decode(&TORN_TWICE);
+    out.push((
+        "found-torn-write-completes-older-torn-write".to_string(),
+        encode(setup, &ops),
+    ));
     out
 }
+
+/// The input of the first failure above, as the fuzzer found it.
+const TORN_TWICE: [u8; 138] = [
+    0x01, 0x17, 0x45, 0x05, 0x00, 0x00, 0x00, 0x03, 0x01, 0x00, 0x03, 0xbc, 0x02, 0x00, 0x00, 0x84, 0x03,
+    0x02, 0x09, 0x00, 0x09, 0x00, 0x02, 0x03, 0x00, 0x05, 0x00, 0x08, 0x00, 0x00, 0xe8, 0x03, 0x06, 0x88,
+    0x13, 0x00, 0x00, 0xb8, 0x0b, 0x07, 0x00, 0x00, 0x00, 0x00, 0x70, 0x17, 0x00, 0x1e, 0x00, 0x01, 0x04,
+    0x01, 0x0b, 0x0e, 0x00, 0x00, 0x17, 0x45, 0x05, 0x00, 0x00, 0x00, 0x03, 0x01, 0x00, 0x03, 0xbc, 0x02,
+    0x00, 0x00, 0x84, 0x03, 0x02, 0x09, 0x00, 0x09, 0x00, 0x02, 0x03, 0x00, 0x05, 0x00, 0x08, 0x00, 0x00,
+    0xe8, 0x03, 0x06, 0x88, 0x13, 0x00, 0x00, 0xb8, 0x0b, 0x07, 0x00, 0x00, 0x00, 0x00, 0x70, 0x17, 0x00,
+    0x1e, 0x00, 0x01, 0x04, 0x01, 0x0b, 0x0e, 0x00, 0x00, 0x0b, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00,
+    0x05, 0x00, 0x0b, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x05, 0x00, 0x07, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x10,
+];
 
 /// A write of whole blocks in the seeds, handed over with `write_owned` when `fill` is even.
 fn seed_write(block: u16, count: u8, fill: u8) -> Op {

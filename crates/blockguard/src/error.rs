@@ -13,6 +13,9 @@ pub enum CorruptionKind {
     UnwrittenNotZero,
     /// Neither metadata copy of the block's group can be trusted.
     MetadataDamaged,
+    /// A crash cut the block's last write short and no complete version of it survived:
+    /// recovery marked it torn (`docs/FORMAT.md`, "Tags"). It reads again once written.
+    Torn,
 }
 
 /// Errors of the blockguard library.

@@ -631,3 +631,93 @@ fn regression_11_check_map_reads_the_disk_not_its_cache() {
         "{problems:?}"
     );
 }
+
+// ---- Found by the engine model fuzzer in CI ------------------------------------------------
+
+/// The crash image right after `block`'s last data write was issued (its tags durable, as
+/// the commit protocol orders them), with only the 512-byte sectors `landed` of that write
+/// on disk.
+fn torn_data_write(backend: &FaultBackend, geo: &Geometry, block: u64, landed: &[usize]) -> Vec<u8> {
+    let at = geo.data_offset(block);
+    let events = backend.events();
+    let issued = events
+        .iter()
+        .rposition(|e| matches!(e, Event::Write { write, .. } if write.offset == at))
+        .expect("the block's data write");
+    let state = backend.state_at(issued + 1);
+    let i = state
+        .unflushed()
+        .iter()
+        .position(|w| w.offset == at)
+        .expect("the data write is unflushed");
+    let mask = (0..state.unflushed()[i].sector_count())
+        .map(|s| landed.contains(&s))
+        .collect();
+    state.crash_image_torn(&[(i, mask)])
+}
+
+/// Engine model fuzzer (CI, 2026-12-03; its input is also an engine seed): block 1 holds A,
+/// flushed. B (A with sectors 2..=5 zeroed) is written and a crash tears it: only sectors 2
+/// and 3 land, so the block matches neither tag and fails, rightly. Recovery left B's tag
+/// in place as the newest, although no B was ever on disk. The block is rewritten with C
+/// (other bytes, but zeros in sectors 2..=5 too) and a second crash tears that write with
+/// only sectors 4 and 5 landing: the block then held exactly B, which the older brother
+/// still described — and B, neither durable nor written since, was returned without an
+/// error. Recovery now gives a block that matches neither brother the torn tag, which
+/// matches no data: the block fails until it is written whole again.
+#[test]
+fn regression_12_a_torn_write_never_completes_an_older_torn_write() {
+    let bs = 4096u32;
+    let (backend, geo) = format(bs, 64);
+    let zeroed = |mut v: Vec<u8>| {
+        v[2 * 512..6 * 512].fill(0);
+        v
+    };
+    let (a, c) = (block(0xA, bs), block(0xC, bs));
+    let b = zeroed(a.clone());
+    let vol = Volume::open(backend.clone(), &options()).unwrap();
+    vol.write_at(&a, u64::from(bs)).unwrap();
+    vol.flush().unwrap();
+    backend.forget_history();
+    vol.write_at(&b, u64::from(bs)).unwrap();
+    vol.flush().unwrap();
+    drop(vol);
+    let first = torn_data_write(&backend, &geo, 1, &[2, 3]);
+
+    let again = Arc::new(FaultBackend::from_image(first));
+    let vol = Volume::open(again.clone(), &options()).unwrap();
+    let report = vol.recovery_at_open().expect("the open recovered");
+    assert_eq!(report.blocks_torn, 1, "{report:?}");
+    assert!(report.damaged.is_empty(), "{report:?}");
+    match read(&vol, 1) {
+        Err(Error::Corrupt { block: 1, kind, .. }) => assert_eq!(kind, CorruptionKind::Torn),
+        other => panic!(
+            "block 1, torn by the first crash: {:?}",
+            other.map(|d| d[..8].to_vec())
+        ),
+    }
+    again.forget_history();
+    vol.write_at(&zeroed(c), u64::from(bs)).unwrap();
+    vol.flush().unwrap();
+    drop(vol);
+    let second = torn_data_write(&again, &geo, 1, &[4, 5]);
+    assert_eq!(
+        &second[geo.data_offset(1) as usize..][..bs as usize],
+        &b[..],
+        "the second tear leaves exactly B on disk"
+    );
+
+    for opts in [read_only(), options()] {
+        let vol = Volume::open(Arc::new(MemoryBackend::from_vec(second.clone())), &opts).unwrap();
+        match read(&vol, 1) {
+            Err(e) if e.is_corruption() => {}
+            other => panic!(
+                "read_only {}: block 1 must fail (neither durable nor written since): {:?}",
+                opts.read_only,
+                other.map(|d| d == b)
+            ),
+        }
+        let problems = vol.check_blocks(0, geo.data_blocks).unwrap();
+        assert_eq!(problems.iter().map(|p| p.block).collect::<Vec<_>>(), [1]);
+    }
+}

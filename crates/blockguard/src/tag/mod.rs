@@ -114,6 +114,46 @@ impl Tag {
     pub fn is_unwritten(&self) -> bool {
         self.len == 0
     }
+
+    /// The reserved tag of a block that a crash tore and that no complete version of
+    /// survived, for slots of `slot` bytes: every byte of the slot `0xFF`. It matches no
+    /// data — no profile generates it (`docs/FORMAT.md`, "Tags") — so the block fails every
+    /// read until it is written again.
+    ///
+    /// Recovery stores it rather than leaving the tag of the torn write's version in place:
+    /// that tag would stay acceptable as the older brother of the block's next write, and a
+    /// torn next write could complete the old version's missing sectors, bringing back a
+    /// version that was never durable.
+    ///
+    /// ```
+    /// use blockguard::tag::Tag;
+    /// let torn = Tag::torn(16);
+    /// assert!(torn.is_torn() && !torn.is_unwritten());
+    /// assert!(torn.matches_slot(&[0xFF; 16]));
+    /// assert_eq!(Tag::from_bytes(&[0xFF; 16]), torn);
+    /// assert_eq!(torn.to_string(), "torn");
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `slot` is 0 or larger than [`MAX_TAG_SIZE`]: a volume's slot size is checked when
+    /// its superblock is parsed, so only a bug can get here.
+    pub fn torn(slot: usize) -> Tag {
+        assert!(
+            slot > 0 && slot <= MAX_TAG_SIZE,
+            "a tag slot is 1..={MAX_TAG_SIZE} bytes, not {slot}"
+        );
+        let mut bytes = [0; MAX_TAG_SIZE];
+        bytes[..slot].fill(0xFF);
+        #[allow(clippy::cast_possible_truncation)] // At most `MAX_TAG_SIZE` (asserted above).
+        let len = slot as u8;
+        Tag { bytes, len }
+    }
+
+    /// True for the reserved "torn by a crash" tag ([`Tag::torn`]) of any slot size.
+    pub fn is_torn(&self) -> bool {
+        self.len > 0 && self.bytes[..self.len as usize].iter().all(|&b| b == 0xFF)
+    }
 }
 
 impl fmt::Debug for Tag {
@@ -126,6 +166,9 @@ impl fmt::Display for Tag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.is_unwritten() {
             return f.write_str("unwritten");
+        }
+        if self.is_torn() {
+            return f.write_str("torn");
         }
         // A tag read from a wider slot than its profile's tags is shown as the profile's:
         // without the zeros that pad it (the first tag size after which only zeros follow).
@@ -601,14 +644,18 @@ impl KeyError {
 }
 
 /// `bytes` as a written tag: if they happen to be all zero (the reserved [`UNWRITTEN`]
-/// value), the last byte is set to 1. For the hash and checksum profiles, whose outputs are
-/// all zero with probability 2^-64 or less; deterministic, so verification computes the same.
+/// value), the last byte is set to 1; if they are all `0xFF` (the reserved [`Tag::torn`]
+/// value), the last byte is set to `0xFE`. For the hash and checksum profiles, whose outputs
+/// are either with probability 2^-64 or less; deterministic, so verification computes the
+/// same.
 fn written(bytes: &[u8]) -> Tag {
     debug_assert!(bytes.len() <= MAX_TAG_SIZE && !bytes.is_empty());
     let mut b = [0u8; MAX_TAG_SIZE];
     b[..bytes.len()].copy_from_slice(bytes);
     if is_zero(bytes) {
         b[bytes.len() - 1] = 1;
+    } else if bytes.iter().all(|&x| x == 0xFF) {
+        b[bytes.len() - 1] = 0xFE;
     }
     #[allow(clippy::cast_possible_truncation)] // At most `MAX_TAG_SIZE` (asserted above).
     let len = bytes.len() as u8;
@@ -699,6 +746,35 @@ pub(super) mod tests {
         }
         assert_eq!(written(&[0; 8]).as_bytes(), &[0, 0, 0, 0, 0, 0, 0, 1]);
         assert_eq!(written(&[5; 16]).as_bytes(), &[5; 16]);
+    }
+
+    #[test]
+    fn no_written_tag_is_torn_and_torn_matches_nothing() {
+        let mut ff = [0xFFu8; 32];
+        ff[31] = 0xFE;
+        assert_eq!(written(&[0xFF; 32]).as_bytes(), &ff[..]);
+        assert_eq!(written(&[0xFF; 8]).as_bytes(), &ff[24..]);
+        for p in Profile::ALL {
+            let t = tagger(p, &[0xFF; 16]);
+            for data in [vec![0u8; 512], vec![0xFFu8; 512], vec![0x5Au8; 4096]] {
+                for block in [0, 1, u64::from(u32::MAX), (1 << 48) - 1, u64::MAX] {
+                    let tag = t.generate(block, &data);
+                    assert!(!tag.is_torn(), "{p} block {block}: {tag}");
+                    for slot in [8, 16, 32] {
+                        if slot >= p.tag_size() {
+                            assert!(!t.verify(block, &data, &Tag::torn(slot)), "{p} slot {slot}");
+                            assert!(!Tag::torn(slot).matches_slot(&tag.to_bytes(slot)[..slot]));
+                        }
+                    }
+                }
+            }
+        }
+        // Torn is slot-wide: a shorter tag of all-FF bytes, padded with zeros, is not it.
+        assert!(
+            !Tag::from_bytes(&[0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0])
+                .is_torn()
+        );
+        assert_eq!(Tag::torn(32).to_string(), "torn");
     }
 
     #[test]

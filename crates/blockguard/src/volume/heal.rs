@@ -13,7 +13,7 @@
 //!   data mismatch from then on instead of damaged metadata. Recovery after a crash must
 //!   settle the pair anyway (left as it is, its blocks the crash legitimately rolled back
 //!   would fail once the volume is marked clean): a block that proves neither brother's tag
-//!   keeps the newest's bytes, which still match no data — it keeps failing, as a mismatch.
+//!   gets the torn tag, which matches no data — it keeps failing, as torn.
 //!
 //! Either way nothing a read accepts changes, and every sector written replaces one no
 //! accepted state needs: a crash at any point leaves the old sector or the new one, and both
@@ -23,6 +23,7 @@ use super::group::{GroupState, GroupWriter, PairView};
 use super::recover::Version;
 use super::Inner;
 use crate::error::Result;
+use crate::tag::Tag;
 
 /// What settling one pair did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,11 +31,13 @@ pub(crate) enum PairHeal {
     /// Nothing to write.
     Unchanged,
     /// New sectors were put into the writer: `reverted` blocks got their older tag back (after
-    /// a crash), `healed` scarred sectors were replaced. `suspect`: a block that matched
-    /// neither brother while the older was scarred — its rolled-back tag may have been in the
-    /// sector this rewrite replaced (the rewrite was needed for the blocks reverted).
+    /// a crash), `torn` blocks that matched neither brother got the torn tag, `healed`
+    /// scarred sectors were replaced. `suspect`: a block that matched neither brother while
+    /// the older was scarred — its rolled-back tag may have been in the sector this rewrite
+    /// replaced (the rewrite was needed for the blocks reverted).
     Rewritten {
         reverted: u64,
+        torn: u64,
         healed: u64,
         suspect: Option<u64>,
     },
@@ -55,9 +58,19 @@ pub(crate) struct PairAt<'s> {
     pub count: usize,
 }
 
-/// What reverting a pair found: its new tags, how many blocks got their older tag back, and
-/// a suspect block (see `reverted_tags`); or the block that makes the pair unsettleable.
-type Reverted = std::result::Result<(Vec<u8>, u64, Option<u64>), u64>;
+/// The new tags of a pair being settled, and what they change.
+struct Settled {
+    tags: Vec<u8>,
+    /// Blocks given their older brother's tag back.
+    reverted: u64,
+    /// Blocks given the torn tag ([`Tag::torn`]).
+    torn: u64,
+    /// See [`PairHeal::Rewritten`].
+    suspect: Option<u64>,
+}
+
+/// What settling a pair found, or the block that makes the pair unsettleable.
+type Reverted = std::result::Result<Settled, u64>;
 
 impl Inner {
     /// Settles a pair: with `older_ok` every block whose data is the older brother's version
@@ -73,19 +86,22 @@ impl Inner {
         if generation >= u64::MAX - 3 {
             return Ok(PairHeal::Unchanged);
         }
-        let (tags, reverted, suspect) = if scars[newest as usize] {
-            match self.proven_tags(p)? {
-                Ok((tags, reverted)) => (tags, reverted, None),
-                Err(block) => return Ok(PairHeal::Unprovable { block }),
-            }
+        let found = if scars[newest as usize] {
+            self.proven_tags(p)?
         } else {
-            match self.reverted_tags(w, p)? {
-                Ok(found) => found,
-                Err(block) => return Ok(PairHeal::Unprovable { block }),
-            }
+            self.reverted_tags(w, p)?
+        };
+        let Settled {
+            tags,
+            reverted,
+            torn,
+            suspect,
+        } = match found {
+            Ok(settled) => settled,
+            Err(block) => return Ok(PairHeal::Unprovable { block }),
         };
         let healed = scars.iter().filter(|&&s| s).count() as u64;
-        if reverted == 0 && healed == 0 {
+        if reverted == 0 && torn == 0 && healed == 0 {
             return Ok(PairHeal::Unchanged);
         }
         if self.sb.mode.single_copy_tags() {
@@ -104,13 +120,20 @@ impl Inner {
         }
         Ok(PairHeal::Rewritten {
             reverted,
+            torn,
             healed,
             suspect,
         })
     }
 
     /// The newest tags of pair `k`, with the older brother's tag back for every block whose
-    /// data is the older version (only `older_ok`, after a crash); and how many those are.
+    /// data is the older version (only `older_ok`, after a crash), and the torn tag for every
+    /// block whose data is neither version: no version of it survived the crash whole, and
+    /// the newest tag, left in place, would describe one that never reached the disk. It
+    /// would then stay acceptable as the older brother of the block's next write, and a torn
+    /// next write could complete that version's missing sectors (the engine model fuzzer
+    /// found exactly this: a block written, torn, rewritten and torn again read back as the
+    /// first torn write's version).
     ///
     /// `Err(block)` when nothing needs reverting but the older brother is scarred and `block`
     /// matches neither tag: its older tag, which the crash may have left it matching, may be
@@ -128,13 +151,19 @@ impl Inner {
             count,
         } = *p;
         let mut tags = w.tags_of(Some(newest), k, count);
-        let mut reverted = 0;
+        let (mut reverted, mut torn) = (0, 0);
         if !older_ok {
-            return Ok(Ok((tags, 0, None)));
+            return Ok(Ok(Settled {
+                tags,
+                reverted,
+                torn,
+                suspect: None,
+            }));
         }
         let older_scarred = old.scars(k)[1 - newest as usize];
         let mut unmatched = None;
         let ts = self.geo.tag_size as usize;
+        let torn_tag = Tag::torn(ts);
         for j in 0..count {
             // As a read takes them: generation 0's tags are unwritten whatever its bytes say.
             let older = old.tag(1 - newest, k, j);
@@ -146,28 +175,46 @@ impl Inner {
                     tags[j * ts..(j + 1) * ts].copy_from_slice(&older.to_bytes(ts)[..ts]);
                     reverted += 1;
                 }
-                Version::Neither if older_scarred => {
-                    let per = self.geo.tags_per_sector() as usize;
-                    unmatched.get_or_insert(self.geo.first_block(group) + (k * per + j) as u64);
+                Version::Neither => {
+                    if older_scarred {
+                        let per = self.geo.tags_per_sector() as usize;
+                        unmatched.get_or_insert(self.geo.first_block(group) + (k * per + j) as u64);
+                    }
+                    if !old.tag(newest, k, j).is_torn() {
+                        tags[j * ts..(j + 1) * ts].copy_from_slice(&torn_tag.to_bytes(ts)[..ts]);
+                        torn += 1;
+                    }
                 }
-                _ => {}
+                Version::Newest => {}
             }
         }
         if let (Some(block), 0) = (unmatched, reverted) {
             return Ok(Err(block));
         }
-        let suspect = unmatched;
-        Ok(Ok((tags, reverted, suspect)))
+        Ok(Ok(Settled {
+            tags,
+            reverted,
+            torn,
+            suspect: unmatched,
+        }))
     }
 
     /// For a pair whose newest brother is scarred: the tag every block's data proves (the
     /// newest brother's, or with `older_ok` the older's) and how many are the older's, or
-    /// `Err(block)` for the first block whose data matches none.
-    fn proven_tags(&self, p: &PairAt<'_>) -> Result<std::result::Result<(Vec<u8>, u64), u64>> {
+    /// `Err(block)` for the first block whose data matches none. After a crash (`older_ok`)
+    /// such a block gets the torn tag instead: whether the crash tore it or the scar hit its
+    /// tag, no tag can vouch for what it holds.
+    fn proven_tags(&self, p: &PairAt<'_>) -> Result<Reverted> {
         let (old, k, newest, count) = (p.old, p.k, p.newest, p.count);
+        let mut settled = Settled {
+            tags: Vec::new(),
+            reverted: 0,
+            torn: 0,
+            suspect: None,
+        };
         if count == 0 {
             // A sector past the end of a short last group: no tag to prove.
-            return Ok(Ok((Vec::new(), 0)));
+            return Ok(Ok(settled));
         }
         let bs = self.geo.block_size as usize;
         let ts = self.geo.tag_size as usize;
@@ -180,8 +227,8 @@ impl Inner {
             self.geo.data_offset(first),
             "reading data to heal a metadata sector",
         )?;
-        let mut tags = vec![0u8; count * ts];
-        let mut reverted = 0;
+        settled.tags = vec![0u8; count * ts];
+        let tags = &mut settled.tags;
         for (j, block_data) in data.chunks_exact(bs).enumerate() {
             let block = first + j as u64;
             let candidates = [Some(newest), p.older_ok.then_some(1 - newest)];
@@ -192,16 +239,17 @@ impl Inner {
             match matched {
                 Some(slot) => {
                     tags[j * ts..(j + 1) * ts].copy_from_slice(&old.tag(slot, k, j).to_bytes(ts)[..ts]);
-                    reverted += u64::from(slot != newest);
+                    settled.reverted += u64::from(slot != newest);
                 }
                 // Recovery settles the pair regardless (see the module documentation).
                 None if p.older_ok => {
-                    tags[j * ts..(j + 1) * ts].copy_from_slice(old.tag_bytes(newest, k, j));
+                    tags[j * ts..(j + 1) * ts].copy_from_slice(&Tag::torn(ts).to_bytes(ts)[..ts]);
+                    settled.torn += 1;
                 }
                 None => return Ok(Err(block)),
             }
         }
-        Ok(Ok((tags, reverted)))
+        Ok(Ok(settled))
     }
 
     /// How many scarred sectors `group`'s metadata holds, as the engine sees it.

@@ -67,6 +67,12 @@ impl Inner {
                 CorruptionKind::UnwrittenNotZero,
                 "metadata says the block was never written, but it holds data".to_string(),
             ),
+            Accept::One(t) if t.is_torn() => (
+                CorruptionKind::Torn,
+                "a crash cut its last write short and no complete version of it survived \
+                 (recovery marked it torn); it reads again once it is written"
+                    .to_string(),
+            ),
             Accept::One(t) | Accept::Either(t, _) => {
                 let computed = tagger.generate(block, data);
                 let expected = match accept {

@@ -107,6 +107,9 @@ pub struct RecoveryReport {
     /// Blocks whose newest tag described a version that never reached the disk: their tag
     /// now describes the version that did.
     pub blocks_reverted: u64,
+    /// Blocks of which no version survived the crash whole (a write cut short mid-block):
+    /// their tag is now the torn tag, so they fail every read, as torn, until written again.
+    pub blocks_torn: u64,
     /// Brother pairs of a group's first write cut short by the crash, completed.
     pub pairs_completed: u64,
     /// `rebuild` mode: blocks whose tags were recomputed from their data (every block of the
@@ -406,10 +409,12 @@ impl Inner {
         match self.settle_pair(w, at)? {
             PairHeal::Rewritten {
                 reverted,
+                torn,
                 healed,
                 suspect,
             } => {
                 report.blocks_reverted += reverted;
+                report.blocks_torn += torn;
                 report.sectors_healed += healed;
                 if let Some(block) = suspect {
                     report.damaged.push(self.scar_problem(
@@ -418,7 +423,7 @@ impl Inner {
                             "block {block} matched neither brother after the crash while the older \
                          brother was scarred: the tag of its rolled-back version may have been \
                          what the scar hit (the pair was rewritten for the blocks it reverted, so \
-                         the block now fails as a tag mismatch)"
+                         the block now fails as torn)"
                         ),
                     ));
                 }

@@ -488,6 +488,8 @@ impl Inner {
         // a read had found it: the error policy applies.
         let kind = if tag.is_unwritten() {
             crate::CorruptionKind::UnwrittenNotZero
+        } else if tag.is_torn() {
+            crate::CorruptionKind::Torn
         } else {
             crate::CorruptionKind::TagMismatch
         };
