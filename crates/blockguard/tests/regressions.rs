@@ -721,3 +721,96 @@ fn regression_12_a_torn_write_never_completes_an_older_torn_write() {
         assert_eq!(problems.iter().map(|p| p.block).collect::<Vec<_>>(), [1]);
     }
 }
+
+/// Regression 12 every way, in `dual` and `journal` mode: each of the 16 tears of B over the
+/// four sectors where it differs from A, then each of the 256 tears of C, which equals B in
+/// those four sectors and differs from both everywhere else. After the second crash block 1
+/// reads as what it read as after the first (A, B, or nothing if that crash tore it), as C,
+/// or fails — never anything else, opened read-only (`dual`) or read-write.
+#[test]
+fn regression_12_every_pair_of_tears() {
+    let bs = 4096u32;
+    let four = 2 * 512..6 * 512;
+    for mode in [blockguard::Mode::Dual, blockguard::Mode::Journal] {
+        let mut f = FormatOptions::with_size(u64::from(bs) * 64);
+        f.block_size = bs;
+        f.uuid = Some([0x42; 16]);
+        f.mode = mode;
+        let backend = Arc::new(FaultBackend::new(f.backing_len().unwrap()).unwrap());
+        let vol = Volume::format(backend.clone(), &f).unwrap();
+        let geo = *vol.geometry();
+        let a = block(0xA, bs);
+        let mut b = a.clone();
+        b[four.clone()].fill(0x5B);
+        let mut c = block(0xC, bs);
+        c[four.clone()].copy_from_slice(&b[four.clone()]);
+        vol.write_at(&a, u64::from(bs)).unwrap();
+        vol.flush().unwrap();
+        backend.forget_history();
+        vol.write_at(&b, u64::from(bs)).unwrap();
+        vol.flush().unwrap();
+        drop(vol);
+        let mut outcomes = std::collections::BTreeMap::new();
+        for m1 in 0..16usize {
+            let landed: Vec<usize> = (0..4).filter(|s| m1 >> s & 1 == 1).map(|s| s + 2).collect();
+            let first = torn_data_write(&backend, &geo, 1, &landed);
+            let again = Arc::new(FaultBackend::from_image(first));
+            let vol = Volume::open(again.clone(), &options()).unwrap();
+            let before = match read(&vol, 1) {
+                Ok(d) if d == a => Some(a.clone()),
+                Ok(d) if d == b => Some(b.clone()),
+                Ok(_) => panic!("{mode:?}, first tear {landed:?}: block 1 reads as neither A nor B"),
+                Err(e) if e.is_corruption() => None,
+                Err(e) => panic!("{mode:?}, first tear {landed:?}: {e}"),
+            };
+            *outcomes
+                .entry(
+                    before
+                        .as_ref()
+                        .map_or("failed", |d| if *d == a { "A" } else { "B" }),
+                )
+                .or_insert(0) += 1;
+            again.forget_history();
+            vol.write_at(&c, u64::from(bs)).unwrap();
+            vol.flush().unwrap();
+            drop(vol);
+            for m2 in 0..256usize {
+                let landed2: Vec<usize> = (0..8).filter(|s| m2 >> s & 1 == 1).collect();
+                let second = torn_data_write(&again, &geo, 1, &landed2);
+                // A journal volume left in use opens read-write only (its replay is needed).
+                let opens = if mode == blockguard::Mode::Journal {
+                    vec![options()]
+                } else {
+                    vec![read_only(), options()]
+                };
+                for opts in opens {
+                    let vol = Volume::open(Arc::new(MemoryBackend::from_vec(second.clone())), &opts).unwrap();
+                    match read(&vol, 1) {
+                        Ok(d) if d == c || Some(&d) == before.as_ref() => {}
+                        Ok(d) => panic!(
+                            "{mode:?}, tears {landed:?} then {landed2:?}, read_only {}: block 1 reads \
+                             as {} after {}",
+                            opts.read_only,
+                            if d == b {
+                                "B"
+                            } else if d == a {
+                                "A"
+                            } else {
+                                "other bytes"
+                            },
+                            before
+                                .as_ref()
+                                .map_or("failing", |d| if *d == a { "A" } else { "B" })
+                        ),
+                        Err(e) if e.is_corruption() => {}
+                        Err(e) => panic!("{mode:?}, tears {landed:?} then {landed2:?}: {e}"),
+                    }
+                }
+            }
+        }
+        println!("{mode:?}: after the first tear block 1 read as {outcomes:?}");
+        if mode == blockguard::Mode::Dual {
+            assert!(outcomes.contains_key("failed"), "no first tear left a torn block");
+        }
+    }
+}
