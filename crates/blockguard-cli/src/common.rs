@@ -385,8 +385,17 @@ pub(crate) fn describe_recovery(r: &blockguard::RecoveryReport) -> String {
     } else {
         String::new()
     };
+    let torn = if r.blocks_torn > 0 {
+        format!(
+            "; {} blocks marked torn: a crash cut their last write short and no complete version survived, \
+             so they fail every read until they are written again (`blockguard check` lists them)",
+            r.blocks_torn
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "{} groups examined, {} rewritten, {} blocks back to the version on disk, {} first writes completed{retagged}",
+        "{} groups examined, {} rewritten, {} blocks back to the version on disk, {} first writes completed{retagged}{torn}",
         r.groups_examined - r.groups_skipped,
         r.groups_rewritten,
         r.blocks_reverted,

@@ -89,7 +89,7 @@ impl Inner {
         let found = if scars[newest as usize] {
             self.proven_tags(p)?
         } else {
-            self.reverted_tags(w, p)?
+            Ok(self.reverted_tags(w, p)?)
         };
         let Settled {
             tags,
@@ -135,13 +135,10 @@ impl Inner {
     /// found exactly this: a block written, torn, rewritten and torn again read back as the
     /// first torn write's version).
     ///
-    /// `Err(block)` when nothing needs reverting but the older brother is scarred and `block`
-    /// matches neither tag: its older tag, which the crash may have left it matching, may be
-    /// what the scar hit. The pair is then left as it is, so the damage stays reported as
-    /// metadata damage rather than becoming, in a healed sector, a data mismatch. When other
-    /// blocks need reverting the pair must be rewritten (or they would fail once the volume
-    /// is clean): such a block is returned as the suspect, for the report.
-    fn reverted_tags(&self, w: &GroupWriter<'_>, p: &PairAt<'_>) -> Result<Reverted> {
+    /// When the older brother is scarred, the first block that matches neither tag is
+    /// returned as the suspect, for the report: its older tag, which the crash may have left
+    /// it matching, may be what the scar hit. It gets the torn tag all the same.
+    fn reverted_tags(&self, w: &GroupWriter<'_>, p: &PairAt<'_>) -> Result<Settled> {
         let PairAt {
             old,
             group,
@@ -153,12 +150,12 @@ impl Inner {
         let mut tags = w.tags_of(Some(newest), k, count);
         let (mut reverted, mut torn) = (0, 0);
         if !older_ok {
-            return Ok(Ok(Settled {
+            return Ok(Settled {
                 tags,
                 reverted,
                 torn,
                 suspect: None,
-            }));
+            });
         }
         let older_scarred = old.scars(k)[1 - newest as usize];
         let mut unmatched = None;
@@ -188,15 +185,17 @@ impl Inner {
                 Version::Newest => {}
             }
         }
-        if let (Some(block), 0) = (unmatched, reverted) {
-            return Ok(Err(block));
-        }
-        Ok(Ok(Settled {
+        // A block that matched neither while the older brother is scarred gets the torn tag
+        // like any other (its rolled-back version's tag may be what the scar hit, so it is
+        // also reported): left as it was, the newest tag would describe a version the crash
+        // may have torn, and a torn next write could complete it (the outside review of the
+        // torn tag showed exactly that).
+        Ok(Settled {
             tags,
             reverted,
             torn,
             suspect: unmatched,
-        }))
+        })
     }
 
     /// For a pair whose newest brother is scarred: the tag every block's data proves (the
@@ -250,6 +249,38 @@ impl Inner {
             }
         }
         Ok(Ok(settled))
+    }
+
+    /// Gives the torn tag to every block of pair `k` of `group` whose data does not match its
+    /// tag in `tags` (the pair's `tags.len() / T` blocks), and returns how many. For a
+    /// damaged pair rebuilt from its one valid brother: such a block fails either way, and
+    /// the brother's tag may describe a version a crash tore, which a torn next write could
+    /// complete.
+    pub(crate) fn torn_where_unmatched(&self, group: u64, k: usize, tags: &mut [u8]) -> Result<u64> {
+        let ts = self.geo.tag_size as usize;
+        let count = tags.len() / ts;
+        if count == 0 {
+            return Ok(0);
+        }
+        let bs = self.geo.block_size as usize;
+        let first = self.geo.first_block(group) + (k * self.geo.tags_per_sector() as usize) as u64;
+        let mut data = vec![0u8; count * bs];
+        // What this read decides is written down: one bad read must not become permanent.
+        self.read_confirmed(
+            &mut data,
+            self.geo.data_offset(first),
+            "reading data to rebuild a metadata sector",
+        )?;
+        let torn = Tag::torn(ts);
+        let mut marked = 0;
+        for ((j, block_data), tag) in data.chunks_exact(bs).enumerate().zip(tags.chunks_exact_mut(ts)) {
+            let stored = Tag::from_bytes(tag);
+            if !stored.is_torn() && !self.tagger.verify(first + j as u64, block_data, &stored) {
+                tag.copy_from_slice(&torn.to_bytes(ts)[..ts]);
+                marked += 1;
+            }
+        }
+        Ok(marked)
     }
 
     /// How many scarred sectors `group`'s metadata holds, as the engine sees it.

@@ -370,7 +370,8 @@ impl Inner {
                     if opts.rebuild_damaged {
                         if let Some(valid) = rebuildable(&old, k) {
                             let generation = generation_of(&old, k, valid);
-                            let tags = w.tags_of(Some(valid), k, count);
+                            let mut tags = w.tags_of(Some(valid), k, count);
+                            report.blocks_torn += self.torn_where_unmatched(group, k, &mut tags)?;
                             w.put(1 - valid, k, generation + 1, &tags);
                             w.set_known(k, 1 - valid);
                             problem.rebuilt = true;
