@@ -274,13 +274,39 @@ impl Inner {
         let torn = Tag::torn(ts);
         let mut marked = 0;
         for ((j, block_data), tag) in data.chunks_exact(bs).enumerate().zip(tags.chunks_exact_mut(ts)) {
+            let block = first + j as u64;
             let stored = Tag::from_bytes(tag);
-            if !stored.is_torn() && !self.tagger.verify(first + j as u64, block_data, &stored) {
-                tag.copy_from_slice(&torn.to_bytes(ts)[..ts]);
-                marked += 1;
+            if stored.is_torn()
+                || self.tagger.verify(block, block_data, &stored)
+                || self.some_member_matches(block, &stored)?
+            {
+                continue;
             }
+            tag.copy_from_slice(&torn.to_bytes(ts)[..ts]);
+            marked += 1;
         }
         Ok(marked)
+    }
+
+    /// True if some member in sync holds a copy of `block` that matches `tag` (read from
+    /// that member alone): on a mirror set, the read above went to one member, whose copy
+    /// may be the damaged one while another's is intact — read repair serves and repairs it
+    /// later, so the tag must stay. (One member: its copy was just read; read again.)
+    fn some_member_matches(&self, block: u64, tag: &Tag) -> Result<bool> {
+        let bs = self.geo.block_size as usize;
+        let mut buf = super::aligned(bs, blockguard_backend::Backend::alignment(&*self.backend).max(1));
+        for member in self.backend.live() {
+            self.read_member_confirmed(
+                member,
+                buf.as_mut(),
+                self.geo.data_offset(block),
+                "reading a mirror member's copy to rebuild a metadata sector",
+            )?;
+            if self.tagger.verify(block, buf.as_ref(), tag) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// How many scarred sectors `group`'s metadata holds, as the engine sees it.

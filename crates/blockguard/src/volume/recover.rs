@@ -174,6 +174,9 @@ impl Inner {
         } else {
             0
         };
+        if opts.rebuild_damaged {
+            self.repair_damaged_pairs_from_members(&visit)?;
+        }
         // Written-map sectors with no valid copy are rebuilt from the groups' metadata.
         let (mut rebuilt_bits, repaired_copies) = self.plan_map_repairs(opts)?;
         let mut missing_bits = Vec::new();

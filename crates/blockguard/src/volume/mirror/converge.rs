@@ -29,6 +29,7 @@ impl Inner {
         }
         // Blocks whose copy on the first member is torn, taken from another: (offset, data).
         let mut kept: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut source_written = false;
         let bs = u64::from(self.geo.block_size);
         for g in self.dirty_groups_after_crash()? {
             let meta_at = self.geo.meta_offset(g, 0);
@@ -40,11 +41,17 @@ impl Inner {
                 meta_at,
                 "reading a mirror member to converge",
             )?;
+            let healed = self.intact_sectors_of_others(g, others, meta.as_mut())?;
             for &i in others {
                 if self.backend.in_sync(i) {
                     // A failure drops the member; it is recorded below.
                     let _ = self.backend.write_to(i, meta.as_ref(), meta_at);
                 }
+            }
+            if healed {
+                // The first member last, as for the data below.
+                let _ = self.backend.write_to(source, meta.as_ref(), meta_at);
+                source_written = true;
             }
             copied += 2 * bs;
             let state = self.parse_loaded(g, meta.as_ref().into(), false)?;
@@ -64,6 +71,9 @@ impl Inner {
             copied += self.copy_to_others(source, others, at, len, Some((first, &mut check)))?;
         }
         let mut flush = others.to_vec();
+        if source_written || !kept.is_empty() {
+            flush.push(source);
+        }
         if !kept.is_empty() {
             for (at, data) in &kept {
                 let mut buf = crate::volume::aligned(data.len(), self.backend.alignment().max(1));
@@ -71,7 +81,6 @@ impl Inner {
                 // A failure drops the member; it is recorded below.
                 let _ = self.backend.write_to(source, buf.as_ref(), *at);
             }
-            flush.push(source);
             tracing::warn!(volume = %self.name, blocks = kept.len(), "the crash tore blocks on mirror member {source}: kept other members' complete copies");
         }
         for i in flush {
@@ -128,6 +137,56 @@ impl Inner {
             done += n;
         }
         Ok(len)
+    }
+
+    /// Replaces in `meta` (the first member's metadata of `group`, about to be copied to the
+    /// others) every scarred sector with the same sector of another member in sync where that
+    /// one is intact and of the same generation — the same sector, without the bit rot.
+    /// Copied as it was, the scar would spread to every member, and recovery would then mark
+    /// torn a block whose only matching tag the scar hit, though another member's metadata
+    /// proves it (the second outside review of the torn tag found this). Only equal
+    /// generations: after a crash a member may legitimately hold an older sector in a slot,
+    /// which must not replace a newer one. Returns true if `meta` changed.
+    fn intact_sectors_of_others(&self, group: u64, others: &[usize], meta: &mut [u8]) -> Result<bool> {
+        let state = self.parse_loaded(group, (&*meta).into(), false)?;
+        let scarred: Vec<(usize, usize)> = (0..state.pairs())
+            .flat_map(|k| (0..2).map(move |slot| (k, slot)))
+            .filter(|&(k, slot)| state.scars(k)[slot])
+            .collect();
+        if scarred.is_empty() {
+            return Ok(false);
+        }
+        let bs = self.geo.block_size as usize;
+        let mut theirs = crate::volume::aligned(2 * bs, self.backend.alignment().max(1));
+        let mut changed = false;
+        for &i in others.iter().filter(|&&i| self.backend.in_sync(i)) {
+            let at = self.geo.meta_offset(group, 0);
+            if self
+                .read_member_confirmed(
+                    i,
+                    theirs.as_mut(),
+                    at,
+                    "reading a mirror member's metadata to converge",
+                )
+                .is_err()
+            {
+                continue;
+            }
+            let other = self.parse_loaded(group, theirs.as_ref().into(), false)?;
+            for &(k, slot) in &scarred {
+                let mine = state.pair(k)[slot].header_generation();
+                if other.pair(k)[slot].generation().is_some() && other.pair(k)[slot].generation() == mine {
+                    let range = slot * bs + k * crate::format::SECTOR_SIZE..;
+                    let range = range.start..range.start + crate::format::SECTOR_SIZE;
+                    changed |= meta[range.clone()] != theirs.as_ref()[range.clone()];
+                    meta[range.clone()].copy_from_slice(&theirs.as_ref()[range]);
+                }
+            }
+        }
+        if changed {
+            tracing::warn!(volume = %self.name, group, "a scarred metadata sector of the first mirror member was taken intact from another member before converging");
+        }
+        Ok(changed)
     }
 
     /// The first copy of `block` among `members` (in sync) that verifies against `accept`.

@@ -54,6 +54,30 @@ impl Inner {
         self.group(group)
     }
 
+    /// Before a rebuild (`recover --rebuild`) on a mirror set: every pair of `groups` that is
+    /// damaged as reads see it (on the member they go to) but intact on another member is
+    /// taken from there by read repair of its first block, so that the rebuild never
+    /// rebuilds from a brother — nor writes over an intact member's newer sector — what
+    /// another member still holds whole (the second outside review of the torn tag found a
+    /// durable block lost that way). The caller holds the commit lock.
+    pub(crate) fn repair_damaged_pairs_from_members(&self, groups: &[u64]) -> Result<()> {
+        if self.backend.live().len() < 2 {
+            return Ok(());
+        }
+        let per = self.geo.tags_per_sector() as usize;
+        for &group in groups {
+            let state = self.confirmed_group(group)?;
+            for k in 0..state.pairs() {
+                let damaged = matches!(state.view(k), crate::volume::group::PairView::Damaged(_));
+                if damaged && self.geo.tags_in_sector(group, crate::cast::u32_of_small(k)) > 0 {
+                    self.examine_block(self.geo.first_block(group) + (k * per) as u64, true)?;
+                }
+            }
+        }
+        self.cache.clear();
+        Ok(())
+    }
+
     /// Looks at every member's copy of `block` (caller holds the commit lock): which members'
     /// copies do not verify against their own metadata, and whether some copy does. With
     /// `repair` (on a writable volume) the bad copies are rewritten from the best good one.
