@@ -387,8 +387,9 @@ pub(crate) fn describe_recovery(r: &blockguard::RecoveryReport) -> String {
     };
     let torn = if r.blocks_torn > 0 {
         format!(
-            "; {} blocks marked torn: a crash cut their last write short and no complete version survived, \
-             so they fail every read until they are written again (`blockguard check` lists them)",
+            "; {} blocks marked torn: their data matches none of their tags (a crash cut their last \
+             write short, or the metadata that described them was damaged), so they fail every \
+             read until they are written again (`blockguard check` lists them)",
             r.blocks_torn
         )
     } else {

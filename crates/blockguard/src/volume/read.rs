@@ -70,7 +70,8 @@ impl Inner {
             Accept::One(t) if t.is_torn() => (
                 CorruptionKind::Torn,
                 "a crash cut its last write short and no complete version of it survived \
-                 (recovery marked it torn); it reads again once it is written"
+                 (recovery, or a rebuild of damaged metadata, found data matching none of its \
+                 tags and marked it torn); it reads again once it is written"
                     .to_string(),
             ),
             Accept::One(t) | Accept::Either(t, _) => {
