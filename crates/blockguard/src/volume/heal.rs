@@ -34,7 +34,7 @@ pub(crate) enum PairHeal {
     /// a crash), `torn` blocks that matched neither brother got the torn tag, `healed`
     /// scarred sectors were replaced. `suspect`: a block that matched neither brother while
     /// the older was scarred — its rolled-back tag may have been in the sector this rewrite
-    /// replaced (the rewrite was needed for the blocks reverted).
+    /// replaced; it is marked torn like the others, and reported.
     Rewritten {
         reverted: u64,
         torn: u64,
