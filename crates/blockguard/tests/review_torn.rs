@@ -22,7 +22,7 @@ mod scar_support;
 use blockguard::blockguard_backend::{Backend, Event, FaultBackend, MemoryBackend};
 use blockguard::tag::Tag;
 use blockguard::{CorruptionKind, FormatOptions, Mode, OpenOptions, Profile, RecoverOptions, Volume};
-use scar_support::{corrupt_kind, Layout, BS};
+use scar_support::{corrupt_kind, dyns, mirror_torn_write, Layout, BS};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -779,47 +779,6 @@ fn crash_during_recovery_then_a_torn_rewrite_never_brings_b_back() {
 
 // ---------------------------------------------------------------------------------------
 // Mirror sets.
-
-fn dyns<B: Backend + 'static>(v: &[Arc<B>]) -> Vec<Arc<dyn Backend>> {
-    v.iter().map(|b| b.clone() as Arc<dyn Backend>).collect()
-}
-
-/// Writes `data` to block 0 of the set and flushes, each member's data write torn with its
-/// mask (all false: it never landed); returns each member's disk right after its torn write.
-fn mirror_torn_write(
-    fbs: &[Arc<FaultBackend>],
-    vol: &Volume,
-    data: &[u8],
-    masks: &[Vec<bool>],
-) -> Vec<Vec<u8>> {
-    let at = vol.geometry().data_offset(0);
-    let starts: Vec<usize> = fbs.iter().map(|fb| fb.events().len()).collect();
-    for (fb, m) in fbs.iter().zip(masks) {
-        let m = m.clone();
-        fb.tear_writes_with(move |off, l| (off == at && l == BS).then(|| m.clone()));
-    }
-    vol.write_at(data, 0).unwrap();
-    vol.flush().unwrap();
-    fbs.iter()
-        .zip(starts)
-        .map(|(fb, start)| {
-            fb.clear_faults();
-            let ev = fb.events();
-            let torn = (start..ev.len())
-                .find(|&i| matches!(&ev[i], Event::TornWrite { offset, .. } if *offset == at))
-                .expect("torn");
-            let mut end = torn + 1;
-            while end < ev.len()
-                && matches!(&ev[end], Event::Write { write, .. } if write.offset >= at && write.end() <= at + BS as u64)
-            {
-                end += 1;
-            }
-            let st = fb.state_at(end);
-            let all: Vec<usize> = (0..st.unflushed().len()).collect();
-            st.crash_image(&all)
-        })
-        .collect()
-}
 
 fn mirror_a_then_b(members: usize, masks: &[Vec<bool>]) -> Vec<Vec<u8>> {
     let f = fmt(Mode::Dual, Profile::Crc32c, None);

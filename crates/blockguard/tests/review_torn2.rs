@@ -26,7 +26,7 @@ mod scar_support;
 
 use blockguard::blockguard_backend::{Backend, Event, FaultBackend, MemoryBackend, ReadFault};
 use blockguard::{CorruptionKind, FormatOptions, Mode, OpenOptions, Profile, RecoverOptions, Volume};
-use scar_support::{corrupt_kind, Layout, BS};
+use scar_support::{corrupt_kind, dyns, mirror_torn_write, Layout, BS};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,10 +92,6 @@ fn kind(r: &blockguard::Result<Vec<u8>>) -> Option<CorruptionKind> {
 
 fn rebuild(vol: &Volume) -> blockguard::RecoveryReport {
     vol.recover(RecoverOptions::rebuild(), &mut |_, _| {}).unwrap()
-}
-
-fn dyns<B: Backend + 'static>(v: &[Arc<B>]) -> Vec<Arc<dyn Backend>> {
-    v.iter().map(|b| b.clone() as Arc<dyn Backend>).collect()
 }
 
 fn mem_set(imgs: &[Vec<u8>]) -> Vec<Arc<MemoryBackend>> {
@@ -234,43 +230,6 @@ fn mirror_rebuild_takes_a_damaged_pair_from_an_intact_member() {
         kind(&r),
         rep.blocks_torn
     );
-}
-
-/// Writes `data` to block 0 of the set and flushes, each member's data write torn with its
-/// mask (all false: it never landed); returns each member's disk right after its torn write.
-fn mirror_torn_write(
-    fbs: &[Arc<FaultBackend>],
-    vol: &Volume,
-    data: &[u8],
-    masks: &[Vec<bool>],
-) -> Vec<Vec<u8>> {
-    let at = vol.geometry().data_offset(0);
-    let starts: Vec<usize> = fbs.iter().map(|fb| fb.events().len()).collect();
-    for (fb, m) in fbs.iter().zip(masks) {
-        let m = m.clone();
-        fb.tear_writes_with(move |off, l| (off == at && l == BS).then(|| m.clone()));
-    }
-    vol.write_at(data, 0).unwrap();
-    vol.flush().unwrap();
-    fbs.iter()
-        .zip(starts)
-        .map(|(fb, start)| {
-            fb.clear_faults();
-            let ev = fb.events();
-            let torn = (start..ev.len())
-                .find(|&i| matches!(&ev[i], Event::TornWrite { offset, .. } if *offset == at))
-                .expect("torn");
-            let mut end = torn + 1;
-            while end < ev.len()
-                && matches!(&ev[end], Event::Write { write, .. } if write.offset >= at && write.end() <= at + BS as u64)
-            {
-                end += 1;
-            }
-            let st = fb.state_at(end);
-            let all: Vec<usize> = (0..st.unflushed().len()).collect();
-            st.crash_image(&all)
-        })
-        .collect()
 }
 
 /// A two-member set: block 0 holds A (block 1 written after it), then B's write to block 0

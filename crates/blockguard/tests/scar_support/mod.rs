@@ -1,8 +1,9 @@
 //! Helpers shared by the outside reviews of scarred metadata sectors (`review_scars.rs`,
-//! `review_scars2.rs`): volumes of two versions, their layout, crash images.
+//! `review_scars2.rs`) and of the torn tag (`review_torn.rs`, `review_torn2.rs`): volumes of
+//! two versions, their layout, crash images, torn writes on mirror sets.
 #![allow(dead_code)] // Each review uses its own subset.
 
-use blockguard::blockguard_backend::MemoryBackend;
+use blockguard::blockguard_backend::{Backend, Event, FaultBackend, MemoryBackend};
 use blockguard::tag::TagKey;
 use blockguard::{CorruptionKind, Error, FormatOptions, Mode, OpenOptions, Profile, ScrubOptions, Volume};
 use std::sync::Arc;
@@ -149,3 +150,45 @@ pub fn two_versions(mode: Mode, profile: Profile, changed: &[u64]) -> Vec<u8> {
 }
 
 pub const PROFILES: [Profile; 3] = [Profile::Crc32c, Profile::NvmePi64, Profile::HmacSha256];
+
+/// The members of a set as the library takes them.
+pub fn dyns<B: Backend + 'static>(v: &[Arc<B>]) -> Vec<Arc<dyn Backend>> {
+    v.iter().map(|b| b.clone() as Arc<dyn Backend>).collect()
+}
+
+/// Writes `data` to block 0 of the set and flushes, each member's data write torn with its
+/// mask (all false: it never landed); returns each member's disk right after its torn write.
+pub fn mirror_torn_write(
+    fbs: &[Arc<FaultBackend>],
+    vol: &Volume,
+    data: &[u8],
+    masks: &[Vec<bool>],
+) -> Vec<Vec<u8>> {
+    let at = vol.geometry().data_offset(0);
+    let starts: Vec<usize> = fbs.iter().map(|fb| fb.events().len()).collect();
+    for (fb, m) in fbs.iter().zip(masks) {
+        let m = m.clone();
+        fb.tear_writes_with(move |off, l| (off == at && l == BS).then(|| m.clone()));
+    }
+    vol.write_at(data, 0).unwrap();
+    vol.flush().unwrap();
+    fbs.iter()
+        .zip(starts)
+        .map(|(fb, start)| {
+            fb.clear_faults();
+            let ev = fb.events();
+            let torn = (start..ev.len())
+                .find(|&i| matches!(&ev[i], Event::TornWrite { offset, .. } if *offset == at))
+                .expect("torn");
+            let mut end = torn + 1;
+            while end < ev.len()
+                && matches!(&ev[end], Event::Write { write, .. } if write.offset >= at && write.end() <= at + BS as u64)
+            {
+                end += 1;
+            }
+            let st = fb.state_at(end);
+            let all: Vec<usize> = (0..st.unflushed().len()).collect();
+            st.crash_image(&all)
+        })
+        .collect()
+}
